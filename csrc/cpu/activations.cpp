@@ -1,0 +1,197 @@
+// CPU kernels for the non-monotonic activations sinc(x / sigma) and gaussian(x / sigma)
+// (methods.md section 10). One pass over memory for the forward, one for the backward
+// (dx and the sigma-gradient partials together), OpenMP over fixed-size chunks, SIMD
+// inside each tile through vec_math.h.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../lucidops.h"
+#include "vec_math.h"
+
+namespace lucidops {
+namespace cpu {
+namespace {
+
+// Chunks are the unit of parallel work and of the sigma-gradient partial sums; a fixed
+// size keeps the reduction order, hence the result, independent of the thread count.
+constexpr int64_t kChunk = 1 << 15;
+constexpr int64_t kTile = 512;
+
+// Below this |u| the sinc derivative (u cos u - sin u) / u^2 cancels badly: use its
+// Taylor series, whose next omitted term is below 1e-13 there.
+constexpr double kSincSeriesBound = 0.5;
+
+template <typename T>
+inline T sinc_derivative_series(T u) {
+  const T u2 = u * u;
+  return u * (T(-1.0 / 3) + u2 * (T(1.0 / 30) + u2 * (T(-1.0 / 840) + u2 * (T(1.0 / 45360) +
+                                                                              u2 * T(-1.0 / 3991680)))));
+}
+
+// f(u) and f'(u) for each kind, over a tile. The float versions vectorise; the double
+// versions (used for float64 inputs, e.g. gradcheck) call libm.
+struct Sinc {
+  static void value(const float* u, float* f, int64_t m) {
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) {
+      float s, c;
+      vec_math::sincos(u[i], &s, &c);
+      f[i] = u[i] == 0.0f ? 1.0f : s / u[i];
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      if (!(std::fabs(u[i]) <= vec_math::kSinCosMaxArg)) {
+        const double ud = u[i];
+        f[i] = static_cast<float>(std::sin(ud) / ud);
+      }
+    }
+  }
+  static void derivative(const float* u, float* d, int64_t m) {
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) {
+      float s, c;
+      vec_math::sincos(u[i], &s, &c);
+      const float x = u[i];
+      d[i] = std::fabs(x) < float(kSincSeriesBound) ? sinc_derivative_series(x) : (x * c - s) / (x * x);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      if (!(std::fabs(u[i]) <= vec_math::kSinCosMaxArg)) {
+        const double x = u[i];
+        d[i] = static_cast<float>((x * std::cos(x) - std::sin(x)) / (x * x));
+      }
+    }
+  }
+  static void value(const double* u, double* f, int64_t m) {
+    for (int64_t i = 0; i < m; ++i) f[i] = u[i] == 0.0 ? 1.0 : std::sin(u[i]) / u[i];
+  }
+  static void derivative(const double* u, double* d, int64_t m) {
+    for (int64_t i = 0; i < m; ++i) {
+      const double x = u[i];
+      // The series bound is tighter in double: the direct formula's cancellation costs
+      // eps/x^2 relative, and the series' truncation x^11/5e8.
+      d[i] = std::fabs(x) < 0.05 ? sinc_derivative_series(x) : (x * std::cos(x) - std::sin(x)) / (x * x);
+    }
+  }
+};
+
+struct Gaussian {
+  static void value(const float* u, float* f, int64_t m) {
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) f[i] = vec_math::exp(-0.5f * u[i] * u[i]);
+  }
+  static void derivative(const float* u, float* d, int64_t m) {
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) d[i] = -u[i] * vec_math::exp(-0.5f * u[i] * u[i]);
+  }
+  static void value(const double* u, double* f, int64_t m) {
+    for (int64_t i = 0; i < m; ++i) f[i] = std::exp(-0.5 * u[i] * u[i]);
+  }
+  static void derivative(const double* u, double* d, int64_t m) {
+    for (int64_t i = 0; i < m; ++i) d[i] = -u[i] * std::exp(-0.5 * u[i] * u[i]);
+  }
+};
+
+template <typename scalar_t, typename Kind>
+void forward_kernel(const scalar_t* x, scalar_t* y, int64_t n, double sigma_value) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t sigma = static_cast<opmath_t>(sigma_value);
+  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    opmath_t u[kTile], f[kTile];
+    const int64_t end = std::min(n, chunk_end * kChunk);
+    for (int64_t t = chunk_begin * kChunk; t < end; t += kTile) {
+      const int64_t m = std::min(kTile, end - t);
+      for (int64_t i = 0; i < m; ++i) u[i] = static_cast<opmath_t>(x[t + i]) / sigma;
+      Kind::value(u, f, m);
+      for (int64_t i = 0; i < m; ++i) y[t + i] = static_cast<scalar_t>(f[i]);
+    }
+  });
+}
+
+// grad_x = grad * f'(u) / sigma;  grad_sigma = sum(grad * f'(u) * (-u / sigma)).
+template <typename scalar_t, typename Kind>
+double backward_kernel(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x, int64_t n,
+                       double sigma_value, bool need_sigma_grad) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t sigma = static_cast<opmath_t>(sigma_value);
+  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partials(need_sigma_grad ? num_chunks : 0, 0.0);
+  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    opmath_t u[kTile], d[kTile];
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t end = std::min(n, (chunk + 1) * kChunk);
+      double chunk_sum = 0.0;
+      for (int64_t t = chunk * kChunk; t < end; t += kTile) {
+        const int64_t m = std::min(kTile, end - t);
+        for (int64_t i = 0; i < m; ++i) u[i] = static_cast<opmath_t>(x[t + i]) / sigma;
+        Kind::derivative(u, d, m);
+        opmath_t tile_sum = 0;
+#pragma omp simd reduction(+ : tile_sum)
+        for (int64_t i = 0; i < m; ++i) {
+          const opmath_t gd = static_cast<opmath_t>(grad[t + i]) * d[i];
+          grad_x[t + i] = static_cast<scalar_t>(gd / sigma);
+          tile_sum += gd * u[i];
+        }
+        chunk_sum += static_cast<double>(tile_sum);
+      }
+      if (need_sigma_grad) partials[chunk] = chunk_sum;
+    }
+  });
+  double total = 0.0;
+  for (double p : partials) total += p;
+  return -total / sigma_value;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& sigma, int64_t kind) {
+  TORCH_CHECK(x.device().is_cpu(), "lucidops cpu kernel: x must be a CPU tensor");
+  TORCH_CHECK(sigma.device().is_cpu() && sigma.numel() == 1, "lucidops cpu kernel: sigma must be a one-element CPU tensor");
+  TORCH_CHECK(kind == kSinc || kind == kGaussian, "lucidops cpu kernel: unknown activation kind ", kind);
+}
+
+}  // namespace
+
+at::Tensor activation_forward(const at::Tensor& x_in, const at::Tensor& sigma, int64_t kind) {
+  check_inputs(x_in, sigma, kind);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const double sigma_value = sigma.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lucidops_activation_forward", [&] {
+    if (kind == kSinc) {
+      forward_kernel<scalar_t, Sinc>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), x.numel(), sigma_value);
+    } else {
+      forward_kernel<scalar_t, Gaussian>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), x.numel(),
+                                         sigma_value);
+    }
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> activation_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                       const at::Tensor& sigma, int64_t kind, bool need_sigma_grad) {
+  check_inputs(x_in, sigma, kind);
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
+              "lucidops cpu kernel: grad must match x in shape and dtype");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous();
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  const double sigma_value = sigma.item<double>();
+  double grad_sigma = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lucidops_activation_backward", [&] {
+    auto run = [&](auto kind_tag) {
+      using Kind = decltype(kind_tag);
+      grad_sigma = backward_kernel<scalar_t, Kind>(grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                                   grad_x.mutable_data_ptr<scalar_t>(), x.numel(), sigma_value,
+                                                   need_sigma_grad);
+    };
+    if (kind == kSinc) run(Sinc{}); else run(Gaussian{});
+  });
+  at::Tensor grad_sigma_t = at::full({}, need_sigma_grad ? grad_sigma : 0.0, sigma.options());
+  return {grad_x, grad_sigma_t};
+}
+
+}  // namespace cpu
+}  // namespace lucidops

@@ -1,0 +1,63 @@
+// Branch-free float sin/cos/exp that GCC and Clang auto-vectorise inside `#pragma omp simd`
+// loops (libm calls do not vectorise without -ffast-math, which would also break NaN
+// handling). Classic Cody-Waite range reduction plus minimax polynomials; about 1 ulp
+// inside the documented ranges, callers handle inputs outside them with libm.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace lucidops {
+namespace vec_math {
+
+// |u| above this loses accuracy in the three-part pi/2 reduction: callers recompute those
+// lanes with libm in double.
+constexpr float kSinCosMaxArg = 8192.0f;
+
+#pragma omp declare simd notinbranch
+inline void sincos(float u, float* s_out, float* c_out) {
+  constexpr float kTwoOverPi = 0.636619772367581343f;
+  // pi/2 split into three parts whose products with small integers are exact.
+  constexpr float kPio2Hi = 1.5703125f;
+  constexpr float kPio2Mid = 4.837512969970703125e-4f;
+  constexpr float kPio2Lo = 7.54978995489188216e-8f;
+  const float jf = std::floor(u * kTwoOverPi + 0.5f);
+  const float r = ((u - jf * kPio2Hi) - jf * kPio2Mid) - jf * kPio2Lo;  // r in [-pi/4, pi/4]
+  const float r2 = r * r;
+  const float sin_r = r + r * r2 * (-1.6666654611e-1f + r2 * (8.3321608736e-3f + r2 * -1.9515295891e-4f));
+  const float cos_r =
+      1.0f - 0.5f * r2 + r2 * r2 * (4.166664568298827e-2f + r2 * (-1.388731625493765e-3f + r2 * 2.443315711809948e-5f));
+  const int q = static_cast<int>(jf) & 3;
+  // sin(r + q pi/2) and cos(r + q pi/2) by quadrant.
+  const float s = (q & 1) ? cos_r : sin_r;
+  const float c = (q & 1) ? sin_r : cos_r;
+  *s_out = (q & 2) ? -s : s;
+  *c_out = ((q + 1) & 2) ? -c : c;
+}
+
+#pragma omp declare simd notinbranch
+inline float exp(float v) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  // Below -87.3 the result is subnormal: flush to zero, as the polynomial cannot scale there.
+  const bool underflow = v < -87.3f;
+  v = std::fmin(std::fmax(v, -87.3f), 88.7f);
+  const float n = std::floor(v * kLog2e + 0.5f);
+  const float r = (v - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return underflow ? 0.0f : p * scale;
+}
+
+}  // namespace vec_math
+}  // namespace lucidops

@@ -1,0 +1,199 @@
+"""Lazy loader for the C++ (CPU) and CUDA extensions.
+
+First use builds the extension with ninja through ``torch.utils.cpp_extension.load``
+into ``$LUCIDOPS_CACHE_DIR`` (default ``~/.cache/lucidops``), in a folder named by the
+hash of sources, flags and torch version, so an edited source gets a fresh build and an
+unchanged one is reused. torch's build lock (a file baton in that folder) makes two
+processes building at once safe: one builds, the other waits and loads.
+
+An ahead-of-time build (``LUCIDOPS_BUILD_EXT=1 pip install --no-build-isolation .``)
+installs ``lucidops._C_cpu`` / ``lucidops._C_cuda``; they are used when their
+``SOURCE_HASH`` matches the sources, else ignored.
+
+Failures are remembered per process: ``ExtensionUnavailable`` carries the reason and,
+for a failed build, the path of the log.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import shutil
+import sys
+import threading
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from types import ModuleType
+from typing import Dict, List, Optional
+
+from . import _ext_sources
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The extension cannot be used here; ``str(err)`` says why."""
+
+    def __init__(self, kind: str, reason: str, log_path: Optional[str] = None):
+        self.kind = kind
+        self.reason = reason
+        self.log_path = log_path
+        msg = f"lucidops {kind} extension unavailable: {reason}"
+        if log_path:
+            msg += f" (build log: {log_path})"
+        super().__init__(msg)
+
+
+_lock = threading.Lock()
+_loaded: Dict[str, ModuleType] = {}
+_failed: Dict[str, ExtensionUnavailable] = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LUCIDOPS_CACHE_DIR", Path.home() / ".cache" / "lucidops"))
+
+
+def _compiler_problem(kind: str) -> Optional[str]:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler found (looked for {cxx!r}; set CXX)"
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # noqa: F401  (the pip wheel puts the binary on PATH via its bin dir)
+        except ImportError:
+            return "ninja not found (pip install ninja)"
+    if kind == "cuda":
+        import torch
+
+        if torch.version.cuda is None:
+            return f"this torch ({torch.__version__}) is a CPU-only build"
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if CUDA_HOME is None:
+            return "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    return None
+
+
+def _use_real_cuda_home(cpp_extension) -> None:
+    """Point torch at the toolkit behind a nvcc found through a wrapper or symlink.
+
+    torch guesses CUDA_HOME as nvcc's grandparent, which for a symlink in /usr/local/bin
+    is /usr/local: no CUDA headers there.
+    """
+    home = cpp_extension.CUDA_HOME
+    if home and (Path(home) / "include" / "cuda_runtime_api.h").is_file():
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(os.path.realpath(nvcc)).parent.parent] if nvcc else []
+    candidates += [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
+    for real in candidates:
+        if (real / "include" / "cuda_runtime_api.h").is_file() and (real / "bin" / "nvcc").is_file():
+            cpp_extension.CUDA_HOME = str(real)
+            os.environ.setdefault("CUDA_HOME", str(real))
+            return
+
+
+def _prebuilt(kind: str, spec: _ext_sources.ExtensionSpec) -> Optional[ModuleType]:
+    try:
+        mod = importlib.import_module(f"lucidops._C_{kind}")
+    except ImportError:
+        return None
+    return mod if getattr(mod, "SOURCE_HASH", None) == "h" + spec.source_hash else None
+
+
+def build(
+    kind: str,
+    *,
+    build_dir: Optional[Path] = None,
+    arch_list: Optional[List[str]] = None,
+    verbose: bool = False,
+) -> ModuleType:
+    """Build (or reuse a cached build of) extension ``kind`` and import it.
+
+    Raises ExtensionUnavailable with the reason and the build log's path on failure.
+    """
+    spec = _ext_sources.spec(kind, arch_list=arch_list)
+    problem = _compiler_problem(kind)
+    if problem:
+        raise ExtensionUnavailable(kind, problem)
+    from torch.utils import cpp_extension
+
+    folder = Path(build_dir) if build_dir is not None else cache_dir() / spec.module_name
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "build.log"
+    if not verbose and not (folder / f"{spec.module_name}.so").exists():
+        print(f"lucidops: building the {kind} extension (first use; about a minute) in {folder}", file=sys.stderr)
+    if kind == "cuda":
+        _use_real_cuda_home(cpp_extension)
+    captured = io.StringIO()
+    try:
+        with redirect_stdout(captured), redirect_stderr(captured):
+            module = cpp_extension.load(
+                name=spec.module_name,
+                sources=spec.sources,
+                extra_cflags=spec.cflags,
+                extra_cuda_cflags=spec.cuda_cflags,
+                extra_ldflags=spec.ldflags,
+                extra_include_paths=spec.include_dirs,
+                build_directory=str(folder),
+                with_cuda=(kind == "cuda"),
+                # Not verbose: torch then captures ninja's output into the exception.
+                verbose=verbose,
+            )
+    except Exception as exc:  # compiler errors arrive as RuntimeError with ninja's output
+        log_path.write_text(captured.getvalue() + "\n" + str(exc))
+        first_error = next((ln for ln in str(exc).splitlines() if "error:" in ln), str(exc).splitlines()[0])
+        raise ExtensionUnavailable(kind, f"build failed: {first_error.strip()}", str(log_path)) from exc
+    log_path.write_text(captured.getvalue())
+    if verbose:
+        print(captured.getvalue(), file=sys.stderr)
+    return module
+
+
+def load(kind: str) -> ModuleType:
+    """The extension module for ``kind``, building it on first use (cached per process)."""
+    with _lock:
+        if kind in _loaded:
+            return _loaded[kind]
+        if kind in _failed:
+            raise _failed[kind]
+        try:
+            if kind == "cuda":
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise ExtensionUnavailable(kind, "no CUDA GPU visible to torch")
+            if os.environ.get("LUCIDOPS_DISABLE_EXT", "0") == "1":
+                raise ExtensionUnavailable(kind, "disabled by LUCIDOPS_DISABLE_EXT=1")
+            spec = _ext_sources.spec(kind)
+            module = _prebuilt(kind, spec) or build(kind)
+        except ExtensionUnavailable as err:
+            _failed[kind] = err
+            raise
+        _loaded[kind] = module
+        return module
+
+
+def status(kind: str, *, build_if_needed: bool = False) -> Optional[str]:
+    """None when extension ``kind`` is usable, else the reason it is not.
+
+    Without ``build_if_needed`` a not-yet-built extension is reported as buildable
+    (None) when a compiler is present, without spending a minute building it.
+    """
+    if kind in _loaded:
+        return None
+    if kind in _failed:
+        return _failed[kind].reason + (f" (build log: {_failed[kind].log_path})" if _failed[kind].log_path else "")
+    if build_if_needed:
+        try:
+            load(kind)
+            return None
+        except ExtensionUnavailable as err:
+            return str(err)
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA GPU visible to torch"
+    if os.environ.get("LUCIDOPS_DISABLE_EXT", "0") == "1":
+        return "disabled by LUCIDOPS_DISABLE_EXT=1"
+    return _compiler_problem(kind)

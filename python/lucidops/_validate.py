@@ -1,0 +1,52 @@
+"""Argument checks shared by the functional ops: each error names the argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+
+def is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch < 2.3
+        return False
+
+
+def tensor(value, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def floating_tensor(value, name: str) -> Tensor:
+    tensor(value, name)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def positive_finite_scalar(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or a one-element tensor, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def positive_finite_tensor_value(value: Tensor, name: str) -> None:
+    """Data-dependent check (synchronises on CUDA); skipped while torch.compile traces."""
+    if is_compiling():
+        return
+    v = float(value.detach().reshape(()).item())
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {v}")
+
+
+def same_device(value: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
+    if value.device != ref.device:
+        raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {value.device}")

@@ -1,0 +1,178 @@
+"""Backend registry and selection.
+
+Four backends: ``reference`` (pure PyTorch), ``cpp`` (the C++ CPU extension),
+``triton`` and ``cuda`` (the CUDA C++ extension). Each op registers the backends it
+implements; a call picks the first available one in the device's preference order,
+unless one is forced with ``use_backend(name)`` or ``LUCIDOPS_BACKEND=name``. A forced
+backend that cannot run raises ``BackendUnavailable``: it never falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib.util
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+from . import _ext
+
+BACKENDS: Tuple[str, ...] = ("reference", "cpp", "triton", "cuda")
+
+# Fastest first. On the CPU the Triton interpreter is a correctness tool, never chosen
+# automatically; on CUDA, Triton is the default kernel and the CUDA extension next.
+DEFAULT_PREFERENCE: Dict[str, Tuple[str, ...]] = {
+    "cpu": ("cpp", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run this op on this input."""
+
+
+@dataclass
+class OpEntry:
+    name: str
+    impls: Dict[str, Callable]
+    preference: Dict[str, Tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_PREFERENCE))
+    notes: Dict[str, str] = field(default_factory=dict)
+
+
+_OPS: Dict[str, OpEntry] = {}
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lucidops_backend", default=None)
+_last_used: Dict[str, str] = {}
+_warned: set = set()
+
+
+def register_op(
+    name: str,
+    impls: Dict[str, Callable],
+    preference: Optional[Dict[str, Tuple[str, ...]]] = None,
+    notes: Optional[Dict[str, str]] = None,
+) -> OpEntry:
+    """Register an op's backend implementations (all take the same arguments)."""
+    unknown = set(impls) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"unknown backends {sorted(unknown)} for op {name!r}; known: {BACKENDS}")
+    entry = OpEntry(name, dict(impls), dict(preference or DEFAULT_PREFERENCE), dict(notes or {}))
+    _OPS[name] = entry
+    return entry
+
+
+def registered_ops() -> Dict[str, OpEntry]:
+    return dict(_OPS)
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force backend ``name`` for every lucidops op called inside the block."""
+    token = _forced.set(_check_name(name, "backend"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced by ``use_backend`` or ``LUCIDOPS_BACKEND``, if any."""
+    name = _forced.get()
+    if name is not None:
+        return name
+    env = os.environ.get("LUCIDOPS_BACKEND", "").strip()
+    return _check_name(env, "LUCIDOPS_BACKEND") if env else None
+
+
+def triton_interpreting() -> bool:
+    """True when lucidops' Triton kernels were imported in interpreter mode."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from .triton_kernels import INTERPRETED
+
+    return INTERPRETED
+
+
+def backend_problem(backend: str, device_type: str) -> Optional[str]:
+    """None when ``backend`` can run on ``device_type`` here, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if device_type != "cpu":
+            return f"the cpp backend runs CPU tensors only (got {device_type})"
+        return _ext.status("cpu")
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs CUDA tensors only (got {device_type})"
+        return _ext.status("cuda")
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu":
+            if triton_interpreting():
+                return None
+            return "Triton runs CPU tensors only in its interpreter (set TRITON_INTERPRET=1 before importing lucidops)"
+        return f"triton does not run on {device_type}"
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def select(op: str, device_type: str) -> str:
+    """The backend ``op`` uses for a tensor on ``device_type`` now."""
+    entry = _OPS[op]
+    forced = forced_backend()
+    if forced is not None:
+        if forced not in entry.impls:
+            raise BackendUnavailable(
+                f"backend {forced!r} is forced but op {op!r} has no {forced} implementation "
+                f"(it has: {', '.join(entry.impls)})"
+            )
+        problem = backend_problem(forced, device_type)
+        if problem:
+            raise BackendUnavailable(f"backend {forced!r} is forced for op {op!r} but cannot run: {problem}")
+        return forced
+    for name in entry.preference.get(device_type, ("reference",)):
+        if name in entry.impls and backend_problem(name, device_type) is None:
+            return name
+    return "reference"
+
+
+def dispatch(op: str, device_type: str, *args):
+    """Run ``op`` on the selected backend.
+
+    In automatic mode an extension that fails to build is reported once (with its log)
+    and the next backend in the preference order is used; a forced backend raises.
+    """
+    entry = _OPS[op]
+    while True:
+        name = select(op, device_type)
+        try:
+            result = entry.impls[name](*args)
+        except _ext.ExtensionUnavailable as err:
+            if forced_backend() is not None:
+                raise BackendUnavailable(f"backend {name!r} is forced for op {op!r} but cannot run: {err}") from err
+            if err.kind not in _warned:
+                _warned.add(err.kind)
+                warnings.warn(f"{err}; lucidops uses the next backend instead", RuntimeWarning, stacklevel=3)
+            continue  # status() now reports the failure, so select() moves on
+        _last_used[op] = name
+        return result
+
+
+def last_used(op: str) -> Optional[str]:
+    """The backend that ran the most recent call of ``op`` in this process."""
+    return _last_used.get(op)
+
+
+def availability(op: str, device_types: List[str]) -> Dict[str, Dict[str, Optional[str]]]:
+    """For ``lucidops info``: per device type, per implemented backend, None or the reason."""
+    entry = _OPS[op]
+    return {dev: {b: backend_problem(b, dev) for b in BACKENDS if b in entry.impls} for dev in device_types}

@@ -1,0 +1,45 @@
+"""Sinc and Gaussian activation modules (methods.md section 10).
+
+Non-monotonic activations set a network's bandwidth by their scale sigma rather than by
+the optimiser's learning rate and iteration count; sigma can be learned.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import _validate
+from ..ops import activations as F
+
+
+class _ScaledActivation(nn.Module):
+    _fn = staticmethod(F.sinc)
+
+    def __init__(self, sigma: float = 1.0, learnable: bool = False):
+        super().__init__()
+        sigma = _validate.positive_finite_scalar(sigma, "sigma")
+        self.learnable = learnable
+        if learnable:
+            self.sigma = nn.Parameter(torch.tensor(sigma))
+        else:
+            self.sigma = sigma
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._fn(x, self.sigma)
+
+    def extra_repr(self) -> str:
+        sigma = float(self.sigma.detach()) if self.learnable else self.sigma
+        return f"sigma={sigma:g}, learnable={self.learnable}"
+
+
+class Sinc(_ScaledActivation):
+    """y = sin(x / sigma) / (x / sigma), 1 at x = 0. ``learnable=True`` makes sigma a Parameter."""
+
+    _fn = staticmethod(F.sinc)
+
+
+class Gaussian(_ScaledActivation):
+    """y = exp(-x^2 / (2 sigma^2)). ``learnable=True`` makes sigma a Parameter."""
+
+    _fn = staticmethod(F.gaussian)

@@ -1,0 +1,172 @@
+"""Functional sinc and Gaussian activations (methods.md section 10) as custom ops.
+
+    lucidops.ops.sinc(x, sigma=1.0)      = sin(x / sigma) / (x / sigma), 1 at x = 0
+    lucidops.ops.gaussian(x, sigma=1.0)  = exp(-x^2 / (2 sigma^2))
+
+Each is ``torch.ops.lucidops.<name>(x, sigma)`` with a backward op
+``torch.ops.lucidops.<name>_backward(grad, x, sigma, need_sigma_grad)``; sigma reaches
+the op as a 0-d tensor in the compute precision (float32, float64 for float64 x), so a
+learnable sigma gets its gradient through the wrapper's conversion.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _ext, _validate, backends
+from ..profile import flops as _flops
+from ..reference import activations as _reference
+
+KIND = {"sinc": 0, "gaussian": 1}
+
+# FLOPs per element, counting each arithmetic operation and each transcendental as one:
+# forward  sinc: divide, sin, divide (3)         gaussian: divide, square, scale, exp (4)
+# backward sinc: divide, sin+cos, 5 arithmetic, 2 for dx, 2 for the sigma sum (11)
+#          gaussian: divide, square, scale, exp, 2 products, 2 for dx, 2 for the sum (10)
+FLOPS_PER_ELEMENT = {"sinc": (3, 11), "gaussian": (4, 10)}
+
+
+def _cpp(kind: int):
+    def forward(x: Tensor, sigma: Tensor) -> Tensor:
+        return _ext.load("cpu").activation_forward(x, sigma, kind)
+
+    def backward(grad: Tensor, x: Tensor, sigma: Tensor, need: bool):
+        return tuple(_ext.load("cpu").activation_backward(grad, x, sigma, kind, need))
+
+    return forward, backward
+
+
+def _cuda(kind: int):
+    def forward(x: Tensor, sigma: Tensor) -> Tensor:
+        return _ext.load("cuda").activation_forward(x, sigma, kind)
+
+    def backward(grad: Tensor, x: Tensor, sigma: Tensor, need: bool):
+        return tuple(_ext.load("cuda").activation_backward(grad, x, sigma, kind, need))
+
+    return forward, backward
+
+
+def _triton(kind: int):
+    def forward(x: Tensor, sigma: Tensor) -> Tensor:
+        from ..triton_kernels import activations as tk
+
+        return tk.forward(x, sigma, kind)
+
+    def backward(grad: Tensor, x: Tensor, sigma: Tensor, need: bool):
+        from ..triton_kernels import activations as tk
+
+        return tk.backward(grad, x, sigma, kind, need)
+
+    return forward, backward
+
+
+def _reference_impl(name: str):
+    def forward(x: Tensor, sigma: Tensor) -> Tensor:
+        return _reference.forward(name, x, sigma)
+
+    def backward(grad: Tensor, x: Tensor, sigma: Tensor, need: bool):
+        return _reference.backward(name, grad, x, sigma, need)
+
+    return forward, backward
+
+
+def _check_sigma_at_run_time(sigma: Tensor) -> None:
+    # Inside the op, so compiled graphs are checked too; free for a CPU sigma only.
+    if sigma.device.type == "cpu":
+        _validate.positive_finite_tensor_value(sigma, "sigma")
+
+
+def _define(name: str):
+    """Register lucidops::<name> and lucidops::<name>_backward with every backend."""
+    kind = KIND[name]
+    builders = {"reference": lambda: _reference_impl(name), "cpp": lambda: _cpp(kind),
+                "triton": lambda: _triton(kind), "cuda": lambda: _cuda(kind)}
+    pairs = {backend: build() for backend, build in builders.items()}
+    backends.register_op(name, {b: p[0] for b, p in pairs.items()})
+    backends.register_op(f"{name}_backward", {b: p[1] for b, p in pairs.items()})
+
+    @torch.library.custom_op(f"lucidops::{name}", mutates_args=())
+    def forward_op(x: Tensor, sigma: Tensor) -> Tensor:
+        _check_sigma_at_run_time(sigma)
+        return backends.dispatch(name, x.device.type, x, sigma)
+
+    @forward_op.register_fake
+    def _(x: Tensor, sigma: Tensor) -> Tensor:
+        return x.new_empty(x.shape)
+
+    @torch.library.custom_op(f"lucidops::{name}_backward", mutates_args=())
+    def backward_op(grad: Tensor, x: Tensor, sigma: Tensor, need_sigma_grad: bool) -> Tuple[Tensor, Tensor]:
+        return backends.dispatch(f"{name}_backward", x.device.type, grad, x, sigma, need_sigma_grad)
+
+    @backward_op.register_fake
+    def _(grad: Tensor, x: Tensor, sigma: Tensor, need_sigma_grad: bool) -> Tuple[Tensor, Tensor]:
+        return x.new_empty(x.shape), sigma.new_empty(())
+
+    def setup_context(ctx, inputs, output):
+        x, sigma = inputs
+        ctx.save_for_backward(x, sigma)
+
+    def backward(ctx, grad):
+        x, sigma = ctx.saved_tensors
+        need_x, need_sigma = ctx.needs_input_grad
+        grad_x, grad_sigma = backward_op(grad, x, sigma, bool(need_sigma))
+        return (grad_x if need_x else None), (grad_sigma if need_sigma else None)
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+    fwd_flops, bwd_flops = FLOPS_PER_ELEMENT[name]
+    _flops.register(getattr(torch.ops.lucidops, name), lambda x_shape, *_, **__: fwd_flops * _numel(x_shape))
+    _flops.register(getattr(torch.ops.lucidops, f"{name}_backward"), lambda g_shape, *_, **__: bwd_flops * _numel(g_shape))
+    return forward_op
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+_sinc_op = _define("sinc")
+_gaussian_op = _define("gaussian")
+
+Sigma = Union[float, Tensor]
+
+
+def _sigma_tensor(sigma: Sigma, x: Tensor) -> Tensor:
+    """Validate sigma and return it as a 0-d tensor in x's compute precision."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if isinstance(sigma, Tensor):
+        if sigma.numel() != 1:
+            raise ValueError(f"sigma must be a number or a one-element tensor, got shape {tuple(sigma.shape)}")
+        if not sigma.is_floating_point():
+            raise TypeError(f"sigma must be a floating-point tensor, got dtype {sigma.dtype}")
+        _validate.same_device(sigma, x, "sigma", "x")
+        _validate.positive_finite_tensor_value(sigma, "sigma")
+        return sigma.reshape(()).to(compute)
+    value = _validate.positive_finite_scalar(sigma, "sigma")
+    return torch.full((), value, dtype=compute, device=x.device)
+
+
+def sinc(x: Tensor, sigma: Sigma = 1.0) -> Tensor:
+    """sin(x / sigma) / (x / sigma), exactly 1 at x = 0 (gradient 0 there).
+
+    Args:
+        x: floating-point tensor of any shape (float16, bfloat16, float32, float64);
+            half inputs are computed in float32.
+        sigma: positive finite scale, a number or a one-element tensor on x's device
+            (a learnable parameter gets its gradient).
+    Returns:
+        a contiguous tensor of x's shape and dtype.
+    """
+    _validate.floating_tensor(x, "x")
+    return _sinc_op(x, _sigma_tensor(sigma, x))
+
+
+def gaussian(x: Tensor, sigma: Sigma = 1.0) -> Tensor:
+    """exp(-x^2 / (2 sigma^2)); arguments as for :func:`sinc`."""
+    _validate.floating_tensor(x, "x")
+    return _gaussian_op(x, _sigma_tensor(sigma, x))

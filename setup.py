@@ -1,0 +1,111 @@
+"""Install lucidops.
+
+Layout: the package lives in python/lucidops, the Triton kernels in triton_kernels/
+(installed as lucidops.triton_kernels), the benchmarks in bench/ (installed as
+lucidops.bench so that `lucidops bench` works from any install), and the C++/CUDA
+sources in csrc/ (shipped as package data lucidops.csrc for the lazy builder).
+
+Extensions build lazily on first use. `LUCIDOPS_BUILD_EXT=1 pip install
+--no-build-isolation .` builds them at install time instead (torch must be importable
+by the build, hence no build isolation).
+"""
+
+import os
+
+from setuptools import setup
+
+PACKAGES = [
+    "lucidops",
+    "lucidops.ops",
+    "lucidops.reference",
+    "lucidops.nn",
+    "lucidops.profile",
+    "lucidops.triton_kernels",
+    "lucidops.bench",
+    "lucidops.csrc",
+]
+
+PACKAGE_DIR = {
+    "lucidops": "python/lucidops",
+    "lucidops.ops": "python/lucidops/ops",
+    "lucidops.reference": "python/lucidops/reference",
+    "lucidops.nn": "python/lucidops/nn",
+    "lucidops.profile": "python/lucidops/profile",
+    "lucidops.triton_kernels": "triton_kernels",
+    "lucidops.bench": "bench",
+    "lucidops.csrc": "csrc",
+}
+
+PACKAGE_DATA = {
+    "lucidops.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.h"],
+    "lucidops.bench": ["*.sh"],
+}
+
+
+def _extensions():
+    """Ahead-of-time extension builds, only when LUCIDOPS_BUILD_EXT=1."""
+    if os.environ.get("LUCIDOPS_BUILD_EXT", "0") != "1":
+        return [], {}
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "python"))
+    from lucidops import _ext_sources  # noqa: E402  (pure-python, no torch import at module level)
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    exts = []
+    cpu = _ext_sources.spec("cpu", root=os.path.join(root, "csrc"))
+    exts.append(
+        CppExtension(
+            "lucidops._C_cpu",
+            sources=cpu.sources,
+            extra_compile_args={"cxx": cpu.cflags},
+            extra_link_args=cpu.ldflags,
+        )
+    )
+    if CUDA_HOME is not None:
+        cuda = _ext_sources.spec("cuda", root=os.path.join(root, "csrc"))
+        exts.append(
+            CUDAExtension(
+                "lucidops._C_cuda",
+                sources=cuda.sources,
+                extra_compile_args={"cxx": cuda.cflags, "nvcc": cuda.cuda_cflags},
+                include_dirs=cuda.include_dirs,
+                extra_link_args=cuda.ldflags,
+            )
+        )
+    return exts, {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="lucidops",
+    version="0.1.0",
+    description="Fused Triton and CUDA/C++ kernels for explicit, well-conditioned network designs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data=PACKAGE_DATA,
+    include_package_data=False,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=[
+        "torch>=2.6",
+        # Triton ships with torch's Linux x86_64 wheels; elsewhere the triton backend
+        # simply reports itself unavailable.
+        "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "pybind11>=2.12",
+        "ninja>=1.11",
+        "fvcore>=0.1.5",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "hypothesis>=6", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["lucidops=lucidops.cli:main"]},
+    zip_safe=False,
+)

@@ -1,0 +1,52 @@
+"""Test setup: Triton's interpreter on machines without a GPU, devices and backends.
+
+TRITON_INTERPRET must be set before lucidops' Triton kernels are imported (Triton decides
+at decoration time), hence here, before anything imports lucidops.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import lucidops  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+# Every backend that can run on each device in this test session.
+BACKENDS_BY_DEVICE = {
+    "cpu": ["reference", "cpp"] + (["triton"] if lucidops.backends.triton_interpreting() else []),
+    "cuda": ["reference", "triton", "cuda"],
+}
+
+
+def backend_device_params():
+    params = []
+    for device in ("cpu", "cuda"):
+        for backend in BACKENDS_BY_DEVICE[device]:
+            marks = [pytest.mark.cuda] if device == "cuda" else []
+            params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
+    return params
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def poison_allocator():
+    """Fill and free a NaN block of the given size first, so that a kernel which leaves an
+    element unwritten returns NaN there instead of a lucky zero."""
+
+    def poison(numel: int, device: str, dtype=torch.float32):
+        block = torch.full((max(int(numel), 1),), float("nan"), dtype=dtype, device=device)
+        del block
+
+    return poison

@@ -1,0 +1,157 @@
+"""sinc and gaussian: every backend against the float64 reference, forward and backward."""
+
+import math
+
+import pytest
+import torch
+
+import lucidops
+from lucidops.reference import activations as ref
+from conftest import backend_device_params
+
+KINDS = ["sinc", "gaussian"]
+TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+SHAPES = [(1,), (1023,), (3, 5, 7), (4097,), (2, 1, 33), ((1 << 20) + 3,)]
+
+
+def op(kind):
+    return getattr(lucidops.ops, kind)
+
+
+def make_input(shape, dtype, device, generator=None):
+    """Fresh random values with exact zeros and values near zero mixed in."""
+    x = torch.randn(shape, generator=generator) * 4
+    flat = x.view(-1)
+    specials = torch.tensor([0.0, -0.0, 1e-7, -3e-5, 0.01, 0.49, 0.51, -0.5, 20.0, -9000.0])
+    k = min(flat.numel(), specials.numel())
+    idx = torch.randperm(flat.numel(), generator=generator)[:k]
+    flat[idx] = specials[:k]
+    return x.to(dtype=dtype, device=device)
+
+
+def rel_err(out, expected):
+    out, expected = out.double().cpu(), expected.double().cpu()
+    assert not torch.isnan(out).any(), "NaN in output"
+    denom = expected.norm()
+    return ((out - expected).norm() / denom).item() if denom > 0 else (out - expected).norm().item()
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_backward_match_reference(backend, device, kind, dtype, shape, poison_allocator):
+    if backend == "triton" and device == "cpu" and math.prod(shape) > 100_000 and dtype != torch.float32:
+        pytest.skip("the interpreter is slow; large sizes run in float32 only")
+    x = make_input(shape, dtype, device).requires_grad_(True)
+    sigma = torch.tensor(0.5 + torch.rand(()).item(), device=device, requires_grad=True)
+    grad_out = torch.randn(shape, device=device).to(dtype)
+
+    poison_allocator(x.numel() * 2, device, dtype)
+    with lucidops.use_backend(backend):
+        y = op(kind)(x, sigma)
+        y.backward(grad_out)
+        assert lucidops.backends.last_used(kind) == backend
+        assert lucidops.backends.last_used(f"{kind}_backward") == backend
+    assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
+
+    # Ground truth in float64 from the same (already rounded) inputs.
+    x64, s64, g64 = x.detach().double().cpu(), sigma.detach().double().cpu(), grad_out.double().cpu()
+    y_ref = ref.forward(kind, x64, s64)
+    gx_ref, gs_ref = ref.backward(kind, g64, x64, s64, True)
+    assert rel_err(y, y_ref) < TOL[dtype]
+    assert rel_err(x.grad, gx_ref) < TOL[dtype]
+    # A sum of many terms: its rounding error scales with the sum of their magnitudes.
+    u = x64 / s64
+    terms_abs_sum = (g64 * ref.derivative(kind, u) * u / s64).abs().sum().item()
+    assert abs(sigma.grad.item() - gs_ref.item()) <= 10 * TOL[dtype] * (1.0 + terms_abs_sum)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("kind", KINDS)
+def test_float64_and_exact_values(backend, device, kind):
+    x = make_input((513,), torch.float64, device).requires_grad_(True)
+    with lucidops.use_backend(backend):
+        y = op(kind)(x, 0.8)
+        y.sum().backward()
+    y_ref = ref.forward(kind, x.detach().cpu(), torch.tensor(0.8, dtype=torch.float64))
+    gx_ref, _ = ref.backward(kind, torch.ones(513, dtype=torch.float64), x.detach().cpu(),
+                             torch.tensor(0.8, dtype=torch.float64), False)
+    tol = 1e-12 if backend != "triton" else 1e-8  # Triton's literal constants are float32
+    assert rel_err(y, y_ref) < tol and rel_err(x.grad, gx_ref) < tol
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_sinc_at_zero_is_one_with_zero_gradient(backend, device):
+    x = torch.zeros(5, device=device, requires_grad=True)
+    with lucidops.use_backend(backend):
+        y = lucidops.ops.sinc(x, 2.0)
+        y.sum().backward()
+    assert torch.equal(y.cpu(), torch.ones(5))
+    assert torch.equal(x.grad.cpu(), torch.zeros(5))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_nan_or_inf_for_extreme_finite_inputs(backend, device, kind):
+    x = torch.tensor([0.0, 1e-30, -1e-38, 1e-4, 3e4, -1e6, 3e38, -3e38, 1e-45], device=device, requires_grad=True)
+    with lucidops.use_backend(backend):
+        y = op(kind)(x, 1.0)
+        y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    y_ref = ref.forward(kind, x.detach().double().cpu(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(y.double().cpu(), y_ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_contiguous_and_empty(backend, device, kind):
+    base = make_input((9, 14), torch.float32, device)
+    for x in (base.t(), base[:, ::3], base.unsqueeze(0).expand(2, 9, 14)):
+        assert not x.is_contiguous()
+        with lucidops.use_backend(backend):
+            y = op(kind)(x, 0.9)
+        torch.testing.assert_close(y, ref.forward(kind, x.contiguous(), torch.tensor(0.9, device=device)),
+                                   rtol=2e-6, atol=1e-7)
+    for shape in [(0,), (3, 0, 2)]:
+        x = torch.empty(shape, device=device, requires_grad=True)
+        sigma = torch.tensor(1.3, device=device, requires_grad=True)
+        with lucidops.use_backend(backend):
+            y = op(kind)(x, sigma)
+            y.sum().backward()
+        assert y.shape == shape and x.grad.shape == shape and sigma.grad.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"] + (["triton"] if lucidops.backends.triton_interpreting() else []))
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_float64(backend, kind):
+    x = (torch.randn(37, dtype=torch.float64) * 3)
+    x[0] = 0.0
+    x[1] = 1e-3
+    x.requires_grad_(True)
+    sigma = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    with lucidops.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda a, s: op(kind)(a, s), (x, sigma), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck(backend, device, kind):
+    x = make_input((6, 5), torch.float32, device).requires_grad_(True)
+    sigma = torch.tensor(0.6, device=device, requires_grad=True)
+    with lucidops.use_backend(backend):
+        torch.library.opcheck(getattr(torch.ops.lucidops, kind).default, (x, sigma))
+        grad = torch.randn(6, 5, device=device)
+        torch.library.opcheck(getattr(torch.ops.lucidops, f"{kind}_backward").default,
+                              (grad, x.detach(), sigma.detach(), True))
+
+
+def test_backward_is_deterministic():
+    x = make_input((300_001,), torch.float32, "cpu").requires_grad_(True)
+    grads = []
+    for _ in range(2):
+        sigma = torch.tensor(0.9, requires_grad=True)
+        with lucidops.use_backend("cpp"):
+            lucidops.ops.sinc(x, sigma).sum().backward()
+        grads.append(sigma.grad.item())
+    assert grads[0] == grads[1]

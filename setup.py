@@ -12,25 +12,14 @@ by the build, hence no build isolation).
 
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = [
-    "lucidops",
-    "lucidops.ops",
-    "lucidops.reference",
-    "lucidops.nn",
-    "lucidops.profile",
-    "lucidops.triton_kernels",
-    "lucidops.bench",
-    "lucidops.csrc",
-]
+# Every package under python/ (lucidops and its subpackages), plus the three folders
+# that the fixed top-level layout keeps outside it.
+PACKAGES = find_packages(where="python") + ["lucidops.triton_kernels", "lucidops.bench", "lucidops.csrc"]
 
 PACKAGE_DIR = {
-    "lucidops": "python/lucidops",
-    "lucidops.ops": "python/lucidops/ops",
-    "lucidops.reference": "python/lucidops/reference",
-    "lucidops.nn": "python/lucidops/nn",
-    "lucidops.profile": "python/lucidops/profile",
+    "": "python",
     "lucidops.triton_kernels": "triton_kernels",
     "lucidops.bench": "bench",
     "lucidops.csrc": "csrc",

@@ -4,7 +4,6 @@
 // inside the documented ranges, callers handle inputs outside them with libm.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -15,14 +14,17 @@ namespace vec_math {
 // lanes with libm in double.
 constexpr float kSinCosMaxArg = 8192.0f;
 
-#pragma omp declare simd notinbranch
+// Round to nearest (even) by adding and subtracting 1.5 * 2^23; exact for |x| < 2^22.
+// Plain arithmetic vectorises where std::floor / std::nearbyint calls do not.
+inline float round_nearest(float x) { return (x + 12582912.0f) - 12582912.0f; }
+
 inline void sincos(float u, float* s_out, float* c_out) {
   constexpr float kTwoOverPi = 0.636619772367581343f;
   // pi/2 split into three parts whose products with small integers are exact.
   constexpr float kPio2Hi = 1.5703125f;
   constexpr float kPio2Mid = 4.837512969970703125e-4f;
   constexpr float kPio2Lo = 7.54978995489188216e-8f;
-  const float jf = std::floor(u * kTwoOverPi + 0.5f);
+  const float jf = round_nearest(u * kTwoOverPi);
   const float r = ((u - jf * kPio2Hi) - jf * kPio2Mid) - jf * kPio2Lo;  // r in [-pi/4, pi/4]
   const float r2 = r * r;
   const float sin_r = r + r * r2 * (-1.6666654611e-1f + r2 * (8.3321608736e-3f + r2 * -1.9515295891e-4f));
@@ -36,15 +38,14 @@ inline void sincos(float u, float* s_out, float* c_out) {
   *c_out = ((q + 1) & 2) ? -c : c;
 }
 
-#pragma omp declare simd notinbranch
 inline float exp(float v) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
   // Below -87.3 the result is subnormal: flush to zero, as the polynomial cannot scale there.
   const bool underflow = v < -87.3f;
-  v = std::fmin(std::fmax(v, -87.3f), 88.7f);
-  const float n = std::floor(v * kLog2e + 0.5f);
+  v = v < -87.3f ? -87.3f : (v > 88.7f ? 88.7f : v);  // ternaries vectorise, fmin/fmax calls do not
+  const float n = round_nearest(v * kLog2e);
   const float r = (v - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

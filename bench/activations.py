@@ -1,0 +1,80 @@
+"""sinc and gaussian: every lucidops backend against eager PyTorch and torch.compile.
+
+Forward, and forward + backward (gradient for x), float32, 16M elements (1M with
+--quick). The eager baselines compute the same functions the usual way:
+``torch.sinc(x / (pi sigma))`` and ``torch.exp(-x^2 / (2 sigma^2))``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List
+
+import torch
+
+import lucidops
+from lucidops import backends
+
+from .timing import measure_ms
+
+SIGMA = 0.7
+
+EAGER = {
+    "sinc": lambda x: torch.sinc(x / (math.pi * SIGMA)),
+    "gaussian": lambda x: torch.exp(-(x * x) / (2 * SIGMA * SIGMA)),
+}
+
+
+def _candidates(kind: str, device: str) -> Dict[str, Callable]:
+    impls: Dict[str, Callable] = {"eager": EAGER[kind]}
+    try:
+        impls["torch.compile"] = torch.compile(EAGER[kind], dynamic=False)
+    except Exception as exc:  # pragma: no cover - no compiler
+        print(f"  torch.compile unavailable: {exc}")
+    op = getattr(lucidops.ops, kind)
+    for backend in backends.BACKENDS:
+        if backend == "triton" and device == "cpu":
+            continue  # the interpreter is a correctness tool, not a fast path
+        if backends.backend_problem(backend, device) is None:
+            def run(x, _b=backend):
+                with lucidops.use_backend(_b):
+                    return op(x, SIGMA)
+            impls[f"lucidops[{backend}]"] = run
+    return impls
+
+
+def run(device: str, quick: bool = False) -> List[Dict]:
+    n = (1 << 20) if quick else (1 << 24)
+    rows = []
+    for kind in ("sinc", "gaussian"):
+        x = (torch.randn(n, device=device) * 3).contiguous()
+        grad = torch.randn(n, device=device)
+        impls = _candidates(kind, device)
+        expected = EAGER[kind](x.double()).float()
+        for mode in ("forward", "forward+backward"):
+            times = {}
+            for name, fn in impls.items():
+                if mode == "forward":
+                    def step(fn=fn):
+                        with torch.no_grad():
+                            return fn(x)
+                    out = step()
+                    err = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+                else:
+                    xg = x.clone().requires_grad_(True)
+
+                    def step(fn=fn, xg=xg):
+                        xg.grad = None
+                        fn(xg).backward(grad)
+                    err = None
+                try:
+                    times[name] = measure_ms(step, device)
+                except Exception as exc:
+                    print(f"  {kind} {mode} {name}: failed ({type(exc).__name__}: {exc})")
+                    continue
+                rows.append(dict(family="activations", case=f"{kind} n={n} fp32", mode=mode, impl=name,
+                                 ms=times[name], rel_err_vs_fp64=err))
+            for row in rows:
+                if row["case"].startswith(kind) and row["mode"] == mode and "eager" in times:
+                    row["speedup_vs_eager"] = times["eager"] / row["ms"]
+    return rows

@@ -1,0 +1,71 @@
+"""Timing and machine description shared by the benchmark modules."""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import time
+from typing import Callable, Dict
+
+import torch
+
+
+def measure_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, repeat: int = 10) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after warm-up.
+
+    On CUDA, triton.testing.do_bench (CUDA events, cache flushed between runs); on the
+    CPU, perf_counter around each call.
+    """
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_description(device: str) -> Dict[str, object]:
+    import lucidops
+
+    desc: Dict[str, object] = {
+        "device": device,
+        "name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "lucidops": lucidops.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    try:
+        import triton
+
+        desc["triton"] = triton.__version__
+    except ImportError:
+        desc["triton"] = None
+    return desc
+
+
+def device_slug(desc: Dict[str, object]) -> str:
+    name = str(desc["name"])
+    if desc["device"] == "cpu":
+        name = f"cpu-{name}-{desc['threads']}threads"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()

@@ -1,0 +1,147 @@
+"""The op contract around the kernels: bad input, backend forcing, modules, torch.compile,
+FLOP counting, the CLI."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lucidops
+from lucidops import backends
+
+KINDS = ["sinc", "gaussian"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_input_names_the_argument(kind):
+    f = getattr(lucidops.ops, kind)
+    x = torch.randn(4)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        f([1.0, 2.0])
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        f(torch.arange(4))
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+            f(x, bad)
+        with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+            f(x, torch.tensor(bad))
+    with pytest.raises(TypeError, match="sigma must be a real number"):
+        f(x, "1.0")
+    with pytest.raises(TypeError, match="sigma must be a real number"):
+        f(x, True)
+    with pytest.raises(ValueError, match="sigma must be a number or a one-element tensor"):
+        f(x, torch.ones(2))
+    with pytest.raises(TypeError, match="sigma must be a floating-point tensor"):
+        f(x, torch.tensor(2))
+    with pytest.raises(ValueError, match="sigma must be on the same device as x"):
+        f(x, torch.tensor(1.0, device="meta"))
+
+
+def test_use_backend_validates_and_restores():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with lucidops.use_backend("fastest"):
+            pass
+    x = torch.randn(8)
+    with lucidops.use_backend("reference"):
+        lucidops.ops.sinc(x)
+        assert backends.last_used("sinc") == "reference"
+        with lucidops.use_backend("cpp"):
+            lucidops.ops.sinc(x)
+            assert backends.last_used("sinc") == "cpp"
+        lucidops.ops.sinc(x)
+        assert backends.last_used("sinc") == "reference"
+    assert backends.forced_backend() is None
+
+
+def test_automatic_choice_on_cpu_is_the_cpp_extension():
+    lucidops.ops.gaussian(torch.randn(8))
+    assert backends.last_used("gaussian") == "cpp"
+
+
+def test_forcing_an_unavailable_backend_raises():
+    with lucidops.use_backend("cuda"):
+        with pytest.raises(lucidops.BackendUnavailable, match="cuda backend runs CUDA tensors only"):
+            lucidops.ops.sinc(torch.randn(3))
+
+
+def test_env_var_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("LUCIDOPS_BACKEND", "reference")
+    lucidops.ops.sinc(torch.randn(3))
+    assert backends.last_used("sinc") == "reference"
+    monkeypatch.setenv("LUCIDOPS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="LUCIDOPS_BACKEND must be one of"):
+        lucidops.ops.sinc(torch.randn(3))
+
+
+def test_triton_on_cpu_needs_the_interpreter():
+    problem = backends.backend_problem("triton", "cpu")
+    if backends.triton_interpreting():
+        assert problem is None
+    else:
+        assert "TRITON_INTERPRET" in problem
+
+
+@pytest.mark.parametrize("cls", [lucidops.nn.Sinc, lucidops.nn.Gaussian])
+def test_modules_learn_sigma(cls):
+    m = cls(sigma=0.8, learnable=True)
+    x = torch.randn(16, requires_grad=True)
+    m(x).sum().backward()
+    assert m.sigma.grad is not None and m.sigma.grad.abs() > 0 and x.grad is not None
+    assert "learnable=True" in repr(m)
+    fixed = cls(sigma=2.0)
+    assert list(fixed.parameters()) == []
+    with pytest.raises(ValueError, match="sigma"):
+        cls(sigma=-1.0)
+
+
+def test_half_module_sigma_keeps_its_dtype():
+    m = lucidops.nn.Sinc(0.5, learnable=True).to(torch.bfloat16)
+    x = torch.randn(10, dtype=torch.bfloat16, requires_grad=True)
+    m(x).float().sum().backward()
+    assert m.sigma.grad.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+
+
+def test_torch_compile_fullgraph_on_cpu():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), lucidops.nn.Sinc(0.7, learnable=True),
+                                torch.nn.Linear(16, 4), lucidops.nn.Gaussian(1.5))
+    x = torch.randn(5, 8)
+    expected = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    out = compiled(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert model[1].sigma.grad is not None
+
+
+def test_flop_counter_mode_counts_the_ops():
+    x = torch.randn(3, 100, requires_grad=True)
+    counts = lucidops.profile.count_flops(lambda t: lucidops.ops.sinc(t, 0.5), x, backward=True)
+    assert counts["lucidops.sinc"] == 3 * 300
+    assert counts["lucidops.sinc_backward"] == 11 * 300
+    counts = lucidops.profile.count_flops(lambda t: lucidops.ops.gaussian(t), x)
+    assert counts["total"] == 4 * 300
+
+
+def test_fvcore_counts_the_ops():
+    pytest.importorskip("fvcore")
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), lucidops.nn.Gaussian(1.0))
+    counts = lucidops.profile.fvcore_flops(model, torch.randn(4, 10))
+    assert counts["gaussian"] == 4 * 80  # fvcore names ops without their namespace
+    assert counts["total"] == 4 * 80 + 4 * 10 * 20  # fvcore: one MAC per multiply-add
+
+
+def _cli(*args):
+    env = {k: v for k, v in os.environ.items() if k != "LUCIDOPS_BACKEND"}
+    return subprocess.run([sys.executable, "-m", "lucidops.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_cli_info_lists_ops_backends_and_versions():
+    proc = _cli("info")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for word in ("torch", "triton", "sinc", "gaussian", "reference", "cpp", "cuda"):
+        assert word in out
+    assert "no CUDA GPU" in out or "cuda: available" in out

@@ -1,0 +1,109 @@
+"""The lazy extension builder: CUDA build for sm_80/sm_90, cache, errors, concurrent builds."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lucidops import _ext, _ext_sources
+
+pytestmark = pytest.mark.slow
+
+
+def test_cuda_extension_builds_and_links_for_sm80_and_sm90(tmp_path):
+    module = _ext.build("cuda", build_dir=tmp_path, arch_list=["8.0", "9.0"])
+    spec = _ext_sources.spec("cuda", arch_list=["8.0", "9.0"])
+    assert module.DEVICE == "cuda"
+    assert module.SOURCE_HASH == "h" + spec.source_hash
+    assert hasattr(module, "activation_forward") and hasattr(module, "activation_backward")
+    (so,) = tmp_path.glob("*.so")
+    blob = so.read_bytes()
+    # The fat binary names each architecture it carries code for.
+    assert b"sm_80" in blob and b"sm_90" in blob
+    assert b"sm_75" not in blob
+
+
+def _run(code, env_extra, timeout=600):
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+LOAD_CPU = """
+    import torch
+    from lucidops import _ext
+    m = _ext.load("cpu")
+    x = torch.linspace(-3, 3, 101)
+    y = m.activation_forward(x, torch.tensor(1.0), 0)
+    assert torch.allclose(y, torch.sinc(x / torch.pi), atol=1e-6)
+    print("LOADED", m.__name__)
+"""
+
+
+def test_two_processes_building_at_once_both_succeed(tmp_path):
+    env = {"LUCIDOPS_CACHE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(LOAD_CPU)], env=dict(os.environ, **env),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert "LOADED" in out
+    # One cached build, reused by a third process without rebuilding.
+    assert len(list(tmp_path.glob("lucidops_cpu_*"))) == 1
+    third = _run(LOAD_CPU, env)
+    assert third.returncode == 0 and "building" not in third.stderr
+
+
+def test_missing_compiler_is_a_clear_error(tmp_path):
+    proc = _run(
+        """
+        from lucidops import _ext
+        try:
+            _ext.load("cpu")
+        except _ext.ExtensionUnavailable as err:
+            print("ERR", err)
+        """,
+        {"CXX": "/nonexistent/c++", "LUCIDOPS_CACHE_DIR": str(tmp_path)},
+    )
+    assert "ERR" in proc.stdout and "no C++ compiler found" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_failed_build_names_its_log(tmp_path):
+    proc = _run(
+        """
+        from lucidops import _ext
+        try:
+            _ext.load("cpu")
+        except _ext.ExtensionUnavailable as err:
+            print("ERR", err.reason)
+            print("LOG", err.log_path)
+        """,
+        {"LUCIDOPS_CPU_ARCH_FLAGS": "-mno-such-flag-xyz", "LUCIDOPS_CACHE_DIR": str(tmp_path)},
+    )
+    assert "ERR build failed" in proc.stdout, proc.stdout + proc.stderr
+    log = Path(proc.stdout.split("LOG ", 1)[1].strip())
+    assert log.is_file() and "no-such-flag-xyz" in log.read_text()
+
+
+def test_forced_cpp_backend_with_broken_build_raises_not_falls_back(tmp_path):
+    proc = _run(
+        """
+        import torch, lucidops
+        try:
+            with lucidops.use_backend("cpp"):
+                lucidops.ops.sinc(torch.randn(4))
+        except lucidops.BackendUnavailable as err:
+            print("RAISED", err)
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = lucidops.ops.sinc(torch.randn(4))   # automatic: warns once, uses reference
+        print("AUTO", lucidops.backends.last_used("sinc"), len(caught))
+        """,
+        {"LUCIDOPS_CPU_ARCH_FLAGS": "-mno-such-flag-xyz", "LUCIDOPS_CACHE_DIR": str(tmp_path)},
+    )
+    assert "RAISED" in proc.stdout and "build log" in proc.stdout, proc.stdout + proc.stderr
+    assert "AUTO reference" in proc.stdout

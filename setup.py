@@ -11,6 +11,7 @@ by the build, hence no build isolation).
 """
 
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -35,13 +36,19 @@ def _extensions():
     """Ahead-of-time extension builds, only when LUCIDOPS_BUILD_EXT=1."""
     if os.environ.get("LUCIDOPS_BUILD_EXT", "0") != "1":
         return [], {}
-    import sys
+    import importlib.util
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "python"))
-    from lucidops import _ext_sources  # noqa: E402  (pure-python, no torch import at module level)
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     root = os.path.dirname(os.path.abspath(__file__))
+    # Load the build spec by path: importing the lucidops package here would import torch's
+    # whole op registry and the Triton kernels, which the build does not need.
+    loader = importlib.util.spec_from_file_location("_lucidops_ext_sources", os.path.join(root, "python", "lucidops", "_ext_sources.py"))
+    _ext_sources = importlib.util.module_from_spec(loader)
+    sys.modules[loader.name] = _ext_sources  # dataclasses look their module up there
+    loader.loader.exec_module(_ext_sources)
+    _ext_sources.use_real_cuda_home(cpp_extension)
     exts = []
     cpu = _ext_sources.spec("cpu", root=os.path.join(root, "csrc"))
     exts.append(
@@ -52,7 +59,7 @@ def _extensions():
             extra_link_args=cpu.ldflags,
         )
     )
-    if CUDA_HOME is not None:
+    if cpp_extension.CUDA_HOME is not None:
         cuda = _ext_sources.spec("cuda", root=os.path.join(root, "csrc"))
         exts.append(
             CUDAExtension(

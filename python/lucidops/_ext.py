@@ -73,25 +73,6 @@ def _compiler_problem(kind: str) -> Optional[str]:
     return None
 
 
-def _use_real_cuda_home(cpp_extension) -> None:
-    """Point torch at the toolkit behind a nvcc found through a wrapper or symlink.
-
-    torch guesses CUDA_HOME as nvcc's grandparent, which for a symlink in /usr/local/bin
-    is /usr/local: no CUDA headers there.
-    """
-    home = cpp_extension.CUDA_HOME
-    if home and (Path(home) / "include" / "cuda_runtime_api.h").is_file():
-        return
-    nvcc = shutil.which("nvcc")
-    candidates = [Path(os.path.realpath(nvcc)).parent.parent] if nvcc else []
-    candidates += [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
-    for real in candidates:
-        if (real / "include" / "cuda_runtime_api.h").is_file() and (real / "bin" / "nvcc").is_file():
-            cpp_extension.CUDA_HOME = str(real)
-            os.environ.setdefault("CUDA_HOME", str(real))
-            return
-
-
 def _prebuilt(kind: str, spec: _ext_sources.ExtensionSpec) -> Optional[ModuleType]:
     try:
         mod = importlib.import_module(f"lucidops._C_{kind}")
@@ -123,7 +104,7 @@ def build(
     if not verbose and not (folder / f"{spec.module_name}.so").exists():
         print(f"lucidops: building the {kind} extension (first use; about a minute) in {folder}", file=sys.stderr)
     if kind == "cuda":
-        _use_real_cuda_home(cpp_extension)
+        _ext_sources.use_real_cuda_home(cpp_extension)
     captured = io.StringIO()
     try:
         with redirect_stdout(captured), redirect_stderr(captured):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -19,16 +20,23 @@ KINDS = ("cpu", "cuda")
 
 def csrc_root() -> Path:
     """The folder holding the C++/CUDA sources, installed or in a checkout."""
-    try:
-        from importlib.resources import files
+    here = Path(__file__).resolve().parent
+    candidates = [
+        here / "csrc",  # a regular install: package data lucidops/csrc
+        here.parents[1] / "csrc",  # a checkout: python/lucidops -> ../../csrc
+    ]
+    try:  # an editable install maps lucidops.csrc wherever the checkout is
+        from importlib.util import find_spec
 
-        root = Path(str(files("lucidops.csrc")))
+        found = find_spec("lucidops.csrc")
+        if found is not None and found.submodule_search_locations:
+            candidates += [Path(p) for p in found.submodule_search_locations]
+    except (ImportError, ValueError):
+        pass
+    for root in candidates:
         if (root / "bindings.cpp").is_file():
             return root
-    except (ModuleNotFoundError, TypeError):
-        pass
-    # A plain checkout on sys.path (python/ first): ../../csrc from here.
-    return Path(__file__).resolve().parents[2] / "csrc"
+    raise FileNotFoundError(f"lucidops C++ sources not found; looked in {[str(c) for c in candidates]}")
 
 
 def cpu_arch_flags() -> List[str]:
@@ -68,20 +76,23 @@ def gencode_flags(arch_list: List[str]) -> List[str]:
     return flags
 
 
-def nvidia_pip_include_dirs() -> List[str]:
-    """Headers of the pip CUDA wheels (torch's CUDA build depends on them)."""
-    dirs = []
-    try:
-        import nvidia  # namespace package of the nvidia-* wheels
+def use_real_cuda_home(cpp_extension) -> None:
+    """Point torch.utils.cpp_extension at the toolkit behind a wrapped or linked nvcc.
 
-        for base in getattr(nvidia, "__path__", []):
-            for sub in ("cu13/include", "cuda_runtime/include"):
-                p = Path(base) / sub
-                if p.is_dir():
-                    dirs.append(str(p))
-    except ImportError:
-        pass
-    return dirs
+    torch guesses CUDA_HOME as nvcc's grandparent, which for a wrapper script in
+    /usr/local/bin is /usr/local: no CUDA headers there.
+    """
+    home = cpp_extension.CUDA_HOME
+    if home and (Path(home) / "include" / "cuda_runtime_api.h").is_file():
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(os.path.realpath(nvcc)).parent.parent] if nvcc else []
+    candidates += [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
+    for real in candidates:
+        if (real / "include" / "cuda_runtime_api.h").is_file() and (real / "bin" / "nvcc").is_file():
+            cpp_extension.CUDA_HOME = str(real)
+            os.environ.setdefault("CUDA_HOME", str(real))
+            return
 
 
 @dataclass
@@ -140,6 +151,6 @@ def spec(kind: str, root: Optional[str] = None, arch_list: Optional[List[str]] =
         cflags=cflags + [define],
         ldflags=ldflags,
         cuda_cflags=cuda_cflags + ([define] if kind == "cuda" else []),
-        include_dirs=[str(base)] + (nvidia_pip_include_dirs() if kind == "cuda" else []),
+        include_dirs=[str(base)],
         source_hash=digest,
     )

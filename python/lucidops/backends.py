@@ -116,7 +116,9 @@ def backend_problem(backend: str, device_type: str) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
         if device_type == "cuda":
-            return None
+            import torch
+
+            return None if torch.cuda.is_available() else "no CUDA GPU visible to torch"
         if device_type == "cpu":
             if triton_interpreting():
                 return None

@@ -1,0 +1,36 @@
+"""A plain (non-editable) install ships the Triton kernels, the benchmarks and the C++/CUDA
+sources, and finds those sources from where it is installed."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_plain_install_ships_everything(tmp_path):
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    pkg = target / "lucidops"
+    for rel in ("triton_kernels/activations.py", "bench/runner.py", "bench/gpu_check.sh", "csrc/bindings.cpp",
+                "csrc/cpu/activations.cpp", "csrc/cuda/activations.cu", "csrc/cuda/launch.h"):
+        assert (pkg / rel).is_file(), rel
+    env = dict(os.environ, PYTHONPATH=str(target))
+    check = subprocess.run(
+        [sys.executable, "-c",
+         "import lucidops, lucidops.triton_kernels; from lucidops import _ext_sources as s; "
+         "print(lucidops.__file__); print(s.csrc_root()); print(s.spec('cpu').source_hash)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr
+    file_line, root_line, digest = check.stdout.split()[-3:]
+    assert file_line.startswith(str(target)) and root_line == str(pkg / "csrc")
+    from lucidops import _ext_sources
+
+    assert digest == _ext_sources.spec("cpu").source_hash  # same sources, same cached build

@@ -29,22 +29,14 @@ KIND = {"sinc": 0, "gaussian": 1}
 FLOPS_PER_ELEMENT = {"sinc": (3, 11), "gaussian": (4, 10)}
 
 
-def _cpp(kind: int):
+def _extension(ext: str, kind: int):
+    """Forward/backward through the C++ extension ``ext`` ('cpu' or 'cuda')."""
+
     def forward(x: Tensor, sigma: Tensor) -> Tensor:
-        return _ext.load("cpu").activation_forward(x, sigma, kind)
+        return _ext.load(ext).activation_forward(x, sigma, kind)
 
     def backward(grad: Tensor, x: Tensor, sigma: Tensor, need: bool):
-        return tuple(_ext.load("cpu").activation_backward(grad, x, sigma, kind, need))
-
-    return forward, backward
-
-
-def _cuda(kind: int):
-    def forward(x: Tensor, sigma: Tensor) -> Tensor:
-        return _ext.load("cuda").activation_forward(x, sigma, kind)
-
-    def backward(grad: Tensor, x: Tensor, sigma: Tensor, need: bool):
-        return tuple(_ext.load("cuda").activation_backward(grad, x, sigma, kind, need))
+        return tuple(_ext.load(ext).activation_backward(grad, x, sigma, kind, need))
 
     return forward, backward
 
@@ -82,9 +74,8 @@ def _check_sigma_at_run_time(sigma: Tensor) -> None:
 def _define(name: str):
     """Register lucidops::<name> and lucidops::<name>_backward with every backend."""
     kind = KIND[name]
-    builders = {"reference": lambda: _reference_impl(name), "cpp": lambda: _cpp(kind),
-                "triton": lambda: _triton(kind), "cuda": lambda: _cuda(kind)}
-    pairs = {backend: build() for backend, build in builders.items()}
+    pairs = {"reference": _reference_impl(name), "cpp": _extension("cpu", kind),
+             "triton": _triton(kind), "cuda": _extension("cuda", kind)}
     backends.register_op(name, {b: p[0] for b, p in pairs.items()})
     backends.register_op(f"{name}_backward", {b: p[1] for b, p in pairs.items()})
 

@@ -1,0 +1,155 @@
+"""Many-head attention (methods.md section 2): lucidops against PyTorch's SDPA.
+
+CPU: lucidops.ops.attention (its CPU backend is the PyTorch reference) against torch's
+SDPA and the plain reference, float32, ViT-like shapes (N = 197) with head dims 8..64.
+
+CUDA: bf16, d in {8, 16, 32, 64}, H in {12, 48, 96}, N in {197, 1024, 4096}, causal and
+not, forward and forward+backward; lucidops[triton] against SDPA forced to each backend
+(flash, efficient, math) and FlexAttention where they run. B is chosen so B*H*N is about
+2^20 tokens (enough to fill an H100), the math backend is skipped when its score matrix
+would exceed 4 GiB. Rows carry TFLOP/s (lucidops' FLOP formulas: 4 N^2 d per head
+forward, 10 N^2 d backward; causal counts visible pairs only) and the ratio to a
+measured bf16 matmul rate of the card; speedup_vs_best_sdpa compares to the fastest
+SDPA backend that ran (the issue's targets: >= 1.5 for d <= 16, >= 0.9 for d = 64).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import lucidops
+
+from .timing import measure_ms
+
+_ops = importlib.import_module("lucidops.ops.attention")
+
+
+def _flops(b: int, h: int, n: int, d: int, causal: bool, mode: str) -> int:
+    pairs = _ops.visible_pairs(n, n, causal)
+    return b * h * pairs * d * (4 if mode == "forward" else 14)
+
+
+def _sdpa(backend: Optional[str]) -> Callable:
+    def fn(q, k, v, causal):
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kind = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "math": SDPBackend.MATH}[backend]
+        with sdpa_kernel(kind):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return fn
+
+
+def _flex():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    compiled = torch.compile(flex_attention)
+    masks: Dict = {}
+
+    def fn(q, k, v, causal):
+        block_mask = None
+        if causal:
+            key = (q.shape[-2], q.device)
+            if key not in masks:
+                masks[key] = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, q.shape[-2], q.shape[-2],
+                                               device=q.device)
+            block_mask = masks[key]
+        return compiled(q, k, v, block_mask=block_mask)
+    return fn
+
+
+def _lucidops(backend: str) -> Callable:
+    def fn(q, k, v, causal):
+        with lucidops.use_backend(backend):
+            return lucidops.ops.attention(q, k, v, causal=causal)
+    return fn
+
+
+def _time(fn, q, k, v, causal, mode, device) -> float:
+    if mode == "forward":
+        def step():
+            with torch.no_grad():
+                fn(q, k, v, causal)
+    else:
+        grad = torch.randn_like(q)
+        qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+
+        def step():
+            qg.grad = kg.grad = vg.grad = None
+            fn(qg, kg, vg, causal).backward(grad)
+    return measure_ms(step, device)
+
+
+def _matmul_tflops(device: str) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = measure_ms(lambda: a @ a, device)
+    return 2 * 8192 ** 3 / ms / 1e9
+
+
+def _cases(device: str, quick: bool):
+    if device == "cuda":
+        ds, hs, ns = ((8, 64), (12, 96), (197, 1024)) if quick else ((8, 16, 32, 64), (12, 48, 96), (197, 1024, 4096))
+        for d in ds:
+            for h in hs:
+                for n in ns:
+                    b = max(1, (1 << (18 if quick else 20)) // (h * n))
+                    for causal in (False, True):
+                        yield b, h, n, d, causal
+    else:
+        for d in ((8, 64) if quick else (8, 16, 32, 64)):
+            h = 192 // d if d < 64 else 3  # fixed width 192 (ViT-Tiny), more heads as d shrinks
+            yield (2 if quick else 8), h, 197, d, False
+
+
+def run(device: str, quick: bool = False) -> List[Dict]:
+    rows: List[Dict] = []
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    peak = _matmul_tflops(device) if device == "cuda" else None
+    impls: Dict[str, Callable] = {}
+    if device == "cuda":
+        impls["lucidops[triton]"] = _lucidops("triton")
+        for backend in ("flash", "efficient", "math"):
+            impls[f"sdpa[{backend}]"] = _sdpa(backend)
+        flex = _flex()
+        if flex is not None:
+            impls["flex_attention"] = flex
+    else:
+        impls["lucidops[reference]"] = _lucidops("reference")
+        impls["sdpa"] = _sdpa(None)
+        impls["reference (autograd)"] = lambda q, k, v, causal: lucidops.reference.attention.attention(
+            q, k, v, causal=causal)
+    for b, h, n, d, causal in _cases(device, quick):
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, generator=g) for _ in range(3))
+        case = f"B{b} H{h} N{n} d{d}{' causal' if causal else ''} {str(dtype)[6:]}"
+        for mode in ("forward", "forward+backward"):
+            times: Dict[str, float] = {}
+            for name, fn in impls.items():
+                if name == "sdpa[math]" and b * h * n * n * 4 > (4 << 30):
+                    continue  # the math backend materialises the (B, H, N, N) scores
+                try:
+                    times[name] = _time(fn, q, k, v, causal, mode, device)
+                except Exception as exc:  # e.g. flash refusing a head dim, out of memory
+                    print(f"  attention {case} {mode} {name}: unavailable ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:100] if str(exc) else ''})")
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+            baselines = [t for name, t in times.items() if name.startswith("sdpa")]
+            for name, ms in times.items():
+                tflops = _flops(b, h, n, d, causal, mode) / ms / 1e9
+                row = dict(family="attention", case=case, mode=mode, impl=name, ms=ms, tflops=tflops)
+                if baselines:
+                    row["speedup_vs_best_sdpa"] = min(baselines) / ms
+                if peak:
+                    row["fraction_of_bf16_matmul"] = tflops / peak
+                rows.append(row)
+    return rows

@@ -1,0 +1,92 @@
+"""Condition numbers of attention blocks (methods.md section 2, arXiv:2505.20802).
+
+For a self-attention layer with heads A_i = softmax(Q_i K_i^T / sqrt(d)) V_i (N x d),
+the attention block is A = [A_1 ... A_h] (N x D). Its condition number
+kappa(A) = sigma_max(A) / sigma_min(A) (over the min(N, D) singular values) is what the
+paper relates to the head count. Computed in float64 per batch element, from the
+layer's actual input, for timm ViT ``Attention`` and lucidops ``ManyHeadAttention``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class LayerConditioning:
+    """kappa of one layer's attention block: ``block`` (B,), ``heads`` (B, H)."""
+
+    name: str
+    block: Tensor
+    heads: Tensor
+
+
+def condition_number(a: Tensor) -> Tensor:
+    """sigma_max / sigma_min over the last two dims (inf for a rank-deficient matrix)."""
+    s = torch.linalg.svdvals(a)
+    return s[..., 0] / s[..., -1]
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("qkv", "num_heads", "head_dim")) and isinstance(module.qkv, nn.Linear)
+
+
+def _in_float64(norm: nn.Module, t: Tensor) -> Tensor:
+    """Apply a (q/k) norm with float64 copies of its parameters, leaving the module as is."""
+    if isinstance(norm, nn.Identity):
+        return t
+    state = {k: v.detach().double() if v.is_floating_point() else v for k, v in norm.state_dict().items()}
+    return torch.func.functional_call(norm, state, (t,))
+
+
+def head_outputs(module: nn.Module, x: Tensor) -> Tensor:
+    """The per-head attention outputs A_i of ``module`` on input x (B, N, C), float64,
+    shape (B, H, N, d), from the module's own projections and norms (no dropout)."""
+    b, n, _ = x.shape
+    h, d = module.num_heads, module.head_dim
+    x64 = x.detach().double()
+    w = module.qkv.weight.detach().double()
+    bias = module.qkv.bias.detach().double() if module.qkv.bias is not None else None
+    qkv = nn.functional.linear(x64, w, bias).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = _in_float64(module.q_norm, q), _in_float64(module.k_norm, k)
+    scale = float(getattr(module, "scale", d ** -0.5))
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    return p @ v
+
+
+@torch.no_grad()
+def attention_condition_numbers(model: nn.Module, x: Tensor) -> List[LayerConditioning]:
+    """Per attention layer (in forward order) and head, kappa of the attention block on x.
+
+    Runs ``model(x)`` once with forward pre-hooks that capture each attention layer's
+    input; returns one :class:`LayerConditioning` per layer: ``block`` = kappa([A_1..A_h])
+    per batch element, ``heads`` = kappa(A_i) per batch element and head.
+    """
+    captured = []
+    hooks = []
+    for name, module in model.named_modules():
+        if _is_attention(module):
+            hooks.append(module.register_forward_pre_hook(
+                lambda mod, args, _name=name: captured.append((_name, mod, args[0]))))
+    if not hooks:
+        raise ValueError("model has no attention module (one with qkv, num_heads and head_dim)")
+    was_training = model.training
+    try:
+        model.eval()
+        model(x)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    results = []
+    for name, module, inp in captured:
+        heads = head_outputs(module, inp)  # (B, H, N, d)
+        b, h, n, d = heads.shape
+        block = heads.permute(0, 2, 1, 3).reshape(b, n, h * d)
+        results.append(LayerConditioning(name, condition_number(block), condition_number(heads)))
+    return results

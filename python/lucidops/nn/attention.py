@@ -1,0 +1,96 @@
+"""ManyHeadAttention: timm's ViT ``Attention`` on the lucidops attention kernel.
+
+Same constructor arguments and parameter names as
+``timm.layers.attention.Attention`` (qkv, q_norm, k_norm, norm, gate, proj), so a timm
+state dict loads as is; the attention itself runs ``lucidops.ops.attention``, which
+handles any head count and head dims 4..128 (methods.md section 2).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Type
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.attention import attention
+
+
+class ManyHeadAttention(nn.Module):
+    """Multi-head self-attention with a fused kernel for many small heads.
+
+    Args mirror timm's ``Attention``: dim, num_heads, attn_head_dim (default
+    dim // num_heads), dim_out, qkv_bias, qk_norm, scale_norm, proj_bias, gated,
+    attn_drop (attention dropout is not fused: training with attn_drop > 0 raises),
+    proj_drop, norm_layer (required for qk_norm / scale_norm), device, dtype.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, attn_head_dim: Optional[int] = None,
+                 dim_out: Optional[int] = None, qkv_bias: bool = False, qk_norm: bool = False,
+                 scale_norm: bool = False, proj_bias: bool = True, gated: bool = False, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, norm_layer: Optional[Type[nn.Module]] = None, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        head_dim = attn_head_dim
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) when attn_head_dim is None")
+            head_dim = dim // num_heads
+        if (qk_norm or scale_norm) and norm_layer is None:
+            raise ValueError("norm_layer must be given when qk_norm or scale_norm is True")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.attn_dim = num_heads * head_dim
+        self.scale = head_dim ** -0.5
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
+        self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
+        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def from_timm(cls, module: nn.Module) -> "ManyHeadAttention":
+        """A ManyHeadAttention sharing ``module``'s submodules (the same parameter objects,
+        so optimizers and tied references keep working)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_heads, new.head_dim = int(module.num_heads), int(module.head_dim)
+        new.attn_dim = getattr(module, "attn_dim", new.num_heads * new.head_dim)
+        new.scale = float(getattr(module, "scale", new.head_dim ** -0.5))
+        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
+            sub = getattr(module, name, None)
+            setattr(new, name, nn.Identity() if sub is None else sub)
+        new.gate = getattr(module, "gate", None)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        """x (B, N, C) -> (B, N, dim_out). ``attn_mask``: None or a bool key padding mask,
+        (B, N) or (B, 1, 1, N), True for tokens that take part."""
+        if self.training and self.attn_drop.p > 0:
+            raise NotImplementedError("ManyHeadAttention has no fused attention dropout: set attn_drop=0 "
+                                      "(or evaluate in eval mode)")
+        b, n, _ = x.shape
+        key_padding_mask = None
+        if attn_mask is not None:
+            if attn_mask.dtype != torch.bool or attn_mask.numel() != b * n:
+                raise NotImplementedError("attn_mask must be a bool key padding mask of shape (B, N) or "
+                                          f"(B, 1, 1, N); got {attn_mask.dtype} {tuple(attn_mask.shape)}")
+            key_padding_mask = attn_mask.reshape(b, n)
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # strided views: the kernel reads them in place
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = attention(q, k, v, causal=bool(is_causal), key_padding_mask=key_padding_mask, scale=self.scale)
+        x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))

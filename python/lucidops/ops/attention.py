@@ -1,0 +1,200 @@
+"""Many-head attention (methods.md section 2) as a custom op.
+
+    lucidops.ops.attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None)
+
+``torch.ops.lucidops.attention(q, k, v, key_padding_mask, causal, scale)`` returns
+(out, lse, out_lo): out (B, H, Nq, d) in q's dtype, lse (B, H, Nq) the natural-log
+log-sum-exp of each query's visible scores (float32; float64 for float64 inputs; -inf
+for a query that sees no key), and out_lo, for bfloat16 the rounding residual of out
+(saved for an accurate backward, see lucidops.reference.attention; empty otherwise).
+``torch.ops.lucidops.attention_backward(grad_out, grad_lse, q, k, v, out, out_lo, lse,
+key_padding_mask, causal, scale)`` returns (dq, dk, dv); out and lse are differentiable
+(a loss may use the lse), out_lo is not.
+
+Backends: ``reference`` (lucidops.reference.attention, the default on the CPU: there is
+no C++ attention kernel, and PyTorch's SDPA is the CPU baseline in bench/attention.py,
+not a lucidops backend) and ``triton`` (the default on CUDA; under TRITON_INTERPRET=1 it
+also runs CPU tensors, slowly, for testing).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _validate, backends
+from ..profile import flops as _flops
+from ..reference import attention as _reference
+
+MIN_HEAD_DIM = 4
+MAX_HEAD_DIM = 128
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _triton_forward(q, k, v, key_padding_mask, causal, scale):
+    from ..triton_kernels import attention as tk
+
+    return tk.forward(q, k, v, key_padding_mask, causal, scale)
+
+
+def _triton_backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale):
+    from ..triton_kernels import attention as tk
+
+    return tk.backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale)
+
+
+def _reference_forward(q, k, v, key_padding_mask, causal, scale):
+    return _reference.forward(q, k, v, key_padding_mask, causal, scale)
+
+
+def _reference_backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale):
+    return _reference.backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale)
+
+
+_NOTES = {
+    "cpu": "reference (PyTorch matmul + softmax); there is no C++ attention kernel. torch's SDPA is "
+           "compared in bench/attention.py but is not registered as a lucidops backend.",
+    "cuda": "triton: fused online-softmax forward and (dk, dv) / dq backward, several heads per program for d <= 32.",
+}
+backends.register_op("attention", {"reference": _reference_forward, "triton": _triton_forward}, notes=_NOTES)
+backends.register_op("attention_backward", {"reference": _reference_backward, "triton": _triton_backward},
+                     notes=_NOTES)
+
+
+@torch.library.custom_op("lucidops::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
+                  scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return backends.dispatch("attention", q.device.type, q, k, v, key_padding_mask, causal, scale)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@_attention_op.register_fake
+def _(q, k, v, key_padding_mask, causal, scale):
+    b, h, nq, d = q.shape
+    out_lo = q.new_empty((b, h, nq, d) if q.dtype == torch.bfloat16 else (0,))
+    return q.new_empty((b, h, nq, d)), q.new_empty((b, h, nq), dtype=_lse_dtype(q.dtype)), out_lo
+
+
+@torch.library.custom_op("lucidops::attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+                           out: Tensor, out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
+                           causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return backends.dispatch("attention_backward", q.device.type, grad_out, grad_lse, q, k, v, out, out_lo, lse,
+                             key_padding_mask, causal, scale)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, scale = inputs
+    out, lse, out_lo = output
+    ctx.save_for_backward(q, k, v, out, out_lo, lse, key_padding_mask)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, grad_out, grad_lse, _grad_out_lo):
+    q, k, v, out, out_lo, lse, key_padding_mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _attention_backward_op(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask,
+                                        ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def visible_pairs(nq: int, nk: int, causal: bool) -> int:
+    """Number of (query, key) pairs scored: all, or j <= i (top-left) when causal."""
+    if not causal:
+        return nq * nk
+    full = max(0, min(nq, nk))  # rows i < nk see i + 1 keys, later rows see all nk
+    return full * (full + 1) // 2 + max(0, nq - nk) * nk
+
+
+def forward_flops(q_shape, k_shape, v_shape, mask_shape, causal, scale, *_, **__) -> int:
+    """QK^T and PV: 2 matmuls of 2 flops per multiply-add over the visible pairs (a key
+    padding mask is data, not shape, so it is not discounted)."""
+    b, h, nq, d = q_shape
+    return 4 * b * h * visible_pairs(nq, k_shape[2], bool(causal)) * d
+
+
+def backward_flops(grad_shape, grad_lse_shape, q_shape, k_shape, v_shape, out_shape, out_lo_shape, lse_shape,
+                   mask_shape, causal, scale, *_, **__) -> int:
+    """QK^T recomputed, dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q: 5 matmuls."""
+    b, h, nq, d = q_shape
+    return 10 * b * h * visible_pairs(nq, k_shape[2], bool(causal)) * d
+
+
+_flops.register(torch.ops.lucidops.attention, forward_flops)
+_flops.register(torch.ops.lucidops.attention_backward, backward_flops)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, causal, key_padding_mask, scale) -> float:
+    """Validate every argument (each error names it); return the scale as a float."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _validate.floating_tensor(t, name)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        _validate.same_device(t, q, name, "q")
+    b, h, _, d = q.shape
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+        raise ValueError(f"k must be (B={b}, H={h}, Nk, d={d}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"q's head dim (last size) must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {d}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if key_padding_mask is not None:
+        _validate.tensor(key_padding_mask, "key_padding_mask")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = key takes part), "
+                            f"got dtype {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (b, k.shape[2]):
+            raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(b, k.shape[2])}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        _validate.same_device(key_padding_mask, q, "key_padding_mask", "q")
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, Tensor):
+        raise TypeError("scale must be a Python number, got a tensor")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    return float(scale)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
+              scale: Optional[float] = None, return_lse: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Scaled dot-product attention for any head count and head dims 4..128.
+
+    Args:
+        q: (B, H, Nq, d) queries; float16, bfloat16, float32 or float64 (half inputs
+            accumulate in float32). Any strides (a unit stride on d avoids a copy).
+        k, v: (B, H, Nk, d) keys and values, q's dtype and device; Nk may differ from Nq.
+        causal: key j is visible to query i only when j <= i (SDPA's top-left alignment).
+        key_padding_mask: optional bool (B, Nk), True for keys that take part.
+        scale: score multiplier, default 1 / sqrt(d).
+        return_lse: also return the log-sum-exp (B, H, Nq) of each row's scores.
+    Returns:
+        out (B, H, Nq, d) in q's dtype (and lse). A query that sees no key gets zeros,
+        lse = -inf and zero gradient.
+    """
+    scale_value = _check(q, k, v, causal, key_padding_mask, scale)
+    out, lse, _ = _attention_op(q, k, v, key_padding_mask, causal, scale_value)
+    return (out, lse) if return_lse else out

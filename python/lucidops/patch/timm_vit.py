@@ -1,0 +1,162 @@
+"""Swap lucidops attention into timm ViTs / DeiTs, and the "more heads, fewer layers"
+configuration transform (methods.md section 2). timm is imported inside the functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..nn.attention import ManyHeadAttention
+
+
+@dataclass
+class PatchHandle:
+    """What :func:`timm_vit` swapped; ``revert()`` puts the original modules back."""
+
+    model: nn.Module
+    swapped: List[Tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+
+    def revert(self) -> nn.Module:
+        for parent, name, original in reversed(self.swapped):
+            setattr(parent, name, original)
+        self.swapped.clear()
+        return self.model
+
+    def __len__(self) -> int:
+        return len(self.swapped)
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+
+def _timm_attention_classes() -> Tuple[type, ...]:
+    import timm.models.vision_transformer as vit
+
+    classes = {vit.Attention}
+    try:
+        from timm.layers.attention import Attention
+
+        classes.add(Attention)
+    except ImportError:  # older timm defines it in vision_transformer only
+        pass
+    return tuple(classes)
+
+
+def timm_vit(model: nn.Module) -> PatchHandle:
+    """Replace every timm ViT ``Attention`` in ``model`` by a :class:`ManyHeadAttention`
+    sharing its parameters (outputs equal within dtype tolerance). Returns a handle whose
+    ``revert()`` restores the original modules. Subclasses of timm's Attention (other
+    forward methods) are left alone."""
+    classes = _timm_attention_classes()
+    handle = PatchHandle(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in classes:
+                setattr(parent, name, ManyHeadAttention.from_timm(child))
+                handle.swapped.append((parent, name, child))
+    if not handle.swapped:
+        raise ValueError("model has no timm ViT Attention module to patch")
+    return handle
+
+
+def _vit_config(model: nn.Module) -> Dict[str, Any]:
+    block = model.blocks[0]
+    dim = int(model.embed_dim)
+    hidden = block.mlp.fc1.out_features
+    return {"embed_dim": dim, "depth": len(model.blocks), "num_heads": int(block.attn.num_heads),
+            "head_dim": int(block.attn.head_dim), "mlp_ratio": hidden / dim}
+
+
+def _cost(model: nn.Module, img_size: int) -> Tuple[int, int]:
+    from ..profile import count_flops
+
+    params = sum(p.numel() for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        flops = count_flops(model, torch.randn(1, 3, img_size, img_size))["total"]
+    return params, flops
+
+
+@dataclass
+class LeanerReport:
+    """Original and "more heads, fewer layers" configurations with their costs
+    (parameters, forward FLOPs of one image by torch's FlopCounterMode: 2 per multiply-add)."""
+
+    model_name: str
+    original: Dict[str, Any]
+    leaner: Dict[str, Any]
+    params: Tuple[int, int]
+    flops: Tuple[int, int]
+    img_size: int
+
+    def build(self, **kwargs) -> nn.Module:
+        """The leaner timm model (random init; never downloads weights)."""
+        import timm
+
+        cfg = {k: v for k, v in self.leaner.items() if k != "head_dim"}
+        return timm.create_model(self.model_name, pretrained=False, **{"img_size": self.img_size, **cfg, **kwargs})
+
+    def table(self) -> str:
+        o, n = self.original, self.leaner
+        rows = [("embed_dim", o["embed_dim"], n["embed_dim"]), ("depth", o["depth"], n["depth"]),
+                ("num_heads", o["num_heads"], n["num_heads"]), ("head_dim", o["head_dim"], n["head_dim"]),
+                ("mlp_ratio", f"{o['mlp_ratio']:g}", f"{n['mlp_ratio']:g}"),
+                ("params (M)", f"{self.params[0] / 1e6:.2f}", f"{self.params[1] / 1e6:.2f}"),
+                (f"GFLOPs ({self.img_size}px)", f"{self.flops[0] / 1e9:.3f}", f"{self.flops[1] / 1e9:.3f}")]
+        lines = [f"| {self.model_name} | original | leaner |", "|---|---:|---:|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+        return "\n".join(lines)
+
+
+def leaner(model_name: str, heads_factor: int = 2, depth_divisor: float = 2, mlp_ratio: Optional[float] = None,
+           keep: str = "width", img_size: Optional[int] = None) -> LeanerReport:
+    """The "more heads, fewer layers" variant of a timm ViT configuration (arXiv:2505.20802).
+
+    Args:
+        model_name: a timm ViT/DeiT name (built with pretrained=False, never downloaded).
+        heads_factor: heads are multiplied by this integer.
+        depth_divisor: depth becomes round(depth / depth_divisor) (at least 1).
+        mlp_ratio: a new MLP ratio, or None to keep it.
+        keep: "width" keeps embed_dim (head_dim shrinks by heads_factor: the design space
+            lucidops' small-head kernel serves); "head_dim" keeps the head dim (embed_dim
+            grows by heads_factor, as the paper's reported variants).
+        img_size: image side for the FLOP count (default: the model's).
+    """
+    import timm
+
+    if not isinstance(heads_factor, int) or heads_factor < 1:
+        raise ValueError(f"heads_factor must be a positive int, got {heads_factor!r}")
+    if not depth_divisor > 0:
+        raise ValueError(f"depth_divisor must be > 0, got {depth_divisor!r}")
+    if keep not in ("width", "head_dim"):
+        raise ValueError(f"keep must be 'width' or 'head_dim', got {keep!r}")
+    if mlp_ratio is not None and not mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
+    base = timm.create_model(model_name, pretrained=False, **({"img_size": img_size} if img_size else {}))
+    original = _vit_config(base)
+    heads = original["num_heads"] * heads_factor
+    if keep == "width":
+        dim = original["embed_dim"]
+        if dim % heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by {heads} heads (heads_factor={heads_factor})")
+        head_dim = dim // heads
+    else:
+        head_dim = original["head_dim"]
+        dim = heads * head_dim
+    if not 4 <= head_dim <= 128:
+        raise ValueError(f"the leaner head_dim {head_dim} is outside lucidops' 4..128")
+    new = {"embed_dim": dim, "depth": max(1, int(round(original["depth"] / depth_divisor))), "num_heads": heads,
+           "head_dim": head_dim, "mlp_ratio": original["mlp_ratio"] if mlp_ratio is None else float(mlp_ratio)}
+    size = int(img_size or base.patch_embed.img_size[0])
+    report = LeanerReport(model_name, original, new, (0, 0), (0, 0), size)
+    lean_model = report.build()
+    p0, f0 = _cost(base, size)
+    p1, f1 = _cost(lean_model, size)
+    report.params, report.flops = (p0, p1), (f0, f1)
+    return report

@@ -1,0 +1,259 @@
+"""Many-head attention: every backend against the float64 reference (itself checked
+against torch's SDPA), forward and backward, masks, causal, awkward shapes, bad input."""
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lucidops
+from lucidops.reference import attention as ref
+
+attention_module = importlib.import_module("lucidops.ops.attention")  # the module, not the function
+BACKENDS = ["reference"] + (["triton"] if lucidops.backends.triton_interpreting() else [])
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+# (B, H, Nq, Nk, d, causal, mask kind, dtype): every d in {4, 8, 12, 16, 32, 64} (and 20,
+# 128), H in {1, 3} (and 5: a partial group of packed heads), N in {1, 7, 33}, Nq != Nk.
+CASES = [
+    (2, 1, 1, 1, 4, False, None, torch.float32),
+    (1, 3, 7, 33, 8, False, "random", torch.float16),
+    (2, 3, 33, 7, 12, True, "first_key_off", torch.bfloat16),
+    (1, 3, 33, 33, 16, True, None, torch.float32),
+    (2, 1, 7, 7, 32, False, "batch0_off", torch.float32),
+    (1, 3, 7, 33, 64, True, "random", torch.bfloat16),
+    (1, 3, 1, 33, 4, True, None, torch.float16),
+    (2, 3, 33, 1, 16, False, "random", torch.float32),
+    (1, 1, 33, 7, 64, False, None, torch.float16),
+    (1, 3, 7, 7, 12, False, "batch0_off", torch.float32),
+    (1, 1, 7, 9, 128, True, None, torch.float32),
+    (1, 5, 7, 9, 8, False, "first_key_off", torch.float32),
+    (2, 3, 9, 9, 20, True, None, torch.float32),
+    (1, 4, 33, 7, 4, True, "random", torch.bfloat16),
+]
+
+
+def make_mask(kind, b, nk, generator):
+    if kind is None:
+        return None
+    mask = torch.rand(b, nk, generator=generator) > 0.3
+    mask[:, -1] = True
+    if kind == "first_key_off":  # with causal, query 0 sees no key
+        mask[:, 0] = False
+    if kind == "batch0_off":  # every query of batch element 0 sees no key
+        mask[0] = False
+    return mask
+
+
+def rel_err(out, expected):
+    out, expected = out.double().cpu(), expected.double().cpu()
+    assert not torch.isnan(out).any(), "NaN in output"
+    denom = expected.norm()
+    return ((out - expected).norm() / denom).item() if denom > 0 else (out - expected).norm().item()
+
+
+def case_id(case):
+    b, h, nq, nk, d, causal, mask, dtype = case
+    return f"B{b}H{h}q{nq}k{nk}d{d}{'-causal' if causal else ''}-{mask}-{str(dtype)[6:]}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_backward_match_float64_reference(backend, case, poison_allocator):
+    b, h, nq, nk, d, causal, mask_kind, dtype = case
+    g = torch.Generator().manual_seed(nq * 1000 + nk * 10 + d)
+    q = (torch.randn(b, h, nq, d, generator=g) * 1.5).to(dtype).requires_grad_(True)
+    k = (torch.randn(b, h, nk, d, generator=g) * 1.5).to(dtype).requires_grad_(True)
+    v = torch.randn(b, h, nk, d, generator=g).to(dtype).requires_grad_(True)
+    mask = make_mask(mask_kind, b, nk, g)
+    grad_out = torch.randn(b, h, nq, d, generator=g).to(dtype)
+    grad_lse = torch.randn(b, h, nq, generator=g)
+
+    poison_allocator(4 * b * h * max(nq, nk) * d, "cpu", dtype)
+    with lucidops.use_backend(backend):
+        out, lse = lucidops.ops.attention(q, k, v, causal=causal, key_padding_mask=mask, return_lse=True)
+        # The loss uses the lse too (its -inf entries masked out), so its gradient path is tested.
+        finite = torch.isfinite(lse)
+        loss = (out.float() * grad_out.float()).sum() + (lse.masked_fill(~finite, 0) * grad_lse).sum()
+        loss.backward()
+        assert lucidops.backends.last_used("attention") == backend
+        assert lucidops.backends.last_used("attention_backward") == backend
+    assert out.shape == (b, h, nq, d) and out.dtype == dtype and lse.shape == (b, h, nq)
+    assert lse.dtype == torch.float32
+
+    scale = 1.0 / math.sqrt(d)
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    out_ref, lse_ref, lo = ref.forward(q64, k64, v64, mask, causal, scale)
+    assert lo.numel() == 0
+    gl = grad_lse.double().masked_fill(torch.isinf(lse_ref), 0)
+    dq_ref, dk_ref, dv_ref = ref.backward(grad_out.double(), gl, q64, k64, v64, out_ref, lo, lse_ref, mask, causal,
+                                          scale)
+    tol = TOL[dtype]
+    assert rel_err(out, out_ref) < tol
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
+    assert rel_err(lse[finite], lse_ref[finite]) < tol
+    for grad, expected in ((q.grad, dq_ref), (k.grad, dk_ref), (v.grad, dv_ref)):
+        assert grad.dtype == dtype
+        assert rel_err(grad, expected) < tol
+
+    # Queries that see no key: zeros out, zero gradient, no NaN anywhere.
+    empty = torch.isneginf(lse_ref)
+    if mask_kind in ("batch0_off",) or (mask_kind == "first_key_off" and causal):
+        assert empty.any()
+    assert torch.equal(out.detach()[empty], torch.zeros_like(out.detach()[empty]))
+    assert torch.equal(q.grad[empty], torch.zeros_like(q.grad[empty]))
+
+
+def test_reference_matches_torch_sdpa_in_float64():
+    """The reference is checked against an independent implementation (torch's SDPA)."""
+    g = torch.Generator().manual_seed(0)
+    for nq, nk, causal in ((9, 9, True), (5, 12, True), (12, 5, True), (7, 10, False)):
+        q, k, v = (torch.randn(2, 3, n, 12, generator=g, dtype=torch.float64) for n in (nq, nk, nk))
+        mask = torch.rand(2, nk, generator=g) > 0.4
+        mask[:, 0] = True  # SDPA gives NaN for rows without a key; keep one for every row
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], is_causal=False) \
+            if not causal else F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        got = ref.attention(q, k, v, causal=causal, key_padding_mask=None if causal else mask)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        out, lse, _ = ref.forward(q, k, v, None, causal, 0.3)
+        s = (q @ k.transpose(-1, -2)) * 0.3
+        if causal:
+            s = s.masked_fill(~torch.ones(nq, nk, dtype=torch.bool).tril(), float("-inf"))
+        torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    g = torch.Generator().manual_seed(1)
+    b, n, h, d = 2, 9, 3, 8
+    qkv = torch.randn(b, n, 3, h, d, generator=g).permute(2, 0, 3, 1, 4)  # timm's layout
+    q, k, v = (t.requires_grad_(True) for t in qkv.detach().clone().unbind(0))
+    q2 = torch.randn(b, h, d, n, generator=g).transpose(-1, -2).requires_grad_(True)  # unit stride not on d
+    for qq in (q, q2):
+        assert not qq.is_contiguous()
+        with lucidops.use_backend(backend):
+            out = lucidops.ops.attention(qq, k, v, causal=True)
+            out.sum().backward()
+        expected = ref.forward(qq.detach().double(), k.detach().double(), v.detach().double(), None, True, d ** -0.5)[0]
+        assert rel_err(out, expected) < 1e-5
+        assert qq.grad is not None and torch.isfinite(qq.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_sizes(backend):
+    for b, nq, nk in ((0, 5, 5), (2, 0, 5), (2, 5, 0)):
+        q = torch.randn(b, 2, nq, 8, requires_grad=True)
+        k = torch.randn(b, 2, nk, 8, requires_grad=True)
+        v = torch.randn(b, 2, nk, 8, requires_grad=True)
+        with lucidops.use_backend(backend):
+            out, lse = lucidops.ops.attention(q, k, v, return_lse=True)
+            out.sum().backward()
+        assert out.shape == (b, 2, nq, 8) and lse.shape == (b, 2, nq)
+        assert torch.equal(out, torch.zeros_like(out))  # no key at all: zeros
+        assert torch.isneginf(lse).all()
+        for t in (q, k, v):
+            assert t.grad.shape == t.shape and torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_scores_are_stable_and_many_heads(backend):
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 64, 3, 4, generator=g) * 30  # scores in the thousands: exp would overflow
+    k = torch.randn(1, 64, 5, 4, generator=g) * 30
+    v = torch.randn(1, 64, 5, 4, generator=g)
+    with lucidops.use_backend(backend):
+        out = lucidops.ops.attention(q, k, v)
+    expected = ref.forward(q.double(), k.double(), v.double(), None, False, 0.5)[0]
+    assert rel_err(out, expected) < 1e-5
+
+
+def test_gradcheck_float64_reference():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 5, generator=g, dtype=torch.float64, requires_grad=True) for n in (4, 6, 6))
+    mask = torch.tensor([[True, False, True, True, False, True]])
+
+    def fn(q, k, v):
+        out, lse = lucidops.ops.attention(q, k, v, causal=True, key_padding_mask=mask, return_lse=True)
+        return out, lse
+
+    with lucidops.use_backend("reference"):
+        assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 3, n, 8, generator=g, requires_grad=True) for n in (5, 7, 7))
+    mask = torch.tensor([[True, True, False, True, True, False, True]])
+    with lucidops.use_backend(backend):
+        torch.library.opcheck(torch.ops.lucidops.attention.default, (q, k, v, mask, True, 0.3))
+        out, lse, lo = torch.ops.lucidops.attention(q.detach(), k.detach(), v.detach(), mask, True, 0.3)
+        torch.library.opcheck(torch.ops.lucidops.attention_backward.default,
+                              (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(),
+                               out, lo, lse, mask, True, 0.3))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = (torch.randn(2, 3, 6, 8, requires_grad=True) for _ in range(3))
+    fn = torch.compile(lambda q, k, v: lucidops.ops.attention(q, k, v, causal=True) * 2, fullgraph=True,
+                       backend="aot_eager")
+    out = fn(q, k, v)
+    out.sum().backward()
+    torch.testing.assert_close(out, 2 * ref.attention(q.detach(), k.detach(), v.detach(), causal=True))
+    assert q.grad is not None
+
+
+def test_flop_formulas():
+    q, k, v = (torch.randn(2, 3, n, 8, requires_grad=True) for n in (5, 7, 7))
+    counts = lucidops.profile.count_flops(lambda q, k, v: lucidops.ops.attention(q, k, v), (q, k, v), backward=True)
+    assert counts["lucidops.attention"] == 4 * 2 * 3 * 5 * 7 * 8
+    assert counts["lucidops.attention_backward"] == 10 * 2 * 3 * 5 * 7 * 8
+    causal = lucidops.profile.count_flops(lambda q, k, v: lucidops.ops.attention(q, k, v, causal=True), (q, k, v))
+    assert causal["lucidops.attention"] == 4 * 2 * 3 * (1 + 2 + 3 + 4 + 5) * 8  # rows see i + 1 keys
+    assert attention_module.visible_pairs(7, 3, True) == 1 + 2 + 3 + 4 * 3
+    assert attention_module.visible_pairs(3, 7, True) == 1 + 2 + 3
+
+
+def test_cpu_default_is_reference_and_triton_refuses_float64():
+    q = torch.randn(1, 1, 3, 4)
+    lucidops.ops.attention(q, q, q)
+    assert lucidops.backends.last_used("attention") == "reference"
+    if "triton" in BACKENDS:
+        with lucidops.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+            lucidops.ops.attention(q.double(), q.double(), q.double())
+
+
+def test_bad_input_names_the_argument():
+    q = torch.randn(2, 3, 5, 8)
+    k = torch.randn(2, 3, 7, 8)
+    att = lucidops.ops.attention
+    cases = [
+        (lambda: att(q.numpy(), k, k), TypeError, "q must be a torch.Tensor"),
+        (lambda: att(q.long(), k, k), TypeError, "q must be a floating-point"),
+        (lambda: att(q[0], k, k), ValueError, "q must be 4-D"),
+        (lambda: att(q, k.half(), k), TypeError, "k must have q's dtype"),
+        (lambda: att(q, k, k.double()), TypeError, "v must have q's dtype"),
+        (lambda: att(q, k[:1], k[:1]), ValueError, "k must be"),
+        (lambda: att(q, k[:, :2], k[:, :2]), ValueError, "k must be"),
+        (lambda: att(q, torch.randn(2, 3, 7, 6), torch.randn(2, 3, 7, 6)), ValueError, "k must be"),
+        (lambda: att(q, k, k[:, :, :6]), ValueError, "v must have k's shape"),
+        (lambda: att(torch.randn(1, 1, 2, 3), torch.randn(1, 1, 2, 3), torch.randn(1, 1, 2, 3)), ValueError,
+         "head dim"),
+        (lambda: att(torch.randn(1, 1, 2, 129), torch.randn(1, 1, 2, 129), torch.randn(1, 1, 2, 129)), ValueError,
+         "head dim"),
+        (lambda: att(q, k, k, key_padding_mask=torch.ones(2, 7)), TypeError, "key_padding_mask must be a bool"),
+        (lambda: att(q, k, k, key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError,
+         "key_padding_mask must have shape"),
+        (lambda: att(q, k, k, key_padding_mask=torch.ones(7, dtype=torch.bool)), ValueError, "key_padding_mask"),
+        (lambda: att(q, k, k, causal=1), TypeError, "causal must be a bool"),
+        (lambda: att(q, k, k, scale=float("nan")), ValueError, "scale must be a finite"),
+        (lambda: att(q, k, k, scale="1"), ValueError, "scale"),
+        (lambda: att(q, k, k, scale=torch.tensor(1.0)), TypeError, "scale must be a Python number"),
+    ]
+    if torch.device("meta") != q.device:
+        cases.append((lambda: att(q, k.to("meta"), k), ValueError, "k must be on the same device"))
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()

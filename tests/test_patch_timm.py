@@ -1,0 +1,141 @@
+"""ManyHeadAttention, the timm ViT patch, leaner() and attention_condition_numbers on real
+timm models built without pretrained weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lucidops
+from lucidops.nn import ManyHeadAttention
+
+timm = pytest.importorskip("timm")
+from timm.layers.attention import Attention  # noqa: E402
+
+
+def tiny_vit(name="vit_tiny_patch16_224", **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, img_size=64, **kwargs).eval()
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_patched_model_matches_original_and_reverts(name):
+    model = tiny_vit(name)
+    x = torch.randn(2, 3, 64, 64)
+    params_before = {n: p for n, p in model.named_parameters()}
+    expected = model(x)
+    handle = lucidops.patch.timm_vit(model)
+    assert len(handle) == len(model.blocks)
+    assert all(isinstance(b.attn, ManyHeadAttention) for b in model.blocks)
+    assert {n: p for n, p in model.named_parameters()} == params_before  # same objects, same names
+    got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert lucidops.backends.last_used("attention") == "reference"
+
+    # Gradients flow to the shared parameters and match the original model's.
+    model.zero_grad()
+    model(x).sum().backward()
+    patched_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    handle.revert()
+    assert all(type(b.attn) is Attention for b in model.blocks)
+    model.zero_grad()
+    torch.testing.assert_close(model(x), expected)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        err = (patched_grads[n] - p.grad).norm() / p.grad.norm().clamp_min(1e-30)
+        assert err < 1e-5, (n, err)
+
+
+def test_patch_refuses_a_model_without_vit_attention():
+    with pytest.raises(ValueError, match="no timm ViT Attention"):
+        lucidops.patch.timm_vit(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+
+@pytest.mark.parametrize("num_heads", [12, 3])  # head dims 4 and 16
+def test_state_dict_loads_and_outputs_match_timm_attention(num_heads):
+    torch.manual_seed(1)
+    kwargs = dict(qkv_bias=True, qk_norm=True, norm_layer=torch.nn.LayerNorm)
+    theirs = Attention(48, num_heads=num_heads, **kwargs).eval()
+    ours = ManyHeadAttention(48, num_heads=num_heads, **kwargs).eval()
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 9, 48, requires_grad=True)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(x, is_causal=True), theirs(x, is_causal=True), rtol=1e-5, atol=1e-6)
+    mask = torch.rand(2, 9) > 0.4
+    mask[:, 0] = True
+    torch.testing.assert_close(ours(x, attn_mask=mask), theirs(x, attn_mask=mask[:, None, None, :]),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="bool key padding mask"):
+        ours(x, attn_mask=torch.zeros(9, 9))
+
+
+def test_attention_dropout_in_training_raises():
+    module = ManyHeadAttention(32, num_heads=8, attn_drop=0.1)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        module(torch.randn(1, 4, 32))
+    module.eval()
+    assert module(torch.randn(1, 4, 32)).shape == (1, 4, 32)
+
+
+@pytest.mark.skipif(not lucidops.backends.triton_interpreting(), reason="needs the Triton interpreter")
+def test_patched_model_on_the_triton_backend():
+    torch.manual_seed(2)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
+                              num_heads=12).eval()  # head dim 16, 5 tokens
+    x = torch.randn(1, 3, 32, 32)
+    expected = model(x)
+    with lucidops.patch.timm_vit(model), lucidops.use_backend("triton"):
+        got = model(x)
+        assert lucidops.backends.last_used("attention") == "triton"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_leaner_configuration_and_costs():
+    report = lucidops.patch.leaner("vit_tiny_patch16_224", heads_factor=2, depth_divisor=2, img_size=64)
+    assert report.original == {"embed_dim": 192, "depth": 12, "num_heads": 3, "head_dim": 64, "mlp_ratio": 4.0}
+    assert report.leaner == {"embed_dim": 192, "depth": 6, "num_heads": 6, "head_dim": 32, "mlp_ratio": 4.0}
+    model = report.build()
+    assert len(model.blocks) == 6 and model.blocks[0].attn.num_heads == 6
+    assert report.params[1] == sum(p.numel() for p in model.parameters())
+    assert report.params[1] < 0.6 * report.params[0] and report.flops[1] < 0.6 * report.flops[0]
+    with torch.no_grad():
+        flops = lucidops.profile.count_flops(model.eval(), torch.randn(1, 3, 64, 64))["total"]
+    assert report.flops[1] == flops
+    assert "| params (M) |" in report.table()
+
+    wide = lucidops.patch.leaner("vit_tiny_patch16_224", heads_factor=2, depth_divisor=3, mlp_ratio=2.0,
+                                 keep="head_dim", img_size=64)
+    assert wide.leaner == {"embed_dim": 384, "depth": 4, "num_heads": 6, "head_dim": 64, "mlp_ratio": 2.0}
+    for kwargs, message in ((dict(heads_factor=0), "heads_factor"), (dict(keep="depth"), "keep"),
+                            (dict(heads_factor=5), "not divisible"), (dict(heads_factor=32), "head_dim 2 is outside")):
+        with pytest.raises(ValueError, match=message):
+            lucidops.patch.leaner("vit_tiny_patch16_224", img_size=32, **kwargs)
+
+
+def test_attention_condition_numbers_match_an_independent_computation():
+    model = tiny_vit(depth=2)
+    x = torch.randn(2, 3, 64, 64)
+    result = lucidops.conditioning.attention_condition_numbers(model, x)
+    assert [r.name for r in result] == ["blocks.0.attn", "blocks.1.attn"]
+
+    # Independent: the input of block 1's attention is norm1(output of block 0); per-head
+    # outputs from torch's SDPA in float64, kappa from the full SVD.
+    inputs = {}
+    model.blocks[1].norm1.register_forward_hook(lambda m, a, out: inputs.setdefault("x", out))
+    model(x)
+    attn = model.blocks[1].attn
+    b, n, c = inputs["x"].shape
+    qkv = F.linear(inputs["x"].double(), attn.qkv.weight.double(), attn.qkv.bias.double())
+    q, k, v = qkv.reshape(b, n, 3, 3, 64).permute(2, 0, 3, 1, 4).unbind(0)
+    heads = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+    for i in range(b):
+        s = torch.linalg.svd(heads[i].transpose(0, 1).reshape(n, c))[1]
+        torch.testing.assert_close(result[1].block[i], s[0] / s[-1], rtol=1e-9, atol=0)
+        for h in range(3):
+            s = torch.linalg.svd(heads[i, h])[1]
+            torch.testing.assert_close(result[1].heads[i, h], s[0] / s[-1], rtol=1e-9, atol=0)
+    assert result[0].heads.shape == (2, 3) and (result[0].block >= 1).all()
+    # The model is left as it was: same outputs, no hooks, eval/train mode restored.
+    model.train()
+    lucidops.conditioning.attention_condition_numbers(model, x)
+    assert model.training and not model.blocks[0].attn._forward_pre_hooks

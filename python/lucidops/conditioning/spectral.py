@@ -1,0 +1,48 @@
+"""Gradient descent as a spectral shrinkage operator (methods.md section 10).
+
+After ``iters`` steps of gradient descent with learning rate ``lr`` on a linearised
+least-squares problem, the component along a Jacobian singular direction with singular
+value s has been fitted by the fraction
+
+    m(s) = 1 - (1 - lr s^2)^iters
+
+so lr and iters set the bandwidth of what a network with a monotonic activation learns.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from .. import _validate
+
+
+def gd_shrinkage_mask(singular_values: Tensor, lr: float, iters: int) -> Tensor:
+    """m(s) = 1 - (1 - lr s^2)^iters for each singular value s (any shape, s >= 0).
+
+    Where 0 < lr s^2 < 2 the mask lies in (0, 1] and rises monotonically with s and
+    iters; lr s^2 > 2 is the divergent regime and the mask's magnitude grows without
+    bound, as gradient descent does there. Computed as -expm1(iters * log1p(-lr s^2))
+    where lr s^2 < 1, which keeps full relative precision for tiny lr s^2.
+    Returns a tensor of the input's shape and dtype.
+    """
+    _validate.floating_tensor(singular_values, "singular_values")
+    lr = _validate.positive_finite_scalar(lr, "lr")
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral):
+        raise TypeError(f"iters must be an int, got {type(iters).__name__}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    s = singular_values
+    if s.numel() and not _validate.is_compiling():
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError("singular_values must be finite")
+        if bool((s < 0).any()):
+            raise ValueError("singular_values must be >= 0")
+    a = lr * s * s
+    small = a < 1
+    # Stable branch; a clamped copy keeps log1p finite where the other branch is used.
+    stable = -torch.expm1(iters * torch.log1p(-torch.where(small, a, torch.zeros_like(a))))
+    direct = 1 - (1 - a) ** iters
+    return torch.where(small, stable, direct)

@@ -1,0 +1,43 @@
+"""Helpers shared by the initialisers: finding timm-style attention layers."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+def attention_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of every timm-style attention: a fused ``qkv`` Linear (D -> 3 H d_h),
+    a ``proj`` Linear (H d_h -> D) and ints ``num_heads`` and ``head_dim``."""
+    found = []
+    for name, m in model.named_modules():
+        qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
+        heads, head_dim = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
+        if (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)
+                and isinstance(head_dim, int) and qkv.out_features == 3 * heads * head_dim
+                and proj.in_features == heads * head_dim):
+            found.append((name, m))
+    return found
+
+
+def require_attention(model: nn.Module, who: str) -> List[Tuple[str, nn.Module]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = attention_layers(model)
+    if not layers:
+        raise ValueError(f"model has no timm-style attention (fused qkv + proj Linear, num_heads, head_dim) "
+                         f"for {who} to initialise")
+    return layers
+
+
+def rank_split(a: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
+    """Best rank-``rank`` factorisation a ~ L R^T via the SVD: L = U_r sqrt(S_r), R = V_r sqrt(S_r)."""
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, vh[:rank].T * root
+
+
+def uniform(shape, bound: float, generator, dtype=torch.float64) -> Tensor:
+    return (torch.rand(shape, generator=generator, dtype=dtype) * 2 - 1) * bound

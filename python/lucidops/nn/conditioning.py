@@ -1,0 +1,50 @@
+"""ConditionedEmbedding: condition the embedded token matrix (methods.md section 8)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .. import _validate
+from ..conditioning.tokens import condition_tokens
+
+
+class ConditionedEmbedding(nn.Module):
+    """Apply :func:`lucidops.conditioning.condition_tokens` to (B, N, d) token matrices.
+
+    ``ConditionedEmbedding()`` conditions its input; ``ConditionedEmbedding(embed)``
+    runs ``embed`` first, so it can replace a timm ViT's ``patch_embed`` in place::
+
+        model.patch_embed = ConditionedEmbedding(model.patch_embed)
+
+    Attributes the wrapped embedding has (``num_patches``, ``grid_size``, ...) stay
+    readable through the wrapper. No parameters of its own.
+    """
+
+    def __init__(self, embed: Optional[nn.Module] = None, strength: float = 1.0):
+        super().__init__()
+        if embed is not None and not isinstance(embed, nn.Module):
+            raise TypeError(f"embed must be an nn.Module or None, got {type(embed).__name__}")
+        self.strength = _validate.positive_finite_scalar(strength, "strength")
+        self.embed = embed
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.embed is not None:
+            x = self.embed(x, *args, **kwargs)
+        if x.dim() < 2:
+            raise ValueError(f"ConditionedEmbedding expects token matrices (..., N, d), got shape {tuple(x.shape)}")
+        return condition_tokens(x, self.strength)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Through __dict__: self._modules may not exist yet (unpickling, deepcopy).
+            embed = self.__dict__.get("_modules", {}).get("embed")
+            if embed is None:
+                raise
+            return getattr(embed, name)
+
+    def extra_repr(self) -> str:
+        return f"strength={self.strength:g}"

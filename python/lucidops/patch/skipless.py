@@ -1,0 +1,64 @@
+"""Remove the residual connections of a timm ViT's blocks (methods.md section 6).
+
+A patched block computes ``x = ls1(attn(norm1(x))); x = ls2(mlp(norm2(x)))``: LayerNorms
+and layer scales kept, skips (and stochastic depth, which without a skip would zero the
+whole sample) removed. Pair it with :func:`lucidops.init.skipless_`. Reversible with
+:func:`undo_skipless`. timm is imported only when called.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import List
+
+from torch import Tensor, nn
+
+_MARK = "_lucidops_skipless"
+
+
+def _skipless_forward(self, x: Tensor, attn_mask=None, **kwargs) -> Tensor:
+    normed = self.norm1(x)
+    if attn_mask is None and not kwargs:
+        x = self.ls1(self.attn(normed))
+    else:
+        x = self.ls1(self.attn(normed, attn_mask=attn_mask, **kwargs))
+    return self.ls2(self.mlp(self.norm2(x)))
+
+
+def _pre_norm_blocks(model: nn.Module) -> List[nn.Module]:
+    try:
+        from timm.models.vision_transformer import Block
+    except ImportError as exc:  # pragma: no cover - timm is an optional dependency
+        raise ImportError("lucidops.patch.skipless needs timm (pip install timm)") from exc
+    # Only blocks that run timm's pre-norm residual forward: a subclass with its own
+    # forward (post-norm, parallel, ...) would get different semantics.
+    return [m for m in model.modules() if isinstance(m, Block) and type(m).forward is Block.forward]
+
+
+def skipless(model: nn.Module) -> nn.Module:
+    """Make every pre-norm timm ``Block`` in ``model`` skipless, in place; returns ``model``.
+
+    Raises ``ValueError`` if the model has no such block (or all are already patched).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    blocks = [b for b in _pre_norm_blocks(model) if not getattr(b, _MARK, False)]
+    if not blocks:
+        raise ValueError("model has no un-patched timm vision_transformer.Block to make skipless")
+    for block in blocks:
+        block.forward = types.MethodType(_skipless_forward, block)
+        setattr(block, _MARK, True)
+    return model
+
+
+def undo_skipless(model: nn.Module) -> nn.Module:
+    """Restore the residual forward of every block patched by :func:`skipless`; returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    patched = [m for m in model.modules() if getattr(m, _MARK, False)]
+    if not patched:
+        raise ValueError("model has no block patched by lucidops.patch.skipless")
+    for block in patched:
+        del block.forward
+        delattr(block, _MARK)
+    return model

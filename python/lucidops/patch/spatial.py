@@ -1,0 +1,79 @@
+"""Freeze the spatial (depthwise) mixers of a ConvMixer / ResNet-style model (methods.md section 11)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from ..nn.spatial import INITS, FrozenRandomDepthwise
+
+
+def _is_spatial_mixer(module: nn.Module) -> bool:
+    # Depthwise: one filter per channel, no channel mixing, and a real spatial extent.
+    return (type(module) is nn.Conv2d and module.groups == module.in_channels == module.out_channels
+            and module.kernel_size != (1, 1) and module.padding_mode == "zeros")
+
+
+def spatial_mixers(model: nn.Module) -> List[str]:
+    """Qualified names of the depthwise Conv2d layers :func:`freeze_spatial_mixing` would replace."""
+    return [name for name, m in model.named_modules() if _is_spatial_mixer(m)]
+
+
+def freeze_spatial_mixing(model: nn.Module, init: Optional[str] = None,
+                          generator: Optional[torch.Generator] = None, **init_kwargs) -> nn.Module:
+    """Replace every depthwise ``nn.Conv2d`` (groups == channels, kernel > 1x1) of ``model``
+    in place by a :class:`~lucidops.nn.FrozenRandomDepthwise`.
+
+    ``init=None`` keeps each layer's current (random) filters; ``"default"``,
+    ``"impulse"`` or ``"smoothed"`` draws new ones. A conv bias is kept, frozen.
+    Returns ``model``; :func:`unfreeze_spatial_mixing` undoes it.
+    Raises ``ValueError`` when the model has no depthwise convolution to freeze.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if init is not None and init not in INITS:
+        raise ValueError(f"init must be None or one of {INITS}, got {init!r}")
+    names = spatial_mixers(model)
+    if "" in names:
+        raise ValueError("model is itself a depthwise nn.Conv2d; use lucidops.nn.FrozenRandomDepthwise directly")
+    if not names:
+        raise ValueError("model has no depthwise nn.Conv2d (groups == channels, kernel > 1x1) to freeze")
+    for name in names:
+        conv = model.get_submodule(name)
+        weight = None if init is not None else conv.weight.detach()
+        frozen = FrozenRandomDepthwise(
+            conv.in_channels, conv.kernel_size, init=init or "default", stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+            generator=generator, weight=weight, **init_kwargs)
+        frozen.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        if conv.bias is not None:
+            frozen.bias.data.copy_(conv.bias.detach())
+        _set_submodule(model, name, frozen)
+    return model
+
+
+def unfreeze_spatial_mixing(model: nn.Module) -> nn.Module:
+    """Turn every FrozenRandomDepthwise of ``model`` back into a trainable ``nn.Conv2d``
+    with the same filters. Returns ``model``."""
+    names = [name for name, m in model.named_modules() if isinstance(m, FrozenRandomDepthwise)]
+    if not names:
+        raise ValueError("model has no FrozenRandomDepthwise layer to unfreeze")
+    for name in names:
+        frozen = model.get_submodule(name)
+        conv = nn.Conv2d(frozen.channels, frozen.channels, frozen.kernel_size, stride=frozen.stride,
+                         padding=frozen.padding, dilation=frozen.dilation, groups=frozen.channels,
+                         bias=frozen.bias is not None, device=frozen.weight.device, dtype=frozen.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(frozen.weight)
+            if frozen.bias is not None:
+                conv.bias.copy_(frozen.bias)
+        _set_submodule(model, name, conv)
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

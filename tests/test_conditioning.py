@@ -1,0 +1,327 @@
+"""Conditioning toolkit: condition_number, condition_tokens, ConditionedEmbedding,
+token_gray (svd, dct) and gd_shrinkage_mask, each against the property it promises."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from lucidops.conditioning import (condition_number, condition_tokens, dct_basis, gd_shrinkage_mask,
+                                   token_gray)
+from lucidops.nn import ConditionedEmbedding
+
+
+def ill_conditioned(*batch, n=12, d=9, decades=8, seed=0, dtype=torch.float64):
+    """Random matrices with singular values spread over `decades` orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(n, d)
+    u = torch.linalg.qr(torch.randn(*batch, n, k, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(*batch, d, k, generator=g, dtype=torch.float64))[0]
+    s = torch.logspace(0, -decades, k, dtype=torch.float64) * (1 + torch.rand(*batch, k, generator=g, dtype=torch.float64))
+    s = s.sort(dim=-1, descending=True).values
+    return ((u * s.unsqueeze(-2)) @ v.transpose(-1, -2)).to(dtype)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ---------------------------------------------------------------- condition_number
+
+def test_condition_number_matches_definition():
+    x = ill_conditioned(3, 2, n=7, d=5, decades=4)
+    s = torch.linalg.svdvals(x)
+    k = condition_number(x)
+    assert k.shape == (3, 2)
+    torch.testing.assert_close(k, s[..., 0] / s[..., -1], rtol=1e-12, atol=0)
+    assert (k > 1e3).all()
+    # Wide matrices use their min(m, n) singular values.
+    wide = x.transpose(-1, -2)
+    torch.testing.assert_close(condition_number(wide), k, rtol=1e-10, atol=0)
+
+
+def test_condition_number_of_orthogonal_is_one_and_rank_deficient_is_inf():
+    q = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    assert abs(condition_number(q).item() - 1) < 1e-12
+    r1 = torch.randn(5, 1, dtype=torch.float64) @ torch.randn(1, 4, dtype=torch.float64)
+    assert condition_number(r1).item() > 1e12  # exactly rank 1: inf or round-off huge
+
+
+def test_condition_number_low_precision_and_empty_batch():
+    x = ill_conditioned(4, n=6, d=6, decades=2)
+    ref = condition_number(x)
+    out = condition_number(x.to(torch.bfloat16))
+    assert out.dtype == torch.float32
+    assert condition_number(torch.randn(0, 3, 3)).shape == (0,)
+    assert rel_err(condition_number(x.float()), ref) < 1e-4
+
+
+@pytest.mark.parametrize("fn", [condition_number, condition_tokens, token_gray])
+def test_matrix_functions_reject_bad_x(fn):
+    with pytest.raises(ValueError, match="x must have at least 2"):
+        fn(torch.randn(5))
+    with pytest.raises(TypeError, match="x must be a floating"):
+        fn(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        fn([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="x must have non-empty"):
+        fn(torch.randn(2, 0, 3))
+
+
+# ---------------------------------------------------------------- condition_tokens
+
+@pytest.mark.parametrize("shape", [(12, 9), (9, 12), (2, 3, 16, 16), (1, 5), (5, 1)])
+def test_condition_tokens_bounds_kappa_by_two(shape):
+    *batch, n, d = shape
+    x = ill_conditioned(*batch, n=n, d=d, decades=10, seed=sum(shape))
+    y = condition_tokens(x)
+    s = torch.linalg.svdvals(x)
+    # Same singular vectors, sigma_1 added to every singular value: kappa is exactly this.
+    expected = 2 * s[..., 0] / (s[..., 0] + s[..., -1])
+    kappa = condition_number(y)
+    torch.testing.assert_close(kappa, expected, rtol=1e-9, atol=0)
+    assert (kappa <= 2 + 1e-9).all()
+    torch.testing.assert_close(torch.linalg.svdvals(y), s + s[..., :1], rtol=1e-9, atol=1e-12)
+
+
+def test_condition_tokens_rank_deficient_gives_exactly_two():
+    x = torch.randn(10, 3, dtype=torch.float64) @ torch.randn(3, 8, dtype=torch.float64)  # rank 3
+    assert condition_number(x).item() > 1e10
+    assert abs(condition_number(condition_tokens(x)).item() - 2) < 1e-6
+
+
+def test_condition_tokens_strength():
+    x = ill_conditioned(n=10, d=7, decades=9)
+    for strength in (0.5, 3.0):
+        bound = (1 + strength) / strength
+        kappa = condition_number(condition_tokens(x, strength=strength)).item()
+        assert kappa <= bound + 1e-9 and kappa > 0.99 * bound
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+def test_condition_tokens_dtypes_match_float64(dtype, tol):
+    x = torch.randn(3, 17, 11, dtype=torch.float64)
+    x_low = x.to(dtype)
+    out = condition_tokens(x_low)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel_err(out, condition_tokens(x_low.double())) < tol
+
+
+def test_condition_tokens_non_contiguous_and_empty_batch():
+    x = torch.randn(2, 9, 13, dtype=torch.float64).transpose(-1, -2)  # (2, 13, 9), strided
+    assert not x.is_contiguous()
+    torch.testing.assert_close(condition_tokens(x), condition_tokens(x.contiguous()), rtol=1e-12, atol=1e-12)
+    assert condition_tokens(torch.randn(0, 4, 3)).shape == (0, 4, 3)
+
+
+def test_condition_tokens_is_differentiable():
+    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(condition_tokens, (x,))
+
+
+def test_condition_tokens_rejects_bad_strength():
+    with pytest.raises(ValueError, match="strength"):
+        condition_tokens(torch.randn(3, 3), strength=0.0)
+    with pytest.raises(TypeError, match="strength"):
+        condition_tokens(torch.randn(3, 3), strength="1")
+
+
+# ---------------------------------------------------------------- ConditionedEmbedding
+
+def test_conditioned_embedding_wraps_an_embedding():
+    torch.manual_seed(0)
+    embed = torch.nn.Linear(12, 8).double()
+    module = ConditionedEmbedding(embed)
+    x = torch.randn(3, 20, 12, dtype=torch.float64)
+    out = module(x)
+    torch.testing.assert_close(out, condition_tokens(embed(x)), rtol=0, atol=0)
+    assert (condition_number(out) <= 2 + 1e-9).all()
+    out.square().sum().backward()
+    assert embed.weight.grad is not None and embed.weight.grad.abs().sum() > 0
+    assert module.in_features == 12  # attributes of the wrapped embedding pass through
+    clone = copy.deepcopy(module)
+    torch.testing.assert_close(clone(x), out.detach(), rtol=0, atol=0)
+    with pytest.raises(AttributeError):
+        module.no_such_attribute
+    assert len(list(ConditionedEmbedding().parameters())) == 0
+    with pytest.raises(TypeError, match="embed"):
+        ConditionedEmbedding(embed="linear")
+    with pytest.raises(ValueError, match="strength"):
+        ConditionedEmbedding(strength=-1)
+
+
+def test_conditioned_embedding_in_a_timm_vit():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    model.patch_embed = ConditionedEmbedding(model.patch_embed)
+    seen = {}
+    model.patch_embed.register_forward_hook(lambda m, i, o: seen.setdefault("tokens", o.detach()))
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    assert model.patch_embed.num_patches == 16
+    assert (condition_number(seen["tokens"].double()) <= 2 + 1e-3).all()
+
+
+# ---------------------------------------------------------------- token_gray
+
+def fft_dct2(x):
+    """Orthonormal 2D DCT-II through the FFT (Makhoul's reordering): an algorithm
+    independent of the cached matrix bases that token_gray uses."""
+    def along_last(v):
+        n = v.shape[-1]
+        w = torch.cat([v[..., ::2], v[..., 1::2].flip(-1)], dim=-1)
+        k = torch.arange(n, dtype=torch.float64)
+        c = (torch.fft.fft(w, dim=-1) * torch.exp(-1j * math.pi * k / (2 * n))).real * math.sqrt(2.0 / n)
+        c[..., 0] /= math.sqrt(2.0)
+        return c
+    return along_last(along_last(x.double()).transpose(-1, -2)).transpose(-1, -2)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 16])
+def test_dct_basis_is_orthonormal_dct(n):
+    d = dct_basis(n, torch.float64)
+    torch.testing.assert_close(d @ d.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-13)
+    x = torch.randn(3, n, dtype=torch.float64)
+    # fft_dct2 on (3, 1, n) transforms the length-1 axis (identity) and the rows.
+    torch.testing.assert_close(x @ d.T, fft_dct2(x.unsqueeze(-2))[:, 0, :], rtol=0, atol=1e-12)
+    assert dct_basis(n, torch.float64) is d  # cached
+
+
+@pytest.mark.parametrize("eps", [0.3, 0.9, 1.0])
+def test_token_gray_svd_powers_singular_values(eps):
+    x = ill_conditioned(2, n=14, d=10, decades=5, seed=3)
+    y = token_gray(x, eps=eps, mode="svd")
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    target = (s / s[..., :1]) ** eps
+    torch.testing.assert_close(torch.linalg.svdvals(y), target, rtol=1e-9, atol=1e-12)
+    # Same singular vectors: U^T Y V is diagonal with the new singular values.
+    core = u.transpose(-1, -2) @ y @ vh.transpose(-1, -2)
+    torch.testing.assert_close(core, torch.diag_embed(target), rtol=0, atol=1e-10)
+    # Hence kappa(Y) = kappa(X)^eps.
+    torch.testing.assert_close(condition_number(y), condition_number(x) ** eps, rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.9])
+def test_token_gray_dct_keeps_signs_and_powers_magnitudes(eps):
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    c = fft_dct2(x)
+    c_out = fft_dct2(token_gray(x, eps=eps, mode="dct"))
+    peak = c.abs().amax(dim=(-2, -1), keepdim=True)
+    torch.testing.assert_close(c_out, torch.sign(c) * (c.abs() / peak) ** eps, rtol=1e-10, atol=1e-12)
+    assert torch.equal(torch.sign(c_out), torch.sign(c))
+    # Magnitudes are flattened: every coefficient moves towards the peak, relatively.
+    assert (c_out.abs() >= (c.abs() / peak) - 1e-12).all()
+
+
+def test_token_gray_eps_one_is_the_identity_up_to_the_normalisation():
+    x = torch.randn(2, 9, 13, dtype=torch.float64)
+    for mode in ("dct", "svd"):
+        torch.testing.assert_close(token_gray(x, eps=1.0, mode=mode, keep_scale=True), x, rtol=0, atol=1e-12)
+    peak_c = fft_dct2(x).abs().amax(dim=(-2, -1), keepdim=True)
+    torch.testing.assert_close(token_gray(x, eps=1.0, mode="dct"), x / peak_c, rtol=0, atol=1e-12)
+    peak_s = torch.linalg.svdvals(x)[..., :1, None]
+    torch.testing.assert_close(token_gray(x, eps=1.0, mode="svd"), x / peak_s, rtol=0, atol=1e-12)
+
+
+def test_token_gray_keep_scale_keeps_the_peak():
+    x = ill_conditioned(n=8, d=12, decades=3)
+    y = token_gray(x, eps=0.6, mode="svd", keep_scale=True)
+    s, s_y = torch.linalg.svdvals(x), torch.linalg.svdvals(y)
+    torch.testing.assert_close(s_y[0], s[0], rtol=1e-10, atol=0)
+    y = token_gray(x, eps=0.6, mode="dct", keep_scale=True)
+    torch.testing.assert_close(fft_dct2(y).abs().max(), fft_dct2(x).abs().max(), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["dct", "svd"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+def test_token_gray_dtypes_match_float64(mode, dtype, tol):
+    x = torch.randn(2, 13, 10, dtype=torch.float64).to(dtype)
+    out = token_gray(x, eps=0.7, mode=mode)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel_err(out, token_gray(x.double(), eps=0.7, mode=mode)) < tol
+
+
+@pytest.mark.parametrize("mode", ["dct", "svd"])
+@pytest.mark.parametrize("shape", [(1, 7), (7, 1), (1, 1), (4, 5, 3), (0, 4, 6)])
+def test_token_gray_awkward_shapes(mode, shape):
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = token_gray(x, eps=0.8, mode=mode)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    if x.numel():
+        # Round trip with eps = 1 and keep_scale is exact on every shape.
+        torch.testing.assert_close(token_gray(x, 1.0, mode, keep_scale=True), x, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["dct", "svd"])
+def test_token_gray_non_contiguous_and_zero_matrix(mode):
+    x = torch.randn(3, 12, 9, dtype=torch.float64).transpose(-1, -2)
+    torch.testing.assert_close(token_gray(x, 0.6, mode), token_gray(x.contiguous(), 0.6, mode), rtol=0, atol=1e-12)
+    z = torch.zeros(2, 5, 4)
+    z[1] = torch.randn(5, 4)
+    out = token_gray(z, 0.6, mode)
+    assert torch.isfinite(out).all() and torch.equal(out[0], torch.zeros(5, 4))
+
+
+def test_token_gray_rejects_bad_arguments():
+    x = torch.randn(4, 4)
+    for eps in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="eps must be in"):
+            token_gray(x, eps=eps)
+    with pytest.raises(TypeError, match="eps"):
+        token_gray(x, eps=True)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        token_gray(x, mode="fft")
+    with pytest.raises(TypeError, match="keep_scale"):
+        token_gray(x, keep_scale=1)
+    with pytest.raises(ValueError, match="n must be"):
+        dct_basis(0)
+
+
+# ---------------------------------------------------------------- gd_shrinkage_mask
+
+def test_gd_shrinkage_mask_matches_formula_and_is_monotone():
+    s = torch.rand(257, dtype=torch.float64) * 3
+    lr, iters = 0.1, 25
+    m = gd_shrinkage_mask(s, lr, iters)
+    torch.testing.assert_close(m, 1 - (1 - lr * s * s) ** iters, rtol=1e-12, atol=1e-15)
+    order = s.argsort()
+    assert (m[order].diff() >= 0).all()  # monotone in s inside the stable region lr s^2 < 1
+    assert ((m >= 0) & (m <= 1)).all()
+    # More iterations widen the band.
+    assert (gd_shrinkage_mask(s, lr, 2 * iters) >= m).all()
+
+
+def test_gd_shrinkage_mask_small_values_keep_relative_precision():
+    s = torch.tensor([1e-9, 1e-6, 1e-4], dtype=torch.float32)
+    lr, iters = 0.5, 7
+    a = lr * s.double() ** 2
+    series = iters * a - iters * (iters - 1) / 2 * a * a  # first two binomial terms
+    assert rel_err(gd_shrinkage_mask(s, lr, iters), series) < 1e-6
+    assert gd_shrinkage_mask(s, lr, iters).dtype == torch.float32
+
+
+def test_gd_shrinkage_mask_edges():
+    s = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    assert torch.equal(gd_shrinkage_mask(s, 0.3, 0), torch.zeros(4, dtype=torch.float64))
+    m = gd_shrinkage_mask(s, 1.0, 5)  # lr s^2 = 0, 1, 4, 9
+    torch.testing.assert_close(m, torch.tensor([0.0, 1.0, 1 - (-3.0) ** 5, 1 - (-8.0) ** 5], dtype=torch.float64))
+    assert gd_shrinkage_mask(torch.empty(0), 0.1, 3).shape == (0,)
+
+
+def test_gd_shrinkage_mask_rejects_bad_arguments():
+    s = torch.rand(4)
+    with pytest.raises(ValueError, match="lr"):
+        gd_shrinkage_mask(s, 0.0, 3)
+    with pytest.raises(TypeError, match="iters"):
+        gd_shrinkage_mask(s, 0.1, 2.5)
+    with pytest.raises(ValueError, match="iters"):
+        gd_shrinkage_mask(s, 0.1, -1)
+    with pytest.raises(ValueError, match="singular_values must be >= 0"):
+        gd_shrinkage_mask(-s - 1, 0.1, 3)
+    with pytest.raises(ValueError, match="singular_values must be finite"):
+        gd_shrinkage_mask(torch.tensor([float("inf")]), 0.1, 3)
+    with pytest.raises(TypeError, match="singular_values"):
+        gd_shrinkage_mask(torch.ones(3, dtype=torch.int32), 0.1, 3)

@@ -1,0 +1,165 @@
+"""Frozen random depthwise mixing: FrozenRandomDepthwise and patch.freeze_spatial_mixing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lucidops.nn import FrozenRandomDepthwise
+from lucidops.nn.spatial import random_depthwise_weight
+from lucidops.patch import freeze_spatial_mixing, spatial_mixers, unfreeze_spatial_mixing
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("kernel_size,padding,stride", [(3, "same", 1), ((5, 3), "same", 1), (3, 1, 2), (4, 0, 1)])
+def test_frozen_depthwise_matches_float64_conv(kernel_size, padding, stride):
+    layer = FrozenRandomDepthwise(6, kernel_size, padding=padding, stride=stride, generator=gen())
+    x = torch.randn(2, 6, 9, 11)
+    ref = F.conv2d(x.double(), layer.weight.double(), None, stride, padding, 1, 6)
+    out = layer(x)
+    assert out.shape == ref.shape
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6
+    # Unbatched input and a strided view work too.
+    torch.testing.assert_close(layer(x[0]), out[0])
+    xt = x.transpose(-1, -2)
+    torch.testing.assert_close(layer(xt), layer(xt.contiguous()))
+
+
+def test_frozen_depthwise_gets_no_gradient_and_stays_bit_identical():
+    torch.manual_seed(0)
+    model = nn.Sequential(FrozenRandomDepthwise(4, 3, bias=True, generator=gen()), nn.Conv2d(4, 4, 1))
+    before = model[0].weight.detach().clone()
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert frozen == 4 * 9 + 4
+    model.requires_grad_(True)  # even re-enabled, the forward detaches the filters
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
+    x = torch.randn(3, 4, 8, 8, requires_grad=True)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    assert model[0].weight.grad is None and model[0].bias.grad is None
+    assert torch.equal(model[0].weight, before)
+    assert x.grad is not None and x.grad.abs().sum() > 0  # gradient still flows through it
+
+
+def test_inits():
+    k = (5, 5)
+    default = random_depthwise_weight(64, k, "default", generator=gen(1))
+    assert default.shape == (64, 1, 5, 5) and default.abs().max() <= 1 / 5
+    assert abs(default.std().item() - (1 / 5) / 3 ** 0.5) < 0.01
+    impulse = random_depthwise_weight(64, k, "impulse", generator=gen(1))
+    assert torch.equal(impulse.flatten(1).sum(1), torch.ones(64))
+    assert torch.equal((impulse.flatten(1) != 0).sum(1), torch.ones(64, dtype=torch.long))
+    assert len(set(impulse.flatten(1).argmax(1).tolist())) > 5  # random taps, not all the same
+    smoothed = random_depthwise_weight(64, k, "smoothed", generator=gen(1))
+    torch.testing.assert_close(smoothed.flatten(1).norm(dim=1), default.flatten(1).norm(dim=1))
+
+    def roughness(w):  # mean squared difference of neighbouring taps, relative to the energy
+        return ((w.diff(dim=-1) ** 2).sum() + (w.diff(dim=-2) ** 2).sum()) / (w ** 2).sum()
+    assert roughness(smoothed) < 0.5 * roughness(default)
+    assert torch.equal(random_depthwise_weight(8, k, "default", generator=gen(3)),
+                       random_depthwise_weight(8, k, "default", generator=gen(3)))
+    layer = FrozenRandomDepthwise(8, 5, init="smoothed", smoothing_sigma=0.5, generator=gen(2))
+    assert "smoothed" in repr(layer)
+
+
+def test_frozen_depthwise_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="channels"):
+        FrozenRandomDepthwise(0, 3)
+    with pytest.raises(TypeError, match="kernel_size"):
+        FrozenRandomDepthwise(4, "3")
+    with pytest.raises(ValueError, match="init must be one of"):
+        FrozenRandomDepthwise(4, 3, init="gaussian")
+    with pytest.raises(ValueError, match="smoothing_sigma"):
+        FrozenRandomDepthwise(4, 3, init="smoothed", smoothing_sigma=0)
+    with pytest.raises(ValueError, match="padding"):
+        FrozenRandomDepthwise(4, 3, stride=2)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        FrozenRandomDepthwise(4, 3, weight=torch.randn(4, 1, 5, 5))
+    with pytest.raises(ValueError, match="x must be"):
+        FrozenRandomDepthwise(4, 3)(torch.randn(2, 5, 8, 8))
+
+
+def convmixer():
+    timm = pytest.importorskip("timm")
+    from timm.models.convmixer import ConvMixer
+    torch.manual_seed(0)
+    return ConvMixer(dim=16, depth=2, kernel_size=5, patch_size=4, num_classes=3)
+
+
+class DepthwiseResBlock(nn.Module):
+    """ResNet-style block whose spatial mixer is depthwise (MobileNet/ConvNeXt style)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.pw = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x + self.pw(torch.relu(self.bn(self.dw(x))))
+
+
+def resnet_style():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), DepthwiseResBlock(8), DepthwiseResBlock(8),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("build", [convmixer, resnet_style], ids=["timm-convmixer", "resnet-style"])
+def test_freeze_spatial_mixing_trains_only_channel_mixers(build):
+    model = build()
+    names = spatial_mixers(model)
+    assert len(names) == 2
+    spatial_numel = sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+    x = torch.randn(4, 3, 16, 16)
+    model.eval()
+    ref = model(x)
+    freeze_spatial_mixing(model)  # init=None keeps the filters: same function
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    assert all(isinstance(model.get_submodule(n), FrozenRandomDepthwise) for n in names)
+    assert sum(p.numel() for p in model.parameters() if not p.requires_grad) == spatial_numel
+    frozen = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    y = torch.randint(0, 3, (4,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    for n in names:
+        assert model.get_submodule(n).weight.grad is None
+        assert torch.equal(model.get_submodule(n).weight, frozen[n])
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+    assert len(changed) == len(trainable)
+    unfreeze_spatial_mixing(model)
+    assert all(type(model.get_submodule(n)) is nn.Conv2d for n in names)
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.equal(model.get_submodule(names[0]).weight, frozen[names[0]])
+
+
+def test_freeze_spatial_mixing_with_new_init():
+    model = resnet_style()
+    old = model[1].dw.weight.detach().clone()
+    freeze_spatial_mixing(model, init="impulse", generator=gen())
+    w = model[1].dw.weight
+    assert not torch.equal(w, old)
+    assert torch.equal((w.flatten(1) != 0).sum(1), torch.ones(8, dtype=torch.long))
+
+
+def test_freeze_spatial_mixing_rejects_models_without_spatial_mixers():
+    with pytest.raises(ValueError, match="no depthwise"):
+        freeze_spatial_mixing(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1, groups=8)))
+    with pytest.raises(TypeError, match="model"):
+        freeze_spatial_mixing("convmixer")
+    with pytest.raises(ValueError, match="init"):
+        freeze_spatial_mixing(resnet_style(), init="zeros")
+    with pytest.raises(ValueError, match="itself"):
+        freeze_spatial_mixing(nn.Conv2d(4, 4, 3, groups=4))
+    with pytest.raises(ValueError, match="no FrozenRandomDepthwise"):
+        unfreeze_spatial_mixing(resnet_style())

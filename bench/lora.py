@@ -1,0 +1,147 @@
+"""Sine LoRA linear layer: the fused lucidops op against the authors' naive approach.
+
+Side by side, frozen base weight, adapters trained:
+- ``naive``: builds W0 + s sin(omega B A) (N_out x K_in) with autograd, which keeps it (and
+  the phase) for backward, as the authors' code does;
+- ``plain LoRA``: x W0^T + s (x A^T) B^T (no sine: the memory floor of an adapter);
+- ``linear``: x W0^T, the cost floor;
+- ``lucidops[<backend>]``: the fused op (cpp on CPU: recompute path; triton on GPU).
+Forward (no grad), forward+backward, bytes saved for backward (saved_tensors_hooks,
+distinct storages, the frozen weight included for every implementation), and on CUDA the
+peak allocator bytes of forward+backward. Full size: x (4096, 1024), W (1024, 1024) on
+CPU; x (16384, 4096), W (4096, 4096), bf16 on CUDA; r = 16.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import lucidops
+from lucidops import backends
+
+from .timing import measure_ms
+
+OMEGA, RANK = 100.0, 16
+
+
+def _impls(device: str, scale: float) -> Dict[str, Callable]:
+    def naive(x, w, a, b, bias):
+        return F.linear(x, w + scale * torch.sin(OMEGA * (b @ a)), bias)
+
+    def plain_lora(x, w, a, b, bias):
+        return F.linear(x, w, bias) + scale * ((x @ a.T) @ b.T)
+
+    def linear(x, w, a, b, bias):
+        return F.linear(x, w, bias)
+
+    impls: Dict[str, Callable] = {"naive": naive, "plain LoRA": plain_lora, "linear": linear}
+    for backend in ("cpp", "triton", "reference"):
+        if backend == "triton" and device == "cpu":
+            continue  # the interpreter is a correctness tool, not a fast path
+        if backends.backend_problem(backend, device) is None:
+            def fused(x, w, a, b, bias, _b=backend):
+                with lucidops.use_backend(_b):
+                    return lucidops.ops.sine_lora_linear(x, w, a, b, bias, omega=OMEGA, scale=scale)
+            impls[f"lucidops[{backend}]"] = fused
+    return impls
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd keeps for backward of ``fn()``."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+def run(device: str, quick: bool = False) -> List[Dict]:
+    if device == "cuda":
+        m, k, n, dtype = (2048, 1024, 1024, torch.bfloat16) if quick else (16384, 4096, 4096, torch.bfloat16)
+    else:
+        m, k, n, dtype = (512, 256, 256, torch.float32) if quick else (4096, 1024, 1024, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(device, dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(device, dtype)
+    bias = torch.randn(n, generator=g).to(device, dtype)
+    a = (torch.randn(RANK, k, generator=g) / k ** 0.5).to(device, dtype).requires_grad_(True)
+    b = (torch.randn(n, RANK, generator=g) * 0.01).to(device, dtype).requires_grad_(True)
+    grad = torch.randn(m, n, generator=g).to(device, dtype)
+    scale = 1.0 / k ** 0.5
+    impls = _impls(device, scale)
+    case = f"x ({m}, {k}) W ({n}, {k}) r={RANK} {str(dtype).replace('torch.', '')}"
+    rows: List[Dict] = []
+    with torch.no_grad():
+        expected = impls["naive"](x.double(), w.double(), a.double(), b.double(), bias.double())
+
+    # Forward at full batch and at serving batch sizes (unmerged adapter).
+    for rows_m in ([m] + [1, 16, 64]):
+        xs = x[:rows_m].contiguous()
+        times = {}
+        for name, fn in impls.items():
+            def step(fn=fn, xs=xs):
+                with torch.no_grad():
+                    return fn(xs, w, a, b, bias)
+            try:
+                times[name] = measure_ms(step, device)
+            except Exception as exc:  # keep the other rows
+                print(f"  lora forward M={rows_m} {name}: failed ({type(exc).__name__}: {exc})")
+                continue
+            row = dict(family="lora", case=case if rows_m == m else f"{case} M={rows_m}", mode="forward",
+                       impl=name, ms=times[name])
+            if rows_m == m and name != "linear" and name != "plain LoRA":
+                out = step().double()
+                row["rel_err_vs_fp64"] = ((out - expected).norm() / expected.norm()).item()
+            rows.append(row)
+        _ratios(rows, times, "forward", case if rows_m == m else f"{case} M={rows_m}")
+
+    # Forward + backward: adapters trained, frozen weight, x needs its gradient too.
+    xg = x.clone().requires_grad_(True)
+    times, saved = {}, {}
+    for name, fn in impls.items():
+        def step(fn=fn):
+            xg.grad = a.grad = b.grad = None
+            fn(xg, w, a, b, bias).backward(grad)
+        try:
+            times[name] = measure_ms(step, device)
+            saved[name] = saved_bytes(lambda fn=fn: fn(xg, w, a, b, bias))
+        except Exception as exc:
+            print(f"  lora forward+backward {name}: failed ({type(exc).__name__}: {exc})")
+            continue
+        row = dict(family="lora", case=case, mode="forward+backward", impl=name, ms=times[name],
+                   saved_for_backward_MB=saved[name] / 2**20)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            row["peak_MB_above_inputs"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        rows.append(row)
+    _ratios(rows, times, "forward+backward", case)
+    for row in rows:
+        if row["mode"] == "forward+backward" and "plain LoRA" in saved and row["impl"] in saved:
+            row["saved_vs_plain_lora"] = saved[row["impl"]] / saved["plain LoRA"]
+    return rows
+
+
+def _ratios(rows: List[Dict], times: Dict[str, float], mode: str, case: str) -> None:
+    for row in rows:
+        if row["mode"] == mode and row["case"] == case and row["impl"] in times:
+            if "naive" in times:
+                row["speedup_vs_naive"] = times["naive"] / row["ms"]
+
+
+if __name__ == "__main__":  # python -m bench.lora [--quick]
+    import sys
+
+    for r in run("cuda" if torch.cuda.is_available() else "cpu", quick="--quick" in sys.argv):
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})

@@ -1,0 +1,165 @@
+"""Sine and bounded LoRA modules wrapping an ``nn.Linear`` (methods.md sections 3, 4, 5).
+
+    layer = lucidops.nn.SineLoRALinear(nn.Linear(1024, 1024), rank=16, omega=200.0, alpha=16)
+    y = layer(x)            # fused op: the N_out x K_in update is never kept for backward
+    layer.merge()           # fold the update into the weight: inference costs exactly a Linear
+    layer.unmerge()         # restore the base weight (bit-exact by default)
+    layer.quantize_(bits=4) # ship the adapter at 4 bits; sin applied after dequantization
+
+The base weight and bias are frozen (requires_grad False) on construction; the adapter
+A (r, K_in) starts like peft's (Kaiming-uniform) and B (N_out, r) at zero, so the update
+starts at zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import lora as F
+from ..quant.adapters import QuantizedAdapter, quantize_adapter
+from ..reference import lora as _reference
+
+
+def _finite(value, name: str) -> float:
+    return F._finite_scalar(value, name)
+
+
+class BoundedLoRALinear(nn.Module):
+    """y = base(x) with a bounded adapter: placement "weight" adds scale fn(omega B A) to the
+    weight, "output" adds scale fn(omega (x A^T) B^T) to the output; scale = alpha / rank / gain.
+
+    Args:
+        base: the ``nn.Linear`` to adapt (its parameters are frozen and shared, not copied).
+        rank: adapter rank r >= 1.
+        fn: "sin" or "tanh".
+        omega: frequency (finite).
+        alpha: LoRA alpha (default: rank, i.e. scale 1 / gain).
+        placement: "weight" or "output".
+        gain: divisor of the scale: a positive number, or "sqrt_in" for sqrt(K_in).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, fn: str = "sin", omega: float = 1.0,
+                 alpha: Optional[float] = None, placement: str = "weight", gain: Union[float, str] = 1.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if fn not in F.FNS:
+            raise ValueError(f"fn must be one of {F.FNS}, got {fn!r}")
+        if placement not in F.PLACEMENTS:
+            raise ValueError(f"placement must be one of {F.PLACEMENTS}, got {placement!r}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.rank, self.fn, self.placement = rank, fn, placement
+        self.omega = _finite(omega, "omega")
+        self.alpha = _finite(rank if alpha is None else alpha, "alpha")
+        if gain == "sqrt_in":
+            g = math.sqrt(base.in_features)
+        elif isinstance(gain, str):
+            raise ValueError(f"gain must be a positive number or 'sqrt_in', got {gain!r}")
+        else:
+            g = _finite(gain, "gain")
+            if g <= 0:
+                raise ValueError(f"gain must be > 0, got {g}")
+        self.gain = g
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.quantized: Optional[QuantizedAdapter] = None
+        self.merged = False
+        self._original_weight: Optional[Tensor] = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank / self.gain
+
+    def _adapter(self):
+        if self.quantized is not None:
+            return self.quantized, None
+        return self.lora_A, self.lora_B
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base(x)
+        a, b = self._adapter()
+        return F.bounded_lora_linear(x, self.base.weight, a, b, self.base.bias, fn=self.fn, omega=self.omega,
+                                     scale=self.scale, placement=self.placement)
+
+    def delta_weight(self) -> Tensor:
+        """The update scale fn(omega B A) (N_out, K_in), in the weight's dtype."""
+        if self.placement != "weight":
+            raise RuntimeError("placement 'output' has no weight update: its bound acts on the adapter output")
+        a, b = self._adapter()
+        if isinstance(a, QuantizedAdapter):
+            a, b = a.dequantize(self.base.weight.dtype)
+        with torch.no_grad():
+            return _reference.delta_weight(a, b, self.fn, self.omega, self.scale).to(self.base.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, keep_original: bool = True) -> "BoundedLoRALinear":
+        """Fold the update into the base weight; forward is then exactly ``base(x)``.
+
+        keep_original: keep a copy of the base weight so that unmerge() restores it
+        bit-exactly (else unmerge subtracts the update, exact up to rounding)."""
+        if self.merged:
+            return self
+        if self.placement != "weight":
+            raise RuntimeError("placement 'output' cannot be merged into the weight (fn acts on x A^T B^T)")
+        w = self.base.weight
+        self._original_weight = w.detach().clone() if keep_original else None
+        compute = _reference.opmath_dtype(w.dtype)
+        w.copy_((w.to(compute) + self.delta_weight().to(compute)).to(w.dtype))
+        self.merged = True
+        return self
+
+    @torch.no_grad()
+    def unmerge(self) -> "BoundedLoRALinear":
+        """Undo merge(): restore the base weight."""
+        if not self.merged:
+            return self
+        w = self.base.weight
+        if self._original_weight is not None:
+            w.copy_(self._original_weight)
+        else:
+            compute = _reference.opmath_dtype(w.dtype)
+            w.copy_((w.to(compute) - self.delta_weight().to(compute)).to(w.dtype))
+        self._original_weight = None
+        self.merged = False
+        return self
+
+    @torch.no_grad()
+    def quantize_(self, bits: int = 4, group_size: int = 64, method: str = "uniform") -> QuantizedAdapter:
+        """Replace A and B by a quantized adapter (frozen); the bound is applied after
+        dequantization. Returns it (``.stats`` has its size and reconstruction error)."""
+        if self.merged:
+            raise RuntimeError("unmerge() before quantize_()")
+        if self.quantized is not None:
+            raise RuntimeError("the adapter is already quantized")
+        self.quantized = quantize_adapter(self.lora_A, self.lora_B, bits, group_size, method,
+                                          omega=self.omega if self.placement == "weight" else None, fn=self.fn)
+        # The full-precision factors are dropped: the quantized adapter replaces them.
+        del self.lora_A, self.lora_B
+        self.register_parameter("lora_A", None)
+        self.register_parameter("lora_B", None)
+        return self.quantized
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.base.in_features}, out_features={self.base.out_features}, rank={self.rank}, "
+                f"fn={self.fn}, omega={self.omega:g}, scale={self.scale:g}, placement={self.placement}, "
+                f"merged={self.merged}, quantized={self.quantized is not None}")
+
+
+class SineLoRALinear(BoundedLoRALinear):
+    """Sine LoRA (Ji et al., ICLR 2025): W = W0 + alpha / rank / g * sin(omega B A), with
+    g = sqrt(K_in) by default (``gain="sqrt_in"``, as in the authors' code)."""
+
+    def __init__(self, base: nn.Linear, rank: int, omega: float, alpha: Optional[float] = None,
+                 gain: Union[float, str] = "sqrt_in"):
+        super().__init__(base, rank, fn="sin", omega=omega, alpha=alpha, placement="weight", gain=gain)

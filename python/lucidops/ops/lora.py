@@ -1,0 +1,362 @@
+"""Sine and bounded LoRA linear layers (methods.md sections 3, 4, 5) as custom ops.
+
+    lucidops.ops.sine_lora_linear(x, weight, lora_A, lora_B, bias=None, *, omega, scale)
+        = x (weight + scale sin(omega lora_B @ lora_A))^T + bias
+    lucidops.ops.bounded_lora_linear(x, weight, lora_A, lora_B, bias=None, *, fn="sin",
+                                     omega=1.0, scale, placement="weight")
+        placement "weight": as above with fn in {"sin", "tanh"}
+        placement "output": x weight^T + scale fn(omega (x lora_A^T) lora_B^T) + bias
+
+Both are ``torch.ops.lucidops.bounded_lora_linear(x, weight, A, B, bias, fn, placement,
+omega, scale)`` on 2-D x (the wrappers flatten leading dims), with the backward op
+``torch.ops.lucidops.bounded_lora_linear_backward(grad, x, weight, A, B, fn, placement,
+omega, scale, need_x, need_weight, need_bias, need_lora)`` returning (dx, dweight, dbias,
+dA, dB), each an empty (0,) tensor when not needed: a frozen weight or bias costs nothing.
+
+Only x, weight, A and B are saved for backward, by every backend: the N_out x K_in
+update is rebuilt (cpp) or regenerated tile by tile (triton) when needed, never kept.
+
+``lora_A`` may be a :class:`lucidops.quant.QuantizedAdapter` (with ``lora_B=None``): it is
+dequantized first and the bounded fn is applied after dequantization (methods.md 4).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _validate, backends
+from ..profile import flops as _flops
+from ..reference import lora as _reference
+
+FNS = _reference.FNS
+PLACEMENTS = _reference.PLACEMENTS
+
+Grads = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+# --------------------------------------------------------------------------- backends
+
+def _reference_forward(x, weight, a, b, bias, fn, placement, omega, scale):
+    return _reference.forward(x, weight, a, b, bias, fn, placement, omega, scale)
+
+
+def _reference_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, need_weight, need_bias,
+                        need_lora):
+    out = _reference.backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, need_weight, need_bias)
+    if need_lora:
+        return out
+    return out[0], out[1], out[2], a.new_empty(0), b.new_empty(0)
+
+
+def _apply_fn_(fn: str, z: Tensor) -> Tensor:
+    return z.sin_() if fn == "sin" else z.tanh_()
+
+
+def _recompute_forward(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], fn: str,
+                       placement: str, omega: float, scale: float) -> Tensor:
+    """The "cpp" CPU path: ATen calls that build the effective weight once per call, in
+    place in one N_out x K_in buffer (opmath), and keep nothing for backward."""
+    compute = _reference.opmath_dtype(x.dtype)
+    xc = x.to(compute)
+    if placement == "weight":
+        # omega folded into the small factor: one pass fewer over the N_out x K_in buffer.
+        w_eff = _apply_fn_(fn, torch.mm(b.to(compute) * omega, a.to(compute)))
+        w_eff = torch.add(weight, w_eff, alpha=scale)
+        if bias is not None:
+            return torch.addmm(bias.to(compute), xc, w_eff.T).to(x.dtype)
+        return torch.mm(xc, w_eff.T).to(x.dtype)
+    z = torch.mm(torch.mm(xc, a.to(compute).T), b.to(compute).T).mul_(omega)
+    y = _apply_fn_(fn, z).mul_(scale).addmm_(xc, weight.to(compute).T)
+    if bias is not None:
+        y.add_(bias)
+    return y.to(x.dtype)
+
+
+def _recompute_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, need_weight, need_bias,
+                        need_lora) -> Grads:
+    compute = _reference.opmath_dtype(x.dtype)
+    g, xc = grad.to(compute), x.to(compute)
+    ac, bc = a.to(compute), b.to(compute)
+    empty = x.new_empty(0)
+    grad_x = grad_w = grad_a = grad_b = empty
+    if placement == "weight":
+        p = torch.mm(bc * omega, ac)
+        if fn == "tanh":
+            p.tanh_()  # t = tanh(P): the update is s t and fn'(P) = 1 - t^2
+        if need_x:
+            f = p if fn == "tanh" else torch.sin(p)
+            grad_x = torch.mm(g, torch.add(weight, f, alpha=scale))
+        if need_lora or need_weight:
+            gw = torch.mm(g.T, xc)                                  # G = dY^T X
+            if need_weight:
+                grad_w = gw.to(weight.dtype)
+            if need_lora:
+                deriv = p.cos_() if fn == "sin" else p.mul_(p).neg_().add_(1.0)
+                h = deriv.mul_(gw)                                  # H / (s omega) = G fn'(P)
+                # s omega applied to the small results, not to the N_out x K_in H.
+                grad_a = torch.mm(bc.T, h).mul_(scale * omega)
+                grad_b = torch.mm(h, ac.T).mul_(scale * omega)
+    else:
+        u = torch.mm(xc, ac.T)
+        if need_lora or need_x:
+            z = torch.mm(u, bc.T).mul_(omega)
+            if fn == "sin":
+                deriv = z.cos_()
+            else:
+                deriv = z.tanh_().pow_(2).neg_().add_(1.0)
+            gz = deriv.mul_(g).mul_(scale)
+            du = torch.mm(gz, bc).mul_(omega)
+            if need_lora:
+                grad_b = torch.mm(gz.T, u).mul_(omega)
+                grad_a = torch.mm(du.T, xc)
+            if need_x:
+                grad_x = torch.mm(g, weight.to(compute)).addmm_(du, ac)
+        if need_weight:
+            grad_w = torch.mm(g.T, xc).to(weight.dtype)
+    grad_bias = g.sum(0).to(weight.dtype) if need_bias else empty
+    return (grad_x.to(x.dtype), grad_w, grad_bias, grad_a.to(a.dtype), grad_b.to(b.dtype))
+
+
+def _triton_forward(x, weight, a, b, bias, fn, placement, omega, scale):
+    from ..triton_kernels import lora as tk
+
+    return tk.forward(x, weight, a, b, bias, fn, placement, omega, scale)
+
+
+def _triton_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, need_weight, need_bias,
+                     need_lora):
+    from ..triton_kernels import lora as tk
+
+    return tk.backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, need_weight, need_bias,
+                       need_lora)
+
+
+_NOTES = {
+    "cpp": "recompute path in ATen calls (no C++ of its own): builds the N_out x K_in effective "
+           "weight once per call in one in-place buffer and saves only x, weight, A, B",
+    "triton": "fused: the update's tiles are regenerated inside the matmul K-loop (forward, dx) and the "
+              "weight-gradient tile is reduced into dA, dB without reaching memory",
+}
+backends.register_op("bounded_lora_linear",
+                     {"reference": _reference_forward, "cpp": _recompute_forward, "triton": _triton_forward},
+                     notes=_NOTES)
+backends.register_op("bounded_lora_linear_backward",
+                     {"reference": _reference_backward, "cpp": _recompute_backward, "triton": _triton_backward},
+                     notes=_NOTES)
+
+
+# --------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("lucidops::bounded_lora_linear", mutates_args=())
+def _lora_op(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], fn: str,
+             placement: str, omega: float, scale: float) -> Tensor:
+    return backends.dispatch("bounded_lora_linear", x.device.type, x, weight, lora_A, lora_B, bias, fn, placement,
+                             omega, scale)
+
+
+@_lora_op.register_fake
+def _(x, weight, lora_A, lora_B, bias, fn, placement, omega, scale):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("lucidops::bounded_lora_linear_backward", mutates_args=())
+def _lora_backward_op(grad: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, fn: str,
+                      placement: str, omega: float, scale: float, need_x: bool, need_weight: bool, need_bias: bool,
+                      need_lora: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = backends.dispatch("bounded_lora_linear_backward", x.device.type, grad, x, weight, lora_A, lora_B, fn,
+                            placement, omega, scale, need_x, need_weight, need_bias, need_lora)
+    # Custom ops may not return aliases of their inputs or of each other (a no-op .to(),
+    # a shared empty tensor): fresh empties, clones where storage is shared.
+    taken = {t.untyped_storage().data_ptr() for t in (grad, x, weight, lora_A, lora_B) if t.numel() > 0}
+    result = []
+    for t in out:
+        if t.numel() == 0:
+            t = t.new_empty(t.shape)
+        elif t._base is not None or t.untyped_storage().data_ptr() in taken:
+            t = t.clone(memory_format=torch.contiguous_format)
+        if t.numel() > 0:
+            taken.add(t.untyped_storage().data_ptr())
+        result.append(t)
+    return tuple(result)
+
+
+@_lora_backward_op.register_fake
+def _(grad, x, weight, lora_A, lora_B, fn, placement, omega, scale, need_x, need_weight, need_bias, need_lora):
+    def maybe(needed, like):
+        return like.new_empty(like.shape) if needed else x.new_empty(0)
+
+    return (maybe(need_x, x), maybe(need_weight, weight), weight.new_empty((weight.shape[0],)) if need_bias
+            else x.new_empty(0), maybe(need_lora, lora_A), maybe(need_lora, lora_B))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, bias, fn, placement, omega, scale = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B)
+    ctx.args = (fn, placement, omega, scale)
+
+
+def _backward(ctx, grad):
+    x, weight, lora_A, lora_B = ctx.saved_tensors
+    need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+    gx, gw, gbias, ga, gb = _lora_backward_op(grad.contiguous(), x, weight, lora_A, lora_B, *ctx.args, bool(need_x),
+                                              bool(need_w), bool(need_bias), bool(need_a or need_b))
+    return (gx if need_x else None, gw if need_w else None, ga if need_a else None, gb if need_b else None,
+            gbias if need_bias else None, None, None, None, None)
+
+
+_lora_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- FLOP formulas
+
+def _dims(x_shape, weight_shape, a_shape):
+    m, k = int(x_shape[0]), int(x_shape[1])
+    return m, k, int(weight_shape[0]), int(a_shape[0])
+
+
+def forward_flops(x_shape, weight_shape, a_shape, b_shape, bias_shape, fn, placement, *_, **__) -> int:
+    """Multiplies and adds counted separately, each fn/fn' evaluation as one FLOP."""
+    m, k, n, r = _dims(x_shape, weight_shape, a_shape)
+    bias = m * n if bias_shape is not None else 0
+    if placement == "weight":  # phase, fn, scale and add, then the matmul
+        return 2 * n * r * k + 3 * n * k + 2 * m * n * k + bias
+    return 2 * m * n * k + 2 * m * k * r + 2 * m * r * n + 3 * m * n + bias
+
+
+def backward_flops(g_shape, x_shape, weight_shape, a_shape, b_shape, fn, placement, omega, scale, need_x,
+                   need_weight, need_bias, need_lora, *_, **__) -> int:
+    m, k, n, r = _dims(x_shape, weight_shape, a_shape)
+    total = m * n if need_bias else 0
+    if placement == "weight":
+        if need_lora or need_weight:
+            total += 2 * m * n * k                       # G = dY^T X
+        if need_lora:
+            total += 2 * n * r * k + 3 * n * k + 4 * n * r * k  # phase, H, dA and dB
+        if need_x:
+            total += 2 * n * r * k + 3 * n * k + 2 * m * n * k
+    else:
+        if need_lora or need_x:
+            total += 2 * m * k * r + 2 * m * r * n + 4 * m * n + 2 * m * n * r  # U, Z, Gz, dU
+        if need_lora:
+            total += 2 * m * n * r + 2 * m * r * k
+        if need_x:
+            total += 2 * m * n * k + 2 * m * r * k
+        if need_weight:
+            total += 2 * m * n * k
+    return total
+
+
+_flops.register(torch.ops.lucidops.bounded_lora_linear, forward_flops)
+_flops.register(torch.ops.lucidops.bounded_lora_linear_backward, backward_flops)
+
+
+# --------------------------------------------------------------------------- wrappers
+
+Number = Union[float, int, Tensor]
+
+
+def _finite_scalar(value, name: str) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = float(value.detach().reshape(()).item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _validate_args(x, weight, lora_A, lora_B, bias, fn, placement):
+    _validate.floating_tensor(x, "x")
+    for value, name in ((weight, "weight"), (lora_A, "lora_A"), (lora_B, "lora_B")):
+        _validate.floating_tensor(value, name)
+        if value.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(value.shape)}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., K_in), got a 0-d tensor")
+    n_out, k_in = weight.shape
+    if x.shape[-1] != k_in:
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's K_in ({k_in})")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A must have rank r >= 1 rows, got shape {tuple(lora_A.shape)}")
+    if lora_A.shape[1] != k_in:
+        raise ValueError(f"lora_A must have shape (r, K_in={k_in}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (n_out, r):
+        raise ValueError(f"lora_B must have shape (N_out={n_out}, r={r}), got {tuple(lora_B.shape)}")
+    if bias is not None:
+        _validate.floating_tensor(bias, "bias")
+        if tuple(bias.shape) != (n_out,):
+            raise ValueError(f"bias must have shape (N_out={n_out},), got {tuple(bias.shape)}")
+    for value, name in ((weight, "weight"), (lora_A, "lora_A"), (lora_B, "lora_B"), (bias, "bias")):
+        if value is None:
+            continue
+        _validate.same_device(value, x, name, "x")
+        if value.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype ({x.dtype}), got {value.dtype}")
+    if fn not in FNS:
+        raise ValueError(f"fn must be one of {FNS}, got {fn!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+
+
+def _resolve_adapter(x: Tensor, lora_A, lora_B):
+    from ..quant.adapters import QuantizedAdapter
+
+    if isinstance(lora_A, QuantizedAdapter):
+        if lora_B is not None and lora_B is not lora_A:
+            raise ValueError("lora_B must be None when lora_A is a QuantizedAdapter (it holds both factors)")
+        if isinstance(x, Tensor):
+            _validate.same_device(lora_A.device_tensor(), x, "lora_A", "x")
+        return lora_A.dequantize(dtype=x.dtype if isinstance(x, Tensor) else None)
+    if isinstance(lora_B, QuantizedAdapter):
+        raise TypeError("pass a QuantizedAdapter as lora_A (with lora_B=None), not as lora_B")
+    return lora_A, lora_B
+
+
+def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tensor] = None,
+                        bias: Optional[Tensor] = None, *, fn: str = "sin", omega: Number = 1.0, scale: Number,
+                        placement: str = "weight") -> Tensor:
+    """Linear layer with a bounded low-rank adapter, without materialising the update for backward.
+
+    Args:
+        x: (..., K_in) input, float16/bfloat16/float32/float64.
+        weight: (N_out, K_in) base weight (usually frozen: then it gets no gradient work).
+        lora_A: (r, K_in) adapter factor, or a :class:`lucidops.quant.QuantizedAdapter`
+            (then ``lora_B`` is None).
+        lora_B: (N_out, r) adapter factor.
+        bias: optional (N_out,).
+        fn: "sin" or "tanh", the bounded function.
+        omega: finite frequency; the phase omega B A is formed in float32 (float64 for
+            float64 inputs) whatever the input dtype.
+        scale: finite multiplier of the update (the module passes alpha / r / gain).
+        placement: "weight" bounds the weight product, scale fn(omega B A); "output"
+            bounds the adapter output, scale fn(omega (x A^T) B^T).
+    Returns:
+        (..., N_out) tensor in x's dtype. All tensors must share x's dtype and device.
+    """
+    lora_A, lora_B = _resolve_adapter(x, lora_A, lora_B)
+    _validate_args(x, weight, lora_A, lora_B, bias, fn, placement)
+    omega = _finite_scalar(omega, "omega")
+    scale = _finite_scalar(scale, "scale")
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _lora_op(x2, weight, lora_A, lora_B, bias, fn, placement, omega, scale)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def sine_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tensor] = None,
+                     bias: Optional[Tensor] = None, *, omega: Number, scale: Number) -> Tensor:
+    """Sine LoRA (Ji et al., ICLR 2025): x (weight + scale sin(omega lora_B @ lora_A))^T + bias.
+
+    ``scale`` is the whole multiplier (alpha / r / g with g = sqrt(K_in) in the authors'
+    code). Arguments as for :func:`bounded_lora_linear`.
+    """
+    return bounded_lora_linear(x, weight, lora_A, lora_B, bias, fn="sin", omega=omega, scale=scale,
+                               placement="weight")

@@ -1,0 +1,198 @@
+"""Quantized LoRA adapters (methods.md section 4, "SineLoRA-Delta").
+
+Parties that share a base model exchange adapters quantized to a few bits; the bounded
+function is applied *after* dequantization, Delta W = s sin(omega Q(B) Q(A)), so the
+sine's rank gain survives quantization. Two quantizers of each factor (A and B alike):
+
+- ``"uniform"``: per-group asymmetric, groups of ``group_size`` consecutive elements of
+  the row-major flattened factor; each group stores a scale and a minimum (float16),
+  codes are integers in [0, 2^bits - 1].
+- ``"kmeans"``: one codebook of 2^bits float16 centroids per factor, fitted by Lloyd's
+  1-D k-means from quantile initialisation (deterministic).
+
+Sizes are reported for codes packed at ``bits`` bits (how the adapter is shipped); in
+memory the codes are held one per uint8.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from .. import _validate
+
+METHODS = ("uniform", "kmeans")
+
+
+@dataclass
+class QuantizedTensor:
+    """One quantized factor: codes plus either per-group (scale, minimum) or a codebook."""
+
+    codes: Tensor                  # uint8, flattened (numel,)
+    shape: torch.Size
+    dtype: torch.dtype             # the original dtype
+    bits: int
+    method: str
+    group_size: int = 0
+    scales: Optional[Tensor] = None   # float16 (groups,), uniform only
+    minimums: Optional[Tensor] = None  # float16 (groups,), uniform only
+    codebook: Optional[Tensor] = None  # float16 (2^bits,), kmeans only
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The reconstructed factor, in ``dtype`` (default: the original dtype)."""
+        codes = self.codes.long()
+        if self.method == "uniform":
+            n = codes.numel()
+            groups = self.scales.numel()
+            padded = torch.zeros(groups * self.group_size, dtype=torch.float32, device=codes.device)
+            padded[:n] = codes.float()
+            values = padded.view(groups, self.group_size) * self.scales.float()[:, None] + self.minimums.float()[:, None]
+            values = values.reshape(-1)[:n]
+        else:
+            values = self.codebook.float()[codes]
+        return values.reshape(self.shape).to(dtype or self.dtype)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes when shipped: codes packed at ``bits`` bits plus float16 side data."""
+        side = 0
+        for t in (self.scales, self.minimums, self.codebook):
+            if t is not None:
+                side += t.numel() * t.element_size()
+        return math.ceil(self.codes.numel() * self.bits / 8) + side
+
+
+@dataclass
+class QuantizedAdapter:
+    """Quantized (A, B) pair accepted by the LoRA ops in place of ``lora_A, lora_B``.
+
+    ``stats`` holds ``bytes`` (packed size), ``full_precision_bytes``, ``compression``,
+    ``rel_err_A``, ``rel_err_B`` and ``rel_err_update`` (Frobenius relative error of the
+    update: of B A, or of s fn(omega B A) when ``omega`` was given to quantize_adapter).
+    """
+
+    A: QuantizedTensor
+    B: QuantizedTensor
+    stats: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.A.packed_bytes + self.B.packed_bytes
+
+    def device_tensor(self) -> Tensor:
+        return self.A.codes
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None):
+        """(A, B) reconstructed, in ``dtype`` (default: the original dtypes)."""
+        return self.A.dequantize(dtype), self.B.dequantize(dtype)
+
+    def to(self, device) -> "QuantizedAdapter":
+        def move(q: QuantizedTensor) -> QuantizedTensor:
+            kw = {k: (getattr(q, k).to(device) if getattr(q, k) is not None else None)
+                  for k in ("codes", "scales", "minimums", "codebook")}
+            return QuantizedTensor(shape=q.shape, dtype=q.dtype, bits=q.bits, method=q.method,
+                                   group_size=q.group_size, **kw)
+
+        return QuantizedAdapter(move(self.A), move(self.B), dict(self.stats))
+
+
+def _quantize_uniform(t: Tensor, bits: int, group_size: int) -> QuantizedTensor:
+    flat = t.detach().reshape(-1).float()
+    n = flat.numel()
+    groups = max(1, math.ceil(n / group_size))
+    # Pad with the group's own last value so padding never widens a group's range.
+    padded = torch.empty(groups * group_size, dtype=torch.float32, device=flat.device)
+    padded[:n] = flat
+    padded[n:] = flat[-1] if n else 0.0
+    g = padded.view(groups, group_size)
+    lo, hi = g.min(dim=1).values, g.max(dim=1).values
+    levels = (1 << bits) - 1
+    # Round the side data to float16 first, so the codes are chosen for the stored values.
+    lo16 = lo.half()
+    scale16 = ((hi - lo16.float()) / levels).half()
+    scale16 = torch.where(scale16.float() > 0, scale16, torch.ones_like(scale16))  # constant group
+    codes = torch.round((g - lo16.float()[:, None]) / scale16.float()[:, None]).clamp_(0, levels)
+    return QuantizedTensor(codes=codes.reshape(-1)[:n].to(torch.uint8), shape=t.shape, dtype=t.dtype, bits=bits,
+                           method="uniform", group_size=group_size, scales=scale16, minimums=lo16)
+
+
+def _quantize_kmeans(t: Tensor, bits: int, iterations: int = 25) -> QuantizedTensor:
+    flat = t.detach().reshape(-1).float()
+    k = 1 << bits
+    # Start from the uniform grid over [min, max]: Lloyd's steps never raise the squared
+    # error, so the result is never worse than a per-factor uniform quantizer (quantile
+    # starts crowd the centre and leave the tails to one centroid).
+    if flat.numel() > 0:
+        centroids = torch.linspace(float(flat.min()), float(flat.max()), k, device=flat.device)
+    else:
+        centroids = torch.zeros(k, device=flat.device)
+    for _ in range(iterations):
+        centroids, _ = torch.sort(centroids)
+        codes = torch.bucketize(flat, (centroids[1:] + centroids[:-1]) / 2)
+        sums = torch.zeros(k, device=flat.device).index_add_(0, codes, flat)
+        counts = torch.bincount(codes, minlength=k).float()
+        # An empty cluster keeps its centroid.
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+    book = torch.sort(centroids).values.half()
+    codes = torch.bucketize(flat, (book[1:].float() + book[:-1].float()) / 2)
+    return QuantizedTensor(codes=codes.to(torch.uint8), shape=t.shape, dtype=t.dtype, bits=bits, method="kmeans",
+                           codebook=book)
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    a, b = a.double(), b.double()
+    denom = b.norm()
+    return float((a - b).norm() / denom) if denom > 0 else float((a - b).norm())
+
+
+def quantize_adapter(lora_A: Tensor, lora_B: Tensor, bits: int = 4, group_size: int = 64, method: str = "uniform",
+                     *, omega: Optional[float] = None, fn: str = "sin") -> QuantizedAdapter:
+    """Quantize a LoRA adapter (A (r, K_in), B (N_out, r)) to ``bits`` bits.
+
+    Args:
+        bits: 2 to 8.
+        group_size: elements per group for "uniform" (ignored by "kmeans"), >= 1.
+        method: "uniform" (per-group asymmetric) or "kmeans" (codebook per factor).
+        omega, fn: when omega is given, ``stats["rel_err_update"]`` measures the bounded
+            update fn(omega B A) (the scale cancels in a relative error); else B A.
+    Returns:
+        a :class:`QuantizedAdapter`; pass it as ``lora_A`` (with ``lora_B=None``) to the ops.
+    """
+    _validate.floating_tensor(lora_A, "lora_A")
+    _validate.floating_tensor(lora_B, "lora_B")
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_B.shape[1] != lora_A.shape[0]:
+        raise ValueError(f"lora_A (r, K_in) and lora_B (N_out, r) must agree in r, got {tuple(lora_A.shape)} "
+                         f"and {tuple(lora_B.shape)}")
+    _validate.same_device(lora_B, lora_A, "lora_B", "lora_A")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if method == "uniform":
+        qa, qb = _quantize_uniform(lora_A, bits, group_size), _quantize_uniform(lora_B, bits, group_size)
+    else:
+        qa, qb = _quantize_kmeans(lora_A, bits), _quantize_kmeans(lora_B, bits)
+    adapter = QuantizedAdapter(qa, qb)
+    a_hat, b_hat = adapter.dequantize(torch.float64)
+    a64, b64 = lora_A.detach().double(), lora_B.detach().double()
+    if omega is None:
+        update, update_hat = b64 @ a64, b_hat @ a_hat
+    else:
+        from ..reference.lora import bounded
+
+        update, update_hat = bounded(fn, omega * (b64 @ a64)), bounded(fn, omega * (b_hat @ a_hat))
+    full = lora_A.numel() * lora_A.element_size() + lora_B.numel() * lora_B.element_size()
+    adapter.stats = dict(bytes=adapter.nbytes, full_precision_bytes=full, compression=full / max(adapter.nbytes, 1),
+                         rel_err_A=_rel(a_hat, a64), rel_err_B=_rel(b_hat, b64),
+                         rel_err_update=_rel(update_hat, update))
+    return adapter

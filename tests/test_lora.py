@@ -1,0 +1,388 @@
+"""Sine and bounded LoRA: every backend against the float64 reference, forward and backward."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lucidops
+from lucidops.reference import lora as ref
+from conftest import backend_device_params
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# (x shape, N_out, r): odd K_in / N_out, r in {1, 4, 16}, leading batch dims, size-1 dims.
+CASES = [((37, 29), 23, 1), ((2, 3, 17), 33, 4), ((5, 40), 31, 16), ((1, 7), 5, 4), ((3, 1, 65), 19, 16),
+         ((1, 9), 1, 1)]
+OMEGA, SCALE = 2.0, 0.7
+
+
+def rel_err(out, expected):
+    out, expected = out.double().cpu(), expected.double().cpu()
+    assert not torch.isnan(out).any(), "NaN in output"
+    denom = expected.norm()
+    return ((out - expected).norm() / denom).item() if denom > 0 else (out - expected).norm().item()
+
+
+def make(x_shape, n_out, r, dtype, device, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    k = x_shape[-1]
+    x = torch.randn(x_shape, generator=g)
+    w = torch.randn(n_out, k, generator=g) / math.sqrt(k)
+    a = torch.randn(r, k, generator=g) * 0.5
+    b = torch.randn(n_out, r, generator=g) * 0.5
+    bias_t = torch.randn(n_out, generator=g) if bias else None
+    cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)  # noqa: E731
+    return cast(x), cast(w), cast(a), cast(b), cast(bias_t)
+
+
+def reference_grads(grad, x, w, a, b, bias, fn, placement, omega=OMEGA, scale=SCALE):
+    """float64 (y, dx, dW, dbias, dA, dB) from the (already rounded) inputs."""
+    d = lambda t: t.detach().double().cpu()  # noqa: E731
+    k = x.shape[-1]
+    x2, g2 = d(x).reshape(-1, k), d(grad).reshape(-1, w.shape[0])
+    y = ref.forward(x2, d(w), d(a), d(b), None if bias is None else d(bias), fn, placement, omega, scale)
+    grads = ref.backward(g2, x2, d(w), d(a), d(b), fn, placement, omega, scale, True, True, True)
+    return (y,) + grads
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("placement", ["weight", "output"])
+@pytest.mark.parametrize("fn", ["sin", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_forward_backward_match_float64_reference(backend, device, placement, fn, dtype, case, poison_allocator):
+    x_shape, n_out, r = CASES[case]
+    if dtype != torch.float32 and math.prod(x_shape[:-1]) * n_out < 4:
+        pytest.skip("one half-precision output: its relative error is one rounding, not a test of the kernel")
+    train_base = case % 2 == 1  # weight and bias get gradients in every other case
+    x, w, a, b, bias = make(x_shape, n_out, r, dtype, device, seed=case)
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    if train_base:
+        w.requires_grad_(True)
+        bias.requires_grad_(True)
+    grad = torch.randn(*x_shape[:-1], n_out).to(dtype=dtype, device=device)
+
+    poison_allocator(4 * (x.numel() + w.numel() + grad.numel()), device, dtype)
+    with lucidops.use_backend(backend):
+        y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=OMEGA, scale=SCALE, placement=placement)
+        y.backward(grad)
+        assert lucidops.backends.last_used("bounded_lora_linear") == backend
+        assert lucidops.backends.last_used("bounded_lora_linear_backward") == backend
+    assert y.shape == (*x_shape[:-1], n_out) and y.dtype == dtype and y.device == x.device
+
+    y_ref, gx, gw, gbias, ga, gb = reference_grads(grad, x, w, a, b, bias, fn, placement)
+    tol = TOL[dtype]
+    assert rel_err(y.reshape(-1, n_out), y_ref) < tol
+    assert rel_err(x.grad.reshape(-1, x_shape[-1]), gx) < tol
+    assert rel_err(a.grad, ga) < tol
+    assert rel_err(b.grad, gb) < tol
+    if train_base:
+        assert rel_err(w.grad, gw) < tol
+        assert rel_err(bias.grad, gbias) < tol
+    else:
+        assert w.grad is None and bias.grad is None
+
+
+def test_reference_backward_matches_autograd():
+    # The explicit formulas of the reference against autograd through its own forward.
+    for placement in ref.PLACEMENTS:
+        for fn in ref.FNS:
+            x, w, a, b, bias = make((9, 13), 11, 3, torch.float64, "cpu", seed=3)
+            grad = torch.randn(9, 11, dtype=torch.float64)
+            leaves = [t.clone().requires_grad_(True) for t in (x, w, a, b, bias)]
+            ref.forward(*leaves, fn, placement, OMEGA, SCALE).backward(grad)
+            ours = ref.backward(grad, x, w, a, b, fn, placement, OMEGA, SCALE, True, True, True)
+            auto = (leaves[0].grad, leaves[1].grad, leaves[4].grad, leaves[2].grad, leaves[3].grad)
+            for mine, theirs in zip(ours, auto):
+                torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("placement", ["weight", "output"])
+@pytest.mark.parametrize("fn", ["sin", "tanh"])
+def test_gradcheck_float64(backend, placement, fn):
+    x, w, a, b, bias = make((4, 2, 5), 6, 3, torch.float64, "cpu", seed=7)
+    inputs = tuple(t.requires_grad_(True) for t in (x, w, a, b, bias))
+    with lucidops.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda *t: lucidops.ops.bounded_lora_linear(*t, fn=fn, omega=1.3, scale=0.8, placement=placement),
+            inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_sine_lora_linear_is_the_weight_placement_with_sin(backend, device):
+    x, w, a, b, bias = make((6, 18), 10, 4, torch.float32, device, seed=11)
+    with lucidops.use_backend(backend):
+        y = lucidops.ops.sine_lora_linear(x, w, a, b, bias, omega=OMEGA, scale=SCALE)
+    w_eff = w.double() + SCALE * torch.sin(OMEGA * (b.double() @ a.double()))
+    expected = x.double() @ w_eff.T + bias.double()
+    assert rel_err(y, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("placement", ["weight", "output"])
+def test_non_contiguous_and_empty_batch(backend, device, placement):
+    x, w, a, b, bias = make((12, 21), 9, 4, torch.float32, device, seed=5)
+    xt = x.t().contiguous().t()[::2]  # non-contiguous rows
+    wt = w.t().contiguous().t()       # column-major weight
+    assert not xt.is_contiguous() and not wt.is_contiguous()
+    with lucidops.use_backend(backend):
+        y = lucidops.ops.bounded_lora_linear(xt, wt, a, b, bias, fn="sin", omega=OMEGA, scale=SCALE,
+                                             placement=placement)
+    expected = ref.forward(xt.double(), w.double(), a.double(), b.double(), bias.double(), "sin", placement,
+                           OMEGA, SCALE)
+    assert rel_err(y, expected) < 1e-5
+
+    x0 = torch.empty(0, 21, device=device, requires_grad=True)
+    a0, b0 = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    with lucidops.use_backend(backend):
+        y0 = lucidops.ops.bounded_lora_linear(x0, w, a0, b0, bias, fn="sin", omega=OMEGA, scale=SCALE,
+                                              placement=placement)
+        y0.sum().backward()
+    assert y0.shape == (0, 9) and x0.grad.shape == (0, 21)
+    assert torch.equal(a0.grad, torch.zeros_like(a)) and torch.equal(b0.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_phase_is_formed_in_float32_for_half_inputs(backend, device):
+    # With omega = 100 a bfloat16 phase would be off by ~1 radian; a float32 one is not.
+    x, w, a, b, _ = make((8, 32), 16, 16, torch.bfloat16, device, seed=2)
+    omega = 100.0
+    with lucidops.use_backend(backend):
+        y = lucidops.ops.sine_lora_linear(x, w, a, b, omega=omega, scale=1.0)
+    truth = ref.forward(x.double(), w.double(), a.double(), b.double(), None, "sin", "weight", omega, 1.0)
+    bf16_phase = (omega * (b @ a)).float()  # what a phase in the input dtype would give
+    naive = x.double() @ (w.double() + torch.sin(bf16_phase.double())).T
+    assert rel_err(naive, truth) > 0.05  # the test can tell the two apart
+    assert rel_err(y, truth) < 1e-2
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_frozen_weight_and_bias_cost_nothing(backend, device):
+    x, w, a, b, _ = make((5, 12), 7, 4, torch.float32, device, seed=1)
+    grad = torch.randn(5, 7, device=device)
+    with lucidops.use_backend(backend):
+        gx, gw, gbias, ga, gb = torch.ops.lucidops.bounded_lora_linear_backward(
+            grad, x, w, a, b, "sin", "weight", OMEGA, SCALE, True, False, False, True)
+        assert gw.numel() == 0 and gbias.numel() == 0 and ga.shape == a.shape and gb.shape == b.shape
+        gx2, _, _, ga2, gb2 = torch.ops.lucidops.bounded_lora_linear_backward(
+            grad, x, w, a, b, "sin", "weight", OMEGA, SCALE, True, False, False, False)
+        assert ga2.numel() == 0 and gb2.numel() == 0
+    torch.testing.assert_close(gx, gx2)
+
+
+@pytest.mark.parametrize("placement", ["weight", "output"])
+def test_only_x_and_adapter_are_saved_for_backward(placement):
+    """No N_out x K_in tensor besides the weight itself is kept for backward (cpp path)."""
+    x, w, a, b, bias = make((64, 48), 40, 4, torch.float32, "cpu", seed=4)
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with lucidops.use_backend("cpp"):
+            y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn="sin", omega=OMEGA, scale=SCALE,
+                                                 placement=placement)
+    ptrs = {t.data_ptr() for t in saved}
+    assert ptrs <= {x.data_ptr(), w.data_ptr(), a.data_ptr(), b.data_ptr()}, [tuple(t.shape) for t in saved]
+    y.sum().backward()
+    assert a.grad is not None
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("placement", ["weight", "output"])
+def test_opcheck(backend, device, placement):
+    x, w, a, b, bias = make((6, 20), 9, 4, torch.float32, device, seed=8)
+    with lucidops.use_backend(backend):
+        torch.library.opcheck(torch.ops.lucidops.bounded_lora_linear.default,
+                              (x.requires_grad_(True), w, a.requires_grad_(True), b.requires_grad_(True), bias,
+                               "sin", placement, OMEGA, SCALE))
+        grad = torch.randn(6, 9, device=device)
+        torch.library.opcheck(torch.ops.lucidops.bounded_lora_linear_backward.default,
+                              (grad, x.detach(), w, a.detach(), b.detach(), "tanh", placement, OMEGA, SCALE, True,
+                               True, True, True))
+
+
+def test_torch_compile_fullgraph():
+    x, w, a, b, bias = make((2, 5, 12), 7, 4, torch.float32, "cpu", seed=9)
+    a.requires_grad_(True)
+
+    def f(x, a):
+        return lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn="tanh", omega=OMEGA, scale=SCALE)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y = compiled(x, a)
+    y.sum().backward()
+    a_grad = a.grad.clone()
+    a.grad = None
+    f(x, a).sum().backward()
+    torch.testing.assert_close(a_grad, a.grad)
+
+
+def test_flop_formula_is_counted():
+    from lucidops.profile.flops import count_flops
+    from lucidops.ops.lora import backward_flops, forward_flops
+
+    m, k, n, r = 32, 24, 20, 4
+    x, w, a, b, bias = make((m, k), n, r, torch.float32, "cpu", seed=10)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    counts = count_flops(lambda x: lucidops.ops.sine_lora_linear(x, w, a, b, bias, omega=OMEGA, scale=SCALE), x,
+                         backward=True)
+    fwd = forward_flops((m, k), (n, k), (r, k), (n, r), (n,), "sin", "weight")
+    bwd = backward_flops((m, n), (m, k), (n, k), (r, k), (n, r), "sin", "weight", OMEGA, SCALE, False, False,
+                         False, True)
+    assert counts["lucidops.bounded_lora_linear"] == fwd
+    assert counts["lucidops.bounded_lora_linear_backward"] == bwd
+    # The formula covers at least the matmuls: 2MNK forward, G = dY^T X and dA, dB backward.
+    assert fwd >= 2 * m * n * k + 2 * n * r * k and bwd >= 2 * m * n * k + 4 * n * r * k
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(omega=float("nan")), ValueError, "omega"),
+    (dict(scale=float("inf")), ValueError, "scale"),
+    (dict(fn="relu"), ValueError, "fn"),
+    (dict(placement="input"), ValueError, "placement"),
+    (dict(omega="1"), TypeError, "omega"),
+])
+def test_bad_scalars(kwargs, exc, match):
+    x, w, a, b, _ = make((3, 8), 5, 2, torch.float32, "cpu")
+    args = dict(fn="sin", omega=1.0, scale=1.0, placement="weight")
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        lucidops.ops.bounded_lora_linear(x, w, a, b, **args)
+
+
+def test_bad_tensors():
+    x, w, a, b, bias = make((3, 8), 5, 2, torch.float32, "cpu")
+    call = lambda *t, **kw: lucidops.ops.bounded_lora_linear(*t, omega=1.0, scale=1.0, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="x's last dimension"):
+        call(x[:, :7], w, a, b)
+    with pytest.raises(ValueError, match="lora_A"):
+        call(x, w, a[:, :7], b)
+    with pytest.raises(ValueError, match="lora_B"):
+        call(x, w, a, b[:, :1])
+    with pytest.raises(ValueError, match="lora_B"):
+        call(x, w, a, b[:4])
+    with pytest.raises(ValueError, match="bias"):
+        call(x, w, a, b, bias[:3])
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        call(x, w[0], a, b)
+    with pytest.raises(TypeError, match="lora_A must have x's dtype"):
+        call(x, w, a.double(), b)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        call(x.long(), w, a, b)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        call(x, w.tolist(), a, b)
+    with pytest.raises(ValueError, match="rank r >= 1"):
+        call(x, w, a[:0], b[:, :0])
+    with pytest.raises(ValueError, match="lora_B must be on the same device"):
+        call(x, w, a, b.to("meta"))
+
+
+def test_triton_backend_rejects_float64_clearly():
+    if not lucidops.backends.triton_interpreting():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    x, w, a, b, _ = make((3, 8), 5, 2, torch.float64, "cpu")
+    with lucidops.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        lucidops.ops.sine_lora_linear(x, w, a, b, omega=1.0, scale=1.0)
+
+
+# --------------------------------------------------------------------------- modules
+
+def _linear(k, n, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n).to(dtype)
+
+
+def test_sine_module_matches_definition_and_starts_at_base():
+    base = _linear(24, 10)
+    layer = lucidops.nn.SineLoRALinear(base, rank=4, omega=30.0, alpha=8.0)
+    x = torch.randn(3, 5, 24)
+    torch.testing.assert_close(layer(x), base(x))  # B = 0: the update starts at zero
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    assert layer.scale == pytest.approx(8.0 / 4 / math.sqrt(24))
+    w_eff = base.weight.double() + layer.scale * torch.sin(30.0 * layer.lora_B.double() @ layer.lora_A.double())
+    expected = x.double() @ w_eff.T + base.bias.double()
+    assert rel_err(layer(x), expected) < 1e-5
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+
+
+@pytest.mark.parametrize("fn", ["sin", "tanh"])
+def test_merge_is_a_linear_and_unmerge_restores(fn):
+    base = _linear(33, 17, seed=1)
+    original = base.weight.detach().clone()
+    layer = lucidops.nn.BoundedLoRALinear(base, rank=4, fn=fn, omega=3.0, alpha=2.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(6, 33)
+    y = layer(x)
+    layer.merge()
+    assert layer.merged
+    y_merged = layer(x)
+    torch.testing.assert_close(y_merged, torch.nn.functional.linear(x, base.weight, base.bias))
+    assert rel_err(y_merged, y.double()) < 1e-5
+    layer.unmerge()
+    assert torch.equal(base.weight, original)
+    layer.merge(keep_original=False).unmerge()
+    torch.testing.assert_close(base.weight, original, rtol=0, atol=1e-6)
+
+
+def test_output_placement_module_cannot_merge():
+    layer = lucidops.nn.BoundedLoRALinear(_linear(8, 4), rank=2, fn="tanh", omega=2.0, placement="output")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 8)
+    expected = ref.forward(x.double(), layer.base.weight.double(), layer.lora_A.double(), layer.lora_B.double(),
+                           layer.base.bias.double(), "tanh", "output", 2.0, layer.scale)
+    assert rel_err(layer(x), expected) < 1e-5
+    with pytest.raises(RuntimeError, match="output"):
+        layer.merge()
+
+
+def test_module_trains_only_the_adapter():
+    layer = lucidops.nn.SineLoRALinear(_linear(16, 8, seed=2), rank=4, omega=10.0, alpha=4.0)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.5)
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    x, target = torch.randn(32, 16), torch.randn(32, 8)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = ((layer(x) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.95
+
+
+def test_module_quantize():
+    layer = lucidops.nn.SineLoRALinear(_linear(64, 24, seed=3), rank=4, omega=5.0, alpha=4.0)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.1)
+    x = torch.randn(7, 64)
+    y_full = layer(x)
+    q = layer.quantize_(bits=8, group_size=32)
+    assert layer.lora_A is None and q.stats["bytes"] < q.stats["full_precision_bytes"]
+    a_hat, b_hat = q.dequantize(torch.float64)
+    expected = ref.forward(x.double(), layer.base.weight.double(), a_hat, b_hat, layer.base.bias.double(), "sin",
+                           "weight", 5.0, layer.scale)
+    assert rel_err(layer(x), expected) < 1e-5
+    assert rel_err(layer(x), y_full.double()) < 1e-2  # 8 bits: close to the full-precision adapter
+    with pytest.raises(RuntimeError, match="already"):
+        layer.quantize_()
+
+
+def test_module_bad_arguments():
+    with pytest.raises(TypeError, match="base"):
+        lucidops.nn.SineLoRALinear(nn.Conv1d(3, 3, 1), rank=2, omega=1.0)
+    with pytest.raises(ValueError, match="rank"):
+        lucidops.nn.SineLoRALinear(_linear(4, 4), rank=0, omega=1.0)
+    with pytest.raises(ValueError, match="omega"):
+        lucidops.nn.SineLoRALinear(_linear(4, 4), rank=2, omega=float("nan"))
+    with pytest.raises(ValueError, match="fn"):
+        lucidops.nn.BoundedLoRALinear(_linear(4, 4), rank=2, fn="gelu")
+    with pytest.raises(ValueError, match="gain"):
+        lucidops.nn.SineLoRALinear(_linear(4, 4), rank=2, omega=1.0, gain="sqrt_out")

@@ -1,0 +1,460 @@
+"""Triton kernels for sine and bounded LoRA linear layers (methods.md sections 3 and 5).
+
+The full-rank update s fn(omega B A) (N_out x K_in) never reaches global memory:
+
+- ``lora_matmul_kernel`` computes out[m, j] = sum_i in[m, i] Weff(i, j) (+ epilogue, bias)
+  where, with LORA, Weff(i, j) = W(i, j) + s fn(omega sum_r L[i, r] R[r, j]) is
+  regenerated tile by tile inside the reduction loop (phase in float32, "ieee" dot: a
+  tf32 phase would be off by ~1e-3 omega |BA| radians). All operands are addressed by
+  strides, so one kernel serves the forward (in = x, W^T, L = A^T, R = B^T) and dx
+  (in = dY, W, L = B, R = A), plus the plain products of the "output" placement (LORA
+  off; EPILOGUE 1 adds s fn(omega U E), EPILOGUE 2 adds U E, with U (M, r) float32).
+- ``lora_wgrad_kernel`` forms a tile of G = dY^T X (looping over M), optionally stores it
+  as dW, then multiplies by s omega fn'(omega B A) (regenerated) and reduces the tile
+  into per-tile partials of dA = B^T H and dB = H A^T, summed afterwards in a fixed
+  order (deterministic, no atomics).
+- ``lora_output_grad_kernel`` (placement "output"): Gz = dY s fn'(omega U B^T) tile by
+  tile, reduced over N into dU = omega Gz B, or over M into dB = omega Gz^T U.
+
+Rank r is padded to 16-wide chunks with masks, so every tl.dot dimension is >= 16.
+float64 inputs are not supported here (use the reference or cpp backend).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+FN_CODES = {"sin": 0, "tanh": 1}
+BLOCK_R = 16
+# (BLOCK_M, BLOCK_J, BLOCK_I, num_warps) for lora_matmul_kernel: small M, large M.
+MATMUL_CONFIGS: Tuple[Tuple[int, int, int, int], ...] = ((16, 64, 64, 4), (64, 128, 32, 8))
+# (BLOCK_N, BLOCK_K, BLOCK_M, num_warps) for lora_wgrad_kernel.
+WGRAD_CONFIG = (64, 64, 32, 4)
+# (BLOCK_M, BLOCK_N, num_warps) for lora_output_grad_kernel; R_PAD in OUTPUT_R_PADS.
+OUTPUT_GRAD_CONFIG = (64, 64, 4)
+OUTPUT_R_PADS = (16, 32, 64)
+_SMALL_M = 64
+
+
+@triton.jit
+def _bounded(z, FN: tl.constexpr):
+    if FN == 0:
+        f = tl.sin(z)
+    else:
+        # tanh from exp(-2|z|): no overflow for any finite z.
+        e = tl.exp(-2.0 * tl.abs(z))
+        t = (1.0 - e) / (1.0 + e)
+        f = tl.where(z < 0, -t, t)
+    return f
+
+
+@triton.jit
+def _bounded_derivative(z, FN: tl.constexpr):
+    if FN == 0:
+        d = tl.cos(z)
+    else:
+        t = _bounded(z, 1)
+        d = 1.0 - t * t
+    return d
+
+
+@triton.jit
+def lora_matmul_kernel(
+    in_ptr, w_ptr, l_ptr, r_ptr, bias_ptr, u_ptr, e_ptr, out_ptr,
+    M, I, J, R,
+    stride_im, stride_ii, stride_wi, stride_wj, stride_li, stride_lr, stride_rr, stride_rj,
+    stride_um, stride_ur, stride_er, stride_ej,
+    omega, scale,
+    FN: tl.constexpr, LORA: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_m = offs_m < M
+    mask_j = offs_j < J
+    acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        mask_i = offs_i < I
+        offs_i64 = offs_i.to(tl.int64)
+        a = tl.load(in_ptr + offs_m[:, None] * stride_im + offs_i64[None, :] * stride_ii,
+                    mask=mask_m[:, None] & mask_i[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_i64[:, None] * stride_wi + offs_j[None, :] * stride_wj,
+                    mask=mask_i[:, None] & mask_j[None, :], other=0.0)
+        if LORA:
+            p = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                mask_r = offs_r < R
+                lf = tl.load(l_ptr + offs_i[:, None] * stride_li + offs_r[None, :] * stride_lr,
+                             mask=mask_i[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                rf = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
+                             mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
+                p = tl.dot(lf, rf, p, input_precision="ieee")
+            w = w.to(tl.float32) + scale * _bounded(omega * p, FN)
+        w = w.to(a.dtype)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc)
+    if EPILOGUE != 0:
+        z = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            uf = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            ef = tl.load(e_ptr + offs_r[:, None] * stride_er + offs_j[None, :] * stride_ej,
+                         mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
+            z = tl.dot(uf, ef, z, input_precision="ieee")
+        if EPILOGUE == 1:
+            acc += scale * _bounded(omega * z, FN)
+        else:
+            acc += z
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * J + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_j[None, :])
+
+
+@triton.jit
+def lora_wgrad_kernel(
+    dy_ptr, x_ptr, a_ptr, b_ptr, dw_ptr, pa_ptr, pb_ptr,
+    M, N, K, R, omega, scale,
+    FN: tl.constexpr, NEED_DW: tl.constexpr, NEED_LORA: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        offs_m64 = offs_m.to(tl.int64)
+        dyt = tl.load(dy_ptr + offs_m64[None, :] * N + offs_n[:, None],
+                      mask=mask_m[None, :] & mask_n[:, None], other=0.0)
+        xx = tl.load(x_ptr + offs_m64[:, None] * K + offs_k[None, :],
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+            xx = xx.to(tl.float32)
+        g = tl.dot(dyt, xx, g)
+    if NEED_DW:
+        tl.store(dw_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], g.to(dw_ptr.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_k[None, :])
+    if NEED_LORA:
+        p = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            bf = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :],
+                         mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            af = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :],
+                         mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            p = tl.dot(bf, af, p, input_precision="ieee")
+        # Masked rows/columns have g = 0, so h = 0 there and they add nothing below.
+        h = g * (scale * omega) * _bounded_derivative(omega * p, FN)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            bf = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :],
+                         mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            af = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :],
+                         mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            part_b = tl.dot(h, tl.trans(af), input_precision="ieee")          # (BLOCK_N, BLOCK_R)
+            part_a = tl.dot(tl.trans(bf), h, input_precision="ieee")          # (BLOCK_R, BLOCK_K)
+            tl.store(pb_ptr + pid_k.to(tl.int64) * N * R + offs_n[:, None] * R + offs_r[None, :], part_b,
+                     mask=mask_n[:, None] & mask_r[None, :])
+            tl.store(pa_ptr + pid_n.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :], part_a,
+                     mask=mask_r[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def lora_output_grad_kernel(
+    dy_ptr, u_ptr, b_ptr, out_ptr, M, N, R, omega, scale,
+    FN: tl.constexpr, REDUCE_OVER_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """REDUCE_OVER_N: out = dU (M, R) float32 = omega Gz B; else out = dB (N, R) = omega Gz^T U."""
+    pid = tl.program_id(0)
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    if REDUCE_OVER_N:
+        offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        u = tl.load(u_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            b = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :],
+                        mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            z = tl.dot(u, tl.trans(b), input_precision="ieee")
+            dy = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :],
+                         mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            gz = dy * scale * _bounded_derivative(omega * z, FN)
+            acc = tl.dot(gz, b, acc, input_precision="ieee")
+        tl.store(out_ptr + offs_m[:, None] * R + offs_r[None, :], (omega * acc).to(out_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_r[None, :])
+    else:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        b = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :],
+                    mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < M
+            offs_m64 = offs_m.to(tl.int64)
+            u = tl.load(u_ptr + offs_m64[:, None] * R + offs_r[None, :],
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            z = tl.dot(u, tl.trans(b), input_precision="ieee")
+            dy = tl.load(dy_ptr + offs_m64[:, None] * N + offs_n[None, :],
+                         mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            gz = dy * scale * _bounded_derivative(omega * z, FN)
+            acc = tl.dot(tl.trans(gz), u, acc, input_precision="ieee")
+        tl.store(out_ptr + offs_n[:, None] * R + offs_r[None, :], (omega * acc).to(out_ptr.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_r[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+
+def _check_dtype(x: torch.Tensor) -> None:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the triton backend of bounded_lora_linear takes float16, bfloat16 or float32 x, "
+                        f"got {x.dtype} (use the reference or cpp backend)")
+
+
+def _upcast(*tensors: torch.Tensor) -> bool:
+    """True only under TRITON_INTERPRET with bfloat16 operands: the interpreter stores bf16
+    as raw uint16 and its tl.dot multiplies those integers. bf16 products are exact in
+    float32, so upcasting changes nothing but that bug; GPUs never take this path."""
+    from . import INTERPRETED
+
+    return bool(INTERPRETED) and any(t.dtype == torch.bfloat16 for t in tensors)
+
+
+def _matmul_config(rows: int) -> Tuple[int, int, int, int]:
+    return MATMUL_CONFIGS[0] if rows <= _SMALL_M else MATMUL_CONFIGS[1]
+
+
+def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Optional[Tuple] = None,
+            epilogue: int = 0, u: Optional[torch.Tensor] = None, e: Optional[torch.Tensor] = None,
+            bias: Optional[torch.Tensor] = None, fn: int = 0, omega: float = 0.0, scale: float = 0.0) -> torch.Tensor:
+    """out (M, J) = inp (M, I) @ Weff (I, J) [+ epilogue] [+ bias], every operand by strides.
+
+    lora = (L (I, r), R (r, J)) regenerates Weff = w + scale fn(omega L R) tile by tile."""
+    m, i_dim = inp.shape
+    j_dim = w.shape[1]
+    if out.numel() == 0:
+        return out
+    if i_dim == 0 and epilogue == 0 and bias is None:
+        return out.zero_()
+    block_m, block_j, block_i, warps = _matmul_config(m)
+    l, rm = lora if lora is not None else (w, w)
+    r = l.shape[1] if lora is not None else (u.shape[1] if u is not None else 0)
+    u_t = u if u is not None else _dummy_fp32(inp.device)
+    e_t = e if e is not None else w
+    grid = (triton.cdiv(m, block_m), triton.cdiv(j_dim, block_j))
+    lora_matmul_kernel[grid](
+        inp, w, l, rm, bias if bias is not None else w, u_t, e_t, out,
+        m, i_dim, j_dim, r,
+        inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), l.stride(0), l.stride(1), rm.stride(0), rm.stride(1),
+        u_t.stride(0) if u is not None else 0, u_t.stride(1) if u is not None else 0,
+        e_t.stride(0), e_t.stride(1), float(omega), float(scale),
+        FN=fn, LORA=lora is not None, EPILOGUE=epilogue, HAS_BIAS=bias is not None, UPCAST=_upcast(inp, w),
+        BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_I=block_i, BLOCK_R=BLOCK_R, num_warps=warps,
+    )
+    return out
+
+
+_DUMMIES: Dict[torch.device, torch.Tensor] = {}
+
+
+def _dummy_fp32(device) -> torch.Tensor:
+    # Never read (its kernel branch is compiled out); a 2-D fp32 tensor keeps one signature.
+    key = torch.device(device)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros((1, 1), dtype=torch.float32, device=key)
+    return _DUMMIES[key]
+
+
+def _r_pad(r: int) -> int:
+    for pad in OUTPUT_R_PADS:
+        if r <= pad:
+            return pad
+    raise ValueError(f"the triton backend's 'output' placement supports rank r <= {OUTPUT_R_PADS[-1]}, got r={r} "
+                     f"(use the cpp or reference backend)")
+
+
+def forward(x, weight, a, b, bias, fn: str, placement: str, omega: float, scale: float) -> torch.Tensor:
+    """y (M, N_out) for 2-D x (M, K_in)."""
+    _check_dtype(x)
+    x = x.contiguous()
+    m = x.shape[0]
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    code = FN_CODES[fn]
+    if placement == "weight":
+        # in = x, Weff^T (K, N) = W^T + s fn(omega A^T B^T): L = A^T (K, r), R = B^T (r, N).
+        return _matmul(x, weight.t(), out, lora=(a.t(), b.t()), bias=bias, fn=code, omega=omega, scale=scale)
+    _r_pad(a.shape[0])
+    u = torch.empty((m, a.shape[0]), dtype=torch.float32, device=x.device)
+    _matmul(x, a.t(), u)                                       # U = x A^T, float32
+    return _matmul(x, weight.t(), out, epilogue=1, u=u, e=b.t(), bias=bias, fn=code, omega=omega, scale=scale)
+
+
+def backward(grad, x, weight, a, b, fn: str, placement: str, omega: float, scale: float, need_x: bool,
+             need_weight: bool, need_bias: bool, need_lora: bool):
+    """(dx, dweight, dbias, dA, dB); unneeded gradients are empty (0,) tensors."""
+    _check_dtype(x)
+    x, grad = x.contiguous(), grad.contiguous()
+    a, b = a.contiguous(), b.contiguous()
+    m, k = x.shape
+    n, r = b.shape
+    code = FN_CODES[fn]
+    empty = x.new_empty(0)
+    grad_x = grad_w = grad_a = grad_b = empty
+    if placement == "weight":
+        if need_x:
+            # dX = dY Weff: in = dY (M, N), Weff (N, K) = W + s fn(omega B A): L = B, R = A.
+            grad_x = _matmul(grad, weight, torch.empty((m, k), dtype=x.dtype, device=x.device), lora=(b, a),
+                             fn=code, omega=omega, scale=scale)
+        if need_weight or need_lora:
+            grad_w, grad_a, grad_b = _wgrad(grad, x, a, b, code, omega, scale, need_weight, need_lora, weight.dtype)
+    else:
+        r_pad = _r_pad(r)
+        if need_x or need_lora:
+            u = torch.empty((m, r), dtype=torch.float32, device=x.device)
+            _matmul(x, a.t(), u)
+            du = torch.empty((m, r), dtype=torch.float32, device=x.device)
+            _output_grad(grad, u, b, du, True, code, omega, scale, r_pad)
+            if need_lora:
+                grad_b = torch.empty((n, r), dtype=b.dtype, device=x.device)
+                _output_grad(grad, u, b, grad_b, False, code, omega, scale, r_pad)
+                grad_a = _matmul(du.t(), x, torch.empty((r, k), dtype=torch.float32, device=x.device)).to(a.dtype)
+            if need_x:
+                grad_x = _matmul(grad, weight, torch.empty((m, k), dtype=x.dtype, device=x.device), epilogue=2,
+                                 u=du, e=a)
+        if need_weight:
+            grad_w, _, _ = _wgrad(grad, x, a, b, code, omega, scale, True, False, weight.dtype)
+    # The bias gradient is a plain column sum of dY (torch's reduction).
+    grad_bias = grad.sum(0, dtype=torch.float32).to(weight.dtype) if need_bias else empty
+    return grad_x, grad_w, grad_bias, grad_a, grad_b
+
+
+def _wgrad(grad, x, a, b, code, omega, scale, need_weight, need_lora, w_dtype):
+    m, k = x.shape
+    n, r = b.shape
+    block_n, block_k, block_m, warps = WGRAD_CONFIG
+    tiles_n, tiles_k = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
+    dw = torch.empty((n, k), dtype=w_dtype, device=x.device) if need_weight else _dummy_fp32(x.device)
+    pa = torch.empty((tiles_n, r, k), dtype=torch.float32, device=x.device) if need_lora else _dummy_fp32(x.device)
+    pb = torch.empty((tiles_k, n, r), dtype=torch.float32, device=x.device) if need_lora else _dummy_fp32(x.device)
+    if n > 0 and k > 0:
+        lora_wgrad_kernel[(tiles_n, tiles_k)](
+            grad, x, a, b, dw, pa, pb, m, n, k, r, float(omega), float(scale),
+            FN=code, NEED_DW=need_weight, NEED_LORA=need_lora, UPCAST=_upcast(x),
+            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_R=BLOCK_R, num_warps=warps,
+        )
+    empty = x.new_empty(0)
+    grad_w = dw if need_weight else empty
+    if not need_lora:
+        return grad_w, empty, empty
+    # Fixed-order sums of the per-tile partials: deterministic.
+    return grad_w, pa.sum(0).to(a.dtype), pb.sum(0).to(b.dtype)
+
+
+def _output_grad(grad, u, b, out, reduce_over_n: bool, code, omega, scale, r_pad):
+    m, n = grad.shape
+    r = b.shape[1]
+    block_m, block_n, warps = OUTPUT_GRAD_CONFIG
+    if out.numel() == 0:
+        return out
+    if (m == 0 and not reduce_over_n) or (n == 0 and reduce_over_n):
+        return out.zero_()
+    programs = triton.cdiv(m, block_m) if reduce_over_n else triton.cdiv(n, block_n)
+    lora_output_grad_kernel[(programs,)](
+        grad, u, b, out, m, n, r, float(omega), float(scale),
+        FN=code, REDUCE_OVER_N=reduce_over_n, BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=r_pad, num_warps=warps,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- ahead-of-time specs
+
+_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def _matmul_spec(in_t, w_t, out_t, *, lora, epilogue, has_bias, fn, config):
+    block_m, block_j, block_i, warps = config
+    ints = ["M", "I", "J", "R", "stride_im", "stride_ii", "stride_wi", "stride_wj", "stride_li", "stride_lr",
+            "stride_rr", "stride_rj", "stride_um", "stride_ur", "stride_er", "stride_ej"]
+    signature = {"in_ptr": f"*{in_t}", "w_ptr": f"*{w_t}", "l_ptr": f"*{w_t}", "r_ptr": f"*{w_t}",
+                 "bias_ptr": f"*{w_t}", "u_ptr": "*fp32", "e_ptr": f"*{w_t}", "out_ptr": f"*{out_t}"}
+    signature.update({name: "i32" for name in ints})
+    signature.update({"omega": "fp32", "scale": "fp32"})
+    constexprs = {"FN": fn, "LORA": lora, "EPILOGUE": epilogue, "HAS_BIAS": has_bias, "UPCAST": False,
+                  "BLOCK_M": block_m, "BLOCK_J": block_j, "BLOCK_I": block_i, "BLOCK_R": BLOCK_R}
+    signature.update({name: "constexpr" for name in constexprs})
+    return dict(fn=lora_matmul_kernel, signature=signature, constexprs=constexprs, num_warps=warps)
+
+
+def aot_specs() -> Iterator[Dict]:
+    """Every configuration the launchers above can pick, for ahead-of-time compilation."""
+    for dt in _DTYPES:
+        for config in MATMUL_CONFIGS:
+            for fn in FN_CODES.values():
+                for has_bias in (False, True):
+                    # weight placement forward; output placement forward (epilogue 1)
+                    yield _matmul_spec(dt, dt, dt, lora=True, epilogue=0, has_bias=has_bias, fn=fn, config=config)
+                    yield _matmul_spec(dt, dt, dt, lora=False, epilogue=1, has_bias=has_bias, fn=fn, config=config)
+            # U = x A^T (fp32 out); output-placement dx (epilogue 2); dA = dU^T x (fp32 in and out)
+            yield _matmul_spec(dt, dt, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
+            yield _matmul_spec(dt, dt, dt, lora=False, epilogue=2, has_bias=False, fn=0, config=config)
+            yield _matmul_spec("fp32", dt, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
+        block_n, block_k, block_m, warps = WGRAD_CONFIG
+        for fn in FN_CODES.values():
+            for need_dw, need_lora in ((True, False), (False, True), (True, True)):
+                if not need_lora and fn != 0:
+                    continue  # FN is unused without the adapter: the launcher passes 0
+                dw_t = dt if need_dw else "fp32"
+                yield dict(fn=lora_wgrad_kernel,
+                           signature={"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "b_ptr": f"*{dt}",
+                                      "dw_ptr": f"*{dw_t}", "pa_ptr": "*fp32", "pb_ptr": "*fp32", "M": "i32",
+                                      "N": "i32", "K": "i32", "R": "i32", "omega": "fp32", "scale": "fp32",
+                                      "FN": "constexpr", "NEED_DW": "constexpr", "NEED_LORA": "constexpr",
+                                      "UPCAST": "constexpr",
+                                      "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_M": "constexpr",
+                                      "BLOCK_R": "constexpr"},
+                           constexprs={"FN": fn, "NEED_DW": need_dw, "NEED_LORA": need_lora, "UPCAST": False,
+                                       "BLOCK_N": block_n,
+                                       "BLOCK_K": block_k, "BLOCK_M": block_m, "BLOCK_R": BLOCK_R},
+                           num_warps=warps)
+            block_m2, block_n2, warps2 = OUTPUT_GRAD_CONFIG
+            for reduce_over_n in (True, False):
+                for r_pad in OUTPUT_R_PADS:
+                    out_t = "fp32" if reduce_over_n else dt
+                    yield dict(fn=lora_output_grad_kernel,
+                               signature={"dy_ptr": f"*{dt}", "u_ptr": "*fp32", "b_ptr": f"*{dt}",
+                                          "out_ptr": f"*{out_t}", "M": "i32", "N": "i32", "R": "i32",
+                                          "omega": "fp32", "scale": "fp32", "FN": "constexpr",
+                                          "REDUCE_OVER_N": "constexpr", "BLOCK_M": "constexpr",
+                                          "BLOCK_N": "constexpr", "R_PAD": "constexpr"},
+                               constexprs={"FN": fn, "REDUCE_OVER_N": reduce_over_n, "BLOCK_M": block_m2,
+                                           "BLOCK_N": block_n2, "R_PAD": r_pad},
+                               num_warps=warps2)
+
+
+def describe_specs() -> List[str]:
+    return [f"{s['fn'].__name__}{s['constexprs']} {s['signature']}" for s in aot_specs()]

@@ -100,7 +100,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6", "pytest-timeout"],
+        "dev": ["pytest>=8", "hypothesis>=6", "pytest-timeout", "timm>=1.0"],
     },
     entry_points={"console_scripts": ["lucidops=lucidops.cli:main"]},
     zip_safe=False,

@@ -104,4 +104,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kind"));
   m.def("activation_backward", &impl::activation_backward, "sinc/gaussian backward: (grad_x, grad_sigma)",
         py::arg("grad"), py::arg("x"), py::arg("sigma"), py::arg("kind"), py::arg("need_sigma_grad"));
+#ifndef LUCIDOPS_WITH_CUDA
+  // Gaussian point encoder (CPU only so far).
+  m.def("gaussian_mixture_forward", &impl::gaussian_mixture_forward, "Gaussian mixture forward: (out, argmax)");
+  m.def("gaussian_mixture_backward_max", &impl::gaussian_mixture_backward_max,
+        "Gaussian mixture backward, reduce max: (points, means, precisions, weight, bias) grads");
+  m.def("gaussian_phi", &impl::gaussian_phi, "phi (M, G) with culling");
+  m.def("gaussian_phi_backward", &impl::gaussian_phi_backward, "grads of points, means, precisions from dL/dphi*phi");
+#endif
 }

@@ -17,6 +17,21 @@ at::Tensor activation_forward(const at::Tensor& x, const at::Tensor& sigma, int6
 std::tuple<at::Tensor, at::Tensor> activation_backward(const at::Tensor& grad, const at::Tensor& x,
                                                        const at::Tensor& sigma, int64_t kind,
                                                        bool need_sigma_grad);
+
+// 3D Gaussian point encoder mixture (csrc/cpu/gaussian_mixture.cpp). points (B, N, 3), means (G, 3),
+// precisions (G, 6) upper triangles, weight (K, G), bias (K,), half_widths (G, 3) culling boxes.
+std::tuple<at::Tensor, at::Tensor> gaussian_mixture_forward(const at::Tensor& points, const at::Tensor& means,
+                                                            const at::Tensor& precisions, const at::Tensor& weight,
+                                                            const at::Tensor& bias, const at::Tensor& half_widths,
+                                                            bool cull, bool reduce_max);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_mixture_backward_max(
+    const at::Tensor& grad, const at::Tensor& points, const at::Tensor& means, const at::Tensor& precisions,
+    const at::Tensor& weight, const at::Tensor& argmax, const at::Tensor& half_widths, bool cull);
+at::Tensor gaussian_phi(const at::Tensor& points, const at::Tensor& means, const at::Tensor& precisions,
+                        const at::Tensor& half_widths, bool cull);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_phi_backward(const at::Tensor& coef, const at::Tensor& points,
+                                                                     const at::Tensor& means,
+                                                                     const at::Tensor& precisions);
 }  // namespace cpu
 
 }  // namespace lucidops

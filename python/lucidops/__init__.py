@@ -8,9 +8,12 @@
 See ``lucidops info`` for the backends available on this machine.
 """
 
-from . import backends, nn, ops, profile, reference
+from . import backends, conditioning, init, nn, ops, patch, profile, quant, reference, train
 from .backends import BACKENDS, BackendUnavailable, use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailable", "use_backend", "backends", "nn", "ops", "profile", "reference"]
+__all__ = [
+    "BACKENDS", "BackendUnavailable", "use_backend",
+    "backends", "conditioning", "init", "nn", "ops", "patch", "profile", "quant", "reference", "train",
+]

@@ -56,6 +56,8 @@ def info(build: bool = False) -> str:
             out.append(f"  {device}: default -> {chosen or 'reference'}")
             for b, problem in table.items():
                 out.append(f"    {b:<9} {'available' if problem is None else 'unavailable: ' + problem}")
+        for backend, note in entry.notes.items():
+            out.append(f"  note ({backend}): {note}")
     return "\n".join(out)
 
 

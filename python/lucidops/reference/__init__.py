@@ -1,5 +1,5 @@
 """Pure PyTorch ground truth for every op family (one module per family)."""
 
-from . import activations
+from . import activations, attention, gaussian_mixture, lora
 
-__all__ = ["activations"]
+__all__ = ["activations", "attention", "gaussian_mixture", "lora"]

@@ -1,0 +1,134 @@
+"""Gaussian point encoder mixture: the fused kernels against dense PyTorch.
+
+B = 16 clouds, N = 2048 points, G = 32 Gaussians, K = 1024 channels, float32 (B = 2,
+N = 256, K = 128 with --quick); points uniform in [-1, 1]^3. Parameters stand in for a
+trained encoder (no trained weights ship): ``GaussianPointEncoder`` means, L = 2 x its
+near-identity init (Gaussian std ~0.5), mixer weights N(0, 1).
+
+Baselines: ``eager dense`` is the paper's formulation (phi (B, N, G) materialised, a
+Linear to (B, N, K), then max); ``lucidops[reference]`` is the op's reference backend.
+Rows report time, the speedup against eager dense, the relative error against a float64
+evaluation, and for forward+backward the bytes autograd saves for the backward.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+
+import lucidops
+from lucidops import backends
+from lucidops.nn.gaussian_mixture import GaussianPointEncoder
+from lucidops.reference import gaussian_mixture as ref
+
+from .timing import measure_ms
+
+CULL_THRESHOLD = 0.1
+
+
+def _eager_dense(points, means, precisions, weight, bias):
+    phi = ref.gaussian_phi(points, means, precisions)
+    return torch.nn.functional.linear(phi, weight, bias).amax(dim=-2)
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def _params(G: int, K: int, factor_scale: float, device: str):
+    torch.manual_seed(0)
+    enc = GaussianPointEncoder(G, K).to(device)
+    with torch.no_grad():  # stand-in for a trained encoder: narrower Gaussians, O(1) mixer weights
+        enc.factor.mul_(factor_scale)
+        enc.mixer.weight.normal_(0.0, 1.0)
+    return enc.means.detach(), enc.precisions().detach(), enc.mixer.weight.detach(), enc.mixer.bias.detach()
+
+
+def _candidates(device: str, with_baselines: bool) -> Dict[str, Callable]:
+    impls: Dict[str, Callable] = {}
+    if with_baselines:
+        impls["eager dense"] = _eager_dense
+    for backend in backends.BACKENDS:
+        if backend not in backends.registered_ops()["gaussian_mixture"].impls:
+            continue
+        if backend == "triton" and device == "cpu":
+            continue  # the interpreter is a correctness tool
+        if backend == "reference" and not with_baselines:
+            continue
+        if backends.backend_problem(backend, device) is not None:
+            continue
+        for cull in (None, CULL_THRESHOLD):
+            if cull is not None and backend == "reference":
+                continue  # the dense reference only masks: culling saves it nothing
+
+            def fn(p, m, pr, w, b, _backend=backend, _cull=cull):
+                with lucidops.use_backend(_backend):
+                    return lucidops.ops.gaussian_mixture(p, m, pr, w, b, cull_threshold=_cull)
+
+            impls[f"lucidops[{backend}]" + (f" cull t={cull}" if cull is not None else "")] = fn
+    return impls
+
+
+def run(device: str, quick: bool = False) -> List[Dict]:
+    B, N, G, K = (2, 256, 32, 128) if quick else (16, 2048, 32, 1024)
+    points = torch.rand(B, N, 3, generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1
+    rows: List[Dict] = []
+    # Gaussian std ~ 1 / factor_scale; the narrower, the more whole tiles culling skips.
+    for factor_scale, with_baselines in ((2.0, True), (5.0, False)):
+        means, prec, weight, bias = _params(G, K, factor_scale, device)
+        expected = _eager_dense(points.double(), means.double(), prec.double(), weight.double(), bias.double())
+        impls = _candidates(device, with_baselines)
+        case = f"B={B} N={N} G={G} K={K} fp32, Gaussian std {1 / factor_scale:.1f}"
+        for mode in ("forward", "forward+backward"):
+            times: Dict[str, float] = {}
+            first = len(rows)
+            for name, fn in impls.items():
+                extra: Dict[str, object] = {}
+                if mode == "forward":
+                    def step(fn=fn):
+                        with torch.no_grad():
+                            return fn(points, means, prec, weight, bias)
+
+                    out = step()
+                    extra["rel_err_vs_fp64"] = ((out.double() - expected).norm() / expected.norm()).item()
+                else:
+                    args = [t.clone().requires_grad_(True) for t in (points, means, prec, weight, bias)]
+                    grad = torch.randn(B, K, device=device)
+
+                    def step(fn=fn, args=args, grad=grad):
+                        for a in args:
+                            a.grad = None
+                        fn(*args).backward(grad)
+
+                    extra["saved_bytes"] = _saved_bytes(lambda fn=fn, args=args: fn(*args))
+                try:
+                    times[name] = measure_ms(step, device, warmup=1, repeat=3 if quick else 5)
+                except Exception as exc:  # a failing candidate is reported, not fatal
+                    print(f"  gaussian {mode} {name}: failed ({type(exc).__name__}: {exc})")
+                    continue
+                rows.append(dict(family="gaussian_mixture", case=case, mode=mode, impl=name, ms=times[name], **extra))
+            culled = f"lucidops[cpp] cull t={CULL_THRESHOLD}"
+            for row in rows[first:]:
+                for base, key in (("eager dense", "speedup_vs_eager"), ("lucidops[reference]", "speedup_vs_reference")):
+                    if base in times:
+                        row[key] = times[base] / row["ms"]
+                if row["impl"] == culled and "lucidops[cpp]" in times:
+                    row["speedup_vs_unculled"] = times["lucidops[cpp]"] / row["ms"]
+    return rows
+
+
+if __name__ == "__main__":  # python -m bench.gaussian [--quick]
+    import sys
+
+    for r in run("cpu", quick="--quick" in sys.argv):
+        print(r)

@@ -1,0 +1,588 @@
+// CPU kernels for the 3D Gaussian point encoder mixture (methods.md section 1):
+//   phi_g(x) = exp(-1/2 (x - mu_g)^T P_g (x - mu_g)),  l_k(x) = sum_g W[k,g] phi_g(x) + b[k],
+//   out = max over points of l (with the arg-max), or l itself (reduce "none").
+//
+// Forward: work items are (cloud, chunk of kChunk points), run with OpenMP. Each item walks
+// its chunk in tiles of Tile points: it evaluates phi for the Gaussians that can reach the
+// tile into a (G_active x Tile) buffer, mixes it into blocks of KB channels held in
+// registers, and folds each block into the running max / arg-max. Neither (N, G) nor (N, K)
+// exists for a whole cloud. With culling, a Gaussian whose box misses the tile's bounding
+// box is skipped for the whole tile (exact: rounding is monotonic, so every point of the
+// tile would fail the per-point test too), and the per-point test zeroes the rest.
+//
+// Ties: every fold of a maximum keeps the lowest point index among equal values, so the
+// lowest point index attaining the max wins, as in every backend, whatever the visiting
+// order (with culling, points are visited in a spatial order: see spatial_order).
+//
+// Backward (reduce max): phi is recomputed at the arg-max points only, in three passes that
+// each own their outputs (over channels: weight/bias; over Gaussians: means/precisions; over
+// clouds: points), so there are no atomics and the result does not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "../lucidops.h"
+#include "vec_math.h"
+
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#define LUCIDOPS_HAS_MXCSR 1
+#endif
+
+namespace lucidops {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 256;
+
+// Far from a Gaussian, W * phi underflows into subnormals, which x86 cores handle in
+// microcode at ~100x the cost: narrow Gaussians made the dense kernel 3x slower. Inside the
+// kernel's threads only, flush subnormal results and inputs to zero (an absolute change
+// below 1.2e-38, far under float32 rounding of any output), and restore the mode after.
+class FlushSubnormals {
+ public:
+#ifdef LUCIDOPS_HAS_MXCSR
+  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ | DAZ
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};  // points per work item; fixed, so results do not depend on threads
+
+// Tile sizes: Tile points (SIMD lanes) x KB channels of accumulators, sized for 32 vector registers.
+template <typename T> struct Blocking;
+template <> struct Blocking<float> { static constexpr int Tile = 32; static constexpr int KB = 8; };
+template <> struct Blocking<double> { static constexpr int Tile = 16; static constexpr int KB = 8; };
+
+inline float fast_exp(float v) { return vec_math::exp(v); }
+inline double fast_exp(double v) { return std::exp(v); }
+
+// Per-Gaussian parameters unpacked once: mean, the six precision entries, half-widths.
+template <typename T>
+struct GaussParams {
+  T mu[3];
+  T p[6];  // p00, p01, p02, p11, p12, p22
+  T h[3];
+};
+
+template <typename T>
+std::vector<GaussParams<T>> unpack(const T* means, const T* prec, const T* half, int64_t G) {
+  std::vector<GaussParams<T>> out(G);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int i = 0; i < 3; ++i) out[g].mu[i] = means[g * 3 + i];
+    for (int i = 0; i < 6; ++i) out[g].p[i] = prec[g * 6 + i];
+    for (int i = 0; i < 3; ++i) out[g].h[i] = half[g * 3 + i];
+  }
+  return out;
+}
+
+// The quadratic form, written the same way everywhere (the reference uses the same order).
+template <typename T>
+inline T quad_form(const T* p, T d0, T d1, T d2) {
+  return p[0] * d0 * d0 + p[3] * d1 * d1 + p[5] * d2 * d2 + T(2) * (p[1] * d0 * d1 + p[2] * d0 * d2 + p[4] * d1 * d2);
+}
+
+template <typename T>
+inline bool outside(const GaussParams<T>& gp, T d0, T d1, T d2) {
+  return std::fabs(d0) > gp.h[0] || std::fabs(d1) > gp.h[1] || std::fabs(d2) > gp.h[2];
+}
+
+// Scalar phi with the culling rule (used by the backward, libm exp).
+template <typename T>
+inline T phi_at(const GaussParams<T>& gp, const T* x, bool cull, T* d) {
+  d[0] = x[0] - gp.mu[0];
+  d[1] = x[1] - gp.mu[1];
+  d[2] = x[2] - gp.mu[2];
+  if (cull && outside(gp, d[0], d[1], d[2])) return T(0);
+  return std::exp(T(-0.5) * quad_form(gp.p, d[0], d[1], d[2]));
+}
+
+// Folds a tile's maximum mx into the running (best, best_idx): the larger value wins, and
+// among equal values the lowest point index (lanes may be in any point order).
+template <typename T, int Tile>
+inline void fold_max(const T (&acc)[Tile], T mx, const int64_t* lane_idx, T& best, int64_t& best_idx) {
+  int64_t idx = std::numeric_limits<int64_t>::max();
+  for (int t = 0; t < Tile; ++t)
+    if (acc[t] == mx) idx = std::min(idx, lane_idx[t]);
+  if (mx > best || idx < best_idx) {
+    best = mx;
+    best_idx = idx;
+  }
+}
+
+// Point order for culling: by Morton code of the point in a 1024^3 grid over the cloud's
+// bounding box, so that a tile holds nearby points and its bounding box misses most boxes.
+template <typename T>
+void spatial_order(const T* pts, int64_t N, int64_t* order) {
+  T lo[3], hi[3];
+  for (int i = 0; i < 3; ++i) lo[i] = hi[i] = pts[i];
+  for (int64_t n = 1; n < N; ++n)
+    for (int i = 0; i < 3; ++i) {
+      lo[i] = std::min(lo[i], pts[3 * n + i]);
+      hi[i] = std::max(hi[i], pts[3 * n + i]);
+    }
+  auto spread = [](uint64_t v) {  // 10 bits -> every third bit
+    v &= 0x3ff;
+    v = (v | (v << 16)) & 0x30000ff;
+    v = (v | (v << 8)) & 0x300f00f;
+    v = (v | (v << 4)) & 0x30c30c3;
+    v = (v | (v << 2)) & 0x9249249;
+    return v;
+  };
+  std::vector<std::pair<uint64_t, int64_t>> keys(N);
+  for (int64_t n = 0; n < N; ++n) {
+    uint64_t code = 0;
+    for (int i = 0; i < 3; ++i) {
+      const T extent = hi[i] - lo[i];
+      const T u = extent > T(0) ? (pts[3 * n + i] - lo[i]) / extent : T(0);
+      code |= spread(static_cast<uint64_t>(std::min(T(1023), std::max(T(0), u * T(1023))))) << i;
+    }
+    keys[n] = {code, n};
+  }
+  std::sort(keys.begin(), keys.end());
+  for (int64_t n = 0; n < N; ++n) order[n] = keys[n].second;
+}
+
+// One work item of the forward: cloud b, points [n0, n1). Writes either the chunk's
+// max/arg-max per channel (reduce max) or the rows of out (reduce none).
+template <typename T>
+void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, const std::vector<GaussParams<T>>& gps,
+                  const T* wt, const T* bias, int64_t G, int64_t K, bool cull, bool reduce_max, T* out_max,
+                  int64_t* out_idx, T* out_rows, T* phi, int64_t* active) {
+  constexpr int Tile = Blocking<T>::Tile;
+  constexpr int KB = Blocking<T>::KB;
+  alignas(64) T x0[Tile], x1[Tile], x2[Tile];
+  int64_t lane_idx[Tile];  // each lane's point index in the cloud
+  if (reduce_max) {
+    for (int64_t k = 0; k < K; ++k) {
+      out_max[k] = -std::numeric_limits<T>::infinity();
+      out_idx[k] = std::numeric_limits<int64_t>::max();
+    }
+  }
+  for (int64_t t0 = n0; t0 < n1; t0 += Tile) {
+    const int m = static_cast<int>(std::min<int64_t>(Tile, n1 - t0));
+    // Padding lanes repeat the tile's first point: they tie with lane 0, which wins.
+    for (int t = 0; t < Tile; ++t) {
+      const int64_t pos = t0 + (t < m ? t : 0);
+      lane_idx[t] = order ? order[pos] : pos;
+      const T* p = pts + 3 * lane_idx[t];
+      x0[t] = p[0];
+      x1[t] = p[1];
+      x2[t] = p[2];
+    }
+    int64_t tile_min_idx = lane_idx[0];
+    for (int t = 1; t < m; ++t) tile_min_idx = std::min(tile_min_idx, lane_idx[t]);
+    int64_t na = 0;
+    if (cull) {
+      T lo[3] = {x0[0], x1[0], x2[0]}, hi[3] = {x0[0], x1[0], x2[0]};
+      for (int t = 1; t < m; ++t) {
+        lo[0] = std::min(lo[0], x0[t]); hi[0] = std::max(hi[0], x0[t]);
+        lo[1] = std::min(lo[1], x1[t]); hi[1] = std::max(hi[1], x1[t]);
+        lo[2] = std::min(lo[2], x2[t]); hi[2] = std::max(hi[2], x2[t]);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const auto& gp = gps[g];
+        if (gp.h[0] < 0) continue;  // alpha_g <= t: culled everywhere
+        bool miss = false;
+        for (int i = 0; i < 3; ++i) miss |= (lo[i] - gp.mu[i] > gp.h[i]) || (gp.mu[i] - hi[i] > gp.h[i]);
+        if (!miss) active[na++] = g;
+      }
+    } else {
+      for (int64_t g = 0; g < G; ++g) active[na++] = g;
+    }
+    // phi for the active Gaussians over the tile's lanes.
+    for (int64_t a = 0; a < na; ++a) {
+      const auto& gp = gps[active[a]];
+      T* ph = phi + a * Tile;
+      const T m0 = gp.mu[0], m1 = gp.mu[1], m2 = gp.mu[2];
+      const T p00 = gp.p[0], p01 = gp.p[1], p02 = gp.p[2], p11 = gp.p[3], p12 = gp.p[4], p22 = gp.p[5];
+      const T h0 = gp.h[0], h1 = gp.h[1], h2 = gp.h[2];
+#pragma omp simd
+      for (int t = 0; t < Tile; ++t) {
+        const T d0 = x0[t] - m0, d1 = x1[t] - m1, d2 = x2[t] - m2;
+        const T q = p00 * d0 * d0 + p11 * d1 * d1 + p22 * d2 * d2 + T(2) * (p01 * d0 * d1 + p02 * d0 * d2 + p12 * d1 * d2);
+        const T v = fast_exp(T(-0.5) * q);
+        const bool out = cull && (std::fabs(d0) > h0 || std::fabs(d1) > h1 || std::fabs(d2) > h2);
+        ph[t] = out ? T(0) : v;
+      }
+    }
+    // Mix: blocks of KB channels x Tile lanes in registers.
+    int64_t k = 0;
+    for (; k + KB <= K; k += KB) {
+      alignas(64) T acc[KB][Tile];
+      for (int j = 0; j < KB; ++j) {
+        const T bj = bias[k + j];
+#pragma omp simd
+        for (int t = 0; t < Tile; ++t) acc[j][t] = bj;
+      }
+      for (int64_t a = 0; a < na; ++a) {
+        const T* ph = phi + a * Tile;
+        const T* w = wt + active[a] * K + k;
+#pragma GCC unroll 8
+        for (int j = 0; j < KB; ++j) {
+          const T wj = w[j];
+#pragma omp simd
+          for (int t = 0; t < Tile; ++t) acc[j][t] += wj * ph[t];
+        }
+      }
+      for (int j = 0; j < KB; ++j) {
+        if (reduce_max) {
+          T mx = acc[j][0];
+#pragma omp simd reduction(max : mx)
+          for (int t = 0; t < Tile; ++t) mx = std::max(mx, acc[j][t]);
+          // Equal maxima are common once culling zeroes whole tiles (l = bias there): fold
+          // them only when this tile holds a lower point index.
+          T& best = out_max[k + j];
+          if (mx > best || (mx == best && tile_min_idx < out_idx[k + j]))
+            fold_max(acc[j], mx, lane_idx, best, out_idx[k + j]);
+        } else {
+          for (int t = 0; t < m; ++t) out_rows[lane_idx[t] * K + k + j] = acc[j][t];
+        }
+      }
+    }
+    for (; k < K; ++k) {  // channel tail, one at a time
+      alignas(64) T acc[Tile];
+      for (int t = 0; t < Tile; ++t) acc[t] = bias[k];
+      for (int64_t a = 0; a < na; ++a) {
+        const T* ph = phi + a * Tile;
+        const T wk = wt[active[a] * K + k];
+#pragma omp simd
+        for (int t = 0; t < Tile; ++t) acc[t] += wk * ph[t];
+      }
+      if (reduce_max) {
+        T mx = acc[0];
+        for (int t = 1; t < Tile; ++t) mx = std::max(mx, acc[t]);
+        if (mx > out_max[k] || (mx == out_max[k] && tile_min_idx < out_idx[k])) fold_max(acc, mx, lane_idx, out_max[k], out_idx[k]);
+      } else {
+        for (int t = 0; t < m; ++t) out_rows[lane_idx[t] * K + k] = acc[t];
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, const T* bias, const T* half,
+                  int64_t B, int64_t N, int64_t G, int64_t K, bool cull, bool reduce_max, T* out, int64_t* argmax) {
+  const auto gps = unpack(means, prec, half, G);
+  // W transposed to (G, K): a block of KB channels of one Gaussian is contiguous.
+  std::vector<T> wt(G * K);
+  for (int64_t kk = 0; kk < K; ++kk)
+    for (int64_t g = 0; g < G; ++g) wt[g * K + kk] = weight[kk * G + g];
+  const int64_t chunks = (N + kChunk - 1) / kChunk;
+  const int64_t items = B * chunks;
+  // Per-item maxima when a cloud spans several chunks; merged in point order below.
+  std::vector<T> part_max(reduce_max && chunks > 1 ? items * K : 0);
+  std::vector<int64_t> part_idx(part_max.size());
+  // Culling pays off only when a tile's points are close together: visit them in spatial order.
+  std::vector<int64_t> order(cull && N > Blocking<T>::Tile ? B * N : 0);
+  if (!order.empty()) {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) spatial_order(pts + b * N * 3, N, order.data() + b * N);
+    });
+  }
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    const FlushSubnormals flush;
+    std::vector<T> phi(std::max<int64_t>(G, 1) * Blocking<T>::Tile);
+    std::vector<int64_t> active(std::max<int64_t>(G, 1));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks, c = item % chunks;
+      const int64_t n0 = c * kChunk, n1 = std::min(N, n0 + kChunk);
+      T* omax = nullptr;
+      int64_t* oidx = nullptr;
+      T* rows = nullptr;
+      if (reduce_max) {
+        omax = chunks > 1 ? part_max.data() + item * K : out + b * K;
+        oidx = chunks > 1 ? part_idx.data() + item * K : argmax + b * K;
+      } else {
+        rows = out + b * N * K;
+      }
+      forward_item<T>(pts + b * N * 3, order.empty() ? nullptr : order.data() + b * N, n0, n1, gps, wt.data(), bias, G, K, cull, reduce_max, omax, oidx, rows,
+                      phi.data(), active.data());
+    }
+  });
+  if (reduce_max && chunks > 1) {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t kk = 0; kk < K; ++kk) {
+          T best = part_max[(b * chunks) * K + kk];
+          int64_t idx = part_idx[(b * chunks) * K + kk];
+          for (int64_t c = 1; c < chunks; ++c) {
+            const T v = part_max[(b * chunks + c) * K + kk];
+            const int64_t i = part_idx[(b * chunks + c) * K + kk];
+            if (v > best || (v == best && i < idx)) {
+              best = v;
+              idx = i;
+            }
+          }
+          out[b * K + kk] = best;
+          argmax[b * K + kk] = idx;
+        }
+      }
+    });
+  }
+}
+
+// Backward of reduce max. grad (B, K), argmax (B, K).
+template <typename T>
+void backward_max_impl(const T* grad, const T* pts, const T* means, const T* prec, const T* weight, const T* half,
+                       const int64_t* argmax, int64_t B, int64_t N, int64_t G, int64_t K, bool cull, T* g_pts,
+                       T* g_means, T* g_prec, T* g_weight, T* g_bias) {
+  const auto gps = unpack(means, prec, half, G);
+  // Pass 1, over channels: grad_weight[k, g] = sum_b gy phi_g(x*), grad_bias[k] = sum_b gy.
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc(G);
+    for (int64_t k = begin; k < end; ++k) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      double gb = 0.0;
+      for (int64_t b = 0; b < B; ++b) {
+        const T gy = grad[b * K + k];
+        gb += gy;
+        if (gy == T(0)) continue;
+        const T* x = pts + (b * N + argmax[b * K + k]) * 3;
+        T d[3];
+        for (int64_t g = 0; g < G; ++g) acc[g] += static_cast<double>(gy * phi_at(gps[g], x, cull, d));
+      }
+      for (int64_t g = 0; g < G; ++g) g_weight[k * G + g] = static_cast<T>(acc[g]);
+      g_bias[k] = static_cast<T>(gb);
+    }
+  });
+  // Pass 2, over Gaussians: c = gy W[k,g] phi;  dmu += c P d;  dp += -c/2 dq/dp.
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const auto& gp = gps[g];
+      double gm[3] = {0, 0, 0}, gpr[6] = {0, 0, 0, 0, 0, 0};
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t k = 0; k < K; ++k) {
+          const T gw = grad[b * K + k] * weight[k * G + g];
+          if (gw == T(0)) continue;
+          T d[3];
+          const T c = gw * phi_at(gp, pts + (b * N + argmax[b * K + k]) * 3, cull, d);
+          if (c == T(0)) continue;
+          const T* p = gp.p;
+          gm[0] += c * (p[0] * d[0] + p[1] * d[1] + p[2] * d[2]);
+          gm[1] += c * (p[1] * d[0] + p[3] * d[1] + p[4] * d[2]);
+          gm[2] += c * (p[2] * d[0] + p[4] * d[1] + p[5] * d[2]);
+          const T hc = T(-0.5) * c;
+          gpr[0] += hc * d[0] * d[0];
+          gpr[1] += hc * T(2) * d[0] * d[1];
+          gpr[2] += hc * T(2) * d[0] * d[2];
+          gpr[3] += hc * d[1] * d[1];
+          gpr[4] += hc * T(2) * d[1] * d[2];
+          gpr[5] += hc * d[2] * d[2];
+        }
+      }
+      for (int i = 0; i < 3; ++i) g_means[g * 3 + i] = static_cast<T>(gm[i]);
+      for (int i = 0; i < 6; ++i) g_prec[g * 6 + i] = static_cast<T>(gpr[i]);
+    }
+  });
+  // Pass 3, over clouds: the arg-max point of channel k gets -sum_g c P_g d.
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> gx;
+    for (int64_t b = begin; b < end; ++b) {
+      gx.assign(N * 3, 0.0);
+      for (int64_t k = 0; k < K; ++k) {
+        const T gy = grad[b * K + k];
+        if (gy == T(0)) continue;
+        const int64_t n = argmax[b * K + k];
+        const T* x = pts + (b * N + n) * 3;
+        for (int64_t g = 0; g < G; ++g) {
+          const auto& gp = gps[g];
+          T d[3];
+          const T c = gy * weight[k * G + g] * phi_at(gp, x, cull, d);
+          if (c == T(0)) continue;
+          const T* p = gp.p;
+          gx[n * 3 + 0] -= c * (p[0] * d[0] + p[1] * d[1] + p[2] * d[2]);
+          gx[n * 3 + 1] -= c * (p[1] * d[0] + p[3] * d[1] + p[4] * d[2]);
+          gx[n * 3 + 2] -= c * (p[2] * d[0] + p[4] * d[1] + p[5] * d[2]);
+        }
+      }
+      for (int64_t i = 0; i < N * 3; ++i) g_pts[b * N * 3 + i] = static_cast<T>(gx[i]);
+    }
+  });
+}
+
+// phi for M points (M, G), culled pairs 0. Used by the reduce "none" backward.
+template <typename T>
+void phi_impl(const T* pts, const T* means, const T* prec, const T* half, int64_t M, int64_t G, bool cull, T* out) {
+  const auto gps = unpack(means, prec, half, G);
+  at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T d[3];
+      for (int64_t g = 0; g < G; ++g) out[i * G + g] = phi_at(gps[g], pts + i * 3, cull, d);
+    }
+  });
+}
+
+// Given coef[i, g] = dL/dphi_g(x_i) * phi_g(x_i) for M points: gradients of points, means, precisions.
+template <typename T>
+void phi_backward_impl(const T* coef, const T* pts, const T* means, const T* prec, int64_t M, int64_t G, T* g_pts,
+                       T* g_means, T* g_prec) {
+  at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      double gx[3] = {0, 0, 0};
+      const T* x = pts + i * 3;
+      for (int64_t g = 0; g < G; ++g) {
+        const T c = coef[i * G + g];
+        if (c == T(0)) continue;
+        const T* p = prec + g * 6;
+        const T d0 = x[0] - means[g * 3], d1 = x[1] - means[g * 3 + 1], d2 = x[2] - means[g * 3 + 2];
+        gx[0] -= c * (p[0] * d0 + p[1] * d1 + p[2] * d2);
+        gx[1] -= c * (p[1] * d0 + p[3] * d1 + p[4] * d2);
+        gx[2] -= c * (p[2] * d0 + p[4] * d1 + p[5] * d2);
+      }
+      for (int j = 0; j < 3; ++j) g_pts[i * 3 + j] = static_cast<T>(gx[j]);
+    }
+  });
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const T* p = prec + g * 6;
+      double gm[3] = {0, 0, 0}, gpr[6] = {0, 0, 0, 0, 0, 0};
+      for (int64_t i = 0; i < M; ++i) {
+        const T c = coef[i * G + g];
+        if (c == T(0)) continue;
+        const T* x = pts + i * 3;
+        const T d0 = x[0] - means[g * 3], d1 = x[1] - means[g * 3 + 1], d2 = x[2] - means[g * 3 + 2];
+        gm[0] += c * (p[0] * d0 + p[1] * d1 + p[2] * d2);
+        gm[1] += c * (p[1] * d0 + p[3] * d1 + p[4] * d2);
+        gm[2] += c * (p[2] * d0 + p[4] * d1 + p[5] * d2);
+        const T hc = T(-0.5) * c;
+        gpr[0] += hc * d0 * d0;
+        gpr[1] += hc * T(2) * d0 * d1;
+        gpr[2] += hc * T(2) * d0 * d2;
+        gpr[3] += hc * d1 * d1;
+        gpr[4] += hc * T(2) * d1 * d2;
+        gpr[5] += hc * d2 * d2;
+      }
+      for (int j = 0; j < 3; ++j) g_means[g * 3 + j] = static_cast<T>(gm[j]);
+      for (int j = 0; j < 6; ++j) g_prec[g * 6 + j] = static_cast<T>(gpr[j]);
+    }
+  });
+}
+
+void check_params(const at::Tensor& points, const at::Tensor& means, const at::Tensor& precisions,
+                  const at::Tensor& half_widths) {
+  TORCH_CHECK(points.device().is_cpu(), "lucidops cpu kernel: points must be a CPU tensor");
+  TORCH_CHECK(points.scalar_type() == at::kFloat || points.scalar_type() == at::kDouble,
+              "lucidops cpu gaussian kernel: float32 or float64 only, got ", points.scalar_type());
+  const int64_t G = means.size(0);
+  TORCH_CHECK(means.dim() == 2 && means.size(1) == 3, "lucidops cpu kernel: means must be (G, 3)");
+  TORCH_CHECK(precisions.dim() == 2 && precisions.size(0) == G && precisions.size(1) == 6,
+              "lucidops cpu kernel: precisions must be (G, 6)");
+  TORCH_CHECK(half_widths.dim() == 2 && half_widths.size(0) == G && half_widths.size(1) == 3,
+              "lucidops cpu kernel: half_widths must be (G, 3)");
+  for (const at::Tensor* t : {&means, &precisions, &half_widths})
+    TORCH_CHECK(t->scalar_type() == points.scalar_type() && t->device().is_cpu(),
+                "lucidops cpu kernel: parameters must be CPU tensors of points' dtype");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gaussian_mixture_forward(const at::Tensor& points_in, const at::Tensor& means_in,
+                                                            const at::Tensor& precisions_in,
+                                                            const at::Tensor& weight_in, const at::Tensor& bias_in,
+                                                            const at::Tensor& half_widths_in, bool cull,
+                                                            bool reduce_max) {
+  check_params(points_in, means_in, precisions_in, half_widths_in);
+  TORCH_CHECK(points_in.dim() == 3 && points_in.size(2) == 3, "lucidops cpu kernel: points must be (B, N, 3)");
+  const int64_t B = points_in.size(0), N = points_in.size(1), G = means_in.size(0), K = weight_in.size(0);
+  TORCH_CHECK(N > 0, "lucidops cpu kernel: N must be > 0");
+  TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(1) == G && bias_in.dim() == 1 && bias_in.size(0) == K,
+              "lucidops cpu kernel: weight must be (K, G) and bias (K,)");
+  TORCH_CHECK(weight_in.scalar_type() == points_in.scalar_type() && bias_in.scalar_type() == points_in.scalar_type(),
+              "lucidops cpu kernel: weight and bias must have points' dtype");
+  const at::Tensor points = points_in.contiguous(), means = means_in.contiguous(),
+                   precisions = precisions_in.contiguous(), weight = weight_in.contiguous(),
+                   bias = bias_in.contiguous(), half = half_widths_in.contiguous();
+  at::Tensor out = reduce_max ? at::empty({B, K}, points.options()) : at::empty({B, N, K}, points.options());
+  at::Tensor argmax = reduce_max ? at::empty({B, K}, points.options().dtype(at::kLong))
+                                 : at::empty({0}, points.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "lucidops_gaussian_mixture_forward", [&] {
+    forward_impl<scalar_t>(points.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(),
+                           precisions.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                           bias.const_data_ptr<scalar_t>(), half.const_data_ptr<scalar_t>(), B, N, G, K, cull,
+                           reduce_max, out.mutable_data_ptr<scalar_t>(),
+                           reduce_max ? argmax.mutable_data_ptr<int64_t>() : nullptr);
+  });
+  return {out, argmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_mixture_backward_max(
+    const at::Tensor& grad_in, const at::Tensor& points_in, const at::Tensor& means_in,
+    const at::Tensor& precisions_in, const at::Tensor& weight_in, const at::Tensor& argmax_in,
+    const at::Tensor& half_widths_in, bool cull) {
+  check_params(points_in, means_in, precisions_in, half_widths_in);
+  TORCH_CHECK(points_in.dim() == 3 && points_in.size(2) == 3, "lucidops cpu kernel: points must be (B, N, 3)");
+  const int64_t B = points_in.size(0), N = points_in.size(1), G = means_in.size(0), K = weight_in.size(0);
+  TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(1) == G && weight_in.scalar_type() == points_in.scalar_type(),
+              "lucidops cpu kernel: weight must be (K, G) of points' dtype");
+  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({B, K}) && grad_in.scalar_type() == points_in.scalar_type(),
+              "lucidops cpu kernel: grad must be (B, K) of points' dtype");
+  TORCH_CHECK(argmax_in.sizes() == at::IntArrayRef({B, K}) && argmax_in.scalar_type() == at::kLong,
+              "lucidops cpu kernel: argmax must be (B, K) int64");
+  const at::Tensor grad = grad_in.contiguous(), points = points_in.contiguous(), means = means_in.contiguous(),
+                   precisions = precisions_in.contiguous(), weight = weight_in.contiguous(),
+                   argmax = argmax_in.contiguous(), half = half_widths_in.contiguous();
+  // Out-of-range indices would read out of bounds: check them (cheap, B*K).
+  if (argmax.numel() > 0) {
+    TORCH_CHECK(argmax.min().item<int64_t>() >= 0 && argmax.max().item<int64_t>() < N,
+                "lucidops cpu kernel: argmax out of range");
+  }
+  at::Tensor g_pts = at::empty_like(points), g_means = at::empty_like(means), g_prec = at::empty_like(precisions),
+             g_weight = at::empty_like(weight), g_bias = at::empty({K}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "lucidops_gaussian_mixture_backward", [&] {
+    backward_max_impl<scalar_t>(grad.const_data_ptr<scalar_t>(), points.const_data_ptr<scalar_t>(),
+                                means.const_data_ptr<scalar_t>(), precisions.const_data_ptr<scalar_t>(),
+                                weight.const_data_ptr<scalar_t>(), half.const_data_ptr<scalar_t>(),
+                                argmax.const_data_ptr<int64_t>(), B, N, G, K, cull,
+                                g_pts.mutable_data_ptr<scalar_t>(), g_means.mutable_data_ptr<scalar_t>(),
+                                g_prec.mutable_data_ptr<scalar_t>(), g_weight.mutable_data_ptr<scalar_t>(),
+                                g_bias.mutable_data_ptr<scalar_t>());
+  });
+  return {g_pts, g_means, g_prec, g_weight, g_bias};
+}
+
+at::Tensor gaussian_phi(const at::Tensor& points_in, const at::Tensor& means_in, const at::Tensor& precisions_in,
+                        const at::Tensor& half_widths_in, bool cull) {
+  check_params(points_in, means_in, precisions_in, half_widths_in);
+  TORCH_CHECK(points_in.dim() == 2 && points_in.size(1) == 3, "lucidops cpu kernel: points must be (M, 3)");
+  const at::Tensor points = points_in.contiguous(), means = means_in.contiguous(),
+                   precisions = precisions_in.contiguous(), half = half_widths_in.contiguous();
+  const int64_t M = points.size(0), G = means.size(0);
+  at::Tensor out = at::empty({M, G}, points.options());
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "lucidops_gaussian_phi", [&] {
+    phi_impl<scalar_t>(points.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(),
+                       precisions.const_data_ptr<scalar_t>(), half.const_data_ptr<scalar_t>(), M, G, cull,
+                       out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_phi_backward(const at::Tensor& coef_in,
+                                                                     const at::Tensor& points_in,
+                                                                     const at::Tensor& means_in,
+                                                                     const at::Tensor& precisions_in) {
+  TORCH_CHECK(points_in.dim() == 2 && points_in.size(1) == 3, "lucidops cpu kernel: points must be (M, 3)");
+  const int64_t M = points_in.size(0), G = means_in.size(0);
+  TORCH_CHECK(coef_in.sizes() == at::IntArrayRef({M, G}) && coef_in.scalar_type() == points_in.scalar_type(),
+              "lucidops cpu kernel: coef must be (M, G) of points' dtype");
+  check_params(points_in, means_in, precisions_in, at::empty({G, 3}, points_in.options()));
+  const at::Tensor coef = coef_in.contiguous(), points = points_in.contiguous(), means = means_in.contiguous(),
+                   precisions = precisions_in.contiguous();
+  at::Tensor g_pts = at::empty_like(points), g_means = at::empty_like(means), g_prec = at::empty_like(precisions);
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "lucidops_gaussian_phi_backward", [&] {
+    phi_backward_impl<scalar_t>(coef.const_data_ptr<scalar_t>(), points.const_data_ptr<scalar_t>(),
+                                means.const_data_ptr<scalar_t>(), precisions.const_data_ptr<scalar_t>(), M, G,
+                                g_pts.mutable_data_ptr<scalar_t>(), g_means.mutable_data_ptr<scalar_t>(),
+                                g_prec.mutable_data_ptr<scalar_t>());
+  });
+  return {g_pts, g_means, g_prec};
+}
+
+}  // namespace cpu
+}  // namespace lucidops

@@ -1,0 +1,107 @@
+"""The 3D Gaussian point encoder (methods.md section 1, arXiv:2511.04797).
+
+A drop-in for PointNet's shared per-point MLP + max-pool: G learned 3D Gaussians, a
+linear "Gaussian basis mixer" G -> K, and a max over the points, all in one fused op
+(:func:`lucidops.ops.gaussian_mixture`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.gaussian_mixture import REDUCTIONS, _check_threshold, gaussian_mixture
+
+# Packed lower-triangular factor layout: [l00, l10, l20, l11, l21, l22].
+_DIAGONAL = (0, 3, 5)
+
+
+def precision_from_factor(factor: Tensor) -> Tensor:
+    """(G, 6) packed lower-triangular L -> (G, 6) upper triangle of P = L L^T.
+
+    With L = [[a, 0, 0], [b, c, 0], [d, e, f]] stored as [a, b, d, c, e, f]:
+    P = [[a^2, ab, ad], [ab, b^2 + c^2, bd + ce], [ad, bd + ce, d^2 + e^2 + f^2]].
+    P is positive definite whenever the diagonal of L is non-zero.
+    """
+    a, b, d, c, e, f = factor.unbind(-1)
+    return torch.stack([a * a, a * b, a * d, b * b + c * c, b * d + c * e, d * d + e * e + f * f], dim=-1)
+
+
+class GaussianPointEncoder(nn.Module):
+    """Point cloud (..., N, 3) -> global feature (..., K) (or per-point (..., N, K)).
+
+    Args:
+        num_gaussians: G, the number of Gaussians (32 in the paper, 128 for Mamba3D).
+        out_channels: K, the feature width (1024 as a PointNet global feature).
+        cloud_range: the means start uniform in [-cloud_range, cloud_range]^3.
+        reduce: "max" (the global feature) or "none" (the per-point pre-max features,
+            what distillation regresses).
+        off_diagonal_init: standard deviation of L's initial off-diagonal entries
+            (L starts near the identity, so every Gaussian starts isotropic).
+
+    Parameters: ``means`` (G, 3), ``factor`` (G, 6) the packed lower-triangular L with
+    precision P = L L^T, and ``mixer`` (an ``nn.Linear(G, K)``).
+
+    ``cull_threshold`` (None by default) enables the kernel's box culling when set to
+    t > 0; meant for inference (its gradients are those of the culled function).
+    """
+
+    def __init__(self, num_gaussians: int = 32, out_channels: int = 1024, cloud_range: float = 1.0,
+                 reduce: str = "max", off_diagonal_init: float = 0.01):
+        super().__init__()
+        for name, value in (("num_gaussians", num_gaussians), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(cloud_range, (int, float)) and math.isfinite(cloud_range) and cloud_range > 0):
+            raise ValueError(f"cloud_range must be finite and > 0, got {cloud_range!r}")
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+        self.num_gaussians = num_gaussians
+        self.out_channels = out_channels
+        self.cloud_range = float(cloud_range)
+        self.reduce = reduce
+        self.off_diagonal_init = float(off_diagonal_init)
+        self._cull_threshold: Optional[float] = None
+        self.means = nn.Parameter(torch.empty(num_gaussians, 3))
+        self.factor = nn.Parameter(torch.empty(num_gaussians, 6))
+        self.mixer = nn.Linear(num_gaussians, out_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.means.uniform_(-self.cloud_range, self.cloud_range)
+            self.factor.normal_(0.0, self.off_diagonal_init)
+            self.factor[:, list(_DIAGONAL)] = 1.0
+        self.mixer.reset_parameters()
+
+    @property
+    def cull_threshold(self) -> Optional[float]:
+        return self._cull_threshold
+
+    @cull_threshold.setter
+    def cull_threshold(self, value: Optional[float]) -> None:
+        self._cull_threshold = _check_threshold(value)
+
+    def precisions(self) -> Tensor:
+        """(G, 6) upper triangles of P = L L^T."""
+        return precision_from_factor(self.factor)
+
+    def covariances(self) -> Tensor:
+        """(G, 3, 3) Sigma = P^-1 (for inspection and natural-gradient preconditioning)."""
+        l_mat = torch.zeros(self.num_gaussians, 3, 3, dtype=self.factor.dtype, device=self.factor.device)
+        rows, cols = torch.tril_indices(3, 3)
+        # tril_indices order is (0,0), (1,0), (1,1), (2,0), (2,1), (2,2); the packing is a, b, d, c, e, f.
+        l_mat[:, rows, cols] = self.factor[:, [0, 1, 3, 2, 4, 5]]
+        return torch.cholesky_inverse(l_mat, upper=False)
+
+    def forward(self, points: Tensor) -> Tensor:
+        """points (..., N, 3) in this module's dtype -> (..., K) or (..., N, K)."""
+        return gaussian_mixture(points, self.means, self.precisions(), self.mixer.weight, self.mixer.bias,
+                                reduce=self.reduce, cull_threshold=self._cull_threshold)
+
+    def extra_repr(self) -> str:
+        return (f"num_gaussians={self.num_gaussians}, out_channels={self.out_channels}, "
+                f"cloud_range={self.cloud_range:g}, reduce={self.reduce!r}, cull_threshold={self._cull_threshold}")

@@ -1,0 +1,310 @@
+"""Fused 3D Gaussian point encoder mixture (methods.md section 1) as a custom op.
+
+    lucidops.ops.gaussian_mixture(points, means, precisions, weight, bias=None, *,
+                                  reduce="max", cull_threshold=None)
+
+phi_g(x) = exp(-1/2 (x - mu_g)^T P_g (x - mu_g)), l_k(x) = sum_g weight[k, g] phi_g(x) + bias[k];
+``reduce="max"`` returns the max of l over the points, ``reduce="none"`` l itself.
+
+The op is ``torch.ops.lucidops.gaussian_mixture(points (B, N, 3), means, precisions, weight,
+bias?, reduce_max, cull_threshold?) -> (out, argmax)``; ``argmax`` (B, K) int64 is the
+lowest point index attaining each channel's max (empty for reduce none) and is all the
+backward keeps besides the inputs. The backward op
+``torch.ops.lucidops.gaussian_mixture_backward(grad, points, means, precisions, weight,
+argmax, reduce_max, cull_threshold)`` returns the gradients of points, means, precisions,
+weight and bias. Culling boxes come from :func:`lucidops.reference.gaussian.cull_half_widths`
+in every backend, so every backend culls exactly the same (point, Gaussian) pairs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _ext, _validate, backends
+from ..profile import flops as _flops
+from ..reference import gaussian_mixture as _reference
+
+REDUCTIONS = ("max", "none")
+
+# FLOPs, counting each arithmetic operation and each exp as one, a multiply-add as two:
+# phi per (point, Gaussian): 3 differences, 12 products, 5 sums, 2 scalings, 1 exp = 23.
+# Mixing: 2 G K per point, plus K for the bias; the max: K comparisons per point.
+PHI_FLOPS = 23
+# Backward per (channel or point, Gaussian) pair: phi again (23), the weight gradient (2),
+# the coefficient dL/dphi * phi (2), P d (15), the mean (6), precision (18) and point (6) terms.
+BACKWARD_PAIR_FLOPS = 72
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def forward_flops(points_shape, means_shape, precisions_shape, weight_shape, bias_shape, reduce_max, cull_threshold,
+                  *_, **__) -> int:
+    """Dense-equivalent FLOPs of the forward (culling skips work but does not change the count)."""
+    m = _numel(points_shape[:-1])  # B * N points
+    g, k = int(means_shape[0]), int(weight_shape[0])
+    total = m * (PHI_FLOPS * g + 2 * g * k)
+    if bias_shape is not None:
+        total += m * k
+    if reduce_max:
+        total += m * k
+    return total
+
+
+def backward_flops(grad_shape, points_shape, means_shape, precisions_shape, weight_shape, argmax_shape, reduce_max,
+                   cull_threshold, *_, **__) -> int:
+    g, k = int(means_shape[0]), int(weight_shape[0])
+    if reduce_max:
+        pairs = _numel(grad_shape)  # B * K arg-max points
+        return pairs * (BACKWARD_PAIR_FLOPS * g + 1)
+    m = _numel(points_shape[:-1])
+    # grad_weight = grad^T phi and dL/dphi = grad W: two (M x K x G) products; the bias sum.
+    return 4 * m * k * g + m * k + m * g * BACKWARD_PAIR_FLOPS
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return _reference.opmath_dtype(dtype)
+
+
+# ---------------------------------------------------------------- backends
+
+
+def _reference_forward(points, means, precisions, weight, bias, reduce_max, cull_threshold):
+    return _reference.forward(points, means, precisions, weight, bias, reduce_max, cull_threshold)
+
+
+def _reference_backward(grad, points, means, precisions, weight, argmax, reduce_max, cull_threshold):
+    return _reference.backward(grad, points, means, precisions, weight, argmax, reduce_max, cull_threshold)
+
+
+def _cpp_forward(points, means, precisions, weight, bias, reduce_max, cull_threshold):
+    ext = _ext.load("cpu")
+    compute = _opmath(points.dtype)  # half inputs run in float32
+    half = _reference.cull_half_widths(means, precisions, weight, cull_threshold)
+    b = bias.to(compute) if bias is not None else torch.zeros(weight.shape[0], dtype=compute)
+    out, argmax = ext.gaussian_mixture_forward(points.to(compute), means.to(compute), precisions.to(compute),
+                                               weight.to(compute), b, half, cull_threshold is not None, reduce_max)
+    return out.to(points.dtype), argmax
+
+
+def _cpp_backward(grad, points, means, precisions, weight, argmax, reduce_max, cull_threshold):
+    ext = _ext.load("cpu")
+    compute = _opmath(points.dtype)
+    cull = cull_threshold is not None
+    half = _reference.cull_half_widths(means, precisions, weight, cull_threshold)
+    x, mu, p, w, g = (t.to(compute) for t in (points, means, precisions, weight, grad))
+    if reduce_max:
+        gx, gm, gp, gw, gb = ext.gaussian_mixture_backward_max(g, x, mu, p, w, argmax, half, cull)
+    else:
+        # reduce "none" returns (N, K) anyway, so (M, G) phi is the smaller tensor; the two
+        # K x G products are plain GEMMs, the per-pair terms the C++ kernels.
+        flat_x = x.reshape(-1, 3)
+        flat_g = g.reshape(-1, g.shape[-1])
+        phi = ext.gaussian_phi(flat_x, mu, p, half, cull)
+        gw = flat_g.t() @ phi
+        gb = flat_g.sum(dim=0)
+        coef = (flat_g @ w) * phi
+        gx, gm, gp = ext.gaussian_phi_backward(coef, flat_x, mu, p)
+        gx = gx.reshape(points.shape)
+    return (gx.to(points.dtype), gm.to(means.dtype), gp.to(precisions.dtype), gw.to(weight.dtype),
+            gb.to(weight.dtype))
+
+
+def _triton_inputs(points, means, precisions, weight, cull_threshold):
+    compute = _opmath(points.dtype)  # half inputs run in float32
+    half = _reference.cull_half_widths(means, precisions, weight, cull_threshold)
+    return compute, half, [t.to(compute).contiguous() for t in (points, means, precisions, weight)]
+
+
+def _triton_forward(points, means, precisions, weight, bias, reduce_max, cull_threshold):
+    from ..triton_kernels import gaussian_mixture as tk
+
+    compute, half, (x, mu, p, w) = _triton_inputs(points, means, precisions, weight, cull_threshold)
+    b = bias.to(compute).contiguous() if bias is not None else torch.zeros(w.shape[0], dtype=compute,
+                                                                            device=w.device)
+    out, argmax = tk.forward(x, mu, p, w, b, half, cull_threshold is not None, reduce_max)
+    return out.to(points.dtype), argmax
+
+
+def _triton_backward(grad, points, means, precisions, weight, argmax, reduce_max, cull_threshold):
+    from ..triton_kernels import gaussian_mixture as tk
+
+    compute, half, (x, mu, p, w) = _triton_inputs(points, means, precisions, weight, cull_threshold)
+    g = grad.to(compute).contiguous()
+    cull = cull_threshold is not None
+    if reduce_max:
+        gx, gm, gp, gw, gb = tk.backward_max(g, x, mu, p, w, argmax.contiguous(), half, cull)
+    else:
+        flat_x = x.reshape(-1, 3)
+        flat_g = g.reshape(-1, g.shape[-1])
+        phi = tk.phi(flat_x, mu, p, half, cull)
+        gw = flat_g.t() @ phi
+        gb = flat_g.sum(dim=0)
+        coef = ((flat_g @ w) * phi).contiguous()
+        gx, gm, gp = tk.phi_backward(coef, flat_x, mu, p)
+        gx = gx.reshape(points.shape)
+    return (gx.to(points.dtype), gm.to(means.dtype), gp.to(precisions.dtype), gw.to(weight.dtype),
+            gb.to(weight.dtype))
+
+
+backends.register_op("gaussian_mixture",
+                     {"reference": _reference_forward, "cpp": _cpp_forward, "triton": _triton_forward})
+backends.register_op("gaussian_mixture_backward",
+                     {"reference": _reference_backward, "cpp": _cpp_backward, "triton": _triton_backward})
+
+
+# ---------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("lucidops::gaussian_mixture", mutates_args=())
+def _mixture_op(points: Tensor, means: Tensor, precisions: Tensor, weight: Tensor, bias: Optional[Tensor],
+                reduce_max: bool, cull_threshold: Optional[float]) -> Tuple[Tensor, Tensor]:
+    return backends.dispatch("gaussian_mixture", points.device.type, points, means, precisions, weight, bias,
+                             reduce_max, cull_threshold)
+
+
+@_mixture_op.register_fake
+def _(points, means, precisions, weight, bias, reduce_max, cull_threshold):
+    b, n = points.shape[0], points.shape[1]
+    k = weight.shape[0]
+    if reduce_max:
+        return points.new_empty((b, k)), points.new_empty((b, k), dtype=torch.long)
+    return points.new_empty((b, n, k)), points.new_empty((0,), dtype=torch.long)
+
+
+@torch.library.custom_op("lucidops::gaussian_mixture_backward", mutates_args=())
+def _mixture_backward_op(grad: Tensor, points: Tensor, means: Tensor, precisions: Tensor, weight: Tensor,
+                         argmax: Tensor, reduce_max: bool, cull_threshold: Optional[float]
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    outs = backends.dispatch("gaussian_mixture_backward", points.device.type, grad, points, means, precisions,
+                             weight, argmax, reduce_max, cull_threshold)
+    return tuple(t.contiguous() for t in outs)
+
+
+@_mixture_backward_op.register_fake
+def _(grad, points, means, precisions, weight, argmax, reduce_max, cull_threshold):
+    return (points.new_empty(points.shape), means.new_empty(means.shape), precisions.new_empty(precisions.shape),
+            weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)))
+
+
+def _setup_context(ctx, inputs, output):
+    points, means, precisions, weight, bias, reduce_max, cull_threshold = inputs
+    _, argmax = output
+    ctx.mark_non_differentiable(argmax)
+    ctx.save_for_backward(points, means, precisions, weight, argmax)
+    ctx.reduce_max = reduce_max
+    ctx.cull_threshold = cull_threshold
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out, _grad_argmax):
+    points, means, precisions, weight, argmax = ctx.saved_tensors
+    gx, gm, gp, gw, gb = _mixture_backward_op(grad_out.contiguous(), points, means, precisions, weight, argmax,
+                                              ctx.reduce_max, ctx.cull_threshold)
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None, gm if need[1] else None, gp if need[2] else None, gw if need[3] else None,
+            gb if (ctx.has_bias and need[4]) else None, None, None)
+
+
+_mixture_op.register_autograd(_backward, setup_context=_setup_context)
+_flops.register(torch.ops.lucidops.gaussian_mixture, forward_flops)
+_flops.register(torch.ops.lucidops.gaussian_mixture_backward, backward_flops)
+
+
+# ---------------------------------------------------------------- validation and the public function
+
+
+def _all_finite(value: Tensor, name: str) -> None:
+    """Data-dependent (synchronises on CUDA); skipped while torch.compile traces."""
+    if _validate.is_compiling() or value.numel() == 0:
+        return
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} must be finite (it holds NaN or inf)")
+
+
+def _shape_error(name: str, expected: str, value: Tensor) -> ValueError:
+    return ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+
+
+def _check_threshold(cull_threshold) -> Optional[float]:
+    if cull_threshold is None:
+        return None
+    if isinstance(cull_threshold, Tensor):
+        if cull_threshold.numel() != 1:
+            raise ValueError(f"cull_threshold must be a number, got a tensor of shape {tuple(cull_threshold.shape)}")
+        cull_threshold = float(cull_threshold.detach().reshape(()).item())
+    if isinstance(cull_threshold, bool) or not isinstance(cull_threshold, numbers.Real):
+        raise TypeError(f"cull_threshold must be None or a positive number, got {type(cull_threshold).__name__}")
+    value = float(cull_threshold)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"cull_threshold must be None or finite and > 0, got {value}")
+    return value
+
+
+def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                     *, reduce: str = "max", cull_threshold: Optional[float] = None) -> Tensor:
+    """Gaussian mixture features of point clouds, fused with the mixer and the max-pool.
+
+    Args:
+        points: (..., N, 3) with N >= 1; any leading batch dims (e.g. (B, groups, group_size, 3)).
+        means: (G, 3) Gaussian means.
+        precisions: (G, 6) upper triangles [p00, p01, p02, p11, p12, p22] of the symmetric
+            precision matrices (positive definite for a bounded Gaussian).
+        weight: (K, G) mixer weight; bias: (K,) or None.
+        reduce: "max" (max over the N points, the global feature) or "none".
+        cull_threshold: None for the dense mixture, or t > 0: a (point, Gaussian) pair
+            outside the Gaussian's box of half-widths sqrt(2 ln(alpha_g / t) Sigma_g[i, i]),
+            alpha_g = max_k |weight[k, g]|, contributes nothing (every Gaussian with
+            alpha_g <= t contributes nothing anywhere); |culled - dense| <= G t per channel.
+
+    All tensors share one floating dtype (float16, bfloat16, float32, float64; half runs in
+    float32) and one device. Returns (..., K) for "max", (..., N, K) for "none". The max
+    sends its gradient to the lowest point index attaining it, in every backend.
+    """
+    _validate.floating_tensor(points, "points")
+    if points.dim() < 2 or points.shape[-1] != 3:
+        raise _shape_error("points", "(..., N, 3)", points)
+    if points.shape[-2] == 0:
+        raise ValueError("points must hold at least one point per cloud (N >= 1), got N = 0")
+    for name, value in (("means", means), ("precisions", precisions), ("weight", weight)):
+        _validate.tensor(value, name)
+    if means.dim() != 2 or means.shape[1] != 3 or means.shape[0] == 0:
+        raise _shape_error("means", "(G, 3) with G >= 1", means)
+    g = means.shape[0]
+    if precisions.dim() != 2 or precisions.shape != (g, 6):
+        raise _shape_error("precisions", f"(G, 6) = ({g}, 6) to match means", precisions)
+    if weight.dim() != 2 or weight.shape[1] != g or weight.shape[0] == 0:
+        raise _shape_error("weight", f"(K, G) = (K, {g}) with K >= 1 to match means", weight)
+    k = weight.shape[0]
+    named = [("means", means), ("precisions", precisions), ("weight", weight)]
+    if bias is not None:
+        _validate.tensor(bias, "bias")
+        if bias.dim() != 1 or bias.shape[0] != k:
+            raise _shape_error("bias", f"({k},) to match weight", bias)
+        named.append(("bias", bias))
+    for name, value in named:
+        if value.dtype != points.dtype:
+            raise TypeError(f"{name} must have the dtype of points ({points.dtype}), got {value.dtype}")
+        _validate.same_device(value, points, name, "points")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    threshold = _check_threshold(cull_threshold)
+    for name, value in [("points", points)] + named:
+        _all_finite(value.detach(), name)
+
+    lead = points.shape[:-2]
+    n = points.shape[-2]
+    flat = points.reshape(_numel(lead), n, 3)  # explicit: -1 is ambiguous for an empty batch
+    out, _ = _mixture_op(flat, means, precisions, weight, bias, reduce == "max", threshold)
+    if reduce == "max":
+        return out.reshape(*lead, k)
+    return out.reshape(*lead, n, k)

@@ -1,0 +1,3 @@
+"""Training tools: distillation, unlearning."""
+
+__all__ = []

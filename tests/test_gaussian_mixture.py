@@ -1,0 +1,429 @@
+"""gaussian_mixture: every backend against the float64 reference; culling, ties, bad input, module."""
+
+import math
+
+import pytest
+import torch
+
+import lucidops
+from lucidops import backends
+from lucidops.nn.gaussian_mixture import GaussianPointEncoder, precision_from_factor
+from lucidops.ops.gaussian_mixture import backward_flops, forward_flops, gaussian_mixture
+from lucidops.reference import gaussian_mixture as ref
+from conftest import backend_device_params
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+UPPER = ([0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2])
+IMPLEMENTED = set(backends.registered_ops()["gaussian_mixture"].impls)
+
+
+def backend_params():
+    """(backend, device) pairs of this session that gaussian_mixture implements."""
+    return [p for p in backend_device_params() if p.values[0] in IMPLEMENTED]
+
+
+def make_params(G, K, dtype=torch.float64, device="cpu", seed=0, spread=0.3, scale=2.0):
+    """Random SPD precisions (L L^T with L near scale * I), means in the unit cube, mixer."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.rand(G, 3, generator=gen, dtype=torch.float64) * 2 - 1
+    factor = torch.eye(3, dtype=torch.float64) * scale + spread * torch.randn(G, 3, 3, generator=gen, dtype=torch.float64)
+    prec = (factor @ factor.transpose(1, 2))[:, UPPER[0], UPPER[1]]
+    weight = torch.randn(K, G, generator=gen, dtype=torch.float64)
+    bias = torch.randn(K, generator=gen, dtype=torch.float64)
+    return [t.to(dtype=dtype, device=device) for t in (means, prec, weight, bias)]
+
+
+def make_points(shape, dtype=torch.float64, device="cpu", seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(*shape, 3, generator=gen, dtype=torch.float64) * 2.4 - 1.2).to(dtype=dtype, device=device)
+
+
+def rel_err(out, expected):
+    out, expected = out.detach().double().cpu(), expected.detach().double().cpu()
+    assert not torch.isnan(out).any(), "NaN in output"
+    denom = expected.norm()
+    return ((out - expected).norm() / denom).item() if denom > 0 else (out - expected).norm().item()
+
+
+def run_op(backend, points, means, prec, weight, bias, reduce="max", cull=None, grad_seed=5):
+    """Forward + backward through the public function; returns (out, grads of the 5 inputs)."""
+    inputs = [t.detach().clone().requires_grad_(True) if t is not None else None
+              for t in (points, means, prec, weight, bias)]
+    with lucidops.use_backend(backend):
+        out = gaussian_mixture(*inputs, reduce=reduce, cull_threshold=cull)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed),
+                               dtype=torch.float64).to(out.dtype).to(out.device)
+        out.backward(grad_out)
+        assert backends.last_used("gaussian_mixture") == backend
+        assert backends.last_used("gaussian_mixture_backward") == backend
+    grads = [t.grad if t is not None else None for t in inputs]
+    return out, grads, grad_out
+
+
+def ground_truth(points, means, prec, weight, bias, reduce, cull, grad_out, argmax=None):
+    """float64 forward and backward. For "max" the backward is routed through ``argmax``
+    (the backend's own, so that a float32 near-tie cannot swap the winner) by the reference
+    backward, which test_reference_backward_matches_autograd checks against autograd."""
+    x, mu, p, w = (t.detach().double().cpu() for t in (points, means, prec, weight))
+    b = bias.detach().double().cpu() if bias is not None else None
+    lead, n = x.shape[:-2], x.shape[-2]
+    flat = x.reshape(math.prod(lead), n, 3)
+    out, arg64 = ref.forward(flat, mu, p, w, b, reduce == "max", cull)
+    g = grad_out.detach().double().cpu().reshape(out.shape)
+    use_arg = argmax if argmax is not None else arg64
+    grads = ref.backward(g, flat, mu, p, w, use_arg, reduce == "max", cull)
+    gx = grads[0].reshape(x.shape)
+    out = out.reshape(*lead, *out.shape[1:])
+    return out, [gx, grads[1], grads[2], grads[3], grads[4] if b is not None else None], arg64
+
+
+def backend_argmax(backend, points, means, prec, weight, bias, cull):
+    lead, n = points.shape[:-2], points.shape[-2]
+    flat = points.detach().reshape(math.prod(lead), n, 3)
+    with lucidops.use_backend(backend):
+        _, arg = torch.ops.lucidops.gaussian_mixture(flat, means.detach(), prec.detach(), weight.detach(),
+                                                     None if bias is None else bias.detach(), True, cull)
+    return arg.cpu()
+
+
+CASES = [  # (leading dims, N, G, K)
+    ((1,), 1, 1, 1),
+    ((3,), 5, 7, 9),
+    ((2, 3), 67, 32, 64),
+    ((3,), 67, 7, 9),
+    ((2,), 600, 5, 11),  # several 256-point chunks: the cross-chunk max merge
+    ((), 33, 3, 17),  # a single cloud without batch dims
+]
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("reduce", ["max", "none"])
+@pytest.mark.parametrize("cull", [None, 0.3])
+def test_matches_float64_reference(backend, device, dtype, case, reduce, cull, poison_allocator):
+    lead, n, G, K = case
+    if dtype == torch.bfloat16 and (case[1] > 100 or backend == "triton"):
+        pytest.skip("bf16 runs on the smaller cases (triton: half inputs are upcast, as for fp32)")
+    if backend == "triton" and device == "cpu" and math.prod(lead) * n * K > 3000 and (dtype, cull) != (torch.float32, None):
+        pytest.skip("the interpreter is slow: large cases run in float32, unculled only")
+    means, prec, weight, bias = make_params(G, K, dtype, device, seed=n + G)
+    points = make_points((*lead, n), dtype, device, seed=K)
+    poison_allocator(math.prod(lead) * n * K * 4, device, dtype)
+    out, grads, grad_out = run_op(backend, points, means, prec, weight, bias, reduce, cull)
+    expected_shape = (*lead, K) if reduce == "max" else (*lead, n, K)
+    assert out.shape == expected_shape and out.dtype == dtype and out.device.type == device
+    arg = backend_argmax(backend, points, means, prec, weight, bias, cull) if reduce == "max" else None
+    out64, grads64, arg64 = ground_truth(points, means, prec, weight, bias, reduce, cull, grad_out, arg)
+    tol = TOL[dtype]
+    assert rel_err(out, out64) < tol
+    if reduce == "max" and dtype != torch.bfloat16:
+        # The backend's winner attains the float64 max up to rounding (near-ties may differ).
+        assert (arg == arg64).float().mean() > 0.95
+    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
+        assert g.shape == g64.shape and g.dtype == dtype, name
+        assert rel_err(g, g64) < tol * 4, name
+
+
+@pytest.mark.parametrize("reduce", ["max", "none"])
+@pytest.mark.parametrize("cull", [None, 0.3])
+def test_reference_backward_matches_autograd(reduce, cull):
+    means, prec, weight, bias = make_params(6, 10, seed=3)
+    points = make_points((2, 3, 40), seed=4)
+    out, grads, grad_out = run_op("reference", points, means, prec, weight, bias, reduce, cull)
+    inputs = [t.clone().requires_grad_(True) for t in (points, means, prec, weight, bias)]
+    expected = ref.gaussian_mixture(*inputs, reduce=reduce, cull_threshold=cull)
+    expected.backward(grad_out)
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-12, atol=1e-12)
+    for g, t in zip(grads, inputs):
+        torch.testing.assert_close(g, t.grad, rtol=1e-10, atol=1e-12)
+
+
+CPU_BACKENDS = ["reference", "cpp"] + (["triton"] if "triton" in IMPLEMENTED and backends.triton_interpreting() else [])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduce", ["max", "none"])
+@pytest.mark.parametrize("cull", [None, 0.4])
+def test_gradcheck_float64(backend, reduce, cull):
+    means, prec, weight, bias = make_params(4, 5, seed=7)
+    points = make_points((2, 6), seed=8)
+    inputs = tuple(t.clone().requires_grad_(True) for t in (points, means, prec, weight, bias))
+    with lucidops.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda *a: gaussian_mixture(*a, reduce=reduce, cull_threshold=cull), inputs, eps=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- culling
+
+
+def test_cull_half_widths_follow_the_rule():
+    means, prec, weight, _ = make_params(5, 8, seed=11)
+    weight[:, 2] = 0.05  # alpha = 0.05 <= t: dropped everywhere
+    t = 0.1
+    half = ref.cull_half_widths(means, prec, weight, t)
+    sigma = torch.linalg.inv(ref.precision_matrix(prec))
+    alpha = weight.abs().amax(dim=0)
+    for g in range(5):
+        if g == 2:
+            assert (half[g] < 0).all()
+            continue
+        expected = torch.sqrt(2 * torch.log(alpha[g] / t) * torch.diagonal(sigma[g]))
+        torch.testing.assert_close(half[g], expected, rtol=1e-12, atol=0)
+    assert torch.isinf(ref.cull_half_widths(means, prec, weight, None)).all()
+    # float32 half-widths are rounded up, never below the exact ones.
+    m32, p32, w32 = means.float(), prec.float(), weight.float()
+    half32 = ref.cull_half_widths(m32, p32, w32, t)
+    exact = ref.cull_half_widths(m32.double(), p32.double(), w32.double(), t)
+    assert half32.dtype == torch.float32 and (half32.double() >= exact).all()
+    assert ((half32.double() - exact).abs() <= 1e-6 * exact.abs()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_cull_exactly_the_reference_pairs(dtype):
+    from lucidops import _ext
+
+    means, prec, weight, _ = make_params(9, 12, dtype, seed=13, scale=3.0)
+    points = make_points((500,), dtype, seed=14)
+    t = 0.2
+    half = ref.cull_half_widths(means, prec, weight, t)
+    phi_ref = ref.gaussian_phi(points, means, prec, half)
+    phi_cpp = _ext.load("cpu").gaussian_phi(points, means, prec, half, True)
+    culled_ref = phi_ref == 0
+    assert culled_ref.any() and (~culled_ref).any(), "the test needs both culled and kept pairs"
+    assert torch.equal(phi_cpp == 0, culled_ref)
+    if "triton" in CPU_BACKENDS:
+        from lucidops.triton_kernels import gaussian_mixture as tk
+
+        assert torch.equal(tk.phi(points, means, prec, half, True) == 0, culled_ref)
+    dense = ref.gaussian_phi(points, means, prec)
+    assert (dense[culled_ref] > 0).all()  # culled pairs were not zero to begin with
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("reduce", ["max", "none"])
+def test_culled_within_g_t_of_dense_and_identical_across_backends(backend, device, reduce):
+    G, K, t = 16, 24, 0.1
+    means, prec, weight, bias = make_params(G, K, torch.float64, device, seed=21, scale=3.0)
+    weight[:, 0] = 0.05  # one Gaussian below the threshold everywhere
+    # Spatially clustered clouds, so whole tiles miss some boxes (the tile-skip path).
+    centers = make_points((4, 1), seed=22)
+    points = (centers + 0.15 * torch.randn(4, 300, 3, generator=torch.Generator().manual_seed(23),
+                                            dtype=torch.float64)).to(device)
+    with lucidops.use_backend(backend):
+        dense = gaussian_mixture(points, means, prec, weight, bias, reduce=reduce)
+        culled = gaussian_mixture(points, means, prec, weight, bias, reduce=reduce, cull_threshold=t)
+    diff = (culled - dense).abs()
+    assert diff.max() > 0, "culling changed nothing: the test would not notice a no-op"
+    assert diff.max() <= G * t
+    expected = ref.gaussian_mixture(points.cpu(), means.cpu(), prec.cpu(), weight.cpu(), bias.cpu(), reduce=reduce,
+                                    cull_threshold=t)
+    torch.testing.assert_close(culled.cpu(), expected, rtol=1e-13, atol=1e-13)
+
+
+def test_cull_skips_gaussians_far_from_every_point():
+    means, prec, weight, bias = make_params(3, 4, seed=31, scale=4.0)
+    means[1] = torch.tensor([4.0, 4.0, 4.0], dtype=torch.float64)
+    weight[:, 1] = 1e6  # dense: this Gaussian still adds a tiny nonzero amount to every point
+    points = make_points((2, 70), seed=32)
+    half = ref.cull_half_widths(means, prec, weight, 0.5)
+    keep = [0, 2]
+    expected = ref.gaussian_phi(points, means[keep], prec[keep], half[keep]) @ weight[:, keep].t() + bias
+    for backend in [b for b in sorted(IMPLEMENTED) if backends.backend_problem(b, "cpu") is None]:
+        with lucidops.use_backend(backend):
+            culled = gaussian_mixture(points, means, prec, weight, bias, reduce="none", cull_threshold=0.5)
+            dense = gaussian_mixture(points, means, prec, weight, bias, reduce="none")
+        torch.testing.assert_close(culled, expected, rtol=1e-13, atol=1e-13)
+        assert (ref.gaussian_phi(points, means, prec)[..., 1] > 0).any()
+        assert not torch.equal(culled, dense)
+
+
+# ---------------------------------------------------------------- ties
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("n", [5, 40, 300])
+@pytest.mark.parametrize("cull", [None, 0.05])  # culling visits points in a spatial order
+def test_ties_go_to_the_lowest_point_index(backend, device, n, cull):
+    means, prec, weight, bias = make_params(4, 6, torch.float64, device, seed=41)
+    weight[2] = 0.0  # channel 2 is constant over the points: every point ties
+    points = make_points((2, n), torch.float64, device, seed=42)
+    points[1] = points[1, 3]  # cloud 1: all points identical, every channel ties everywhere
+    inputs = [t.clone().requires_grad_(True) for t in (points, means, prec, weight, bias)]
+    grad_out = torch.randn(2, 6, generator=torch.Generator().manual_seed(43), dtype=torch.float64).to(device)
+    with lucidops.use_backend(backend):
+        out = gaussian_mixture(*inputs, cull_threshold=cull)
+        out.backward(grad_out)
+    gx = inputs[0].grad
+    assert gx[1, 1:].abs().max() == 0 and gx[1, 0].abs().max() > 0
+    # Channel 2's weight gradient comes from point 0 of each cloud.
+    half = ref.cull_half_widths(means.cpu(), prec.cpu(), weight.cpu(), cull) if cull else None
+    phi0 = ref.gaussian_phi(points[:, 0].cpu(), means.cpu(), prec.cpu(), half)  # (2, G)
+    expected_w2 = (grad_out[:, 2:3].cpu() * phi0).sum(0)
+    torch.testing.assert_close(inputs[3].grad[2].cpu(), expected_w2, rtol=1e-12, atol=1e-14)
+    arg = backend_argmax(backend, points, means, prec, weight, bias, cull)
+    assert (arg[1] == 0).all() and arg[0, 2] == 0
+
+
+# ---------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_non_contiguous_and_empty_batch(backend, device):
+    G, K = 5, 7
+    means, prec, weight, bias = make_params(G, K, torch.float32, device, seed=51)
+    points = make_points((3, 20), torch.float32, device, seed=52)
+    views = (points.transpose(1, 2).contiguous().transpose(1, 2),  # (3, 20, 3) with strides of (3, 3, 20)
+             torch.cat([means, means], dim=1)[:, ::2],
+             prec.t().contiguous().t(),
+             weight.t().contiguous().t(),
+             torch.stack([bias, bias], dim=1)[:, 0])
+    assert not any(v.is_contiguous() for v in views)
+    for reduce in ("max", "none"):
+        with lucidops.use_backend(backend):
+            out = gaussian_mixture(*views, reduce=reduce)
+            expected = gaussian_mixture(*(v.contiguous() for v in views), reduce=reduce)
+        assert torch.equal(out, expected)
+    empty = torch.empty(0, 4, 20, 3, device=device, requires_grad=True)
+    w = weight.clone().requires_grad_(True)
+    with lucidops.use_backend(backend):
+        out = gaussian_mixture(empty, means, prec, w, bias)
+        out.sum().backward()
+    assert out.shape == (0, 4, K) and empty.grad.shape == empty.shape
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad_cases():
+    m, p, w, b = make_params(4, 5, torch.float32, seed=61)
+    x = make_points((2, 8), torch.float32, seed=62)
+    return [
+        (dict(points=x.numpy()), TypeError, "points"),
+        (dict(points=x.long()), TypeError, "points"),
+        (dict(points=x[..., :2]), ValueError, "points"),
+        (dict(points=x[0, 0]), ValueError, "points"),
+        (dict(points=x[:, :0]), ValueError, "points"),
+        (dict(means=m[:, :2]), ValueError, "means"),
+        (dict(means=m[:0], precisions=p[:0], weight=w[:, :0]), ValueError, "means"),
+        (dict(precisions=p[:3]), ValueError, "precisions"),
+        (dict(precisions=p[:, :5]), ValueError, "precisions"),
+        (dict(weight=w[:, :3]), ValueError, "weight"),
+        (dict(weight=w[0]), ValueError, "weight"),
+        (dict(bias=b[:4]), ValueError, "bias"),
+        (dict(means=m.double()), TypeError, "means"),
+        (dict(weight=w.half()), TypeError, "weight"),
+        (dict(bias=b.double()), TypeError, "bias"),
+        (dict(points=x.clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan")))), ValueError, "points"),
+        (dict(means=m.clone().fill_(float("inf"))), ValueError, "means"),
+        (dict(precisions=p.clone().fill_(float("nan"))), ValueError, "precisions"),
+        (dict(weight=w.clone().fill_(float("-inf"))), ValueError, "weight"),
+        (dict(bias=b.clone().fill_(float("nan"))), ValueError, "bias"),
+        (dict(reduce="mean"), ValueError, "reduce"),
+        (dict(cull_threshold=0.0), ValueError, "cull_threshold"),
+        (dict(cull_threshold=-1.0), ValueError, "cull_threshold"),
+        (dict(cull_threshold=float("nan")), ValueError, "cull_threshold"),
+        (dict(cull_threshold="0.1"), TypeError, "cull_threshold"),
+    ], dict(points=x, means=m, precisions=p, weight=w, bias=b)
+
+
+@pytest.mark.parametrize("index", range(25))
+def test_bad_input_raises_naming_the_argument(index):
+    cases, good = _bad_cases()
+    change, exc, name = cases[index]
+    kwargs = {**good, **change}
+    with pytest.raises(exc, match=name):
+        gaussian_mixture(**kwargs)
+
+
+def test_mixed_devices_raise():
+    if not torch.cuda.is_available():
+        meta = torch.empty(4, 3, device="meta")
+        m, p, w, b = make_params(4, 5, torch.float32)
+        with pytest.raises(ValueError, match="means"):
+            gaussian_mixture(make_points((2, 3), torch.float32), meta, p, w, b)
+    else:  # pragma: no cover - GPU machines
+        m, p, w, b = make_params(4, 5, torch.float32)
+        with pytest.raises(ValueError, match="weight"):
+            gaussian_mixture(make_points((2, 3), torch.float32), m, p, w.cuda(), b)
+
+
+# ---------------------------------------------------------------- op contract, FLOPs
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("reduce_max", [True, False])
+def test_opcheck(backend, device, reduce_max):
+    m, p, w, b = make_params(3, 4, torch.float32, device, seed=71)
+    x = make_points((2, 5), torch.float32, device, seed=72)
+    args = (x.requires_grad_(True), m.requires_grad_(True), p, w.requires_grad_(True), b, reduce_max, 0.2)
+    with lucidops.use_backend(backend):
+        torch.library.opcheck(torch.ops.lucidops.gaussian_mixture.default, args)
+        out, arg = torch.ops.lucidops.gaussian_mixture(*(a.detach() if torch.is_tensor(a) else a for a in args))
+        grad = torch.randn_like(out)
+        torch.library.opcheck(torch.ops.lucidops.gaussian_mixture_backward.default,
+                              (grad, x.detach(), m.detach(), p, w.detach(), arg, reduce_max, 0.2))
+
+
+def test_compile_fullgraph_matches_eager():
+    enc = GaussianPointEncoder(num_gaussians=6, out_channels=10)
+    x = torch.rand(2, 3, 30, 3) * 2 - 1
+    compiled = torch.compile(enc, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), enc(x), rtol=0, atol=0)
+
+
+def test_flop_counter_uses_the_formula():
+    from lucidops.profile.flops import count_flops
+
+    m, p, w, b = make_params(5, 7, torch.float32)
+    x = make_points((3, 11), torch.float32).requires_grad_(True)
+    counts = count_flops(lambda pts: gaussian_mixture(pts, m, p, w, b), x, backward=True)
+    fwd = forward_flops((3, 11, 3), (5, 3), (5, 6), (7, 5), (7,), True, None)
+    bwd = backward_flops((3, 7), (3, 11, 3), (5, 3), (5, 6), (7, 5), (3, 7), True, None)
+    assert fwd == 3 * 11 * (23 * 5 + 2 * 5 * 7 + 7 + 7)
+    assert counts["total"] == fwd + bwd
+    none = forward_flops((3, 11, 3), (5, 3), (5, 6), (7, 5), None, False, 0.1)
+    assert none == 3 * 11 * (23 * 5 + 2 * 5 * 7)
+
+
+# ---------------------------------------------------------------- the module
+
+
+def test_precision_from_factor_is_l_lt():
+    factor = torch.randn(7, 6, dtype=torch.float64)
+    L = torch.zeros(7, 3, 3, dtype=torch.float64)
+    a, b, d, c, e, f = factor.unbind(-1)
+    L[:, 0, 0], L[:, 1, 0], L[:, 2, 0], L[:, 1, 1], L[:, 2, 1], L[:, 2, 2] = a, b, d, c, e, f
+    full = L @ L.transpose(1, 2)
+    torch.testing.assert_close(precision_from_factor(factor), full[:, UPPER[0], UPPER[1]])
+
+
+def test_encoder_module():
+    torch.manual_seed(0)
+    enc = GaussianPointEncoder(num_gaussians=8, out_channels=12, cloud_range=2.0).double()
+    assert enc.means.abs().max() <= 2.0
+    prec = ref.precision_matrix(enc.precisions())
+    assert (prec - torch.eye(3, dtype=torch.float64)).abs().max() < 0.1  # near identity
+    torch.testing.assert_close(enc.covariances(), torch.linalg.inv(prec))
+    x = make_points((2, 3, 25), seed=81)
+    out = enc(x)
+    assert out.shape == (2, 3, 12)
+    expected = ref.gaussian_mixture(x, enc.means, enc.precisions(), enc.mixer.weight, enc.mixer.bias)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    for name, param in enc.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    enc.cull_threshold = 0.05
+    culled = enc(x)
+    assert (culled - out.detach()).abs().max() <= 8 * 0.05
+    with pytest.raises(ValueError, match="cull_threshold"):
+        enc.cull_threshold = -1
+    enc.cull_threshold = None
+    torch.testing.assert_close(enc(x), out.detach())
+    per_point = GaussianPointEncoder(4, 5, reduce="none")(torch.rand(3, 9, 3))
+    assert per_point.shape == (3, 9, 5)
+    with pytest.raises(ValueError, match="reduce"):
+        GaussianPointEncoder(4, 5, reduce="sum")
+    with pytest.raises(ValueError, match="num_gaussians"):
+        GaussianPointEncoder(0, 5)

@@ -1,0 +1,372 @@
+"""Triton kernels for the 3D Gaussian point encoder mixture (methods.md section 1).
+
+Forward: one program per (cloud, tile of BLOCK_N points, block of BLOCK_K channels). It
+loops over the Gaussians, evaluates phi on its points and accumulates phi * W into a
+(BLOCK_N, BLOCK_K) register tile that starts at the bias; with culling, a Gaussian whose
+box misses the tile's bounding box is skipped for the whole tile, as Gaussian-splatting
+rasterizers skip tiles (exact: rounding is monotonic, so every point of the tile fails the
+per-point test too). reduce "max" stores each tile's max and first arg-max; the tiles are
+merged in point order by the launcher (the lowest point index wins ties). The mixer is an
+outer-product loop, not tl.dot: G is small, and fp32 stays exact (no TF32).
+
+Backward, reduce "max": one program per (block of channels, slice of clouds) recomputes
+phi at the arg-max points of its channels for every Gaussian at once (a BLOCK_K x BLOCK_G
+tile) and writes per-program partial sums of the weight, mean and precision gradients
+(summed by the launcher in a fixed order) and the per-channel point gradients (added into
+the points by the launcher). Reduce "none": a phi kernel, two GEMMs in PyTorch (the
+(N, K) output exists anyway) and a per-point-tile kernel for the point, mean and precision
+terms.
+
+Inputs reach the kernels in the compute precision (float32, or float64 for float64).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK_N, BLOCK_K, num_warps) of the forward; aot_specs() enumerates the same values.
+FORWARD_CONFIG = (32, 64, 4)
+BACKWARD_BLOCK_K = 32
+PHI_BLOCK_M = 64
+# The backward kernels hold all Gaussians of a channel or point in one tile: G <= 128 (the
+# authors' largest configuration); two tile widths keep the ahead-of-time list short.
+BLOCK_G_CHOICES = (32, 128)
+BACKWARD_SPLITS = 64  # cloud slices of the max backward: partial sums are (splits, K, G)
+
+
+@triton.jit
+def _phi(d0, d1, d2, p00, p01, p02, p11, p12, p22):
+    q = p00 * d0 * d0 + p11 * d1 * d1 + p22 * d2 * d2 + 2.0 * (p01 * d0 * d1 + p02 * d0 * d2 + p12 * d1 * d2)
+    return tl.exp(-0.5 * q)
+
+
+@triton.jit
+def mixture_forward_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, w_ptr, b_ptr, out_ptr, pmax_ptr, pidx_ptr,
+                           N, G, K, CULL: tl.constexpr, REDUCE_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    kb = tl.program_id(2)
+    n_tiles = tl.num_programs(1)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    xb = x_ptr + b * N * 3
+    x0 = tl.load(xb + offs_n * 3 + 0, mask=mask_n, other=0.0)
+    x1 = tl.load(xb + offs_n * 3 + 1, mask=mask_n, other=0.0)
+    x2 = tl.load(xb + offs_n * 3 + 2, mask=mask_n, other=0.0)
+    bias = tl.load(b_ptr + offs_k, mask=mask_k, other=0.0)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=x0.dtype) + bias[None, :]
+    if CULL:
+        lo0 = tl.min(tl.where(mask_n, x0, float("inf")), axis=0)
+        lo1 = tl.min(tl.where(mask_n, x1, float("inf")), axis=0)
+        lo2 = tl.min(tl.where(mask_n, x2, float("inf")), axis=0)
+        hi0 = tl.max(tl.where(mask_n, x0, float("-inf")), axis=0)
+        hi1 = tl.max(tl.where(mask_n, x1, float("-inf")), axis=0)
+        hi2 = tl.max(tl.where(mask_n, x2, float("-inf")), axis=0)
+    for g in range(0, G):
+        m0 = tl.load(mu_ptr + g * 3 + 0)
+        m1 = tl.load(mu_ptr + g * 3 + 1)
+        m2 = tl.load(mu_ptr + g * 3 + 2)
+        if CULL:
+            h0 = tl.load(half_ptr + g * 3 + 0)
+            h1 = tl.load(half_ptr + g * 3 + 1)
+            h2 = tl.load(half_ptr + g * 3 + 2)
+            # The tile-level skip: the box misses the tile's bounding box on some axis.
+            keep = (h0 >= 0) & (lo0 - m0 <= h0) & (m0 - hi0 <= h0) & (lo1 - m1 <= h1) & (m1 - hi1 <= h1) \
+                & (lo2 - m2 <= h2) & (m2 - hi2 <= h2)
+        else:
+            keep = True
+        if keep:
+            d0 = x0 - m0
+            d1 = x1 - m1
+            d2 = x2 - m2
+            phi = _phi(d0, d1, d2, tl.load(prec_ptr + g * 6 + 0), tl.load(prec_ptr + g * 6 + 1),
+                       tl.load(prec_ptr + g * 6 + 2), tl.load(prec_ptr + g * 6 + 3), tl.load(prec_ptr + g * 6 + 4),
+                       tl.load(prec_ptr + g * 6 + 5))
+            if CULL:
+                phi = tl.where((tl.abs(d0) > h0) | (tl.abs(d1) > h1) | (tl.abs(d2) > h2), 0.0, phi)
+            w = tl.load(w_ptr + offs_k * G + g, mask=mask_k, other=0.0)
+            acc += phi[:, None] * w[None, :]
+    if REDUCE_MAX:
+        acc = tl.where(mask_n[:, None], acc, float("-inf"))
+        top = tl.max(acc, axis=0)
+        # The first row attaining the max: ties go to the lowest point index.
+        first = tl.min(tl.where(acc == top[None, :], offs_n[:, None], N), axis=0)
+        part = (b * n_tiles + tile) * K + offs_k
+        tl.store(pmax_ptr + part, top, mask=mask_k)
+        tl.store(pidx_ptr + part, first.to(tl.int64), mask=mask_k)
+    else:
+        rows = (b * N + offs_n.to(tl.int64)) * K
+        tl.store(out_ptr + rows[:, None] + offs_k[None, :], acc, mask=mask_n[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def mixture_max_backward_kernel(grad_ptr, x_ptr, arg_ptr, mu_ptr, prec_ptr, half_ptr, w_ptr, gx_ptr, gw_ptr, gmp_ptr,
+                                B, N, G, K, CULL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+    kb = tl.program_id(0)
+    split = tl.program_id(1)
+    n_kb = tl.num_programs(0)
+    n_split = tl.num_programs(1)
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < G
+    m0 = tl.load(mu_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
+    m1 = tl.load(mu_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
+    m2 = tl.load(mu_ptr + offs_g * 3 + 2, mask=mask_g, other=0.0)
+    p00 = tl.load(prec_ptr + offs_g * 6 + 0, mask=mask_g, other=0.0)
+    p01 = tl.load(prec_ptr + offs_g * 6 + 1, mask=mask_g, other=0.0)
+    p02 = tl.load(prec_ptr + offs_g * 6 + 2, mask=mask_g, other=0.0)
+    p11 = tl.load(prec_ptr + offs_g * 6 + 3, mask=mask_g, other=0.0)
+    p12 = tl.load(prec_ptr + offs_g * 6 + 4, mask=mask_g, other=0.0)
+    p22 = tl.load(prec_ptr + offs_g * 6 + 5, mask=mask_g, other=0.0)
+    valid = mask_k[:, None] & mask_g[None, :]
+    w = tl.load(w_ptr + offs_k[:, None] * G + offs_g[None, :], mask=valid, other=0.0)
+    gw = tl.zeros((BLOCK_K, BLOCK_G), dtype=w.dtype)
+    gm0 = tl.zeros((BLOCK_G,), dtype=w.dtype)
+    gm1 = tl.zeros((BLOCK_G,), dtype=w.dtype)
+    gm2 = tl.zeros((BLOCK_G,), dtype=w.dtype)
+    gp0 = tl.zeros((BLOCK_G,), dtype=w.dtype)
+    gp1 = tl.zeros((BLOCK_G,), dtype=w.dtype)
+    gp2 = tl.zeros((BLOCK_G,), dtype=w.dtype)
+    gp3 = tl.zeros((BLOCK_G,), dtype=w.dtype)
+    gp4 = tl.zeros((BLOCK_G,), dtype=w.dtype)
+    gp5 = tl.zeros((BLOCK_G,), dtype=w.dtype)
+    cloud = split.to(tl.int64)  # int64 offsets, carried through the loop
+    for _ in range(split, B, n_split):
+        bk = cloud * K + offs_k
+        gy = tl.load(grad_ptr + bk, mask=mask_k, other=0.0)
+        n = tl.load(arg_ptr + bk, mask=mask_k, other=0)
+        xp = x_ptr + (cloud * N + n) * 3
+        cloud += n_split
+        d0 = tl.load(xp + 0, mask=mask_k, other=0.0)[:, None] - m0[None, :]
+        d1 = tl.load(xp + 1, mask=mask_k, other=0.0)[:, None] - m1[None, :]
+        d2 = tl.load(xp + 2, mask=mask_k, other=0.0)[:, None] - m2[None, :]
+        phi = _phi(d0, d1, d2, p00[None, :], p01[None, :], p02[None, :], p11[None, :], p12[None, :], p22[None, :])
+        if CULL:
+            h0 = tl.load(half_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
+            h1 = tl.load(half_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
+            h2 = tl.load(half_ptr + offs_g * 3 + 2, mask=mask_g, other=0.0)
+            out = (tl.abs(d0) > h0[None, :]) | (tl.abs(d1) > h1[None, :]) | (tl.abs(d2) > h2[None, :])
+            phi = tl.where(out, 0.0, phi)
+        phi = tl.where(valid, phi, 0.0)
+        gw += gy[:, None] * phi
+        c = gy[:, None] * w * phi
+        pd0 = p00[None, :] * d0 + p01[None, :] * d1 + p02[None, :] * d2
+        pd1 = p01[None, :] * d0 + p11[None, :] * d1 + p12[None, :] * d2
+        pd2 = p02[None, :] * d0 + p12[None, :] * d1 + p22[None, :] * d2
+        gm0 += tl.sum(c * pd0, axis=0)
+        gm1 += tl.sum(c * pd1, axis=0)
+        gm2 += tl.sum(c * pd2, axis=0)
+        hc = -0.5 * c
+        gp0 += tl.sum(hc * d0 * d0, axis=0)
+        gp1 += tl.sum(hc * 2.0 * d0 * d1, axis=0)
+        gp2 += tl.sum(hc * 2.0 * d0 * d2, axis=0)
+        gp3 += tl.sum(hc * d1 * d1, axis=0)
+        gp4 += tl.sum(hc * 2.0 * d1 * d2, axis=0)
+        gp5 += tl.sum(hc * d2 * d2, axis=0)
+        tl.store(gx_ptr + bk * 3 + 0, -tl.sum(c * pd0, axis=1), mask=mask_k)
+        tl.store(gx_ptr + bk * 3 + 1, -tl.sum(c * pd1, axis=1), mask=mask_k)
+        tl.store(gx_ptr + bk * 3 + 2, -tl.sum(c * pd2, axis=1), mask=mask_k)
+    tl.store(gw_ptr + (split.to(tl.int64) * K + offs_k[:, None]) * G + offs_g[None, :], gw, mask=valid)
+    base = gmp_ptr + ((split.to(tl.int64) * n_kb + kb) * G + offs_g) * 9
+    tl.store(base + 0, gm0, mask=mask_g)
+    tl.store(base + 1, gm1, mask=mask_g)
+    tl.store(base + 2, gm2, mask=mask_g)
+    tl.store(base + 3, gp0, mask=mask_g)
+    tl.store(base + 4, gp1, mask=mask_g)
+    tl.store(base + 5, gp2, mask=mask_g)
+    tl.store(base + 6, gp3, mask=mask_g)
+    tl.store(base + 7, gp4, mask=mask_g)
+    tl.store(base + 8, gp5, mask=mask_g)
+
+
+@triton.jit
+def phi_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, coef_ptr, phi_ptr, gx_ptr, gmp_ptr, M, G, CULL: tl.constexpr,
+               BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    """BACKWARD=False: phi (M, G). BACKWARD=True: from coef = dL/dphi * phi (M, G), the point
+    gradients (M, 3) and per-program partial sums of the mean and precision gradients."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < G
+    valid = mask_m[:, None] & mask_g[None, :]
+    rows = offs_m.to(tl.int64)
+    m0 = tl.load(mu_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
+    m1 = tl.load(mu_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
+    m2 = tl.load(mu_ptr + offs_g * 3 + 2, mask=mask_g, other=0.0)
+    p00 = tl.load(prec_ptr + offs_g * 6 + 0, mask=mask_g, other=0.0)[None, :]
+    p01 = tl.load(prec_ptr + offs_g * 6 + 1, mask=mask_g, other=0.0)[None, :]
+    p02 = tl.load(prec_ptr + offs_g * 6 + 2, mask=mask_g, other=0.0)[None, :]
+    p11 = tl.load(prec_ptr + offs_g * 6 + 3, mask=mask_g, other=0.0)[None, :]
+    p12 = tl.load(prec_ptr + offs_g * 6 + 4, mask=mask_g, other=0.0)[None, :]
+    p22 = tl.load(prec_ptr + offs_g * 6 + 5, mask=mask_g, other=0.0)[None, :]
+    d0 = tl.load(x_ptr + rows * 3 + 0, mask=mask_m, other=0.0)[:, None] - m0[None, :]
+    d1 = tl.load(x_ptr + rows * 3 + 1, mask=mask_m, other=0.0)[:, None] - m1[None, :]
+    d2 = tl.load(x_ptr + rows * 3 + 2, mask=mask_m, other=0.0)[:, None] - m2[None, :]
+    tile = rows[:, None] * G + offs_g[None, :]
+    if BACKWARD:
+        c = tl.load(coef_ptr + tile, mask=valid, other=0.0)
+        pd0 = p00 * d0 + p01 * d1 + p02 * d2
+        pd1 = p01 * d0 + p11 * d1 + p12 * d2
+        pd2 = p02 * d0 + p12 * d1 + p22 * d2
+        tl.store(gx_ptr + rows * 3 + 0, -tl.sum(c * pd0, axis=1), mask=mask_m)
+        tl.store(gx_ptr + rows * 3 + 1, -tl.sum(c * pd1, axis=1), mask=mask_m)
+        tl.store(gx_ptr + rows * 3 + 2, -tl.sum(c * pd2, axis=1), mask=mask_m)
+        hc = -0.5 * c
+        base = gmp_ptr + (pid.to(tl.int64) * G + offs_g) * 9
+        tl.store(base + 0, tl.sum(c * pd0, axis=0), mask=mask_g)
+        tl.store(base + 1, tl.sum(c * pd1, axis=0), mask=mask_g)
+        tl.store(base + 2, tl.sum(c * pd2, axis=0), mask=mask_g)
+        tl.store(base + 3, tl.sum(hc * d0 * d0, axis=0), mask=mask_g)
+        tl.store(base + 4, tl.sum(hc * 2.0 * d0 * d1, axis=0), mask=mask_g)
+        tl.store(base + 5, tl.sum(hc * 2.0 * d0 * d2, axis=0), mask=mask_g)
+        tl.store(base + 6, tl.sum(hc * d1 * d1, axis=0), mask=mask_g)
+        tl.store(base + 7, tl.sum(hc * 2.0 * d1 * d2, axis=0), mask=mask_g)
+        tl.store(base + 8, tl.sum(hc * d2 * d2, axis=0), mask=mask_g)
+    else:
+        phi = _phi(d0, d1, d2, p00, p01, p02, p11, p12, p22)
+        if CULL:
+            h0 = tl.load(half_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
+            h1 = tl.load(half_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
+            h2 = tl.load(half_ptr + offs_g * 3 + 2, mask=mask_g, other=0.0)
+            out = (tl.abs(d0) > h0[None, :]) | (tl.abs(d1) > h1[None, :]) | (tl.abs(d2) > h2[None, :])
+            phi = tl.where(out, 0.0, phi)
+        tl.store(phi_ptr + tile, phi, mask=valid)
+
+
+def _block_g(G: int) -> int:
+    for block in BLOCK_G_CHOICES:
+        if G <= block:
+            return block
+    raise ValueError(f"the triton gaussian_mixture backward supports G <= {BLOCK_G_CHOICES[-1]}, got G = {G}")
+
+
+def forward(points: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor, half: torch.Tensor, cull: bool, reduce_max: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """points (B, N, 3) and parameters in one compute dtype, contiguous -> (out, argmax)."""
+    B, N, _ = points.shape
+    G, K = means.shape[0], weight.shape[0]
+    block_n, block_k, warps = FORWARD_CONFIG
+    tiles = triton.cdiv(N, block_n)
+    dev, dt = points.device, points.dtype
+    if reduce_max:
+        out = torch.empty(B, K, dtype=dt, device=dev)
+        pmax = torch.empty(B, tiles, K, dtype=dt, device=dev)
+        pidx = torch.empty(B, tiles, K, dtype=torch.long, device=dev)
+    else:
+        out = torch.empty(B, N, K, dtype=dt, device=dev)
+        pmax = out  # unused by the kernel; pidx keeps its int64 type for one compiled signature
+        pidx = torch.empty(1, dtype=torch.long, device=dev)
+    if B == 0:
+        return out, torch.empty(B, K, dtype=torch.long, device=dev) if reduce_max else torch.empty(0, dtype=torch.long, device=dev)
+    grid = (B, tiles, triton.cdiv(K, block_k))
+    mixture_forward_kernel[grid](points, means, precisions, half, weight, bias, out, pmax, pidx, N, G, K, CULL=cull,
+                                 REDUCE_MAX=reduce_max, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    if not reduce_max:
+        return out, torch.empty(0, dtype=torch.long, device=dev)
+    # Merge the tiles: the max, and the lowest index among tiles attaining it.
+    top = pmax.amax(dim=1)
+    argmax = torch.where(pmax == top.unsqueeze(1), pidx, torch.full_like(pidx, N)).amin(dim=1)
+    return top, argmax
+
+
+def backward_max(grad, points, means, precisions, weight, argmax, half, cull: bool):
+    B, N, _ = points.shape
+    G, K = means.shape[0], weight.shape[0]
+    block_g = _block_g(G)
+    dev, dt = points.device, points.dtype
+    n_kb = triton.cdiv(K, BACKWARD_BLOCK_K)
+    splits = max(1, min(B, BACKWARD_SPLITS))
+    gx_bk = torch.empty(B, K, 3, dtype=dt, device=dev)
+    gw_part = torch.empty(splits, K, G, dtype=dt, device=dev)
+    gmp_part = torch.empty(splits, n_kb, G, 9, dtype=dt, device=dev)
+    if B > 0:
+        mixture_max_backward_kernel[(n_kb, splits)](grad, points, argmax, means, precisions, half, weight, gx_bk,
+                                                   gw_part, gmp_part, B, N, G, K, CULL=cull,
+                                                   BLOCK_K=BACKWARD_BLOCK_K, BLOCK_G=block_g, num_warps=4)
+    else:
+        gw_part.zero_()
+        gmp_part.zero_()
+    gmp = gmp_part.sum(dim=(0, 1))
+    gx = torch.zeros_like(points).scatter_add_(1, argmax.unsqueeze(-1).expand(B, K, 3), gx_bk)
+    return gx, gmp[:, :3].clone(), gmp[:, 3:].clone(), gw_part.sum(dim=0), grad.sum(dim=0)  # no aliasing outputs
+
+
+def phi(points: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor, half: torch.Tensor, cull: bool):
+    """phi (M, G) for points (M, 3)."""
+    M, G = points.shape[0], means.shape[0]
+    out = torch.empty(M, G, dtype=points.dtype, device=points.device)
+    if M > 0:
+        phi_kernel[(triton.cdiv(M, PHI_BLOCK_M),)](points, means, precisions, half, out, out, out, out, M, G,
+                                                   CULL=cull, BACKWARD=False, BLOCK_M=PHI_BLOCK_M,
+                                                   BLOCK_G=_block_g(G), num_warps=4)
+    return out
+
+
+def phi_backward(coef: torch.Tensor, points: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor):
+    """From coef = dL/dphi * phi (M, G): gradients of points (M, 3), means, precisions."""
+    M, G = points.shape[0], means.shape[0]
+    programs = triton.cdiv(M, PHI_BLOCK_M)
+    gx = torch.empty(M, 3, dtype=points.dtype, device=points.device)
+    part = torch.zeros(max(programs, 1), G, 9, dtype=points.dtype, device=points.device)
+    if M > 0:
+        phi_kernel[(programs,)](points, means, precisions, means, coef, coef, gx, part, M, G, CULL=False,
+                                BACKWARD=True, BLOCK_M=PHI_BLOCK_M, BLOCK_G=_block_g(G), num_warps=4)
+    total = part.sum(dim=0)
+    return gx, total[:, :3].clone(), total[:, 3:].clone()
+
+
+_DTYPES = ("fp32", "fp64")
+
+
+def aot_specs() -> Iterator[Dict]:
+    """Every configuration the launchers above can pick, for ahead-of-time compilation."""
+    block_n, block_k, warps = FORWARD_CONFIG
+    block_gs = BLOCK_G_CHOICES
+    for dt in _DTYPES:
+        for cull in (False, True):
+            for reduce_max in (False, True):
+                yield dict(
+                    fn=mixture_forward_kernel,
+                    signature={"x_ptr": f"*{dt}", "mu_ptr": f"*{dt}", "prec_ptr": f"*{dt}", "half_ptr": f"*{dt}",
+                               "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}", "pmax_ptr": f"*{dt}",
+                               "pidx_ptr": "*i64", "N": "i32", "G": "i32", "K": "i32", "CULL": "constexpr",
+                               "REDUCE_MAX": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+                    constexprs={"CULL": cull, "REDUCE_MAX": reduce_max, "BLOCK_N": block_n, "BLOCK_K": block_k},
+                    num_warps=warps,
+                )
+            for block_g in block_gs:
+                yield dict(
+                    fn=mixture_max_backward_kernel,
+                    signature={"grad_ptr": f"*{dt}", "x_ptr": f"*{dt}", "arg_ptr": "*i64", "mu_ptr": f"*{dt}",
+                               "prec_ptr": f"*{dt}", "half_ptr": f"*{dt}", "w_ptr": f"*{dt}", "gx_ptr": f"*{dt}",
+                               "gw_ptr": f"*{dt}", "gmp_ptr": f"*{dt}", "B": "i32", "N": "i32", "G": "i32",
+                               "K": "i32", "CULL": "constexpr", "BLOCK_K": "constexpr", "BLOCK_G": "constexpr"},
+                    constexprs={"CULL": cull, "BLOCK_K": BACKWARD_BLOCK_K, "BLOCK_G": block_g},
+                    num_warps=4,
+                )
+                for backward in (False, True):
+                    if backward and cull:
+                        continue  # the launcher never combines them
+                    yield dict(
+                        fn=phi_kernel,
+                        signature={"x_ptr": f"*{dt}", "mu_ptr": f"*{dt}", "prec_ptr": f"*{dt}",
+                                   "half_ptr": f"*{dt}", "coef_ptr": f"*{dt}", "phi_ptr": f"*{dt}",
+                                   "gx_ptr": f"*{dt}", "gmp_ptr": f"*{dt}", "M": "i32", "G": "i32",
+                                   "CULL": "constexpr", "BACKWARD": "constexpr", "BLOCK_M": "constexpr",
+                                   "BLOCK_G": "constexpr"},
+                        constexprs={"CULL": cull, "BACKWARD": backward, "BLOCK_M": PHI_BLOCK_M, "BLOCK_G": block_g},
+                        num_warps=4,
+                    )
+
+
+def describe_specs() -> List[str]:
+    return [f"{s['fn'].__name__}{s['constexprs']} {s['signature']}" for s in aot_specs()]

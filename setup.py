@@ -100,7 +100,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6", "pytest-timeout", "timm>=1.0"],
+        # timm, peft and transformers: the patch tests build real models from configs.
+        "dev": ["pytest>=8", "hypothesis>=6", "pytest-timeout", "timm>=1.0", "peft>=0.13", "transformers>=4.45"],
     },
     entry_points={"console_scripts": ["lucidops=lucidops.cli:main"]},
     zip_safe=False,

@@ -97,7 +97,7 @@ def compile_all(archs: Sequence[int] = (80, 90), families: Iterable[str] = FAMIL
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs) as pool:
-            results = list(pool.map(_compile_job, work, chunksize=8))
+            results = list(pool.map(_compile_job, work, chunksize=1))
     return [r for r in results if r]
 
 

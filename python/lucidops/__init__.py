@@ -8,12 +8,13 @@
 See ``lucidops info`` for the backends available on this machine.
 """
 
-from . import backends, conditioning, init, nn, ops, patch, profile, quant, reference, train
+from . import backends, conditioning, data, init, models, nn, ops, optim, patch, profile, quant, reference, train
 from .backends import BACKENDS, BackendUnavailable, use_backend
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "use_backend",
-    "backends", "conditioning", "init", "nn", "ops", "patch", "profile", "quant", "reference", "train",
+    "backends", "conditioning", "data", "init", "models", "nn", "ops", "optim", "patch", "profile", "quant",
+    "reference", "train",
 ]

@@ -1,3 +1,5 @@
 """Training tools: distillation, unlearning."""
 
-__all__ = []
+from .unlearning import gradient_difference, mlp_lora_parameters, sequence_loss
+
+__all__ = ["gradient_difference", "mlp_lora_parameters", "sequence_loss"]

@@ -1,0 +1,5 @@
+"""Datasets: procedural point clouds."""
+
+from .synthetic import ROTATIONS, SHAPES, SyntheticShapes
+
+__all__ = ["SyntheticShapes", "SHAPES", "ROTATIONS"]

@@ -1,0 +1,220 @@
+"""Procedural point-cloud classification data: ``SyntheticShapes``.
+
+Each sample is drawn from the surface of one of the shapes in ``SHAPES``, stretched per
+axis, rotated, jittered and (by default) normalised into [-1, 1]^3. Sample ``i`` of a
+dataset with seed ``s`` comes from its own generator seeded by (s, i), so it is the same
+whatever the access order, worker split or dataset length.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+def _sphere(rng, n):
+    v = rng.normal(size=(n, 3))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _cube(rng, n):
+    p = rng.uniform(-1, 1, size=(n, 3))
+    axis = rng.integers(0, 3, size=n)
+    p[np.arange(n), axis] = rng.choice([-1.0, 1.0], size=n)
+    return p
+
+
+def _cylinder(rng, n):
+    # Side area 2 pi r h = 4 pi, each cap pi (r = 1, h = 2): pick the part by area.
+    theta = rng.uniform(0, 2 * math.pi, n)
+    part = rng.choice(3, size=n, p=[4 / 6, 1 / 6, 1 / 6])
+    r = np.where(part == 0, 1.0, np.sqrt(rng.uniform(0, 1, n)))
+    z = np.where(part == 0, rng.uniform(-1, 1, n), np.where(part == 1, 1.0, -1.0))
+    return np.stack([r * np.cos(theta), r * np.sin(theta), z], 1)
+
+
+def _cone(rng, n):
+    # Lateral area pi r l (l = sqrt(5)), base pi r^2.
+    lateral = math.sqrt(5.0)
+    theta = rng.uniform(0, 2 * math.pi, n)
+    side = rng.uniform(0, 1, n) < lateral / (lateral + 1)
+    t = np.sqrt(rng.uniform(0, 1, n))  # radius fraction, area-uniform
+    z = np.where(side, 1 - 2 * t, -1.0)
+    return np.stack([t * np.cos(theta), t * np.sin(theta), z], 1)
+
+
+def _torus(rng, n, major=1.0, minor=0.35):
+    # Rejection on the tube angle: the area element grows with the distance to the axis.
+    out = np.empty((0, 3))
+    while len(out) < n:
+        u = rng.uniform(0, 2 * math.pi, 2 * n)
+        v = rng.uniform(0, 2 * math.pi, 2 * n)
+        keep = rng.uniform(0, 1, 2 * n) < (major + minor * np.cos(v)) / (major + minor)
+        u, v = u[keep], v[keep]
+        ring = major + minor * np.cos(v)
+        out = np.concatenate([out, np.stack([ring * np.cos(u), ring * np.sin(u), minor * np.sin(v)], 1)])
+    return out[:n]
+
+
+def _triangles(rng, n, tris):
+    tris = np.asarray(tris, dtype=np.float64)
+    areas = 0.5 * np.linalg.norm(np.cross(tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0]), axis=1)
+    idx = rng.choice(len(tris), size=n, p=areas / areas.sum())
+    a, b = rng.uniform(0, 1, n), rng.uniform(0, 1, n)
+    flip = a + b > 1
+    a, b = np.where(flip, 1 - a, a), np.where(flip, 1 - b, b)
+    t = tris[idx]
+    return t[:, 0] + a[:, None] * (t[:, 1] - t[:, 0]) + b[:, None] * (t[:, 2] - t[:, 0])
+
+
+def _pyramid(rng, n):
+    base = [(-1, -1, -1), (1, -1, -1), (1, 1, -1), (-1, 1, -1)]
+    apex = (0, 0, 1)
+    tris = [(base[0], base[1], base[2]), (base[0], base[2], base[3])]
+    tris += [(base[i], base[(i + 1) % 4], apex) for i in range(4)]
+    return _triangles(rng, n, tris)
+
+
+def _octahedron(rng, n):
+    tris = [((sx, 0, 0), (0, sy, 0), (0, 0, sz)) for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]
+    return _triangles(rng, n, tris)
+
+
+def _tetrahedron(rng, n):
+    v = [(1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1)]
+    return _triangles(rng, n, [(v[0], v[1], v[2]), (v[0], v[1], v[3]), (v[0], v[2], v[3]), (v[1], v[2], v[3])])
+
+
+def _plane(rng, n):
+    p = rng.uniform(-1, 1, size=(n, 3))
+    p[:, 2] = 0.0
+    return p
+
+
+def _helix(rng, n, turns=3.0, tube=0.15):
+    t = rng.uniform(0, 1, n)
+    angle = 2 * math.pi * turns * t
+    centre = np.stack([np.cos(angle), np.sin(angle), 2 * t - 1], 1)
+    return centre + tube * _sphere(rng, n)
+
+
+def _dumbbell(rng, n):
+    p = 0.5 * _sphere(rng, n)
+    p[:, 0] += np.where(rng.uniform(0, 1, n) < 0.5, -1.0, 1.0)
+    return p
+
+
+def _cross(rng, n):
+    # Three orthogonal bars (boxes 2 x 0.3 x 0.3) through the origin.
+    p = _cube(rng, n) * np.array([1.0, 0.15, 0.15])
+    axis = rng.integers(0, 3, size=n)
+    return np.take_along_axis(p, (np.arange(3)[None, :] - axis[:, None]) % 3, axis=1)
+
+
+SHAPES: Dict[str, Callable] = {
+    "sphere": _sphere, "cube": _cube, "cylinder": _cylinder, "cone": _cone, "torus": _torus,
+    "pyramid": _pyramid, "octahedron": _octahedron, "tetrahedron": _tetrahedron, "plane": _plane,
+    "helix": _helix, "dumbbell": _dumbbell, "cross": _cross,
+}
+ROTATIONS = ("so3", "z", None)
+
+
+def _rotation(rng, kind) -> np.ndarray:
+    if kind is None:
+        return np.eye(3)
+    if kind == "z":
+        a = rng.uniform(0, 2 * math.pi)
+        return np.array([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    # Uniform on SO(3): QR of a Gaussian matrix with the sign of R's diagonal fixed.
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+class SyntheticShapes(Dataset):
+    """Procedural point clouds of ``num_classes`` shapes; items are (points (N, 3) float32, label int64).
+
+    Args:
+        num_samples: dataset length.
+        num_points: points per cloud, or (low, high) for a random count in [low, high] per
+            sample (then batch with a collate that pads or samples, as clouds differ in size).
+        num_classes: the first ``num_classes`` entries of ``SHAPES`` (at most 12).
+        seed: sample i depends only on (seed, i).
+        rotation: "so3" (uniform random rotation), "z" (about the z axis) or None.
+        scale_range: per-axis stretch factors drawn uniformly from this range.
+        jitter: standard deviation of the Gaussian point noise (clipped at 5 standard deviations).
+        normalize: centre the bounding box and scale so the cloud fits [-1, 1]^3 (max |coord| = 1).
+
+    Labels are balanced (counts differ by at most one) and shuffled by seed.
+    """
+
+    def __init__(self, num_samples: int, num_points: Union[int, Tuple[int, int]] = 1024, num_classes: int = 10,
+                 seed: int = 0, rotation: Optional[str] = "so3", scale_range: Sequence[float] = (0.75, 1.25),
+                 jitter: float = 0.01, normalize: bool = True):
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if isinstance(num_points, (tuple, list)):
+            if (len(num_points) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in num_points)
+                    or not 1 <= num_points[0] <= num_points[1]):
+                raise ValueError(f"num_points must be a positive int or (low, high) with 1 <= low <= high, "
+                                 f"got {num_points!r}")
+            num_points = (int(num_points[0]), int(num_points[1]))
+        elif isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
+            raise ValueError(f"num_points must be a positive int or (low, high), got {num_points!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= len(SHAPES):
+            raise ValueError(f"num_classes must be an int in [1, {len(SHAPES)}], got {num_classes!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
+        if (len(scale_range) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in scale_range)
+                or not 0 < scale_range[0] <= scale_range[1]):
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range!r}")
+        if not isinstance(jitter, (int, float)) or not math.isfinite(jitter) or jitter < 0:
+            raise ValueError(f"jitter must be finite and >= 0, got {jitter!r}")
+        self.num_samples = num_samples
+        self.num_points = num_points
+        self.num_classes = num_classes
+        self.seed = seed
+        self.rotation = rotation
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.jitter = float(jitter)
+        self.normalize = bool(normalize)
+        self.class_names = list(SHAPES)[:num_classes]
+        labels = np.arange(num_samples) % num_classes
+        np.random.default_rng([seed, 0xC1A55]).shuffle(labels)
+        self.labels = torch.from_numpy(labels).long()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(index, torch.Tensor):
+            index = int(index)
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        if index < 0:
+            index += self.num_samples
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+        rng = np.random.default_rng([self.seed, int(index)])
+        label = int(self.labels[index])
+        if isinstance(self.num_points, tuple):
+            n = int(rng.integers(self.num_points[0], self.num_points[1] + 1))
+        else:
+            n = self.num_points
+        pts = SHAPES[self.class_names[label]](rng, n)
+        pts = pts * rng.uniform(*self.scale_range, size=3)
+        pts = pts @ _rotation(rng, self.rotation).T
+        if self.jitter > 0:
+            pts = pts + np.clip(rng.normal(0.0, self.jitter, size=pts.shape), -5 * self.jitter, 5 * self.jitter)
+        if self.normalize:
+            pts = pts - 0.5 * (pts.max(0) + pts.min(0))
+            pts = pts / max(np.abs(pts).max(), 1e-12)
+        return torch.from_numpy(pts).float(), torch.tensor(label, dtype=torch.long)

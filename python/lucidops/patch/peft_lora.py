@@ -1,0 +1,270 @@
+"""Turn the LoRA layers of a peft model into sine or bounded ones (methods.md sections 3, 5).
+
+    handle = lucidops.patch.peft_lora(peft_model, "bounded", omega=1.0, fn="sin", only_mlp=True)
+    ...                     # train / unlearn: the fused op runs in every patched layer
+    peft_model.save_pretrained(path)   # peft's own adapter files and state-dict keys, unchanged
+    handle.revert()         # the original peft forward again (bit for bit)
+
+Only the *forward* of each ``peft.tuners.lora.Linear`` is swapped (an instance attribute
+bound to the layer), so the layer, its ``lora_A`` / ``lora_B`` parameters and every
+state-dict key stay peft's: saving and loading the adapter through peft round-trips, and
+the patch is re-applied after loading with the same arguments (``handle.settings``).
+
+peft and transformers are imported inside the functions, never at module level.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import types
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import lora as _ops
+
+VARIANTS = ("sine", "bounded")
+
+# Module-name patterns (re.search on the qualified name) of feed-forward layers:
+# GPT-2 (mlp.c_fc, mlp.c_proj), LLaMA/Mistral (mlp.gate_proj/up_proj/down_proj), OPT
+# (fc1, fc2), GPT-NeoX (mlp.dense_h_to_4h), Falcon/T5-style feed_forward/ffn blocks, and
+# BERT/ViT (intermediate.dense, layer.N.output.dense -- but not attention.output.dense).
+DEFAULT_MLP_PATTERNS: Tuple[str, ...] = (
+    r"(^|\.)(mlp|feed_forward|ffn|DenseReluDense)\.",
+    r"(^|\.)(fc1|fc2|c_fc|gate_proj|up_proj|down_proj|dense_h_to_4h|dense_4h_to_h)$",
+    r"(^|\.)intermediate\.dense$",
+    r"(^|\.)\d+\.output\.dense$",
+)
+
+
+def is_mlp_name(name: str, patterns: Optional[Sequence[str]] = None) -> bool:
+    """Whether the qualified module name ``name`` is a feed-forward (MLP) layer."""
+    pats = DEFAULT_MLP_PATTERNS if patterns is None else patterns
+    return any(re.search(p, name) for p in pats)
+
+
+def _peft_linear_class() -> type:
+    try:
+        from peft.tuners.lora import Linear
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("lucidops.patch.peft_lora needs peft (pip install peft)") from err
+    return Linear
+
+
+def _conv1d_class() -> Optional[type]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers absent: only nn.Linear bases then
+        return None
+    return Conv1D
+
+
+def lora_layers(model: nn.Module, *, only_mlp: bool = False,
+                mlp_patterns: Optional[Sequence[str]] = None) -> List[Tuple[str, nn.Module]]:
+    """The (name, layer) pairs of ``model``'s ``peft.tuners.lora.Linear`` layers (only the
+    feed-forward ones when ``only_mlp``)."""
+    cls = _peft_linear_class()
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, cls) and (not only_mlp or is_mlp_name(name, mlp_patterns)):
+            out.append((name, module))
+    return out
+
+
+@dataclass
+class PeftLoRAHandle:
+    """What :func:`peft_lora` patched. ``revert()`` restores every layer's original forward
+    (and merge); also a context manager that reverts on exit."""
+
+    model: nn.Module
+    settings: Dict[str, Any]
+    names: List[str] = field(default_factory=list)
+    _saved: List[Tuple[nn.Module, Dict[str, Any]]] = field(default_factory=list, repr=False)
+
+    def revert(self) -> nn.Module:
+        for layer, previous in reversed(self._saved):
+            for attr in _SWAPPED:
+                layer.__dict__.pop(attr, None)
+                if attr in previous:  # an instance attribute that existed before the patch
+                    layer.__dict__[attr] = previous[attr]
+            layer.__dict__.pop("_lucidops_lora", None)
+        self._saved.clear()
+        self.names.clear()
+        return self.model
+
+    def __len__(self) -> int:
+        return len(self._saved)
+
+    def __enter__(self) -> "PeftLoRAHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+
+_SWAPPED = ("forward", "merge")
+
+
+def _base_weight(layer: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
+    """(N_out, K_in) weight view and bias of the layer's base (Conv1D stores W^T)."""
+    base = layer.get_base_layer()
+    w = base.weight
+    if layer.fan_in_fan_out:
+        w = w.t()
+    return w, base.bias
+
+
+def _fused_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """Replacement forward of a patched peft LoRA Linear: the active adapter runs through
+    lucidops' fused bounded/sine op; every other state (adapters disabled, merged, mixed
+    batches, another adapter active) is handed to peft's own forward."""
+    cfg = self._lucidops_lora
+    adapter = cfg["adapter"]
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or adapter not in active):
+        return cfg["original"](x, *args, **kwargs)
+    if len(active) > 1:
+        raise RuntimeError(f"lucidops' fused adapter runs one adapter per layer, but {active} are active; "
+                           f"activate only {adapter!r} (or revert the patch)")
+    if args or kwargs:
+        raise TypeError(f"patched LoRA layer takes only the input tensor, got extra arguments {args} {kwargs}")
+    weight, bias = _base_weight(self)
+    a = self.lora_A[adapter].weight
+    b = self.lora_B[adapter].weight
+    # peft may keep adapters in float32 over a bfloat16 base: run the op in the base's dtype
+    # (the differentiable casts send the gradients back to the float32 adapter parameters).
+    dtype = weight.dtype
+    y = _ops.bounded_lora_linear(x.to(dtype), weight, a.to(dtype), b.to(dtype), bias, fn=cfg["fn"],
+                                 omega=cfg["omega"], scale=self.scaling[adapter] / cfg["gain"],
+                                 placement=cfg["placement"])
+    return y.to(x.dtype)
+
+
+def _no_merge(self, *args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("this peft LoRA layer is patched by lucidops.patch.peft_lora: peft's merge would fold the "
+                       "plain update B A, not the bounded one; call handle.revert() first")
+
+
+def _resolve_gain(gain: Union[float, str], k_in: int) -> float:
+    if gain == "sqrt_in":
+        return math.sqrt(k_in)
+    if isinstance(gain, str):
+        raise ValueError(f"gain must be a positive number or 'sqrt_in', got {gain!r}")
+    g = _ops._finite_scalar(gain, "gain")
+    if g <= 0:
+        raise ValueError(f"gain must be > 0, got {g}")
+    return g
+
+
+def _check_layer(name: str, layer: nn.Module, adapter: str) -> None:
+    if adapter not in layer.lora_A:
+        raise ValueError(f"layer {name!r} has no adapter {adapter!r} (it has {sorted(layer.lora_A.keys())})")
+    base = layer.get_base_layer()
+    conv1d = _conv1d_class()
+    kinds = (nn.Linear,) + ((conv1d,) if conv1d is not None else ())
+    if type(base) not in kinds:
+        raise TypeError(f"layer {name!r}: the fused op needs a plain nn.Linear or transformers Conv1D base, got "
+                        f"{type(base).__name__} (quantized bases are not supported)")
+    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
+        raise ValueError(f"layer {name!r}: adapter {adapter!r} uses a peft LoRA variant (e.g. DoRA); only plain "
+                         "LoRA adapters can be made sine/bounded")
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
+        raise ValueError(f"layer {name!r}: lora_bias=True is not supported by the fused op")
+    dropout = layer.lora_dropout[adapter]
+    if not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 0.0) > 0:
+        raise ValueError(f"layer {name!r}: lora_dropout={dropout.p} cannot be applied inside the fused op "
+                         "(it drops the adapter's input only); use lora_dropout=0")
+    if layer.merged:
+        raise RuntimeError(f"layer {name!r} has merged adapters; call model.unmerge_adapter() before patching")
+    if "_lucidops_lora" in layer.__dict__:
+        raise RuntimeError(f"layer {name!r} is already patched by lucidops.patch.peft_lora; revert() it first")
+
+
+def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str = "sin", placement: str = "weight",
+              only_mlp: bool = False, mlp_patterns: Optional[Sequence[str]] = None,
+              gain: Optional[Union[float, str]] = None, adapter_name: Optional[str] = None) -> PeftLoRAHandle:
+    """Make the LoRA layers of a peft model sine or bounded, with lucidops' fused kernels.
+
+    Each patched ``peft.tuners.lora.Linear`` computes, for its adapter with A (r, K_in),
+    B (N_out, r) and peft's scaling s = alpha / r:
+
+    * placement "weight": y = x (W0 + s / g * fn(omega B A))^T + bias
+    * placement "output": y = x W0^T + s / g * fn(omega (x A^T) B^T) + bias
+
+    Args:
+        model: a peft model (or any module containing peft LoRA Linear layers).
+        variant: "sine" (sine LoRA, Ji et al.: fn "sin" on the weight product, gain
+            sqrt(K_in)) or "bounded" (bounded unlearning: ``fn`` and ``placement`` as given,
+            gain 1).
+        omega: finite frequency (required; no default in the papers' code).
+        fn: "sin" or "tanh" (variant "bounded"; variant "sine" needs "sin").
+        placement: "weight" or "output" (variant "bounded"; variant "sine" needs "weight").
+        only_mlp: patch only feed-forward layers, leaving attention adapters plain LoRA.
+        mlp_patterns: regexes (re.search on module names) marking MLP layers; defaults
+            cover GPT-2, LLaMA, OPT, GPT-NeoX and BERT/ViT names (:data:`DEFAULT_MLP_PATTERNS`).
+        gain: divisor of peft's scaling: a positive number or "sqrt_in" (default:
+            "sqrt_in" for "sine", 1 for "bounded").
+        adapter_name: which adapter to make bounded (default: the model's active one).
+    Returns:
+        A :class:`PeftLoRAHandle`; ``revert()`` (or leaving its ``with`` block) restores
+        peft's forward. The adapter parameters are the same objects throughout.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    omega = _ops._finite_scalar(omega, "omega")
+    if fn not in _ops.FNS:
+        raise ValueError(f"fn must be one of {_ops.FNS}, got {fn!r}")
+    if placement not in _ops.PLACEMENTS:
+        raise ValueError(f"placement must be one of {_ops.PLACEMENTS}, got {placement!r}")
+    if variant == "sine" and (fn != "sin" or placement != "weight"):
+        raise ValueError(f"variant 'sine' is fn='sin', placement='weight'; got fn={fn!r}, placement={placement!r} "
+                         "(use variant='bounded')")
+    if gain is None:
+        gain = "sqrt_in" if variant == "sine" else 1.0
+    if mlp_patterns is not None:
+        if isinstance(mlp_patterns, str) or not all(isinstance(p, str) for p in mlp_patterns):
+            raise TypeError("mlp_patterns must be a sequence of regex strings")
+        for p in mlp_patterns:
+            try:
+                re.compile(p)
+            except re.error as err:
+                raise ValueError(f"mlp_patterns: invalid regex {p!r}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no peft LoRA Linear layer to patch (wrap it with peft.get_peft_model and a "
+                         "LoraConfig first)")
+    if only_mlp:
+        layers = [(n, m) for n, m in layers if is_mlp_name(n, mlp_patterns)]
+        if not layers:
+            raise ValueError("only_mlp=True but no LoRA layer name matches the MLP patterns; pass mlp_patterns")
+    if adapter_name is None:
+        active = layers[0][1].active_adapters
+        if len(active) != 1:
+            raise ValueError(f"the model has several active adapters {active}; pass adapter_name")
+        adapter_name = active[0]
+
+    # Check every layer before touching any, so a bad layer leaves the model unpatched.
+    gains = []
+    for name, layer in layers:
+        _check_layer(name, layer, adapter_name)
+        gains.append(_resolve_gain(gain, _base_weight(layer)[0].shape[1]))
+
+    settings = dict(variant=variant, omega=omega, fn=fn, placement=placement, only_mlp=only_mlp,
+                    mlp_patterns=None if mlp_patterns is None else tuple(mlp_patterns), gain=gain,
+                    adapter_name=adapter_name)
+    handle = PeftLoRAHandle(model, settings)
+    for (name, layer), g in zip(layers, gains):
+        previous = {attr: layer.__dict__[attr] for attr in _SWAPPED if attr in layer.__dict__}
+        layer.__dict__["_lucidops_lora"] = dict(adapter=adapter_name, fn=fn, placement=placement, omega=omega,
+                                                gain=g, original=layer.forward)
+        layer.forward = types.MethodType(_fused_forward, layer)
+        layer.merge = types.MethodType(_no_merge, layer)
+        handle._saved.append((layer, previous))
+        handle.names.append(name)
+    return handle

@@ -1,0 +1,209 @@
+"""lucidops.patch.peft_lora and lucidops.train.gradient_difference on a real peft model over
+a tiny GPT-2 built from a config (no weights downloaded)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from lucidops.patch.peft_lora import is_mlp_name, peft_lora  # noqa: E402
+from lucidops.train.unlearning import gradient_difference  # noqa: E402
+
+VOCAB = 64
+
+
+def make_model(seed=0, targets=("c_attn", "c_proj", "c_fc"), n_layer=2, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16, bos_token_id=0,
+                     eos_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
+                                                                fan_in_fan_out=True, lora_dropout=dropout))
+    # B starts at zero in peft: randomise it so the adapters change the output.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def ids(n=4, t=8, seed=1):
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def lora_linears(model):
+    from peft.tuners.lora import Linear
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
+
+
+def by_hand(layer, x, fn, omega, scale, placement):
+    """The definition in float64 from W0 (Conv1D stores W0^T), A, B."""
+    base = layer.get_base_layer()
+    w0 = base.weight.double().t()
+    a = layer.lora_A["default"].weight.double()
+    b = layer.lora_B["default"].weight.double()
+    f = torch.sin if fn == "sin" else torch.tanh
+    x = x.double()
+    if placement == "weight":
+        return x @ (w0 + scale * f(omega * b @ a)).T + base.bias.double()
+    return x @ w0.T + scale * f(omega * (x @ a.T) @ b.T) + base.bias.double()
+
+
+@pytest.mark.parametrize("variant,fn,placement", [("sine", "sin", "weight"), ("bounded", "tanh", "weight"),
+                                                  ("bounded", "sin", "output")])
+def test_patched_layer_matches_definition(variant, fn, placement):
+    model = make_model()
+    omega = 2.5
+    handle = peft_lora(model, variant, omega=omega, fn=fn, placement=placement)
+    layers = lora_linears(model)
+    assert len(handle) == len(layers) == 8
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(2))
+    for name, layer in layers:
+        if name.endswith("c_proj") and "mlp" in name:
+            xin = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(3))
+        else:
+            xin = x
+        gain = math.sqrt(xin.shape[-1]) if variant == "sine" else 1.0
+        want = by_hand(layer, xin, fn, omega, layer.scaling["default"] / gain, placement)
+        got = layer(xin)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        # and it is not peft's plain LoRA output
+        assert (got - layer._lucidops_lora["original"](xin)).abs().max() > 1e-3
+
+
+def test_gradients_reach_the_same_peft_parameters():
+    model = make_model()
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict().keys())
+    with peft_lora(model, "bounded", omega=1.5, only_mlp=True):
+        assert list(model.state_dict().keys()) == keys
+        assert all(params[n] is p for n, p in model.named_parameters())
+        layer = dict(lora_linears(model))["base_model.model.transformer.h.0.mlp.c_fc"]
+        x = torch.randn(4, 32, dtype=torch.float64)
+        a = layer.lora_A["default"].weight
+        b = layer.lora_B["default"].weight
+        layer(x.float()).pow(2).sum().backward()
+        ga, gb = a.grad.clone(), b.grad.clone()
+        a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+        w0 = layer.get_base_layer().weight.double().t()
+        y = x @ (w0 + layer.scaling["default"] * torch.sin(1.5 * b64 @ a64)).T + layer.get_base_layer().bias.double()
+        y.pow(2).sum().backward()
+        torch.testing.assert_close(ga.double(), a64.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gb.double(), b64.grad, rtol=1e-4, atol=1e-5)
+        assert layer.get_base_layer().weight.grad is None
+
+
+def test_revert_is_bit_exact_and_context_manager():
+    model = make_model()
+    x = ids()
+    with torch.no_grad():
+        before = model(x).logits.clone()
+        handle = peft_lora(model, "sine", omega=3.0)
+        patched = model(x).logits.clone()
+        handle.revert()
+        after = model(x).logits
+        assert not torch.equal(before, patched)
+        assert torch.equal(before, after)
+        assert all("forward" not in m.__dict__ for _, m in lora_linears(model))
+        with peft_lora(model, "bounded", omega=3.0, fn="tanh"):
+            assert not torch.equal(model(x).logits, before)
+        assert torch.equal(model(x).logits, before)
+
+
+def test_only_mlp_leaves_attention_plain():
+    model = make_model()
+    handle = peft_lora(model, "bounded", omega=2.0, only_mlp=True)
+    patched = set(handle.names)
+    assert patched == {f"base_model.model.transformer.h.{i}.mlp.{n}" for i in range(2) for n in ("c_fc", "c_proj")}
+    for name, layer in lora_linears(model):
+        assert ("_lucidops_lora" in layer.__dict__) == (name in patched)
+    attn = dict(lora_linears(model))["base_model.model.transformer.h.0.attn.c_attn"]
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        w0 = attn.get_base_layer().weight.t()
+        a, b = attn.lora_A["default"].weight, attn.lora_B["default"].weight
+        plain = x @ w0.T + attn.get_base_layer().bias + attn.scaling["default"] * (x @ a.T) @ b.T
+        torch.testing.assert_close(attn(x), plain, rtol=1e-5, atol=1e-5)
+    # default patterns: GPT-2, LLaMA, BERT names
+    assert is_mlp_name("model.layers.3.mlp.down_proj") and not is_mlp_name("model.layers.3.self_attn.o_proj")
+    assert is_mlp_name("encoder.layer.0.output.dense") and not is_mlp_name("encoder.layer.0.attention.output.dense")
+    handle.revert()
+    custom = peft_lora(model, "bounded", omega=2.0, only_mlp=True, mlp_patterns=[r"h\.1\.mlp\.c_fc$"])
+    assert custom.names == ["base_model.model.transformer.h.1.mlp.c_fc"]
+
+
+def test_save_load_round_trip(tmp_path):
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = make_model(seed=0)
+    handle = peft_lora(model, "bounded", omega=2.0, fn="sin", only_mlp=True)
+    x = ids()
+    with torch.no_grad():
+        want = model(x).logits
+    model.save_pretrained(tmp_path)
+    # a fresh base with the same (seeded) weights, adapters from disk, patch re-applied
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0))
+    loaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    peft_lora(loaded, **{k: v for k, v in handle.settings.items()})
+    with torch.no_grad():
+        got = loaded(x).logits
+    assert torch.equal(got, want)
+
+
+def test_bad_input_raises():
+    model = make_model()
+    with pytest.raises(ValueError, match="variant"):
+        peft_lora(model, "cosine", omega=1.0)
+    with pytest.raises(ValueError, match="omega"):
+        peft_lora(model, "bounded", omega=float("nan"))
+    with pytest.raises(ValueError, match="omega"):
+        peft_lora(model, "sine", omega=float("inf"))
+    with pytest.raises(ValueError, match="fn"):
+        peft_lora(model, "bounded", omega=1.0, fn="relu")
+    with pytest.raises(ValueError, match="placement"):
+        peft_lora(model, "bounded", omega=1.0, placement="input")
+    with pytest.raises(ValueError, match="variant 'sine'"):
+        peft_lora(model, "sine", omega=1.0, fn="tanh")
+    with pytest.raises(ValueError, match="no peft LoRA"):
+        peft_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), "sine", omega=1.0)
+    with pytest.raises(ValueError, match="only_mlp"):
+        peft_lora(make_model(targets=("c_attn",)), "bounded", omega=1.0, only_mlp=True)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        peft_lora(make_model(dropout=0.1), "bounded", omega=1.0)
+    handle = peft_lora(model, "bounded", omega=1.0)
+    with pytest.raises(RuntimeError, match="already patched"):
+        peft_lora(model, "bounded", omega=1.0)
+    with pytest.raises(RuntimeError, match="revert"):
+        model.merge_adapter()
+    handle.revert()
+    with pytest.raises(ValueError, match="steps"):
+        gradient_difference(model, ids(), ids(), steps=0, lr=0.1)
+    with pytest.raises(ValueError, match="forget"):
+        gradient_difference(model, torch.randn(2, 3), ids(), steps=1, lr=0.1)
+
+
+def test_gradient_difference_history():
+    model = make_model(n_layer=1)
+    peft_lora(model, "bounded", omega=1.0, only_mlp=True)
+    hist = gradient_difference(model, ids(seed=4), ids(seed=5), steps=3, lr=1e-2, batch_size=2, progress=False)
+    assert set(hist) == {"forget_loss", "retain_loss", "weight_norm", "grad_norm"}
+    for values in hist.values():
+        assert len(values) == 3 and all(math.isfinite(v) for v in values)
+    assert hist["grad_norm"][0] > 0
+    assert len(set(hist["weight_norm"])) > 1  # the MLP adapters moved

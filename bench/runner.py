@@ -61,17 +61,18 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     desc = device_description(device)
     print(f"benchmarking on {desc['name']} ({device}), torch {desc['torch']}", flush=True)
+    out = args.out or default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    slug = device_slug(desc) + ("-quick" if args.quick else "")
     rows: List[Dict] = []
     for family in args.families:
         module = importlib.import_module(f"lucidops.bench.{family}")
         print(f"[{family}]", flush=True)
         rows += module.run(device, quick=args.quick)
-    out = args.out or default_out()
-    out.mkdir(parents=True, exist_ok=True)
-    slug = device_slug(desc) + ("-quick" if args.quick else "")
-    (out / f"{slug}.json").write_text(json.dumps({"machine": desc, "quick": args.quick, "results": rows}, indent=2))
-    md = to_markdown(desc, rows)
-    (out / f"{slug}.md").write_text(md)
+        # Written after every family, so a run cut short by a time limit keeps what it measured.
+        (out / f"{slug}.json").write_text(json.dumps({"machine": desc, "quick": args.quick, "results": rows}, indent=2))
+        md = to_markdown(desc, rows)
+        (out / f"{slug}.md").write_text(md)
     print(md)
     print(f"wrote {out / (slug + '.json')} and .md")
     return 0

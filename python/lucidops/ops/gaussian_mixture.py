@@ -18,8 +18,6 @@ in every backend, so every backend culls exactly the same (point, Gaussian) pair
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -105,18 +103,25 @@ def _cpp_backward(grad, points, means, precisions, weight, argmax, reduce_max, c
     if reduce_max:
         gx, gm, gp, gw, gb = ext.gaussian_mixture_backward_max(g, x, mu, p, w, argmax, half, cull)
     else:
-        # reduce "none" returns (N, K) anyway, so (M, G) phi is the smaller tensor; the two
-        # K x G products are plain GEMMs, the per-pair terms the C++ kernels.
-        flat_x = x.reshape(-1, 3)
-        flat_g = g.reshape(-1, g.shape[-1])
-        phi = ext.gaussian_phi(flat_x, mu, p, half, cull)
-        gw = flat_g.t() @ phi
-        gb = flat_g.sum(dim=0)
-        coef = (flat_g @ w) * phi
-        gx, gm, gp = ext.gaussian_phi_backward(coef, flat_x, mu, p)
-        gx = gx.reshape(points.shape)
+        gx, gm, gp, gw, gb = _backward_none(g, x, mu, p, w, half, cull, ext.gaussian_phi, ext.gaussian_phi_backward)
     return (gx.to(points.dtype), gm.to(means.dtype), gp.to(precisions.dtype), gw.to(weight.dtype),
             gb.to(weight.dtype))
+
+
+def _backward_none(g, x, mu, p, w, half, cull, phi_fn, phi_backward_fn):
+    """Backward of reduce="none" given a backend's phi and phi-backward kernels.
+
+    The output (N, K) is materialised anyway, so (M, G) phi is the smaller tensor; the two
+    K x G products are plain GEMMs and the per-pair terms go to the backend's kernels.
+    """
+    flat_x = x.reshape(-1, 3)
+    flat_g = g.reshape(-1, g.shape[-1])
+    phi = phi_fn(flat_x, mu, p, half, cull)
+    gw = flat_g.t() @ phi
+    gb = flat_g.sum(dim=0)
+    coef = ((flat_g @ w) * phi).contiguous()
+    gx, gm, gp = phi_backward_fn(coef, flat_x, mu, p)
+    return gx.reshape(x.shape), gm, gp, gw, gb
 
 
 def _triton_inputs(points, means, precisions, weight, cull_threshold):
@@ -144,14 +149,7 @@ def _triton_backward(grad, points, means, precisions, weight, argmax, reduce_max
     if reduce_max:
         gx, gm, gp, gw, gb = tk.backward_max(g, x, mu, p, w, argmax.contiguous(), half, cull)
     else:
-        flat_x = x.reshape(-1, 3)
-        flat_g = g.reshape(-1, g.shape[-1])
-        phi = tk.phi(flat_x, mu, p, half, cull)
-        gw = flat_g.t() @ phi
-        gb = flat_g.sum(dim=0)
-        coef = ((flat_g @ w) * phi).contiguous()
-        gx, gm, gp = tk.phi_backward(coef, flat_x, mu, p)
-        gx = gx.reshape(points.shape)
+        gx, gm, gp, gw, gb = _backward_none(g, x, mu, p, w, half, cull, tk.phi, tk.phi_backward)
     return (gx.to(points.dtype), gm.to(means.dtype), gp.to(precisions.dtype), gw.to(weight.dtype),
             gb.to(weight.dtype))
 
@@ -242,12 +240,7 @@ def _check_threshold(cull_threshold) -> Optional[float]:
         if cull_threshold.numel() != 1:
             raise ValueError(f"cull_threshold must be a number, got a tensor of shape {tuple(cull_threshold.shape)}")
         cull_threshold = float(cull_threshold.detach().reshape(()).item())
-    if isinstance(cull_threshold, bool) or not isinstance(cull_threshold, numbers.Real):
-        raise TypeError(f"cull_threshold must be None or a positive number, got {type(cull_threshold).__name__}")
-    value = float(cull_threshold)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"cull_threshold must be None or finite and > 0, got {value}")
-    return value
+    return _validate.positive_finite_scalar(cull_threshold, "cull_threshold")
 
 
 def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: Tensor, bias: Optional[Tensor] = None,

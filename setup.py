@@ -97,6 +97,7 @@ setup(
         "ninja>=1.11",
         "fvcore>=0.1.5",
         "numpy",
+        "scipy>=1.8",  # scipy.fft: token_gray's DCT on the CPU
         "tqdm",
     ],
     extras_require={

@@ -6,8 +6,10 @@ Self-attention without skips is ill-conditioned; graying flattens the spectrum o
 - ``mode="svd"``: X = U S V^T, S~ = (S / max S)^eps, X~ = U S~ V^T.
 - ``mode="dct"``: the same power law on the magnitudes of the orthonormal 2D DCT-II
   coefficients C = D_N X D_d^T, sign kept: C~ = sign(C) (|C| / max |C|)^eps,
-  X~ = D_N^T C~ D_d. Two matrix products each way with DCT bases that are built once
-  per (size, dtype, device) and cached, so it costs a few GEMMs instead of an SVD.
+  X~ = D_N^T C~ D_d. On the CPU the transforms run in scipy.fft (pocketfft, O(n log n),
+  on all of torch's threads); on other devices, or when a gradient is needed, as two
+  matrix products each way with DCT bases built once per (size, dtype, device) and
+  cached. Either way it costs a fraction of an SVD.
 
 Both normalise by the largest singular value / coefficient, as the paper states; with
 ``keep_scale=True`` the result is multiplied back by it, so eps = 1 returns X itself.
@@ -39,6 +41,41 @@ def dct_basis(n: int, dtype: torch.dtype = torch.float32, device: torch.device =
     return basis.to(dtype=dtype, device=device)
 
 
+def _dct2_matmul(x: Tensor, inverse: bool) -> Tensor:
+    """Orthonormal 2D DCT-II (or its inverse) over the last two dims as cached-basis
+    GEMMs: differentiable and device-agnostic."""
+    dn = dct_basis(x.shape[-2], x.dtype, x.device)
+    dd = dct_basis(x.shape[-1], x.dtype, x.device)
+    if inverse:
+        return torch.matmul(dn.T, x) @ dd
+    return torch.matmul(dn, x) @ dd.T
+
+
+def _dct2_scipy(x: Tensor, inverse: bool) -> Tensor:
+    """The same transform with scipy.fft on a CPU tensor (no autograd)."""
+    import scipy.fft
+
+    transform = scipy.fft.idctn if inverse else scipy.fft.dctn
+    out = transform(x.detach().numpy(), type=2, axes=(-2, -1), norm="ortho", workers=torch.get_num_threads())
+    return torch.from_numpy(out)
+
+
+def _scipy_fft_available() -> bool:
+    try:
+        import scipy.fft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _dct2(x: Tensor, inverse: bool = False) -> Tensor:
+    """Orthonormal 2D DCT-II of the last two dims (``inverse``: DCT-III, its inverse)."""
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if x.device.type == "cpu" and not needs_grad and _scipy_fft_available():
+        return _dct2_scipy(x, inverse)
+    return _dct2_matmul(x, inverse)
+
+
 def _check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a real number in (0, 1], got {type(eps).__name__}")
@@ -51,7 +88,10 @@ def _check_eps(eps) -> float:
 def _power_law(values: Tensor, peak: Tensor, eps: float) -> Tensor:
     """sign(v) (|v| / peak)^eps, with an all-zero matrix (peak 0) mapped to zeros."""
     safe = torch.where(peak > 0, peak, torch.ones_like(peak))
-    return torch.copysign((values.abs() / safe).pow(eps), values)
+    if torch.is_grad_enabled() and values.requires_grad:
+        return torch.copysign((values.abs() / safe).pow(eps), values)
+    # In place, and exp(eps * log(.)) rather than pow: the same values, ~1.5x faster on the CPU.
+    return values.abs().div_(safe).log_().mul_(eps).exp_().copysign_(values)
 
 
 def token_gray(x: Tensor, eps: float = 0.9, mode: str = "dct", keep_scale: bool = False) -> Tensor:
@@ -86,13 +126,10 @@ def token_gray(x: Tensor, eps: float = 0.9, mode: str = "dct", keep_scale: bool 
             s_new = s_new * peak
         out = (u * s_new.unsqueeze(-2)) @ vh
     else:
-        n, d = x.shape[-2], x.shape[-1]
-        dn = dct_basis(n, dtype, x.device)
-        dd = dct_basis(d, dtype, x.device)
-        coeffs = torch.matmul(dn, xc) @ dd.T
-        peak = coeffs.abs().amax(dim=(-2, -1), keepdim=True)
+        coeffs = _dct2(xc)
+        peak = torch.maximum(coeffs.amax(dim=(-2, -1), keepdim=True), -coeffs.amin(dim=(-2, -1), keepdim=True))
         coeffs = _power_law(coeffs, peak, eps)
         if keep_scale:
             coeffs = coeffs * peak
-        out = torch.matmul(dn.T, coeffs) @ dd
+        out = _dct2(coeffs, inverse=True)
     return out.to(x.dtype)

@@ -102,7 +102,12 @@ setup(
     ],
     extras_require={
         # timm, peft and transformers: the patch tests build real models from configs.
-        "dev": ["pytest>=8", "hypothesis>=6", "pytest-timeout", "timm>=1.0", "peft>=0.13", "transformers>=4.45"],
+        # matplotlib: the PNG plots of `lucidops bench` and `lucidops.profile.compare`.
+        "plot": ["matplotlib>=3.5"],
+        # h5py: the ModelNet40 (ply_hdf5_2048) loader.
+        "data": ["h5py>=3.0"],
+        "dev": ["pytest>=8", "hypothesis>=6", "pytest-timeout", "timm>=1.0", "peft>=0.13", "transformers>=4.45",
+                "matplotlib>=3.5", "h5py>=3.0"],
     },
     entry_points={"console_scripts": ["lucidops=lucidops.cli:main"]},
     zip_safe=False,

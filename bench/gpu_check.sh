@@ -29,7 +29,7 @@ timeout 300 python3 -m pytest tests -q -x -m "not slow" -p no:cacheprovider \
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "benchmarks"
-timeout 150 python3 -m lucidops.cli bench --out bench/results 2>&1 | tail -60
+timeout 150 python3 -m lucidops.cli bench --full --device cuda --out bench/results 2>&1 | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1  # results are written per family, so a timeout keeps them
 [ "$LOG_DIR" != "bench/results" ] && cp bench/results/*.json bench/results/*.md "$LOG_DIR"/ 2>/dev/null
 

@@ -1,6 +1,10 @@
-"""Run the benchmarks of every op family and write ``<out>/<device>.json`` and ``.md``.
+"""Run the benchmarks of every op family and write ``<out>/<device>.json``, ``.md`` and PNGs.
 
-    lucidops bench [--families activations] [--quick] [--out bench/results]
+    lucidops bench [--full] [--families activations ...] [--device cpu cuda] [--out bench/results]
+
+The default is a short run on small sizes (seconds on a CPU); ``--full`` uses the sizes
+the README reports. Every device this machine has is benchmarked (the CPU, and the GPU
+when torch sees one) unless ``--device`` narrows it.
 """
 
 from __future__ import annotations
@@ -10,11 +14,15 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from .timing import device_description, device_slug
+
+# Modules of lucidops.bench that are not op families.
+NOT_FAMILIES = ("runner", "timing", "plots")
+
 
 def _discover_families():
     """Every module of lucidops.bench with a run(device, quick) function: one per op family."""
@@ -22,7 +30,7 @@ def _discover_families():
 
     here = Path(__file__).resolve().parent
     return tuple(sorted(m.name for m in pkgutil.iter_modules([str(here)])
-                        if m.name not in ("runner", "timing") and not m.name.startswith("_")))
+                        if m.name not in NOT_FAMILIES and not m.name.startswith("_")))
 
 
 FAMILIES = _discover_families()
@@ -34,11 +42,17 @@ def default_out() -> Path:
     return repo_results if repo_results.is_dir() else Path.cwd() / "lucidops-bench-results"
 
 
+def available_devices() -> List[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
-    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--full", action="store_true", help="the sizes the README reports (minutes, not seconds)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"], default=None,
+                        help="default: every device here (the CPU, and the GPU when there is one)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG charts")
 
 
 def _ratios(row: Dict) -> str:
@@ -57,24 +71,46 @@ def to_markdown(desc: Dict, rows: List[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def bench_device(device: str, families: List[str], full: bool, out: Path, plots: bool = True) -> List[Dict]:
+    """Benchmark ``families`` on one device; write its JSON, Markdown and PNGs; return the rows."""
+    from tqdm import tqdm
+
     desc = device_description(device)
-    print(f"benchmarking on {desc['name']} ({device}), torch {desc['torch']}", flush=True)
-    out = args.out or default_out()
-    out.mkdir(parents=True, exist_ok=True)
-    slug = device_slug(desc) + ("-quick" if args.quick else "")
+    slug = device_slug(desc) + ("" if full else "-short")
     rows: List[Dict] = []
-    for family in args.families:
+    md = to_markdown(desc, rows)
+    progress = tqdm(families, desc=f"bench {device}", unit="family", file=sys.stderr, dynamic_ncols=True)
+    for family in progress:
+        progress.set_postfix_str(family)
         module = importlib.import_module(f"lucidops.bench.{family}")
-        print(f"[{family}]", flush=True)
-        rows += module.run(device, quick=args.quick)
+        rows += module.run(device, quick=not full)
         # Written after every family, so a run cut short by a time limit keeps what it measured.
-        (out / f"{slug}.json").write_text(json.dumps({"machine": desc, "quick": args.quick, "results": rows}, indent=2))
+        (out / f"{slug}.json").write_text(json.dumps({"machine": desc, "full": full, "results": rows}, indent=2))
         md = to_markdown(desc, rows)
         (out / f"{slug}.md").write_text(md)
-    print(md)
-    print(f"wrote {out / (slug + '.json')} and .md")
+    progress.close()
+    print(md, flush=True)
+    written = [out / f"{slug}.json", out / f"{slug}.md"]
+    if plots:
+        from .plots import write_family_plots
+
+        written += write_family_plots(rows, str(desc["name"]), out, slug)
+    print("wrote " + ", ".join(str(p) for p in written), flush=True)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    devices: Optional[List[str]] = args.device or available_devices()
+    if "cuda" in devices and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no GPU here", file=sys.stderr)
+        return 2
+    out = args.out or default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    for device in devices:
+        desc = device_description(device)
+        print(f"benchmarking on {desc['name']} ({device}), torch {desc['torch']}, "
+              f"{'full' if args.full else 'short (--full for the README sizes)'}", flush=True)
+        bench_device(device, args.families, args.full, out, plots=not args.no_plots)
     return 0
 
 

@@ -1,19 +1,23 @@
-"""`lucidops bench` runs end to end and writes its JSON and Markdown results."""
+"""`lucidops bench` runs end to end and writes its JSON, Markdown and PNG results."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 
-def test_quick_bench_writes_results(tmp_path):
+from lucidops.bench import plots, runner
+
+
+def test_short_bench_writes_results(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LUCIDOPS_BACKEND")}
-    proc = subprocess.run([sys.executable, "-m", "lucidops.cli", "bench", "--quick", "--families", "activations",
+    proc = subprocess.run([sys.executable, "-m", "lucidops.cli", "bench", "--families", "activations", "--device", "cpu",
                            "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    (result,) = tmp_path.glob("*-quick.json")
+    (result,) = tmp_path.glob("*-short.json")
     data = json.loads(result.read_text())
-    assert data["machine"]["device"] in ("cpu", "cuda") and data["machine"]["torch"]
+    assert data["machine"]["device"] == "cpu" and data["machine"]["torch"] and data["full"] is False
     impls = {(r["case"].split()[0], r["mode"], r["impl"]) for r in data["results"]}
     for kind in ("sinc", "gaussian"):
         for mode in ("forward", "forward+backward"):
@@ -22,3 +26,29 @@ def test_quick_bench_writes_results(tmp_path):
     for row in data["results"]:
         assert row["ms"] > 0 and row["speedup_vs_eager"] > 0
     assert result.with_suffix(".md").read_text().count("| activations |") == len(data["results"])
+    (png,) = tmp_path.glob("*-short-activations.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "bench cpu" in proc.stderr  # the progress bar
+
+
+def test_bench_refuses_a_gpu_it_does_not_have(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = runner.argparse.ArgumentParser()
+    runner.add_arguments(args)
+    assert runner.run(args.parse_args(["--device", "cuda", "--out", str(tmp_path)])) == 2
+    assert "no GPU" in capsys.readouterr().err
+
+
+def test_plot_has_one_panel_per_baseline(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [dict(family="f", case="c", mode="forward", impl="eager", ms=2.0, speedup_vs_eager=1.0),
+            dict(family="f", case="c", mode="forward", impl="lucidops[cpp]", ms=1.0, speedup_vs_eager=2.0,
+                 speedup_vs_reference=4.0)]
+    assert plots.speedup_keys(rows) == ["speedup_vs_eager", "speedup_vs_reference"]
+    (path,) = plots.write_family_plots(rows, "test machine", tmp_path, "slug")
+    assert path.name == "slug-f.png" and path.read_bytes()[:4] == b"\x89PNG"
+    # A family without ratios gets no chart.
+    assert plots.write_family_plots([dict(family="g", case="c", mode="m", impl="i", ms=1.0)], "m", tmp_path, "s") == []

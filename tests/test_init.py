@@ -120,7 +120,9 @@ def test_skipless_patch_removes_the_residuals_and_undoes():
     block = model.blocks[0]
     tokens = torch.randn(2, 17, 32)
     with_skip = block(tokens)
-    assert skipless(model) is model
+    handle = skipless(model)
+    assert handle.model is model and handle.paths == ["blocks.0", "blocks.1"]
+    assert "forward -> no residuals" in handle.table()
     expected = block.mlp(block.norm2(block.attn(block.norm1(tokens))))
     torch.testing.assert_close(block(tokens), expected, rtol=0, atol=0)
     assert not torch.allclose(block(tokens), with_skip)
@@ -134,6 +136,12 @@ def test_skipless_patch_removes_the_residuals_and_undoes():
     torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="no block patched"):
         undo_skipless(model)
+    handle.revert()  # after undo_skipless: leaves the restored blocks alone
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    with skipless(model):  # the handle reverts on exit, bit for bit
+        assert not torch.allclose(model(x), ref)
+    assert all("forward" not in b.__dict__ for b in model.blocks)
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="no un-patched timm"):
         skipless(nn.Sequential(nn.Linear(3, 3)))
 

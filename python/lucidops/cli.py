@@ -4,6 +4,9 @@
     lucidops bench [options]      benchmark the op families against their baselines
     lucidops build [cpu|cuda]     build the C++/CUDA extensions now (else on first use)
     lucidops aot                  compile every Triton kernel for sm_80/sm_90 (no GPU needed)
+    lucidops profile --model NAME [--patch] [--backward] [--png out.png] ...
+                                  params, FLOPs, memory, latency of a timm or lucidops model
+                                  (with --patch: against its lucidops-patched copy)
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
 
 def _versions() -> List[str]:
@@ -61,6 +64,135 @@ def info(build: bool = False) -> str:
     return "\n".join(out)
 
 
+# lucidops' own models by name: name -> (constructor, input kind)
+POINT_MODELS = ("pointnet", "pointnet_vanilla", "gaussian_pointnet")
+
+
+class ProfileError(ValueError):
+    """Bad ``lucidops profile`` arguments (printed as ``error: ...``, exit status 2)."""
+
+
+def _make_model(name: str, img_size: Optional[int]) -> Tuple[Any, str, Optional[int]]:
+    """(model, "points" or "image", image size) for a lucidops or timm model name; never downloads."""
+    import lucidops.models as models
+
+    if name == "pointnet":
+        return models.PointNet(), "points", None
+    if name == "pointnet_vanilla":
+        return models.PointNet(feature_transform=False, input_transform=False), "points", None
+    if name == "gaussian_pointnet":
+        cls = getattr(models, "GaussianPointNet", None)
+        if cls is None:
+            raise ProfileError("gaussian_pointnet is not available in this version of lucidops.models")
+        return cls(), "points", None
+    try:
+        import timm
+    except ImportError as err:
+        raise ProfileError(f"unknown model {name!r}: not one of {', '.join(POINT_MODELS)}, and timm is not "
+                           "installed for timm models (pip install timm)") from err
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:5]
+        hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+        raise ProfileError(f"unknown model {name!r}: neither a lucidops model ({', '.join(POINT_MODELS)}) nor a "
+                           f"timm model{hint}")
+    kwargs = {"pretrained": False}
+    if img_size is not None:
+        try:
+            model = timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError:  # CNNs take any input size but no img_size argument
+            model = timm.create_model(name, **kwargs)
+        return model, "image", img_size
+    model = timm.create_model(name, **kwargs)
+    size = int(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1])
+    return model, "image", size
+
+
+def _patch(model: Any, kind: str, timm_model: bool) -> Any:
+    """Patch ``model`` (a deep copy) in place with lucidops.patch.apply."""
+    try:
+        from lucidops.patch import apply as patch_apply  # imported late: another helper writes it
+    except ImportError:
+        patch_apply = None
+    if patch_apply is None or not callable(patch_apply):
+        # TODO(lead): remove this fallback once lucidops.patch.apply is always present.
+        if not timm_model:
+            raise ProfileError("--patch needs lucidops.patch.apply for non-timm models, missing in this version")
+        from lucidops.patch import timm_vit
+
+        timm_vit(model)
+        return model
+    kwargs = {"point_encoders": True} if kind == "points" else {}
+    try:
+        handle = patch_apply(model, **kwargs)
+    except NotImplementedError as err:
+        raise ProfileError(f"--patch: {err}") from err
+    if getattr(handle, "nothing_patched", False):
+        raise ProfileError("--patch: lucidops.patch.apply found nothing to patch in this model")
+    return model
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    """``lucidops profile``: print one report, or a comparison with ``--patch``."""
+    import copy
+
+    import torch
+
+    from lucidops import profile
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(f"[profile] {message}", file=sys.stderr, flush=True)
+
+    try:
+        for value, flag, low in ((args.batch, "--batch", 1), (args.img_size, "--img-size", 1),
+                                 (args.points, "--points", 1), (args.repeat, "--repeat", 1)):
+            if value is not None and value < low:
+                raise ProfileError(f"{flag} must be >= {low}, got {value}")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ProfileError("--device cuda but CUDA is not available here")
+        progress(f"building {args.model}")
+        model, kind, size = _make_model(args.model, args.img_size)
+        model.eval()  # dropout off; BatchNorm uses running statistics (any batch size works)
+        gen = torch.Generator().manual_seed(0)
+        if kind == "points":
+            inputs = torch.rand(args.batch, args.points, 3, generator=gen) * 2 - 1
+        else:
+            inputs = torch.randn(args.batch, 3, size, size, generator=gen)
+        options = dict(backward=args.backward, device=args.device, repeat=args.repeat, warmup=args.warmup,
+                       depth=args.depth, progress=progress)
+        if args.patch:
+            patched = _patch(copy.deepcopy(model), kind, timm_model=kind == "image")
+            result = profile.compare(model, patched, inputs, png=args.png,
+                                     names=(args.model, f"{args.model} (patched)"), **options)
+        else:
+            if args.png:
+                raise ProfileError("--png plots a comparison: use it with --patch")
+            result = profile.report(model, inputs, name=args.model, **options)
+    except ProfileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result)
+    if args.png:
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help=f"a timm model name (created without pretrained weights) or one of {', '.join(POINT_MODELS)}")
+    p.add_argument("--patch", action="store_true", help="compare against a copy patched by lucidops.patch.apply")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the random input (default 1)")
+    p.add_argument("--img-size", type=int, default=None, help="image size for timm models (default: the model's)")
+    p.add_argument("--points", type=int, default=1024, help="points per cloud for point models (default 1024)")
+    p.add_argument("--backward", action="store_true", help="profile forward + backward, not the forward alone")
+    p.add_argument("--png", default=None, help="with --patch: write a bar chart of the ratios (needs matplotlib)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
+    p.add_argument("--repeat", type=int, default=10, help="timed runs; the latency is their median (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    p.add_argument("--depth", type=int, default=1, help="deepest module level in the breakdown (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="lucidops", description="fused kernels for explicit, well-conditioned networks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +202,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_build = sub.add_parser("build", help="build the extensions now")
     p_build.add_argument("kinds", nargs="*", default=["cpu", "cuda"], choices=["cpu", "cuda"])
     sub.add_parser("aot", help="compile every Triton kernel ahead of time for sm_80 and sm_90")
+    _add_profile_arguments(sub.add_parser("profile", help="params, FLOPs, memory and latency of a model"))
 
     from lucidops.bench import runner
 
@@ -97,6 +230,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from lucidops.triton_kernels import aot
 
         return aot.main([])
+    if args.command == "profile":
+        return profile_command(args)
     return 2
 
 

@@ -24,7 +24,7 @@ KIND = {"sinc": 0, "gaussian": 1}
 
 # FLOPs per element, counting each arithmetic operation and each transcendental as one:
 # forward  sinc: divide, sin, divide (3)         gaussian: divide, square, scale, exp (4)
-# backward sinc: divide, sin+cos, 5 arithmetic, 2 for dx, 2 for the sigma sum (11)
+# backward sinc: divide, sin, cos, 4 for (u cos u - sin u) / u^2, 2 for dx, 2 for the sigma sum (11)
 #          gaussian: divide, square, scale, exp, 2 products, 2 for dx, 2 for the sum (10)
 FLOPS_PER_ELEMENT = {"sinc": (3, 11), "gaussian": (4, 10)}
 

@@ -214,7 +214,10 @@ def _backward(ctx, grad_out, _grad_argmax):
 
 
 _mixture_op.register_autograd(_backward, setup_context=_setup_context)
-_flops.register(torch.ops.lucidops.gaussian_mixture, forward_flops)
+# The mixer sum_g W[k, g] phi_g is a matrix product (G K multiply-adds per point); fvcore
+# counts those once, phi and the max per element.
+_flops.register(torch.ops.lucidops.gaussian_mixture, forward_flops,
+                macs=lambda p, mu, prec, w, *_, **__: _numel(p[:-1]) * int(mu[0]) * int(w[0]))
 _flops.register(torch.ops.lucidops.gaussian_mixture_backward, backward_flops)
 
 

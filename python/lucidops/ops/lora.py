@@ -223,9 +223,9 @@ def forward_flops(x_shape, weight_shape, a_shape, b_shape, bias_shape, fn, place
     """Multiplies and adds counted separately, each fn/fn' evaluation as one FLOP."""
     m, k, n, r = _dims(x_shape, weight_shape, a_shape)
     bias = m * n if bias_shape is not None else 0
-    if placement == "weight":  # phase, fn, scale and add, then the matmul
-        return 2 * n * r * k + 3 * n * k + 2 * m * n * k + bias
-    return 2 * m * n * k + 2 * m * k * r + 2 * m * r * n + 3 * m * n + bias
+    if placement == "weight":  # B A, then omega*, fn, scale* and W + per element, then the matmul
+        return 2 * n * r * k + 4 * n * k + 2 * m * n * k + bias
+    return 2 * m * n * k + 2 * m * k * r + 2 * m * r * n + 4 * m * n + bias
 
 
 def backward_flops(g_shape, x_shape, weight_shape, a_shape, b_shape, fn, placement, omega, scale, need_x,
@@ -236,9 +236,9 @@ def backward_flops(g_shape, x_shape, weight_shape, a_shape, b_shape, fn, placeme
         if need_lora or need_weight:
             total += 2 * m * n * k                       # G = dY^T X
         if need_lora:
-            total += 2 * n * r * k + 3 * n * k + 4 * n * r * k  # phase, H, dA and dB
+            total += 2 * n * r * k + 4 * n * k + 4 * n * r * k  # phase, H = G fn' s omega, dA and dB
         if need_x:
-            total += 2 * n * r * k + 3 * n * k + 2 * m * n * k
+            total += 2 * n * r * k + 4 * n * k + 2 * m * n * k  # W' rebuilt, dX = dY W'
     else:
         if need_lora or need_x:
             total += 2 * m * k * r + 2 * m * r * n + 4 * m * n + 2 * m * n * r  # U, Z, Gz, dU
@@ -251,7 +251,15 @@ def backward_flops(g_shape, x_shape, weight_shape, a_shape, b_shape, fn, placeme
     return total
 
 
-_flops.register(torch.ops.lucidops.bounded_lora_linear, forward_flops)
+def forward_macs(x_shape, weight_shape, a_shape, b_shape, bias_shape, fn, placement, *_, **__) -> int:
+    """The multiply-adds of the forward's matrix products (fvcore counts each once)."""
+    m, k, n, r = _dims(x_shape, weight_shape, a_shape)
+    if placement == "weight":  # B A, then x W'^T
+        return n * r * k + m * n * k
+    return m * n * k + m * k * r + m * r * n  # x W^T, x A^T, (x A^T) B^T
+
+
+_flops.register(torch.ops.lucidops.bounded_lora_linear, forward_flops, macs=forward_macs)
 _flops.register(torch.ops.lucidops.bounded_lora_linear_backward, backward_flops)
 
 

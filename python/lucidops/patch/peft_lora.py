@@ -18,13 +18,12 @@ from __future__ import annotations
 import math
 import re
 import types
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor, nn
 
 from ..ops import lora as _ops
+from .handle import PatchHandle, describe
 
 VARIANTS = ("sine", "bounded")
 
@@ -74,38 +73,15 @@ def lora_layers(model: nn.Module, *, only_mlp: bool = False,
     return out
 
 
-@dataclass
-class PeftLoRAHandle:
-    """What :func:`peft_lora` patched. ``revert()`` restores every layer's original forward
-    (and merge); also a context manager that reverts on exit."""
+class PeftLoRAHandle(PatchHandle):
+    """The :class:`~lucidops.patch.PatchHandle` :func:`peft_lora` returns. ``settings``
+    holds the arguments to re-apply the patch (e.g. after loading the adapter with peft:
+    ``peft_lora(loaded, **handle.settings)``); ``names`` the patched layers' names."""
 
-    model: nn.Module
-    settings: Dict[str, Any]
-    names: List[str] = field(default_factory=list)
-    _saved: List[Tuple[nn.Module, Dict[str, Any]]] = field(default_factory=list, repr=False)
-
-    def revert(self) -> nn.Module:
-        for layer, previous in reversed(self._saved):
-            for attr in _SWAPPED:
-                layer.__dict__.pop(attr, None)
-                if attr in previous:  # an instance attribute that existed before the patch
-                    layer.__dict__[attr] = previous[attr]
-            layer.__dict__.pop("_lucidops_lora", None)
-        self._saved.clear()
-        self.names.clear()
-        return self.model
-
-    def __len__(self) -> int:
-        return len(self._saved)
-
-    def __enter__(self) -> "PeftLoRAHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.revert()
-
-
-_SWAPPED = ("forward", "merge")
+    @property
+    def names(self) -> List[str]:
+        """Qualified names of the layers still patched."""
+        return self.paths
 
 
 def _base_weight(layer: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
@@ -258,13 +234,12 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
     settings = dict(variant=variant, omega=omega, fn=fn, placement=placement, only_mlp=only_mlp,
                     mlp_patterns=None if mlp_patterns is None else tuple(mlp_patterns), gain=gain,
                     adapter_name=adapter_name)
-    handle = PeftLoRAHandle(model, settings)
+    handle = PeftLoRAHandle(model, settings=settings)
+    what = f"{variant} LoRA" if variant == "sine" else f"bounded LoRA ({fn}, {placement})"
     for (name, layer), g in zip(layers, gains):
-        previous = {attr: layer.__dict__[attr] for attr in _SWAPPED if attr in layer.__dict__}
-        layer.__dict__["_lucidops_lora"] = dict(adapter=adapter_name, fn=fn, placement=placement, omega=omega,
-                                                gain=g, original=layer.forward)
-        layer.forward = types.MethodType(_fused_forward, layer)
-        layer.merge = types.MethodType(_no_merge, layer)
-        handle._saved.append((layer, previous))
-        handle.names.append(name)
+        config = dict(adapter=adapter_name, fn=fn, placement=placement, omega=omega, gain=g, original=layer.forward)
+        handle.set_instance_attrs(name, layer, {"_lucidops_lora": config,
+                                                "forward": types.MethodType(_fused_forward, layer),
+                                                "merge": types.MethodType(_no_merge, layer)},
+                                  after=f"{describe(layer)} (forward -> lucidops {what})")
     return handle

@@ -2,16 +2,18 @@
 
 A patched block computes ``x = ls1(attn(norm1(x))); x = ls2(mlp(norm2(x)))``: LayerNorms
 and layer scales kept, skips (and stochastic depth, which without a skip would zero the
-whole sample) removed. Pair it with :func:`lucidops.init.skipless_`. Reversible with
-:func:`undo_skipless`. timm is imported only when called.
+whole sample) removed. Pair it with :func:`lucidops.init.skipless_`. Reversible with the
+returned handle's ``revert()`` or with :func:`undo_skipless`. timm is imported only when called.
 """
 
 from __future__ import annotations
 
 import types
-from typing import List
+from typing import List, Tuple
 
 from torch import Tensor, nn
+
+from .handle import PatchHandle, describe
 
 _MARK = "_lucidops_skipless"
 
@@ -25,30 +27,35 @@ def _skipless_forward(self, x: Tensor, attn_mask=None, **kwargs) -> Tensor:
     return self.ls2(self.mlp(self.norm2(x)))
 
 
-def _pre_norm_blocks(model: nn.Module) -> List[nn.Module]:
+def _pre_norm_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     try:
         from timm.models.vision_transformer import Block
     except ImportError as exc:  # pragma: no cover - timm is an optional dependency
         raise ImportError("lucidops.patch.skipless needs timm (pip install timm)") from exc
     # Only blocks that run timm's pre-norm residual forward: a subclass with its own
     # forward (post-norm, parallel, ...) would get different semantics.
-    return [m for m in model.modules() if isinstance(m, Block) and type(m).forward is Block.forward]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Block) and type(m).forward is Block.forward]
 
 
-def skipless(model: nn.Module) -> nn.Module:
-    """Make every pre-norm timm ``Block`` in ``model`` skipless, in place; returns ``model``.
+def skipless(model: nn.Module) -> PatchHandle:
+    """Make every pre-norm timm ``Block`` in ``model`` skipless, in place (an instance
+    ``forward`` per block; modules and parameters unchanged).
 
-    Raises ``ValueError`` if the model has no such block (or all are already patched).
+    Returns a :class:`~lucidops.patch.PatchHandle` (``handle.model`` is ``model``) whose
+    ``revert()`` restores the residual forwards; :func:`undo_skipless` (model-wide) still
+    works too. Raises ``ValueError`` if the model has no such block (or all are already
+    patched).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    blocks = [b for b in _pre_norm_blocks(model) if not getattr(b, _MARK, False)]
+    blocks = [(n, b) for n, b in _pre_norm_blocks(model) if not getattr(b, _MARK, False)]
     if not blocks:
         raise ValueError("model has no un-patched timm vision_transformer.Block to make skipless")
-    for block in blocks:
-        block.forward = types.MethodType(_skipless_forward, block)
-        setattr(block, _MARK, True)
-    return model
+    handle = PatchHandle(model)
+    for name, block in blocks:
+        handle.set_instance_attrs(name, block, {"forward": types.MethodType(_skipless_forward, block), _MARK: True},
+                                  after=f"{describe(block)} (forward -> no residuals)")
+    return handle
 
 
 def undo_skipless(model: nn.Module) -> nn.Module:

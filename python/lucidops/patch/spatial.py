@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..nn.spatial import INITS, FrozenRandomDepthwise
+from .handle import PatchHandle
 
 
 def _is_spatial_mixer(module: nn.Module) -> bool:
@@ -22,13 +23,15 @@ def spatial_mixers(model: nn.Module) -> List[str]:
 
 
 def freeze_spatial_mixing(model: nn.Module, init: Optional[str] = None,
-                          generator: Optional[torch.Generator] = None, **init_kwargs) -> nn.Module:
+                          generator: Optional[torch.Generator] = None, **init_kwargs) -> PatchHandle:
     """Replace every depthwise ``nn.Conv2d`` (groups == channels, kernel > 1x1) of ``model``
     in place by a :class:`~lucidops.nn.FrozenRandomDepthwise`.
 
     ``init=None`` keeps each layer's current (random) filters; ``"default"``,
     ``"impulse"`` or ``"smoothed"`` draws new ones. A conv bias is kept, frozen.
-    Returns ``model``; :func:`unfreeze_spatial_mixing` undoes it.
+    Returns a :class:`~lucidops.patch.PatchHandle` (``handle.model`` is ``model``) whose
+    ``revert()`` puts the original ``nn.Conv2d`` objects back; :func:`unfreeze_spatial_mixing`
+    instead turns the frozen layers into new trainable convs with the frozen filters.
     Raises ``ValueError`` when the model has no depthwise convolution to freeze.
     """
     if not isinstance(model, nn.Module):
@@ -40,6 +43,7 @@ def freeze_spatial_mixing(model: nn.Module, init: Optional[str] = None,
         raise ValueError("model is itself a depthwise nn.Conv2d; use lucidops.nn.FrozenRandomDepthwise directly")
     if not names:
         raise ValueError("model has no depthwise nn.Conv2d (groups == channels, kernel > 1x1) to freeze")
+    built = []  # build every replacement before swapping any: a bad init_kwargs leaves the model as it was
     for name in names:
         conv = model.get_submodule(name)
         weight = None if init is not None else conv.weight.detach()
@@ -50,8 +54,11 @@ def freeze_spatial_mixing(model: nn.Module, init: Optional[str] = None,
         frozen.to(device=conv.weight.device, dtype=conv.weight.dtype)
         if conv.bias is not None:
             frozen.bias.data.copy_(conv.bias.detach())
-        _set_submodule(model, name, frozen)
-    return model
+        built.append((name, frozen))
+    handle = PatchHandle(model, settings=dict(init=init, **init_kwargs))
+    for name, frozen in built:
+        handle.swap_child(model, name, frozen)
+    return handle
 
 
 def unfreeze_spatial_mixing(model: nn.Module) -> nn.Module:

@@ -3,36 +3,16 @@ configuration transform (methods.md section 2). timm is imported inside the func
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..nn.attention import ManyHeadAttention
+from .handle import PatchHandle, child_slots
 
-
-@dataclass
-class PatchHandle:
-    """What :func:`timm_vit` swapped; ``revert()`` puts the original modules back."""
-
-    model: nn.Module
-    swapped: List[Tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
-
-    def revert(self) -> nn.Module:
-        for parent, name, original in reversed(self.swapped):
-            setattr(parent, name, original)
-        self.swapped.clear()
-        return self.model
-
-    def __len__(self) -> int:
-        return len(self.swapped)
-
-    def __enter__(self) -> "PatchHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.revert()
+__all__ = ["timm_vit", "attention_modules", "leaner", "LeanerReport", "PatchHandle"]
 
 
 def _timm_attention_classes() -> Tuple[type, ...]:
@@ -48,20 +28,33 @@ def _timm_attention_classes() -> Tuple[type, ...]:
     return tuple(classes)
 
 
+def attention_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The (qualified name, module) pairs :func:`timm_vit` would replace: modules whose
+    type is exactly timm's ViT ``Attention`` (subclasses have other forwards). Empty when
+    timm is not installed (then the model cannot hold one)."""
+    try:
+        classes = _timm_attention_classes()
+    except ImportError:
+        return []
+    return child_slots(model, lambda name, m: type(m) in classes)
+
+
 def timm_vit(model: nn.Module) -> PatchHandle:
     """Replace every timm ViT ``Attention`` in ``model`` by a :class:`ManyHeadAttention`
-    sharing its parameters (outputs equal within dtype tolerance). Returns a handle whose
-    ``revert()`` restores the original modules. Subclasses of timm's Attention (other
-    forward methods) are left alone."""
-    classes = _timm_attention_classes()
-    handle = PatchHandle(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) in classes:
-                setattr(parent, name, ManyHeadAttention.from_timm(child))
-                handle.swapped.append((parent, name, child))
-    if not handle.swapped:
+    sharing its parameters (outputs equal within dtype tolerance). Returns a
+    :class:`~lucidops.patch.PatchHandle` whose ``revert()`` puts the original module
+    objects back. Subclasses of timm's Attention (other forward methods) are left alone.
+    Raises ``ValueError`` when the model has none."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    sites = attention_modules(model)
+    if not sites:
         raise ValueError("model has no timm ViT Attention module to patch")
+    # Build every replacement before swapping any, so a failure leaves the model as it was.
+    built = [(name, ManyHeadAttention.from_timm(module)) for name, module in sites]
+    handle = PatchHandle(model)
+    for name, new in built:
+        handle.swap_child(model, name, new)
     return handle
 
 

@@ -2,8 +2,14 @@
 
 - :func:`count_flops`: torch's ``FlopCounterMode`` with lucidops' registered formulas.
 - :func:`fvcore_flops`: fvcore's ``FlopCountAnalysis`` with lucidops' op handles.
+- :func:`report`: params, FLOPs (both counters), memory, latency and a per-module
+  breakdown of one model, as a :class:`ProfileReport`.
+- :func:`compare`: two reports side by side with ratios (and a PNG bar chart).
 """
 
 from .flops import count_flops, fvcore_flops, fvcore_handles
+from .report import ModuleStats, ProfileReport, report
+from .compare import ProfileComparison, compare
 
-__all__ = ["count_flops", "fvcore_flops", "fvcore_handles"]
+__all__ = ["count_flops", "fvcore_flops", "fvcore_handles", "report", "compare", "ProfileReport",
+           "ProfileComparison", "ModuleStats"]

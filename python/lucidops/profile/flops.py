@@ -2,16 +2,25 @@
 
 A formula takes the op's arguments with tensors replaced by their shapes (the
 convention of ``torch.utils.flop_counter.register_flop_formula``) and returns a count.
+
+The two counters disagree on matrix products, and each is served its own convention:
+- torch's FlopCounterMode counts a multiply-add as 2 FLOPs (``aten.mm``: 2 m n k); the
+  registered formula is exactly that count.
+- fvcore counts a multiply-add of a matrix product as 1 (``linear``: m n k) and an
+  elementwise operation as 1. An op whose formula contains matrix products registers
+  ``macs`` (the number of those multiply-adds) too, and fvcore gets ``formula - macs``;
+  purely elementwise ops (sinc, gaussian) get the same count in both.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 _FORMULAS: Dict[str, Callable[..., int]] = {}
+_MACS: Dict[str, Callable[..., int]] = {}
 
 
 def _qualname(packet) -> str:
@@ -19,14 +28,28 @@ def _qualname(packet) -> str:
     return packet._qualified_op_name
 
 
-def register(packet, formula: Callable[..., int]) -> None:
-    """Register ``formula`` for op ``packet`` (a torch.ops.lucidops.<name> packet)."""
+def register(packet, formula: Callable[..., int], *, macs: Optional[Callable[..., int]] = None) -> None:
+    """Register ``formula`` for op ``packet`` (a torch.ops.lucidops.<name> packet).
+
+    ``macs`` (same arguments) returns how many of the formula's FLOPs are matrix-product
+    multiply-adds, each counted twice by the formula and once by fvcore.
+    """
 
     @register_flop_formula(packet)
     def _torch_formula(*args, out_shape=None, **kwargs):
         return int(formula(*args, **kwargs))
 
     _FORMULAS[_qualname(packet)] = formula
+    if macs is not None:
+        _MACS[_qualname(packet)] = macs
+
+
+def fvcore_formula(qualname: str) -> Callable[..., int]:
+    """The count fvcore gets for op ``qualname`` ("lucidops::<name>"): one per multiply-add."""
+    formula, macs = _FORMULAS[qualname], _MACS.get(qualname)
+    if macs is None:
+        return formula
+    return lambda *args, **kwargs: int(formula(*args, **kwargs)) - int(macs(*args, **kwargs))
 
 
 def _fvcore_handle(formula: Callable[..., int]):
@@ -46,7 +69,9 @@ def _fvcore_handle(formula: Callable[..., int]):
 
 def fvcore_handles() -> Dict[str, Callable]:
     """fvcore op handles for every lucidops op: ``FlopCountAnalysis(...).set_op_handle(**h)``."""
-    return {name: _fvcore_handle(f) for name, f in _FORMULAS.items()}
+    handles = dict(_EXTRA_FVCORE_HANDLES)
+    handles.update({name: _fvcore_handle(fvcore_formula(name)) for name in _FORMULAS})
+    return handles
 
 
 Inputs = Union[torch.Tensor, Tuple[Any, ...]]
@@ -70,7 +95,11 @@ def count_flops(model: Callable, inputs: Inputs, *, backward: bool = False) -> D
 
 def fvcore_flops(model: torch.nn.Module, inputs: Inputs) -> Dict[str, int]:
     """fvcore's count by operator (fvcore counts one multiply-add as one flop), plus "total"."""
-    from fvcore.nn import FlopCountAnalysis
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # fvcore's use of torch.jit.script is deprecated
+        from fvcore.nn import FlopCountAnalysis
 
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     analysis = FlopCountAnalysis(model, args).set_op_handle(**fvcore_handles())
@@ -78,3 +107,45 @@ def fvcore_flops(model: torch.nn.Module, inputs: Inputs) -> Dict[str, int]:
     by_op = {k: int(v) for k, v in analysis.by_operator().items()}
     by_op["total"] = int(analysis.total())
     return by_op
+
+
+# ---------------------------------------------------------------- the PyTorch attention baseline
+# torch counts F.scaled_dot_product_attention through its CUDA kernels' formulas only; on CPU
+# it runs aten._scaled_dot_product_flash_attention_for_cpu, which torch leaves uncounted (0),
+# and fvcore does not count aten::scaled_dot_product_attention at all. Without these a timm
+# ViT on CPU would seem to spend nothing on attention next to its lucidops-patched copy.
+
+
+def _register_cpu_sdpa() -> None:
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None and fwd not in fc.flop_registry and hasattr(fc, "sdpa_flop_count"):
+        @register_flop_formula(fwd)
+        def _sdpa_cpu(query_shape, key_shape, value_shape, *_, out_shape=None, **__) -> int:
+            return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    if bwd is not None and bwd not in fc.flop_registry and hasattr(fc, "sdpa_backward_flop_count"):
+        @register_flop_formula(bwd)
+        def _sdpa_cpu_backward(grad_shape, query_shape, key_shape, value_shape, *_, out_shape=None, **__) -> int:
+            return fc.sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)
+
+
+_register_cpu_sdpa()
+
+
+def _fvcore_sdpa(inputs, outputs) -> int:
+    """aten::scaled_dot_product_attention for fvcore: Q K^T and P V, one per multiply-add
+    (no causal discount, as torch's own formula)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    batch = 1
+    for s in q[:-2]:
+        batch *= int(s)
+    return batch * int(q[-2]) * int(k[-2]) * (int(q[-1]) + int(v[-1]))
+
+
+_EXTRA_FVCORE_HANDLES = {"aten::scaled_dot_product_attention": _fvcore_sdpa}

@@ -1,0 +1,148 @@
+"""ModelNet40 in PointNet's ``modelnet40_ply_hdf5_2048`` layout (never downloaded).
+
+The folder holds ``ply_data_train0.h5``, ... and ``ply_data_test0.h5``, ..., each with a
+dataset ``data`` (M, 2048, 3) float32 and ``label`` (M, 1) uint8; ``shape_names.txt``
+(one class name per line, label order); and ``train_files.txt`` / ``test_files.txt``
+listing the split's h5 files, one per line. The lists in the original archive hold paths
+like ``data/modelnet40_ply_hdf5_2048/ply_data_train0.h5``: only the file name is used,
+looked up in the folder. h5py is needed (``pip install lucidops[data]``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "test")
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError as err:
+        raise ImportError("ModelNet40 needs h5py to read its HDF5 files: pip install lucidops[data] "
+                          "(or pip install h5py)") from err
+    return h5py
+
+
+class ModelNet40(Dataset):
+    """ModelNet40 clouds from PointNet's HDF5 files: item ``i`` is (points (num_points, 3) float32, label int64 ()).
+
+    Args:
+        root: the ``modelnet40_ply_hdf5_2048`` folder.
+        split: "train" or "test".
+        num_points: points per cloud (the first ``num_points`` of the 2048 stored, as
+            PointNet does; at most the stored count); None keeps them all.
+        augment: training augmentation: a random rotation about the up (y) axis, then
+            Gaussian jitter of std ``jitter`` clipped to +-``jitter_clip`` (PointNet's).
+        jitter, jitter_clip: the jitter's standard deviation and clip.
+        seed: seeds the augmentation; item ``i`` of epoch ``e`` (see :meth:`set_epoch`)
+            uses its own generator seeded by (seed, e, i), so augmentation does not depend on
+            the access order or the worker split.
+
+    The whole split is read into memory at construction (ModelNet40 is ~420 MB as float32).
+    """
+
+    def __init__(self, root: str, split: str = "train", num_points: Optional[int] = 1024, augment: bool = False,
+                 jitter: float = 0.01, jitter_clip: float = 0.05, seed: int = 0):
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a path, got {type(root).__name__}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if num_points is not None and (isinstance(num_points, bool) or not isinstance(num_points, int)
+                                       or num_points < 1):
+            raise ValueError(f"num_points must be a positive int or None, got {num_points!r}")
+        for name, value in (("jitter", jitter), ("jitter_clip", jitter_clip)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
+                                                                                      and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"ModelNet40 folder {root!r} does not exist (lucidops never downloads it: "
+                                    "get modelnet40_ply_hdf5_2048 and pass its folder)")
+        self.root = root
+        self.split = split
+        self.augment = bool(augment)
+        self.jitter = float(jitter)
+        self.jitter_clip = float(jitter_clip)
+        self.seed = seed
+        self.epoch = 0
+        self.classes = self._read_lines("shape_names.txt")
+        files = [os.path.basename(line) for line in self._read_lines(f"{split}_files.txt")]
+        if not files:
+            raise ValueError(f"{os.path.join(root, split + '_files.txt')} lists no h5 file")
+        h5py = _h5py()
+        data, labels = [], []
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{split}_files.txt lists {name!r} but {path!r} does not exist")
+            with h5py.File(path, "r") as f:
+                for key in ("data", "label"):
+                    if key not in f:
+                        raise ValueError(f"{path!r} has no dataset {key!r} (expected 'data' and 'label')")
+                d = np.asarray(f["data"][:], dtype=np.float32)
+                lab = np.asarray(f["label"][:]).reshape(-1).astype(np.int64)
+            if d.ndim != 3 or d.shape[2] != 3:
+                raise ValueError(f"{path!r}: 'data' must have shape (M, P, 3), got {d.shape}")
+            if lab.shape[0] != d.shape[0]:
+                raise ValueError(f"{path!r}: {d.shape[0]} clouds but {lab.shape[0]} labels")
+            data.append(d)
+            labels.append(lab)
+        stored = {d.shape[1] for d in data}
+        if len(stored) != 1:
+            raise ValueError(f"the {split} files store different point counts per cloud: {sorted(stored)}")
+        self.stored_points = stored.pop()
+        if num_points is not None and num_points > self.stored_points:
+            raise ValueError(f"num_points={num_points} but the files store {self.stored_points} points per cloud")
+        self.num_points = self.stored_points if num_points is None else num_points
+        self.data = np.concatenate(data)
+        self.labels = np.concatenate(labels)
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise ValueError(f"labels must lie in [0, {len(self.classes)}) (shape_names.txt has "
+                             f"{len(self.classes)} classes), got [{self.labels.min()}, {self.labels.max()}]")
+
+    def _read_lines(self, name: str) -> List[str]:
+        path = os.path.join(self.root, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ModelNet40 folder {self.root!r} has no {name} (expected PointNet's "
+                                    "modelnet40_ply_hdf5_2048 layout)")
+        with open(path) as f:
+            return [line.strip() for line in f if line.strip()]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw fresh augmentations for a new epoch."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} clouds")
+        pts = self.data[index, : self.num_points].astype(np.float64)
+        if self.augment:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            angle = rng.uniform(0, 2 * math.pi)
+            c, s = math.cos(angle), math.sin(angle)
+            rot = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])  # about the up (y) axis
+            pts = pts @ rot.T
+            if self.jitter > 0:
+                pts = pts + np.clip(self.jitter * rng.standard_normal(pts.shape), -self.jitter_clip, self.jitter_clip)
+        return torch.from_numpy(pts.astype(np.float32)), torch.tensor(int(self.labels[index]), dtype=torch.int64)
+
+
+__all__ = ["ModelNet40", "SPLITS"]

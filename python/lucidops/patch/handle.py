@@ -1,0 +1,289 @@
+"""The one handle every ``lucidops.patch`` function returns: what was replaced, and how to undo it.
+
+    handle = lucidops.patch.apply(model)       # or timm_vit / peft_lora / skipless / ...
+    print(handle)                               # | path | before | after | table
+    handle.revert()                             # the original modules / forwards, bit for bit
+    with lucidops.patch.apply(model): ...       # reverts on exit
+
+A handle holds a list of :class:`Replacement` records. Patch functions (including ones
+written outside this module) record through three methods:
+
+* ``handle.swap_child(root, path, new_module)``: replace the submodule at ``path`` of
+  ``root`` (setattr on its parent) and record the undo (setattr of the original back).
+* ``handle.set_instance_attrs(path, module, {"forward": fn, ...}, after="...")``: set
+  instance attributes on ``module`` (for instance-forward swaps, which keep the module,
+  its parameters and its state-dict keys) and record the undo (the previous instance
+  attributes back, or none).
+* ``handle.record(path, before, after, undo)``: anything else; ``undo`` is a zero-argument
+  callable.
+
+``revert()`` runs the undos in reverse order, each at most once (records are shared by
+merged handles, so reverting a family handle and then the merged one is safe).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+from torch import nn
+
+Described = Union[nn.Module, type, str]
+
+
+def describe(obj: Described) -> str:
+    """A readable name for a module, a class or a free-text description (kept as is).
+
+    Classes are named by the shortest already-imported public module path that exports
+    them (``torch.nn.GELU`` rather than ``torch.nn.modules.activation.GELU``); nothing is
+    imported to find it.
+    """
+    if isinstance(obj, str):
+        return obj
+    cls = obj if isinstance(obj, type) else type(obj)
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        mod = sys.modules.get(prefix)
+        if mod is not None and getattr(mod, cls.__qualname__, None) is cls:
+            return f"{prefix}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass(eq=False)
+class Replacement:
+    """One reversible change.
+
+    Attributes:
+        path: qualified module name in the patched model ("" for the root).
+        before: description of what was there (a type name).
+        after: description of what is there now (a type name, or for instance-forward
+            swaps the layer's type plus what the forward became).
+        undo: zero-argument callable that puts ``before`` back.
+        original: the original module (module swaps) or the patched module (attribute swaps).
+        replacement: the new module (module swaps), else None.
+        parent, name: the parent module and attribute name of a module swap, else None.
+        reverted: set once ``undo`` has run.
+    """
+
+    path: str
+    before: str
+    after: str
+    undo: Callable[[], None] = field(repr=False)
+    original: Any = field(default=None, repr=False)
+    replacement: Any = field(default=None, repr=False)
+    parent: Optional[nn.Module] = field(default=None, repr=False)
+    name: Optional[str] = None
+    reverted: bool = False
+
+    def revert(self) -> None:
+        """Run the undo (once)."""
+        if not self.reverted:
+            self.undo()
+            self.reverted = True
+
+
+class PatchHandle:
+    """What a patch function changed in ``model``; ``revert()`` undoes it.
+
+    ``len(handle)`` and ``handle.replaced`` count the replacements still in place;
+    ``handle.nothing_patched`` is True when there are none; ``str(handle)`` is
+    :meth:`table`. A context manager that reverts on exit. ``parts`` maps a family name
+    ("attention", "lora", ...) to its own handle when handles were merged by
+    :meth:`merge`; ``settings`` holds the arguments a patch was applied with (to
+    re-apply it, e.g. after loading a checkpoint); ``notes`` explains skipped families.
+    """
+
+    def __init__(self, model: Optional[nn.Module] = None, *, settings: Optional[Dict[str, Any]] = None):
+        self.model = model
+        self.settings: Dict[str, Any] = dict(settings or {})
+        self.parts: Dict[str, "PatchHandle"] = {}
+        self.notes: List[str] = []
+        self._records: List[Replacement] = []
+
+    # ------------------------------------------------------------------ recording
+    def record(self, path: str, before: Described, after: Described, undo: Callable[[], None], *,
+               original: Any = None, replacement: Any = None, parent: Optional[nn.Module] = None,
+               name: Optional[str] = None) -> Replacement:
+        """Record a change already made. ``before``/``after``: a module, a class or a
+        description string; ``undo``: zero-argument callable restoring ``before``."""
+        if not isinstance(path, str):
+            raise TypeError(f"path must be a str (a qualified module name, '' for the root), got {path!r}")
+        if not callable(undo):
+            raise TypeError(f"undo must be a zero-argument callable, got {type(undo).__name__}")
+        rec = Replacement(path, describe(before), describe(after), undo, original=original,
+                          replacement=replacement, parent=parent, name=name)
+        self._records.append(rec)
+        return rec
+
+    def swap_child(self, root: nn.Module, path: str, new_module: nn.Module, *,
+                   after: Optional[str] = None) -> Replacement:
+        """Replace the submodule ``path`` of ``root`` by ``new_module`` and record it.
+
+        The undo puts the original module object back (identity preserved), unless the
+        slot no longer holds ``new_module`` (someone replaced it since), in which case it
+        leaves the slot alone and warns. ``after`` overrides the description of the new
+        module. The root itself (path "") cannot be swapped.
+        """
+        if not isinstance(new_module, nn.Module):
+            raise TypeError(f"new_module must be an nn.Module, got {type(new_module).__name__}")
+        if path == "":
+            raise ValueError("swap_child cannot replace the root module itself (path '')")
+        parent_path, _, child = path.rpartition(".")
+        parent = root.get_submodule(parent_path) if parent_path else root
+        original = getattr(parent, child)
+        if not isinstance(original, nn.Module):
+            raise ValueError(f"{path!r} is not a submodule of the model")
+        setattr(parent, child, new_module)
+
+        def undo() -> None:
+            if getattr(parent, child, None) is not new_module:
+                warnings.warn(f"lucidops.patch: {path!r} was replaced again after patching; left as it is",
+                              RuntimeWarning, stacklevel=3)
+                return
+            setattr(parent, child, original)
+
+        return self.record(path, original, new_module if after is None else after, undo, original=original,
+                           replacement=new_module, parent=parent, name=child)
+
+    def set_instance_attrs(self, path: str, module: nn.Module, attrs: Mapping[str, Any], *,
+                           after: str) -> Replacement:
+        """Set instance attributes (e.g. ``forward``) on ``module`` and record it.
+
+        Values go straight into ``module.__dict__`` (not parameters, buffers or
+        submodules), so the module keeps its parameters and state-dict keys. The undo
+        restores each attribute's previous instance value, or removes it if it had none,
+        but only where the attribute still holds the value set here.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        missing = object()
+        previous = {k: module.__dict__.get(k, missing) for k in attrs}
+        new = dict(attrs)
+        module.__dict__.update(new)
+
+        def undo() -> None:
+            for k, value in new.items():
+                if module.__dict__.get(k, missing) is not value:
+                    continue  # changed since (e.g. undone by another route): leave it
+                if previous[k] is missing:
+                    del module.__dict__[k]
+                else:
+                    module.__dict__[k] = previous[k]
+
+        return self.record(path, module, after, undo, original=module)
+
+    def merge(self, other: "PatchHandle", name: Optional[str] = None) -> "PatchHandle":
+        """Append ``other``'s replacements (shared records: reverting either handle
+        reverts them once). ``name`` files ``other`` under ``parts``. Returns self."""
+        if not isinstance(other, PatchHandle):
+            raise TypeError(f"can only merge a PatchHandle, got {type(other).__name__}")
+        if other is self:
+            raise ValueError("cannot merge a handle into itself")
+        self._records.extend(other._records)
+        self.notes.extend(other.notes)
+        if name is not None:
+            self.parts[name] = other
+        return self
+
+    # ------------------------------------------------------------------ undo
+    def revert(self) -> Optional[nn.Module]:
+        """Undo every replacement in reverse order; a second call does nothing. Returns the model.
+
+        Every undo runs even if one fails; the first error is raised afterwards.
+        """
+        error: Optional[BaseException] = None
+        for rec in reversed(self._records):
+            try:
+                rec.revert()
+            except Exception as err:  # keep undoing the rest, report the first failure
+                rec.reverted = True
+                if error is None:
+                    error = err
+        if error is not None:
+            raise error
+        return self.model
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.revert()
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def replaced(self) -> List[Replacement]:
+        """The replacements still in place, in the order they were made."""
+        return [r for r in self._records if not r.reverted]
+
+    @property
+    def nothing_patched(self) -> bool:
+        """True when nothing is (any longer) replaced."""
+        return not self.replaced
+
+    @property
+    def paths(self) -> List[str]:
+        """Qualified module names of the replacements still in place."""
+        return [r.path for r in self.replaced]
+
+    @property
+    def swapped(self) -> list:
+        """(parent, name, original) of each module swap still in place (kept for code
+        written against the earlier ``timm_vit`` handle)."""
+        return [(r.parent, r.name, r.original) for r in self.replaced if r.parent is not None]
+
+    def __len__(self) -> int:
+        return len(self.replaced)
+
+    def __iter__(self):
+        return iter(self.replaced)
+
+    def table(self) -> str:
+        """A Markdown table ``| path | before | after |`` of the replacements in place
+        (``nothing patched`` when there are none)."""
+        rows = self.replaced
+        if not rows:
+            lines = ["nothing patched"]
+            done = sum(r.reverted for r in self._records)
+            if done:
+                lines[0] += f" (reverted {done} replacement{'s' * (done != 1)})"
+        else:
+            lines = ["| path | before | after |", "|---|---|---|"]
+            lines += [f"| {r.path or '(root)'} | {r.before} | {r.after} |" for r in rows]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        model = type(self.model).__name__ if self.model is not None else None
+        return f"{type(self).__name__}(model={model}, replaced={len(self)})"
+
+
+def child_slots(model: nn.Module, predicate: Callable[[str, nn.Module], bool]) -> List[Tuple[str, nn.Module]]:
+    """(qualified name, module) of every submodule slot (not the root) whose module passes
+    ``predicate(name, module)``, one entry per distinct (parent, attribute) slot: a module
+    registered at two places is listed at both, a shared parent's child only once."""
+    seen = set()
+    out = []
+    for parent_name, parent in model.named_modules(remove_duplicate=True):
+        for child_name, child in parent.named_children():
+            if (id(parent), child_name) in seen:
+                continue
+            seen.add((id(parent), child_name))
+            path = f"{parent_name}.{child_name}" if parent_name else child_name
+            if predicate(path, child):
+                out.append((path, child))
+    return out
+
+
+def merge_handles(model: Optional[nn.Module], handles: Iterable[Any]) -> PatchHandle:
+    """One handle combining ``handles`` (a mapping name -> handle, or handles)."""
+    out = PatchHandle(model)
+    items = handles.items() if isinstance(handles, Mapping) else ((None, h) for h in handles)
+    for name, h in items:
+        out.merge(h, name)
+    return out

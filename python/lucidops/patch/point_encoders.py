@@ -1,0 +1,258 @@
+"""Swap the PointNet-style encoders of an existing model for distilled Gaussian encoders.
+
+Two kinds of encoder are recognised (methods.md section 1):
+
+* ``lucidops.models.PointNet``: the main encoder (conv1 -> [feature T-Net] -> conv2 ->
+  conv3, then the max over points) is replaced by a ``GaussianPointEncoder(reduce="max")``
+  distilled from :meth:`PointNet.point_features` on T-Net-transformed points (stage 2 of
+  the paper's recipe). The input T-Net and the classifier head are kept: the *same*
+  module objects, not copies. A PointNet inside a model is swapped for a
+  :class:`~lucidops.train.distill.DistilledPointNet` (input T-Net -> Gaussian encoder ->
+  head); a PointNet that *is* the model (it has no parent to swap it in) keeps its
+  identity: the Gaussian encoder is registered on it as the submodule
+  ``gaussian_encoder`` and its instance ``forward`` / ``global_feature`` /
+  ``point_features`` are redirected through it.
+* a Point-MAE / Mamba3D patch ``Encoder``: any module with ``first_conv`` and
+  ``second_conv`` submodules, taking neighbourhoods (B, G, n, 3) to tokens (B, G, C) by
+  first_conv -> max -> concat -> second_conv -> max. It is replaced by a
+  ``GaussianPointEncoder(reduce="max")`` (which takes (..., n, 3) to (..., C)) distilled
+  from second_conv's per-point output (before the max), one neighbourhood per cloud.
+  At the root, the same instance-forward redirection is used.
+
+Everything is recorded on a :class:`~lucidops.patch.handle.PatchHandle`; ``revert()``
+puts the original modules and forwards back (outputs bit for bit, module identity).
+The original modules' parameters are never modified.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..models.pointnet import PointNet
+from ..nn.gaussian_mixture import GaussianPointEncoder
+from ..train.distill import DistilledPointNet, cloud_cubes, distill
+from .handle import PatchHandle, child_slots
+
+KINDS = ("pointnet", "point_mae")
+
+# What distill() gets unless distill_kwargs overrides it: small enough for a CPU in a
+# minute or so; pass the paper's values (32 x 512 points, 30k steps) for real use.
+DEFAULT_DISTILL = dict(steps=300, lr=1e-2, batch_size=16, points_per_cloud=256)
+
+
+def is_point_mae_encoder(module: nn.Module) -> bool:
+    """A Point-MAE / Mamba3D-style patch encoder: ``first_conv`` and ``second_conv`` submodules."""
+    return (not isinstance(module, PointNet) and isinstance(getattr(module, "first_conv", None), nn.Module)
+            and isinstance(getattr(module, "second_conv", None), nn.Module))
+
+
+def _kind(module: nn.Module) -> Optional[str]:
+    if isinstance(module, PointNet):
+        return "pointnet"
+    if is_point_mae_encoder(module):
+        return "point_mae"
+    return None
+
+
+def _last_out_channels(seq: nn.Module, name: str) -> int:
+    outs = [m.out_channels if isinstance(m, nn.Conv1d) else m.out_features
+            for m in seq.modules() if isinstance(m, (nn.Conv1d, nn.Linear))]
+    if not outs:
+        raise ValueError(f"{name} has no Conv1d or Linear layer to read its output width from")
+    return outs[-1]
+
+
+def point_mae_point_features(encoder: nn.Module, points: Tensor) -> Tensor:
+    """A Point-MAE encoder's per-point features before its final max: (B, n, 3) -> (B, n, C).
+
+    Follows Point-MAE's forward: f = first_conv(x); f = cat(max_n f expanded, f);
+    second_conv(f). Each cloud of the batch is one neighbourhood.
+    """
+    x = points.transpose(1, 2)  # (B, 3, n)
+    feature = encoder.first_conv(x)
+    glob = feature.amax(dim=2, keepdim=True).expand(-1, -1, feature.shape[2])
+    return encoder.second_conv(torch.cat([glob, feature], dim=1)).transpose(1, 2)
+
+
+def _find(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
+    """(path, module, kind) of the outermost encoders; '' is the root."""
+    root_kind = _kind(model)
+    if root_kind is not None:
+        return [("", model, root_kind)]
+    found = child_slots(model, lambda _path, m: _kind(m) is not None)
+    out = []
+    for path, module in found:
+        # An encoder nested inside another found one goes with its container.
+        if any(path.startswith(p + ".") for p, _ in found if p != path):
+            continue
+        out.append((path, module, _kind(module)))
+    return out
+
+
+def _default_clouds(seed: int):
+    from ..data.synthetic import SyntheticShapes
+
+    return SyntheticShapes(64, num_points=256, seed=seed)
+
+
+def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str, nn.Module, int], nn.Module]] = None,
+                   distill_kwargs: Optional[Dict[str, Any]] = None, clouds=None, num_gaussians: int = 32,
+                   seed: int = 0, progress: bool = False, allow_none: bool = False) -> PatchHandle:
+    """Replace every PointNet-style encoder in ``model`` by a distilled Gaussian encoder.
+
+    Args:
+        model: the model to patch in place (see the module docstring for what is replaced).
+        student_factory: ``(path, module, out_channels) -> GaussianPointEncoder`` builds
+            each student (default: ``GaussianPointEncoder(num_gaussians, out_channels,
+            cloud_range=<largest cube half-side of clouds>)``).
+        distill_kwargs: passed to :func:`lucidops.train.distill` (defaults:
+            ``DEFAULT_DISTILL``, i.e. 300 steps, lr 1e-2, 16 clouds x 256 points).
+        clouds: what the distillation samples in (see :func:`lucidops.train.distill`):
+            their bounding cubes. For Point-MAE encoders pass neighbourhoods as the model
+            sees them (centred groups, (M, n, 3)). Default: 64 ``SyntheticShapes`` clouds
+            (normalised to [-1, 1]^3) seeded by ``seed``.
+        num_gaussians: G of the default students.
+        seed: seeds the students' initialisation and the point sampling (torch's global
+            RNG state is left as it was).
+        progress: show distillation progress bars.
+        allow_none: when ``model`` has no point encoder, return an empty handle (with a
+            note) instead of raising.
+
+    Returns:
+        A :class:`PatchHandle`; ``handle.revert()`` (or leaving ``with handle:``) restores
+        the original model.
+
+    Raises:
+        TypeError / ValueError for bad arguments; ValueError when ``model`` contains no
+        PointNet or Point-MAE-style encoder (unless ``allow_none``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if student_factory is not None and not callable(student_factory):
+        raise TypeError(f"student_factory must be callable or None, got {type(student_factory).__name__}")
+    if distill_kwargs is None:
+        distill_kwargs = {}
+    if not isinstance(distill_kwargs, dict):
+        raise TypeError(f"distill_kwargs must be a dict or None, got {type(distill_kwargs).__name__}")
+    for key in ("teacher", "student", "clouds", "input_transform", "progress", "seed"):
+        if key in distill_kwargs:
+            raise TypeError(f"distill_kwargs must not set {key!r} (point_encoders sets it)")
+    if isinstance(num_gaussians, bool) or not isinstance(num_gaussians, int) or num_gaussians < 1:
+        raise ValueError(f"num_gaussians must be a positive int, got {num_gaussians!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+
+    if not isinstance(allow_none, bool):
+        raise TypeError(f"allow_none must be a bool, got {type(allow_none).__name__}")
+
+    targets = _find(model)
+    if not targets and allow_none:
+        handle = PatchHandle(model)
+        handle.notes.append("point_encoders: no PointNet or Point-MAE-style encoder found")
+        return handle
+    if not targets:
+        raise ValueError(f"{type(model).__name__} contains no point encoder to patch: expected a "
+                         "lucidops.models.PointNet or a Point-MAE-style Encoder (a module with "
+                         "first_conv and second_conv)")
+    if clouds is None:
+        clouds = _default_clouds(seed)
+    cube_range = float(cloud_cubes(clouds)[1].max())  # also validates clouds before any work
+    kwargs = {**DEFAULT_DISTILL, **distill_kwargs}
+
+    handle = PatchHandle(model, settings=dict(num_gaussians=num_gaussians, seed=seed, distill=dict(kwargs)))
+    try:
+        for i, (path, module, kind) in enumerate(targets):
+            param = next(module.parameters(), None)
+            dtype = param.dtype if param is not None else torch.get_default_dtype()
+            device = param.device if param is not None else torch.device("cpu")
+            if kind == "pointnet":
+                out_channels = module.conv3[0].out_channels
+                teacher = module.point_features
+                transform = module.transform_points if module.input_tnet is not None else None
+            else:
+                out_channels = _last_out_channels(module.second_conv, f"{path or 'model'}.second_conv")
+                teacher = lambda x, m=module: point_mae_point_features(m, x)  # noqa: E731
+                transform = None
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + i)
+                if student_factory is None:
+                    student = GaussianPointEncoder(num_gaussians, out_channels, cloud_range=cube_range)
+                else:
+                    student = student_factory(path, module, out_channels)
+                if not isinstance(student, GaussianPointEncoder):
+                    raise TypeError(f"student_factory must return a GaussianPointEncoder, got "
+                                    f"{type(student).__name__}")
+                if student.out_channels != out_channels:
+                    raise ValueError(f"student_factory returned {student.out_channels} output channels for "
+                                     f"{path or 'the model'!r}, which has {out_channels}")
+            student = student.to(device, dtype)
+            was_training = module.training
+            module.eval()  # BatchNorm statistics frozen: the teacher is the trained encoder as it infers
+            try:
+                distill(teacher, student, clouds, input_transform=transform, seed=seed + i, progress=progress,
+                        device=device, desc=f"distill {path or kind}", **kwargs)
+            finally:
+                module.train(was_training)
+            student.reduce = "max"
+            student.eval()
+            _install(handle, model, path, module, kind, student)
+    except BaseException:
+        handle.revert()  # leave the model as it was
+        raise
+    return handle
+
+
+def _install(handle: PatchHandle, model: nn.Module, path: str, module: nn.Module, kind: str,
+             student: GaussianPointEncoder) -> None:
+    if kind == "pointnet":
+        wrapper = DistilledPointNet(student, module.head, module.input_tnet)
+        if path:
+            handle.swap_child(model, path, wrapper)
+            return
+        # The root keeps its identity: register the encoder on it and redirect its methods.
+        after = "PointNet with its encoder replaced by a distilled GaussianPointEncoder"
+        forward = lambda points, return_transforms=False: _pointnet_forward(wrapper, points, return_transforms)  # noqa: E731
+        attrs = {"forward": forward, "global_feature": wrapper.global_feature, "point_features": wrapper.point_features}
+    else:
+        if path:
+            handle.swap_child(model, path, student)
+            return
+        after = "Point-MAE Encoder computed by a distilled GaussianPointEncoder"
+        attrs = {"forward": student.forward}
+    # One record for both changes, so the handle's table shows one row per encoder.
+    missing = object()
+    previous = {k: module.__dict__.get(k, missing) for k in attrs}
+    module.add_module("gaussian_encoder", student)
+    module.__dict__.update(attrs)
+
+    def undo() -> None:
+        for k, value in attrs.items():
+            if module.__dict__.get(k, missing) is not value:
+                continue  # changed since: leave it
+            if previous[k] is missing:
+                del module.__dict__[k]
+            else:
+                module.__dict__[k] = previous[k]
+        if module._modules.get("gaussian_encoder") is student:
+            del module._modules["gaussian_encoder"]
+
+    handle.record(path, module, after, undo, original=module, replacement=student)
+
+
+def _pointnet_forward(wrapper: DistilledPointNet, points: Tensor, return_transforms: bool):
+    logits = wrapper(points)
+    if return_transforms:
+        # The Gaussian encoder has no feature transform; the input transform is the original T-Net's.
+        trans_in = None
+        if wrapper.input_tnet is not None:
+            trans_in = wrapper.input_tnet(points.transpose(1, 2))
+        return logits, trans_in, None
+    return logits
+
+
+__all__ = ["point_encoders", "point_mae_point_features", "is_point_mae_encoder", "DEFAULT_DISTILL", "KINDS"]

@@ -1,0 +1,138 @@
+"""Side-by-side profile of a model before and after patching.
+
+    import copy
+    patched = copy.deepcopy(model)
+    lucidops.patch.timm_vit(patched)            # or any change
+    cmp = lucidops.profile.compare(model, patched, x, png="compare.png")
+    print(cmp)
+
+``original`` and ``patched`` must be two module objects: patch a deep copy (a model
+patched in place cannot be profiled before and after at the same time).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+from torch import nn
+
+from .report import Inputs, Progress, ProfileReport, _bytes, _check_model, _human, _seconds, _table, report
+
+# (field, label, formatter, ratio kind): "ratio" patched/original, "speedup" original/patched.
+_ROWS: List[Tuple[str, str, Callable[[Any], str], str]] = [
+    ("params", "params", lambda v: f"{v:,}", "ratio"),
+    ("flops", "FLOPs (torch, 2/MAC)", _human, "ratio"),
+    ("fvcore_flops", "FLOPs (fvcore, 1/MAC, fwd)", _human, "ratio"),
+    ("peak_memory_bytes", "peak memory", _bytes, "ratio"),
+    ("peak_rss_bytes", "peak RSS (process lifetime)", _bytes, "none"),
+    ("latency_s", "latency (median)", _seconds, "speedup"),
+]
+
+
+@dataclass
+class ProfileComparison:
+    """Two :class:`ProfileReport` s; ``str()`` shows them side by side with ratios."""
+
+    original: ProfileReport
+    patched: ProfileReport
+
+    def ratios(self) -> Dict[str, Optional[float]]:
+        """patched / original for every field, and ``speedup`` = original / patched latency."""
+        out: Dict[str, Optional[float]] = {}
+        for key, _, _, kind in _ROWS:
+            a, b = getattr(self.original, key), getattr(self.patched, key)
+            out[key] = (b / a) if (a and b is not None) else None
+        a, b = self.original.latency_s, self.patched.latency_s
+        out["speedup"] = a / b if b else None
+        return out
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"original": self.original.to_dict(), "patched": self.patched.to_dict(), "ratios": self.ratios()}
+
+    def __str__(self) -> str:
+        step = "forward + backward" if self.original.backward else "forward"
+        ratios = self.ratios()
+        rows = []
+        for key, label, fmt, kind in _ROWS:
+            if key == "peak_memory_bytes":
+                label = f"peak memory ({self.original.memory_kind})"
+            a, b = getattr(self.original, key), getattr(self.patched, key)
+            if kind == "speedup":
+                note = f"{ratios['speedup']:.2f}x speed-up" if ratios["speedup"] else "-"
+            elif kind == "ratio" and ratios[key] is not None:
+                note = f"{ratios[key]:.3f}"
+            else:
+                note = "-"
+            rows.append((label, fmt(a) if a is not None else "n/a", fmt(b) if b is not None else "n/a", note))
+        lines = [f"lucidops compare on {self.original.device} ({step})"]
+        lines += _table(("metric", self.original.model, self.patched.model, "patched/original"), rows)
+        for which in (self.original, self.patched):
+            if which.fvcore_flops is None:
+                lines.append(f"fvcore ({which.model}): {which.fvcore_error}")
+        lines.append("peak RSS is the process's high-water mark so far: it only grows, compare it with care.")
+        return "\n".join(lines)
+
+    def plot(self, path: Union[str, os.PathLike]) -> None:
+        """Write a bar chart of patched/original per metric (and the speed-up) to ``path``."""
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as err:
+            raise ImportError("the PNG plot needs matplotlib: pip install lucidops[plot]") from err
+        # A bare Figure renders with Agg and leaves pyplot's global backend alone.
+        from matplotlib.figure import Figure
+
+        ratios = self.ratios()
+        labels, values = [], []
+        for key, label, _, kind in _ROWS:
+            if kind == "ratio" and ratios[key] is not None:
+                labels.append(label.split(" (")[0] if key != "fvcore_flops" else "FLOPs (fvcore)")
+                values.append(ratios[key])
+        if ratios["speedup"] is not None:
+            labels.append("latency speed-up")
+            values.append(ratios["speedup"])
+        fig = Figure(figsize=(7, 3.5))
+        ax = fig.add_subplot()
+        bars = ax.bar(range(len(values)), values, color=["#4c72b0"] * (len(values) - 1) + ["#dd8452"])
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(values)))
+        ax.set_xticklabels(labels, rotation=15, ha="right")
+        ax.set_ylabel("patched / original")
+        step = "fwd+bwd" if self.original.backward else "fwd"
+        ax.set_title(f"{self.patched.model} vs {self.original.model} ({self.original.device}, {step})")
+        for bar, v in zip(bars, values):
+            ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), format="png", dpi=120)
+
+
+def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward: bool = False,
+            png: Optional[Union[str, os.PathLike]] = None, device: Any = None, repeat: int = 10, warmup: int = 2,
+            depth: int = 1, fvcore: bool = True, names: Tuple[str, str] = ("original", "patched"),
+            progress: Progress = None) -> ProfileComparison:
+    """Profile ``original`` and ``patched`` (two modules: patch a ``copy.deepcopy``) on the
+    same ``inputs`` with :func:`lucidops.profile.report`; ``png`` writes a bar chart of the
+    ratios (needs matplotlib: ``pip install lucidops[plot]``). Other arguments as
+    :func:`report`."""
+    _check_model(original, "original")
+    _check_model(patched, "patched")
+    if original is patched:
+        raise ValueError("original and patched are the same module object: patch a copy.deepcopy(original)")
+    if png is not None:
+        if not isinstance(png, (str, os.PathLike)):
+            raise TypeError(f"png must be a file path, got {type(png).__name__}")
+        try:  # fail before minutes of profiling, not after
+            import matplotlib  # noqa: F401
+        except ImportError as err:
+            raise ImportError("png= needs matplotlib: pip install lucidops[plot]") from err
+    if not (isinstance(names, (tuple, list)) and len(names) == 2 and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"names must be two strings, got {names!r}")
+    kwargs = dict(backward=backward, device=device, repeat=repeat, warmup=warmup, depth=depth, fvcore=fvcore,
+                  progress=progress)
+    result = ProfileComparison(report(original, inputs, name=names[0], **kwargs),
+                               report(patched, inputs, name=names[1], **kwargs))
+    if png is not None:
+        result.plot(png)
+    return result

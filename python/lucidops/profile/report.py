@@ -1,0 +1,391 @@
+"""One-call profile of a model: parameters, FLOPs (two counters), memory, latency, by module.
+
+    rep = lucidops.profile.report(model, x, backward=True)
+    print(rep)                      # a readable table
+    rep.to_dict()                   # the same numbers as plain Python values
+    cmp = lucidops.profile.compare(original, patched, x, png="cmp.png")
+
+What each number means:
+
+- ``flops``: torch's FlopCounterMode with lucidops' formulas, 2 FLOPs per multiply-add;
+  the forward, plus the backward of ``output.sum()`` with ``backward=True``.
+- ``fvcore_flops``: fvcore's FlopCountAnalysis with lucidops' op handles, 1 per
+  multiply-add of a matrix product; forward only (fvcore traces with torch.jit). ``None``
+  with ``fvcore_error`` saying why when fvcore is missing or cannot trace the model.
+- ``peak_memory_bytes``: on CUDA, the growth of ``torch.cuda.max_memory_allocated`` over
+  one step (forward, plus backward with ``backward=True``). On CPU, the bytes the forward
+  saves for backward (activation memory of training; unique storages, the model's own
+  parameters and buffers excluded), measured with grad enabled even when
+  ``backward=False``; ``peak_rss_bytes`` beside it is the process's peak resident set
+  size, which covers everything the process did before too.
+- ``latency_s``: median wall time of one step over ``repeat`` runs after ``warmup`` runs.
+
+The model runs as it is (train or eval mode, its dtype); ``device`` moves it (in place,
+as ``nn.Module.to`` does) and the inputs there. ``backward=True`` takes gradients with
+``torch.autograd.grad``, so the model's ``.grad`` fields are left untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .flops import fvcore_handles
+
+Inputs = Union[Tensor, Sequence[Any]]
+Progress = Optional[Callable[[str], None]]
+
+
+@dataclass
+class ModuleStats:
+    """One row of :attr:`ProfileReport.by_module`."""
+
+    depth: int
+    params: int
+    flops: int
+
+
+@dataclass
+class ProfileReport:
+    """What :func:`report` measured; ``str(report)`` is a table, ``to_dict()`` plain values."""
+
+    model: str
+    device: str
+    backward: bool
+    params: int
+    trainable_params: int
+    flops: int
+    flops_by_op: Dict[str, int]
+    fvcore_flops: Optional[int]
+    fvcore_error: Optional[str]
+    fvcore_unsupported: Dict[str, int]
+    peak_memory_bytes: int
+    memory_kind: str
+    peak_rss_bytes: Optional[int]
+    latency_s: float
+    latencies_s: List[float]
+    by_module: Dict[str, ModuleStats] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        step = "forward + backward" if self.backward else "forward"
+        lines = [f"lucidops profile: {self.model} on {self.device} ({step})"]
+        rows = [
+            ("params", f"{self.params:,}" + (f" ({self.trainable_params:,} trainable)"
+                                              if self.trainable_params != self.params else "")),
+            ("FLOPs (torch, 2/MAC)", _human(self.flops)),
+            ("FLOPs (fvcore, 1/MAC, forward)", _human(self.fvcore_flops) if self.fvcore_flops is not None
+             else f"n/a ({self.fvcore_error})"),
+            (f"peak memory ({self.memory_kind})", _bytes(self.peak_memory_bytes)),
+        ]
+        if self.peak_rss_bytes is not None:
+            rows.append(("peak RSS (process)", _bytes(self.peak_rss_bytes)))
+        rows.append((f"latency (median of {len(self.latencies_s)})", _seconds(self.latency_s)))
+        lines += _table(("metric", "value"), rows)
+        ops = [(op, _human(n)) for op, n in sorted(self.flops_by_op.items(), key=lambda kv: -kv[1])]
+        if ops:
+            lines += ["", "FLOPs by op (torch counter)"] + _table(("op", "FLOPs"), ops)
+        if self.fvcore_unsupported:
+            skipped = ", ".join(f"{k} x{v}" for k, v in sorted(self.fvcore_unsupported.items()))
+            lines.append(f"fvcore skipped (counted 0): {skipped}")
+        if self.by_module:
+            mods = [("  " * s.depth + (name.rsplit(".", 1)[-1] if name else "(model)"), f"{s.params:,}",
+                     _human(s.flops)) for name, s in self.by_module.items()]
+            lines += ["", "by module"] + _table(("module", "params", "FLOPs"), mods)
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _human(n: Optional[float]) -> str:
+    if n is None:
+        return "n/a"
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3f} {unit}"
+    return f"{int(n)}"
+
+
+def _bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "n/a"
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def _table(header: Tuple[str, ...], rows: List[Tuple[str, ...]]) -> List[str]:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def fmt(row):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+
+
+# ---------------------------------------------------------------- validation and helpers
+
+
+def _check_model(model: Any, name: str = "model") -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _check_inputs(inputs: Any) -> Tuple[Any, ...]:
+    if isinstance(inputs, Tensor):
+        return (inputs,)
+    if isinstance(inputs, (tuple, list)) and inputs:
+        return tuple(inputs)
+    raise TypeError("inputs must be a tensor or a non-empty tuple/list of the model's positional arguments, "
+                    f"got {type(inputs).__name__}")
+
+
+def _check_device(device: Any, model: nn.Module, args: Tuple[Any, ...]) -> torch.device:
+    if device is None:
+        for t in list(model.parameters()) + list(model.buffers()) + [a for a in args if isinstance(a, Tensor)]:
+            return t.device
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'cpu', 'cuda' or a torch.device, got {device!r}") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here")
+    return dev
+
+
+def _check_count(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+def _float_tensors(value: Any) -> List[Tensor]:
+    if isinstance(value, Tensor):
+        return [value] if value.is_floating_point() or value.is_complex() else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _float_tensors(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _float_tensors([getattr(value, f.name) for f in dataclasses.fields(value)])
+    return []
+
+
+def _loss(output: Any) -> Tensor:
+    """The scalar whose backward is profiled: the sum of every floating output that has a
+    graph (all of them when none has), as float32 so low precision sums do not overflow."""
+    tensors = _float_tensors(output)
+    with_graph = [t for t in tensors if t.requires_grad]
+    tensors = with_graph or tensors
+    if not tensors:
+        raise ValueError("backward=True needs the model to return a floating tensor (or a tuple/dict of them), "
+                         f"got {type(output).__name__}")
+    return sum(t.float().sum() if not t.is_complex() else t.real.float().sum() for t in tensors)
+
+
+def _grad_targets(model: nn.Module, args: Tuple[Any, ...]) -> List[Tensor]:
+    targets = [p for p in model.parameters() if p.requires_grad]
+    targets += [a for a in args if isinstance(a, Tensor) and a.requires_grad and a.is_leaf]
+    return targets
+
+
+def _step(model: nn.Module, args: Tuple[Any, ...], backward: bool, targets: List[Tensor]) -> Any:
+    if not backward:
+        with torch.no_grad():
+            return model(*args)
+    # Leaf inputs enter through a view: FlopCounterMode's module tracker hooks the inputs'
+    # gradients, and autograd.grad() refuses such hooks on leaves.
+    args = tuple(a.view_as(a) if isinstance(a, Tensor) and a.requires_grad and a.is_leaf else a for a in args)
+    out = model(*args)
+    loss = _loss(out)
+    if loss.requires_grad:
+        torch.autograd.grad(loss, targets, allow_unused=True)
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_rss_bytes() -> Optional[int]:
+    try:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (OSError, ValueError):
+        return None
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes, Linux: KiB
+
+
+def saved_tensor_bytes(model: nn.Module, args: Tuple[Any, ...]) -> int:
+    """Bytes the forward ``model(*args)`` saves for backward: unique storages (a tensor and
+    its views count once), the model's parameters and buffers excluded (they exist anyway)."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())
+           if t.device.type != "meta"}
+    seen: Dict[Tuple[str, int], int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        try:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, nested)
+            return t
+        if ptr not in own and ptr != 0:
+            seen[(str(t.device), ptr)] = storage.nbytes()
+        return t  # the graph keeps the tensor alive, so a pointer cannot be reused meanwhile
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(*args)
+    total = sum(seen.values())
+    del out
+    return total
+
+
+def _by_module(model: nn.Module, counts: Dict[str, Dict[Any, int]], depth: int) -> Dict[str, ModuleStats]:
+    root = type(model).__name__  # FlopCounterMode names modules "<RootClass>.<child>.<...>"
+    rows: Dict[str, ModuleStats] = {}
+    for name, module in model.named_modules():
+        level = 0 if not name else name.count(".") + 1
+        if level > depth:
+            continue
+        key = root + ("." + name if name else "")
+        rows[name] = ModuleStats(depth=level, params=sum(p.numel() for p in module.parameters()),
+                                 flops=int(sum(counts.get(key, {}).values())))
+    return rows
+
+
+def _fvcore(model: nn.Module, args: Tuple[Any, ...]) -> Tuple[Optional[int], Optional[str], Dict[str, int]]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # its torch.jit.script use is deprecated
+            from fvcore.nn import FlopCountAnalysis
+    except ImportError:
+        return None, "fvcore is not installed (pip install fvcore)", {}
+    try:
+        analysis = FlopCountAnalysis(model, args).set_op_handle(**fvcore_handles())
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer warnings: noise here
+            total = int(analysis.total())
+        return total, None, {str(k): int(v) for k, v in analysis.unsupported_ops().items()}
+    except Exception as err:  # fvcore traces with torch.jit: many models cannot be traced
+        message = f"{type(err).__name__}: {err}".splitlines()[0]
+        return None, "fvcore cannot trace the model: " + message[:200], {}
+
+
+# ---------------------------------------------------------------- the report
+
+
+def report(model: nn.Module, inputs: Inputs, *, backward: bool = False, device: Any = None, repeat: int = 10,
+           warmup: int = 2, depth: int = 2, fvcore: bool = True, name: Optional[str] = None,
+           progress: Progress = None) -> ProfileReport:
+    """Profile ``model(*inputs)``: see the module docstring for what each field means.
+
+    Args:
+        model: the ``nn.Module`` to profile.
+        inputs: a tensor, or a tuple/list of the model's positional arguments.
+        backward: profile forward + backward of the output's sum (a training step), not
+            the forward alone (run under ``torch.no_grad``).
+        device: "cpu", "cuda" or a torch.device; moves the model (in place) and the inputs.
+            Default: where the model's parameters are.
+        repeat: timed runs; ``latency_s`` is their median.
+        warmup: untimed runs before them (first-call compilation, allocator warm-up).
+        depth: deepest submodule level in ``by_module`` (0: the model alone).
+        fvcore: also count with fvcore (``False`` skips it, ``fvcore_flops`` None).
+        name: the model's name in the table (default: its class name).
+        progress: called with a short message before each stage (e.g. ``print``).
+    """
+    model = _check_model(model)
+    args = _check_inputs(inputs)
+    dev = _check_device(device, model, args)
+    repeat = _check_count(repeat, "repeat", 1)
+    warmup = _check_count(warmup, "warmup", 0)
+    depth = _check_count(depth, "depth", 0)
+    say = progress or (lambda message: None)
+    if device is not None:
+        model.to(dev)
+        args = _move(args, dev)
+    targets = _grad_targets(model, args) if backward else []
+    if backward and not targets:
+        raise ValueError("backward=True but neither the model's parameters nor the inputs require grad")
+    label = name or type(model).__name__
+
+    say(f"{label}: counting FLOPs")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, depth=depth)
+    with counter:
+        _step(model, args, backward, targets)
+    counts = counter.get_flop_counts()
+    flops_by_op = {str(op): int(n) for op, n in counts.get("Global", {}).items()}
+
+    fv_total, fv_error, fv_unsupported = (None, "skipped (fvcore=False)", {})
+    if fvcore:
+        say(f"{label}: counting FLOPs with fvcore")
+        fv_total, fv_error, fv_unsupported = _fvcore(model, args)
+
+    say(f"{label}: measuring memory")
+    if dev.type == "cuda":
+        _sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        _step(model, args, backward, targets)
+        _sync(dev)
+        peak = int(torch.cuda.max_memory_allocated(dev) - before)
+        memory_kind = "CUDA allocated, one step"
+    else:
+        peak = saved_tensor_bytes(model, args)
+        memory_kind = "saved for backward"
+    rss = _peak_rss_bytes()
+
+    latencies: List[float] = []
+    for i in range(warmup + repeat):
+        say(f"{label}: {'warm-up' if i < warmup else 'timing'} run {i + 1 if i < warmup else i + 1 - warmup}"
+            f"/{warmup if i < warmup else repeat}")
+        _sync(dev)
+        start = time.perf_counter()
+        _step(model, args, backward, targets)
+        _sync(dev)
+        if i >= warmup:
+            latencies.append(time.perf_counter() - start)
+
+    return ProfileReport(
+        model=label, device=str(dev), backward=bool(backward),
+        params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        flops=int(counter.get_total_flops()), flops_by_op=flops_by_op,
+        fvcore_flops=fv_total, fvcore_error=fv_error, fvcore_unsupported=fv_unsupported,
+        peak_memory_bytes=peak, memory_kind=memory_kind, peak_rss_bytes=rss,
+        latency_s=float(statistics.median(latencies)), latencies_s=latencies,
+        by_module=_by_module(model, counts, depth),
+    )

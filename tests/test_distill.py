@@ -1,0 +1,191 @@
+"""lucidops.train.distill: single process, the three-stage PointNet recipe, and DDP (2 gloo ranks)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lucidops.data import SyntheticShapes
+from lucidops.models import PointNet
+from lucidops.nn import GaussianPointEncoder
+from lucidops.train import DistilledPointNet, DistillResult, distill, distill_pointnet
+from lucidops.train.distill import cloud_cubes, sample_cube_points, tnet_point_features
+
+K = 32  # teacher channels kept (PointNet's encoder is 1024 wide; a slice keeps the test small)
+
+
+def _teacher(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return PointNet(10, **kwargs).eval()
+
+
+def _held_out(n_clouds=4, n_points=256, seed=123):
+    g = torch.Generator().manual_seed(seed)
+    return sample_cube_points(torch.zeros(n_clouds, 3), torch.ones(n_clouds), n_points, g)
+
+
+@pytest.mark.parametrize("optimizer", ["natural", "adamw"])
+def test_distill_reduces_held_out_error(optimizer):
+    teacher = _teacher(feature_transform=False, input_transform=False)
+    teacher_fn = lambda x: teacher.point_features(x)[..., :K]  # noqa: E731
+    torch.manual_seed(1)
+    student = GaussianPointEncoder(16, K, reduce="none")
+    held = _held_out()
+    with torch.no_grad():
+        target = teacher_fn(held)
+        before = (student(held) - target).abs().mean().item()
+        # The best constant predictor (per-channel median): distillation must beat it clearly too.
+        constant = (target - target.flatten(0, 1).median(0).values).abs().mean().item()
+    result = distill(teacher_fn, student, None, steps=150, lr=1e-2, batch_size=8, points_per_cloud=128, seed=0,
+                     progress=False, optimizer=optimizer)
+    with torch.no_grad():
+        after = (student(held) - target).abs().mean().item()
+    assert isinstance(result, DistillResult) and result.steps == 150 and len(result.losses) == 150
+    assert after < 0.2 * before, (before, after)
+    assert after < 0.5 * constant, (constant, after)
+    assert result.final_loss < 0.2 * result.losses[0]
+    assert teacher.training is False
+
+
+def test_distill_restores_flags_and_reduce():
+    teacher = _teacher(feature_transform=False, input_transform=False)
+    teacher.train()
+    student = GaussianPointEncoder(4, 1024, reduce="max")
+    distill(teacher, student, torch.rand(3, 50, 3), steps=2, batch_size=2, points_per_cloud=16, progress=False)
+    assert teacher.training is True  # put in eval mode during the run, restored after
+    assert student.reduce == "max"
+
+
+def test_cloud_cubes_and_sampling():
+    clouds = [torch.tensor([[0.0, 0.0, 0.0], [2.0, 1.0, 0.5]]), torch.tensor([[-1.0, -3.0, 1.0], [1.0, 1.0, 1.0]])]
+    centres, half = cloud_cubes(clouds)
+    torch.testing.assert_close(centres, torch.tensor([[1.0, 0.5, 0.25], [0.0, -1.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(half, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    pts = sample_cube_points(centres, half, 4000, torch.Generator().manual_seed(0))
+    lo, hi = pts.amin(1), pts.amax(1)
+    assert (lo >= centres - half[:, None]).all() and (hi <= centres + half[:, None]).all()
+    # Uniform: the samples fill the cube (spread close to the full side).
+    assert ((hi - lo) > 1.9 * half[:, None]).all()
+    c2, h2 = cloud_cubes(SyntheticShapes(3, num_points=64, seed=0))
+    assert c2.shape == (3, 3) and h2.shape == (3,) and (h2 > 0).all()
+
+
+def test_bad_arguments():
+    teacher = _teacher(feature_transform=False, input_transform=False)
+    student = GaussianPointEncoder(4, 1024, reduce="none")
+    ok = dict(steps=1, batch_size=2, points_per_cloud=8, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        distill(teacher, student, None, **{**ok, "steps": 0})
+    with pytest.raises(ValueError, match="lr"):
+        distill(teacher, student, None, lr=-1.0, **ok)
+    with pytest.raises(ValueError, match="optimizer"):
+        distill(teacher, student, None, optimizer="sgd", **ok)
+    with pytest.raises(ValueError, match="natural_gradient"):
+        distill(teacher, student, None, natural_gradient="newton", **ok)
+    with pytest.raises(TypeError, match="teacher"):
+        distill(42, student, None, **ok)
+    with pytest.raises(TypeError, match="student"):
+        distill(teacher, lambda x: x, None, **ok)
+    with pytest.raises(ValueError, match="clouds"):
+        distill(teacher, student, torch.rand(2, 5, 2), **ok)
+    with pytest.raises(ValueError, match="clouds is empty"):
+        distill(teacher, student, [], **ok)
+    with pytest.raises(ValueError, match="does not match"):
+        distill(teacher, GaussianPointEncoder(4, 16, reduce="none"), None, **ok)
+    with pytest.raises(ValueError, match="per-point"):
+        distill(lambda x: x.sum(1), student, None, **ok)
+    with pytest.raises(TypeError, match="PointNet"):
+        distill_pointnet(student)
+    with pytest.raises(ValueError, match="finetune_data"):
+        distill_pointnet(teacher, finetune_steps=3)
+
+
+def test_distill_pointnet_three_stages():
+    teacher = _teacher(input_transform=True, feature_transform=True)
+    data = SyntheticShapes(16, num_points=64, num_classes=10, seed=0)
+    held = _held_out(2, 128)
+    res = distill_pointnet(teacher, data, num_gaussians=8, steps=40, tnet_steps=30, finetune_data=data,
+                           finetune_steps=3, batch_size=4, points_per_cloud=64, lr=1e-2, seed=0, progress=False)
+    model = res.model
+    assert isinstance(model, DistilledPointNet) and model.input_tnet is not None
+    assert res.tnet.steps == 30 and res.encoder.steps == 40 and res.finetune.steps == 3
+    assert res.tnet.final_loss < res.tnet.losses[0] and res.encoder.final_loss < res.encoder.losses[0]
+    # The head is a copy, not the teacher's module.
+    assert model.head is not teacher.head
+    with torch.no_grad():
+        # Stage 1: the Gaussian T-Net's encoder matches the T-Net's pre-ReLU features better than at init.
+        fresh = GaussianPointEncoder(8, 1024, reduce="none")
+        target = tnet_point_features(teacher.input_tnet, held)
+        enc = model.input_tnet.encoder
+        enc.reduce = "none"
+        err = (enc(held) - target).abs().mean()
+        enc.reduce = "max"
+        assert err < 0.5 * (fresh(held) - target).abs().mean()
+        logits = model(held)
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert teacher.training is False
+
+
+_DDP_SCRIPT = """
+import os, sys
+import torch
+import torch.distributed as dist
+from lucidops.models import PointNet
+from lucidops.nn import GaussianPointEncoder
+from lucidops.train import distill, distill_pointnet
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.set_num_threads(1)
+# Different initialisations per rank: distill must broadcast the teacher and DDP the student.
+torch.manual_seed(100 + rank)
+teacher = PointNet(10, feature_transform=False, input_transform=False).eval()
+student = GaussianPointEncoder(8, 1024, reduce="none")
+clouds = torch.rand(6, 32, 3) * 2 - 1
+res = distill(teacher, student, clouds, steps=30, lr=1e-2, batch_size=4, points_per_cloud=64, seed=0,
+              progress=(rank == 0))
+# The three-stage recipe (T-Net teacher, fine-tuning included) under DDP too.
+teacher2 = PointNet(4, feature_transform=False).eval()
+data = [(torch.rand(40, 3) * 2 - 1, i % 4) for i in range(6)]
+res2 = distill_pointnet(teacher2, data, num_gaussians=4, steps=4, tnet_steps=3, finetune_data=data,
+                        finetune_steps=2, batch_size=2, points_per_cloud=32, seed=0, progress=False)
+torch.save({"state": student.state_dict(), "losses": res.losses, "teacher": teacher.state_dict(),
+            "model": res2.model.state_dict(), "ft_losses": res2.finetune.losses},
+           os.path.join(sys.argv[1], f"rank{rank}.pt"))
+dist.destroy_process_group()
+"""
+
+
+def test_distill_ddp_two_gloo_ranks(tmp_path):
+    script = tmp_path / "ddp_distill.py"
+    script.write_text(textwrap.dedent(_DDP_SCRIPT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(tmp_path)]
+    # Own session, so that a hang can be ended together with the worker processes torchrun started.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail("2-rank distillation timed out:\n" + out[-3000:] + err[-3000:])
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    for name, value in r0["teacher"].items():
+        assert torch.equal(value, r1["teacher"][name]), name
+    assert set(r0["state"]) == {"means", "factor", "mixer.weight", "mixer.bias"}
+    for name, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][name]), name
+    for name, value in r0["model"].items():
+        assert torch.equal(value, r1["model"][name]), name
+    assert r0["ft_losses"] == r1["ft_losses"] and len(r0["ft_losses"]) == 2
+    # The logged loss is the all-reduced mean: identical on both ranks, and it went down.
+    assert r0["losses"] == r1["losses"] and len(r0["losses"]) == 30
+    assert sum(r0["losses"][-5:]) / 5 < 0.5 * r0["losses"][0]

@@ -1,0 +1,121 @@
+"""lucidops.data.ModelNet40 on tiny files in PointNet's ply_hdf5_2048 layout."""
+
+import builtins
+
+import numpy as np
+import pytest
+import torch
+
+h5py = pytest.importorskip("h5py")
+
+from lucidops.data import ModelNet40  # noqa: E402
+
+CLASSES = ["airplane", "bathtub", "bed"]
+
+
+def _write(root, name, data, label):
+    with h5py.File(root / name, "w") as f:
+        f.create_dataset("data", data=data.astype(np.float32))
+        f.create_dataset("label", data=label.astype(np.uint8).reshape(-1, 1))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    train = [rng.uniform(-1, 1, (4, 16, 3)), rng.uniform(-1, 1, (3, 16, 3))]
+    test = rng.uniform(-1, 1, (2, 16, 3))
+    _write(tmp_path, "ply_data_train0.h5", train[0], np.array([0, 1, 2, 0]))
+    _write(tmp_path, "ply_data_train1.h5", train[1], np.array([2, 2, 1]))
+    _write(tmp_path, "ply_data_test0.h5", test, np.array([1, 0]))
+    (tmp_path / "shape_names.txt").write_text("\n".join(CLASSES) + "\n")
+    # The original lists carry a directory prefix: only the file name counts.
+    (tmp_path / "train_files.txt").write_text(
+        "data/modelnet40_ply_hdf5_2048/ply_data_train0.h5\ndata/modelnet40_ply_hdf5_2048/ply_data_train1.h5\n")
+    (tmp_path / "test_files.txt").write_text("data/modelnet40_ply_hdf5_2048/ply_data_test0.h5\n")
+    return tmp_path, np.concatenate(train).astype(np.float32), test.astype(np.float32)
+
+
+def test_reads_both_splits(folder):
+    root, train, test = folder
+    ds = ModelNet40(root, "train", num_points=10)
+    assert len(ds) == 7 and ds.classes == CLASSES and ds.num_classes == 3 and ds.stored_points == 16
+    pts, label = ds[5]
+    assert pts.shape == (10, 3) and pts.dtype == torch.float32 and label.dtype == torch.int64
+    np.testing.assert_array_equal(pts.numpy(), train[5, :10])
+    assert [int(ds[i][1]) for i in range(7)] == [0, 1, 2, 0, 2, 2, 1]
+    assert torch.equal(ds[-1][0], ds[6][0])
+    te = ModelNet40(str(root), "test", num_points=None)
+    assert len(te) == 2 and te[0][0].shape == (16, 3) and int(te[0][1]) == 1
+    np.testing.assert_array_equal(te[1][0].numpy(), test[1])
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch[0].shape == (4, 10, 3) and batch[1].shape == (4,)
+    with pytest.raises(IndexError):
+        ds[7]
+
+
+def test_augmentation_rotates_about_y_and_jitters(folder):
+    root, train, _ = folder
+    rot = ModelNet40(root, "train", num_points=16, augment=True, jitter=0.0, seed=1)
+    pts = rot[2][0].double().numpy()
+    orig = train[2].astype(np.float64)
+    # A rotation about y keeps y and each point's distance to the y axis, but moves the points.
+    np.testing.assert_allclose(pts[:, 1], orig[:, 1], atol=1e-6)
+    np.testing.assert_allclose(np.hypot(pts[:, 0], pts[:, 2]), np.hypot(orig[:, 0], orig[:, 2]), atol=1e-5)
+    assert np.abs(pts - orig).max() > 1e-3
+    # Deterministic per (seed, epoch, index); a new epoch draws a new rotation.
+    assert torch.equal(rot[2][0], rot[2][0])
+    rot.set_epoch(1)
+    assert not torch.equal(rot[2][0], torch.from_numpy(pts.astype(np.float32)))
+    jit = ModelNet40(root, "train", num_points=16, augment=True, jitter=0.01, jitter_clip=0.02, seed=1)
+    diff = jit[2][0].double().numpy() - pts  # same rotation (same seed, epoch 0), plus the jitter
+    assert 0 < np.abs(diff).max() <= 0.02 + 1e-6
+
+
+def test_missing_files_and_bad_arguments(folder, tmp_path_factory):
+    root, _, _ = folder
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        ModelNet40(root / "nowhere")
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(FileNotFoundError, match="shape_names.txt"):
+        ModelNet40(empty)
+    (root / "ply_data_test0.h5").unlink()
+    with pytest.raises(FileNotFoundError, match="ply_data_test0.h5"):
+        ModelNet40(root, "test")
+    with pytest.raises(ValueError, match="split"):
+        ModelNet40(root, "val")
+    with pytest.raises(ValueError, match="num_points"):
+        ModelNet40(root, num_points=0)
+    with pytest.raises(ValueError, match="num_points"):
+        ModelNet40(root, num_points=17)
+    with pytest.raises(ValueError, match="jitter"):
+        ModelNet40(root, jitter=-1.0)
+    with pytest.raises(TypeError, match="root"):
+        ModelNet40(3)
+
+
+def test_bad_contents(tmp_path):
+    (tmp_path / "shape_names.txt").write_text("a\nb\n")
+    (tmp_path / "train_files.txt").write_text("x.h5\n")
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f.create_dataset("data", data=np.zeros((2, 4, 3), np.float32))
+        f.create_dataset("label", data=np.array([[0], [5]], np.uint8))
+    with pytest.raises(ValueError, match="labels"):
+        ModelNet40(tmp_path, num_points=4)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f.create_dataset("data", data=np.zeros((2, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="'label'"):
+        ModelNet40(tmp_path, num_points=4)
+
+
+def test_clear_import_error_without_h5py(folder, monkeypatch):
+    root, _, _ = folder
+    real_import = builtins.__import__
+
+    def no_h5py(name, *args, **kwargs):
+        if name == "h5py":
+            raise ImportError("No module named 'h5py'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_h5py)
+    with pytest.raises(ImportError, match=r"lucidops\[data\]"):
+        ModelNet40(root)

@@ -261,6 +261,21 @@ def _dtype_of(student: nn.Module) -> torch.dtype:
 # One distillation stage
 # ----------------------------------------------------------------------------------------
 
+def _step(opts, loss: Tensor, distributed: bool, world: int) -> float:
+    """One optimisation step on ``loss``; returns the loss averaged over the ranks (for logging)."""
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in opts:
+        opt.step()
+    logged = loss.detach()
+    if distributed:
+        logged = logged.clone()
+        torch.distributed.all_reduce(logged)
+        logged = logged / world
+    return float(logged)
+
+
 def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: float = 1e-3,
             batch_size: int = 32, points_per_cloud: int = 512, optimizer: str = "natural",
             natural_gradient: str = "mahalanobis", gaussian_lr: float = 0.005, momentum: float = 0.9,
@@ -371,17 +386,7 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
                     raise ValueError(f"student output {tuple(out.shape)} does not match the teacher's per-point "
                                      f"features {tuple(target.shape)} (a student must return (B, N, K))")
                 loss = F.l1_loss(out, target.to(out.dtype))
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for opt in opts:
-                    opt.step()
-                logged = loss.detach()
-                if distributed:
-                    logged = logged.clone()
-                    torch.distributed.all_reduce(logged)
-                    logged = logged / world
-                value = float(logged)
+                value = _step(opts, loss, distributed, world)
                 if not math.isfinite(value):
                     raise FloatingPointError(f"{desc}: the loss became {value} at step {step}")
                 result.losses.append(value)
@@ -558,17 +563,7 @@ def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, bat
             points = torch.stack(clouds).to(dev, dtype)
             target = torch.stack(labels).long().to(dev)
             loss = F.cross_entropy(wrapped(points), target)
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in opts:
-                opt.step()
-            logged = loss.detach()
-            if distributed:
-                logged = logged.clone()
-                torch.distributed.all_reduce(logged)
-                logged = logged / world
-            result.losses.append(float(logged))
+            result.losses.append(_step(opts, loss, distributed, world))
             if rank == 0 and progress and (step % 10 == 0 or step == steps - 1):
                 bar.set_postfix(ce=f"{result.losses[-1]:.4g}")
         bar.close()

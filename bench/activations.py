@@ -1,7 +1,7 @@
 """sinc and gaussian: every lucidops backend against eager PyTorch and torch.compile.
 
-Forward, and forward + backward (gradient for x), float32, 16M elements (1M with
---quick). The eager baselines compute the same functions the usual way:
+Forward, and forward + backward (gradient for x), float32, 16M elements (1M in the
+short run). The eager baselines compute the same functions the usual way:
 ``torch.sinc(x / (pi sigma))`` and ``torch.exp(-x^2 / (2 sigma^2))``.
 """
 

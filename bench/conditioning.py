@@ -1,7 +1,7 @@
 """token_gray: DCT mode (cached-basis matrix products) against SVD mode.
 
 float32 on (64, 196, 768): a ViT-B batch of 64 images, 196 patches of 768 values
-((8, 49, 192) with --quick). Both modes with eps = 0.9. ``speedup_vs_svd`` is the SVD
+((8, 49, 192) in the short run). Both modes with eps = 0.9. ``speedup_vs_svd`` is the SVD
 time over the DCT time; ``rel_err_vs_fp64`` compares each mode with its float64 result.
 """
 

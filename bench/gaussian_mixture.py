@@ -1,7 +1,7 @@
 """Gaussian point encoder mixture: the fused kernels against dense PyTorch.
 
 B = 16 clouds, N = 2048 points, G = 32 Gaussians, K = 1024 channels, float32 (B = 2,
-N = 256, K = 128 with --quick); points uniform in [-1, 1]^3. Parameters stand in for a
+N = 256, K = 128 in the short run); points uniform in [-1, 1]^3. Parameters stand in for a
 trained encoder (no trained weights ship): ``GaussianPointEncoder`` means, L = 2 x its
 near-identity init (Gaussian std ~0.5), mixer weights N(0, 1).
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import lucidops
 from lucidops import backends
+from lucidops.profile.report import saved_bytes
 
 from .timing import measure_ms
 
@@ -47,20 +48,6 @@ def _impls(device: str, scale: float) -> Dict[str, Callable]:
                     return lucidops.ops.sine_lora_linear(x, w, a, b, bias, omega=OMEGA, scale=scale)
             impls[f"lucidops[{backend}]"] = fused
     return impls
-
-
-def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd keeps for backward of ``fn()``."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
 
 
 def run(device: str, quick: bool = False) -> List[Dict]:

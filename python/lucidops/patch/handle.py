@@ -131,8 +131,7 @@ class PatchHandle:
             raise TypeError(f"new_module must be an nn.Module, got {type(new_module).__name__}")
         if path == "":
             raise ValueError("swap_child cannot replace the root module itself (path '')")
-        parent_path, _, child = path.rpartition(".")
-        parent = root.get_submodule(parent_path) if parent_path else root
+        parent, child = parent_slot(root, path)
         original = getattr(parent, child)
         if not isinstance(original, nn.Module):
             raise ValueError(f"{path!r} is not a submodule of the model")
@@ -261,6 +260,12 @@ class PatchHandle:
     def __repr__(self) -> str:
         model = type(self.model).__name__ if self.model is not None else None
         return f"{type(self).__name__}(model={model}, replaced={len(self)})"
+
+
+def parent_slot(root: nn.Module, path: str) -> Tuple[nn.Module, str]:
+    """(parent module, attribute name) of the submodule at dotted ``path`` under ``root``."""
+    parent_path, _, child = path.rpartition(".")
+    return (root.get_submodule(parent_path) if parent_path else root), child
 
 
 def child_slots(model: nn.Module, predicate: Callable[[str, nn.Module], bool]) -> List[Tuple[str, nn.Module]]:

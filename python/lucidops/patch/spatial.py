@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..nn.spatial import INITS, FrozenRandomDepthwise
-from .handle import PatchHandle
+from .handle import PatchHandle, parent_slot
 
 
 def _is_spatial_mixer(module: nn.Module) -> bool:
@@ -76,11 +76,6 @@ def unfreeze_spatial_mixing(model: nn.Module) -> nn.Module:
             conv.weight.copy_(frozen.weight)
             if frozen.bias is not None:
                 conv.bias.copy_(frozen.bias)
-        _set_submodule(model, name, conv)
+        parent, child = parent_slot(model, name)
+        setattr(parent, child, conv)
     return model
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

@@ -250,8 +250,14 @@ def _peak_rss_bytes() -> Optional[int]:
 def saved_tensor_bytes(model: nn.Module, args: Tuple[Any, ...]) -> int:
     """Bytes the forward ``model(*args)`` saves for backward: unique storages (a tensor and
     its views count once), the model's parameters and buffers excluded (they exist anyway)."""
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())
-           if t.device.type != "meta"}
+    own = [t for t in list(model.parameters()) + list(model.buffers()) if t.device.type != "meta"]
+    return saved_bytes(lambda: model(*args), exclude=own)
+
+
+def saved_bytes(fn: Callable[[], Any], exclude: Sequence[Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd keeps for backward of ``fn()`` (a tensor and
+    its views count once), leaving out the storages of ``exclude``."""
+    own = {t.untyped_storage().data_ptr() for t in exclude}
     seen: Dict[Tuple[str, int], int] = {}
 
     def pack(t: Tensor) -> Tensor:
@@ -265,7 +271,7 @@ def saved_tensor_bytes(model: nn.Module, args: Tuple[Any, ...]) -> int:
         return t  # the graph keeps the tensor alive, so a pointer cannot be reused meanwhile
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(*args)
+        out = fn()
     total = sum(seen.values())
     del out
     return total

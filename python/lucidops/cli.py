@@ -7,6 +7,8 @@
     lucidops profile --model NAME [--patch] [--backward] [--png out.png] ...
                                   params, FLOPs, memory, latency of a timm or lucidops model
                                   (with --patch: against its lucidops-patched copy)
+    lucidops demo gpe|unlearn [options]
+                                  end-to-end demos: train, measure, print a table, write a PNG
 """
 
 from __future__ import annotations
@@ -203,6 +205,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_build.add_argument("kinds", nargs="*", default=["cpu", "cuda"], choices=["cpu", "cuda"])
     sub.add_parser("aot", help="compile every Triton kernel ahead of time for sm_80 and sm_90")
     _add_profile_arguments(sub.add_parser("profile", help="params, FLOPs, memory and latency of a model"))
+    from lucidops import demos
+
+    p_demo = sub.add_parser("demo", help="end-to-end demos (train, measure, table, PNG)")
+    demo_sub = p_demo.add_subparsers(dest="demo", required=True)
+    for name, module in demos.available().items():
+        module.add_arguments(demo_sub.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION))
 
     from lucidops.bench import runner
 
@@ -232,6 +240,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return aot.main([])
     if args.command == "profile":
         return profile_command(args)
+    if args.command == "demo":
+        return demos.load(args.demo).run(args)
     return 2
 
 

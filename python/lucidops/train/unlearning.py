@@ -12,7 +12,7 @@ those adapters are made sine/tanh-bounded with :func:`lucidops.patch.peft_lora`)
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,8 @@ def _norm(tensors: Iterable[Optional[Tensor]]) -> float:
 def gradient_difference(model: nn.Module, forget: Tensor, retain: Tensor, *, steps: int, lr: float,
                         forget_weight: float = 1.0, batch_size: int = 8, optimizer: str = "adamw",
                         weight_decay: float = 0.0, mlp_patterns: Optional[Sequence[str]] = None,
-                        progress: bool = True) -> Dict[str, List[float]]:
+                        progress: bool = True,
+                        callback: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, List[float]]:
     """Gradient-difference unlearning: descent on ``retain``, ascent on ``forget``.
 
     Args:
@@ -80,6 +81,9 @@ def gradient_difference(model: nn.Module, forget: Tensor, retain: Tensor, *, ste
         weight_decay: the optimizer's weight decay (0: the unbounded growth is not masked).
         mlp_patterns: regexes naming MLP layers (see :func:`lucidops.patch.peft_lora`).
         progress: show a tqdm progress bar.
+        callback: called after every optimizer step as ``callback(step, record)`` with the
+            step index and that step's four history values; the gradients of the step are
+            still in ``p.grad`` then, so it can measure anything else on the model.
     Returns:
         dict of per-step lists: "forget_loss", "retain_loss" (before the step), "weight_norm"
         (after the step) and "grad_norm" of the MLP layers' LoRA parameters.
@@ -102,6 +106,8 @@ def gradient_difference(model: nn.Module, forget: Tensor, retain: Tensor, *, ste
     if not tracked:
         raise ValueError("model has no LoRA parameter in an MLP layer to track (names containing 'lora_' under a "
                          "module matching the MLP patterns); pass mlp_patterns")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     if optimizer == "adamw":
         opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":
@@ -131,6 +137,8 @@ def gradient_difference(model: nn.Module, forget: Tensor, retain: Tensor, *, ste
             history["forget_loss"].append(float(lf.detach()))
             history["retain_loss"].append(float(lr_.detach()))
             history["weight_norm"].append(_norm(tracked))
+            if callback is not None:
+                callback(step, {key: values[-1] for key, values in history.items()})
             bar.set_postfix(forget=f"{history['forget_loss'][-1]:.3g}", retain=f"{history['retain_loss'][-1]:.3g}",
                             w=f"{history['weight_norm'][-1]:.3g}")
     finally:

@@ -19,6 +19,8 @@ def test_cuda_extension_builds_and_links_for_sm80_and_sm90(tmp_path):
     assert module.DEVICE == "cuda"
     assert module.SOURCE_HASH == "h" + spec.source_hash
     assert hasattr(module, "activation_forward") and hasattr(module, "activation_backward")
+    for name in ("gaussian_mixture_forward", "gaussian_mixture_backward_max", "gaussian_phi", "gaussian_phi_backward"):
+        assert hasattr(module, name), name
     (so,) = tmp_path.glob("*.so")
     blob = so.read_bytes()
     # The fat binary names each architecture it carries code for.

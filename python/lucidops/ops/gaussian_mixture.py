@@ -154,10 +154,35 @@ def _triton_backward(grad, points, means, precisions, weight, argmax, reduce_max
             gb.to(weight.dtype))
 
 
+def _cuda_forward(points, means, precisions, weight, bias, reduce_max, cull_threshold):
+    """The CUDA extension (csrc/cuda/gaussian_mixture.cu); half inputs run in float32."""
+    ext = _ext.load("cuda")
+    compute, half, (x, mu, p, w) = _triton_inputs(points, means, precisions, weight, cull_threshold)
+    b = bias.to(compute).contiguous() if bias is not None else torch.zeros(w.shape[0], dtype=compute,
+                                                                            device=w.device)
+    out, argmax = ext.gaussian_mixture_forward(x, mu, p, w, b, half, cull_threshold is not None, reduce_max)
+    return out.to(points.dtype), argmax
+
+
+def _cuda_backward(grad, points, means, precisions, weight, argmax, reduce_max, cull_threshold):
+    ext = _ext.load("cuda")
+    compute, half, (x, mu, p, w) = _triton_inputs(points, means, precisions, weight, cull_threshold)
+    g = grad.to(compute).contiguous()
+    cull = cull_threshold is not None
+    if reduce_max:
+        gx, gm, gp, gw, gb = ext.gaussian_mixture_backward_max(g, x, mu, p, w, argmax.contiguous(), half, cull)
+    else:
+        gx, gm, gp, gw, gb = _backward_none(g, x, mu, p, w, half, cull, ext.gaussian_phi, ext.gaussian_phi_backward)
+    return (gx.to(points.dtype), gm.to(means.dtype), gp.to(precisions.dtype), gw.to(weight.dtype),
+            gb.to(weight.dtype))
+
+
 backends.register_op("gaussian_mixture",
-                     {"reference": _reference_forward, "cpp": _cpp_forward, "triton": _triton_forward})
+                     {"reference": _reference_forward, "cpp": _cpp_forward, "triton": _triton_forward,
+                      "cuda": _cuda_forward})
 backends.register_op("gaussian_mixture_backward",
-                     {"reference": _reference_backward, "cpp": _cpp_backward, "triton": _triton_backward})
+                     {"reference": _reference_backward, "cpp": _cpp_backward, "triton": _triton_backward,
+                      "cuda": _cuda_backward})
 
 
 # ---------------------------------------------------------------- custom ops

@@ -1,5 +1,6 @@
 """Quantized LoRA adapters (methods.md section 4): quantizers, sizes, and the ops on them."""
 
+import dataclasses
 import math
 
 import pytest
@@ -127,3 +128,222 @@ def test_bad_arguments():
         lucidops.ops.sine_lora_linear(x, w, q, b, omega=1.0, scale=1.0)
     with pytest.raises(TypeError, match="as lora_A"):
         lucidops.ops.sine_lora_linear(x, w, a, q, omega=1.0, scale=1.0)
+
+
+# --------------------------------------------------------------------------- in-kernel dequantization (triton)
+
+needs_triton = pytest.mark.skipif(not lucidops.backends.triton_interpreting() and not torch.cuda.is_available(),
+                                  reason="the triton backend needs a GPU or TRITON_INTERPRET=1")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+# (leading dims of x, K_in, N_out, r, group_size): groups larger than K_in (they straddle
+# rows of A, and B is one or two groups), K_in not a multiple of the group (straddling
+# again), M = 1, and r = 17 > 16 (two rank chunks, the second mostly masked).
+QUANT_CASES = [((2, 3), 33, 17, 4, 64), ((1,), 100, 9, 3, 16), ((5,), 48, 20, 17, 32)]
+
+
+@pytest.fixture
+def no_pytorch_dequant(monkeypatch):
+    """Inside the block, QuantizedTensor.dequantize raises: the kernels must read codes."""
+    from contextlib import contextmanager
+
+    from lucidops.quant import QuantizedTensor
+
+    @contextmanager
+    def block():
+        with monkeypatch.context() as m:
+            def refuse(self, dtype=None):
+                raise AssertionError("QuantizedTensor.dequantize was called on the in-kernel path")
+
+            m.setattr(QuantizedTensor, "dequantize", refuse)
+            yield
+
+    return block
+
+
+def quant_problem(lead, k, n, r, group, bits, method, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(r, k, generator=g) * 0.3, torch.randn(n, r, generator=g) * 0.3
+    q = quantize_adapter(a, b, bits=bits, group_size=group, method=method).to(TRITON_DEVICE)
+    x = torch.randn(*lead, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    return q, x.to(TRITON_DEVICE), w.to(TRITON_DEVICE), bias.to(TRITON_DEVICE)
+
+
+def quant_expected(q, x, w, bias, fn, omega, scale):
+    """float64: x (W + s fn(omega Q(B) Q(A)))^T + bias, Q dequantized in PyTorch."""
+    a_hat, b_hat = q.dequantize(torch.float64)
+    x2 = x.detach().cpu().double().reshape(-1, x.shape[-1])
+    bias64 = None if bias is None else bias.detach().cpu().double()
+    return ref.forward(x2, w.detach().cpu().double(), a_hat.cpu(), b_hat.cpu(), bias64, fn, "weight", omega, scale)
+
+
+def rel(got, expected):
+    got = got.detach().cpu().double().reshape(expected.shape)
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("method", ["uniform", "kmeans"])
+def test_triton_dequantizes_in_kernel(method, bits, no_pytorch_dequant):
+    # Every dtype for every (method, bits); the shape case each dtype gets rotates with bits,
+    # so that every dtype meets every case (and both fns) across the parametrization.
+    for index, dtype in enumerate((torch.float32, torch.float16, torch.bfloat16)):
+        lead, k, n, r, group = QUANT_CASES[(index + bits) % len(QUANT_CASES)]
+        fn = ("sin", "tanh")[(index + bits // 2) % 2]
+        q, x, w, bias = quant_problem(lead, k, n, r, group, bits, method, dtype, seed=10 * bits + index)
+        expected = quant_expected(q, x, w, bias, fn, 4.0, 0.7)
+        with no_pytorch_dequant(), lucidops.use_backend("triton"):
+            y = lucidops.ops.bounded_lora_linear(x, w, q, None, bias, fn=fn, omega=4.0, scale=0.7)
+        assert lucidops.backends.last_used("bounded_lora_linear_quant") == "triton"
+        assert y.shape == (*lead, n) and y.dtype == dtype
+        assert rel(y, expected) < TOL[dtype], (dtype, lead, k, n, r, group, fn)
+
+
+@needs_triton
+@pytest.mark.parametrize("method,bits,group", [("uniform", 3, 7), ("uniform", 8, 64), ("kmeans", 8, 0)])
+def test_triton_update_equals_fn_of_dequantized_product(method, bits, group, no_pytorch_dequant):
+    # x = I and W = 0 make the output the update itself, s fn(omega Q(B) Q(A))^T, element by
+    # element: a wrong group, a sign-extended uint8 code (8 bits: codes > 127) or an
+    # unmasked padded rank lane would show here at full size.
+    k, n, r = 37, 11, 5
+    g = torch.Generator().manual_seed(bits + group)
+    a, b = torch.randn(r, k, generator=g), torch.randn(n, r, generator=g)
+    q = quantize_adapter(a, b, bits=bits, group_size=max(group, 1), method=method).to(TRITON_DEVICE)
+    assert int(q.A.codes.max()) >= (128 if bits == 8 else 1)
+    a_hat, b_hat = q.dequantize(torch.float64)
+    eye = torch.eye(k, device=TRITON_DEVICE)
+    w = torch.zeros(n, k, device=TRITON_DEVICE)
+    with no_pytorch_dequant(), lucidops.use_backend("triton"):
+        for fn in ("sin", "tanh"):
+            y = lucidops.ops.bounded_lora_linear(eye, w, q, None, fn=fn, omega=2.5, scale=1.0)
+            expected = ref.bounded(fn, 2.5 * (b_hat.cpu() @ a_hat.cpu())).T
+            torch.testing.assert_close(y.cpu().double(), expected, rtol=0, atol=2e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method", ["uniform", "kmeans"])
+def test_triton_backward_dequantizes_in_kernel(method, dtype, no_pytorch_dequant):
+    lead, k, n, r, group = (3, 2), 45, 13, 6, 16
+    q, x, w, bias = quant_problem(lead, k, n, r, group, 4, method, dtype, seed=7)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    bias.requires_grad_(True)
+    g = torch.Generator().manual_seed(8)
+    grad = torch.randn(*lead, n, generator=g).to(dtype).to(TRITON_DEVICE)
+    a_hat, b_hat = q.dequantize(torch.float64)
+    with no_pytorch_dequant(), lucidops.use_backend("triton"):
+        y = lucidops.ops.bounded_lora_linear(x, w, q, None, bias, fn="tanh", omega=3.0, scale=0.4)
+        y.backward(grad)
+    assert lucidops.backends.last_used("bounded_lora_linear_quant_backward") == "triton"
+    x2, g2 = x.detach().cpu().double().reshape(-1, k), grad.cpu().double().reshape(-1, n)
+    dx, dw, dbias = ref.backward(g2, x2, w.detach().cpu().double(), a_hat.cpu(), b_hat.cpu(), "tanh", "weight", 3.0,
+                                 0.4, True, True, True)[:3]
+    tol = TOL[dtype]
+    assert rel(x.grad, dx) < tol and rel(w.grad, dw) < tol and rel(bias.grad, dbias) < tol
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_cpu_backends_dequantize_in_pytorch(backend):
+    q, x, w, bias = quant_problem((4,), 21, 6, 3, 8, 4, "uniform", torch.float32, seed=11)
+    q, x, w, bias = q.to("cpu"), x.cpu(), w.cpu(), bias.cpu()
+    calls = []
+    from lucidops.quant import QuantizedTensor
+
+    original = QuantizedTensor.dequantize
+
+    def counting(self, dtype=None):
+        calls.append(dtype)
+        return original(self, dtype)
+
+    expected = quant_expected(q, x, w, bias, "sin", 2.0, 0.5)
+    QuantizedTensor.dequantize = counting
+    try:
+        with lucidops.use_backend(backend):
+            y = lucidops.ops.sine_lora_linear(x, w, q, None, bias, omega=2.0, scale=0.5)
+    finally:
+        QuantizedTensor.dequantize = original
+    assert lucidops.backends.last_used("bounded_lora_linear_quant") == backend
+    assert calls == [torch.float32, torch.float32]  # A and B, in x's dtype
+    assert rel(y, expected) < 1e-6
+
+
+@needs_triton
+def test_triton_quantized_empty_batch_and_opcheck():
+    q, x, w, bias = quant_problem((3,), 20, 9, 4, 8, 4, "kmeans", torch.float32, seed=12)
+    with lucidops.use_backend("triton"):
+        y = lucidops.ops.bounded_lora_linear(x[:0], w, q, None, bias, fn="sin", omega=1.0, scale=1.0)
+        assert y.shape == (0, 9)
+        args = (x, w, *q.kernel_tensors()[:3], *q.kernel_tensors()[4:7], bias, "kmeans", 0, 0, "sin", 1.5, 0.5)
+        torch.library.opcheck(torch.ops.lucidops.bounded_lora_linear_quant.default,
+                              (x.clone().requires_grad_(True),) + args[1:])
+        grad = torch.randn(3, 9, device=x.device)
+        torch.library.opcheck(torch.ops.lucidops.bounded_lora_linear_quant_backward.default,
+                              (grad,) + args[:8] + args[9:] + (True, True, True))
+
+
+def test_quantized_flop_formula_is_counted():
+    from lucidops.ops.lora import forward_flops
+    from lucidops.profile.flops import count_flops
+
+    m, k, n, r = 6, 20, 9, 4
+    q, x, w, bias = quant_problem((m,), k, n, r, 8, 4, "uniform", torch.float32, seed=13)
+    q, x, w, bias = q.to("cpu"), x.cpu(), w.cpu(), bias.cpu()
+    counts = count_flops(lambda x: lucidops.ops.sine_lora_linear(x, w, q, None, bias, omega=1.0, scale=1.0), x)
+    # the weight placement's count plus code * scale + minimum per adapter element
+    dequant = 2 * (r * k + n * r)
+    assert counts["lucidops.bounded_lora_linear_quant"] == forward_flops((m, k), (n, k), (r, k), (n, r), (n,), "sin",
+                                                                         "weight") + dequant
+
+
+def test_quantized_bad_arguments():
+    a, b = adapter(r=4, k=30, n=12)
+    q = quantize_adapter(a, b, bits=4, group_size=8)
+    x, w = torch.randn(3, 30), torch.randn(12, 30)
+    with pytest.raises(ValueError, match="lora_A .*K_in=31"):
+        lucidops.ops.sine_lora_linear(torch.randn(3, 31), torch.randn(12, 31), q, omega=1.0, scale=1.0)
+    with pytest.raises(ValueError, match="lora_A .*N_out=11"):
+        lucidops.ops.sine_lora_linear(x, w[:11], q, omega=1.0, scale=1.0)
+    with pytest.raises(ValueError, match="bias"):
+        lucidops.ops.sine_lora_linear(x, w, q, None, torch.randn(5), omega=1.0, scale=1.0)
+    with pytest.raises(TypeError, match="weight"):
+        lucidops.ops.sine_lora_linear(x, w.double(), q, omega=1.0, scale=1.0)
+    with pytest.raises(ValueError, match="fn"):
+        lucidops.ops.bounded_lora_linear(x, w, q, fn="relu", scale=1.0)
+    with pytest.raises(ValueError, match="omega"):
+        lucidops.ops.sine_lora_linear(x, w, q, omega=float("nan"), scale=1.0)
+    with pytest.raises(ValueError, match="same device"):
+        lucidops.ops.sine_lora_linear(x, w, q.to("meta"), omega=1.0, scale=1.0)
+    bad = QuantizedAdapter(dataclasses.replace(q.A, scales=q.A.scales[:-1]), q.B)
+    with pytest.raises(ValueError, match="lora_A .*scales"):
+        lucidops.ops.sine_lora_linear(x, w, bad, omega=1.0, scale=1.0)
+    qk = quantize_adapter(a, b, bits=3, method="kmeans")
+    bad = QuantizedAdapter(dataclasses.replace(qk.A, codebook=qk.A.codebook.float()), qk.B)
+    with pytest.raises(ValueError, match="codebook"):
+        lucidops.ops.sine_lora_linear(x, w, bad, omega=1.0, scale=1.0)
+    with pytest.raises(ValueError, match="method"):
+        lucidops.ops.sine_lora_linear(x, w, QuantizedAdapter(q.A, qk.B), omega=1.0, scale=1.0)
+    if lucidops.backends.triton_interpreting():
+        with lucidops.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+            lucidops.ops.sine_lora_linear(x.double(), w.double(), q, omega=1.0, scale=1.0)
+
+
+@pytest.mark.parametrize("method", ["uniform", "kmeans"])
+def test_quantized_torch_compile_fullgraph(method):
+    q, x, w, bias = quant_problem((3,), 20, 9, 4, 8, 4, method, torch.float32, seed=14)
+    q, x, w, bias = q.to("cpu"), x.cpu().requires_grad_(True), w.cpu(), bias.cpu()
+
+    def f(x):
+        return lucidops.ops.sine_lora_linear(x, w, q, None, bias, omega=2.0, scale=0.5)
+
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    y.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    f(x).sum().backward()
+    torch.testing.assert_close(y, f(x))
+    torch.testing.assert_close(grad, x.grad)

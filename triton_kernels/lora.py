@@ -16,6 +16,13 @@ The full-rank update s fn(omega B A) (N_out x K_in) never reaches global memory:
 - ``lora_output_grad_kernel`` (placement "output"): Gz = dY s fn'(omega U B^T) tile by
   tile, reduced over N into dU = omega Gz B, or over M into dB = omega Gz^T U.
 
+- ``lora_quant_matmul_kernel`` (methods.md 4, placement "weight"): the same product with
+  Weff = W + s fn(omega Q(L) Q(R)) where L and R are quantized adapter factors: it reads
+  their uint8 codes and float16 side data (per-group scale and minimum, or a codebook) and
+  dequantizes each tile in float32 in its prologue, so neither the dequantized factors nor
+  the update reach global memory. Serves the forward (L = A^T, R = B^T) and dx (L = B,
+  R = A); adapters are frozen, so there is no dA/dB.
+
 Rank r is padded to 16-wide chunks with masks, so every tl.dot dimension is >= 16.
 float64 inputs are not supported here (use the reference or cpp backend).
 """
@@ -117,6 +124,73 @@ def lora_matmul_kernel(
             acc += scale * _bounded(omega * z, FN)
         else:
             acc += z
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * J + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_j[None, :])
+
+
+@triton.jit
+def _dequant(q_ptr, t0_ptr, t1_ptr, flat, mask, group_size, METHOD: tl.constexpr):
+    """float32 values of the quantized elements at row-major flat indices ``flat`` (0 where
+    masked). METHOD 0 (uniform): code * scale[g] + minimum[g] with g = flat // group_size,
+    as QuantizedTensor.dequantize computes it (a group may straddle rows). METHOD 1
+    (kmeans): codebook[code]; QuantizedTensor.kernel_tensors pads the codebook to 256
+    entries, so any uint8 code stays in bounds."""
+    code = tl.load(q_ptr + flat, mask=mask, other=0)
+    if METHOD == 0:
+        g = flat // group_size
+        s = tl.load(t0_ptr + g, mask=mask, other=0.0).to(tl.float32)
+        lo = tl.load(t1_ptr + g, mask=mask, other=0.0).to(tl.float32)
+        v = code.to(tl.float32) * s + lo   # masked: 0 * 0 + 0
+    else:
+        v = tl.load(t0_ptr + code.to(tl.int32), mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def lora_quant_matmul_kernel(
+    in_ptr, w_ptr, lq_ptr, l0_ptr, l1_ptr, rq_ptr, r0_ptr, r1_ptr, bias_ptr, out_ptr,
+    M, I, J, R,
+    stride_im, stride_ii, stride_wi, stride_wj, stride_li, stride_lr, stride_rr, stride_rj,
+    group_l, group_r, omega, scale,
+    FN: tl.constexpr, METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[m, j] = sum_i in[m, i] (W(i, j) + s fn(omega sum_r Q(L)[i, r] Q(R)[r, j])) (+ bias).
+
+    L[i, r] is the element at flat index i * stride_li + r * stride_lr of L's stored
+    (row-major, contiguous) codes, R[r, j] at r * stride_rr + j * stride_rj: strides over
+    the flattened factor, which is also where its uniform groups are counted."""
+    pid_m = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_m = offs_m < M
+    mask_j = offs_j < J
+    acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        mask_i = offs_i < I
+        offs_i64 = offs_i.to(tl.int64)
+        a = tl.load(in_ptr + offs_m[:, None] * stride_im + offs_i64[None, :] * stride_ii,
+                    mask=mask_m[:, None] & mask_i[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_i64[:, None] * stride_wi + offs_j[None, :] * stride_wj,
+                    mask=mask_i[:, None] & mask_j[None, :], other=0.0)
+        p = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            lf = _dequant(lq_ptr, l0_ptr, l1_ptr, offs_i[:, None] * stride_li + offs_r[None, :] * stride_lr,
+                          mask_i[:, None] & mask_r[None, :], group_l, METHOD)
+            rf = _dequant(rq_ptr, r0_ptr, r1_ptr, offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
+                          mask_r[:, None] & mask_j[None, :], group_r, METHOD)
+            p = tl.dot(lf, rf, p, input_precision="ieee")
+        w = (w.to(tl.float32) + scale * _bounded(omega * p, FN)).to(a.dtype)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * J + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -391,6 +465,81 @@ def _output_grad(grad, u, b, out, reduce_over_n: bool, code, omega, scale, r_pad
     return out
 
 
+# --------------------------------------------------------------------------- quantized adapters
+
+QUANT_METHODS = {"uniform": 0, "kmeans": 1}
+
+
+def _quant_matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, left: Tuple, right: Tuple, r: int,
+                  method: str, bias: Optional[torch.Tensor], fn: int, omega: float, scale: float) -> torch.Tensor:
+    """out (M, J) = inp (M, I) @ (w + scale fn(omega Q(L) Q(R))) (I, J) [+ bias].
+
+    left / right = (codes, table0, table1, group_size, stride_row, stride_col): the stored
+    factor's kernel tensors and the flat-index strides of L (I, r) / R (r, J) over it."""
+    m, i_dim = inp.shape
+    j_dim = w.shape[1]
+    if out.numel() == 0:
+        return out
+    lq, l0, l1, group_l, stride_li, stride_lr = left
+    rq, r0, r1, group_r, stride_rr, stride_rj = right
+    for t in (lq, rq):
+        if t.numel() >= 2 ** 31:
+            raise ValueError(f"the triton backend indexes quantized factors with int32: {t.numel()} elements is "
+                             f"too many (use the cpp or reference backend)")
+    block_m, block_j, block_i, warps = _matmul_config(m)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(j_dim, block_j))
+    lora_quant_matmul_kernel[grid](
+        inp, w, lq, l0, l1, rq, r0, r1, bias if bias is not None else w, out,
+        m, i_dim, j_dim, r,
+        inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), stride_li, stride_lr, stride_rr, stride_rj,
+        max(int(group_l), 1), max(int(group_r), 1), float(omega), float(scale),
+        FN=fn, METHOD=QUANT_METHODS[method], HAS_BIAS=bias is not None, UPCAST=_upcast(inp, w),
+        BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_I=block_i, BLOCK_R=BLOCK_R, num_warps=warps,
+    )
+    return out
+
+
+def quant_forward(x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, bias, method: str, group_a: int,
+                  group_b: int, fn: str, omega: float, scale: float) -> torch.Tensor:
+    """y (M, N_out) = x (W + scale fn(omega Q(B) Q(A)))^T + bias for 2-D x, with the factors
+    dequantized tile by tile inside the kernel (placement "weight").
+
+    a_codes (r, K_in) and b_codes (N_out, r): contiguous uint8 codes; a_t0/a_t1, b_t0/b_t1:
+    float16 scales/minimums per group (uniform) or the 256-entry padded codebook twice
+    (kmeans), as QuantizedTensor.kernel_tensors() returns them."""
+    _check_dtype(x)
+    x = x.contiguous()
+    m, k = x.shape
+    n, r = b_codes.shape
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    # in = x, Weff^T (K, N): L = A^T (A[r, i] at flat r K + i), R = B^T (B[j, r] at flat j r_ + r).
+    return _quant_matmul(x, weight.t(), out, (a_codes, a_t0, a_t1, group_a, 1, k), (b_codes, b_t0, b_t1, group_b, 1, r),
+                         r, method, bias, FN_CODES[fn], omega, scale)
+
+
+def quant_backward(grad, x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, method: str, group_a: int,
+                   group_b: int, fn: str, omega: float, scale: float, need_x: bool, need_weight: bool,
+                   need_bias: bool):
+    """(dx, dweight, dbias) of quant_forward; the adapter is frozen. dx = dY Weff with the
+    factors dequantized in the kernel again; dweight = dY^T X needs no adapter at all."""
+    _check_dtype(x)
+    x, grad = x.contiguous(), grad.contiguous()
+    m, k = x.shape
+    n, r = b_codes.shape
+    empty = x.new_empty(0)
+    grad_x = grad_w = empty
+    if need_x:
+        # in = dY (M, N), Weff (N, K): L = B (B[i, r] at flat i r_ + r), R = A (A[r, j] at flat r K + j).
+        grad_x = _quant_matmul(grad, weight, torch.empty((m, k), dtype=x.dtype, device=x.device),
+                               (b_codes, b_t0, b_t1, group_b, r, 1), (a_codes, a_t0, a_t1, group_a, k, 1),
+                               r, method, None, FN_CODES[fn], omega, scale)
+    if need_weight:
+        # NEED_LORA off: the adapter operands are never read (weight stands in for them).
+        grad_w, _, _ = _wgrad(grad, x, weight, weight, 0, omega, scale, True, False, weight.dtype)
+    grad_bias = grad.sum(0, dtype=torch.float32).to(weight.dtype) if need_bias else empty
+    return grad_x, grad_w, grad_bias
+
+
 # --------------------------------------------------------------------------- ahead-of-time specs
 
 _DTYPES = ("fp16", "bf16", "fp32")
@@ -410,6 +559,20 @@ def _matmul_spec(in_t, w_t, out_t, *, lora, epilogue, has_bias, fn, config):
     return dict(fn=lora_matmul_kernel, signature=signature, constexprs=constexprs, num_warps=warps)
 
 
+def _quant_matmul_spec(dt, *, method, has_bias, fn, config):
+    block_m, block_j, block_i, warps = config
+    ints = ["M", "I", "J", "R", "stride_im", "stride_ii", "stride_wi", "stride_wj", "stride_li", "stride_lr",
+            "stride_rr", "stride_rj", "group_l", "group_r"]
+    signature = {"in_ptr": f"*{dt}", "w_ptr": f"*{dt}", "lq_ptr": "*u8", "l0_ptr": "*fp16", "l1_ptr": "*fp16",
+                 "rq_ptr": "*u8", "r0_ptr": "*fp16", "r1_ptr": "*fp16", "bias_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
+    signature.update({name: "i32" for name in ints})
+    signature.update({"omega": "fp32", "scale": "fp32"})
+    constexprs = {"FN": fn, "METHOD": method, "HAS_BIAS": has_bias, "UPCAST": False,
+                  "BLOCK_M": block_m, "BLOCK_J": block_j, "BLOCK_I": block_i, "BLOCK_R": BLOCK_R}
+    signature.update({name: "constexpr" for name in constexprs})
+    return dict(fn=lora_quant_matmul_kernel, signature=signature, constexprs=constexprs, num_warps=warps)
+
+
 def aot_specs() -> Iterator[Dict]:
     """Every configuration the launchers above can pick, for ahead-of-time compilation."""
     for dt in _DTYPES:
@@ -423,6 +586,11 @@ def aot_specs() -> Iterator[Dict]:
             yield _matmul_spec(dt, dt, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
             yield _matmul_spec(dt, dt, dt, lora=False, epilogue=2, has_bias=False, fn=0, config=config)
             yield _matmul_spec("fp32", dt, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
+            # quantized adapters: forward (with or without bias) and dx (no bias)
+            for method in QUANT_METHODS.values():
+                for fn in FN_CODES.values():
+                    for has_bias in (False, True):
+                        yield _quant_matmul_spec(dt, method=method, has_bias=has_bias, fn=fn, config=config)
         block_n, block_k, block_m, warps = WGRAD_CONFIG
         for fn in FN_CODES.values():
             for need_dw, need_lora in ((True, False), (False, True), (True, True)):

@@ -16,8 +16,17 @@ dA, dB), each an empty (0,) tensor when not needed: a frozen weight or bias cost
 Only x, weight, A and B are saved for backward, by every backend: the N_out x K_in
 update is rebuilt (cpp) or regenerated tile by tile (triton) when needed, never kept.
 
-``lora_A`` may be a :class:`lucidops.quant.QuantizedAdapter` (with ``lora_B=None``): it is
-dequantized first and the bounded fn is applied after dequantization (methods.md 4).
+``lora_A`` may be a :class:`lucidops.quant.QuantizedAdapter` (with ``lora_B=None``); the
+bounded fn is applied after dequantization (methods.md 4), s fn(omega Q(B) Q(A)). With
+placement "weight" the call goes to ``torch.ops.lucidops.bounded_lora_linear_quant(x,
+weight, A_codes, A_t0, A_t1, B_codes, B_t0, B_t1, bias, method, group_A, group_B, fn,
+omega, scale)`` (the adapter's :meth:`~lucidops.quant.QuantizedAdapter.kernel_tensors`):
+its triton backend dequantizes tiles of A and B in the kernel prologue, forward and dx
+alike, so neither the dequantized factors nor the update reach global memory; its
+reference and cpp backends dequantize in PyTorch (in x's dtype) and run the plain paths.
+``backends.last_used("bounded_lora_linear_quant")`` names the one that ran. The adapter
+is frozen: x, weight and bias get gradients, A and B none. Placement "output" dequantizes
+in PyTorch on every backend and calls the plain op.
 """
 
 from __future__ import annotations
@@ -150,6 +159,66 @@ backends.register_op("bounded_lora_linear_backward",
                      notes=_NOTES)
 
 
+# --------------------------------------------------------------------------- quantized adapters
+
+def _dequantized(a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, method, group_a, group_b, dtype):
+    """(A, B) dequantized in PyTorch from kernel tensors (the reference and cpp paths)."""
+    from ..quant.adapters import QuantizedTensor
+
+    def one(codes, t0, t1, group):
+        side = dict(scales=t0, minimums=t1) if method == "uniform" else dict(codebook=t0)
+        return QuantizedTensor(codes=codes.reshape(-1), shape=codes.shape, dtype=dtype, bits=8, method=method,
+                               group_size=group, **side).dequantize(dtype)
+
+    return one(a_codes, a_t0, a_t1, group_a), one(b_codes, b_t0, b_t1, group_b)
+
+
+def _quant_fallback_forward(plain):
+    def forward(x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, bias, method, group_a, group_b, fn, omega,
+                scale):
+        a, b = _dequantized(a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, method, group_a, group_b, x.dtype)
+        return plain(x, weight, a, b, bias, fn, "weight", omega, scale)
+
+    return forward
+
+
+def _quant_fallback_backward(plain):
+    def backward(grad, x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, method, group_a, group_b, fn, omega,
+                 scale, need_x, need_weight, need_bias):
+        a, b = _dequantized(a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, method, group_a, group_b, x.dtype)
+        return plain(grad, x, weight, a, b, fn, "weight", omega, scale, need_x, need_weight, need_bias, False)[:3]
+
+    return backward
+
+
+def _triton_quant_forward(*args):
+    from ..triton_kernels import lora as tk
+
+    return tk.quant_forward(*args)
+
+
+def _triton_quant_backward(*args):
+    from ..triton_kernels import lora as tk
+
+    return tk.quant_backward(*args)
+
+
+_QUANT_NOTES = {
+    "reference": "dequantizes A and B in PyTorch (x's dtype), then the reference path",
+    "cpp": "dequantizes A and B in PyTorch (x's dtype), then the recompute path",
+    "triton": "dequantizes tiles of A and B from their uint8 codes in the kernel prologue (forward and dx), "
+              "so neither the factors nor the update reach global memory; dweight needs no adapter",
+}
+backends.register_op("bounded_lora_linear_quant",
+                     {"reference": _quant_fallback_forward(_reference_forward),
+                      "cpp": _quant_fallback_forward(_recompute_forward), "triton": _triton_quant_forward},
+                     notes=_QUANT_NOTES)
+backends.register_op("bounded_lora_linear_quant_backward",
+                     {"reference": _quant_fallback_backward(_reference_backward),
+                      "cpp": _quant_fallback_backward(_recompute_backward), "triton": _triton_quant_backward},
+                     notes=_QUANT_NOTES)
+
+
 # --------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("lucidops::bounded_lora_linear", mutates_args=())
@@ -212,6 +281,69 @@ def _backward(ctx, grad):
 _lora_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("lucidops::bounded_lora_linear_quant", mutates_args=())
+def _quant_op(x: Tensor, weight: Tensor, a_codes: Tensor, a_t0: Tensor, a_t1: Tensor, b_codes: Tensor, b_t0: Tensor,
+              b_t1: Tensor, bias: Optional[Tensor], method: str, group_a: int, group_b: int, fn: str, omega: float,
+              scale: float) -> Tensor:
+    return backends.dispatch("bounded_lora_linear_quant", x.device.type, x, weight, a_codes, a_t0, a_t1, b_codes,
+                             b_t0, b_t1, bias, method, group_a, group_b, fn, omega, scale)
+
+
+@_quant_op.register_fake
+def _(x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, bias, method, group_a, group_b, fn, omega, scale):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("lucidops::bounded_lora_linear_quant_backward", mutates_args=())
+def _quant_backward_op(grad: Tensor, x: Tensor, weight: Tensor, a_codes: Tensor, a_t0: Tensor, a_t1: Tensor,
+                       b_codes: Tensor, b_t0: Tensor, b_t1: Tensor, method: str, group_a: int, group_b: int, fn: str,
+                       omega: float, scale: float, need_x: bool, need_weight: bool,
+                       need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    out = backends.dispatch("bounded_lora_linear_quant_backward", x.device.type, grad, x, weight, a_codes, a_t0,
+                            a_t1, b_codes, b_t0, b_t1, method, group_a, group_b, fn, omega, scale, need_x,
+                            need_weight, need_bias)
+    # No aliases of inputs or of each other (see _lora_backward_op).
+    taken = {t.untyped_storage().data_ptr() for t in (grad, x, weight) if t.numel() > 0}
+    result = []
+    for t in out:
+        if t.numel() == 0:
+            t = t.new_empty(t.shape)
+        elif t._base is not None or t.untyped_storage().data_ptr() in taken:
+            t = t.clone(memory_format=torch.contiguous_format)
+        if t.numel() > 0:
+            taken.add(t.untyped_storage().data_ptr())
+        result.append(t)
+    return tuple(result)
+
+
+@_quant_backward_op.register_fake
+def _(grad, x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, method, group_a, group_b, fn, omega, scale, need_x,
+      need_weight, need_bias):
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else x.new_empty(0),
+            weight.new_empty((weight.shape[0],)) if need_bias else x.new_empty(0))
+
+
+def _quant_setup_context(ctx, inputs, output):
+    x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, bias, method, group_a, group_b, fn, omega, scale = inputs
+    ctx.save_for_backward(x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1)
+    ctx.args = (method, group_a, group_b, fn, omega, scale)
+
+
+def _quant_backward(ctx, grad):
+    x, weight, *adapter = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    need_bias = ctx.needs_input_grad[8]
+    gx, gw, gbias = _quant_backward_op(grad.contiguous(), x, weight, *adapter, *ctx.args, bool(need_x), bool(need_w),
+                                       bool(need_bias))
+    # The quantized adapter is frozen: no gradient for its codes or side data.
+    return (gx if need_x else None, gw if need_w else None, None, None, None, None, None, None,
+            gbias if need_bias else None, None, None, None, None, None, None)
+
+
+_quant_op.register_autograd(_quant_backward, setup_context=_quant_setup_context)
+
+
 # --------------------------------------------------------------------------- FLOP formulas
 
 def _dims(x_shape, weight_shape, a_shape):
@@ -259,8 +391,36 @@ def forward_macs(x_shape, weight_shape, a_shape, b_shape, bias_shape, fn, placem
     return m * n * k + m * k * r + m * r * n  # x W^T, x A^T, (x A^T) B^T
 
 
+def quant_forward_flops(x_shape, weight_shape, a_shape, a_t0_shape, a_t1_shape, b_shape, b_t0_shape, b_t1_shape,
+                        bias_shape, method, *_, **__) -> int:
+    """The weight placement's count plus the dequantization (code * scale + minimum per
+    element for "uniform"; a table lookup, no FLOP, for "kmeans")."""
+    m, k, n, r = _dims(x_shape, weight_shape, a_shape)
+    dequant = 2 * (r * k + n * r) if method == "uniform" else 0
+    return forward_flops(x_shape, weight_shape, a_shape, b_shape, bias_shape, "sin", "weight") + dequant
+
+
+def quant_forward_macs(x_shape, weight_shape, a_shape, *_, **__) -> int:
+    m, k, n, r = _dims(x_shape, weight_shape, a_shape)
+    return n * r * k + m * n * k
+
+
+def quant_backward_flops(g_shape, x_shape, weight_shape, a_shape, a_t0_shape, a_t1_shape, b_shape, b_t0_shape,
+                         b_t1_shape, method, group_a, group_b, fn, omega, scale, need_x, need_weight, need_bias,
+                         *_, **__) -> int:
+    m, k, n, r = _dims(x_shape, weight_shape, a_shape)
+    total = m * n if need_bias else 0
+    if need_weight:
+        total += 2 * m * n * k
+    if need_x:
+        total += 2 * n * r * k + 4 * n * k + 2 * m * n * k + (2 * (r * k + n * r) if method == "uniform" else 0)
+    return total
+
+
 _flops.register(torch.ops.lucidops.bounded_lora_linear, forward_flops, macs=forward_macs)
 _flops.register(torch.ops.lucidops.bounded_lora_linear_backward, backward_flops)
+_flops.register(torch.ops.lucidops.bounded_lora_linear_quant, quant_forward_flops, macs=quant_forward_macs)
+_flops.register(torch.ops.lucidops.bounded_lora_linear_quant_backward, quant_backward_flops)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -279,6 +439,33 @@ def _finite_scalar(value, name: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def _validate_base(x, weight, bias, fn, placement):
+    """x, weight, bias, fn and placement (everything but the adapter)."""
+    _validate.floating_tensor(x, "x")
+    _validate.floating_tensor(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., K_in), got a 0-d tensor")
+    n_out, k_in = weight.shape
+    if x.shape[-1] != k_in:
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's K_in ({k_in})")
+    if bias is not None:
+        _validate.floating_tensor(bias, "bias")
+        if tuple(bias.shape) != (n_out,):
+            raise ValueError(f"bias must have shape (N_out={n_out},), got {tuple(bias.shape)}")
+    for value, name in ((weight, "weight"), (bias, "bias")):
+        if value is None:
+            continue
+        _validate.same_device(value, x, name, "x")
+        if value.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype ({x.dtype}), got {value.dtype}")
+    if fn not in FNS:
+        raise ValueError(f"fn must be one of {FNS}, got {fn!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
 
 
 def _validate_args(x, weight, lora_A, lora_B, bias, fn, placement):
@@ -329,6 +516,33 @@ def _resolve_adapter(x: Tensor, lora_A, lora_B):
     return lora_A, lora_B
 
 
+def _quantized_weight_linear(x: Tensor, weight: Tensor, adapter, lora_B, bias: Optional[Tensor], fn: str,
+                             omega, scale) -> Tensor:
+    """Placement "weight" with a QuantizedAdapter: the codes go to the kernels as they are."""
+    if lora_B is not None and lora_B is not adapter:
+        raise ValueError("lora_B must be None when lora_A is a QuantizedAdapter (it holds both factors)")
+    _validate_base(x, weight, bias, fn, "weight")
+    omega = _finite_scalar(omega, "omega")
+    scale = _finite_scalar(scale, "scale")
+    try:
+        a_codes, a_t0, a_t1, group_a, b_codes, b_t0, b_t1, group_b = adapter.kernel_tensors()
+    except ValueError as err:
+        raise ValueError(f"lora_A (QuantizedAdapter): {err}") from err
+    _validate.same_device(a_codes, x, "lora_A", "x")
+    n_out, k_in = weight.shape
+    r = a_codes.shape[0]
+    if r < 1 or a_codes.shape[1] != k_in:
+        raise ValueError(f"lora_A (QuantizedAdapter) must quantize an (r >= 1, K_in={k_in}) factor A, got "
+                         f"{tuple(a_codes.shape)}")
+    if tuple(b_codes.shape) != (n_out, r):
+        raise ValueError(f"lora_A (QuantizedAdapter) must quantize an (N_out={n_out}, r={r}) factor B, got "
+                         f"{tuple(b_codes.shape)}")
+    x2 = x.reshape(-1, k_in)
+    y = _quant_op(x2, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, bias, adapter.A.method, group_a, group_b,
+                  fn, omega, scale)
+    return y.reshape(*x.shape[:-1], n_out)
+
+
 def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tensor] = None,
                         bias: Optional[Tensor] = None, *, fn: str = "sin", omega: Number = 1.0, scale: Number,
                         placement: str = "weight") -> Tensor:
@@ -338,7 +552,8 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
         x: (..., K_in) input, float16/bfloat16/float32/float64.
         weight: (N_out, K_in) base weight (usually frozen: then it gets no gradient work).
         lora_A: (r, K_in) adapter factor, or a :class:`lucidops.quant.QuantizedAdapter`
-            (then ``lora_B`` is None).
+            (then ``lora_B`` is None, the adapter is frozen, and with placement "weight"
+            the triton backend dequantizes it inside the kernels; see the module docs).
         lora_B: (N_out, r) adapter factor.
         bias: optional (N_out,).
         fn: "sin" or "tanh", the bounded function.
@@ -350,6 +565,10 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
     Returns:
         (..., N_out) tensor in x's dtype. All tensors must share x's dtype and device.
     """
+    from ..quant.adapters import QuantizedAdapter
+
+    if isinstance(lora_A, QuantizedAdapter) and placement == "weight":
+        return _quantized_weight_linear(x, weight, lora_A, lora_B, bias, fn, omega, scale)
     lora_A, lora_B = _resolve_adapter(x, lora_A, lora_B)
     _validate_args(x, weight, lora_A, lora_B, bias, fn, placement)
     omega = _finite_scalar(omega, "omega")

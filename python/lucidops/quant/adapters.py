@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -41,6 +41,7 @@ class QuantizedTensor:
     scales: Optional[Tensor] = None   # float16 (groups,), uniform only
     minimums: Optional[Tensor] = None  # float16 (groups,), uniform only
     codebook: Optional[Tensor] = None  # float16 (2^bits,), kmeans only
+    _padded_book: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The reconstructed factor, in ``dtype`` (default: the original dtype)."""
@@ -55,6 +56,52 @@ class QuantizedTensor:
         else:
             values = self.codebook.float()[codes]
         return values.reshape(self.shape).to(dtype or self.dtype)
+
+    def kernel_tensors(self) -> Tuple[Tensor, Tensor, Tensor, int]:
+        """What the fused Triton kernels read in place of the factor, nothing dequantized:
+        ``(codes, table0, table1, group_size)``.
+
+        codes: the uint8 codes viewed in the factor's 2-D shape (contiguous), so element
+        (i, j) is flat index i * cols + j and, for "uniform", belongs to group
+        flat // group_size (groups may straddle rows). "uniform": table0 = scales,
+        table1 = minimums (float16, one per group). "kmeans": table0 = table1 = the
+        codebook zero-padded to 256 float16 entries, so every uint8 code indexes inside
+        it (group_size is 0). Raises ValueError on an inconsistent layout.
+        """
+        if len(self.shape) != 2:
+            raise ValueError(f"a quantized LoRA factor must be 2-D, got shape {tuple(self.shape)}")
+        numel = self.shape[0] * self.shape[1]
+        if self.codes.dtype != torch.uint8 or self.codes.numel() != numel:
+            raise ValueError(f"codes must be {numel} uint8 values for shape {tuple(self.shape)}, got "
+                             f"{self.codes.numel()} {self.codes.dtype}")
+        codes = self.codes.contiguous().view(self.shape[0], self.shape[1])
+        if self.method == "uniform":
+            if self.group_size < 1:
+                raise ValueError(f"uniform group_size must be >= 1, got {self.group_size}")
+            groups = max(1, math.ceil(numel / self.group_size))
+            for t, name in ((self.scales, "scales"), (self.minimums, "minimums")):
+                if t is None or t.dtype != torch.float16 or t.numel() != groups or t.device != codes.device:
+                    raise ValueError(f"uniform {name} must be {groups} float16 values (one per group of "
+                                     f"{self.group_size}) on {codes.device}, got "
+                                     f"{None if t is None else (t.numel(), t.dtype, str(t.device))}")
+            return codes, self.scales.contiguous(), self.minimums.contiguous(), int(self.group_size)
+        if self.method != "kmeans":
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        book = self.codebook
+        if book is None or book.dtype != torch.float16 or not 1 <= book.numel() <= 256 or book.device != codes.device:
+            raise ValueError(f"kmeans codebook must hold 1..256 float16 values on {codes.device}, got "
+                             f"{None if book is None else (book.numel(), book.dtype, str(book.device))}")
+        if _validate.is_compiling():  # traced: no Python-side cache keyed on storage
+            padded = torch.nn.functional.pad(book.reshape(-1), (0, 256 - book.numel()))
+            return codes, padded, padded, 0
+        # Cached: the padding is a copy, and serving calls this on every forward.
+        key = (book.data_ptr(), book._version, book.numel())
+        if self._padded_book is None or self._padded_book[0] != key:
+            padded = torch.zeros(256, dtype=torch.float16, device=book.device)
+            padded[:book.numel()] = book.reshape(-1)
+            self._padded_book = (key, padded)
+        padded = self._padded_book[1]
+        return codes, padded, padded, 0
 
     @property
     def packed_bytes(self) -> int:
@@ -89,6 +136,16 @@ class QuantizedAdapter:
 
     def device_tensor(self) -> Tensor:
         return self.A.codes
+
+    def kernel_tensors(self) -> Tuple[Tensor, Tensor, Tensor, int, Tensor, Tensor, Tensor, int]:
+        """A's then B's :meth:`QuantizedTensor.kernel_tensors`, after checking that they agree
+        in rank and method (what the fused kernels take; nothing is dequantized)."""
+        if self.A.method != self.B.method:
+            raise ValueError(f"A and B must share a quantization method, got {self.A.method!r} and {self.B.method!r}")
+        if len(self.A.shape) != 2 or len(self.B.shape) != 2 or self.B.shape[1] != self.A.shape[0]:
+            raise ValueError(f"quantized A (r, K_in) and B (N_out, r) must agree in r, got {tuple(self.A.shape)} "
+                             f"and {tuple(self.B.shape)}")
+        return (*self.A.kernel_tensors(), *self.B.kernel_tensors())
 
     def dequantize(self, dtype: Optional[torch.dtype] = None):
         """(A, B) reconstructed, in ``dtype`` (default: the original dtypes)."""

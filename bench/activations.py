@@ -35,6 +35,8 @@ def _candidates(kind: str, device: str) -> Dict[str, Callable]:
     for backend in backends.BACKENDS:
         if backend == "triton" and device == "cpu":
             continue  # the interpreter is a correctness tool, not a fast path
+        if backend not in backends.registered_ops()[kind].impls:
+            continue  # e.g. aten: not every op has every backend
         if backends.backend_problem(backend, device) is None:
             def run(x, _b=backend):
                 with lucidops.use_backend(_b):

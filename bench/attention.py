@@ -1,7 +1,11 @@
 """Many-head attention (methods.md section 2): lucidops against PyTorch's SDPA.
 
-CPU: lucidops.ops.attention (its CPU backend is the PyTorch reference) against torch's
-SDPA and the plain reference, float32, ViT-like shapes (N = 197) with head dims 8..64.
+CPU: lucidops.ops.attention on its CPU default, the ``aten`` backend (PyTorch's own fused
+flash-attention CPU kernel, adapted to the op's contract: so about SDPA's speed, not a
+lucidops kernel), against torch's SDPA and the math reference (the ``reference`` backend
+and plain autograd through it), float32, ViT-like shapes (N = 197) with head dims 8..64.
+Rows carry speedup_vs_best_sdpa and speedup_vs_reference (lucidops[reference] in the
+same run).
 
 CUDA: bf16, d in {8, 16, 32, 64}, H in {12, 48, 96}, N in {197, 1024, 4096}, causal and
 not, forward and forward+backward; lucidops[triton] against SDPA forced to each backend
@@ -122,6 +126,7 @@ def run(device: str, quick: bool = False) -> List[Dict]:
         if flex is not None:
             impls["flex_attention"] = flex
     else:
+        impls["lucidops[aten]"] = _lucidops("aten")
         impls["lucidops[reference]"] = _lucidops("reference")
         impls["sdpa"] = _sdpa(None)
         impls["reference (autograd)"] = lambda q, k, v, causal: lucidops.reference.attention.attention(
@@ -149,6 +154,8 @@ def run(device: str, quick: bool = False) -> List[Dict]:
                 row = dict(family="attention", case=case, mode=mode, impl=name, ms=ms, tflops=tflops)
                 if baselines:
                     row["speedup_vs_best_sdpa"] = min(baselines) / ms
+                if device == "cpu" and "lucidops[reference]" in times:
+                    row["speedup_vs_reference"] = times["lucidops[reference]"] / ms
                 if peak:
                     row["fraction_of_bf16_matmul"] = tflops / peak
                 rows.append(row)

@@ -64,6 +64,19 @@ def test_forcing_an_unavailable_backend_raises():
     with lucidops.use_backend("cuda"):
         with pytest.raises(lucidops.BackendUnavailable, match="cuda backend runs CUDA tensors only"):
             lucidops.ops.sinc(torch.randn(3))
+    with lucidops.use_backend("aten"):  # a known backend this op does not implement
+        with pytest.raises(lucidops.BackendUnavailable, match="has no aten implementation"):
+            lucidops.ops.sinc(torch.randn(3))
+
+
+def test_backend_names_and_where_they_run():
+    assert lucidops.BACKENDS == ("reference", "cpp", "aten", "triton", "cuda")
+    assert backends.backend_problem("aten", "cpu") is None  # PyTorch's own CPU kernels need no build
+    assert "CPU tensors only" in backends.backend_problem("aten", "cuda")
+    for name, entry in backends.registered_ops().items():
+        assert set(entry.impls) <= set(backends.BACKENDS), name
+        for device, order in entry.preference.items():
+            assert set(order) <= set(backends.BACKENDS), (name, device)
 
 
 def test_env_var_forces_a_backend(monkeypatch):
@@ -142,6 +155,6 @@ def test_cli_info_lists_ops_backends_and_versions():
     proc = _cli("info")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for word in ("torch", "triton", "sinc", "gaussian", "reference", "cpp", "cuda"):
+    for word in ("torch", "triton", "sinc", "gaussian", "reference", "cpp", "aten", "cuda"):
         assert word in out
     assert "no CUDA GPU" in out or "cuda: available" in out

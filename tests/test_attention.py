@@ -12,7 +12,7 @@ import lucidops
 from lucidops.reference import attention as ref
 
 attention_module = importlib.import_module("lucidops.ops.attention")  # the module, not the function
-BACKENDS = ["reference"] + (["triton"] if lucidops.backends.triton_interpreting() else [])
+BACKENDS = ["reference", "aten"] + (["triton"] if lucidops.backends.triton_interpreting() else [])
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 # (B, H, Nq, Nk, d, causal, mask kind, dtype): every d in {4, 8, 12, 16, 32, 64} (and 20,
@@ -169,7 +169,8 @@ def test_large_scores_are_stable_and_many_heads(backend):
     assert rel_err(out, expected) < 1e-5
 
 
-def test_gradcheck_float64_reference():
+@pytest.mark.parametrize("backend", ["reference", "aten"])
+def test_gradcheck_float64(backend):
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, n, 5, generator=g, dtype=torch.float64, requires_grad=True) for n in (4, 6, 6))
     mask = torch.tensor([[True, False, True, True, False, True]])
@@ -178,8 +179,9 @@ def test_gradcheck_float64_reference():
         out, lse = lucidops.ops.attention(q, k, v, causal=True, key_padding_mask=mask, return_lse=True)
         return out, lse
 
-    with lucidops.use_backend("reference"):
+    with lucidops.use_backend(backend):
         assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+        assert lucidops.backends.last_used("attention_backward") == backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -203,6 +205,29 @@ def test_torch_compile_fullgraph():
     out.sum().backward()
     torch.testing.assert_close(out, 2 * ref.attention(q.detach(), k.detach(), v.detach(), causal=True))
     assert q.grad is not None
+    assert lucidops.backends.last_used("attention") == "aten"  # the CPU default runs inside the graph
+
+
+def test_torch_compile_inductor_with_mask_and_lse_matches_eager():
+    """The aten backend inside an inductor graph: masked, fully-masked rows, lse in the loss."""
+    g = torch.Generator().manual_seed(6)
+    mask = torch.tensor([[False, False, False, False, False], [True, False, True, True, False]])
+    inputs = [torch.randn(2, 3, n, 12, generator=g) for n in (4, 5, 5)]
+
+    def loss(q, k, v):
+        out, lse = lucidops.ops.attention(q, k, v, key_padding_mask=mask, return_lse=True)
+        return (out * out).sum() + lse.masked_fill(torch.isinf(lse), 0).sum()
+
+    grads = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend="inductor")):
+        q, k, v = (t.clone().requires_grad_(True) for t in inputs)
+        fn(q, k, v).backward()
+        assert lucidops.backends.last_used("attention_backward") == "aten"
+        grads.append((q.grad, k.grad, v.grad))
+    for eager, compiled in zip(*grads):
+        assert torch.isfinite(compiled).all()
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert torch.equal(grads[1][0][0], torch.zeros_like(grads[1][0][0]))  # batch 0 sees no key
 
 
 def test_flop_formulas():
@@ -216,10 +241,13 @@ def test_flop_formulas():
     assert attention_module.visible_pairs(3, 7, True) == 1 + 2 + 3
 
 
-def test_cpu_default_is_reference_and_triton_refuses_float64():
-    q = torch.randn(1, 1, 3, 4)
-    lucidops.ops.attention(q, q, q)
-    assert lucidops.backends.last_used("attention") == "reference"
+def test_cpu_default_is_aten_and_triton_refuses_float64():
+    q = torch.randn(1, 1, 3, 4, requires_grad=True)
+    lucidops.ops.attention(q, q, q).sum().backward()
+    assert lucidops.backends.last_used("attention") == "aten"
+    assert lucidops.backends.last_used("attention_backward") == "aten"
+    with lucidops.use_backend("aten"), pytest.raises(lucidops.BackendUnavailable, match="no aten implementation"):
+        lucidops.ops.sinc(torch.randn(3))  # forcing a backend an op lacks never falls back
     if "triton" in BACKENDS:
         with lucidops.use_backend("triton"), pytest.raises(TypeError, match="float64"):
             lucidops.ops.attention(q.double(), q.double(), q.double())
@@ -257,3 +285,102 @@ def test_bad_input_names_the_argument():
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+# ---- the aten backend (PyTorch's fused CPU flash kernel) beyond the shared cases above ----
+
+ATEN_CASES = [  # (B, H, Nq, Nk, d, causal, mask kind, dtype): odd d, Nq != Nk, N = 1, float64
+    (2, 3, 9, 17, 5, True, "first_key_off", torch.float64),
+    (1, 2, 17, 9, 33, False, "batch0_off", torch.float64),
+    (2, 2, 1, 1, 4, True, "first_key_off", torch.float32),
+    (2, 5, 17, 1, 33, False, "batch0_off", torch.float16),
+    (1, 2, 40, 70, 128, True, "all_on", torch.bfloat16),
+    (2, 3, 70, 40, 7, False, "random", torch.float32),
+]
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["out-only", "out-and-lse"])
+@pytest.mark.parametrize("case", ATEN_CASES, ids=case_id)
+def test_aten_matches_float64_reference(case, with_lse):
+    b, h, nq, nk, d, causal, mask_kind, dtype = case
+    g = torch.Generator().manual_seed(nq * 100 + nk + d)
+    q = (torch.randn(b, h, nq, d, generator=g) * 1.5).to(dtype).requires_grad_(True)
+    k = (torch.randn(b, h, nk, d, generator=g) * 1.5).to(dtype).requires_grad_(True)
+    v = torch.randn(b, h, nk, d, generator=g).to(dtype).requires_grad_(True)
+    mask = torch.ones(b, nk, dtype=torch.bool) if mask_kind == "all_on" else make_mask(mask_kind, b, nk, g)
+    grad_out = torch.randn(b, h, nq, d, generator=g).to(dtype)
+    grad_lse = torch.randn(b, h, nq, generator=g, dtype=torch.float64) if with_lse else None
+    scale = 0.3
+    with lucidops.use_backend("aten"):
+        out, lse = lucidops.ops.attention(q, k, v, causal=causal, key_padding_mask=mask, scale=scale,
+                                          return_lse=True)
+        loss = (out * grad_out).sum()
+        if with_lse:
+            loss = loss + (lse.masked_fill(torch.isinf(lse), 0) * grad_lse.to(lse.dtype)).sum()
+        loss.backward()
+    assert lucidops.backends.last_used("attention") == "aten"
+    assert lucidops.backends.last_used("attention_backward") == "aten"
+
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    out_ref, lse_ref, lo = ref.forward(q64, k64, v64, mask, causal, scale)
+    gl = None if grad_lse is None else grad_lse.masked_fill(torch.isinf(lse_ref), 0)
+    expected = ref.backward(grad_out.double(), gl, q64, k64, v64, out_ref, lo, lse_ref, mask, causal, scale)
+    tol = TOL[dtype]
+    assert out.dtype == dtype and out.is_contiguous()
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.is_contiguous()
+    assert rel_err(out, out_ref) < tol
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
+    finite = torch.isfinite(lse_ref)
+    assert rel_err(lse[finite], lse_ref[finite]) < tol
+    for grad, exp in zip((q.grad, k.grad, v.grad), expected):
+        assert grad.dtype == dtype and grad.is_contiguous()
+        if exp.norm() > 0:
+            assert rel_err(grad, exp) < tol
+        else:  # one key: the softmax is constant, dq = dk = 0 up to rounding (measured against dv's size)
+            assert grad.double().norm() <= tol * expected[2].norm()
+    empty = torch.isneginf(lse_ref)
+    if mask_kind == "batch0_off" or (mask_kind == "first_key_off" and causal):
+        assert empty.any()
+    assert torch.equal(out.detach()[empty], torch.zeros_like(out.detach()[empty]))
+    assert torch.equal(q.grad[empty], torch.zeros_like(q.grad[empty]))
+
+
+def test_aten_strided_head_dim_and_grad_out():
+    """ATen's kernel misreads a head dim that is not unit-stride: the backend must not pass one."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 3, 8, 9, generator=g).transpose(-1, -2).requires_grad_(True)  # (2, 3, 9, 8)
+    k = torch.randn(2, 3, 8, 11, generator=g).transpose(-1, -2).requires_grad_(True)
+    v = torch.randn(2, 3, 16, 11, generator=g)[:, :, ::2].transpose(-1, -2).requires_grad_(True)
+    grad_out = torch.randn(2, 3, 8, 9, generator=g).transpose(-1, -2)
+    mask = torch.rand(2, 11, generator=g) > 0.4
+    mask[1] = False
+    assert q.stride(-1) != 1 and v.stride(-1) != 1 and grad_out.stride(-1) != 1
+    with lucidops.use_backend("aten"):
+        out = lucidops.ops.attention(q, k, v, causal=True, key_padding_mask=mask)
+        out.backward(grad_out)
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    out_ref, lse_ref, lo = ref.forward(q64, k64, v64, mask, True, 8 ** -0.5)
+    expected = ref.backward(grad_out.double(), None, q64, k64, v64, out_ref, lo, lse_ref, mask, True, 8 ** -0.5)
+    assert rel_err(out, out_ref) < 1e-5
+    for grad, exp in zip((q.grad, k.grad, v.grad), expected):
+        assert rel_err(grad, exp) < 1e-5
+
+
+def test_aten_empty_rows_helper():
+    mask = torch.tensor([[False, False, True, False], [False, False, False, False], [True, True, True, True]])
+    empty = attention_module._attention_aten.empty_rows(mask, 6, 4, True)[:, 0]
+    expected = torch.tensor([[True, True, False, False, False, False], [True] * 6, [False] * 6])
+    assert torch.equal(empty, expected)
+    empty = attention_module._attention_aten.empty_rows(mask, 3, 4, False)[:, 0]
+    assert torch.equal(empty, torch.tensor([[False] * 3, [True] * 3, [False] * 3]))
+
+
+def test_info_states_the_aten_backend():
+    from lucidops import cli
+
+    text = cli.info()
+    section = text.split("\nattention\n", 1)[1].split("\n\n", 1)[0]
+    assert "cpu: default -> aten" in section
+    assert "aten      available" in section
+    assert "not a lucidops kernel" in section
+    assert "aten      unavailable: the aten backend runs CPU tensors only" in section

@@ -1,10 +1,13 @@
 """Backend registry and selection.
 
-Four backends: ``reference`` (pure PyTorch), ``cpp`` (the C++ CPU extension),
-``triton`` and ``cuda`` (the CUDA C++ extension). Each op registers the backends it
-implements; a call picks the first available one in the device's preference order,
-unless one is forced with ``use_backend(name)`` or ``LUCIDOPS_BACKEND=name``. A forced
-backend that cannot run raises ``BackendUnavailable``: it never falls back silently.
+Five backends: ``reference`` (pure PyTorch), ``cpp`` (the C++ CPU extension),
+``aten`` (PyTorch's own ATen kernel for the op, e.g. the fused flash-attention CPU kernel
+that torch's SDPA runs: not a lucidops kernel, registered only where PyTorch already has
+the fast path; CPU tensors only), ``triton`` and ``cuda`` (the CUDA C++ extension).
+Each op registers the backends it implements; a call picks the first available one in
+the device's preference order, unless one is forced with ``use_backend(name)`` or
+``LUCIDOPS_BACKEND=name``. A forced backend that cannot run raises
+``BackendUnavailable``: it never falls back silently.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import _ext
 
-BACKENDS: Tuple[str, ...] = ("reference", "cpp", "triton", "cuda")
+BACKENDS: Tuple[str, ...] = ("reference", "cpp", "aten", "triton", "cuda")
 
 # Fastest first. On the CPU the Triton interpreter is a correctness tool, never chosen
 # automatically; on CUDA, Triton is the default kernel and the CUDA extension next.
 DEFAULT_PREFERENCE: Dict[str, Tuple[str, ...]] = {
-    "cpu": ("cpp", "reference"),
+    "cpu": ("cpp", "aten", "reference"),
     "cuda": ("triton", "cuda", "reference"),
 }
 
@@ -108,6 +111,10 @@ def backend_problem(backend: str, device_type: str) -> Optional[str]:
         if device_type != "cpu":
             return f"the cpp backend runs CPU tensors only (got {device_type})"
         return _ext.status("cpu")
+    if backend == "aten":
+        if device_type != "cpu":
+            return f"the aten backend runs CPU tensors only (got {device_type})"
+        return None
     if backend == "cuda":
         if device_type != "cuda":
             return f"the cuda backend runs CUDA tensors only (got {device_type})"

@@ -11,10 +11,11 @@ for a query that sees no key), and out_lo, for bfloat16 the rounding residual of
 key_padding_mask, causal, scale)`` returns (dq, dk, dv); out and lse are differentiable
 (a loss may use the lse), out_lo is not.
 
-Backends: ``reference`` (lucidops.reference.attention, the default on the CPU: there is
-no C++ attention kernel, and PyTorch's SDPA is the CPU baseline in bench/attention.py,
-not a lucidops backend) and ``triton`` (the default on CUDA; under TRITON_INTERPRET=1 it
-also runs CPU tensors, slowly, for testing).
+Backends: ``aten`` (the default on the CPU: PyTorch's own fused flash-attention CPU
+kernel, the one torch's SDPA runs, adapted to this contract in ops/_attention_aten.py;
+not a lucidops kernel), ``reference`` (lucidops.reference.attention, the math) and
+``triton`` (the default on CUDA; under TRITON_INTERPRET=1 it also runs CPU tensors,
+slowly, for testing).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor
 from .. import _validate, backends
 from ..profile import flops as _flops
 from ..reference import attention as _reference
+from . import _attention_aten
 
 MIN_HEAD_DIM = 4
 MAX_HEAD_DIM = 128
@@ -56,13 +58,16 @@ def _reference_backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_paddi
 
 
 _NOTES = {
-    "cpu": "reference (PyTorch matmul + softmax); there is no C++ attention kernel. torch's SDPA is "
-           "compared in bench/attention.py but is not registered as a lucidops backend.",
+    "cpu": "aten (the default): PyTorch's own fused flash-attention CPU kernel (what torch's SDPA runs on the "
+           "CPU), not a lucidops kernel; forward and backward, masks, empty rows and the lse gradient adapted to "
+           "the op. reference: the PyTorch math.",
     "cuda": "triton: fused online-softmax forward and (dk, dv) / dq backward, several heads per program for d <= 32.",
 }
-backends.register_op("attention", {"reference": _reference_forward, "triton": _triton_forward}, notes=_NOTES)
-backends.register_op("attention_backward", {"reference": _reference_backward, "triton": _triton_backward},
-                     notes=_NOTES)
+_PREFERENCE = {"cpu": ("aten", "reference"), "cuda": ("triton", "reference")}
+backends.register_op("attention", {"reference": _reference_forward, "aten": _attention_aten.forward,
+                                   "triton": _triton_forward}, preference=_PREFERENCE, notes=_NOTES)
+backends.register_op("attention_backward", {"reference": _reference_backward, "aten": _attention_aten.backward,
+                                            "triton": _triton_backward}, preference=_PREFERENCE, notes=_NOTES)
 
 
 @torch.library.custom_op("lucidops::attention", mutates_args=())
@@ -100,6 +105,8 @@ def _setup_context(ctx, inputs, output):
     out, lse, out_lo = output
     ctx.save_for_backward(q, k, v, out, out_lo, lse, key_padding_mask)
     ctx.causal, ctx.scale = causal, scale
+    # An unused lse then arrives as None rather than zeros: no pass over it in backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse, _grad_out_lo):

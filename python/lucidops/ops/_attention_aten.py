@@ -1,0 +1,121 @@
+"""The ``aten`` backend of ``lucidops.ops.attention``: PyTorch's own fused CPU kernel.
+
+Not a lucidops kernel: forward and backward call ATen's flash-attention CPU kernels
+(``aten::_scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``, the ones
+``F.scaled_dot_product_attention`` uses on the CPU), and this module adapts them to the
+op's contract (see lucidops.reference.attention for the math):
+
+- key_padding_mask (bool, True = key takes part) becomes a float additive mask
+  (B, 1, 1, Nk) of 0 / -inf; the kernel accepts no bool mask. An all-True mask is
+  dropped (it cannot change the result).
+- A query that sees no key: the kernel gives out = 0 but lse = 0; the op reports
+  lse = -inf. The backward hands the kernel lse = 0 for those rows again, so that
+  P = exp(-inf - 0) = 0 there and their gradients are exactly zero (never NaN).
+- dL/dlse: the kernel's backward has no lse gradient input. With
+  delta_i = sum_c dout_ic out_ic - dlse_i, dS = P * (dout v^T - delta). Padding q and k
+  with a zero column (scores unchanged), v with a ones column, out with a zero column
+  and dout with dlse as column d + 1 gives dP' = dP + dlse and delta' = delta_out,
+  so dS' = P * (dP - delta_out + dlse) = dS exactly; the extra columns are dropped.
+- The kernels read garbage when the head dim is not unit-stride, and crash on
+  Nq = 0: such inputs are made unit-stride, and empty sizes are answered here
+  (zeros, lse = -inf) without calling the kernel.
+- Causal is top-left (j <= i) as in the reference, also for Nq != Nk.
+
+Every dtype the op accepts runs (fp16 / bf16 with fp32 accumulation, fp32, fp64). For
+bfloat16 the kernel's own fp32 output is not returned, so ``out_lo`` (the rounding
+residual the reference keeps) is zeros and the backward's delta uses the rounded
+output, as SDPA's does (gradient error ~3e-3 relative, within bf16 tolerance).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_forward_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_backward_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _additive_mask(key_padding_mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """(B, 1, 1, Nk) of 0 / -inf in the accumulation dtype, or None when every key takes part."""
+    if key_padding_mask is None or bool(key_padding_mask.all()):
+        return None
+    mask_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    zeros = torch.zeros(key_padding_mask.shape, dtype=mask_dtype, device=key_padding_mask.device)
+    return zeros.masked_fill(~key_padding_mask, float("-inf"))[:, None, None, :]
+
+
+def empty_rows(key_padding_mask: Optional[Tensor], nq: int, nk: int, causal: bool) -> Optional[Tensor]:
+    """Bool (B, 1, Nq), True for queries that see no key; None when every query sees one."""
+    if key_padding_mask is None:
+        return None
+    b = key_padding_mask.shape[0]
+    # First valid key per batch element (nk when there is none); under top-left causal
+    # masking query i sees key j only for j <= i.
+    any_valid = key_padding_mask.any(dim=1)
+    first = torch.where(any_valid, key_padding_mask.to(torch.uint8).argmax(dim=1),
+                        torch.full((b,), nk, device=key_padding_mask.device))
+    rows = torch.arange(nq, device=key_padding_mask.device)
+    empty = ~any_valid[:, None].expand(b, nq)
+    if causal:
+        empty = empty | (first[:, None] > rows[None, :])
+    return empty[:, None, :]
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
+            scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out, lse, out_lo) as lucidops.reference.attention.forward, through ATen's CPU kernel."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    out_lo = q.new_zeros((b, h, nq, d)) if q.dtype == torch.bfloat16 else q.new_empty((0,))
+    if q.numel() == 0 or nk == 0:  # nothing to attend (the kernel crashes on Nq = 0)
+        return q.new_zeros((b, h, nq, d)), q.new_full((b, h, nq), float("-inf"), dtype=_lse_dtype(q.dtype)), out_lo
+    mask = _additive_mask(key_padding_mask, q.dtype)
+    out, lse = _forward_kernel(_unit_last(q), _unit_last(k), _unit_last(v), 0.0, causal, attn_mask=mask,
+                               scale=scale)
+    # The kernel returns lse in (B, Nq, H) memory order: one pass makes it contiguous and
+    # marks rows without a key (each extra pass is another OpenMP region).
+    lse_out = torch.empty((b, h, nq), dtype=lse.dtype, device=lse.device)
+    if mask is None:
+        lse_out.copy_(lse)
+    else:
+        torch.where(empty_rows(key_padding_mask, nq, nk, causal), lse.new_full((), float("-inf")), lse, out=lse_out)
+    return out.contiguous(), lse_out, out_lo
+
+
+def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+             out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor], causal: bool, scale: float
+             ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) through ATen's CPU flash backward; dL/dlse by the padded-column identity."""
+    nk = k.shape[2]
+    if q.numel() == 0 or nk == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    mask = _additive_mask(key_padding_mask, q.dtype)
+    # The kernel recomputes P = exp(s - lse): rows that see no key need a finite lse
+    # (their scores are all -inf, so any finite value gives P = 0).
+    kernel_lse = lse.masked_fill(torch.isneginf(lse), 0.0) if mask is not None else lse
+    q, k, v, out, grad_out = (_unit_last(t) for t in (q, k, v, out, grad_out))
+    if grad_lse is not None and bool(grad_lse.any()):
+        d = q.shape[-1]
+
+        def pad(t: Tensor, column: Tensor) -> Tensor:
+            return torch.cat([t, column.to(t.dtype).expand(*t.shape[:-1], 1)], dim=-1)
+
+        zero, one = q.new_zeros(()), q.new_ones(())
+        dq, dk, dv = _backward_kernel(pad(grad_out, grad_lse[..., None]), pad(q, zero), pad(k, zero), pad(v, one),
+                                      pad(out, zero), kernel_lse, 0.0, causal, attn_mask=mask, scale=scale)
+        dq, dk, dv = dq[..., :d], dk[..., :d], dv[..., :d]
+    else:
+        dq, dk, dv = _backward_kernel(grad_out, q, k, v, out, kernel_lse, 0.0, causal, attn_mask=mask, scale=scale)
+    # The kernel returns (B, N, H, d) memory order; the op's fake kernel promises contiguous.
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()

@@ -1,48 +1,47 @@
 """Gaussian point encoder mixture: the fused kernels against dense PyTorch.
 
 B = 16 clouds, N = 2048 points, G = 32 Gaussians, K = 1024 channels, float32 (B = 2,
-N = 256, K = 128 in the short run); points uniform in [-1, 1]^3. Parameters stand in for a
-trained encoder (no trained weights ship): ``GaussianPointEncoder`` means, L = 2 x its
-near-identity init (Gaussian std ~0.5), mixer weights N(0, 1).
+N = 256, K = 128 in the short run). Three parameter sets:
+
+- "synthetic std 0.5" (with all baselines): ``GaussianPointEncoder`` means, L = 2 x its
+  near-identity init (Gaussian std ~0.5), mixer weights N(0, 1); points uniform in [-1, 1]^3.
+- "synthetic std 0.2": the same with L = 5 x init.
+- "distilled": the Gaussians of ``bench/gaussian_trained.pt``, a ``GaussianPointEncoder``
+  briefly distilled from a briefly trained PointNet by ``bench/make_gaussian_trained.py``
+  (step counts in the row label), on ``SyntheticShapes`` clouds (shape surfaces, as at
+  inference) rather than uniform points. Skipped when the file is missing.
 
 Baselines: ``eager dense`` is the paper's formulation (phi (B, N, G) materialised, a
 Linear to (B, N, K), then max); ``lucidops[reference]`` is the op's reference backend.
 Rows report time, the speedup against eager dense, the relative error against a float64
-evaluation, and for forward+backward the bytes autograd saves for the backward.
+evaluation, the culled kernel's speedup against the same kernel unculled, and for
+forward+backward the bytes autograd saves for the backward beyond the inputs
+(:func:`lucidops.profile.report.saved_bytes`) and their ratio to eager dense's (the
+reference backend runs inside the same custom op, so it too saves only the arg-max).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 import lucidops
 from lucidops import backends
 from lucidops.nn.gaussian_mixture import GaussianPointEncoder
+from lucidops.profile.report import saved_bytes
 from lucidops.reference import gaussian_mixture as ref
 
 from .timing import measure_ms
 
 CULL_THRESHOLD = 0.1
+TRAINED = Path(__file__).with_name("gaussian_trained.pt")
 
 
 def _eager_dense(points, means, precisions, weight, bias):
     phi = ref.gaussian_phi(points, means, precisions)
     return torch.nn.functional.linear(phi, weight, bias).amax(dim=-2)
-
-
-def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
 
 
 def _params(G: int, K: int, factor_scale: float, device: str):
@@ -52,6 +51,25 @@ def _params(G: int, K: int, factor_scale: float, device: str):
         enc.factor.mul_(factor_scale)
         enc.mixer.weight.normal_(0.0, 1.0)
     return enc.means.detach(), enc.precisions().detach(), enc.mixer.weight.detach(), enc.mixer.bias.detach()
+
+
+def _trained_params(K: int, device: str) -> Optional[Tuple[Tuple[torch.Tensor, ...], str]]:
+    """The distilled parameters (first K channels) and a label, or None without the file."""
+    if not TRAINED.exists():
+        return None
+    saved = torch.load(TRAINED, map_location="cpu", weights_only=True)
+    p, meta = saved["params"], saved["meta"]
+    params = (p["means"], p["precisions"], p["weight"][:K].contiguous(), p["bias"][:K].contiguous())
+    label = (f"distilled Gaussians (PointNet teacher {meta['teacher_steps']} steps, distilled "
+             f"{meta['distill_steps']} steps), SyntheticShapes clouds")
+    return tuple(t.to(device) for t in params), label
+
+
+def _shape_clouds(B: int, N: int, device: str) -> torch.Tensor:
+    from lucidops.data import SyntheticShapes
+
+    data = SyntheticShapes(B, num_points=N, seed=1)
+    return torch.stack([data[i][0] for i in range(B)]).float().to(device)
 
 
 def _candidates(device: str, with_baselines: bool) -> Dict[str, Callable]:
@@ -81,16 +99,26 @@ def _candidates(device: str, with_baselines: bool) -> Dict[str, Callable]:
 
 def run(device: str, quick: bool = False) -> List[Dict]:
     B, N, G, K = (2, 256, 32, 128) if quick else (16, 2048, 32, 1024)
-    points = torch.rand(B, N, 3, generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1
-    rows: List[Dict] = []
-    # Gaussian std ~ 1 / factor_scale; the narrower, the more whole tiles culling skips.
+    uniform = torch.rand(B, N, 3, generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1
+    # (label, params, points, with baselines); std ~ 1 / factor_scale: the narrower, the more
+    # whole tiles culling skips.
+    cases = []
     for factor_scale, with_baselines in ((2.0, True), (5.0, False)):
-        means, prec, weight, bias = _params(G, K, factor_scale, device)
+        cases.append((f"synthetic Gaussian std {1 / factor_scale:.1f}, uniform points",
+                      _params(G, K, factor_scale, device), uniform, with_baselines))
+    trained = _trained_params(K, device)
+    if trained is not None:
+        cases.append((trained[1], trained[0], _shape_clouds(B, N, device), False))
+    else:
+        print(f"  gaussian: {TRAINED.name} missing (python -m bench.make_gaussian_trained): no distilled rows")
+    rows: List[Dict] = []
+    for label, (means, prec, weight, bias), points, with_baselines in cases:
         expected = _eager_dense(points.double(), means.double(), prec.double(), weight.double(), bias.double())
         impls = _candidates(device, with_baselines)
-        case = f"B={B} N={N} G={G} K={K} fp32, Gaussian std {1 / factor_scale:.1f}"
+        case = f"B={B} N={N} G={G} K={K} fp32, {label}"
         for mode in ("forward", "forward+backward"):
             times: Dict[str, float] = {}
+            saved: Dict[str, int] = {}
             first = len(rows)
             for name, fn in impls.items():
                 extra: Dict[str, object] = {}
@@ -110,7 +138,9 @@ def run(device: str, quick: bool = False) -> List[Dict]:
                             a.grad = None
                         fn(*args).backward(grad)
 
-                    extra["saved_bytes"] = _saved_bytes(lambda fn=fn, args=args: fn(*args))
+                    # Beyond the inputs, which the caller holds anyway.
+                    saved[name] = saved_bytes(lambda fn=fn, args=args: fn(*args), exclude=args)
+                    extra["saved_bytes"] = saved[name]
                 try:
                     times[name] = measure_ms(step, device, warmup=1, repeat=3 if quick else 5)
                 except Exception as exc:  # a failing candidate is reported, not fatal
@@ -124,10 +154,14 @@ def run(device: str, quick: bool = False) -> List[Dict]:
                         row[key] = times[base] / row["ms"]
                 if row["impl"] == culled and "lucidops[cpp]" in times:
                     row["speedup_vs_unculled"] = times["lucidops[cpp]"] / row["ms"]
+                # The reference backend runs inside the same custom op (it too keeps only the
+                # arg-max), so the dense PyTorch encoder is the baseline for saved bytes.
+                if row["impl"] in saved and saved.get("eager dense"):
+                    row["saved_vs_eager"] = saved[row["impl"]] / saved["eager dense"]
     return rows
 
 
-if __name__ == "__main__":  # python -m bench.gaussian [--quick]
+if __name__ == "__main__":  # python -m bench.gaussian_mixture [--quick]
     import sys
 
     for r in run("cpu", quick="--quick" in sys.argv):

@@ -427,3 +427,75 @@ def test_encoder_module():
         GaussianPointEncoder(4, 5, reduce="sum")
     with pytest.raises(ValueError, match="num_gaussians"):
         GaussianPointEncoder(0, 5)
+
+
+# ---------------------------------------------------------------- cpp kernel paths: all-culled tiles, chunking
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_all_culled_tiles_and_clouds_match_reference(dtype):
+    """Clouds far from every box (every tile takes the bias-only path), clouds partly inside,
+    K > N for some clouds' arg-max table; forward, arg-max and gradients against the reference."""
+    G, K, t = 12, 40, 0.2
+    means, prec, weight, bias = make_params(G, K, torch.float64, seed=61, scale=4.0)
+    gen = torch.Generator().manual_seed(62)
+    near = means[:3].unsqueeze(1) + 0.2 * torch.randn(3, 700, 3, generator=gen, dtype=torch.float64)
+    far = 6.0 + torch.rand(2, 700, 3, generator=gen, dtype=torch.float64)  # no box reaches these
+    points = torch.cat([near, far]).to(dtype)
+    means, prec, weight, bias = (x.to(dtype) for x in (means, prec, weight, bias))
+    half = ref.cull_half_widths(means, prec, weight, t)
+    assert (ref.gaussian_phi(points[3:], means, prec, half) == 0).all()
+    out, grads, grad_out = run_op("cpp", points, means, prec, weight, bias, cull=t)
+    arg = backend_argmax("cpp", points, means, prec, weight, bias, t)
+    expected, expected_grads, arg64 = ground_truth(points, means, prec, weight, bias, "max", t, grad_out, arg)
+    assert torch.equal(out[3:], bias.expand(2, K))  # all culled: bias, from point 0
+    assert (arg[3:] == 0).all()
+    assert rel_err(out, expected) < TOL[dtype]
+    if dtype == torch.float64:
+        assert torch.equal(arg, arg64)
+    for g, e in zip(grads, expected_grads):
+        assert rel_err(g, e) < TOL[dtype]
+
+
+@pytest.mark.parametrize("cull", [None, 0.1])
+def test_cpp_result_independent_of_chunking_and_threads(cull):
+    """A cloud alone (split into several chunks) and inside a batch (one chunk per cloud), on one
+    thread and on two: bitwise the same output and arg-max."""
+    G, K = 16, 33
+    means, prec, weight, bias = make_params(G, K, torch.float32, seed=71, scale=3.0)
+    points = make_points((8, 1500), torch.float32, seed=72)
+    weight[5] = 0.0  # a constant channel: ties everywhere, the lowest index must win
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with lucidops.use_backend("cpp"):
+                batch = torch.ops.lucidops.gaussian_mixture(points, means, prec, weight, bias, True, cull)
+                alone = torch.ops.lucidops.gaussian_mixture(points[2:3], means, prec, weight, bias, True, cull)
+            results.append((batch, alone))
+    finally:
+        torch.set_num_threads(before)
+    for (batch, alone) in results:
+        assert torch.equal(batch[0][2:3], alone[0]) and torch.equal(batch[1][2:3], alone[1])
+        assert torch.equal(batch[0], results[0][0][0]) and torch.equal(batch[1], results[0][0][1])
+        assert (batch[1][:, 5] == 0).all()
+    expected, arg64 = ref.forward(points.double(), means.double(), prec.double(), weight.double(), bias.double(),
+                                  True, cull)
+    assert rel_err(results[0][0][0], expected) < TOL[torch.float32]
+
+
+def test_cpp_dense_skips_underflowed_gaussians_exactly():
+    """Very narrow Gaussians: phi underflows to 0 on whole tiles even without culling (those
+    rows are dropped from the mix); the result still matches the reference."""
+    means, prec, weight, bias = make_params(10, 24, torch.float32, seed=81, scale=60.0)
+    points = make_points((3, 400), torch.float32, seed=82)
+    phi = ref.gaussian_phi(points, means, prec)
+    assert (phi == 0).float().mean() > 0.5, "the test needs mostly underflowed pairs"
+    for reduce in ("max", "none"):
+        out, grads, grad_out = run_op("cpp", points, means, prec, weight, bias, reduce=reduce)
+        arg = backend_argmax("cpp", points, means, prec, weight, bias, None) if reduce == "max" else None
+        expected, expected_grads, _ = ground_truth(points, means, prec, weight, bias, reduce, None, grad_out, arg)
+        assert rel_err(out, expected) < TOL[torch.float32]
+        for g, e in zip(grads, expected_grads):
+            assert rel_err(g, e) < 1e-4  # float32 gradients of near-zero phi

@@ -2,7 +2,7 @@
 //   phi_g(x) = exp(-1/2 (x - mu_g)^T P_g (x - mu_g)),  l_k(x) = sum_g W[k,g] phi_g(x) + b[k],
 //   out = max over points of l (with the arg-max), or l itself (reduce "none").
 //
-// Forward: work items are (cloud, chunk of kChunk points), run with OpenMP. Each item walks
+// Forward: work items are (cloud, chunk of points), run with OpenMP. Each item walks
 // its chunk in tiles of Tile points: it evaluates phi for the Gaussians that can reach the
 // tile into a (G_active x Tile) buffer, mixes it into blocks of KB channels held in
 // registers, and folds each block into the running max / arg-max. Neither (N, G) nor (N, K)
@@ -14,9 +14,10 @@
 // lowest point index attaining the max wins, as in every backend, whatever the visiting
 // order (with culling, points are visited in a spatial order: see spatial_order).
 //
-// Backward (reduce max): phi is recomputed at the arg-max points only, in three passes that
-// each own their outputs (over channels: weight/bias; over Gaussians: means/precisions; over
-// clouds: points), so there are no atomics and the result does not depend on the thread count.
+// Backward (reduce max): phi is computed once at each distinct arg-max point, then three
+// passes each own their outputs (over channels: weight/bias; over Gaussians: means/precisions;
+// over clouds: points), so there are no atomics and the result does not depend on the thread
+// count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -38,7 +39,11 @@ namespace lucidops {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunk = 256;
+// Smallest chunk of points per work item. Chunks are as long as the thread count allows:
+// each chunk restarts the running maxima, and while they are fresh most tiles improve them
+// (the costly path of fold_tile). The result does not depend on the chunking: the max and
+// its lowest arg-max are the same however the points are split.
+constexpr int64_t kMinChunk = 256;
 
 // Far from a Gaussian, W * phi underflows into subnormals, which x86 cores handle in
 // microcode at ~100x the cost: narrow Gaussians made the dense kernel 3x slower. Inside the
@@ -53,7 +58,7 @@ class FlushSubnormals {
  private:
   unsigned saved_;
 #endif
-};  // points per work item; fixed, so results do not depend on threads
+};
 
 // Tile sizes: Tile points (SIMD lanes) x KB channels of accumulators, sized for 32 vector registers.
 template <typename T> struct Blocking;
@@ -108,12 +113,30 @@ inline T phi_at(const GaussParams<T>& gp, const T* x, bool cull, T* d) {
 template <typename T, int Tile>
 inline void fold_max(const T (&acc)[Tile], T mx, const int64_t* lane_idx, T& best, int64_t& best_idx) {
   int64_t idx = std::numeric_limits<int64_t>::max();
-  for (int t = 0; t < Tile; ++t)
-    if (acc[t] == mx) idx = std::min(idx, lane_idx[t]);
+#pragma omp simd reduction(min : idx)
+  for (int t = 0; t < Tile; ++t) idx = std::min(idx, acc[t] == mx ? lane_idx[t] : std::numeric_limits<int64_t>::max());
   if (mx > best || idx < best_idx) {
     best = mx;
     best_idx = idx;
   }
+}
+
+// Folds one channel's tile of values into its running max: a cheap vector test first (does
+// any lane reach the running max?), since after the first few tiles almost none does; the
+// horizontal max and the index search only when one does.
+template <typename T, int Tile>
+inline void fold_tile(const T (&acc)[Tile], const int64_t* lane_idx, int64_t tile_min_idx, T& best, int64_t& best_idx) {
+  const T b = best;
+  int hit = 0;
+#pragma omp simd reduction(| : hit)
+  for (int t = 0; t < Tile; ++t) hit |= acc[t] >= b ? 1 : 0;
+  if (!hit) return;
+  T mx = acc[0];
+#pragma omp simd reduction(max : mx)
+  for (int t = 0; t < Tile; ++t) mx = std::max(mx, acc[t]);
+  // Equal maxima are common once culling zeroes whole tiles (l = bias there): fold them
+  // only when this tile holds a lower point index.
+  if (mx > best || (mx == best && tile_min_idx < best_idx)) fold_max(acc, mx, lane_idx, best, best_idx);
 }
 
 // Point order for culling: by Morton code of the point in a 1024^3 grid over the cloud's
@@ -149,6 +172,27 @@ void spatial_order(const T* pts, int64_t N, int64_t* order) {
   for (int64_t n = 0; n < N; ++n) order[n] = keys[n].second;
 }
 
+// Whether culling can drop a (point, Gaussian) pair of this cloud beyond the Gaussians
+// dropped everywhere: false when every other box holds the cloud's bounding box (then every
+// point passes every per-point test, rounding being monotonic), and the spatial order,
+// which only serves to skip boxes per tile, would be pure overhead.
+template <typename T>
+bool culling_bites(const T* pts, int64_t N, const std::vector<GaussParams<T>>& gps) {
+  T lo[3], hi[3];
+  for (int i = 0; i < 3; ++i) lo[i] = hi[i] = pts[i];
+  for (int64_t n = 1; n < N; ++n)
+    for (int i = 0; i < 3; ++i) {
+      lo[i] = std::min(lo[i], pts[3 * n + i]);
+      hi[i] = std::max(hi[i], pts[3 * n + i]);
+    }
+  for (const auto& gp : gps) {
+    if (gp.h[0] < 0) continue;  // dropped everywhere, by the tile test
+    for (int i = 0; i < 3; ++i)
+      if (!(std::fabs(lo[i] - gp.mu[i]) <= gp.h[i] && std::fabs(hi[i] - gp.mu[i]) <= gp.h[i])) return true;
+  }
+  return false;
+}
+
 // One work item of the forward: cloud b, points [n0, n1). Writes either the chunk's
 // max/arg-max per channel (reduce max) or the rows of out (reduce none).
 template <typename T>
@@ -165,7 +209,21 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
       out_idx[k] = std::numeric_limits<int64_t>::max();
     }
   }
-  for (int64_t t0 = n0; t0 < n1; t0 += Tile) {
+  // Tiles are visited in a scrambled order (tile i * stride mod tiles): in spatial order,
+  // neighbouring tiles have similar values and keep raising the running maxima, which sends
+  // fold_tile down its slow path far more often than a shuffled order does.
+  const int64_t tiles = (n1 - n0 + Tile - 1) / Tile;
+  int64_t stride = 1;
+  if (order) {
+    for (const int64_t s : {37, 41, 43, 47, 53})
+      if (tiles % s != 0) {
+        stride = s % tiles;
+        break;
+      }
+    if (stride == 0) stride = 1;
+  }
+  for (int64_t ti = 0; ti < tiles; ++ti) {
+    const int64_t t0 = n0 + ((ti * stride) % tiles) * Tile;
     const int m = static_cast<int>(std::min<int64_t>(Tile, n1 - t0));
     // Padding lanes repeat the tile's first point: they tie with lane 0, which wins.
     for (int t = 0; t < Tile; ++t) {
@@ -196,21 +254,39 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
     } else {
       for (int64_t g = 0; g < G; ++g) active[na++] = g;
     }
-    // phi for the active Gaussians over the tile's lanes.
+    // phi for the active Gaussians over the tile's lanes. A Gaussian that is zero on every
+    // lane (culled per point, or exp underflow) is dropped from the list: its products are
+    // exact zeros, so the mix is the same without them.
+    int64_t nz = 0;
     for (int64_t a = 0; a < na; ++a) {
       const auto& gp = gps[active[a]];
-      T* ph = phi + a * Tile;
+      T* ph = phi + nz * Tile;
       const T m0 = gp.mu[0], m1 = gp.mu[1], m2 = gp.mu[2];
       const T p00 = gp.p[0], p01 = gp.p[1], p02 = gp.p[2], p11 = gp.p[3], p12 = gp.p[4], p22 = gp.p[5];
       const T h0 = gp.h[0], h1 = gp.h[1], h2 = gp.h[2];
-#pragma omp simd
+      int any = 0;
+#pragma omp simd reduction(| : any)
       for (int t = 0; t < Tile; ++t) {
         const T d0 = x0[t] - m0, d1 = x1[t] - m1, d2 = x2[t] - m2;
         const T q = p00 * d0 * d0 + p11 * d1 * d1 + p22 * d2 * d2 + T(2) * (p01 * d0 * d1 + p02 * d0 * d2 + p12 * d1 * d2);
         const T v = fast_exp(T(-0.5) * q);
         const bool out = cull && (std::fabs(d0) > h0 || std::fabs(d1) > h1 || std::fabs(d2) > h2);
         ph[t] = out ? T(0) : v;
+        any |= ph[t] != T(0) ? 1 : 0;
       }
+      if (any) active[nz++] = active[a];
+    }
+    na = nz;
+    if (na == 0 && reduce_max) {
+      // Every lane is bias: fold bias[k] at the tile's lowest point index, no mixing.
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const T v = bias[kk];
+        if (v > out_max[kk] || (v == out_max[kk] && tile_min_idx < out_idx[kk])) {
+          out_max[kk] = v;
+          out_idx[kk] = tile_min_idx;
+        }
+      }
+      continue;
     }
     // Mix: blocks of KB channels x Tile lanes in registers.
     int64_t k = 0;
@@ -233,14 +309,7 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
       }
       for (int j = 0; j < KB; ++j) {
         if (reduce_max) {
-          T mx = acc[j][0];
-#pragma omp simd reduction(max : mx)
-          for (int t = 0; t < Tile; ++t) mx = std::max(mx, acc[j][t]);
-          // Equal maxima are common once culling zeroes whole tiles (l = bias there): fold
-          // them only when this tile holds a lower point index.
-          T& best = out_max[k + j];
-          if (mx > best || (mx == best && tile_min_idx < out_idx[k + j]))
-            fold_max(acc[j], mx, lane_idx, best, out_idx[k + j]);
+          fold_tile(acc[j], lane_idx, tile_min_idx, out_max[k + j], out_idx[k + j]);
         } else {
           for (int t = 0; t < m; ++t) out_rows[lane_idx[t] * K + k + j] = acc[j][t];
         }
@@ -256,9 +325,7 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
         for (int t = 0; t < Tile; ++t) acc[t] += wk * ph[t];
       }
       if (reduce_max) {
-        T mx = acc[0];
-        for (int t = 1; t < Tile; ++t) mx = std::max(mx, acc[t]);
-        if (mx > out_max[k] || (mx == out_max[k] && tile_min_idx < out_idx[k])) fold_max(acc, mx, lane_idx, out_max[k], out_idx[k]);
+        fold_tile(acc, lane_idx, tile_min_idx, out_max[k], out_idx[k]);
       } else {
         for (int t = 0; t < m; ++t) out_rows[lane_idx[t] * K + k] = acc[t];
       }
@@ -274,16 +341,26 @@ void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, 
   std::vector<T> wt(G * K);
   for (int64_t kk = 0; kk < K; ++kk)
     for (int64_t g = 0; g < G; ++g) wt[g * K + kk] = weight[kk * G + g];
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
+  // About four work items per thread in all, chunks of at least kMinChunk points.
+  const int64_t want = (4 * static_cast<int64_t>(at::get_num_threads()) + B - 1) / std::max<int64_t>(B, 1);
+  const int64_t chunk = std::max<int64_t>(kMinChunk, (N + want - 1) / std::max<int64_t>(want, 1));
+  const int64_t chunks = (N + chunk - 1) / chunk;
   const int64_t items = B * chunks;
   // Per-item maxima when a cloud spans several chunks; merged in point order below.
   std::vector<T> part_max(reduce_max && chunks > 1 ? items * K : 0);
   std::vector<int64_t> part_idx(part_max.size());
   // Culling pays off only when a tile's points are close together: visit them in spatial order.
+  // With one chunk per cloud its work item sorts it: one parallel region less (each costs a
+  // barrier, and a time slice when the cores are oversubscribed).
   std::vector<int64_t> order(cull && N > Blocking<T>::Tile ? B * N : 0);
-  if (!order.empty()) {
+  std::vector<char> sorted(order.empty() ? 0 : B, 0);  // per cloud: visit in spatial order
+  auto sort_cloud = [&](int64_t b) {
+    sorted[b] = culling_bites(pts + b * N * 3, N, gps);
+    if (sorted[b]) spatial_order(pts + b * N * 3, N, order.data() + b * N);
+  };
+  if (!order.empty() && chunks > 1) {
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) spatial_order(pts + b * N * 3, N, order.data() + b * N);
+      for (int64_t b = begin; b < end; ++b) sort_cloud(b);
     });
   }
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
@@ -292,7 +369,8 @@ void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, 
     std::vector<int64_t> active(std::max<int64_t>(G, 1));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, c = item % chunks;
-      const int64_t n0 = c * kChunk, n1 = std::min(N, n0 + kChunk);
+      if (!order.empty() && chunks == 1) sort_cloud(b);
+      const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
       T* omax = nullptr;
       int64_t* oidx = nullptr;
       T* rows = nullptr;
@@ -302,7 +380,7 @@ void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, 
       } else {
         rows = out + b * N * K;
       }
-      forward_item<T>(pts + b * N * 3, order.empty() ? nullptr : order.data() + b * N, n0, n1, gps, wt.data(), bias, G, K, cull, reduce_max, omax, oidx, rows,
+      forward_item<T>(pts + b * N * 3, order.empty() || !sorted[b] ? nullptr : order.data() + b * N, n0, n1, gps, wt.data(), bias, G, K, cull, reduce_max, omax, oidx, rows,
                       phi.data(), active.data());
     }
   });
@@ -334,6 +412,38 @@ void backward_max_impl(const T* grad, const T* pts, const T* means, const T* pre
                        const int64_t* argmax, int64_t B, int64_t N, int64_t G, int64_t K, bool cull, T* g_pts,
                        T* g_means, T* g_prec, T* g_weight, T* g_bias) {
   const auto gps = unpack(means, prec, half, G);
+  // Pass 0, over clouds: phi at each distinct arg-max point, once. Many channels share an
+  // arg-max point, and all three passes below need phi there: this is most of the exps.
+  // slot[b * K + k] is the row of channel k's arg-max point in the table of cloud b.
+  const int64_t rows = std::min(N, K);
+  std::vector<T> phi_tab(B * rows * G);
+  std::vector<int64_t> slot(B * K);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> row_of(N);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(row_of.begin(), row_of.end(), -1);
+      int64_t used = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t n = argmax[b * K + k];
+        if (row_of[n] < 0) {
+          row_of[n] = used;
+          T* ph = phi_tab.data() + (b * rows + used) * G;
+          T d[3];
+          for (int64_t g = 0; g < G; ++g) ph[g] = phi_at(gps[g], pts + (b * N + n) * 3, cull, d);
+          ++used;
+        }
+        slot[b * K + k] = b * rows + row_of[n];
+      }
+    }
+  });
+  auto phi_of = [&](int64_t b, int64_t k) { return phi_tab.data() + slot[b * K + k] * G; };
+  // x - mu at channel k's arg-max point of cloud b (the same arithmetic as phi_at).
+  auto diff = [&](int64_t b, int64_t k, const GaussParams<T>& gp, T* d) {
+    const T* x = pts + (b * N + argmax[b * K + k]) * 3;
+    d[0] = x[0] - gp.mu[0];
+    d[1] = x[1] - gp.mu[1];
+    d[2] = x[2] - gp.mu[2];
+  };
   // Pass 1, over channels: grad_weight[k, g] = sum_b gy phi_g(x*), grad_bias[k] = sum_b gy.
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> acc(G);
@@ -344,9 +454,8 @@ void backward_max_impl(const T* grad, const T* pts, const T* means, const T* pre
         const T gy = grad[b * K + k];
         gb += gy;
         if (gy == T(0)) continue;
-        const T* x = pts + (b * N + argmax[b * K + k]) * 3;
-        T d[3];
-        for (int64_t g = 0; g < G; ++g) acc[g] += static_cast<double>(gy * phi_at(gps[g], x, cull, d));
+        const T* ph = phi_of(b, k);
+        for (int64_t g = 0; g < G; ++g) acc[g] += static_cast<double>(gy * ph[g]);
       }
       for (int64_t g = 0; g < G; ++g) g_weight[k * G + g] = static_cast<T>(acc[g]);
       g_bias[k] = static_cast<T>(gb);
@@ -361,9 +470,10 @@ void backward_max_impl(const T* grad, const T* pts, const T* means, const T* pre
         for (int64_t k = 0; k < K; ++k) {
           const T gw = grad[b * K + k] * weight[k * G + g];
           if (gw == T(0)) continue;
-          T d[3];
-          const T c = gw * phi_at(gp, pts + (b * N + argmax[b * K + k]) * 3, cull, d);
+          const T c = gw * phi_of(b, k)[g];
           if (c == T(0)) continue;
+          T d[3];
+          diff(b, k, gp, d);
           const T* p = gp.p;
           gm[0] += c * (p[0] * d[0] + p[1] * d[1] + p[2] * d[2]);
           gm[1] += c * (p[1] * d[0] + p[3] * d[1] + p[4] * d[2]);
@@ -390,12 +500,13 @@ void backward_max_impl(const T* grad, const T* pts, const T* means, const T* pre
         const T gy = grad[b * K + k];
         if (gy == T(0)) continue;
         const int64_t n = argmax[b * K + k];
-        const T* x = pts + (b * N + n) * 3;
+        const T* ph = phi_of(b, k);
         for (int64_t g = 0; g < G; ++g) {
           const auto& gp = gps[g];
-          T d[3];
-          const T c = gy * weight[k * G + g] * phi_at(gp, x, cull, d);
+          const T c = gy * weight[k * G + g] * ph[g];
           if (c == T(0)) continue;
+          T d[3];
+          diff(b, k, gp, d);
           const T* p = gp.p;
           gx[n * 3 + 0] -= c * (p[0] * d[0] + p[1] * d[1] + p[2] * d[2]);
           gx[n * 3 + 1] -= c * (p[1] * d[0] + p[3] * d[1] + p[4] * d[2]);

@@ -11,3 +11,5 @@ __all__ = [
     "Sinc", "Gaussian", "ManyHeadAttention", "ConditionedEmbedding", "GaussianPointEncoder",
     "BoundedLoRALinear", "SineLoRALinear", "FrozenRandomDepthwise",
 ]
+from .gaussian_pointnet import GaussianPointNet, GaussianTNet  # noqa: E402,F401
+__all__ += ["GaussianTNet", "GaussianPointNet"]

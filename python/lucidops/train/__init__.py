@@ -10,3 +10,5 @@ from .distill import (  # noqa: E402
 
 __all__ += ["distill", "distill_pointnet", "finetune", "DistillResult", "PointNetDistillResult",
             "DistilledPointNet", "GaussianTNet"]
+from .distill import GaussianPointNet  # noqa: E402,F401
+__all__ += ["GaussianPointNet"]

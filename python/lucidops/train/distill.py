@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..models.pointnet import PointNet, TNet
 from ..nn.gaussian_mixture import GaussianPointEncoder
+from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
 from ..optim.natural_gradient import MODES, GaussianNaturalGradient, split_parameters
 
 OPTIMIZERS = ("natural", "adamw")
@@ -413,34 +414,6 @@ def _check_target(target, batch: int, n: int) -> None:
 # The three-stage recipe for PointNet (T-Net) teachers
 # ----------------------------------------------------------------------------------------
 
-class GaussianTNet(nn.Module):
-    """A T-Net whose shared MLP is a Gaussian encoder: points (B, N, 3) -> transform (B, k, k).
-
-    ``relu(encoder(points))`` (max over points, then the ReLU the PointNet T-Net applies
-    before its max: max and ReLU commute) feeds ``regressor`` (Linear + BN blocks, each
-    followed by a ReLU) and ``out`` (a Linear to k*k); the identity is added.
-    """
-
-    def __init__(self, encoder: GaussianPointEncoder, regressor: nn.ModuleList, out: nn.Linear, k: int = 3):
-        super().__init__()
-        self.encoder = encoder
-        self.regressor = regressor
-        self.out = out
-        self.k = k
-
-    @classmethod
-    def from_tnet(cls, tnet: TNet, encoder: GaussianPointEncoder) -> "GaussianTNet":
-        """Copies ``tnet``'s regressor head (deep copies, the T-Net is left untouched)."""
-        return cls(encoder, copy.deepcopy(tnet.regressor), copy.deepcopy(tnet.out), tnet.k)
-
-    def forward(self, points: Tensor) -> Tensor:
-        x = torch.relu(self.encoder(points))
-        for layer in self.regressor:
-            x = torch.relu(layer(x))
-        eye = torch.eye(self.k, dtype=x.dtype, device=x.device)
-        return self.out(x).view(-1, self.k, self.k) + eye
-
-
 def tnet_point_features(tnet: TNet, points: Tensor) -> Tensor:
     """A PointNet T-Net's per-point activations before its last ReLU and the max: (B, N, 1024)."""
     x = points.transpose(1, 2)
@@ -450,44 +423,19 @@ def tnet_point_features(tnet: TNet, points: Tensor) -> Tensor:
     return layers[-1](x).transpose(1, 2)
 
 
-class DistilledPointNet(nn.Module):
-    """A PointNet whose encoders are Gaussian encoders: points (B, N, 3) -> logits.
+class DistilledPointNet(GaussianPointNet):
+    """A :class:`~lucidops.nn.GaussianPointNet` assembled from existing modules:
+    ``DistilledPointNet(encoder, head, input_tnet=None)`` (what :func:`distill_pointnet` returns).
 
-    ``input_tnet`` (a :class:`GaussianTNet`, a PointNet ``TNet``, or None) -> points @ transform -> ``encoder``
-    (a ``GaussianPointEncoder``, reduce="max", replacing conv1..conv3 and the feature
-    T-Net: the global feature (B, K)) -> ``head``.
+    Kept for its positional constructor (used by ``lucidops.patch.point_encoders``); the
+    modules are shared, not copied. ``input_tnet`` may be a :class:`GaussianTNet`, PointNet's
+    own ``TNet`` or None.
     """
 
     def __init__(self, encoder: GaussianPointEncoder, head: nn.Module,
                  input_tnet: Optional[Union[GaussianTNet, TNet]] = None):
-        super().__init__()
-        self.input_tnet = input_tnet
-        self.encoder = encoder
-        self.head = head
-
-    def transform_points(self, points: Tensor) -> Tensor:
-        """Points (B, N, 3) after the input T-Net (a :class:`GaussianTNet` or PointNet's own
-        :class:`~lucidops.models.pointnet.TNet`, which takes (B, 3, N)); unchanged without one."""
-        if self.input_tnet is None:
-            return points
-        if isinstance(self.input_tnet, TNet):
-            return points @ self.input_tnet(points.transpose(1, 2))
-        return points @ self.input_tnet(points)
-
-    def global_feature(self, points: Tensor) -> Tensor:
-        return self.encoder(self.transform_points(points))
-
-    def point_features(self, points: Tensor) -> Tensor:
-        """Per-point pre-max features (B, N, K) of the main encoder."""
-        saved = self.encoder.reduce
-        self.encoder.reduce = "none"
-        try:
-            return self.encoder(self.transform_points(points))
-        finally:
-            self.encoder.reduce = saved
-
-    def forward(self, points: Tensor) -> Tensor:
-        return self.head(self.global_feature(points))
+        nn.Module.__init__(self)
+        self._assign(encoder, head, input_tnet)
 
 
 @dataclass
@@ -646,5 +594,5 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
 
 __all__ = [
     "distill", "distill_pointnet", "finetune", "DistillResult", "PointNetDistillResult", "DistilledPointNet",
-    "GaussianTNet", "tnet_point_features", "cloud_cubes", "sample_cube_points", "OPTIMIZERS",
+    "GaussianTNet", "GaussianPointNet", "tnet_point_features", "cloud_cubes", "sample_cube_points", "OPTIMIZERS",
 ]

@@ -1,0 +1,358 @@
+"""lucidops.nn.GaussianTNet / GaussianPointNet and ``lucidops demo gpe`` (quick settings)."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lucidops import backends, cli
+from lucidops.demos import gpe
+from lucidops.models import TNet
+from lucidops.nn import GaussianPointEncoder, GaussianPointNet, GaussianTNet
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _points(b=3, n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, n, 3, generator=g) * 2 - 1
+
+
+# ---------------------------------------------------------------- the modules
+
+
+def test_default_sizes_match_the_paper_layout():
+    torch.manual_seed(0)
+    model = GaussianPointNet()
+    g, k = 32, 1024
+
+    def lin(i, o):
+        return i * o + o
+
+    encoder = g * 3 + g * 6 + lin(g, k)  # means, packed factors, mixer
+    head = lin(k, 512) + 2 * 512 + lin(512, 256) + 2 * 256 + lin(256, 40)
+    tnet = encoder + lin(k, 512) + 2 * 512 + lin(512, 256) + 2 * 256 + lin(256, 9)
+    assert sum(p.numel() for p in model.parameters()) == encoder + head + tnet
+    assert model.num_classes == 40 and isinstance(model.input_tnet, GaussianTNet)
+    assert model.encoder.num_gaussians == 32 and model.encoder.out_channels == 1024
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 1.39) < 0.02  # the paper's 1.39M
+    assert GaussianPointNet(input_transform=False).input_tnet is None
+
+
+@pytest.mark.parametrize("input_transform", [True, False])
+def test_shapes_and_gradients(input_transform):
+    torch.manual_seed(1)
+    model = GaussianPointNet(num_classes=5, num_gaussians=6, out_channels=24, input_transform=input_transform,
+                             tnet_gaussians=4)
+    if input_transform:
+        # The T-Net's output layer starts at zero (identity transform), which blocks every gradient
+        # above it; perturb it so each parameter must receive a non-zero gradient.
+        with torch.no_grad():
+            model.input_tnet.out.weight.normal_(0, 0.1)
+    model.train()
+    pts = _points(4, 33).requires_grad_()
+    logits = model(pts)
+    assert logits.shape == (4, 5) and torch.isfinite(logits).all()
+    weights = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
+    (logits * weights).sum().backward()
+    assert pts.grad is not None and torch.isfinite(pts.grad).all() and pts.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    model.eval()
+    with torch.no_grad():
+        assert model.global_feature(pts).shape == (4, 24)
+        feats = model.point_features(pts)
+        assert feats.shape == (4, 33, 24) and model.encoder.reduce == "max"
+        # The global feature is the max of the per-point features.
+        torch.testing.assert_close(feats.amax(1), model.global_feature(pts))
+
+
+def test_gaussian_tnet_starts_at_identity_and_batches():
+    torch.manual_seed(0)
+    tnet = GaussianTNet(3, num_gaussians=5, out_channels=16, hidden=(8, 4)).eval()
+    pts = _points(2, 17)
+    with torch.no_grad():
+        t = tnet(pts)
+    assert t.shape == (2, 3, 3)
+    torch.testing.assert_close(t, torch.eye(3).expand(2, 3, 3))
+    with torch.no_grad():
+        tnet.out.bias.normal_()
+        tnet.out.weight.normal_()
+        t_all = tnet(pts)
+        t_one = tnet(pts[1:])
+    assert not torch.allclose(t_all, torch.eye(3).expand(2, 3, 3))
+    torch.testing.assert_close(t_all[1:], t_one)
+    assert GaussianTNet(k=4, num_gaussians=2, out_channels=8).eval()(pts).shape == (2, 4, 4)
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(3)
+    a = GaussianPointNet(num_classes=4, num_gaussians=5, out_channels=12).eval()
+    torch.manual_seed(4)
+    b = GaussianPointNet(num_classes=4, num_gaussians=5, out_channels=12).eval()
+    pts = _points(2, 21)
+    with torch.no_grad():
+        assert not torch.allclose(a.encoder.means, b.encoder.means)
+        b.load_state_dict(a.state_dict())
+        torch.testing.assert_close(b(pts), a(pts), rtol=0, atol=0)
+    keys = set(a.state_dict())
+    assert {"encoder.means", "encoder.factor", "input_tnet.encoder.means", "head.7.weight"} <= keys
+
+
+def test_from_modules_from_distilled_and_old_names():
+    import importlib
+
+    from lucidops.train import DistilledPointNet
+
+    distill_module = importlib.import_module("lucidops.train.distill")  # the package's `distill` is the function
+
+    torch.manual_seed(5)
+    enc = GaussianPointEncoder(4, 16)
+    head = nn.Sequential(nn.Linear(16, 3))
+    tnet = GaussianTNet(3, 3, 16)
+    model = DistilledPointNet(enc, head, tnet).eval()  # the old positional constructor
+    assert isinstance(model, GaussianPointNet) and model.num_classes == 3
+    assert distill_module.GaussianTNet is GaussianTNet and distill_module.GaussianPointNet is GaussianPointNet
+    import lucidops.models
+
+    assert lucidops.models.GaussianPointNet is GaussianPointNet
+    shared = GaussianPointNet.from_distilled(model)
+    copied = GaussianPointNet.from_distilled(model, copy_modules=True)
+    assert type(shared) is GaussianPointNet and shared.encoder is enc and shared.input_tnet is tnet
+    assert copied.encoder is not enc and not shared.training
+    pts = _points(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(pts), model(pts), rtol=0, atol=0)
+        torch.testing.assert_close(copied(pts), model(pts), rtol=0, atol=0)
+    # A result-like object with a .model attribute works too.
+    assert GaussianPointNet.from_distilled(type("R", (), {"model": model})()).head is head
+    # PointNet's own T-Net as the input T-Net: points @ tnet(points^T).
+    pn_tnet = TNet(3).eval()
+    with torch.no_grad():
+        pn_tnet.out.bias.normal_()
+        m2 = GaussianPointNet.from_modules(enc, head, pn_tnet).eval()
+        torch.testing.assert_close(m2.transform_points(pts), pts @ pn_tnet(pts.transpose(1, 2)))
+    # The profile CLI's model name resolves to this class.
+    made, kind, _ = cli._make_model("gaussian_pointnet", None)
+    assert isinstance(made, GaussianPointNet) and kind == "points"
+
+
+def test_set_cull_threshold():
+    torch.manual_seed(6)
+    model = GaussianPointNet(num_classes=3, num_gaussians=4, out_channels=8).eval()
+    model.set_cull_threshold(0.1, tnet=False)
+    assert model.encoder.cull_threshold == 0.1 and model.input_tnet.encoder.cull_threshold is None
+    model.set_cull_threshold(0.2)
+    assert [e.cull_threshold for e in model.gaussian_encoders()] == [0.2, 0.2]
+    with torch.no_grad():
+        assert torch.isfinite(model(_points(2, 30))).all()
+    model.set_cull_threshold(None)
+    assert all(e.cull_threshold is None for e in model.gaussian_encoders())
+    with pytest.raises(ValueError, match="cull_threshold"):
+        model.set_cull_threshold(-1.0)
+
+
+def test_validation_errors_name_the_argument():
+    for kwargs, exc, name in [
+        (dict(num_classes=0), ValueError, "num_classes"),
+        (dict(num_gaussians="8"), ValueError, "num_gaussians"),
+        (dict(out_channels=-3), ValueError, "out_channels"),
+        (dict(input_transform="yes"), TypeError, "input_transform"),
+        (dict(tnet_gaussians=0), ValueError, "tnet_gaussians"),
+        (dict(cloud_range=float("nan")), ValueError, "cloud_range"),
+        (dict(dropout=1.0), ValueError, "dropout"),
+    ]:
+        with pytest.raises(exc, match=name):
+            GaussianPointNet(**kwargs)
+    for kwargs, name in [(dict(k=0), "k"), (dict(num_gaussians=0), "num_gaussians"),
+                         (dict(hidden=()), "hidden"), (dict(hidden=(4, 0)), r"hidden\[1\]")]:
+        with pytest.raises(ValueError, match=name):
+            GaussianTNet(**kwargs)
+    model = GaussianPointNet(num_classes=3, num_gaussians=2, out_channels=8).eval()
+    with pytest.raises(ValueError, match="points"):
+        model(torch.rand(2, 5, 2))
+    with pytest.raises(ValueError, match="points"):
+        model(torch.rand(2, 0, 3))
+    with pytest.raises(TypeError, match="points"):
+        model(torch.ones(2, 5, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="points"):
+        model([[0.0, 0.0, 0.0]])
+    enc = GaussianPointEncoder(2, 8)
+    with pytest.raises(TypeError, match="encoder"):
+        GaussianPointNet.from_modules(nn.Linear(3, 8), nn.Linear(8, 2))
+    with pytest.raises(TypeError, match="head"):
+        GaussianPointNet.from_modules(enc, "head")
+    with pytest.raises(TypeError, match="input_tnet"):
+        GaussianPointNet.from_modules(enc, nn.Linear(8, 2), nn.Linear(3, 9))
+    with pytest.raises(ValueError, match="input_tnet"):
+        GaussianPointNet.from_modules(enc, nn.Linear(8, 2), GaussianTNet(k=4, num_gaussians=2, out_channels=8))
+    with pytest.raises(ValueError, match="out"):
+        GaussianTNet.from_modules(enc, nn.ModuleList(), nn.Linear(8, 4), k=3)
+    with pytest.raises(TypeError, match="tnet"):
+        GaussianTNet.from_tnet(nn.Linear(3, 3), enc)
+    with pytest.raises(TypeError, match="result"):
+        GaussianPointNet.from_distilled(42)
+
+
+# ---------------------------------------------------------------- the demo
+
+
+def test_evaluate_counts_correct_predictions():
+    class FirstCoords(nn.Module):  # logits = the first point's (x, y)
+        def forward(self, points):
+            return points[:, 0, :2]
+
+    pts = torch.zeros(5, 2, 3)
+    pts[:, 0, 0] = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+    pts[:, 0, 1] = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0]) * 2 - 0.5
+    labels = torch.tensor([0, 1, 1, 1, 0])  # predictions 0, 1, 0, 1, 0: 4 of 5 right
+    model = FirstCoords().train()
+    assert gpe.evaluate(model, pts, labels, batch_size=2) == pytest.approx(80.0)
+    assert model.training  # flag restored
+    with pytest.raises(ValueError, match="labels"):
+        gpe.evaluate(model, pts, labels[:3])
+
+
+def _run_cli(argv, capsys):
+    """Run ``lucidops demo gpe`` through the CLI, returning (rc, stdout, stderr, DemoResult or None)."""
+    captured = {}
+    real = gpe.run_demo
+
+    def spy(cfg):
+        captured["cfg"] = cfg
+        captured["result"] = real(cfg)
+        return captured["result"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gpe, "run_demo", spy)
+        rc = cli.main(["demo", "gpe", "--no-progress", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err, captured.get("result"), captured.get("cfg")
+
+
+def _check_png(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def _table_lines(out):
+    return {name: line for line in out.splitlines() for name in gpe.ROW_NAMES if line.startswith(name)}
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    rc, out, err, result, cfg = _run_cli(["--quick", "--out", str(tmp_path)], capsys)
+    assert rc == 0, err
+    # Four rows, in order, with finite numbers (also in the printed table).
+    assert [r.name.split(" (t=")[0] for r in result.rows] == list(gpe.ROW_NAMES)
+    lines = _table_lines(out)
+    assert set(lines) == set(gpe.ROW_NAMES)
+    for r in result.rows:
+        for v in (r.accuracy, r.params, r.flops, r.fvcore_flops, r.latency_ms, r.saved_bytes):
+            assert v is not None and math.isfinite(v) and v >= 0, r
+        assert 0 <= r.accuracy <= 100 and r.params > 0 and r.flops > 0 and r.latency_ms > 0
+        numbers = re.findall(r"\d+\.\d+", lines[r.name.split(" (t=")[0]])
+        assert f"{r.accuracy:.2f}" in numbers
+    pn, vanilla, dense, fused = result.rows
+    assert pn.params > vanilla.params > dense.params == fused.params
+    # FLOPs: the Gaussian encoder is far cheaper than PointNet's MLP (both counters).
+    assert dense.flops < 0.5 * vanilla.flops and dense.fvcore_flops < 0.5 * vanilla.fvcore_flops
+    assert dense.backend == "reference" and fused.backend in ("cpp", "reference")
+    # The culled row's accuracy comes from evaluating the culled model on the test split.
+    xte, yte = result.test
+    culled, dense_model = result.models["culled"], result.models["gaussian"]
+    assert [e.cull_threshold for e in culled.gaussian_encoders()] == [cfg["cull_threshold"]] * 2
+    assert all(e.cull_threshold is None for e in dense_model.gaussian_encoders())
+    assert gpe.evaluate(culled, xte, yte) == fused.accuracy
+    with backends.use_backend("reference"):
+        assert gpe.evaluate(dense_model, xte, yte) == dense.accuracy
+    assert gpe.evaluate(result.models["pointnet"], xte, yte) == pn.accuracy
+    assert result.gap == pytest.approx(pn.accuracy - fused.accuracy)
+    assert f"{result.gap:+.2f} points" in out
+    # Deterministic splits: the same seed gives the same clouds; the splits differ.
+    xtr2, ytr2, xte2, yte2, k, _ = gpe.load_data(dict(cfg, progress=False))
+    assert torch.equal(xte2, xte) and torch.equal(yte2, yte) and k == cfg["classes"]
+    assert not torch.equal(xtr2[: len(xte)], xte)
+    png = tmp_path / "gpe_table.png"
+    assert result.png == str(png) and f"wrote {png}" in out
+    _check_png(png)
+
+
+def _write_modelnet(root, classes=("airplane", "chair", "lamp"), points=48, seed=0):
+    import h5py
+
+    rng = np.random.default_rng(seed)
+
+    def write(name, m):
+        labels = np.arange(m) % len(classes)
+        data = rng.uniform(-1, 1, (m, points, 3)) * (1 + labels[:, None, None])  # classes differ in extent
+        with h5py.File(root / name, "w") as f:
+            f.create_dataset("data", data=data.astype(np.float32))
+            f.create_dataset("label", data=labels.astype(np.uint8).reshape(-1, 1))
+
+    write("ply_data_train0.h5", 12)
+    write("ply_data_train1.h5", 9)
+    write("ply_data_test0.h5", 9)
+    (root / "shape_names.txt").write_text("\n".join(classes) + "\n")
+    (root / "train_files.txt").write_text("data/modelnet40_ply_hdf5_2048/ply_data_train0.h5\n"
+                                          "data/modelnet40_ply_hdf5_2048/ply_data_train1.h5\n")
+    (root / "test_files.txt").write_text("data/modelnet40_ply_hdf5_2048/ply_data_test0.h5\n")
+
+
+def test_demo_with_modelnet_folder(tmp_path, capsys):
+    pytest.importorskip("h5py")
+    data = tmp_path / "modelnet"
+    data.mkdir()
+    _write_modelnet(data)
+    png = tmp_path / "sub" / "table.png"
+    rc, out, err, result, cfg = _run_cli(["--quick", "--data", str(data), "--points", "32", "--png", str(png),
+                                          "--profile-points", "64"], capsys)
+    assert rc == 0, err
+    assert result.dataset.startswith("ModelNet40") and "21 train, 9 test" in result.dataset
+    xte, yte = result.test
+    assert xte.shape == (9, 32, 3) and sorted(set(yte.tolist())) == [0, 1, 2]
+    assert result.models["pointnet"].num_classes == 3 and result.models["gaussian"].num_classes == 3
+    assert len(_table_lines(out)) == 4 and "ModelNet40" in out
+    _check_png(png)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--points", "0"], "--points"),
+    (["--classes", "13"], "--classes"),
+    (["--lr", "-1"], "--lr"),
+    (["--cull-threshold", "0"], "--cull-threshold"),
+    (["--encoder-lr-scale", "0"], "--encoder-lr-scale"),
+    (["--finetune-steps", "0"], "--finetune-steps"),
+    (["--seed", "-2"], "--seed"),
+    (["--train-size", "3", "--classes", "4"], "--train-size"),
+    (["--data", "/nonexistent/modelnet40"], "--data"),
+])
+def test_demo_bad_arguments(argv, message, capsys):
+    rc = cli.main(["demo", "gpe", "--quick", "--no-progress", "--no-png", *argv])
+    _, err = capsys.readouterr()
+    assert rc == 2 and err.startswith("error: ") and message in err
+
+
+def test_demo_bad_data_and_png_paths(tmp_path, capsys):
+    data = tmp_path / "modelnet"
+    data.mkdir()
+    _write_modelnet(data, points=16)
+    rc = cli.main(["demo", "gpe", "--quick", "--no-progress", "--no-png", "--data", str(data), "--points", "64"])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "--data" in err and "num_points" in err
+    rc = cli.main(["demo", "gpe", "--quick", "--no-progress", "--data", str(tmp_path), "--no-png"])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "--data" in err and "shape_names.txt" in err
+    rc = cli.main(["demo", "gpe", "--quick", "--no-progress", "--png", str(tmp_path)])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "--png" in err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "gpe", "--steps", "many"])

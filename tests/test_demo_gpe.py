@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lucidops import backends, cli
+from lucidops import cli
 from lucidops.demos import gpe
 from lucidops.models import TNet
 from lucidops.nn import GaussianPointEncoder, GaussianPointNet, GaussianTNet
@@ -265,14 +265,16 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert pn.params > vanilla.params > dense.params == fused.params
     # FLOPs: the Gaussian encoder is far cheaper than PointNet's MLP (both counters).
     assert dense.flops < 0.5 * vanilla.flops and dense.fvcore_flops < 0.5 * vanilla.fvcore_flops
-    assert dense.backend == "reference" and fused.backend in ("cpp", "reference")
+    assert dense.backend == "eager" and fused.backend in ("cpp", "reference")
+    # The eager dense encoder keeps (N, G) and (N, K) for backward; the fused op keeps neither.
+    assert dense.saved_bytes > 10 * fused.saved_bytes
     # The culled row's accuracy comes from evaluating the culled model on the test split.
     xte, yte = result.test
     culled, dense_model = result.models["culled"], result.models["gaussian"]
     assert [e.cull_threshold for e in culled.gaussian_encoders()] == [cfg["cull_threshold"]] * 2
     assert all(e.cull_threshold is None for e in dense_model.gaussian_encoders())
     assert gpe.evaluate(culled, xte, yte) == fused.accuracy
-    with backends.use_backend("reference"):
+    with gpe.eager_dense(dense_model):
         assert gpe.evaluate(dense_model, xte, yte) == dense.accuracy
     assert gpe.evaluate(result.models["pointnet"], xte, yte) == pn.accuracy
     assert result.gap == pytest.approx(pn.accuracy - fused.accuracy)
@@ -356,3 +358,17 @@ def test_demo_bad_data_and_png_paths(tmp_path, capsys):
     assert rc == 2 and "--png" in err
     with pytest.raises(SystemExit):
         cli.main(["demo", "gpe", "--steps", "many"])
+
+
+def test_eager_dense_computes_the_fused_function_and_restores_the_model():
+    torch.manual_seed(0)
+    model = GaussianPointNet(num_classes=4, num_gaussians=5, out_channels=16).eval()
+    x = torch.rand(3, 40, 3) * 2 - 1
+    with torch.no_grad():
+        fused = model(x)
+        with gpe.eager_dense(model) as same:
+            assert same is model
+            assert all("forward" in vars(e) for e in model.gaussian_encoders())
+            dense = model(x)
+        assert all("forward" not in vars(e) for e in model.gaussian_encoders())
+    torch.testing.assert_close(dense, fused, rtol=1e-5, atol=1e-5)

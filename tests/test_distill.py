@@ -189,3 +189,52 @@ def test_distill_ddp_two_gloo_ranks(tmp_path):
     # The logged loss is the all-reduced mean: identical on both ranks, and it went down.
     assert r0["losses"] == r1["losses"] and len(r0["losses"]) == 30
     assert sum(r0["losses"][-5:]) / 5 < 0.5 * r0["losses"][0]
+
+
+def test_per_cloud_rows_follow_the_sampled_clouds():
+    # Three far-apart clouds; the teacher gets each batch cloud's row (its index) and checks
+    # that the points it is given lie in that cloud's cube.
+    torch.manual_seed(0)
+    clouds = torch.stack([torch.rand(20, 3) * 0.5 + off for off in (-4.0, 0.0, 4.0)])
+    centres, half = cloud_cubes(clouds)
+    index = torch.arange(3, dtype=torch.float32)[:, None]
+    seen = []
+
+    def teacher(x, row):
+        i = row[:, 0].round().long()
+        inside = ((x - centres[i].float()[:, None, :]).abs() <= half[i].float()[:, None, None] + 1e-5).all()
+        seen.append((bool(inside), set(i.tolist())))
+        return x.repeat(1, 1, 2)[..., :4]
+
+    student = torch.nn.Linear(3, 4)
+    distill(teacher, student, clouds, steps=6, batch_size=4, points_per_cloud=8, optimizer="adamw",
+            per_cloud=[index], input_transform=lambda x, row: x, seed=0, progress=False)
+    assert len(seen) == 6 and all(ok for ok, _ in seen)
+    assert set().union(*(ids for _, ids in seen)) == {0, 1, 2}
+
+
+def test_per_cloud_bad_arguments():
+    clouds = torch.rand(5, 10, 3)
+    student = GaussianPointEncoder(2, 4, reduce="none")
+    teacher = lambda x, r: x.new_zeros(x.shape[0], x.shape[1], 4)  # noqa: E731
+    with pytest.raises(ValueError, match="per_cloud\\[0\\].*one row per cloud"):
+        distill(teacher, student, clouds, steps=1, per_cloud=[torch.zeros(4, 3)], progress=False)
+    with pytest.raises(TypeError, match="per_cloud must be a list"):
+        distill(teacher, student, clouds, steps=1, per_cloud=torch.zeros(5, 3), progress=False)
+    with pytest.raises(ValueError, match="per_cloud needs clouds"):
+        distill(teacher, student, None, steps=1, per_cloud=[torch.zeros(5, 3)], progress=False)
+
+
+@pytest.mark.parametrize("feature_transform", [False, True])
+def test_pointnet_encoder_features_given_transforms(feature_transform):
+    torch.manual_seed(0)
+    net = PointNet(5, feature_transform=feature_transform).eval()
+    x = torch.randn(3, 50, 3)
+    trans_in, trans_feat = net.transforms(x)
+    assert (trans_feat is None) != feature_transform
+    with torch.no_grad():
+        direct = net.point_features(x)
+        given = net.encoder_features(net.transform_points(x), trans_feat)
+    torch.testing.assert_close(given, direct, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="feature_transform"):
+        net.encoder_features(x, None if feature_transform else torch.eye(64).expand(3, 64, 64))

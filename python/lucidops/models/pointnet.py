@@ -116,6 +116,28 @@ class PointNet(nn.Module):
         x = torch.relu(self.conv2(x))
         return self.conv3(x), trans_in, trans_feat
 
+    def transforms(self, points: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The input (B, 3, 3) and feature (B, 64, 64) transforms this cloud gets (None without a T-Net)."""
+        _, trans_in, trans_feat = self._encode(points)
+        return trans_in, trans_feat
+
+    def encoder_features(self, transformed_points: Tensor, feature_transform: Optional[Tensor] = None) -> Tensor:
+        """Per-point pre-max activations (B, N, 1024) of points already through the input
+        transform, with a given feature transform (B, 64, 64) or none.
+
+        The T-Nets make PointNet's per-point features depend on the whole cloud; this is the
+        per-point function *given* a cloud's transforms (see :meth:`transforms`), which is
+        what a per-point student must learn: ``point_features(x)`` equals
+        ``encoder_features(transform_points(x), transforms(x)[1])``.
+        """
+        self._check_points(transformed_points)
+        if (feature_transform is None) != (self.feature_tnet is None):
+            raise ValueError("feature_transform must be given exactly when the model has a feature T-Net")
+        x = torch.relu(self.conv1(transformed_points.transpose(1, 2)))
+        if feature_transform is not None:
+            x = torch.bmm(feature_transform.transpose(1, 2), x)
+        return self.conv3(torch.relu(self.conv2(x))).transpose(1, 2)
+
     def transform_points(self, points: Tensor) -> Tensor:
         """Points (B, N, 3) after the input T-Net (unchanged without one)."""
         self._check_points(points)

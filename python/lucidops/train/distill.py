@@ -11,9 +11,11 @@ for a :class:`lucidops.models.PointNet` with an input T-Net:
 
 1. distil the T-Net's encoder (its shared MLP, up to the last conv + BN, before the ReLU)
    into a Gaussian encoder, and copy the T-Net's regressor head;
-2. distil the main encoder on T-Net-transformed points (the teacher's T-Net transforms
-   the uniform points; the student sees the transformed points, the target is the
-   teacher's :meth:`~lucidops.models.PointNet.point_features` of the raw points);
+2. distil the main encoder on T-Net-transformed points: the uniform points of a cloud's
+   cube go through that cloud's own input transform, computed by the teacher's T-Net on
+   the cloud itself (a T-Net run on the uniform points gives other transforms, and the
+   student then fails on real surfaces); the student sees the transformed points and the
+   target is :meth:`~lucidops.models.PointNet.encoder_features` of them;
 3. (when labelled data is given) fine-tune the whole student end to end with the copied
    classifier head, the Gaussian encoders' learning rates divided by 100.
 
@@ -31,7 +33,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -280,7 +282,8 @@ def _step(opts, loss: Tensor, distributed: bool, world: int) -> float:
 def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: float = 1e-3,
             batch_size: int = 32, points_per_cloud: int = 512, optimizer: str = "natural",
             natural_gradient: str = "mahalanobis", gaussian_lr: float = 0.005, momentum: float = 0.9,
-            weight_decay: float = 0.01, input_transform: Optional[Callable[[Tensor], Tensor]] = None,
+            weight_decay: float = 0.01, input_transform: Optional[Callable[..., Tensor]] = None,
+            per_cloud: Optional[Sequence[Optional[Tensor]]] = None,
             seed: Optional[int] = None, progress: bool = True, device=None, desc: str = "distill"
             ) -> DistillResult:
     """Distil ``student`` from ``teacher``'s per-point pre-max activations (L1 loss), in place.
@@ -314,6 +317,13 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
         input_transform: optional map applied to the sampled points before the *student*
             only (the teacher sees the raw points); :func:`distill_pointnet` passes the
             teacher's input T-Net here for stage 2.
+        per_cloud: optional tensors (each with one row per cloud of ``clouds``, or None) that
+            condition the teacher and ``input_transform`` on the cloud a batch's points were
+            drawn for: they are called as ``teacher(points, *rows)`` and
+            ``input_transform(points, *rows)``. A PointNet's T-Nets make its per-point features
+            depend on the whole cloud; :func:`distill_pointnet` passes each cloud's own
+            transforms here, so the student learns the per-point function it will meet on
+            real clouds.
         seed: seeds the point sampling (rank ``r`` uses ``seed + r``); ``None`` draws a seed
             from torch's global generator.
         progress: show a tqdm bar (rank 0 only).
@@ -345,13 +355,16 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
             _broadcast_module(teacher_module)
 
     centres, half = cloud_cubes(clouds)
+    context = _check_per_cloud(per_cloud, clouds, centres.shape[0])
     # Shard the clouds by rank (cloud i -> rank i % world); a rank with none would idle.
     # The default single cube is shared by every rank (their seeds differ).
     if clouds is not None:
         if centres.shape[0] < world:
             raise ValueError(f"clouds: {centres.shape[0]} clouds cannot be sharded over {world} ranks")
         centres, half = centres[rank::world], half[rank::world]
+        context = [None if t is None else t[rank::world] for t in context]
     centres, half = centres.to(dev, dtype), half.to(dev, dtype)
+    context = [None if t is None else t.to(dev, dtype) for t in context]
 
     if seed is None:
         seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
@@ -377,9 +390,10 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
             for step in bar:
                 idx = torch.randint(0, centres.shape[0], (batch_size,), device=dev, generator=gen)
                 points = sample_cube_points(centres[idx], half[idx], points_per_cloud, gen)
+                rows = [None if t is None else t[idx] for t in context]
                 with torch.no_grad():
-                    target = teacher_fn(points)
-                    student_in = input_transform(points) if input_transform is not None else points
+                    target = teacher_fn(points, *rows)
+                    student_in = input_transform(points, *rows) if input_transform is not None else points
                 if step == 0:
                     _check_target(target, batch_size, points_per_cloud)
                 out = model(student_in)
@@ -400,6 +414,24 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
     result.steps = len(result.losses)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_per_cloud(per_cloud, clouds, count: int) -> List[Optional[Tensor]]:
+    """``per_cloud`` as a list of tensors with ``count`` rows (or None entries); [] when None."""
+    if per_cloud is None:
+        return []
+    if clouds is None:
+        raise ValueError("per_cloud needs clouds: its rows are matched to them")
+    if isinstance(per_cloud, Tensor) or not isinstance(per_cloud, (list, tuple)):
+        raise TypeError(f"per_cloud must be a list or tuple of tensors (or None), got {type(per_cloud).__name__}")
+    for i, t in enumerate(per_cloud):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"per_cloud[{i}] must be a tensor or None, got {type(t).__name__}")
+        if t.dim() == 0 or t.shape[0] != count:
+            raise ValueError(f"per_cloud[{i}] must have one row per cloud ({count}), got shape {tuple(t.shape)}")
+    return list(per_cloud)
 
 
 def _check_target(target, batch: int, n: int) -> None:
@@ -526,6 +558,28 @@ def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, bat
     return result
 
 
+def _apply(points: Tensor, transform: Optional[Tensor]) -> Tensor:
+    """Points (B, N, 3) through an input transform (B, 3, 3), PointNet's ``points @ A``."""
+    return points if transform is None else points @ transform
+
+
+def _pointnet_transforms(teacher: PointNet, clouds, dev: torch.device, dtype: torch.dtype,
+                         chunk: int = 256) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Every cloud's (input, feature) transforms under ``teacher`` (eval mode, no grad)."""
+    if isinstance(clouds, Tensor):
+        items = [clouds[i:i + chunk] for i in range(0, clouds.shape[0], chunk)]
+    else:
+        items = [_cloud_points(clouds[i])[None] for i in range(len(clouds))]
+    ins, feats = [], []
+    with torch.no_grad():
+        for pts in items:
+            a, f = teacher.transforms(pts.to(dev, dtype))
+            ins.append(a)
+            feats.append(f)
+    join = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+    return join(ins), join(feats)
+
+
 def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32, tnet_gaussians: Optional[int] = None,
                      steps: int = 1000, tnet_steps: Optional[int] = None, finetune_data=None,
                      finetune_steps: int = 0, finetune_lr: float = 1e-3, encoder_lr_scale: float = 0.01,
@@ -538,9 +592,12 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
        (:func:`tnet_point_features`) for ``tnet_steps`` steps; the T-Net's regressor and
        output layer are copied (:class:`GaussianTNet`).
     2. a ``GaussianPointEncoder(num_gaussians, 1024)`` is distilled for ``steps`` steps
-       from ``teacher.point_features(x)``, seeing ``teacher.transform_points(x)``: it
-       learns the main encoder (conv1..conv3, including any feature T-Net) on
-       T-Net-transformed points.
+       from the teacher's main encoder (conv1..conv3): points sampled in a cloud's cube go
+       through *that cloud's* input transform (and feature transform, for the teacher's
+       targets), as they would at inference; the student sees the transformed points.
+       A per-point student cannot see a feature transform, so with a feature T-Net it
+       learns an average over the clouds' transforms and distils far worse: prefer a
+       teacher built with ``feature_transform=False``.
     3. with ``finetune_data`` and ``finetune_steps > 0``, :func:`finetune` trains the whole
        model (Gaussian T-Net, encoder and a deep copy of the teacher's classifier head)
        end to end, Gaussian encoders at ``encoder_lr_scale`` times their rates.
@@ -557,7 +614,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
         raise ValueError(f"finetune_steps must be an int >= 0, got {finetune_steps!r}")
     if finetune_steps > 0 and finetune_data is None:
         raise ValueError("finetune_steps > 0 needs finetune_data (a dataset of (points, label) pairs)")
-    for key in ("input_transform", "desc"):
+    for key in ("input_transform", "per_cloud", "desc"):
         if key in distill_kwargs:
             raise TypeError(f"distill_pointnet sets {key!r} itself")
     dtype = next(teacher.parameters()).dtype
@@ -576,10 +633,22 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
                                   seed=seed, progress=progress, device=dev, desc="distill T-Net", **distill_kwargs)
             gtnet = GaussianTNet.from_tnet(tnet, tnet_enc)
         encoder = GaussianPointEncoder(num_gaussians, k, cloud_range=cloud_range, reduce="max").to(dev, dtype)
-        enc_result = distill(teacher.point_features, encoder, clouds, steps=steps,
-                             input_transform=teacher.transform_points if teacher.input_tnet is not None else None,
+        stage2: Dict[str, Any] = {}
+        if clouds is not None and (teacher.input_tnet is not None or teacher.feature_tnet is not None):
+            # Each cloud's own T-Net transforms, applied to the points sampled in its cube: the
+            # student learns the per-point function it meets on real clouds (a T-Net run on
+            # uniform cube samples instead gives other transforms, and the student then fails on
+            # surfaces).
+            trans_in, trans_feat = _pointnet_transforms(teacher, clouds, dev, dtype)
+            stage2 = dict(teacher=lambda x, a, f: teacher.encoder_features(_apply(x, a), f),
+                          input_transform=lambda x, a, f: _apply(x, a), per_cloud=[trans_in, trans_feat])
+        elif teacher.input_tnet is not None:
+            stage2 = dict(teacher=teacher.point_features, input_transform=teacher.transform_points)
+        else:
+            stage2 = dict(teacher=teacher.point_features)
+        enc_result = distill(stage2.pop("teacher"), encoder, clouds, steps=steps,
                              seed=None if seed is None else seed + 7919, progress=progress, device=dev,
-                             desc="distill encoder", **distill_kwargs)
+                             desc="distill encoder", **stage2, **distill_kwargs)
     model = DistilledPointNet(encoder, copy.deepcopy(teacher.head), gtnet).to(dev)
     ft_result = None
     if finetune_steps > 0:

@@ -21,7 +21,7 @@ import torch
 from .timing import device_description, device_slug
 
 # Modules of lucidops.bench that are not op families.
-NOT_FAMILIES = ("runner", "timing", "plots")
+NOT_FAMILIES = ("runner", "timing", "plots", "make_gaussian_trained")  # helpers and scripts, not families
 
 
 def _discover_families():

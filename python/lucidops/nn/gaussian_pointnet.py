@@ -44,12 +44,10 @@ def _positive_float(name: str, value: Any) -> float:
 
 
 def _check_points(points: Any) -> None:
-    if not isinstance(points, Tensor):
-        raise TypeError(f"points must be a torch.Tensor, got {type(points).__name__}")
-    if not points.is_floating_point():
-        raise TypeError(f"points must be a floating-point tensor, got dtype {points.dtype}")
-    if points.dim() != 3 or points.shape[2] != 3 or points.shape[1] == 0:
-        raise ValueError(f"points must have shape (B, N, 3) with N >= 1, got {tuple(points.shape)}")
+    """The same (B, N >= 1, 3) floating-point check as PointNet's (imported late: models imports nn)."""
+    from ..models.pointnet import PointNet
+
+    PointNet._check_points(points)
 
 
 def _linear_bn(cin: int, cout: int) -> nn.Sequential:

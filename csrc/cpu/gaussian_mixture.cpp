@@ -139,17 +139,21 @@ inline void fold_tile(const T (&acc)[Tile], const int64_t* lane_idx, int64_t til
   if (mx > best || (mx == best && tile_min_idx < best_idx)) fold_max(acc, mx, lane_idx, best, best_idx);
 }
 
-// Point order for culling: by Morton code of the point in a 1024^3 grid over the cloud's
-// bounding box, so that a tile holds nearby points and its bounding box misses most boxes.
+// The axis-aligned bounding box [lo, hi] of a cloud's N points.
 template <typename T>
-void spatial_order(const T* pts, int64_t N, int64_t* order) {
-  T lo[3], hi[3];
+void cloud_bounds(const T* pts, int64_t N, T lo[3], T hi[3]) {
   for (int i = 0; i < 3; ++i) lo[i] = hi[i] = pts[i];
   for (int64_t n = 1; n < N; ++n)
     for (int i = 0; i < 3; ++i) {
       lo[i] = std::min(lo[i], pts[3 * n + i]);
       hi[i] = std::max(hi[i], pts[3 * n + i]);
     }
+}
+
+// Point order for culling: by Morton code of the point in a 1024^3 grid over the cloud's
+// bounding box [lo, hi], so that a tile holds nearby points and its bounding box misses most boxes.
+template <typename T>
+void spatial_order(const T* pts, int64_t N, const T lo[3], const T hi[3], int64_t* order) {
   auto spread = [](uint64_t v) {  // 10 bits -> every third bit
     v &= 0x3ff;
     v = (v | (v << 16)) & 0x30000ff;
@@ -177,14 +181,7 @@ void spatial_order(const T* pts, int64_t N, int64_t* order) {
 // point passes every per-point test, rounding being monotonic), and the spatial order,
 // which only serves to skip boxes per tile, would be pure overhead.
 template <typename T>
-bool culling_bites(const T* pts, int64_t N, const std::vector<GaussParams<T>>& gps) {
-  T lo[3], hi[3];
-  for (int i = 0; i < 3; ++i) lo[i] = hi[i] = pts[i];
-  for (int64_t n = 1; n < N; ++n)
-    for (int i = 0; i < 3; ++i) {
-      lo[i] = std::min(lo[i], pts[3 * n + i]);
-      hi[i] = std::max(hi[i], pts[3 * n + i]);
-    }
+bool culling_bites(const T lo[3], const T hi[3], const std::vector<GaussParams<T>>& gps) {
   for (const auto& gp : gps) {
     if (gp.h[0] < 0) continue;  // dropped everywhere, by the tile test
     for (int i = 0; i < 3; ++i)
@@ -355,8 +352,10 @@ void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, 
   std::vector<int64_t> order(cull && N > Blocking<T>::Tile ? B * N : 0);
   std::vector<char> sorted(order.empty() ? 0 : B, 0);  // per cloud: visit in spatial order
   auto sort_cloud = [&](int64_t b) {
-    sorted[b] = culling_bites(pts + b * N * 3, N, gps);
-    if (sorted[b]) spatial_order(pts + b * N * 3, N, order.data() + b * N);
+    T lo[3], hi[3];
+    cloud_bounds(pts + b * N * 3, N, lo, hi);
+    sorted[b] = culling_bites(lo, hi, gps);
+    if (sorted[b]) spatial_order(pts + b * N * 3, N, lo, hi, order.data() + b * N);
   };
   if (!order.empty() && chunks > 1) {
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {

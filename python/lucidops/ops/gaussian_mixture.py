@@ -124,57 +124,55 @@ def _backward_none(g, x, mu, p, w, half, cull, phi_fn, phi_backward_fn):
     return gx.reshape(x.shape), gm, gp, gw, gb
 
 
-def _triton_inputs(points, means, precisions, weight, cull_threshold):
+def _gpu_inputs(points, means, precisions, weight, cull_threshold):
     compute = _opmath(points.dtype)  # half inputs run in float32
     half = _reference.cull_half_widths(means, precisions, weight, cull_threshold)
     return compute, half, [t.to(compute).contiguous() for t in (points, means, precisions, weight)]
 
 
-def _triton_forward(points, means, precisions, weight, bias, reduce_max, cull_threshold):
-    from ..triton_kernels import gaussian_mixture as tk
-
-    compute, half, (x, mu, p, w) = _triton_inputs(points, means, precisions, weight, cull_threshold)
+def _gpu_forward(forward_fn, points, means, precisions, weight, bias, reduce_max, cull_threshold):
+    """The triton and cuda forwards: the same inputs and outputs around each one's kernel."""
+    compute, half, (x, mu, p, w) = _gpu_inputs(points, means, precisions, weight, cull_threshold)
     b = bias.to(compute).contiguous() if bias is not None else torch.zeros(w.shape[0], dtype=compute,
                                                                             device=w.device)
-    out, argmax = tk.forward(x, mu, p, w, b, half, cull_threshold is not None, reduce_max)
+    out, argmax = forward_fn(x, mu, p, w, b, half, cull_threshold is not None, reduce_max)
     return out.to(points.dtype), argmax
 
 
-def _triton_backward(grad, points, means, precisions, weight, argmax, reduce_max, cull_threshold):
-    from ..triton_kernels import gaussian_mixture as tk
-
-    compute, half, (x, mu, p, w) = _triton_inputs(points, means, precisions, weight, cull_threshold)
+def _gpu_backward(backward_max_fn, phi_fn, phi_backward_fn, grad, points, means, precisions, weight, argmax,
+                  reduce_max, cull_threshold):
+    """The triton and cuda backwards: fused for reduce max, phi + GEMMs (_backward_none) otherwise."""
+    compute, half, (x, mu, p, w) = _gpu_inputs(points, means, precisions, weight, cull_threshold)
     g = grad.to(compute).contiguous()
     cull = cull_threshold is not None
     if reduce_max:
-        gx, gm, gp, gw, gb = tk.backward_max(g, x, mu, p, w, argmax.contiguous(), half, cull)
+        gx, gm, gp, gw, gb = backward_max_fn(g, x, mu, p, w, argmax.contiguous(), half, cull)
     else:
-        gx, gm, gp, gw, gb = _backward_none(g, x, mu, p, w, half, cull, tk.phi, tk.phi_backward)
+        gx, gm, gp, gw, gb = _backward_none(g, x, mu, p, w, half, cull, phi_fn, phi_backward_fn)
     return (gx.to(points.dtype), gm.to(means.dtype), gp.to(precisions.dtype), gw.to(weight.dtype),
             gb.to(weight.dtype))
 
 
-def _cuda_forward(points, means, precisions, weight, bias, reduce_max, cull_threshold):
+def _triton_forward(*args):
+    from ..triton_kernels import gaussian_mixture as tk
+
+    return _gpu_forward(tk.forward, *args)
+
+
+def _triton_backward(*args):
+    from ..triton_kernels import gaussian_mixture as tk
+
+    return _gpu_backward(tk.backward_max, tk.phi, tk.phi_backward, *args)
+
+
+def _cuda_forward(*args):
     """The CUDA extension (csrc/cuda/gaussian_mixture.cu); half inputs run in float32."""
-    ext = _ext.load("cuda")
-    compute, half, (x, mu, p, w) = _triton_inputs(points, means, precisions, weight, cull_threshold)
-    b = bias.to(compute).contiguous() if bias is not None else torch.zeros(w.shape[0], dtype=compute,
-                                                                            device=w.device)
-    out, argmax = ext.gaussian_mixture_forward(x, mu, p, w, b, half, cull_threshold is not None, reduce_max)
-    return out.to(points.dtype), argmax
+    return _gpu_forward(_ext.load("cuda").gaussian_mixture_forward, *args)
 
 
-def _cuda_backward(grad, points, means, precisions, weight, argmax, reduce_max, cull_threshold):
+def _cuda_backward(*args):
     ext = _ext.load("cuda")
-    compute, half, (x, mu, p, w) = _triton_inputs(points, means, precisions, weight, cull_threshold)
-    g = grad.to(compute).contiguous()
-    cull = cull_threshold is not None
-    if reduce_max:
-        gx, gm, gp, gw, gb = ext.gaussian_mixture_backward_max(g, x, mu, p, w, argmax.contiguous(), half, cull)
-    else:
-        gx, gm, gp, gw, gb = _backward_none(g, x, mu, p, w, half, cull, ext.gaussian_phi, ext.gaussian_phi_backward)
-    return (gx.to(points.dtype), gm.to(means.dtype), gp.to(precisions.dtype), gw.to(weight.dtype),
-            gb.to(weight.dtype))
+    return _gpu_backward(ext.gaussian_mixture_backward_max, ext.gaussian_phi, ext.gaussian_phi_backward, *args)
 
 
 backends.register_op("gaussian_mixture",

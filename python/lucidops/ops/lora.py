@@ -233,15 +233,11 @@ def _(x, weight, lora_A, lora_B, bias, fn, placement, omega, scale):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@torch.library.custom_op("lucidops::bounded_lora_linear_backward", mutates_args=())
-def _lora_backward_op(grad: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, fn: str,
-                      placement: str, omega: float, scale: float, need_x: bool, need_weight: bool, need_bias: bool,
-                      need_lora: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out = backends.dispatch("bounded_lora_linear_backward", x.device.type, grad, x, weight, lora_A, lora_B, fn,
-                            placement, omega, scale, need_x, need_weight, need_bias, need_lora)
-    # Custom ops may not return aliases of their inputs or of each other (a no-op .to(),
-    # a shared empty tensor): fresh empties, clones where storage is shared.
-    taken = {t.untyped_storage().data_ptr() for t in (grad, x, weight, lora_A, lora_B) if t.numel() > 0}
+def _unaliased(out, inputs) -> Tuple[Tensor, ...]:
+    """``out`` with no tensor aliasing one of ``inputs`` or another output: custom ops may
+    not return aliases (a no-op ``.to()``, a shared empty tensor), so fresh empties, and
+    clones where storage is shared."""
+    taken = {t.untyped_storage().data_ptr() for t in inputs if t.numel() > 0}
     result = []
     for t in out:
         if t.numel() == 0:
@@ -252,6 +248,15 @@ def _lora_backward_op(grad: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, l
             taken.add(t.untyped_storage().data_ptr())
         result.append(t)
     return tuple(result)
+
+
+@torch.library.custom_op("lucidops::bounded_lora_linear_backward", mutates_args=())
+def _lora_backward_op(grad: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, fn: str,
+                      placement: str, omega: float, scale: float, need_x: bool, need_weight: bool, need_bias: bool,
+                      need_lora: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = backends.dispatch("bounded_lora_linear_backward", x.device.type, grad, x, weight, lora_A, lora_B, fn,
+                            placement, omega, scale, need_x, need_weight, need_bias, need_lora)
+    return _unaliased(out, (grad, x, weight, lora_A, lora_B))
 
 
 @_lora_backward_op.register_fake
@@ -302,18 +307,7 @@ def _quant_backward_op(grad: Tensor, x: Tensor, weight: Tensor, a_codes: Tensor,
     out = backends.dispatch("bounded_lora_linear_quant_backward", x.device.type, grad, x, weight, a_codes, a_t0,
                             a_t1, b_codes, b_t0, b_t1, method, group_a, group_b, fn, omega, scale, need_x,
                             need_weight, need_bias)
-    # No aliases of inputs or of each other (see _lora_backward_op).
-    taken = {t.untyped_storage().data_ptr() for t in (grad, x, weight) if t.numel() > 0}
-    result = []
-    for t in out:
-        if t.numel() == 0:
-            t = t.new_empty(t.shape)
-        elif t._base is not None or t.untyped_storage().data_ptr() in taken:
-            t = t.clone(memory_format=torch.contiguous_format)
-        if t.numel() > 0:
-            taken.add(t.untyped_storage().data_ptr())
-        result.append(t)
-    return tuple(result)
+    return _unaliased(out, (grad, x, weight))
 
 
 @_quant_backward_op.register_fake

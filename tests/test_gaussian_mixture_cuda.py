@@ -15,6 +15,7 @@ import lucidops
 from lucidops import _ext, backends
 from lucidops.ops.gaussian_mixture import gaussian_mixture
 from lucidops.reference import gaussian_mixture as ref
+from test_gaussian_mixture import make_params, make_points, rel_err  # the CPU tests' inputs and metric
 
 # The module (lucidops.ops.gaussian_mixture the attribute is the function).
 gm_mod = importlib.import_module("lucidops.ops.gaussian_mixture")
@@ -23,31 +24,7 @@ HAS_CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (the cuda kernels cannot run here)")
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-UPPER = ([0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2])
 EXT_FUNCTIONS = ("gaussian_mixture_forward", "gaussian_mixture_backward_max", "gaussian_phi", "gaussian_phi_backward")
-
-
-def make_params(G, K, dtype=torch.float64, device="cpu", seed=0):
-    """Random SPD precisions (L L^T, L near 2 I), means in the unit cube, mixer weight and bias."""
-    gen = torch.Generator().manual_seed(seed)
-    means = torch.rand(G, 3, generator=gen, dtype=torch.float64) * 2 - 1
-    factor = torch.eye(3, dtype=torch.float64) * 2.0 + 0.3 * torch.randn(G, 3, 3, generator=gen, dtype=torch.float64)
-    prec = (factor @ factor.transpose(1, 2))[:, UPPER[0], UPPER[1]]
-    weight = torch.randn(K, G, generator=gen, dtype=torch.float64)
-    bias = torch.randn(K, generator=gen, dtype=torch.float64)
-    return [t.to(dtype=dtype, device=device) for t in (means, prec, weight, bias)]
-
-
-def make_points(shape, dtype=torch.float64, device="cpu", seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.rand(*shape, 3, generator=gen, dtype=torch.float64) * 2.4 - 1.2).to(dtype=dtype, device=device)
-
-
-def rel_err(out, expected):
-    out, expected = out.detach().double().cpu(), expected.detach().double().cpu()
-    assert not torch.isnan(out).any(), "NaN in output"
-    denom = expected.norm()
-    return ((out - expected).norm() / denom).item() if denom > 0 else (out - expected).norm().item()
 
 
 def forward_backward(backend, tensors, reduce, cull, grad_seed=5):

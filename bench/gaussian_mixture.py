@@ -13,6 +13,12 @@ N = 256, K = 128 in the short run). Three parameter sets:
 
 Baselines: ``eager dense`` is the paper's formulation (phi (B, N, G) materialised, a
 Linear to (B, N, K), then max); ``lucidops[reference]`` is the op's reference backend.
+Beside the op, the first case times two whole classifiers (eval mode, 40 classes, random
+weights: the cost does not depend on training) on the same points: ``lucidops.models.PointNet``
+without feature transform (the issue's baseline, cuDNN convolutions on a GPU) and
+``lucidops.nn.GaussianPointNet`` (Gaussian T-Net, encoder and head, on the default backend);
+every forward row of that case gets its speed-up against PointNet, and on CUDA the peak
+allocation of one forward above its inputs and its ratio to PointNet's.
 Rows report time, the speedup against eager dense, the relative error against a float64
 evaluation, the culled kernel's speedup against the same kernel unculled, and for
 forward+backward the bytes autograd saves for the backward beyond the inputs
@@ -36,6 +42,7 @@ from lucidops.reference import gaussian_mixture as ref
 from .timing import measure_ms
 
 CULL_THRESHOLD = 0.1
+POINTNET = "PointNet (no feature transform), whole model"
 TRAINED = Path(__file__).with_name("gaussian_trained.pt")
 
 
@@ -70,6 +77,31 @@ def _shape_clouds(B: int, N: int, device: str) -> torch.Tensor:
 
     data = SyntheticShapes(B, num_points=N, seed=1)
     return torch.stack([data[i][0] for i in range(B)]).float().to(device)
+
+
+def _whole_models(device: str) -> Dict[str, Callable]:
+    """The classifiers compared with the op (forward only, eval mode), keyed by row name."""
+    from lucidops.models import PointNet
+    from lucidops.nn import GaussianPointNet
+
+    torch.manual_seed(0)
+    pointnet = PointNet(40, feature_transform=False).to(device).eval()
+    gaussian = GaussianPointNet(40).to(device).eval()
+    backend = backends.select("gaussian_mixture", device)
+    return {POINTNET: lambda p, *_: pointnet(p),
+            f"GaussianPointNet, whole model (lucidops[{backend}])": lambda p, *_: gaussian(p)}
+
+
+def _peak_mb(step: Callable[[], object], device: str) -> Optional[float]:
+    """On CUDA, the peak allocation of one ``step()`` above what was allocated before it."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _candidates(device: str, with_baselines: bool) -> Dict[str, Callable]:
@@ -120,7 +152,11 @@ def run(device: str, quick: bool = False) -> List[Dict]:
             times: Dict[str, float] = {}
             saved: Dict[str, int] = {}
             first = len(rows)
-            for name, fn in impls.items():
+            peak: Dict[str, float] = {}
+            mode_impls = dict(impls)
+            if with_baselines and mode == "forward":
+                mode_impls.update(_whole_models(device))
+            for name, fn in mode_impls.items():
                 extra: Dict[str, object] = {}
                 if mode == "forward":
                     def step(fn=fn):
@@ -128,7 +164,11 @@ def run(device: str, quick: bool = False) -> List[Dict]:
                             return fn(points, means, prec, weight, bias)
 
                     out = step()
-                    extra["rel_err_vs_fp64"] = ((out.double() - expected).norm() / expected.norm()).item()
+                    if out.shape == expected.shape:  # not the whole models' logits
+                        extra["rel_err_vs_fp64"] = ((out.double() - expected).norm() / expected.norm()).item()
+                    mb = _peak_mb(step, device)
+                    if mb is not None:
+                        extra["peak_MB_above_inputs"] = peak[name] = mb
                 else:
                     args = [t.clone().requires_grad_(True) for t in (points, means, prec, weight, bias)]
                     grad = torch.randn(B, K, device=device)
@@ -152,6 +192,10 @@ def run(device: str, quick: bool = False) -> List[Dict]:
                 for base, key in (("eager dense", "speedup_vs_eager"), ("lucidops[reference]", "speedup_vs_reference")):
                     if base in times:
                         row[key] = times[base] / row["ms"]
+                if mode == "forward" and POINTNET in times:
+                    row["speedup_vs_pointnet"] = times[POINTNET] / row["ms"]
+                    if row["impl"] in peak and peak.get(POINTNET):
+                        row["peak_vs_pointnet"] = peak[row["impl"]] / peak[POINTNET]
                 if row["impl"] == culled and "lucidops[cpp]" in times:
                     row["speedup_vs_unculled"] = times["lucidops[cpp]"] / row["ms"]
                 # The reference backend runs inside the same custom op (it too keeps only the

@@ -61,13 +61,31 @@ def _ratios(row: Dict) -> str:
                      if k.startswith("speedup_vs_") and v)
 
 
+def _memory(row: Dict) -> str:
+    """The memory a row measured: bytes saved for backward, CUDA peak, and their ratios to a baseline."""
+    parts = []
+    if row.get("saved_bytes") is not None:
+        parts.append(f"saved {row['saved_bytes'] / 2**20:.3g} MiB")
+    if row.get("saved_for_backward_MB") is not None:
+        parts.append(f"saved {row['saved_for_backward_MB']:.3g} MiB")
+    if row.get("peak_MB_above_inputs") is not None:
+        parts.append(f"peak +{row['peak_MB_above_inputs']:.3g} MiB")
+    what = {"saved": "saved bytes", "peak": "peak"}
+    for key, value in row.items():
+        kind, _, baseline = key.partition("_vs_")
+        if kind in what and baseline and value is not None:
+            parts.append(f"{value:.3g}x {baseline.replace('_', ' ')}'s {what[kind]}")
+    return ", ".join(parts)
+
+
 def to_markdown(desc: Dict, rows: List[Dict]) -> str:
     lines = [f"# lucidops benchmarks on {desc['name']}", "",
              ", ".join(f"{k}: {v}" for k, v in desc.items()), "",
-             "| family | case | mode | implementation | ms (median) | speed-up |",
-             "|---|---|---|---|---:|---|"]
+             "| family | case | mode | implementation | ms (median) | speed-up | memory |",
+             "|---|---|---|---|---:|---|---|"]
     for r in rows:
-        lines.append(f"| {r['family']} | {r['case']} | {r['mode']} | {r['impl']} | {r['ms']:.3f} | {_ratios(r)} |")
+        lines.append(f"| {r['family']} | {r['case']} | {r['mode']} | {r['impl']} | {r['ms']:.3f} | {_ratios(r)} "
+                     f"| {_memory(r)} |")
     return "\n".join(lines) + "\n"
 
 

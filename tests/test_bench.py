@@ -52,3 +52,29 @@ def test_plot_has_one_panel_per_baseline(tmp_path):
     assert path.name == "slug-f.png" and path.read_bytes()[:4] == b"\x89PNG"
     # A family without ratios gets no chart.
     assert plots.write_family_plots([dict(family="g", case="c", mode="m", impl="i", ms=1.0)], "m", tmp_path, "s") == []
+
+
+def test_markdown_reports_memory_and_its_ratio():
+    row = dict(family="f", case="c", mode="forward+backward", impl="lucidops[cpp]", ms=1.0, speedup_vs_eager=2.0,
+               saved_bytes=3 * 2**20, saved_vs_eager=0.25, peak_MB_above_inputs=5.0, peak_vs_pointnet=0.5)
+    line = runner.to_markdown({"name": "m"}, [row]).splitlines()[-1]
+    assert "2.00x vs eager" in line
+    assert "saved 3 MiB" in line and "0.25x eager's saved bytes" in line
+    assert "peak +5 MiB" in line and "0.5x pointnet's peak" in line
+
+
+def test_gaussian_bench_compares_whole_pointnet():
+    from lucidops.bench import gaussian_mixture
+
+    rows = [r for r in gaussian_mixture.run("cpu", quick=True) if r["mode"] == "forward"]
+    impls = {r["impl"] for r in rows}
+    assert gaussian_mixture.POINTNET in impls
+    assert any(i.startswith("GaussianPointNet, whole model (lucidops[") for i in impls)
+    first_case = rows[0]["case"]
+    for row in rows:
+        if row["case"] == first_case:  # the case with the baselines: every forward row has the ratio
+            assert row["speedup_vs_pointnet"] > 0
+            op_row = "whole model" not in row["impl"]
+            assert ("rel_err_vs_fp64" in row) == op_row  # logits have no fp64 mixture to compare with
+            if op_row and "cull" not in row["impl"]:
+                assert row["rel_err_vs_fp64"] < 1e-4

@@ -9,19 +9,16 @@ The full-rank update s fn(omega B A) (N_out x K_in) never reaches global memory:
   strides, so one kernel serves the forward (in = x, W^T, L = A^T, R = B^T) and dx
   (in = dY, W, L = B, R = A), plus the plain products of the "output" placement (LORA
   off; EPILOGUE 1 adds s fn(omega U E), EPILOGUE 2 adds U E, with U (M, r) float32).
+  With QUANT (methods.md 4, placement "weight") L and R are quantized adapter factors:
+  the kernel reads their uint8 codes and float16 side data (per-group scale and minimum,
+  or a codebook) and dequantizes each tile in float32, so neither the dequantized
+  factors nor the update reach global memory. Adapters are frozen: no dA/dB.
 - ``lora_wgrad_kernel`` forms a tile of G = dY^T X (looping over M), optionally stores it
   as dW, then multiplies by s omega fn'(omega B A) (regenerated) and reduces the tile
   into per-tile partials of dA = B^T H and dB = H A^T, summed afterwards in a fixed
   order (deterministic, no atomics).
 - ``lora_output_grad_kernel`` (placement "output"): Gz = dY s fn'(omega U B^T) tile by
   tile, reduced over N into dU = omega Gz B, or over M into dB = omega Gz^T U.
-
-- ``lora_quant_matmul_kernel`` (methods.md 4, placement "weight"): the same product with
-  Weff = W + s fn(omega Q(L) Q(R)) where L and R are quantized adapter factors: it reads
-  their uint8 codes and float16 side data (per-group scale and minimum, or a codebook) and
-  dequantizes each tile in float32 in its prologue, so neither the dequantized factors nor
-  the update reach global memory. Serves the forward (L = A^T, R = B^T) and dx (L = B,
-  R = A); adapters are frozen, so there is no dA/dB.
 
 Rank r is padded to 16-wide chunks with masks, so every tl.dot dimension is >= 16.
 float64 inputs are not supported here (use the reference or cpp backend).
@@ -70,15 +67,47 @@ def _bounded_derivative(z, FN: tl.constexpr):
 
 
 @triton.jit
+def _factor_tile(ptr, t0_ptr, t1_ptr, flat, mask, group_size, QUANT: tl.constexpr, METHOD: tl.constexpr):
+    """float32 tile of an adapter factor at element offsets ``flat`` (0 where masked).
+
+    Plain (QUANT off): ptr[flat] cast to float32; t0_ptr, t1_ptr and group_size are unused.
+    Quantized: ptr holds row-major uint8 codes and ``flat`` indexes them. METHOD 0
+    (uniform): code * scale[g] + minimum[g] with g = flat // group_size, as
+    QuantizedTensor.dequantize computes it (a group may straddle rows). METHOD 1 (kmeans):
+    codebook[code]; QuantizedTensor.kernel_tensors pads the codebook to 256 entries, so
+    any uint8 code stays in bounds."""
+    if QUANT:
+        code = tl.load(ptr + flat, mask=mask, other=0)
+        if METHOD == 0:
+            g = flat // group_size
+            s = tl.load(t0_ptr + g, mask=mask, other=0.0).to(tl.float32)
+            lo = tl.load(t1_ptr + g, mask=mask, other=0.0).to(tl.float32)
+            v = code.to(tl.float32) * s + lo   # masked: 0 * 0 + 0
+        else:
+            v = tl.load(t0_ptr + code.to(tl.int32), mask=mask, other=0.0).to(tl.float32)
+    else:
+        v = tl.load(ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
 def lora_matmul_kernel(
-    in_ptr, w_ptr, l_ptr, r_ptr, bias_ptr, u_ptr, e_ptr, out_ptr,
+    in_ptr, w_ptr, l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, bias_ptr, u_ptr, e_ptr, out_ptr,
     M, I, J, R,
     stride_im, stride_ii, stride_wi, stride_wj, stride_li, stride_lr, stride_rr, stride_rj,
     stride_um, stride_ur, stride_er, stride_ej,
-    omega, scale,
-    FN: tl.constexpr, LORA: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    group_l, group_r, omega, scale,
+    FN: tl.constexpr, LORA: tl.constexpr, QUANT: tl.constexpr, METHOD: tl.constexpr, EPILOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """out[m, j] = sum_i in[m, i] (W(i, j) [+ s fn(omega sum_r L[i, r] R[r, j])]) [+ epilogue] [+ bias].
+
+    L[i, r] is the element at offset i * stride_li + r * stride_lr of l_ptr, R[r, j] at
+    r * stride_rr + j * stride_rj. With QUANT (LORA on) l_ptr / r_ptr are the factors'
+    contiguous codes, the strides run over the flattened factor, which is also where its
+    uniform groups (group_l, group_r elements) are counted, and l0/l1, r0/r1 are the side
+    tables (see _factor_tile); otherwise the tables and groups are unused."""
     pid_m = tl.program_id(0)
     pid_j = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,10 +128,10 @@ def lora_matmul_kernel(
             for r0 in range(0, R, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 mask_r = offs_r < R
-                lf = tl.load(l_ptr + offs_i[:, None] * stride_li + offs_r[None, :] * stride_lr,
-                             mask=mask_i[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-                rf = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
-                             mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
+                lf = _factor_tile(l_ptr, l0_ptr, l1_ptr, offs_i[:, None] * stride_li + offs_r[None, :] * stride_lr,
+                                  mask_i[:, None] & mask_r[None, :], group_l, QUANT, METHOD)
+                rf = _factor_tile(r_ptr, r0_ptr, r1_ptr, offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
+                                  mask_r[:, None] & mask_j[None, :], group_r, QUANT, METHOD)
                 p = tl.dot(lf, rf, p, input_precision="ieee")
             w = w.to(tl.float32) + scale * _bounded(omega * p, FN)
         w = w.to(a.dtype)
@@ -124,73 +153,6 @@ def lora_matmul_kernel(
             acc += scale * _bounded(omega * z, FN)
         else:
             acc += z
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * J + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_j[None, :])
-
-
-@triton.jit
-def _dequant(q_ptr, t0_ptr, t1_ptr, flat, mask, group_size, METHOD: tl.constexpr):
-    """float32 values of the quantized elements at row-major flat indices ``flat`` (0 where
-    masked). METHOD 0 (uniform): code * scale[g] + minimum[g] with g = flat // group_size,
-    as QuantizedTensor.dequantize computes it (a group may straddle rows). METHOD 1
-    (kmeans): codebook[code]; QuantizedTensor.kernel_tensors pads the codebook to 256
-    entries, so any uint8 code stays in bounds."""
-    code = tl.load(q_ptr + flat, mask=mask, other=0)
-    if METHOD == 0:
-        g = flat // group_size
-        s = tl.load(t0_ptr + g, mask=mask, other=0.0).to(tl.float32)
-        lo = tl.load(t1_ptr + g, mask=mask, other=0.0).to(tl.float32)
-        v = code.to(tl.float32) * s + lo   # masked: 0 * 0 + 0
-    else:
-        v = tl.load(t0_ptr + code.to(tl.int32), mask=mask, other=0.0).to(tl.float32)
-    return v
-
-
-@triton.jit
-def lora_quant_matmul_kernel(
-    in_ptr, w_ptr, lq_ptr, l0_ptr, l1_ptr, rq_ptr, r0_ptr, r1_ptr, bias_ptr, out_ptr,
-    M, I, J, R,
-    stride_im, stride_ii, stride_wi, stride_wj, stride_li, stride_lr, stride_rr, stride_rj,
-    group_l, group_r, omega, scale,
-    FN: tl.constexpr, METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """out[m, j] = sum_i in[m, i] (W(i, j) + s fn(omega sum_r Q(L)[i, r] Q(R)[r, j])) (+ bias).
-
-    L[i, r] is the element at flat index i * stride_li + r * stride_lr of L's stored
-    (row-major, contiguous) codes, R[r, j] at r * stride_rr + j * stride_rj: strides over
-    the flattened factor, which is also where its uniform groups are counted."""
-    pid_m = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    mask_m = offs_m < M
-    mask_j = offs_j < J
-    acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
-    for i0 in range(0, I, BLOCK_I):
-        offs_i = i0 + tl.arange(0, BLOCK_I)
-        mask_i = offs_i < I
-        offs_i64 = offs_i.to(tl.int64)
-        a = tl.load(in_ptr + offs_m[:, None] * stride_im + offs_i64[None, :] * stride_ii,
-                    mask=mask_m[:, None] & mask_i[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_i64[:, None] * stride_wi + offs_j[None, :] * stride_wj,
-                    mask=mask_i[:, None] & mask_j[None, :], other=0.0)
-        p = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            lf = _dequant(lq_ptr, l0_ptr, l1_ptr, offs_i[:, None] * stride_li + offs_r[None, :] * stride_lr,
-                          mask_i[:, None] & mask_r[None, :], group_l, METHOD)
-            rf = _dequant(rq_ptr, r0_ptr, r1_ptr, offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
-                          mask_r[:, None] & mask_j[None, :], group_r, METHOD)
-            p = tl.dot(lf, rf, p, input_precision="ieee")
-        w = (w.to(tl.float32) + scale * _bounded(omega * p, FN)).to(a.dtype)
-        if UPCAST:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * J + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -323,11 +285,13 @@ def _matmul_config(rows: int) -> Tuple[int, int, int, int]:
 
 
 def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Optional[Tuple] = None,
-            epilogue: int = 0, u: Optional[torch.Tensor] = None, e: Optional[torch.Tensor] = None,
-            bias: Optional[torch.Tensor] = None, fn: int = 0, omega: float = 0.0, scale: float = 0.0) -> torch.Tensor:
+            quant: Optional[Tuple] = None, epilogue: int = 0, u: Optional[torch.Tensor] = None,
+            e: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, fn: int = 0, omega: float = 0.0,
+            scale: float = 0.0) -> torch.Tensor:
     """out (M, J) = inp (M, I) @ Weff (I, J) [+ epilogue] [+ bias], every operand by strides.
 
-    lora = (L (I, r), R (r, J)) regenerates Weff = w + scale fn(omega L R) tile by tile."""
+    lora = (L (I, r), R (r, J)) regenerates Weff = w + scale fn(omega L R) tile by tile;
+    quant = (method code, r, left, right) does so from quantized factors (see _quant_matmul)."""
     m, i_dim = inp.shape
     j_dim = w.shape[1]
     if out.numel() == 0:
@@ -335,18 +299,29 @@ def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Opti
     if i_dim == 0 and epilogue == 0 and bias is None:
         return out.zero_()
     block_m, block_j, block_i, warps = _matmul_config(m)
-    l, rm = lora if lora is not None else (w, w)
-    r = l.shape[1] if lora is not None else (u.shape[1] if u is not None else 0)
-    u_t = u if u is not None else _dummy_fp32(inp.device)
+    dummy = _dummy_fp32(inp.device)
+    if quant is not None:
+        method, r, left, right = quant
+    else:
+        # Plain factors: no side tables (the dummy is never read), strides of the tensors.
+        method = 0
+        l, rm = lora if lora is not None else (w, w)
+        r = l.shape[1] if lora is not None else (u.shape[1] if u is not None else 0)
+        left = (l, dummy, dummy, 1, l.stride(0), l.stride(1))
+        right = (rm, dummy, dummy, 1, rm.stride(0), rm.stride(1))
+    lq, l0, l1, group_l, stride_li, stride_lr = left
+    rq, r0, r1, group_r, stride_rr, stride_rj = right
+    u_t = u if u is not None else dummy
     e_t = e if e is not None else w
     grid = (triton.cdiv(m, block_m), triton.cdiv(j_dim, block_j))
     lora_matmul_kernel[grid](
-        inp, w, l, rm, bias if bias is not None else w, u_t, e_t, out,
+        inp, w, lq, l0, l1, rq, r0, r1, bias if bias is not None else w, u_t, e_t, out,
         m, i_dim, j_dim, r,
-        inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), l.stride(0), l.stride(1), rm.stride(0), rm.stride(1),
+        inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), stride_li, stride_lr, stride_rr, stride_rj,
         u_t.stride(0) if u is not None else 0, u_t.stride(1) if u is not None else 0,
-        e_t.stride(0), e_t.stride(1), float(omega), float(scale),
-        FN=fn, LORA=lora is not None, EPILOGUE=epilogue, HAS_BIAS=bias is not None, UPCAST=_upcast(inp, w),
+        e_t.stride(0), e_t.stride(1), max(int(group_l), 1), max(int(group_r), 1), float(omega), float(scale),
+        FN=fn, LORA=lora is not None or quant is not None, QUANT=quant is not None, METHOD=method,
+        EPILOGUE=epilogue, HAS_BIAS=bias is not None, UPCAST=_upcast(inp, w),
         BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_I=block_i, BLOCK_R=BLOCK_R, num_warps=warps,
     )
     return out
@@ -438,7 +413,8 @@ def _wgrad(grad, x, a, b, code, omega, scale, need_weight, need_lora, w_dtype):
     if n > 0 and k > 0:
         lora_wgrad_kernel[(tiles_n, tiles_k)](
             grad, x, a, b, dw, pa, pb, m, n, k, r, float(omega), float(scale),
-            FN=code, NEED_DW=need_weight, NEED_LORA=need_lora, UPCAST=_upcast(x),
+            # FN only matters with the adapter: one compiled variant for every plain dW = dY^T X.
+            FN=code if need_lora else 0, NEED_DW=need_weight, NEED_LORA=need_lora, UPCAST=_upcast(x),
             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_R=BLOCK_R, num_warps=warps,
         )
     empty = x.new_empty(0)
@@ -476,27 +452,14 @@ def _quant_matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, left: T
 
     left / right = (codes, table0, table1, group_size, stride_row, stride_col): the stored
     factor's kernel tensors and the flat-index strides of L (I, r) / R (r, J) over it."""
-    m, i_dim = inp.shape
-    j_dim = w.shape[1]
     if out.numel() == 0:
         return out
-    lq, l0, l1, group_l, stride_li, stride_lr = left
-    rq, r0, r1, group_r, stride_rr, stride_rj = right
-    for t in (lq, rq):
+    for t in (left[0], right[0]):
         if t.numel() >= 2 ** 31:
             raise ValueError(f"the triton backend indexes quantized factors with int32: {t.numel()} elements is "
                              f"too many (use the cpp or reference backend)")
-    block_m, block_j, block_i, warps = _matmul_config(m)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(j_dim, block_j))
-    lora_quant_matmul_kernel[grid](
-        inp, w, lq, l0, l1, rq, r0, r1, bias if bias is not None else w, out,
-        m, i_dim, j_dim, r,
-        inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), stride_li, stride_lr, stride_rr, stride_rj,
-        max(int(group_l), 1), max(int(group_r), 1), float(omega), float(scale),
-        FN=fn, METHOD=QUANT_METHODS[method], HAS_BIAS=bias is not None, UPCAST=_upcast(inp, w),
-        BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_I=block_i, BLOCK_R=BLOCK_R, num_warps=warps,
-    )
-    return out
+    return _matmul(inp, w, out, quant=(QUANT_METHODS[method], r, left, right), bias=bias, fn=fn, omega=omega,
+                   scale=scale)
 
 
 def quant_forward(x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, bias, method: str, group_a: int,
@@ -545,32 +508,26 @@ def quant_backward(grad, x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, me
 _DTYPES = ("fp16", "bf16", "fp32")
 
 
-def _matmul_spec(in_t, w_t, out_t, *, lora, epilogue, has_bias, fn, config):
+def _matmul_spec(in_t, w_t, out_t, *, lora, epilogue, has_bias, fn, config, quant_method=None):
+    """lora_matmul_kernel as _matmul launches it; quant_method (a QUANT_METHODS code) for
+    quantized factors: uint8 codes and float16 side tables instead of plain factors and
+    the fp32 dummy."""
     block_m, block_j, block_i, warps = config
+    quant = quant_method is not None
+    factor_t, table_t = ("u8", "fp16") if quant else (w_t, "fp32")
     ints = ["M", "I", "J", "R", "stride_im", "stride_ii", "stride_wi", "stride_wj", "stride_li", "stride_lr",
-            "stride_rr", "stride_rj", "stride_um", "stride_ur", "stride_er", "stride_ej"]
-    signature = {"in_ptr": f"*{in_t}", "w_ptr": f"*{w_t}", "l_ptr": f"*{w_t}", "r_ptr": f"*{w_t}",
+            "stride_rr", "stride_rj", "stride_um", "stride_ur", "stride_er", "stride_ej", "group_l", "group_r"]
+    signature = {"in_ptr": f"*{in_t}", "w_ptr": f"*{w_t}",
+                 "l_ptr": f"*{factor_t}", "l0_ptr": f"*{table_t}", "l1_ptr": f"*{table_t}",
+                 "r_ptr": f"*{factor_t}", "r0_ptr": f"*{table_t}", "r1_ptr": f"*{table_t}",
                  "bias_ptr": f"*{w_t}", "u_ptr": "*fp32", "e_ptr": f"*{w_t}", "out_ptr": f"*{out_t}"}
     signature.update({name: "i32" for name in ints})
     signature.update({"omega": "fp32", "scale": "fp32"})
-    constexprs = {"FN": fn, "LORA": lora, "EPILOGUE": epilogue, "HAS_BIAS": has_bias, "UPCAST": False,
+    constexprs = {"FN": fn, "LORA": lora or quant, "QUANT": quant, "METHOD": quant_method if quant else 0,
+                  "EPILOGUE": epilogue, "HAS_BIAS": has_bias, "UPCAST": False,
                   "BLOCK_M": block_m, "BLOCK_J": block_j, "BLOCK_I": block_i, "BLOCK_R": BLOCK_R}
     signature.update({name: "constexpr" for name in constexprs})
     return dict(fn=lora_matmul_kernel, signature=signature, constexprs=constexprs, num_warps=warps)
-
-
-def _quant_matmul_spec(dt, *, method, has_bias, fn, config):
-    block_m, block_j, block_i, warps = config
-    ints = ["M", "I", "J", "R", "stride_im", "stride_ii", "stride_wi", "stride_wj", "stride_li", "stride_lr",
-            "stride_rr", "stride_rj", "group_l", "group_r"]
-    signature = {"in_ptr": f"*{dt}", "w_ptr": f"*{dt}", "lq_ptr": "*u8", "l0_ptr": "*fp16", "l1_ptr": "*fp16",
-                 "rq_ptr": "*u8", "r0_ptr": "*fp16", "r1_ptr": "*fp16", "bias_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
-    signature.update({name: "i32" for name in ints})
-    signature.update({"omega": "fp32", "scale": "fp32"})
-    constexprs = {"FN": fn, "METHOD": method, "HAS_BIAS": has_bias, "UPCAST": False,
-                  "BLOCK_M": block_m, "BLOCK_J": block_j, "BLOCK_I": block_i, "BLOCK_R": BLOCK_R}
-    signature.update({name: "constexpr" for name in constexprs})
-    return dict(fn=lora_quant_matmul_kernel, signature=signature, constexprs=constexprs, num_warps=warps)
 
 
 def aot_specs() -> Iterator[Dict]:
@@ -585,12 +542,14 @@ def aot_specs() -> Iterator[Dict]:
             # U = x A^T (fp32 out); output-placement dx (epilogue 2); dA = dU^T x (fp32 in and out)
             yield _matmul_spec(dt, dt, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
             yield _matmul_spec(dt, dt, dt, lora=False, epilogue=2, has_bias=False, fn=0, config=config)
-            yield _matmul_spec("fp32", dt, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
+            if dt != "fp32":  # for fp32 this is the U spec above
+                yield _matmul_spec("fp32", dt, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
             # quantized adapters: forward (with or without bias) and dx (no bias)
             for method in QUANT_METHODS.values():
                 for fn in FN_CODES.values():
                     for has_bias in (False, True):
-                        yield _quant_matmul_spec(dt, method=method, has_bias=has_bias, fn=fn, config=config)
+                        yield _matmul_spec(dt, dt, dt, lora=True, epilogue=0, has_bias=has_bias, fn=fn,
+                                           config=config, quant_method=method)
         block_n, block_k, block_m, warps = WGRAD_CONFIG
         for fn in FN_CODES.values():
             for need_dw, need_lora in ((True, False), (False, True), (True, True)):

@@ -372,3 +372,46 @@ def test_eager_dense_computes_the_fused_function_and_restores_the_model():
             dense = model(x)
         assert all("forward" not in vars(e) for e in model.gaussian_encoders())
     torch.testing.assert_close(dense, fused, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- fine-tuning helpers (lucidops.train.finetune)
+
+
+def test_finetune_picks_distinct_points_and_cosine_rates():
+    import importlib
+
+    distill_module = importlib.import_module("lucidops.train.distill")
+    gen = torch.Generator().manual_seed(0)
+    for n, count in [(64, 64), (64, 17), (1, 1)]:
+        idx = distill_module._pick_points(n, count, gen)
+        assert idx.shape == (count,) and len(set(idx.tolist())) == count and 0 <= idx.min() and idx.max() < n
+    idx = distill_module._pick_points(5, 12, gen)  # fewer points than asked: with replacement
+    assert idx.shape == (12,) and set(idx.tolist()) <= set(range(5))
+
+    w = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [w], "lr": 0.5}, {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.1}])
+    base = [[0.5, 0.1]]
+    rates = []
+    for step in range(5):
+        distill_module._set_cosine_rates([opt], base, step, 5)
+        rates.append([g["lr"] for g in opt.param_groups])
+    assert rates[0] == pytest.approx([0.5, 0.1]) and rates[-1] == pytest.approx([0.01, 0.002])
+    assert rates[2] == pytest.approx([0.5 * 0.51, 0.1 * 0.51])  # the half-way point: (1 + 0.02) / 2
+    assert all(a[0] > b[0] for a, b in zip(rates, rates[1:]))  # strictly decreasing
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_finetune_schedules_train(schedule):
+    from lucidops.train import finetune
+
+    torch.manual_seed(0)
+    model = GaussianPointNet(num_classes=2, num_gaussians=4, out_channels=16, tnet_gaussians=3)
+    g = torch.Generator().manual_seed(1)
+    # Two classes that differ in extent: a learnable task, so the loss must fall.
+    data = [((torch.rand(24, 3, generator=g) * 2 - 1) * (0.3 + 0.7 * (i % 2)), i % 2) for i in range(16)]
+    res = finetune(model, data, steps=40, lr=5e-3, batch_size=8, points_per_cloud=24, encoder_lr_scale=0.1,
+                   schedule=schedule, seed=0, progress=False)
+    assert res.steps == 40 and all(math.isfinite(v) for v in res.losses)
+    assert np.mean(res.losses[-10:]) < np.mean(res.losses[:10])
+    with pytest.raises(ValueError, match="schedule"):
+        finetune(model, data, steps=1, schedule="linear", progress=False)

@@ -238,3 +238,42 @@ def test_pointnet_encoder_features_given_transforms(feature_transform):
     torch.testing.assert_close(given, direct, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="feature_transform"):
         net.encoder_features(x, None if feature_transform else torch.eye(64).expand(3, 64, 64))
+
+
+def test_spread_is_the_mean_axis_variance():
+    enc = GaussianPointEncoder(3, 4, cloud_range=2.0)
+    with torch.no_grad():
+        enc.factor.zero_()
+        enc.factor[:, [0, 3, 5]] = torch.tensor([[1.0, 2.0, 4.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+    # Sigma = diag(1 / l^2): traces / 3 = (1 + 1/4 + 1/16) / 3, 1, 1/4; over cloud_range^2 = 4.
+    expected = ((1 + 0.25 + 0.0625) / 3 + 1.0 + 0.25) / 3 / 4.0
+    assert enc.spread().item() == pytest.approx(expected, rel=1e-6)
+    enc.spread().backward()
+    assert enc.factor.grad is not None and torch.isfinite(enc.factor.grad).all()
+
+
+def test_spread_penalty_narrows_the_gaussians():
+    teacher = _teacher(feature_transform=False, input_transform=False)
+    teacher_fn = lambda x: teacher.point_features(x)[..., :K]  # noqa: E731
+    runs = {}
+    for penalty in (0.0, 1.0):
+        torch.manual_seed(1)
+        student = GaussianPointEncoder(8, K, reduce="none")
+        result = distill(teacher_fn, student, None, steps=60, lr=1e-2, batch_size=4, points_per_cloud=64, seed=0,
+                         progress=False, spread_penalty=penalty)
+        runs[penalty] = (student.spread().item(), result.losses)
+    assert runs[1.0][0] < 0.8 * runs[0.0][0], runs
+    # The logged loss is the L1 alone: the first step (same init, same points) logs the same value.
+    assert runs[1.0][1][0] == pytest.approx(runs[0.0][1][0], rel=1e-6)
+
+
+@pytest.mark.parametrize("penalty", [-0.1, float("nan"), True, "1"])
+def test_spread_penalty_bad_values(penalty):
+    with pytest.raises(ValueError, match="spread_penalty"):
+        distill(lambda x: x, GaussianPointEncoder(2, 3, reduce="none"), None, steps=1, progress=False,
+                spread_penalty=penalty)
+
+
+def test_spread_penalty_needs_a_gaussian_encoder():
+    with pytest.raises(ValueError, match="spread_penalty"):
+        distill(lambda x: x, torch.nn.Linear(3, 3), None, steps=1, progress=False, spread_penalty=0.5)

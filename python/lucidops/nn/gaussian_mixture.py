@@ -97,6 +97,16 @@ class GaussianPointEncoder(nn.Module):
         l_mat[:, rows, cols] = self.factor[:, [0, 1, 3, 2, 4, 5]]
         return torch.cholesky_inverse(l_mat, upper=False)
 
+    def spread(self) -> Tensor:
+        """The Gaussians' mean per-axis variance, mean over g of trace(Sigma_g) / 3, in units of
+        ``cloud_range ** 2`` (a differentiable scalar).
+
+        The culling box of Gaussian g has half-widths proportional to sqrt(Sigma_g[i, i]), so
+        adding ``lambda * spread()`` to a training loss (``lucidops.train.distill``'s
+        ``spread_penalty``) keeps the Gaussians compact and lets culling skip more of the cloud.
+        """
+        return self.covariances().diagonal(dim1=-2, dim2=-1).mean() / self.cloud_range ** 2
+
     def forward(self, points: Tensor) -> Tensor:
         """points (..., N, 3) in this module's dtype -> (..., K) or (..., N, K)."""
         return gaussian_mixture(points, self.means, self.precisions(), self.mixer.weight, self.mixer.bias,

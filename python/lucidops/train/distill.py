@@ -264,14 +264,15 @@ def _dtype_of(student: nn.Module) -> torch.dtype:
 # One distillation stage
 # ----------------------------------------------------------------------------------------
 
-def _step(opts, loss: Tensor, distributed: bool, world: int) -> float:
-    """One optimisation step on ``loss``; returns the loss averaged over the ranks (for logging)."""
+def _step(opts, loss: Tensor, distributed: bool, world: int, logged: Optional[Tensor] = None) -> float:
+    """One optimisation step on ``loss``; returns ``logged`` (default: the loss) averaged over
+    the ranks (for logging)."""
     for opt in opts:
         opt.zero_grad(set_to_none=True)
     loss.backward()
     for opt in opts:
         opt.step()
-    logged = loss.detach()
+    logged = (loss if logged is None else logged).detach()
     if distributed:
         logged = logged.clone()
         torch.distributed.all_reduce(logged)
@@ -279,11 +280,24 @@ def _step(opts, loss: Tensor, distributed: bool, world: int) -> float:
     return float(logged)
 
 
+def _spread_encoders(student: nn.Module, spread_penalty) -> List[GaussianPointEncoder]:
+    """The student's Gaussian encoders that ``spread_penalty`` applies to ([] when it is 0)."""
+    if isinstance(spread_penalty, bool) or not isinstance(spread_penalty, (int, float)) or \
+            not (math.isfinite(spread_penalty) and spread_penalty >= 0):
+        raise ValueError(f"spread_penalty must be a finite number >= 0, got {spread_penalty!r}")
+    if spread_penalty == 0:
+        return []
+    encoders = [m for m in student.modules() if isinstance(m, GaussianPointEncoder)]
+    if not encoders:
+        raise ValueError("spread_penalty > 0 needs a student containing a lucidops.nn.GaussianPointEncoder")
+    return encoders
+
+
 def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: float = 1e-3,
             batch_size: int = 32, points_per_cloud: int = 512, optimizer: str = "natural",
             natural_gradient: str = "mahalanobis", gaussian_lr: float = 0.005, momentum: float = 0.9,
             weight_decay: float = 0.01, input_transform: Optional[Callable[..., Tensor]] = None,
-            per_cloud: Optional[Sequence[Optional[Tensor]]] = None,
+            per_cloud: Optional[Sequence[Optional[Tensor]]] = None, spread_penalty: float = 0.0,
             seed: Optional[int] = None, progress: bool = True, device=None, desc: str = "distill"
             ) -> DistillResult:
     """Distil ``student`` from ``teacher``'s per-point pre-max activations (L1 loss), in place.
@@ -324,6 +338,10 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
             depend on the whole cloud; :func:`distill_pointnet` passes each cloud's own
             transforms here, so the student learns the per-point function it will meet on
             real clouds.
+        spread_penalty: ``lambda >= 0`` (default 0, the paper's plain L1): adds ``lambda *
+            enc.spread()`` for every ``GaussianPointEncoder`` in the student to the loss,
+            pulling the Gaussians' variances down so that inference-time culling skips more
+            (see ``bench/make_gaussian_trained.py`` for the measured trade-off).
         seed: seeds the point sampling (rank ``r`` uses ``seed + r``); ``None`` draws a seed
             from torch's global generator.
         progress: show a tqdm bar (rank 0 only).
@@ -332,7 +350,7 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
         desc: the progress bar's label.
 
     Returns:
-        A :class:`DistillResult` with the loss of every step.
+        A :class:`DistillResult` with the L1 loss of every step (without the spread penalty).
     """
     _check_common(steps, lr, batch_size, points_per_cloud, optimizer, natural_gradient, gaussian_lr,
                   momentum, weight_decay)
@@ -343,6 +361,7 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
         raise TypeError(f"input_transform must be callable or None, got {type(input_transform).__name__}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    spread_encoders = _spread_encoders(student, spread_penalty)
 
     distributed, rank, world = _dist_info()
     dev = _resolve_device(device, student)
@@ -400,8 +419,9 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
                 if step == 0 and out.shape != target.shape:
                     raise ValueError(f"student output {tuple(out.shape)} does not match the teacher's per-point "
                                      f"features {tuple(target.shape)} (a student must return (B, N, K))")
-                loss = F.l1_loss(out, target.to(out.dtype))
-                value = _step(opts, loss, distributed, world)
+                l1 = F.l1_loss(out, target.to(out.dtype))
+                loss = l1 + spread_penalty * sum(enc.spread() for enc in spread_encoders) if spread_encoders else l1
+                value = _step(opts, loss, distributed, world, logged=l1)
                 if not math.isfinite(value):
                     raise FloatingPointError(f"{desc}: the loss became {value} at step {step}")
                 result.losses.append(value)
@@ -486,22 +506,47 @@ def _labelled(item) -> Tuple[Tensor, Tensor]:
     return item[0], torch.as_tensor(item[1]).reshape(())
 
 
+_SCHEDULES = ("constant", "cosine")
+
+
+def _pick_points(n: int, count: int, gen: torch.Generator) -> Tensor:
+    """Indices of ``count`` of a cloud's ``n`` points: distinct when ``n >= count`` (a cloud
+    seen as at test time, no duplicated points), else drawn with replacement."""
+    if n >= count:
+        return torch.randperm(n, generator=gen)[:count]
+    return torch.randint(0, n, (count,), generator=gen)
+
+
+def _set_cosine_rates(opts, base_rates, step: int, steps: int, floor: float = 0.02) -> None:
+    """Set every group's rate to its start rate times a half cosine from 1 (step 0) to
+    ``floor`` (the last step)."""
+    t = step / max(steps - 1, 1)
+    factor = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    for opt, rates in zip(opts, base_rates):
+        for g, rate in zip(opt.param_groups, rates):
+            g["lr"] = rate * factor
+
+
 def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 32,
              points_per_cloud: int = 1024, encoder_lr_scale: float = 0.01, gaussian_lr: float = 0.005,
              natural_gradient: str = "mahalanobis", momentum: float = 0.9, weight_decay: float = 0.01,
-             seed: Optional[int] = None, progress: bool = True, device=None) -> DistillResult:
+             schedule: str = "constant", seed: Optional[int] = None, progress: bool = True,
+             device=None) -> DistillResult:
     """Stage 3: fine-tune ``model`` (points (B, N, 3) -> logits) end to end on labelled clouds.
 
     ``data`` is a dataset of (points (N_i, 3), label) pairs; each step draws ``batch_size``
     of them (per rank; under DDP the dataset is sharded by rank) and ``points_per_cloud``
-    points of each (with replacement when a cloud has fewer). Cross-entropy loss. Every
-    parameter of a ``GaussianPointEncoder`` in ``model`` (means, factors, mixer) trains at
-    its stage's rate times ``encoder_lr_scale`` (the paper divides by 100); the rest at
-    ``lr`` with AdamW.
+    distinct points of each (with replacement only when a cloud has fewer). Cross-entropy
+    loss. Every parameter of a ``GaussianPointEncoder`` in ``model`` (means, factors, mixer)
+    trains at its stage's rate times ``encoder_lr_scale`` (the paper divides by 100); the
+    rest at ``lr`` with AdamW. ``schedule``: ``"constant"`` rates, or ``"cosine"``: every
+    rate decays along a half cosine to 2% of its start by the last step.
     """
     _check_common(steps, lr, batch_size, points_per_cloud, "natural", natural_gradient, gaussian_lr,
                   momentum, weight_decay)
     _check_positive_float("encoder_lr_scale", encoder_lr_scale)
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     try:
@@ -523,6 +568,7 @@ def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, bat
     encoder_params = {id(p) for m in model.modules() if isinstance(m, GaussianPointEncoder) for p in m.parameters()}
     opts = _build_optimizers(model, "natural", lr, gaussian_lr, natural_gradient, momentum, weight_decay,
                              lr_scale=lambda p: encoder_lr_scale if id(p) in encoder_params else 1.0)
+    base_rates = [[g["lr"] for g in opt.param_groups] for opt in opts]
     wrapped: nn.Module = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -533,12 +579,13 @@ def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, bat
     with _TrainingMode([model], train=True):
         bar = _progress(steps, progress and rank == 0, "finetune")
         for step in bar:
+            if schedule == "cosine":
+                _set_cosine_rates(opts, base_rates, step, steps)
             picks = torch.randint(0, len(local), (batch_size,), generator=gen).tolist()
             clouds, labels = [], []
             for j in picks:
                 pts, label = _labelled(data[local[j]])
-                sel = torch.randint(0, pts.shape[0], (points_per_cloud,), generator=gen)
-                clouds.append(pts[sel])
+                clouds.append(pts[_pick_points(pts.shape[0], points_per_cloud, gen)])
                 labels.append(label)
             points = torch.stack(clouds).to(dev, dtype)
             target = torch.stack(labels).long().to(dev)

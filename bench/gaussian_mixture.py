@@ -6,10 +6,11 @@ N = 256, K = 128 in the short run). Three parameter sets:
 - "synthetic std 0.5" (with all baselines): ``GaussianPointEncoder`` means, L = 2 x its
   near-identity init (Gaussian std ~0.5), mixer weights N(0, 1); points uniform in [-1, 1]^3.
 - "synthetic std 0.2": the same with L = 5 x init.
-- "distilled": the Gaussians of ``bench/gaussian_trained.pt``, a ``GaussianPointEncoder``
+- "distilled": the Gaussians of each ``bench/gaussian_trained*.pt``, a ``GaussianPointEncoder``
   briefly distilled from a briefly trained PointNet by ``bench/make_gaussian_trained.py``
-  (step counts in the row label), on ``SyntheticShapes`` clouds (shape surfaces, as at
-  inference) rather than uniform points. Skipped when the file is missing.
+  (step counts, final L1 and any spread penalty in the row label), on ``SyntheticShapes``
+  clouds (shape surfaces, as at inference) rather than uniform points. Skipped when no file
+  is there.
 
 Baselines: ``eager dense`` is the paper's formulation (phi (B, N, G) materialised, a
 Linear to (B, N, K), then max); ``lucidops[reference]`` is the op's reference backend.
@@ -60,16 +61,19 @@ def _params(G: int, K: int, factor_scale: float, device: str):
     return enc.means.detach(), enc.precisions().detach(), enc.mixer.weight.detach(), enc.mixer.bias.detach()
 
 
-def _trained_params(K: int, device: str) -> Optional[Tuple[Tuple[torch.Tensor, ...], str]]:
-    """The distilled parameters (first K channels) and a label, or None without the file."""
-    if not TRAINED.exists():
-        return None
-    saved = torch.load(TRAINED, map_location="cpu", weights_only=True)
-    p, meta = saved["params"], saved["meta"]
-    params = (p["means"], p["precisions"], p["weight"][:K].contiguous(), p["bias"][:K].contiguous())
-    label = (f"distilled Gaussians (PointNet teacher {meta['teacher_steps']} steps, distilled "
-             f"{meta['distill_steps']} steps), SyntheticShapes clouds")
-    return tuple(t.to(device) for t in params), label
+def _trained_params(K: int, device: str) -> List[Tuple[Tuple[torch.Tensor, ...], str]]:
+    """Each ``gaussian_trained*.pt``'s distilled parameters (first K channels) and a label."""
+    found = []
+    for path in sorted(TRAINED.parent.glob(TRAINED.stem + "*.pt")):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        p, meta = saved["params"], saved["meta"]
+        params = (p["means"], p["precisions"], p["weight"][:K].contiguous(), p["bias"][:K].contiguous())
+        penalty = meta.get("spread_penalty", 0.0)
+        label = (f"distilled Gaussians (PointNet teacher {meta['teacher_steps']} steps, distilled "
+                 f"{meta['distill_steps']} steps, L1 {meta['distill_l1_final']:.3f}"
+                 + (f", spread penalty {penalty:g}" if penalty else "") + "), SyntheticShapes clouds")
+        found.append((tuple(t.to(device) for t in params), label))
+    return found
 
 
 def _shape_clouds(B: int, N: int, device: str) -> torch.Tensor:
@@ -139,9 +143,9 @@ def run(device: str, quick: bool = False) -> List[Dict]:
         cases.append((f"synthetic Gaussian std {1 / factor_scale:.1f}, uniform points",
                       _params(G, K, factor_scale, device), uniform, with_baselines))
     trained = _trained_params(K, device)
-    if trained is not None:
-        cases.append((trained[1], trained[0], _shape_clouds(B, N, device), False))
-    else:
+    for params, label in trained:
+        cases.append((label, params, _shape_clouds(B, N, device), False))
+    if not trained:
         print(f"  gaussian: {TRAINED.name} missing (python -m bench.make_gaussian_trained): no distilled rows")
     rows: List[Dict] = []
     for label, (means, prec, weight, bias), points, with_baselines in cases:

@@ -30,7 +30,7 @@ reference backend runs inside the same custom op, so it too saves only the arg-m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -40,7 +40,7 @@ from lucidops.nn.gaussian_mixture import GaussianPointEncoder
 from lucidops.profile.report import saved_bytes
 from lucidops.reference import gaussian_mixture as ref
 
-from .timing import measure_ms
+from .timing import measure_ms, peak_mb_above
 
 CULL_THRESHOLD = 0.1
 POINTNET = "PointNet (no feature transform), whole model"
@@ -96,18 +96,6 @@ def _whole_models(device: str) -> Dict[str, Callable]:
             f"GaussianPointNet, whole model (lucidops[{backend}])": lambda p, *_: gaussian(p)}
 
 
-def _peak_mb(step: Callable[[], object], device: str) -> Optional[float]:
-    """On CUDA, the peak allocation of one ``step()`` above what was allocated before it."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def _candidates(device: str, with_baselines: bool) -> Dict[str, Callable]:
     impls: Dict[str, Callable] = {}
     if with_baselines:
@@ -157,9 +145,8 @@ def run(device: str, quick: bool = False) -> List[Dict]:
             saved: Dict[str, int] = {}
             first = len(rows)
             peak: Dict[str, float] = {}
-            mode_impls = dict(impls)
-            if with_baselines and mode == "forward":
-                mode_impls.update(_whole_models(device))
+            whole = _whole_models(device) if with_baselines and mode == "forward" else {}
+            mode_impls = {**impls, **whole}
             for name, fn in mode_impls.items():
                 extra: Dict[str, object] = {}
                 if mode == "forward":
@@ -168,9 +155,9 @@ def run(device: str, quick: bool = False) -> List[Dict]:
                             return fn(points, means, prec, weight, bias)
 
                     out = step()
-                    if out.shape == expected.shape:  # not the whole models' logits
+                    if name not in whole:  # the whole models return logits, not the mixture
                         extra["rel_err_vs_fp64"] = ((out.double() - expected).norm() / expected.norm()).item()
-                    mb = _peak_mb(step, device)
+                    mb = peak_mb_above(step, device)
                     if mb is not None:
                         extra["peak_MB_above_inputs"] = peak[name] = mb
                 else:

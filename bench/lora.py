@@ -23,7 +23,7 @@ import lucidops
 from lucidops import backends
 from lucidops.profile.report import saved_bytes
 
-from .timing import measure_ms
+from .timing import measure_ms, peak_mb_above
 
 OMEGA, RANK = 100.0, 16
 
@@ -105,13 +105,9 @@ def run(device: str, quick: bool = False) -> List[Dict]:
             continue
         row = dict(family="lora", case=case, mode="forward+backward", impl=name, ms=times[name],
                    saved_for_backward_MB=saved[name] / 2**20)
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            row["peak_MB_above_inputs"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        mb = peak_mb_above(step, device)
+        if mb is not None:
+            row["peak_MB_above_inputs"] = mb
         rows.append(row)
     _ratios(rows, times, "forward+backward", case)
     for row in rows:

@@ -6,7 +6,7 @@ import platform
 import re
 import statistics
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -29,6 +29,19 @@ def measure_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, repeat
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def peak_mb_above(fn: Callable[[], object], device: str) -> Optional[float]:
+    """On CUDA, the peak allocation (MiB) of one ``fn()`` above what was allocated before it;
+    None on the CPU, where the caching allocator's statistics do not exist."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def cpu_name() -> str:

@@ -92,6 +92,12 @@ def _check_positive_float(name: str, value) -> float:
     return float(value)
 
 
+def _check_non_negative_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def _owning_module(fn) -> Optional[nn.Module]:
     """The module behind a teacher callable: the module itself or a bound method's owner."""
     if isinstance(fn, nn.Module):
@@ -282,10 +288,7 @@ def _step(opts, loss: Tensor, distributed: bool, world: int, logged: Optional[Te
 
 def _spread_encoders(student: nn.Module, spread_penalty) -> List[GaussianPointEncoder]:
     """The student's Gaussian encoders that ``spread_penalty`` applies to ([] when it is 0)."""
-    if isinstance(spread_penalty, bool) or not isinstance(spread_penalty, (int, float)) or \
-            not (math.isfinite(spread_penalty) and spread_penalty >= 0):
-        raise ValueError(f"spread_penalty must be a finite number >= 0, got {spread_penalty!r}")
-    if spread_penalty == 0:
+    if _check_non_negative_float("spread_penalty", spread_penalty) == 0:
         return []
     encoders = [m for m in student.modules() if isinstance(m, GaussianPointEncoder)]
     if not encoders:
@@ -341,7 +344,7 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
         spread_penalty: ``lambda >= 0`` (default 0, the paper's plain L1): adds ``lambda *
             enc.spread()`` for every ``GaussianPointEncoder`` in the student to the loss,
             pulling the Gaussians' variances down so that inference-time culling skips more
-            (see ``bench/make_gaussian_trained.py`` for the measured trade-off).
+            (the measured trade-off is in the README's Gaussian point encoder section).
         seed: seeds the point sampling (rank ``r`` uses ``seed + r``); ``None`` draws a seed
             from torch's global generator.
         progress: show a tqdm bar (rank 0 only).
@@ -420,7 +423,7 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
                     raise ValueError(f"student output {tuple(out.shape)} does not match the teacher's per-point "
                                      f"features {tuple(target.shape)} (a student must return (B, N, K))")
                 l1 = F.l1_loss(out, target.to(out.dtype))
-                loss = l1 + spread_penalty * sum(enc.spread() for enc in spread_encoders) if spread_encoders else l1
+                loss = (l1 + spread_penalty * sum(enc.spread() for enc in spread_encoders)) if spread_encoders else l1
                 value = _step(opts, loss, distributed, world, logged=l1)
                 if not math.isfinite(value):
                     raise FloatingPointError(f"{desc}: the loss became {value} at step {step}")

@@ -102,6 +102,26 @@ def test_bad_arguments():
         distill_pointnet(student)
     with pytest.raises(ValueError, match="finetune_data"):
         distill_pointnet(teacher, finetune_steps=3)
+    with pytest.raises(ValueError, match="finetune_schedule"):
+        distill_pointnet(teacher, finetune_steps=3, finetune_data=[], finetune_schedule="linear")
+
+
+def test_distill_pointnet_passes_the_finetune_schedule(monkeypatch):
+    import sys
+
+    distill_module = sys.modules["lucidops.train.distill"]  # the package re-exports a function of that name
+    seen = {}
+    real = distill_module.finetune
+
+    def spy(model, data, **kwargs):
+        seen.update(kwargs)
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(distill_module, "finetune", spy)
+    data = SyntheticShapes(4, num_points=32, num_classes=10, seed=0)
+    res = distill_pointnet(_teacher(), data, num_gaussians=4, steps=2, finetune_data=data, finetune_steps=2,
+                           finetune_schedule="cosine", batch_size=2, points_per_cloud=16, seed=0, progress=False)
+    assert seen["schedule"] == "cosine" and res.finetune.steps == 2
 
 
 def test_distill_pointnet_three_stages():

@@ -633,7 +633,7 @@ def _pointnet_transforms(teacher: PointNet, clouds, dev: torch.device, dtype: to
 def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32, tnet_gaussians: Optional[int] = None,
                      steps: int = 1000, tnet_steps: Optional[int] = None, finetune_data=None,
                      finetune_steps: int = 0, finetune_lr: float = 1e-3, encoder_lr_scale: float = 0.01,
-                     cloud_range: float = 1.0, seed: Optional[int] = None, progress: bool = True, device=None,
+                     finetune_schedule: str = "constant", cloud_range: float = 1.0, seed: Optional[int] = None, progress: bool = True, device=None,
                      **distill_kwargs: Any) -> PointNetDistillResult:
     """The three-stage recipe: a :class:`DistilledPointNet` from a trained ``teacher`` PointNet.
 
@@ -650,7 +650,8 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
        teacher built with ``feature_transform=False``.
     3. with ``finetune_data`` and ``finetune_steps > 0``, :func:`finetune` trains the whole
        model (Gaussian T-Net, encoder and a deep copy of the teacher's classifier head)
-       end to end, Gaussian encoders at ``encoder_lr_scale`` times their rates.
+       end to end, Gaussian encoders at ``encoder_lr_scale`` times their rates, with
+       ``finetune_schedule`` (``"constant"`` or ``"cosine"``, see :func:`finetune`).
 
     ``distill_kwargs`` go to both :func:`distill` stages (lr, batch_size, points_per_cloud,
     optimizer, ...). The teacher is not modified (its train/eval flags are restored).
@@ -664,6 +665,8 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
         raise ValueError(f"finetune_steps must be an int >= 0, got {finetune_steps!r}")
     if finetune_steps > 0 and finetune_data is None:
         raise ValueError("finetune_steps > 0 needs finetune_data (a dataset of (points, label) pairs)")
+    if finetune_schedule not in _SCHEDULES:  # checked before the distillation stages spend their time
+        raise ValueError(f"finetune_schedule must be one of {_SCHEDULES}, got {finetune_schedule!r}")
     for key in ("input_transform", "per_cloud", "desc"):
         if key in distill_kwargs:
             raise TypeError(f"distill_pointnet sets {key!r} itself")
@@ -705,7 +708,8 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
         pts_per_cloud = distill_kwargs.get("points_per_cloud", 1024)
         ft_result = finetune(model, finetune_data, steps=finetune_steps, lr=finetune_lr,
                              batch_size=distill_kwargs.get("batch_size", 32), points_per_cloud=pts_per_cloud,
-                             encoder_lr_scale=encoder_lr_scale, seed=None if seed is None else seed + 104729,
+                             encoder_lr_scale=encoder_lr_scale, schedule=finetune_schedule,
+                             seed=None if seed is None else seed + 104729,
                              progress=progress, device=dev)
     model.eval()
     return PointNetDistillResult(model, tnet_result, enc_result, ft_result)

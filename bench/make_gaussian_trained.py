@@ -15,7 +15,9 @@ No pretrained weights can be downloaded, so this script makes them, seeded and o
 With ``--spread-penalty lambda`` step 2 adds ``lambda * encoder.spread()`` to the L1 loss
 (``distill(spread_penalty=...)``): narrower Gaussians, which culling can skip. The bench
 reads every ``bench/gaussian_trained*.pt``; ``gaussian_trained_compact.pt`` is the
-penalised variant (``--spread-penalty 1 --out bench/gaussian_trained_compact.pt``).
+penalised variant (``--distill-steps 2000 --spread-penalty 10 --out
+bench/gaussian_trained_compact.pt``: L1 0.420, as low as the unpenalised file's 0.429 after
+1000 steps, with an eighth of its variance (0.116 against 0.911); about 18 minutes on 2 cores).
 
 The schedule is far shorter than the paper's (30k steps), so these are "briefly trained"
 Gaussians; the bench labels its rows with the step counts stored here.

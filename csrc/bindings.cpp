@@ -265,4 +265,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Gaussian mixture backward, reduce max: (points, means, precisions, weight, bias) grads");
   m.def("gaussian_phi", &impl::gaussian_phi, "phi (M, G) with culling");
   m.def("gaussian_phi_backward", &impl::gaussian_phi_backward, "grads of points, means, precisions from dL/dphi*phi");
+#ifndef LUCIDOPS_WITH_CUDA
+  m.def("gaussian_spatial_order", &impl::gaussian_spatial_order, "culled forward's point order (N,) of points (N, 3)");
+#endif
 }

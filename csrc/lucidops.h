@@ -32,6 +32,9 @@ at::Tensor gaussian_phi(const at::Tensor& points, const at::Tensor& means, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_phi_backward(const at::Tensor& coef, const at::Tensor& points,
                                                                      const at::Tensor& means,
                                                                      const at::Tensor& precisions);
+// The order in which the culled forward visits a cloud's points (N, 3): by Morton code over the
+// cloud's bounding box, ties in index order. Exposed for tests; CPU builds only.
+at::Tensor gaussian_spatial_order(const at::Tensor& points);
 }  // namespace cpu
 
 }  // namespace lucidops

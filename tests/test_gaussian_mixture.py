@@ -499,3 +499,30 @@ def test_cpp_dense_skips_underflowed_gaussians_exactly():
         assert rel_err(out, expected) < TOL[torch.float32]
         for g, e in zip(grads, expected_grads):
             assert rel_err(g, e) < 1e-4  # float32 gradients of near-zero phi
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 37, 2048])
+def test_cpp_spatial_order_is_the_stable_morton_order(dtype, n):
+    """The culled forward visits points in Morton order over the cloud's box (a radix sort in
+    C++): a permutation, codes non-decreasing, equal codes in index order. Checked against a
+    stable sort of the codes computed here, with duplicated points to force ties."""
+    from lucidops import _ext
+
+    gen = torch.Generator().manual_seed(81)
+    points = torch.randn(n, 3, generator=gen, dtype=torch.float64).to(dtype)
+    if n > 2:
+        points[n // 2:n // 2 + 2] = points[0]  # ties: three points share a code
+        points[:, 2] *= 0.01  # a flat cloud: its own box, not a cube, sets the grid
+    order = _ext.load("cpu").gaussian_spatial_order(points)
+    lo, hi = points.amin(0), points.amax(0)
+    extent = hi - lo
+    unit = torch.where(extent > 0, (points - lo) / torch.where(extent > 0, extent, 1), 0)
+    cells = (unit * 1023).clamp(0, 1023).long()  # the C++ rounding: truncation of u * 1023
+    codes = torch.zeros(n, dtype=torch.long)
+    for bit in range(10):
+        for axis in range(3):
+            codes |= ((cells[:, axis] >> bit) & 1) << (3 * bit + axis)
+    assert torch.equal(order, torch.argsort(codes, stable=True))
+    with pytest.raises(RuntimeError, match="points must be"):
+        _ext.load("cpu").gaussian_spatial_order(points[:, :2])

@@ -320,6 +320,7 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
       continue;
     }
     // Mix: blocks of KB channels x Tile lanes in registers.
+    const int64_t k_full = K / KB * KB;
     int64_t k = 0;
     for (; k + KB <= K; k += KB) {
       alignas(64) T acc[KB][Tile];
@@ -330,7 +331,7 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
       }
       for (int64_t a = 0; a < na; ++a) {
         const T* ph = phi + a * Tile;
-        const T* w = wt + active[a] * K + k;
+        const T* w = wt + k * G + active[a] * KB;  // block k / KB of the packed mixer
 #pragma GCC unroll 8
         for (int j = 0; j < KB; ++j) {
           const T wj = w[j];
@@ -351,7 +352,7 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
       for (int t = 0; t < Tile; ++t) acc[t] = bias[k];
       for (int64_t a = 0; a < na; ++a) {
         const T* ph = phi + a * Tile;
-        const T wk = wt[active[a] * K + k];
+        const T wk = wt[k_full * G + active[a] * (K - k_full) + (k - k_full)];
 #pragma omp simd
         for (int t = 0; t < Tile; ++t) acc[t] += wk * ph[t];
       }
@@ -362,6 +363,22 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
       }
     }
   }
+}
+
+// The mixer W (K, G) packed for forward_item: for each block of KB channels, G rows of KB
+// weights (block b, Gaussian g at (b * G + g) * KB), then the K % KB tail channels as (G, tail).
+// One block's weights for every Gaussian then fill G * KB contiguous values. A plain (G, K)
+// transpose puts the rows a block reads K values apart: at K = 1024 that is 4 KiB, so they all
+// fall in one L1 set and evict each other.
+template <typename T>
+std::vector<T> pack_mixer(const T* weight, int64_t G, int64_t K, int64_t KB) {
+  const int64_t k_full = K / KB * KB, tail = K - k_full;
+  std::vector<T> packed(G * K);
+  for (int64_t k = 0; k < k_full; ++k)
+    for (int64_t g = 0; g < G; ++g) packed[(k / KB * G + g) * KB + k % KB] = weight[k * G + g];
+  for (int64_t k = k_full; k < K; ++k)
+    for (int64_t g = 0; g < G; ++g) packed[k_full * G + g * tail + (k - k_full)] = weight[k * G + g];
+  return packed;
 }
 
 // Runs fn(begin, end) over [0, items) on the intra-op threads, handing out one item at a time
@@ -380,10 +397,7 @@ template <typename T>
 void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, const T* bias, const T* half,
                   int64_t B, int64_t N, int64_t G, int64_t K, bool cull, bool reduce_max, T* out, int64_t* argmax) {
   const auto gps = unpack(means, prec, half, G);
-  // W transposed to (G, K): a block of KB channels of one Gaussian is contiguous.
-  std::vector<T> wt(G * K);
-  for (int64_t kk = 0; kk < K; ++kk)
-    for (int64_t g = 0; g < G; ++g) wt[g * K + kk] = weight[kk * G + g];
+  const auto wt = pack_mixer(weight, G, K, Blocking<T>::KB);
   // About four work items per thread in all, chunks of at least kMinChunk points.
   const int64_t want = (4 * static_cast<int64_t>(at::get_num_threads()) + B - 1) / std::max<int64_t>(B, 1);
   const int64_t chunk = std::max<int64_t>(kMinChunk, (N + want - 1) / std::max<int64_t>(want, 1));

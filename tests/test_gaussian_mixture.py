@@ -457,6 +457,34 @@ def test_cpp_all_culled_tiles_and_clouds_match_reference(dtype):
         assert rel_err(g, e) < TOL[dtype]
 
 
+def test_cpp_float32_ties_at_the_bias_under_culling():
+    """Narrow Gaussians, culled: wherever every box misses a point, each channel is exactly its
+    bias there. Channels with negative weights and zero bias reach their max (0) only at such
+    points, at hundreds of them, and the lowest index must win; float32 goes through the
+    vectorised block-of-8-channels test, which decides when a tie can still matter."""
+    G, K, t = 24, 43, 0.1
+    gen = torch.Generator().manual_seed(81)
+    means = torch.rand(G, 3, generator=gen) * 2 - 1
+    prec = torch.tensor([40.0, 0.0, 0.0, 40.0, 0.0, 40.0]).expand(G, 6).contiguous()
+    weight = torch.randn(K, G, generator=gen)
+    bias = torch.randn(K, generator=gen)
+    negative = torch.arange(K) % 3 == 0  # spread over every block of 8 and the tail
+    weight[negative] = -weight[negative].abs()
+    bias[negative] = 0.0
+    points = torch.rand(4, 2000, 3, generator=gen) * 2.4 - 1.2
+    points[:, :5] = means[:5]  # the lowest indices sit at Gaussian centres: the winner is not point 0
+    half = ref.cull_half_widths(means, prec, weight, t)
+    all_culled = (ref.gaussian_phi(points, means, prec, half) == 0).all(-1)  # (B, N)
+    first_culled = all_culled.float().argmax(-1)
+    assert all_culled.sum(-1).min() > 100 and (first_culled > 0).all()
+    with lucidops.use_backend("cpp"):
+        out, arg = torch.ops.lucidops.gaussian_mixture(points, means, prec, weight, bias, True, t)
+    assert (out[:, negative] == 0).all()
+    assert torch.equal(arg[:, negative], first_culled[:, None].expand(4, int(negative.sum())))
+    expected, _ = ref.forward(points.double(), means.double(), prec.double(), weight.double(), bias.double(), True, t)
+    assert rel_err(out, expected) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("cull", [None, 0.1])
 def test_cpp_result_independent_of_chunking_and_threads(cull):
     """A cloud alone (split into several chunks) and inside a batch (one chunk per cloud), on one

@@ -109,3 +109,40 @@ def test_forced_cpp_backend_with_broken_build_raises_not_falls_back(tmp_path):
     )
     assert "RAISED" in proc.stdout and "build log" in proc.stdout, proc.stdout + proc.stderr
     assert "AUTO reference" in proc.stdout
+
+
+def test_cpu_build_without_avx512_runs_the_portable_gaussian_forward(tmp_path):
+    """With AVX-512 compiled in (this machine, CI), float32 gaussian_mixture runs
+    forward_item_f32; a build for AVX2 only (-march=x86-64-v3) runs the portable
+    forward_item instead. Checked here against the float64 reference, dense and culled,
+    both reductions, with a channel where every point ties."""
+    proc = _run(
+        """
+        import torch, lucidops
+        from lucidops.reference import gaussian_mixture as ref
+        gen = torch.Generator().manual_seed(3)
+        G, K = 24, 45
+        means = torch.rand(G, 3, generator=gen) * 2 - 1
+        prec = torch.tensor([12.0, 1.0, 0.5, 10.0, -1.0, 14.0]).expand(G, 6).contiguous()
+        weight = torch.randn(K, G, generator=gen)
+        bias = torch.randn(K, generator=gen)
+        weight[3] = 0.0  # a constant channel: every point ties, point 0 wins
+        points = torch.rand(3, 700, 3, generator=gen) * 2.4 - 1.2
+        worst = 0.0
+        for cull in (None, 0.1):
+            for reduce_max in (True, False):
+                with lucidops.use_backend("cpp"):
+                    out, arg = torch.ops.lucidops.gaussian_mixture(points, means, prec, weight, bias, reduce_max, cull)
+                assert lucidops.backends.last_used("gaussian_mixture") == "cpp"
+                expected, _ = ref.forward(points.double(), means.double(), prec.double(), weight.double(),
+                                          bias.double(), reduce_max, cull)
+                worst = max(worst, ((out.double() - expected).norm() / expected.norm()).item())
+                if reduce_max:
+                    assert (arg[:, 3] == 0).all()
+        print("WORST", worst)
+        """,
+        {"LUCIDOPS_CPU_ARCH_FLAGS": "-march=x86-64-v3", "LUCIDOPS_CACHE_DIR": str(tmp_path)},
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert float(proc.stdout.split("WORST", 1)[1]) < 1e-5

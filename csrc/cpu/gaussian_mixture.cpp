@@ -9,6 +9,9 @@
 // exists for a whole cloud. With culling, a Gaussian whose box misses the tile's bounding
 // box is skipped for the whole tile (exact: rounding is monotonic, so every point of the
 // tile would fail the per-point test too), and the per-point test zeroes the rest.
+// float32 on AVX-512 (the common case) runs forward_item_f32 instead: the same steps with
+// channels in the lanes and tiles of 8 points, which folds the max vertically and culls
+// per 8 points (see there).
 //
 // Ties: every fold of a maximum keeps the lowest point index among equal values, so the
 // lowest point index attaining the max wins, as in every backend, whatever the visiting
@@ -27,6 +30,7 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -127,22 +131,6 @@ inline void fold_max(const T (&acc)[Tile], T mx, const int64_t* lane_idx, T& bes
   }
 }
 
-#ifdef __AVX512F__
-// The index search of fold_max by bit mask: usually a single lane holds the max.
-template <>
-inline void fold_max<float, 32>(const float (&acc)[32], float mx, const int64_t* lane_idx, float& best, int64_t& best_idx) {
-  const __m512 v = _mm512_set1_ps(mx);
-  uint32_t eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(acc), v, _CMP_EQ_OQ) |
-                static_cast<uint32_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(acc + 16), v, _CMP_EQ_OQ)) << 16;
-  int64_t idx = std::numeric_limits<int64_t>::max();
-  for (; eq; eq &= eq - 1) idx = std::min(idx, lane_idx[__builtin_ctz(eq)]);
-  if (mx > best || idx < best_idx) {
-    best = mx;
-    best_idx = idx;
-  }
-}
-#endif
-
 // Folds one channel's tile of values into its running max: a cheap vector test first (does
 // any lane reach the running max?), since after the first few tiles almost none does; the
 // horizontal max and the index search only when one does.
@@ -164,17 +152,6 @@ inline bool tile_reaches(const T (&acc)[Tile], T b, bool can_tie) {
   return hit != 0;
 }
 
-#ifdef __AVX512F__
-// The test above, spelled out: the compiler's OR-reduction of the lane flags is a horizontal
-// reduction per channel, a fifth of the dense kernel's time at K = 1024.
-template <>
-inline bool tile_reaches<float, 32>(const float (&acc)[32], float b, bool can_tie) {
-  const __m512 m = _mm512_max_ps(_mm512_loadu_ps(acc), _mm512_loadu_ps(acc + 16));
-  const __m512 bv = _mm512_set1_ps(b);
-  return (can_tie ? _mm512_cmp_ps_mask(m, bv, _CMP_GE_OQ) : _mm512_cmp_ps_mask(m, bv, _CMP_GT_OQ)) != 0;
-}
-#endif
-
 template <typename T, int Tile>
 inline void fold_tile(const T (&acc)[Tile], const int64_t* lane_idx, int64_t tile_min_idx, T& best, int64_t& best_idx) {
   if (!tile_reaches(acc, best, tile_min_idx < best_idx)) return;
@@ -185,51 +162,6 @@ inline void fold_tile(const T (&acc)[Tile], const int64_t* lane_idx, int64_t til
   // only when this tile holds a lower point index.
   if (mx > best || (mx == best && tile_min_idx < best_idx)) fold_max(acc, mx, lane_idx, best, best_idx);
 }
-
-// Folds a block of KB channels (acc[j] is channel j's tile) into their running maxima.
-template <typename T, int Tile, int KB>
-inline void fold_block(const T (&acc)[KB][Tile], const int64_t* lane_idx, int64_t tile_min_idx, T* best, int64_t* best_idx) {
-  for (int j = 0; j < KB; ++j) fold_tile(acc[j], lane_idx, tile_min_idx, best[j], best_idx[j]);
-}
-
-#ifdef __AVX512F__
-// 8 channels x 32 lanes at once. Each channel's max over its lanes is reduced in a shuffle
-// tree into one vector, laid out as [c_i, c_i, c_(4+i), c_(4+i)] in 128-bit lane i, and
-// compared with the running maxima in the same layout; only the channels that reach theirs
-// go on to the index search, with their max already in hand. Channel by channel, the test
-// and the horizontal max took about a third of a culled forward, where the mix is short.
-template <>
-inline void fold_block<float, 32, 8>(const float (&acc)[8][32], const int64_t* lane_idx, int64_t tile_min_idx,
-                                     float* best, int64_t* best_idx) {
-  __m512 m[8], a[4];
-  for (int j = 0; j < 8; ++j) m[j] = _mm512_max_ps(_mm512_loadu_ps(acc[j]), _mm512_loadu_ps(acc[j] + 16));
-  for (int j = 0; j < 4; ++j)  // quarters: [c_2j, c_2j, c_2j+1, c_2j+1], 8 partial maxima each
-    a[j] = _mm512_max_ps(_mm512_shuffle_f32x4(m[2 * j], m[2 * j + 1], 0x44), _mm512_shuffle_f32x4(m[2 * j], m[2 * j + 1], 0xEE));
-  // quarter i: channel i (b0) or 4 + i (b1), 4 partial maxima each
-  const __m512 b0 = _mm512_max_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x88), _mm512_shuffle_f32x4(a[0], a[1], 0xDD));
-  const __m512 b1 = _mm512_max_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x88), _mm512_shuffle_f32x4(a[2], a[3], 0xDD));
-  const __m512 t = _mm512_max_ps(_mm512_shuffle_ps(b0, b1, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(b0, b1, _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 mx = _mm512_max_ps(t, _mm512_shuffle_ps(t, t, _MM_SHUFFLE(2, 3, 0, 1)));
-  const __m512i layout = _mm512_setr_epi32(0, 0, 4, 4, 1, 1, 5, 5, 2, 2, 6, 6, 3, 3, 7, 7);
-  const __m512 bv = _mm512_permutexvar_ps(layout, _mm512_castps256_ps512(_mm256_loadu_ps(best)));
-  // A lane equal to the max can win only in channels whose running arg-max is above the tile's
-  // lowest point index: with culling, lanes that every box misses hold exactly the bias, often
-  // a channel's max, and testing >= everywhere sent those channels to the index search on
-  // nearly every tile.
-  const unsigned tie8 = _mm512_cmplt_epi64_mask(_mm512_set1_epi64(tile_min_idx), _mm512_loadu_si512(best_idx));
-  unsigned tie16 = 0;
-  for (int i = 0; i < 4; ++i) tie16 |= ((tie8 >> i) & 1u) << (4 * i) | ((tie8 >> (4 + i)) & 1u) << (4 * i + 2);
-  unsigned hit = _mm512_cmp_ps_mask(mx, bv, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(tie16), mx, bv, _CMP_GE_OQ);
-  if (!(hit &= 0x5555u)) return;  // one lane of each channel's pair
-  alignas(64) float mx16[16];
-  _mm512_store_ps(mx16, mx);
-  for (; hit; hit &= hit - 1) {
-    const int lane = __builtin_ctz(hit);
-    const int j = lane % 4 == 0 ? lane / 4 : 4 + lane / 4;
-    fold_max(acc[j], mx16[lane], lane_idx, best[j], best_idx[j]);
-  }
-}
-#endif
 
 // The axis-aligned bounding box [lo, hi] of a cloud's N points.
 template <typename T>
@@ -411,11 +343,12 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
           for (int t = 0; t < Tile; ++t) acc[j][t] += wj * ph[t];
         }
       }
-      if (reduce_max) {
-        fold_block(acc, lane_idx, tile_min_idx, out_max + k, out_idx + k);
-      } else {
-        for (int j = 0; j < KB; ++j)
+      for (int j = 0; j < KB; ++j) {
+        if (reduce_max) {
+          fold_tile(acc[j], lane_idx, tile_min_idx, out_max[k + j], out_idx[k + j]);
+        } else {
           for (int t = 0; t < m; ++t) out_rows[lane_idx[t] * K + k + j] = acc[j][t];
+        }
       }
     }
     for (; k < K; ++k) {  // channel tail, one at a time
@@ -435,6 +368,241 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
     }
   }
 }
+
+// Register tiling of forward_item_f32 (below).
+constexpr int kTilePts = 8;      // points per tile
+constexpr int kBlockCh = 32;     // channels per block: two vectors
+constexpr int kGroupTiles = 32;  // tiles sharing one pass over the mixer
+
+// The mixer W (K, G) as blocks of `block` channels, zero-padded to whole blocks, for
+// forward_item_f32: block c, Gaussian g at (c * G + g) * block.
+template <typename T>
+std::vector<T> pack_mixer_channel_blocks(const T* weight, int64_t G, int64_t K, int64_t block) {
+  const int64_t blocks = (K + block - 1) / block;
+  std::vector<T> packed(blocks * G * block, T(0));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t g = 0; g < G; ++g) packed[(k / block * G + g) * block + k % block] = weight[k * G + g];
+  return packed;
+}
+
+#ifdef __AVX512F__
+// ---------------------------------------------------------------- float32 forward, AVX-512
+// A second register layout for float32: lanes hold channels, and the register tile is 8
+// points x 32 channels (16 accumulators). The portable forward_item puts points in the lanes
+// (a tile of 32 points x 8 channels); this one wins twice. The max over points is vertical
+// (seven vector maxima and one compare per 16 channels, where lanes-as-points needs a shuffle
+// tree), and culling drops Gaussians per 8 points instead of per 32: on trained Gaussians a
+// tile of 8 reaches 13 of 32 where a tile of 32 reaches 16.5. Tiles are taken in groups that
+// share one pass over the mixer, so each block of its weights is read from L1 by every tile
+// of the group.
+
+struct PointTile {
+  int64_t lane_idx[kTilePts];  // each lane's point index in the cloud (padding repeats lane 0)
+  int64_t min_idx;             // the lowest point index of the tile
+  int m;                       // points in the tile
+  int na;                      // Gaussians with a nonzero phi somewhere in the tile
+};
+
+// Loads the tile's points and writes phi (na x kTilePts, Gaussian-major) for the Gaussians that
+// reach the tile: with culling, those whose box meets the tile's bounding box, then (as in
+// forward_item) only those nonzero on some lane.
+inline void prepare_tile(const float* pts, const int64_t* order, int64_t t0, int m, const std::vector<GaussParams<float>>& gps,
+                         bool cull, PointTile& tile, float* phi, int32_t* active) {
+  alignas(32) float x0[kTilePts], x1[kTilePts], x2[kTilePts];
+  tile.m = m;
+  for (int t = 0; t < kTilePts; ++t) {
+    const int64_t pos = t0 + (t < m ? t : 0);
+    tile.lane_idx[t] = order ? order[pos] : pos;
+    const float* p = pts + 3 * tile.lane_idx[t];
+    x0[t] = p[0];
+    x1[t] = p[1];
+    x2[t] = p[2];
+  }
+  tile.min_idx = tile.lane_idx[0];
+  for (int t = 1; t < m; ++t) tile.min_idx = std::min(tile.min_idx, tile.lane_idx[t]);
+  float lo[3] = {x0[0], x1[0], x2[0]}, hi[3] = {x0[0], x1[0], x2[0]};
+  if (cull) {
+    for (int t = 1; t < m; ++t) {
+      lo[0] = std::min(lo[0], x0[t]); hi[0] = std::max(hi[0], x0[t]);
+      lo[1] = std::min(lo[1], x1[t]); hi[1] = std::max(hi[1], x1[t]);
+      lo[2] = std::min(lo[2], x2[t]); hi[2] = std::max(hi[2], x2[t]);
+    }
+  }
+  int na = 0;
+  for (int32_t g = 0; g < static_cast<int32_t>(gps.size()); ++g) {
+    const auto& gp = gps[g];
+    if (cull) {
+      if (gp.h[0] < 0) continue;  // alpha_g <= t: culled everywhere
+      bool miss = false;
+      for (int i = 0; i < 3; ++i) miss |= (lo[i] - gp.mu[i] > gp.h[i]) || (gp.mu[i] - hi[i] > gp.h[i]);
+      if (miss) continue;
+    }
+    float* ph = phi + na * kTilePts;
+    const float m0 = gp.mu[0], m1 = gp.mu[1], m2 = gp.mu[2];
+    const float p00 = gp.p[0], p01 = gp.p[1], p02 = gp.p[2], p11 = gp.p[3], p12 = gp.p[4], p22 = gp.p[5];
+    const float h0 = gp.h[0], h1 = gp.h[1], h2 = gp.h[2];
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int t = 0; t < kTilePts; ++t) {
+      const float d0 = x0[t] - m0, d1 = x1[t] - m1, d2 = x2[t] - m2;
+      const float q = p00 * d0 * d0 + p11 * d1 * d1 + p22 * d2 * d2 + 2.0f * (p01 * d0 * d1 + p02 * d0 * d2 + p12 * d1 * d2);
+      const float v = fast_exp(-0.5f * q);
+      const bool out = cull && (std::fabs(d0) > h0 || std::fabs(d1) > h1 || std::fabs(d2) > h2);
+      ph[t] = out ? 0.0f : v;
+      any |= ph[t] != 0.0f ? 1 : 0;
+    }
+    if (any) active[na++] = g;
+  }
+  tile.na = na;
+}
+
+// Which of 16 channels can change their running max (best, best_idx) given the tile's
+// per-channel max mx. A lane equal to a running max can win only where the running arg-max
+// is above the tile's lowest point index: with culling, points that every box misses hold
+// exactly the bias, often a channel's max, and '>=' everywhere would send those channels to
+// the index search on nearly every tile.
+__attribute__((always_inline)) inline __mmask16 reaching_channels(__m512 mx, const PointTile& tile, const float* best,
+                                                                const int64_t* best_idx) {
+  const __m512 bv = _mm512_loadu_ps(best);
+  const __m512i lowest = _mm512_set1_epi64(tile.min_idx);
+  const __mmask16 tie = static_cast<__mmask16>(_mm512_cmplt_epi64_mask(lowest, _mm512_loadu_si512(best_idx)) |
+                                               _mm512_cmplt_epi64_mask(lowest, _mm512_loadu_si512(best_idx + 8)) << 8);
+  return _mm512_cmp_ps_mask(mx, bv, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(tie, mx, bv, _CMP_GE_OQ);
+}
+
+// The index search for the channels in `hit`, all 16 at once: vals[p] holds the channels at
+// the tile's point p, mx their max over the points. Per channel, the lowest point index
+// attaining mx, and the running max takes it if mx is larger or that index lower.
+__attribute__((always_inline)) inline void fold_hits(const float (&vals)[kTilePts][16], __m512 mx, __mmask16 hit,
+                                                     const PointTile& tile, float* best, int64_t* best_idx) {
+  __m512i idx_lo = _mm512_set1_epi64(std::numeric_limits<int64_t>::max()), idx_hi = idx_lo;
+  for (int p = 0; p < kTilePts; ++p) {
+    const __mmask16 eq = _mm512_mask_cmp_ps_mask(hit, _mm512_load_ps(vals[p]), mx, _CMP_EQ_OQ);
+    const __m512i lane = _mm512_set1_epi64(tile.lane_idx[p]);
+    idx_lo = _mm512_mask_min_epi64(idx_lo, static_cast<__mmask8>(eq), idx_lo, lane);
+    idx_hi = _mm512_mask_min_epi64(idx_hi, static_cast<__mmask8>(eq >> 8), idx_hi, lane);
+  }
+  const __mmask16 larger = _mm512_mask_cmp_ps_mask(hit, mx, _mm512_loadu_ps(best), _CMP_GT_OQ);
+  const __mmask16 lower = static_cast<__mmask16>(_mm512_cmplt_epi64_mask(idx_lo, _mm512_loadu_si512(best_idx)) |
+                                                 _mm512_cmplt_epi64_mask(idx_hi, _mm512_loadu_si512(best_idx + 8)) << 8);
+  const __mmask16 update = larger | (hit & lower);
+  _mm512_mask_storeu_ps(best, update, mx);
+  _mm512_mask_storeu_epi64(best_idx, static_cast<__mmask8>(update), idx_lo);
+  _mm512_mask_storeu_epi64(best_idx + 8, static_cast<__mmask8>(update >> 8), idx_hi);
+}
+
+// Scratch of one thread for forward_item_f32.
+struct TileScratch {
+  std::vector<float> phi;        // kGroupTiles x G x kTilePts
+  std::vector<int32_t> active;   // kGroupTiles x G
+  std::vector<float> best;       // running maxima, padded to whole channel blocks
+  std::vector<int64_t> best_idx;
+  TileScratch(int64_t G, int64_t k_padded)
+      : phi(kGroupTiles * std::max<int64_t>(G, 1) * kTilePts), active(kGroupTiles * std::max<int64_t>(G, 1)),
+        best(k_padded), best_idx(k_padded) {}
+};
+
+// forward_item for float32 with AVX-512 (same arguments and results; wblocks from
+// pack_mixer_channel_blocks, bias zero-padded to whole blocks).
+void forward_item_f32(const float* pts, const int64_t* order, int64_t n0, int64_t n1,
+                      const std::vector<GaussParams<float>>& gps, const float* wblocks, const float* bias_padded,
+                      int64_t K, bool cull, bool reduce_max, float* out_max, int64_t* out_idx, float* out_rows,
+                      TileScratch& scratch) {
+  const int64_t G = static_cast<int64_t>(gps.size());
+  const int64_t blocks = (K + kBlockCh - 1) / kBlockCh;
+  float* best = scratch.best.data();
+  int64_t* best_idx = scratch.best_idx.data();
+  if (reduce_max) {
+    std::fill(scratch.best.begin(), scratch.best.end(), -std::numeric_limits<float>::infinity());
+    std::fill(scratch.best_idx.begin(), scratch.best_idx.end(), std::numeric_limits<int64_t>::max());
+  }
+  // Tiles in a shuffled order for the max (see forward_item).
+  const int64_t tiles = (n1 - n0 + kTilePts - 1) / kTilePts;
+  std::vector<int64_t> tile_order(tiles);
+  std::iota(tile_order.begin(), tile_order.end(), int64_t(0));
+  if (reduce_max) std::shuffle(tile_order.begin(), tile_order.end(), std::minstd_rand(static_cast<uint32_t>(n0 + 1)));
+  PointTile group[kGroupTiles];
+  for (int64_t g0 = 0; g0 < tiles; g0 += kGroupTiles) {
+    const int gn = static_cast<int>(std::min<int64_t>(kGroupTiles, tiles - g0));
+    for (int i = 0; i < gn; ++i) {
+      const int64_t t0 = n0 + tile_order[g0 + i] * kTilePts;
+      prepare_tile(pts, order, t0, static_cast<int>(std::min<int64_t>(kTilePts, n1 - t0)), gps, cull, group[i],
+                   scratch.phi.data() + i * G * kTilePts, scratch.active.data() + i * G);
+    }
+    for (int64_t cb = 0; cb < blocks; ++cb) {
+      const float* wb = wblocks + cb * G * kBlockCh;
+      const __m512 b0 = _mm512_loadu_ps(bias_padded + cb * kBlockCh), b1 = _mm512_loadu_ps(bias_padded + cb * kBlockCh + 16);
+      for (int i = 0; i < gn; ++i) {
+        const PointTile& tile = group[i];
+        const float* phi = scratch.phi.data() + i * G * kTilePts;
+        const int32_t* active = scratch.active.data() + i * G;
+        // Sixteen named accumulators, not an array: GCC kept an array of vectors in memory and
+        // stored all sixteen on every step of the mix.
+#define LUCIDOPS_POINTS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define LUCIDOPS_DECLARE(p) __m512 lo##p = b0, hi##p = b1;
+        LUCIDOPS_POINTS(LUCIDOPS_DECLARE)
+        for (int a = 0; a < tile.na; ++a) {
+          const float* w = wb + active[a] * kBlockCh;
+          const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+          const float* f = phi + a * kTilePts;
+#define LUCIDOPS_MIX(p)                              \
+  {                                                  \
+    const __m512 fp = _mm512_set1_ps(f[p]);          \
+    lo##p = _mm512_fmadd_ps(w0, fp, lo##p);          \
+    hi##p = _mm512_fmadd_ps(w1, fp, hi##p);          \
+  }
+          LUCIDOPS_POINTS(LUCIDOPS_MIX)
+        }
+        if (reduce_max) {
+#define LUCIDOPS_MAX8(v) \
+  _mm512_max_ps(_mm512_max_ps(_mm512_max_ps(v##0, v##1), _mm512_max_ps(v##2, v##3)), _mm512_max_ps(_mm512_max_ps(v##4, v##5), _mm512_max_ps(v##6, v##7)))
+#define LUCIDOPS_STORE(v, p) _mm512_store_ps(vals[p], v##p);
+#define LUCIDOPS_STORE_LO(p) LUCIDOPS_STORE(lo, p)
+#define LUCIDOPS_STORE_HI(p) LUCIDOPS_STORE(hi, p)
+          float* bst = best + cb * kBlockCh;
+          int64_t* bst_idx = best_idx + cb * kBlockCh;
+          const __m512 mx_lo = LUCIDOPS_MAX8(lo), mx_hi = LUCIDOPS_MAX8(hi);
+          const __mmask16 hit_lo = reaching_channels(mx_lo, tile, bst, bst_idx);
+          const __mmask16 hit_hi = reaching_channels(mx_hi, tile, bst + 16, bst_idx + 16);
+          alignas(64) float vals[kTilePts][16];
+          if (hit_lo) {
+            LUCIDOPS_POINTS(LUCIDOPS_STORE_LO)
+            fold_hits(vals, mx_lo, hit_lo, tile, bst, bst_idx);
+          }
+          if (hit_hi) {
+            LUCIDOPS_POINTS(LUCIDOPS_STORE_HI)
+            fold_hits(vals, mx_hi, hit_hi, tile, bst + 16, bst_idx + 16);
+          }
+        } else {
+          const int64_t k0 = cb * kBlockCh, valid = std::min<int64_t>(kBlockCh, K - k0);
+          const __mmask16 m0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+          const __mmask16 m1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
+          alignas(64) float vals[2][kTilePts][16];
+#define LUCIDOPS_STORE_BOTH(p) _mm512_store_ps(vals[0][p], lo##p); _mm512_store_ps(vals[1][p], hi##p);
+          LUCIDOPS_POINTS(LUCIDOPS_STORE_BOTH)
+          for (int p = 0; p < tile.m; ++p) {
+            float* row = out_rows + tile.lane_idx[p] * K + k0;
+            _mm512_mask_storeu_ps(row, m0, _mm512_load_ps(vals[0][p]));
+            _mm512_mask_storeu_ps(row + 16, m1, _mm512_load_ps(vals[1][p]));
+          }
+        }
+#undef LUCIDOPS_POINTS
+#undef LUCIDOPS_DECLARE
+#undef LUCIDOPS_MIX
+#undef LUCIDOPS_MAX8
+#undef LUCIDOPS_STORE
+#undef LUCIDOPS_STORE_LO
+#undef LUCIDOPS_STORE_HI
+#undef LUCIDOPS_STORE_BOTH
+      }
+    }
+  }
+  if (reduce_max) {
+    std::copy(best, best + K, out_max);
+    std::copy(best_idx, best_idx + K, out_idx);
+  }
+}
+#endif
 
 // The mixer W (K, G) packed for forward_item: for each block of KB channels, G rows of KB
 // weights (block b, Gaussian g at (b * G + g) * KB), then the K % KB tail channels as (G, tail).
@@ -468,7 +636,17 @@ template <typename T>
 void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, const T* bias, const T* half,
                   int64_t B, int64_t N, int64_t G, int64_t K, bool cull, bool reduce_max, T* out, int64_t* argmax) {
   const auto gps = unpack(means, prec, half, G);
-  const auto wt = pack_mixer(weight, G, K, Blocking<T>::KB);
+  // float32 on AVX-512 takes forward_item_f32 (channels in the lanes), the rest forward_item.
+#ifdef __AVX512F__
+  constexpr bool kChannelLanes = std::is_same<T, float>::value;
+#else
+  constexpr bool kChannelLanes = false;
+#endif
+  constexpr int kTile = kChannelLanes ? kTilePts : Blocking<T>::Tile;  // points per tile
+  const int64_t k_padded = (K + kBlockCh - 1) / kBlockCh * kBlockCh;
+  const auto wt = kChannelLanes ? pack_mixer_channel_blocks(weight, G, K, kBlockCh) : pack_mixer(weight, G, K, Blocking<T>::KB);
+  std::vector<T> bias_padded(kChannelLanes ? k_padded : 0, T(0));  // zero channels up to whole blocks
+  std::copy(bias, bias + (kChannelLanes ? K : 0), bias_padded.begin());
   // About four work items per thread in all, chunks of at least kMinChunk points.
   const int64_t want = (4 * static_cast<int64_t>(at::get_num_threads()) + B - 1) / std::max<int64_t>(B, 1);
   const int64_t chunk = std::max<int64_t>(kMinChunk, (N + want - 1) / std::max<int64_t>(want, 1));
@@ -480,7 +658,7 @@ void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, 
   // Culling pays off only when a tile's points are close together: visit them in spatial order.
   // With one chunk per cloud its work item sorts it: one parallel region less (each costs a
   // barrier, and a time slice when the cores are oversubscribed).
-  std::vector<int64_t> order(cull && N > Blocking<T>::Tile ? B * N : 0);
+  std::vector<int64_t> order(cull && N > kTile ? B * N : 0);
   std::vector<char> sorted(order.empty() ? 0 : B, 0);  // per cloud: visit in spatial order
   auto sort_cloud = [&](int64_t b) {
     T lo[3], hi[3];
@@ -495,8 +673,11 @@ void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, 
   }
   for_each_item(items, [&](int64_t begin, int64_t end) {
     const FlushSubnormals flush;
-    std::vector<T> phi(std::max<int64_t>(G, 1) * Blocking<T>::Tile);
-    std::vector<int64_t> active(std::max<int64_t>(G, 1));
+    std::vector<T> phi(kChannelLanes ? 0 : std::max<int64_t>(G, 1) * Blocking<T>::Tile);
+    std::vector<int64_t> active(kChannelLanes ? 0 : std::max<int64_t>(G, 1));
+#ifdef __AVX512F__
+    TileScratch scratch(kChannelLanes ? G : 0, kChannelLanes ? k_padded : 0);
+#endif
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, c = item % chunks;
       if (!order.empty() && chunks == 1) sort_cloud(b);
@@ -510,8 +691,17 @@ void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, 
       } else {
         rows = out + b * N * K;
       }
-      forward_item<T>(pts + b * N * 3, order.empty() || !sorted[b] ? nullptr : order.data() + b * N, n0, n1, gps, wt.data(), bias,
-                      G, K, cull, reduce_max, omax, oidx, rows, phi.data(), active.data());
+      const int64_t* cloud_order = order.empty() || !sorted[b] ? nullptr : order.data() + b * N;
+#ifdef __AVX512F__
+      if constexpr (kChannelLanes) {
+        forward_item_f32(pts + b * N * 3, cloud_order, n0, n1, gps, wt.data(), bias_padded.data(), K, cull, reduce_max,
+                         omax, oidx, rows, scratch);
+      } else
+#endif
+      {
+        forward_item<T>(pts + b * N * 3, cloud_order, n0, n1, gps, wt.data(), bias, G, K, cull, reduce_max, omax, oidx,
+                        rows, phi.data(), active.data());
+      }
     }
   });
   if (reduce_max && chunks > 1) {

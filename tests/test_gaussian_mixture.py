@@ -513,6 +513,25 @@ def test_cpp_result_independent_of_chunking_and_threads(cull):
     assert rel_err(results[0][0][0], expected) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("cull", [None, 0.1])
+def test_cpp_backward_is_bitwise_the_same_on_one_and_two_threads(cull):
+    """The reduce-max backward sums the Gaussians' gradients per cloud and adds the clouds in
+    order, and a cloud owns its points' gradient: no result depends on the thread count."""
+    means, prec, weight, bias = make_params(12, 40, torch.float32, seed=91, scale=3.0)
+    points = make_points((5, 300), torch.float32, seed=92)
+    before = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            grads.append(run_op("cpp", points, means, prec, weight, bias, cull=cull)[1])
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*grads):
+        assert torch.equal(one, two)
+    assert all(g.abs().sum() > 0 for g in grads[0])
+
+
 def test_cpp_dense_skips_underflowed_gaussians_exactly():
     """Very narrow Gaussians: phi underflows to 0 on whole tiles even without culling (those
     rows are dropped from the mix); the result still matches the reference."""

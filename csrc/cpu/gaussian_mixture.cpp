@@ -17,10 +17,10 @@
 // lowest point index attaining the max wins, as in every backend, whatever the visiting
 // order (with culling, points are visited in a spatial order: see spatial_order).
 //
-// Backward (reduce max): phi is computed once at each distinct arg-max point, then three
-// passes each own their outputs (over channels: weight/bias; over Gaussians: means/precisions;
-// over clouds: points), so there are no atomics and the result does not depend on the thread
-// count.
+// Backward (reduce max): phi is computed once at each distinct arg-max point, then two passes
+// each own their outputs: over channels, weight/bias; over clouds (vectorised over the
+// Gaussians), the points and per-cloud sums for means/precisions, added in cloud order. There
+// are no atomics and the result does not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -734,7 +734,7 @@ void backward_max_impl(const T* grad, const T* pts, const T* means, const T* pre
                        T* g_means, T* g_prec, T* g_weight, T* g_bias) {
   const auto gps = unpack(means, prec, half, G);
   // Pass 0, over clouds: phi at each distinct arg-max point, once. Many channels share an
-  // arg-max point, and all three passes below need phi there: this is most of the exps.
+  // arg-max point, and both passes below need phi there: this is most of the exps.
   // slot[b * K + k] is the row of channel k's arg-max point in the table of cloud b.
   const int64_t rows = std::min(N, K);
   std::vector<T> phi_tab(B * rows * G);
@@ -758,13 +758,6 @@ void backward_max_impl(const T* grad, const T* pts, const T* means, const T* pre
     }
   });
   auto phi_of = [&](int64_t b, int64_t k) { return phi_tab.data() + slot[b * K + k] * G; };
-  // x - mu at channel k's arg-max point of cloud b (the same arithmetic as phi_at).
-  auto diff = [&](int64_t b, int64_t k, const GaussParams<T>& gp, T* d) {
-    const T* x = pts + (b * N + argmax[b * K + k]) * 3;
-    d[0] = x[0] - gp.mu[0];
-    d[1] = x[1] - gp.mu[1];
-    d[2] = x[2] - gp.mu[2];
-  };
   // Pass 1, over channels: grad_weight[k, g] = sum_b gy phi_g(x*), grad_bias[k] = sum_b gy.
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> acc(G);
@@ -782,60 +775,67 @@ void backward_max_impl(const T* grad, const T* pts, const T* means, const T* pre
       g_bias[k] = static_cast<T>(gb);
     }
   });
-  // Pass 2, over Gaussians: c = gy W[k,g] phi;  dmu += c P d;  dp += -c/2 dq/dp.
-  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const auto& gp = gps[g];
-      double gm[3] = {0, 0, 0}, gpr[6] = {0, 0, 0, 0, 0, 0};
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t k = 0; k < K; ++k) {
-          const T gw = grad[b * K + k] * weight[k * G + g];
-          if (gw == T(0)) continue;
-          const T c = gw * phi_of(b, k)[g];
-          if (c == T(0)) continue;
-          T d[3];
-          diff(b, k, gp, d);
-          const T* p = gp.p;
-          gm[0] += c * (p[0] * d[0] + p[1] * d[1] + p[2] * d[2]);
-          gm[1] += c * (p[1] * d[0] + p[3] * d[1] + p[4] * d[2]);
-          gm[2] += c * (p[2] * d[0] + p[4] * d[1] + p[5] * d[2]);
-          const T hc = T(-0.5) * c;
-          gpr[0] += hc * d[0] * d[0];
-          gpr[1] += hc * T(2) * d[0] * d[1];
-          gpr[2] += hc * T(2) * d[0] * d[2];
-          gpr[3] += hc * d[1] * d[1];
-          gpr[4] += hc * T(2) * d[1] * d[2];
-          gpr[5] += hc * d[2] * d[2];
-        }
-      }
-      for (int i = 0; i < 3; ++i) g_means[g * 3 + i] = static_cast<T>(gm[i]);
-      for (int i = 0; i < 6; ++i) g_prec[g * 6 + i] = static_cast<T>(gpr[i]);
-    }
-  });
-  // Pass 3, over clouds: the arg-max point of channel k gets -sum_g c P_g d.
+  // Pass 2, over clouds, vectorised over the Gaussians: c_g = gy W[k,g] phi_g(x*) at channel
+  // k's arg-max point x*, d = x* - mu_g; dmu_g += c P_g d, dP_g += -c/2 dq/dP, and x* gets
+  // -sum_g c P_g d. A cloud owns its points; the Gaussians' gradients are summed per cloud and
+  // the clouds added in order below, so the result does not depend on the thread count.
+  // Parameters as rows of G (mu0, mu1, mu2, p00, p01, p02, p11, p12, p22) for the vector loop.
+  std::vector<T> rows_of(9 * G);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int i = 0; i < 3; ++i) rows_of[i * G + g] = gps[g].mu[i];
+    for (int i = 0; i < 6; ++i) rows_of[(3 + i) * G + g] = gps[g].p[i];
+  }
+  std::vector<double> per_cloud(B * 9 * G, 0.0);  // cloud b: rows dmu0..2, dp00..dp22 of G
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> gx;
+    const T *mu0 = rows_of.data(), *mu1 = mu0 + G, *mu2 = mu1 + G, *p00 = mu2 + G, *p01 = p00 + G, *p02 = p01 + G,
+            *p11 = p02 + G, *p12 = p11 + G, *p22 = p12 + G;
     for (int64_t b = begin; b < end; ++b) {
       gx.assign(N * 3, 0.0);
+      double* acc = per_cloud.data() + b * 9 * G;
       for (int64_t k = 0; k < K; ++k) {
         const T gy = grad[b * K + k];
         if (gy == T(0)) continue;
         const int64_t n = argmax[b * K + k];
+        const T x0 = pts[(b * N + n) * 3], x1 = pts[(b * N + n) * 3 + 1], x2 = pts[(b * N + n) * 3 + 2];
         const T* ph = phi_of(b, k);
+        const T* w = weight + k * G;
+        double s0 = 0, s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2)
         for (int64_t g = 0; g < G; ++g) {
-          const auto& gp = gps[g];
-          const T c = gy * weight[k * G + g] * ph[g];
-          if (c == T(0)) continue;
-          T d[3];
-          diff(b, k, gp, d);
-          const T* p = gp.p;
-          gx[n * 3 + 0] -= c * (p[0] * d[0] + p[1] * d[1] + p[2] * d[2]);
-          gx[n * 3 + 1] -= c * (p[1] * d[0] + p[3] * d[1] + p[4] * d[2]);
-          gx[n * 3 + 2] -= c * (p[2] * d[0] + p[4] * d[1] + p[5] * d[2]);
+          const T c = gy * w[g] * ph[g];  // 0 for culled pairs, not skipped: no branch to mispredict
+          const T d0 = x0 - mu0[g], d1 = x1 - mu1[g], d2 = x2 - mu2[g];
+          const T q0 = c * (p00[g] * d0 + p01[g] * d1 + p02[g] * d2);
+          const T q1 = c * (p01[g] * d0 + p11[g] * d1 + p12[g] * d2);
+          const T q2 = c * (p02[g] * d0 + p12[g] * d1 + p22[g] * d2);
+          const T hc = T(-0.5) * c;
+          acc[0 * G + g] += q0;
+          acc[1 * G + g] += q1;
+          acc[2 * G + g] += q2;
+          acc[3 * G + g] += hc * d0 * d0;
+          acc[4 * G + g] += hc * T(2) * d0 * d1;
+          acc[5 * G + g] += hc * T(2) * d0 * d2;
+          acc[6 * G + g] += hc * d1 * d1;
+          acc[7 * G + g] += hc * T(2) * d1 * d2;
+          acc[8 * G + g] += hc * d2 * d2;
+          s0 += q0;
+          s1 += q1;
+          s2 += q2;
         }
+        gx[n * 3 + 0] -= s0;
+        gx[n * 3 + 1] -= s1;
+        gx[n * 3 + 2] -= s2;
       }
       for (int64_t i = 0; i < N * 3; ++i) g_pts[b * N * 3 + i] = static_cast<T>(gx[i]);
     }
+  });
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int r = 0; r < 9; ++r) {
+        double sum = 0.0;
+        for (int64_t b = 0; b < B; ++b) sum += per_cloud[(b * 9 + r) * G + g];
+        (r < 3 ? g_means[g * 3 + r] : g_prec[g * 6 + r - 3]) = static_cast<T>(sum);
+      }
   });
 }
 

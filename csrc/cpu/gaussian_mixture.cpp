@@ -164,6 +164,49 @@ inline void fold_tile(const T (&acc)[Tile], const int64_t* lane_idx, int64_t til
   if (mx > best || (mx == best && tile_min_idx < best_idx)) fold_max(acc, mx, lane_idx, best, best_idx);
 }
 
+// The bounding box [lo, hi] of a tile's first m points (coordinates in x0, x1, x2).
+template <typename T>
+inline void tile_bounds(const T* x0, const T* x1, const T* x2, int m, T lo[3], T hi[3]) {
+  lo[0] = hi[0] = x0[0];
+  lo[1] = hi[1] = x1[0];
+  lo[2] = hi[2] = x2[0];
+  for (int t = 1; t < m; ++t) {
+    lo[0] = std::min(lo[0], x0[t]); hi[0] = std::max(hi[0], x0[t]);
+    lo[1] = std::min(lo[1], x1[t]); hi[1] = std::max(hi[1], x1[t]);
+    lo[2] = std::min(lo[2], x2[t]); hi[2] = std::max(hi[2], x2[t]);
+  }
+}
+
+// Whether culling drops Gaussian gp for every point of the box [lo, hi]: alpha_g <= t, or its
+// box misses [lo, hi] (exact: rounding is monotonic, so every point fails the per-point test).
+template <typename T>
+inline bool culled_for_box(const GaussParams<T>& gp, const T lo[3], const T hi[3]) {
+  if (gp.h[0] < 0) return true;  // alpha_g <= t: culled everywhere
+  bool miss = false;
+  for (int i = 0; i < 3; ++i) miss |= (lo[i] - gp.mu[i] > gp.h[i]) || (gp.mu[i] - hi[i] > gp.h[i]);
+  return miss;
+}
+
+// phi of Gaussian gp at a tile's Lanes points (x0, x1, x2) into ph, culled lanes exactly 0.
+// Returns whether any lane is nonzero.
+template <typename T, int Lanes>
+inline bool tile_phi(const GaussParams<T>& gp, const T* x0, const T* x1, const T* x2, bool cull, T* ph) {
+  const T m0 = gp.mu[0], m1 = gp.mu[1], m2 = gp.mu[2];
+  const T p00 = gp.p[0], p01 = gp.p[1], p02 = gp.p[2], p11 = gp.p[3], p12 = gp.p[4], p22 = gp.p[5];
+  const T h0 = gp.h[0], h1 = gp.h[1], h2 = gp.h[2];
+  int any = 0;
+#pragma omp simd reduction(| : any)
+  for (int t = 0; t < Lanes; ++t) {
+    const T d0 = x0[t] - m0, d1 = x1[t] - m1, d2 = x2[t] - m2;
+    const T q = p00 * d0 * d0 + p11 * d1 * d1 + p22 * d2 * d2 + T(2) * (p01 * d0 * d1 + p02 * d0 * d2 + p12 * d1 * d2);
+    const T v = fast_exp(T(-0.5) * q);
+    const bool out = cull && (std::fabs(d0) > h0 || std::fabs(d1) > h1 || std::fabs(d2) > h2);
+    ph[t] = out ? T(0) : v;
+    any |= ph[t] != T(0) ? 1 : 0;
+  }
+  return any != 0;
+}
+
 // The axis-aligned bounding box [lo, hi] of a cloud's N points.
 template <typename T>
 void cloud_bounds(const T* pts, int64_t N, T lo[3], T hi[3]) {
@@ -274,19 +317,10 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
     for (int t = 1; t < m; ++t) tile_min_idx = std::min(tile_min_idx, lane_idx[t]);
     int64_t na = 0;
     if (cull) {
-      T lo[3] = {x0[0], x1[0], x2[0]}, hi[3] = {x0[0], x1[0], x2[0]};
-      for (int t = 1; t < m; ++t) {
-        lo[0] = std::min(lo[0], x0[t]); hi[0] = std::max(hi[0], x0[t]);
-        lo[1] = std::min(lo[1], x1[t]); hi[1] = std::max(hi[1], x1[t]);
-        lo[2] = std::min(lo[2], x2[t]); hi[2] = std::max(hi[2], x2[t]);
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        const auto& gp = gps[g];
-        if (gp.h[0] < 0) continue;  // alpha_g <= t: culled everywhere
-        bool miss = false;
-        for (int i = 0; i < 3; ++i) miss |= (lo[i] - gp.mu[i] > gp.h[i]) || (gp.mu[i] - hi[i] > gp.h[i]);
-        if (!miss) active[na++] = g;
-      }
+      T lo[3], hi[3];
+      tile_bounds(x0, x1, x2, m, lo, hi);
+      for (int64_t g = 0; g < G; ++g)
+        if (!culled_for_box(gps[g], lo, hi)) active[na++] = g;
     } else {
       for (int64_t g = 0; g < G; ++g) active[na++] = g;
     }
@@ -294,24 +328,8 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
     // lane (culled per point, or exp underflow) is dropped from the list: its products are
     // exact zeros, so the mix is the same without them.
     int64_t nz = 0;
-    for (int64_t a = 0; a < na; ++a) {
-      const auto& gp = gps[active[a]];
-      T* ph = phi + nz * Tile;
-      const T m0 = gp.mu[0], m1 = gp.mu[1], m2 = gp.mu[2];
-      const T p00 = gp.p[0], p01 = gp.p[1], p02 = gp.p[2], p11 = gp.p[3], p12 = gp.p[4], p22 = gp.p[5];
-      const T h0 = gp.h[0], h1 = gp.h[1], h2 = gp.h[2];
-      int any = 0;
-#pragma omp simd reduction(| : any)
-      for (int t = 0; t < Tile; ++t) {
-        const T d0 = x0[t] - m0, d1 = x1[t] - m1, d2 = x2[t] - m2;
-        const T q = p00 * d0 * d0 + p11 * d1 * d1 + p22 * d2 * d2 + T(2) * (p01 * d0 * d1 + p02 * d0 * d2 + p12 * d1 * d2);
-        const T v = fast_exp(T(-0.5) * q);
-        const bool out = cull && (std::fabs(d0) > h0 || std::fabs(d1) > h1 || std::fabs(d2) > h2);
-        ph[t] = out ? T(0) : v;
-        any |= ph[t] != T(0) ? 1 : 0;
-      }
-      if (any) active[nz++] = active[a];
-    }
+    for (int64_t a = 0; a < na; ++a)
+      if (tile_phi<T, Tile>(gps[active[a]], x0, x1, x2, cull, phi + nz * Tile)) active[nz++] = active[a];
     na = nz;
     if (na == 0 && reduce_max) {
       // Every lane is bias: fold bias[k] at the tile's lowest point index, no mixing.
@@ -421,38 +439,12 @@ inline void prepare_tile(const float* pts, const int64_t* order, int64_t t0, int
   }
   tile.min_idx = tile.lane_idx[0];
   for (int t = 1; t < m; ++t) tile.min_idx = std::min(tile.min_idx, tile.lane_idx[t]);
-  float lo[3] = {x0[0], x1[0], x2[0]}, hi[3] = {x0[0], x1[0], x2[0]};
-  if (cull) {
-    for (int t = 1; t < m; ++t) {
-      lo[0] = std::min(lo[0], x0[t]); hi[0] = std::max(hi[0], x0[t]);
-      lo[1] = std::min(lo[1], x1[t]); hi[1] = std::max(hi[1], x1[t]);
-      lo[2] = std::min(lo[2], x2[t]); hi[2] = std::max(hi[2], x2[t]);
-    }
-  }
+  float lo[3], hi[3];
+  if (cull) tile_bounds(x0, x1, x2, m, lo, hi);
   int na = 0;
   for (int32_t g = 0; g < static_cast<int32_t>(gps.size()); ++g) {
-    const auto& gp = gps[g];
-    if (cull) {
-      if (gp.h[0] < 0) continue;  // alpha_g <= t: culled everywhere
-      bool miss = false;
-      for (int i = 0; i < 3; ++i) miss |= (lo[i] - gp.mu[i] > gp.h[i]) || (gp.mu[i] - hi[i] > gp.h[i]);
-      if (miss) continue;
-    }
-    float* ph = phi + na * kTilePts;
-    const float m0 = gp.mu[0], m1 = gp.mu[1], m2 = gp.mu[2];
-    const float p00 = gp.p[0], p01 = gp.p[1], p02 = gp.p[2], p11 = gp.p[3], p12 = gp.p[4], p22 = gp.p[5];
-    const float h0 = gp.h[0], h1 = gp.h[1], h2 = gp.h[2];
-    int any = 0;
-#pragma omp simd reduction(| : any)
-    for (int t = 0; t < kTilePts; ++t) {
-      const float d0 = x0[t] - m0, d1 = x1[t] - m1, d2 = x2[t] - m2;
-      const float q = p00 * d0 * d0 + p11 * d1 * d1 + p22 * d2 * d2 + 2.0f * (p01 * d0 * d1 + p02 * d0 * d2 + p12 * d1 * d2);
-      const float v = fast_exp(-0.5f * q);
-      const bool out = cull && (std::fabs(d0) > h0 || std::fabs(d1) > h1 || std::fabs(d2) > h2);
-      ph[t] = out ? 0.0f : v;
-      any |= ph[t] != 0.0f ? 1 : 0;
-    }
-    if (any) active[na++] = g;
+    if (cull && culled_for_box(gps[g], lo, hi)) continue;
+    if (tile_phi<float, kTilePts>(gps[g], x0, x1, x2, cull, phi + na * kTilePts)) active[na++] = g;
   }
   tile.na = na;
 }

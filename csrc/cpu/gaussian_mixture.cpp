@@ -164,6 +164,36 @@ inline void fold_tile(const T (&acc)[Tile], const int64_t* lane_idx, int64_t til
   if (mx > best || (mx == best && tile_min_idx < best_idx)) fold_max(acc, mx, lane_idx, best, best_idx);
 }
 
+// The order in which a work item of n points visits its tiles of `lanes` points. For the max
+// it is shuffled (fixed seed, from the item's first point n0): every tile that reaches a
+// channel's running max takes the slow path of the fold, and a tile order that sweeps across
+// the cloud (points in spatial or generation order, or a fixed stride through them) keeps
+// raising the maxima; in random order a channel's maximum rises about ln(tiles) times.
+inline std::vector<int64_t> tile_visit_order(int64_t n0, int64_t n, int lanes, bool shuffled) {
+  std::vector<int64_t> tile_order((n + lanes - 1) / lanes);
+  std::iota(tile_order.begin(), tile_order.end(), int64_t(0));
+  if (shuffled) std::shuffle(tile_order.begin(), tile_order.end(), std::minstd_rand(static_cast<uint32_t>(n0 + 1)));
+  return tile_order;
+}
+
+// Loads the m points of the tile starting at position t0 (through `order` when given) into
+// lane_idx and the coordinate rows x0, x1, x2; padding lanes repeat the first point, so they
+// tie with lane 0, which wins. Returns the tile's lowest point index.
+template <typename T, int Lanes>
+inline int64_t load_tile(const T* pts, const int64_t* order, int64_t t0, int m, int64_t* lane_idx, T* x0, T* x1, T* x2) {
+  for (int t = 0; t < Lanes; ++t) {
+    const int64_t pos = t0 + (t < m ? t : 0);
+    lane_idx[t] = order ? order[pos] : pos;
+    const T* p = pts + 3 * lane_idx[t];
+    x0[t] = p[0];
+    x1[t] = p[1];
+    x2[t] = p[2];
+  }
+  int64_t min_idx = lane_idx[0];
+  for (int t = 1; t < m; ++t) min_idx = std::min(min_idx, lane_idx[t]);
+  return min_idx;
+}
+
 // The bounding box [lo, hi] of a tile's first m points (coordinates in x0, x1, x2).
 template <typename T>
 inline void tile_bounds(const T* x0, const T* x1, const T* x2, int m, T lo[3], T hi[3]) {
@@ -293,28 +323,10 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
       out_idx[k] = std::numeric_limits<int64_t>::max();
     }
   }
-  // For the max, tiles are visited in a shuffled order (fixed seed). Every tile that reaches a
-  // channel's running max takes fold_tile's slow path, and a tile order that sweeps across
-  // the cloud (points in spatial or generation order, or a fixed stride through them) keeps
-  // raising the maxima; in random order a channel's maximum rises about ln(tiles) times.
-  const int64_t tiles = (n1 - n0 + Tile - 1) / Tile;
-  std::vector<int64_t> tile_order(tiles);
-  std::iota(tile_order.begin(), tile_order.end(), int64_t(0));
-  if (reduce_max) std::shuffle(tile_order.begin(), tile_order.end(), std::minstd_rand(static_cast<uint32_t>(n0 + 1)));
-  for (int64_t ti = 0; ti < tiles; ++ti) {
-    const int64_t t0 = n0 + tile_order[ti] * Tile;
+  for (const int64_t tile : tile_visit_order(n0, n1 - n0, Tile, reduce_max)) {
+    const int64_t t0 = n0 + tile * Tile;
     const int m = static_cast<int>(std::min<int64_t>(Tile, n1 - t0));
-    // Padding lanes repeat the tile's first point: they tie with lane 0, which wins.
-    for (int t = 0; t < Tile; ++t) {
-      const int64_t pos = t0 + (t < m ? t : 0);
-      lane_idx[t] = order ? order[pos] : pos;
-      const T* p = pts + 3 * lane_idx[t];
-      x0[t] = p[0];
-      x1[t] = p[1];
-      x2[t] = p[2];
-    }
-    int64_t tile_min_idx = lane_idx[0];
-    for (int t = 1; t < m; ++t) tile_min_idx = std::min(tile_min_idx, lane_idx[t]);
+    const int64_t tile_min_idx = load_tile<T, Tile>(pts, order, t0, m, lane_idx, x0, x1, x2);
     int64_t na = 0;
     if (cull) {
       T lo[3], hi[3];
@@ -429,16 +441,7 @@ inline void prepare_tile(const float* pts, const int64_t* order, int64_t t0, int
                          bool cull, PointTile& tile, float* phi, int32_t* active) {
   alignas(32) float x0[kTilePts], x1[kTilePts], x2[kTilePts];
   tile.m = m;
-  for (int t = 0; t < kTilePts; ++t) {
-    const int64_t pos = t0 + (t < m ? t : 0);
-    tile.lane_idx[t] = order ? order[pos] : pos;
-    const float* p = pts + 3 * tile.lane_idx[t];
-    x0[t] = p[0];
-    x1[t] = p[1];
-    x2[t] = p[2];
-  }
-  tile.min_idx = tile.lane_idx[0];
-  for (int t = 1; t < m; ++t) tile.min_idx = std::min(tile.min_idx, tile.lane_idx[t]);
+  tile.min_idx = load_tile<float, kTilePts>(pts, order, t0, m, tile.lane_idx, x0, x1, x2);
   float lo[3], hi[3];
   if (cull) tile_bounds(x0, x1, x2, m, lo, hi);
   int na = 0;
@@ -509,11 +512,8 @@ void forward_item_f32(const float* pts, const int64_t* order, int64_t n0, int64_
     std::fill(scratch.best.begin(), scratch.best.end(), -std::numeric_limits<float>::infinity());
     std::fill(scratch.best_idx.begin(), scratch.best_idx.end(), std::numeric_limits<int64_t>::max());
   }
-  // Tiles in a shuffled order for the max (see forward_item).
-  const int64_t tiles = (n1 - n0 + kTilePts - 1) / kTilePts;
-  std::vector<int64_t> tile_order(tiles);
-  std::iota(tile_order.begin(), tile_order.end(), int64_t(0));
-  if (reduce_max) std::shuffle(tile_order.begin(), tile_order.end(), std::minstd_rand(static_cast<uint32_t>(n0 + 1)));
+  const std::vector<int64_t> tile_order = tile_visit_order(n0, n1 - n0, kTilePts, reduce_max);
+  const int64_t tiles = static_cast<int64_t>(tile_order.size());
   PointTile group[kGroupTiles];
   for (int64_t g0 = 0; g0 < tiles; g0 += kGroupTiles) {
     const int gn = static_cast<int>(std::min<int64_t>(kGroupTiles, tiles - g0));

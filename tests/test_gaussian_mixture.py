@@ -283,7 +283,12 @@ def test_non_contiguous_and_empty_batch(backend, device):
         with lucidops.use_backend(backend):
             out = gaussian_mixture(*views, reduce=reduce)
             expected = gaussian_mixture(*(v.contiguous() for v in views), reduce=reduce)
-        assert torch.equal(out, expected)
+        if backend == "reference":
+            # PyTorch's matmul may round differently for a transposed operand or another
+            # alignment (a CI run saw it): the reference is held to the layout, not the bits.
+            torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        else:  # the kernels read any layout into the same computation: bitwise
+            assert torch.equal(out, expected)
     empty = torch.empty(0, 4, 20, 3, device=device, requires_grad=True)
     w = weight.clone().requires_grad_(True)
     with lucidops.use_backend(backend):

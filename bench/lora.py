@@ -23,7 +23,7 @@ import lucidops
 from lucidops import backends
 from lucidops.profile.report import saved_bytes
 
-from .timing import measure_ms, peak_mb_above
+from .timing import measure_interleaved_ms, peak_mb_above
 
 OMEGA, RANK = 100.0, 16
 
@@ -69,43 +69,46 @@ def run(device: str, quick: bool = False) -> List[Dict]:
     with torch.no_grad():
         expected = impls["naive"](x.double(), w.double(), a.double(), b.double(), bias.double())
 
-    # Forward at full batch and at serving batch sizes (unmerged adapter).
+    # Forward at full batch and at serving batch sizes (unmerged adapter). Implementations
+    # are timed interleaved, so the ratios between them hold on a busy machine.
     for rows_m in ([m] + [1, 16, 64]):
         xs = x[:rows_m].contiguous()
-        times = {}
-        for name, fn in impls.items():
-            def step(fn=fn, xs=xs):
+        row_case = case if rows_m == m else f"{case} M={rows_m}"
+
+        def forward_step(fn, xs=xs):
+            def step():
                 with torch.no_grad():
                     return fn(xs, w, a, b, bias)
-            try:
-                times[name] = measure_ms(step, device)
-            except Exception as exc:  # keep the other rows
-                print(f"  lora forward M={rows_m} {name}: failed ({type(exc).__name__}: {exc})")
-                continue
-            row = dict(family="lora", case=case if rows_m == m else f"{case} M={rows_m}", mode="forward",
-                       impl=name, ms=times[name])
+            return step
+
+        steps = {name: forward_step(fn) for name, fn in impls.items()}
+        times = measure_interleaved_ms(steps, device)
+        for name, ms in times.items():
+            row = dict(family="lora", case=row_case, mode="forward", impl=name, ms=ms)
             if rows_m == m and name != "linear" and name != "plain LoRA":
-                out = step().double()
+                out = steps[name]().double()
                 row["rel_err_vs_fp64"] = ((out - expected).norm() / expected.norm()).item()
             rows.append(row)
-        _ratios(rows, times, "forward", case if rows_m == m else f"{case} M={rows_m}")
+        _ratios(rows, times, "forward", row_case)
 
     # Forward + backward: adapters trained, frozen weight, x needs its gradient too.
     xg = x.clone().requires_grad_(True)
-    times, saved = {}, {}
-    for name, fn in impls.items():
-        def step(fn=fn):
+
+    def train_step(fn):
+        def step():
             xg.grad = a.grad = b.grad = None
             fn(xg, w, a, b, bias).backward(grad)
-        try:
-            times[name] = measure_ms(step, device)
-            saved[name] = saved_bytes(lambda fn=fn: fn(xg, w, a, b, bias))
-        except Exception as exc:
-            print(f"  lora forward+backward {name}: failed ({type(exc).__name__}: {exc})")
-            continue
+        return step
+
+    steps = {name: train_step(fn) for name, fn in impls.items()}
+    times = measure_interleaved_ms(steps, device)
+    saved = {}
+    for name in times:
+        fn = impls[name]
+        saved[name] = saved_bytes(lambda fn=fn: fn(xg, w, a, b, bias))
         row = dict(family="lora", case=case, mode="forward+backward", impl=name, ms=times[name],
                    saved_for_backward_MB=saved[name] / 2**20)
-        mb = peak_mb_above(step, device)
+        mb = peak_mb_above(steps[name], device)
         if mb is not None:
             row["peak_MB_above_inputs"] = mb
         rows.append(row)

@@ -31,6 +31,38 @@ def measure_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, repeat
     return statistics.median(samples)
 
 
+def measure_interleaved_ms(fns: Dict[str, Callable[[], object]], device: str, *, warmup: int = 2,
+                           rounds: int = 10) -> Dict[str, float]:
+    """Median wall time (ms) of each of ``fns``, for ratios between them on a shared machine.
+
+    On the CPU the calls are interleaved: each round times every function once, in turn, so
+    a slow spell of a busy host falls on all of them alike instead of on whichever happened
+    to be running (timed one after another, the same code measured 0.73x and 1.00x of its
+    baseline minutes apart). On CUDA each is timed by :func:`measure_ms`. A function that
+    raises is reported by name and left out of the result.
+    """
+    working: Dict[str, Callable[[], object]] = {}
+    for name, fn in fns.items():
+        try:
+            fn()
+        except Exception as exc:  # keep the others
+            print(f"  {name}: failed ({type(exc).__name__}: {exc})")
+            continue
+        working[name] = fn
+    if device == "cuda":
+        return {name: measure_ms(fn, device) for name, fn in working.items()}
+    for _ in range(warmup):
+        for fn in working.values():
+            fn()
+    samples: Dict[str, list] = {name: [] for name in working}
+    for _ in range(rounds):
+        for name, fn in working.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def peak_mb_above(fn: Callable[[], object], device: str) -> Optional[float]:
     """On CUDA, the peak allocation (MiB) of one ``fn()`` above what was allocated before it;
     None on the CPU, where the caching allocator's statistics do not exist."""

@@ -267,5 +267,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gaussian_phi_backward", &impl::gaussian_phi_backward, "grads of points, means, precisions from dL/dphi*phi");
 #ifndef LUCIDOPS_WITH_CUDA
   m.def("gaussian_spatial_order", &impl::gaussian_spatial_order, "culled forward's point order (N,) of points (N, 3)");
+  // Bounded LoRA, placement "weight" (csrc/cpu/bounded_lora.cpp).
+  m.def("lora_effective_weight", &impl::lora_effective_weight, "W + scale fn(omega B A)", py::arg("weight"),
+        py::arg("lora_A"), py::arg("lora_B"), py::arg("fn"), py::arg("omega"), py::arg("scale"));
+  m.def("lora_weight_backward", &impl::lora_weight_backward,
+        "grad_weight *= fn'(omega B A) in place; returns the effective weight if asked, else an empty tensor",
+        py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("grad_weight"), py::arg("fn"),
+        py::arg("omega"), py::arg("scale"), py::arg("need_effective_weight"));
 #endif
 }

@@ -11,6 +11,8 @@ namespace lucidops {
 // Activation kinds; the numbering is part of the Python <-> C++ contract
 // (lucidops.ops.activations.KIND).
 enum ActivationKind : int64_t { kSinc = 0, kGaussian = 1 };
+// Bounded LoRA functions; part of the contract too (lucidops.ops.lora.FN_CODE).
+enum LoraFn : int64_t { kLoraSin = 0, kLoraTanh = 1 };
 
 namespace cpu {
 at::Tensor activation_forward(const at::Tensor& x, const at::Tensor& sigma, int64_t kind);
@@ -35,6 +37,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_phi_backward(const at::T
 // The order in which the culled forward visits a cloud's points (N, 3): by Morton code over the
 // cloud's bounding box, ties in index order. Exposed for tests; CPU builds only.
 at::Tensor gaussian_spatial_order(const at::Tensor& points);
+
+// Bounded LoRA, placement "weight" (csrc/cpu/bounded_lora.cpp); float32 or float64, weight (N_out, K_in),
+// lora_A (r, K_in), lora_B (N_out, r). The effective weight W + scale fn(omega B A):
+at::Tensor lora_effective_weight(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                 int64_t fn, double omega, double scale);
+// The backward's elementwise step: grad_weight (G = dY^T X, contiguous) is multiplied in place by
+// fn'(omega B A); returns the effective weight (for dx) when asked, else an empty tensor.
+at::Tensor lora_weight_backward(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                at::Tensor grad_weight, int64_t fn, double omega, double scale,
+                                bool need_effective_weight);
 }  // namespace cpu
 
 }  // namespace lucidops

@@ -38,7 +38,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import _validate, backends
+from .. import _ext, _validate, backends
 from ..profile import flops as _flops
 from ..reference import lora as _reference
 
@@ -66,16 +66,21 @@ def _apply_fn_(fn: str, z: Tensor) -> Tensor:
     return z.sin_() if fn == "sin" else z.tanh_()
 
 
-def _recompute_forward(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], fn: str,
-                       placement: str, omega: float, scale: float) -> Tensor:
-    """The "cpp" CPU path: ATen calls that build the effective weight once per call, in
-    place in one N_out x K_in buffer (opmath), and keep nothing for backward."""
+# The fn numbering shared with csrc/lucidops.h (LoraFn).
+FN_CODE = {"sin": 0, "tanh": 1}
+
+
+def _cpp_forward(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], fn: str,
+                 placement: str, omega: float, scale: float) -> Tensor:
+    """The cpp path. Placement "weight": the C++ kernel builds the effective weight
+    W + s fn(omega B A) in one pass (no update temporaries), then one ATen matmul; nothing
+    is kept for backward. Placement "output" has no full-rank update: ATen matmuls and
+    in-place elementwise steps on the (M, N_out) phase. Half inputs compute in float32."""
     compute = _reference.opmath_dtype(x.dtype)
     xc = x.to(compute)
     if placement == "weight":
-        # omega folded into the small factor: one pass fewer over the N_out x K_in buffer.
-        w_eff = _apply_fn_(fn, torch.mm(b.to(compute) * omega, a.to(compute)))
-        w_eff = torch.add(weight, w_eff, alpha=scale)
+        w_eff = _ext.load("cpu").lora_effective_weight(weight.to(compute), a.to(compute), b.to(compute),
+                                                       FN_CODE[fn], omega, scale)
         if bias is not None:
             return torch.addmm(bias.to(compute), xc, w_eff.T).to(x.dtype)
         return torch.mm(xc, w_eff.T).to(x.dtype)
@@ -86,30 +91,32 @@ def _recompute_forward(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, bias: Op
     return y.to(x.dtype)
 
 
-def _recompute_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, need_weight, need_bias,
-                        need_lora) -> Grads:
+def _cpp_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, need_weight, need_bias,
+                  need_lora) -> Grads:
     compute = _reference.opmath_dtype(x.dtype)
     g, xc = grad.to(compute), x.to(compute)
     ac, bc = a.to(compute), b.to(compute)
     empty = x.new_empty(0)
     grad_x = grad_w = grad_a = grad_b = empty
     if placement == "weight":
-        p = torch.mm(bc * omega, ac)
-        if fn == "tanh":
-            p.tanh_()  # t = tanh(P): the update is s t and fn'(P) = 1 - t^2
-        if need_x:
-            f = p if fn == "tanh" else torch.sin(p)
-            grad_x = torch.mm(g, torch.add(weight, f, alpha=scale))
+        ext = _ext.load("cpu")
+        wc = weight.to(compute)
         if need_lora or need_weight:
             gw = torch.mm(g.T, xc)                                  # G = dY^T X
             if need_weight:
                 grad_w = gw.to(weight.dtype)
-            if need_lora:
-                deriv = p.cos_() if fn == "sin" else p.mul_(p).neg_().add_(1.0)
-                h = deriv.mul_(gw)                                  # H / (s omega) = G fn'(P)
-                # s omega applied to the small results, not to the N_out x K_in H.
-                grad_a = torch.mm(bc.T, h).mul_(scale * omega)
-                grad_b = torch.mm(h, ac.T).mul_(scale * omega)
+        if need_lora:
+            # One C++ pass over the phase: H / (s omega) = G fn'(P) in place (a copy when G is
+            # also dweight), and the effective weight for dx when it is needed.
+            h = gw.clone() if need_weight and grad_w.data_ptr() == gw.data_ptr() else gw
+            w_eff = ext.lora_weight_backward(wc, ac, bc, h, FN_CODE[fn], omega, scale, need_x)
+            # s omega applied to the small results, not to the N_out x K_in H.
+            grad_a = torch.mm(bc.T, h).mul_(scale * omega)
+            grad_b = torch.mm(h, ac.T).mul_(scale * omega)
+        elif need_x:
+            w_eff = ext.lora_effective_weight(wc, ac, bc, FN_CODE[fn], omega, scale)
+        if need_x:
+            grad_x = torch.mm(g, w_eff)
     else:
         u = torch.mm(xc, ac.T)
         if need_lora or need_x:
@@ -146,16 +153,17 @@ def _triton_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x,
 
 
 _NOTES = {
-    "cpp": "recompute path in ATen calls (no C++ of its own): builds the N_out x K_in effective "
-           "weight once per call in one in-place buffer and saves only x, weight, A, B",
+    "cpp": "placement weight: a C++ pass builds the effective weight W + s fn(omega B A) from the rank-r "
+           "factors (forward, dx) and forms G fn'(omega B A) in place (dA, dB), around ATen matmuls; "
+           "placement output: ATen matmuls and in-place elementwise steps; saves only x, weight, A, B",
     "triton": "fused: the update's tiles are regenerated inside the matmul K-loop (forward, dx) and the "
               "weight-gradient tile is reduced into dA, dB without reaching memory",
 }
 backends.register_op("bounded_lora_linear",
-                     {"reference": _reference_forward, "cpp": _recompute_forward, "triton": _triton_forward},
+                     {"reference": _reference_forward, "cpp": _cpp_forward, "triton": _triton_forward},
                      notes=_NOTES)
 backends.register_op("bounded_lora_linear_backward",
-                     {"reference": _reference_backward, "cpp": _recompute_backward, "triton": _triton_backward},
+                     {"reference": _reference_backward, "cpp": _cpp_backward, "triton": _triton_backward},
                      notes=_NOTES)
 
 
@@ -205,17 +213,17 @@ def _triton_quant_backward(*args):
 
 _QUANT_NOTES = {
     "reference": "dequantizes A and B in PyTorch (x's dtype), then the reference path",
-    "cpp": "dequantizes A and B in PyTorch (x's dtype), then the recompute path",
+    "cpp": "dequantizes A and B in PyTorch (x's dtype), then the cpp path",
     "triton": "dequantizes tiles of A and B from their uint8 codes in the kernel prologue (forward and dx), "
               "so neither the factors nor the update reach global memory; dweight needs no adapter",
 }
 backends.register_op("bounded_lora_linear_quant",
                      {"reference": _quant_fallback_forward(_reference_forward),
-                      "cpp": _quant_fallback_forward(_recompute_forward), "triton": _triton_quant_forward},
+                      "cpp": _quant_fallback_forward(_cpp_forward), "triton": _triton_quant_forward},
                      notes=_QUANT_NOTES)
 backends.register_op("bounded_lora_linear_quant_backward",
                      {"reference": _quant_fallback_backward(_reference_backward),
-                      "cpp": _quant_fallback_backward(_recompute_backward), "triton": _triton_quant_backward},
+                      "cpp": _quant_fallback_backward(_cpp_backward), "triton": _triton_quant_backward},
                      notes=_QUANT_NOTES)
 
 

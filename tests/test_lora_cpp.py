@@ -1,0 +1,122 @@
+"""The C++ bounded-LoRA kernels (csrc/cpu/bounded_lora.cpp) on their own: the effective weight
+W + s fn(omega B A) and the backward's G fn'(omega B A), against float64 math on phases that
+are exact in float32, so the comparison measures fn alone, over the whole range of the
+vectorised sin/cos (and past it, where libm takes over) and both regimes of tanh."""
+
+import math
+
+import pytest
+import torch
+
+import lucidops
+from lucidops import _ext
+from lucidops.ops.lora import FN_CODE
+
+from test_lora import make, reference_grads, rel_err
+
+
+@pytest.fixture(scope="module")
+def ext():
+    return _ext.load("cpu")
+
+
+def exact_phase_factors(n_out, k_in, rank, b_max, a_steps, a_denominator, seed):
+    """A and B whose products, and their sums over the rank, are exact in float32: B holds
+    integers in [-b_max, b_max], A integers in [-a_steps, a_steps] over a power of two (with
+    rank * b_max * a_steps < 2^24). omega = 1 keeps the phase exact too."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randint(-b_max, b_max + 1, (n_out, rank), generator=g).float()
+    a = torch.randint(-a_steps, a_steps + 1, (rank, k_in), generator=g).float() / a_denominator
+    b[0] = 0.0  # a zero phase row: sin 0 = tanh 0 = 0, fn' = 1
+    return a, b
+
+
+# (b_max, a_steps, a_denominator): phases up to 0.125 (tanh's series), 48 (sin's usual
+# range) and 7.7e6 (far past the vectorised reduction's bound of 8192, where libm takes
+# over). K_in = 300 and 517 cross the 256-column tile.
+RANGES = {"small": (1, 64, 1024), "medium": (12, 2048, 1024), "huge": (60000, 64, 1)}
+
+
+@pytest.mark.parametrize("fn", ["sin", "tanh"])
+@pytest.mark.parametrize("phase_range,k_in", [("small", 300), ("medium", 517), ("huge", 300)])
+def test_effective_weight_and_backward_step_match_float64(ext, fn, phase_range, k_in):
+    n_out, rank, scale = 37, 2, 0.37
+    a, b = exact_phase_factors(n_out, k_in, rank, *RANGES[phase_range], seed=k_in)
+    w = torch.randn(n_out, k_in)
+    phase = b.double() @ a.double()
+    assert torch.equal(phase, (b @ a).double()), "test setup: the phase must be exact in float32"
+    value = torch.sin(phase) if fn == "sin" else torch.tanh(phase)
+    deriv = torch.cos(phase) if fn == "sin" else 1 - torch.tanh(phase) ** 2
+    if phase_range == "huge":
+        assert phase.abs().max() > 2e6
+    if phase_range == "small":
+        assert phase.abs().max() < 0.25
+
+    effective = ext.lora_effective_weight(w, a, b, FN_CODE[fn], 1.0, scale)
+    torch.testing.assert_close(effective.double(), w.double() + scale * value, rtol=0, atol=4e-7)
+
+    grad_weight = torch.randn(n_out, k_in)
+    expected_h = grad_weight.double() * deriv
+    h = grad_weight.clone()
+    again = ext.lora_weight_backward(w, a, b, h, FN_CODE[fn], 1.0, scale, True)
+    torch.testing.assert_close(h.double(), expected_h, rtol=2e-7, atol=4e-7)
+    assert torch.equal(again, effective), "the backward rebuilds the forward's effective weight bitwise"
+    h_only = grad_weight.clone()
+    assert ext.lora_weight_backward(w, a, b, h_only, FN_CODE[fn], 1.0, scale, False).numel() == 0
+    assert torch.equal(h_only, h)
+
+
+def test_float64_kernels_match_float64_math(ext):
+    g = torch.Generator().manual_seed(5)
+    w, a, b = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((19, 270), (3, 270), (19, 3)))
+    for fn, f in (("sin", torch.sin), ("tanh", torch.tanh)):
+        effective = ext.lora_effective_weight(w, a, b, FN_CODE[fn], 2.5, 0.3)
+        torch.testing.assert_close(effective, w + 0.3 * f(2.5 * (b @ a)), rtol=1e-13, atol=1e-13)
+
+
+def test_result_is_bitwise_independent_of_threads(ext):
+    g = torch.Generator().manual_seed(9)
+    w, a, b = torch.randn(101, 700, generator=g), torch.randn(16, 700, generator=g), torch.randn(101, 16, generator=g)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            h = torch.ones(101, 700)
+            results.append((ext.lora_effective_weight(w, a, b, 0, 30.0, 0.1),
+                            ext.lora_weight_backward(w, a, b, h, 1, 30.0, 0.1, True), h))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("fn", ["sin", "tanh"])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_op_at_sizes_that_span_tiles_and_threads(fn, train_base):
+    """The whole cpp op at K_in and N_out past one tile and one row-block, against float64."""
+    x, w, a, b, bias = make((45, 530), 70, 16, torch.float32, "cpu", seed=11)
+    a, b = a * 0.3, b * 0.3  # phases of a few units: every branch of sin and tanh
+    for t in (x, a, b) + ((w, bias) if train_base else ()):
+        t.requires_grad_(True)
+    grad = torch.randn(45, 70)
+    with lucidops.use_backend("cpp"):
+        y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=3.0, scale=0.2)
+        y.backward(grad)
+    y_ref, gx, gw, gbias, ga, gb = reference_grads(grad, x, w, a, b, bias, fn, "weight", omega=3.0, scale=0.2)
+    for mine, expected in [(y, y_ref), (x.grad, gx), (a.grad, ga), (b.grad, gb)] + (
+            [(w.grad, gw), (bias.grad, gbias)] if train_base else []):
+        assert rel_err(mine, expected) < 1e-5
+
+
+def test_bad_arguments_raise(ext):
+    w, a, b = torch.randn(4, 6), torch.randn(2, 6), torch.randn(4, 2)
+    with pytest.raises(RuntimeError, match="unknown fn"):
+        ext.lora_effective_weight(w, a, b, 7, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="lora_B"):
+        ext.lora_effective_weight(w, a, torch.randn(4, 3), 0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        ext.lora_effective_weight(w, a.double(), b, 0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="grad_weight"):
+        ext.lora_weight_backward(w, a, b, torch.randn(6, 4).T, 0, 1.0, 1.0, True)
+    assert math.isfinite(ext.lora_effective_weight(w, a, b, 0, 1.0, 1.0).sum().item())

@@ -1,11 +1,12 @@
 """Many-head attention (methods.md section 2): lucidops against PyTorch's SDPA.
 
-CPU: lucidops.ops.attention on its CPU default, the ``aten`` backend (PyTorch's own fused
-flash-attention CPU kernel, adapted to the op's contract: so about SDPA's speed, not a
-lucidops kernel), against torch's SDPA and the math reference (the ``reference`` backend
-and plain autograd through it), float32, ViT-like shapes (N = 197) with head dims 8..64.
-Rows carry speedup_vs_best_sdpa and speedup_vs_reference (lucidops[reference] in the
-same run).
+CPU: lucidops.ops.attention on the ``aten`` backend (PyTorch's own fused flash-attention
+CPU kernel, adapted to the op's contract: so about SDPA's speed, not a lucidops kernel) and
+on the ``cpp`` backend (lucidops' kernel for small heads, csrc/cpu/attention.cpp), against
+torch's SDPA and the math reference (the ``reference`` backend and plain autograd through
+it), float32, ViT-like shapes (N = 197) at a fixed width of 192 with head dims 8..64,
+timed interleaved. Rows carry speedup_vs_best_sdpa and speedup_vs_reference
+(lucidops[reference] in the same run).
 
 CUDA: bf16, d in {8, 16, 32, 64}, H in {12, 48, 96}, N in {197, 1024, 4096}, causal and
 not, forward and forward+backward; lucidops[triton] against SDPA forced to each backend
@@ -26,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 import lucidops
+from lucidops import backends
 
-from .timing import measure_ms
+from .timing import measure_interleaved_ms, measure_ms
 
 _ops = importlib.import_module("lucidops.ops.attention")
 
@@ -77,7 +79,7 @@ def _lucidops(backend: str) -> Callable:
     return fn
 
 
-def _time(fn, q, k, v, causal, mode, device) -> float:
+def _step(fn, q, k, v, causal, mode) -> Callable[[], None]:
     if mode == "forward":
         def step():
             with torch.no_grad():
@@ -89,7 +91,11 @@ def _time(fn, q, k, v, causal, mode, device) -> float:
         def step():
             qg.grad = kg.grad = vg.grad = None
             fn(qg, kg, vg, causal).backward(grad)
-    return measure_ms(step, device)
+    return step
+
+
+def _time(fn, q, k, v, causal, mode, device) -> float:
+    return measure_ms(_step(fn, q, k, v, causal, mode), device)
 
 
 def _matmul_tflops(device: str) -> float:
@@ -127,6 +133,8 @@ def run(device: str, quick: bool = False) -> List[Dict]:
             impls["flex_attention"] = flex
     else:
         impls["lucidops[aten]"] = _lucidops("aten")
+        if backends.backend_problem("cpp", "cpu") is None:
+            impls["lucidops[cpp]"] = _lucidops("cpp")
         impls["lucidops[reference]"] = _lucidops("reference")
         impls["sdpa"] = _sdpa(None)
         impls["reference (autograd)"] = lambda q, k, v, causal: lucidops.reference.attention.attention(
@@ -137,7 +145,10 @@ def run(device: str, quick: bool = False) -> List[Dict]:
         case = f"B{b} H{h} N{n} d{d}{' causal' if causal else ''} {str(dtype)[6:]}"
         for mode in ("forward", "forward+backward"):
             times: Dict[str, float] = {}
-            for name, fn in impls.items():
+            if device == "cpu":  # interleaved, so that the ratios hold on a busy host
+                steps = {name: _step(fn, q, k, v, causal, mode) for name, fn in impls.items()}
+                times = measure_interleaved_ms(steps, device)
+            for name, fn in (impls.items() if device == "cuda" else ()):
                 if name == "sdpa[math]" and b * h * n * n * 4 > (4 << 30):
                     continue  # the math backend materialises the (B, H, N, N) scores
                 try:

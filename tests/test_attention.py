@@ -12,7 +12,7 @@ import lucidops
 from lucidops.reference import attention as ref
 
 attention_module = importlib.import_module("lucidops.ops.attention")  # the module, not the function
-BACKENDS = ["reference", "aten"] + (["triton"] if lucidops.backends.triton_interpreting() else [])
+BACKENDS = ["reference", "aten", "cpp"] + (["triton"] if lucidops.backends.triton_interpreting() else [])
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 # (B, H, Nq, Nk, d, causal, mask kind, dtype): every d in {4, 8, 12, 16, 32, 64} (and 20,
@@ -169,7 +169,7 @@ def test_large_scores_are_stable_and_many_heads(backend):
     assert rel_err(out, expected) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["reference", "aten"])
+@pytest.mark.parametrize("backend", ["reference", "aten", "cpp"])
 def test_gradcheck_float64(backend):
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, n, 5, generator=g, dtype=torch.float64, requires_grad=True) for n in (4, 6, 6))
@@ -205,11 +205,11 @@ def test_torch_compile_fullgraph():
     out.sum().backward()
     torch.testing.assert_close(out, 2 * ref.attention(q.detach(), k.detach(), v.detach(), causal=True))
     assert q.grad is not None
-    assert lucidops.backends.last_used("attention") == "aten"  # the CPU default runs inside the graph
+    assert lucidops.backends.last_used("attention") == "cpp"  # the CPU default runs inside the graph
 
 
 def test_torch_compile_inductor_with_mask_and_lse_matches_eager():
-    """The aten backend inside an inductor graph: masked, fully-masked rows, lse in the loss."""
+    """The CPU default (cpp) inside an inductor graph: masked, fully-masked rows, lse in the loss."""
     g = torch.Generator().manual_seed(6)
     mask = torch.tensor([[False, False, False, False, False], [True, False, True, True, False]])
     inputs = [torch.randn(2, 3, n, 12, generator=g) for n in (4, 5, 5)]
@@ -222,7 +222,7 @@ def test_torch_compile_inductor_with_mask_and_lse_matches_eager():
     for fn in (loss, torch.compile(loss, fullgraph=True, backend="inductor")):
         q, k, v = (t.clone().requires_grad_(True) for t in inputs)
         fn(q, k, v).backward()
-        assert lucidops.backends.last_used("attention_backward") == "aten"
+        assert lucidops.backends.last_used("attention_backward") == "cpp"
         grads.append((q.grad, k.grad, v.grad))
     for eager, compiled in zip(*grads):
         assert torch.isfinite(compiled).all()
@@ -241,11 +241,11 @@ def test_flop_formulas():
     assert attention_module.visible_pairs(3, 7, True) == 1 + 2 + 3
 
 
-def test_cpu_default_is_aten_and_triton_refuses_float64():
+def test_cpu_default_is_cpp_and_triton_refuses_float64():
     q = torch.randn(1, 1, 3, 4, requires_grad=True)
     lucidops.ops.attention(q, q, q).sum().backward()
-    assert lucidops.backends.last_used("attention") == "aten"
-    assert lucidops.backends.last_used("attention_backward") == "aten"
+    assert lucidops.backends.last_used("attention") == "cpp"
+    assert lucidops.backends.last_used("attention_backward") == "cpp"
     with lucidops.use_backend("aten"), pytest.raises(lucidops.BackendUnavailable, match="no aten implementation"):
         lucidops.ops.sinc(torch.randn(3))  # forcing a backend an op lacks never falls back
     if "triton" in BACKENDS:
@@ -287,7 +287,8 @@ def test_bad_input_names_the_argument():
             call()
 
 
-# ---- the aten backend (PyTorch's fused CPU flash kernel) beyond the shared cases above ----
+# ---- the CPU fast paths (cpp: lucidops' kernel; aten: PyTorch's fused flash kernel) beyond the shared
+# cases above ----
 
 ATEN_CASES = [  # (B, H, Nq, Nk, d, causal, mask kind, dtype): odd d, Nq != Nk, N = 1, float64
     (2, 3, 9, 17, 5, True, "first_key_off", torch.float64),
@@ -299,9 +300,10 @@ ATEN_CASES = [  # (B, H, Nq, Nk, d, causal, mask kind, dtype): odd d, Nq != Nk, 
 ]
 
 
+@pytest.mark.parametrize("backend", ["aten", "cpp"])
 @pytest.mark.parametrize("with_lse", [False, True], ids=["out-only", "out-and-lse"])
 @pytest.mark.parametrize("case", ATEN_CASES, ids=case_id)
-def test_aten_matches_float64_reference(case, with_lse):
+def test_cpu_fast_paths_match_float64_reference(case, with_lse, backend):
     b, h, nq, nk, d, causal, mask_kind, dtype = case
     g = torch.Generator().manual_seed(nq * 100 + nk + d)
     q = (torch.randn(b, h, nq, d, generator=g) * 1.5).to(dtype).requires_grad_(True)
@@ -311,15 +313,15 @@ def test_aten_matches_float64_reference(case, with_lse):
     grad_out = torch.randn(b, h, nq, d, generator=g).to(dtype)
     grad_lse = torch.randn(b, h, nq, generator=g, dtype=torch.float64) if with_lse else None
     scale = 0.3
-    with lucidops.use_backend("aten"):
+    with lucidops.use_backend(backend):
         out, lse = lucidops.ops.attention(q, k, v, causal=causal, key_padding_mask=mask, scale=scale,
                                           return_lse=True)
         loss = (out * grad_out).sum()
         if with_lse:
             loss = loss + (lse.masked_fill(torch.isinf(lse), 0) * grad_lse.to(lse.dtype)).sum()
         loss.backward()
-    assert lucidops.backends.last_used("attention") == "aten"
-    assert lucidops.backends.last_used("attention_backward") == "aten"
+    assert lucidops.backends.last_used("attention") == backend
+    assert lucidops.backends.last_used("attention_backward") == backend
 
     q64, k64, v64 = (t.detach().double() for t in (q, k, v))
     out_ref, lse_ref, lo = ref.forward(q64, k64, v64, mask, causal, scale)
@@ -345,8 +347,10 @@ def test_aten_matches_float64_reference(case, with_lse):
     assert torch.equal(q.grad[empty], torch.zeros_like(q.grad[empty]))
 
 
-def test_aten_strided_head_dim_and_grad_out():
-    """ATen's kernel misreads a head dim that is not unit-stride: the backend must not pass one."""
+@pytest.mark.parametrize("backend", ["aten", "cpp"])
+def test_cpu_fast_paths_strided_head_dim_and_grad_out(backend):
+    """ATen's kernel misreads a head dim that is not unit-stride, and the cpp kernel reads dense
+    tensors only: neither backend may pass one through."""
     g = torch.Generator().manual_seed(7)
     q = torch.randn(2, 3, 8, 9, generator=g).transpose(-1, -2).requires_grad_(True)  # (2, 3, 9, 8)
     k = torch.randn(2, 3, 8, 11, generator=g).transpose(-1, -2).requires_grad_(True)
@@ -355,7 +359,7 @@ def test_aten_strided_head_dim_and_grad_out():
     mask = torch.rand(2, 11, generator=g) > 0.4
     mask[1] = False
     assert q.stride(-1) != 1 and v.stride(-1) != 1 and grad_out.stride(-1) != 1
-    with lucidops.use_backend("aten"):
+    with lucidops.use_backend(backend):
         out = lucidops.ops.attention(q, k, v, causal=True, key_padding_mask=mask)
         out.backward(grad_out)
     q64, k64, v64 = (t.detach().double() for t in (q, k, v))
@@ -375,12 +379,35 @@ def test_aten_empty_rows_helper():
     assert torch.equal(empty, torch.tensor([[False] * 3, [True] * 3, [False] * 3]))
 
 
-def test_info_states_the_aten_backend():
+def test_info_states_the_cpu_backends():
     from lucidops import cli
 
     text = cli.info()
     section = text.split("\nattention\n", 1)[1].split("\n\n", 1)[0]
-    assert "cpu: default -> aten" in section
+    assert "cpu: default -> cpp" in section
+    assert "cpp       available" in section
     assert "aten      available" in section
     assert "not a lucidops kernel" in section
     assert "aten      unavailable: the aten backend runs CPU tensors only" in section
+
+
+def test_cpp_is_bitwise_the_same_on_one_and_two_threads():
+    """Heads run in parallel and one task owns a head's dK and dV: no order depends on threads."""
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 3, n, 12, generator=g) for n in (37, 50, 50))
+    mask = torch.rand(2, 50, generator=g) > 0.2
+    grad_out = torch.randn(2, 3, 37, 12, generator=g)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            with lucidops.use_backend("cpp"):
+                out = lucidops.ops.attention(*leaves, causal=True, key_padding_mask=mask)
+                out.backward(grad_out)
+            results.append([out.detach()] + [t.grad for t in leaves])
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)

@@ -29,7 +29,7 @@ def test_patched_model_matches_original_and_reverts(name):
     assert {n: p for n, p in model.named_parameters()} == params_before  # same objects, same names
     got = model(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert lucidops.backends.last_used("attention") == "aten"  # the CPU default
+    assert lucidops.backends.last_used("attention") == "cpp"  # the CPU default
 
     # Gradients flow to the shared parameters and match the original model's.
     model.zero_grad()

@@ -11,11 +11,12 @@ for a query that sees no key), and out_lo, for bfloat16 the rounding residual of
 key_padding_mask, causal, scale)`` returns (dq, dk, dv); out and lse are differentiable
 (a loss may use the lse), out_lo is not.
 
-Backends: ``aten`` (the default on the CPU: PyTorch's own fused flash-attention CPU
-kernel, the one torch's SDPA runs, adapted to this contract in ops/_attention_aten.py;
-not a lucidops kernel), ``reference`` (lucidops.reference.attention, the math) and
-``triton`` (the default on CUDA; under TRITON_INTERPRET=1 it also runs CPU tensors,
-slowly, for testing).
+Backends: ``cpp`` (the default on the CPU: lucidops' kernel for small heads,
+csrc/cpu/attention.cpp, adapted in ops/_attention_cpp.py), ``aten`` (the CPU fallback when
+the C++ extension cannot build: PyTorch's own fused flash-attention CPU kernel, the one
+torch's SDPA runs, adapted to this contract in ops/_attention_aten.py; not a lucidops
+kernel), ``reference`` (lucidops.reference.attention, the math) and ``triton`` (the
+default on CUDA; under TRITON_INTERPRET=1 it also runs CPU tensors, slowly, for testing).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import Tensor
 from .. import _validate, backends
 from ..profile import flops as _flops
 from ..reference import attention as _reference
-from . import _attention_aten
+from . import _attention_aten, _attention_cpp
 
 MIN_HEAD_DIM = 4
 MAX_HEAD_DIM = 128
@@ -58,16 +59,19 @@ def _reference_backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_paddi
 
 
 _NOTES = {
-    "cpu": "aten (the default): PyTorch's own fused flash-attention CPU kernel (what torch's SDPA runs on the "
-           "CPU), not a lucidops kernel; forward and backward, masks, empty rows and the lse gradient adapted to "
-           "the op. reference: the PyTorch math.",
+    "cpu": "cpp (the default): lucidops' kernel for small heads, keys in vector lanes and four query rows in "
+           "registers, heads in parallel. aten (the fallback without the C++ extension): PyTorch's own fused "
+           "flash-attention CPU kernel (what torch's SDPA runs on the CPU), not a lucidops kernel; forward and "
+           "backward, masks, empty rows and the lse gradient adapted to the op. reference: the PyTorch math.",
     "cuda": "triton: fused online-softmax forward and (dk, dv) / dq backward, several heads per program for d <= 32.",
 }
-_PREFERENCE = {"cpu": ("aten", "reference"), "cuda": ("triton", "reference")}
+_PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "reference")}
 backends.register_op("attention", {"reference": _reference_forward, "aten": _attention_aten.forward,
-                                   "triton": _triton_forward}, preference=_PREFERENCE, notes=_NOTES)
+                                   "cpp": _attention_cpp.forward, "triton": _triton_forward},
+                     preference=_PREFERENCE, notes=_NOTES)
 backends.register_op("attention_backward", {"reference": _reference_backward, "aten": _attention_aten.backward,
-                                            "triton": _triton_backward}, preference=_PREFERENCE, notes=_NOTES)
+                                            "cpp": _attention_cpp.backward, "triton": _triton_backward},
+                     preference=_PREFERENCE, notes=_NOTES)
 
 
 @torch.library.custom_op("lucidops::attention", mutates_args=())

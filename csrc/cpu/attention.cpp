@@ -1,0 +1,343 @@
+// CPU attention for many small heads (methods.md section 2), forward and backward.
+//
+// PyTorch's CPU flash kernel works in blocks through GEMM calls whose fixed cost dominates
+// when the head dim is 4..32. Here a head's keys and values are transposed once into
+// (d, padded Nk) buffers, and four query rows at a time go over all their keys with the
+// keys in vector lanes: each K^T or V^T vector loaded feeds four rows' accumulators, which
+// stay in registers across the head dim (rows_times_keys, rows_contract_keys,
+// accumulate_outer). A block's scores, probabilities and score gradients live in L1-sized
+// per-thread buffers. Heads run in parallel, and one task accumulates a head's dK and dV,
+// so the result does not depend on the thread count.
+//
+// Contract (lucidops.reference.attention): top-left causal (key j visible to query i iff
+// j <= i), key_padding_mask True = key takes part, a query with no visible key gets
+// out = 0, lse = -inf and zero gradient. float32 and float64; half inputs run in float32.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../lucidops.h"
+#include "vec_math.h"
+
+namespace lucidops {
+namespace cpu {
+namespace {
+
+// Query rows per register block: each K^T / V^T vector loaded feeds this many rows.
+constexpr int64_t kRows = 4;
+// Key counts are padded to a multiple of this (16 floats, 8 doubles: whole vectors).
+constexpr int64_t kKeyPad = 16;
+
+inline float exp_of(float v) { return vec_math::exp(v); }
+inline double exp_of(double v) { return std::exp(v); }
+
+// 64 bytes of T (16 floats, 8 doubles) that GCC and Clang lower to the target's vectors;
+// accumulators of this type stay in registers across the loops below.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int64_t kLanes = 64 / sizeof(T);
+  static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(T* p, const type& v) { std::memcpy(p, &v, sizeof(v)); }
+  // A pairwise tree over the lanes: log-depth where a lane-by-lane loop is a chain of
+  // dependent adds. Subscripts, not memcpy: taking an accumulator's address would keep it
+  // in memory through the loop that fills it.
+  static T sum(type v) {
+#pragma GCC unroll 16
+    for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
+#pragma GCC unroll 16
+      for (int64_t l = 0; l < width; ++l) v[l] += v[l + width];
+    }
+    return v[0];
+  }
+};
+
+// out[r][j] = sum_c x[r][c] mat_t[c][j] for R rows, keys [0, keys) (a multiple of the lanes).
+// x: R x d; mat_t: d x ld; out: R x ld.
+template <typename T, int R>
+void rows_times_keys(const T* x, const T* mat_t, int64_t d, int64_t ld, int64_t keys, T* out) {
+  using V = Vec<T>;
+  for (int64_t j = 0; j < keys; j += V::kLanes) {
+    typename V::type acc[R] = {};
+    for (int64_t c = 0; c < d; ++c) {
+      const typename V::type m = V::load(mat_t + c * ld + j);
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r] += x[r * d + c] * m;
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) V::store(out + r * ld + j, acc[r]);
+  }
+}
+
+// y[r][c] = sum_j p[r][j] mat_t[c][j] for R rows over keys [0, keys). p: R x ld; y: R x d.
+template <typename T, int R>
+void rows_contract_keys(const T* p, const T* mat_t, int64_t d, int64_t ld, int64_t keys, T* y) {
+  using V = Vec<T>;
+  for (int64_t c = 0; c < d; ++c) {
+    typename V::type acc[R] = {};
+    for (int64_t j = 0; j < keys; j += V::kLanes) {
+      const typename V::type m = V::load(mat_t + c * ld + j);
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r] += V::load(p + r * ld + j) * m;
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) y[r * d + c] = V::sum(acc[r]);
+  }
+}
+
+// acc_t[c][j] += sum_r x[r][c] p[r][j] for keys [0, keys). x: R x d; p: R x ld; acc_t: d x ld.
+template <typename T, int R>
+void accumulate_outer(const T* x, const T* p, int64_t d, int64_t ld, int64_t keys, T* acc_t) {
+  using V = Vec<T>;
+  for (int64_t j = 0; j < keys; j += V::kLanes) {
+    typename V::type pr[R];
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) pr[r] = V::load(p + r * ld + j);
+    for (int64_t c = 0; c < d; ++c) {
+      typename V::type a = V::load(acc_t + c * ld + j);
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a += x[r * d + c] * pr[r];
+      V::store(acc_t + c * ld + j, a);
+    }
+  }
+}
+
+// The shapes and raw pointers of one call.
+template <typename T>
+struct Problem {
+  int64_t batch, heads, nq, nk, d;
+  bool causal;
+  T scale;
+  const T* q;            // (B, H, Nq, d)
+  const T* k;            // (B, H, Nk, d)
+  const T* v;            // (B, H, Nk, d)
+  const bool* key_mask;  // (B, Nk) or null
+
+  int64_t padded_keys() const { return (nk + kKeyPad - 1) / kKeyPad * kKeyPad; }
+  int64_t visible_end(int64_t i) const { return causal ? std::min(nk, i + 1) : nk; }
+};
+
+// One head's keys or values transposed to (d, padded Nk), zeros in the padding.
+template <typename T>
+void transpose_head(const T* src, int64_t nk, int64_t d, int64_t ld, T* dst) {
+  std::fill(dst, dst + d * ld, T(0));
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t c = 0; c < d; ++c) dst[c * ld + j] = src[j * d + c];
+}
+
+// Per-thread buffers of one head: K^T, V^T (d x ld), a block's rows (R x d) and key rows (R x ld).
+template <typename T>
+struct HeadScratch {
+  std::vector<T> k_t, v_t, rows_a, rows_b, keys_a, keys_b, grad_k_t, grad_v_t;
+  HeadScratch(int64_t d, int64_t ld, bool backward)
+      : k_t(d * ld), v_t(d * ld), rows_a(kRows * d), rows_b(kRows * d), keys_a(kRows * ld), keys_b(kRows * ld),
+        grad_k_t(backward ? d * ld : 0), grad_v_t(backward ? d * ld : 0) {}
+};
+
+// Masks a score row beyond its visible keys and padding keys: -inf on [0, ld) where hidden.
+template <typename T>
+void hide_keys(const Problem<T>& pb, int64_t b, int64_t end, int64_t ld, T* s) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  if (pb.key_mask) {
+    const bool* mask = pb.key_mask + b * pb.nk;
+#pragma omp simd
+    for (int64_t j = 0; j < end; ++j) s[j] = mask[j] ? s[j] : neg_inf;
+  }
+  std::fill(s + end, s + ld, neg_inf);
+}
+
+template <typename T>
+T row_max(const T* s, int64_t end) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < end; ++j) m = s[j] > m ? s[j] : m;
+  return m;
+}
+
+// Scores of rows [i0, i0 + R) of head bh into keys_a (R x ld): scale q_i . k_j, -inf where
+// hidden. Returns the last row's visible end (every row of the block ends at or before it).
+template <typename T, int R>
+int64_t block_scores(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs, int64_t ld) {
+  const int64_t d = pb.d;
+  const T* q_rows = pb.q + (bh * pb.nq + i0) * d;
+  for (int64_t x = 0; x < R * d; ++x) hs.rows_a[x] = q_rows[x] * pb.scale;
+  const int64_t last_end = pb.visible_end(i0 + R - 1);
+  const int64_t keys = (last_end + Vec<T>::kLanes - 1) / Vec<T>::kLanes * Vec<T>::kLanes;
+  rows_times_keys<T, R>(hs.rows_a.data(), hs.k_t.data(), d, ld, keys, hs.keys_a.data());
+  for (int r = 0; r < R; ++r) hide_keys(pb, bh / pb.heads, pb.visible_end(i0 + r), ld, hs.keys_a.data() + r * ld);
+  return keys;
+}
+
+template <typename T, int R>
+void forward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs, int64_t ld, T* out, T* lse) {
+  const int64_t d = pb.d;
+  const int64_t keys = block_scores<T, R>(pb, bh, i0, hs, ld);
+  T sums[R];
+  bool empty[R];
+  for (int r = 0; r < R; ++r) {
+    T* s = hs.keys_a.data() + r * ld;
+    const T m = row_max(s, keys);
+    empty[r] = m == -std::numeric_limits<T>::infinity();  // no visible key
+    const T shift = empty[r] ? T(0) : m;
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < keys; ++j) {
+      s[j] = exp_of(s[j] - shift);  // hidden keys: exp(-inf) = 0
+      sum += s[j];
+    }
+    sums[r] = sum;
+    lse[bh * pb.nq + i0 + r] = empty[r] ? -std::numeric_limits<T>::infinity() : m + std::log(sum);
+  }
+  rows_contract_keys<T, R>(hs.keys_a.data(), hs.v_t.data(), d, ld, keys, hs.rows_b.data());
+  for (int r = 0; r < R; ++r) {
+    T* out_row = out + (bh * pb.nq + i0 + r) * d;
+    for (int64_t c = 0; c < d; ++c) out_row[c] = empty[r] ? T(0) : hs.rows_b[r * d + c] / sums[r];
+  }
+}
+
+template <typename T>
+void forward_kernel(const Problem<T>& pb, T* out, T* lse) {
+  const int64_t ld = pb.padded_keys();
+  at::parallel_for(0, pb.batch * pb.heads, 1, [&](int64_t bh_begin, int64_t bh_end) {
+    HeadScratch<T> hs(pb.d, ld, false);
+    for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
+      transpose_head(pb.k + bh * pb.nk * pb.d, pb.nk, pb.d, ld, hs.k_t.data());
+      transpose_head(pb.v + bh * pb.nk * pb.d, pb.nk, pb.d, ld, hs.v_t.data());
+      int64_t i0 = 0;
+      for (; i0 + kRows <= pb.nq; i0 += kRows) forward_block<T, kRows>(pb, bh, i0, hs, ld, out, lse);
+      for (; i0 < pb.nq; ++i0) forward_block<T, 1>(pb, bh, i0, hs, ld, out, lse);
+    }
+  });
+}
+
+// dV = P^T dO, dS = P (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q, with
+// P = exp(s - lse) recomputed and delta = rowsum(dO O) - dL/dlse given.
+template <typename T, int R>
+void backward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs, int64_t ld, const T* grad_out,
+                    const T* lse, const T* delta, T* grad_q) {
+  const int64_t d = pb.d;
+  const int64_t keys = block_scores<T, R>(pb, bh, i0, hs, ld);  // rows_a = scale q, keys_a = s
+  const T* do_rows = grad_out + (bh * pb.nq + i0) * d;
+  rows_times_keys<T, R>(do_rows, hs.v_t.data(), d, ld, keys, hs.keys_b.data());  // dP = dO V^T
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = bh * pb.nq + i0 + r;
+    T* p = hs.keys_a.data() + r * ld;
+    T* ds = hs.keys_b.data() + r * ld;
+    // A row without a visible key has lse = -inf: P = 0 there, so no gradient flows.
+    const bool empty = lse[row] == -std::numeric_limits<T>::infinity();
+    const T row_lse = empty ? T(0) : lse[row];
+    const T row_delta = delta[row];
+#pragma omp simd
+    for (int64_t j = 0; j < keys; ++j) {
+      p[j] = exp_of(p[j] - row_lse);
+      ds[j] = p[j] * (ds[j] - row_delta);
+    }
+  }
+  accumulate_outer<T, R>(do_rows, hs.keys_a.data(), d, ld, keys, hs.grad_v_t.data());        // dV^T += dO^T P
+  accumulate_outer<T, R>(hs.rows_a.data(), hs.keys_b.data(), d, ld, keys, hs.grad_k_t.data());  // dK^T += (s Q)^T dS
+  rows_contract_keys<T, R>(hs.keys_b.data(), hs.k_t.data(), d, ld, keys, hs.rows_b.data());     // dS K
+  T* dq_rows = grad_q + (bh * pb.nq + i0) * d;
+  for (int64_t x = 0; x < R * d; ++x) dq_rows[x] = hs.rows_b[x] * pb.scale;
+}
+
+template <typename T>
+void backward_kernel(const Problem<T>& pb, const T* grad_out, const T* lse, const T* delta, T* grad_q, T* grad_k,
+                     T* grad_v) {
+  const int64_t ld = pb.padded_keys(), d = pb.d, nk = pb.nk;
+  at::parallel_for(0, pb.batch * pb.heads, 1, [&](int64_t bh_begin, int64_t bh_end) {
+    HeadScratch<T> hs(d, ld, true);
+    for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
+      transpose_head(pb.k + bh * nk * d, nk, d, ld, hs.k_t.data());
+      transpose_head(pb.v + bh * nk * d, nk, d, ld, hs.v_t.data());
+      std::fill(hs.grad_k_t.begin(), hs.grad_k_t.end(), T(0));
+      std::fill(hs.grad_v_t.begin(), hs.grad_v_t.end(), T(0));
+      int64_t i0 = 0;
+      for (; i0 + kRows <= pb.nq; i0 += kRows)
+        backward_block<T, kRows>(pb, bh, i0, hs, ld, grad_out, lse, delta, grad_q);
+      for (; i0 < pb.nq; ++i0) backward_block<T, 1>(pb, bh, i0, hs, ld, grad_out, lse, delta, grad_q);
+      T* dk = grad_k + bh * nk * d;
+      T* dv = grad_v + bh * nk * d;
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t c = 0; c < d; ++c) {
+          dk[j * d + c] = hs.grad_k_t[c * ld + j];
+          dv[j * d + c] = hs.grad_v_t[c * ld + j];
+        }
+    }
+  });
+}
+
+template <typename T>
+Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& key_padding_mask, bool causal, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "lucidops cpu attention kernel: q, k and v must be CPU tensors");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "lucidops cpu attention kernel: 4-D tensors");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
+              "lucidops cpu attention kernel: contiguous q, k, v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "lucidops cpu attention kernel: q, k and v must share a dtype");
+  const int64_t b = q.size(0), h = q.size(1), nq = q.size(2), d = q.size(3), nk = k.size(2);
+  TORCH_CHECK(k.sizes() == at::IntArrayRef({b, h, nk, d}) && v.sizes() == k.sizes(),
+              "lucidops cpu attention kernel: k and v must be (B, H, Nk, d)");
+  const bool masked = key_padding_mask.numel() > 0;
+  if (masked)
+    TORCH_CHECK(key_padding_mask.scalar_type() == at::kBool && key_padding_mask.is_contiguous() &&
+                    key_padding_mask.sizes() == at::IntArrayRef({b, nk}),
+                "lucidops cpu attention kernel: key_padding_mask must be a contiguous bool (B, Nk) or empty");
+  return Problem<T>{b, h, nq, nk, d, causal, static_cast<T>(scale), q.const_data_ptr<T>(), k.const_data_ptr<T>(),
+                    v.const_data_ptr<T>(), masked ? key_padding_mask.const_data_ptr<bool>() : nullptr};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const at::Tensor& key_padding_mask, bool causal, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "lucidops cpu attention kernel: float32 or float64 only (half inputs run in float32), got ",
+              q.scalar_type());
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lucidops_attention_forward", [&] {
+    forward_kernel<scalar_t>(make_problem<scalar_t>(q, k, v, key_padding_mask, causal, scale),
+                             out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& lse, const at::Tensor& delta,
+                                                                  const at::Tensor& key_padding_mask, bool causal,
+                                                                  double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "lucidops cpu attention kernel: float32 or float64 only (half inputs run in float32), got ",
+              q.scalar_type());
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() && grad_out.is_contiguous(),
+              "lucidops cpu attention kernel: grad_out must be contiguous, of q's shape and dtype");
+  const std::vector<int64_t> rows{q.size(0), q.size(1), q.size(2)};
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(rows) && delta.sizes() == at::IntArrayRef(rows) && lse.scalar_type() == q.scalar_type() &&
+                  delta.scalar_type() == q.scalar_type() && lse.is_contiguous() && delta.is_contiguous(),
+              "lucidops cpu attention kernel: lse and delta must be contiguous (B, H, Nq) of q's dtype");
+  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor grad_k = at::empty(k.sizes(), q.options());
+  at::Tensor grad_v = at::empty(grad_k.sizes(), q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lucidops_attention_backward", [&] {
+    backward_kernel<scalar_t>(make_problem<scalar_t>(q, k, v, key_padding_mask, causal, scale),
+                              grad_out.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(),
+                              delta.const_data_ptr<scalar_t>(), grad_q.mutable_data_ptr<scalar_t>(),
+                              grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace cpu
+}  // namespace lucidops

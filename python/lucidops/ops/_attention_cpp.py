@@ -1,0 +1,69 @@
+"""The ``cpp`` backend of ``lucidops.ops.attention``: lucidops' own CPU kernel for small heads.
+
+csrc/cpu/attention.cpp puts the keys in vector lanes and four query rows in registers,
+which suits head dims of 4..32 where PyTorch's flash CPU kernel pays for small GEMM calls.
+This module adapts it to the op's contract (lucidops.reference.attention): it runs half
+inputs in float32 (the kernel takes float32 and float64, contiguous), makes out_lo for
+bfloat16 from the float32 output as the reference does, and forms
+delta = rowsum(dO (O + O_lo)) - dL/dlse for the backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from ..reference import attention as _reference
+
+
+def _dense(t: Tensor, compute: torch.dtype) -> Tensor:
+    return t.to(compute).contiguous()
+
+
+def _mask_arg(key_padding_mask: Optional[Tensor], device) -> Tensor:
+    if key_padding_mask is None:
+        return torch.empty(0, dtype=torch.bool, device=device)
+    return key_padding_mask.contiguous()
+
+
+def _empty_problem(q: Tensor, k: Tensor) -> bool:
+    return q.numel() == 0 or k.shape[2] == 0
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
+            scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out, lse, out_lo) as lucidops.reference.attention.forward, through the C++ kernel."""
+    compute = _reference.opmath_dtype(q.dtype)
+    b, h, nq, d = q.shape
+    if _empty_problem(q, k):
+        out = q.new_zeros((b, h, nq, d))
+        return out, q.new_full((b, h, nq), float("-inf"), dtype=compute), _reference.low_part(out.to(compute), out)
+    out_acc, lse = _ext.load("cpu").attention_forward(_dense(q, compute), _dense(k, compute),
+                                                      _dense(v, compute), _mask_arg(key_padding_mask, q.device),
+                                                      causal, scale)
+    out = out_acc.to(q.dtype)
+    return out, lse, _reference.low_part(out_acc, out)
+
+
+def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+             out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor], causal: bool, scale: float
+             ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) in the dtypes of q, k, v, through the C++ kernel (P recomputed from q, k, lse)."""
+    if _empty_problem(q, k):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    compute = _reference.opmath_dtype(q.dtype)
+    grad_c = grad_out.to(compute).contiguous()
+    full_out = out.to(compute)
+    if out_lo.numel():
+        full_out = full_out + out_lo.to(compute)
+    delta = (grad_c * full_out).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(compute)
+    dq, dk, dv = _ext.load("cpu").attention_backward(grad_c, _dense(q, compute), _dense(k, compute),
+                                                     _dense(v, compute), lse.to(compute).contiguous(),
+                                                     delta.contiguous(), _mask_arg(key_padding_mask, q.device),
+                                                     causal, scale)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -241,11 +241,18 @@ def test_flop_formulas():
     assert attention_module.visible_pairs(3, 7, True) == 1 + 2 + 3
 
 
-def test_cpu_default_is_cpp_and_triton_refuses_float64():
+def test_cpu_default_is_cpp_for_small_heads_aten_above_and_triton_refuses_float64():
     q = torch.randn(1, 1, 3, 4, requires_grad=True)
     lucidops.ops.attention(q, q, q).sum().backward()
     assert lucidops.backends.last_used("attention") == "cpp"
     assert lucidops.backends.last_used("attention_backward") == "cpp"
+    wide = torch.randn(1, 1, 3, attention_module.CPP_MAX_HEAD_DIM + 1, requires_grad=True)
+    lucidops.ops.attention(wide, wide, wide).sum().backward()
+    assert lucidops.backends.last_used("attention") == "aten"
+    assert lucidops.backends.last_used("attention_backward") == "aten"
+    with lucidops.use_backend("cpp"):  # forcing still wins over the size rule
+        lucidops.ops.attention(wide, wide, wide)
+    assert lucidops.backends.last_used("attention") == "cpp"
     with lucidops.use_backend("aten"), pytest.raises(lucidops.BackendUnavailable, match="no aten implementation"):
         lucidops.ops.sinc(torch.randn(3))  # forcing a backend an op lacks never falls back
     if "triton" in BACKENDS:

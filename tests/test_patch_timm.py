@@ -29,7 +29,9 @@ def test_patched_model_matches_original_and_reverts(name):
     assert {n: p for n, p in model.named_parameters()} == params_before  # same objects, same names
     got = model(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert lucidops.backends.last_used("attention") == "cpp"  # the CPU default
+    # The CPU default for this head dim (timm's tiny models: 192 / 3 = 64, so aten).
+    head_dim = model.blocks[0].attn.head_dim
+    assert lucidops.backends.last_used("attention") == ("cpp" if head_dim <= 16 else "aten")
 
     # Gradients flow to the shared parameters and match the original model's.
     model.zero_grad()
@@ -139,3 +141,15 @@ def test_attention_condition_numbers_match_an_independent_computation():
     model.train()
     lucidops.conditioning.attention_condition_numbers(model, x)
     assert model.training and not model.blocks[0].attn._forward_pre_hooks
+
+
+def test_many_head_vit_runs_the_cpp_kernel_and_matches():
+    """24 heads of dim 8 at width 192: the small-head case the CPU default sends to cpp."""
+    model = tiny_vit("vit_tiny_patch16_224", num_heads=24)
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    handle = lucidops.patch.timm_vit(model)
+    assert model.blocks[0].attn.head_dim == 8
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert lucidops.backends.last_used("attention") == "cpp"
+    handle.revert()

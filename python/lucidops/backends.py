@@ -42,6 +42,9 @@ class OpEntry:
     impls: Dict[str, Callable]
     preference: Dict[str, Tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_PREFERENCE))
     notes: Dict[str, str] = field(default_factory=dict)
+    # Optional (device_type, *op args) -> preference order for this call, or None for the
+    # static one: for ops whose fastest backend depends on the input's size.
+    preference_for_call: Optional[Callable[..., Optional[Tuple[str, ...]]]] = None
 
 
 _OPS: Dict[str, OpEntry] = {}
@@ -55,12 +58,17 @@ def register_op(
     impls: Dict[str, Callable],
     preference: Optional[Dict[str, Tuple[str, ...]]] = None,
     notes: Optional[Dict[str, str]] = None,
+    preference_for_call: Optional[Callable[..., Optional[Tuple[str, ...]]]] = None,
 ) -> OpEntry:
-    """Register an op's backend implementations (all take the same arguments)."""
+    """Register an op's backend implementations (all take the same arguments).
+
+    ``preference_for_call(device_type, *args)`` may return the preference order for one
+    call (e.g. by size), or None to use ``preference``; a forced backend overrides both.
+    """
     unknown = set(impls) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown backends {sorted(unknown)} for op {name!r}; known: {BACKENDS}")
-    entry = OpEntry(name, dict(impls), dict(preference or DEFAULT_PREFERENCE), dict(notes or {}))
+    entry = OpEntry(name, dict(impls), dict(preference or DEFAULT_PREFERENCE), dict(notes or {}), preference_for_call)
     _OPS[name] = entry
     return entry
 
@@ -134,8 +142,9 @@ def backend_problem(backend: str, device_type: str) -> Optional[str]:
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def select(op: str, device_type: str) -> str:
-    """The backend ``op`` uses for a tensor on ``device_type`` now."""
+def select(op: str, device_type: str, args: Tuple = ()) -> str:
+    """The backend ``op`` uses for a tensor on ``device_type`` now (for these call ``args``,
+    when the op chooses by input)."""
     entry = _OPS[op]
     forced = forced_backend()
     if forced is not None:
@@ -148,7 +157,8 @@ def select(op: str, device_type: str) -> str:
         if problem:
             raise BackendUnavailable(f"backend {forced!r} is forced for op {op!r} but cannot run: {problem}")
         return forced
-    for name in entry.preference.get(device_type, ("reference",)):
+    order = entry.preference_for_call(device_type, *args) if entry.preference_for_call and args else None
+    for name in order or entry.preference.get(device_type, ("reference",)):
         if name in entry.impls and backend_problem(name, device_type) is None:
             return name
     return "reference"
@@ -162,7 +172,7 @@ def dispatch(op: str, device_type: str, *args):
     """
     entry = _OPS[op]
     while True:
-        name = select(op, device_type)
+        name = select(op, device_type, args)
         try:
             result = entry.impls[name](*args)
         except _ext.ExtensionUnavailable as err:

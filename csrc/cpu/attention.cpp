@@ -1,7 +1,7 @@
 // CPU attention for many small heads (methods.md section 2), forward and backward.
 //
 // PyTorch's CPU flash kernel works in blocks through GEMM calls whose fixed cost dominates
-// when the head dim is 4..32. Here a head's keys and values are transposed once into
+// when the head dim is small (measured: this kernel is the faster up to d = 16). Here a head's keys and values are transposed once into
 // (d, padded Nk) buffers, and four query rows at a time go over all their keys with the
 // keys in vector lanes: each K^T or V^T vector loaded feeds four rows' accumulators, which
 // stay in registers across the head dim (rows_times_keys, rows_contract_keys,
@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -36,44 +35,19 @@ constexpr int64_t kKeyPad = 16;
 inline float exp_of(float v) { return vec_math::exp(v); }
 inline double exp_of(double v) { return std::exp(v); }
 
-// 64 bytes of T (16 floats, 8 doubles) that GCC and Clang lower to the target's vectors;
-// accumulators of this type stay in registers across the loops below.
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int64_t kLanes = 64 / sizeof(T);
-  static type load(const T* p) {
-    type v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
-  static void store(T* p, const type& v) { std::memcpy(p, &v, sizeof(v)); }
-  // A pairwise tree over the lanes: log-depth where a lane-by-lane loop is a chain of
-  // dependent adds. Subscripts, not memcpy: taking an accumulator's address would keep it
-  // in memory through the loop that fills it.
-  static T sum(type v) {
-#pragma GCC unroll 16
-    for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
-#pragma GCC unroll 16
-      for (int64_t l = 0; l < width; ++l) v[l] += v[l + width];
-    }
-    return v[0];
-  }
-};
-
 // out[r][j] = sum_c x[r][c] mat_t[c][j] for R rows, keys [0, keys) (a multiple of the lanes).
 // x: R x d; mat_t: d x ld; out: R x ld.
 template <typename T, int R>
 void rows_times_keys(const T* x, const T* mat_t, int64_t d, int64_t ld, int64_t keys, T* out) {
-  using V = Vec<T>;
+  using V = vec_math::Vec<T>;
   for (int64_t j = 0; j < keys; j += V::kLanes) {
     typename V::type acc[R] = {};
     for (int64_t c = 0; c < d; ++c) {
       const typename V::type m = V::load(mat_t + c * ld + j);
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[r] += x[r * d + c] * m;
     }
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) V::store(out + r * ld + j, acc[r]);
   }
 }
@@ -81,15 +55,15 @@ void rows_times_keys(const T* x, const T* mat_t, int64_t d, int64_t ld, int64_t 
 // y[r][c] = sum_j p[r][j] mat_t[c][j] for R rows over keys [0, keys). p: R x ld; y: R x d.
 template <typename T, int R>
 void rows_contract_keys(const T* p, const T* mat_t, int64_t d, int64_t ld, int64_t keys, T* y) {
-  using V = Vec<T>;
+  using V = vec_math::Vec<T>;
   for (int64_t c = 0; c < d; ++c) {
     typename V::type acc[R] = {};
     for (int64_t j = 0; j < keys; j += V::kLanes) {
       const typename V::type m = V::load(mat_t + c * ld + j);
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[r] += V::load(p + r * ld + j) * m;
     }
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) y[r * d + c] = V::sum(acc[r]);
   }
 }
@@ -97,14 +71,14 @@ void rows_contract_keys(const T* p, const T* mat_t, int64_t d, int64_t ld, int64
 // acc_t[c][j] += sum_r x[r][c] p[r][j] for keys [0, keys). x: R x d; p: R x ld; acc_t: d x ld.
 template <typename T, int R>
 void accumulate_outer(const T* x, const T* p, int64_t d, int64_t ld, int64_t keys, T* acc_t) {
-  using V = Vec<T>;
+  using V = vec_math::Vec<T>;
   for (int64_t j = 0; j < keys; j += V::kLanes) {
     typename V::type pr[R];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) pr[r] = V::load(p + r * ld + j);
     for (int64_t c = 0; c < d; ++c) {
       typename V::type a = V::load(acc_t + c * ld + j);
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) a += x[r * d + c] * pr[r];
       V::store(acc_t + c * ld + j, a);
     }
@@ -171,7 +145,7 @@ int64_t block_scores(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T
   const T* q_rows = pb.q + (bh * pb.nq + i0) * d;
   for (int64_t x = 0; x < R * d; ++x) hs.rows_a[x] = q_rows[x] * pb.scale;
   const int64_t last_end = pb.visible_end(i0 + R - 1);
-  const int64_t keys = (last_end + Vec<T>::kLanes - 1) / Vec<T>::kLanes * Vec<T>::kLanes;
+  const int64_t keys = (last_end + vec_math::Vec<T>::kLanes - 1) / vec_math::Vec<T>::kLanes * vec_math::Vec<T>::kLanes;
   rows_times_keys<T, R>(hs.rows_a.data(), hs.k_t.data(), d, ld, keys, hs.keys_a.data());
   for (int r = 0; r < R; ++r) hide_keys(pb, bh / pb.heads, pb.visible_end(i0 + r), ld, hs.keys_a.data() + r * ld);
   return keys;

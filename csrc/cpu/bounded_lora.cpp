@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -30,17 +29,7 @@ constexpr int kBlockRows = 4;
 // Blocks per parallel task.
 constexpr int64_t kBlockGrain = 2;
 
-// 16 floats that GCC and Clang lower to the target's widest vectors (one AVX-512 register,
-// two AVX2 ones): the phase accumulators of a block stay in registers across the rank loop,
-// which `omp simd` over columns does not achieve (it keeps them in memory).
-typedef float Lanes __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
-
-inline Lanes load_lanes(const float* p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+using Lanes = vec_math::Vec<float>;
 
 // phase[i][j] = sum_r (omega B[row i, r]) A[r, col0 + j] for the block's Rows rows; omega is
 // folded into the rank-r rows (scaled_b, Rows x rank), as the reference's phase is omega
@@ -48,13 +37,13 @@ inline Lanes load_lanes(const float* p) {
 template <int Rows>
 void phase_block(const float* a_col0, int64_t k_in, const float* scaled_b, int64_t rank, int64_t m, float* phase) {
   int64_t j = 0;
-  for (; j + kLanes <= m; j += kLanes) {
-    Lanes u[Rows] = {};
+  for (; j + Lanes::kLanes <= m; j += Lanes::kLanes) {
+    Lanes::type u[Rows] = {};
     for (int64_t r = 0; r < rank; ++r) {
-      const Lanes a_r = load_lanes(a_col0 + r * k_in + j);
+      const Lanes::type a_r = Lanes::load(a_col0 + r * k_in + j);
       for (int i = 0; i < Rows; ++i) u[i] += scaled_b[i * rank + r] * a_r;
     }
-    for (int i = 0; i < Rows; ++i) std::memcpy(phase + i * kCols + j, &u[i], sizeof(Lanes));
+    for (int i = 0; i < Rows; ++i) Lanes::store(phase + i * kCols + j, u[i]);
   }
   for (; j < m; ++j) {  // the last columns of a row that is not a multiple of 16
     for (int i = 0; i < Rows; ++i) {

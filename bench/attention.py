@@ -4,8 +4,8 @@ CPU: lucidops.ops.attention on the ``aten`` backend (PyTorch's own fused flash-a
 CPU kernel, adapted to the op's contract: so about SDPA's speed, not a lucidops kernel) and
 on the ``cpp`` backend (lucidops' kernel for small heads, csrc/cpu/attention.cpp), against
 torch's SDPA and the math reference (the ``reference`` backend and plain autograd through
-it), float32, ViT-like shapes (N = 197) at a fixed width of 192 with head dims 8..64,
-timed interleaved. Rows carry speedup_vs_best_sdpa and speedup_vs_reference
+it), float32, ViT-like shapes (N = 197) at a fixed width of 192 with head dims 8..64, and
+N = 1024 with 24 heads of dim 8, causal and not, timed interleaved. Rows carry speedup_vs_best_sdpa and speedup_vs_reference
 (lucidops[reference] in the same run).
 
 CUDA: bf16, d in {8, 16, 32, 64}, H in {12, 48, 96}, N in {197, 1024, 4096}, causal and
@@ -117,6 +117,9 @@ def _cases(device: str, quick: bool):
         for d in ((8, 64) if quick else (8, 16, 32, 64)):
             h = 192 // d if d < 64 else 3  # fixed width 192 (ViT-Tiny), more heads as d shrinks
             yield (2 if quick else 8), h, 197, d, False
+        if not quick:  # longer sequences, where the score rows outgrow the small-GEMM blocks
+            for causal in (False, True):
+                yield 2, 24, 1024, 8, causal
 
 
 def run(device: str, quick: bool = False) -> List[Dict]:

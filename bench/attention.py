@@ -5,8 +5,8 @@ CPU kernel, adapted to the op's contract: so about SDPA's speed, not a lucidops 
 on the ``cpp`` backend (lucidops' kernel for small heads, csrc/cpu/attention.cpp), against
 torch's SDPA and the math reference (the ``reference`` backend and plain autograd through
 it), float32, ViT-like shapes (N = 197) at a fixed width of 192 with head dims 8..64, and
-N = 1024 with 24 heads of dim 8, causal and not, timed interleaved. Rows carry speedup_vs_best_sdpa and speedup_vs_reference
-(lucidops[reference] in the same run).
+N = 1024 with 24 heads of dim 8, causal and not, timed interleaved. Rows carry
+speedup_vs_best_sdpa and speedup_vs_reference (lucidops[reference] in the same run).
 
 CUDA: bf16, d in {8, 16, 32, 64}, H in {12, 48, 96}, N in {197, 1024, 4096}, causal and
 not, forward and forward+backward; lucidops[triton] against SDPA forced to each backend

@@ -1,13 +1,13 @@
 // CPU attention for many small heads (methods.md section 2), forward and backward.
 //
 // PyTorch's CPU flash kernel works in blocks through GEMM calls whose fixed cost dominates
-// when the head dim is small (measured: this kernel is the faster up to d = 16). Here a head's keys and values are transposed once into
-// (d, padded Nk) buffers, and four query rows at a time go over all their keys with the
-// keys in vector lanes: each K^T or V^T vector loaded feeds four rows' accumulators, which
-// stay in registers across the head dim (rows_times_keys, rows_contract_keys,
-// accumulate_outer). A block's scores, probabilities and score gradients live in L1-sized
-// per-thread buffers. Heads run in parallel, and one task accumulates a head's dK and dV,
-// so the result does not depend on the thread count.
+// when the head dim is small (measured: this kernel is the faster up to d = 16). Here a
+// head's keys and values are transposed once into (d, padded Nk) buffers, and four query
+// rows at a time go over all their keys with the keys in vector lanes: each K^T or V^T
+// vector loaded feeds four rows' accumulators, which stay in registers across the head dim
+// (rows_times_keys, rows_contract_keys, accumulate_outer). A block's scores, probabilities
+// and score gradients live in L1-sized per-thread buffers. Heads run in parallel, and one
+// task accumulates a head's dK and dV, so the result does not depend on the thread count.
 //
 // Contract (lucidops.reference.attention): top-left causal (key j visible to query i iff
 // j <= i), key_padding_mask True = key takes part, a query with no visible key gets
@@ -298,8 +298,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() && grad_out.is_contiguous(),
               "lucidops cpu attention kernel: grad_out must be contiguous, of q's shape and dtype");
   const std::vector<int64_t> rows{q.size(0), q.size(1), q.size(2)};
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef(rows) && delta.sizes() == at::IntArrayRef(rows) && lse.scalar_type() == q.scalar_type() &&
-                  delta.scalar_type() == q.scalar_type() && lse.is_contiguous() && delta.is_contiguous(),
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(rows) && delta.sizes() == at::IntArrayRef(rows) &&
+                  lse.scalar_type() == q.scalar_type() && delta.scalar_type() == q.scalar_type() &&
+                  lse.is_contiguous() && delta.is_contiguous(),
               "lucidops cpu attention kernel: lse and delta must be contiguous (B, H, Nq) of q's dtype");
   at::Tensor grad_q = at::empty(q.sizes(), q.options());
   at::Tensor grad_k = at::empty(k.sizes(), q.options());

@@ -239,7 +239,8 @@ at::Tensor lora_weight_backward(const at::Tensor& weight_in, const at::Tensor& l
                   grad_weight.device().is_cpu() && grad_weight.is_contiguous(),
               "lucidops cpu lora kernel: grad_weight must be a contiguous CPU tensor of weight's shape and dtype");
   const at::Tensor weight = weight_in.contiguous(), a = lora_A_in.contiguous(), b = lora_B_in.contiguous();
-  at::Tensor effective = need_effective_weight ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
+  at::Tensor effective =
+      need_effective_weight ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "lucidops_lora_weight_backward", [&] {
     lora_weight_pass<scalar_t>(weight.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(),
                                b.const_data_ptr<scalar_t>(), weight.size(0), weight.size(1), a.size(0), fn,

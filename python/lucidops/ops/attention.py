@@ -15,8 +15,9 @@ Backends: ``cpp`` (the CPU default for head dims up to 16: lucidops' kernel for 
 heads, csrc/cpu/attention.cpp, adapted in ops/_attention_cpp.py), ``aten`` (the CPU
 default above that, and the fallback when the C++ extension cannot build: PyTorch's own
 fused flash-attention CPU kernel, the one torch's SDPA runs, adapted to this contract in
-ops/_attention_aten.py; not a lucidops kernel), ``reference`` (lucidops.reference.attention, the math) and ``triton`` (the
-default on CUDA; under TRITON_INTERPRET=1 it also runs CPU tensors, slowly, for testing).
+ops/_attention_aten.py; not a lucidops kernel), ``reference`` (lucidops.reference.attention,
+the math) and ``triton`` (the default on CUDA; under TRITON_INTERPRET=1 it also runs CPU
+tensors, slowly, for testing).
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def _reference_backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_paddi
 _NOTES = {
     "cpu": "cpp (the default for head dims up to 16): lucidops' kernel for small heads, keys in vector lanes and "
            "four query rows in registers, heads in parallel. aten (the default above 16, and the fallback without "
-           "the C++ extension): PyTorch's own fused "
-           "flash-attention CPU kernel (what torch's SDPA runs on the CPU), not a lucidops kernel; forward and "
+           "the C++ extension): PyTorch's own fused flash-attention CPU kernel (what torch's SDPA runs on the "
+           "CPU), not a lucidops kernel; forward and "
            "backward, masks, empty rows and the lse gradient adapted to the op. reference: the PyTorch math.",
     "cuda": "triton: fused online-softmax forward and (dk, dv) / dq backward, several heads per program for d <= 32.",
 }
@@ -77,6 +78,8 @@ def _preference_for_call(device_type: str, first: Tensor, *_) -> Optional[Tuple[
     if device_type == "cpu" and first.shape[-1] > CPP_MAX_HEAD_DIM:
         return ("aten", "cpp", "reference")
     return None
+
+
 backends.register_op("attention", {"reference": _reference_forward, "aten": _attention_aten.forward,
                                    "cpp": _attention_cpp.forward, "triton": _triton_forward},
                      preference=_PREFERENCE, notes=_NOTES, preference_for_call=_preference_for_call)

@@ -94,8 +94,20 @@ def _step(fn, q, k, v, causal, mode) -> Callable[[], None]:
     return step
 
 
-def _time(fn, q, k, v, causal, mode, device) -> float:
-    return measure_ms(_step(fn, q, k, v, causal, mode), device)
+def _time_each_on_cuda(impls: Dict[str, Callable], q, k, v, causal, mode, case) -> Dict[str, float]:
+    """Each implementation timed on its own (CUDA events); one that cannot run is reported."""
+    b, h, n, _ = q.shape
+    times: Dict[str, float] = {}
+    for name, fn in impls.items():
+        if name == "sdpa[math]" and b * h * n * n * 4 > (4 << 30):
+            continue  # the math backend materialises the (B, H, N, N) scores
+        try:
+            times[name] = measure_ms(_step(fn, q, k, v, causal, mode), "cuda")
+        except Exception as exc:  # e.g. flash refusing a head dim, out of memory
+            print(f"  attention {case} {mode} {name}: unavailable ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:100] if str(exc) else ''})")
+            torch.cuda.empty_cache()
+    return times
 
 
 def _matmul_tflops(device: str) -> float:
@@ -147,21 +159,11 @@ def run(device: str, quick: bool = False) -> List[Dict]:
         q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, generator=g) for _ in range(3))
         case = f"B{b} H{h} N{n} d{d}{' causal' if causal else ''} {str(dtype)[6:]}"
         for mode in ("forward", "forward+backward"):
-            times: Dict[str, float] = {}
             if device == "cpu":  # interleaved, so that the ratios hold on a busy host
                 steps = {name: _step(fn, q, k, v, causal, mode) for name, fn in impls.items()}
                 times = measure_interleaved_ms(steps, device)
-            for name, fn in (impls.items() if device == "cuda" else ()):
-                if name == "sdpa[math]" and b * h * n * n * 4 > (4 << 30):
-                    continue  # the math backend materialises the (B, H, N, N) scores
-                try:
-                    times[name] = _time(fn, q, k, v, causal, mode, device)
-                except Exception as exc:  # e.g. flash refusing a head dim, out of memory
-                    print(f"  attention {case} {mode} {name}: unavailable ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:100] if str(exc) else ''})")
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
+            else:
+                times = _time_each_on_cuda(impls, q, k, v, causal, mode, case)
             baselines = [t for name, t in times.items() if name.startswith("sdpa")]
             for name, ms in times.items():
                 tflops = _flops(b, h, n, d, causal, mode) / ms / 1e9

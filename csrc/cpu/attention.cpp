@@ -138,7 +138,8 @@ T row_max(const T* s, int64_t end) {
 }
 
 // Scores of rows [i0, i0 + R) of head bh into keys_a (R x ld): scale q_i . k_j, -inf where
-// hidden. Returns the last row's visible end (every row of the block ends at or before it).
+// hidden; rows_a gets scale q. Returns how many keys the block spans: the last row's
+// visible end (every row of the block ends at or before it) rounded up to whole vectors.
 template <typename T, int R>
 int64_t block_scores(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs, int64_t ld) {
   const int64_t d = pb.d;
@@ -271,13 +272,17 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
                     v.const_data_ptr<T>(), masked ? key_padding_mask.const_data_ptr<bool>() : nullptr};
 }
 
+void check_compute_dtype(const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "lucidops cpu attention kernel: float32 or float64 only (half inputs run in float32), got ",
+              q.scalar_type());
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const at::Tensor& key_padding_mask, bool causal, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "lucidops cpu attention kernel: float32 or float64 only (half inputs run in float32), got ",
-              q.scalar_type());
+  check_compute_dtype(q);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lucidops_attention_forward", [&] {
@@ -292,9 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
                                                                   const at::Tensor& lse, const at::Tensor& delta,
                                                                   const at::Tensor& key_padding_mask, bool causal,
                                                                   double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "lucidops cpu attention kernel: float32 or float64 only (half inputs run in float32), got ",
-              q.scalar_type());
+  check_compute_dtype(q);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() && grad_out.is_contiguous(),
               "lucidops cpu attention kernel: grad_out must be contiguous, of q's shape and dtype");
   const std::vector<int64_t> rows{q.size(0), q.size(1), q.size(2)};

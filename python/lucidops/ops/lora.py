@@ -100,7 +100,6 @@ def _cpp_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, ne
     grad_x = grad_w = grad_a = grad_b = empty
     if placement == "weight":
         ext = _ext.load("cpu")
-        wc = weight.to(compute)
         if need_lora or need_weight:
             gw = torch.mm(g.T, xc)                                  # G = dY^T X
             if need_weight:
@@ -109,12 +108,12 @@ def _cpp_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, ne
             # One C++ pass over the phase: H / (s omega) = G fn'(P) in place (a copy when G is
             # also dweight), and the effective weight for dx when it is needed.
             h = gw.clone() if need_weight and grad_w.data_ptr() == gw.data_ptr() else gw
-            w_eff = ext.lora_weight_backward(wc, ac, bc, h, FN_CODE[fn], omega, scale, need_x)
+            w_eff = ext.lora_weight_backward(weight.to(compute), ac, bc, h, FN_CODE[fn], omega, scale, need_x)
             # s omega applied to the small results, not to the N_out x K_in H.
             grad_a = torch.mm(bc.T, h).mul_(scale * omega)
             grad_b = torch.mm(h, ac.T).mul_(scale * omega)
         elif need_x:
-            w_eff = ext.lora_effective_weight(wc, ac, bc, FN_CODE[fn], omega, scale)
+            w_eff = ext.lora_effective_weight(weight.to(compute), ac, bc, FN_CODE[fn], omega, scale)
         if need_x:
             grad_x = torch.mm(g, w_eff)
     else:

@@ -2,11 +2,13 @@
 
 CPU: lucidops.ops.attention on the ``aten`` backend (PyTorch's own fused flash-attention
 CPU kernel, adapted to the op's contract: so about SDPA's speed, not a lucidops kernel) and
-on the ``cpp`` backend (lucidops' kernel for small heads, csrc/cpu/attention.cpp), against
-torch's SDPA and the math reference (the ``reference`` backend and plain autograd through
-it), float32, ViT-like shapes (N = 197) at a fixed width of 192 with head dims 8..64, and
-N = 1024 with 24 heads of dim 8, causal and not, timed interleaved. Rows carry
-speedup_vs_best_sdpa and speedup_vs_reference (lucidops[reference] in the same run).
+on the ``cpp`` backend (lucidops' kernel, csrc/cpu/attention.cpp), against torch's SDPA and
+the math reference (the ``reference`` backend and plain autograd through it), timed
+interleaved: float32 ViT-like shapes (N = 197) at a fixed width of 192 with head dims
+8..128; N = 1024 with 24 heads of dim 8 (causal and not), 12 of dim 16 and 3 of dim 64;
+and bfloat16, float16 and float64 at N = 197, the cases that set the CPU default per dtype.
+Rows carry speedup_vs_best_sdpa and speedup_vs_reference (lucidops[reference] in the same
+run).
 
 CUDA: bf16, d in {8, 16, 32, 64}, H in {12, 48, 96}, N in {197, 1024, 4096}, causal and
 not, forward and forward+backward; lucidops[triton] against SDPA forced to each backend
@@ -117,6 +119,7 @@ def _matmul_tflops(device: str) -> float:
 
 
 def _cases(device: str, quick: bool):
+    """(B, H, N, d, causal, dtype) of each case."""
     if device == "cuda":
         ds, hs, ns = ((8, 64), (12, 96), (197, 1024)) if quick else ((8, 16, 32, 64), (12, 48, 96), (197, 1024, 4096))
         for d in ds:
@@ -124,19 +127,26 @@ def _cases(device: str, quick: bool):
                 for n in ns:
                     b = max(1, (1 << (18 if quick else 20)) // (h * n))
                     for causal in (False, True):
-                        yield b, h, n, d, causal
-    else:
-        for d in ((8, 64) if quick else (8, 16, 32, 64)):
-            h = 192 // d if d < 64 else 3  # fixed width 192 (ViT-Tiny), more heads as d shrinks
-            yield (2 if quick else 8), h, 197, d, False
-        if not quick:  # longer sequences, where the score rows outgrow the small-GEMM blocks
-            for causal in (False, True):
-                yield 2, 24, 1024, 8, causal
+                        yield b, h, n, d, causal, torch.bfloat16
+        return
+    for d in ((8, 64) if quick else (8, 16, 32, 64, 128)):
+        h = 192 // d if d < 64 else 3  # fixed width 192 (ViT-Tiny), more heads as d shrinks
+        yield (2 if quick else 8), h, 197, d, False, torch.float32
+    if quick:
+        return
+    # longer sequences, where the score rows outgrow the small-GEMM blocks
+    for causal in (False, True):
+        yield 2, 24, 1024, 8, causal, torch.float32
+    yield 2, 12, 1024, 16, False, torch.float32
+    yield 2, 3, 1024, 64, False, torch.float32
+    # the other dtypes, which decide the CPU default per dtype (ops/attention.py)
+    for dtype, ds in ((torch.bfloat16, (8, 64, 128)), (torch.float16, (64, 128)), (torch.float64, (8, 64))):
+        for d in ds:
+            yield 8, (192 // d if d < 64 else 3), 197, d, False, dtype
 
 
 def run(device: str, quick: bool = False) -> List[Dict]:
     rows: List[Dict] = []
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     peak = _matmul_tflops(device) if device == "cuda" else None
     impls: Dict[str, Callable] = {}
     if device == "cuda":
@@ -154,7 +164,7 @@ def run(device: str, quick: bool = False) -> List[Dict]:
         impls["sdpa"] = _sdpa(None)
         impls["reference (autograd)"] = lambda q, k, v, causal: lucidops.reference.attention.attention(
             q, k, v, causal=causal)
-    for b, h, n, d, causal in _cases(device, quick):
+    for b, h, n, d, causal, dtype in _cases(device, quick):
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, generator=g) for _ in range(3))
         case = f"B{b} H{h} N{n} d{d}{' causal' if causal else ''} {str(dtype)[6:]}"

@@ -241,18 +241,26 @@ def test_flop_formulas():
     assert attention_module.visible_pairs(3, 7, True) == 1 + 2 + 3
 
 
-def test_cpu_default_is_cpp_for_small_heads_aten_above_and_triton_refuses_float64():
-    q = torch.randn(1, 1, 3, 4, requires_grad=True)
+@pytest.mark.parametrize("dtype, widest_cpp", [(torch.float32, 128), (torch.bfloat16, 64), (torch.float16, 64)])
+def test_cpu_default_follows_the_measured_head_dim_rule_per_dtype(dtype, widest_cpp):
+    assert attention_module.CPP_MAX_HEAD_DIM[dtype] == widest_cpp
+    checks = [(4, "cpp"), (widest_cpp, "cpp")] + ([(widest_cpp + 1, "aten")] if widest_cpp < 128 else [])
+    for d, expected in checks:
+        q = torch.randn(1, 1, 3, d, dtype=dtype, requires_grad=True)
+        lucidops.ops.attention(q, q, q).sum().backward()
+        assert lucidops.backends.last_used("attention") == expected, d
+        assert lucidops.backends.last_used("attention_backward") == expected, d
+
+
+def test_cpu_default_float64_is_aten_forcing_wins_and_triton_refuses_float64():
+    q = torch.randn(1, 1, 3, 4, dtype=torch.float64, requires_grad=True)
     lucidops.ops.attention(q, q, q).sum().backward()
-    assert lucidops.backends.last_used("attention") == "cpp"
-    assert lucidops.backends.last_used("attention_backward") == "cpp"
-    wide = torch.randn(1, 1, 3, attention_module.CPP_MAX_HEAD_DIM + 1, requires_grad=True)
-    lucidops.ops.attention(wide, wide, wide).sum().backward()
     assert lucidops.backends.last_used("attention") == "aten"
     assert lucidops.backends.last_used("attention_backward") == "aten"
-    with lucidops.use_backend("cpp"):  # forcing still wins over the size rule
-        lucidops.ops.attention(wide, wide, wide)
+    with lucidops.use_backend("cpp"):  # forcing still wins over the rule
+        lucidops.ops.attention(q, q, q).sum().backward()
     assert lucidops.backends.last_used("attention") == "cpp"
+    assert lucidops.backends.last_used("attention_backward") == "cpp"
     with lucidops.use_backend("aten"), pytest.raises(lucidops.BackendUnavailable, match="no aten implementation"):
         lucidops.ops.sinc(torch.randn(3))  # forcing a backend an op lacks never falls back
     if "triton" in BACKENDS:
@@ -304,6 +312,12 @@ ATEN_CASES = [  # (B, H, Nq, Nk, d, causal, mask kind, dtype): odd d, Nq != Nk, 
     (2, 5, 17, 1, 33, False, "batch0_off", torch.float16),
     (1, 2, 40, 70, 128, True, "all_on", torch.bfloat16),
     (2, 3, 70, 40, 7, False, "random", torch.float32),
+    # key buffers padded by a cache line (32 and 64 floats are an even number of lines);
+    # d = 16 and 24 fill a float vector: the head-dim-in-lanes contraction
+    (1, 2, 30, 32, 16, True, "random", torch.float32),
+    (2, 2, 64, 64, 24, False, "first_key_off", torch.float32),
+    # more query rows than one forward task takes (64), with a tail of single rows
+    (1, 2, 130, 100, 16, True, "first_key_off", torch.float32),
 ]
 
 
@@ -398,12 +412,17 @@ def test_info_states_the_cpu_backends():
     assert "aten      unavailable: the aten backend runs CPU tensors only" in section
 
 
-def test_cpp_is_bitwise_the_same_on_one_and_two_threads():
-    """Heads run in parallel and one task owns a head's dK and dV: no order depends on threads."""
+@pytest.mark.parametrize("d", [12, 20], ids=["keys-in-lanes", "head-dim-in-lanes"])
+def test_cpp_is_bitwise_the_same_on_one_and_two_threads(d):
+    """Tasks have fixed rows and one task owns a head's dK and dV: no order depends on threads.
+
+    d = 12 contracts over keys in vector lanes, d = 20 (fills a float vector) with the head
+    dim in lanes: both layouts of the kernel.
+    """
     g = torch.Generator().manual_seed(12)
-    q, k, v = (torch.randn(2, 3, n, 12, generator=g) for n in (37, 50, 50))
+    q, k, v = (torch.randn(2, 3, n, d, generator=g) for n in (150, 50, 50))  # 3 forward chunks per head
     mask = torch.rand(2, 50, generator=g) > 0.2
-    grad_out = torch.randn(2, 3, 37, 12, generator=g)
+    grad_out = torch.randn(2, 3, 150, d, generator=g)
     before = torch.get_num_threads()
     results = []
     try:

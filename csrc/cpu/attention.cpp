@@ -5,9 +5,12 @@
 // head's keys and values are transposed once into (d, padded Nk) buffers, and four query
 // rows at a time go over all their keys with the keys in vector lanes: each K^T or V^T
 // vector loaded feeds four rows' accumulators, which stay in registers across the head dim
-// (rows_times_keys, rows_contract_keys, accumulate_outer). A block's scores, probabilities
-// and score gradients live in L1-sized per-thread buffers. Heads run in parallel, and one
-// task accumulates a head's dK and dV, so the result does not depend on the thread count.
+// (rows_times_keys, accumulate_outer). Contractions over the keys put the head dim in
+// lanes when it fills a vector (rows_contract_rows), the keys otherwise
+// (rows_contract_keys). A block's scores, probabilities and score gradients live in
+// L1-sized per-thread buffers. The forward runs heads and chunks of 64 query rows in
+// parallel, the backward heads, one task accumulating a head's dK and dV: the result does
+// not depend on the thread count.
 //
 // Contract (lucidops.reference.attention): top-left causal (key j visible to query i iff
 // j <= i), key_padding_mask True = key takes part, a query with no visible key gets
@@ -68,6 +71,27 @@ void rows_contract_keys(const T* p, const T* mat_t, int64_t d, int64_t ld, int64
   }
 }
 
+// y[r][c] = sum_j p[r][j] rows[j][c] for R rows over keys [0, keys), with rows in natural
+// (keys, dpad) layout, dpad a whole number of vectors: the head dim in lanes, so nothing
+// needs the horizontal sums of rows_contract_keys (which cost about half as much as the
+// multiplies themselves at d = 16, N = 197). p: R x ld; y: R x d.
+template <typename T, int R>
+void rows_contract_rows(const T* p, const T* rows, int64_t d, int64_t dpad, int64_t ld, int64_t keys, T* y) {
+  using V = vec_math::Vec<T>;
+  for (int64_t c0 = 0; c0 < dpad; c0 += V::kLanes) {
+    typename V::type acc[R] = {};
+    for (int64_t j = 0; j < keys; ++j) {
+      const typename V::type m = V::load(rows + j * dpad + c0);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r] += p[r * ld + j] * m;
+    }
+    const int64_t width = std::min<int64_t>(V::kLanes, d - c0);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      for (int64_t l = 0; l < width; ++l) y[r * d + c0 + l] = acc[r][l];
+  }
+}
+
 // acc_t[c][j] += sum_r x[r][c] p[r][j] for keys [0, keys). x: R x d; p: R x ld; acc_t: d x ld.
 template <typename T, int R>
 void accumulate_outer(const T* x, const T* p, int64_t d, int64_t ld, int64_t keys, T* acc_t) {
@@ -96,11 +120,19 @@ struct Problem {
   const T* v;            // (B, H, Nk, d)
   const bool* key_mask;  // (B, Nk) or null
 
-  int64_t padded_keys() const { return (nk + kKeyPad - 1) / kKeyPad * kKeyPad; }
+  // Keys rounded up to whole vectors, plus one cache line if that makes an even number of
+  // lines: the (d, ld) buffers are walked down their columns, and a stride of a power of two
+  // lines (N = 1024 floats is 4 KiB) puts every row in one L1 set, which measured 1.4x slower
+  // forward at N = 1024, d = 16.
+  int64_t padded_keys() const {
+    constexpr int64_t kLine = 64 / sizeof(T);
+    const int64_t whole = (nk + kKeyPad - 1) / kKeyPad * kKeyPad;
+    return (whole / kLine) % 2 == 0 ? whole + kLine : whole;
+  }
   int64_t visible_end(int64_t i) const { return causal ? std::min(nk, i + 1) : nk; }
 };
 
-// One head's keys or values transposed to (d, padded Nk), zeros in the padding.
+// One head's keys or values transposed to (d, ld), zeros in the padding keys.
 template <typename T>
 void transpose_head(const T* src, int64_t nk, int64_t d, int64_t ld, T* dst) {
   std::fill(dst, dst + d * ld, T(0));
@@ -108,13 +140,48 @@ void transpose_head(const T* src, int64_t nk, int64_t d, int64_t ld, T* dst) {
     for (int64_t c = 0; c < d; ++c) dst[c * ld + j] = src[j * d + c];
 }
 
-// Per-thread buffers of one head: K^T, V^T (d x ld), a block's rows (R x d) and key rows (R x ld).
+// One head's keys or values as (ld, dpad) rows, zeros in the padding.
+template <typename T>
+void pad_head_rows(const T* src, int64_t nk, int64_t d, int64_t dpad, int64_t ld, T* dst) {
+  std::fill(dst, dst + ld * dpad, T(0));
+  for (int64_t j = 0; j < nk; ++j) std::copy(src + j * d, src + (j + 1) * d, dst + j * dpad);
+}
+
+// Per-thread buffers of one head. Scores need K^T (d x ld); the backward's dP = dO V^T needs
+// V^T. The contraction over the keys (P V forward, dS K backward) reads the other operand as
+// padded rows (ld x dpad) when the head dim fills a vector, so its sums stay within lanes,
+// and transposed otherwise. Also a block's rows (R x d), its key rows (R x ld) and the
+// backward's dK^T, dV^T (d x ld).
 template <typename T>
 struct HeadScratch {
-  std::vector<T> k_t, v_t, rows_a, rows_b, keys_a, keys_b, grad_k_t, grad_v_t;
-  HeadScratch(int64_t d, int64_t ld, bool backward)
-      : k_t(d * ld), v_t(d * ld), rows_a(kRows * d), rows_b(kRows * d), keys_a(kRows * ld), keys_b(kRows * ld),
-        grad_k_t(backward ? d * ld : 0), grad_v_t(backward ? d * ld : 0) {}
+  int64_t d, ld, dpad;
+  bool backward, by_rows;
+  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, keys_a, keys_b, grad_k_t, grad_v_t;
+
+  HeadScratch(int64_t d_, int64_t ld_, bool backward_)
+      : d(d_), ld(ld_), dpad((d_ + vec_math::Vec<T>::kLanes - 1) / vec_math::Vec<T>::kLanes * vec_math::Vec<T>::kLanes),
+        backward(backward_), by_rows(d_ >= vec_math::Vec<T>::kLanes), k_t(d * ld),
+        v_t(backward || !by_rows ? d * ld : 0), contracted(by_rows ? ld * dpad : 0), rows_a(kRows * d),
+        rows_b(kRows * d), keys_a(kRows * ld), keys_b(kRows * ld), grad_k_t(backward ? d * ld : 0),
+        grad_v_t(backward ? d * ld : 0) {}
+
+  void load(const Problem<T>& pb, int64_t bh) {
+    const T* k = pb.k + bh * pb.nk * d;
+    const T* v = pb.v + bh * pb.nk * d;
+    transpose_head(k, pb.nk, d, ld, k_t.data());
+    if (!v_t.empty()) transpose_head(v, pb.nk, d, ld, v_t.data());
+    if (by_rows) pad_head_rows(backward ? k : v, pb.nk, d, dpad, ld, contracted.data());
+  }
+
+  // y = P M over keys [0, keys) for R rows of p (R x ld): M is V in the forward, K in the
+  // backward; y: R x d.
+  template <int R>
+  void contract(const T* p, int64_t keys, T* y) const {
+    if (by_rows)
+      rows_contract_rows<T, R>(p, contracted.data(), d, dpad, ld, keys, y);
+    else
+      rows_contract_keys<T, R>(p, (backward ? k_t : v_t).data(), d, ld, keys, y);
+  }
 };
 
 // Masks a score row beyond its visible keys and padding keys: -inf on [0, ld) where hidden.
@@ -172,24 +239,37 @@ void forward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>&
     sums[r] = sum;
     lse[bh * pb.nq + i0 + r] = empty[r] ? -std::numeric_limits<T>::infinity() : m + std::log(sum);
   }
-  rows_contract_keys<T, R>(hs.keys_a.data(), hs.v_t.data(), d, ld, keys, hs.rows_b.data());
+  hs.template contract<R>(hs.keys_a.data(), keys, hs.rows_b.data());  // P V
   for (int r = 0; r < R; ++r) {
     T* out_row = out + (bh * pb.nq + i0 + r) * d;
     for (int64_t c = 0; c < d; ++c) out_row[c] = empty[r] ? T(0) : hs.rows_b[r * d + c] / sums[r];
   }
 }
 
+// Query rows per forward task. A multiple of kRows, so a row's block (and with it its
+// rounding) does not depend on how tasks fall to threads; small enough that a head splits
+// across threads (a ViT's batch-1 inference has as few as 3 heads); large enough that
+// reloading a head's K and V per task (two Nk x d copies) costs little against the task's
+// 64 x Nk x d multiply-adds, twice.
+constexpr int64_t kForwardChunk = 64;
+
 template <typename T>
 void forward_kernel(const Problem<T>& pb, T* out, T* lse) {
   const int64_t ld = pb.padded_keys();
-  at::parallel_for(0, pb.batch * pb.heads, 1, [&](int64_t bh_begin, int64_t bh_end) {
+  const int64_t chunks = (pb.nq + kForwardChunk - 1) / kForwardChunk;
+  at::parallel_for(0, pb.batch * pb.heads * chunks, 1, [&](int64_t task_begin, int64_t task_end) {
     HeadScratch<T> hs(pb.d, ld, false);
-    for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
-      transpose_head(pb.k + bh * pb.nk * pb.d, pb.nk, pb.d, ld, hs.k_t.data());
-      transpose_head(pb.v + bh * pb.nk * pb.d, pb.nk, pb.d, ld, hs.v_t.data());
-      int64_t i0 = 0;
-      for (; i0 + kRows <= pb.nq; i0 += kRows) forward_block<T, kRows>(pb, bh, i0, hs, ld, out, lse);
-      for (; i0 < pb.nq; ++i0) forward_block<T, 1>(pb, bh, i0, hs, ld, out, lse);
+    int64_t loaded = -1;  // tasks run head by head: a thread reloads K and V when the head changes
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t bh = task / chunks;
+      if (bh != loaded) {
+        hs.load(pb, bh);
+        loaded = bh;
+      }
+      int64_t i0 = task % chunks * kForwardChunk;
+      const int64_t row_end = std::min(pb.nq, i0 + kForwardChunk);
+      for (; i0 + kRows <= row_end; i0 += kRows) forward_block<T, kRows>(pb, bh, i0, hs, ld, out, lse);
+      for (; i0 < row_end; ++i0) forward_block<T, 1>(pb, bh, i0, hs, ld, out, lse);
     }
   });
 }
@@ -219,7 +299,7 @@ void backward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>
   }
   accumulate_outer<T, R>(do_rows, hs.keys_a.data(), d, ld, keys, hs.grad_v_t.data());        // dV^T += dO^T P
   accumulate_outer<T, R>(hs.rows_a.data(), hs.keys_b.data(), d, ld, keys, hs.grad_k_t.data());  // dK^T += (s Q)^T dS
-  rows_contract_keys<T, R>(hs.keys_b.data(), hs.k_t.data(), d, ld, keys, hs.rows_b.data());     // dS K
+  hs.template contract<R>(hs.keys_b.data(), keys, hs.rows_b.data());                           // dS K
   T* dq_rows = grad_q + (bh * pb.nq + i0) * d;
   for (int64_t x = 0; x < R * d; ++x) dq_rows[x] = hs.rows_b[x] * pb.scale;
 }
@@ -231,8 +311,7 @@ void backward_kernel(const Problem<T>& pb, const T* grad_out, const T* lse, cons
   at::parallel_for(0, pb.batch * pb.heads, 1, [&](int64_t bh_begin, int64_t bh_end) {
     HeadScratch<T> hs(d, ld, true);
     for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
-      transpose_head(pb.k + bh * nk * d, nk, d, ld, hs.k_t.data());
-      transpose_head(pb.v + bh * nk * d, nk, d, ld, hs.v_t.data());
+      hs.load(pb, bh);
       std::fill(hs.grad_k_t.begin(), hs.grad_k_t.end(), T(0));
       std::fill(hs.grad_v_t.begin(), hs.grad_v_t.end(), T(0));
       int64_t i0 = 0;

@@ -241,7 +241,7 @@ def test_flop_formulas():
     assert attention_module.visible_pairs(3, 7, True) == 1 + 2 + 3
 
 
-@pytest.mark.parametrize("dtype, widest_cpp", [(torch.float32, 128), (torch.bfloat16, 64), (torch.float16, 64)])
+@pytest.mark.parametrize("dtype, widest_cpp", [(torch.float32, 128), (torch.float16, 128), (torch.bfloat16, 64)])
 def test_cpu_default_follows_the_measured_head_dim_rule_per_dtype(dtype, widest_cpp):
     assert attention_module.CPP_MAX_HEAD_DIM[dtype] == widest_cpp
     checks = [(4, "cpp"), (widest_cpp, "cpp")] + ([(widest_cpp + 1, "aten")] if widest_cpp < 128 else [])

@@ -1,8 +1,9 @@
-"""The ``cpp`` backend of ``lucidops.ops.attention``: lucidops' own CPU kernel for small heads.
+"""The ``cpp`` backend of ``lucidops.ops.attention``: lucidops' own CPU kernel.
 
 csrc/cpu/attention.cpp puts the keys in vector lanes and four query rows in registers,
-which suits head dims of 4..16 (measured: the CPU default there) where PyTorch's flash CPU
-kernel pays for small GEMM calls.
+which suits small heads most (2x-3x SDPA at d = 8, where PyTorch's flash CPU kernel pays
+for small GEMM calls) and measured as fast or faster up to d = 128 in float32 (the CPU
+default rule is ops/attention.py's CPP_MAX_HEAD_DIM).
 This module adapts it to the op's contract (lucidops.reference.attention): it runs half
 inputs in float32 (the kernel takes float32 and float64, contiguous), makes out_lo for
 bfloat16 from the float32 output as the reference does, and forms

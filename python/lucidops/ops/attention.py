@@ -11,10 +11,10 @@ for a query that sees no key), and out_lo, for bfloat16 the rounding residual of
 key_padding_mask, causal, scale)`` returns (dq, dk, dv); out and lse are differentiable
 (a loss may use the lse), out_lo is not.
 
-Backends: ``cpp`` (the CPU default for float32 at every head dim and for float16 and
+Backends: ``cpp`` (the CPU default for float32 and float16 at every head dim and for
 bfloat16 up to 64: lucidops' kernel, csrc/cpu/attention.cpp, adapted in
-ops/_attention_cpp.py), ``aten`` (the CPU default for float64 and for wider half-precision
-heads, and the fallback when the C++ extension cannot build: PyTorch's own
+ops/_attention_cpp.py), ``aten`` (the CPU default for float64 and for wider bfloat16 heads,
+and the fallback when the C++ extension cannot build: PyTorch's own
 fused flash-attention CPU kernel, the one torch's SDPA runs, adapted to this contract in
 ops/_attention_aten.py; not a lucidops kernel), ``reference`` (lucidops.reference.attention,
 the math) and ``triton`` (the default on CUDA; under TRITON_INTERPRET=1 it also runs CPU
@@ -61,9 +61,9 @@ def _reference_backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_paddi
 
 
 _NOTES = {
-    "cpu": "cpp (the default for float32 at every head dim, float16/bfloat16 up to head dim 64): lucidops' "
+    "cpu": "cpp (the default for float32 and float16 at every head dim, bfloat16 up to head dim 64): lucidops' "
            "kernel, keys in vector lanes and four query rows in registers, heads in parallel. aten (the default "
-           "for float64 and wider half-precision heads, and the fallback without the C++ extension): PyTorch's "
+           "for float64 and wider bfloat16 heads, and the fallback without the C++ extension): PyTorch's "
            "own fused flash-attention CPU kernel (what torch's SDPA runs on the CPU), not a lucidops kernel; "
            "forward and backward, masks, empty rows and the lse gradient adapted to the op. reference: the "
            "PyTorch math.",
@@ -72,9 +72,10 @@ _NOTES = {
 _PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "reference")}
 # The widest head dim at which the cpp kernel is the CPU default, per dtype; wider heads go to
 # aten. Measured (README, Measured results; bench/attention.py): cpp is the faster in float32
-# from d = 8 to 128; half inputs run in float32 there, and at d = 128 PyTorch's kernel, which
-# multiplies in bfloat16, wins; in float64 cpp's exp is libm's scalar one and aten wins.
-CPP_MAX_HEAD_DIM = {torch.float32: 128, torch.float16: 64, torch.bfloat16: 64, torch.float64: 0}
+# and float16 from d = 8 to 128; it runs half inputs in float32, and at bfloat16 d = 128
+# PyTorch's kernel, which multiplies in bfloat16, is as fast or faster; in float64 cpp's exp
+# is libm's scalar one and aten wins.
+CPP_MAX_HEAD_DIM = {torch.float32: 128, torch.float16: 128, torch.bfloat16: 64, torch.float64: 0}
 
 
 def _preference_for_call(device_type: str, first: Tensor, *_) -> Optional[Tuple[str, ...]]:

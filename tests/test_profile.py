@@ -342,6 +342,29 @@ def test_compare_prints_ratios_and_writes_a_png(tmp_path):
     assert cmp.to_dict()["ratios"]["params"] == 1.0
 
 
+class _Logged(nn.Module):
+    """Appends its name to a shared log on every call."""
+
+    def __init__(self, name, log):
+        super().__init__()
+        self.name, self.log = name, log
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x):
+        self.log.append(self.name)
+        return self.linear(x)
+
+
+def test_compare_times_the_two_models_in_alternation():
+    log = []
+    cmp = lucidops.profile.compare(_Logged("a", log), _Logged("b", log), torch.randn(1, 2), repeat=3, warmup=1,
+                                   fvcore=False)
+    timed = log[-8:]  # the warm-up round and three timed rounds come last
+    assert timed == ["a", "b"] * 4
+    assert len(cmp.original.latencies_s) == len(cmp.patched.latencies_s) == 3
+    assert cmp.original.latency_s == pytest.approx(sorted(cmp.original.latencies_s)[1])
+
+
 def test_compare_rejects_one_object_twice():
     model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="deepcopy"):

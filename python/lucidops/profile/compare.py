@@ -16,9 +16,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
-from .report import Inputs, Progress, ProfileReport, _bytes, _check_model, _human, _seconds, _table, report
+from .report import (Inputs, Progress, ProfileReport, _bytes, _check_model, _human, _seconds, _table,
+                     _untimed_report, time_steps, with_latencies)
 
 # (field, label, formatter, ratio kind): "ratio" patched/original, "speedup" original/patched.
 _ROWS: List[Tuple[str, str, Callable[[Any], str], str]] = [
@@ -113,9 +115,11 @@ def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward
             depth: int = 1, fvcore: bool = True, names: Tuple[str, str] = ("original", "patched"),
             progress: Progress = None) -> ProfileComparison:
     """Profile ``original`` and ``patched`` (two modules: patch a ``copy.deepcopy``) on the
-    same ``inputs`` with :func:`lucidops.profile.report`; ``png`` writes a bar chart of the
-    ratios (needs matplotlib: ``pip install lucidops[plot]``). Other arguments as
-    :func:`report`."""
+    same ``inputs`` as :func:`lucidops.profile.report` does; ``png`` writes a bar chart of the
+    ratios (needs matplotlib: ``pip install lucidops[plot]``). The two models are timed in
+    alternation, one run of each per round, so that a slow spell of a busy host falls on
+    both (timed one after the other, the same pair measured 0.78x and 0.99x minutes apart).
+    Other arguments as :func:`report`."""
     _check_model(original, "original")
     _check_model(patched, "patched")
     if original is patched:
@@ -131,8 +135,13 @@ def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward
         raise ValueError(f"names must be two strings, got {names!r}")
     kwargs = dict(backward=backward, device=device, repeat=repeat, warmup=warmup, depth=depth, fvcore=fvcore,
                   progress=progress)
-    result = ProfileComparison(report(original, inputs, name=names[0], **kwargs),
-                               report(patched, inputs, name=names[1], **kwargs))
+    first, first_step = _untimed_report(original, inputs, name=names[0], **kwargs)
+    second, second_step = _untimed_report(patched, inputs, name=names[1], **kwargs)
+    first_times, second_times = time_steps({first.model: first_step, second.model: second_step},
+                                           {torch.device(first.device), torch.device(second.device)},
+                                           warmup=warmup, repeat=repeat,
+                                           progress=progress)
+    result = ProfileComparison(with_latencies(first, first_times), with_latencies(second, second_times))
     if png is not None:
         result.plot(png)
     return result

@@ -34,7 +34,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -331,6 +331,49 @@ def report(model: nn.Module, inputs: Inputs, *, backward: bool = False, device: 
         name: the model's name in the table (default: its class name).
         progress: called with a short message before each stage (e.g. ``print``).
     """
+    rep, step = _untimed_report(model, inputs, backward=backward, device=device, repeat=repeat, warmup=warmup,
+                                depth=depth, fvcore=fvcore, name=name, progress=progress)
+    (latencies,) = time_steps({rep.model: step}, {torch.device(rep.device)}, warmup=warmup, repeat=repeat,
+                              progress=progress)
+    return with_latencies(rep, latencies)
+
+
+def with_latencies(rep: ProfileReport, latencies: List[float]) -> ProfileReport:
+    """``rep`` with ``latencies`` (seconds) as its timed runs and their median as ``latency_s``."""
+    return dataclasses.replace(rep, latency_s=float(statistics.median(latencies)), latencies_s=list(latencies))
+
+
+def time_steps(steps: Dict[str, Callable[[], Any]], devices: Iterable[torch.device], *, warmup: int, repeat: int,
+               progress: Progress = None) -> List[List[float]]:
+    """Wall times (seconds) of ``repeat`` runs of each step after ``warmup`` runs, one list per step;
+    ``devices`` are synchronised around each run.
+
+    Several steps run in alternation, one run of each per round, so that a slow spell of a
+    busy host falls on all of them alike instead of on whichever ran then.
+    """
+    say = progress or (lambda message: None)
+    label = " / ".join(steps)
+    latencies: List[List[float]] = [[] for _ in steps]
+    devices = list(devices)
+    for i in range(warmup + repeat):
+        say(f"{label}: {'warm-up' if i < warmup else 'timing'} run {i + 1 if i < warmup else i + 1 - warmup}"
+            f"/{warmup if i < warmup else repeat}")
+        for times, step in zip(latencies, steps.values()):
+            for device in devices:
+                _sync(device)
+            start = time.perf_counter()
+            step()
+            for device in devices:
+                _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return latencies
+
+
+def _untimed_report(model: nn.Module, inputs: Inputs, *, backward: bool, device: Any, repeat: int, warmup: int,
+                    depth: int, fvcore: bool, name: Optional[str], progress: Progress
+                    ) -> Tuple[ProfileReport, Callable[[], Any]]:
+    """Every field of :func:`report` but the latencies (NaN, empty), and the step to time."""
     model = _check_model(model)
     args = _check_inputs(inputs)
     dev = _check_device(device, model, args)
@@ -374,17 +417,6 @@ def report(model: nn.Module, inputs: Inputs, *, backward: bool = False, device: 
         memory_kind = "saved for backward"
     rss = _peak_rss_bytes()
 
-    latencies: List[float] = []
-    for i in range(warmup + repeat):
-        say(f"{label}: {'warm-up' if i < warmup else 'timing'} run {i + 1 if i < warmup else i + 1 - warmup}"
-            f"/{warmup if i < warmup else repeat}")
-        _sync(dev)
-        start = time.perf_counter()
-        _step(model, args, backward, targets)
-        _sync(dev)
-        if i >= warmup:
-            latencies.append(time.perf_counter() - start)
-
     return ProfileReport(
         model=label, device=str(dev), backward=bool(backward),
         params=sum(p.numel() for p in model.parameters()),
@@ -392,6 +424,6 @@ def report(model: nn.Module, inputs: Inputs, *, backward: bool = False, device: 
         flops=int(counter.get_total_flops()), flops_by_op=flops_by_op,
         fvcore_flops=fv_total, fvcore_error=fv_error, fvcore_unsupported=fv_unsupported,
         peak_memory_bytes=peak, memory_kind=memory_kind, peak_rss_bytes=rss,
-        latency_s=float(statistics.median(latencies)), latencies_s=latencies,
+        latency_s=float("nan"), latencies_s=[],
         by_module=_by_module(model, counts, depth),
-    )
+    ), lambda: _step(model, args, backward, targets)

@@ -142,6 +142,22 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_is_token_major_so_merging_heads_is_a_view(backend, dtype):
+    """out is (B, H, Nq, d) laid out as (B, Nq, H, d), like SDPA's: the usual merge of the heads
+    back into tokens is a view, so a model saves one tensor, not two, for its projection."""
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=dtype) for n in (5, 7, 7))
+    with lucidops.use_backend(backend):
+        out = lucidops.ops.attention(q, k, v)
+    assert lucidops.backends.last_used("attention") == backend
+    assert out.stride() == (5 * 3 * 8, 8, 3 * 8, 1)
+    merged = out.transpose(1, 2).reshape(2, 5, 3 * 8)
+    assert merged.data_ptr() == out.data_ptr() and merged._base is not None
+    torch.testing.assert_close(merged, ref.attention(q, k, v).transpose(1, 2).reshape(2, 5, 24),
+                               rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_sizes(backend):
     for b, nq, nk in ((0, 5, 5), (2, 0, 5), (2, 5, 0)):
         q = torch.randn(b, 2, nq, 8, requires_grad=True)
@@ -349,7 +365,7 @@ def test_cpu_fast_paths_match_float64_reference(case, with_lse, backend):
     gl = None if grad_lse is None else grad_lse.masked_fill(torch.isinf(lse_ref), 0)
     expected = ref.backward(grad_out.double(), gl, q64, k64, v64, out_ref, lo, lse_ref, mask, causal, scale)
     tol = TOL[dtype]
-    assert out.dtype == dtype and out.is_contiguous()
+    assert out.dtype == dtype and out.transpose(1, 2).is_contiguous()  # the op's (B, Nq, H, d) memory order
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.is_contiguous()
     assert rel_err(out, out_ref) < tol
     assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))

@@ -387,6 +387,17 @@ def test_cli_profile_compares_a_patched_vit(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_profile_builds_the_many_head_variant(capsys):
+    model, kind, size = cli._make_model("vit_tiny_patch16_224", 32, num_heads=24)
+    assert (kind, size) == ("image", 32)
+    assert all(block.attn.num_heads == 24 and block.attn.head_dim == 8 for block in model.blocks)
+    rc = cli.main(["profile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-heads", "24", "--patch",
+                   "--repeat", "1", "--warmup", "0", "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "vit_tiny_patch16_224 (patched)" in out and "5,680,552" in out  # heads do not change the parameters
+
+
 def test_cli_profile_one_point_model(capsys):
     rc = cli.main(["profile", "--model", "pointnet_vanilla", "--points", "16", "--batch", "2", "--repeat", "1",
                    "--warmup", "0", "--quiet", "--backward"])
@@ -402,6 +413,10 @@ def test_cli_profile_one_point_model(capsys):
     (["--model", "no_such_model_xyz"], "unknown model 'no_such_model_xyz'"),
     (["--model", "pointnet", "--batch", "0"], "--batch must be >= 1"),
     (["--model", "pointnet", "--png", "x.png"], "use it with --patch"),
+    (["--model", "pointnet", "--num-heads", "4"], "--num-heads applies to timm transformers"),
+    (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-heads", "5"],
+     "--num-heads 5: vit_tiny_patch16_224 cannot be built"),  # 192 is not a multiple of 5
+    (["--model", "vit_tiny_patch16_224", "--num-heads", "0"], "--num-heads must be >= 1"),
 ] + ([] if torch.cuda.is_available() else [(["--model", "pointnet", "--device", "cuda"], "CUDA is not available")]))
 def test_cli_profile_bad_input(args, message, capsys):
     assert cli.main(["profile", "--quiet"] + args) == 2

@@ -130,6 +130,9 @@ struct Problem {
     return (whole / kLine) % 2 == 0 ? whole + kLine : whole;
   }
   int64_t visible_end(int64_t i) const { return causal ? std::min(nk, i + 1) : nk; }
+  // Offset of query i of head bh in the output, which is (B, H, Nq, d) laid out as (B, Nq, H, d)
+  // (SDPA's layout: merging the heads back into tokens is then a view).
+  int64_t out_offset(int64_t bh, int64_t i) const { return ((bh / heads * nq + i) * heads + bh % heads) * d; }
 };
 
 // One head's keys or values transposed to (d, ld), zeros in the padding keys.
@@ -241,7 +244,7 @@ void forward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>&
   }
   hs.template contract<R>(hs.keys_a.data(), keys, hs.rows_b.data());  // P V
   for (int r = 0; r < R; ++r) {
-    T* out_row = out + (bh * pb.nq + i0 + r) * d;
+    T* out_row = out + pb.out_offset(bh, i0 + r);
     for (int64_t c = 0; c < d; ++c) out_row[c] = empty[r] ? T(0) : hs.rows_b[r * d + c] / sums[r];
   }
 }
@@ -362,7 +365,7 @@ void check_compute_dtype(const at::Tensor& q) {
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const at::Tensor& key_padding_mask, bool causal, double scale) {
   check_compute_dtype(q);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lucidops_attention_forward", [&] {
     forward_kernel<scalar_t>(make_problem<scalar_t>(q, k, v, key_padding_mask, causal, scale),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 
 def _versions() -> List[str]:
@@ -74,9 +74,16 @@ class ProfileError(ValueError):
     """Bad ``lucidops profile`` arguments (printed as ``error: ...``, exit status 2)."""
 
 
-def _make_model(name: str, img_size: Optional[int]) -> Tuple[Any, str, Optional[int]]:
-    """(model, "points" or "image", image size) for a lucidops or timm model name; never downloads."""
+def _make_model(name: str, img_size: Optional[int], num_heads: Optional[int] = None
+                ) -> Tuple[Any, str, Optional[int]]:
+    """(model, "points" or "image", image size) for a lucidops or timm model name; never downloads.
+
+    ``num_heads`` rebuilds a timm transformer with that many heads per block (the many-head
+    variants of methods.md section 2)."""
     import lucidops.models as models
+
+    if num_heads is not None and name in POINT_MODELS:
+        raise ProfileError(f"--num-heads applies to timm transformers, not {name}")
 
     if name == "pointnet":
         return models.PointNet(), "points", None
@@ -97,14 +104,25 @@ def _make_model(name: str, img_size: Optional[int]) -> Tuple[Any, str, Optional[
         hint = f" (did you mean: {', '.join(close)}?)" if close else ""
         raise ProfileError(f"unknown model {name!r}: neither a lucidops model ({', '.join(POINT_MODELS)}) nor a "
                            f"timm model{hint}")
-    kwargs = {"pretrained": False}
+    kwargs: Dict[str, Any] = {"pretrained": False}
+    if num_heads is not None:
+        kwargs["num_heads"] = num_heads
+
+    def create(**extra: Any) -> Any:
+        try:
+            return timm.create_model(name, **kwargs, **extra)
+        except (TypeError, AssertionError) as err:  # timm asserts that the width divides into heads
+            if num_heads is None:
+                raise
+            raise ProfileError(f"--num-heads {num_heads}: {name} cannot be built with it ({err})") from err
+
     if img_size is not None:
         try:
-            model = timm.create_model(name, img_size=img_size, **kwargs)
+            model = create(img_size=img_size)
         except TypeError:  # CNNs take any input size but no img_size argument
-            model = timm.create_model(name, **kwargs)
+            model = create()
         return model, "image", img_size
-    model = timm.create_model(name, **kwargs)
+    model = create()
     size = int(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1])
     return model, "image", size
 
@@ -147,13 +165,14 @@ def profile_command(args: argparse.Namespace) -> int:
 
     try:
         for value, flag, low in ((args.batch, "--batch", 1), (args.img_size, "--img-size", 1),
-                                 (args.points, "--points", 1), (args.repeat, "--repeat", 1)):
+                                 (args.points, "--points", 1), (args.repeat, "--repeat", 1),
+                                 (args.num_heads, "--num-heads", 1)):
             if value is not None and value < low:
                 raise ProfileError(f"{flag} must be >= {low}, got {value}")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ProfileError("--device cuda but CUDA is not available here")
         progress(f"building {args.model}")
-        model, kind, size = _make_model(args.model, args.img_size)
+        model, kind, size = _make_model(args.model, args.img_size, args.num_heads)
         model.eval()  # dropout off; BatchNorm uses running statistics (any batch size works)
         gen = torch.Generator().manual_seed(0)
         if kind == "points":
@@ -185,6 +204,8 @@ def _add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch", action="store_true", help="compare against a copy patched by lucidops.patch.apply")
     p.add_argument("--batch", type=int, default=1, help="batch size of the random input (default 1)")
     p.add_argument("--img-size", type=int, default=None, help="image size for timm models (default: the model's)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="timm transformers: build with this many heads per block (default: the model's)")
     p.add_argument("--points", type=int, default=1024, help="points per cloud for point models (default 1024)")
     p.add_argument("--backward", action="store_true", help="profile forward + backward, not the forward alone")
     p.add_argument("--png", default=None, help="with --patch: write a bar chart of the ratios (needs matplotlib)")

@@ -90,7 +90,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
         lse_out.copy_(lse)
     else:
         torch.where(empty_rows(key_padding_mask, nq, nk, causal), lse.new_full((), float("-inf")), lse, out=lse_out)
-    return out.contiguous(), lse_out, out_lo
+    return out, lse_out, out_lo  # already (B, Nq, H, d) in memory, the op's output layout
 
 
 def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,

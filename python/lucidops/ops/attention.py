@@ -93,10 +93,30 @@ backends.register_op("attention_backward", {"reference": _reference_backward, "a
                      preference=_PREFERENCE, notes=_NOTES, preference_for_call=_preference_for_call)
 
 
+def empty_token_major(b: int, h: int, nq: int, d: int, *, like: Tensor, dtype: Optional[torch.dtype] = None
+                      ) -> Tensor:
+    """An uninitialised (B, H, Nq, d) tensor laid out as (B, Nq, H, d) in memory: the layout of
+    the op's output, as SDPA's. A model's ``out.transpose(1, 2).reshape(B, Nq, H * d)`` is then
+    a view, not a copy, so the projection after attention saves the same storage as the op
+    (measured: the copy made a patched ViT-S save 6% more for backward)."""
+    return torch.empty((b, nq, h, d), dtype=dtype or like.dtype, device=like.device).transpose(1, 2)
+
+
+def _token_major(out: Tensor) -> Tensor:
+    """``out`` with exactly empty_token_major's strides (the fake kernel's), copied only if not."""
+    b, h, nq, d = out.shape
+    target = empty_token_major(b, h, nq, d, like=out)
+    if out.stride() == target.stride():
+        return out
+    return target.copy_(out)
+
+
 @torch.library.custom_op("lucidops::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
                   scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    return backends.dispatch("attention", q.device.type, q, k, v, key_padding_mask, causal, scale)
+    out, lse, out_lo = backends.dispatch("attention", q.device.type, q, k, v, key_padding_mask, causal, scale)
+    # One output layout whichever backend ran, so that it always matches the fake kernel's.
+    return _token_major(out), lse.contiguous(), out_lo.contiguous()
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -107,7 +127,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 def _(q, k, v, key_padding_mask, causal, scale):
     b, h, nq, d = q.shape
     out_lo = q.new_empty((b, h, nq, d) if q.dtype == torch.bfloat16 else (0,))
-    return q.new_empty((b, h, nq, d)), q.new_empty((b, h, nq), dtype=_lse_dtype(q.dtype)), out_lo
+    return empty_token_major(b, h, nq, d, like=q), q.new_empty((b, h, nq), dtype=_lse_dtype(q.dtype)), out_lo
 
 
 @torch.library.custom_op("lucidops::attention_backward", mutates_args=())

@@ -48,9 +48,10 @@ at::Tensor lora_weight_backward(const at::Tensor& weight, const at::Tensor& lora
                                 at::Tensor grad_weight, int64_t fn, double omega, double scale,
                                 bool need_effective_weight);
 
-// Attention for many small heads (csrc/cpu/attention.cpp); float32 or float64, contiguous. q (B, H, Nq, d),
-// k and v (B, H, Nk, d), key_padding_mask bool (B, Nk) or empty.
-// Forward: (out (B, H, Nq, d) laid out as (B, Nq, H, d), lse (B, H, Nq)). Backward, with delta = rowsum(dO O) - dL/dlse: (dq, dk, dv).
+// Attention for many small heads (csrc/cpu/attention.cpp); float32 or float64, any strides but
+// a unit one along d. q (B, H, Nq, d), k and v (B, H, Nk, d), key_padding_mask bool (B, Nk) or
+// empty. Forward: (out (B, H, Nq, d) laid out as (B, Nq, H, d), lse (B, H, Nq)). Backward,
+// with delta = rowsum(dO O) - dL/dlse: (dq, dk, dv).
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const at::Tensor& key_padding_mask, bool causal, double scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,

@@ -131,14 +131,21 @@ def test_non_contiguous_inputs(backend):
     qkv = torch.randn(b, n, 3, h, d, generator=g).permute(2, 0, 3, 1, 4)  # timm's layout
     q, k, v = (t.requires_grad_(True) for t in qkv.detach().clone().unbind(0))
     q2 = torch.randn(b, h, d, n, generator=g).transpose(-1, -2).requires_grad_(True)  # unit stride not on d
+    weight = torch.randn(b, n, h * d, generator=g)
     for qq in (q, q2):
         assert not qq.is_contiguous()
+        for t in (qq, k, v):
+            t.grad = None
         with lucidops.use_backend(backend):
             out = lucidops.ops.attention(qq, k, v, causal=True)
-            out.sum().backward()
-        expected = ref.forward(qq.detach().double(), k.detach().double(), v.detach().double(), None, True, d ** -0.5)[0]
-        assert rel_err(out, expected) < 1e-5
-        assert qq.grad is not None and torch.isfinite(qq.grad).all()
+            # merged back into tokens as a model does: grad_out arrives strided too
+            (out.transpose(1, 2).reshape(b, n, h * d) * weight).sum().backward()
+        leaves = [t.detach().double().requires_grad_(True) for t in (qq, k, v)]
+        expected = ref.attention(*leaves, causal=True)
+        (expected.transpose(1, 2).reshape(b, n, h * d) * weight.double()).sum().backward()
+        assert rel_err(out, expected.detach()) < 1e-5
+        for got, want in zip((qq.grad, k.grad, v.grad), leaves):
+            assert rel_err(got, want.grad) < 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

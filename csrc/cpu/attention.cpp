@@ -109,15 +109,31 @@ void accumulate_outer(const T* x, const T* p, int64_t d, int64_t ld, int64_t key
   }
 }
 
+// A (B, H, N, d) tensor with any strides but a unit one along d (a model's q, k, v are
+// usually views of one qkv projection): where row i of head bh starts.
+template <typename T>
+struct Rows {
+  const T* data;
+  int64_t stride_b, stride_h, stride_n, heads;
+  const T* row(int64_t bh, int64_t i) const { return data + bh / heads * stride_b + bh % heads * stride_h + i * stride_n; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && (t.stride(3) == 1 || t.size(3) <= 1), "lucidops cpu attention kernel: ", name,
+              " must be 4-D with a unit stride along the head dim");
+  return Rows<T>{t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.size(1)};
+}
+
 // The shapes and raw pointers of one call.
 template <typename T>
 struct Problem {
   int64_t batch, heads, nq, nk, d;
   bool causal;
   T scale;
-  const T* q;            // (B, H, Nq, d)
-  const T* k;            // (B, H, Nk, d)
-  const T* v;            // (B, H, Nk, d)
+  Rows<T> q;             // (B, H, Nq, d)
+  Rows<T> k;             // (B, H, Nk, d)
+  Rows<T> v;             // (B, H, Nk, d)
   const bool* key_mask;  // (B, Nk) or null
 
   // Keys rounded up to whole vectors, plus one cache line if that makes an even number of
@@ -135,19 +151,21 @@ struct Problem {
   int64_t out_offset(int64_t bh, int64_t i) const { return ((bh / heads * nq + i) * heads + bh % heads) * d; }
 };
 
-// One head's keys or values transposed to (d, ld), zeros in the padding keys.
+// Head bh's keys or values transposed to (d, ld), zeros in the padding keys.
 template <typename T>
-void transpose_head(const T* src, int64_t nk, int64_t d, int64_t ld, T* dst) {
+void transpose_head(const Rows<T>& src, int64_t bh, int64_t nk, int64_t d, int64_t ld, T* dst) {
   std::fill(dst, dst + d * ld, T(0));
-  for (int64_t j = 0; j < nk; ++j)
-    for (int64_t c = 0; c < d; ++c) dst[c * ld + j] = src[j * d + c];
+  for (int64_t j = 0; j < nk; ++j) {
+    const T* row = src.row(bh, j);
+    for (int64_t c = 0; c < d; ++c) dst[c * ld + j] = row[c];
+  }
 }
 
-// One head's keys or values as (ld, dpad) rows, zeros in the padding.
+// Head bh's keys or values as (ld, dpad) rows, zeros in the padding.
 template <typename T>
-void pad_head_rows(const T* src, int64_t nk, int64_t d, int64_t dpad, int64_t ld, T* dst) {
+void pad_head_rows(const Rows<T>& src, int64_t bh, int64_t nk, int64_t d, int64_t dpad, int64_t ld, T* dst) {
   std::fill(dst, dst + ld * dpad, T(0));
-  for (int64_t j = 0; j < nk; ++j) std::copy(src + j * d, src + (j + 1) * d, dst + j * dpad);
+  for (int64_t j = 0; j < nk; ++j) std::copy(src.row(bh, j), src.row(bh, j) + d, dst + j * dpad);
 }
 
 // Per-thread buffers of one head. Scores need K^T (d x ld); the backward's dP = dO V^T needs
@@ -159,21 +177,19 @@ template <typename T>
 struct HeadScratch {
   int64_t d, ld, dpad;
   bool backward, by_rows;
-  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, keys_a, keys_b, grad_k_t, grad_v_t;
+  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, rows_do, keys_a, keys_b, grad_k_t, grad_v_t;
 
   HeadScratch(int64_t d_, int64_t ld_, bool backward_)
       : d(d_), ld(ld_), dpad((d_ + vec_math::Vec<T>::kLanes - 1) / vec_math::Vec<T>::kLanes * vec_math::Vec<T>::kLanes),
         backward(backward_), by_rows(d_ >= vec_math::Vec<T>::kLanes), k_t(d * ld),
         v_t(backward || !by_rows ? d * ld : 0), contracted(by_rows ? ld * dpad : 0), rows_a(kRows * d),
-        rows_b(kRows * d), keys_a(kRows * ld), keys_b(kRows * ld), grad_k_t(backward ? d * ld : 0),
+        rows_b(kRows * d), rows_do(backward ? kRows * d : 0), keys_a(kRows * ld), keys_b(kRows * ld), grad_k_t(backward ? d * ld : 0),
         grad_v_t(backward ? d * ld : 0) {}
 
   void load(const Problem<T>& pb, int64_t bh) {
-    const T* k = pb.k + bh * pb.nk * d;
-    const T* v = pb.v + bh * pb.nk * d;
-    transpose_head(k, pb.nk, d, ld, k_t.data());
-    if (!v_t.empty()) transpose_head(v, pb.nk, d, ld, v_t.data());
-    if (by_rows) pad_head_rows(backward ? k : v, pb.nk, d, dpad, ld, contracted.data());
+    transpose_head(pb.k, bh, pb.nk, d, ld, k_t.data());
+    if (!v_t.empty()) transpose_head(pb.v, bh, pb.nk, d, ld, v_t.data());
+    if (by_rows) pad_head_rows(backward ? pb.k : pb.v, bh, pb.nk, d, dpad, ld, contracted.data());
   }
 
   // y = P M over keys [0, keys) for R rows of p (R x ld): M is V in the forward, K in the
@@ -213,8 +229,10 @@ T row_max(const T* s, int64_t end) {
 template <typename T, int R>
 int64_t block_scores(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs, int64_t ld) {
   const int64_t d = pb.d;
-  const T* q_rows = pb.q + (bh * pb.nq + i0) * d;
-  for (int64_t x = 0; x < R * d; ++x) hs.rows_a[x] = q_rows[x] * pb.scale;
+  for (int r = 0; r < R; ++r) {
+    const T* q_row = pb.q.row(bh, i0 + r);
+    for (int64_t c = 0; c < d; ++c) hs.rows_a[r * d + c] = q_row[c] * pb.scale;
+  }
   const int64_t last_end = pb.visible_end(i0 + R - 1);
   const int64_t keys = (last_end + vec_math::Vec<T>::kLanes - 1) / vec_math::Vec<T>::kLanes * vec_math::Vec<T>::kLanes;
   rows_times_keys<T, R>(hs.rows_a.data(), hs.k_t.data(), d, ld, keys, hs.keys_a.data());
@@ -280,11 +298,12 @@ void forward_kernel(const Problem<T>& pb, T* out, T* lse) {
 // dV = P^T dO, dS = P (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q, with
 // P = exp(s - lse) recomputed and delta = rowsum(dO O) - dL/dlse given.
 template <typename T, int R>
-void backward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs, int64_t ld, const T* grad_out,
-                    const T* lse, const T* delta, T* grad_q) {
+void backward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs, int64_t ld,
+                    const Rows<T>& grad_out, const T* lse, const T* delta, T* grad_q) {
   const int64_t d = pb.d;
   const int64_t keys = block_scores<T, R>(pb, bh, i0, hs, ld);  // rows_a = scale q, keys_a = s
-  const T* do_rows = grad_out + (bh * pb.nq + i0) * d;
+  for (int r = 0; r < R; ++r) std::copy(grad_out.row(bh, i0 + r), grad_out.row(bh, i0 + r) + d, &hs.rows_do[r * d]);
+  const T* do_rows = hs.rows_do.data();
   rows_times_keys<T, R>(do_rows, hs.v_t.data(), d, ld, keys, hs.keys_b.data());  // dP = dO V^T
   for (int r = 0; r < R; ++r) {
     const int64_t row = bh * pb.nq + i0 + r;
@@ -308,7 +327,7 @@ void backward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>
 }
 
 template <typename T>
-void backward_kernel(const Problem<T>& pb, const T* grad_out, const T* lse, const T* delta, T* grad_q, T* grad_k,
+void backward_kernel(const Problem<T>& pb, const Rows<T>& grad_out, const T* lse, const T* delta, T* grad_q, T* grad_k,
                      T* grad_v) {
   const int64_t ld = pb.padded_keys(), d = pb.d, nk = pb.nk;
   at::parallel_for(0, pb.batch * pb.heads, 1, [&](int64_t bh_begin, int64_t bh_end) {
@@ -338,8 +357,6 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "lucidops cpu attention kernel: q, k and v must be CPU tensors");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "lucidops cpu attention kernel: 4-D tensors");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
-              "lucidops cpu attention kernel: contiguous q, k, v");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "lucidops cpu attention kernel: q, k and v must share a dtype");
   const int64_t b = q.size(0), h = q.size(1), nq = q.size(2), d = q.size(3), nk = k.size(2);
@@ -350,8 +367,9 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
     TORCH_CHECK(key_padding_mask.scalar_type() == at::kBool && key_padding_mask.is_contiguous() &&
                     key_padding_mask.sizes() == at::IntArrayRef({b, nk}),
                 "lucidops cpu attention kernel: key_padding_mask must be a contiguous bool (B, Nk) or empty");
-  return Problem<T>{b, h, nq, nk, d, causal, static_cast<T>(scale), q.const_data_ptr<T>(), k.const_data_ptr<T>(),
-                    v.const_data_ptr<T>(), masked ? key_padding_mask.const_data_ptr<bool>() : nullptr};
+  const bool* mask = masked ? key_padding_mask.const_data_ptr<bool>() : nullptr;
+  return Problem<T>{b, h, nq, nk, d, causal, static_cast<T>(scale), rows_of<T>(q, "q"), rows_of<T>(k, "k"),
+                    rows_of<T>(v, "v"), mask};
 }
 
 void check_compute_dtype(const at::Tensor& q) {
@@ -380,8 +398,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
                                                                   const at::Tensor& key_padding_mask, bool causal,
                                                                   double scale) {
   check_compute_dtype(q);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() && grad_out.is_contiguous(),
-              "lucidops cpu attention kernel: grad_out must be contiguous, of q's shape and dtype");
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
+              "lucidops cpu attention kernel: grad_out must be of q's shape and dtype");
   const std::vector<int64_t> rows{q.size(0), q.size(1), q.size(2)};
   TORCH_CHECK(lse.sizes() == at::IntArrayRef(rows) && delta.sizes() == at::IntArrayRef(rows) &&
                   lse.scalar_type() == q.scalar_type() && delta.scalar_type() == q.scalar_type() &&
@@ -392,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   at::Tensor grad_v = at::empty(grad_k.sizes(), q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lucidops_attention_backward", [&] {
     backward_kernel<scalar_t>(make_problem<scalar_t>(q, k, v, key_padding_mask, causal, scale),
-                              grad_out.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(),
+                              rows_of<scalar_t>(grad_out, "grad_out"), lse.const_data_ptr<scalar_t>(),
                               delta.const_data_ptr<scalar_t>(), grad_q.mutable_data_ptr<scalar_t>(),
                               grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());
   });

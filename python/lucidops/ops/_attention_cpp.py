@@ -5,7 +5,7 @@ which suits small heads most (2x-3x SDPA at d = 8, where PyTorch's flash CPU ker
 for small GEMM calls) and measured as fast or faster up to d = 128 in float32 (the CPU
 default rule is ops/attention.py's CPP_MAX_HEAD_DIM).
 This module adapts it to the op's contract (lucidops.reference.attention): it runs half
-inputs in float32 (the kernel takes float32 and float64, contiguous), makes out_lo for
+inputs in float32 (the kernel takes float32 and float64, strided), makes out_lo for
 bfloat16 from the float32 output as the reference does, and forms
 delta = rowsum(dO (O + O_lo)) - dL/dlse for the backward.
 """
@@ -22,7 +22,10 @@ from ..reference import attention as _reference
 
 
 def _dense(t: Tensor, compute: torch.dtype) -> Tensor:
-    return t.to(compute).contiguous()
+    """``t`` in the compute dtype; the kernel reads any strides but needs a unit one along d
+    (so views of a qkv projection go in without a copy)."""
+    t = t.to(compute)
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _mask_arg(key_padding_mask: Optional[Tensor], device) -> Tensor:
@@ -57,7 +60,7 @@ def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
     if _empty_problem(q, k):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     compute = _reference.opmath_dtype(q.dtype)
-    grad_c = grad_out.to(compute).contiguous()
+    grad_c = _dense(grad_out, compute)
     full_out = out.to(compute)
     if out_lo.numel():
         full_out = full_out + out_lo.to(compute)

@@ -358,7 +358,7 @@ class _Logged(nn.Module):
 def test_compare_times_the_two_models_in_alternation():
     log = []
     cmp = lucidops.profile.compare(_Logged("a", log), _Logged("b", log), torch.randn(1, 2), repeat=3, warmup=1,
-                                   fvcore=False)
+                                   fvcore=False, names=("same", "same"))  # one name twice is allowed
     timed = log[-8:]  # the warm-up round and three timed rounds come last
     assert timed == ["a", "b"] * 4
     assert len(cmp.original.latencies_s) == len(cmp.patched.latencies_s) == 3

@@ -10,7 +10,9 @@
 // (rows_contract_rows), the keys otherwise (rows_contract_keys). A block's scores,
 // probabilities and score gradients live in L1-sized per-thread buffers. The forward runs
 // heads and chunks of 64 query rows in parallel, the backward heads, one task accumulating
-// a head's dK and dV: the result does not depend on the thread count.
+// a head's dK and dV: the result does not depend on the thread count. q, k, v and grad_out
+// may have any strides with a unit one along d (a model's views of its qkv projection); the
+// output is (B, H, Nq, d) laid out as (B, Nq, H, d), SDPA's layout.
 //
 // Contract (lucidops.reference.attention): top-left causal (key j visible to query i iff
 // j <= i), key_padding_mask True = key takes part, a query with no visible key gets
@@ -115,7 +117,9 @@ template <typename T>
 struct Rows {
   const T* data;
   int64_t stride_b, stride_h, stride_n, heads;
-  const T* row(int64_t bh, int64_t i) const { return data + bh / heads * stride_b + bh % heads * stride_h + i * stride_n; }
+  const T* row(int64_t bh, int64_t i) const {
+    return data + bh / heads * stride_b + bh % heads * stride_h + i * stride_n;
+  }
 };
 
 template <typename T>
@@ -180,10 +184,20 @@ struct HeadScratch {
   std::vector<T> k_t, v_t, contracted, rows_a, rows_b, rows_do, keys_a, keys_b, grad_k_t, grad_v_t;
 
   HeadScratch(int64_t d_, int64_t ld_, bool backward_)
-      : d(d_), ld(ld_), dpad((d_ + vec_math::Vec<T>::kLanes - 1) / vec_math::Vec<T>::kLanes * vec_math::Vec<T>::kLanes),
-        backward(backward_), by_rows(d_ >= vec_math::Vec<T>::kLanes), k_t(d * ld),
-        v_t(backward || !by_rows ? d * ld : 0), contracted(by_rows ? ld * dpad : 0), rows_a(kRows * d),
-        rows_b(kRows * d), rows_do(backward ? kRows * d : 0), keys_a(kRows * ld), keys_b(kRows * ld), grad_k_t(backward ? d * ld : 0),
+      : d(d_),
+        ld(ld_),
+        dpad((d_ + vec_math::Vec<T>::kLanes - 1) / vec_math::Vec<T>::kLanes * vec_math::Vec<T>::kLanes),
+        backward(backward_),
+        by_rows(d_ >= vec_math::Vec<T>::kLanes),
+        k_t(d * ld),
+        v_t(backward || !by_rows ? d * ld : 0),
+        contracted(by_rows ? ld * dpad : 0),
+        rows_a(kRows * d),
+        rows_b(kRows * d),
+        rows_do(backward ? kRows * d : 0),
+        keys_a(kRows * ld),
+        keys_b(kRows * ld),
+        grad_k_t(backward ? d * ld : 0),
         grad_v_t(backward ? d * ld : 0) {}
 
   void load(const Problem<T>& pb, int64_t bh) {
@@ -302,7 +316,10 @@ void backward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>
                     const Rows<T>& grad_out, const T* lse, const T* delta, T* grad_q) {
   const int64_t d = pb.d;
   const int64_t keys = block_scores<T, R>(pb, bh, i0, hs, ld);  // rows_a = scale q, keys_a = s
-  for (int r = 0; r < R; ++r) std::copy(grad_out.row(bh, i0 + r), grad_out.row(bh, i0 + r) + d, &hs.rows_do[r * d]);
+  for (int r = 0; r < R; ++r) {  // dO rows side by side, as rows_times_keys and accumulate_outer read them
+    const T* row = grad_out.row(bh, i0 + r);
+    std::copy(row, row + d, &hs.rows_do[r * d]);
+  }
   const T* do_rows = hs.rows_do.data();
   rows_times_keys<T, R>(do_rows, hs.v_t.data(), d, ld, keys, hs.keys_b.data());  // dP = dO V^T
   for (int r = 0; r < R; ++r) {

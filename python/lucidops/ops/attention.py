@@ -73,7 +73,7 @@ _PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "referenc
 # The widest head dim at which the cpp kernel is the CPU default, per dtype; wider heads go to
 # aten. Measured (README, Measured results; bench/attention.py): cpp is the faster in float32
 # and float16 from d = 8 to 128; it runs half inputs in float32, and at bfloat16 d = 128
-# PyTorch's kernel, which multiplies in bfloat16, is as fast or faster; in float64 cpp's exp
+# PyTorch's kernel, which takes bfloat16 as it is, is as fast or faster; in float64 cpp's exp
 # is libm's scalar one and aten wins.
 CPP_MAX_HEAD_DIM = {torch.float32: 128, torch.float16: 128, torch.bfloat16: 64, torch.float64: 0}
 

@@ -118,7 +118,7 @@ def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward
     same ``inputs`` as :func:`lucidops.profile.report` does; ``png`` writes a bar chart of the
     ratios (needs matplotlib: ``pip install lucidops[plot]``). The two models are timed in
     alternation, one run of each per round, so that a slow spell of a busy host falls on
-    both (timed one after the other, the same pair measured 0.78x and 0.99x minutes apart).
+    both (timed one after the other, the same pair measured 0.78x and 1.00x minutes apart).
     Other arguments as :func:`report`."""
     _check_model(original, "original")
     _check_model(patched, "patched")
@@ -137,10 +137,9 @@ def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward
                   progress=progress)
     first, first_step = _untimed_report(original, inputs, name=names[0], **kwargs)
     second, second_step = _untimed_report(patched, inputs, name=names[1], **kwargs)
-    first_times, second_times = time_steps({first.model: first_step, second.model: second_step},
+    first_times, second_times = time_steps([(first.model, first_step), (second.model, second_step)],
                                            {torch.device(first.device), torch.device(second.device)},
-                                           warmup=warmup, repeat=repeat,
-                                           progress=progress)
+                                           warmup=warmup, repeat=repeat, progress=progress)
     result = ProfileComparison(with_latencies(first, first_times), with_latencies(second, second_times))
     if png is not None:
         result.plot(png)

@@ -333,7 +333,7 @@ def report(model: nn.Module, inputs: Inputs, *, backward: bool = False, device: 
     """
     rep, step = _untimed_report(model, inputs, backward=backward, device=device, repeat=repeat, warmup=warmup,
                                 depth=depth, fvcore=fvcore, name=name, progress=progress)
-    (latencies,) = time_steps({rep.model: step}, {torch.device(rep.device)}, warmup=warmup, repeat=repeat,
+    (latencies,) = time_steps([(rep.model, step)], {torch.device(rep.device)}, warmup=warmup, repeat=repeat,
                               progress=progress)
     return with_latencies(rep, latencies)
 
@@ -343,22 +343,22 @@ def with_latencies(rep: ProfileReport, latencies: List[float]) -> ProfileReport:
     return dataclasses.replace(rep, latency_s=float(statistics.median(latencies)), latencies_s=list(latencies))
 
 
-def time_steps(steps: Dict[str, Callable[[], Any]], devices: Iterable[torch.device], *, warmup: int, repeat: int,
-               progress: Progress = None) -> List[List[float]]:
-    """Wall times (seconds) of ``repeat`` runs of each step after ``warmup`` runs, one list per step;
-    ``devices`` are synchronised around each run.
+def time_steps(steps: Sequence[Tuple[str, Callable[[], Any]]], devices: Iterable[torch.device], *, warmup: int,
+               repeat: int, progress: Progress = None) -> List[List[float]]:
+    """Wall times (seconds) of ``repeat`` runs of each (name, step) after ``warmup`` runs, one
+    list per step; ``devices`` are synchronised around each run.
 
     Several steps run in alternation, one run of each per round, so that a slow spell of a
     busy host falls on all of them alike instead of on whichever ran then.
     """
     say = progress or (lambda message: None)
-    label = " / ".join(steps)
+    label = " / ".join(name for name, _ in steps)
     latencies: List[List[float]] = [[] for _ in steps]
     devices = list(devices)
     for i in range(warmup + repeat):
         say(f"{label}: {'warm-up' if i < warmup else 'timing'} run {i + 1 if i < warmup else i + 1 - warmup}"
             f"/{warmup if i < warmup else repeat}")
-        for times, step in zip(latencies, steps.values()):
+        for times, (_, step) in zip(latencies, steps):
             for device in devices:
                 _sync(device)
             start = time.perf_counter()

@@ -34,12 +34,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..reference.attention import unit_last_stride
+
 _forward_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _backward_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
-
-
-def _unit_last(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _additive_mask(key_padding_mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -81,8 +79,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
     if q.numel() == 0 or nk == 0:  # nothing to attend (the kernel crashes on Nq = 0)
         return q.new_zeros((b, h, nq, d)), q.new_full((b, h, nq), float("-inf"), dtype=_lse_dtype(q.dtype)), out_lo
     mask = _additive_mask(key_padding_mask, q.dtype)
-    out, lse = _forward_kernel(_unit_last(q), _unit_last(k), _unit_last(v), 0.0, causal, attn_mask=mask,
-                               scale=scale)
+    out, lse = _forward_kernel(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), 0.0, causal,
+                               attn_mask=mask, scale=scale)
     # The kernel returns lse in (B, Nq, H) memory order: one pass makes it contiguous and
     # marks rows without a key (each extra pass is another OpenMP region).
     lse_out = torch.empty((b, h, nq), dtype=lse.dtype, device=lse.device)
@@ -104,7 +102,7 @@ def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
     # The kernel recomputes P = exp(s - lse): rows that see no key need a finite lse
     # (their scores are all -inf, so any finite value gives P = 0).
     kernel_lse = lse.masked_fill(torch.isneginf(lse), 0.0) if mask is not None else lse
-    q, k, v, out, grad_out = (_unit_last(t) for t in (q, k, v, out, grad_out))
+    q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
     if grad_lse is not None and bool(grad_lse.any()):
         d = q.shape[-1]
 

@@ -24,8 +24,7 @@ from ..reference import attention as _reference
 def _dense(t: Tensor, compute: torch.dtype) -> Tensor:
     """``t`` in the compute dtype; the kernel reads any strides but needs a unit one along d
     (so views of a qkv projection go in without a copy)."""
-    t = t.to(compute)
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return _reference.unit_last_stride(t.to(compute))
 
 
 def _mask_arg(key_padding_mask: Optional[Tensor], device) -> Tensor:

@@ -31,6 +31,12 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def unit_last_stride(t: Tensor) -> Tensor:
+    """``t`` itself when its last dim has unit stride (what the fused CPU kernels need: a
+    model's views of one qkv projection qualify), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def visible(nq: int, nk: int, causal: bool, key_padding_mask: Optional[Tensor], device) -> Optional[Tensor]:
     """Bool mask broadcastable to (B, H, Nq, Nk): True where query i may see key j (None: all)."""
     mask = None

@@ -2,6 +2,7 @@
 against torch's SDPA), forward and backward, masks, causal, awkward shapes, bad input."""
 
 import importlib
+import itertools
 import math
 
 import pytest
@@ -162,6 +163,13 @@ def test_output_is_token_major_so_merging_heads_is_a_view(backend, dtype):
     assert merged.data_ptr() == out.data_ptr() and merged._base is not None
     torch.testing.assert_close(merged, ref.attention(q, k, v).transpose(1, 2).reshape(2, 5, 24),
                                rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_token_major_strides_match_the_allocation_for_every_size():
+    """The op compares a backend's strides with this arithmetic instead of allocating."""
+    for shape in itertools.product((0, 1, 2, 5), repeat=4):
+        expected = attention_module.empty_token_major(*shape, like=torch.empty(0)).stride()
+        assert attention_module._token_major_strides(*shape) == expected, shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -102,13 +102,20 @@ def empty_token_major(b: int, h: int, nq: int, d: int, *, like: Tensor, dtype: O
     return torch.empty((b, nq, h, d), dtype=dtype or like.dtype, device=like.device).transpose(1, 2)
 
 
+def _token_major_strides(b: int, h: int, nq: int, d: int) -> Tuple[int, int, int, int]:
+    """empty_token_major's strides, without allocating: torch's contiguous strides of
+    (B, Nq, H, d) (empty dims count as 1), with H and Nq swapped."""
+    head = max(d, 1)
+    row = head * max(h, 1)
+    return row * max(nq, 1), head, row, 1
+
+
 def _token_major(out: Tensor) -> Tensor:
     """``out`` with exactly empty_token_major's strides (the fake kernel's), copied only if not."""
-    b, h, nq, d = out.shape
-    target = empty_token_major(b, h, nq, d, like=out)
-    if out.stride() == target.stride():
+    if out.stride() == _token_major_strides(*out.shape):
         return out
-    return target.copy_(out)
+    b, h, nq, d = out.shape
+    return empty_token_major(b, h, nq, d, like=out).copy_(out)
 
 
 @torch.library.custom_op("lucidops::attention", mutates_args=())

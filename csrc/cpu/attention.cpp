@@ -241,8 +241,8 @@ T row_max(const T* s, int64_t end) {
 // hidden; rows_a gets scale q. Returns how many keys the block spans: the last row's
 // visible end (every row of the block ends at or before it) rounded up to whole vectors.
 template <typename T, int R>
-int64_t block_scores(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs, int64_t ld) {
-  const int64_t d = pb.d;
+int64_t block_scores(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs) {
+  const int64_t d = pb.d, ld = hs.ld;
   for (int r = 0; r < R; ++r) {
     const T* q_row = pb.q.row(bh, i0 + r);
     for (int64_t c = 0; c < d; ++c) hs.rows_a[r * d + c] = q_row[c] * pb.scale;
@@ -255,9 +255,9 @@ int64_t block_scores(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T
 }
 
 template <typename T, int R>
-void forward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs, int64_t ld, T* out, T* lse) {
-  const int64_t d = pb.d;
-  const int64_t keys = block_scores<T, R>(pb, bh, i0, hs, ld);
+void forward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs, T* out, T* lse) {
+  const int64_t d = pb.d, ld = hs.ld;
+  const int64_t keys = block_scores<T, R>(pb, bh, i0, hs);
   T sums[R];
   bool empty[R];
   for (int r = 0; r < R; ++r) {
@@ -303,8 +303,8 @@ void forward_kernel(const Problem<T>& pb, T* out, T* lse) {
       }
       int64_t i0 = task % chunks * kForwardChunk;
       const int64_t row_end = std::min(pb.nq, i0 + kForwardChunk);
-      for (; i0 + kRows <= row_end; i0 += kRows) forward_block<T, kRows>(pb, bh, i0, hs, ld, out, lse);
-      for (; i0 < row_end; ++i0) forward_block<T, 1>(pb, bh, i0, hs, ld, out, lse);
+      for (; i0 + kRows <= row_end; i0 += kRows) forward_block<T, kRows>(pb, bh, i0, hs, out, lse);
+      for (; i0 < row_end; ++i0) forward_block<T, 1>(pb, bh, i0, hs, out, lse);
     }
   });
 }
@@ -312,10 +312,10 @@ void forward_kernel(const Problem<T>& pb, T* out, T* lse) {
 // dV = P^T dO, dS = P (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q, with
 // P = exp(s - lse) recomputed and delta = rowsum(dO O) - dL/dlse given.
 template <typename T, int R>
-void backward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs, int64_t ld,
+void backward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs,
                     const Rows<T>& grad_out, const T* lse, const T* delta, T* grad_q) {
-  const int64_t d = pb.d;
-  const int64_t keys = block_scores<T, R>(pb, bh, i0, hs, ld);  // rows_a = scale q, keys_a = s
+  const int64_t d = pb.d, ld = hs.ld;
+  const int64_t keys = block_scores<T, R>(pb, bh, i0, hs);  // rows_a = scale q, keys_a = s
   for (int r = 0; r < R; ++r) {  // dO rows side by side, as rows_times_keys and accumulate_outer read them
     const T* row = grad_out.row(bh, i0 + r);
     std::copy(row, row + d, &hs.rows_do[r * d]);
@@ -355,8 +355,8 @@ void backward_kernel(const Problem<T>& pb, const Rows<T>& grad_out, const T* lse
       std::fill(hs.grad_v_t.begin(), hs.grad_v_t.end(), T(0));
       int64_t i0 = 0;
       for (; i0 + kRows <= pb.nq; i0 += kRows)
-        backward_block<T, kRows>(pb, bh, i0, hs, ld, grad_out, lse, delta, grad_q);
-      for (; i0 < pb.nq; ++i0) backward_block<T, 1>(pb, bh, i0, hs, ld, grad_out, lse, delta, grad_q);
+        backward_block<T, kRows>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);
+      for (; i0 < pb.nq; ++i0) backward_block<T, 1>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);
       T* dk = grad_k + bh * nk * d;
       T* dv = grad_v + bh * nk * d;
       for (int64_t j = 0; j < nk; ++j)

@@ -165,6 +165,18 @@ def test_output_is_token_major_so_merging_heads_is_a_view(backend, dtype):
                                rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpp", "triton")])
+def test_lucidops_kernels_store_token_major_themselves(backend):
+    """The op copies any other layout into the token-major one; lucidops' own kernels write
+    it directly (no copy), reading a token-major grad_out in the backward as it is."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (5, 7, 7))
+    forward = {"cpp": attention_module._attention_cpp.forward, "triton": attention_module._triton_forward}[backend]
+    out = forward(q, k, v, None, False, 0.3)[0]
+    assert out.stride() == attention_module._token_major_strides(*out.shape)
+    torch.testing.assert_close(out, ref.attention(q, k, v, scale=0.3), rtol=1e-5, atol=1e-5)
+
+
 def test_token_major_strides_match_the_allocation_for_every_size():
     """The op compares a backend's strides with this arithmetic instead of allocating."""
     for shape in itertools.product((0, 1, 2, 5), repeat=4):

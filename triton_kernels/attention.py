@@ -13,7 +13,9 @@ cores are fed even at d = 4, and G heads share one program's scheduling overhead
 Conventions (those of lucidops.reference.attention): top-left causal alignment (key j
 is visible to query i iff j <= i, as SDPA's ``is_causal``), key padding mask True =
 take part, a query row with no visible key gives out = 0, lse = -inf, zero gradients.
-Inputs: strided (B, H, N, d) tensors with unit stride on d; outputs contiguous.
+Inputs: strided (B, H, N, d) tensors (q, k, v, dout) with unit stride on d. The forward
+stores out as (B, H, Nq, d) laid out (B, Nq, H, d), SDPA's order and the op's contract, so
+merging heads back into tokens is a view; dq, dk, dv are contiguous.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def _visible(rows, cols, b, MASK, NQ, NK, has_mask, causal):
 @triton.jit
 def attention_forward_kernel(
     Q, K, V, MASK, O, O_LO, LSE,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     H, NQ, NK, HEAD_DIM, qk_scale,
     has_mask, causal, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -150,7 +152,8 @@ def attention_forward_kernel(
     row_ids = (b.to(tl.int64) * H + h3) * NQ + rows[None, :, None]  # (G, BLOCK_M, 1)
     r_ok = h_ok & (rows[None, :, None] < NQ)
     out_low = out.to(O.dtype.element_ty)
-    tl.store(O + row_ids * HEAD_DIM + offs_d[None, None, :], out_low, mask=r_ok & d_ok[None, None, :])
+    o_ptrs = O + b.to(tl.int64) * sob + h3 * soh + rows[None, :, None].to(tl.int64) * son + offs_d[None, None, :]
+    tl.store(o_ptrs, out_low, mask=r_ok & d_ok[None, None, :])
     if STORE_LO:  # bfloat16: keep the rounding residual, for an accurate delta in the backward
         tl.store(O_LO + row_ids * HEAD_DIM + offs_d[None, None, :],
                  (out - out_low.to(tl.float32)).to(O_LO.dtype.element_ty), mask=r_ok & d_ok[None, None, :])
@@ -167,7 +170,7 @@ def _load_lse2(LSE, row_ids, ok):
 @triton.jit
 def attention_backward_dkdv_kernel(
     Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     H, NQ, NK, HEAD_DIM, qk_scale, scale,
     has_mask, causal, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -194,7 +197,8 @@ def attention_backward_dkdv_kernel(
     if causal:
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier queries see none of these keys
     q_base = Q + b.to(tl.int64) * sqb + h3 * sqh
-    row_base = (b.to(tl.int64) * H + h3) * NQ  # (G, 1, 1) into the contiguous DO / LSE / DELTA
+    do_base = DO + b.to(tl.int64) * sdb + h3 * sdh
+    row_base = (b.to(tl.int64) * H + h3) * NQ  # (G, 1, 1) into the contiguous LSE / DELTA
     for start_m in range(lo, NQ, BLOCK_M):
         rows = start_m + offs_m
         r_ok = h_ok & (rows[None, None, :] < NQ)  # (G, 1, BLOCK_M)
@@ -205,8 +209,8 @@ def attention_backward_dkdv_kernel(
         lse2 = _load_lse2(LSE, row_ids, r_ok)
         vis = tl.permute(_visible(rows, cols, b, MASK, NQ, NK, has_mask, causal), (0, 2, 1))
         pt = tl.where(vis, tl.exp2(st - lse2), 0.0)
-        do = tl.load(DO + row_ids * HEAD_DIM + offs_d[None, :, None], mask=r_ok & d_ok[None, :, None],
-                     other=0.0)  # (G, D_PAD, BLOCK_M): dout transposed
+        do = tl.load(do_base + rows[None, None, :].to(tl.int64) * sdn + offs_d[None, :, None],
+                     mask=r_ok & d_ok[None, :, None], other=0.0)  # (G, D_PAD, BLOCK_M): dout transposed
         dv += _dot(pt.to(do.dtype), tl.permute(do, (0, 2, 1)), PRECISION, UPCAST)
         dpt = _dot(v, do, PRECISION, UPCAST)  # (G, BLOCK_N, BLOCK_M)
         delta = tl.load(DELTA + row_ids, mask=r_ok, other=0.0)
@@ -220,7 +224,7 @@ def attention_backward_dkdv_kernel(
 @triton.jit
 def attention_backward_dq_kernel(
     Q, K, V, MASK, DO, LSE, DELTA, DQ,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     H, NQ, NK, HEAD_DIM, qk_scale, scale,
     has_mask, causal, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -241,7 +245,8 @@ def attention_backward_dq_kernel(
     q = tl.load(Q + b.to(tl.int64) * sqb + h3 * sqh + rows[None, :, None].to(tl.int64) * sqn
                 + offs_d[None, None, :], mask=r_ok & d_ok[None, None, :], other=0.0)
     row_ids = (b.to(tl.int64) * H + h3) * NQ + rows[None, :, None]  # (G, BLOCK_M, 1)
-    do = tl.load(DO + row_ids * HEAD_DIM + offs_d[None, None, :], mask=r_ok & d_ok[None, None, :], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h3 * sdh + rows[None, :, None].to(tl.int64) * sdn
+                 + offs_d[None, None, :], mask=r_ok & d_ok[None, None, :], other=0.0)
     lse2 = _load_lse2(LSE, row_ids, r_ok)
     delta = tl.load(DELTA + row_ids, mask=r_ok, other=0.0)
     dq = tl.zeros((G, BLOCK_M, D_PAD), dtype=tl.float32)
@@ -288,9 +293,15 @@ def _mask_arg(key_padding_mask: Optional[torch.Tensor], q: torch.Tensor) -> torc
     return key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
 
 
-def _strides(q, k, v) -> List[int]:
-    return [q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2)]
+def _strides(*tensors: torch.Tensor) -> List[int]:
+    """The (batch, head, token) strides of each (B, H, N, d) tensor, in order."""
+    return [s for t in tensors for s in t.stride()[:3]]
+
+
+def _empty_token_major(q: torch.Tensor) -> torch.Tensor:
+    """(B, H, Nq, d) laid out as (B, Nq, H, d): the op's output layout (ops.attention)."""
+    b, h, nq, d = q.shape
+    return torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
@@ -301,7 +312,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     bsz, heads, nq, d = q.shape
     nk = k.shape[2]
-    out = torch.empty((bsz, heads, nq, d), dtype=q.dtype, device=q.device)
+    out = _empty_token_major(q)
     lse = torch.empty((bsz, heads, nq), dtype=torch.float32, device=q.device)
     store_lo = q.dtype == torch.bfloat16
     out_lo = torch.empty(out.shape if store_lo else (0,), dtype=q.dtype, device=q.device)
@@ -310,7 +321,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask:
     d_pad, g, bm, bn, warps = _config(FORWARD_CONFIGS, d, heads)
     grid = (triton.cdiv(nq, bm), bsz * triton.cdiv(heads, g))
     attention_forward_kernel[grid](
-        q, k, v, _mask_arg(key_padding_mask, q), out, out_lo if store_lo else out, lse, *_strides(q, k, v),
+        q, k, v, _mask_arg(key_padding_mask, q), out, out_lo if store_lo else out, lse, *_strides(q, k, v, out),
         heads, nq, nk, d, float(scale) * LOG2E,
         has_mask=int(key_padding_mask is not None), causal=int(bool(causal)), G=g, BLOCK_M=bm, BLOCK_N=bn,
         D_PAD=d_pad, PRECISION=_precision(q.dtype), STORE_LO=store_lo, UPCAST=_upcast(q.dtype), num_warps=warps)
@@ -330,7 +341,7 @@ def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if bsz * heads == 0 or nk == 0 or nq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    grad_out = grad_out.to(q.dtype).contiguous()
+    grad_out = _unit_last_stride(grad_out.to(q.dtype))  # the op's out layout is read as it is
     out_acc = out.float() + out_lo.float() if out_lo.numel() else out.float()
     delta = (grad_out.float() * out_acc).sum(-1)
     if grad_lse is not None:
@@ -344,21 +355,21 @@ def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.
     meta = dict(has_mask=int(key_padding_mask is not None), causal=int(bool(causal)), G=g, BLOCK_M=bm, BLOCK_N=bn,
                 D_PAD=d_pad, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=warps)
     attention_backward_dkdv_kernel[(triton.cdiv(nk, bn), groups)](
-        q, k, v, mask, grad_out, lse, delta, dk, dv, *_strides(q, k, v), *common, **meta)
+        q, k, v, mask, grad_out, lse, delta, dk, dv, *_strides(q, k, v, grad_out), *common, **meta)
     attention_backward_dq_kernel[(triton.cdiv(nq, bm), groups)](
-        q, k, v, mask, grad_out, lse, delta, dq, *_strides(q, k, v), *common, **meta)
+        q, k, v, mask, grad_out, lse, delta, dq, *_strides(q, k, v, grad_out), *common, **meta)
     return dq, dk, dv
 
 
 def _spec(fn, pointers, index_type, floats, constexprs, warps) -> Dict:
-    signature = dict(pointers)
-    for name in ("sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "H", "NQ", "NK", "HEAD_DIM",
-                 "has_mask", "causal"):
-        signature[name] = index_type
-    for name in floats:
-        signature[name] = "fp32"
-    for name in constexprs:
-        signature[name] = "constexpr"
+    """The signature in the kernel's argument order: every argument that is not a pointer,
+    a float or a constexpr is an integer (strides, sizes, runtime flags)."""
+    def kind(name: str) -> str:
+        if name in pointers:
+            return pointers[name]
+        return "fp32" if name in floats else "constexpr" if name in constexprs else index_type
+
+    signature = {name: kind(name) for name in fn.arg_names}
     return dict(fn=fn, signature=signature, constexprs=constexprs, num_warps=warps)
 
 

@@ -60,19 +60,21 @@ def case_id(case):
     return f"B{b}H{h}q{nq}k{nk}d{d}{'-causal' if causal else ''}-{mask}-{str(dtype)[6:]}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_forward_backward_match_float64_reference(backend, case, poison_allocator):
+def check_against_float64_reference(backend, case, device="cpu", poison=None):
+    """Forward (out and lse) and backward (through out and lse) of one case under ``backend``
+    on ``device``, against the float64 reference on the CPU; also test_attention_cuda's."""
     b, h, nq, nk, d, causal, mask_kind, dtype = case
     g = torch.Generator().manual_seed(nq * 1000 + nk * 10 + d)
-    q = (torch.randn(b, h, nq, d, generator=g) * 1.5).to(dtype).requires_grad_(True)
-    k = (torch.randn(b, h, nk, d, generator=g) * 1.5).to(dtype).requires_grad_(True)
-    v = torch.randn(b, h, nk, d, generator=g).to(dtype).requires_grad_(True)
-    mask = make_mask(mask_kind, b, nk, g)
-    grad_out = torch.randn(b, h, nq, d, generator=g).to(dtype)
-    grad_lse = torch.randn(b, h, nq, generator=g)
+    q = (torch.randn(b, h, nq, d, generator=g) * 1.5).to(device=device, dtype=dtype).requires_grad_(True)
+    k = (torch.randn(b, h, nk, d, generator=g) * 1.5).to(device=device, dtype=dtype).requires_grad_(True)
+    v = torch.randn(b, h, nk, d, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    mask_cpu = make_mask(mask_kind, b, nk, g)
+    mask = mask_cpu.to(device) if mask_cpu is not None else None
+    grad_out = torch.randn(b, h, nq, d, generator=g).to(device=device, dtype=dtype)
+    grad_lse = torch.randn(b, h, nq, generator=g).to(device)
 
-    poison_allocator(4 * b * h * max(nq, nk) * d, "cpu", dtype)
+    if poison is not None:
+        poison(4 * b * h * max(nq, nk) * d, device, dtype)
     with lucidops.use_backend(backend):
         out, lse = lucidops.ops.attention(q, k, v, causal=causal, key_padding_mask=mask, return_lse=True)
         # The loss uses the lse too (its -inf entries masked out), so its gradient path is tested.
@@ -82,20 +84,22 @@ def test_forward_backward_match_float64_reference(backend, case, poison_allocato
         assert lucidops.backends.last_used("attention") == backend
         assert lucidops.backends.last_used("attention_backward") == backend
     assert out.shape == (b, h, nq, d) and out.dtype == dtype and lse.shape == (b, h, nq)
-    assert lse.dtype == torch.float32
+    assert out.device == q.device and lse.dtype == torch.float32
 
     scale = 1.0 / math.sqrt(d)
-    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
-    out_ref, lse_ref, lo = ref.forward(q64, k64, v64, mask, causal, scale)
+    q64, k64, v64 = (t.detach().double().cpu() for t in (q, k, v))
+    out_ref, lse_ref, lo = ref.forward(q64, k64, v64, mask_cpu, causal, scale)
     assert lo.numel() == 0
-    gl = grad_lse.double().masked_fill(torch.isinf(lse_ref), 0)
-    dq_ref, dk_ref, dv_ref = ref.backward(grad_out.double(), gl, q64, k64, v64, out_ref, lo, lse_ref, mask, causal,
-                                          scale)
+    gl = grad_lse.double().cpu().masked_fill(torch.isinf(lse_ref), 0)
+    dq_ref, dk_ref, dv_ref = ref.backward(grad_out.double().cpu(), gl, q64, k64, v64, out_ref, lo, lse_ref, mask_cpu,
+                                          causal, scale)
+    out, lse, finite = out.detach().cpu(), lse.detach().cpu(), finite.cpu()
+    grads = [t.grad.cpu() for t in (q, k, v)]
     tol = TOL[dtype]
     assert rel_err(out, out_ref) < tol
     assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
     assert rel_err(lse[finite], lse_ref[finite]) < tol
-    for grad, expected in ((q.grad, dq_ref), (k.grad, dk_ref), (v.grad, dv_ref)):
+    for grad, expected in zip(grads, (dq_ref, dk_ref, dv_ref)):
         assert grad.dtype == dtype
         assert rel_err(grad, expected) < tol
 
@@ -103,8 +107,14 @@ def test_forward_backward_match_float64_reference(backend, case, poison_allocato
     empty = torch.isneginf(lse_ref)
     if mask_kind in ("batch0_off",) or (mask_kind == "first_key_off" and causal):
         assert empty.any()
-    assert torch.equal(out.detach()[empty], torch.zeros_like(out.detach()[empty]))
-    assert torch.equal(q.grad[empty], torch.zeros_like(q.grad[empty]))
+    assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+    assert torch.equal(grads[0][empty], torch.zeros_like(grads[0][empty]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_backward_match_float64_reference(backend, case, poison_allocator):
+    check_against_float64_reference(backend, case, "cpu", poison_allocator)
 
 
 def test_reference_matches_torch_sdpa_in_float64():
@@ -125,13 +135,14 @@ def test_reference_matches_torch_sdpa_in_float64():
         torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_inputs(backend):
+def check_non_contiguous_inputs(backend, device="cpu"):
+    """q, k, v as a model's views of one qkv projection, and q with a non-unit stride on d;
+    the output merged back into tokens, so grad_out arrives strided too."""
     g = torch.Generator().manual_seed(1)
     b, n, h, d = 2, 9, 3, 8
-    qkv = torch.randn(b, n, 3, h, d, generator=g).permute(2, 0, 3, 1, 4)  # timm's layout
+    qkv = torch.randn(b, n, 3, h, d, generator=g).to(device).permute(2, 0, 3, 1, 4)  # timm's layout
     q, k, v = (t.requires_grad_(True) for t in qkv.detach().clone().unbind(0))
-    q2 = torch.randn(b, h, d, n, generator=g).transpose(-1, -2).requires_grad_(True)  # unit stride not on d
+    q2 = torch.randn(b, h, d, n, generator=g).to(device).transpose(-1, -2).requires_grad_(True)  # d not unit-stride
     weight = torch.randn(b, n, h * d, generator=g)
     for qq in (q, q2):
         assert not qq.is_contiguous()
@@ -139,14 +150,18 @@ def test_non_contiguous_inputs(backend):
             t.grad = None
         with lucidops.use_backend(backend):
             out = lucidops.ops.attention(qq, k, v, causal=True)
-            # merged back into tokens as a model does: grad_out arrives strided too
-            (out.transpose(1, 2).reshape(b, n, h * d) * weight).sum().backward()
-        leaves = [t.detach().double().requires_grad_(True) for t in (qq, k, v)]
+            (out.transpose(1, 2).reshape(b, n, h * d) * weight.to(device)).sum().backward()
+        leaves = [t.detach().double().cpu().requires_grad_(True) for t in (qq, k, v)]
         expected = ref.attention(*leaves, causal=True)
         (expected.transpose(1, 2).reshape(b, n, h * d) * weight.double()).sum().backward()
         assert rel_err(out, expected.detach()) < 1e-5
         for got, want in zip((qq.grad, k.grad, v.grad), leaves):
             assert rel_err(got, want.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    check_non_contiguous_inputs(backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

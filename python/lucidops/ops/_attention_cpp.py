@@ -21,10 +21,16 @@ from .. import _ext
 from ..reference import attention as _reference
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; the test first spares a dispatcher call when it already is (the
+    op's per-call overhead is a visible part of batch-1 inference)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _dense(t: Tensor, compute: torch.dtype) -> Tensor:
     """``t`` in the compute dtype; the kernel reads any strides but needs a unit one along d
     (so views of a qkv projection go in without a copy)."""
-    return _reference.unit_last_stride(t.to(compute))
+    return _reference.unit_last_stride(_as(t, compute))
 
 
 def _mask_arg(key_padding_mask: Optional[Tensor], device) -> Tensor:
@@ -48,7 +54,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
     out_acc, lse = _ext.load("cpu").attention_forward(_dense(q, compute), _dense(k, compute),
                                                       _dense(v, compute), _mask_arg(key_padding_mask, q.device),
                                                       causal, scale)
-    out = out_acc.to(q.dtype)
+    out = _as(out_acc, q.dtype)
     return out, lse, _reference.low_part(out_acc, out)
 
 
@@ -60,14 +66,14 @@ def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     compute = _reference.opmath_dtype(q.dtype)
     grad_c = _dense(grad_out, compute)
-    full_out = out.to(compute)
+    full_out = _as(out, compute)
     if out_lo.numel():
         full_out = full_out + out_lo.to(compute)
     delta = (grad_c * full_out).sum(-1)
     if grad_lse is not None:
         delta = delta - grad_lse.to(compute)
     dq, dk, dv = _ext.load("cpu").attention_backward(grad_c, _dense(q, compute), _dense(k, compute),
-                                                     _dense(v, compute), lse.to(compute).contiguous(),
+                                                     _dense(v, compute), _as(lse, compute).contiguous(),
                                                      delta.contiguous(), _mask_arg(key_padding_mask, q.device),
                                                      causal, scale)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return _as(dq, q.dtype), _as(dk, k.dtype), _as(dv, v.dtype)

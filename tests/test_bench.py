@@ -78,3 +78,19 @@ def test_gaussian_bench_compares_whole_pointnet():
             assert ("rel_err_vs_fp64" in row) == op_row  # logits have no fp64 mixture to compare with
             if op_row and "cull" not in row["impl"]:
                 assert row["rel_err_vs_fp64"] < 1e-4
+
+
+def test_attention_bench_stops_at_its_time_budget(monkeypatch, capsys):
+    """A short GPU session sets LUCIDOPS_BENCH_BUDGET_S: no case starts after it (the first
+    always runs), the skipped ones are counted, and a bad value is refused by name."""
+    from lucidops.bench import attention
+
+    monkeypatch.setenv("LUCIDOPS_BENCH_BUDGET_S", "1e-9")
+    rows = attention.run("cpu", quick=True)
+    assert len({r["case"] for r in rows}) == 1
+    assert "1 of 2 cases not measured" in capsys.readouterr().out
+    first = next(iter(attention._cases("cuda", quick=False)))
+    assert first[2:4] == (1024, 16)  # a cut-short CUDA run has the d <= 16 target's case
+    monkeypatch.setenv("LUCIDOPS_BENCH_BUDGET_S", "0")
+    with pytest.raises(ValueError, match="LUCIDOPS_BENCH_BUDGET_S"):
+        attention.run("cpu", quick=True)

@@ -34,6 +34,11 @@ namespace {
 
 // Query rows per register block: each K^T / V^T vector loaded feeds this many rows.
 constexpr int64_t kRows = 4;
+// Query rows per backward block. The block's dK^T and dV^T updates (accumulate_outer) pass over
+// a d x Nk accumulator that lives in L2, not L1, at N = 1024; eight rows per pass halve that
+// traffic. The other products still run four rows at a time (register blocks), so the
+// arithmetic, and the result, is the same as with four-row blocks.
+constexpr int64_t kBackwardRows = 8;
 // Key counts are padded to a multiple of this (16 floats, 8 doubles: whole vectors).
 constexpr int64_t kKeyPad = 16;
 
@@ -221,11 +226,11 @@ struct HeadScratch {
         k_t(d * ld),
         v_t(backward || !by_rows ? d * ld : 0),
         contracted(by_rows ? ld * dpad : 0),
-        rows_a(kRows * d),
-        rows_b(kRows * d),
-        rows_do(backward ? kRows * d : 0),
-        keys_a(kRows * ld),
-        keys_b(kRows * ld),
+        rows_a(block_rows() * d),
+        rows_b(block_rows() * d),
+        rows_do(backward ? block_rows() * d : 0),
+        keys_a(block_rows() * ld),
+        keys_b(block_rows() * ld),
         grad_k_t(backward ? d * ld : 0),
         grad_v_t(backward ? d * ld : 0) {}
 
@@ -235,16 +240,33 @@ struct HeadScratch {
     if (by_rows) pad_head_rows(backward ? pb.k : pb.v, bh, pb.nk, d, dpad, ld, contracted.data());
   }
 
+  int64_t block_rows() const { return backward ? kBackwardRows : kRows; }
+
   // y = P M over keys [0, keys) for R rows of p (R x ld): M is V in the forward, K in the
-  // backward; y: R x d.
+  // backward; y: R x d. Blocks wider than a register block run kRows rows at a time.
   template <int R>
   void contract(const T* p, int64_t keys, T* y) const {
-    if (by_rows)
+    if constexpr (R > kRows) {
+      static_assert(R % kRows == 0, "wide blocks are whole register blocks");
+      for (int s = 0; s < R; s += kRows) contract<kRows>(p + s * ld, keys, y + s * d);
+    } else if (by_rows) {
       rows_contract_rows<T, R>(p, contracted.data(), d, dpad, ld, keys, y);
-    else
+    } else {
       rows_contract_keys<T, R>(p, (backward ? k_t : v_t).data(), d, ld, keys, y);
+    }
   }
 };
+
+// rows_times_keys for a block of R rows, kRows at a time (the register block) when R is wider.
+template <typename T, int R>
+void block_times_keys(const T* x, const T* mat_t, int64_t d, int64_t ld, int64_t keys, T* out) {
+  if constexpr (R > kRows) {
+    static_assert(R % kRows == 0, "wide blocks are whole register blocks");
+    for (int s = 0; s < R; s += kRows) rows_times_keys<T, kRows>(x + s * d, mat_t, d, ld, keys, out + s * ld);
+  } else {
+    rows_times_keys<T, R>(x, mat_t, d, ld, keys, out);
+  }
+}
 
 // Masks a score row beyond its visible keys and padding keys: -inf on [0, ld) where hidden.
 template <typename T>
@@ -278,7 +300,7 @@ int64_t block_scores(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T
   }
   const int64_t last_end = pb.visible_end(i0 + R - 1);
   const int64_t keys = (last_end + vec_math::Vec<T>::kLanes - 1) / vec_math::Vec<T>::kLanes * vec_math::Vec<T>::kLanes;
-  rows_times_keys<T, R>(hs.rows_a.data(), hs.k_t.data(), d, ld, keys, hs.keys_a.data());
+  block_times_keys<T, R>(hs.rows_a.data(), hs.k_t.data(), d, ld, keys, hs.keys_a.data());
   for (int r = 0; r < R; ++r) hide_keys(pb, bh / pb.heads, pb.visible_end(i0 + r), ld, hs.keys_a.data() + r * ld);
   return keys;
 }
@@ -350,7 +372,7 @@ void backward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>
     std::copy(row, row + d, &hs.rows_do[r * d]);
   }
   const T* do_rows = hs.rows_do.data();
-  rows_times_keys<T, R>(do_rows, hs.v_t.data(), d, ld, keys, hs.keys_b.data());  // dP = dO V^T
+  block_times_keys<T, R>(do_rows, hs.v_t.data(), d, ld, keys, hs.keys_b.data());  // dP = dO V^T
   for (int r = 0; r < R; ++r) {
     const int64_t row = bh * pb.nq + i0 + r;
     T* p = hs.keys_a.data() + r * ld;
@@ -383,6 +405,8 @@ void backward_kernel(const Problem<T>& pb, const Rows<T>& grad_out, const T* lse
       std::fill(hs.grad_k_t.begin(), hs.grad_k_t.end(), T(0));
       std::fill(hs.grad_v_t.begin(), hs.grad_v_t.end(), T(0));
       int64_t i0 = 0;
+      for (; i0 + kBackwardRows <= pb.nq; i0 += kBackwardRows)
+        backward_block<T, kBackwardRows>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);
       for (; i0 + kRows <= pb.nq; i0 += kRows)
         backward_block<T, kRows>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);
       for (; i0 < pb.nq; ++i0) backward_block<T, 1>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);

@@ -183,7 +183,8 @@ def test_output_is_token_major_so_merging_heads_is_a_view(backend, dtype):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpp", "triton")])
 def test_lucidops_kernels_store_token_major_themselves(backend):
     """The op copies any other layout into the token-major one; lucidops' own kernels write
-    it directly (no copy), reading a token-major grad_out in the backward as it is."""
+    it directly (no copy). Their backward's reading of a token-major grad_out is checked,
+    for correctness, by test_non_contiguous_inputs."""
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (5, 7, 7))
     forward = {"cpp": attention_module._attention_cpp.forward, "triton": attention_module._triton_forward}[backend]

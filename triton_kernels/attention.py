@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.attention import empty_token_major, unit_last_stride
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -271,10 +273,6 @@ def attention_backward_dq_kernel(
              mask=r_ok & d_ok[None, None, :])
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def _upcast(dtype: torch.dtype) -> bool:
     from . import INTERPRETED
 
@@ -298,21 +296,15 @@ def _strides(*tensors: torch.Tensor) -> List[int]:
     return [s for t in tensors for s in t.stride()[:3]]
 
 
-def _empty_token_major(q: torch.Tensor) -> torch.Tensor:
-    """(B, H, Nq, d) laid out as (B, Nq, H, d): the op's output layout (ops.attention)."""
-    b, h, nq, d = q.shape
-    return torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
-
-
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
             causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (B, H, Nq, d) in q's dtype, lse (B, H, Nq) float32, out_lo: for bfloat16 the
     rounding residual of out (B, H, Nq, d), else empty)."""
     _check_dtype(q)
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
     bsz, heads, nq, d = q.shape
     nk = k.shape[2]
-    out = _empty_token_major(q)
+    out = empty_token_major(bsz, heads, nq, d, like=q)
     lse = torch.empty((bsz, heads, nq), dtype=torch.float32, device=q.device)
     store_lo = q.dtype == torch.bfloat16
     out_lo = torch.empty(out.shape if store_lo else (0,), dtype=q.dtype, device=q.device)
@@ -333,7 +325,7 @@ def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.
              causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, in the dtypes of q, k, v."""
     _check_dtype(q)
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
     bsz, heads, nq, d = q.shape
     nk = k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -341,7 +333,7 @@ def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if bsz * heads == 0 or nk == 0 or nq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    grad_out = _unit_last_stride(grad_out.to(q.dtype))  # the op's out layout is read as it is
+    grad_out = unit_last_stride(grad_out.to(q.dtype))  # the op's out layout is read as it is
     out_acc = out.float() + out_lo.float() if out_lo.numel() else out.float()
     delta = (grad_out.float() * out_acc).sum(-1)
     if grad_lse is not None:

@@ -37,6 +37,15 @@ def unit_last_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def empty_token_major(b: int, h: int, nq: int, d: int, *, like: Tensor, dtype: Optional[torch.dtype] = None
+                      ) -> Tensor:
+    """An uninitialised (B, H, Nq, d) tensor laid out as (B, Nq, H, d) in memory: the layout of
+    the op's output, as SDPA's. A model's ``out.transpose(1, 2).reshape(B, Nq, H * d)`` is then
+    a view, not a copy, so the projection after attention saves the same storage as the op
+    (measured: the copy made a patched ViT-S save 6% more for backward)."""
+    return torch.empty((b, nq, h, d), dtype=dtype or like.dtype, device=like.device).transpose(1, 2)
+
+
 def visible(nq: int, nk: int, causal: bool, key_padding_mask: Optional[Tensor], device) -> Optional[Tensor]:
     """Bool mask broadcastable to (B, H, Nq, Nk): True where query i may see key j (None: all)."""
     mask = None

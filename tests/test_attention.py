@@ -33,6 +33,7 @@ CASES = [
     (1, 5, 7, 9, 8, False, "first_key_off", torch.float32),
     (2, 3, 9, 9, 20, True, None, torch.float32),
     (1, 4, 33, 7, 4, True, "random", torch.bfloat16),
+    (1, 6, 9, 17, 24, False, "random", torch.float16),  # triton: 4 heads of d 24 per program, then 2
 ]
 
 

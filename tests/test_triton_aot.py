@@ -56,3 +56,43 @@ def test_aot_check_rejects_a_kernel_a_gpu_would_reject(tmp_path):
     path.write_text(script)
     proc = subprocess.run([sys.executable, str(path)], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert "REJECTED" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_aot_check_rejects_a_kernel_that_needs_more_shared_memory_than_the_card(tmp_path):
+    # Triton compiles this (two 128 KiB fp16 tiles in shared memory at once) but an H100 would
+    # refuse to launch it: the check must report that, and a small kernel must pass it.
+    script = textwrap.dedent(
+        """
+        import triton, triton.language as tl
+        from lucidops.triton_kernels.aot import check_spec
+
+        @triton.jit
+        def greedy(a_ptr, b_ptr, c_ptr, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+            i = tl.arange(0, BLOCK)
+            acc = tl.zeros((BLOCK, BLOCK), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(a_ptr + i[:, None] * K + kk[None, :])
+                b = tl.load(b_ptr + kk[:, None] * BLOCK + i[None, :])
+                acc += tl.dot(a, b)
+            tl.store(c_ptr + i[:, None] * BLOCK + i[None, :], acc)
+
+        signature = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32",
+                     "BLOCK": "constexpr", "BLOCK_K": "constexpr"}
+        for block_k in (512, 16):
+            spec = dict(fn=greedy, signature=signature, constexprs={"BLOCK": 128, "BLOCK_K": block_k},
+                        num_stages=3)
+            r = check_spec(spec, 90)
+            print("BLOCK_K", block_k, "shared", r.shared_bytes, "registers", r.registers, "local", r.local_bytes,
+                  "FAILURE" if r.failure else "OK", r.failure)
+        """
+    )
+    path = tmp_path / "greedy_kernel.py"
+    path.write_text(script)
+    proc = subprocess.run([sys.executable, str(path)], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BLOCK_K")]
+    assert len(lines) == 2, proc.stdout + proc.stderr
+    big, small = (line.split() for line in lines)
+    assert big[8] == "FAILURE" and int(big[3]) > 232448 and "sm_90 grants 232448" in lines[0], lines[0]
+    # "BLOCK_K 16 shared S registers R local L OK": fits, and the cubin's registers were read.
+    assert small[8] == "OK" and 0 < int(small[3]) <= 232448 and int(small[5]) > 0, lines[1]

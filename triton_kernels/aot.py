@@ -4,8 +4,11 @@
 
 The interpreter (TRITON_INTERPRET=1) checks what kernels compute on the CPU but accepts
 code a GPU compiler rejects (a 16x8 tl.dot, say); compiling to cubin for sm_80 and
-sm_90 catches that. Must run without TRITON_INTERPRET: interpreted kernels have no
-compiler front end.
+sm_90 catches that. Every launcher config is fixed (no autotuning to skip a bad one), so
+a configuration that asks for more shared memory than the card grants would fail at its
+first launch: that is checked here too. Register spills (local memory, which costs speed,
+not correctness; libdevice's sin also keeps a small table there) are listed, read from the cubin with the cuobjdump that ships with
+Triton. Must run without TRITON_INTERPRET: interpreted kernels have no compiler front end.
 """
 
 from __future__ import annotations
@@ -15,8 +18,15 @@ import importlib
 import os
 import sys
 import time
-from typing import Dict, Iterable, List, Sequence, Tuple
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+# Shared memory one block may use (the opt-in maximum, cudaDevAttrMaxSharedMemoryPerBlockOptin):
+# A100 163 KiB, H100/H200 227 KiB. Triton raises OutOfResources at launch above it.
+MAX_SHARED_BYTES: Dict[int, int] = {80: 166912, 90: 232448}
 
 
 def _discover_families() -> Tuple[str, ...]:
@@ -63,25 +73,76 @@ def iter_specs(families: Iterable[str] = FAMILIES):
             yield family, spec
 
 
-def _compile_job(job: Tuple[str, int, int]) -> str:
-    """Worker: compile spec number ``index`` of ``family`` for ``arch``; '' or the failure."""
-    family, index, arch = job
-    module = importlib.import_module(f"lucidops.triton_kernels.{family}")
-    spec = list(module.aot_specs())[index]
+@dataclass
+class Compiled:
+    """One configuration's outcome: ``failure`` is '' when it compiled and fits the card."""
+
+    name: str
+    arch: int
+    failure: str = ""
+    shared_bytes: int = 0
+    registers: Optional[int] = None  # None when cuobjdump is unavailable
+    local_bytes: Optional[int] = None  # local memory per thread: register spills, stack, local arrays
+
+
+def _cuobjdump() -> Optional[str]:
+    try:
+        from triton.backends import nvidia
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    return path if os.access(path, os.X_OK) else None
+
+
+def resource_usage(cubin: bytes) -> Tuple[Optional[int], Optional[int]]:
+    """(registers per thread, local bytes per thread) of a single-kernel cubin, from
+    ``cuobjdump --dump-resource-usage`` ("REG:128 STACK:0 SHARED:0 LOCAL:0 ..."), or
+    (None, None) when Triton ships no cuobjdump."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
+    if "REG" not in fields:
+        raise RuntimeError(f"cannot read the resource usage from cuobjdump's output: {text[-300:]!r}")
+    return int(fields["REG"]), int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))
+
+
+def check_spec(spec: Dict, arch: int, name: str = "") -> Compiled:
+    """Compile one spec for sm_<arch> and check that it fits the card's shared memory;
+    never raises (the failure is in the result)."""
+    result = Compiled(name=name or f"{spec['fn'].__name__} sm_{arch} {spec.get('constexprs')}", arch=arch)
     try:
         kernel = compile_spec(spec, arch)
         if not kernel.asm.get("cubin"):
             raise RuntimeError("no cubin produced")
-        return ""
+        result.shared_bytes = int(kernel.metadata.shared)
+        result.registers, result.local_bytes = resource_usage(kernel.asm["cubin"])
+        limit = MAX_SHARED_BYTES.get(arch)
+        if limit is not None and result.shared_bytes > limit:
+            raise RuntimeError(f"needs {result.shared_bytes} bytes of shared memory, sm_{arch} grants {limit}")
     except Exception as exc:  # report every failing configuration, not just the first
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-        return (f"{family}.{spec['fn'].__name__} sm_{arch} {spec.get('constexprs')} {spec['signature']}: "
-                f"{type(exc).__name__}: {last}")
+        result.failure = f"{result.name} {spec['signature']}: {type(exc).__name__}: {last}"
+    return result
 
 
-def compile_all(archs: Sequence[int] = (80, 90), families: Iterable[str] = FAMILIES, jobs: int = 0) -> List[str]:
-    """Compile everything (in ``jobs`` processes, default one per core); return one line
-    per failure, empty when all compiled."""
+def _compile_job(job: Tuple[str, int, int]) -> Compiled:
+    """Worker: check spec number ``index`` of ``family`` for ``arch``."""
+    family, index, arch = job
+    module = importlib.import_module(f"lucidops.triton_kernels.{family}")
+    spec = list(module.aot_specs())[index]
+    return check_spec(spec, arch, f"{family}.{spec['fn'].__name__} sm_{arch} {spec.get('constexprs')}")
+
+
+def compile_all(archs: Sequence[int] = (80, 90), families: Iterable[str] = FAMILIES,
+                jobs: int = 0) -> List[Compiled]:
+    """Compile everything (in ``jobs`` processes, default one per core); one
+    :class:`Compiled` per configuration and arch."""
     from . import INTERPRETED
 
     if INTERPRETED:
@@ -98,7 +159,31 @@ def compile_all(archs: Sequence[int] = (80, 90), families: Iterable[str] = FAMIL
 
         with ProcessPoolExecutor(jobs) as pool:
             results = list(pool.map(_compile_job, work, chunksize=1))
-    return [r for r in results if r]
+    return results
+
+
+def summary(results: Sequence[Compiled]) -> List[str]:
+    """Lines for the log: every failure, every configuration that uses local memory (register
+    spills, mostly), and per arch the largest shared memory and register counts."""
+    lines = [f"FAILED {r.failure}" for r in results if r.failure]
+    lines += [f"LOCAL {r.local_bytes} bytes/thread ({r.registers} registers): {r.name}"
+              for r in results if not r.failure and r.local_bytes]
+    for arch in sorted({r.arch for r in results}):
+        ok = [r for r in results if r.arch == arch and not r.failure]
+        if not ok:
+            continue
+        widest = max(ok, key=lambda r: r.shared_bytes)
+        line = (f"sm_{arch}: largest shared memory {widest.shared_bytes} of {MAX_SHARED_BYTES.get(arch, '?')} "
+                f"bytes ({widest.name})")
+        with_regs = [r for r in ok if r.registers is not None]
+        if with_regs:
+            local = [r.local_bytes for r in with_regs if r.local_bytes]
+            line += (f"; registers up to {max(r.registers for r in with_regs)}; {len(local)} of {len(ok)} use "
+                     f"local memory (up to {max(local, default=0)} bytes/thread)")
+        else:
+            line += "; no cuobjdump, registers not read"
+        lines.append(line)
+    return lines
 
 
 def main(argv=None) -> int:
@@ -109,10 +194,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     count = sum(1 for _ in iter_specs(args.family)) * len(args.arch)
-    failures = compile_all(args.arch, args.family, args.jobs)
-    for line in failures:
-        print("FAILED", line)
-    print(f"compiled {count - len(failures)}/{count} kernel configurations for sm_{args.arch} "
+    results = compile_all(args.arch, args.family, args.jobs)
+    for line in summary(results):
+        print(line)
+    failures = sum(1 for r in results if r.failure)
+    print(f"compiled {count - failures}/{count} kernel configurations for sm_{args.arch} "
           f"in {time.perf_counter() - start:.1f}s")
     return 1 if failures else 0
 

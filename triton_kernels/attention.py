@@ -33,11 +33,14 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 # D_PAD -> (max heads per program, BLOCK_M, BLOCK_N, num_warps), forward and backward.
-# G * BLOCK_M * BLOCK_N stays <= 4096 fp32 scores per program (registers).
+# G * BLOCK_M * BLOCK_N stays <= 4096 fp32 scores per program (registers). A batched dot
+# puts the warps on the head dim first, so G > 1 is a multiple of num_warps: with fewer
+# heads than warps, several warps would compute the same head's tile (the ahead-of-time
+# check showed 2x the MMA instructions per warp at G = 2 with 4 warps).
 FORWARD_CONFIGS: Dict[int, Tuple[int, int, int, int]] = {
-    16: (4, 32, 32, 4), 32: (2, 32, 32, 4), 64: (1, 64, 64, 4), 128: (1, 64, 32, 4)}
+    16: (4, 32, 32, 4), 32: (4, 32, 32, 4), 64: (1, 64, 64, 4), 128: (1, 64, 32, 4)}
 BACKWARD_CONFIGS: Dict[int, Tuple[int, int, int, int]] = {
-    16: (4, 32, 32, 4), 32: (2, 32, 32, 4), 64: (1, 32, 32, 4), 128: (1, 32, 32, 4)}
+    16: (4, 32, 32, 4), 32: (4, 32, 32, 4), 64: (1, 32, 32, 4), 128: (1, 32, 32, 4)}
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -54,8 +57,10 @@ def _config(table, d: int, heads: int) -> Tuple[int, int, int, int, int]:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # float32 inputs are multiplied in true fp32 (not tf32), so they meet fp32 tolerances.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # float32: three tf32 tensor-core products (hi*hi + hi*lo + lo*hi, error ~2^-22 of each
+    # product), so fp32 tolerances hold. "ieee" multiplies on the FMA units, and with the
+    # operands held per thread it compiled to 2-11 KB of local memory per thread at d >= 64.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -67,9 +72,17 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     float32, so the upcast changes nothing but the interpreter's bug; GPUs never take it.
     """
     if UPCAST:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    precision: tl.constexpr = "ieee" if UPCAST else PRECISION
+    if a.shape[0] == 1:
+        # One head: a 2-D product. A batched dot spreads the warps over the batch dim, so
+        # with G = 1 every warp would compute the whole tile (4x the work and registers).
+        c = tl.dot(tl.reshape(a, (a.shape[1], a.shape[2])), tl.reshape(b, (b.shape[1], b.shape[2])),
+                   input_precision=precision)
+        c = tl.reshape(c, (1, a.shape[1], b.shape[2]))
     else:
-        c = tl.dot(a, b, input_precision=PRECISION)
+        c = tl.dot(a, b, input_precision=precision)
     return c
 
 

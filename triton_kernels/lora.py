@@ -38,9 +38,10 @@ BLOCK_R = 16
 MATMUL_CONFIGS: Tuple[Tuple[int, int, int, int], ...] = ((16, 64, 64, 4), (64, 128, 32, 8))
 # (BLOCK_N, BLOCK_K, BLOCK_M, num_warps) for lora_wgrad_kernel.
 WGRAD_CONFIG = (64, 64, 32, 4)
-# (BLOCK_M, BLOCK_N, num_warps) for lora_output_grad_kernel; R_PAD in OUTPUT_R_PADS.
-OUTPUT_GRAD_CONFIG = (64, 64, 4)
-OUTPUT_R_PADS = (16, 32, 64)
+# R_PAD -> (BLOCK_M, BLOCK_N, num_warps) for lora_output_grad_kernel. At R_PAD = 64 the 64x64
+# tiles compiled to 8 KB of local memory per thread on sm_80 (triton_kernels/aot.py), 32x32 to none.
+OUTPUT_GRAD_CONFIGS: Dict[int, Tuple[int, int, int]] = {16: (64, 64, 4), 32: (64, 64, 4), 64: (32, 32, 4)}
+OUTPUT_R_PADS = tuple(OUTPUT_GRAD_CONFIGS)
 _SMALL_M = 64
 
 
@@ -221,7 +222,12 @@ def lora_output_grad_kernel(
     FN: tl.constexpr, REDUCE_OVER_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
 ):
-    """REDUCE_OVER_N: out = dU (M, R) float32 = omega Gz B; else out = dB (N, R) = omega Gz^T U."""
+    """REDUCE_OVER_N: out = dU (M, R) float32 = omega Gz B; else out = dB (N, R) = omega Gz^T U.
+
+    The float32 products are "tf32x3" (three tf32 tensor-core passes, error ~2^-22 of each
+    product): as "ieee" (FMA units) this kernel compiled to 5-9 KB of local memory per thread
+    at R_PAD = 64 (triton_kernels/aot.py reports it); tf32x3 and OUTPUT_GRAD_CONFIGS keep it
+    under about 0.5 KB."""
     pid = tl.program_id(0)
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
@@ -235,11 +241,11 @@ def lora_output_grad_kernel(
             mask_n = offs_n < N
             b = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :],
                         mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-            z = tl.dot(u, tl.trans(b), input_precision="ieee")
+            z = tl.dot(u, tl.trans(b), input_precision="tf32x3")
             dy = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :],
                          mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
             gz = dy * scale * _bounded_derivative(omega * z, FN)
-            acc = tl.dot(gz, b, acc, input_precision="ieee")
+            acc = tl.dot(gz, b, acc, input_precision="tf32x3")
         tl.store(out_ptr + offs_m[:, None] * R + offs_r[None, :], (omega * acc).to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_r[None, :])
     else:
@@ -254,11 +260,11 @@ def lora_output_grad_kernel(
             offs_m64 = offs_m.to(tl.int64)
             u = tl.load(u_ptr + offs_m64[:, None] * R + offs_r[None, :],
                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            z = tl.dot(u, tl.trans(b), input_precision="ieee")
+            z = tl.dot(u, tl.trans(b), input_precision="tf32x3")
             dy = tl.load(dy_ptr + offs_m64[:, None] * N + offs_n[None, :],
                          mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
             gz = dy * scale * _bounded_derivative(omega * z, FN)
-            acc = tl.dot(tl.trans(gz), u, acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(gz), u, acc, input_precision="tf32x3")
         tl.store(out_ptr + offs_n[:, None] * R + offs_r[None, :], (omega * acc).to(out_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_r[None, :])
 
@@ -428,7 +434,7 @@ def _wgrad(grad, x, a, b, code, omega, scale, need_weight, need_lora, w_dtype):
 def _output_grad(grad, u, b, out, reduce_over_n: bool, code, omega, scale, r_pad):
     m, n = grad.shape
     r = b.shape[1]
-    block_m, block_n, warps = OUTPUT_GRAD_CONFIG
+    block_m, block_n, warps = OUTPUT_GRAD_CONFIGS[r_pad]
     if out.numel() == 0:
         return out
     if (m == 0 and not reduce_over_n) or (n == 0 and reduce_over_n):
@@ -568,9 +574,8 @@ def aot_specs() -> Iterator[Dict]:
                                        "BLOCK_N": block_n,
                                        "BLOCK_K": block_k, "BLOCK_M": block_m, "BLOCK_R": BLOCK_R},
                            num_warps=warps)
-            block_m2, block_n2, warps2 = OUTPUT_GRAD_CONFIG
             for reduce_over_n in (True, False):
-                for r_pad in OUTPUT_R_PADS:
+                for r_pad, (block_m2, block_n2, warps2) in OUTPUT_GRAD_CONFIGS.items():
                     out_t = "fp32" if reduce_over_n else dt
                     yield dict(fn=lora_output_grad_kernel,
                                signature={"dy_ptr": f"*{dt}", "u_ptr": "*fp32", "b_ptr": f"*{dt}",

@@ -93,6 +93,7 @@ CASES = [  # (leading dims, N, G, K)
     ((3,), 67, 7, 9),
     ((2,), 600, 5, 11),  # several 256-point chunks: the cross-chunk max merge
     ((), 33, 3, 17),  # a single cloud without batch dims
+    ((2,), 40, 70, 33),  # G > 32: triton's 128-wide Gaussian tiles
 ]
 
 

@@ -35,6 +35,10 @@ PHI_BLOCK_M = 64
 # The backward kernels hold all Gaussians of a channel or point in one tile: G <= 128 (the
 # authors' largest configuration); two tile widths keep the ahead-of-time list short.
 BLOCK_G_CHOICES = (32, 128)
+# num_warps of the backward and phi kernels per BLOCK_G. With 4 warps the 128-wide tiles
+# compiled to 0.3-1.7 KB of local memory per thread in fp32 (triton_kernels/aot.py), with 8
+# to at most 56 bytes.
+BLOCK_G_WARPS: Dict[int, int] = {32: 4, 128: 8}
 BACKWARD_SPLITS = 64  # cloud slices of the max backward: partial sums are (splits, K, G)
 
 
@@ -291,7 +295,8 @@ def backward_max(grad, points, means, precisions, weight, argmax, half, cull: bo
     if B > 0:
         mixture_max_backward_kernel[(n_kb, splits)](grad, points, argmax, means, precisions, half, weight, gx_bk,
                                                    gw_part, gmp_part, B, N, G, K, CULL=cull,
-                                                   BLOCK_K=BACKWARD_BLOCK_K, BLOCK_G=block_g, num_warps=4)
+                                                   BLOCK_K=BACKWARD_BLOCK_K, BLOCK_G=block_g,
+                                                   num_warps=BLOCK_G_WARPS[block_g])
     else:
         gw_part.zero_()
         gmp_part.zero_()
@@ -304,10 +309,11 @@ def phi(points: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor, hal
     """phi (M, G) for points (M, 3)."""
     M, G = points.shape[0], means.shape[0]
     out = torch.empty(M, G, dtype=points.dtype, device=points.device)
+    block_g = _block_g(G)
     if M > 0:
         phi_kernel[(triton.cdiv(M, PHI_BLOCK_M),)](points, means, precisions, half, out, out, out, out, M, G,
                                                    CULL=cull, BACKWARD=False, BLOCK_M=PHI_BLOCK_M,
-                                                   BLOCK_G=_block_g(G), num_warps=4)
+                                                   BLOCK_G=block_g, num_warps=BLOCK_G_WARPS[block_g])
     return out
 
 
@@ -317,9 +323,11 @@ def phi_backward(coef: torch.Tensor, points: torch.Tensor, means: torch.Tensor, 
     programs = triton.cdiv(M, PHI_BLOCK_M)
     gx = torch.empty(M, 3, dtype=points.dtype, device=points.device)
     part = torch.zeros(max(programs, 1), G, 9, dtype=points.dtype, device=points.device)
+    block_g = _block_g(G)
     if M > 0:
         phi_kernel[(programs,)](points, means, precisions, means, coef, coef, gx, part, M, G, CULL=False,
-                                BACKWARD=True, BLOCK_M=PHI_BLOCK_M, BLOCK_G=_block_g(G), num_warps=4)
+                                BACKWARD=True, BLOCK_M=PHI_BLOCK_M, BLOCK_G=block_g,
+                                num_warps=BLOCK_G_WARPS[block_g])
     total = part.sum(dim=0)
     return gx, total[:, :3].clone(), total[:, 3:].clone()
 
@@ -351,7 +359,7 @@ def aot_specs() -> Iterator[Dict]:
                                "gw_ptr": f"*{dt}", "gmp_ptr": f"*{dt}", "B": "i32", "N": "i32", "G": "i32",
                                "K": "i32", "CULL": "constexpr", "BLOCK_K": "constexpr", "BLOCK_G": "constexpr"},
                     constexprs={"CULL": cull, "BLOCK_K": BACKWARD_BLOCK_K, "BLOCK_G": block_g},
-                    num_warps=4,
+                    num_warps=BLOCK_G_WARPS[block_g],
                 )
                 for backward in (False, True):
                     if backward and cull:
@@ -364,7 +372,7 @@ def aot_specs() -> Iterator[Dict]:
                                    "CULL": "constexpr", "BACKWARD": "constexpr", "BLOCK_M": "constexpr",
                                    "BLOCK_G": "constexpr"},
                         constexprs={"CULL": cull, "BACKWARD": backward, "BLOCK_M": PHI_BLOCK_M, "BLOCK_G": block_g},
-                        num_warps=4,
+                        num_warps=BLOCK_G_WARPS[block_g],
                     )
 
 

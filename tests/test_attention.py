@@ -181,6 +181,17 @@ def test_output_is_token_major_so_merging_heads_is_a_view(backend, dtype):
                                rtol=TOL[dtype], atol=TOL[dtype])
 
 
+def test_triton_packed_heads_give_every_warp_its_own_heads():
+    """A batched tl.dot spreads the warps over the head dim first: with fewer heads per
+    program than warps, several warps compute the same tile (the ahead-of-time listing
+    showed it as 2x-4x the MMA instructions and spilled registers)."""
+    tk = pytest.importorskip("lucidops.triton_kernels.attention")
+    for table in (tk.FORWARD_CONFIGS, tk.BACKWARD_CONFIGS):
+        for d_pad, (heads, _, _, warps) in table.items():
+            assert heads == 1 or heads % warps == 0, (d_pad, heads, warps)
+            assert tk._config(table, d_pad, heads - 1)[1] == 1  # too few heads: one head, 2-D dots
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpp", "triton")])
 def test_lucidops_kernels_store_token_major_themselves(backend):
     """The op copies any other layout into the token-major one; lucidops' own kernels write

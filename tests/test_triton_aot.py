@@ -96,3 +96,29 @@ def test_aot_check_rejects_a_kernel_that_needs_more_shared_memory_than_the_card(
     assert big[8] == "FAILURE" and int(big[3]) > 232448 and "sm_90 grants 232448" in lines[0], lines[0]
     # "BLOCK_K 16 shared S registers R local L OK": fits, and the cubin's registers were read.
     assert small[8] == "OK" and 0 < int(small[3]) <= 232448 and int(small[5]) > 0, lines[1]
+
+
+def test_half_precision_attention_at_head_dim_64_keeps_its_tiles_in_registers(tmp_path):
+    # The issue's d = 64 target. With the tile computed by every warp (a batched dot over one
+    # head) these configurations used 5-11 KB of local memory per thread; now under 100 bytes.
+    script = textwrap.dedent(
+        """
+        from lucidops.triton_kernels import attention
+        from lucidops.triton_kernels.aot import check_spec
+
+        for spec in attention.aot_specs():
+            c = spec["constexprs"]
+            if c["D_PAD"] == 64 and c["PRECISION"] == "tf32":
+                for arch in (80, 90):
+                    r = check_spec(spec, arch)
+                    print("CHECKED", r.local_bytes, r.registers, r.failure or "OK", r.name)
+        """
+    )
+    path = tmp_path / "attention_d64.py"
+    path.write_text(script)
+    proc = subprocess.run([sys.executable, str(path)], env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    lines = [line.split(maxsplit=4) for line in proc.stdout.splitlines() if line.startswith("CHECKED")]
+    assert len(lines) == 24, proc.stdout + proc.stderr  # 3 kernels x fp16/bf16 x i32/i64 x 2 archs
+    for _, local, registers, status, name in lines:
+        assert status == "OK" and registers != "None", name
+        assert int(local) <= 256, f"{name}: {local} bytes of local memory per thread"

@@ -6,9 +6,11 @@ The interpreter (TRITON_INTERPRET=1) checks what kernels compute on the CPU but 
 code a GPU compiler rejects (a 16x8 tl.dot, say); compiling to cubin for sm_80 and
 sm_90 catches that. Every launcher config is fixed (no autotuning to skip a bad one), so
 a configuration that asks for more shared memory than the card grants would fail at its
-first launch: that is checked here too. Register spills (local memory, which costs speed,
-not correctness; libdevice's sin also keeps a small table there) are listed, read from the cubin with the cuobjdump that ships with
-Triton. Must run without TRITON_INTERPRET: interpreted kernels have no compiler front end.
+first launch: that is checked here too. Each configuration's registers and local memory
+per thread are listed, read from the cubin with the cuobjdump that ships with Triton:
+local memory is mostly register spills, which cost speed, not correctness (libdevice's
+sin also keeps a 32-byte table there). Must run without TRITON_INTERPRET: interpreted
+kernels have no compiler front end.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import sys
-import time
 import re
 import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 

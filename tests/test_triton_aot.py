@@ -4,7 +4,9 @@ Runs in subprocesses without TRITON_INTERPRET (the test session itself interpret
 with an empty Triton cache, so that each configuration is really compiled.
 """
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,11 +23,18 @@ def _env(tmp_path):
 
 
 def test_all_kernel_configurations_compile_for_sm80_and_sm90(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lucidops.triton_kernels.aot", "--arch", "80", "90"],
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=2700)
+    report = tmp_path / "aot.json"
+    proc = subprocess.run([sys.executable, "-m", "lucidops.triton_kernels.aot", "--arch", "80", "90",
+                           "--json", str(report)], env=_env(tmp_path), capture_output=True, text=True, timeout=2700)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAILED" not in proc.stdout
-    assert "compiled" in proc.stdout
+    compiled, total = re.search(r"compiled (\d+)/(\d+) kernel configurations", proc.stdout).groups()
+    assert compiled == total
+    configurations = json.loads(report.read_text())["configurations"]
+    assert len(configurations) == int(total)
+    for c in configurations:  # every one fits its card, and its cubin's resources were read
+        assert c["failure"] == "" and c["registers"] is not None and c["local_bytes"] is not None, c
+        assert 0 <= c["shared_bytes"] <= {80: 166912, 90: 232448}[c["arch"]], c
 
 
 def test_aot_check_rejects_a_kernel_a_gpu_would_reject(tmp_path):

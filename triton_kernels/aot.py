@@ -114,10 +114,17 @@ def resource_usage(cubin: bytes) -> Tuple[Optional[int], Optional[int]]:
     return int(fields["REG"]), int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))
 
 
+def describe(spec: Dict, arch: int) -> str:
+    """Kernel, arch, constexprs and the argument types it was compiled for (fp32 or fp64,
+    i32 or i64 indices): "attention_forward_kernel sm_90 {'G': 1, ...} [*bf16,*fp32,*u8,fp32,i32]"."""
+    types = sorted({t for t in spec["signature"].values() if t != "constexpr"})
+    return f"{spec['fn'].__name__} sm_{arch} {spec.get('constexprs')} [{','.join(types)}]"
+
+
 def check_spec(spec: Dict, arch: int, name: str = "") -> Compiled:
     """Compile one spec for sm_<arch> and check that it fits the card's shared memory;
     never raises (the failure is in the result)."""
-    result = Compiled(name=name or f"{spec['fn'].__name__} sm_{arch} {spec.get('constexprs')}", arch=arch)
+    result = Compiled(name=name or describe(spec, arch), arch=arch)
     try:
         kernel = compile_spec(spec, arch)
         if not kernel.asm.get("cubin"):
@@ -138,7 +145,7 @@ def _compile_job(job: Tuple[str, int, int]) -> Compiled:
     family, index, arch = job
     module = importlib.import_module(f"lucidops.triton_kernels.{family}")
     spec = list(module.aot_specs())[index]
-    return check_spec(spec, arch, f"{family}.{spec['fn'].__name__} sm_{arch} {spec.get('constexprs')}")
+    return check_spec(spec, arch, f"{family}.{describe(spec, arch)}")
 
 
 def compile_all(archs: Sequence[int] = (80, 90), families: Iterable[str] = FAMILIES,
@@ -188,17 +195,34 @@ def summary(results: Sequence[Compiled]) -> List[str]:
     return lines
 
 
+def write_json(results: Sequence[Compiled], path: str) -> None:
+    """One record per configuration and arch, with the Triton version that compiled them."""
+    import json
+    from dataclasses import asdict
+
+    import triton
+
+    with open(path, "w") as f:
+        json.dump({"triton": triton.__version__, "max_shared_bytes": MAX_SHARED_BYTES,
+                   "configurations": [asdict(r) for r in results]}, f, indent=1)
+        f.write("\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
     parser.add_argument("--family", nargs="+", default=list(FAMILIES))
     parser.add_argument("--jobs", type=int, default=0, help="processes (default: one per core)")
+    parser.add_argument("--json", metavar="PATH", help="also write every configuration's resources as JSON")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     count = sum(1 for _ in iter_specs(args.family)) * len(args.arch)
     results = compile_all(args.arch, args.family, args.jobs)
     for line in summary(results):
         print(line)
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
     failures = sum(1 for r in results if r.failure)
     print(f"compiled {count - failures}/{count} kernel configurations for sm_{args.arch} "
           f"in {time.perf_counter() - start:.1f}s")

@@ -3,7 +3,8 @@
     lucidops info                 backends available here per op, and why not
     lucidops bench [options]      benchmark the op families against their baselines
     lucidops build [cpu|cuda]     build the C++/CUDA extensions now (else on first use)
-    lucidops aot                  compile every Triton kernel for sm_80/sm_90 (no GPU needed)
+    lucidops aot [--json PATH]    compile every Triton kernel for sm_80/sm_90 (no GPU needed),
+                                  check its shared memory, list its registers and spills
     lucidops profile --model NAME [--patch] [--backward] [--png out.png] ...
                                   params, FLOPs, memory, latency of a timm or lucidops model
                                   (with --patch: against its lucidops-patched copy)
@@ -224,7 +225,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_bench = sub.add_parser("bench", help="benchmark the op families against their baselines")
     p_build = sub.add_parser("build", help="build the extensions now")
     p_build.add_argument("kinds", nargs="*", default=["cpu", "cuda"], choices=["cpu", "cuda"])
-    sub.add_parser("aot", help="compile every Triton kernel ahead of time for sm_80 and sm_90")
+    aot_parser = sub.add_parser("aot", help="compile every Triton kernel ahead of time for sm_80 and sm_90")
+    aot_parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    aot_parser.add_argument("--json", metavar="PATH", help="also write each configuration's resources as JSON")
     _add_profile_arguments(sub.add_parser("profile", help="params, FLOPs, memory and latency of a model"))
     from lucidops import demos
 
@@ -258,7 +261,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "aot":
         from lucidops.triton_kernels import aot
 
-        return aot.main([])
+        return aot.main(["--arch", *map(str, args.arch)] + (["--json", args.json] if args.json else []))
     if args.command == "profile":
         return profile_command(args)
     if args.command == "demo":

@@ -14,7 +14,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 # (x shape, N_out, r): odd K_in / N_out, r in {1, 4, 16}, leading batch dims, size-1 dims.
 CASES = [((37, 29), 23, 1), ((2, 3, 17), 33, 4), ((5, 40), 31, 16), ((1, 7), 5, 4), ((3, 1, 65), 19, 16),
          ((1, 9), 1, 1),
-         ((6, 70), 45, 40), ((33, 12), 66, 20)]  # ranks past 16: the triton 'output' kernel's R_PAD 64 and 32
+         ((6, 70), 45, 40), ((33, 12), 66, 20),  # ranks past 16: the triton 'output' kernel's R_PAD 64 and 32
+         ((130, 24), 40, 8)]  # M > 64: triton's large-M tiles (128 rows when it regenerates the update)
 OMEGA, SCALE = 2.0, 0.7
 
 

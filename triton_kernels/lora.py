@@ -36,6 +36,11 @@ FN_CODES = {"sin": 0, "tanh": 1}
 BLOCK_R = 16
 # (BLOCK_M, BLOCK_J, BLOCK_I, num_warps) for lora_matmul_kernel: small M, large M.
 MATMUL_CONFIGS: Tuple[Tuple[int, int, int, int], ...] = ((16, 64, 64, 4), (64, 128, 32, 8))
+# Large M when the kernel regenerates the update: every BLOCK_M rows of the input recompute
+# the phase and fn of each (BLOCK_I, BLOCK_J) tile, so taller blocks repeat that work fewer
+# times (M / 128 instead of M / 64). With 8 warps it compiles without register spills
+# (triton_kernels/aot.py); the plain products spill at this size and keep MATMUL_CONFIGS[1].
+REGEN_LARGE_M_CONFIG: Tuple[int, int, int, int] = (128, 128, 32, 8)
 # (BLOCK_N, BLOCK_K, BLOCK_M, num_warps) for lora_wgrad_kernel.
 WGRAD_CONFIG = (64, 64, 32, 4)
 # R_PAD -> (BLOCK_M, BLOCK_N, num_warps) for lora_output_grad_kernel. At R_PAD = 64 the 64x64
@@ -286,8 +291,10 @@ def _upcast(*tensors: torch.Tensor) -> bool:
     return bool(INTERPRETED) and any(t.dtype == torch.bfloat16 for t in tensors)
 
 
-def _matmul_config(rows: int) -> Tuple[int, int, int, int]:
-    return MATMUL_CONFIGS[0] if rows <= _SMALL_M else MATMUL_CONFIGS[1]
+def _matmul_config(rows: int, regenerates: bool) -> Tuple[int, int, int, int]:
+    if rows <= _SMALL_M:
+        return MATMUL_CONFIGS[0]
+    return REGEN_LARGE_M_CONFIG if regenerates else MATMUL_CONFIGS[1]
 
 
 def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Optional[Tuple] = None,
@@ -304,7 +311,7 @@ def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Opti
         return out
     if i_dim == 0 and epilogue == 0 and bias is None:
         return out.zero_()
-    block_m, block_j, block_i, warps = _matmul_config(m)
+    block_m, block_j, block_i, warps = _matmul_config(m, regenerates=lora is not None or quant is not None)
     dummy = _dummy_fp32(inp.device)
     if quant is not None:
         method, r, left, right = quant
@@ -540,10 +547,13 @@ def aot_specs() -> Iterator[Dict]:
     """Every configuration the launchers above can pick, for ahead-of-time compilation."""
     for dt in _DTYPES:
         for config in MATMUL_CONFIGS:
+            # The regenerating products (weight placement, plain or quantized factors) take
+            # REGEN_LARGE_M_CONFIG at large M, as _matmul_config does.
+            regen = config if config == MATMUL_CONFIGS[0] else REGEN_LARGE_M_CONFIG
             for fn in FN_CODES.values():
                 for has_bias in (False, True):
                     # weight placement forward; output placement forward (epilogue 1)
-                    yield _matmul_spec(dt, dt, dt, lora=True, epilogue=0, has_bias=has_bias, fn=fn, config=config)
+                    yield _matmul_spec(dt, dt, dt, lora=True, epilogue=0, has_bias=has_bias, fn=fn, config=regen)
                     yield _matmul_spec(dt, dt, dt, lora=False, epilogue=1, has_bias=has_bias, fn=fn, config=config)
             # U = x A^T (fp32 out); output-placement dx (epilogue 2); dA = dU^T x (fp32 in and out)
             yield _matmul_spec(dt, dt, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
@@ -555,7 +565,7 @@ def aot_specs() -> Iterator[Dict]:
                 for fn in FN_CODES.values():
                     for has_bias in (False, True):
                         yield _matmul_spec(dt, dt, dt, lora=True, epilogue=0, has_bias=has_bias, fn=fn,
-                                           config=config, quant_method=method)
+                                           config=regen, quant_method=method)
         block_n, block_k, block_m, warps = WGRAD_CONFIG
         for fn in FN_CODES.values():
             for need_dw, need_lora in ((True, False), (False, True), (True, True)):

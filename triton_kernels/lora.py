@@ -44,7 +44,8 @@ REGEN_LARGE_M_CONFIG: Tuple[int, int, int, int] = (128, 128, 32, 8)
 # (BLOCK_N, BLOCK_K, BLOCK_M, num_warps) for lora_wgrad_kernel.
 WGRAD_CONFIG = (64, 64, 32, 4)
 # R_PAD -> (BLOCK_M, BLOCK_N, num_warps) for lora_output_grad_kernel. At R_PAD = 64 the 64x64
-# tiles compiled to 8 KB of local memory per thread on sm_80 (triton_kernels/aot.py), 32x32 to none.
+# tiles compiled to 8 KB of local memory per thread on sm_80 (triton_kernels/aot.py), 32x32 to
+# 32 bytes (libdevice sin's table, no spills).
 OUTPUT_GRAD_CONFIGS: Dict[int, Tuple[int, int, int]] = {16: (64, 64, 4), 32: (64, 64, 4), 64: (32, 32, 4)}
 OUTPUT_R_PADS = tuple(OUTPUT_GRAD_CONFIGS)
 _SMALL_M = 64

@@ -547,10 +547,10 @@ def _matmul_spec(in_t, w_t, out_t, *, lora, epilogue, has_bias, fn, config, quan
 def aot_specs() -> Iterator[Dict]:
     """Every configuration the launchers above can pick, for ahead-of-time compilation."""
     for dt in _DTYPES:
-        for config in MATMUL_CONFIGS:
-            # The regenerating products (weight placement, plain or quantized factors) take
-            # REGEN_LARGE_M_CONFIG at large M, as _matmul_config does.
-            regen = config if config == MATMUL_CONFIGS[0] else REGEN_LARGE_M_CONFIG
+        for rows in (_SMALL_M, _SMALL_M + 1):  # the two sizes _matmul_config tells apart
+            # Plain products and the regenerating ones (weight placement, plain or quantized
+            # factors), with the configs _matmul_config gives each.
+            config, regen = _matmul_config(rows, regenerates=False), _matmul_config(rows, regenerates=True)
             for fn in FN_CODES.values():
                 for has_bias in (False, True):
                     # weight placement forward; output placement forward (epilogue 1)

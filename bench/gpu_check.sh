@@ -4,7 +4,7 @@
 #   install lucidops without dependencies, build the extensions (180 s), run the tests that
 #   touch the GPU (180 s, in parallel where pytest-xdist is there), then benchmark the op
 #   families whose GPU targets are still unmeasured, most wanted first, each under its own
-#   limit: gaussian_mixture (60 s), lora (60 s), attention (150 s; its grid stops starting
+#   limit: gaussian_mixture (60 s), lora (75 s), attention (135 s; its grid stops starting
 #   cases after LUCIDOPS_BENCH_BUDGET_S).
 # Everything is written straight into $OUT (bench/results/gpu-check without the device tool),
 # so a step cut short keeps what the ones before it wrote. Commit the results folder after.
@@ -58,8 +58,8 @@ bench() {  # family, time limit (s): results in $LOG_DIR/bench-<family>/
   [ $rc -eq 0 ] || { echo "--- $1 exited $rc"; status=1; }
 }
 bench gaussian_mixture 60
-bench lora 60
-LUCIDOPS_BENCH_BUDGET_S=110 bench attention 150
+bench lora 75
+LUCIDOPS_BENCH_BUDGET_S=95 bench attention 135
 
 step "done, status $status"
 exit $status

@@ -5,7 +5,9 @@ Side by side, frozen base weight, adapters trained:
   the phase) for backward, as the authors' code does;
 - ``plain LoRA``: x W0^T + s (x A^T) B^T (no sine: the memory floor of an adapter);
 - ``linear``: x W0^T, the cost floor;
-- ``lucidops[<backend>]``: the fused op (cpp on CPU: recompute path; triton on GPU).
+- ``lucidops[<backend>]``: the fused op (cpp on CPU: recompute path; triton on GPU);
+- ``lucidops[triton, regenerated]``: triton with the update regenerated tile by tile at
+  every batch size (the default builds it in chunks above 128 rows).
 Forward (no grad), forward+backward, bytes saved for backward (saved_tensors_hooks,
 distinct storages, the frozen weight included for every implementation), and on CUDA the
 peak allocator bytes of forward+backward. Full size: x (4096, 1024), W (1024, 1024) on
@@ -14,6 +16,7 @@ CPU; x (16384, 4096), W (4096, 4096), bf16 on CUDA; r = 16.
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, List
 
 import torch
@@ -47,7 +50,31 @@ def _impls(device: str, scale: float) -> Dict[str, Callable]:
                 with lucidops.use_backend(_b):
                     return lucidops.ops.sine_lora_linear(x, w, a, b, bias, omega=OMEGA, scale=scale)
             impls[f"lucidops[{backend}]"] = fused
+    if "lucidops[triton]" in impls:
+        impls[REGENERATED] = impls["lucidops[triton]"]  # timed inside _regenerating(), see _setting
     return impls
+
+
+REGENERATED = "lucidops[triton, regenerated]"
+
+
+@contextmanager
+def _regenerating():
+    """The triton backend regenerates the update tile by tile at every batch size (by default
+    it builds Weff in chunks above REGENERATE_MAX_ROWS rows): measures that crossover."""
+    from lucidops.triton_kernels import lora as tk
+
+    limit = tk.REGENERATE_MAX_ROWS
+    tk.REGENERATE_MAX_ROWS = 1 << 62
+    try:
+        yield
+    finally:
+        tk.REGENERATE_MAX_ROWS = limit
+
+
+def _setting(name: str):
+    """The context a step of implementation ``name`` runs in: forward and backward alike."""
+    return _regenerating() if name == REGENERATED else nullcontext()
 
 
 def run(device: str, quick: bool = False) -> List[Dict]:
@@ -75,13 +102,13 @@ def run(device: str, quick: bool = False) -> List[Dict]:
         xs = x[:rows_m].contiguous()
         row_case = case if rows_m == m else f"{case} M={rows_m}"
 
-        def forward_step(fn, xs=xs):
+        def forward_step(name, fn, xs=xs):
             def step():
-                with torch.no_grad():
+                with torch.no_grad(), _setting(name):
                     return fn(xs, w, a, b, bias)
             return step
 
-        steps = {name: forward_step(fn) for name, fn in impls.items()}
+        steps = {name: forward_step(name, fn) for name, fn in impls.items()}
         times = measure_interleaved_ms(steps, device)
         for name, ms in times.items():
             row = dict(family="lora", case=row_case, mode="forward", impl=name, ms=ms)
@@ -94,13 +121,14 @@ def run(device: str, quick: bool = False) -> List[Dict]:
     # Forward + backward: adapters trained, frozen weight, x needs its gradient too.
     xg = x.clone().requires_grad_(True)
 
-    def train_step(fn):
+    def train_step(name, fn):
         def step():
             xg.grad = a.grad = b.grad = None
-            fn(xg, w, a, b, bias).backward(grad)
+            with _setting(name):
+                fn(xg, w, a, b, bias).backward(grad)
         return step
 
-    steps = {name: train_step(fn) for name, fn in impls.items()}
+    steps = {name: train_step(name, fn) for name, fn in impls.items()}
     times = measure_interleaved_ms(steps, device)
     saved = {}
     for name in times:

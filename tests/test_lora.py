@@ -292,6 +292,77 @@ def test_triton_backend_rejects_float64_clearly():
         lucidops.ops.sine_lora_linear(x, w, a, b, omega=1.0, scale=1.0)
 
 
+needs_triton = pytest.mark.skipif(not lucidops.backends.triton_interpreting() and not torch.cuda.is_available(),
+                                  reason="needs the Triton interpreter or a GPU")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def chunk_log(monkeypatch):
+    """Shrinks the triton backend's Weff chunks to 3 KiB and records each call's chunk width."""
+    from lucidops.triton_kernels import lora as tk
+
+    widths = []
+    plan = tk.materialize_chunk_columns
+
+    def recorded(rows, columns, element_size):
+        widths.append((rows, columns, plan(rows, columns, element_size)))
+        return widths[-1][2]
+
+    monkeypatch.setattr(tk, "MATERIALIZE_CHUNK_BYTES", 3 << 10)
+    monkeypatch.setattr(tk, "materialize_chunk_columns", recorded)
+    return widths
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fn", ["sin", "tanh"])
+def test_triton_large_batches_build_the_update_in_chunks(dtype, fn, chunk_log, monkeypatch):
+    # 300 rows (past REGENERATE_MAX_ROWS): forward and dx build Weff in column chunks, here
+    # of 64 columns (3 KiB budget, one 64-column block at least), so 150 output columns and
+    # 150 input features split 64 + 64 + 22, and each chunk must land in its own columns.
+    from lucidops.triton_kernels import lora as tk
+
+    x, w, a, b, bias = make((3, 100, 150), 150, 8, dtype, TRITON_DEVICE, seed=3)
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    grad = torch.randn(3, 100, 150).to(dtype=dtype, device=TRITON_DEVICE)
+    with lucidops.use_backend("triton"):
+        y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=OMEGA, scale=SCALE)
+        y.backward(grad)
+    assert [entry[1:] for entry in chunk_log] == [(150, 64), (150, 64)]  # forward (N_out), dx (K_in)
+    y_ref, gx, _, _, ga, gb = reference_grads(grad, x, w, a, b, bias, fn, "weight")
+    tol = TOL[dtype]
+    assert rel_err(y.reshape(-1, 150), y_ref) < tol
+    assert rel_err(x.grad.reshape(-1, 150), gx) < tol
+    assert rel_err(a.grad, ga) < tol and rel_err(b.grad, gb) < tol
+
+    # The tile-by-tile regeneration computes the same function. In float32 on the CPU the two
+    # agree to the sums' rounding; on a GPU the fused dot is tf32 and torch's matmul is not,
+    # and in bfloat16 the outputs may round to neighbouring values.
+    monkeypatch.setattr(tk, "REGENERATE_MAX_ROWS", 10 ** 9)
+    with torch.no_grad(), lucidops.use_backend("triton"):
+        regenerated = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=OMEGA, scale=SCALE)
+    assert len(chunk_log) == 2  # no chunk built this time
+    same = 1e-2 if dtype == torch.bfloat16 else (2e-3 if TRITON_DEVICE == "cuda" else 1e-6)
+    assert rel_err(regenerated, y.detach()) < same
+
+
+def test_materialized_chunks_fit_the_budget():
+    from lucidops.triton_kernels import lora as tk
+
+    block = tk.UPDATE_CONFIG[1]
+    for rows, columns, size in [(4096, 4096, 2), (1024, 1024, 4), (3, 10, 4), (10 ** 6, 300, 2), (7, 1, 2)]:
+        width = tk.materialize_chunk_columns(rows, columns, size)
+        assert 1 <= width <= columns
+        assert width == columns or width % block == 0
+        # Within the budget unless one block alone is over it.
+        assert rows * width * size <= max(tk.MATERIALIZE_CHUNK_BYTES, rows * block * size)
+    # 4096 x 4096 bf16 (the GPU benchmark's weight): 1024-column chunks of 8 MiB, four per call.
+    assert tk.materialize_chunk_columns(4096, 4096, 2) == 1024
+
+
 # --------------------------------------------------------------------------- modules
 
 def _linear(k, n, seed=0, dtype=torch.float32):

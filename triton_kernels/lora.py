@@ -1,6 +1,7 @@
 """Triton kernels for sine and bounded LoRA linear layers (methods.md sections 3 and 5).
 
-The full-rank update s fn(omega B A) (N_out x K_in) never reaches global memory:
+The full-rank update s fn(omega B A) (N_out x K_in) is never kept, and for inputs of up to
+REGENERATE_MAX_ROWS rows (the serving case) it never reaches global memory:
 
 - ``lora_matmul_kernel`` computes out[m, j] = sum_i in[m, i] Weff(i, j) (+ epilogue, bias)
   where, with LORA, Weff(i, j) = W(i, j) + s fn(omega sum_r L[i, r] R[r, j]) is
@@ -13,6 +14,9 @@ The full-rank update s fn(omega B A) (N_out x K_in) never reaches global memory:
   the kernel reads their uint8 codes and float16 side data (per-group scale and minimum,
   or a codebook) and dequantizes each tile in float32, so neither the dequantized
   factors nor the update reach global memory. Adapters are frozen: no dA/dB.
+- ``lora_update_kernel`` writes a column chunk of Weff (same addressing, plain or quantized
+  factors) for inputs of more rows, where rebuilding every tile per row block would cost
+  more than the matmul: chunk by chunk, torch's matmul multiplies it (_materialized_matmul).
 - ``lora_wgrad_kernel`` forms a tile of G = dY^T X (looping over M), optionally stores it
   as dW, then multiplies by s omega fn'(omega B A) (regenerated) and reduces the tile
   into per-tile partials of dA = B^T H and dB = H A^T, summed afterwards in a fixed
@@ -36,11 +40,23 @@ FN_CODES = {"sin": 0, "tanh": 1}
 BLOCK_R = 16
 # (BLOCK_M, BLOCK_J, BLOCK_I, num_warps) for lora_matmul_kernel: small M, large M.
 MATMUL_CONFIGS: Tuple[Tuple[int, int, int, int], ...] = ((16, 64, 64, 4), (64, 128, 32, 8))
-# Large M when the kernel regenerates the update: every BLOCK_M rows of the input recompute
-# the phase and fn of each (BLOCK_I, BLOCK_J) tile, so taller blocks repeat that work fewer
-# times (M / 128 instead of M / 64). With 8 warps it compiles without register spills
+# 65 to 128 rows when the kernel regenerates the update: one 128-row block computes each
+# tile's phase and fn once. With 8 warps it compiles without register spills
 # (triton_kernels/aot.py); the plain products spill at this size and keep MATMUL_CONFIGS[1].
 REGEN_LARGE_M_CONFIG: Tuple[int, int, int, int] = (128, 128, 32, 8)
+# Above this many rows the forward and dx stop regenerating. Every BLOCK_M-row block would
+# redo the phase and fn of the whole N_out x K_in update: per element of a tile, r float32
+# FMAs ("ieee") and one fn on the CUDA cores against BLOCK_M multiply-adds on the tensor
+# cores, which do about 16x more multiply-adds per clock (H100: 2048 bf16 against 128 fp32
+# per SM), so at M = 16384 the update's work would outweigh the matmul. Instead
+# lora_update_kernel builds Weff once per call, a column chunk of at most
+# MATERIALIZE_CHUNK_BYTES at a time, and torch's matmul (cuBLAS) multiplies each chunk: one
+# phase and fn per element per call, as the C++ backend does, and the extra memory is one
+# chunk. bench/lora.py times both ways on a GPU ("triton, regenerated").
+REGENERATE_MAX_ROWS = REGEN_LARGE_M_CONFIG[0]
+MATERIALIZE_CHUNK_BYTES = 8 << 20
+# (BLOCK_I, BLOCK_J, num_warps) for lora_update_kernel.
+UPDATE_CONFIG: Tuple[int, int, int] = (64, 64, 4)
 # (BLOCK_N, BLOCK_K, BLOCK_M, num_warps) for lora_wgrad_kernel.
 WGRAD_CONFIG = (64, 64, 32, 4)
 # R_PAD -> (BLOCK_M, BLOCK_N, num_warps) for lora_output_grad_kernel. At R_PAD = 64 the 64x64
@@ -98,6 +114,53 @@ def _factor_tile(ptr, t0_ptr, t1_ptr, flat, mask, group_size, QUANT: tl.constexp
 
 
 @triton.jit
+def _update_tile(l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, offs_i, offs_j, mask_i, mask_j, R,
+                 stride_li, stride_lr, stride_rr, stride_rj, group_l, group_r, omega, scale,
+                 FN: tl.constexpr, QUANT: tl.constexpr, METHOD: tl.constexpr,
+                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """float32 (BLOCK_I, BLOCK_J) tile s fn(omega sum_r L[i, r] R[r, j]) of the update (see lora_matmul_kernel
+    for how L and R are addressed); the phase is an "ieee" float32 dot over 16-wide rank chunks."""
+    p = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        lf = _factor_tile(l_ptr, l0_ptr, l1_ptr, offs_i[:, None] * stride_li + offs_r[None, :] * stride_lr,
+                          mask_i[:, None] & mask_r[None, :], group_l, QUANT, METHOD)
+        rf = _factor_tile(r_ptr, r0_ptr, r1_ptr, offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
+                          mask_r[:, None] & mask_j[None, :], group_r, QUANT, METHOD)
+        p = tl.dot(lf, rf, p, input_precision="ieee")
+    return scale * _bounded(omega * p, FN)
+
+
+@triton.jit
+def lora_update_kernel(
+    w_ptr, l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, out_ptr,
+    I, J, R, j_start,
+    stride_wi, stride_wj, stride_li, stride_lr, stride_rr, stride_rj, stride_oi, stride_oj,
+    group_l, group_r, omega, scale,
+    FN: tl.constexpr, QUANT: tl.constexpr, METHOD: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[i, j - j_start] = W(i, j) + s fn(omega sum_r L[i, r] R[r, j]) for j_start <= j < J,
+    rounded to out's dtype: the columns [j_start, J) of Weff, addressed as in
+    lora_matmul_kernel (rows i < I), written by out's strides."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = j_start + pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_i = offs_i < I
+    mask_j = offs_j < J
+    offs_i64 = offs_i.to(tl.int64)
+    mask = mask_i[:, None] & mask_j[None, :]
+    w = tl.load(w_ptr + offs_i64[:, None] * stride_wi + offs_j[None, :] * stride_wj, mask=mask, other=0.0)
+    weff = w.to(tl.float32) + _update_tile(l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, offs_i, offs_j, mask_i,
+                                           mask_j, R, stride_li, stride_lr, stride_rr, stride_rj, group_l, group_r,
+                                           omega, scale, FN, QUANT, METHOD, BLOCK_I, BLOCK_J, BLOCK_R)
+    tl.store(out_ptr + offs_i64[:, None] * stride_oi + (offs_j - j_start)[None, :] * stride_oj,
+             weff.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def lora_matmul_kernel(
     in_ptr, w_ptr, l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, bias_ptr, u_ptr, e_ptr, out_ptr,
     M, I, J, R,
@@ -131,16 +194,9 @@ def lora_matmul_kernel(
         w = tl.load(w_ptr + offs_i64[:, None] * stride_wi + offs_j[None, :] * stride_wj,
                     mask=mask_i[:, None] & mask_j[None, :], other=0.0)
         if LORA:
-            p = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                mask_r = offs_r < R
-                lf = _factor_tile(l_ptr, l0_ptr, l1_ptr, offs_i[:, None] * stride_li + offs_r[None, :] * stride_lr,
-                                  mask_i[:, None] & mask_r[None, :], group_l, QUANT, METHOD)
-                rf = _factor_tile(r_ptr, r0_ptr, r1_ptr, offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
-                                  mask_r[:, None] & mask_j[None, :], group_r, QUANT, METHOD)
-                p = tl.dot(lf, rf, p, input_precision="ieee")
-            w = w.to(tl.float32) + scale * _bounded(omega * p, FN)
+            w = w.to(tl.float32) + _update_tile(l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, offs_i, offs_j, mask_i,
+                                                mask_j, R, stride_li, stride_lr, stride_rr, stride_rj, group_l,
+                                                group_r, omega, scale, FN, QUANT, METHOD, BLOCK_I, BLOCK_J, BLOCK_R)
         w = w.to(a.dtype)
         if UPCAST:
             a = a.to(tl.float32)
@@ -305,14 +361,16 @@ def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Opti
     """out (M, J) = inp (M, I) @ Weff (I, J) [+ epilogue] [+ bias], every operand by strides.
 
     lora = (L (I, r), R (r, J)) regenerates Weff = w + scale fn(omega L R) tile by tile;
-    quant = (method code, r, left, right) does so from quantized factors (see _quant_matmul)."""
+    quant = (method code, r, left, right) does so from quantized factors (see _quant_matmul).
+    Above REGENERATE_MAX_ROWS rows these two build Weff in chunks instead (_materialized_matmul)."""
     m, i_dim = inp.shape
     j_dim = w.shape[1]
     if out.numel() == 0:
         return out
     if i_dim == 0 and epilogue == 0 and bias is None:
         return out.zero_()
-    block_m, block_j, block_i, warps = _matmul_config(m, regenerates=lora is not None or quant is not None)
+    regenerates = lora is not None or quant is not None
+    block_m, block_j, block_i, warps = _matmul_config(m, regenerates)
     dummy = _dummy_fp32(inp.device)
     if quant is not None:
         method, r, left, right = quant
@@ -323,6 +381,8 @@ def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Opti
         r = l.shape[1] if lora is not None else (u.shape[1] if u is not None else 0)
         left = (l, dummy, dummy, 1, l.stride(0), l.stride(1))
         right = (rm, dummy, dummy, 1, rm.stride(0), rm.stride(1))
+    if regenerates and m > REGENERATE_MAX_ROWS:
+        return _materialized_matmul(inp, w, out, left, right, r, method, quant is not None, bias, fn, omega, scale)
     lq, l0, l1, group_l, stride_li, stride_lr = left
     rq, r0, r1, group_r, stride_rr, stride_rj = right
     u_t = u if u is not None else dummy
@@ -334,10 +394,51 @@ def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Opti
         inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), stride_li, stride_lr, stride_rr, stride_rj,
         u_t.stride(0) if u is not None else 0, u_t.stride(1) if u is not None else 0,
         e_t.stride(0), e_t.stride(1), max(int(group_l), 1), max(int(group_r), 1), float(omega), float(scale),
-        FN=fn, LORA=lora is not None or quant is not None, QUANT=quant is not None, METHOD=method,
+        FN=fn, LORA=regenerates, QUANT=quant is not None, METHOD=method,
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, UPCAST=_upcast(inp, w),
         BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_I=block_i, BLOCK_R=BLOCK_R, num_warps=warps,
     )
+    return out
+
+
+def materialize_chunk_columns(rows: int, columns: int, element_size: int) -> int:
+    """Columns of Weff (rows x columns) built per chunk: as many whole BLOCK_J blocks as fit
+    in MATERIALIZE_CHUNK_BYTES, at least one block, at most all columns."""
+    block_j = UPDATE_CONFIG[1]
+    fit = MATERIALIZE_CHUNK_BYTES // max(rows * element_size, 1) // block_j * block_j
+    return max(1, min(columns, max(block_j, fit)))
+
+
+def _materialized_matmul(inp, w, out, left, right, r, method, quant, bias, fn, omega, scale) -> torch.Tensor:
+    """out = inp @ Weff [+ bias] for many rows: Weff's columns built chunk by chunk by
+    lora_update_kernel (in inp's dtype, laid out like w so reads and writes both coalesce),
+    each multiplied by torch.addmm / torch.mm straight into its columns of out."""
+    m, i_dim = inp.shape
+    j_dim = w.shape[1]
+    lq, l0, l1, group_l, stride_li, stride_lr = left
+    rq, r0, r1, group_r, stride_rr, stride_rj = right
+    block_i, block_j, warps = UPDATE_CONFIG
+    step = materialize_chunk_columns(i_dim, j_dim, inp.element_size())
+    column_major = w.stride(0) == 1 and w.stride(1) != 1
+    # One buffer for every chunk (the last may use part of it): the extra memory is one chunk.
+    buffer = torch.empty_strided((i_dim, step), (1, i_dim) if column_major else (step, 1), dtype=inp.dtype,
+                                 device=inp.device)
+    for j0 in range(0, j_dim, step):
+        width = min(step, j_dim - j0)
+        chunk = buffer[:, :width]
+        if i_dim > 0:
+            lora_update_kernel[(triton.cdiv(i_dim, block_i), triton.cdiv(width, block_j))](
+                w, lq, l0, l1, rq, r0, r1, chunk, i_dim, j0 + width, r, j0,
+                w.stride(0), w.stride(1), stride_li, stride_lr, stride_rr, stride_rj, chunk.stride(0), chunk.stride(1),
+                max(int(group_l), 1), max(int(group_r), 1), float(omega), float(scale),
+                FN=fn, QUANT=quant, METHOD=method, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_R=BLOCK_R,
+                num_warps=warps,
+            )
+        columns = out[:, j0:j0 + width]
+        if bias is not None:
+            torch.addmm(bias[j0:j0 + width], inp, chunk, out=columns)
+        else:
+            torch.mm(inp, chunk, out=columns)
     return out
 
 
@@ -544,6 +645,23 @@ def _matmul_spec(in_t, w_t, out_t, *, lora, epilogue, has_bias, fn, config, quan
     return dict(fn=lora_matmul_kernel, signature=signature, constexprs=constexprs, num_warps=warps)
 
 
+def _update_spec(dt, fn, quant_method=None):
+    """lora_update_kernel as _materialized_matmul launches it (plain or quantized factors)."""
+    block_i, block_j, warps = UPDATE_CONFIG
+    quant = quant_method is not None
+    factor_t, table_t = ("u8", "fp16") if quant else (dt, "fp32")
+    signature = {"w_ptr": f"*{dt}", "l_ptr": f"*{factor_t}", "l0_ptr": f"*{table_t}", "l1_ptr": f"*{table_t}",
+                 "r_ptr": f"*{factor_t}", "r0_ptr": f"*{table_t}", "r1_ptr": f"*{table_t}", "out_ptr": f"*{dt}"}
+    ints = ["I", "J", "R", "j_start", "stride_wi", "stride_wj", "stride_li", "stride_lr", "stride_rr", "stride_rj",
+            "stride_oi", "stride_oj", "group_l", "group_r"]
+    signature.update({name: "i32" for name in ints})
+    signature.update({"omega": "fp32", "scale": "fp32"})
+    constexprs = {"FN": fn, "QUANT": quant, "METHOD": quant_method if quant else 0,
+                  "BLOCK_I": block_i, "BLOCK_J": block_j, "BLOCK_R": BLOCK_R}
+    signature.update({name: "constexpr" for name in constexprs})
+    return dict(fn=lora_update_kernel, signature=signature, constexprs=constexprs, num_warps=warps)
+
+
 def aot_specs() -> Iterator[Dict]:
     """Every configuration the launchers above can pick, for ahead-of-time compilation."""
     for dt in _DTYPES:
@@ -567,6 +685,9 @@ def aot_specs() -> Iterator[Dict]:
                     for has_bias in (False, True):
                         yield _matmul_spec(dt, dt, dt, lora=True, epilogue=0, has_bias=has_bias, fn=fn,
                                            config=regen, quant_method=method)
+        for fn in FN_CODES.values():
+            for method in (None, *QUANT_METHODS.values()):
+                yield _update_spec(dt, fn, method)
         block_n, block_k, block_m, warps = WGRAD_CONFIG
         for fn in FN_CODES.values():
             for need_dw, need_lora in ((True, False), (False, True), (True, True)):

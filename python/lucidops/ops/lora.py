@@ -14,7 +14,8 @@ omega, scale, need_x, need_weight, need_bias, need_lora)`` returning (dx, dweigh
 dA, dB), each an empty (0,) tensor when not needed: a frozen weight or bias costs nothing.
 
 Only x, weight, A and B are saved for backward, by every backend: the N_out x K_in
-update is rebuilt (cpp) or regenerated tile by tile (triton) when needed, never kept.
+update is rebuilt (cpp; triton above 128 rows, in column chunks) or regenerated tile by
+tile (triton up to 128 rows) when needed, never kept.
 
 ``lora_A`` may be a :class:`lucidops.quant.QuantizedAdapter` (with ``lora_B=None``); the
 bounded fn is applied after dequantization (methods.md 4), s fn(omega Q(B) Q(A)). With
@@ -22,7 +23,8 @@ placement "weight" the call goes to ``torch.ops.lucidops.bounded_lora_linear_qua
 weight, A_codes, A_t0, A_t1, B_codes, B_t0, B_t1, bias, method, group_A, group_B, fn,
 omega, scale)`` (the adapter's :meth:`~lucidops.quant.QuantizedAdapter.kernel_tensors`):
 its triton backend dequantizes tiles of A and B in the kernel prologue, forward and dx
-alike, so neither the dequantized factors nor the update reach global memory; its
+alike, so the dequantized factors never reach global memory (nor the update, up to 128
+rows; above, its column chunks do, as for plain factors); its
 reference and cpp backends dequantize in PyTorch (in x's dtype) and run the plain paths.
 ``backends.last_used("bounded_lora_linear_quant")`` names the one that ran. The adapter
 is frozen: x, weight and bias get gradients, A and B none. Placement "output" dequantizes
@@ -155,8 +157,9 @@ _NOTES = {
     "cpp": "placement weight: a C++ pass builds the effective weight W + s fn(omega B A) from the rank-r "
            "factors (forward, dx) and forms G fn'(omega B A) in place (dA, dB), around ATen matmuls; "
            "placement output: ATen matmuls and in-place elementwise steps; saves only x, weight, A, B",
-    "triton": "fused: the update's tiles are regenerated inside the matmul K-loop (forward, dx) and the "
-              "weight-gradient tile is reduced into dA, dB without reaching memory",
+    "triton": "up to 128 rows the update's tiles are regenerated inside the matmul K-loop (forward, dx); "
+              "above, a Triton kernel builds the effective weight once per call in <= 8 MiB column chunks "
+              "for torch's matmul; the weight-gradient tile is reduced into dA, dB without reaching memory",
 }
 backends.register_op("bounded_lora_linear",
                      {"reference": _reference_forward, "cpp": _cpp_forward, "triton": _triton_forward},

@@ -94,3 +94,33 @@ def test_attention_bench_stops_at_its_time_budget(monkeypatch, capsys):
     monkeypatch.setenv("LUCIDOPS_BENCH_BUDGET_S", "0")
     with pytest.raises(ValueError, match="LUCIDOPS_BENCH_BUDGET_S"):
         attention.run("cpu", quick=True)
+
+
+def test_lora_bench_can_force_the_regenerating_path(monkeypatch):
+    # bench/lora.py's "lucidops[triton, regenerated]" runs forward and backward inside
+    # _setting(REGENERATED): no Weff chunk may be built there, and the limit comes back after.
+    import lucidops
+    import torch
+    from lucidops.bench import lora as bench_lora
+    from lucidops.triton_kernels import lora as tk
+
+    if not lucidops.backends.triton_interpreting() and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    built = []
+    plan = tk.materialize_chunk_columns
+    monkeypatch.setattr(tk, "materialize_chunk_columns", lambda *args: built.append(args) or plan(*args))
+    x = torch.randn(200, 24, device=device, requires_grad=True)
+    w, a, b = torch.randn(20, 24, device=device), torch.randn(4, 24, device=device), torch.randn(20, 4, device=device)
+
+    def step():
+        with lucidops.use_backend("triton"):
+            lucidops.ops.sine_lora_linear(x, w, a, b, omega=2.0, scale=0.5).sum().backward()
+
+    limit = tk.REGENERATE_MAX_ROWS
+    with bench_lora._setting(bench_lora.REGENERATED):
+        step()
+    assert built == [] and tk.REGENERATE_MAX_ROWS == limit
+    with bench_lora._setting("lucidops[triton]"):
+        step()
+    assert len(built) == 2  # forward and dx, 200 rows > REGENERATE_MAX_ROWS

@@ -6,8 +6,9 @@ Side by side, frozen base weight, adapters trained:
 - ``plain LoRA``: x W0^T + s (x A^T) B^T (no sine: the memory floor of an adapter);
 - ``linear``: x W0^T, the cost floor;
 - ``lucidops[<backend>]``: the fused op (cpp on CPU: recompute path; triton on GPU);
-- ``lucidops[triton, regenerated]``: triton with the update regenerated tile by tile at
-  every batch size (the default builds it in chunks above 128 rows).
+- ``lucidops[triton, fused tiles]``: triton with its tile-fused kernels at every batch size
+  (the update regenerated inside the matmul, G = dY^T X reduced in the same kernel); by
+  default it builds Weff and G in chunks for torch's matmul above 128 rows.
 Forward (no grad), forward+backward, bytes saved for backward (saved_tensors_hooks,
 distinct storages, the frozen weight included for every implementation), and on CUDA the
 peak allocator bytes of forward+backward. Full size: x (4096, 1024), W (1024, 1024) on
@@ -51,30 +52,30 @@ def _impls(device: str, scale: float) -> Dict[str, Callable]:
                     return lucidops.ops.sine_lora_linear(x, w, a, b, bias, omega=OMEGA, scale=scale)
             impls[f"lucidops[{backend}]"] = fused
     if "lucidops[triton]" in impls:
-        impls[REGENERATED] = impls["lucidops[triton]"]  # timed inside _regenerating(), see _setting
+        impls[FUSED_TILES] = impls["lucidops[triton]"]  # timed inside _fused_tiles(), see _setting
     return impls
 
 
-REGENERATED = "lucidops[triton, regenerated]"
+FUSED_TILES = "lucidops[triton, fused tiles]"
 
 
 @contextmanager
-def _regenerating():
-    """The triton backend regenerates the update tile by tile at every batch size (by default
-    it builds Weff in chunks above REGENERATE_MAX_ROWS rows): measures that crossover."""
+def _fused_tiles():
+    """The triton backend keeps its tile-fused kernels at every batch size (by default it
+    builds Weff and G in chunks above FUSED_MAX_ROWS rows): measures that crossover."""
     from lucidops.triton_kernels import lora as tk
 
-    limit = tk.REGENERATE_MAX_ROWS
-    tk.REGENERATE_MAX_ROWS = 1 << 62
+    limit = tk.FUSED_MAX_ROWS
+    tk.FUSED_MAX_ROWS = 1 << 62
     try:
         yield
     finally:
-        tk.REGENERATE_MAX_ROWS = limit
+        tk.FUSED_MAX_ROWS = limit
 
 
 def _setting(name: str):
     """The context a step of implementation ``name`` runs in: forward and backward alike."""
-    return _regenerating() if name == REGENERATED else nullcontext()
+    return _fused_tiles() if name == FUSED_TILES else nullcontext()
 
 
 def run(device: str, quick: bool = False) -> List[Dict]:

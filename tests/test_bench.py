@@ -96,9 +96,9 @@ def test_attention_bench_stops_at_its_time_budget(monkeypatch, capsys):
         attention.run("cpu", quick=True)
 
 
-def test_lora_bench_can_force_the_regenerating_path(monkeypatch):
-    # bench/lora.py's "lucidops[triton, regenerated]" runs forward and backward inside
-    # _setting(REGENERATED): no Weff chunk may be built there, and the limit comes back after.
+def test_lora_bench_can_force_the_tile_fused_kernels(monkeypatch):
+    # bench/lora.py's "lucidops[triton, fused tiles]" runs forward and backward inside
+    # _setting(FUSED_TILES): no chunk of Weff or G may be formed there, and the limit comes back.
     import lucidops
     import torch
     from lucidops.bench import lora as bench_lora
@@ -109,18 +109,20 @@ def test_lora_bench_can_force_the_regenerating_path(monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     built = []
     plan = tk.materialize_chunk_columns
-    monkeypatch.setattr(tk, "materialize_chunk_columns", lambda *args: built.append(args) or plan(*args))
+    monkeypatch.setattr(tk, "materialize_chunk_columns", lambda *args, **kw: built.append(args) or plan(*args, **kw))
     x = torch.randn(200, 24, device=device, requires_grad=True)
-    w, a, b = torch.randn(20, 24, device=device), torch.randn(4, 24, device=device), torch.randn(20, 4, device=device)
+    w = torch.randn(20, 24, device=device)
+    a = torch.randn(4, 24, device=device, requires_grad=True)
+    b = torch.randn(20, 4, device=device, requires_grad=True)
 
     def step():
         with lucidops.use_backend("triton"):
             lucidops.ops.sine_lora_linear(x, w, a, b, omega=2.0, scale=0.5).sum().backward()
 
-    limit = tk.REGENERATE_MAX_ROWS
-    with bench_lora._setting(bench_lora.REGENERATED):
+    limit = tk.FUSED_MAX_ROWS
+    with bench_lora._setting(bench_lora.FUSED_TILES):
         step()
-    assert built == [] and tk.REGENERATE_MAX_ROWS == limit
+    assert built == [] and tk.FUSED_MAX_ROWS == limit
     with bench_lora._setting("lucidops[triton]"):
         step()
-    assert len(built) == 2  # forward and dx, 200 rows > REGENERATE_MAX_ROWS
+    assert len(built) == 3  # forward, dx and G, 200 rows > FUSED_MAX_ROWS

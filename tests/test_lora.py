@@ -305,8 +305,8 @@ def chunk_log(monkeypatch):
     widths = []
     plan = tk.materialize_chunk_columns
 
-    def recorded(rows, columns, element_size):
-        widths.append((rows, columns, plan(rows, columns, element_size)))
+    def recorded(rows, columns, element_size, **block):
+        widths.append((rows, columns, plan(rows, columns, element_size, **block)))
         return widths[-1][2]
 
     monkeypatch.setattr(tk, "MATERIALIZE_CHUNK_BYTES", 3 << 10)
@@ -316,37 +316,45 @@ def chunk_log(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("fn", ["sin", "tanh"])
-def test_triton_large_batches_build_the_update_in_chunks(dtype, fn, chunk_log, monkeypatch):
-    # 300 rows (past REGENERATE_MAX_ROWS): forward and dx build Weff in column chunks, here
-    # of 64 columns (3 KiB budget, one 64-column block at least), so 150 output columns and
-    # 150 input features split 64 + 64 + 22, and each chunk must land in its own columns.
+@pytest.mark.parametrize("fn,train_base", [("sin", False), ("tanh", True)])
+def test_triton_large_batches_work_in_chunks(dtype, fn, train_base, chunk_log, monkeypatch):
+    # 300 rows (past FUSED_MAX_ROWS): forward and dx build Weff in column chunks and the
+    # backward forms G = dY^T X in row chunks, here of 64 (3 KiB budget, one 64-wide block at
+    # least), so 150 output columns, 150 input features and G's 150 rows split 64 + 64 + 22,
+    # and each chunk must land in its own place (G's rows in dW's when the base trains).
     from lucidops.triton_kernels import lora as tk
 
     x, w, a, b, bias = make((3, 100, 150), 150, 8, dtype, TRITON_DEVICE, seed=3)
-    x.requires_grad_(True)
-    a.requires_grad_(True)
-    b.requires_grad_(True)
+    for t in (x, a, b) + ((w, bias) if train_base else ()):
+        t.requires_grad_(True)
     grad = torch.randn(3, 100, 150).to(dtype=dtype, device=TRITON_DEVICE)
     with lucidops.use_backend("triton"):
         y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=OMEGA, scale=SCALE)
         y.backward(grad)
-    assert [entry[1:] for entry in chunk_log] == [(150, 64), (150, 64)]  # forward (N_out), dx (K_in)
-    y_ref, gx, _, _, ga, gb = reference_grads(grad, x, w, a, b, bias, fn, "weight")
+    assert [entry[1:] for entry in chunk_log] == [(150, 64)] * 3  # forward (N_out), dx (K_in), G (N_out)
+    y_ref, gx, gw, gbias, ga, gb = reference_grads(grad, x, w, a, b, bias, fn, "weight")
     tol = TOL[dtype]
     assert rel_err(y.reshape(-1, 150), y_ref) < tol
     assert rel_err(x.grad.reshape(-1, 150), gx) < tol
     assert rel_err(a.grad, ga) < tol and rel_err(b.grad, gb) < tol
+    if train_base:
+        assert rel_err(w.grad, gw) < tol and rel_err(bias.grad, gbias) < tol
 
-    # The tile-by-tile regeneration computes the same function. In float32 on the CPU the two
-    # agree to the sums' rounding; on a GPU the fused dot is tf32 and torch's matmul is not,
-    # and in bfloat16 the outputs may round to neighbouring values.
-    monkeypatch.setattr(tk, "REGENERATE_MAX_ROWS", 10 ** 9)
-    with torch.no_grad(), lucidops.use_backend("triton"):
-        regenerated = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=OMEGA, scale=SCALE)
-    assert len(chunk_log) == 2  # no chunk built this time
-    same = 1e-2 if dtype == torch.bfloat16 else (2e-3 if TRITON_DEVICE == "cuda" else 1e-6)
-    assert rel_err(regenerated, y.detach()) < same
+    # The tile-fused kernels compute the same function. In float32 on the CPU the two agree
+    # to the sums' rounding; on a GPU the fused dots are tf32 and torch's matmul is not, and in
+    # bfloat16 outputs may round to neighbouring values (and the chunks round G to bfloat16).
+    grads = [t.grad.clone() for t in (x, a, b)]
+    for t in (x, a, b):
+        t.grad = None
+    monkeypatch.setattr(tk, "FUSED_MAX_ROWS", 10 ** 9)
+    with lucidops.use_backend("triton"):
+        fused = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=OMEGA, scale=SCALE)
+        fused.backward(grad)
+    assert len(chunk_log) == 3  # no chunk formed this time
+    same = 1e-2 if dtype == torch.bfloat16 else (2e-3 if TRITON_DEVICE == "cuda" else 1e-5)
+    assert rel_err(fused, y.detach()) < same
+    for t, chunked in zip((x, a, b), grads):
+        assert rel_err(t.grad, chunked) < same
 
 
 def test_materialized_chunks_fit_the_budget():

@@ -250,7 +250,7 @@ def test_triton_backward_dequantizes_in_kernel(method, dtype, no_pytorch_dequant
 @needs_triton
 @pytest.mark.parametrize("method", ["uniform", "kmeans"])
 def test_triton_large_batches_dequantize_while_building_chunks(method, no_pytorch_dequant, monkeypatch):
-    # 260 rows (past REGENERATE_MAX_ROWS): forward and dx build Weff from the codes in column
+    # 260 rows (past FUSED_MAX_ROWS): forward and dx build Weff from the codes in column
     # chunks (2 KiB here: 64 columns), with groups of 24 that straddle rows and chunks.
     from lucidops.triton_kernels import lora as tk
 
@@ -258,6 +258,7 @@ def test_triton_large_batches_dequantize_while_building_chunks(method, no_pytorc
     lead, k, n, r = (2, 130), 100, 70, 5
     q, x, w, bias = quant_problem(lead, k, n, r, 24, 4, method, torch.float32, seed=11)
     x.requires_grad_(True)
+    w.requires_grad_(True)  # dW = dY^T X in chunks of rows too, without the adapter
     grad = torch.randn(*lead, n, generator=torch.Generator().manual_seed(12)).to(TRITON_DEVICE)
     with no_pytorch_dequant(), lucidops.use_backend("triton"):
         y = lucidops.ops.bounded_lora_linear(x, w, q, None, bias, fn="sin", omega=3.0, scale=0.5)
@@ -266,9 +267,9 @@ def test_triton_large_batches_dequantize_while_building_chunks(method, no_pytorc
     a_hat, b_hat = q.dequantize(torch.float64)
     assert rel(y, quant_expected(q, x, w, bias, "sin", 3.0, 0.5)) < TOL[torch.float32]
     x2, g2 = x.detach().cpu().double().reshape(-1, k), grad.cpu().double().reshape(-1, n)
-    dx = ref.backward(g2, x2, w.cpu().double(), a_hat.cpu(), b_hat.cpu(), "sin", "weight", 3.0, 0.5, True, False,
-                      False)[0]
-    assert rel(x.grad, dx) < TOL[torch.float32]
+    dx, dw = ref.backward(g2, x2, w.detach().cpu().double(), a_hat.cpu(), b_hat.cpu(), "sin", "weight", 3.0, 0.5,
+                          True, True, False)[:2]
+    assert rel(x.grad, dx) < TOL[torch.float32] and rel(w.grad, dw) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

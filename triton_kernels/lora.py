@@ -1,7 +1,7 @@
 """Triton kernels for sine and bounded LoRA linear layers (methods.md sections 3 and 5).
 
 The full-rank update s fn(omega B A) (N_out x K_in) is never kept, and for inputs of up to
-REGENERATE_MAX_ROWS rows (the serving case) it never reaches global memory:
+FUSED_MAX_ROWS rows (the serving case) it never reaches global memory:
 
 - ``lora_matmul_kernel`` computes out[m, j] = sum_i in[m, i] Weff(i, j) (+ epilogue, bias)
   where, with LORA, Weff(i, j) = W(i, j) + s fn(omega sum_r L[i, r] R[r, j]) is
@@ -21,6 +21,8 @@ REGENERATE_MAX_ROWS rows (the serving case) it never reaches global memory:
   as dW, then multiplies by s omega fn'(omega B A) (regenerated) and reduces the tile
   into per-tile partials of dA = B^T H and dB = H A^T, summed afterwards in a fixed
   order (deterministic, no atomics).
+- ``lora_wgrad_chunk_kernel`` does that reduction for rows of G formed by torch's matmul,
+  for inputs of more than FUSED_MAX_ROWS rows (_chunked_wgrad).
 - ``lora_output_grad_kernel`` (placement "output"): Gz = dY s fn'(omega U B^T) tile by
   tile, reduced over N into dU = omega Gz B, or over M into dB = omega Gz^T U.
 
@@ -52,8 +54,13 @@ REGEN_LARGE_M_CONFIG: Tuple[int, int, int, int] = (128, 128, 32, 8)
 # lora_update_kernel builds Weff once per call, a column chunk of at most
 # MATERIALIZE_CHUNK_BYTES at a time, and torch's matmul (cuBLAS) multiplies each chunk: one
 # phase and fn per element per call, as the C++ backend does, and the extra memory is one
-# chunk. bench/lora.py times both ways on a GPU ("triton, regenerated").
-REGENERATE_MAX_ROWS = REGEN_LARGE_M_CONFIG[0]
+# chunk. The weight gradient too: above this, G = dY^T X (a product as large as the
+# forward's) is torch's matmul, a chunk of G's rows at a time, and lora_wgrad_chunk_kernel
+# reduces each chunk, instead of lora_wgrad_kernel's 64x64 tiles (sized for small M, not
+# tuned for a 16384-deep reduction). In half precision that rounds G to x's dtype before the
+# fn' term, as the naive implementation does; the fused kernel keeps it in float32.
+# Unmeasured on a GPU: bench/lora.py times both ways ("lucidops[triton, fused tiles]").
+FUSED_MAX_ROWS = REGEN_LARGE_M_CONFIG[0]
 MATERIALIZE_CHUNK_BYTES = 8 << 20
 # (BLOCK_I, BLOCK_J, num_warps) for lora_update_kernel.
 UPDATE_CONFIG: Tuple[int, int, int] = (64, 64, 4)
@@ -223,6 +230,39 @@ def lora_matmul_kernel(
 
 
 @triton.jit
+def _reduce_into_factor_partials(g, a_ptr, b_ptr, pa_ptr, pb_ptr, offs_n, offs_k, mask_n, mask_k, tile_n, tile_k,
+                                 N, K, R, omega, scale, FN: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """H = g s omega fn'(omega B A) on a (BLOCK_N, BLOCK_K) tile of G = dY^T X (rows offs_n,
+    columns offs_k, float32), reduced into that tile's partials: rows offs_n of pb[tile_k] get
+    H A^T, columns offs_k of pa[tile_n] get B^T H (each tile its own slice; summed afterwards)."""
+    p = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        bf = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :],
+                     mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        af = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :],
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        p = tl.dot(bf, af, p, input_precision="ieee")
+    # Masked rows/columns have g = 0, so h = 0 there and they add nothing below.
+    h = g * (scale * omega) * _bounded_derivative(omega * p, FN)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        bf = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :],
+                     mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        af = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :],
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        part_b = tl.dot(h, tl.trans(af), input_precision="ieee")          # (BLOCK_N, BLOCK_R)
+        part_a = tl.dot(tl.trans(bf), h, input_precision="ieee")          # (BLOCK_R, BLOCK_K)
+        tl.store(pb_ptr + tile_k.to(tl.int64) * N * R + offs_n[:, None] * R + offs_r[None, :], part_b,
+                 mask=mask_n[:, None] & mask_r[None, :])
+        tl.store(pa_ptr + tile_n.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :], part_a,
+                 mask=mask_r[:, None] & mask_k[None, :])
+
+
+@triton.jit
 def lora_wgrad_kernel(
     dy_ptr, x_ptr, a_ptr, b_ptr, dw_ptr, pa_ptr, pb_ptr,
     M, N, K, R, omega, scale,
@@ -252,30 +292,30 @@ def lora_wgrad_kernel(
         tl.store(dw_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], g.to(dw_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_k[None, :])
     if NEED_LORA:
-        p = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            bf = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :],
-                         mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-            af = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :],
-                         mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            p = tl.dot(bf, af, p, input_precision="ieee")
-        # Masked rows/columns have g = 0, so h = 0 there and they add nothing below.
-        h = g * (scale * omega) * _bounded_derivative(omega * p, FN)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            bf = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :],
-                         mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-            af = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :],
-                         mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            part_b = tl.dot(h, tl.trans(af), input_precision="ieee")          # (BLOCK_N, BLOCK_R)
-            part_a = tl.dot(tl.trans(bf), h, input_precision="ieee")          # (BLOCK_R, BLOCK_K)
-            tl.store(pb_ptr + pid_k.to(tl.int64) * N * R + offs_n[:, None] * R + offs_r[None, :], part_b,
-                     mask=mask_n[:, None] & mask_r[None, :])
-            tl.store(pa_ptr + pid_n.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :], part_a,
-                     mask=mask_r[:, None] & mask_k[None, :])
+        _reduce_into_factor_partials(g, a_ptr, b_ptr, pa_ptr, pb_ptr, offs_n, offs_k, mask_n, mask_k, pid_n, pid_k,
+                                     N, K, R, omega, scale, FN, BLOCK_N, BLOCK_K, BLOCK_R)
+
+
+@triton.jit
+def lora_wgrad_chunk_kernel(
+    g_ptr, a_ptr, b_ptr, pa_ptr, pb_ptr, N, K, R, n_start, n_stop, omega, scale,
+    FN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """lora_wgrad_kernel's reduction for rows [n_start, n_stop) of G = dY^T X already formed
+    (contiguous (n_stop - n_start, K) at g_ptr, any float dtype): the tiles are numbered as
+    the fused kernel numbers them (n_start is a multiple of BLOCK_N), so the partials and their
+    sums are laid out the same."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = n_start + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < n_stop
+    mask_k = offs_k < K
+    g = tl.load(g_ptr + (offs_n - n_start)[:, None].to(tl.int64) * K + offs_k[None, :],
+                mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    _reduce_into_factor_partials(g, a_ptr, b_ptr, pa_ptr, pb_ptr, offs_n, offs_k, mask_n, mask_k,
+                                 n_start // BLOCK_N + pid_n, pid_k, N, K, R, omega, scale, FN, BLOCK_N, BLOCK_K,
+                                 BLOCK_R)
 
 
 @triton.jit
@@ -362,7 +402,7 @@ def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Opti
 
     lora = (L (I, r), R (r, J)) regenerates Weff = w + scale fn(omega L R) tile by tile;
     quant = (method code, r, left, right) does so from quantized factors (see _quant_matmul).
-    Above REGENERATE_MAX_ROWS rows these two build Weff in chunks instead (_materialized_matmul)."""
+    Above FUSED_MAX_ROWS rows these two build Weff in chunks instead (_materialized_matmul)."""
     m, i_dim = inp.shape
     j_dim = w.shape[1]
     if out.numel() == 0:
@@ -381,7 +421,7 @@ def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Opti
         r = l.shape[1] if lora is not None else (u.shape[1] if u is not None else 0)
         left = (l, dummy, dummy, 1, l.stride(0), l.stride(1))
         right = (rm, dummy, dummy, 1, rm.stride(0), rm.stride(1))
-    if regenerates and m > REGENERATE_MAX_ROWS:
+    if regenerates and m > FUSED_MAX_ROWS:
         return _materialized_matmul(inp, w, out, left, right, r, method, quant is not None, bias, fn, omega, scale)
     lq, l0, l1, group_l, stride_li, stride_lr = left
     rq, r0, r1, group_r, stride_rr, stride_rj = right
@@ -401,12 +441,12 @@ def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Opti
     return out
 
 
-def materialize_chunk_columns(rows: int, columns: int, element_size: int) -> int:
-    """Columns of Weff (rows x columns) built per chunk: as many whole BLOCK_J blocks as fit
-    in MATERIALIZE_CHUNK_BYTES, at least one block, at most all columns."""
-    block_j = UPDATE_CONFIG[1]
-    fit = MATERIALIZE_CHUNK_BYTES // max(rows * element_size, 1) // block_j * block_j
-    return max(1, min(columns, max(block_j, fit)))
+def materialize_chunk_columns(rows: int, columns: int, element_size: int, block: int = UPDATE_CONFIG[1]) -> int:
+    """Columns of a (rows x columns) matrix formed per chunk (Weff's columns; G's rows, read
+    transposed): as many whole ``block``s as fit in MATERIALIZE_CHUNK_BYTES, at least one
+    block, at most all columns. Every chunk but the last is a whole number of blocks."""
+    fit = MATERIALIZE_CHUNK_BYTES // max(rows * element_size, 1) // block * block
+    return max(1, min(columns, max(block, fit)))
 
 
 def _materialized_matmul(inp, w, out, left, right, r, method, quant, bias, fn, omega, scale) -> torch.Tensor:
@@ -525,7 +565,9 @@ def _wgrad(grad, x, a, b, code, omega, scale, need_weight, need_lora, w_dtype):
     dw = torch.empty((n, k), dtype=w_dtype, device=x.device) if need_weight else _dummy_fp32(x.device)
     pa = torch.empty((tiles_n, r, k), dtype=torch.float32, device=x.device) if need_lora else _dummy_fp32(x.device)
     pb = torch.empty((tiles_k, n, r), dtype=torch.float32, device=x.device) if need_lora else _dummy_fp32(x.device)
-    if n > 0 and k > 0:
+    if n > 0 and k > 0 and m > FUSED_MAX_ROWS:
+        _chunked_wgrad(grad, x, a, b, dw, pa, pb, code, omega, scale, need_weight, need_lora)
+    elif n > 0 and k > 0:
         lora_wgrad_kernel[(tiles_n, tiles_k)](
             grad, x, a, b, dw, pa, pb, m, n, k, r, float(omega), float(scale),
             # FN only matters with the adapter: one compiled variant for every plain dW = dY^T X.
@@ -538,6 +580,26 @@ def _wgrad(grad, x, a, b, code, omega, scale, need_weight, need_lora, w_dtype):
         return grad_w, empty, empty
     # Fixed-order sums of the per-tile partials: deterministic.
     return grad_w, pa.sum(0).to(a.dtype), pb.sum(0).to(b.dtype)
+
+
+def _chunked_wgrad(grad, x, a, b, dw, pa, pb, code, omega, scale, need_weight, need_lora) -> None:
+    """_wgrad for many rows: G = dY^T X by torch's matmul, a chunk of G's rows at a time (into
+    dW's rows when dW is wanted, else into one reused buffer in x's dtype), each reduced by
+    lora_wgrad_chunk_kernel into the same partials the fused kernel writes."""
+    k = x.shape[1]
+    n, r = b.shape
+    block_n, block_k, _, warps = WGRAD_CONFIG
+    step = materialize_chunk_columns(k, n, x.element_size(), block=block_n)
+    buffer = None if need_weight else torch.empty((step, k), dtype=x.dtype, device=x.device)
+    for n0 in range(0, n, step):
+        rows = min(step, n - n0)
+        g = dw[n0:n0 + rows] if need_weight else buffer[:rows]
+        torch.mm(grad[:, n0:n0 + rows].t(), x, out=g)
+        if need_lora:
+            lora_wgrad_chunk_kernel[(triton.cdiv(rows, block_n), triton.cdiv(k, block_k))](
+                g, a, b, pa, pb, n, k, r, n0, n0 + rows, float(omega), float(scale),
+                FN=code, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BLOCK_R, num_warps=warps,
+            )
 
 
 def _output_grad(grad, u, b, out, reduce_over_n: bool, code, omega, scale, r_pad):
@@ -690,6 +752,13 @@ def aot_specs() -> Iterator[Dict]:
                 yield _update_spec(dt, fn, method)
         block_n, block_k, block_m, warps = WGRAD_CONFIG
         for fn in FN_CODES.values():
+            yield dict(fn=lora_wgrad_chunk_kernel,
+                       signature={"g_ptr": f"*{dt}", "a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "pa_ptr": "*fp32",
+                                  "pb_ptr": "*fp32", "N": "i32", "K": "i32", "R": "i32", "n_start": "i32",
+                                  "n_stop": "i32", "omega": "fp32", "scale": "fp32", "FN": "constexpr",
+                                  "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_R": "constexpr"},
+                       constexprs={"FN": fn, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_R": BLOCK_R},
+                       num_warps=warps)
             for need_dw, need_lora in ((True, False), (False, True), (True, True)):
                 if not need_lora and fn != 0:
                     continue  # FN is unused without the adapter: the launcher passes 0

@@ -157,9 +157,10 @@ _NOTES = {
     "cpp": "placement weight: a C++ pass builds the effective weight W + s fn(omega B A) from the rank-r "
            "factors (forward, dx) and forms G fn'(omega B A) in place (dA, dB), around ATen matmuls; "
            "placement output: ATen matmuls and in-place elementwise steps; saves only x, weight, A, B",
-    "triton": "up to 128 rows the update's tiles are regenerated inside the matmul K-loop (forward, dx); "
-              "above, a Triton kernel builds the effective weight once per call in <= 8 MiB column chunks "
-              "for torch's matmul; the weight-gradient tile is reduced into dA, dB without reaching memory",
+    "triton": "up to 128 rows the update's tiles are regenerated inside the matmul K-loop (forward, dx) "
+              "and the weight-gradient tile is reduced into dA, dB without reaching memory; above, Triton "
+              "kernels build the effective weight once per call in <= 8 MiB column chunks for torch's "
+              "matmul and reduce chunks of torch's dY^T X into dA, dB",
 }
 backends.register_op("bounded_lora_linear",
                      {"reference": _reference_forward, "cpp": _cpp_forward, "triton": _triton_forward},

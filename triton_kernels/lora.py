@@ -121,12 +121,12 @@ def _factor_tile(ptr, t0_ptr, t1_ptr, flat, mask, group_size, QUANT: tl.constexp
 
 
 @triton.jit
-def _update_tile(l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, offs_i, offs_j, mask_i, mask_j, R,
-                 stride_li, stride_lr, stride_rr, stride_rj, group_l, group_r, omega, scale,
-                 FN: tl.constexpr, QUANT: tl.constexpr, METHOD: tl.constexpr,
-                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
-    """float32 (BLOCK_I, BLOCK_J) tile s fn(omega sum_r L[i, r] R[r, j]) of the update (see lora_matmul_kernel
-    for how L and R are addressed); the phase is an "ieee" float32 dot over 16-wide rank chunks."""
+def _phase_tile(l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, offs_i, offs_j, mask_i, mask_j, R,
+                stride_li, stride_lr, stride_rr, stride_rj, group_l, group_r,
+                QUANT: tl.constexpr, METHOD: tl.constexpr,
+                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """float32 (BLOCK_I, BLOCK_J) tile of sum_r L[i, r] R[r, j] (see lora_matmul_kernel for how
+    L and R are addressed): an "ieee" float32 dot over 16-wide rank chunks, 0 where masked."""
     p = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -136,6 +136,18 @@ def _update_tile(l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, offs_i, offs_j, m
         rf = _factor_tile(r_ptr, r0_ptr, r1_ptr, offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
                           mask_r[:, None] & mask_j[None, :], group_r, QUANT, METHOD)
         p = tl.dot(lf, rf, p, input_precision="ieee")
+    return p
+
+
+@triton.jit
+def _update_tile(l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, offs_i, offs_j, mask_i, mask_j, R,
+                 stride_li, stride_lr, stride_rr, stride_rj, group_l, group_r, omega, scale,
+                 FN: tl.constexpr, QUANT: tl.constexpr, METHOD: tl.constexpr,
+                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """float32 (BLOCK_I, BLOCK_J) tile s fn(omega sum_r L[i, r] R[r, j]) of the update."""
+    p = _phase_tile(l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, offs_i, offs_j, mask_i, mask_j, R,
+                    stride_li, stride_lr, stride_rr, stride_rj, group_l, group_r, QUANT, METHOD,
+                    BLOCK_I, BLOCK_J, BLOCK_R)
     return scale * _bounded(omega * p, FN)
 
 
@@ -236,15 +248,9 @@ def _reduce_into_factor_partials(g, a_ptr, b_ptr, pa_ptr, pb_ptr, offs_n, offs_k
     """H = g s omega fn'(omega B A) on a (BLOCK_N, BLOCK_K) tile of G = dY^T X (rows offs_n,
     columns offs_k, float32), reduced into that tile's partials: rows offs_n of pb[tile_k] get
     H A^T, columns offs_k of pa[tile_n] get B^T H (each tile its own slice; summed afterwards)."""
-    p = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        bf = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :],
-                     mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        af = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :],
-                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        p = tl.dot(bf, af, p, input_precision="ieee")
+    # Plain factors (QUANT off): the side tables and groups are unused, b_ptr stands in.
+    p = _phase_tile(b_ptr, b_ptr, b_ptr, a_ptr, a_ptr, a_ptr, offs_n, offs_k, mask_n, mask_k, R, R, 1, K, 1, 1, 1,
+                    False, 0, BLOCK_N, BLOCK_K, BLOCK_R)
     # Masked rows/columns have g = 0, so h = 0 there and they add nothing below.
     h = g * (scale * omega) * _bounded_derivative(omega * p, FN)
     for r0 in range(0, R, BLOCK_R):

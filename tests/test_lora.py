@@ -357,6 +357,36 @@ def test_triton_large_batches_work_in_chunks(dtype, fn, train_base, chunk_log, m
         assert rel_err(t.grad, chunked) < same
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_small_batches_split_the_reduction(dtype, monkeypatch):
+    # 3 rows, 300 input features: one output tile, 5 BLOCK_I blocks. Two slices of the
+    # reduction (192 + 108 features) write float32 partials that are added with the bias
+    # afterwards; the result must equal the unsplit kernel's and the float64 reference.
+    from lucidops.triton_kernels import lora as tk
+
+    x, w, a, b, bias = make((3, 300), 20, 6, dtype, TRITON_DEVICE, seed=5)
+    results = {}
+    for target in (1, 2):
+        monkeypatch.setattr(tk, "SPLIT_TARGET_PROGRAMS", target)
+        with torch.no_grad(), lucidops.use_backend("triton"):
+            results[target] = lucidops.ops.sine_lora_linear(x, w, a, b, bias, omega=OMEGA, scale=SCALE)
+    assert tk.reduction_splits(1, 300, 64) == 2
+    y_ref = reference_grads(torch.zeros(3, 20), x, w, a, b, bias, "sin", "weight")[0]
+    assert rel_err(results[2], y_ref) < TOL[dtype] and rel_err(results[1], y_ref) < TOL[dtype]
+    assert rel_err(results[2], results[1]) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+def test_reduction_splits_fill_the_gpu_at_serving_sizes():
+    from lucidops.triton_kernels import lora as tk
+
+    # M = 1, N_out = K_in = 4096: 64 output tiles of 64 columns, 8 slices of 512 features.
+    assert tk.reduction_splits(64, 4096, 64) == 8
+    assert tk.reduction_splits(64 * 4096, 4096, 64) == 1      # enough tiles already
+    assert tk.reduction_splits(1, 40, 64) == 1                # one block: nothing to split
+    assert tk.reduction_splits(1, 10 ** 6, 64) == tk.SPLIT_TARGET_PROGRAMS
+
+
 def test_materialized_chunks_fit_the_budget():
     from lucidops.triton_kernels import lora as tk
 

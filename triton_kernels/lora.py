@@ -10,6 +10,8 @@ FUSED_MAX_ROWS rows (the serving case) it never reaches global memory:
   strides, so one kernel serves the forward (in = x, W^T, L = A^T, R = B^T) and dx
   (in = dY, W, L = B, R = A), plus the plain products of the "output" placement (LORA
   off; EPILOGUE 1 adds s fn(omega U E), EPILOGUE 2 adds U E, with U (M, r) float32).
+  Regenerating, it splits its reduction into slices when the output has few tiles
+  (reduction_splits), so that a one-row input still spreads the update's work over the GPU.
   With QUANT (methods.md 4, placement "weight") L and R are quantized adapter factors:
   the kernel reads their uint8 codes and float16 side data (per-group scale and minimum,
   or a codebook) and dequantizes each tile in float32, so neither the dequantized
@@ -62,6 +64,10 @@ REGEN_LARGE_M_CONFIG: Tuple[int, int, int, int] = (128, 128, 32, 8)
 # Unmeasured on a GPU: bench/lora.py times both ways ("lucidops[triton, fused tiles]").
 FUSED_MAX_ROWS = REGEN_LARGE_M_CONFIG[0]
 MATERIALIZE_CHUNK_BYTES = 8 << 20
+# Up to FUSED_MAX_ROWS rows a regenerating product has few output tiles (M = 1, N_out = 4096:
+# 64 programs of 4 warps, fewer than an H100's 132 SMs), each looping over all of K_in: its
+# reduction is split into slices until the grid has about this many programs (4 per SM).
+SPLIT_TARGET_PROGRAMS = 512
 # (BLOCK_I, BLOCK_J, num_warps) for lora_update_kernel.
 UPDATE_CONFIG: Tuple[int, int, int] = (64, 64, 4)
 # (BLOCK_N, BLOCK_K, BLOCK_M, num_warps) for lora_wgrad_kernel.
@@ -185,7 +191,7 @@ def lora_matmul_kernel(
     M, I, J, R,
     stride_im, stride_ii, stride_wi, stride_wj, stride_li, stride_lr, stride_rr, stride_rj,
     stride_um, stride_ur, stride_er, stride_ej,
-    group_l, group_r, omega, scale,
+    group_l, group_r, omega, scale, i_split, stride_os,
     FN: tl.constexpr, LORA: tl.constexpr, QUANT: tl.constexpr, METHOD: tl.constexpr, EPILOGUE: tl.constexpr,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -196,15 +202,21 @@ def lora_matmul_kernel(
     r * stride_rr + j * stride_rj. With QUANT (LORA on) l_ptr / r_ptr are the factors'
     contiguous codes, the strides run over the flattened factor, which is also where its
     uniform groups (group_l, group_r elements) are counted, and l0/l1, r0/r1 are the side
-    tables (see _factor_tile); otherwise the tables and groups are unused."""
+    tables (see _factor_tile); otherwise the tables and groups are unused.
+
+    Split reduction: program_id(2) = s sums only i in [s i_split, (s + 1) i_split) (i_split a
+    multiple of BLOCK_I) and writes its partial sum at out_ptr + s stride_os; with more than
+    one split the caller adds the partials and the bias (HAS_BIAS off, no epilogue)."""
     pid_m = tl.program_id(0)
     pid_j = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_m = offs_m < M
     mask_j = offs_j < J
     acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
-    for i0 in range(0, I, BLOCK_I):
+    i_begin = pid_s * i_split
+    for i0 in range(i_begin, tl.minimum(I, i_begin + i_split), BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)
         mask_i = offs_i < I
         offs_i64 = offs_i.to(tl.int64)
@@ -237,8 +249,8 @@ def lora_matmul_kernel(
             acc += z
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * J + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_j[None, :])
+    tl.store(out_ptr + pid_s.to(tl.int64) * stride_os + offs_m[:, None] * J + offs_j[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_j[None, :])
 
 
 @triton.jit
@@ -433,18 +445,37 @@ def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Opti
     rq, r0, r1, group_r, stride_rr, stride_rj = right
     u_t = u if u is not None else dummy
     e_t = e if e is not None else w
-    grid = (triton.cdiv(m, block_m), triton.cdiv(j_dim, block_j))
-    lora_matmul_kernel[grid](
-        inp, w, lq, l0, l1, rq, r0, r1, bias if bias is not None else w, u_t, e_t, out,
+    tiles_m, tiles_j = triton.cdiv(m, block_m), triton.cdiv(j_dim, block_j)
+    splits = reduction_splits(tiles_m * tiles_j, i_dim, block_i) if regenerates else 1
+    i_split = triton.cdiv(max(i_dim, 1), block_i * splits) * block_i
+    splits = max(1, triton.cdiv(i_dim, i_split))  # no empty slice
+    # Several slices write float32 partial sums, added below in a fixed order (deterministic).
+    target = out if splits == 1 else torch.empty((splits, m, j_dim), dtype=torch.float32, device=out.device)
+    lora_matmul_kernel[(tiles_m, tiles_j, splits)](
+        inp, w, lq, l0, l1, rq, r0, r1, bias if bias is not None else w, u_t, e_t, target,
         m, i_dim, j_dim, r,
         inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), stride_li, stride_lr, stride_rr, stride_rj,
         u_t.stride(0) if u is not None else 0, u_t.stride(1) if u is not None else 0,
         e_t.stride(0), e_t.stride(1), max(int(group_l), 1), max(int(group_r), 1), float(omega), float(scale),
+        i_split, m * j_dim,
         FN=fn, LORA=regenerates, QUANT=quant is not None, METHOD=method,
-        EPILOGUE=epilogue, HAS_BIAS=bias is not None, UPCAST=_upcast(inp, w),
+        EPILOGUE=epilogue, HAS_BIAS=bias is not None and splits == 1, UPCAST=_upcast(inp, w),
         BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_I=block_i, BLOCK_R=BLOCK_R, num_warps=warps,
     )
+    if splits > 1:
+        total = target.sum(0)
+        if bias is not None:
+            total += bias.float()
+        out.copy_(total)
     return out
+
+
+def reduction_splits(tiles: int, i_dim: int, block_i: int) -> int:
+    """Slices of the reduction over I for a regenerating product with ``tiles`` output tiles:
+    enough that the grid has about SPLIT_TARGET_PROGRAMS programs, at most one per BLOCK_I
+    block. Each (BLOCK_I, BLOCK_J) tile of the update is still regenerated once per row block,
+    so the split adds parallelism, not work."""
+    return max(1, min(triton.cdiv(i_dim, block_i), triton.cdiv(SPLIT_TARGET_PROGRAMS, max(tiles, 1))))
 
 
 def materialize_chunk_columns(rows: int, columns: int, element_size: int, block: int = UPDATE_CONFIG[1]) -> int:
@@ -705,7 +736,7 @@ def _matmul_spec(in_t, w_t, out_t, *, lora, epilogue, has_bias, fn, config, quan
                  "r_ptr": f"*{factor_t}", "r0_ptr": f"*{table_t}", "r1_ptr": f"*{table_t}",
                  "bias_ptr": f"*{w_t}", "u_ptr": "*fp32", "e_ptr": f"*{w_t}", "out_ptr": f"*{out_t}"}
     signature.update({name: "i32" for name in ints})
-    signature.update({"omega": "fp32", "scale": "fp32"})
+    signature.update({"omega": "fp32", "scale": "fp32", "i_split": "i32", "stride_os": "i32"})
     constexprs = {"FN": fn, "LORA": lora or quant, "QUANT": quant, "METHOD": quant_method if quant else 0,
                   "EPILOGUE": epilogue, "HAS_BIAS": has_bias, "UPCAST": False,
                   "BLOCK_M": block_m, "BLOCK_J": block_j, "BLOCK_I": block_i, "BLOCK_R": BLOCK_R}
@@ -742,6 +773,10 @@ def aot_specs() -> Iterator[Dict]:
                     # weight placement forward; output placement forward (epilogue 1)
                     yield _matmul_spec(dt, dt, dt, lora=True, epilogue=0, has_bias=has_bias, fn=fn, config=regen)
                     yield _matmul_spec(dt, dt, dt, lora=False, epilogue=1, has_bias=has_bias, fn=fn, config=config)
+                if dt != "fp32":  # split reductions write float32 partials (no bias), plain or quantized
+                    for method in (None, *QUANT_METHODS.values()):
+                        yield _matmul_spec(dt, dt, "fp32", lora=True, epilogue=0, has_bias=False, fn=fn,
+                                           config=regen, quant_method=method)
             # U = x A^T (fp32 out); output-placement dx (epilogue 2); dA = dU^T x (fp32 in and out)
             yield _matmul_spec(dt, dt, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
             yield _matmul_spec(dt, dt, dt, lora=False, epilogue=2, has_bias=False, fn=0, config=config)

@@ -103,6 +103,18 @@ def _bounded_derivative(z, FN: tl.constexpr):
 
 
 @triton.jit
+def _dot_fp32_accurate(a, b, acc):
+    """acc + a @ b on the tensor cores; float32 operands as "tf32x3" (three tf32 passes, error
+    ~2^-22 of each product, where the default tf32 would be ~2^-11): float32 callers get
+    float32 accuracy. Half-precision operands are exact products either way."""
+    if a.dtype == tl.float32:
+        out = tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
 def _factor_tile(ptr, t0_ptr, t1_ptr, flat, mask, group_size, QUANT: tl.constexpr, METHOD: tl.constexpr):
     """float32 tile of an adapter factor at element offsets ``flat`` (0 where masked).
 
@@ -232,7 +244,7 @@ def lora_matmul_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc)
+        acc = _dot_fp32_accurate(a, w, acc)
     if EPILOGUE != 0:
         z = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
@@ -305,7 +317,7 @@ def lora_wgrad_kernel(
         if UPCAST:
             dyt = dyt.to(tl.float32)
             xx = xx.to(tl.float32)
-        g = tl.dot(dyt, xx, g)
+        g = _dot_fp32_accurate(dyt, xx, g)
     if NEED_DW:
         tl.store(dw_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], g.to(dw_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_k[None, :])

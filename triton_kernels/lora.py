@@ -189,7 +189,8 @@ def lora_update_kernel(
     mask_j = offs_j < J
     offs_i64 = offs_i.to(tl.int64)
     mask = mask_i[:, None] & mask_j[None, :]
-    w = tl.load(w_ptr + offs_i64[:, None] * stride_wi + offs_j[None, :] * stride_wj, mask=mask, other=0.0)
+    w = tl.load(w_ptr + offs_i64[:, None] * stride_wi + offs_j.to(tl.int64)[None, :] * stride_wj, mask=mask,
+                other=0.0)
     weff = w.to(tl.float32) + _update_tile(l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, offs_i, offs_j, mask_i,
                                            mask_j, R, stride_li, stride_lr, stride_rr, stride_rj, group_l, group_r,
                                            omega, scale, FN, QUANT, METHOD, BLOCK_I, BLOCK_J, BLOCK_R)
@@ -469,7 +470,7 @@ def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Opti
         inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), stride_li, stride_lr, stride_rr, stride_rj,
         u_t.stride(0) if u is not None else 0, u_t.stride(1) if u is not None else 0,
         e_t.stride(0), e_t.stride(1), max(int(group_l), 1), max(int(group_r), 1), float(omega), float(scale),
-        i_split, m * j_dim,
+        i_split, m * j_dim if splits > 1 else 0,
         FN=fn, LORA=regenerates, QUANT=quant is not None, METHOD=method,
         EPILOGUE=epilogue, HAS_BIAS=bias is not None and splits == 1, UPCAST=_upcast(inp, w),
         BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_I=block_i, BLOCK_R=BLOCK_R, num_warps=warps,

@@ -24,6 +24,13 @@ BACKENDS_BY_DEVICE = {
 }
 
 
+# The Triton kernels run on a GPU, or on the CPU under the interpreter; tests that call
+# them directly skip otherwise.
+needs_triton = pytest.mark.skipif(not lucidops.backends.triton_interpreting() and not HAS_CUDA,
+                                  reason="needs the Triton interpreter or a GPU")
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
 def backend_device_params():
     params = []
     for device in ("cpu", "cuda"):

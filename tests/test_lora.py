@@ -8,7 +8,7 @@ from torch import nn
 
 import lucidops
 from lucidops.reference import lora as ref
-from conftest import backend_device_params
+from conftest import TRITON_DEVICE, backend_device_params, needs_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 # (x shape, N_out, r): odd K_in / N_out, r in {1, 4, 16}, leading batch dims, size-1 dims.
@@ -290,11 +290,6 @@ def test_triton_backend_rejects_float64_clearly():
     x, w, a, b, _ = make((3, 8), 5, 2, torch.float64, "cpu")
     with lucidops.use_backend("triton"), pytest.raises(TypeError, match="float64"):
         lucidops.ops.sine_lora_linear(x, w, a, b, omega=1.0, scale=1.0)
-
-
-needs_triton = pytest.mark.skipif(not lucidops.backends.triton_interpreting() and not torch.cuda.is_available(),
-                                  reason="needs the Triton interpreter or a GPU")
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture

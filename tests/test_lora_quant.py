@@ -9,7 +9,7 @@ import torch
 import lucidops
 from lucidops.quant import QuantizedAdapter, quantize_adapter
 from lucidops.reference import lora as ref
-from conftest import backend_device_params
+from conftest import TRITON_DEVICE, backend_device_params, needs_triton
 
 
 def adapter(r=8, k=96, n=40, seed=0):
@@ -132,9 +132,6 @@ def test_bad_arguments():
 
 # --------------------------------------------------------------------------- in-kernel dequantization (triton)
 
-needs_triton = pytest.mark.skipif(not lucidops.backends.triton_interpreting() and not torch.cuda.is_available(),
-                                  reason="the triton backend needs a GPU or TRITON_INTERPRET=1")
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 # (leading dims of x, K_in, N_out, r, group_size): groups larger than K_in (they straddle

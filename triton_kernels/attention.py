@@ -99,6 +99,16 @@ def _dot_ds(ds, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _head_group(pid_bh, H, G: tl.constexpr):
+    """A program's batch index and its G packed heads, as (G, 1, 1) int64 ids and an in-range mask.
+
+    Packing G heads per program keeps every tl.dot at least 16 wide when d is small."""
+    groups = tl.cdiv(H, G)
+    heads = (pid_bh % groups) * G + tl.arange(0, G)
+    return pid_bh // groups, heads[:, None, None].to(tl.int64), (heads < H)[:, None, None]
+
+
+@triton.jit
 def _visible(rows, cols, b, MASK, NQ, NK, has_mask, causal):
     """(1, len(rows), len(cols)) bool: key col visible to query row (rows/cols absolute)."""
     ok = (rows[None, :, None] < NQ) & (cols[None, None, :] < NK)
@@ -121,14 +131,10 @@ def attention_forward_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    groups = tl.cdiv(H, G)
-    b = pid_bh // groups
-    heads = (pid_bh % groups) * G + tl.arange(0, G)
+    b, h3, h_ok = _head_group(pid_bh, H, G)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    h3 = heads[:, None, None].to(tl.int64)
-    h_ok = (heads < H)[:, None, None]
     d_ok = offs_d < HEAD_DIM
 
     q_ptrs = Q + b.to(tl.int64) * sqb + h3 * sqh + rows[None, :, None].to(tl.int64) * sqn + offs_d[None, None, :]
@@ -193,14 +199,10 @@ def attention_backward_dkdv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    groups = tl.cdiv(H, G)
-    b = pid_bh // groups
-    heads = (pid_bh % groups) * G + tl.arange(0, G)
+    b, h3, h_ok = _head_group(pid_bh, H, G)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    h3 = heads[:, None, None].to(tl.int64)
-    h_ok = (heads < H)[:, None, None]
     d_ok = offs_d < HEAD_DIM
     kv_ok = h_ok & (cols[None, :, None] < NK) & d_ok[None, None, :]
     c3 = cols[None, :, None].to(tl.int64)
@@ -247,14 +249,10 @@ def attention_backward_dq_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    groups = tl.cdiv(H, G)
-    b = pid_bh // groups
-    heads = (pid_bh % groups) * G + tl.arange(0, G)
+    b, h3, h_ok = _head_group(pid_bh, H, G)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    h3 = heads[:, None, None].to(tl.int64)
-    h_ok = (heads < H)[:, None, None]
     d_ok = offs_d < HEAD_DIM
     r_ok = h_ok & (rows[None, :, None] < NQ)  # (G, BLOCK_M, 1)
     q = tl.load(Q + b.to(tl.int64) * sqb + h3 * sqh + rows[None, :, None].to(tl.int64) * sqn

@@ -474,16 +474,13 @@ def _validate_base(x, weight, bias, fn, placement):
 
 
 def _validate_args(x, weight, lora_A, lora_B, bias, fn, placement):
-    _validate.floating_tensor(x, "x")
-    for value, name in ((weight, "weight"), (lora_A, "lora_A"), (lora_B, "lora_B")):
+    """Everything _validate_base checks, then plain (unquantized) factors A and B."""
+    _validate_base(x, weight, bias, fn, placement)
+    n_out, k_in = weight.shape
+    for value, name in ((lora_A, "lora_A"), (lora_B, "lora_B")):
         _validate.floating_tensor(value, name)
         if value.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(value.shape)}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., K_in), got a 0-d tensor")
-    n_out, k_in = weight.shape
-    if x.shape[-1] != k_in:
-        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's K_in ({k_in})")
     r = lora_A.shape[0]
     if r < 1:
         raise ValueError(f"lora_A must have rank r >= 1 rows, got shape {tuple(lora_A.shape)}")
@@ -491,20 +488,10 @@ def _validate_args(x, weight, lora_A, lora_B, bias, fn, placement):
         raise ValueError(f"lora_A must have shape (r, K_in={k_in}), got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (n_out, r):
         raise ValueError(f"lora_B must have shape (N_out={n_out}, r={r}), got {tuple(lora_B.shape)}")
-    if bias is not None:
-        _validate.floating_tensor(bias, "bias")
-        if tuple(bias.shape) != (n_out,):
-            raise ValueError(f"bias must have shape (N_out={n_out},), got {tuple(bias.shape)}")
-    for value, name in ((weight, "weight"), (lora_A, "lora_A"), (lora_B, "lora_B"), (bias, "bias")):
-        if value is None:
-            continue
+    for value, name in ((lora_A, "lora_A"), (lora_B, "lora_B")):
         _validate.same_device(value, x, name, "x")
         if value.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype ({x.dtype}), got {value.dtype}")
-    if fn not in FNS:
-        raise ValueError(f"fn must be one of {FNS}, got {fn!r}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
 
 
 def _resolve_adapter(x: Tensor, lora_A, lora_B):

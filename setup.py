@@ -27,6 +27,7 @@ PACKAGE_DIR = {
 }
 
 PACKAGE_DATA = {
+    "lucidops": ["py.typed"],  # PEP 561: type checkers read the package's own annotations
     "lucidops.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.h"],
     "lucidops.bench": ["*.sh"],
 }

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple, Union
+from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 from torch import Tensor
@@ -227,6 +227,17 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal, key_padding_mask, scale) -> 
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
         raise ValueError(f"scale must be a finite real number, got {scale!r}")
     return float(scale)
+
+
+# Overloads so that type checkers know the result's type from return_lse.
+@overload
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = ..., key_padding_mask: Optional[Tensor] = ...,
+              scale: Optional[float] = ..., return_lse: Literal[False] = ...) -> Tensor: ...
+
+
+@overload
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = ..., key_padding_mask: Optional[Tensor] = ...,
+              scale: Optional[float] = ..., return_lse: Literal[True]) -> Tuple[Tensor, Tensor]: ...
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,

@@ -5,6 +5,7 @@ at decoration time), hence here, before anything imports lucidops.
 """
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -14,6 +15,13 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import lucidops  # noqa: E402
+from interpreter_rounding import patch_interpreter_bf16_rounding  # noqa: E402
+
+# The interpreter truncates float32 -> bfloat16; GPUs round to nearest (see the module).
+INTERPRETER_BF16_PATCHED = lucidops.backends.triton_interpreting() and patch_interpreter_bf16_rounding()
+
+# Base of every test's seed; set it to draw other inputs (a failure then names its seed).
+TEST_SEED = int(os.environ.get("LUCIDOPS_TEST_SEED", "0"))
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
@@ -38,6 +46,23 @@ def backend_device_params():
             marks = [pytest.mark.cuda] if device == "cuda" else []
             params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
     return params
+
+
+def pytest_report_header(config):
+    return [f"lucidops: LUCIDOPS_TEST_SEED={TEST_SEED}; Triton interpreter "
+            f"{'on' if lucidops.backends.triton_interpreting() else 'off'}"
+            f"{', bf16 casts patched to round to nearest' if INTERPRETER_BF16_PATCHED else ''}"]
+
+
+@pytest.fixture(autouse=True)
+def seeded_torch(request):
+    """torch's global generator seeded from the test's id and LUCIDOPS_TEST_SEED.
+
+    torch seeds that generator randomly at start-up, so inputs drawn from it differed on
+    every run and a failure could not be reproduced. Each test still gets its own inputs."""
+    seed = zlib.crc32(request.node.nodeid.encode()) ^ TEST_SEED
+    torch.manual_seed(seed)
+    return seed
 
 
 def pytest_collection_modifyitems(config, items):

@@ -37,9 +37,11 @@ def _interpreter_bf16(values: np.ndarray) -> np.ndarray:
 _PROBE = np.array([1.0 + 0.75 * 2.0**-7, -(1.0 + 0.75 * 2.0**-7), 1.0 + 1.5 * 2.0**-7, 3.0], dtype=np.float32)
 
 
-def interpreter_rounds_bf16_to_nearest() -> bool:
-    expected = torch.from_numpy(_PROBE).to(torch.bfloat16).float().numpy()
-    return bool(np.array_equal(_interpreter_bf16(_PROBE), expected))
+def interpreter_rounds_bf16_to_nearest(values: np.ndarray = _PROBE) -> bool:
+    """Whether the interpreter's fp32 -> bf16 cast of ``values`` equals torch's (round to nearest even)."""
+    values = values.astype(np.float32)
+    expected = torch.from_numpy(values).to(torch.bfloat16).float().numpy()
+    return bool(np.array_equal(_interpreter_bf16(values), expected))
 
 
 def _to_bf16_bits(data: np.ndarray) -> np.ndarray:

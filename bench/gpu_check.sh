@@ -42,7 +42,7 @@ parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
 per_test=()
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=120)
-timeout 180 python3 -m pytest tests -q -m "not slow" -k "cuda or triton or gpu" -p no:cacheprovider \
+timeout 180 python3 -m pytest tests -q -m "not slow" -k "(cuda or triton or gpu) and not emulated" -p no:cacheprovider \
   "${parallel[@]}" "${per_test[@]}" --durations=20 --junitxml="$LOG_DIR/pytest.xml" > "$LOG_DIR/pytest.txt" 2>&1
 [ $? -eq 0 ] || status=1
 tail -30 "$LOG_DIR/pytest.txt"

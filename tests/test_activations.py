@@ -55,12 +55,18 @@ def test_forward_backward_match_reference(backend, device, kind, dtype, shape, p
         assert lucidops.backends.last_used(f"{kind}_backward") == backend
     assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
 
-    # Ground truth in float64 from the same (already rounded) inputs.
-    x64, s64, g64 = x.detach().double().cpu(), sigma.detach().double().cpu(), grad_out.double().cpu()
+    assert_matches_float64_reference(kind, x.detach(), sigma.detach(), grad_out, y, x.grad, sigma.grad)
+
+
+def assert_matches_float64_reference(kind, x, sigma, grad_out, y, grad_x, grad_sigma):
+    """y, grad_x and grad_sigma of a backend against the float64 reference on the same
+    (already rounded) inputs."""
+    dtype = x.dtype
+    x64, s64, g64 = x.double().cpu(), sigma.double().cpu(), grad_out.double().cpu()
     y_ref = ref.forward(kind, x64, s64)
     gx_ref, gs_ref = ref.backward(kind, g64, x64, s64, True)
     assert rel_err(y, y_ref) < TOL[dtype]
-    assert rel_err(x.grad, gx_ref) < TOL[dtype]
+    assert rel_err(grad_x, gx_ref) < TOL[dtype]
     # A sum of many terms: its rounding error scales with the sum of their magnitudes. And each
     # term g f'(u) u / sigma inherits the one rounding of u = x / sigma in the kernel's compute
     # dtype (|du| <= eps |u|), which at x = -9000 (|u| ~ 10^4, where sinc' ~ cos(u) / u swings)
@@ -74,7 +80,7 @@ def test_forward_backward_match_reference(backend, device, kind, dtype, shape, p
     u_sensitivity = (g64 * (second * u + first) * u / s64).abs().sum().item()
     eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps / 2
     bound = 10 * TOL[dtype] * (1.0 + terms_abs_sum) + 4 * eps * u_sensitivity
-    assert abs(sigma.grad.item() - gs_ref.item()) <= bound
+    assert abs(grad_sigma.item() - gs_ref.item()) <= bound
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

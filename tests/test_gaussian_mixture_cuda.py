@@ -1,8 +1,9 @@
 """The cuda backend of gaussian_mixture (csrc/cuda/gaussian_mixture.cu).
 
-Without a GPU only the build, the registration and the Python glue can be checked (the glue
-by routing the "cuda" extension to the CPU extension, which has the same functions and
-contract); every kernel test below is marked cuda and skipped, with its reason, elsewhere.
+Without a GPU this file checks the build, the registration and the Python glue (routing the
+"cuda" extension to the CPU extension, which has the same functions and contract); the kernels
+themselves run on the CPU in tests/test_cuda_emulated.py. Every kernel test below is marked
+cuda and skipped, with its reason, elsewhere.
 """
 
 import importlib

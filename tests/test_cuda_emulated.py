@@ -1,0 +1,241 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU through the emulator of tests/cuda_emulator.py.
+
+On a machine without a GPU the kernels are otherwise only compiled. Here their indexing, tiling,
+barriers, warp collectives, tie rule and partial-sum layouts run for real, behind the same
+Python glue as on a GPU (``_ext.load("cuda")`` answers with the emulated extension), with guard
+bands around every buffer and NaN in every output before the launch. The emulator's own checks
+are shown to fail on kernels with known defects (tests/cuda_emulation/selftest.cu).
+"""
+
+import ctypes
+import importlib
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lucidops import _ext, backends
+from lucidops.reference import gaussian_mixture as ref
+import cuda_emulator
+from test_activations import assert_matches_float64_reference, make_input
+from test_gaussian_mixture import make_params, make_points, rel_err
+from test_gaussian_mixture_cuda import CASES, TOL, float64_truth
+
+gm_mod = importlib.import_module("lucidops.ops.gaussian_mixture")
+
+pytestmark = pytest.mark.skipif(cuda_emulator.compiler() is None, reason="needs a host C++ compiler (g++)")
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return cuda_emulator.EmulatedCudaExtension()
+
+
+@pytest.fixture
+def cuda_ext_emulated(emulated, monkeypatch):
+    """_ext.load("cuda") answers with the emulated extension; the schedule is thread order."""
+    monkeypatch.setattr(_ext, "load", lambda kind: emulated if kind == "cuda" else pytest.fail(kind))
+    emulated.set_schedule_seed(0)
+    yield emulated
+    emulated.set_schedule_seed(0)
+
+
+def test_every_launch_is_rewritten():
+    for source in sorted(cuda_emulator.CUDA_SOURCES.glob("*.cu")):
+        text = source.read_text()
+        launches = text.count("<<<")
+        assert launches > 0, source.name
+        rewritten = cuda_emulator.emulable_source(text)
+        assert rewritten.count("lucidops_emulation::launcher(") == launches, source.name
+
+
+# ---------------------------------------------------------------- gaussian_mixture
+
+
+def emulated_forward_backward(tensors, reduce, cull, grad_seed=5):
+    """The cuda backend's forward and backward functions (what the op dispatches to on a GPU)."""
+    points, means, prec, weight, bias = tensors
+    lead, n = points.shape[:-2], points.shape[-2]
+    flat = points.reshape(math.prod(lead), n, 3)
+    out, arg = gm_mod._cuda_forward(flat, means, prec, weight, bias, reduce == "max", cull)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed),
+                           dtype=torch.float64).to(out.dtype)
+    use_arg = arg if reduce == "max" else None
+    if reduce == "none":  # the backward of reduce none does not read an arg-max
+        use_arg = torch.empty(0, dtype=torch.int64)
+    grads = gm_mod._cuda_backward(grad_out, flat, means, prec, weight, use_arg, reduce == "max", cull)
+    grads = [grads[0].reshape(points.shape), *grads[1:4], grads[4] if bias is not None else None]
+    out = out.reshape(*lead, *out.shape[1:])
+    return out, arg, grads, grad_out.reshape(out.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("reduce", ["max", "none"])
+@pytest.mark.parametrize("cull", [None, 0.3])
+def test_gaussian_mixture_matches_float64_reference(cuda_ext_emulated, dtype, case, reduce, cull):
+    lead, n, G, K = case
+    means, prec, weight, bias = make_params(G, K, dtype, seed=n + G)
+    points = make_points((*lead, n), dtype, seed=K)
+    tensors = (points, means, prec, weight, bias)
+    out, arg, grads, grad_out = emulated_forward_backward(tensors, reduce, cull)
+    assert out.shape == ((*lead, K) if reduce == "max" else (*lead, n, K)) and out.dtype == dtype
+    out64, grads64, arg64 = float64_truth(tensors, reduce, cull, grad_out,
+                                          arg if reduce == "max" else None)
+    assert rel_err(out, out64) < TOL[dtype]
+    if reduce == "max" and dtype == torch.float64:
+        assert torch.equal(arg.reshape(arg64.shape), arg64)
+    elif reduce == "max":
+        assert (arg.reshape(arg64.shape) == arg64).float().mean() > 0.95  # near-ties may differ
+    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
+        assert g.shape == g64.shape and g.dtype == dtype, name
+        assert rel_err(g, g64) < 4 * TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduce", ["max", "none"])
+def test_gaussian_mixture_half_inputs_and_no_bias(cuda_ext_emulated, dtype, reduce):
+    means, prec, weight, _ = make_params(7, 9, dtype, seed=3)
+    points = make_points((3, 67), dtype, seed=4)
+    tensors = (points, means, prec, weight, None)
+    out, arg, grads, grad_out = emulated_forward_backward(tensors, reduce, 0.3)
+    out64, grads64, _ = float64_truth(tensors, reduce, 0.3, grad_out, arg if reduce == "max" else None)
+    assert out.dtype == dtype and rel_err(out, out64) < TOL[dtype]
+    assert grads[4] is None
+    for name, g, g64 in zip(["points", "means", "precisions", "weight"], grads, grads64):
+        assert g.dtype == dtype and rel_err(g, g64) < 4 * TOL[dtype], name
+
+
+@pytest.mark.parametrize("reduce", ["max", "none"])
+def test_gaussian_mixture_tile_skipping_is_exact(cuda_ext_emulated, reduce):
+    """Points sorted along x (cloud 0 ascending, cloud 1 descending), so each 64-point tile is a
+    slab and narrow Gaussians miss whole tiles: the kernel skips them per tile, and must still keep every pair the per-point rule
+    keeps (a tile box built from part of the tile would drop some)."""
+    G, K, t = 40, 20, 0.05
+    means, prec, weight, bias = make_params(G, K, torch.float64, seed=31, scale=8.0, spread=1.0)
+    points = make_points((2, 300), torch.float64, seed=32)
+    order = points[..., :1].argsort(dim=1)
+    order[1] = order[1].flip(0)
+    points = torch.gather(points, 1, order.expand(-1, -1, 3))
+    half = ref.cull_half_widths(means, prec, weight, t)
+    tiles = points[:, :256].reshape(2, 4, 64, 3)  # the first chunk's tiles
+    lo, hi = tiles.amin(dim=2, keepdim=True), tiles.amax(dim=2, keepdim=True)  # (2, 4, 1, 3)
+    misses = ((lo - means > half) | (means - lo > half + (hi - lo))).any(-1)  # (2, 4, G)
+    assert misses.any() and (~misses).any(), "the test needs skipped and kept (tile, Gaussian) pairs"
+    out, arg, grads, grad_out = emulated_forward_backward((points, means, prec, weight, bias), reduce, t)
+    dense = ref.forward(points, means, prec, weight, bias, reduce == "max", None)[0]
+    assert (out - dense).abs().max() > 0, "culling changed nothing"
+    out64, grads64, _ = float64_truth((points, means, prec, weight, bias), reduce, t, grad_out,
+                                      arg if reduce == "max" else None)
+    torch.testing.assert_close(out, out64, rtol=1e-13, atol=1e-13)
+    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
+        assert rel_err(g, g64) < 1e-12, name
+
+
+@pytest.mark.parametrize("n", [5, 65, 300])  # one tile, two tiles, two chunks
+@pytest.mark.parametrize("cull", [None, 0.05])
+def test_gaussian_mixture_ties_go_to_the_lowest_point_index(cuda_ext_emulated, n, cull):
+    means, prec, weight, bias = make_params(4, 6, torch.float64, seed=41)
+    weight[2] = 0.0  # channel 2 is the bias at every point: every point ties
+    points = make_points((2, n), torch.float64, seed=42)
+    points[1] = points[1, 3]  # cloud 1: all points identical, every channel ties everywhere
+    out, arg, grads, grad_out = emulated_forward_backward((points, means, prec, weight, bias), "max", cull)
+    assert (arg[1] == 0).all() and arg[0, 2] == 0
+    gx = grads[0]
+    assert gx[1, 1:].abs().max() == 0 and gx[1, 0].abs().max() > 0
+    half = ref.cull_half_widths(means, prec, weight, cull) if cull else None
+    phi0 = ref.gaussian_phi(points[:, 0], means, prec, half)  # (2, G)
+    torch.testing.assert_close(grads[3][2], (grad_out[:, 2:3] * phi0).sum(0), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("reduce", ["max", "none"])
+def test_gaussian_mixture_is_bitwise_the_same_under_any_thread_schedule(cuda_ext_emulated, reduce):
+    """The kernels claim reproducible results (fixed-order reductions, no atomics): a result
+    that depended on the order threads run between barriers would be a race."""
+    means, prec, weight, bias = make_params(33, 131, torch.float32, seed=9)
+    points = make_points((2, 300), torch.float32, seed=10)  # 2 chunks, 2 Gaussian tiles, 2 channel blocks
+    results = []
+    for seed in (0, 1, 2):
+        cuda_ext_emulated.set_schedule_seed(seed)
+        out, arg, grads, _ = emulated_forward_backward((points, means, prec, weight, bias), reduce, 0.3)
+        results.append([out, *grads] + ([arg] if reduce == "max" else []))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- sinc / gaussian activations
+
+
+@pytest.mark.parametrize("kind", ["sinc", "gaussian"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1,), (1023,), (3, 5, 7), (4097,)], ids=str)
+def test_activation_matches_float64_reference(cuda_ext_emulated, kind, dtype, shape):
+    forward = backends.registered_ops()[kind].impls["cuda"]
+    backward = backends.registered_ops()[f"{kind}_backward"].impls["cuda"]
+    x = make_input(shape, dtype, "cpu")
+    sigma = torch.tensor(0.5 + torch.rand(()).item(), dtype=torch.float64 if dtype == torch.float64 else None)
+    grad_out = torch.randn(shape).to(dtype)
+    y = forward(x, sigma)
+    grad_x, grad_sigma = backward(grad_out, x, sigma, True)
+    assert y.dtype == dtype and grad_x.dtype == dtype and y.shape == x.shape
+    assert_matches_float64_reference(kind, x, sigma, grad_out, y, grad_x, grad_sigma)
+    grad_x_only, _ = backward(grad_out, x, sigma, False)
+    assert torch.equal(grad_x_only, grad_x)
+
+
+@pytest.mark.slow
+def test_activation_grid_stride_loop(cuda_ext_emulated):
+    """More elements than the 4096 x 256 threads of the largest grid: each thread takes several."""
+    shape = ((1 << 20) + 3,)
+    x = make_input(shape, torch.float32, "cpu")
+    sigma, grad_out = torch.tensor(0.7), torch.randn(shape)
+    y = cuda_ext_emulated.activation_forward(x, sigma, 0)
+    grad_x, grad_sigma = cuda_ext_emulated.activation_backward(grad_out, x, sigma, 0, True)
+    assert_matches_float64_reference("sinc", x, sigma, grad_out, y, grad_x, grad_sigma)
+
+
+# ---------------------------------------------------------------- the emulator catches defects
+
+
+@pytest.fixture(scope="module")
+def selftest():
+    lib = cuda_emulator.build([cuda_emulator.EMULATION / "selftest.cu"], "selftest")
+    lib.emu_selftest_shift.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_bool]
+    lib.emu_selftest_write_past_the_end.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.emu_set_schedule_seed.argtypes = [ctypes.c_uint64]
+    yield lib
+    lib.emu_set_schedule_seed(0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_emulator_exposes_a_missing_barrier(selftest, seed):
+    selftest.emu_set_schedule_seed(seed)
+    for synced in (True, False):
+        x = torch.randn(256)  # fresh values: the shared stage still holds the last launch's
+        out = torch.full((256,), float("nan"))
+        assert selftest.emu_selftest_shift(x.data_ptr(), out.data_ptr(), synced) == 0
+        assert torch.equal(out, x.roll(-1)) == synced
+
+
+def test_emulator_guard_bands_catch_a_write_out_of_bounds(selftest):
+    run = cuda_emulator.GuardedLaunch("write_past_the_end")
+    _, ptr = run.output("out", (300,), torch.float32)
+    with pytest.raises(AssertionError, match="wrote outside out"):
+        run.check(selftest.emu_selftest_write_past_the_end(ptr, 300))
+
+
+@pytest.mark.parametrize("kernel,message", [
+    ("divergent_shuffle", "__shfl_xor_sync after some of the warp's lanes returned"),
+    ("deadlock", "deadlock: thread 0 waits forever in __syncthreads"),
+])
+def test_emulator_reports_divergent_collectives_and_deadlocks(kernel, message):
+    # The emulator aborts the process on these: run it in a child.
+    code = ("import ctypes, sys, torch; sys.path.insert(0, {tests!r}); import cuda_emulator as ce; "
+            "lib = ce.build([ce.EMULATION / 'selftest.cu'], 'selftest'); out = torch.zeros(256); "
+            "lib.emu_selftest_{kernel}(ctypes.c_void_p(out.data_ptr()))").format(
+                tests=str(cuda_emulator.Path(__file__).parent), kernel=kernel)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]

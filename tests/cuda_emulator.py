@@ -5,12 +5,13 @@ The .cu sources are compiled by the host C++ compiler against ``cuda_emulation/e
 only change to the source is that each ``kernel<<<grid, block, shared, stream>>>(args)`` becomes
 a call of the emulator's launcher. The result is loaded with ctypes.
 
-``EmulatedCudaExtension`` then offers the functions of the built ``lucidops._C_cuda`` module
-with the same contract, written against the raw-pointer launchers as ``csrc/bindings.cpp``
-does, with two checks the real adapters cannot make: every buffer a kernel gets lies between
-guard bands that must be intact after the launch (no write out of bounds), and inputs must be
-unchanged. Scratch and outputs start as NaN instead of zeros or garbage, so an element a kernel
-was meant to write and did not shows up.
+``build_bindings`` links the real tensor adapters of ``csrc/bindings.cpp`` against those kernels.
+``EmulatedCudaExtension`` offers the same functions written in Python against the raw-pointer
+launchers (the tests check that both give bitwise the same results), with checks the real
+adapters cannot make: every buffer a kernel gets lies between guard bands that must be intact
+after the launch (no write out of bounds), and inputs must be unchanged. Scratch and outputs
+start as NaN instead of zeros or garbage, so an element a kernel was meant to write and did
+not shows up.
 """
 
 from __future__ import annotations
@@ -85,6 +86,27 @@ def build(sources: List[Path], name: str) -> ctypes.CDLL:
             raise RuntimeError(f"building the CUDA emulation failed:\n{' '.join(cmd)}\n{done.stderr[-6000:]}")
         os.replace(partial, library)
     return ctypes.CDLL(str(library))
+
+
+def build_bindings():
+    """The CUDA extension module of ``csrc/bindings.cpp`` (its real tensor adapters), built for
+    CPU tensors and linked against the emulated kernels. ``cuda_emulation/bindings_on_cpu.h``
+    and the c10/cuda stand-ins in ``cuda_emulation/include`` are all that changes."""
+    from torch.utils import cpp_extension
+
+    kernels = Path(build(sorted(CUDA_SOURCES.glob("*.cu")), "kernels")._name)
+    digest = hashlib.sha256(str(kernels).encode())
+    for path in sorted([ROOT / "csrc" / "bindings.cpp", ROOT / "csrc" / "lucidops.h", *CUDA_SOURCES.glob("*.h"),
+                        *EMULATION.rglob("*.h")]):
+        digest.update(path.read_bytes())
+    name = f"lucidops_cuda_emulated_{digest.hexdigest()[:16]}"
+    folder = _ext.cache_dir() / "cuda-emulation" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=name, sources=[str(ROOT / "csrc" / "bindings.cpp")], build_directory=str(folder),
+        extra_cflags=["-O1", "-DLUCIDOPS_WITH_CUDA", f"-I{EMULATION / 'include'}", f"-I{ROOT / 'csrc'}",
+                      "-include", str(EMULATION / "bindings_on_cpu.h")],
+        extra_ldflags=[str(kernels), f"-Wl,-rpath,{kernels.parent}"])
 
 
 # ---------------------------------------------------------------- guarded buffers

@@ -197,6 +197,79 @@ def test_activation_grid_stride_loop(cuda_ext_emulated):
     assert_matches_float64_reference("sinc", x, sigma, grad_out, y, grad_x, grad_sigma)
 
 
+# ---------------------------------------------------------------- the real adapters (csrc/bindings.cpp)
+
+
+@pytest.fixture(scope="module")
+def real_adapters():
+    return cuda_emulator.build_bindings()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_real_adapters_give_bitwise_the_python_adapters_results(real_adapters, emulated, dtype):
+    """bindings.cpp's CUDA section on the emulated kernels against EmulatedCudaExtension's
+    Python adapters: the same allocations and partial sums, so the same bits; and the op's
+    glue through the real adapters against the float64 reference."""
+    assert real_adapters.DEVICE == "cuda"
+    emulated.set_schedule_seed(0)
+    means, prec, weight, bias = make_params(33, 131, dtype, seed=1)
+    points = make_points((2, 300), dtype, seed=2)
+    half = ref.cull_half_widths(means, prec, weight, 0.3)
+    for reduce_max in (True, False):
+        outputs = [ext.gaussian_mixture_forward(points, means, prec, weight, bias, half, True, reduce_max)
+                   for ext in (real_adapters, emulated)]
+        assert all(torch.equal(a, b) for a, b in zip(*outputs))
+    argmax = real_adapters.gaussian_mixture_forward(points, means, prec, weight, bias, half, True, True)[1]
+    grad = torch.randn(2, 131, dtype=dtype)
+    grads = [ext.gaussian_mixture_backward_max(grad, points, means, prec, weight, argmax, half, True)
+             for ext in (real_adapters, emulated)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    flat, coef = points.reshape(-1, 3), torch.randn(600, 33, dtype=dtype)
+    assert torch.equal(real_adapters.gaussian_phi(flat, means, prec, half, True),
+                       emulated.gaussian_phi(flat, means, prec, half, True))
+    phi_grads = [ext.gaussian_phi_backward(coef, flat, means, prec) for ext in (real_adapters, emulated)]
+    assert all(torch.equal(a, b) for a, b in zip(*phi_grads))
+    x, grad_x = torch.randn(5000, dtype=dtype), torch.randn(5000, dtype=dtype)
+    sigma = torch.tensor(0.7, dtype=dtype)
+    for kind in (0, 1):
+        assert torch.equal(real_adapters.activation_forward(x, sigma, kind), emulated.activation_forward(x, sigma, kind))
+        pairs = [ext.activation_backward(grad_x, x, sigma, kind, True) for ext in (real_adapters, emulated)]
+        assert all(torch.equal(a, b) for a, b in zip(*pairs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduce", ["max", "none"])
+def test_op_glue_through_the_real_adapters(real_adapters, monkeypatch, reduce):
+    monkeypatch.setattr(_ext, "load", lambda kind: real_adapters if kind == "cuda" else pytest.fail(kind))
+    means, prec, weight, bias = make_params(7, 9, torch.float32, seed=3)
+    points = make_points((3, 67), torch.float32, seed=4)
+    tensors = (points, means, prec, weight, bias)
+    out, arg, grads, grad_out = emulated_forward_backward(tensors, reduce, 0.3)
+    out64, grads64, _ = float64_truth(tensors, reduce, 0.3, grad_out, arg if reduce == "max" else None)
+    assert rel_err(out, out64) < TOL[torch.float32]
+    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
+        assert rel_err(g, g64) < 4 * TOL[torch.float32], name
+
+
+@pytest.mark.slow
+def test_real_adapters_reject_bad_input(real_adapters):
+    means, prec, weight, bias = make_params(3, 4, torch.float32, seed=5)
+    points = make_points((2, 5), torch.float32, seed=6)
+    half = ref.cull_half_widths(means, prec, weight, None)
+    grad = torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match="argmax out of range"):
+        real_adapters.gaussian_mixture_backward_max(grad, points, means, prec, weight, torch.full((2, 4), 5), half,
+                                                    False)
+    with pytest.raises(RuntimeError, match="float32 or float64 only"):
+        real_adapters.gaussian_mixture_forward(*(t.half() for t in (points, means, prec, weight, bias, half)),
+                                               False, True)
+    with pytest.raises(RuntimeError, match="precisions must be"):
+        real_adapters.gaussian_phi(points.reshape(-1, 3), means, prec[:, :5], half, False)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        real_adapters.gaussian_mixture_forward(points, means, prec, weight[:, :2], bias, half, False, True)
+
+
 # ---------------------------------------------------------------- the emulator catches defects
 
 

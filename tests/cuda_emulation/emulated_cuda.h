@@ -325,6 +325,15 @@ T max(T a, T b) {
 using std::exp;
 using std::fabs;
 
+inline const char* cudaGetErrorString(cudaError_t err) {
+  switch (err) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+  }
+  return "unknown error";
+}
+
 inline cudaError_t cudaGetLastError() {
   const cudaError_t err = lucidops_emulation::last_error;
   lucidops_emulation::last_error = cudaSuccess;

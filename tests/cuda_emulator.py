@@ -34,7 +34,7 @@ from lucidops import _ext
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = ROOT / "csrc" / "cuda"
 EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
-FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas"]
+FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas"]
 
 # kernel<T><<<grid, block, shared, stream>>>(  ->  lucidops_emulation::launcher(kernel<T>, grid, block, shared, stream)(
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>", re.S)

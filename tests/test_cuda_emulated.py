@@ -21,7 +21,8 @@ from lucidops.reference import gaussian_mixture as ref
 import cuda_emulator
 from test_activations import assert_matches_float64_reference, make_input
 from test_gaussian_mixture import make_params, make_points, rel_err
-from test_gaussian_mixture_cuda import CASES, TOL, float64_truth
+from test_gaussian_mixture_cuda import (CASES, TOL, assert_matches_float64, assert_ties_went_to_point_zero,
+                                         float64_truth, tie_inputs)
 
 gm_mod = importlib.import_module("lucidops.ops.gaussian_mixture")
 
@@ -64,9 +65,7 @@ def emulated_forward_backward(tensors, reduce, cull, grad_seed=5):
     out, arg = gm_mod._cuda_forward(flat, means, prec, weight, bias, reduce == "max", cull)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed),
                            dtype=torch.float64).to(out.dtype)
-    use_arg = arg if reduce == "max" else None
-    if reduce == "none":  # the backward of reduce none does not read an arg-max
-        use_arg = torch.empty(0, dtype=torch.int64)
+    use_arg = arg if reduce == "max" else torch.empty(0, dtype=torch.int64)  # reduce none reads no arg-max
     grads = gm_mod._cuda_backward(grad_out, flat, means, prec, weight, use_arg, reduce == "max", cull)
     grads = [grads[0].reshape(points.shape), *grads[1:4], grads[4] if bias is not None else None]
     out = out.reshape(*lead, *out.shape[1:])
@@ -84,16 +83,7 @@ def test_gaussian_mixture_matches_float64_reference(cuda_ext_emulated, dtype, ca
     tensors = (points, means, prec, weight, bias)
     out, arg, grads, grad_out = emulated_forward_backward(tensors, reduce, cull)
     assert out.shape == ((*lead, K) if reduce == "max" else (*lead, n, K)) and out.dtype == dtype
-    out64, grads64, arg64 = float64_truth(tensors, reduce, cull, grad_out,
-                                          arg if reduce == "max" else None)
-    assert rel_err(out, out64) < TOL[dtype]
-    if reduce == "max" and dtype == torch.float64:
-        assert torch.equal(arg.reshape(arg64.shape), arg64)
-    elif reduce == "max":
-        assert (arg.reshape(arg64.shape) == arg64).float().mean() > 0.95  # near-ties may differ
-    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
-        assert g.shape == g64.shape and g.dtype == dtype, name
-        assert rel_err(g, g64) < 4 * TOL[dtype], name
+    assert_matches_float64(tensors, reduce, cull, out, arg, grads, grad_out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -103,18 +93,16 @@ def test_gaussian_mixture_half_inputs_and_no_bias(cuda_ext_emulated, dtype, redu
     points = make_points((3, 67), dtype, seed=4)
     tensors = (points, means, prec, weight, None)
     out, arg, grads, grad_out = emulated_forward_backward(tensors, reduce, 0.3)
-    out64, grads64, _ = float64_truth(tensors, reduce, 0.3, grad_out, arg if reduce == "max" else None)
-    assert out.dtype == dtype and rel_err(out, out64) < TOL[dtype]
-    assert grads[4] is None
-    for name, g, g64 in zip(["points", "means", "precisions", "weight"], grads, grads64):
-        assert g.dtype == dtype and rel_err(g, g64) < 4 * TOL[dtype], name
+    assert out.dtype == dtype
+    assert_matches_float64(tensors, reduce, 0.3, out, arg, grads, grad_out)
 
 
 @pytest.mark.parametrize("reduce", ["max", "none"])
 def test_gaussian_mixture_tile_skipping_is_exact(cuda_ext_emulated, reduce):
     """Points sorted along x (cloud 0 ascending, cloud 1 descending), so each 64-point tile is a
-    slab and narrow Gaussians miss whole tiles: the kernel skips them per tile, and must still keep every pair the per-point rule
-    keeps (a tile box built from part of the tile would drop some)."""
+    slab and narrow Gaussians miss whole tiles: the kernel skips them per tile, and must still
+    keep every pair the per-point rule keeps (a tile box built from part of the tile would drop
+    some)."""
     G, K, t = 40, 20, 0.05
     means, prec, weight, bias = make_params(G, K, torch.float64, seed=31, scale=8.0, spread=1.0)
     points = make_points((2, 300), torch.float64, seed=32)
@@ -139,17 +127,9 @@ def test_gaussian_mixture_tile_skipping_is_exact(cuda_ext_emulated, reduce):
 @pytest.mark.parametrize("n", [5, 65, 300])  # one tile, two tiles, two chunks
 @pytest.mark.parametrize("cull", [None, 0.05])
 def test_gaussian_mixture_ties_go_to_the_lowest_point_index(cuda_ext_emulated, n, cull):
-    means, prec, weight, bias = make_params(4, 6, torch.float64, seed=41)
-    weight[2] = 0.0  # channel 2 is the bias at every point: every point ties
-    points = make_points((2, n), torch.float64, seed=42)
-    points[1] = points[1, 3]  # cloud 1: all points identical, every channel ties everywhere
-    out, arg, grads, grad_out = emulated_forward_backward((points, means, prec, weight, bias), "max", cull)
-    assert (arg[1] == 0).all() and arg[0, 2] == 0
-    gx = grads[0]
-    assert gx[1, 1:].abs().max() == 0 and gx[1, 0].abs().max() > 0
-    half = ref.cull_half_widths(means, prec, weight, cull) if cull else None
-    phi0 = ref.gaussian_phi(points[:, 0], means, prec, half)  # (2, G)
-    torch.testing.assert_close(grads[3][2], (grad_out[:, 2:3] * phi0).sum(0), rtol=1e-12, atol=1e-14)
+    tensors = tie_inputs(n, "cpu")
+    _, arg, grads, grad_out = emulated_forward_backward(tensors, "max", cull)
+    assert_ties_went_to_point_zero(tensors, cull, arg, grads[0], grads[3], grad_out)
 
 
 @pytest.mark.parametrize("reduce", ["max", "none"])
@@ -226,8 +206,7 @@ def real_adapters():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_real_adapters_give_bitwise_the_python_adapters_results(real_adapters, emulated, dtype):
     """bindings.cpp's CUDA section on the emulated kernels against EmulatedCudaExtension's
-    Python adapters: the same allocations and partial sums, so the same bits; and the op's
-    glue through the real adapters against the float64 reference."""
+    Python adapters: the same allocations and partial sums, so the same bits."""
     assert real_adapters.DEVICE == "cuda"
     emulated.set_schedule_seed(0)
     means, prec, weight, bias = make_params(33, 131, dtype, seed=1)
@@ -263,10 +242,7 @@ def test_op_glue_through_the_real_adapters(real_adapters, monkeypatch, reduce):
     points = make_points((3, 67), torch.float32, seed=4)
     tensors = (points, means, prec, weight, bias)
     out, arg, grads, grad_out = emulated_forward_backward(tensors, reduce, 0.3)
-    out64, grads64, _ = float64_truth(tensors, reduce, 0.3, grad_out, arg if reduce == "max" else None)
-    assert rel_err(out, out64) < TOL[torch.float32]
-    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
-        assert rel_err(g, g64) < 4 * TOL[torch.float32], name
+    assert_matches_float64(tensors, reduce, 0.3, out, arg, grads, grad_out)
 
 
 @pytest.mark.slow

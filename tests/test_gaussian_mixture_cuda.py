@@ -62,6 +62,46 @@ def float64_truth(tensors, reduce, cull, grad_out, argmax=None):
     return out.reshape(*lead, *out.shape[1:]), grads, arg64
 
 
+def assert_matches_float64(tensors, reduce, cull, out, arg, grads, grad_out):
+    """A cuda run's output, arg-max (flat (B, K), for reduce max) and five gradients (None for a
+    missing bias) against float64_truth, whose backward goes through the run's own arg-max."""
+    dtype = tensors[0].dtype
+    out64, grads64, arg64 = float64_truth(tensors, reduce, cull, grad_out, arg if reduce == "max" else None)
+    assert rel_err(out, out64) < TOL[dtype]
+    if reduce == "max" and dtype == torch.float64:
+        assert torch.equal(arg, arg64)
+    elif reduce == "max" and dtype == torch.float32:
+        assert (arg == arg64).float().mean() > 0.95  # near-ties may differ in float32
+    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
+        if g64 is None:
+            assert g is None, name
+            continue
+        assert g.shape == g64.shape and g.dtype == dtype, name
+        assert rel_err(g, g64) < 4 * TOL[dtype], name
+
+
+def tie_inputs(n, device):
+    """(points, means, precisions, weight, bias) of 2 clouds of n points where points tie:
+    channel 2 is the bias at every point, and cloud 1's points are all the same."""
+    means, prec, weight, bias = make_params(4, 6, torch.float64, device, seed=41)
+    weight[2] = 0.0
+    points = make_points((2, n), torch.float64, device, seed=42)
+    points[1] = points[1, 3]
+    return points, means, prec, weight, bias
+
+
+def assert_ties_went_to_point_zero(tensors, cull, arg, grad_points, grad_weight, grad_out):
+    """On tie_inputs: every winner of cloud 1 and channel 2's winner in cloud 0 is point 0, so
+    only point 0 of cloud 1 gets a gradient and channel 2's weight gradient is phi at point 0."""
+    points, means, prec, weight, _ = (t.cpu() for t in tensors)
+    assert (arg[1] == 0).all() and arg[0, 2] == 0
+    assert grad_points[1, 1:].abs().max() == 0 and grad_points[1, 0].abs().max() > 0
+    half = ref.cull_half_widths(means, prec, weight, cull) if cull else None
+    phi0 = ref.gaussian_phi(points[:, 0], means, prec, half)  # (2, G)
+    expected_w2 = (grad_out[:, 2:3].cpu() * phi0).sum(0)
+    torch.testing.assert_close(grad_weight[2].cpu(), expected_w2, rtol=1e-12, atol=1e-14)
+
+
 # ---------------------------------------------------------------- here (no GPU needed)
 
 
@@ -153,18 +193,7 @@ def test_cuda_matches_float64_reference(dtype, case, reduce, cull, with_bias):
     assert out.shape == ((*lead, K) if reduce == "max" else (*lead, n, K))
     assert out.dtype == dtype and out.is_cuda
     arg = op_argmax("cuda", *tensors, cull) if reduce == "max" else None
-    out64, grads64, arg64 = float64_truth(tensors, reduce, cull, grad_out, arg)
-    assert rel_err(out, out64) < TOL[dtype]
-    if reduce == "max" and dtype == torch.float64:
-        assert torch.equal(arg, arg64)
-    elif reduce == "max" and dtype == torch.float32:
-        assert (arg == arg64).float().mean() > 0.95  # near-ties may differ in float32
-    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
-        if g64 is None:
-            assert g is None, name
-            continue
-        assert g.shape == g64.shape and g.dtype == dtype, name
-        assert rel_err(g, g64) < 4 * TOL[dtype], name
+    assert_matches_float64(tensors, reduce, cull, out, arg, grads, grad_out)
 
 
 @pytest.mark.parametrize("reduce", ["max", "none"])
@@ -185,23 +214,15 @@ def test_cuda_gradcheck_float64(reduce, cull):
 @pytest.mark.cuda
 @needs_gpu
 def test_cuda_ties_go_to_the_lowest_point_index(n, cull):
-    means, prec, weight, bias = make_params(4, 6, torch.float64, "cuda", seed=41)
-    weight[2] = 0.0  # channel 2 is the bias at every point: every point ties
-    points = make_points((2, n), torch.float64, "cuda", seed=42)
-    points[1] = points[1, 3]  # cloud 1: all points identical, every channel ties everywhere
-    inputs = [t.clone().requires_grad_(True) for t in (points, means, prec, weight, bias)]
+    tensors = tie_inputs(n, "cuda")
+    points, means, prec, weight, bias = tensors
+    inputs = [t.clone().requires_grad_(True) for t in tensors]
     grad_out = torch.randn(2, 6, generator=torch.Generator().manual_seed(43), dtype=torch.float64).cuda()
     with lucidops.use_backend("cuda"):
         out = gaussian_mixture(*inputs, cull_threshold=cull)
         out.backward(grad_out)
-    gx = inputs[0].grad
-    assert gx[1, 1:].abs().max() == 0 and gx[1, 0].abs().max() > 0
-    half = ref.cull_half_widths(means.cpu(), prec.cpu(), weight.cpu(), cull) if cull else None
-    phi0 = ref.gaussian_phi(points[:, 0].cpu(), means.cpu(), prec.cpu(), half)  # (2, G)
-    expected_w2 = (grad_out[:, 2:3].cpu() * phi0).sum(0)
-    torch.testing.assert_close(inputs[3].grad[2].cpu(), expected_w2, rtol=1e-12, atol=1e-14)
     arg = op_argmax("cuda", points, means, prec, weight, bias, cull)
-    assert (arg[1] == 0).all() and arg[0, 2] == 0
+    assert_ties_went_to_point_zero(tensors, cull, arg, inputs[0].grad, inputs[3].grad, grad_out)
     # The same winners as the cpp backend on the same inputs.
     arg_cpp = op_argmax("cpp", *(t.cpu() for t in (points, means, prec, weight, bias)), cull)
     assert torch.equal(arg, arg_cpp)

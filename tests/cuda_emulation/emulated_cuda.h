@@ -136,8 +136,6 @@ class Scheduler {
   ucontext_t scheduler_;
   unsigned current_ = 0;
   const std::function<void()>* body_ = nullptr;
-  friend Scheduler& scheduler();
-  friend void finish_current();
 };
 
 inline Scheduler& scheduler() {

@@ -21,6 +21,7 @@ import hashlib
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,7 +35,9 @@ from lucidops import _ext
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = ROOT / "csrc" / "cuda"
 EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
-FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas"]
+# LUCIDOPS_EMULATION_CFLAGS adds flags, e.g. the sanitizers of tests/sanitize.sh.
+FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
+         *shlex.split(os.environ.get("LUCIDOPS_EMULATION_CFLAGS", ""))]
 
 # kernel<T><<<grid, block, shared, stream>>>(  ->  lucidops_emulation::launcher(kernel<T>, grid, block, shared, stream)(
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>", re.S)

@@ -174,6 +174,7 @@ CASES = [  # (leading dims, N, G, K)
     ((2, 3), 300, 33, 131),  # batch dims; 2 chunks of 256 points, 2 Gaussian tiles, 2 channel blocks
     ((), 33, 3, 17),  # a single cloud without batch dims
     ((70,), 5, 4, 40),  # more clouds than backward slices (64)
+    ((2,), 256, 32, 128),  # exact multiples: one full chunk, 4 full tiles, one fp32 Gaussian tile, one channel block
 ]
 
 

@@ -250,6 +250,30 @@ def test_report_fields_on_a_small_model():
         assert piece in text, piece
 
 
+def test_compiled_models_are_counted_like_their_eager_originals():
+    """Dynamo refuses to run under FlopCounterMode and fvcore cannot trace it: the counters go
+    through the eager original of a torch.compile'd module or function (README's first example)."""
+    model = nn.Sequential(nn.Linear(10, 20), lucidops.nn.Sinc(0.5, learnable=True))
+    x = torch.randn(4, 10)
+    compiled = torch.compile(model, fullgraph=True)
+    assert lucidops.profile.eager(compiled) is model and lucidops.profile.eager(model) is model
+    assert lucidops.profile.count_flops(compiled, x) == lucidops.profile.count_flops(model, x)
+    assert lucidops.profile.count_flops(compiled, x)["total"] == 2 * 4 * 10 * 20 + 3 * 80  # addmm, sinc
+    assert lucidops.profile.fvcore_flops(compiled, x) == lucidops.profile.fvcore_flops(model, x)
+
+    def function(t):
+        return lucidops.ops.gaussian(t, sigma=2.0)
+
+    assert lucidops.profile.eager(torch.compile(function)) is function
+    assert lucidops.profile.count_flops(torch.compile(function), x)["total"] == 4 * 40
+
+    rep = lucidops.profile.report(compiled, x, backward=True, repeat=1, warmup=1)
+    plain = lucidops.profile.report(model, x, backward=True, repeat=1, warmup=0)
+    assert rep.model == "Sequential" and rep.params == plain.params
+    assert (rep.flops, rep.fvcore_flops, rep.by_module) == (plain.flops, plain.fvcore_flops, plain.by_module)
+    assert rep.fvcore_error is None and rep.latency_s > 0
+
+
 def test_fvcore_is_half_the_torch_count_for_matmul_models():
     class Attn(nn.Module):
         def __init__(self):

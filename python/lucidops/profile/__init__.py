@@ -5,11 +5,12 @@
 - :func:`report`: params, FLOPs (both counters), memory, latency and a per-module
   breakdown of one model, as a :class:`ProfileReport`.
 - :func:`compare`: two reports side by side with ratios (and a PNG bar chart).
+- :func:`eager`: the eager original of a ``torch.compile``'d model, which the counters use.
 """
 
-from .flops import count_flops, fvcore_flops, fvcore_handles
+from .flops import count_flops, eager, fvcore_flops, fvcore_handles
 from .report import ModuleStats, ProfileReport, report
 from .compare import ProfileComparison, compare
 
-__all__ = ["count_flops", "fvcore_flops", "fvcore_handles", "report", "compare", "ProfileReport",
+__all__ = ["count_flops", "eager", "fvcore_flops", "fvcore_handles", "report", "compare", "ProfileReport",
            "ProfileComparison", "ModuleStats"]

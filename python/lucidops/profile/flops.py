@@ -77,11 +77,26 @@ def fvcore_handles() -> Dict[str, Callable]:
 Inputs = Union[torch.Tensor, Tuple[Any, ...]]
 
 
+def eager(model: Any) -> Any:
+    """The eager module or function behind a ``torch.compile``'d one (``model`` itself otherwise).
+
+    The FLOP counters watch the ops as they dispatch, which a compiled model does not allow
+    (Dynamo refuses to run under FlopCounterMode, and fvcore's trace does not see through it);
+    the eager model dispatches the same ops, so it has the same count."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "_torchdynamo_orig_callable", None)
+        if inner is None:
+            return model
+        model = inner
+
+
 def count_flops(model: Callable, inputs: Inputs, *, backward: bool = False) -> Dict[str, int]:
     """FLOPs of ``model(*inputs)`` by op, with torch's FlopCounterMode (plus "total").
 
-    With ``backward=True`` the backward pass of ``output.sum()`` is counted too.
+    With ``backward=True`` the backward pass of ``output.sum()`` is counted too. A
+    ``torch.compile``'d model is counted through its eager original (see :func:`eager`).
     """
+    model = eager(model)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -94,7 +109,8 @@ def count_flops(model: Callable, inputs: Inputs, *, backward: bool = False) -> D
 
 
 def fvcore_flops(model: torch.nn.Module, inputs: Inputs) -> Dict[str, int]:
-    """fvcore's count by operator (fvcore counts one multiply-add as one flop), plus "total"."""
+    """fvcore's count by operator (fvcore counts one multiply-add as one flop), plus "total".
+    A ``torch.compile``'d model is counted through its eager original (see :func:`eager`)."""
     import warnings
 
     with warnings.catch_warnings():
@@ -102,7 +118,7 @@ def fvcore_flops(model: torch.nn.Module, inputs: Inputs) -> Dict[str, int]:
         from fvcore.nn import FlopCountAnalysis
 
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    analysis = FlopCountAnalysis(model, args).set_op_handle(**fvcore_handles())
+    analysis = FlopCountAnalysis(eager(model), args).set_op_handle(**fvcore_handles())
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     by_op = {k: int(v) for k, v in analysis.by_operator().items()}
     by_op["total"] = int(analysis.total())

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-from .flops import fvcore_handles
+from .flops import eager, fvcore_handles
 
 Inputs = Union[Tensor, Sequence[Any]]
 Progress = Optional[Callable[[str], None]]
@@ -318,7 +318,9 @@ def report(model: nn.Module, inputs: Inputs, *, backward: bool = False, device: 
     """Profile ``model(*inputs)``: see the module docstring for what each field means.
 
     Args:
-        model: the ``nn.Module`` to profile.
+        model: the ``nn.Module`` to profile. A ``torch.compile``'d module has its FLOPs counted
+            on the eager original (the counters cannot watch a compiled one; the ops are the
+            same) and its memory and latency measured as compiled.
         inputs: a tensor, or a tuple/list of the model's positional arguments.
         backward: profile forward + backward of the output's sum (a training step), not
             the forward alone (run under ``torch.no_grad``).
@@ -387,21 +389,24 @@ def _untimed_report(model: nn.Module, inputs: Inputs, *, backward: bool, device:
     targets = _grad_targets(model, args) if backward else []
     if backward and not targets:
         raise ValueError("backward=True but neither the model's parameters nor the inputs require grad")
-    label = name or type(model).__name__
+    # A torch.compile'd model: FLOPs counted on its eager original (the same ops; the counters
+    # cannot watch a compiled one), memory and latency measured on the compiled model itself.
+    counted = eager(model)
+    label = name or type(counted).__name__
 
     say(f"{label}: counting FLOPs")
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False, depth=depth)
     with counter:
-        _step(model, args, backward, targets)
+        _step(counted, args, backward, targets)
     counts = counter.get_flop_counts()
     flops_by_op = {str(op): int(n) for op, n in counts.get("Global", {}).items()}
 
     fv_total, fv_error, fv_unsupported = (None, "skipped (fvcore=False)", {})
     if fvcore:
         say(f"{label}: counting FLOPs with fvcore")
-        fv_total, fv_error, fv_unsupported = _fvcore(model, args)
+        fv_total, fv_error, fv_unsupported = _fvcore(counted, args)
 
     say(f"{label}: measuring memory")
     if dev.type == "cuda":
@@ -425,5 +430,5 @@ def _untimed_report(model: nn.Module, inputs: Inputs, *, backward: bool, device:
         fvcore_flops=fv_total, fvcore_error=fv_error, fvcore_unsupported=fv_unsupported,
         peak_memory_bytes=peak, memory_kind=memory_kind, peak_rss_bytes=rss,
         latency_s=float("nan"), latencies_s=[],
-        by_module=_by_module(model, counts, depth),
+        by_module=_by_module(counted, counts, depth),
     ), lambda: _step(model, args, backward, targets)

@@ -1,0 +1,275 @@
+"""The README's examples stay true.
+
+Its Python blocks are fragments (they use a model or tensors built elsewhere), so they are
+checked statically: every lucidops function, class and method they call must exist and
+accept the arguments shown. Blocks that need nothing from outside are also run. Every
+``lucidops ...`` command line must be one the CLI parses, with each flag shown.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import contextlib
+import importlib
+import inspect
+import io
+import re
+import shlex
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
+import torch
+
+import lucidops
+from lucidops import cli
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+
+
+def code_blocks(language: str) -> List[str]:
+    """The README's ``language`` blocks, each preceded by blank lines up to its place in the
+    file, so that line numbers in parse trees and tracebacks are the README's."""
+    text = README.read_text()
+    return ["\n" * text.count("\n", 0, m.start(2)) + m.group(2) for m in FENCE.finditer(text)
+            if m.group(1) == language]
+
+
+class _Unknown:
+    """A value the checker knows nothing about (a model built elsewhere, a tensor)."""
+
+
+UNKNOWN = _Unknown()
+
+
+class _Instance:
+    """Stands for an instance of a lucidops class: attribute lookups go to the class."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+
+class _BoundMethod:
+    """A lucidops method looked up on an instance stand-in: bound with a placeholder self."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+
+
+def _is_lucidops(obj: Any) -> bool:
+    if isinstance(obj, _Instance):
+        return True
+    module = obj.__name__ if inspect.ismodule(obj) else getattr(obj, "__module__", None)
+    return isinstance(module, str) and module.split(".")[0] == "lucidops"
+
+
+def _name(obj: Any) -> str:
+    return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", repr(obj))
+
+
+class CallChecker(ast.NodeVisitor):
+    """Resolves each call of a block to a lucidops object where it can, and binds the call's
+    arguments to that object's signature. Names carry over from block to block, as a reader
+    carries them down the README."""
+
+    def __init__(self) -> None:
+        self.names: Dict[str, Any] = {"lucidops": lucidops}
+        self.problems: List[str] = []
+        self.checked: List[str] = []
+
+    def problem(self, message: str) -> None:
+        if message not in self.problems:  # an assignment resolves its call twice
+            self.problems.append(message)
+
+    # ---------------------------------------------------------------- resolving
+    def resolve(self, node: ast.AST) -> Any:
+        if isinstance(node, ast.Name):
+            return self.names.get(node.id, UNKNOWN)
+        if isinstance(node, ast.Attribute):
+            base = self.resolve(node.value)
+            if base is UNKNOWN or not _is_lucidops(base):
+                return UNKNOWN
+            owner = base.cls if isinstance(base, _Instance) else base
+            if not hasattr(owner, node.attr):
+                self.problem(f"README.md:{node.lineno}: {_name(owner)} has no attribute {node.attr!r}")
+                return UNKNOWN
+            if not isinstance(base, _Instance):  # a module's or a class's own attribute
+                return getattr(owner, node.attr)
+            found = inspect.getattr_static(owner, node.attr)
+            if isinstance(found, (staticmethod, classmethod)):
+                return getattr(owner, node.attr)
+            return _BoundMethod(found) if inspect.isfunction(found) else UNKNOWN  # properties, data
+        if isinstance(node, ast.Call):
+            return self.result_of(node)
+        return UNKNOWN
+
+    def result_of(self, call: ast.Call) -> Any:
+        """What a call returns, as far as annotations tell: an instance stand-in of a lucidops class."""
+        target = self.resolve(call.func)
+        if inspect.isclass(target) and _is_lucidops(target):
+            return _Instance(target)
+        function = target.function if isinstance(target, _BoundMethod) else target
+        if callable(function) and _is_lucidops(function):
+            try:
+                returned = typing.get_type_hints(function).get("return")
+            except Exception:
+                return UNKNOWN
+            if inspect.isclass(returned) and _is_lucidops(returned):
+                return _Instance(returned)
+        return UNKNOWN
+
+    # ---------------------------------------------------------------- visiting
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            module = importlib.import_module(alias.name)
+            self.names[alias.asname or alias.name.split(".")[0]] = module if alias.asname else \
+                importlib.import_module(alias.name.split(".")[0])
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        module = importlib.import_module(node.module or "")
+        for alias in node.names:
+            if not hasattr(module, alias.name):
+                try:
+                    importlib.import_module(f"{node.module}.{alias.name}")
+                except ImportError:
+                    self.problem(f"README.md:{node.lineno}: cannot import {alias.name} from {node.module}")
+                    continue
+            self.names[alias.asname or alias.name] = getattr(module, alias.name)
+
+    def visit_Assign(self, node: ast.Assign) -> None:
+        self.generic_visit(node)
+        value = self.result_of(node.value) if isinstance(node.value, ast.Call) else self.resolve(node.value)
+        for target in node.targets:
+            if isinstance(target, ast.Name):
+                self.names[target.id] = value
+
+    def visit_withitem(self, node: ast.withitem) -> None:
+        self.generic_visit(node)
+        if isinstance(node.optional_vars, ast.Name):
+            self.names[node.optional_vars.id] = UNKNOWN
+
+    def visit_Call(self, node: ast.Call) -> None:
+        self.generic_visit(node)
+        target = self.resolve(node.func)
+        if isinstance(target, _Instance):  # calling a module runs its forward
+            method = "forward" if issubclass(target.cls, torch.nn.Module) else "__call__"
+            target = _BoundMethod(getattr(target.cls, method))
+        if target is UNKNOWN or not _is_lucidops(target.function if isinstance(target, _BoundMethod) else target):
+            return
+        if any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords):
+            return
+        args = [UNKNOWN] * len(node.args)
+        kwargs = {k.arg: UNKNOWN for k in node.keywords}
+        try:
+            if isinstance(target, _BoundMethod):
+                inspect.signature(target.function).bind(UNKNOWN, *args, **kwargs)
+            else:
+                inspect.signature(target).bind(*args, **kwargs)
+        except TypeError as err:
+            self.problem(f"README.md:{node.lineno}: {ast.unparse(node)}: {err}")
+        self.checked.append(ast.unparse(node.func))
+
+
+def check(blocks: List[str]) -> CallChecker:
+    checker = CallChecker()
+    for block in blocks:
+        checker.visit(ast.parse(block))
+    return checker
+
+
+# ---------------------------------------------------------------- the README's Python
+
+
+def test_every_lucidops_call_in_the_readme_exists_and_takes_its_arguments():
+    blocks = code_blocks("python")
+    assert len(blocks) >= 6
+    checker = check(blocks)
+    assert not checker.problems, "\n".join(checker.problems)
+    # The check has substance: the calls of every family are among those bound.
+    for call in ("lucidops.ops.sinc", "lucidops.nn.GaussianPointEncoder", "lucidops.train.distill",
+                 "lucidops.patch.apply", "handle.revert", "lucidops.patch.leaner", "layer.merge",
+                 "layer.quantize_", "lucidops.ops.sine_lora_linear", "lucidops.patch.peft_lora",
+                 "lucidops.train.gradient_difference", "lucidops.profile.compare", "conditioning.token_gray"):
+        assert call in checker.checked, call
+    assert len(checker.checked) >= 35
+
+
+@pytest.mark.parametrize("snippet, problem", [
+    ("lucidops.ops.sinc(x, sigmaa=0.5)", "unexpected keyword argument 'sigmaa'"),
+    ("lucidops.ops.gaussian_mixtures(p, m, c, w)", "has no attribute 'gaussian_mixtures'"),
+    ("layer = lucidops.nn.SineLoRALinear(base, rank=4, omega=1.0, alpha=1)\nlayer.merge_all()",
+     "has no attribute 'merge_all'"),
+    ("layer = lucidops.nn.SineLoRALinear(base, rank=4, omega=1.0, alpha=1)\nlayer.quantize_(bitz=4)",
+     "unexpected keyword argument 'bitz'"),
+    ("h = lucidops.patch.apply(model)\nh.revert(model)", "too many positional arguments"),
+    ("from lucidops import nope", "cannot import nope"),
+])
+def test_the_readme_check_catches_a_stale_example(snippet, problem):
+    problems = check([snippet]).problems
+    assert len(problems) == 1 and problem in problems[0], problems
+
+
+def _free_names(block: str) -> set:
+    tree = ast.parse(block)
+    bound = {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree)
+             if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    bound |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    return used - bound - set(dir(builtins))
+
+
+def test_the_self_contained_readme_blocks_run():
+    runnable = [block for block in code_blocks("python") if not _free_names(block)]
+    assert runnable, "the README's first example needs nothing from outside and should run"
+    for block in runnable:
+        exec(compile(block, "README.md", "exec"), {})
+
+
+# ---------------------------------------------------------------- the README's command lines
+
+
+def _cli_help(words: List[str]) -> str:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exited:
+        cli.main([*words, "--help"])
+    assert exited.value.code == 0, f"lucidops {' '.join(words)}: {err.getvalue()}"
+    return out.getvalue()
+
+
+def readme_commands() -> List[Tuple[List[str], List[str]]]:
+    """(subcommand words, flags shown) of every ``lucidops ...`` line in a bash/console block."""
+    found = []
+    lines = "\n".join(code_blocks("bash")).replace("\\\n", " ").splitlines()
+    lines += [line[2:] for line in "\n".join(code_blocks("console")).splitlines() if line.startswith("$ ")]
+    for line in lines:
+        line = line.split("#")[0].strip()
+        if not line.startswith("lucidops "):
+            continue
+        words = shlex.split(line.replace("[", " ").replace("]", " ").replace("|", " "))[1:]
+        sub = [w for w in words[:2] if not w.startswith("-") and w.isidentifier()]
+        if sub and sub[0] == "demo":
+            sub = sub[:2]
+        else:
+            sub = sub[:1]
+        flags = [w.split("=")[0] for w in words if w.startswith("--")]
+        found.append((sub, flags))
+    return found
+
+
+def test_every_readme_command_and_flag_exists():
+    commands = readme_commands()
+    assert {"bench", "profile", "demo"} == {sub[0] for sub, _ in commands}
+    assert sum(len(flags) for _, flags in commands) >= 20
+    for sub, flags in commands:
+        text = _cli_help(sub)
+        for flag in flags:
+            assert re.search(rf"{re.escape(flag)}\b", text), f"lucidops {' '.join(sub)} has no {flag}"
+
+
+def test_the_command_check_catches_a_stale_flag_or_command():
+    assert "--full" in _cli_help(["bench"]) and "--fulll" not in _cli_help(["bench"])
+    with pytest.raises(AssertionError, match="lucidops nosuch"):
+        _cli_help(["nosuch"])

@@ -242,6 +242,53 @@ def test_every_package_name_the_readme_mentions_exists():
     assert unresolved("train.distill_pointnets") and unresolved("lucidops.nn.NoSuchModule")
 
 
+INLINE_CALL = re.compile(r"`((?:lucidops\.)?[a-z_]+\.[\w.]+\([^`\n]*\))`")
+
+
+def _inline_call(span: str) -> ast.Call:
+    """A call written in prose, as a signature or with alternatives, made parseable:
+    ``f(a, *, b="x"|"y", c=)`` -> ``f(a, b="x", c=None)``."""
+    text = re.sub(r'("[^"]*")(?:\|"[^"]*")+', r"\1", span)
+    text = re.sub(r"=\s*(?=[,)])", "=None", text).replace(", *,", ",")
+    return ast.parse(text, mode="eval").body
+
+
+def inline_call_problems(text: str) -> List[str]:
+    """Calls of package functions in the prose whose keywords the function does not take, or
+    with more positional arguments than it has (``...`` stands for any)."""
+    problems = []
+    for span in INLINE_CALL.findall(re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)):
+        name = span.split("(")[0]
+        if not DOTTED.fullmatch(name) and not name.startswith("lucidops."):
+            continue
+        if unresolved(name):
+            problems.append(f"{span}: {name} does not exist")
+            continue
+        obj: Any = lucidops
+        for part in name.removeprefix("lucidops.").split("."):
+            obj = getattr(obj, part)
+        params = inspect.signature(obj).parameters.values()
+        call = _inline_call(span)
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+        names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        problems += [f"{span}: no keyword {k.arg!r}" for k in call.keywords if not takes_any and k.arg not in names]
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        open_ended = any(isinstance(a, ast.Constant) and a.value is Ellipsis for a in call.args) or \
+            any(p.kind is p.VAR_POSITIONAL for p in params)
+        if not open_ended and len(call.args) > len(positional):
+            problems.append(f"{span}: {len(call.args)} positional arguments, it takes {len(positional)}")
+    return problems
+
+
+def test_calls_written_in_the_readme_prose_match_the_signatures():
+    text = README.read_text()
+    assert len(INLINE_CALL.findall(text)) >= 10
+    assert inline_call_problems(text) == []
+    stale = "`lucidops.ops.attention(q, k, v, causal=True, dropout=0.1)` and `lucidops.ops.attention(q, k, v, mask)`"
+    assert inline_call_problems(stale) == ["lucidops.ops.attention(q, k, v, causal=True, dropout=0.1): no keyword 'dropout'",
+                                           "lucidops.ops.attention(q, k, v, mask): 4 positional arguments, it takes 3"]
+
+
 def _free_names(block: str) -> set:
     tree = ast.parse(block)
     bound = {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree)

@@ -221,8 +221,8 @@ DOTTED = re.compile(r"(?<![\w.])(?:lucidops\.)?(?:backends|conditioning|data|dem
 FILE_SUFFIXES = (".py", ".cu", ".cpp", ".h", ".md", ".json", ".png", ".sh", ".pt", ".txt", ".log")
 
 
-def unresolved(name: str) -> bool:
-    """Whether ``name`` (``lucidops.`` optional) names nothing in the package."""
+def lookup(name: str) -> Any:
+    """What ``name`` (``lucidops.`` optional) names in the package, or None."""
     parts = name.removeprefix("lucidops.").split(".")
     obj: Any = lucidops
     for i, part in enumerate(parts):
@@ -230,16 +230,16 @@ def unresolved(name: str) -> bool:
             try:
                 importlib.import_module("lucidops." + ".".join(parts[:i + 1]))
             except ImportError:
-                return True
+                return None
         obj = getattr(obj, part)
-    return False
+    return obj
 
 
 def test_every_package_name_the_readme_mentions_exists():
     names = {n for n in DOTTED.findall(README.read_text()) if not n.endswith(FILE_SUFFIXES)}
     assert len(names) >= 50 and "train.distill_pointnet" in names
-    assert [n for n in sorted(names) if unresolved(n)] == []
-    assert unresolved("train.distill_pointnets") and unresolved("lucidops.nn.NoSuchModule")
+    assert [n for n in sorted(names) if lookup(n) is None] == []
+    assert lookup("train.distill_pointnets") is None and lookup("lucidops.nn.NoSuchModule") is None
 
 
 INLINE_CALL = re.compile(r"`((?:lucidops\.)?[a-z_]+\.[\w.]+\([^`\n]*\))`")
@@ -261,12 +261,10 @@ def inline_call_problems(text: str) -> List[str]:
         name = span.split("(")[0]
         if not DOTTED.fullmatch(name) and not name.startswith("lucidops."):
             continue
-        if unresolved(name):
+        obj = lookup(name)
+        if obj is None:
             problems.append(f"{span}: {name} does not exist")
             continue
-        obj: Any = lucidops
-        for part in name.removeprefix("lucidops.").split("."):
-            obj = getattr(obj, part)
         params = inspect.signature(obj).parameters.values()
         call = _inline_call(span)
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
@@ -287,15 +285,6 @@ def test_calls_written_in_the_readme_prose_match_the_signatures():
     stale = "`lucidops.ops.attention(q, k, v, causal=True, dropout=0.1)` and `lucidops.ops.attention(q, k, v, mask)`"
     assert inline_call_problems(stale) == ["lucidops.ops.attention(q, k, v, causal=True, dropout=0.1): no keyword 'dropout'",
                                            "lucidops.ops.attention(q, k, v, mask): 4 positional arguments, it takes 3"]
-
-
-def _free_names(block: str) -> set:
-    tree = ast.parse(block)
-    bound = {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree)
-             if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
-    bound |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
-    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
-    return used - bound - set(dir(builtins))
 
 
 # ---------------------------------------------------------------- the README's command lines
@@ -391,6 +380,15 @@ EXAMPLES = {
         {"steps=100": "steps=2"}),
     "gray = conditioning.token_gray(x": (lambda root: dict(x=torch.randn(2, 16, 32)), {}),
 }
+
+
+def _free_names(block: str) -> set:
+    tree = ast.parse(block)
+    bound = {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree)
+             if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    bound |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    return used - bound - set(dir(builtins))
 
 
 def test_every_readme_example_runs(tmp_path, monkeypatch):

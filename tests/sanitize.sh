@@ -24,4 +24,5 @@ export UBSAN_OPTIONS=print_stacktrace=1
 python -m pytest -q -p no:cacheprovider --capture=sys \
     tests/test_gaussian_mixture.py tests/test_lora_cpp.py tests/test_lora.py tests/test_attention.py \
     tests/test_activations.py tests/test_point_encoders.py tests/test_pointnet.py tests/test_cuda_emulated.py \
+    tests/test_cpp_random_shapes.py \
     "$@"

@@ -61,9 +61,13 @@ def case_id(case):
     return f"B{b}H{h}q{nq}k{nk}d{d}{'-causal' if causal else ''}-{mask}-{str(dtype)[6:]}"
 
 
-def check_against_float64_reference(backend, case, device="cpu", poison=None):
+def check_against_float64_reference(backend, case, device="cpu", poison=None, atol=0.0):
     """Forward (out and lse) and backward (through out and lse) of one case under ``backend``
-    on ``device``, against the float64 reference on the CPU; also test_attention_cuda's."""
+    on ``device``, against the float64 reference on the CPU; also test_attention_cuda's.
+
+    Each result must be within TOL relative error, or within ``atol`` of the reference in every
+    element: a gradient that is zero in exact arithmetic (one visible key per query) keeps
+    float32 rounding that no relative bound accepts."""
     b, h, nq, nk, d, causal, mask_kind, dtype = case
     g = torch.Generator().manual_seed(nq * 1000 + nk * 10 + d)
     q = (torch.randn(b, h, nq, d, generator=g) * 1.5).to(device=device, dtype=dtype).requires_grad_(True)
@@ -85,7 +89,7 @@ def check_against_float64_reference(backend, case, device="cpu", poison=None):
         assert lucidops.backends.last_used("attention") == backend
         assert lucidops.backends.last_used("attention_backward") == backend
     assert out.shape == (b, h, nq, d) and out.dtype == dtype and lse.shape == (b, h, nq)
-    assert out.device == q.device and lse.dtype == torch.float32
+    assert out.device == q.device and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
     scale = 1.0 / math.sqrt(d)
     q64, k64, v64 = (t.detach().double().cpu() for t in (q, k, v))
@@ -97,12 +101,16 @@ def check_against_float64_reference(backend, case, device="cpu", poison=None):
     out, lse, finite = out.detach().cpu(), lse.detach().cpu(), finite.cpu()
     grads = [t.grad.cpu() for t in (q, k, v)]
     tol = TOL[dtype]
-    assert rel_err(out, out_ref) < tol
+
+    def close(got, expected):
+        return rel_err(got, expected) < tol or (got.double() - expected).abs().max().item() <= atol
+
+    assert close(out, out_ref)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
-    assert rel_err(lse[finite], lse_ref[finite]) < tol
+    assert close(lse[finite], lse_ref[finite])
     for grad, expected in zip(grads, (dq_ref, dk_ref, dv_ref)):
         assert grad.dtype == dtype
-        assert rel_err(grad, expected) < tol
+        assert close(grad, expected)
 
     # Queries that see no key: zeros out, zero gradient, no NaN anywhere.
     empty = torch.isneginf(lse_ref)

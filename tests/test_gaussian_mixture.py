@@ -60,16 +60,20 @@ def run_op(backend, points, means, prec, weight, bias, reduce="max", cull=None, 
     return out, grads, grad_out
 
 
-def ground_truth(points, means, prec, weight, bias, reduce, cull, grad_out, argmax=None):
+def ground_truth(points, means, prec, weight, bias, reduce, cull, grad_out, argmax=None, dtype=torch.float64):
     """float64 forward and backward. For "max" the backward is routed through ``argmax``
     (the backend's own, so that a float32 near-tie cannot swap the winner) by the reference
-    backward, which test_reference_backward_matches_autograd checks against autograd."""
-    x, mu, p, w = (t.detach().double().cpu() for t in (points, means, prec, weight))
-    b = bias.detach().double().cpu() if bias is not None else None
+    backward, which test_reference_backward_matches_autograd checks against autograd.
+
+    ``dtype=torch.float32`` gives the reference in float32 instead: there the culling rule's
+    x - mu is rounded as the float32 kernels round it, so a point within a rounding of a box
+    face is culled (or kept) as they cull it, where float64 may decide the other way."""
+    x, mu, p, w = (t.detach().to(dtype).cpu() for t in (points, means, prec, weight))
+    b = bias.detach().to(dtype).cpu() if bias is not None else None
     lead, n = x.shape[:-2], x.shape[-2]
     flat = x.reshape(math.prod(lead), n, 3)
     out, arg64 = ref.forward(flat, mu, p, w, b, reduce == "max", cull)
-    g = grad_out.detach().double().cpu().reshape(out.shape)
+    g = grad_out.detach().to(dtype).cpu().reshape(out.shape)
     use_arg = argmax if argmax is not None else arg64
     grads = ref.backward(g, flat, mu, p, w, use_arg, reduce == "max", cull)
     gx = grads[0].reshape(x.shape)

@@ -1,0 +1,95 @@
+"""The C++ CPU kernels against the float64 reference on shapes hypothesis draws.
+
+Each op's own test file covers chosen corners (size 1, one past a tile, several chunks);
+these draw sizes around every tile and vector width of the cpp kernels at random, forward
+and backward, and run under tests/sanitize.sh too. A failure prints the shape that broke.
+50 examples per op here; 3 runs of 3000 (and 1000 under the sanitizers) passed on 2026-12-04.
+"""
+
+import math
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+import lucidops
+from lucidops import backends
+
+from test_attention import check_against_float64_reference
+from test_gaussian_mixture import backend_argmax, ground_truth, make_params, make_points, rel_err, run_op
+from test_lora import SCALE, make, reference_grads
+
+
+def assert_close(name, got, exact, tol, atol):
+    """Within ``tol`` relative error, or within ``atol`` in every element: where terms cancel
+    (one output, one key per query) no floating-point sum has a small relative error, while a
+    wrong index or bound errs by the size of the O(1) inputs."""
+    assert got is not None and got.shape == exact.shape, name
+    error = (got.double() - exact.double()).abs().max().item() if exact.numel() else 0.0
+    assert rel_err(got, exact) < tol or error <= atol, f"{name}: relative {rel_err(got, exact):.2e}, max {error:.2e}"
+
+
+# Sizes that straddle the kernels' tiles and vector widths (8, 16, 32, 64, 256) and a few others.
+AWKWARD = st.sampled_from([1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 129])
+EXAMPLES = settings(max_examples=50, deadline=None)
+
+
+@EXAMPLES
+@given(lead=st.lists(st.integers(1, 3), max_size=2), n=st.one_of(AWKWARD, st.integers(250, 300)),
+       gaussians=AWKWARD.filter(lambda g: g <= 65), channels=AWKWARD, dtype=st.sampled_from([torch.float32, torch.float64]),
+       reduce=st.sampled_from(["max", "none"]), cull=st.sampled_from([None, 0.05, 0.3]), with_bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_gaussian_mixture(lead, n, gaussians, channels, dtype, reduce, cull, with_bias, seed):
+    if reduce == "none" and math.prod(lead) * n * channels > 200_000:
+        n = 33  # keep the (..., N, K) output, and the float64 reference of it, small
+    means, prec, weight, bias = make_params(gaussians, channels, dtype, seed=seed)
+    bias = bias if with_bias else None
+    points = make_points((*lead, n), dtype, seed=seed + 1)
+    out, grads, grad_out = run_op("cpp", points, means, prec, weight, bias, reduce, cull)
+    assert out.shape == ((*lead, channels) if reduce == "max" else (*lead, n, channels))
+    arg = backend_argmax("cpp", points, means, prec, weight, bias, cull) if reduce == "max" else None
+    # Culled, the float32 rule decides a point within a rounding of a box face in float32: there
+    # the float64 reference may decide otherwise (an error of up to t), so compare in float32.
+    exact_dtype = dtype if cull is not None else torch.float64
+    out64, grads64, _ = ground_truth(points, means, prec, weight, bias, reduce, cull, grad_out, arg, exact_dtype)
+    tol, atol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-12, 1e-10)
+    assert_close("out", out, out64, tol, atol)
+    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
+        if g64 is None:
+            assert g is None, name
+        else:
+            assert_close(name, g, g64, 4 * tol, atol)
+
+
+@EXAMPLES
+@given(b=st.integers(1, 2), h=st.integers(1, 5), nq=AWKWARD, nk=AWKWARD,
+       d=st.one_of(AWKWARD.filter(lambda v: 4 <= v <= 128), st.integers(4, 128)), causal=st.booleans(),
+       mask=st.sampled_from([None, "random", "first_key_off", "batch0_off"]),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_attention(b, h, nq, nk, d, causal, mask, dtype):
+    # Inputs are O(1), so a wrong index errs by O(1); rounding stays far below 1e-4.
+    check_against_float64_reference("cpp", (b, h, nq, nk, d, causal, mask, dtype), atol=1e-4)
+
+
+@EXAMPLES
+@given(lead=st.lists(st.integers(1, 3), max_size=2), m=AWKWARD, k_in=AWKWARD, n_out=AWKWARD,
+       rank=st.sampled_from([1, 2, 4, 7, 16, 33]), fn=st.sampled_from(["sin", "tanh"]),
+       placement=st.sampled_from(["weight", "output"]), train_base=st.booleans(), with_bias=st.booleans(),
+       omega=st.sampled_from([0.5, 2.0, 30.0]), seed=st.integers(0, 2**16))
+def test_bounded_lora_linear(lead, m, k_in, n_out, rank, fn, placement, train_base, with_bias, omega, seed):
+    x, w, a, b, bias = make((*lead, m, k_in), n_out, rank, torch.float32, "cpu", seed=seed, bias=with_bias)
+    for t in (x, a, b) + ((w, bias) if train_base else ()):
+        if t is not None:
+            t.requires_grad_(True)
+    grad = torch.randn(*lead, m, n_out, generator=torch.Generator().manual_seed(seed))
+    with lucidops.use_backend("cpp"):
+        y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=omega, scale=SCALE, placement=placement)
+        y.backward(grad)
+        assert backends.last_used("bounded_lora_linear_backward") == "cpp"
+    exact = reference_grads(grad, x, w, a, b, bias, fn, placement, omega=omega)
+    got = [y.reshape(-1, n_out), x.grad.reshape(-1, k_in), w.grad, None if bias is None else bias.grad, a.grad, b.grad]
+    tol, atol = 1e-5 * max(1.0, omega / 2), 1e-4 * omega  # the phase's rounding grows with omega
+    for name, g, e in zip(["y", "x", "weight", "bias", "lora_A", "lora_B"], got, exact):
+        if name in ("weight", "bias") and not (train_base and (name == "weight" or bias is not None)):
+            assert g is None, name
+        else:
+            assert_close(name, g, e, tol, atol)

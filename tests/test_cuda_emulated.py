@@ -15,12 +15,14 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from lucidops import _ext, backends
 from lucidops.reference import gaussian_mixture as ref
 import cuda_emulator
 from test_activations import assert_matches_float64_reference, make_input
-from test_gaussian_mixture import make_params, make_points, rel_err
+from test_cpp_random_shapes import assert_close
+from test_gaussian_mixture import ground_truth, make_params, make_points, rel_err
 from test_gaussian_mixture_cuda import (CASES, TOL, assert_matches_float64, assert_ties_went_to_point_zero,
                                          float64_truth, tie_inputs)
 
@@ -84,6 +86,31 @@ def test_gaussian_mixture_matches_float64_reference(cuda_ext_emulated, dtype, ca
     out, arg, grads, grad_out = emulated_forward_backward(tensors, reduce, cull)
     assert out.shape == ((*lead, K) if reduce == "max" else (*lead, n, K)) and out.dtype == dtype
     assert_matches_float64(tensors, reduce, cull, out, arg, grads, grad_out)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lead=st.lists(st.integers(1, 3), max_size=2), n=st.sampled_from([1, 2, 31, 63, 64, 65, 129, 255, 256, 257]),
+       gaussians=st.sampled_from([1, 2, 15, 16, 17, 31, 32, 33, 40]), channels=st.sampled_from([1, 3, 31, 32, 33, 127,
+                                                                                                128, 129, 140]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), reduce=st.sampled_from(["max", "none"]),
+       cull=st.sampled_from([None, 0.05, 0.3]), with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_gaussian_mixture_on_drawn_shapes(cuda_ext_emulated, lead, n, gaussians, channels, dtype, reduce, cull,
+                                          with_bias, seed):
+    """Shapes around the kernels' 64-point tiles, 256-point chunks, 16/32-Gaussian tiles and
+    128-channel blocks, drawn by hypothesis (the fixed CASES cover chosen ones)."""
+    means, prec, weight, bias = make_params(gaussians, channels, dtype, seed=seed)
+    tensors = (make_points((*lead, n), dtype, seed=seed + 1), means, prec, weight, bias if with_bias else None)
+    out, arg, grads, grad_out = emulated_forward_backward(tensors, reduce, cull)
+    # As in test_cpp_random_shapes: culled float32 is compared with the float32 rule.
+    exact_dtype = dtype if cull is not None else torch.float64
+    out64, grads64, _ = ground_truth(*tensors, reduce, cull, grad_out, arg if reduce == "max" else None, exact_dtype)
+    tol, atol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-12, 1e-10)
+    assert_close("out", out, out64, tol, atol)
+    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
+        if g64 is None:
+            assert g is None, name
+        else:
+            assert_close(name, g, g64, 4 * tol, atol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -28,6 +28,23 @@ def assert_close(name, got, exact, tol, atol):
     assert rel_err(got, exact) < tol or error <= atol, f"{name}: relative {rel_err(got, exact):.2e}, max {error:.2e}"
 
 
+def assert_mixture_close(tensors, reduce, cull, out, arg, grads, grad_out):
+    """A gaussian_mixture run's output and five gradients (None for a missing bias) against the
+    reference, whose backward goes through the run's own arg-max. Culled, the float32 rule
+    decides a point within a rounding of a box face in float32, where the float64 reference may
+    decide otherwise (an error of up to t), so culled runs are compared in their own dtype."""
+    dtype = out.dtype
+    exact_dtype = dtype if cull is not None else torch.float64
+    out64, grads64, _ = ground_truth(*tensors, reduce, cull, grad_out, arg, exact_dtype)
+    tol, atol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-12, 1e-10)
+    assert_close("out", out, out64, tol, atol)
+    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
+        if g64 is None:
+            assert g is None, name
+        else:
+            assert_close(name, g, g64, 4 * tol, atol)
+
+
 # Sizes that straddle the kernels' tiles and vector widths (8, 16, 32, 64, 256) and a few others.
 AWKWARD = st.sampled_from([1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 129])
 EXAMPLES = settings(max_examples=50, deadline=None)
@@ -47,17 +64,7 @@ def test_gaussian_mixture(lead, n, gaussians, channels, dtype, reduce, cull, wit
     out, grads, grad_out = run_op("cpp", points, means, prec, weight, bias, reduce, cull)
     assert out.shape == ((*lead, channels) if reduce == "max" else (*lead, n, channels))
     arg = backend_argmax("cpp", points, means, prec, weight, bias, cull) if reduce == "max" else None
-    # Culled, the float32 rule decides a point within a rounding of a box face in float32: there
-    # the float64 reference may decide otherwise (an error of up to t), so compare in float32.
-    exact_dtype = dtype if cull is not None else torch.float64
-    out64, grads64, _ = ground_truth(points, means, prec, weight, bias, reduce, cull, grad_out, arg, exact_dtype)
-    tol, atol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-12, 1e-10)
-    assert_close("out", out, out64, tol, atol)
-    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
-        if g64 is None:
-            assert g is None, name
-        else:
-            assert_close(name, g, g64, 4 * tol, atol)
+    assert_mixture_close((points, means, prec, weight, bias), reduce, cull, out, arg, grads, grad_out)
 
 
 @EXAMPLES
@@ -88,8 +95,9 @@ def test_bounded_lora_linear(lead, m, k_in, n_out, rank, fn, placement, train_ba
     exact = reference_grads(grad, x, w, a, b, bias, fn, placement, omega=omega)
     got = [y.reshape(-1, n_out), x.grad.reshape(-1, k_in), w.grad, None if bias is None else bias.grad, a.grad, b.grad]
     tol, atol = 1e-5 * max(1.0, omega / 2), 1e-4 * omega  # the phase's rounding grows with omega
-    for name, g, e in zip(["y", "x", "weight", "bias", "lora_A", "lora_B"], got, exact):
-        if name in ("weight", "bias") and not (train_base and (name == "weight" or bias is not None)):
-            assert g is None, name
-        else:
+    wanted = [True, True, train_base, train_base and bias is not None, True, True]  # frozen inputs get none
+    for name, g, e, want in zip(["y", "x", "weight", "bias", "lora_A", "lora_B"], got, exact, wanted):
+        if want:
             assert_close(name, g, e, tol, atol)
+        else:
+            assert g is None, name

@@ -21,8 +21,8 @@ from lucidops import _ext, backends
 from lucidops.reference import gaussian_mixture as ref
 import cuda_emulator
 from test_activations import assert_matches_float64_reference, make_input
-from test_cpp_random_shapes import assert_close
-from test_gaussian_mixture import ground_truth, make_params, make_points, rel_err
+from test_cpp_random_shapes import assert_mixture_close
+from test_gaussian_mixture import make_params, make_points, rel_err
 from test_gaussian_mixture_cuda import (CASES, TOL, assert_matches_float64, assert_ties_went_to_point_zero,
                                          float64_truth, tie_inputs)
 
@@ -101,16 +101,7 @@ def test_gaussian_mixture_on_drawn_shapes(cuda_ext_emulated, lead, n, gaussians,
     means, prec, weight, bias = make_params(gaussians, channels, dtype, seed=seed)
     tensors = (make_points((*lead, n), dtype, seed=seed + 1), means, prec, weight, bias if with_bias else None)
     out, arg, grads, grad_out = emulated_forward_backward(tensors, reduce, cull)
-    # As in test_cpp_random_shapes: culled float32 is compared with the float32 rule.
-    exact_dtype = dtype if cull is not None else torch.float64
-    out64, grads64, _ = ground_truth(*tensors, reduce, cull, grad_out, arg if reduce == "max" else None, exact_dtype)
-    tol, atol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-12, 1e-10)
-    assert_close("out", out, out64, tol, atol)
-    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
-        if g64 is None:
-            assert g is None, name
-        else:
-            assert_close(name, g, g64, 4 * tol, atol)
+    assert_mixture_close(tensors, reduce, cull, out, arg if reduce == "max" else None, grads, grad_out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

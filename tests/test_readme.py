@@ -336,9 +336,6 @@ def test_the_command_check_catches_a_stale_flag_or_command():
 
 # ---------------------------------------------------------------- running every example
 
-# The README's blocks use objects built elsewhere. For each block (found by a line of it) the
-# test builds those objects small and shrinks the long runs; a README edit that drops the line
-# fails here, pointing at what to update. The blocks run in order in one namespace, as read.
 def _peft_model():
     from test_peft_lora import make_model
 
@@ -358,18 +355,25 @@ def _modelnet_folder(root: Path) -> None:
     (folder / "test_files.txt").write_text("")
 
 
+def _distillation_block(root: Path) -> Dict[str, Any]:
+    _modelnet_folder(root)
+    return dict(pointnet=lucidops.models.PointNet(10).eval(), model=lucidops.models.PointNet(10).eval())
+
+
+# The README's blocks use objects built elsewhere. For each block (found by a line of it) the
+# test builds those objects small and shrinks the long runs; a README edit that drops the line
+# fails here, pointing at what to update. The blocks run in order in one namespace, as read.
 EXAMPLES = {
     "handle = lucidops.patch.apply(peft_model": (
         lambda root: dict(peft_model=_peft_model(), pointnet=lucidops.models.PointNet(10).eval(),
                           model=torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())),
         {"point_encoders=True": "point_encoders={'distill_kwargs': {'steps': 2}}"}),
     "print(lucidops.profile.report(model, x, backward=True))": (
-        lambda root: {}, {"backward=True)": "backward=True, repeat=1, warmup=0)", 
-                         'png="compare.png")': 'png="compare.png", repeat=1, warmup=0)'}),
+        lambda root: {}, {"backward=True)": "backward=True, repeat=1, warmup=0)",
+                          'png="compare.png")': 'png="compare.png", repeat=1, warmup=0)'}),
     "feat = enc(points)": (lambda root: dict(points=torch.rand(2, 64, 3) * 2 - 1), {}),
     "result = lucidops.train.distill(pointnet, student": (
-        lambda root: (_modelnet_folder(root), dict(pointnet=lucidops.models.PointNet(10).eval(),
-                                                  model=lucidops.models.PointNet(10).eval()))[1],
+        _distillation_block,
         {"steps=3000": "steps=2", "point_encoders(model)": "point_encoders(model, distill_kwargs={'steps': 2})",
          "SyntheticShapes(64)": "SyntheticShapes(4, num_points=64)"}),
     "handle = lucidops.patch.timm_vit(vit)": (lambda root: dict(images=torch.randn(1, 3, 224, 224)), {}),

@@ -139,7 +139,7 @@ def spec(kind: str, root: Optional[str] = None, arch_list: Optional[List[str]] =
     try:
         import torch
 
-        torch_version = torch.__version__
+        torch_version: str = torch.__version__
     except ImportError:  # setup.py without torch never builds, so this is only for hashing
         torch_version = "unknown"
     digest = _hash(sources + headers, [kind, torch_version] + cflags + ldflags + cuda_cflags)

@@ -17,7 +17,10 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+
+if TYPE_CHECKING:
+    from lucidops.profile import ProfileComparison, ProfileReport
 
 
 def _versions() -> List[str]:
@@ -130,6 +133,7 @@ def _make_model(name: str, img_size: Optional[int], num_heads: Optional[int] = N
 
 def _patch(model: Any, kind: str, timm_model: bool) -> Any:
     """Patch ``model`` (a deep copy) in place with lucidops.patch.apply."""
+    patch_apply: Optional[Callable[..., Any]]
     try:
         from lucidops.patch import apply as patch_apply  # imported late: another helper writes it
     except ImportError:
@@ -179,9 +183,11 @@ def profile_command(args: argparse.Namespace) -> int:
         if kind == "points":
             inputs = torch.rand(args.batch, args.points, 3, generator=gen) * 2 - 1
         else:
+            assert size is not None  # _make_model gives image models their input size
             inputs = torch.randn(args.batch, 3, size, size, generator=gen)
         options = dict(backward=args.backward, device=args.device, repeat=args.repeat, warmup=args.warmup,
                        depth=args.depth, progress=progress)
+        result: Union[ProfileComparison, ProfileReport]
         if args.patch:
             patched = _patch(copy.deepcopy(model), kind, timm_model=kind == "image")
             result = profile.compare(model, patched, inputs, png=args.png,

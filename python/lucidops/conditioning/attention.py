@@ -10,7 +10,7 @@ layer's actual input, for timm ViT ``Attention`` and lucidops ``ManyHeadAttentio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, cast
 
 import torch
 from torch import Tensor, nn
@@ -47,13 +47,16 @@ def head_outputs(module: nn.Module, x: Tensor) -> Tensor:
     """The per-head attention outputs A_i of ``module`` on input x (B, N, C), float64,
     shape (B, H, N, d), from the module's own projections and norms (no dropout)."""
     b, n, _ = x.shape
-    h, d = module.num_heads, module.head_dim
+    # ``module`` is duck-typed (timm Attention or ManyHeadAttention, see _is_attention)
+    h, d = cast(int, module.num_heads), cast(int, module.head_dim)
+    qkv_proj = cast(nn.Linear, module.qkv)
     x64 = x.detach().double()
-    w = module.qkv.weight.detach().double()
-    bias = module.qkv.bias.detach().double() if module.qkv.bias is not None else None
+    w = qkv_proj.weight.detach().double()
+    bias = qkv_proj.bias.detach().double() if qkv_proj.bias is not None else None
     qkv = nn.functional.linear(x64, w, bias).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    q, k = _in_float64(module.q_norm, q), _in_float64(module.k_norm, k)
+    q = _in_float64(cast(nn.Module, module.q_norm), q)
+    k = _in_float64(cast(nn.Module, module.k_norm), k)
     scale = float(getattr(module, "scale", d ** -0.5))
     p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
     return p @ v

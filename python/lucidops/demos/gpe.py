@@ -35,7 +35,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 DESCRIPTION = "3D Gaussian point encoders: train PointNet, distil a Gaussian PointNet, print/plot the paper's Table 1"
 
@@ -209,6 +209,8 @@ def load_data(cfg: Dict[str, Any]):
     """-> (train points, train labels, test points, test labels, number of classes, dataset description)."""
     from ..data import ModelNet40, SyntheticShapes
 
+    train: Union[ModelNet40, SyntheticShapes]
+    test: Union[ModelNet40, SyntheticShapes]
     progress = cfg["progress"]
     if cfg["data"] is not None:
         root = cfg["data"]

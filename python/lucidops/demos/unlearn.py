@@ -31,7 +31,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
         """A configuration that runs in seconds (for tests and ``--quick``)."""
-        base = dict(steps=60, pretrain_steps=150)
+        base: Dict[str, Any] = dict(steps=60, pretrain_steps=150)
         base.update(overrides)
         return cls(**base)
 
@@ -154,13 +154,25 @@ def _lora_linears(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
 
 
+def _lora_weights(layer: nn.Module, adapter: str) -> Tuple[Tensor, Tensor]:
+    """The weights A (r, K_in) and B (N_out, r) of a peft LoRA layer's ``adapter``."""
+    lora_a = cast(nn.ModuleDict, layer.lora_A)[adapter]
+    lora_b = cast(nn.ModuleDict, layer.lora_B)[adapter]
+    return cast(nn.Linear, lora_a).weight, cast(nn.Linear, lora_b).weight
+
+
+def _lora_scaling(layer: nn.Module, adapter: str) -> float:
+    """A peft LoRA layer's scaling s of ``adapter`` (``lora_alpha / r``)."""
+    return float(cast(Dict[str, float], layer.scaling)[adapter])
+
+
 def effective_update(layer: nn.Module, adapter: str = "default") -> Tensor:
     """The update Delta W (N_out, K_in) a peft LoRA layer adds to its base weight, in float64:
     s B A for plain LoRA, s / g fn(omega B A) when :func:`lucidops.patch.peft_lora` bounded it
     (placement "weight")."""
-    a = layer.lora_A[adapter].weight.detach().double()
-    b = layer.lora_B[adapter].weight.detach().double()
-    s = float(layer.scaling[adapter])
+    a_weight, b_weight = _lora_weights(layer, adapter)
+    a, b = a_weight.detach().double(), b_weight.detach().double()
+    s = _lora_scaling(layer, adapter)
     cfg = getattr(layer, "_lucidops_lora", None)
     if cfg is None:
         return s * (b @ a)
@@ -175,8 +187,7 @@ def update_norms(model: nn.Module) -> Dict[str, Dict[str, float]]:
     ``grad`` the norm of the adapter gradients (0 if none), and ``mlp`` (1.0 for MLP layers)."""
     out = {}
     for name, layer in _lora_linears(model):
-        a = layer.lora_A["default"].weight
-        b = layer.lora_B["default"].weight
+        a, b = _lora_weights(layer, "default")
         grads = [p.grad.detach().double() for p in (a, b) if p.grad is not None]
         out[name] = {"update": float(torch.linalg.norm(effective_update(layer))),
                      "A": float(torch.linalg.norm(a.detach().double())),
@@ -193,8 +204,9 @@ def update_bound(model: nn.Module) -> float:
     for name, layer in _lora_linears(model):
         cfg = getattr(layer, "_lucidops_lora", None)
         if cfg is not None:
-            n_out, k_in = layer.lora_B["default"].weight.shape[0], layer.lora_A["default"].weight.shape[1]
-            bounds.append(float(layer.scaling["default"]) / cfg["gain"] * math.sqrt(n_out * k_in))
+            a, b = _lora_weights(layer, "default")
+            n_out, k_in = b.shape[0], a.shape[1]
+            bounds.append(_lora_scaling(layer, "default") / cfg["gain"] * math.sqrt(n_out * k_in))
     return max(bounds) if bounds else float("inf")
 
 
@@ -257,8 +269,10 @@ def attach_adapters(pretrained: nn.Module, variant: str, cfg: DemoConfig) -> nn.
     torch.manual_seed(cfg.seed + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(TARGETS),
-                                                lora_dropout=0.0))
+        # peft annotates lora_alpha as int, but a float works: it only computes the scaling lora_alpha / r
+        config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+                            target_modules=list(TARGETS), lora_dropout=0.0)
+        model = get_peft_model(base, config)
     if variant == "sine":
         peft_lora(model, "sine", omega=cfg.omega, only_mlp=True)
     elif variant == "tanh":

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -112,13 +112,15 @@ def impulse_(model: nn.Module, kernel_size: int = 3, qk_scale: float = 7.0, v_al
         raise ValueError(f"pinv_rank must be None or a positive int, got {pinv_rank!r}")
     if pos_scale is not None:
         pos_scale = _validate.positive_finite_scalar(pos_scale, "pos_scale")
-        model.pos_embed.mul_(pos_scale)
+        # documented contract: a timm ViT's pos_embed Parameter (any other model fails here as before)
+        cast(torch.Tensor, model.pos_embed).mul_(pos_scale)
     pos, grid = _patch_positions(model)
     norms = {id(m.attn): getattr(m, "norm1", None) for m in model.modules() if hasattr(m, "attn")}
     shifts = {}
     for _, attn in layers:
-        qkv, proj = attn.qkv, attn.proj
-        dim, heads, hd = qkv.in_features, attn.num_heads, attn.head_dim
+        # attention_layers only returns modules whose qkv/proj are Linear and heads/head_dim ints
+        qkv, proj = cast(nn.Linear, attn.qkv), cast(nn.Linear, attn.proj)
+        dim, heads, hd = qkv.in_features, cast(int, attn.num_heads), cast(int, attn.head_dim)
         inner = heads * hd
         if pos.shape[1] != dim:
             raise ValueError(f"model.pos_embed width {pos.shape[1]} differs from the attention width {dim}")

@@ -20,7 +20,7 @@ settle them); pass the paper's values if you have them.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -57,8 +57,9 @@ def skipless_(model: nn.Module, alpha: float = 0.2, beta: float = 1.0, vo_scale:
     beta = _finite(beta, "beta")
     vo_scale = _validate.positive_finite_scalar(vo_scale, "vo_scale")
     for _, attn in layers:
-        qkv, proj = attn.qkv, attn.proj
-        dim, heads, hd = qkv.in_features, attn.num_heads, attn.head_dim
+        # attention_layers only returns modules whose qkv/proj are Linear and heads/head_dim ints
+        qkv, proj = cast(nn.Linear, attn.qkv), cast(nn.Linear, attn.proj)
+        dim, heads, hd = qkv.in_features, cast(int, attn.num_heads), cast(int, attn.head_dim)
         inner = heads * hd
         if hd > dim:
             raise ValueError(f"head_dim ({hd}) must be <= the model width ({dim}) for a rank-head_dim split")

@@ -10,7 +10,7 @@ the counts the 3DGPE paper reports.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -165,5 +165,5 @@ class PointNet(nn.Module):
     def regularization_loss(self, feature_transform: Optional[Tensor]) -> Tensor:
         """||I - A A^T||_F^2 of the feature transform (zero without one); weight it by 0.001 as the paper."""
         if feature_transform is None:
-            return self.head[0].weight.new_zeros(())
+            return cast(Tensor, self.head[0].weight).new_zeros(())
         return feature_transform_regularizer(feature_transform)

@@ -154,7 +154,8 @@ class TinyCausalLM(nn.Module):
         self.vocab_size, self.max_len = vocab_size, max_len
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(max_len, d_model)
-        self.blocks = nn.ModuleList([Block(d_model, n_head, d_ff) for _ in range(n_layer)])
+        blocks = [Block(d_model, n_head, d_ff) for _ in range(n_layer)]
+        self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
         for name, p in self.named_parameters():
@@ -163,7 +164,7 @@ class TinyCausalLM(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
         # GPT-2's residual scaling: keeps the residual stream's variance independent of depth.
-        for block in self.blocks:
+        for block in blocks:
             for lin in (block.attn.proj, block.mlp.fc2):
                 nn.init.normal_(lin.weight, 0.0, 0.02 / math.sqrt(2 * n_layer))
 

@@ -6,6 +6,8 @@ the optimiser's learning rate and iteration count; sigma can be learned.
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 from torch import Tensor, nn
 
@@ -15,6 +17,7 @@ from ..ops import activations as F
 
 class _ScaledActivation(nn.Module):
     _fn = staticmethod(F.sinc)
+    sigma: Union[float, nn.Parameter]  # a Parameter when learnable
 
     def __init__(self, sigma: float = 1.0, learnable: bool = False):
         super().__init__()
@@ -29,7 +32,7 @@ class _ScaledActivation(nn.Module):
         return self._fn(x, self.sigma)
 
     def extra_repr(self) -> str:
-        sigma = float(self.sigma.detach()) if self.learnable else self.sigma
+        sigma = float(self.sigma.detach()) if isinstance(self.sigma, Tensor) else self.sigma
         return f"sigma={sigma:g}, learnable={self.learnable}"
 
 

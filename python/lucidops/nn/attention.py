@@ -45,10 +45,11 @@ class ManyHeadAttention(nn.Module):
         self.attn_dim = num_heads * head_dim
         self.scale = head_dim ** -0.5
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
-        self.q_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
+        # (norm_layer is not None whenever qk_norm or scale_norm: checked above)
+        self.q_norm = norm_layer(head_dim, **dd) if qk_norm and norm_layer is not None else nn.Identity()
+        self.k_norm = norm_layer(head_dim, **dd) if qk_norm and norm_layer is not None else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
+        self.norm = norm_layer(self.attn_dim, **dd) if scale_norm and norm_layer is not None else nn.Identity()
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
         self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -59,7 +60,8 @@ class ManyHeadAttention(nn.Module):
         so optimizers and tied references keep working)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.num_heads, new.head_dim = int(module.num_heads), int(module.head_dim)
+        # timm's Attention: attributes a plain nn.Module is not typed with
+        new.num_heads, new.head_dim = int(getattr(module, "num_heads")), int(getattr(module, "head_dim"))
         new.attn_dim = getattr(module, "attn_dim", new.num_heads * new.head_dim)
         new.scale = float(getattr(module, "scale", new.head_dim ** -0.5))
         for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):

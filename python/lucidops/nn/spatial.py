@@ -74,6 +74,15 @@ class FrozenRandomDepthwise(nn.Module):
         generator: optional ``torch.Generator`` for reproducible filters.
     """
 
+    channels: int
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    dilation: Tuple[int, int]
+    padding: Union[str, Tuple[int, int]]
+    init: str
+    weight: nn.Parameter
+    bias: Optional[nn.Parameter]
+
     def __init__(self, channels: int, kernel_size: Union[int, Tuple[int, int]], init: str = "default",
                  stride: Union[int, Tuple[int, int]] = 1, padding: Union[str, int, Tuple[int, int]] = "same",
                  dilation: Union[int, Tuple[int, int]] = 1, bias: bool = False, smoothing_sigma: float = 1.0,

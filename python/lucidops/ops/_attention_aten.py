@@ -87,7 +87,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
     if mask is None:
         lse_out.copy_(lse)
     else:
-        torch.where(empty_rows(key_padding_mask, nq, nk, causal), lse.new_full((), float("-inf")), lse, out=lse_out)
+        no_key = empty_rows(key_padding_mask, nq, nk, causal)
+        assert no_key is not None  # a mask comes only from a key_padding_mask
+        torch.where(no_key, lse.new_full((), float("-inf")), lse, out=lse_out)
     return out, lse_out, out_lo  # already (B, Nq, H, d) in memory, the op's output layout
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor
@@ -267,7 +267,8 @@ def _lora_backward_op(grad: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, l
                       need_lora: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     out = backends.dispatch("bounded_lora_linear_backward", x.device.type, grad, x, weight, lora_A, lora_B, fn,
                             placement, omega, scale, need_x, need_weight, need_bias, need_lora)
-    return _unaliased(out, (grad, x, weight, lora_A, lora_B))
+    # _unaliased keeps the length of the backend's 5-tuple
+    return cast(Tuple[Tensor, Tensor, Tensor, Tensor, Tensor], _unaliased(out, (grad, x, weight, lora_A, lora_B)))
 
 
 @_lora_backward_op.register_fake
@@ -318,7 +319,8 @@ def _quant_backward_op(grad: Tensor, x: Tensor, weight: Tensor, a_codes: Tensor,
     out = backends.dispatch("bounded_lora_linear_quant_backward", x.device.type, grad, x, weight, a_codes, a_t0,
                             a_t1, b_codes, b_t0, b_t1, method, group_a, group_b, fn, omega, scale, need_x,
                             need_weight, need_bias)
-    return _unaliased(out, (grad, x, weight))
+    # _unaliased keeps the length of the backend's 3-tuple
+    return cast(Tuple[Tensor, Tensor, Tensor], _unaliased(out, (grad, x, weight)))
 
 
 @_quant_backward_op.register_fake

@@ -30,7 +30,7 @@ bijection); ``damping`` keeps the solve well conditioned when a Gaussian grows v
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, NamedTuple, Optional, Union
+from typing import Dict, Iterable, List, NamedTuple, Optional, Set, Union
 
 import torch
 from torch import Tensor, nn
@@ -250,7 +250,8 @@ def split_parameters(model: nn.Module) -> ParameterSplit:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    natural, taken = [], set()
+    natural: List[Dict] = []
+    taken: Set[int] = set()
     for enc in _find_encoders(model):
         if id(enc.means) in taken:  # the same encoder reached twice (shared submodule)
             continue

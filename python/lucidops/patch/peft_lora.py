@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 import types
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Protocol, Sequence, Tuple, Type, Union, cast
 
 from torch import Tensor, nn
 
@@ -45,7 +45,26 @@ def is_mlp_name(name: str, patterns: Optional[Sequence[str]] = None) -> bool:
     return any(re.search(p, name) for p in pats)
 
 
-def _peft_linear_class() -> type:
+class _LoraLinear(Protocol):
+    """What is used here of a ``peft.tuners.lora.Linear`` (peft is imported lazily)."""
+
+    lora_A: nn.ModuleDict
+    lora_dropout: nn.ModuleDict
+    fan_in_fan_out: bool
+    merged: bool
+    active_adapters: List[str]
+
+    def get_base_layer(self) -> nn.Module: ...
+
+
+class _LinearBase(Protocol):
+    """An ``nn.Linear`` or transformers ``Conv1D`` base layer."""
+
+    weight: Tensor
+    bias: Optional[Tensor]
+
+
+def _peft_linear_class() -> Type[nn.Module]:
     try:
         from peft.tuners.lora import Linear
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -84,9 +103,9 @@ class PeftLoRAHandle(PatchHandle):
         return self.paths
 
 
-def _base_weight(layer: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
+def _base_weight(layer: _LoraLinear) -> Tuple[Tensor, Optional[Tensor]]:
     """(N_out, K_in) weight view and bias of the layer's base (Conv1D stores W^T)."""
-    base = layer.get_base_layer()
+    base = cast(_LinearBase, layer.get_base_layer())  # checked by _check_layer
     w = base.weight
     if layer.fan_in_fan_out:
         w = w.t()
@@ -135,7 +154,7 @@ def _resolve_gain(gain: Union[float, str], k_in: int) -> float:
     return g
 
 
-def _check_layer(name: str, layer: nn.Module, adapter: str) -> None:
+def _check_layer(name: str, layer: _LoraLinear, adapter: str) -> None:
     if adapter not in layer.lora_A:
         raise ValueError(f"layer {name!r} has no adapter {adapter!r} (it has {sorted(layer.lora_A.keys())})")
     base = layer.get_base_layer()
@@ -220,7 +239,7 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
         if not layers:
             raise ValueError("only_mlp=True but no LoRA layer name matches the MLP patterns; pass mlp_patterns")
     if adapter_name is None:
-        active = layers[0][1].active_adapters
+        active = cast(_LoraLinear, layers[0][1]).active_adapters  # lora_layers found peft LoRA Linears
         if len(active) != 1:
             raise ValueError(f"the model has several active adapters {active}; pass adapter_name")
         adapter_name = active[0]
@@ -228,8 +247,9 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
     # Check every layer before touching any, so a bad layer leaves the model unpatched.
     gains = []
     for name, layer in layers:
-        _check_layer(name, layer, adapter_name)
-        gains.append(_resolve_gain(gain, _base_weight(layer)[0].shape[1]))
+        lora = cast(_LoraLinear, layer)
+        _check_layer(name, lora, adapter_name)
+        gains.append(_resolve_gain(gain, _base_weight(lora)[0].shape[1]))
 
     settings = dict(variant=variant, omega=omega, fn=fn, placement=placement, only_mlp=only_mlp,
                     mlp_patterns=None if mlp_patterns is None else tuple(mlp_patterns), gain=gain,

@@ -26,7 +26,7 @@ The original modules' parameters are never modified.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -72,9 +72,9 @@ def point_mae_point_features(encoder: nn.Module, points: Tensor) -> Tensor:
     second_conv(f). Each cloud of the batch is one neighbourhood.
     """
     x = points.transpose(1, 2)  # (B, 3, n)
-    feature = encoder.first_conv(x)
+    feature = cast(nn.Module, encoder.first_conv)(x)
     glob = feature.amax(dim=2, keepdim=True).expand(-1, -1, feature.shape[2])
-    return encoder.second_conv(torch.cat([glob, feature], dim=1)).transpose(1, 2)
+    return cast(nn.Module, encoder.second_conv)(torch.cat([glob, feature], dim=1)).transpose(1, 2)
 
 
 def _find(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
@@ -88,7 +88,9 @@ def _find(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
         # An encoder nested inside another found one goes with its container.
         if any(path.startswith(p + ".") for p, _ in found if p != path):
             continue
-        out.append((path, module, _kind(module)))
+        kind = _kind(module)
+        assert kind is not None  # child_slots kept only encoders
+        out.append((path, module, kind))
     return out
 
 
@@ -170,16 +172,20 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
             param = next(module.parameters(), None)
             dtype = param.dtype if param is not None else torch.get_default_dtype()
             device = param.device if param is not None else torch.device("cpu")
+            teacher: Callable[..., Tensor]
             if kind == "pointnet":
-                out_channels = module.conv3[0].out_channels
+                assert isinstance(module, PointNet)  # what _kind calls "pointnet"
+                out_channels = cast(nn.Conv1d, module.conv3[0]).out_channels
                 teacher = module.point_features
                 transform = module.transform_points if module.input_tnet is not None else None
             else:
-                out_channels = _last_out_channels(module.second_conv, f"{path or 'model'}.second_conv")
+                second_conv = cast(nn.Module, module.second_conv)  # checked by is_point_mae_encoder
+                out_channels = _last_out_channels(second_conv, f"{path or 'model'}.second_conv")
                 teacher = lambda x, m=module: point_mae_point_features(m, x)  # noqa: E731
                 transform = None
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + i)
+                student: nn.Module  # a GaussianPointEncoder, checked below
                 if student_factory is None:
                     student = GaussianPointEncoder(num_gaussians, out_channels, cloud_range=cube_range)
                 else:
@@ -210,6 +216,7 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
 def _install(handle: PatchHandle, model: nn.Module, path: str, module: nn.Module, kind: str,
              student: GaussianPointEncoder) -> None:
     if kind == "pointnet":
+        assert isinstance(module, PointNet)  # what _kind calls "pointnet"
         wrapper = DistilledPointNet(student, module.head, module.input_tnet)
         if path:
             handle.swap_child(model, path, wrapper)

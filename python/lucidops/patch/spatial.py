@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
 
 from ..nn.spatial import INITS, FrozenRandomDepthwise
 from .handle import PatchHandle, parent_slot
+
+_Pair = Tuple[int, int]
 
 
 def _is_spatial_mixer(module: nn.Module) -> bool:
@@ -45,14 +47,16 @@ def freeze_spatial_mixing(model: nn.Module, init: Optional[str] = None,
         raise ValueError("model has no depthwise nn.Conv2d (groups == channels, kernel > 1x1) to freeze")
     built = []  # build every replacement before swapping any: a bad init_kwargs leaves the model as it was
     for name in names:
-        conv = model.get_submodule(name)
+        conv = cast(nn.Conv2d, model.get_submodule(name))  # spatial_mixers found an nn.Conv2d
         weight = None if init is not None else conv.weight.detach()
+        # An nn.Conv2d's sizes are pairs; torch annotates them as Tuple[int, ...].
         frozen = FrozenRandomDepthwise(
-            conv.in_channels, conv.kernel_size, init=init or "default", stride=conv.stride,
-            padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
-            generator=generator, weight=weight, **init_kwargs)
+            conv.in_channels, cast(_Pair, conv.kernel_size), init=init or "default", stride=cast(_Pair, conv.stride),
+            padding=cast(Union[str, _Pair], conv.padding), dilation=cast(_Pair, conv.dilation),
+            bias=conv.bias is not None, generator=generator, weight=weight, **init_kwargs)
         frozen.to(device=conv.weight.device, dtype=conv.weight.dtype)
         if conv.bias is not None:
+            assert frozen.bias is not None  # built with bias=True
             frozen.bias.data.copy_(conv.bias.detach())
         built.append((name, frozen))
     handle = PatchHandle(model, settings=dict(init=init, **init_kwargs))
@@ -68,13 +72,14 @@ def unfreeze_spatial_mixing(model: nn.Module) -> nn.Module:
     if not names:
         raise ValueError("model has no FrozenRandomDepthwise layer to unfreeze")
     for name in names:
-        frozen = model.get_submodule(name)
+        frozen = cast(FrozenRandomDepthwise, model.get_submodule(name))
         conv = nn.Conv2d(frozen.channels, frozen.channels, frozen.kernel_size, stride=frozen.stride,
                          padding=frozen.padding, dilation=frozen.dilation, groups=frozen.channels,
                          bias=frozen.bias is not None, device=frozen.weight.device, dtype=frozen.weight.dtype)
         with torch.no_grad():
             conv.weight.copy_(frozen.weight)
             if frozen.bias is not None:
+                assert conv.bias is not None  # built with bias=True
                 conv.bias.copy_(frozen.bias)
         parent, child = parent_slot(model, name)
         setattr(parent, child, conv)

@@ -4,7 +4,7 @@ configuration transform (methods.md section 2). timm is imported inside the func
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -59,10 +59,11 @@ def timm_vit(model: nn.Module) -> PatchHandle:
 
 
 def _vit_config(model: nn.Module) -> Dict[str, Any]:
-    block = model.blocks[0]
-    dim = int(model.embed_dim)
+    vit = cast(Any, model)  # a timm VisionTransformer, read through its submodule attributes
+    block = vit.blocks[0]
+    dim = int(vit.embed_dim)
     hidden = block.mlp.fc1.out_features
-    return {"embed_dim": dim, "depth": len(model.blocks), "num_heads": int(block.attn.num_heads),
+    return {"embed_dim": dim, "depth": len(vit.blocks), "num_heads": int(block.attn.num_heads),
             "head_dim": int(block.attn.head_dim), "mlp_ratio": hidden / dim}
 
 
@@ -131,7 +132,8 @@ def leaner(model_name: str, heads_factor: int = 2, depth_divisor: float = 2, mlp
         raise ValueError(f"keep must be 'width' or 'head_dim', got {keep!r}")
     if mlp_ratio is not None and not mlp_ratio > 0:
         raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
-    base = timm.create_model(model_name, pretrained=False, **({"img_size": img_size} if img_size else {}))
+    size_kwargs: Dict[str, Any] = {"img_size": img_size} if img_size else {}
+    base = timm.create_model(model_name, pretrained=False, **size_kwargs)
     original = _vit_config(base)
     heads = original["num_heads"] * heads_factor
     if keep == "width":
@@ -146,7 +148,7 @@ def leaner(model_name: str, heads_factor: int = 2, depth_divisor: float = 2, mlp
         raise ValueError(f"the leaner head_dim {head_dim} is outside lucidops' 4..128")
     new = {"embed_dim": dim, "depth": max(1, int(round(original["depth"] / depth_divisor))), "num_heads": heads,
            "head_dim": head_dim, "mlp_ratio": original["mlp_ratio"] if mlp_ratio is None else float(mlp_ratio)}
-    size = int(img_size or base.patch_embed.img_size[0])
+    size = int(img_size or cast(Any, base).patch_embed.img_size[0])  # a timm ViT's PatchEmbed
     report = LeanerReport(model_name, original, new, (0, 0), (0, 0), size)
     lean_model = report.build()
     p0, f0 = _cost(base, size)

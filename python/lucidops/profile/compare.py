@@ -86,14 +86,17 @@ class ProfileComparison:
         from matplotlib.figure import Figure
 
         ratios = self.ratios()
-        labels, values = [], []
+        labels: List[str] = []
+        values: List[float] = []
         for key, label, _, kind in _ROWS:
-            if kind == "ratio" and ratios[key] is not None:
+            ratio = ratios[key]
+            if kind == "ratio" and ratio is not None:
                 labels.append(label.split(" (")[0] if key != "fvcore_flops" else "FLOPs (fvcore)")
-                values.append(ratios[key])
-        if ratios["speedup"] is not None:
+                values.append(ratio)
+        speedup = ratios["speedup"]
+        if speedup is not None:
             labels.append("latency speed-up")
-            values.append(ratios["speedup"])
+            values.append(speedup)
         fig = Figure(figsize=(7, 3.5))
         ax = fig.add_subplot()
         bars = ax.bar(range(len(values)), values, color=["#4c72b0"] * (len(values) - 1) + ["#dd8452"])

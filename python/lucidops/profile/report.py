@@ -34,7 +34,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -131,8 +131,8 @@ def _seconds(s: float) -> str:
     return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.3f} s"
 
 
-def _table(header: Tuple[str, ...], rows: List[Tuple[str, ...]]) -> List[str]:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+def _table(header: Tuple[str, ...], rows: Sequence[Tuple[str, ...]]) -> List[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def fmt(row):
         return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -211,11 +211,12 @@ def _loss(output: Any) -> Tensor:
     if not tensors:
         raise ValueError("backward=True needs the model to return a floating tensor (or a tuple/dict of them), "
                          f"got {type(output).__name__}")
-    return sum(t.float().sum() if not t.is_complex() else t.real.float().sum() for t in tensors)
+    # tensors is non-empty, so the sum is a Tensor (never the start value 0)
+    return cast(Tensor, sum(t.float().sum() if not t.is_complex() else t.real.float().sum() for t in tensors))
 
 
 def _grad_targets(model: nn.Module, args: Tuple[Any, ...]) -> List[Tensor]:
-    targets = [p for p in model.parameters() if p.requires_grad]
+    targets: List[Tensor] = [p for p in model.parameters() if p.requires_grad]
     targets += [a for a in args if isinstance(a, Tensor) and a.requires_grad and a.is_leaf]
     return targets
 
@@ -403,7 +404,9 @@ def _untimed_report(model: nn.Module, inputs: Inputs, *, backward: bool, device:
     counts = counter.get_flop_counts()
     flops_by_op = {str(op): int(n) for op, n in counts.get("Global", {}).items()}
 
-    fv_total, fv_error, fv_unsupported = (None, "skipped (fvcore=False)", {})
+    fv_total: Optional[int] = None
+    fv_error: Optional[str] = "skipped (fvcore=False)"
+    fv_unsupported: Dict[str, int] = {}
     if fvcore:
         say(f"{label}: counting FLOPs with fvcore")
         fv_total, fv_error, fv_unsupported = _fvcore(counted, args)

@@ -47,6 +47,7 @@ class QuantizedTensor:
         """The reconstructed factor, in ``dtype`` (default: the original dtype)."""
         codes = self.codes.long()
         if self.method == "uniform":
+            assert self.scales is not None and self.minimums is not None  # set for "uniform"
             n = codes.numel()
             groups = self.scales.numel()
             padded = torch.zeros(groups * self.group_size, dtype=torch.float32, device=codes.device)
@@ -54,6 +55,7 @@ class QuantizedTensor:
             values = padded.view(groups, self.group_size) * self.scales.float()[:, None] + self.minimums.float()[:, None]
             values = values.reshape(-1)[:n]
         else:
+            assert self.codebook is not None  # a kmeans factor has one
             values = self.codebook.float()[codes]
         return values.reshape(self.shape).to(dtype or self.dtype)
 
@@ -84,6 +86,7 @@ class QuantizedTensor:
                     raise ValueError(f"uniform {name} must be {groups} float16 values (one per group of "
                                      f"{self.group_size}) on {codes.device}, got "
                                      f"{None if t is None else (t.numel(), t.dtype, str(t.device))}")
+            assert self.scales is not None and self.minimums is not None  # checked just above
             return codes, self.scales.contiguous(), self.minimums.contiguous(), int(self.group_size)
         if self.method != "kmeans":
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
@@ -154,9 +157,9 @@ class QuantizedAdapter:
     def to(self, device) -> "QuantizedAdapter":
         def move(q: QuantizedTensor) -> QuantizedTensor:
             kw = {k: (getattr(q, k).to(device) if getattr(q, k) is not None else None)
-                  for k in ("codes", "scales", "minimums", "codebook")}
-            return QuantizedTensor(shape=q.shape, dtype=q.dtype, bits=q.bits, method=q.method,
-                                   group_size=q.group_size, **kw)
+                  for k in ("scales", "minimums", "codebook")}
+            return QuantizedTensor(codes=q.codes.to(device), shape=q.shape, dtype=q.dtype, bits=q.bits,
+                                   method=q.method, group_size=q.group_size, **kw)
 
         return QuantizedAdapter(move(self.A), move(self.B), dict(self.stats))
 

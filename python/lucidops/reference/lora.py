@@ -92,13 +92,13 @@ def backward(grad: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Te
     compute = opmath_dtype(x.dtype)
     g, xc, wc = grad.to(compute), x.to(compute), weight.to(compute)
     ac, bc = lora_A.to(compute), lora_B.to(compute)
-    empty = x.new_empty(0)
+    empty = x.new_empty(0)  # also the placeholder for a gradient that is not needed
     if placement == "weight":
         p = omega * (bc @ ac)
         gw = g.T @ xc                                            # G = dY^T X  (N_out, K_in)
         h = gw * (scale * omega) * bounded_derivative(fn, p)
         grad_a, grad_b = bc.T @ h, h @ ac.T
-        grad_x = g @ (wc + scale * bounded(fn, p)) if need_x else None
+        grad_x = g @ (wc + scale * bounded(fn, p)) if need_x else empty
     else:
         u = xc @ ac.T
         z = omega * (u @ bc.T)
@@ -106,8 +106,8 @@ def backward(grad: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Te
         grad_b = omega * (gz.T @ u)
         du = omega * (gz @ bc)
         grad_a = du.T @ xc
-        grad_x = g @ wc + du @ ac if need_x else None
-        gw = g.T @ xc if need_weight else None
+        grad_x = g @ wc + du @ ac if need_x else empty
+        gw = g.T @ xc if need_weight else empty
     return (
         grad_x.to(x.dtype).contiguous() if need_x else empty,
         gw.to(weight.dtype).contiguous() if need_weight else empty,

@@ -33,7 +33,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -205,7 +205,7 @@ def _build_optimizers(student: nn.Module, optimizer: str, lr: float, gaussian_lr
                       ) -> List[torch.optim.Optimizer]:
     if optimizer == "adamw":
         params = [p for p in student.parameters() if p.requires_grad]
-        groups = [{"params": params}]
+        groups: List[Dict[str, Any]] = [{"params": params}]
         natural_groups: List[dict] = []
     else:
         split = split_parameters(student)
@@ -393,9 +393,10 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed + rank)
 
-    switched = isinstance(student, GaussianPointEncoder) and student.reduce != "none"
-    old_reduce = student.reduce if switched else None
-    if switched:
+    switched: Optional[GaussianPointEncoder] = None  # the student, when its reduce is switched to "none"
+    old_reduce = ""
+    if isinstance(student, GaussianPointEncoder) and student.reduce != "none":
+        switched, old_reduce = student, student.reduce
         student.reduce = "none"
     model: nn.Module = student
     if distributed:
@@ -432,8 +433,8 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
                     bar.set_postfix(l1=f"{value:.4g}")
             bar.close()
     finally:
-        if switched:
-            student.reduce = old_reduce
+        if switched is not None:
+            switched.reduce = old_reduce
     result.steps = len(result.losses)
     result.seconds = time.perf_counter() - start
     return result
@@ -613,6 +614,11 @@ def _apply(points: Tensor, transform: Optional[Tensor]) -> Tensor:
     return points if transform is None else points @ transform
 
 
+def _out_channels(conv_bn: nn.Module) -> int:
+    """Output channels of a PointNet conv block (``Sequential(Conv1d, BatchNorm1d)``)."""
+    return cast(nn.Conv1d, cast(nn.Sequential, conv_bn)[0]).out_channels
+
+
 def _pointnet_transforms(teacher: PointNet, clouds, dev: torch.device, dtype: torch.dtype,
                          chunk: int = 256) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Every cloud's (input, feature) transforms under ``teacher`` (eval mode, no grad)."""
@@ -672,7 +678,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
             raise TypeError(f"distill_pointnet sets {key!r} itself")
     dtype = next(teacher.parameters()).dtype
     dev = torch.device(device) if device is not None else next(teacher.parameters()).device
-    k = teacher.conv3[0].out_channels
+    k = _out_channels(teacher.conv3)
     teacher.to(dev)
     if _dist_info()[0]:
         _broadcast_module(teacher)  # the T-Net stage's teacher is a lambda, which distill cannot broadcast
@@ -680,7 +686,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     with _TrainingMode([teacher], train=False):
         if teacher.input_tnet is not None:
             tnet = teacher.input_tnet
-            tnet_enc = GaussianPointEncoder(tnet_gaussians, tnet.encoder[-1][0].out_channels,
+            tnet_enc = GaussianPointEncoder(tnet_gaussians, _out_channels(tnet.encoder[-1]),
                                             cloud_range=cloud_range, reduce="max").to(dev, dtype)
             tnet_result = distill(lambda x: tnet_point_features(tnet, x), tnet_enc, clouds, steps=tnet_steps,
                                   seed=seed, progress=progress, device=dev, desc="distill T-Net", **distill_kwargs)

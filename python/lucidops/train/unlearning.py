@@ -108,6 +108,7 @@ def gradient_difference(model: nn.Module, forget: Tensor, retain: Tensor, *, ste
                          "module matching the MLP patterns); pass mlp_patterns")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    opt: torch.optim.Optimizer
     if optimizer == "adamw":
         opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":

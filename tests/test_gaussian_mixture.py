@@ -98,6 +98,7 @@ CASES = [  # (leading dims, N, G, K)
     ((2,), 600, 5, 11),  # several 256-point chunks: the cross-chunk max merge
     ((), 33, 3, 17),  # a single cloud without batch dims
     ((2,), 40, 70, 33),  # G > 32: triton's 128-wide Gaussian tiles
+    ((2,), 37, 150, 9),  # G > 128: triton's backward takes the Gaussians in two 128-wide blocks
 ]
 
 

@@ -9,11 +9,12 @@ per-point test too). reduce "max" stores each tile's max and first arg-max; the 
 merged in point order by the launcher (the lowest point index wins ties). The mixer is an
 outer-product loop, not tl.dot: G is small, and fp32 stays exact (no TF32).
 
-Backward, reduce "max": one program per (block of channels, slice of clouds) recomputes
-phi at the arg-max points of its channels for every Gaussian at once (a BLOCK_K x BLOCK_G
-tile) and writes per-program partial sums of the weight, mean and precision gradients
-(summed by the launcher in a fixed order) and the per-channel point gradients (added into
-the points by the launcher). Reduce "none": a phi kernel, two GEMMs in PyTorch (the
+Backward, reduce "max": one program per (block of channels, slice of clouds, block of
+Gaussians) recomputes phi at the arg-max points of its channels for a BLOCK_K x BLOCK_G tile
+(one block holds all Gaussians up to G = 128, the authors' largest configuration) and writes
+per-program partial sums of the weight, mean and precision gradients and, per Gaussian block,
+the per-channel point gradients (all summed by the launcher in a fixed order; the point
+gradients then added into the points). Reduce "none": a phi kernel, two GEMMs in PyTorch (the
 (N, K) output exists anyway) and a per-point-tile kernel for the point, mean and precision
 terms.
 
@@ -32,8 +33,8 @@ import triton.language as tl
 FORWARD_CONFIG = (32, 64, 4)
 BACKWARD_BLOCK_K = 32
 PHI_BLOCK_M = 64
-# The backward kernels hold all Gaussians of a channel or point in one tile: G <= 128 (the
-# authors' largest configuration); two tile widths keep the ahead-of-time list short.
+# The backward kernels take the Gaussians in tiles of BLOCK_G (a grid axis over them when G >
+# 128, the authors' largest configuration); two tile widths keep the ahead-of-time list short.
 BLOCK_G_CHOICES = (32, 128)
 # num_warps of the backward and phi kernels per BLOCK_G. With 4 warps the 128-wide tiles
 # compiled to 0.3-1.7 KB of local memory per thread in fp32 (triton_kernels/aot.py), with 8
@@ -115,11 +116,12 @@ def mixture_max_backward_kernel(grad_ptr, x_ptr, arg_ptr, mu_ptr, prec_ptr, half
                                 B, N, G, K, CULL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
     kb = tl.program_id(0)
     split = tl.program_id(1)
+    gb = tl.program_id(2)
     n_kb = tl.num_programs(0)
     n_split = tl.num_programs(1)
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_g = gb * BLOCK_G + tl.arange(0, BLOCK_G)
     mask_g = offs_g < G
     m0 = tl.load(mu_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
     m1 = tl.load(mu_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
@@ -143,6 +145,7 @@ def mixture_max_backward_kernel(grad_ptr, x_ptr, arg_ptr, mu_ptr, prec_ptr, half
     gp4 = tl.zeros((BLOCK_G,), dtype=w.dtype)
     gp5 = tl.zeros((BLOCK_G,), dtype=w.dtype)
     cloud = split.to(tl.int64)  # int64 offsets, carried through the loop
+    gx_block = gx_ptr + gb.to(tl.int64) * B * K * 3  # this Gaussian block's point gradients
     for _ in range(split, B, n_split):
         bk = cloud * K + offs_k
         gy = tl.load(grad_ptr + bk, mask=mask_k, other=0.0)
@@ -175,9 +178,9 @@ def mixture_max_backward_kernel(grad_ptr, x_ptr, arg_ptr, mu_ptr, prec_ptr, half
         gp3 += tl.sum(hc * d1 * d1, axis=0)
         gp4 += tl.sum(hc * 2.0 * d1 * d2, axis=0)
         gp5 += tl.sum(hc * d2 * d2, axis=0)
-        tl.store(gx_ptr + bk * 3 + 0, -tl.sum(c * pd0, axis=1), mask=mask_k)
-        tl.store(gx_ptr + bk * 3 + 1, -tl.sum(c * pd1, axis=1), mask=mask_k)
-        tl.store(gx_ptr + bk * 3 + 2, -tl.sum(c * pd2, axis=1), mask=mask_k)
+        tl.store(gx_block + bk * 3 + 0, -tl.sum(c * pd0, axis=1), mask=mask_k)
+        tl.store(gx_block + bk * 3 + 1, -tl.sum(c * pd1, axis=1), mask=mask_k)
+        tl.store(gx_block + bk * 3 + 2, -tl.sum(c * pd2, axis=1), mask=mask_k)
     tl.store(gw_ptr + (split.to(tl.int64) * K + offs_k[:, None]) * G + offs_g[None, :], gw, mask=valid)
     base = gmp_ptr + ((split.to(tl.int64) * n_kb + kb) * G + offs_g) * 9
     tl.store(base + 0, gm0, mask=mask_g)
@@ -194,12 +197,14 @@ def mixture_max_backward_kernel(grad_ptr, x_ptr, arg_ptr, mu_ptr, prec_ptr, half
 @triton.jit
 def phi_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, coef_ptr, phi_ptr, gx_ptr, gmp_ptr, M, G, CULL: tl.constexpr,
                BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
-    """BACKWARD=False: phi (M, G). BACKWARD=True: from coef = dL/dphi * phi (M, G), the point
-    gradients (M, 3) and per-program partial sums of the mean and precision gradients."""
+    """One program per (block of rows, block of Gaussians). BACKWARD=False: phi (M, G).
+    BACKWARD=True: from coef = dL/dphi * phi (M, G), the point gradients per Gaussian block
+    (G blocks, M, 3) and per-program partial sums of the mean and precision gradients."""
     pid = tl.program_id(0)
+    gb = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_g = gb * BLOCK_G + tl.arange(0, BLOCK_G)
     mask_g = offs_g < G
     valid = mask_m[:, None] & mask_g[None, :]
     rows = offs_m.to(tl.int64)
@@ -221,9 +226,10 @@ def phi_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, coef_ptr, phi_ptr, gx_ptr, gmp
         pd0 = p00 * d0 + p01 * d1 + p02 * d2
         pd1 = p01 * d0 + p11 * d1 + p12 * d2
         pd2 = p02 * d0 + p12 * d1 + p22 * d2
-        tl.store(gx_ptr + rows * 3 + 0, -tl.sum(c * pd0, axis=1), mask=mask_m)
-        tl.store(gx_ptr + rows * 3 + 1, -tl.sum(c * pd1, axis=1), mask=mask_m)
-        tl.store(gx_ptr + rows * 3 + 2, -tl.sum(c * pd2, axis=1), mask=mask_m)
+        gx_rows = gx_ptr + (gb.to(tl.int64) * M + rows) * 3
+        tl.store(gx_rows + 0, -tl.sum(c * pd0, axis=1), mask=mask_m)
+        tl.store(gx_rows + 1, -tl.sum(c * pd1, axis=1), mask=mask_m)
+        tl.store(gx_rows + 2, -tl.sum(c * pd2, axis=1), mask=mask_m)
         hc = -0.5 * c
         base = gmp_ptr + (pid.to(tl.int64) * G + offs_g) * 9
         tl.store(base + 0, tl.sum(c * pd0, axis=0), mask=mask_g)
@@ -246,11 +252,10 @@ def phi_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, coef_ptr, phi_ptr, gx_ptr, gmp
         tl.store(phi_ptr + tile, phi, mask=valid)
 
 
-def _block_g(G: int) -> int:
-    for block in BLOCK_G_CHOICES:
-        if G <= block:
-            return block
-    raise ValueError(f"the triton gaussian_mixture backward supports G <= {BLOCK_G_CHOICES[-1]}, got G = {G}")
+def _block_g(G: int) -> Tuple[int, int]:
+    """(BLOCK_G, number of Gaussian blocks) of the backward and phi kernels."""
+    block = next((b for b in BLOCK_G_CHOICES if G <= b), BLOCK_G_CHOICES[-1])
+    return block, max(1, triton.cdiv(G, block))
 
 
 def forward(points: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor, weight: torch.Tensor,
@@ -285,22 +290,23 @@ def forward(points: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor,
 def backward_max(grad, points, means, precisions, weight, argmax, half, cull: bool):
     B, N, _ = points.shape
     G, K = means.shape[0], weight.shape[0]
-    block_g = _block_g(G)
+    block_g, n_gb = _block_g(G)
     dev, dt = points.device, points.dtype
     n_kb = triton.cdiv(K, BACKWARD_BLOCK_K)
     splits = max(1, min(B, BACKWARD_SPLITS))
-    gx_bk = torch.empty(B, K, 3, dtype=dt, device=dev)
+    gx_part = torch.empty(n_gb, B, K, 3, dtype=dt, device=dev)
     gw_part = torch.empty(splits, K, G, dtype=dt, device=dev)
     gmp_part = torch.empty(splits, n_kb, G, 9, dtype=dt, device=dev)
     if B > 0:
-        mixture_max_backward_kernel[(n_kb, splits)](grad, points, argmax, means, precisions, half, weight, gx_bk,
-                                                   gw_part, gmp_part, B, N, G, K, CULL=cull,
-                                                   BLOCK_K=BACKWARD_BLOCK_K, BLOCK_G=block_g,
-                                                   num_warps=BLOCK_G_WARPS[block_g])
+        mixture_max_backward_kernel[(n_kb, splits, n_gb)](grad, points, argmax, means, precisions, half, weight,
+                                                         gx_part, gw_part, gmp_part, B, N, G, K, CULL=cull,
+                                                         BLOCK_K=BACKWARD_BLOCK_K, BLOCK_G=block_g,
+                                                         num_warps=BLOCK_G_WARPS[block_g])
     else:
         gw_part.zero_()
         gmp_part.zero_()
     gmp = gmp_part.sum(dim=(0, 1))
+    gx_bk = gx_part[0] if n_gb == 1 else gx_part.sum(dim=0)
     gx = torch.zeros_like(points).scatter_add_(1, argmax.unsqueeze(-1).expand(B, K, 3), gx_bk)
     return gx, gmp[:, :3].clone(), gmp[:, 3:].clone(), gw_part.sum(dim=0), grad.sum(dim=0)  # no aliasing outputs
 
@@ -309,11 +315,11 @@ def phi(points: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor, hal
     """phi (M, G) for points (M, 3)."""
     M, G = points.shape[0], means.shape[0]
     out = torch.empty(M, G, dtype=points.dtype, device=points.device)
-    block_g = _block_g(G)
+    block_g, n_gb = _block_g(G)
     if M > 0:
-        phi_kernel[(triton.cdiv(M, PHI_BLOCK_M),)](points, means, precisions, half, out, out, out, out, M, G,
-                                                   CULL=cull, BACKWARD=False, BLOCK_M=PHI_BLOCK_M,
-                                                   BLOCK_G=block_g, num_warps=BLOCK_G_WARPS[block_g])
+        phi_kernel[(triton.cdiv(M, PHI_BLOCK_M), n_gb)](points, means, precisions, half, out, out, out, out, M, G,
+                                                        CULL=cull, BACKWARD=False, BLOCK_M=PHI_BLOCK_M,
+                                                        BLOCK_G=block_g, num_warps=BLOCK_G_WARPS[block_g])
     return out
 
 
@@ -321,14 +327,15 @@ def phi_backward(coef: torch.Tensor, points: torch.Tensor, means: torch.Tensor, 
     """From coef = dL/dphi * phi (M, G): gradients of points (M, 3), means, precisions."""
     M, G = points.shape[0], means.shape[0]
     programs = triton.cdiv(M, PHI_BLOCK_M)
-    gx = torch.empty(M, 3, dtype=points.dtype, device=points.device)
+    block_g, n_gb = _block_g(G)
+    gx_part = torch.empty(n_gb, M, 3, dtype=points.dtype, device=points.device)
     part = torch.zeros(max(programs, 1), G, 9, dtype=points.dtype, device=points.device)
-    block_g = _block_g(G)
     if M > 0:
-        phi_kernel[(programs,)](points, means, precisions, means, coef, coef, gx, part, M, G, CULL=False,
-                                BACKWARD=True, BLOCK_M=PHI_BLOCK_M, BLOCK_G=block_g,
-                                num_warps=BLOCK_G_WARPS[block_g])
+        phi_kernel[(programs, n_gb)](points, means, precisions, means, coef, coef, gx_part, part, M, G, CULL=False,
+                                     BACKWARD=True, BLOCK_M=PHI_BLOCK_M, BLOCK_G=block_g,
+                                     num_warps=BLOCK_G_WARPS[block_g])
     total = part.sum(dim=0)
+    gx = gx_part[0] if n_gb == 1 else gx_part.sum(dim=0)
     return gx, total[:, :3].clone(), total[:, 3:].clone()
 
 

@@ -1,0 +1,91 @@
+"""The Triton kernels against the float64 reference on shapes hypothesis draws.
+
+The same idea as test_cpp_random_shapes.py, around the Triton kernels' own tiles: the
+mixture's 32-point tiles, 64- and 32-channel blocks, 32/128-wide Gaussian tiles and 64-row
+phi blocks; attention's packed heads and query/key blocks for every head dim; lora's 16-wide
+rank blocks, 16-128 tiles and its large-M path. Under the interpreter (no GPU) an example takes
+seconds, so CI draws a few per op; on a GPU the same tests run the compiled kernels.
+"""
+
+import math
+import os
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+import lucidops
+from lucidops import backends
+
+from conftest import TRITON_DEVICE, needs_triton
+from test_attention import check_against_float64_reference
+from test_cpp_random_shapes import AWKWARD, assert_close, assert_mixture_close
+from test_gaussian_mixture import backend_argmax, make_params, make_points, run_op
+from test_lora import SCALE, make, reference_grads
+
+pytestmark = needs_triton
+
+
+def examples(n):
+    """An interpreted example runs for 1-10 s, so CI draws a few; by hand,
+    LUCIDOPS_EXAMPLES_SCALE=k draws k times as many."""
+    return settings(max_examples=n * int(os.environ.get("LUCIDOPS_EXAMPLES_SCALE", "1")), deadline=None)
+
+
+ATTENTION_ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def on_device(tensors):
+    return [None if t is None else t.to(TRITON_DEVICE) for t in tensors]
+
+
+@examples(6)
+@given(lead=st.lists(st.integers(1, 3), max_size=2), n=AWKWARD, gaussians=st.one_of(AWKWARD, st.integers(127, 300)),
+       channels=AWKWARD, reduce=st.sampled_from(["max", "none"]), cull=st.sampled_from([None, 0.05, 0.3]),
+       with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_gaussian_mixture(lead, n, gaussians, channels, reduce, cull, with_bias, seed):
+    means, prec, weight, bias = on_device(make_params(gaussians, channels, torch.float32, seed=seed))
+    bias = bias if with_bias else None
+    points = make_points((*lead, n), torch.float32, TRITON_DEVICE, seed=seed + 1)
+    out, grads, grad_out = run_op("triton", points, means, prec, weight, bias, reduce, cull)
+    assert out.shape == ((*lead, channels) if reduce == "max" else (*lead, n, channels))
+    arg = backend_argmax("triton", points, means, prec, weight, bias, cull) if reduce == "max" else None
+    assert_mixture_close((points, means, prec, weight, bias), reduce, cull, out, arg, grads, grad_out)
+
+
+@examples(6)
+@given(b=st.integers(1, 2), h=st.integers(1, 9), nq=AWKWARD, nk=AWKWARD,
+       d=st.one_of(AWKWARD.filter(lambda v: 4 <= v <= 128), st.integers(4, 128)), causal=st.booleans(),
+       mask=st.sampled_from([None, "random", "first_key_off", "batch0_off"]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_attention(b, h, nq, nk, d, causal, mask, dtype):
+    if math.prod((b, h, max(nq, nk), d)) > 40_000:
+        nq = nk = 33  # the interpreter's time grows with every program; keep one example to seconds
+    check_against_float64_reference("triton", (b, h, nq, nk, d, causal, mask, dtype), TRITON_DEVICE,
+                                    atol=ATTENTION_ATOL[dtype])
+
+
+@examples(20)
+@given(lead=st.lists(st.integers(1, 3), max_size=2), m=AWKWARD, k_in=AWKWARD, n_out=AWKWARD,
+       rank=st.sampled_from([1, 2, 4, 7, 16, 17, 33]), fn=st.sampled_from(["sin", "tanh"]),
+       placement=st.sampled_from(["weight", "output"]), train_base=st.booleans(), with_bias=st.booleans(),
+       omega=st.sampled_from([0.5, 2.0, 30.0]), seed=st.integers(0, 2**16))
+def test_bounded_lora_linear(lead, m, k_in, n_out, rank, fn, placement, train_base, with_bias, omega, seed):
+    x, w, a, b, bias = make((*lead, m, k_in), n_out, rank, torch.float32, TRITON_DEVICE, seed=seed, bias=with_bias)
+    for t in (x, a, b) + ((w, bias) if train_base else ()):
+        if t is not None:
+            t.requires_grad_(True)
+    grad = torch.randn(*lead, m, n_out, generator=torch.Generator().manual_seed(seed)).to(TRITON_DEVICE)
+    with lucidops.use_backend("triton"):
+        y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=omega, scale=SCALE, placement=placement)
+        y.backward(grad)
+        assert backends.last_used("bounded_lora_linear") == "triton"
+        assert backends.last_used("bounded_lora_linear_backward") == "triton"
+    exact = reference_grads(grad, x, w, a, b, bias, fn, placement, omega=omega)
+    got = [y.reshape(-1, n_out), x.grad.reshape(-1, k_in), w.grad, None if bias is None else bias.grad, a.grad, b.grad]
+    tol, atol = 1e-5 * max(1.0, omega / 2), 1e-4 * omega  # the phase's rounding grows with omega
+    wanted = [True, True, train_base, train_base and bias is not None, True, True]  # frozen inputs get none
+    for name, g, e, want in zip(["y", "x", "weight", "bias", "lora_A", "lora_B"], got, exact, wanted):
+        if want:
+            assert_close(name, g.cpu(), e, tol, atol)
+        else:
+            assert g is None, name

@@ -7,6 +7,7 @@ import torch
 
 import lucidops
 from lucidops.reference import activations as ref
+from comparisons import rel_err
 from conftest import backend_device_params
 
 KINDS = ["sinc", "gaussian"]
@@ -27,13 +28,6 @@ def make_input(shape, dtype, device, generator=None):
     idx = torch.randperm(flat.numel(), generator=generator)[:k]
     flat[idx] = specials[:k]
     return x.to(dtype=dtype, device=device)
-
-
-def rel_err(out, expected):
-    out, expected = out.double().cpu(), expected.double().cpu()
-    assert not torch.isnan(out).any(), "NaN in output"
-    denom = expected.norm()
-    return ((out - expected).norm() / denom).item() if denom > 0 else (out - expected).norm().item()
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import lucidops
 from lucidops.reference import attention as ref
+from comparisons import rel_err, within
 
 attention_module = importlib.import_module("lucidops.ops.attention")  # the module, not the function
 BACKENDS = ["reference", "aten", "cpp"] + (["triton"] if lucidops.backends.triton_interpreting() else [])
@@ -47,13 +48,6 @@ def make_mask(kind, b, nk, generator):
     if kind == "batch0_off":  # every query of batch element 0 sees no key
         mask[0] = False
     return mask
-
-
-def rel_err(out, expected):
-    out, expected = out.double().cpu(), expected.double().cpu()
-    assert not torch.isnan(out).any(), "NaN in output"
-    denom = expected.norm()
-    return ((out - expected).norm() / denom).item() if denom > 0 else (out - expected).norm().item()
 
 
 def case_id(case):
@@ -102,15 +96,12 @@ def check_against_float64_reference(backend, case, device="cpu", poison=None, at
     grads = [t.grad.cpu() for t in (q, k, v)]
     tol = TOL[dtype]
 
-    def close(got, expected):
-        return rel_err(got, expected) < tol or (got.double() - expected).abs().max().item() <= atol
-
-    assert close(out, out_ref)
+    assert within(out, out_ref, tol, atol)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
-    assert close(lse[finite], lse_ref[finite])
+    assert within(lse[finite], lse_ref[finite], tol, atol)
     for grad, expected in zip(grads, (dq_ref, dk_ref, dv_ref)):
         assert grad.dtype == dtype
-        assert close(grad, expected)
+        assert within(grad, expected, tol, atol)
 
     # Queries that see no key: zeros out, zero gradient, no NaN anywhere.
     empty = torch.isneginf(lse_ref)

@@ -10,6 +10,7 @@ import torch
 from lucidops.conditioning import (condition_number, condition_tokens, dct_basis, gd_shrinkage_mask,
                                    token_gray)
 from lucidops.nn import ConditionedEmbedding
+from comparisons import rel_err
 
 
 def ill_conditioned(*batch, n=12, d=9, decades=8, seed=0, dtype=torch.float64):
@@ -21,10 +22,6 @@ def ill_conditioned(*batch, n=12, d=9, decades=8, seed=0, dtype=torch.float64):
     s = torch.logspace(0, -decades, k, dtype=torch.float64) * (1 + torch.rand(*batch, k, generator=g, dtype=torch.float64))
     s = s.sort(dim=-1, descending=True).values
     return ((u * s.unsqueeze(-2)) @ v.transpose(-1, -2)).to(dtype)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # ---------------------------------------------------------------- condition_number

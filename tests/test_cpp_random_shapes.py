@@ -14,18 +14,10 @@ from hypothesis import given, settings, strategies as st
 import lucidops
 from lucidops import backends
 
+from comparisons import assert_close
 from test_attention import check_against_float64_reference
-from test_gaussian_mixture import backend_argmax, ground_truth, make_params, make_points, rel_err, run_op
+from test_gaussian_mixture import backend_argmax, ground_truth, make_params, make_points, run_op
 from test_lora import SCALE, make, reference_grads
-
-
-def assert_close(name, got, exact, tol, atol):
-    """Within ``tol`` relative error, or within ``atol`` in every element: where terms cancel
-    (one output, one key per query) no floating-point sum has a small relative error, while a
-    wrong index or bound errs by the size of the O(1) inputs."""
-    assert got is not None and got.shape == exact.shape, name
-    error = (got.double() - exact.double()).abs().max().item() if exact.numel() else 0.0
-    assert rel_err(got, exact) < tol or error <= atol, f"{name}: relative {rel_err(got, exact):.2e}, max {error:.2e}"
 
 
 def assert_mixture_close(tensors, reduce, cull, out, arg, grads, grad_out):
@@ -43,6 +35,21 @@ def assert_mixture_close(tensors, reduce, cull, out, arg, grads, grad_out):
             assert g is None, name
         else:
             assert_close(name, g, g64, 4 * tol, atol)
+
+
+def assert_lora_close(y, x, w, a, b, bias, grad, fn, placement, omega, train_base):
+    """A bounded_lora_linear run's output and gradients against the float64 reference; a frozen
+    base (weight and bias) must get no gradient at all."""
+    n_out, k_in = w.shape
+    exact = reference_grads(grad, x, w, a, b, bias, fn, placement, omega=omega)
+    got = [y.reshape(-1, n_out), x.grad.reshape(-1, k_in), w.grad, None if bias is None else bias.grad, a.grad, b.grad]
+    tol, atol = 1e-5 * max(1.0, omega / 2), 1e-4 * omega  # the phase's rounding grows with omega
+    wanted = [True, True, train_base, train_base and bias is not None, True, True]
+    for name, g, e, want in zip(["y", "x", "weight", "bias", "lora_A", "lora_B"], got, exact, wanted):
+        if want:
+            assert_close(name, g, e, tol, atol)
+        else:
+            assert g is None, name
 
 
 # Sizes that straddle the kernels' tiles and vector widths (8, 16, 32, 64, 256) and a few others.
@@ -92,12 +99,4 @@ def test_bounded_lora_linear(lead, m, k_in, n_out, rank, fn, placement, train_ba
         y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=omega, scale=SCALE, placement=placement)
         y.backward(grad)
         assert backends.last_used("bounded_lora_linear_backward") == "cpp"
-    exact = reference_grads(grad, x, w, a, b, bias, fn, placement, omega=omega)
-    got = [y.reshape(-1, n_out), x.grad.reshape(-1, k_in), w.grad, None if bias is None else bias.grad, a.grad, b.grad]
-    tol, atol = 1e-5 * max(1.0, omega / 2), 1e-4 * omega  # the phase's rounding grows with omega
-    wanted = [True, True, train_base, train_base and bias is not None, True, True]  # frozen inputs get none
-    for name, g, e, want in zip(["y", "x", "weight", "bias", "lora_A", "lora_B"], got, exact, wanted):
-        if want:
-            assert_close(name, g, e, tol, atol)
-        else:
-            assert g is None, name
+    assert_lora_close(y, x, w, a, b, bias, grad, fn, placement, omega, train_base)

@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from lucidops import _ext, backends
 from lucidops.reference import gaussian_mixture as ref
 import cuda_emulator
+from comparisons import rel_err
 from test_activations import assert_matches_float64_reference, make_input
 from test_cpp_random_shapes import assert_mixture_close
-from test_gaussian_mixture import make_params, make_points, rel_err
+from test_gaussian_mixture import make_params, make_points
 from test_gaussian_mixture_cuda import (CASES, TOL, assert_matches_float64, assert_ties_went_to_point_zero,
                                          float64_truth, tie_inputs)
 

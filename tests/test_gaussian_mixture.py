@@ -10,6 +10,7 @@ from lucidops import backends
 from lucidops.nn.gaussian_mixture import GaussianPointEncoder, precision_from_factor
 from lucidops.ops.gaussian_mixture import backward_flops, forward_flops, gaussian_mixture
 from lucidops.reference import gaussian_mixture as ref
+from comparisons import rel_err
 from conftest import backend_device_params
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -36,13 +37,6 @@ def make_params(G, K, dtype=torch.float64, device="cpu", seed=0, spread=0.3, sca
 def make_points(shape, dtype=torch.float64, device="cpu", seed=1):
     gen = torch.Generator().manual_seed(seed)
     return (torch.rand(*shape, 3, generator=gen, dtype=torch.float64) * 2.4 - 1.2).to(dtype=dtype, device=device)
-
-
-def rel_err(out, expected):
-    out, expected = out.detach().double().cpu(), expected.detach().double().cpu()
-    assert not torch.isnan(out).any(), "NaN in output"
-    denom = expected.norm()
-    return ((out - expected).norm() / denom).item() if denom > 0 else (out - expected).norm().item()
 
 
 def run_op(backend, points, means, prec, weight, bias, reduce="max", cull=None, grad_seed=5):

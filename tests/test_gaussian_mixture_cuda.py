@@ -16,7 +16,8 @@ import lucidops
 from lucidops import _ext, backends
 from lucidops.ops.gaussian_mixture import gaussian_mixture
 from lucidops.reference import gaussian_mixture as ref
-from test_gaussian_mixture import make_params, make_points, rel_err  # the CPU tests' inputs and metric
+from comparisons import rel_err
+from test_gaussian_mixture import make_params, make_points  # the CPU tests' inputs
 
 # The module (lucidops.ops.gaussian_mixture the attribute is the function).
 gm_mod = importlib.import_module("lucidops.ops.gaussian_mixture")

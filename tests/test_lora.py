@@ -8,6 +8,7 @@ from torch import nn
 
 import lucidops
 from lucidops.reference import lora as ref
+from comparisons import rel_err
 from conftest import TRITON_DEVICE, backend_device_params, needs_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -17,13 +18,6 @@ CASES = [((37, 29), 23, 1), ((2, 3, 17), 33, 4), ((5, 40), 31, 16), ((1, 7), 5, 
          ((6, 70), 45, 40), ((33, 12), 66, 20),  # ranks past 16: the triton 'output' kernel's R_PAD 64 and 32
          ((130, 24), 40, 8)]  # M > 64: triton's large-M tiles (128 rows when it regenerates the update)
 OMEGA, SCALE = 2.0, 0.7
-
-
-def rel_err(out, expected):
-    out, expected = out.double().cpu(), expected.double().cpu()
-    assert not torch.isnan(out).any(), "NaN in output"
-    denom = expected.norm()
-    return ((out - expected).norm() / denom).item() if denom > 0 else (out - expected).norm().item()
 
 
 def make(x_shape, n_out, r, dtype, device, seed=0, bias=True):

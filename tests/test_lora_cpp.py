@@ -12,7 +12,8 @@ import lucidops
 from lucidops import _ext
 from lucidops.ops.lora import FN_CODE
 
-from test_lora import make, reference_grads, rel_err
+from comparisons import rel_err
+from test_lora import make, reference_grads
 
 
 @pytest.fixture(scope="module")

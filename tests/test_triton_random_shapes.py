@@ -18,9 +18,9 @@ from lucidops import backends
 
 from conftest import TRITON_DEVICE, needs_triton
 from test_attention import check_against_float64_reference
-from test_cpp_random_shapes import AWKWARD, assert_close, assert_mixture_close
+from test_cpp_random_shapes import AWKWARD, assert_lora_close, assert_mixture_close
 from test_gaussian_mixture import backend_argmax, make_params, make_points, run_op
-from test_lora import SCALE, make, reference_grads
+from test_lora import SCALE, make
 
 pytestmark = needs_triton
 
@@ -80,12 +80,4 @@ def test_bounded_lora_linear(lead, m, k_in, n_out, rank, fn, placement, train_ba
         y.backward(grad)
         assert backends.last_used("bounded_lora_linear") == "triton"
         assert backends.last_used("bounded_lora_linear_backward") == "triton"
-    exact = reference_grads(grad, x, w, a, b, bias, fn, placement, omega=omega)
-    got = [y.reshape(-1, n_out), x.grad.reshape(-1, k_in), w.grad, None if bias is None else bias.grad, a.grad, b.grad]
-    tol, atol = 1e-5 * max(1.0, omega / 2), 1e-4 * omega  # the phase's rounding grows with omega
-    wanted = [True, True, train_base, train_base and bias is not None, True, True]  # frozen inputs get none
-    for name, g, e, want in zip(["y", "x", "weight", "bias", "lora_A", "lora_B"], got, exact, wanted):
-        if want:
-            assert_close(name, g.cpu(), e, tol, atol)
-        else:
-            assert g is None, name
+    assert_lora_close(y, x, w, a, b, bias, grad, fn, placement, omega, train_base)

@@ -56,18 +56,21 @@ def run(device: str, quick: bool = False) -> List[Dict]:
         for mode in ("forward", "forward+backward"):
             times = {}
             for name, fn in impls.items():
+                step: Callable[[], object]
                 if mode == "forward":
-                    def step(fn=fn):
+                    def forward_step(fn=fn):
                         with torch.no_grad():
                             return fn(x)
-                    out = step()
+                    step = forward_step
+                    out = forward_step()
                     err = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
                 else:
                     xg = x.clone().requires_grad_(True)
 
-                    def step(fn=fn, xg=xg):
+                    def train_step(fn=fn, xg=xg):
                         xg.grad = None
                         fn(xg).backward(grad)
+                    step = train_step
                     err = None
                 try:
                     times[name] = measure_ms(step, device)

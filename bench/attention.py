@@ -147,8 +147,8 @@ def _cases(device: str, quick: bool):
     yield 2, 12, 1024, 16, False, torch.float32
     yield 2, 3, 1024, 64, False, torch.float32
     # the other dtypes, which decide the CPU default per dtype (ops/attention.py)
-    for dtype, ds in ((torch.bfloat16, (8, 64, 128)), (torch.float16, (64, 128)), (torch.float64, (8, 64))):
-        for d in ds:
+    for dtype, dims in ((torch.bfloat16, (8, 64, 128)), (torch.float16, (64, 128)), (torch.float64, (8, 64))):
+        for d in dims:
             yield 8, (192 // d if d < 64 else 3), 197, d, False, dtype
 
 

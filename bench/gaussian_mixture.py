@@ -29,6 +29,7 @@ reference backend runs inside the same custom op, so it too saves only the arg-m
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -149,12 +150,14 @@ def run(device: str, quick: bool = False) -> List[Dict]:
             mode_impls = {**impls, **whole}
             for name, fn in mode_impls.items():
                 extra: Dict[str, object] = {}
+                step: Callable[[], object]
                 if mode == "forward":
-                    def step(fn=fn):
+                    def forward_step(fn=fn):
                         with torch.no_grad():
                             return fn(points, means, prec, weight, bias)
 
-                    out = step()
+                    step = forward_step
+                    out = forward_step()
                     if name not in whole:  # the whole models return logits, not the mixture
                         extra["rel_err_vs_fp64"] = ((out.double() - expected).norm() / expected.norm()).item()
                     mb = peak_mb_above(step, device)
@@ -164,13 +167,14 @@ def run(device: str, quick: bool = False) -> List[Dict]:
                     args = [t.clone().requires_grad_(True) for t in (points, means, prec, weight, bias)]
                     grad = torch.randn(B, K, device=device)
 
-                    def step(fn=fn, args=args, grad=grad):
+                    def train_step(fn=fn, args=args, grad=grad):
                         for a in args:
                             a.grad = None
                         fn(*args).backward(grad)
 
+                    step = train_step
                     # Beyond the inputs, which the caller holds anyway.
-                    saved[name] = saved_bytes(lambda fn=fn, args=args: fn(*args), exclude=args)
+                    saved[name] = saved_bytes(functools.partial(fn, *args), exclude=args)
                     extra["saved_bytes"] = saved[name]
                 try:
                     times[name] = measure_ms(step, device, warmup=1, repeat=3 if quick else 5)

@@ -17,6 +17,7 @@ CPU; x (16384, 4096), W (4096, 4096), bf16 on CUDA; r = 16.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, List
 
@@ -134,8 +135,7 @@ def run(device: str, quick: bool = False) -> List[Dict]:
     times = measure_interleaved_ms(steps, device)
     saved = {}
     for name in times:
-        fn = impls[name]
-        saved[name] = saved_bytes(lambda fn=fn: fn(xg, w, a, b, bias))
+        saved[name] = saved_bytes(functools.partial(impls[name], xg, w, a, b, bias))
         row = dict(family="lora", case=case, mode="forward+backward", impl=name, ms=times[name],
                    saved_for_backward_MB=saved[name] / 2**20)
         mb = peak_mb_above(steps[name], device)

@@ -14,7 +14,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -118,7 +118,7 @@ def bench_device(device: str, families: List[str], full: bool, out: Path, plots:
 
 
 def run(args: argparse.Namespace) -> int:
-    devices: Optional[List[str]] = args.device or available_devices()
+    devices: List[str] = args.device or available_devices()
     if "cuda" in devices and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no GPU here", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ import platform
 import re
 import statistics
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 import torch
 
@@ -31,7 +31,7 @@ def measure_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, repeat
     return statistics.median(samples)
 
 
-def measure_interleaved_ms(fns: Dict[str, Callable[[], object]], device: str, *, warmup: int = 2,
+def measure_interleaved_ms(fns: Mapping[str, Callable[[], object]], device: str, *, warmup: int = 2,
                            rounds: int = 10) -> Dict[str, float]:
     """Median wall time (ms) of each of ``fns``, for ratios between them on a shared machine.
 

@@ -46,6 +46,8 @@ def _discover_families() -> Tuple[str, ...]:
 
 def _source(info) -> str:
     path = getattr(info.module_finder, "path", None)
+    if path is None:
+        return ""
     try:
         with open(os.path.join(path, info.name + ".py")) as f:
             return f.read()
@@ -187,7 +189,8 @@ def summary(results: Sequence[Compiled]) -> List[str]:
         with_regs = [r for r in ok if r.registers is not None]
         if with_regs:
             local = [r.local_bytes for r in with_regs if r.local_bytes]
-            line += (f"; registers up to {max(r.registers for r in with_regs)}; {len(local)} of {len(ok)} use "
+            registers = max(r.registers for r in with_regs if r.registers is not None)
+            line += (f"; registers up to {registers}; {len(local)} of {len(ok)} use "
                      f"local memory (up to {max(local, default=0)} bytes/thread)")
         else:
             line += "; no cuobjdump, registers not read"

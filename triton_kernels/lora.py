@@ -643,7 +643,7 @@ def _chunked_wgrad(grad, x, a, b, dw, pa, pb, code, omega, scale, need_weight, n
     buffer = None if need_weight else torch.empty((step, k), dtype=x.dtype, device=x.device)
     for n0 in range(0, n, step):
         rows = min(step, n - n0)
-        g = dw[n0:n0 + rows] if need_weight else buffer[:rows]
+        g = dw[n0:n0 + rows] if buffer is None else buffer[:rows]
         torch.mm(grad[:, n0:n0 + rows].t(), x, out=g)
         if need_lora:
             lora_wgrad_chunk_kernel[(triton.cdiv(rows, block_n), triton.cdiv(k, block_k))](

@@ -24,7 +24,7 @@ from comparisons import rel_err
 from test_activations import assert_matches_float64_reference, make_input
 from test_cpp_random_shapes import assert_mixture_close
 from test_gaussian_mixture import make_params, make_points
-from test_gaussian_mixture_cuda import (CASES, TOL, assert_matches_float64, assert_ties_went_to_point_zero,
+from test_gaussian_mixture_cuda import (CASES, assert_matches_float64, assert_ties_went_to_point_zero,
                                          float64_truth, tie_inputs)
 
 gm_mod = importlib.import_module("lucidops.ops.gaussian_mixture")

@@ -85,7 +85,7 @@ def test_frozen_depthwise_rejects_bad_arguments():
 
 
 def convmixer():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.models.convmixer import ConvMixer
     torch.manual_seed(0)
     return ConvMixer(dim=16, depth=2, kernel_size=5, patch_size=4, num_classes=3)

@@ -1,6 +1,5 @@
 """lucidops.data.SyntheticShapes: determinism, balance, shapes, normalisation, errors."""
 
-import numpy as np
 import pytest
 import torch
 

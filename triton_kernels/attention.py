@@ -20,7 +20,6 @@ merging heads back into tokens is a view; dq, dk, dv are contiguous.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch

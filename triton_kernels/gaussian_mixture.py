@@ -23,7 +23,7 @@ Inputs reach the kernels in the compute precision (float32, or float64 for float
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 import triton

@@ -30,7 +30,7 @@ bijection); ``damping`` keeps the solve well conditioned when a Gaussian grows v
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, NamedTuple, Optional, Set, Union
+from typing import Dict, List, NamedTuple, Set
 
 import torch
 from torch import Tensor, nn

@@ -121,7 +121,10 @@ def _swap_activations(model: nn.Module, specs: List[Tuple[Union[type, str], Acti
                       handle: PatchHandle) -> None:
     plan: List[Tuple[str, nn.Module]] = []
     for key, spec in specs:
-        sites = child_slots(model, lambda name, m: _matches(key, m))  # called right away: this key
+        def is_key(name: str, module: nn.Module, key: Union[type, str] = key) -> bool:
+            return _matches(key, module)
+
+        sites = child_slots(model, is_key)
         if not sites:
             msg = (f"activations[{_key_name(key)}]: the model has no module of exactly that type "
                    "(subclasses are not replaced)")

@@ -98,6 +98,15 @@ def _dot_ds(ds, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _block_and_head_group(n, BLOCK: tl.constexpr):
+    """(row block, batch x head group) of this program. One grid axis holds both, row blocks
+    fastest (a head's programs run together and share its K/V in L2): CUDA caps grid axes 1
+    and 2 at 65535, which batch x head groups alone pass at large batches."""
+    blocks = tl.cdiv(n, BLOCK)
+    return tl.program_id(0) % blocks, tl.program_id(0) // blocks
+
+
+@triton.jit
 def _head_group(pid_bh, H, G: tl.constexpr):
     """A program's batch index and its G packed heads, as (G, 1, 1) int64 ids and an in-range mask.
 
@@ -128,8 +137,7 @@ def attention_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
     STORE_LO: tl.constexpr, UPCAST: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head_group(NQ, BLOCK_M)
     b, h3, h_ok = _head_group(pid_bh, H, G)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -196,8 +204,7 @@ def attention_backward_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr = False,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _block_and_head_group(NK, BLOCK_N)
     b, h3, h_ok = _head_group(pid_bh, H, G)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -246,8 +253,7 @@ def attention_backward_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head_group(NQ, BLOCK_M)
     b, h3, h_ok = _head_group(pid_bh, H, G)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -321,7 +327,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask:
     if out.numel() == 0:
         return out, lse, out_lo
     d_pad, g, bm, bn, warps = _config(FORWARD_CONFIGS, d, heads)
-    grid = (triton.cdiv(nq, bm), bsz * triton.cdiv(heads, g))
+    grid = (triton.cdiv(nq, bm) * bsz * triton.cdiv(heads, g),)
     attention_forward_kernel[grid](
         q, k, v, _mask_arg(key_padding_mask, q), out, out_lo if store_lo else out, lse, *_strides(q, k, v, out),
         heads, nq, nk, d, float(scale) * LOG2E,
@@ -356,9 +362,9 @@ def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.
     groups = bsz * triton.cdiv(heads, g)
     meta = dict(has_mask=int(key_padding_mask is not None), causal=int(bool(causal)), G=g, BLOCK_M=bm, BLOCK_N=bn,
                 D_PAD=d_pad, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=warps)
-    attention_backward_dkdv_kernel[(triton.cdiv(nk, bn), groups)](
+    attention_backward_dkdv_kernel[(triton.cdiv(nk, bn) * groups,)](
         q, k, v, mask, grad_out, lse, delta, dk, dv, *_strides(q, k, v, grad_out), *common, **meta)
-    attention_backward_dq_kernel[(triton.cdiv(nq, bm), groups)](
+    attention_backward_dq_kernel[(triton.cdiv(nq, bm) * groups,)](
         q, k, v, mask, grad_out, lse, delta, dq, *_strides(q, k, v, grad_out), *common, **meta)
     return dq, dk, dv
 

@@ -53,10 +53,12 @@ def _phi(d0, d1, d2, p00, p01, p02, p11, p12, p22):
 def mixture_forward_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, w_ptr, b_ptr, out_ptr, pmax_ptr, pidx_ptr,
                            N, G, K, CULL: tl.constexpr, REDUCE_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
-    kb = tl.program_id(2)
-    n_tiles = tl.num_programs(1)
+    # One grid axis for (cloud, tile): CUDA caps axes 1 and 2 at 65535, which 2M-point clouds
+    # (or many clouds) would pass.
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    b = (tl.program_id(0) // n_tiles).to(tl.int64)
+    tile = tl.program_id(0) % n_tiles
+    kb = tl.program_id(1)
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -276,7 +278,7 @@ def forward(points: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor,
         pidx = torch.empty(1, dtype=torch.long, device=dev)
     if B == 0:
         return out, torch.empty(B, K, dtype=torch.long, device=dev) if reduce_max else torch.empty(0, dtype=torch.long, device=dev)
-    grid = (B, tiles, triton.cdiv(K, block_k))
+    grid = (B * tiles, triton.cdiv(K, block_k))
     mixture_forward_kernel[grid](points, means, precisions, half, weight, bias, out, pmax, pidx, N, G, K, CULL=cull,
                                  REDUCE_MAX=reduce_max, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     if not reduce_max:

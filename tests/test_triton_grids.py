@@ -1,0 +1,68 @@
+"""The Triton launchers keep their grids within CUDA's limits at sizes users reach: axis 0
+up to 2^31 - 1 programs, axes 1 and 2 at most 65535 each. The interpreter enforces neither,
+so these tests record the grids the launchers ask for (the kernels are not run)."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import needs_triton
+
+pytestmark = needs_triton
+
+AXIS_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+class GridRecorder:
+    """Stands in for every ``*_kernel`` of a module: ``kernel[grid](...)`` records the grid."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+def record_launches(monkeypatch, module) -> GridRecorder:
+    recorder = GridRecorder()
+    for name in dir(module):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(module, name, recorder)
+    return recorder
+
+
+def assert_within_limits(grids):
+    assert grids, "no launch recorded"
+    for grid in grids:
+        assert all(n <= limit for n, limit in zip(grid, AXIS_LIMITS)), f"grid {grid} passes CUDA's {AXIS_LIMITS}"
+
+
+def test_attention_at_a_batch_of_70000_heads(monkeypatch):
+    tk = pytest.importorskip("lucidops.triton_kernels.attention")
+    recorder = record_launches(monkeypatch, tk)
+    q, k, v = (torch.randn(70_000, 1, 1, 8) for _ in range(3))  # one head of one token each
+    out, lse, out_lo = tk.forward(q, k, v, None, False, 8 ** -0.5)
+    tk.backward(torch.randn_like(q), None, q, k, v, out, out_lo, lse, None, False, 8 ** -0.5)
+    assert len(recorder.grids) == 3  # forward, dK/dV, dQ
+    assert_within_limits(recorder.grids)
+    assert all(math.prod(grid) >= 70_000 for grid in recorder.grids)  # every (batch, head) has its programs
+
+
+def test_gaussian_mixture_on_a_cloud_of_2_1_million_points(monkeypatch):
+    tk = pytest.importorskip("lucidops.triton_kernels.gaussian_mixture")
+    recorder = record_launches(monkeypatch, tk)
+    n, g, k = 2_100_000, 3, 2  # 65625 tiles of 32 points
+    points = torch.rand(1, n, 3)
+    means, precisions, half = torch.rand(g, 3), torch.rand(g, 6), torch.ones(g, 3)
+    weight, bias = torch.randn(k, g), torch.zeros(k)
+    for reduce_max in (True, False):
+        tk.forward(points, means, precisions, weight, bias, half, False, reduce_max)
+    argmax = torch.zeros(1, k, dtype=torch.long)
+    tk.backward_max(torch.ones(1, k), points, means, precisions, weight, argmax, half, False)
+    flat = points[0]
+    tk.phi(flat, means, precisions, half, False)
+    tk.phi_backward(torch.ones(n, g), flat, means, precisions)
+    assert len(recorder.grids) == 5
+    assert_within_limits(recorder.grids)

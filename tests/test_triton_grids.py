@@ -2,12 +2,11 @@
 up to 2^31 - 1 programs, axes 1 and 2 at most 65535 each. The interpreter enforces neither,
 so these tests record the grids the launchers ask for (the kernels are not run)."""
 
-import math
-
 import pytest
 import torch
 
-from conftest import needs_triton
+from conftest import TRITON_DEVICE, needs_triton
+from test_attention import check_against_float64_reference
 
 pytestmark = needs_triton
 
@@ -15,21 +14,30 @@ AXIS_LIMITS = (2**31 - 1, 65535, 65535)
 
 
 class GridRecorder:
-    """Stands in for every ``*_kernel`` of a module: ``kernel[grid](...)`` records the grid."""
+    """Stands in for a module's ``*_kernel`` s: ``kernel[grid](...)`` records (kernel, grid)."""
 
     def __init__(self):
-        self.grids = []
+        self.launches = []
 
-    def __getitem__(self, grid):
-        self.grids.append(tuple(grid))
-        return lambda *args, **kwargs: None
+    def stand_in(self, name):
+        recorder = self
+
+        class Kernel:
+            def __getitem__(self, grid):
+                recorder.launches.append((name, tuple(grid)))
+                return lambda *args, **kwargs: None
+
+        return Kernel()
+
+    def grids(self, name=None):
+        return [grid for kernel, grid in self.launches if name in (None, kernel)]
 
 
 def record_launches(monkeypatch, module) -> GridRecorder:
     recorder = GridRecorder()
     for name in dir(module):
         if name.endswith("_kernel"):
-            monkeypatch.setattr(module, name, recorder)
+            monkeypatch.setattr(module, name, recorder.stand_in(name))
     return recorder
 
 
@@ -45,9 +53,22 @@ def test_attention_at_a_batch_of_70000_heads(monkeypatch):
     q, k, v = (torch.randn(70_000, 1, 1, 8) for _ in range(3))  # one head of one token each
     out, lse, out_lo = tk.forward(q, k, v, None, False, 8 ** -0.5)
     tk.backward(torch.randn_like(q), None, q, k, v, out, out_lo, lse, None, False, 8 ** -0.5)
-    assert len(recorder.grids) == 3  # forward, dK/dV, dQ
-    assert_within_limits(recorder.grids)
-    assert all(math.prod(grid) >= 70_000 for grid in recorder.grids)  # every (batch, head) has its programs
+    assert_within_limits(recorder.grids())
+    for kernel in ("attention_forward_kernel", "attention_backward_dkdv_kernel", "attention_backward_dq_kernel"):
+        # batch slices of (batch x head group) programs that together cover every batch element
+        assert sum(grid[1] for grid in recorder.grids(kernel)) == 70_000, kernel
+
+
+def test_attention_in_batch_slices_matches_the_reference(monkeypatch):
+    """The batch-sliced launches compute what one launch does (slices of 2 and a last of 1)."""
+    tk = pytest.importorskip("lucidops.triton_kernels.attention")
+    monkeypatch.setattr(tk, "MAX_GRID_Y", 6)  # 3 head groups (d 8, H 3): 2 batch elements a launch
+    calls = []
+    real = tk._batch_slices
+    monkeypatch.setattr(tk, "_batch_slices", lambda *a: calls.append(real(*a)) or calls[-1])
+    for mask in ("random", None):
+        check_against_float64_reference("triton", (5, 3, 9, 7, 8, True, mask, torch.float32), TRITON_DEVICE)
+    assert calls and all(len(slices) == 3 for slices in calls)  # forward and backward, both sliced
 
 
 def test_gaussian_mixture_on_a_cloud_of_2_1_million_points(monkeypatch):
@@ -64,5 +85,5 @@ def test_gaussian_mixture_on_a_cloud_of_2_1_million_points(monkeypatch):
     flat = points[0]
     tk.phi(flat, means, precisions, half, False)
     tk.phi_backward(torch.ones(n, g), flat, means, precisions)
-    assert len(recorder.grids) == 5
-    assert_within_limits(recorder.grids)
+    assert len(recorder.grids()) == 5
+    assert_within_limits(recorder.grids())

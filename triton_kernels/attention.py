@@ -98,15 +98,6 @@ def _dot_ds(ds, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _block_and_head_group(n, BLOCK: tl.constexpr):
-    """(row block, batch x head group) of this program. One grid axis holds both, row blocks
-    fastest (a head's programs run together and share its K/V in L2): CUDA caps grid axes 1
-    and 2 at 65535, which batch x head groups alone pass at large batches."""
-    blocks = tl.cdiv(n, BLOCK)
-    return tl.program_id(0) % blocks, tl.program_id(0) // blocks
-
-
-@triton.jit
 def _head_group(pid_bh, H, G: tl.constexpr):
     """A program's batch index and its G packed heads, as (G, 1, 1) int64 ids and an in-range mask.
 
@@ -137,7 +128,8 @@ def attention_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
     STORE_LO: tl.constexpr, UPCAST: tl.constexpr = False,
 ):
-    pid_m, pid_bh = _block_and_head_group(NQ, BLOCK_M)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b, h3, h_ok = _head_group(pid_bh, H, G)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -204,7 +196,8 @@ def attention_backward_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr = False,
 ):
-    pid_n, pid_bh = _block_and_head_group(NK, BLOCK_N)
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b, h3, h_ok = _head_group(pid_bh, H, G)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -253,7 +246,8 @@ def attention_backward_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr = False,
 ):
-    pid_m, pid_bh = _block_and_head_group(NQ, BLOCK_M)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b, h3, h_ok = _head_group(pid_bh, H, G)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -307,6 +301,21 @@ def _mask_arg(key_padding_mask: Optional[torch.Tensor], q: torch.Tensor) -> torc
     return key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
 
 
+# CUDA caps grid axes 1 and 2 at 65535. Axis 1 holds (batch, head group), so a large batch
+# goes in several launches over batch slices; the kernels index through the slices' own
+# pointers and strides (a contiguous tensor's batch slice is contiguous too).
+MAX_GRID_Y = 65535
+
+
+def _batch_slices(bsz: int, head_groups: int) -> List[slice]:
+    """Batch slices of at most MAX_GRID_Y (batch, head group) pairs each."""
+    if head_groups > MAX_GRID_Y:
+        raise ValueError(f"the triton attention takes at most {MAX_GRID_Y} head groups per batch element, "
+                         f"got {head_groups}")
+    step = MAX_GRID_Y // head_groups
+    return [slice(b0, min(b0 + step, bsz)) for b0 in range(0, bsz, step)]
+
+
 def _strides(*tensors: torch.Tensor) -> List[int]:
     """The (batch, head, token) strides of each (B, H, N, d) tensor, in order."""
     return [s for t in tensors for s in t.stride()[:3]]
@@ -327,12 +336,16 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask:
     if out.numel() == 0:
         return out, lse, out_lo
     d_pad, g, bm, bn, warps = _config(FORWARD_CONFIGS, d, heads)
-    grid = (triton.cdiv(nq, bm) * bsz * triton.cdiv(heads, g),)
-    attention_forward_kernel[grid](
-        q, k, v, _mask_arg(key_padding_mask, q), out, out_lo if store_lo else out, lse, *_strides(q, k, v, out),
-        heads, nq, nk, d, float(scale) * LOG2E,
-        has_mask=int(key_padding_mask is not None), causal=int(bool(causal)), G=g, BLOCK_M=bm, BLOCK_N=bn,
-        D_PAD=d_pad, PRECISION=_precision(q.dtype), STORE_LO=store_lo, UPCAST=_upcast(q.dtype), num_warps=warps)
+    mask = _mask_arg(key_padding_mask, q)
+    lo = out_lo if store_lo else out
+    head_groups = triton.cdiv(heads, g)
+    for b in _batch_slices(bsz, head_groups):
+        grid = (triton.cdiv(nq, bm), (b.stop - b.start) * head_groups)
+        attention_forward_kernel[grid](
+            q[b], k[b], v[b], mask if key_padding_mask is None else mask[b], out[b], lo[b], lse[b],
+            *_strides(q, k, v, out), heads, nq, nk, d, float(scale) * LOG2E,
+            has_mask=int(key_padding_mask is not None), causal=int(bool(causal)), G=g, BLOCK_M=bm, BLOCK_N=bn,
+            D_PAD=d_pad, PRECISION=_precision(q.dtype), STORE_LO=store_lo, UPCAST=_upcast(q.dtype), num_warps=warps)
     return out, lse, out_lo
 
 
@@ -359,13 +372,15 @@ def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.
     mask = _mask_arg(key_padding_mask, q)
     common = (heads, nq, nk, d, float(scale) * LOG2E, float(scale))
     d_pad, g, bm, bn, warps = _config(BACKWARD_CONFIGS, d, heads)
-    groups = bsz * triton.cdiv(heads, g)
     meta = dict(has_mask=int(key_padding_mask is not None), causal=int(bool(causal)), G=g, BLOCK_M=bm, BLOCK_N=bn,
                 D_PAD=d_pad, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=warps)
-    attention_backward_dkdv_kernel[(triton.cdiv(nk, bn) * groups,)](
-        q, k, v, mask, grad_out, lse, delta, dk, dv, *_strides(q, k, v, grad_out), *common, **meta)
-    attention_backward_dq_kernel[(triton.cdiv(nq, bm) * groups,)](
-        q, k, v, mask, grad_out, lse, delta, dq, *_strides(q, k, v, grad_out), *common, **meta)
+    strides = _strides(q, k, v, grad_out)
+    head_groups = triton.cdiv(heads, g)
+    for b in _batch_slices(bsz, head_groups):
+        groups = (b.stop - b.start) * head_groups
+        inputs = (q[b], k[b], v[b], mask if key_padding_mask is None else mask[b], grad_out[b], lse[b], delta[b])
+        attention_backward_dkdv_kernel[(triton.cdiv(nk, bn), groups)](*inputs, dk[b], dv[b], *strides, *common, **meta)
+        attention_backward_dq_kernel[(triton.cdiv(nq, bm), groups)](*inputs, dq[b], *strides, *common, **meta)
     return dq, dk, dv
 
 

@@ -53,8 +53,8 @@ def _phi(d0, d1, d2, p00, p01, p02, p11, p12, p22):
 def mixture_forward_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, w_ptr, b_ptr, out_ptr, pmax_ptr, pidx_ptr,
                            N, G, K, CULL: tl.constexpr, REDUCE_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
-    # One grid axis for (cloud, tile): CUDA caps axes 1 and 2 at 65535, which 2M-point clouds
-    # (or many clouds) would pass.
+    # One grid axis for (cloud, tile): CUDA caps axes 1 and 2 at 65535, which the tiles of a
+    # cloud past 2M points would pass.
     n_tiles = tl.cdiv(N, BLOCK_N)
     b = (tl.program_id(0) // n_tiles).to(tl.int64)
     tile = tl.program_id(0) % n_tiles

@@ -37,10 +37,33 @@ def assert_mixture_close(tensors, reduce, cull, out, arg, grads, grad_out):
             assert_close(name, g, g64, 4 * tol, atol)
 
 
-def assert_lora_close(y, x, w, a, b, bias, grad, fn, placement, omega, train_base):
-    """A bounded_lora_linear run's output and gradients against the float64 reference; a frozen
-    base (weight and bias) must get no gradient at all."""
-    n_out, k_in = w.shape
+def check_gaussian_mixture(backend, device, lead, n, gaussians, channels, dtype, reduce, cull, with_bias, seed):
+    """One drawn gaussian_mixture case on ``backend``, forward and backward, against the reference."""
+    if reduce == "none" and math.prod(lead) * n * channels > 200_000:
+        n = 33  # keep the (..., N, K) output, and the float64 reference of it, small
+    means, prec, weight, bias = make_params(gaussians, channels, dtype, device, seed=seed)
+    bias = bias if with_bias else None
+    points = make_points((*lead, n), dtype, device, seed=seed + 1)
+    out, grads, grad_out = run_op(backend, points, means, prec, weight, bias, reduce, cull)
+    assert out.shape == ((*lead, channels) if reduce == "max" else (*lead, n, channels))
+    arg = backend_argmax(backend, points, means, prec, weight, bias, cull) if reduce == "max" else None
+    assert_mixture_close((points, means, prec, weight, bias), reduce, cull, out, arg, grads, grad_out)
+
+
+def check_bounded_lora_linear(backend, device, lead, m, k_in, n_out, rank, fn, placement, train_base, with_bias,
+                              omega, seed):
+    """One drawn float32 bounded_lora_linear case on ``backend``: output and gradients against the
+    float64 reference; a frozen base (weight and bias) must get no gradient at all."""
+    x, w, a, b, bias = make((*lead, m, k_in), n_out, rank, torch.float32, device, seed=seed, bias=with_bias)
+    for t in (x, a, b) + ((w, bias) if train_base else ()):
+        if t is not None:
+            t.requires_grad_(True)
+    grad = torch.randn(*lead, m, n_out, generator=torch.Generator().manual_seed(seed)).to(device)
+    with lucidops.use_backend(backend):
+        y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=omega, scale=SCALE, placement=placement)
+        y.backward(grad)
+        assert backends.last_used("bounded_lora_linear") == backend
+        assert backends.last_used("bounded_lora_linear_backward") == backend
     exact = reference_grads(grad, x, w, a, b, bias, fn, placement, omega=omega)
     got = [y.reshape(-1, n_out), x.grad.reshape(-1, k_in), w.grad, None if bias is None else bias.grad, a.grad, b.grad]
     tol, atol = 1e-5 * max(1.0, omega / 2), 1e-4 * omega  # the phase's rounding grows with omega
@@ -63,15 +86,7 @@ EXAMPLES = settings(max_examples=50, deadline=None)
        reduce=st.sampled_from(["max", "none"]), cull=st.sampled_from([None, 0.05, 0.3]), with_bias=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_gaussian_mixture(lead, n, gaussians, channels, dtype, reduce, cull, with_bias, seed):
-    if reduce == "none" and math.prod(lead) * n * channels > 200_000:
-        n = 33  # keep the (..., N, K) output, and the float64 reference of it, small
-    means, prec, weight, bias = make_params(gaussians, channels, dtype, seed=seed)
-    bias = bias if with_bias else None
-    points = make_points((*lead, n), dtype, seed=seed + 1)
-    out, grads, grad_out = run_op("cpp", points, means, prec, weight, bias, reduce, cull)
-    assert out.shape == ((*lead, channels) if reduce == "max" else (*lead, n, channels))
-    arg = backend_argmax("cpp", points, means, prec, weight, bias, cull) if reduce == "max" else None
-    assert_mixture_close((points, means, prec, weight, bias), reduce, cull, out, arg, grads, grad_out)
+    check_gaussian_mixture("cpp", "cpu", lead, n, gaussians, channels, dtype, reduce, cull, with_bias, seed)
 
 
 @EXAMPLES
@@ -90,13 +105,5 @@ def test_attention(b, h, nq, nk, d, causal, mask, dtype):
        placement=st.sampled_from(["weight", "output"]), train_base=st.booleans(), with_bias=st.booleans(),
        omega=st.sampled_from([0.5, 2.0, 30.0]), seed=st.integers(0, 2**16))
 def test_bounded_lora_linear(lead, m, k_in, n_out, rank, fn, placement, train_base, with_bias, omega, seed):
-    x, w, a, b, bias = make((*lead, m, k_in), n_out, rank, torch.float32, "cpu", seed=seed, bias=with_bias)
-    for t in (x, a, b) + ((w, bias) if train_base else ()):
-        if t is not None:
-            t.requires_grad_(True)
-    grad = torch.randn(*lead, m, n_out, generator=torch.Generator().manual_seed(seed))
-    with lucidops.use_backend("cpp"):
-        y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=omega, scale=SCALE, placement=placement)
-        y.backward(grad)
-        assert backends.last_used("bounded_lora_linear_backward") == "cpp"
-    assert_lora_close(y, x, w, a, b, bias, grad, fn, placement, omega, train_base)
+    check_bounded_lora_linear("cpp", "cpu", lead, m, k_in, n_out, rank, fn, placement, train_base, with_bias, omega,
+                              seed)

@@ -65,7 +65,12 @@ def test_attention_in_batch_slices_matches_the_reference(monkeypatch):
     monkeypatch.setattr(tk, "MAX_GRID_Y", 6)  # 3 head groups (d 8, H 3): 2 batch elements a launch
     calls = []
     real = tk._batch_slices
-    monkeypatch.setattr(tk, "_batch_slices", lambda *a: calls.append(real(*a)) or calls[-1])
+
+    def recorded_slices(*args):
+        calls.append(real(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(tk, "_batch_slices", recorded_slices)
     for mask in ("random", None):
         check_against_float64_reference("triton", (5, 3, 9, 7, 8, True, mask, torch.float32), TRITON_DEVICE)
     assert calls and all(len(slices) == 3 for slices in calls)  # forward and backward, both sliced

@@ -13,14 +13,9 @@ import os
 import torch
 from hypothesis import given, settings, strategies as st
 
-import lucidops
-from lucidops import backends
-
 from conftest import TRITON_DEVICE, needs_triton
 from test_attention import check_against_float64_reference
-from test_cpp_random_shapes import AWKWARD, assert_lora_close, assert_mixture_close
-from test_gaussian_mixture import backend_argmax, make_params, make_points, run_op
-from test_lora import SCALE, make
+from test_cpp_random_shapes import AWKWARD, check_bounded_lora_linear, check_gaussian_mixture
 
 pytestmark = needs_triton
 
@@ -34,22 +29,13 @@ def examples(n):
 ATTENTION_ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-def on_device(tensors):
-    return [None if t is None else t.to(TRITON_DEVICE) for t in tensors]
-
-
 @examples(6)
 @given(lead=st.lists(st.integers(1, 3), max_size=2), n=AWKWARD, gaussians=st.one_of(AWKWARD, st.integers(127, 300)),
        channels=AWKWARD, reduce=st.sampled_from(["max", "none"]), cull=st.sampled_from([None, 0.05, 0.3]),
        with_bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_gaussian_mixture(lead, n, gaussians, channels, reduce, cull, with_bias, seed):
-    means, prec, weight, bias = on_device(make_params(gaussians, channels, torch.float32, seed=seed))
-    bias = bias if with_bias else None
-    points = make_points((*lead, n), torch.float32, TRITON_DEVICE, seed=seed + 1)
-    out, grads, grad_out = run_op("triton", points, means, prec, weight, bias, reduce, cull)
-    assert out.shape == ((*lead, channels) if reduce == "max" else (*lead, n, channels))
-    arg = backend_argmax("triton", points, means, prec, weight, bias, cull) if reduce == "max" else None
-    assert_mixture_close((points, means, prec, weight, bias), reduce, cull, out, arg, grads, grad_out)
+    check_gaussian_mixture("triton", TRITON_DEVICE, lead, n, gaussians, channels, torch.float32, reduce, cull,
+                           with_bias, seed)
 
 
 @examples(6)
@@ -70,14 +56,5 @@ def test_attention(b, h, nq, nk, d, causal, mask, dtype):
        placement=st.sampled_from(["weight", "output"]), train_base=st.booleans(), with_bias=st.booleans(),
        omega=st.sampled_from([0.5, 2.0, 30.0]), seed=st.integers(0, 2**16))
 def test_bounded_lora_linear(lead, m, k_in, n_out, rank, fn, placement, train_base, with_bias, omega, seed):
-    x, w, a, b, bias = make((*lead, m, k_in), n_out, rank, torch.float32, TRITON_DEVICE, seed=seed, bias=with_bias)
-    for t in (x, a, b) + ((w, bias) if train_base else ()):
-        if t is not None:
-            t.requires_grad_(True)
-    grad = torch.randn(*lead, m, n_out, generator=torch.Generator().manual_seed(seed)).to(TRITON_DEVICE)
-    with lucidops.use_backend("triton"):
-        y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=omega, scale=SCALE, placement=placement)
-        y.backward(grad)
-        assert backends.last_used("bounded_lora_linear") == "triton"
-        assert backends.last_used("bounded_lora_linear_backward") == "triton"
-    assert_lora_close(y, x, w, a, b, bias, grad, fn, placement, omega, train_base)
+    check_bounded_lora_linear("triton", TRITON_DEVICE, lead, m, k_in, n_out, rank, fn, placement, train_base,
+                              with_bias, omega, seed)

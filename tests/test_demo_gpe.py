@@ -104,11 +104,8 @@ def test_state_dict_round_trip():
 
 
 def test_from_modules_from_distilled_and_old_names():
-    import importlib
-
+    import lucidops.train
     from lucidops.train import DistilledPointNet
-
-    distill_module = importlib.import_module("lucidops.train.distill")  # the package's `distill` is the function
 
     torch.manual_seed(5)
     enc = GaussianPointEncoder(4, 16)
@@ -116,7 +113,7 @@ def test_from_modules_from_distilled_and_old_names():
     tnet = GaussianTNet(3, 3, 16)
     model = DistilledPointNet(enc, head, tnet).eval()  # the old positional constructor
     assert isinstance(model, GaussianPointNet) and model.num_classes == 3
-    assert distill_module.GaussianTNet is GaussianTNet and distill_module.GaussianPointNet is GaussianPointNet
+    assert lucidops.train.GaussianTNet is GaussianTNet and lucidops.train.GaussianPointNet is GaussianPointNet
     import lucidops.models
 
     assert lucidops.models.GaussianPointNet is GaussianPointNet
@@ -378,14 +375,12 @@ def test_eager_dense_computes_the_fused_function_and_restores_the_model():
 
 
 def test_finetune_picks_distinct_points_and_cosine_rates():
-    import importlib
-
-    distill_module = importlib.import_module("lucidops.train.distill")
+    from lucidops.train import finetuning
     gen = torch.Generator().manual_seed(0)
     for n, count in [(64, 64), (64, 17), (1, 1)]:
-        idx = distill_module._pick_points(n, count, gen)
+        idx = finetuning._pick_points(n, count, gen)
         assert idx.shape == (count,) and len(set(idx.tolist())) == count and 0 <= idx.min() and idx.max() < n
-    idx = distill_module._pick_points(5, 12, gen)  # fewer points than asked: with replacement
+    idx = finetuning._pick_points(5, 12, gen)  # fewer points than asked: with replacement
     assert idx.shape == (12,) and set(idx.tolist()) <= set(range(5))
 
     w = nn.Parameter(torch.zeros(2))
@@ -393,7 +388,7 @@ def test_finetune_picks_distinct_points_and_cosine_rates():
     base = [[0.5, 0.1]]
     rates = []
     for step in range(5):
-        distill_module._set_cosine_rates([opt], base, step, 5)
+        finetuning._set_cosine_rates([opt], base, step, 5)
         rates.append([g["lr"] for g in opt.param_groups])
     assert rates[0] == pytest.approx([0.5, 0.1]) and rates[-1] == pytest.approx([0.01, 0.002])
     assert rates[2] == pytest.approx([0.5 * 0.51, 0.1 * 0.51])  # the half-way point: (1 + 0.02) / 2

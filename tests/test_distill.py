@@ -13,7 +13,7 @@ from lucidops.data import SyntheticShapes
 from lucidops.models import PointNet
 from lucidops.nn import GaussianPointEncoder
 from lucidops.train import DistilledPointNet, DistillResult, distill, distill_pointnet
-from lucidops.train.distill import cloud_cubes, sample_cube_points, tnet_point_features
+from lucidops.train import cloud_cubes, sample_cube_points, tnet_point_features
 
 K = 32  # teacher channels kept (PointNet's encoder is 1024 wide; a slice keeps the test small)
 
@@ -107,17 +107,16 @@ def test_bad_arguments():
 
 
 def test_distill_pointnet_passes_the_finetune_schedule(monkeypatch):
-    import sys
+    from lucidops.train import pointnet_recipe
 
-    distill_module = sys.modules["lucidops.train.distill"]  # the package re-exports a function of that name
     seen = {}
-    real = distill_module.finetune
+    real = pointnet_recipe.finetune
 
     def spy(model, data, **kwargs):
         seen.update(kwargs)
         return real(model, data, **kwargs)
 
-    monkeypatch.setattr(distill_module, "finetune", spy)
+    monkeypatch.setattr(pointnet_recipe, "finetune", spy)
     data = SyntheticShapes(4, num_points=32, num_classes=10, seed=0)
     res = distill_pointnet(_teacher(), data, num_gaussians=4, steps=2, finetune_data=data, finetune_steps=2,
                            finetune_schedule="cosine", batch_size=2, points_per_cloud=16, seed=0, progress=False)

@@ -212,7 +212,7 @@ class GaussianPointNet(nn.Module):
 
     @classmethod
     def from_distilled(cls, result: Any, copy_modules: bool = False) -> "GaussianPointNet":
-        """The model of a :class:`~lucidops.train.distill.PointNetDistillResult` (or any
+        """The model of a :class:`~lucidops.train.PointNetDistillResult` (or any
         Gaussian PointNet) as a plain ``GaussianPointNet``; ``copy_modules`` deep-copies them."""
         model = getattr(result, "model", result)
         if not isinstance(model, GaussianPointNet):

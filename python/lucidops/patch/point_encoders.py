@@ -7,7 +7,7 @@ Two kinds of encoder are recognised (methods.md section 1):
   distilled from :meth:`PointNet.point_features` on T-Net-transformed points (stage 2 of
   the paper's recipe). The input T-Net and the classifier head are kept: the *same*
   module objects, not copies. A PointNet inside a model is swapped for a
-  :class:`~lucidops.train.distill.DistilledPointNet` (input T-Net -> Gaussian encoder ->
+  :class:`~lucidops.train.DistilledPointNet` (input T-Net -> Gaussian encoder ->
   head); a PointNet that *is* the model (it has no parent to swap it in) keeps its
   identity: the Gaussian encoder is registered on it as the submodule
   ``gaussian_encoder`` and its instance ``forward`` / ``global_feature`` /
@@ -33,7 +33,9 @@ from torch import Tensor, nn
 
 from ..models.pointnet import PointNet
 from ..nn.gaussian_mixture import GaussianPointEncoder
-from ..train.distill import DistilledPointNet, cloud_cubes, distill
+from ..train.cubes import cloud_cubes
+from ..train.distillation import distill
+from ..train.pointnet_recipe import DistilledPointNet
 from .handle import PatchHandle, child_slots
 
 KINDS = ("pointnet", "point_mae")

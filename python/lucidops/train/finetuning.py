@@ -1,0 +1,123 @@
+"""End-to-end fine-tuning of a distilled classifier on labelled clouds (stage 3 of the recipe).
+
+Cross-entropy on ``points_per_cloud`` distinct points of each labelled cloud; the Gaussian
+encoders train at a small fraction of the other parameters' rates (the paper: 1/100).
+Runs under ``torchrun`` like :func:`lucidops.train.distill` (the data sharded by rank).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.gaussian_mixture import GaussianPointEncoder
+from .loop import (DistillResult, TrainingMode, build_optimizers, check_common, check_positive_float, dist_info,
+                   dtype_of, optimizer_step, progress_bar, resolve_device, wrap_ddp)
+
+SCHEDULES = ("constant", "cosine")
+
+
+def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 32,
+             points_per_cloud: int = 1024, encoder_lr_scale: float = 0.01, gaussian_lr: float = 0.005,
+             natural_gradient: str = "mahalanobis", momentum: float = 0.9, weight_decay: float = 0.01,
+             schedule: str = "constant", seed: Optional[int] = None, progress: bool = True,
+             device=None) -> DistillResult:
+    """Stage 3: fine-tune ``model`` (points (B, N, 3) -> logits) end to end on labelled clouds.
+
+    ``data`` is a dataset of (points (N_i, 3), label) pairs; each step draws ``batch_size``
+    of them (per rank; under DDP the dataset is sharded by rank) and ``points_per_cloud``
+    distinct points of each (with replacement only when a cloud has fewer). Cross-entropy
+    loss. Every parameter of a ``GaussianPointEncoder`` in ``model`` (means, factors, mixer)
+    trains at its stage's rate times ``encoder_lr_scale`` (the paper divides by 100); the
+    rest at ``lr`` with AdamW. ``schedule``: ``"constant"`` rates, or ``"cosine"``: every
+    rate decays along a half cosine to 2% of its start by the last step.
+    """
+    check_common(steps, lr, batch_size, points_per_cloud, "natural", natural_gradient, gaussian_lr,
+                  momentum, weight_decay)
+    check_positive_float("encoder_lr_scale", encoder_lr_scale)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    try:
+        n_items = len(data)
+    except TypeError:
+        raise TypeError(f"finetune_data must be a dataset of (points, label) pairs, got {type(data).__name__}") from None
+    distributed, rank, world = dist_info()
+    if n_items < world:
+        raise ValueError(f"finetune_data: {n_items} items cannot be sharded over {world} ranks")
+    dev = resolve_device(device, model)
+    dtype = dtype_of(model)
+    model.to(dev)
+    local = list(range(rank, n_items, world))
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    gen = torch.Generator()
+    gen.manual_seed(seed + rank)
+
+    encoder_params = {id(p) for m in model.modules() if isinstance(m, GaussianPointEncoder) for p in m.parameters()}
+    opts = build_optimizers(model, "natural", lr, gaussian_lr, natural_gradient, momentum, weight_decay,
+                             lr_scale=lambda p: encoder_lr_scale if id(p) in encoder_params else 1.0)
+    base_rates = [[g["lr"] for g in opt.param_groups] for opt in opts]
+    wrapped = wrap_ddp(model, dev) if distributed else model
+    result = DistillResult(stage="finetune")
+    start = time.perf_counter()
+    with TrainingMode([model], train=True):
+        bar = progress_bar(steps, progress and rank == 0, "finetune")
+        for step in bar:
+            if schedule == "cosine":
+                _set_cosine_rates(opts, base_rates, step, steps)
+            picks = torch.randint(0, len(local), (batch_size,), generator=gen).tolist()
+            clouds, labels = [], []
+            for j in picks:
+                pts, label = _labelled(data[local[j]])
+                clouds.append(pts[_pick_points(pts.shape[0], points_per_cloud, gen)])
+                labels.append(label)
+            points = torch.stack(clouds).to(dev, dtype)
+            target = torch.stack(labels).long().to(dev)
+            loss = F.cross_entropy(wrapped(points), target)
+            result.losses.append(optimizer_step(opts, loss, distributed, world))
+            if rank == 0 and progress and (step % 10 == 0 or step == steps - 1):
+                bar.set_postfix(ce=f"{result.losses[-1]:.4g}")
+        bar.close()
+    if distributed:
+        # DDP syncs buffers at the start of each forward, so the last step's BatchNorm
+        # statistics updates differ by rank: take rank 0's, as DDP would at the next forward.
+        with torch.no_grad():
+            for b in model.buffers():
+                torch.distributed.broadcast(b.data, src=0)
+    result.steps = len(result.losses)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _labelled(item) -> Tuple[Tensor, Tensor]:
+    if not (isinstance(item, (tuple, list)) and len(item) >= 2):
+        raise TypeError("finetune_data: items must be (points, label) pairs")
+    return item[0], torch.as_tensor(item[1]).reshape(())
+
+
+def _pick_points(n: int, count: int, gen: torch.Generator) -> Tensor:
+    """Indices of ``count`` of a cloud's ``n`` points: distinct when ``n >= count`` (a cloud
+    seen as at test time, no duplicated points), else drawn with replacement."""
+    if n >= count:
+        return torch.randperm(n, generator=gen)[:count]
+    return torch.randint(0, n, (count,), generator=gen)
+
+
+def _set_cosine_rates(opts, base_rates, step: int, steps: int, floor: float = 0.02) -> None:
+    """Set every group's rate to its start rate times a half cosine from 1 (step 0) to
+    ``floor`` (the last step)."""
+    t = step / max(steps - 1, 1)
+    factor = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    for opt, rates in zip(opts, base_rates):
+        for g, rate in zip(opt.param_groups, rates):
+            g["lr"] = rate * factor
+
+
+__all__ = ["finetune", "SCHEDULES"]

@@ -1,0 +1,180 @@
+"""The paper's three-stage recipe: a Gaussian PointNet distilled from a trained PointNet.
+
+For a :class:`lucidops.models.PointNet` with an input T-Net:
+
+1. distil the T-Net's encoder (its shared MLP, up to the last conv + BN, before the ReLU)
+   into a Gaussian encoder, and copy the T-Net's regressor head;
+2. distil the main encoder on T-Net-transformed points: the uniform points of a cloud's
+   cube go through that cloud's own input transform, computed by the teacher's T-Net on
+   the cloud itself (a T-Net run on the uniform points gives other transforms, and the
+   student then fails on real surfaces); the student sees the transformed points and the
+   target is :meth:`~lucidops.models.PointNet.encoder_features` of them;
+3. (when labelled data is given) fine-tune the whole student end to end with the copied
+   classifier head, the Gaussian encoders' learning rates divided by 100.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union, cast
+
+import torch
+from torch import Tensor, nn
+
+from ..models.pointnet import PointNet, TNet
+from ..nn.gaussian_mixture import GaussianPointEncoder
+from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
+from .cubes import cloud_points
+from .distillation import distill
+from .finetuning import SCHEDULES, finetune
+from .loop import DistillResult, TrainingMode, broadcast_module, check_positive_int, dist_info
+
+
+def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32, tnet_gaussians: Optional[int] = None,
+                     steps: int = 1000, tnet_steps: Optional[int] = None, finetune_data=None,
+                     finetune_steps: int = 0, finetune_lr: float = 1e-3, encoder_lr_scale: float = 0.01,
+                     finetune_schedule: str = "constant", cloud_range: float = 1.0, seed: Optional[int] = None, progress: bool = True, device=None,
+                     **distill_kwargs: Any) -> PointNetDistillResult:
+    """The three-stage recipe: a :class:`DistilledPointNet` from a trained ``teacher`` PointNet.
+
+    1. (teacher with an input T-Net) a ``GaussianPointEncoder(tnet_gaussians, 1024)`` is
+       distilled from the T-Net's per-point activations before its last ReLU
+       (:func:`tnet_point_features`) for ``tnet_steps`` steps; the T-Net's regressor and
+       output layer are copied (:class:`GaussianTNet`).
+    2. a ``GaussianPointEncoder(num_gaussians, 1024)`` is distilled for ``steps`` steps
+       from the teacher's main encoder (conv1..conv3): points sampled in a cloud's cube go
+       through *that cloud's* input transform (and feature transform, for the teacher's
+       targets), as they would at inference; the student sees the transformed points.
+       A per-point student cannot see a feature transform, so with a feature T-Net it
+       learns an average over the clouds' transforms and distils far worse: prefer a
+       teacher built with ``feature_transform=False``.
+    3. with ``finetune_data`` and ``finetune_steps > 0``, :func:`finetune` trains the whole
+       model (Gaussian T-Net, encoder and a deep copy of the teacher's classifier head)
+       end to end, Gaussian encoders at ``encoder_lr_scale`` times their rates, with
+       ``finetune_schedule`` (``"constant"`` or ``"cosine"``, see :func:`finetune`).
+
+    ``distill_kwargs`` go to both :func:`distill` stages (lr, batch_size, points_per_cloud,
+    optimizer, ...). The teacher is not modified (its train/eval flags are restored).
+    """
+    if not isinstance(teacher, PointNet):
+        raise TypeError(f"teacher must be a lucidops.models.PointNet, got {type(teacher).__name__}")
+    check_positive_int("num_gaussians", num_gaussians)
+    tnet_gaussians = num_gaussians if tnet_gaussians is None else check_positive_int("tnet_gaussians", tnet_gaussians)
+    tnet_steps = steps if tnet_steps is None else check_positive_int("tnet_steps", tnet_steps)
+    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
+        raise ValueError(f"finetune_steps must be an int >= 0, got {finetune_steps!r}")
+    if finetune_steps > 0 and finetune_data is None:
+        raise ValueError("finetune_steps > 0 needs finetune_data (a dataset of (points, label) pairs)")
+    if finetune_schedule not in SCHEDULES:  # checked before the distillation stages spend their time
+        raise ValueError(f"finetune_schedule must be one of {SCHEDULES}, got {finetune_schedule!r}")
+    for key in ("input_transform", "per_cloud", "desc"):
+        if key in distill_kwargs:
+            raise TypeError(f"distill_pointnet sets {key!r} itself")
+    dtype = next(teacher.parameters()).dtype
+    dev = torch.device(device) if device is not None else next(teacher.parameters()).device
+    k = _out_channels(teacher.conv3)
+    teacher.to(dev)
+    if dist_info()[0]:
+        broadcast_module(teacher)  # the T-Net stage's teacher is a lambda, which distill cannot broadcast
+    tnet_result, gtnet = None, None
+    with TrainingMode([teacher], train=False):
+        if teacher.input_tnet is not None:
+            tnet = teacher.input_tnet
+            tnet_enc = GaussianPointEncoder(tnet_gaussians, _out_channels(tnet.encoder[-1]),
+                                            cloud_range=cloud_range, reduce="max").to(dev, dtype)
+            tnet_result = distill(lambda x: tnet_point_features(tnet, x), tnet_enc, clouds, steps=tnet_steps,
+                                  seed=seed, progress=progress, device=dev, desc="distill T-Net", **distill_kwargs)
+            gtnet = GaussianTNet.from_tnet(tnet, tnet_enc)
+        encoder = GaussianPointEncoder(num_gaussians, k, cloud_range=cloud_range, reduce="max").to(dev, dtype)
+        stage2: Dict[str, Any] = {}
+        if clouds is not None and (teacher.input_tnet is not None or teacher.feature_tnet is not None):
+            # Each cloud's own T-Net transforms, applied to the points sampled in its cube: the
+            # student learns the per-point function it meets on real clouds (a T-Net run on
+            # uniform cube samples instead gives other transforms, and the student then fails on
+            # surfaces).
+            trans_in, trans_feat = _pointnet_transforms(teacher, clouds, dev, dtype)
+            stage2 = dict(teacher=lambda x, a, f: teacher.encoder_features(_apply(x, a), f),
+                          input_transform=lambda x, a, f: _apply(x, a), per_cloud=[trans_in, trans_feat])
+        elif teacher.input_tnet is not None:
+            stage2 = dict(teacher=teacher.point_features, input_transform=teacher.transform_points)
+        else:
+            stage2 = dict(teacher=teacher.point_features)
+        enc_result = distill(stage2.pop("teacher"), encoder, clouds, steps=steps,
+                             seed=None if seed is None else seed + 7919, progress=progress, device=dev,
+                             desc="distill encoder", **stage2, **distill_kwargs)
+    model = DistilledPointNet(encoder, copy.deepcopy(teacher.head), gtnet).to(dev)
+    ft_result = None
+    if finetune_steps > 0:
+        pts_per_cloud = distill_kwargs.get("points_per_cloud", 1024)
+        ft_result = finetune(model, finetune_data, steps=finetune_steps, lr=finetune_lr,
+                             batch_size=distill_kwargs.get("batch_size", 32), points_per_cloud=pts_per_cloud,
+                             encoder_lr_scale=encoder_lr_scale, schedule=finetune_schedule,
+                             seed=None if seed is None else seed + 104729,
+                             progress=progress, device=dev)
+    model.eval()
+    return PointNetDistillResult(model, tnet_result, enc_result, ft_result)
+
+
+def tnet_point_features(tnet: TNet, points: Tensor) -> Tensor:
+    """A PointNet T-Net's per-point activations before its last ReLU and the max: (B, N, 1024)."""
+    x = points.transpose(1, 2)
+    layers = list(tnet.encoder)
+    for layer in layers[:-1]:
+        x = torch.relu(layer(x))
+    return layers[-1](x).transpose(1, 2)
+
+
+class DistilledPointNet(GaussianPointNet):
+    """A :class:`~lucidops.nn.GaussianPointNet` assembled from existing modules:
+    ``DistilledPointNet(encoder, head, input_tnet=None)`` (what :func:`distill_pointnet` returns).
+
+    Kept for its positional constructor (used by ``lucidops.patch.point_encoders``); the
+    modules are shared, not copied. ``input_tnet`` may be a :class:`GaussianTNet`, PointNet's
+    own ``TNet`` or None.
+    """
+
+    def __init__(self, encoder: GaussianPointEncoder, head: nn.Module,
+                 input_tnet: Optional[Union[GaussianTNet, TNet]] = None):
+        nn.Module.__init__(self)
+        self._assign(encoder, head, input_tnet)
+
+
+@dataclass
+class PointNetDistillResult:
+    """The distilled model and what each stage of :func:`distill_pointnet` did."""
+
+    model: DistilledPointNet
+    tnet: Optional[DistillResult]
+    encoder: DistillResult
+    finetune: Optional[DistillResult]
+
+
+def _apply(points: Tensor, transform: Optional[Tensor]) -> Tensor:
+    """Points (B, N, 3) through an input transform (B, 3, 3), PointNet's ``points @ A``."""
+    return points if transform is None else points @ transform
+
+
+def _out_channels(conv_bn: nn.Module) -> int:
+    """Output channels of a PointNet conv block (``Sequential(Conv1d, BatchNorm1d)``)."""
+    return cast(nn.Conv1d, cast(nn.Sequential, conv_bn)[0]).out_channels
+
+
+def _pointnet_transforms(teacher: PointNet, clouds, dev: torch.device, dtype: torch.dtype,
+                         chunk: int = 256) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Every cloud's (input, feature) transforms under ``teacher`` (eval mode, no grad)."""
+    if isinstance(clouds, Tensor):
+        items = [clouds[i:i + chunk] for i in range(0, clouds.shape[0], chunk)]
+    else:
+        items = [cloud_points(clouds[i])[None] for i in range(len(clouds))]
+    ins, feats = [], []
+    with torch.no_grad():
+        for pts in items:
+            a, f = teacher.transforms(pts.to(dev, dtype))
+            ins.append(a)
+            feats.append(f)
+    join = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+    return join(ins), join(feats)
+
+
+__all__ = ["distill_pointnet", "DistilledPointNet", "PointNetDistillResult", "tnet_point_features"]

@@ -376,6 +376,9 @@ EXAMPLES = {
         _distillation_block,
         {"steps=3000": "steps=2", "point_encoders(model)": "point_encoders(model, distill_kwargs={'steps': 2})",
          "SyntheticShapes(64)": "SyntheticShapes(4, num_points=64)"}),
+    "with torch.autocast(device, dtype=torch.bfloat16)": (
+        lambda root: dict(images=torch.randn(2, 3, 32, 32), labels=torch.tensor([1, 2])),
+        {'"vit_small_patch16_224", pretrained=False)': '"vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)'}),
     "handle = lucidops.patch.timm_vit(vit)": (lambda root: dict(images=torch.randn(1, 3, 224, 224)), {}),
     "layer = lucidops.nn.SineLoRALinear": (
         lambda root: dict(A=torch.randn(4, 64), B=torch.randn(32, 4), W=torch.randn(32, 64), x=torch.randn(3, 64),

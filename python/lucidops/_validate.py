@@ -33,7 +33,8 @@ def positive_finite_scalar(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number or a one-element tensor, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
+    # Under torch.compile(dynamic=True) a float attribute is symbolic: eager calls check it.
+    if not is_compiling() and (not math.isfinite(value) or value <= 0):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
 

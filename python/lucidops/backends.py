@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from . import _ext
+from . import _autocast, _ext
 
 BACKENDS: Tuple[str, ...] = ("reference", "cpp", "aten", "triton", "cuda")
 
@@ -174,7 +174,8 @@ def dispatch(op: str, device_type: str, *args):
     while True:
         name = select(op, device_type, args)
         try:
-            result = entry.impls[name](*args)
+            with _autocast.disabled(device_type):
+                result = entry.impls[name](*args)
         except _ext.ExtensionUnavailable as err:
             if forced_backend() is not None:
                 raise BackendUnavailable(f"backend {name!r} is forced for op {op!r} but cannot run: {err}") from err

@@ -30,7 +30,7 @@ from typing import Literal, Optional, Tuple, Union, overload
 import torch
 from torch import Tensor
 
-from .. import _validate, backends
+from .. import _autocast, _validate, backends
 from ..profile import flops as _flops
 from ..reference import attention as _reference
 from ..reference.attention import empty_token_major  # the op's output layout, shared with the triton backend
@@ -224,9 +224,13 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal, key_padding_mask, scale) -> 
         return 1.0 / math.sqrt(d)
     if isinstance(scale, Tensor):
         raise TypeError("scale must be a Python number, got a tensor")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise ValueError(f"scale must be a finite real number, got {scale!r}")
-    return float(scale)
+    value = float(scale)
+    # Under torch.compile(dynamic=True) a module's float scale is symbolic: eager calls check it.
+    if not _validate.is_compiling() and not math.isfinite(value):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    return value
 
 
 # Overloads so that type checkers know the result's type from return_lse.
@@ -256,6 +260,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         out (B, H, Nq, d) in q's dtype (and lse). A query that sees no key gets zeros,
         lse = -inf and zero gradient.
     """
+    q, k, v = _autocast.lower_precision(q, k, v)  # as autocast treats SDPA
     scale_value = _check(q, k, v, causal, key_padding_mask, scale)
     out, lse, _ = _attention_op(q, k, v, key_padding_mask, causal, scale_value)
     return (out, lse) if return_lse else out

@@ -18,14 +18,16 @@ in every backend, so every backend culls exactly the same (point, Gaussian) pair
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import _ext, _validate, backends
+from .. import _autocast, _ext, _validate, backends
 from ..profile import flops as _flops
 from ..reference import gaussian_mixture as _reference
+
 
 REDUCTIONS = ("max", "none")
 
@@ -288,7 +290,10 @@ def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: 
     All tensors share one floating dtype (float16, bfloat16, float32, float64; half runs in
     float32) and one device. Returns (..., K) for "max", (..., N, K) for "none". The max
     sends its gradient to the lowest point index attaining it, in every backend.
+    Inside a ``torch.autocast`` region half inputs are cast to float32 first (autocast's
+    rule for ``exp``), so a half-precision cloud meets float32 parameters without error.
     """
+    points, means, precisions, weight, bias = _autocast.float32(points, means, precisions, weight, bias)
     _validate.floating_tensor(points, "points")
     if points.dim() < 2 or points.shape[-1] != 3:
         raise _shape_error("points", "(..., N, 3)", points)
@@ -322,7 +327,9 @@ def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: 
 
     lead = points.shape[:-2]
     n = points.shape[-2]
-    flat = points.reshape(_numel(lead), n, 3)  # explicit: -1 is ambiguous for an empty batch
+    # The batch size explicitly (-1 is ambiguous for an empty batch), as a product that stays
+    # symbolic under torch.export / dynamic torch.compile (int() would fix it to the traced size).
+    flat = points.reshape(math.prod(lead), n, 3)
     out, _ = _mixture_op(flat, means, precisions, weight, bias, reduce == "max", threshold)
     if reduce == "max":
         return out.reshape(*lead, k)

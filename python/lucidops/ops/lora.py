@@ -40,9 +40,10 @@ from typing import Optional, Tuple, Union, cast
 import torch
 from torch import Tensor
 
-from .. import _ext, _validate, backends
+from .. import _autocast, _ext, _validate, backends
 from ..profile import flops as _flops
 from ..reference import lora as _reference
+
 
 FNS = _reference.FNS
 PLACEMENTS = _reference.PLACEMENTS
@@ -443,7 +444,8 @@ def _finite_scalar(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # Under torch.compile(dynamic=True) a module's float omega is symbolic: eager calls check it.
+    if not _validate.is_compiling() and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
@@ -561,6 +563,7 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
     """
     from ..quant.adapters import QuantizedAdapter
 
+    x, weight, lora_A, lora_B, bias = _autocast.lower_precision(x, weight, lora_A, lora_B, bias)  # as for linear
     if isinstance(lora_A, QuantizedAdapter) and placement == "weight":
         return _quantized_weight_linear(x, weight, lora_A, lora_B, bias, fn, omega, scale)
     lora_A, lora_B = _resolve_adapter(x, lora_A, lora_B)

@@ -1,0 +1,74 @@
+"""What the functional ops do inside a ``torch.autocast`` region: PyTorch's own policies.
+
+PyTorch gives a custom op no autocast rule of its own, so inside an autocast region an op
+would meet a lower-precision activation (the output of an autocast ``Linear``) next to
+float32 parameters, and refuse the mix. The public wrappers in ``lucidops.ops`` therefore
+cast their inputs first, the way autocast treats the nearest native op:
+
+- :func:`lower_precision` for the matmul-shaped ops (attention as
+  ``scaled_dot_product_attention``, the LoRA linears as ``linear``): every floating input
+  in the region's dtype (``torch.get_autocast_dtype``);
+- :func:`float32` for the Gaussian mixture, an exponential of a quadratic form (autocast's
+  float32 list, where ``exp`` and the distance ops are): half inputs in float32.
+
+A backend is then the op's own implementation: :func:`disabled` keeps a region from
+reaching the torch calls inside it (autocast's native kernels exclude themselves the same
+way), so that, e.g., the LoRA phase is formed in float32 as documented.
+
+As in autocast, float64 tensors and non-tensors pass through unchanged, casts are
+differentiable (float32 parameters get float32 gradients), and outside a region nothing
+is cast: mixed dtypes are still an error there.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, ContextManager, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def region_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype of the autocast region enabled for ``device_type``, or None when there is none
+    (or autocast does not know the device type, e.g. "meta")."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:
+        pass
+    return None
+
+
+def _eligible(value: Any) -> bool:
+    """Autocast casts floating tensors other than float64."""
+    return isinstance(value, Tensor) and value.is_floating_point() and value.dtype != torch.float64
+
+
+def lower_precision(*values: Any) -> Tuple[Any, ...]:
+    """``values`` with each eligible tensor in its device's autocast dtype, inside a region."""
+    out = []
+    for value in values:
+        if _eligible(value):
+            dtype = region_dtype(value.device.type)
+            if dtype is not None and value.dtype != dtype:
+                value = value.to(dtype)
+        out.append(value)
+    return tuple(out)
+
+
+def float32(*values: Any) -> Tuple[Any, ...]:
+    """``values`` with each eligible tensor in float32, inside an autocast region for its device."""
+    out = []
+    for value in values:
+        if _eligible(value) and value.dtype != torch.float32 and region_dtype(value.device.type) is not None:
+            value = value.to(torch.float32)
+        out.append(value)
+    return tuple(out)
+
+
+def disabled(device_type: str) -> ContextManager:
+    """A context with autocast off for ``device_type`` (a no-op outside a region)."""
+    if region_dtype(device_type) is None:
+        return nullcontext()
+    return torch.autocast(device_type, enabled=False)

@@ -39,9 +39,15 @@ def positive_finite_scalar(value, name: str) -> float:
     return value
 
 
+def values_readable(value: Tensor) -> bool:
+    """Whether a data-dependent check can read ``value``'s elements: not while torch.compile
+    traces, and not on the meta device (shape-only runs, e.g. counting FLOPs without memory)."""
+    return not is_compiling() and value.device.type != "meta"
+
+
 def positive_finite_tensor_value(value: Tensor, name: str) -> None:
-    """Data-dependent check (synchronises on CUDA); skipped while torch.compile traces."""
-    if is_compiling():
+    """Data-dependent check (synchronises on CUDA); skipped when the values cannot be read."""
+    if not values_readable(value):
         return
     v = float(value.detach().reshape(()).item())
     if not math.isfinite(v) or v <= 0:

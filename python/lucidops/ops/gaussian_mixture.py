@@ -250,8 +250,8 @@ _flops.register(torch.ops.lucidops.gaussian_mixture_backward, backward_flops)
 
 
 def _all_finite(value: Tensor, name: str) -> None:
-    """Data-dependent (synchronises on CUDA); skipped while torch.compile traces."""
-    if _validate.is_compiling() or value.numel() == 0:
+    """Data-dependent (synchronises on CUDA); skipped when the values cannot be read."""
+    if not _validate.values_readable(value) or value.numel() == 0:
         return
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} must be finite (it holds NaN or inf)")

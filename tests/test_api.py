@@ -169,3 +169,63 @@ def test_interpreter_rounds_bf16_like_a_gpu():
     values = torch.randn(4096, dtype=torch.float32).numpy()
     values[:4] = [1.0 + 0.75 * 2.0**-7, 1.0 + 0.5 * 2.0**-7, 1.0 + 1.5 * 2.0**-7, -(1.0 + 0.75 * 2.0**-7)]
     assert interpreter_rounds_bf16_to_nearest(values)
+
+
+@pytest.mark.parametrize("op", ["sinc", "attention", "lora", "gaussian_mixture"])
+def test_double_backward_raises_instead_of_dropping_the_ops_terms(op):
+    """The backward kernels have no derivative of their own. A second derivative through an op
+    (a gradient penalty) must fail loudly, even when another path keeps the first gradient
+    differentiable: silently treating the op's backward as constant would be wrong."""
+    x = torch.randn(4, 8, requires_grad=True)
+    lin = torch.nn.Linear(8, 8)
+    h = lin(x)
+    if op == "sinc":
+        y = lucidops.ops.sinc(h, sigma=0.5)
+    elif op == "attention":
+        t = h.view(1, 1, 4, 8)
+        y = lucidops.ops.attention(t, t, t)
+    elif op == "lora":
+        y = lucidops.ops.sine_lora_linear(h, torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2), omega=1.0,
+                                          scale=1.0)
+    else:
+        y = lucidops.ops.gaussian_mixture(h.view(4, -1, 2)[..., :1].expand(4, 4, 3), torch.randn(3, 3),
+                                          torch.tensor([2.0, 0, 0, 2, 0, 2]).repeat(3, 1), torch.randn(5, 3))
+    (grad,) = torch.autograd.grad(y.sum() + h.square().sum(), x, create_graph=True)
+    assert grad.requires_grad  # the other path keeps it differentiable
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        grad.square().sum().backward()
+
+
+def _module_cases():
+    torch.manual_seed(0)
+    return {
+        "attention": (lucidops.nn.ManyHeadAttention(32, 8), torch.randn(2, 5, 32)),
+        "sine_lora": (lucidops.nn.SineLoRALinear(torch.nn.Linear(32, 16), rank=4, omega=1.0, alpha=1),
+                      torch.randn(3, 32)),
+        "gaussian_encoder": (lucidops.nn.GaussianPointEncoder(4, 16), torch.rand(2, 20, 3) * 2 - 1),
+    }
+
+
+@pytest.mark.parametrize("name", ["attention", "sine_lora", "gaussian_encoder"])
+def test_activation_checkpointing_recomputes_bit_for_bit(name):
+    from torch.utils.checkpoint import checkpoint
+
+    module, x = _module_cases()[name]
+    plain, recomputed = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    module(plain).square().sum().backward()
+    checkpoint(module, recomputed, use_reentrant=False).square().sum().backward()
+    assert torch.equal(plain.grad, recomputed.grad)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_vmap_runs_the_per_example_fallback_or_refuses():
+    q, k, v = (torch.randn(3, 2, 4, 5, 8) for _ in range(3))
+    batched = torch.vmap(lambda *t: lucidops.ops.attention(*t))(q, k, v)
+    assert torch.equal(batched, torch.stack([lucidops.ops.attention(q[i], k[i], v[i]) for i in range(3)]))
+    x, w, a, b = torch.randn(3, 4, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
+    lora = torch.vmap(lambda t: lucidops.ops.sine_lora_linear(t, w, a, b, omega=1.0, scale=1.0))(x)
+    assert torch.equal(lora, torch.stack([lucidops.ops.sine_lora_linear(t, w, a, b, omega=1.0, scale=1.0)
+                                          for t in x]))
+    encoder, points = _module_cases()["gaussian_encoder"]
+    with pytest.raises(RuntimeError, match="data-dependent"):
+        torch.vmap(encoder)(points[None].expand(3, *points.shape))

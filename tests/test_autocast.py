@@ -55,28 +55,31 @@ def cast_by_policy(tensors, policy, region_dtype):
     return [t.to(target) if t.dtype != torch.float64 else t for t in tensors]
 
 
-def run(fn, leaves, kwargs, grad_seed, region_dtype=None, policy=None):
-    """fn on fresh leaf copies of ``leaves`` (inside a region, or on inputs cast by ``policy``):
-    (output, grads of the leaves)."""
-    fresh = [t.detach().clone().requires_grad_(True) for t in leaves]
-    context = torch.autocast("cpu", dtype=region_dtype) if policy is None and region_dtype else nullcontext()
+def run(fn, leaves, kwargs, grad_seed, device, region_dtype=None, policy=None):
+    """fn on fresh leaf copies of ``leaves`` on ``device`` (inside a region, or on inputs cast
+    by ``policy``): (output, grads of the leaves)."""
+    fresh = [t.detach().to(device).requires_grad_(True) for t in leaves]
+    kwargs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+    context = torch.autocast(device, dtype=region_dtype) if policy is None and region_dtype else nullcontext()
     inputs = fresh if policy is None else cast_by_policy(fresh, policy, region_dtype)
     with context:
         out = fn(*inputs, **kwargs)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out)
     out.backward(grad)  # outside the region, as PyTorch recommends
     return out.detach(), [t.grad for t in fresh]
 
 
-@pytest.mark.parametrize("backend,device", [p for p in backend_device_params() if "cuda" not in p.id])
+@pytest.mark.parametrize("backend,device", backend_device_params())
 @pytest.mark.parametrize("region_dtype", REGION_DTYPES)
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_op_in_a_region_is_the_op_on_inputs_cast_by_the_policy(op, region_dtype, backend, device):
+    if backend not in lucidops.backends.availability(op, [device])[device]:
+        pytest.skip(f"{op} has no {backend} backend")
     fn, make, policy = OPS[op]
     leaves, kwargs = make(torch.Generator().manual_seed(7))
     with lucidops.use_backend(backend):
-        got, got_grads = run(fn, leaves, kwargs, grad_seed=3, region_dtype=region_dtype)
-        want, want_grads = run(fn, leaves, kwargs, grad_seed=3, region_dtype=region_dtype, policy=policy)
+        got, got_grads = run(fn, leaves, kwargs, 3, device, region_dtype=region_dtype)
+        want, want_grads = run(fn, leaves, kwargs, 3, device, region_dtype=region_dtype, policy=policy)
         assert lucidops.backends.last_used(op) == backend
     expected_dtype = region_dtype if policy == "region" else torch.float32
     assert got.dtype == want.dtype == expected_dtype

@@ -28,7 +28,6 @@ from .. import _autocast, _ext, _validate, backends
 from ..profile import flops as _flops
 from ..reference import gaussian_mixture as _reference
 
-
 REDUCTIONS = ("max", "none")
 
 # FLOPs, counting each arithmetic operation and each exp as one, a multiply-add as two:

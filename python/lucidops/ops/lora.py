@@ -44,7 +44,6 @@ from .. import _autocast, _ext, _validate, backends
 from ..profile import flops as _flops
 from ..reference import lora as _reference
 
-
 FNS = _reference.FNS
 PLACEMENTS = _reference.PLACEMENTS
 

@@ -229,3 +229,60 @@ def test_vmap_runs_the_per_example_fallback_or_refuses():
     encoder, points = _module_cases()["gaussian_encoder"]
     with pytest.raises(RuntimeError, match="data-dependent"):
         torch.vmap(encoder)(points[None].expand(3, *points.shape))
+
+
+def test_cuda_kernels_launch_on_their_tensors_device(monkeypatch):
+    """Triton and the CUDA extension launch on the current device: dispatch makes it the
+    device of the op's first tensor (a model split over GPUs leaves cuda:0 current)."""
+    entered = []
+
+    class RecordingDevice:  # stands in for torch.cuda.device, which needs a GPU to enter
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
+    tensor = torch.empty(2, device="meta")
+    with backends.on_device_of("cuda", ("max", None, tensor, torch.empty(1))):
+        pass
+    assert entered == [tensor.device]
+    with backends.on_device_of("cpu", (tensor,)):
+        pass
+    assert entered == [tensor.device]  # nothing to switch off CUDA
+
+    calls = []
+    real = backends.on_device_of
+    monkeypatch.setattr(backends, "on_device_of", lambda device_type, args: calls.append((device_type, args)) or
+                        real(device_type, args))
+    x = torch.randn(5, requires_grad=True)
+    lucidops.ops.sinc(x, sigma=0.5).sum().backward()
+    assert [c[0] for c in calls] == ["cpu", "cpu"]  # forward and backward both go through it
+    assert any(isinstance(a, torch.Tensor) and a.data_ptr() == x.data_ptr() for a in calls[0][1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_ops_on_the_second_gpu_while_the_first_is_current():
+    torch.cuda.set_device(0)
+    x = torch.randn(64, 32)
+    q = torch.randn(2, 3, 17, 16)
+    w, a, b = torch.randn(24, 32), torch.randn(4, 32), torch.randn(24, 4)
+    points, means = torch.rand(2, 40, 3) * 2 - 1, torch.rand(5, 3) * 2 - 1
+    precisions, mixer = torch.tensor([4.0, 0, 0, 4, 0, 4]).repeat(5, 1), torch.randn(7, 5)
+    results = {}
+    for device in ("cuda:0", "cuda:1"):
+        d = lambda t: t.to(device)  # noqa: E731
+        results[device] = (
+            lucidops.ops.sinc(d(x), sigma=0.5),
+            lucidops.ops.attention(d(q), d(q), d(q)),
+            lucidops.ops.sine_lora_linear(d(x), d(w), d(a), d(b), omega=2.0, scale=0.5),
+            lucidops.ops.gaussian_mixture(d(points), d(means), d(precisions), d(mixer)),
+        )
+        assert torch.cuda.current_device() == 0
+    for on0, on1 in zip(results["cuda:0"], results["cuda:1"]):
+        assert on1.device == torch.device("cuda:1") and torch.equal(on0, on1.to("cuda:0"))

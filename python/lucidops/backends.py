@@ -16,9 +16,11 @@ import contextvars
 import importlib.util
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
+
+import torch
 
 from . import _autocast, _ext
 
@@ -164,6 +166,20 @@ def select(op: str, device_type: str, args: Tuple = ()) -> str:
     return "reference"
 
 
+def on_device_of(device_type: str, args: Tuple) -> ContextManager:
+    """For CUDA, a context making the device of the first tensor in ``args`` the current one.
+
+    Triton and the CUDA extension launch on the current device's stream, as PyTorch's own
+    ops do only after switching to their inputs' device: without this, a layer on cuda:1
+    while cuda:0 is current (a model split over GPUs, e.g. peft with device_map="auto")
+    would launch on the wrong GPU."""
+    if device_type == "cuda":
+        for value in args:
+            if isinstance(value, torch.Tensor):
+                return torch.cuda.device(value.device)
+    return nullcontext()
+
+
 def dispatch(op: str, device_type: str, *args):
     """Run ``op`` on the selected backend.
 
@@ -174,7 +190,7 @@ def dispatch(op: str, device_type: str, *args):
     while True:
         name = select(op, device_type, args)
         try:
-            with _autocast.disabled(device_type):
+            with _autocast.disabled(device_type), on_device_of(device_type, args):
                 result = entry.impls[name](*args)
         except _ext.ExtensionUnavailable as err:
             if forced_backend() is not None:

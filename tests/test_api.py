@@ -232,8 +232,8 @@ def test_vmap_runs_the_per_example_fallback_or_refuses():
 
 
 def test_cuda_kernels_launch_on_their_tensors_device(monkeypatch):
-    """Triton and the CUDA extension launch on the current device: dispatch makes it the
-    device of the op's first tensor (a model split over GPUs leaves cuda:0 current)."""
+    """Triton launches on the current device: dispatch makes it the device of the op's
+    first tensor (a model split over GPUs leaves cuda:0 current)."""
     entered = []
 
     class RecordingDevice:  # stands in for torch.cuda.device, which needs a GPU to enter

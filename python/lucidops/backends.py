@@ -169,10 +169,10 @@ def select(op: str, device_type: str, args: Tuple = ()) -> str:
 def on_device_of(device_type: str, args: Tuple) -> ContextManager:
     """For CUDA, a context making the device of the first tensor in ``args`` the current one.
 
-    Triton and the CUDA extension launch on the current device's stream, as PyTorch's own
-    ops do only after switching to their inputs' device: without this, a layer on cuda:1
-    while cuda:0 is current (a model split over GPUs, e.g. peft with device_map="auto")
-    would launch on the wrong GPU."""
+    Triton launches on the current device's stream; PyTorch's own ops (and the CUDA
+    extension's bindings, with their CUDAGuard) first switch to their inputs' device. Without
+    this, a layer on cuda:1 while cuda:0 is current (a model split over GPUs, e.g. peft with
+    device_map="auto") would launch its Triton kernels on the wrong GPU."""
     if device_type == "cuda":
         for value in args:
             if isinstance(value, torch.Tensor):

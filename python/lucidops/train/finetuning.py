@@ -47,7 +47,8 @@ def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, bat
     try:
         n_items = len(data)
     except TypeError:
-        raise TypeError(f"finetune_data must be a dataset of (points, label) pairs, got {type(data).__name__}") from None
+        raise TypeError(f"finetune_data must be a dataset of (points, label) pairs, "
+                        f"got {type(data).__name__}") from None
     distributed, rank, world = dist_info()
     if n_items < world:
         raise ValueError(f"finetune_data: {n_items} items cannot be sharded over {world} ranks")

@@ -34,8 +34,8 @@ from .loop import DistillResult, TrainingMode, broadcast_module, check_positive_
 def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32, tnet_gaussians: Optional[int] = None,
                      steps: int = 1000, tnet_steps: Optional[int] = None, finetune_data=None,
                      finetune_steps: int = 0, finetune_lr: float = 1e-3, encoder_lr_scale: float = 0.01,
-                     finetune_schedule: str = "constant", cloud_range: float = 1.0, seed: Optional[int] = None, progress: bool = True, device=None,
-                     **distill_kwargs: Any) -> PointNetDistillResult:
+                     finetune_schedule: str = "constant", cloud_range: float = 1.0, seed: Optional[int] = None,
+                     progress: bool = True, device=None, **distill_kwargs: Any) -> PointNetDistillResult:
     """The three-stage recipe: a :class:`DistilledPointNet` from a trained ``teacher`` PointNet.
 
     1. (teacher with an input T-Net) a ``GaussianPointEncoder(tnet_gaussians, 1024)`` is

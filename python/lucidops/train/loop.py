@@ -181,6 +181,6 @@ def optimizer_step(opts, loss: Tensor, distributed: bool, world: int, logged: Op
 
 __all__ = [
     "OPTIMIZERS", "DistillResult", "dist_info", "check_positive_int", "check_positive_float",
-    "check_non_negative_float", "check_common", "resolve_device", "dtype_of", "TrainingMode", "broadcast_module", "wrap_ddp", "build_optimizers",
-    "progress_bar", "optimizer_step",
+    "check_non_negative_float", "check_common", "resolve_device", "dtype_of", "TrainingMode", "broadcast_module",
+    "wrap_ddp", "build_optimizers", "progress_bar", "optimizer_step",
 ]

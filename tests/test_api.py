@@ -10,6 +10,7 @@ import torch
 
 import lucidops
 from lucidops import backends
+from small_modules import small_modules
 
 KINDS = ["sinc", "gaussian"]
 
@@ -196,21 +197,11 @@ def test_double_backward_raises_instead_of_dropping_the_ops_terms(op):
         grad.square().sum().backward()
 
 
-def _module_cases():
-    torch.manual_seed(0)
-    return {
-        "attention": (lucidops.nn.ManyHeadAttention(32, 8), torch.randn(2, 5, 32)),
-        "sine_lora": (lucidops.nn.SineLoRALinear(torch.nn.Linear(32, 16), rank=4, omega=1.0, alpha=1),
-                      torch.randn(3, 32)),
-        "gaussian_encoder": (lucidops.nn.GaussianPointEncoder(4, 16), torch.rand(2, 20, 3) * 2 - 1),
-    }
-
-
-@pytest.mark.parametrize("name", ["attention", "sine_lora", "gaussian_encoder"])
+@pytest.mark.parametrize("name", ["attention", "sine_lora", "gaussian_encoder_max"])
 def test_activation_checkpointing_recomputes_bit_for_bit(name):
     from torch.utils.checkpoint import checkpoint
 
-    module, x = _module_cases()[name]
+    module, x, _, _ = small_modules()[name]
     plain, recomputed = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     module(plain).square().sum().backward()
     checkpoint(module, recomputed, use_reentrant=False).square().sum().backward()
@@ -226,7 +217,7 @@ def test_vmap_runs_the_per_example_fallback_or_refuses():
     lora = torch.vmap(lambda t: lucidops.ops.sine_lora_linear(t, w, a, b, omega=1.0, scale=1.0))(x)
     assert torch.equal(lora, torch.stack([lucidops.ops.sine_lora_linear(t, w, a, b, omega=1.0, scale=1.0)
                                           for t in x]))
-    encoder, points = _module_cases()["gaussian_encoder"]
+    encoder, points, _, _ = small_modules()["gaussian_encoder_max"]
     with pytest.raises(RuntimeError, match="data-dependent"):
         torch.vmap(encoder)(points[None].expand(3, *points.shape))
 

@@ -23,7 +23,7 @@ is cast: mixed dtypes are still an error there.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, ContextManager, Optional, Tuple
+from typing import Any, Callable, ContextManager, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -45,26 +45,26 @@ def _eligible(value: Any) -> bool:
     return isinstance(value, Tensor) and value.is_floating_point() and value.dtype != torch.float64
 
 
-def lower_precision(*values: Any) -> Tuple[Any, ...]:
-    """``values`` with each eligible tensor in its device's autocast dtype, inside a region."""
+def _cast(values: Tuple[Any, ...], dtype_for: Callable[[Tensor], Optional[torch.dtype]]) -> Tuple[Any, ...]:
+    """``values`` with each eligible tensor cast to ``dtype_for(tensor)`` (None: left alone)."""
     out = []
     for value in values:
         if _eligible(value):
-            dtype = region_dtype(value.device.type)
+            dtype = dtype_for(value)
             if dtype is not None and value.dtype != dtype:
                 value = value.to(dtype)
         out.append(value)
     return tuple(out)
 
 
+def lower_precision(*values: Any) -> Tuple[Any, ...]:
+    """``values`` with each eligible tensor in its device's autocast dtype, inside a region."""
+    return _cast(values, lambda t: region_dtype(t.device.type))
+
+
 def float32(*values: Any) -> Tuple[Any, ...]:
     """``values`` with each eligible tensor in float32, inside an autocast region for its device."""
-    out = []
-    for value in values:
-        if _eligible(value) and value.dtype != torch.float32 and region_dtype(value.device.type) is not None:
-            value = value.to(torch.float32)
-        out.append(value)
-    return tuple(out)
+    return _cast(values, lambda t: torch.float32 if region_dtype(t.device.type) is not None else None)
 
 
 def disabled(device_type: str) -> ContextManager:

@@ -148,7 +148,7 @@ def test_fvcore_counts_the_ops():
 
 def _cli(*args):
     env = {k: v for k, v in os.environ.items() if k != "LUCIDOPS_BACKEND"}
-    return subprocess.run([sys.executable, "-m", "lucidops.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lucidops", *args], capture_output=True, text=True,
                           env=env, timeout=600)
 
 

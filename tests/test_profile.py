@@ -462,6 +462,7 @@ def test_cli_profile_one_point_model(capsys):
     (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-heads", "5"],
      "--num-heads 5: vit_tiny_patch16_224 cannot be built"),  # 192 is not a multiple of 5
     (["--model", "vit_tiny_patch16_224", "--num-heads", "0"], "--num-heads must be >= 1"),
+    (["--model", "resnet18", "--img-size", "32", "--patch"], "found nothing to patch in this model"),
 ] + ([] if torch.cuda.is_available() else [(["--model", "pointnet", "--device", "cuda"], "CUDA is not available")]))
 def test_cli_profile_bad_input(args, message, capsys):
     assert cli.main(["profile", "--quiet"] + args) == 2

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 if TYPE_CHECKING:
     from lucidops.profile import ProfileComparison, ProfileReport
@@ -131,27 +131,16 @@ def _make_model(name: str, img_size: Optional[int], num_heads: Optional[int] = N
     return model, "image", size
 
 
-def _patch(model: Any, kind: str, timm_model: bool) -> Any:
+def _patch(model: Any, kind: str) -> Any:
     """Patch ``model`` (a deep copy) in place with lucidops.patch.apply."""
-    patch_apply: Optional[Callable[..., Any]]
-    try:
-        from lucidops.patch import apply as patch_apply  # imported late: another helper writes it
-    except ImportError:
-        patch_apply = None
-    if patch_apply is None or not callable(patch_apply):
-        # TODO(lead): remove this fallback once lucidops.patch.apply is always present.
-        if not timm_model:
-            raise ProfileError("--patch needs lucidops.patch.apply for non-timm models, missing in this version")
-        from lucidops.patch import timm_vit
+    from lucidops.patch import apply as patch_apply
 
-        timm_vit(model)
-        return model
     kwargs = {"point_encoders": True} if kind == "points" else {}
     try:
         handle = patch_apply(model, **kwargs)
     except NotImplementedError as err:
         raise ProfileError(f"--patch: {err}") from err
-    if getattr(handle, "nothing_patched", False):
+    if handle.nothing_patched:
         raise ProfileError("--patch: lucidops.patch.apply found nothing to patch in this model")
     return model
 
@@ -189,7 +178,7 @@ def profile_command(args: argparse.Namespace) -> int:
                        depth=args.depth, progress=progress)
         result: Union[ProfileComparison, ProfileReport]
         if args.patch:
-            patched = _patch(copy.deepcopy(model), kind, timm_model=kind == "image")
+            patched = _patch(copy.deepcopy(model), kind)
             result = profile.compare(model, patched, inputs, png=args.png,
                                      names=(args.model, f"{args.model} (patched)"), **options)
         else:

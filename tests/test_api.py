@@ -208,20 +208,6 @@ def test_activation_checkpointing_recomputes_bit_for_bit(name):
     assert torch.equal(plain.grad, recomputed.grad)
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")
-def test_vmap_runs_the_per_example_fallback_or_refuses():
-    q, k, v = (torch.randn(3, 2, 4, 5, 8) for _ in range(3))
-    batched = torch.vmap(lambda *t: lucidops.ops.attention(*t))(q, k, v)
-    assert torch.equal(batched, torch.stack([lucidops.ops.attention(q[i], k[i], v[i]) for i in range(3)]))
-    x, w, a, b = torch.randn(3, 4, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
-    lora = torch.vmap(lambda t: lucidops.ops.sine_lora_linear(t, w, a, b, omega=1.0, scale=1.0))(x)
-    assert torch.equal(lora, torch.stack([lucidops.ops.sine_lora_linear(t, w, a, b, omega=1.0, scale=1.0)
-                                          for t in x]))
-    encoder, points, _, _ = small_modules()["gaussian_encoder_max"]
-    with pytest.raises(RuntimeError, match="data-dependent"):
-        torch.vmap(encoder)(points[None].expand(3, *points.shape))
-
-
 def test_cuda_kernels_launch_on_their_tensors_device(monkeypatch):
     """Triton launches on the current device: dispatch makes it the device of the op's
     first tensor (a model split over GPUs leaves cuda:0 current)."""

@@ -386,6 +386,7 @@ EXAMPLES = {
                           retain_ids=torch.randint(0, 64, (4, 8))),
         {"steps=100": "steps=2"}),
     "gray = conditioning.token_gray(x": (lambda root: dict(x=torch.randn(2, 16, 32)), {}),
+    "per_sample = vmap(grad(loss)": (lambda root: dict(inputs=torch.randn(8, 64), targets=torch.randn(8, 32)), {}),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -39,19 +40,28 @@ def positive_finite_scalar(value, name: str) -> float:
     return value
 
 
-def values_readable(value: Tensor) -> bool:
-    """Whether a data-dependent check can read ``value``'s elements: not while torch.compile
-    traces, and not on the meta device (shape-only runs, e.g. counting FLOPs without memory)."""
-    return not is_compiling() and value.device.type != "meta"
+def readable_values(value: Tensor) -> Optional[Tensor]:
+    """The plain tensor a data-dependent check reads ``value``'s elements from, or None where
+    they cannot be read: while torch.compile traces, and on the meta device (shape-only runs,
+    e.g. counting FLOPs without memory). Under torch.func transforms it is the unwrapped
+    tensor (under vmap it holds every example)."""
+    if is_compiling():
+        return None
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(value):
+        value = functorch.get_unwrapped(value)
+    return None if value.device.type == "meta" else value
 
 
 def positive_finite_tensor_value(value: Tensor, name: str) -> None:
     """Data-dependent check (synchronises on CUDA); skipped when the values cannot be read."""
-    if not values_readable(value):
+    values = readable_values(value)
+    if values is None:
         return
-    v = float(value.detach().reshape(()).item())
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {v}")
+    values = values.detach().reshape(-1)
+    bad = values[~(torch.isfinite(values) & (values > 0))]
+    if bad.numel():
+        raise ValueError(f"{name} must be finite and > 0, got {float(bad[0])}")
 
 
 def same_device(value: Tensor, ref: Tensor, name: str, ref_name: str) -> None:

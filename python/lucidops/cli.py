@@ -135,7 +135,7 @@ def _patch(model: Any, kind: str) -> Any:
     """Patch ``model`` (a deep copy) in place with lucidops.patch.apply."""
     from lucidops.patch import apply as patch_apply
 
-    kwargs = {"point_encoders": True} if kind == "points" else {}
+    kwargs: Dict[str, Any] = {"point_encoders": True} if kind == "points" else {}
     try:
         handle = patch_apply(model, **kwargs)
     except NotImplementedError as err:

@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import _ext, _validate, backends
 from ..profile import flops as _flops
 from ..reference import activations as _reference
+from . import _functorch, _vmap
 
 KIND = {"sinc": 0, "gaussian": 1}
 
@@ -72,7 +73,8 @@ def _check_sigma_at_run_time(sigma: Tensor) -> None:
 
 
 def _define(name: str):
-    """Register lucidops::<name> and lucidops::<name>_backward with every backend."""
+    """Register lucidops::<name> and lucidops::<name>_backward with every backend; return the
+    callable that runs the op (its torch.func twin under a transform)."""
     kind = KIND[name]
     pairs = {"reference": _reference_impl(name), "cpp": _extension("cpu", kind),
              "triton": _triton(kind), "cuda": _extension("cuda", kind)}
@@ -96,6 +98,23 @@ def _define(name: str):
     def _(grad: Tensor, x: Tensor, sigma: Tensor, need_sigma_grad: bool) -> Tuple[Tensor, Tensor]:
         return x.new_empty(x.shape), sigma.new_empty(())
 
+    # vmap: elementwise, so a batched x needs nothing when sigma is shared; a batched sigma (or
+    # sigma's gradient, a sum over each example) runs per example.
+    @forward_op.register_vmap
+    def _(info, in_dims, x, sigma):
+        if in_dims[1] is None:
+            return forward_op(x, sigma), in_dims[0]
+        return _vmap.per_example(forward_op, info, in_dims, (x, sigma))
+
+    @backward_op.register_vmap
+    def _(info, in_dims, grad, x, sigma, need_sigma_grad):
+        n = info.batch_size
+        if in_dims[2] is None and not need_sigma_grad:
+            grad_x, grad_sigma = backward_op(_vmap.leading(grad, in_dims[0], n), _vmap.leading(x, in_dims[1], n),
+                                             sigma, False)
+            return (grad_x, grad_sigma), (0, None)
+        return _vmap.per_example(backward_op, info, in_dims, (grad, x, sigma, need_sigma_grad))
+
     def setup_context(ctx, inputs, output):
         x, sigma = inputs
         ctx.save_for_backward(x, sigma)
@@ -103,15 +122,16 @@ def _define(name: str):
     def backward(ctx, grad):
         x, sigma = ctx.saved_tensors
         need_x, need_sigma = ctx.needs_input_grad
-        grad_x, grad_sigma = backward_op(grad, x, sigma, bool(need_sigma))
+        grad_x, grad_sigma = run_backward(grad, x, sigma, bool(need_sigma))
         return (grad_x if need_x else None), (grad_sigma if need_sigma else None)
 
-    forward_op.register_autograd(backward, setup_context=setup_context)
+    run_forward = _functorch.differentiable(forward_op, backward, setup_context)
+    run_backward = _functorch.first_order_only(backward_op)
 
     fwd_flops, bwd_flops = FLOPS_PER_ELEMENT[name]
     _flops.register(getattr(torch.ops.lucidops, name), lambda x_shape, *_, **__: fwd_flops * _numel(x_shape))
     _flops.register(getattr(torch.ops.lucidops, f"{name}_backward"), lambda g_shape, *_, **__: bwd_flops * _numel(g_shape))
-    return forward_op
+    return run_forward
 
 
 def _numel(shape) -> int:

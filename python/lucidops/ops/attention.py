@@ -34,7 +34,7 @@ from .. import _autocast, _validate, backends
 from ..profile import flops as _flops
 from ..reference import attention as _reference
 from ..reference.attention import empty_token_major  # the op's output layout, shared with the triton backend
-from . import _attention_aten, _attention_cpp
+from . import _attention_aten, _attention_cpp, _functorch, _vmap
 
 MIN_HEAD_DIM = 4
 MAX_HEAD_DIM = 128
@@ -142,6 +142,26 @@ def _(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, s
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+# vmap: every tensor has the batch dim B first, and every (batch, head) is computed on its own,
+# so the vmapped dim folds into B.
+@_attention_op.register_vmap
+def _(info, in_dims, q, k, v, key_padding_mask, causal, scale):
+    n = info.batch_size
+    folded = (_vmap.fold(t, d, n) for t, d in zip((q, k, v, key_padding_mask), in_dims))
+    return _vmap.unfold_all(_attention_op(*folded, causal, scale), n)
+
+
+@_attention_backward_op.register_vmap
+def _(info, in_dims, grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale):
+    n = info.batch_size
+    if out_lo.numel() == 0:  # no bfloat16 low part: nothing to fold
+        out_lo, in_dims = out_lo.new_empty(0), in_dims[:6] + (None,) + in_dims[7:]
+    tensors = (grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask)
+    folded = (t if i == 6 and _vmap.not_computed(t) else _vmap.fold(t, d, n)
+              for i, (t, d) in enumerate(zip(tensors, in_dims)))
+    return _vmap.unfold_all(_attention_backward_op(*folded, causal, scale), n)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, key_padding_mask, causal, scale = inputs
     out, lse, out_lo = output
@@ -155,12 +175,13 @@ def _backward(ctx, grad_out, grad_lse, _grad_out_lo):
     q, k, v, out, out_lo, lse, key_padding_mask = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _attention_backward_op(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask,
+    dq, dk, dv = _attention_backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask,
                                         ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_attention = _functorch.differentiable(_attention_op, _backward, _setup_context)
+_attention_backward = _functorch.first_order_only(_attention_backward_op)
 
 
 def visible_pairs(nq: int, nk: int, causal: bool) -> int:
@@ -262,5 +283,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     """
     q, k, v = _autocast.lower_precision(q, k, v)  # as autocast treats SDPA
     scale_value = _check(q, k, v, causal, key_padding_mask, scale)
-    out, lse, _ = _attention_op(q, k, v, key_padding_mask, causal, scale_value)
+    out, lse, _ = _attention(q, k, v, key_padding_mask, causal, scale_value)
     return (out, lse) if return_lse else out

@@ -27,6 +27,7 @@ from torch import Tensor
 from .. import _autocast, _ext, _validate, backends
 from ..profile import flops as _flops
 from ..reference import gaussian_mixture as _reference
+from . import _functorch, _vmap
 
 REDUCTIONS = ("max", "none")
 
@@ -218,6 +219,22 @@ def _(grad, points, means, precisions, weight, argmax, reduce_max, cull_threshol
             weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)))
 
 
+# vmap: clouds are independent, so a batch of point sets (shared Gaussians) folds into the
+# clouds. The backward always forms the parameter gradients, sums over each example's
+# clouds under vmap(grad(...)): it runs per example.
+@_mixture_op.register_vmap
+def _(info, in_dims, points, *rest):
+    if _vmap.batched_only(in_dims, [0]):
+        n = info.batch_size
+        return _vmap.unfold_all(_mixture_op(_vmap.fold(points, in_dims[0], n), *rest), n)
+    return _vmap.per_example(_mixture_op, info, in_dims, (points, *rest))
+
+
+@_mixture_backward_op.register_vmap
+def _(info, in_dims, *args):
+    return _vmap.per_example(_mixture_backward_op, info, in_dims, args)
+
+
 def _setup_context(ctx, inputs, output):
     points, means, precisions, weight, bias, reduce_max, cull_threshold = inputs
     _, argmax = output
@@ -230,14 +247,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_argmax):
     points, means, precisions, weight, argmax = ctx.saved_tensors
-    gx, gm, gp, gw, gb = _mixture_backward_op(grad_out.contiguous(), points, means, precisions, weight, argmax,
+    gx, gm, gp, gw, gb = _mixture_backward(grad_out.contiguous(), points, means, precisions, weight, argmax,
                                               ctx.reduce_max, ctx.cull_threshold)
     need = ctx.needs_input_grad
     return (gx if need[0] else None, gm if need[1] else None, gp if need[2] else None, gw if need[3] else None,
             gb if (ctx.has_bias and need[4]) else None, None, None)
 
 
-_mixture_op.register_autograd(_backward, setup_context=_setup_context)
+_mixture = _functorch.differentiable(_mixture_op, _backward, _setup_context)
+_mixture_backward = _functorch.first_order_only(_mixture_backward_op)
 # The mixer sum_g W[k, g] phi_g is a matrix product (G K multiply-adds per point); fvcore
 # counts those once, phi and the max per element.
 _flops.register(torch.ops.lucidops.gaussian_mixture, forward_flops,
@@ -250,9 +268,10 @@ _flops.register(torch.ops.lucidops.gaussian_mixture_backward, backward_flops)
 
 def _all_finite(value: Tensor, name: str) -> None:
     """Data-dependent (synchronises on CUDA); skipped when the values cannot be read."""
-    if not _validate.values_readable(value) or value.numel() == 0:
+    values = _validate.readable_values(value)
+    if values is None or values.numel() == 0:
         return
-    if not bool(torch.isfinite(value).all()):
+    if not bool(torch.isfinite(values).all()):
         raise ValueError(f"{name} must be finite (it holds NaN or inf)")
 
 
@@ -329,7 +348,7 @@ def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: 
     # The batch size explicitly (-1 is ambiguous for an empty batch), as a product that stays
     # symbolic under torch.export / dynamic torch.compile (int() would fix it to the traced size).
     flat = points.reshape(math.prod(lead), n, 3)
-    out, _ = _mixture_op(flat, means, precisions, weight, bias, reduce == "max", threshold)
+    out, _ = _mixture(flat, means, precisions, weight, bias, reduce == "max", threshold)
     if reduce == "max":
         return out.reshape(*lead, k)
     return out.reshape(*lead, n, k)

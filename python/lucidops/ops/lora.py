@@ -43,6 +43,7 @@ from torch import Tensor
 from .. import _autocast, _ext, _validate, backends
 from ..profile import flops as _flops
 from ..reference import lora as _reference
+from . import _functorch, _vmap
 
 FNS = _reference.FNS
 PLACEMENTS = _reference.PLACEMENTS
@@ -280,6 +281,27 @@ def _(grad, x, weight, lora_A, lora_B, fn, placement, omega, scale, need_x, need
             else x.new_empty(0), maybe(need_lora, lora_A), maybe(need_lora, lora_B))
 
 
+# vmap: the rows of x are independent, so a batch of inputs (shared weights) folds into the
+# rows; batched weights, or the weight, bias and adapter gradients (sums over each example's
+# rows), run per example.
+@_lora_op.register_vmap
+def _(info, in_dims, x, *rest):
+    if _vmap.batched_only(in_dims, [0]):
+        return _vmap.unfold(_lora_op(_vmap.fold(x, in_dims[0], info.batch_size), *rest), info.batch_size), 0
+    return _vmap.per_example(_lora_op, info, in_dims, (x, *rest))
+
+
+@_lora_backward_op.register_vmap
+def _(info, in_dims, grad, x, weight, lora_A, lora_B, fn, placement, omega, scale, need_x, need_weight, need_bias,
+      need_lora):
+    args = (grad, x, weight, lora_A, lora_B, fn, placement, omega, scale, need_x, need_weight, need_bias, need_lora)
+    if _vmap.batched_only(in_dims, [0, 1]) and not (need_weight or need_bias or need_lora):
+        n = info.batch_size
+        return _vmap.unfold_all(_lora_backward_op(_vmap.fold(grad, in_dims[0], n), _vmap.fold(x, in_dims[1], n),
+                                                  *args[2:]), n)
+    return _vmap.per_example(_lora_backward_op, info, in_dims, args)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, lora_A, lora_B, bias, fn, placement, omega, scale = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B)
@@ -289,13 +311,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, weight, lora_A, lora_B = ctx.saved_tensors
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-    gx, gw, gbias, ga, gb = _lora_backward_op(grad.contiguous(), x, weight, lora_A, lora_B, *ctx.args, bool(need_x),
+    gx, gw, gbias, ga, gb = _lora_backward(grad.contiguous(), x, weight, lora_A, lora_B, *ctx.args, bool(need_x),
                                               bool(need_w), bool(need_bias), bool(need_a or need_b))
     return (gx if need_x else None, gw if need_w else None, ga if need_a else None, gb if need_b else None,
             gbias if need_bias else None, None, None, None, None)
 
 
-_lora_op.register_autograd(_backward, setup_context=_setup_context)
+_lora = _functorch.differentiable(_lora_op, _backward, _setup_context)
+_lora_backward = _functorch.first_order_only(_lora_backward_op)
 
 
 @torch.library.custom_op("lucidops::bounded_lora_linear_quant", mutates_args=())
@@ -331,24 +354,42 @@ def _(grad, x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, method, group_a
             weight.new_empty((weight.shape[0],)) if need_bias else x.new_empty(0))
 
 
+@_quant_op.register_vmap
+def _(info, in_dims, x, *rest):
+    if _vmap.batched_only(in_dims, [0]):
+        return _vmap.unfold(_quant_op(_vmap.fold(x, in_dims[0], info.batch_size), *rest), info.batch_size), 0
+    return _vmap.per_example(_quant_op, info, in_dims, (x, *rest))
+
+
+@_quant_backward_op.register_vmap
+def _(info, in_dims, grad, x, *rest):
+    need_weight, need_bias = rest[-2:]
+    if _vmap.batched_only(in_dims, [0, 1]) and not (need_weight or need_bias):
+        n = info.batch_size
+        return _vmap.unfold_all(_quant_backward_op(_vmap.fold(grad, in_dims[0], n), _vmap.fold(x, in_dims[1], n),
+                                                   *rest), n)
+    return _vmap.per_example(_quant_backward_op, info, in_dims, (grad, x, *rest))
+
+
 def _quant_setup_context(ctx, inputs, output):
     x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, bias, method, group_a, group_b, fn, omega, scale = inputs
     ctx.save_for_backward(x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1)
     ctx.args = (method, group_a, group_b, fn, omega, scale)
 
 
-def _quant_backward(ctx, grad):
+def _backward_quant(ctx, grad):
     x, weight, *adapter = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[:2]
     need_bias = ctx.needs_input_grad[8]
-    gx, gw, gbias = _quant_backward_op(grad.contiguous(), x, weight, *adapter, *ctx.args, bool(need_x), bool(need_w),
+    gx, gw, gbias = _quant_backward(grad.contiguous(), x, weight, *adapter, *ctx.args, bool(need_x), bool(need_w),
                                        bool(need_bias))
     # The quantized adapter is frozen: no gradient for its codes or side data.
     return (gx if need_x else None, gw if need_w else None, None, None, None, None, None, None,
             gbias if need_bias else None, None, None, None, None, None, None)
 
 
-_quant_op.register_autograd(_quant_backward, setup_context=_quant_setup_context)
+_quant = _functorch.differentiable(_quant_op, _backward_quant, _quant_setup_context)
+_quant_backward = _functorch.first_order_only(_quant_backward_op)
 
 
 # --------------------------------------------------------------------------- FLOP formulas
@@ -533,7 +574,7 @@ def _quantized_weight_linear(x: Tensor, weight: Tensor, adapter, lora_B, bias: O
         raise ValueError(f"lora_A (QuantizedAdapter) must quantize an (N_out={n_out}, r={r}) factor B, got "
                          f"{tuple(b_codes.shape)}")
     x2 = x.reshape(-1, k_in)
-    y = _quant_op(x2, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, bias, adapter.A.method, group_a, group_b,
+    y = _quant(x2, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, bias, adapter.A.method, group_a, group_b,
                   fn, omega, scale)
     return y.reshape(*x.shape[:-1], n_out)
 
@@ -570,7 +611,7 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
     omega = _finite_scalar(omega, "omega")
     scale = _finite_scalar(scale, "scale")
     x2 = x.reshape(-1, x.shape[-1])
-    y = _lora_op(x2, weight, lora_A, lora_B, bias, fn, placement, omega, scale)
+    y = _lora(x2, weight, lora_A, lora_B, bias, fn, placement, omega, scale)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -1,0 +1,75 @@
+"""torch.func (grad, vmap of grad, jacrev, functional_call) through the custom ops.
+
+``register_autograd`` wraps an op's formula in an autograd.Function that has no
+``setup_context`` staticmethod, and torch.func refuses such Functions
+(pytorch/pytorch#168393): ``torch.func.grad`` through any custom op raises. So each op
+gets a twin autograd.Function with the same formula, used only while a torch.func
+transform is active; eager autograd, torch.compile and torch.export keep calling the op
+itself, and see no difference.
+
+The twins let torch.func generate their vmap rule (``generate_vmap_rule``): under vmap
+they call the ops on batched tensors, and the ops' own vmap rules take over. Forward-mode
+AD (``jvp``, ``jacfwd``, ``hessian``) and second derivatives have no formula and raise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .. import _validate
+
+
+def transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) is active around this call."""
+    if _validate.is_compiling():
+        return False  # torch.compile traces the op itself
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _op_name(op: Any) -> str:
+    return str(getattr(op, "_qualname", op))
+
+
+def differentiable(op: Any, backward: Callable, setup_context: Callable) -> Callable[..., Any]:
+    """Register ``backward`` as ``op``'s autograd formula and return the callable the public
+    wrappers use: ``op`` itself, or its twin while a torch.func transform is active."""
+    op.register_autograd(backward, setup_context=setup_context)
+
+    def no_forward_mode(ctx, *tangents):
+        raise NotImplementedError(f"{_op_name(op)} has no forward-mode formula (torch.func.jvp, jacfwd, hessian): "
+                                  "lucidops ops have reverse-mode first derivatives (grad, vjp, jacrev)")
+
+    twin = type(f"{_op_name(op).replace('::', '_')}_functorch", (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": staticmethod(lambda *args: op(*args)),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        "jvp": staticmethod(no_forward_mode),
+    })
+    return _either(op, twin)
+
+
+def first_order_only(op: Any) -> Callable[..., Any]:
+    """The callable for a backward op, which has no derivative of its own: under torch.func its
+    twin raises the same error a second derivative raises in eager autograd."""
+    def no_second_derivative(ctx, *grads):
+        raise RuntimeError(f"Trying to backward through {_op_name(op)} but no autograd formula was registered: "
+                           "lucidops ops have first derivatives only")
+
+    twin = type(f"{_op_name(op).replace('::', '_')}_functorch", (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": staticmethod(lambda *args: op(*args)),
+        "setup_context": staticmethod(lambda ctx, inputs, output: None),
+        "backward": staticmethod(no_second_derivative),
+    })
+    return _either(op, twin)
+
+
+def _either(op: Any, twin: Any) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        return twin.apply(*args) if transforms_active() else op(*args)
+
+    call.__name__ = call.__qualname__ = f"{_op_name(op)}_or_twin"
+    return call

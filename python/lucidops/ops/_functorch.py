@@ -41,14 +41,7 @@ def differentiable(op: Any, backward: Callable, setup_context: Callable) -> Call
         raise NotImplementedError(f"{_op_name(op)} has no forward-mode formula (torch.func.jvp, jacfwd, hessian): "
                                   "lucidops ops have reverse-mode first derivatives (grad, vjp, jacrev)")
 
-    twin = type(f"{_op_name(op).replace('::', '_')}_functorch", (torch.autograd.Function,), {
-        "generate_vmap_rule": True,
-        "forward": staticmethod(lambda *args: op(*args)),
-        "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward),
-        "jvp": staticmethod(no_forward_mode),
-    })
-    return _either(op, twin)
+    return _either(op, _twin(op, setup_context, backward, jvp=no_forward_mode))
 
 
 def first_order_only(op: Any) -> Callable[..., Any]:
@@ -58,13 +51,14 @@ def first_order_only(op: Any) -> Callable[..., Any]:
         raise RuntimeError(f"Trying to backward through {_op_name(op)} but no autograd formula was registered: "
                            "lucidops ops have first derivatives only")
 
-    twin = type(f"{_op_name(op).replace('::', '_')}_functorch", (torch.autograd.Function,), {
-        "generate_vmap_rule": True,
-        "forward": staticmethod(lambda *args: op(*args)),
-        "setup_context": staticmethod(lambda ctx, inputs, output: None),
-        "backward": staticmethod(no_second_derivative),
-    })
-    return _either(op, twin)
+    return _either(op, _twin(op, lambda ctx, inputs, output: None, no_second_derivative))
+
+
+def _twin(op: Any, setup_context: Callable, backward: Callable, **more: Callable) -> Any:
+    """An autograd.Function that runs ``op`` with this formula (vmap rule generated)."""
+    methods = {name: staticmethod(f) for name, f in dict(setup_context=setup_context, backward=backward, **more).items()}
+    return type(f"{_op_name(op).replace('::', '_')}_functorch", (torch.autograd.Function,),
+                {"generate_vmap_rule": True, "forward": staticmethod(lambda *args: op(*args)), **methods})
 
 
 def _either(op: Any, twin: Any) -> Callable[..., Any]:

@@ -48,6 +48,20 @@ def unfold_all(outputs: Tuple[Tensor, ...], size: int) -> Tuple[Tuple[Tensor, ..
             tuple(None if not_computed(t) else 0 for t in outputs))
 
 
+def fold_first_argument(op: Callable[..., Any]) -> Callable[..., Tuple[Any, Any]]:
+    """The vmap rule of an op whose first argument's leading dim indexes independent items
+    (rows, clouds): a batch of those (every other argument shared) folds into that dim; any
+    other batching runs per example."""
+    def rule(info: Any, in_dims: Sequence[Optional[int]], first: Tensor, *rest: Any) -> Tuple[Any, Any]:
+        if not batched_only(in_dims, [0]):
+            return per_example(op, info, in_dims, (first, *rest))
+        n = info.batch_size
+        out = op(fold(first, in_dims[0], n), *rest)
+        return unfold_all(out, n) if isinstance(out, tuple) else (unfold(out, n), 0)
+
+    return rule
+
+
 def per_example(op: Callable[..., Any], info: Any, in_dims: Sequence[Optional[int]], args: Sequence[Any]
                 ) -> Tuple[Any, Any]:
     """``op`` once per example, outputs stacked on dim 0: PyTorch's fallback, for the cases

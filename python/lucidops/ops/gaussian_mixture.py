@@ -222,12 +222,7 @@ def _(grad, points, means, precisions, weight, argmax, reduce_max, cull_threshol
 # vmap: clouds are independent, so a batch of point sets (shared Gaussians) folds into the
 # clouds. The backward always forms the parameter gradients, sums over each example's
 # clouds under vmap(grad(...)): it runs per example.
-@_mixture_op.register_vmap
-def _(info, in_dims, points, *rest):
-    if _vmap.batched_only(in_dims, [0]):
-        n = info.batch_size
-        return _vmap.unfold_all(_mixture_op(_vmap.fold(points, in_dims[0], n), *rest), n)
-    return _vmap.per_example(_mixture_op, info, in_dims, (points, *rest))
+_mixture_op.register_vmap(_vmap.fold_first_argument(_mixture_op))
 
 
 @_mixture_backward_op.register_vmap

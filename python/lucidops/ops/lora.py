@@ -284,11 +284,7 @@ def _(grad, x, weight, lora_A, lora_B, fn, placement, omega, scale, need_x, need
 # vmap: the rows of x are independent, so a batch of inputs (shared weights) folds into the
 # rows; batched weights, or the weight, bias and adapter gradients (sums over each example's
 # rows), run per example.
-@_lora_op.register_vmap
-def _(info, in_dims, x, *rest):
-    if _vmap.batched_only(in_dims, [0]):
-        return _vmap.unfold(_lora_op(_vmap.fold(x, in_dims[0], info.batch_size), *rest), info.batch_size), 0
-    return _vmap.per_example(_lora_op, info, in_dims, (x, *rest))
+_lora_op.register_vmap(_vmap.fold_first_argument(_lora_op))
 
 
 @_lora_backward_op.register_vmap
@@ -354,11 +350,7 @@ def _(grad, x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, method, group_a
             weight.new_empty((weight.shape[0],)) if need_bias else x.new_empty(0))
 
 
-@_quant_op.register_vmap
-def _(info, in_dims, x, *rest):
-    if _vmap.batched_only(in_dims, [0]):
-        return _vmap.unfold(_quant_op(_vmap.fold(x, in_dims[0], info.batch_size), *rest), info.batch_size), 0
-    return _vmap.per_example(_quant_op, info, in_dims, (x, *rest))
+_quant_op.register_vmap(_vmap.fold_first_argument(_quant_op))
 
 
 @_quant_backward_op.register_vmap

@@ -40,6 +40,35 @@ def test_bad_input_names_the_argument(kind):
         f(x, torch.tensor(1.0, device="meta"))
 
 
+@pytest.mark.parametrize("value,bound,error,message", [
+    (0.0, "> 0", ValueError, "x must be finite and > 0, got 0.0"),
+    (-1, ">= 0", ValueError, "x must be finite and >= 0, got -1.0"),
+    (0, "!= 0", ValueError, "x must be finite and != 0, got 0.0"),
+    (float("nan"), None, ValueError, "x must be finite, got nan"),
+    (float("-inf"), "!= 0", ValueError, "x must be finite and != 0, got -inf"),
+    (True, None, TypeError, "x must be a real number, got bool"),
+    ("1", "> 0", TypeError, "x must be a real number, got str"),
+    (torch.tensor(1.0), None, TypeError, "x must be a real number, got Tensor"),  # tensors only with tensor_ok
+])
+def test_every_scalar_setting_is_checked_by_one_rule(value, bound, error, message):
+    """_validate.real_number serves every float argument of the package (ops, modules,
+    training, data), so they all fail the same way."""
+    with pytest.raises(error, match=message):
+        lucidops._validate.real_number(value, "x", bound)
+
+
+def test_real_number_accepts_numbers_and_with_tensor_ok_one_element_tensors():
+    import numpy as np
+
+    real_number = lucidops._validate.real_number
+    assert real_number(np.float32(2.5), "x", "> 0") == 2.5 and real_number(0, "x", ">= 0") == 0.0
+    assert real_number(torch.tensor([3.0]), "x", tensor_ok=True) == 3.0
+    with pytest.raises(ValueError, match="x must be a number or a one-element tensor, got shape"):
+        real_number(torch.ones(2), "x", tensor_ok=True)
+    with pytest.raises(ValueError, match="x must be finite and > 0, got -2.0"):
+        real_number(torch.tensor(-2.0), "x", "> 0", tensor_ok=True)
+
+
 def test_use_backend_validates_and_restores():
     with pytest.raises(ValueError, match="backend must be one of"):
         with lucidops.use_backend("fastest"):

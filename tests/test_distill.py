@@ -286,9 +286,10 @@ def test_spread_penalty_narrows_the_gaussians():
     assert runs[1.0][1][0] == pytest.approx(runs[0.0][1][0], rel=1e-6)
 
 
-@pytest.mark.parametrize("penalty", [-0.1, float("nan"), True, "1"])
-def test_spread_penalty_bad_values(penalty):
-    with pytest.raises(ValueError, match="spread_penalty"):
+@pytest.mark.parametrize("penalty,error", [(-0.1, ValueError), (float("nan"), ValueError), (True, TypeError),
+                                           ("1", TypeError)])
+def test_spread_penalty_bad_values(penalty, error):
+    with pytest.raises(error, match="spread_penalty"):
         distill(lambda x: x, GaussianPointEncoder(2, 3, reduce="none"), None, steps=1, progress=False,
                 spread_penalty=penalty)
 

@@ -107,7 +107,7 @@ def test_skipless_init_rejects_bad_input():
         skipless_("vit")
     with pytest.raises(ValueError, match="alpha"):
         skipless_(tiny_vit(depth=1), alpha=float("nan"))
-    with pytest.raises(ValueError, match="beta"):
+    with pytest.raises(TypeError, match="beta must be a real number, got str"):
         skipless_(tiny_vit(depth=1), beta="1")
     with pytest.raises(ValueError, match="vo_scale"):
         skipless_(tiny_vit(depth=1), vo_scale=0.0)

@@ -30,13 +30,25 @@ def floating_tensor(value, name: str) -> Tensor:
     return value
 
 
-def positive_finite_scalar(value, name: str) -> float:
+_BOUNDS = {None: lambda v: True, "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "!= 0": lambda v: v != 0}
+
+
+def real_number(value, name: str, bound: Optional[str] = None, *, tensor_ok: bool = False) -> float:
+    """``value`` as a float, finite and within ``bound`` (None, "> 0", ">= 0" or "!= 0").
+
+    A bool, a string or another non-number is a TypeError; with ``tensor_ok`` a one-element
+    tensor is read once (a host sync on CUDA). Under torch.compile(dynamic=True) a module's
+    float attribute is symbolic: the value checks stand aside then, and eager calls make them.
+    """
+    if tensor_ok and isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = value.detach().reshape(()).item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number or a one-element tensor, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    # Under torch.compile(dynamic=True) a float attribute is symbolic: eager calls check it.
-    if not is_compiling() and (not math.isfinite(value) or value <= 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    if not is_compiling() and not (math.isfinite(value) and _BOUNDS[bound](value)):
+        raise ValueError(f"{name} must be finite{' and ' + bound if bound else ''}, got {value!r}")
     return value
 
 

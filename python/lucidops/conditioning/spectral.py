@@ -29,7 +29,7 @@ def gd_shrinkage_mask(singular_values: Tensor, lr: float, iters: int) -> Tensor:
     Returns a tensor of the input's shape and dtype.
     """
     _validate.floating_tensor(singular_values, "singular_values")
-    lr = _validate.positive_finite_scalar(lr, "lr")
+    lr = _validate.real_number(lr, "lr", "> 0")
     if isinstance(iters, bool) or not isinstance(iters, numbers.Integral):
         raise TypeError(f"iters must be an int, got {type(iters).__name__}")
     if iters < 0:

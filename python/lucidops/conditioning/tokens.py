@@ -55,7 +55,7 @@ def condition_tokens(x: Tensor, strength: float = 1.0) -> Tensor:
     SVD runs in float32 (float64 for float64 input).
     """
     _matrix_batch(x, "x")
-    strength = _validate.positive_finite_scalar(strength, "strength")
+    strength = _validate.real_number(strength, "strength", "> 0")
     if x.numel() == 0:
         return x.clone()
     xc = x.to(_compute_dtype(x))

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .. import _validate
+
 SPLITS = ("train", "test")
 
 
@@ -58,9 +60,7 @@ class ModelNet40(Dataset):
                                        or num_points < 1):
             raise ValueError(f"num_points must be a positive int or None, got {num_points!r}")
         for name, value in (("jitter", jitter), ("jitter_clip", jitter_clip)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
-                                                                                      and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            _validate.real_number(value, name, ">= 0")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         root = os.fspath(root)

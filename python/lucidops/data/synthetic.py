@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .. import _validate
+
 
 def _sphere(rng, n):
     v = rng.normal(size=(n, 3))
@@ -176,8 +178,7 @@ class SyntheticShapes(Dataset):
         if (len(scale_range) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in scale_range)
                 or not 0 < scale_range[0] <= scale_range[1]):
             raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range!r}")
-        if not isinstance(jitter, (int, float)) or not math.isfinite(jitter) or jitter < 0:
-            raise ValueError(f"jitter must be finite and >= 0, got {jitter!r}")
+        _validate.real_number(jitter, "jitter", ">= 0")
         self.num_samples = num_samples
         self.num_points = num_points
         self.num_classes = num_classes

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validate
 from ..models.tiny_lm import RuleSequences, TinyCausalLM, next_token_accuracy, rule_sequences
 from ..patch.peft_lora import is_mlp_name, peft_lora
 from ..train.unlearning import gradient_difference, sequence_loss
@@ -92,11 +93,8 @@ class DemoConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("lr", "pretrain_lr", "alpha"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if isinstance(self.omega, bool) or not isinstance(self.omega, (int, float)) or not math.isfinite(self.omega) \
-                or self.omega == 0:
-            raise ValueError(f"omega must be a finite non-zero number, got {self.omega!r}")
+            _validate.real_number(value, name, "> 0")
+        _validate.real_number(self.omega, "omega", "!= 0")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.n_forget >= self.n_rules:

@@ -102,16 +102,14 @@ def impulse_(model: nn.Module, kernel_size: int = 3, qk_scale: float = 7.0, v_al
     """
     layers = require_attention(model, "impulse_")
     offsets = kernel_offsets(kernel_size)
-    qk_scale = _validate.positive_finite_scalar(qk_scale, "qk_scale")
-    for value, name in ((v_alpha, "v_alpha"), (v_beta, "v_beta")):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    pinv_rcond = _validate.positive_finite_scalar(pinv_rcond, "pinv_rcond")
+    qk_scale = _validate.real_number(qk_scale, "qk_scale", "> 0")
+    v_alpha, v_beta = _validate.real_number(v_alpha, "v_alpha"), _validate.real_number(v_beta, "v_beta")
+    pinv_rcond = _validate.real_number(pinv_rcond, "pinv_rcond", "> 0")
     if pinv_rank is not None and (isinstance(pinv_rank, bool) or not isinstance(pinv_rank, numbers.Integral)
                                   or pinv_rank < 1):
         raise ValueError(f"pinv_rank must be None or a positive int, got {pinv_rank!r}")
     if pos_scale is not None:
-        pos_scale = _validate.positive_finite_scalar(pos_scale, "pos_scale")
+        pos_scale = _validate.real_number(pos_scale, "pos_scale", "> 0")
         # documented contract: a timm ViT's pos_embed Parameter (any other model fails here as before)
         cast(torch.Tensor, model.pos_embed).mul_(pos_scale)
     pos, grid = _patch_positions(model)

@@ -29,12 +29,6 @@ from .. import _validate
 from ._common import rank_split, require_attention, uniform
 
 
-def _finite(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    return float(value)
-
-
 @torch.no_grad()
 def skipless_(model: nn.Module, alpha: float = 0.2, beta: float = 1.0, vo_scale: float = 1.0,
               orthogonal_mlp: bool = False, generator: Optional[torch.Generator] = None) -> nn.Module:
@@ -53,9 +47,9 @@ def skipless_(model: nn.Module, alpha: float = 0.2, beta: float = 1.0, vo_scale:
     Biases of qkv and proj are zeroed. Returns ``model``.
     """
     layers = require_attention(model, "skipless_")
-    alpha = _finite(alpha, "alpha")
-    beta = _finite(beta, "beta")
-    vo_scale = _validate.positive_finite_scalar(vo_scale, "vo_scale")
+    alpha = _validate.real_number(alpha, "alpha")
+    beta = _validate.real_number(beta, "beta")
+    vo_scale = _validate.real_number(vo_scale, "vo_scale", "> 0")
     for _, attn in layers:
         # attention_layers only returns modules whose qkv/proj are Linear and heads/head_dim ints
         qkv, proj = cast(nn.Linear, attn.qkv), cast(nn.Linear, attn.proj)

@@ -21,7 +21,7 @@ class _ScaledActivation(nn.Module):
 
     def __init__(self, sigma: float = 1.0, learnable: bool = False):
         super().__init__()
-        sigma = _validate.positive_finite_scalar(sigma, "sigma")
+        sigma = _validate.real_number(sigma, "sigma", "> 0")
         self.learnable = learnable
         if learnable:
             self.sigma = nn.Parameter(torch.tensor(sigma))

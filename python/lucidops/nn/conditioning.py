@@ -26,7 +26,7 @@ class ConditionedEmbedding(nn.Module):
         super().__init__()
         if embed is not None and not isinstance(embed, nn.Module):
             raise TypeError(f"embed must be an nn.Module or None, got {type(embed).__name__}")
-        self.strength = _validate.positive_finite_scalar(strength, "strength")
+        self.strength = _validate.real_number(strength, "strength", "> 0")
         self.embed = embed
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:

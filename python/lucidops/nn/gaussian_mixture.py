@@ -7,12 +7,12 @@ linear "Gaussian basis mixer" G -> K, and a max over the points, all in one fuse
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from .. import _validate
 from ..ops.gaussian_mixture import REDUCTIONS, _check_threshold, gaussian_mixture
 
 # Packed lower-triangular factor layout: [l00, l10, l20, l11, l21, l22].
@@ -55,8 +55,7 @@ class GaussianPointEncoder(nn.Module):
         for name, value in (("num_gaussians", num_gaussians), ("out_channels", out_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(cloud_range, (int, float)) and math.isfinite(cloud_range) and cloud_range > 0):
-            raise ValueError(f"cloud_range must be finite and > 0, got {cloud_range!r}")
+        _validate.real_number(cloud_range, "cloud_range", "> 0")
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
         self.num_gaussians = num_gaussians

@@ -11,12 +11,12 @@ modules of a distilled PointNet (:func:`lucidops.train.distill_pointnet`).
 from __future__ import annotations
 
 import copy
-import math
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .. import _validate
 from .gaussian_mixture import GaussianPointEncoder
 
 if TYPE_CHECKING:
@@ -35,12 +35,6 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
-
-
-def _positive_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _check_points(points: Any) -> None:
@@ -89,7 +83,7 @@ class GaussianTNet(nn.Module):
             raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {hidden!r}")
         for i, h in enumerate(hidden):
             _positive_int(f"hidden[{i}]", h)
-        _positive_float("cloud_range", cloud_range)
+        _validate.real_number(cloud_range, "cloud_range", "> 0")
         widths = [out_channels, *hidden]
         encoder = GaussianPointEncoder(num_gaussians, out_channels, cloud_range=cloud_range, reduce="max")
         regressor = nn.ModuleList([_linear_bn(a, b) for a, b in zip(widths[:-1], widths[1:])])
@@ -180,7 +174,7 @@ class GaussianPointNet(nn.Module):
         if not isinstance(input_transform, bool):
             raise TypeError(f"input_transform must be a bool, got {type(input_transform).__name__}")
         tnet_gaussians = num_gaussians if tnet_gaussians is None else _positive_int("tnet_gaussians", tnet_gaussians)
-        _positive_float("cloud_range", cloud_range)
+        _validate.real_number(cloud_range, "cloud_range", "> 0")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         tnet = GaussianTNet(3, tnet_gaussians, cloud_range=cloud_range) if input_transform else None

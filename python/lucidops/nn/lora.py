@@ -19,13 +19,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .. import _validate
 from ..ops import lora as F
 from ..quant.adapters import QuantizedAdapter, quantize_adapter
 from ..reference import lora as _reference
-
-
-def _finite(value, name: str) -> float:
-    return F._finite_scalar(value, name)
 
 
 class BoundedLoRALinear(nn.Module):
@@ -57,16 +54,14 @@ class BoundedLoRALinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.rank, self.fn, self.placement = rank, fn, placement
-        self.omega = _finite(omega, "omega")
-        self.alpha = _finite(rank if alpha is None else alpha, "alpha")
+        self.omega = _validate.real_number(omega, "omega", tensor_ok=True)
+        self.alpha = _validate.real_number(rank if alpha is None else alpha, "alpha", tensor_ok=True)
         if gain == "sqrt_in":
             g = math.sqrt(base.in_features)
         elif isinstance(gain, str):
             raise ValueError(f"gain must be a positive number or 'sqrt_in', got {gain!r}")
         else:
-            g = _finite(gain, "gain")
-            if g <= 0:
-                raise ValueError(f"gain must be > 0, got {g}")
+            g = _validate.real_number(gain, "gain", "> 0", tensor_ok=True)
         self.gain = g
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))

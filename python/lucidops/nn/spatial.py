@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validate
+
 INITS = ("default", "impulse", "smoothed")
 
 
@@ -95,9 +97,7 @@ class FrozenRandomDepthwise(nn.Module):
             raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if isinstance(smoothing_sigma, bool) or not isinstance(smoothing_sigma, numbers.Real) \
-                or not math.isfinite(smoothing_sigma) or smoothing_sigma <= 0:
-            raise ValueError(f"smoothing_sigma must be finite and > 0, got {smoothing_sigma!r}")
+        _validate.real_number(smoothing_sigma, "smoothing_sigma", "> 0")
         self.channels = int(channels)
         self.kernel_size = kernel_size
         self.stride = _pair(stride, "stride")

@@ -158,7 +158,7 @@ def _sigma_tensor(sigma: Sigma, x: Tensor) -> Tensor:
         _validate.same_device(sigma, x, "sigma", "x")
         _validate.positive_finite_tensor_value(sigma, "sigma")
         return sigma.reshape(()).to(compute)
-    value = _validate.positive_finite_scalar(sigma, "sigma")
+    value = _validate.real_number(sigma, "sigma", "> 0")
     return torch.full((), value, dtype=compute, device=x.device)
 
 

@@ -24,7 +24,6 @@ tensors, slowly, for testing).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
@@ -245,13 +244,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal, key_padding_mask, scale) -> 
         return 1.0 / math.sqrt(d)
     if isinstance(scale, Tensor):
         raise TypeError("scale must be a Python number, got a tensor")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise ValueError(f"scale must be a finite real number, got {scale!r}")
-    value = float(scale)
-    # Under torch.compile(dynamic=True) a module's float scale is symbolic: eager calls check it.
-    if not _validate.is_compiling() and not math.isfinite(value):
-        raise ValueError(f"scale must be a finite real number, got {scale!r}")
-    return value
+    return _validate.real_number(scale, "scale")
 
 
 # Overloads so that type checkers know the result's type from return_lse.

@@ -277,11 +277,7 @@ def _shape_error(name: str, expected: str, value: Tensor) -> ValueError:
 def _check_threshold(cull_threshold) -> Optional[float]:
     if cull_threshold is None:
         return None
-    if isinstance(cull_threshold, Tensor):
-        if cull_threshold.numel() != 1:
-            raise ValueError(f"cull_threshold must be a number, got a tensor of shape {tuple(cull_threshold.shape)}")
-        cull_threshold = float(cull_threshold.detach().reshape(()).item())
-    return _validate.positive_finite_scalar(cull_threshold, "cull_threshold")
+    return _validate.real_number(cull_threshold, "cull_threshold", "> 0", tensor_ok=True)
 
 
 def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: Tensor, bias: Optional[Tensor] = None,

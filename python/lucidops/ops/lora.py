@@ -33,8 +33,6 @@ in PyTorch on every backend and calls the plain op.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Tuple, Union, cast
 
 import torch
@@ -468,20 +466,6 @@ _flops.register(torch.ops.lucidops.bounded_lora_linear_quant_backward, quant_bac
 Number = Union[float, int, Tensor]
 
 
-def _finite_scalar(value, name: str) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
-        value = float(value.detach().reshape(()).item())
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    # Under torch.compile(dynamic=True) a module's float omega is symbolic: eager calls check it.
-    if not _validate.is_compiling() and not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
 def _validate_base(x, weight, bias, fn, placement):
     """x, weight, bias, fn and placement (everything but the adapter)."""
     _validate.floating_tensor(x, "x")
@@ -550,8 +534,8 @@ def _quantized_weight_linear(x: Tensor, weight: Tensor, adapter, lora_B, bias: O
     if lora_B is not None and lora_B is not adapter:
         raise ValueError("lora_B must be None when lora_A is a QuantizedAdapter (it holds both factors)")
     _validate_base(x, weight, bias, fn, "weight")
-    omega = _finite_scalar(omega, "omega")
-    scale = _finite_scalar(scale, "scale")
+    omega = _validate.real_number(omega, "omega", tensor_ok=True)
+    scale = _validate.real_number(scale, "scale", tensor_ok=True)
     try:
         a_codes, a_t0, a_t1, group_a, b_codes, b_t0, b_t1, group_b = adapter.kernel_tensors()
     except ValueError as err:
@@ -600,8 +584,8 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
         return _quantized_weight_linear(x, weight, lora_A, lora_B, bias, fn, omega, scale)
     lora_A, lora_B = _resolve_adapter(x, lora_A, lora_B)
     _validate_args(x, weight, lora_A, lora_B, bias, fn, placement)
-    omega = _finite_scalar(omega, "omega")
-    scale = _finite_scalar(scale, "scale")
+    omega = _validate.real_number(omega, "omega", tensor_ok=True)
+    scale = _validate.real_number(scale, "scale", tensor_ok=True)
     x2 = x.reshape(-1, x.shape[-1])
     y = _lora(x2, weight, lora_A, lora_B, bias, fn, placement, omega, scale)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -22,6 +22,7 @@ from typing import Any, List, Optional, Protocol, Sequence, Tuple, Type, Union, 
 
 from torch import Tensor, nn
 
+from .. import _validate
 from ..ops import lora as _ops
 from .handle import PatchHandle, describe
 
@@ -148,7 +149,7 @@ def _resolve_gain(gain: Union[float, str], k_in: int) -> float:
         return math.sqrt(k_in)
     if isinstance(gain, str):
         raise ValueError(f"gain must be a positive number or 'sqrt_in', got {gain!r}")
-    g = _ops._finite_scalar(gain, "gain")
+    g = _validate.real_number(gain, "gain", tensor_ok=True)
     if g <= 0:
         raise ValueError(f"gain must be > 0, got {g}")
     return g
@@ -209,7 +210,7 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    omega = _ops._finite_scalar(omega, "omega")
+    omega = _validate.real_number(omega, "omega", tensor_ok=True)
     if fn not in _ops.FNS:
         raise ValueError(f"fn must be one of {_ops.FNS}, got {fn!r}")
     if placement not in _ops.PLACEMENTS:

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validate
 from ..models.pointnet import PointNet
 from ..nn.gaussian_mixture import GaussianPointEncoder
 from .cubes import cloud_cubes, sample_cube_points
 from .loop import (DistillResult, TrainingMode, broadcast_module, build_optimizers, check_common,
-                   check_non_negative_float, dist_info, dtype_of, optimizer_step, progress_bar, resolve_device,
+                   dist_info, dtype_of, optimizer_step, progress_bar, resolve_device,
                    wrap_ddp)
 
 
@@ -189,7 +190,7 @@ def _as_teacher(teacher) -> Callable[[Tensor], Tensor]:
 
 def _spread_encoders(student: nn.Module, spread_penalty) -> List[GaussianPointEncoder]:
     """The student's Gaussian encoders that ``spread_penalty`` applies to ([] when it is 0)."""
-    if check_non_negative_float("spread_penalty", spread_penalty) == 0:
+    if _validate.real_number(spread_penalty, "spread_penalty", ">= 0") == 0:
         return []
     encoders = [m for m in student.modules() if isinstance(m, GaussianPointEncoder)]
     if not encoders:

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validate
 from ..nn.gaussian_mixture import GaussianPointEncoder
-from .loop import (DistillResult, TrainingMode, build_optimizers, check_common, check_positive_float, dist_info,
+from .loop import (DistillResult, TrainingMode, build_optimizers, check_common, dist_info,
                    dtype_of, optimizer_step, progress_bar, resolve_device, wrap_ddp)
 
 SCHEDULES = ("constant", "cosine")
@@ -39,7 +40,7 @@ def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, bat
     """
     check_common(steps, lr, batch_size, points_per_cloud, "natural", natural_gradient, gaussian_lr,
                   momentum, weight_decay)
-    check_positive_float("encoder_lr_scale", encoder_lr_scale)
+    _validate.real_number(encoder_lr_scale, "encoder_lr_scale", "> 0")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if not isinstance(model, nn.Module):

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import _validate
 from ..optim.natural_gradient import MODES, GaussianNaturalGradient, split_parameters
 
 OPTIMIZERS = ("natural", "adamw")
@@ -54,25 +55,13 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
-def check_positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def check_non_negative_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 def check_common(steps, lr, batch_size, points_per_cloud, optimizer, natural_gradient, gaussian_lr,
                   momentum, weight_decay):
     check_positive_int("steps", steps)
-    check_positive_float("lr", lr)
+    _validate.real_number(lr, "lr", "> 0")
     check_positive_int("batch_size", batch_size)
     check_positive_int("points_per_cloud", points_per_cloud)
-    check_positive_float("gaussian_lr", gaussian_lr)
+    _validate.real_number(gaussian_lr, "gaussian_lr", "> 0")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if natural_gradient not in MODES:
@@ -180,7 +169,7 @@ def optimizer_step(opts, loss: Tensor, distributed: bool, world: int, logged: Op
 
 
 __all__ = [
-    "OPTIMIZERS", "DistillResult", "dist_info", "check_positive_int", "check_positive_float",
-    "check_non_negative_float", "check_common", "resolve_device", "dtype_of", "TrainingMode", "broadcast_module",
+    "OPTIMIZERS", "DistillResult", "dist_info", "check_positive_int",
+    "check_common", "resolve_device", "dtype_of", "TrainingMode", "broadcast_module",
     "wrap_ddp", "build_optimizers", "progress_bar", "optimizer_step",
 ]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validate
 from ..patch.peft_lora import is_mlp_name
 
 
@@ -95,10 +96,8 @@ def gradient_difference(model: nn.Module, forget: Tensor, retain: Tensor, *, ste
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be finite and > 0, got {lr!r}")
-    if not (isinstance(forget_weight, (int, float)) and math.isfinite(forget_weight)):
-        raise ValueError(f"forget_weight must be a finite number, got {forget_weight!r}")
+    _validate.real_number(lr, "lr", "> 0")
+    _validate.real_number(forget_weight, "forget_weight")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model has no parameter with requires_grad=True to train")

@@ -69,6 +69,19 @@ def test_real_number_accepts_numbers_and_with_tensor_ok_one_element_tensors():
         real_number(torch.tensor(-2.0), "x", "> 0", tensor_ok=True)
 
 
+@pytest.mark.parametrize("value,bounds,error,message", [
+    (0, dict(minimum=1), ValueError, "n must be an int >= 1, got 0"),
+    (9, dict(minimum=2, maximum=8), ValueError, r"n must be an int in \[2, 8\], got 9"),
+    (5, dict(maximum=4), ValueError, "n must be an int <= 4, got 5"),
+    (2.0, {}, TypeError, "n must be an int, got float"),
+    (True, dict(minimum=0), TypeError, "n must be an int, got bool"),
+    ("3", {}, TypeError, "n must be an int, got str"),
+])
+def test_every_integer_setting_is_checked_by_one_rule(value, bounds, error, message):
+    with pytest.raises(error, match=message):
+        lucidops._validate.integer(value, "n", **bounds)
+
+
 def test_use_backend_validates_and_restores():
     with pytest.raises(ValueError, match="backend must be one of"):
         with lucidops.use_backend("fastest"):

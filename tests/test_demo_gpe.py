@@ -156,7 +156,7 @@ def test_set_cull_threshold():
 def test_validation_errors_name_the_argument():
     for kwargs, exc, name in [
         (dict(num_classes=0), ValueError, "num_classes"),
-        (dict(num_gaussians="8"), ValueError, "num_gaussians"),
+        (dict(num_gaussians="8"), TypeError, "num_gaussians must be an int, got str"),
         (dict(out_channels=-3), ValueError, "out_channels"),
         (dict(input_transform="yes"), TypeError, "input_transform"),
         (dict(tnet_gaussians=0), ValueError, "tnet_gaussians"),

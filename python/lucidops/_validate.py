@@ -52,6 +52,18 @@ def real_number(value, name: str, bound: Optional[str] = None, *, tensor_ok: boo
     return value
 
 
+def integer(value, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    """``value`` as an int within [minimum, maximum]; a bool, a float or a string is a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = (f"in [{minimum}, {maximum}]" if minimum is not None and maximum is not None
+                  else f">= {minimum}" if minimum is not None else f"<= {maximum}")
+        raise ValueError(f"{name} must be an int {bounds}, got {value}")
+    return value
+
+
 def readable_values(value: Tensor) -> Optional[Tensor]:
     """The plain tensor a data-dependent check reads ``value``'s elements from, or None where
     they cannot be read: while torch.compile traces, and on the meta device (shape-only runs,

@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import _validate
 from .tokens import _compute_dtype, _matrix_batch
 
 MODES = ("svd", "dct")
@@ -32,8 +33,7 @@ MODES = ("svd", "dct")
 def dct_basis(n: int, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu")) -> Tensor:
     """Orthonormal DCT-II matrix D (n x n): ``D @ x`` is the DCT of x along its first axis,
     ``D.T @ c`` the inverse. Built in float64 and cached (treat it as read-only)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    _validate.integer(n, "n", minimum=1)
     k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
     i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
     basis = torch.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2.0 / n)

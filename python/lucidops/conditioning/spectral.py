@@ -11,7 +11,6 @@ so lr and iters set the bandwidth of what a network with a monotonic activation 
 
 from __future__ import annotations
 
-import numbers
 
 import torch
 from torch import Tensor
@@ -30,10 +29,7 @@ def gd_shrinkage_mask(singular_values: Tensor, lr: float, iters: int) -> Tensor:
     """
     _validate.floating_tensor(singular_values, "singular_values")
     lr = _validate.real_number(lr, "lr", "> 0")
-    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral):
-        raise TypeError(f"iters must be an int, got {type(iters).__name__}")
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    iters = _validate.integer(iters, "iters", minimum=0)
     s = singular_values
     if s.numel() and not _validate.is_compiling():
         if not bool(torch.isfinite(s).all()):

@@ -56,13 +56,11 @@ class ModelNet40(Dataset):
             raise TypeError(f"root must be a path, got {type(root).__name__}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if num_points is not None and (isinstance(num_points, bool) or not isinstance(num_points, int)
-                                       or num_points < 1):
-            raise ValueError(f"num_points must be a positive int or None, got {num_points!r}")
+        if num_points is not None:
+            _validate.integer(num_points, "num_points", minimum=1)
         for name, value in (("jitter", jitter), ("jitter_clip", jitter_clip)):
             _validate.real_number(value, name, ">= 0")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        _validate.integer(seed, "seed")
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"ModelNet40 folder {root!r} does not exist (lucidops never downloads it: "

@@ -159,8 +159,7 @@ class SyntheticShapes(Dataset):
     def __init__(self, num_samples: int, num_points: Union[int, Tuple[int, int]] = 1024, num_classes: int = 10,
                  seed: int = 0, rotation: Optional[str] = "so3", scale_range: Sequence[float] = (0.75, 1.25),
                  jitter: float = 0.01, normalize: bool = True):
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        _validate.integer(num_samples, "num_samples", minimum=1)
         if isinstance(num_points, (tuple, list)):
             if (len(num_points) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in num_points)
                     or not 1 <= num_points[0] <= num_points[1]):
@@ -169,10 +168,8 @@ class SyntheticShapes(Dataset):
             num_points = (int(num_points[0]), int(num_points[1]))
         elif isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
             raise ValueError(f"num_points must be a positive int or (low, high), got {num_points!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= len(SHAPES):
-            raise ValueError(f"num_classes must be an int in [1, {len(SHAPES)}], got {num_classes!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        _validate.integer(num_classes, "num_classes", minimum=1, maximum=len(SHAPES))
+        _validate.integer(seed, "seed", minimum=0)
         if rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
         if (len(scale_range) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in scale_range)

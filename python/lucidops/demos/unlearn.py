@@ -89,14 +89,12 @@ class DemoConfig:
         for name in ("steps", "n_rules", "n_forget", "n_symbols", "length", "d_model", "n_layer", "n_head", "d_ff",
                      "pretrain_steps", "rank", "batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            _validate.integer(value, name, minimum=1)
         for name in ("lr", "pretrain_lr", "alpha"):
             value = getattr(self, name)
             _validate.real_number(value, name, "> 0")
         _validate.real_number(self.omega, "omega", "!= 0")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        _validate.integer(self.seed, "seed")
         if self.n_forget >= self.n_rules:
             raise ValueError(f"n_forget ({self.n_forget}) must be smaller than n_rules ({self.n_rules}): some rules "
                              "must be retained")
@@ -431,8 +429,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo: print the table and write the PNG. Returns 0, or 2 on a bad argument."""
     try:
         cfg = config_from_args(args)
-        if isinstance(args.threads, bool) or not isinstance(args.threads, int) or args.threads < 1:
-            raise ValueError(f"--threads must be a positive integer, got {args.threads!r}")
+        _validate.integer(args.threads, "--threads", minimum=1)
     except ValueError as err:
         print(f"lucidops demo unlearn: error: {err}")
         return 2

@@ -105,9 +105,8 @@ def impulse_(model: nn.Module, kernel_size: int = 3, qk_scale: float = 7.0, v_al
     qk_scale = _validate.real_number(qk_scale, "qk_scale", "> 0")
     v_alpha, v_beta = _validate.real_number(v_alpha, "v_alpha"), _validate.real_number(v_beta, "v_beta")
     pinv_rcond = _validate.real_number(pinv_rcond, "pinv_rcond", "> 0")
-    if pinv_rank is not None and (isinstance(pinv_rank, bool) or not isinstance(pinv_rank, numbers.Integral)
-                                  or pinv_rank < 1):
-        raise ValueError(f"pinv_rank must be None or a positive int, got {pinv_rank!r}")
+    if pinv_rank is not None:
+        _validate.integer(pinv_rank, "pinv_rank", minimum=1)
     if pos_scale is not None:
         pos_scale = _validate.real_number(pos_scale, "pos_scale", "> 0")
         # documented contract: a timm ViT's pos_embed Parameter (any other model fails here as before)

@@ -15,6 +15,8 @@ from typing import Optional, Tuple, Union, cast
 import torch
 from torch import Tensor, nn
 
+from .. import _validate
+
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv1d(cin, cout, 1), nn.BatchNorm1d(cout))
@@ -75,8 +77,7 @@ class PointNet(nn.Module):
     def __init__(self, num_classes: int = 40, feature_transform: bool = True, input_transform: bool = True,
                  dropout: float = 0.3):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        _validate.integer(num_classes, "num_classes", minimum=1)
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.num_classes = num_classes

@@ -21,11 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+from .. import _validate
 
 
 @dataclass
@@ -70,9 +66,9 @@ def rule_sequences(n_rules: int = 6, n_symbols: int = 24, length: int = 16, seed
     gives the same data on any machine), so the whole sequence is determined by its first
     two tokens: a model that knows rule r predicts every token after the start symbol.
     """
-    n_rules = _positive_int(n_rules, "n_rules")
-    n_symbols = _positive_int(n_symbols, "n_symbols")
-    length = _positive_int(length, "length")
+    n_rules = _validate.integer(n_rules, "n_rules", minimum=1)
+    n_symbols = _validate.integer(n_symbols, "n_symbols", minimum=1)
+    length = _validate.integer(length, "length", minimum=1)
     if n_symbols < 2:
         raise ValueError(f"n_symbols must be >= 2, got {n_symbols}")
     if length < 3:
@@ -150,7 +146,7 @@ class TinyCausalLM(nn.Module):
         super().__init__()
         for value, name in ((vocab_size, "vocab_size"), (max_len, "max_len"), (d_model, "d_model"),
                             (n_layer, "n_layer"), (n_head, "n_head"), (d_ff, "d_ff")):
-            _positive_int(value, name)
+            _validate.integer(value, name, minimum=1)
         self.vocab_size, self.max_len = vocab_size, max_len
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(max_len, d_model)

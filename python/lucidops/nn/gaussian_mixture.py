@@ -53,8 +53,7 @@ class GaussianPointEncoder(nn.Module):
                  reduce: str = "max", off_diagonal_init: float = 0.01):
         super().__init__()
         for name, value in (("num_gaussians", num_gaussians), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _validate.integer(value, name, minimum=1)
         _validate.real_number(cloud_range, "cloud_range", "> 0")
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")

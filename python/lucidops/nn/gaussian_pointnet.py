@@ -31,12 +31,6 @@ def _tnet_class() -> type:
     return TNet
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _check_points(points: Any) -> None:
     """The same (B, N >= 1, 3) floating-point check as PointNet's (imported late: models imports nn)."""
     from ..models.pointnet import PointNet
@@ -76,13 +70,13 @@ class GaussianTNet(nn.Module):
     def __init__(self, k: int = 3, num_gaussians: int = 32, out_channels: int = 1024,
                  hidden: tuple = (512, 256), cloud_range: float = 1.0):
         super().__init__()
-        _positive_int("k", k)
-        _positive_int("num_gaussians", num_gaussians)
-        _positive_int("out_channels", out_channels)
+        _validate.integer(k, "k", minimum=1)
+        _validate.integer(num_gaussians, "num_gaussians", minimum=1)
+        _validate.integer(out_channels, "out_channels", minimum=1)
         if not isinstance(hidden, (tuple, list)) or not hidden:
             raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {hidden!r}")
         for i, h in enumerate(hidden):
-            _positive_int(f"hidden[{i}]", h)
+            _validate.integer(h, f"hidden[{i}]", minimum=1)
         _validate.real_number(cloud_range, "cloud_range", "> 0")
         widths = [out_channels, *hidden]
         encoder = GaussianPointEncoder(num_gaussians, out_channels, cloud_range=cloud_range, reduce="max")
@@ -94,7 +88,7 @@ class GaussianTNet(nn.Module):
 
     def _assign(self, encoder: GaussianPointEncoder, regressor: nn.ModuleList, out: nn.Linear, k: int) -> None:
         _check_encoder("encoder", encoder)
-        _positive_int("k", k)
+        _validate.integer(k, "k", minimum=1)
         if not isinstance(regressor, nn.ModuleList):
             raise TypeError(f"regressor must be an nn.ModuleList, got {type(regressor).__name__}")
         if not isinstance(out, nn.Linear):
@@ -168,12 +162,12 @@ class GaussianPointNet(nn.Module):
                  input_transform: bool = True, tnet_gaussians: Optional[int] = None, cloud_range: float = 1.0,
                  dropout: float = 0.3):
         super().__init__()
-        _positive_int("num_classes", num_classes)
-        _positive_int("num_gaussians", num_gaussians)
-        _positive_int("out_channels", out_channels)
+        _validate.integer(num_classes, "num_classes", minimum=1)
+        _validate.integer(num_gaussians, "num_gaussians", minimum=1)
+        _validate.integer(out_channels, "out_channels", minimum=1)
         if not isinstance(input_transform, bool):
             raise TypeError(f"input_transform must be a bool, got {type(input_transform).__name__}")
-        tnet_gaussians = num_gaussians if tnet_gaussians is None else _positive_int("tnet_gaussians", tnet_gaussians)
+        tnet_gaussians = num_gaussians if tnet_gaussians is None else _validate.integer(tnet_gaussians, "tnet_gaussians", minimum=1)
         _validate.real_number(cloud_range, "cloud_range", "> 0")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")

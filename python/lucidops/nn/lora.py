@@ -44,8 +44,7 @@ class BoundedLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        _validate.integer(rank, "rank", minimum=1)
         if fn not in F.FNS:
             raise ValueError(f"fn must be one of {F.FNS}, got {fn!r}")
         if placement not in F.PLACEMENTS:

@@ -90,8 +90,7 @@ class FrozenRandomDepthwise(nn.Module):
                  dilation: Union[int, Tuple[int, int]] = 1, bias: bool = False, smoothing_sigma: float = 1.0,
                  generator: Optional[torch.Generator] = None, weight: Optional[Tensor] = None):
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        _validate.integer(channels, "channels", minimum=1)
         kernel_size = _pair(kernel_size, "kernel_size")
         if min(kernel_size) < 1:
             raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 import torch
 from torch import Tensor, nn
 
+from .. import _validate
 from ..models.pointnet import PointNet
 from ..nn.gaussian_mixture import GaussianPointEncoder
 from ..train.cubes import cloud_cubes
@@ -144,10 +145,8 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
     for key in ("teacher", "student", "clouds", "input_transform", "progress", "seed"):
         if key in distill_kwargs:
             raise TypeError(f"distill_kwargs must not set {key!r} (point_encoders sets it)")
-    if isinstance(num_gaussians, bool) or not isinstance(num_gaussians, int) or num_gaussians < 1:
-        raise ValueError(f"num_gaussians must be a positive int, got {num_gaussians!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    _validate.integer(num_gaussians, "num_gaussians", minimum=1)
+    _validate.integer(seed, "seed")
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
 

@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
+from .. import _validate
 from .flops import eager, fvcore_handles
 
 Inputs = Union[Tensor, Sequence[Any]]
@@ -172,12 +173,6 @@ def _check_device(device: Any, model: nn.Module, args: Tuple[Any, ...]) -> torch
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here")
     return dev
-
-
-def _check_count(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _move(value: Any, device: torch.device) -> Any:
@@ -380,9 +375,9 @@ def _untimed_report(model: nn.Module, inputs: Inputs, *, backward: bool, device:
     model = _check_model(model)
     args = _check_inputs(inputs)
     dev = _check_device(device, model, args)
-    repeat = _check_count(repeat, "repeat", 1)
-    warmup = _check_count(warmup, "warmup", 0)
-    depth = _check_count(depth, "depth", 0)
+    repeat = _validate.integer(repeat, "repeat", minimum=1)
+    warmup = _validate.integer(warmup, "warmup", minimum=0)
+    depth = _validate.integer(depth, "depth", minimum=0)
     say = progress or (lambda message: None)
     if device is not None:
         model.to(dev)

@@ -232,12 +232,10 @@ def quantize_adapter(lora_A: Tensor, lora_B: Tensor, bits: int = 4, group_size: 
         raise ValueError(f"lora_A (r, K_in) and lora_B (N_out, r) must agree in r, got {tuple(lora_A.shape)} "
                          f"and {tuple(lora_B.shape)}")
     _validate.same_device(lora_B, lora_A, "lora_B", "lora_A")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+    _validate.integer(bits, "bits", minimum=2, maximum=8)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    _validate.integer(group_size, "group_size", minimum=1)
     if method == "uniform":
         qa, qb = _quantize_uniform(lora_A, bits, group_size), _quantize_uniform(lora_B, bits, group_size)
     else:

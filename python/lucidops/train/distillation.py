@@ -97,8 +97,8 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
     teacher_fn = _as_teacher(teacher)
     if input_transform is not None and not callable(input_transform):
         raise TypeError(f"input_transform must be callable or None, got {type(input_transform).__name__}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if seed is not None:
+        _validate.integer(seed, "seed")
     spread_encoders = _spread_encoders(student, spread_penalty)
 
     distributed, rank, world = dist_info()

@@ -49,18 +49,12 @@ def dist_info() -> Tuple[bool, int, int]:
     return False, 0, 1
 
 
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def check_common(steps, lr, batch_size, points_per_cloud, optimizer, natural_gradient, gaussian_lr,
                   momentum, weight_decay):
-    check_positive_int("steps", steps)
+    _validate.integer(steps, "steps", minimum=1)
     _validate.real_number(lr, "lr", "> 0")
-    check_positive_int("batch_size", batch_size)
-    check_positive_int("points_per_cloud", points_per_cloud)
+    _validate.integer(batch_size, "batch_size", minimum=1)
+    _validate.integer(points_per_cloud, "points_per_cloud", minimum=1)
     _validate.real_number(gaussian_lr, "gaussian_lr", "> 0")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -169,7 +163,7 @@ def optimizer_step(opts, loss: Tensor, distributed: bool, world: int, logged: Op
 
 
 __all__ = [
-    "OPTIMIZERS", "DistillResult", "dist_info", "check_positive_int",
+    "OPTIMIZERS", "DistillResult", "dist_info",
     "check_common", "resolve_device", "dtype_of", "TrainingMode", "broadcast_module",
     "wrap_ddp", "build_optimizers", "progress_bar", "optimizer_step",
 ]

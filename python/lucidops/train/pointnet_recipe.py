@@ -22,13 +22,14 @@ from typing import Any, Dict, Optional, Tuple, Union, cast
 import torch
 from torch import Tensor, nn
 
+from .. import _validate
 from ..models.pointnet import PointNet, TNet
 from ..nn.gaussian_mixture import GaussianPointEncoder
 from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
 from .cubes import cloud_points
 from .distillation import distill
 from .finetuning import SCHEDULES, finetune
-from .loop import DistillResult, TrainingMode, broadcast_module, check_positive_int, dist_info
+from .loop import DistillResult, TrainingMode, broadcast_module, dist_info
 
 
 def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32, tnet_gaussians: Optional[int] = None,
@@ -59,11 +60,10 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     """
     if not isinstance(teacher, PointNet):
         raise TypeError(f"teacher must be a lucidops.models.PointNet, got {type(teacher).__name__}")
-    check_positive_int("num_gaussians", num_gaussians)
-    tnet_gaussians = num_gaussians if tnet_gaussians is None else check_positive_int("tnet_gaussians", tnet_gaussians)
-    tnet_steps = steps if tnet_steps is None else check_positive_int("tnet_steps", tnet_steps)
-    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
-        raise ValueError(f"finetune_steps must be an int >= 0, got {finetune_steps!r}")
+    _validate.integer(num_gaussians, "num_gaussians", minimum=1)
+    tnet_gaussians = num_gaussians if tnet_gaussians is None else _validate.integer(tnet_gaussians, "tnet_gaussians", minimum=1)
+    tnet_steps = steps if tnet_steps is None else _validate.integer(tnet_steps, "tnet_steps", minimum=1)
+    _validate.integer(finetune_steps, "finetune_steps", minimum=0)
     if finetune_steps > 0 and finetune_data is None:
         raise ValueError("finetune_steps > 0 needs finetune_data (a dataset of (points, label) pairs)")
     if finetune_schedule not in SCHEDULES:  # checked before the distillation stages spend their time

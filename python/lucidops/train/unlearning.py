@@ -92,10 +92,8 @@ def gradient_difference(model: nn.Module, forget: Tensor, retain: Tensor, *, ste
     from tqdm.auto import tqdm
 
     forget, retain = _check_ids(forget, "forget"), _check_ids(retain, "retain")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _validate.integer(steps, "steps", minimum=1)
+    _validate.integer(batch_size, "batch_size", minimum=1)
     _validate.real_number(lr, "lr", "> 0")
     _validate.real_number(forget_weight, "forget_weight")
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -10,7 +10,7 @@ import torch
 
 import lucidops
 from lucidops import _ext
-from lucidops.ops.lora import FN_CODE
+from lucidops.ops._lora_backends import FN_CODE
 
 from comparisons import rel_err
 from test_lora import make, reference_grads

@@ -1,0 +1,194 @@
+"""The backends of the LoRA ops (lucidops::bounded_lora_linear, its backward, and the
+quantized-adapter pair), registered with lucidops.backends on import: the reference, the
+cpp path (a C++ pass over the rank-r factors around ATen matmuls) and the Triton kernels.
+The custom ops, their autograd and the public functions are in ops/lora.py."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _ext, backends
+from ..reference import lora as _reference
+
+Grads = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _reference_forward(x, weight, a, b, bias, fn, placement, omega, scale):
+    return _reference.forward(x, weight, a, b, bias, fn, placement, omega, scale)
+
+
+def _reference_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, need_weight, need_bias,
+                        need_lora):
+    out = _reference.backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, need_weight, need_bias)
+    if need_lora:
+        return out
+    return out[0], out[1], out[2], a.new_empty(0), b.new_empty(0)
+
+
+def _apply_fn_(fn: str, z: Tensor) -> Tensor:
+    return z.sin_() if fn == "sin" else z.tanh_()
+
+
+# The fn numbering shared with csrc/lucidops.h (LoraFn).
+FN_CODE = {"sin": 0, "tanh": 1}
+
+
+def _cpp_forward(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], fn: str,
+                 placement: str, omega: float, scale: float) -> Tensor:
+    """The cpp path. Placement "weight": the C++ kernel builds the effective weight
+    W + s fn(omega B A) in one pass (no update temporaries), then one ATen matmul; nothing
+    is kept for backward. Placement "output" has no full-rank update: ATen matmuls and
+    in-place elementwise steps on the (M, N_out) phase. Half inputs compute in float32."""
+    compute = _reference.opmath_dtype(x.dtype)
+    xc = x.to(compute)
+    if placement == "weight":
+        w_eff = _ext.load("cpu").lora_effective_weight(weight.to(compute), a.to(compute), b.to(compute),
+                                                       FN_CODE[fn], omega, scale)
+        if bias is not None:
+            return torch.addmm(bias.to(compute), xc, w_eff.T).to(x.dtype)
+        return torch.mm(xc, w_eff.T).to(x.dtype)
+    z = torch.mm(torch.mm(xc, a.to(compute).T), b.to(compute).T).mul_(omega)
+    y = _apply_fn_(fn, z).mul_(scale).addmm_(xc, weight.to(compute).T)
+    if bias is not None:
+        y.add_(bias)
+    return y.to(x.dtype)
+
+
+def _cpp_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, need_weight, need_bias,
+                  need_lora) -> Grads:
+    compute = _reference.opmath_dtype(x.dtype)
+    g, xc = grad.to(compute), x.to(compute)
+    ac, bc = a.to(compute), b.to(compute)
+    empty = x.new_empty(0)
+    grad_x = grad_w = grad_a = grad_b = empty
+    if placement == "weight":
+        ext = _ext.load("cpu")
+        if need_lora or need_weight:
+            gw = torch.mm(g.T, xc)                                  # G = dY^T X
+            if need_weight:
+                grad_w = gw.to(weight.dtype)
+        if need_lora:
+            # One C++ pass over the phase: H / (s omega) = G fn'(P) in place (a copy when G is
+            # also dweight), and the effective weight for dx when it is needed.
+            h = gw.clone() if need_weight and grad_w.data_ptr() == gw.data_ptr() else gw
+            w_eff = ext.lora_weight_backward(weight.to(compute), ac, bc, h, FN_CODE[fn], omega, scale, need_x)
+            # s omega applied to the small results, not to the N_out x K_in H.
+            grad_a = torch.mm(bc.T, h).mul_(scale * omega)
+            grad_b = torch.mm(h, ac.T).mul_(scale * omega)
+        elif need_x:
+            w_eff = ext.lora_effective_weight(weight.to(compute), ac, bc, FN_CODE[fn], omega, scale)
+        if need_x:
+            grad_x = torch.mm(g, w_eff)
+    else:
+        u = torch.mm(xc, ac.T)
+        if need_lora or need_x:
+            z = torch.mm(u, bc.T).mul_(omega)
+            if fn == "sin":
+                deriv = z.cos_()
+            else:
+                deriv = z.tanh_().pow_(2).neg_().add_(1.0)
+            gz = deriv.mul_(g).mul_(scale)
+            du = torch.mm(gz, bc).mul_(omega)
+            if need_lora:
+                grad_b = torch.mm(gz.T, u).mul_(omega)
+                grad_a = torch.mm(du.T, xc)
+            if need_x:
+                grad_x = torch.mm(g, weight.to(compute)).addmm_(du, ac)
+        if need_weight:
+            grad_w = torch.mm(g.T, xc).to(weight.dtype)
+    grad_bias = g.sum(0).to(weight.dtype) if need_bias else empty
+    return (grad_x.to(x.dtype), grad_w, grad_bias, grad_a.to(a.dtype), grad_b.to(b.dtype))
+
+
+def _triton_forward(x, weight, a, b, bias, fn, placement, omega, scale):
+    from ..triton_kernels import lora as tk
+
+    return tk.forward(x, weight, a, b, bias, fn, placement, omega, scale)
+
+
+def _triton_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, need_weight, need_bias,
+                     need_lora):
+    from ..triton_kernels import lora as tk
+
+    return tk.backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, need_weight, need_bias,
+                       need_lora)
+
+
+_NOTES = {
+    "cpp": "placement weight: a C++ pass builds the effective weight W + s fn(omega B A) from the rank-r "
+           "factors (forward, dx) and forms G fn'(omega B A) in place (dA, dB), around ATen matmuls; "
+           "placement output: ATen matmuls and in-place elementwise steps; saves only x, weight, A, B",
+    "triton": "up to 128 rows the update's tiles are regenerated inside the matmul K-loop (forward, dx) "
+              "and the weight-gradient tile is reduced into dA, dB without reaching memory; above, Triton "
+              "kernels build the effective weight once per call in <= 8 MiB column chunks for torch's "
+              "matmul and reduce chunks of torch's dY^T X into dA, dB",
+}
+backends.register_op("bounded_lora_linear",
+                     {"reference": _reference_forward, "cpp": _cpp_forward, "triton": _triton_forward},
+                     notes=_NOTES)
+backends.register_op("bounded_lora_linear_backward",
+                     {"reference": _reference_backward, "cpp": _cpp_backward, "triton": _triton_backward},
+                     notes=_NOTES)
+
+
+# Quantized adapters: the reference and cpp backends dequantize in PyTorch, then run the plain path.
+
+def _dequantized(a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, method, group_a, group_b, dtype):
+    """(A, B) dequantized in PyTorch from kernel tensors (the reference and cpp paths)."""
+    from ..quant.adapters import QuantizedTensor
+
+    def one(codes, t0, t1, group):
+        side = dict(scales=t0, minimums=t1) if method == "uniform" else dict(codebook=t0)
+        return QuantizedTensor(codes=codes.reshape(-1), shape=codes.shape, dtype=dtype, bits=8, method=method,
+                               group_size=group, **side).dequantize(dtype)
+
+    return one(a_codes, a_t0, a_t1, group_a), one(b_codes, b_t0, b_t1, group_b)
+
+
+def _quant_fallback_forward(plain):
+    def forward(x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, bias, method, group_a, group_b, fn, omega,
+                scale):
+        a, b = _dequantized(a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, method, group_a, group_b, x.dtype)
+        return plain(x, weight, a, b, bias, fn, "weight", omega, scale)
+
+    return forward
+
+
+def _quant_fallback_backward(plain):
+    def backward(grad, x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, method, group_a, group_b, fn, omega,
+                 scale, need_x, need_weight, need_bias):
+        a, b = _dequantized(a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, method, group_a, group_b, x.dtype)
+        return plain(grad, x, weight, a, b, fn, "weight", omega, scale, need_x, need_weight, need_bias, False)[:3]
+
+    return backward
+
+
+def _triton_quant_forward(*args):
+    from ..triton_kernels import lora as tk
+
+    return tk.quant_forward(*args)
+
+
+def _triton_quant_backward(*args):
+    from ..triton_kernels import lora as tk
+
+    return tk.quant_backward(*args)
+
+
+_QUANT_NOTES = {
+    "reference": "dequantizes A and B in PyTorch (x's dtype), then the reference path",
+    "cpp": "dequantizes A and B in PyTorch (x's dtype), then the cpp path",
+    "triton": "dequantizes tiles of A and B from their uint8 codes in the kernel prologue (forward and dx), "
+              "so neither the factors nor the update reach global memory; dweight needs no adapter",
+}
+backends.register_op("bounded_lora_linear_quant",
+                     {"reference": _quant_fallback_forward(_reference_forward),
+                      "cpp": _quant_fallback_forward(_cpp_forward), "triton": _triton_quant_forward},
+                     notes=_QUANT_NOTES)
+backends.register_op("bounded_lora_linear_quant_backward",
+                     {"reference": _quant_fallback_backward(_reference_backward),
+                      "cpp": _quant_fallback_backward(_cpp_backward), "triton": _triton_quant_backward},
+                     notes=_QUANT_NOTES)

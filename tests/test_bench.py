@@ -126,3 +126,18 @@ def test_lora_bench_can_force_the_tile_fused_kernels(monkeypatch):
     with bench_lora._setting("lucidops[triton]"):
         step()
     assert len(built) == 3  # forward, dx and G, 200 rows > FUSED_MAX_ROWS
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # SDPA's CPU kernel has no vmap rule
+def test_per_sample_bench_times_the_same_gradients():
+    """bench/per_sample.py: each case times the four implementations, and lucidops' per-sample
+    gradients (vmap and loop) equal the plain-PyTorch module's in float64."""
+    from lucidops.bench import per_sample
+
+    rows = per_sample.run("cpu", quick=True)
+    cases = {r["case"] for r in rows}
+    assert len(cases) == 3 and len(rows) == 12
+    for row in rows:
+        assert row["ms"] > 0 and row["speedup_vs_pytorch_loop"] > 0
+        if row["impl"].startswith("lucidops"):
+            assert row["rel_err_vs_fp64"] < 1e-5, row

@@ -222,3 +222,22 @@ def test_forward_mode_names_what_to_use_instead():
         torch.func.jvp(lambda t: lucidops.ops.attention(t, t, t), (x.view(1, 1, 1, 4),), (x.view(1, 1, 1, 4),))
     with pytest.raises(NotImplementedError, match="no forward-mode formula"):
         torch.func.jacfwd(lambda t: lucidops.ops.sinc(t, 1.0))(x)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_vmap_of_bfloat16_attention_carries_its_low_part(backend, device):
+    """bfloat16 attention keeps a float32 low part of the output (out_lo) for its backward;
+    the vmap rules fold it like the other saved tensors."""
+    _skip_without(backend, device, ["attention"])
+    q, k, v = (torch.randn(3, 2, 2, 6, 8, device=device).bfloat16() for _ in range(3))
+
+    def loss(q, k, v):
+        return lucidops.ops.attention(q, k, v, causal=True).float().square().sum()
+
+    with lucidops.use_backend(backend):
+        got = vmap(grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        for i in range(3):
+            leaves = [t[i].clone().requires_grad_(True) for t in (q, k, v)]
+            loss(*leaves).backward()
+            for g, leaf in zip(got, leaves):
+                assert torch.equal(g[i], leaf.grad)

@@ -153,11 +153,10 @@ def _(info, in_dims, q, k, v, key_padding_mask, causal, scale):
 @_attention_backward_op.register_vmap
 def _(info, in_dims, grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale):
     n = info.batch_size
-    if out_lo.numel() == 0:  # no bfloat16 low part: nothing to fold
+    if out_lo.numel() == 0:  # no bfloat16 low part: the (0,) marker, whatever its batching
         out_lo, in_dims = out_lo.new_empty(0), in_dims[:6] + (None,) + in_dims[7:]
     tensors = (grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask)
-    folded = (t if i == 6 and _vmap.not_computed(t) else _vmap.fold(t, d, n)
-              for i, (t, d) in enumerate(zip(tensors, in_dims)))
+    folded = (_vmap.fold(t, d, n) for t, d in zip(tensors, in_dims))  # the (0,) marker folds to (0,)
     return _vmap.unfold_all(_attention_backward_op(*folded, causal, scale), n)
 
 

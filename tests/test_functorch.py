@@ -241,3 +241,9 @@ def test_vmap_of_bfloat16_attention_carries_its_low_part(backend, device):
             loss(*leaves).backward()
             for g, leaf in zip(got, leaves):
                 assert torch.equal(g[i], leaf.grad)
+
+
+def test_vmap_folds_examples_with_no_rows():
+    w, a, b = torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
+    out = vmap(lambda t: lucidops.ops.sine_lora_linear(t, w, a, b, omega=1.0, scale=1.0))(torch.randn(3, 0, 8))
+    assert out.shape == (3, 0, 5)

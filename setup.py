@@ -109,6 +109,7 @@ setup(
         "data": ["h5py>=3.0"],
         "dev": ["pytest>=8", "hypothesis>=6", "pytest-timeout", "timm>=1.0", "peft>=0.13", "transformers>=4.45",
                 "matplotlib>=3.5", "h5py>=3.0",
+                "opacus>=1.5",  # tests/test_opacus.py: DP-SGD's per-sample gradients through the ops
                 "mypy==2.4.1"],  # pinned: a newer mypy finds new errors (tests/test_types.py)
     },
     entry_points={"console_scripts": ["lucidops=lucidops.cli:main"]},

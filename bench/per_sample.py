@@ -85,16 +85,23 @@ class DenseGaussianEncoder(nn.Module):
 
 
 def _cases(quick: bool) -> List[Tuple[str, nn.Module, nn.Module, Tensor]]:
-    """(case, lucidops module, the PyTorch module with the same weights, examples)."""
-    from timm.models.vision_transformer import Attention
-
+    """(case, lucidops module, the PyTorch module with the same weights, examples); the
+    attention case needs timm (not a lucidops dependency) and is left out without it."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     batch = 4 if quick else 16
-    dim, heads, tokens = (48, 6, 17) if quick else (192, 24, 65)
-    timm_attention = Attention(dim, num_heads=heads, qkv_bias=True)
-    ours_attention = lucidops.nn.ManyHeadAttention(dim, heads, qkv_bias=True)
-    ours_attention.load_state_dict(timm_attention.state_dict())
+    cases: List[Tuple[str, nn.Module, nn.Module, Tensor]] = []
+    try:
+        from timm.models.vision_transformer import Attention
+    except ImportError:
+        print("per_sample: the attention case needs timm (pip install timm); skipped")
+    else:
+        dim, heads, tokens = (48, 6, 17) if quick else (192, 24, 65)
+        timm_attention = Attention(dim, num_heads=heads, qkv_bias=True)
+        ours_attention = lucidops.nn.ManyHeadAttention(dim, heads, qkv_bias=True)
+        ours_attention.load_state_dict(timm_attention.state_dict())
+        cases.append((f"attention dim {dim}, {heads} heads of {dim // heads}, {batch} x {tokens} tokens",
+                      ours_attention, timm_attention, torch.randn(batch, tokens, dim, generator=gen)))
 
     width, rank, lora_tokens = (128, 8, 8) if quick else (1024, 16, 32)
     sine = lucidops.nn.SineLoRALinear(nn.Linear(width, width), rank=rank, omega=200.0, alpha=float(rank))
@@ -102,9 +109,7 @@ def _cases(quick: bool) -> List[Tuple[str, nn.Module, nn.Module, Tensor]]:
 
     gaussians, channels, points = (8, 32, 64) if quick else (32, 256, 512)
     encoder = lucidops.nn.GaussianPointEncoder(gaussians, channels)
-    return [
-        (f"attention dim {dim}, {heads} heads of {dim // heads}, {batch} x {tokens} tokens", ours_attention,
-         timm_attention, torch.randn(batch, tokens, dim, generator=gen)),
+    return cases + [
         (f"sine LoRA {width}x{width} r={rank}, {batch} x {lora_tokens} tokens", sine, NaiveSineLoRA(sine),
          torch.randn(batch, lora_tokens, width, generator=gen)),
         (f"Gaussian encoder G={gaussians} K={channels}, {batch} clouds x {points} points", encoder,

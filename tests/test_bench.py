@@ -141,3 +141,18 @@ def test_per_sample_bench_times_the_same_gradients():
         assert row["ms"] > 0 and row["speedup_vs_pytorch_loop"] > 0
         if row["impl"].startswith("lucidops"):
             assert row["rel_err_vs_fp64"] < 1e-5, row
+
+
+def test_per_sample_bench_runs_without_timm(monkeypatch, capsys):
+    """timm is not a lucidops dependency: without it `lucidops bench` still runs, minus the
+    attention case, and says so."""
+    import sys
+
+    from lucidops.bench import per_sample
+
+    for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
+    rows = per_sample.run("cpu", quick=True)
+    assert len({r["case"] for r in rows}) == 2 and not any(r["case"].startswith("attention") for r in rows)
+    assert "needs timm" in capsys.readouterr().out

@@ -167,7 +167,9 @@ class GaussianPointNet(nn.Module):
         _validate.integer(out_channels, "out_channels", minimum=1)
         if not isinstance(input_transform, bool):
             raise TypeError(f"input_transform must be a bool, got {type(input_transform).__name__}")
-        tnet_gaussians = num_gaussians if tnet_gaussians is None else _validate.integer(tnet_gaussians, "tnet_gaussians", minimum=1)
+        if tnet_gaussians is None:
+            tnet_gaussians = num_gaussians
+        _validate.integer(tnet_gaussians, "tnet_gaussians", minimum=1)
         _validate.real_number(cloud_range, "cloud_range", "> 0")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")

@@ -56,7 +56,8 @@ def first_order_only(op: Any) -> Callable[..., Any]:
 
 def _twin(op: Any, setup_context: Callable, backward: Callable, **more: Callable) -> Any:
     """An autograd.Function that runs ``op`` with this formula (vmap rule generated)."""
-    methods = {name: staticmethod(f) for name, f in dict(setup_context=setup_context, backward=backward, **more).items()}
+    formulas = dict(setup_context=setup_context, backward=backward, **more)
+    methods = {name: staticmethod(f) for name, f in formulas.items()}
     return type(f"{_op_name(op).replace('::', '_')}_functorch", (torch.autograd.Function,),
                 {"generate_vmap_rule": True, "forward": staticmethod(lambda *args: op(*args)), **methods})
 

@@ -61,7 +61,9 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     if not isinstance(teacher, PointNet):
         raise TypeError(f"teacher must be a lucidops.models.PointNet, got {type(teacher).__name__}")
     _validate.integer(num_gaussians, "num_gaussians", minimum=1)
-    tnet_gaussians = num_gaussians if tnet_gaussians is None else _validate.integer(tnet_gaussians, "tnet_gaussians", minimum=1)
+    if tnet_gaussians is None:
+        tnet_gaussians = num_gaussians
+    _validate.integer(tnet_gaussians, "tnet_gaussians", minimum=1)
     tnet_steps = steps if tnet_steps is None else _validate.integer(tnet_steps, "tnet_steps", minimum=1)
     _validate.integer(finetune_steps, "finetune_steps", minimum=0)
     if finetune_steps > 0 and finetune_data is None:

@@ -343,3 +343,14 @@ def test_gd_shrinkage_mask_rejects_bad_arguments():
         gd_shrinkage_mask(torch.tensor([float("inf")]), 0.1, 3)
     with pytest.raises(TypeError, match="singular_values"):
         gd_shrinkage_mask(torch.ones(3, dtype=torch.int32), 0.1, 3)
+
+
+def test_gd_shrinkage_mask_checks_values_under_vmap_and_skips_them_on_meta():
+    """Its data-dependent checks follow the shared rule (_validate.readable_values): under vmap
+    they read every example, on the meta device (shape-only runs) they stand aside."""
+    s = torch.rand(3, 4)
+    torch.testing.assert_close(torch.vmap(lambda t: gd_shrinkage_mask(t, 0.1, 5))(s), gd_shrinkage_mask(s, 0.1, 5))
+    assert gd_shrinkage_mask(s.to("meta"), 0.1, 5).shape == (3, 4)
+    s[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="singular_values must be finite"):
+        torch.vmap(lambda t: gd_shrinkage_mask(t, 0.1, 5))(s)

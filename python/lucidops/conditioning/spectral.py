@@ -31,10 +31,11 @@ def gd_shrinkage_mask(singular_values: Tensor, lr: float, iters: int) -> Tensor:
     lr = _validate.real_number(lr, "lr", "> 0")
     iters = _validate.integer(iters, "iters", minimum=0)
     s = singular_values
-    if s.numel() and not _validate.is_compiling():
-        if not bool(torch.isfinite(s).all()):
+    values = _validate.readable_values(s)  # the shared rule for data-dependent checks
+    if values is not None and values.numel():
+        if not bool(torch.isfinite(values).all()):
             raise ValueError("singular_values must be finite")
-        if bool((s < 0).any()):
+        if bool((values < 0).any()):
             raise ValueError("singular_values must be >= 0")
     a = lr * s * s
     small = a < 1

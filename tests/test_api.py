@@ -3,6 +3,7 @@ FLOP counting, the CLI."""
 
 import os
 import subprocess
+import threading
 import sys
 
 import pytest
@@ -96,6 +97,52 @@ def test_use_backend_validates_and_restores():
         lucidops.ops.sinc(x)
         assert backends.last_used("sinc") == "reference"
     assert backends.forced_backend() is None
+
+
+def _backward_on_another_thread(loss):
+    # A new thread starts with an empty context, as the autograd engine's CUDA device threads do.
+    failures = []
+    worker = threading.Thread(target=lambda: _record_failure(loss.backward, failures))
+    worker.start()
+    worker.join()
+    assert not failures, failures
+
+
+def _record_failure(call, failures):
+    try:
+        call()
+    except Exception as err:  # reraised by the caller, on the test's thread
+        failures.append(err)
+
+
+def _vjp_after_the_block(module, x):
+    """torch.func.vjp's forward inside the block, its pullback after it."""
+    params = dict(module.named_parameters())
+    loss_of = lambda p, x: torch.func.functional_call(module, p, (x,)).float().square().sum()  # noqa: E731
+    with lucidops.use_backend("reference"):
+        _, pullback = torch.func.vjp(loss_of, params, x)
+    pullback(torch.ones(()))
+
+
+@pytest.mark.parametrize("name", sorted(small_modules()))
+@pytest.mark.parametrize("where", ["after_the_block", "another_thread", "torch_func_vjp"])
+def test_backward_runs_on_the_backend_forced_around_its_forward(name, where, monkeypatch):
+    """The forced backend holds for the backward of the calls made in the block (as PyTorch's
+    sdpa_kernel does), also when the backward runs outside it or on a thread of its own."""
+    module, x, _, _ = small_modules()[name]
+    x.requires_grad_(True)  # the quantized adapter has no trainable parameter
+    monkeypatch.setattr(backends, "_last_used", {})
+    if where == "torch_func_vjp":
+        _vjp_after_the_block(module.eval(), x)  # eval: batch norm may not update buffers under torch.func
+    else:
+        with lucidops.use_backend("reference"):
+            loss = module(x).float().square().sum()
+        if where == "after_the_block":
+            loss.backward()
+        else:
+            _backward_on_another_thread(loss)
+    used = {op: backend for op, backend in backends._last_used.items() if op.endswith("_backward")}
+    assert used and set(used.values()) == {"reference"}, used
 
 
 def test_automatic_choice_on_cpu_is_the_cpp_extension():

@@ -10,6 +10,9 @@ itself, and see no difference.
 The twins let torch.func generate their vmap rule (``generate_vmap_rule``): under vmap
 they call the ops on batched tensors, and the ops' own vmap rules take over. Forward-mode
 AD (``jvp``, ``jacfwd``, ``hessian``) and second derivatives have no formula and raise.
+
+Both the op and its twin run the backward on the backend their forward was forced to
+(``use_backend``), wherever and whenever the backward runs: see ``_same_backend``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import _validate
+from .. import _validate, backends
 
 
 def transforms_active() -> bool:
@@ -35,6 +38,7 @@ def _op_name(op: Any) -> str:
 def differentiable(op: Any, backward: Callable, setup_context: Callable) -> Callable[..., Any]:
     """Register ``backward`` as ``op``'s autograd formula and return the callable the public
     wrappers use: ``op`` itself, or its twin while a torch.func transform is active."""
+    setup_context, backward = _same_backend(setup_context, backward)
     op.register_autograd(backward, setup_context=setup_context)
 
     def no_forward_mode(ctx, *tangents):
@@ -42,6 +46,26 @@ def differentiable(op: Any, backward: Callable, setup_context: Callable) -> Call
                                   "lucidops ops have reverse-mode first derivatives (grad, vjp, jacrev)")
 
     return _either(op, _twin(op, setup_context, backward, jvp=no_forward_mode))
+
+
+def _same_backend(setup_context: Callable, backward: Callable):
+    """The formula, made to run its backward on the backend forced around the forward.
+
+    ``use_backend`` is a context variable, and the backward usually runs outside the block that
+    forced the forward (``loss.backward()`` after it), or on another thread: the autograd engine
+    runs CUDA nodes on its own device threads, which never see the caller's context. PyTorch's
+    own choice of kernel (``sdpa_kernel``) likewise holds for the backward of the calls it made."""
+    def setup(ctx, inputs, output):
+        ctx.forced_backend = backends.forced_backend()
+        setup_context(ctx, inputs, output)
+
+    def run_backward(ctx, *grads):
+        if ctx.forced_backend is None:
+            return backward(ctx, *grads)
+        with backends.use_backend(ctx.forced_backend):
+            return backward(ctx, *grads)
+
+    return setup, run_backward
 
 
 def first_order_only(op: Any) -> Callable[..., Any]:

@@ -83,6 +83,38 @@ def test_patched_layer_matches_definition(variant, fn, placement):
         assert (got - layer._lucidops_lora["original"](xin)).abs().max() > 1e-3
 
 
+def by_hand_with_dropout(layer, x, u, fn, omega, scale, placement):
+    """by_hand with the adapter reading u = lora_dropout(x) and the base reading x, as peft does."""
+    base = layer.get_base_layer()
+    w0, bias = base.weight.double().t(), base.bias.double()
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    f = torch.sin if fn == "sin" else torch.tanh
+    x, u = x.double(), u.double()
+    if placement == "weight":
+        return x @ w0.T + u @ (scale * f(omega * b @ a)).T + bias
+    return x @ w0.T + scale * f(omega * (u @ a.T) @ b.T) + bias
+
+
+@pytest.mark.parametrize("fn,placement", [("sin", "weight"), ("tanh", "output")])
+def test_lora_dropout_drops_the_adapter_input_in_training(fn, placement):
+    model = make_model(dropout=0.2)
+    peft_lora(model, "bounded", omega=2.0, fn=fn, placement=placement, only_mlp=True)
+    layer = dict(lora_linears(model))["base_model.model.transformer.h.0.mlp.c_fc"]
+    x = torch.randn(3, 5, 32)
+    scale = layer.scaling["default"]
+    model.train()
+    torch.manual_seed(11)
+    got = layer(x)
+    torch.manual_seed(11)  # peft's nn.Dropout draws the same mask again
+    u = torch.nn.functional.dropout(x, 0.2, training=True)
+    torch.testing.assert_close(got.double(), by_hand_with_dropout(layer, x, u, fn, 2.0, scale, placement),
+                               rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0 and layer.lora_B["default"].weight.grad.abs().sum() > 0
+    model.eval()  # no dropout: the layer's definition on x
+    torch.testing.assert_close(layer(x).double(), by_hand(layer, x, fn, 2.0, scale, placement), rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_reach_the_same_peft_parameters():
     model = make_model()
     params = {n: p for n, p in model.named_parameters()}
@@ -184,8 +216,10 @@ def test_bad_input_raises():
         peft_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), "sine", omega=1.0)
     with pytest.raises(ValueError, match="only_mlp"):
         peft_lora(make_model(targets=("c_attn",)), "bounded", omega=1.0, only_mlp=True)
-    with pytest.raises(ValueError, match="lora_dropout"):
-        peft_lora(make_model(dropout=0.1), "bounded", omega=1.0)
+    odd = make_model()
+    lora_linears(odd)[0][1].lora_dropout["default"] = torch.nn.ReLU()
+    with pytest.raises(TypeError, match="lora_dropout"):
+        peft_lora(odd, "bounded", omega=1.0)
     handle = peft_lora(model, "bounded", omega=1.0)
     with pytest.raises(RuntimeError, match="already patched"):
         peft_lora(model, "bounded", omega=1.0)

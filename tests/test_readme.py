@@ -385,6 +385,8 @@ EXAMPLES = {
                           peft_model=_peft_model(), forget_ids=torch.randint(0, 64, (4, 8)),
                           retain_ids=torch.randint(0, 64, (4, 8))),
         {"steps=100": "steps=2"}),
+    "adapter_input=u)": (
+        lambda root: dict(A=torch.randn(4, 64), B=torch.randn(32, 4), W=torch.randn(32, 64), x=torch.randn(3, 64)), {}),
     "gray = conditioning.token_gray(x": (lambda root: dict(x=torch.randn(2, 16, 32)), {}),
     "per_sample = vmap(grad(loss)": (lambda root: dict(inputs=torch.randn(8, 64), targets=torch.randn(8, 32)), {}),
 }

@@ -52,6 +52,14 @@ def real_number(value, name: str, bound: Optional[str] = None, *, tensor_ok: boo
     return value
 
 
+def probability(value, name: str) -> float:
+    """``value`` as a float in [0, 1), a dropout probability (1 would drop everything)."""
+    value = real_number(value, name)
+    if not is_compiling() and not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
 def integer(value, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
     """``value`` as an int within [minimum, maximum]; a bool, a float or a string is a TypeError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -78,8 +78,7 @@ class PointNet(nn.Module):
                  dropout: float = 0.3):
         super().__init__()
         _validate.integer(num_classes, "num_classes", minimum=1)
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        dropout = _validate.probability(dropout, "dropout")
         self.num_classes = num_classes
         self.input_tnet = TNet(3) if input_transform else None
         self.conv1 = _conv_bn(3, 64)

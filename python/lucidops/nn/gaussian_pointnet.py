@@ -171,8 +171,7 @@ class GaussianPointNet(nn.Module):
             tnet_gaussians = num_gaussians
         _validate.integer(tnet_gaussians, "tnet_gaussians", minimum=1)
         _validate.real_number(cloud_range, "cloud_range", "> 0")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        dropout = _validate.probability(dropout, "dropout")
         tnet = GaussianTNet(3, tnet_gaussians, cloud_range=cloud_range) if input_transform else None
         encoder = GaussianPointEncoder(num_gaussians, out_channels, cloud_range=cloud_range, reduce="max")
         self._assign(encoder, _pointnet_head(out_channels, num_classes, float(dropout)), tnet)

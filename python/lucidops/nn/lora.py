@@ -37,10 +37,13 @@ class BoundedLoRALinear(nn.Module):
         alpha: LoRA alpha (default: rank, i.e. scale 1 / gain).
         placement: "weight" or "output".
         gain: divisor of the scale: a positive number, or "sqrt_in" for sqrt(K_in).
+        dropout: probability of peft's ``lora_dropout``: in training the adapter reads
+            dropout(x) while the base reads x (one more matmul of the base's size per call).
     """
 
     def __init__(self, base: nn.Linear, rank: int, fn: str = "sin", omega: float = 1.0,
-                 alpha: Optional[float] = None, placement: str = "weight", gain: Union[float, str] = 1.0):
+                 alpha: Optional[float] = None, placement: str = "weight", gain: Union[float, str] = 1.0,
+                 dropout: float = 0.0):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -62,6 +65,8 @@ class BoundedLoRALinear(nn.Module):
         else:
             g = _validate.real_number(gain, "gain", "> 0", tensor_ok=True)
         self.gain = g
+        drop_p = _validate.probability(dropout, "dropout")
+        self.lora_dropout: nn.Module = nn.Dropout(drop_p) if drop_p > 0 else nn.Identity()  # peft's name
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
@@ -83,8 +88,10 @@ class BoundedLoRALinear(nn.Module):
         if self.merged:
             return self.base(x)
         a, b = self._adapter()
+        dropping = isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.training and self.lora_dropout.p > 0
         return F.bounded_lora_linear(x, self.base.weight, a, b, self.base.bias, fn=self.fn, omega=self.omega,
-                                     scale=self.scale, placement=self.placement)
+                                     scale=self.scale, placement=self.placement,
+                                     adapter_input=self.lora_dropout(x) if dropping else None)
 
     def delta_weight(self) -> Tensor:
         """The update scale fn(omega B A) (N_out, K_in), in the weight's dtype."""
@@ -147,6 +154,7 @@ class BoundedLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.base.in_features}, out_features={self.base.out_features}, rank={self.rank}, "
                 f"fn={self.fn}, omega={self.omega:g}, scale={self.scale:g}, placement={self.placement}, "
+                f"dropout={getattr(self.lora_dropout, 'p', 0.0):g}, "
                 f"merged={self.merged}, quantized={self.quantized is not None}")
 
 
@@ -155,5 +163,6 @@ class SineLoRALinear(BoundedLoRALinear):
     g = sqrt(K_in) by default (``gain="sqrt_in"``, as in the authors' code)."""
 
     def __init__(self, base: nn.Linear, rank: int, omega: float, alpha: Optional[float] = None,
-                 gain: Union[float, str] = "sqrt_in"):
-        super().__init__(base, rank, fn="sin", omega=omega, alpha=alpha, placement="weight", gain=gain)
+                 gain: Union[float, str] = "sqrt_in", dropout: float = 0.0):
+        super().__init__(base, rank, fn="sin", omega=omega, alpha=alpha, placement="weight", gain=gain,
+                         dropout=dropout)

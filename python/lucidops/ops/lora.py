@@ -376,7 +376,7 @@ def _quantized_weight_linear(x: Tensor, weight: Tensor, adapter, lora_B, bias: O
 
 def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tensor] = None,
                         bias: Optional[Tensor] = None, *, fn: str = "sin", omega: Number = 1.0, scale: Number,
-                        placement: str = "weight") -> Tensor:
+                        placement: str = "weight", adapter_input: Optional[Tensor] = None) -> Tensor:
     """Linear layer with a bounded low-rank adapter, without materialising the update for backward.
 
     Args:
@@ -393,12 +393,17 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
         scale: finite multiplier of the update (the module passes alpha / r / gain).
         placement: "weight" bounds the weight product, scale fn(omega B A); "output"
             bounds the adapter output, scale fn(omega (x A^T) B^T).
+        adapter_input: what the adapter reads instead of x, e.g. ``dropout(x)`` as peft's
+            ``lora_dropout`` gives it (x's shape, dtype and device); the base still reads x.
+            It costs one more matmul of the base's size (see :func:`_with_adapter_input`).
     Returns:
         (..., N_out) tensor in x's dtype. All tensors must share x's dtype and device.
     """
     from ..quant.adapters import QuantizedAdapter
 
     x, weight, lora_A, lora_B, bias = _autocast.lower_precision(x, weight, lora_A, lora_B, bias)  # as for linear
+    if adapter_input is not None:
+        return _with_adapter_input(x, adapter_input, weight, lora_A, lora_B, bias, fn, omega, scale, placement)
     if isinstance(lora_A, QuantizedAdapter) and placement == "weight":
         return _quantized_weight_linear(x, weight, lora_A, lora_B, bias, fn, omega, scale)
     lora_A, lora_B = _resolve_adapter(x, lora_A, lora_B)
@@ -411,11 +416,35 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
 
 
 def sine_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tensor] = None,
-                     bias: Optional[Tensor] = None, *, omega: Number, scale: Number) -> Tensor:
+                     bias: Optional[Tensor] = None, *, omega: Number, scale: Number,
+                     adapter_input: Optional[Tensor] = None) -> Tensor:
     """Sine LoRA (Ji et al., ICLR 2025): x (weight + scale sin(omega lora_B @ lora_A))^T + bias.
 
     ``scale`` is the whole multiplier (alpha / r / g with g = sqrt(K_in) in the authors'
     code). Arguments as for :func:`bounded_lora_linear`.
     """
     return bounded_lora_linear(x, weight, lora_A, lora_B, bias, fn="sin", omega=omega, scale=scale,
-                               placement="weight")
+                               placement="weight", adapter_input=adapter_input)
+
+
+def _with_adapter_input(x: Tensor, adapter_input: Tensor, weight: Tensor, lora_A, lora_B, bias, fn: str, omega,
+                        scale, placement: str) -> Tensor:
+    """The layer with the adapter reading ``adapter_input`` (u) and the base reading x:
+
+        x W^T + bias + adapter(u)  =  op(u) + (x - u) W^T,
+
+    since op(u) = u W^T + bias + adapter(u) in both placements. The op itself stays one fused
+    call (its contract and kernels unchanged), and the second term is one plain matmul: for
+    placement "weight" the naive formulation's x W^T + u (scale fn(omega B A))^T also makes two
+    of that size."""
+    _validate.floating_tensor(x, "x")
+    _validate.floating_tensor(adapter_input, "adapter_input")
+    (adapter_input,) = _autocast.lower_precision(adapter_input)
+    if adapter_input.shape != x.shape:
+        raise ValueError(f"adapter_input must have x's shape {tuple(x.shape)}, got {tuple(adapter_input.shape)}")
+    if adapter_input.dtype != x.dtype:
+        raise TypeError(f"adapter_input must have x's dtype ({x.dtype}), got {adapter_input.dtype}")
+    _validate.same_device(adapter_input, x, "adapter_input", "x")
+    y = bounded_lora_linear(adapter_input, weight, lora_A, lora_B, bias, fn=fn, omega=omega, scale=scale,
+                            placement=placement)
+    return y + torch.nn.functional.linear(x - adapter_input, weight)

@@ -133,9 +133,13 @@ def _fused_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     # peft may keep adapters in float32 over a bfloat16 base: run the op in the base's dtype
     # (the differentiable casts send the gradients back to the float32 adapter parameters).
     dtype = weight.dtype
+    dropout = self.lora_dropout[adapter]
+    # As in peft, the adapter reads lora_dropout(x) and the base x (in training, p > 0).
+    dropping = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
     y = _ops.bounded_lora_linear(x.to(dtype), weight, a.to(dtype), b.to(dtype), bias, fn=cfg["fn"],
                                  omega=cfg["omega"], scale=self.scaling[adapter] / cfg["gain"],
-                                 placement=cfg["placement"])
+                                 placement=cfg["placement"],
+                                 adapter_input=dropout(x).to(dtype) if dropping else None)
     return y.to(x.dtype)
 
 
@@ -170,9 +174,9 @@ def _check_layer(name: str, layer: _LoraLinear, adapter: str) -> None:
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         raise ValueError(f"layer {name!r}: lora_bias=True is not supported by the fused op")
     dropout = layer.lora_dropout[adapter]
-    if not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 0.0) > 0:
-        raise ValueError(f"layer {name!r}: lora_dropout={dropout.p} cannot be applied inside the fused op "
-                         "(it drops the adapter's input only); use lora_dropout=0")
+    if not isinstance(dropout, (nn.Identity, nn.Dropout)):
+        raise TypeError(f"layer {name!r}: lora_dropout of adapter {adapter!r} is a {type(dropout).__name__}; the "
+                        "fused op takes peft's nn.Dropout or nn.Identity")
     if layer.merged:
         raise RuntimeError(f"layer {name!r} has merged adapters; call model.unmerge_adapter() before patching")
     if "_lucidops_lora" in layer.__dict__:
@@ -189,6 +193,8 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
 
     * placement "weight": y = x (W0 + s / g * fn(omega B A))^T + bias
     * placement "output": y = x W0^T + s / g * fn(omega (x A^T) B^T) + bias
+
+    As in peft, in training the adapter reads ``lora_dropout(x)`` where the base reads x.
 
     Args:
         model: a peft model (or any module containing peft LoRA Linear layers).

@@ -9,6 +9,7 @@ Side by side, frozen base weight, adapters trained:
 - ``lucidops[triton, fused tiles]``: triton with its tile-fused kernels at every batch size
   (the update regenerated inside the matmul, G = dY^T X reduced in the same kernel); by
   default it builds Weff and G in chunks for torch's matmul above 128 rows.
+Also forward+backward with peft's lora_dropout (the adapter reads dropout(x)).
 Forward (no grad), forward+backward, bytes saved for backward (saved_tensors_hooks,
 distinct storages, the frozen weight included for every implementation), and on CUDA the
 peak allocator bytes of forward+backward. Full size: x (4096, 1024), W (1024, 1024) on
@@ -48,9 +49,10 @@ def _impls(device: str, scale: float) -> Dict[str, Callable]:
         if backend == "triton" and device == "cpu":
             continue  # the interpreter is a correctness tool, not a fast path
         if backends.backend_problem(backend, device) is None:
-            def fused(x, w, a, b, bias, _b=backend):
+            def fused(x, w, a, b, bias, _b=backend, adapter_input=None):
                 with lucidops.use_backend(_b):
-                    return lucidops.ops.sine_lora_linear(x, w, a, b, bias, omega=OMEGA, scale=scale)
+                    return lucidops.ops.sine_lora_linear(x, w, a, b, bias, omega=OMEGA, scale=scale,
+                                                         adapter_input=adapter_input)
             impls[f"lucidops[{backend}]"] = fused
     if "lucidops[triton]" in impls:
         impls[FUSED_TILES] = impls["lucidops[triton]"]  # timed inside _fused_tiles(), see _setting
@@ -146,7 +148,48 @@ def run(device: str, quick: bool = False) -> List[Dict]:
     for row in rows:
         if row["mode"] == "forward+backward" and "plain LoRA" in saved and row["impl"] in saved:
             row["saved_vs_plain_lora"] = saved[row["impl"]] / saved["plain LoRA"]
+    rows += _with_adapter_dropout(device, scale, case, xg, w, a, b, bias, grad)
     return rows
+
+
+DROPOUT = 0.1
+
+
+def _with_adapter_dropout(device: str, scale: float, case: str, xg, w, a, b, bias, grad) -> List[Dict]:
+    """Forward+backward with peft's lora_dropout: the adapter reads u = dropout(x), the base x.
+    The naive formulation then adds u (s sin(omega B A))^T to x W^T; lucidops computes
+    op(u) + (x - u) W^T (``adapter_input``)."""
+    def naive(x, u):
+        return F.linear(x, w, bias) + F.linear(u, scale * torch.sin(OMEGA * (b @ a)))
+
+    def plain_lora(x, u):
+        return F.linear(x, w, bias) + scale * ((u @ a.T) @ b.T)
+
+    impls: Dict[str, Callable] = {"naive": naive, "plain LoRA": plain_lora}
+    for name, fn in _impls(device, scale).items():
+        if name.startswith("lucidops[") and name != FUSED_TILES:
+            def fused(x, u, _fn=fn):
+                return _fn(x, w, a, b, bias, adapter_input=u)
+            impls[name] = fused
+
+    def train_step(fn):
+        def step():
+            xg.grad = a.grad = b.grad = None
+            _call_dropped(fn, xg).backward(grad)
+        return step
+
+    mode = f"forward+backward, lora_dropout {DROPOUT}"
+    times = measure_interleaved_ms({name: train_step(fn) for name, fn in impls.items()}, device)
+    rows = []
+    for name, ms in times.items():
+        saved = saved_bytes(functools.partial(_call_dropped, impls[name], xg))
+        rows.append(dict(family="lora", case=case, mode=mode, impl=name, ms=ms, saved_for_backward_MB=saved / 2**20))
+    _ratios(rows, times, mode, case)
+    return rows
+
+
+def _call_dropped(fn: Callable, x):
+    return fn(x, F.dropout(x, DROPOUT))
 
 
 def _ratios(rows: List[Dict], times: Dict[str, float], mode: str, case: str) -> None:

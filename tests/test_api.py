@@ -145,6 +145,17 @@ def test_backward_runs_on_the_backend_forced_around_its_forward(name, where, mon
     assert used and set(used.values()) == {"reference"}, used
 
 
+def test_checkpoint_recomputes_on_the_env_forced_backend_from_any_thread(monkeypatch):
+    """A checkpoint's recomputation runs inside the backward: on another thread (a GPU's autograd
+    threads) only LUCIDOPS_BACKEND, not a use_backend block, reaches it."""
+    module, x, _, _ = small_modules()["attention"]
+    monkeypatch.setenv("LUCIDOPS_BACKEND", "reference")
+    loss = torch.utils.checkpoint.checkpoint(module, x.requires_grad_(True), use_reentrant=False).square().sum()
+    monkeypatch.setattr(backends, "_last_used", {})
+    _backward_on_another_thread(loss)
+    assert backends._last_used == {"attention": "reference", "attention_backward": "reference"}
+
+
 def test_automatic_choice_on_cpu_is_the_cpp_extension():
     lucidops.ops.gaussian(torch.randn(8))
     assert backends.last_used("gaussian") == "cpp"

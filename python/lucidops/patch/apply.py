@@ -8,7 +8,10 @@
 
 Families and what they do to the function the model computes:
 
-* ``attention`` -- kernel swap: same function (within dtype rounding), faster kernel.
+* ``attention`` -- kernel swap: same function (within dtype rounding), faster kernel. timm's
+  ViT ``Attention`` becomes :class:`~lucidops.nn.ManyHeadAttention`; other modules whose
+  forward calls ``scaled_dot_product_attention`` (EVA-02, rope ViTs, PVT v2, ...) keep their
+  forward and get those calls answered by lucidops (:func:`lucidops.patch.sdpa_calls`).
 * ``lora`` -- makes peft's LoRA adapters sine / bounded: a *different* function by design
   (methods.md sections 3 and 5); adapter parameters and state-dict keys stay peft's.
 * ``activations`` -- replaces activation modules by Sinc / Gaussian (or anything a factory
@@ -31,6 +34,7 @@ from torch import nn
 from ..nn.activations import Gaussian, Sinc
 from .handle import PatchHandle, child_slots, describe
 from .peft_lora import VARIANTS, lora_layers, peft_lora
+from .sdpa_calls import sdpa_calls, sdpa_modules
 from .timm_vit import attention_modules, timm_vit
 
 __all__ = ["apply", "ACTIVATIONS"]
@@ -164,8 +168,10 @@ def apply(model: nn.Module, *, attention: bool = _DEFAULT, lora: Union[None, str
     Args:
         model: any ``nn.Module`` (timm ViT/DeiT, a peft model, a point encoder, ...).
         attention: replace every timm ViT ``Attention`` by :class:`lucidops.nn.ManyHeadAttention`
-            (same parameters, same function within dtype rounding). On by default; when left
-            at the default, a model without timm attention is simply not patched there.
+            (same parameters, same function within dtype rounding), and route the SDPA calls
+            of the other attention modules (:func:`lucidops.patch.sdpa_calls`, part
+            "sdpa_calls"). On by default; when left at the default, a model without either is
+            simply not patched there.
         lora: None, ``"sine"`` / ``"bounded"`` (rejected with a hint: the frequency omega has
             no default), or a dict of :func:`lucidops.patch.peft_lora` keyword arguments, e.g.
             ``{"variant": "sine", "omega": 200.0, "only_mlp": True}``. Changes the function by
@@ -182,7 +188,7 @@ def apply(model: nn.Module, *, attention: bool = _DEFAULT, lora: Union[None, str
 
     Returns:
         A :class:`PatchHandle` merging every family's replacements (``handle.parts`` maps
-        "activations", "attention", "lora", "point_encoders" to the family handles that
+        "activations", "attention", "sdpa_calls", "lora", "point_encoders" to the family handles that
         patched something); ``handle.settings`` holds the explicitly passed arguments, so
         ``apply(other_model, **handle.settings)`` re-applies the same patch.
         ``handle.nothing_patched`` is True (and the model untouched) when nothing applied.
@@ -232,8 +238,13 @@ def apply(model: nn.Module, *, attention: bool = _DEFAULT, lora: Union[None, str
         if attention:
             if attention_modules(model):
                 handle.merge(timm_vit(model), "attention")
-            elif explicit_attention:
-                nothing("attention=True", "timm ViT/DeiT Attention module (timm.layers.Attention, exact type)")
+            # Attention modules timm_vit does not replace (rotary, windowed, ...) keep their
+            # forward, and lucidops answers their SDPA calls where it computes the same.
+            if sdpa_modules(model):
+                handle.merge(sdpa_calls(model), "sdpa_calls")
+            if explicit_attention and not ({"attention", "sdpa_calls"} & set(handle.parts)):
+                nothing("attention=True", "timm ViT/DeiT Attention module (timm.layers.Attention, exact type) nor "
+                        "module whose forward calls scaled_dot_product_attention")
 
         if lora_kwargs is not None:
             try:

@@ -1,0 +1,219 @@
+"""Route the ``scaled_dot_product_attention`` calls that chosen modules make to lucidops.
+
+    handle = lucidops.patch.sdpa_calls(eva02)     # every module whose forward calls SDPA
+    out = eva02(images)                           # their SDPA calls run lucidops.ops.attention
+    handle.calls                                  # Counter: how many went where, and why
+    handle.revert()                               # the original forwards
+
+:func:`lucidops.patch.timm_vit` replaces timm's plain ViT ``Attention`` module by module.
+Many attention modules differ from it only before the attention call: rotary embeddings
+(timm's ``EvaAttention`` in EVA-02 and the rope ViTs, ``AttentionRope``), spatial reduction
+of the keys (PVT v2), a single class-token query (CaiT's ``ClassAttn``). Their own forward
+is kept here, and only its call to ``torch.nn.functional.scaled_dot_product_attention`` is
+answered by lucidops: each patched module's forward runs inside a ``TorchFunctionMode``
+(PyTorch's hook for intercepting torch functions, which torch.compile traces).
+
+A call is routed when lucidops' op computes exactly what SDPA would: q, k, v of shape
+(..., N, d) with the same leading sizes and head dim (4 to 128; leading sizes other than
+(B, H) are folded into the batch), no dropout, and no mask or, for 4-D inputs, a boolean
+key-padding mask of shape (B or 1, 1, 1, Nk). Any other call (an additive float mask such as a relative
+position bias, attention dropout in training, grouped-query heads) goes to PyTorch's SDPA as
+before, is counted in ``handle.calls`` under its reason and warned about once per module and
+reason: nothing is computed differently, and nothing is reported as lucidops' that was not.
+One difference remains: a query whose keys are all masked gets zeros (lucidops' rule) where
+SDPA returns NaN.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import Counter
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ..ops.attention import _DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, attention
+from .handle import PatchHandle, describe
+
+__all__ = ["sdpa_calls", "SDPACallsHandle", "sdpa_modules"]
+
+ROUTED = "lucidops"
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS: Dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                                  "enable_gqa": False}
+_calls_sdpa_cache: Dict[Type[nn.Module], bool] = {}
+
+ModuleSelector = Union[None, type, Tuple[type, ...], Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+def _forward_calls_sdpa(cls: Type[nn.Module]) -> bool:
+    """Whether ``cls.forward``'s own source calls scaled_dot_product_attention."""
+    if cls not in _calls_sdpa_cache:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):  # built-in or source not shipped
+            source = ""
+        _calls_sdpa_cache[cls] = "scaled_dot_product_attention" in source
+    return _calls_sdpa_cache[cls]
+
+
+def sdpa_modules(model: nn.Module, modules: ModuleSelector = None) -> List[Tuple[str, nn.Module]]:
+    """The (qualified name, module) pairs :func:`sdpa_calls` would patch.
+
+    ``modules``: None (every module whose class's forward calls scaled_dot_product_attention
+    in its own source: timm's attention classes), a class or tuple of classes, an iterable of
+    qualified names, or a predicate ``(name, module) -> bool``. A module inside one already
+    chosen is left out (its calls are routed by the outer one)."""
+    if modules is None:
+        chosen = lambda name, m: _forward_calls_sdpa(type(m))  # noqa: E731
+    elif isinstance(modules, type) or (isinstance(modules, tuple) and all(isinstance(c, type) for c in modules)):
+        classes = modules
+        chosen = lambda name, m: isinstance(m, classes)  # noqa: E731
+    elif callable(modules):
+        chosen = modules
+    elif isinstance(modules, str):
+        raise TypeError("modules must be an iterable of qualified names, not a single string (wrap it in a list)")
+    else:
+        names = list(modules)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError("modules must be None, a class, a tuple of classes, qualified names or a predicate")
+        known = dict(model.named_modules())
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise ValueError(f"modules: {missing} are not submodules of the model")
+        wanted = set(names)
+        chosen = lambda name, m: name in wanted  # noqa: E731
+    found: List[Tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(outer + ".") or outer == "" for outer, _ in found):
+            continue
+        if chosen(name, module):
+            found.append((name, module))
+    return found
+
+
+class SDPACallsHandle(PatchHandle):
+    """The :class:`~lucidops.patch.PatchHandle` of :func:`sdpa_calls`. ``calls`` counts the
+    patched modules' SDPA calls since patching: ``calls["lucidops"]`` those lucidops ran, the
+    other keys the reasons the rest went to PyTorch's SDPA; ``calls_by_module`` the same per
+    module path."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.calls_by_module: Dict[str, Counter] = {}
+
+    @property
+    def calls(self) -> Counter:
+        total: Counter = Counter()
+        for counts in self.calls_by_module.values():
+            total.update(counts)
+        return total
+
+
+def _why_not_routed(q: Any, k: Any, v: Any, args: Dict[str, Any]) -> Optional[str]:
+    """None when lucidops.ops.attention computes this SDPA call, else the reason it cannot."""
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        return "q, k or v is not a tensor"
+    if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim():
+        return f"q, k, v are not all (..., N, d) of 3 or more dims: {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
+    if args["enable_gqa"] or k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2]:
+        return "k, v have other leading (batch, head) sizes than q (grouped-query or broadcast heads)"
+    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1] or v.shape[-2] != k.shape[-2]:
+        return "q, k, v head dims (or k, v lengths) differ"
+    if not MIN_HEAD_DIM <= q.shape[-1] <= MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} outside {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
+    dropout = args["dropout_p"]
+    if not isinstance(dropout, (int, float)) or dropout != 0:
+        return "attention dropout (dropout_p > 0)"
+    if not isinstance(args["is_causal"], bool):
+        return "is_causal is not a bool"
+    if args["scale"] is not None and not isinstance(args["scale"], (int, float)):
+        return "scale is not a number"
+    mask = args["attn_mask"]
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            return "attn_mask is not boolean (an additive mask, e.g. a position bias)"
+        b, nk = q.shape[0], k.shape[-2]
+        if q.dim() != 4 or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[0] not in (1, b) \
+                or mask.shape[3] != nk:
+            return f"attn_mask of shape {tuple(mask.shape)} is not a key-padding mask (B, 1, 1, Nk)"
+        if args["is_causal"]:
+            return "attn_mask together with is_causal"
+    return None
+
+
+class _RouteSDPA(TorchFunctionMode):
+    """Answers scaled_dot_product_attention with lucidops.ops.attention where it is exact."""
+
+    def __init__(self, path: str, counts: Counter):
+        super().__init__()
+        self.path, self.counts = path, counts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        bound = dict(_SDPA_DEFAULTS, **dict(zip(_SDPA_ARGS, args)), **kwargs)
+        q, k, v = bound["query"], bound["key"], bound["value"]
+        reason = _why_not_routed(q, k, v, bound)
+        if reason is not None:
+            self.counts[reason] += 1
+            warnings.warn(f"lucidops.patch.sdpa_calls: an SDPA call of {self.path!r} left to PyTorch: {reason}",
+                          RuntimeWarning, stacklevel=2)
+            return func(*args, **kwargs)
+        self.counts[ROUTED] += 1
+        mask = bound["attn_mask"]
+        padding = None if mask is None else mask.reshape(mask.shape[0], -1).expand(q.shape[0], -1)
+        lead = q.shape[:-2]
+        if q.dim() != 4:  # SDPA's (..., N, d): leading dims as the batch, one head (or (B, 1) for 3-D)
+            q, k, v = (t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v))
+        out = attention(q, k, v, causal=bound["is_causal"], key_padding_mask=padding, scale=bound["scale"])
+        return out.reshape(*lead, *out.shape[-2:])
+
+
+def _routed_forward(forward: Callable, mode: _RouteSDPA) -> Callable:
+    def forward_with_lucidops_attention(*args: Any, **kwargs: Any) -> Any:
+        with mode:
+            return forward(*args, **kwargs)
+
+    return forward_with_lucidops_attention
+
+
+def sdpa_calls(model: nn.Module, modules: ModuleSelector = None) -> SDPACallsHandle:
+    """Make the SDPA calls of ``model``'s attention modules run lucidops' attention kernel.
+
+    Args:
+        model: any ``nn.Module`` (a timm EVA-02, rope ViT, PVT v2, CaiT, ...).
+        modules: which modules' forwards to patch (see :func:`sdpa_modules`); by default
+            every module whose class's forward calls ``scaled_dot_product_attention``. Pass
+            classes, names or a predicate for modules that call it through a helper (e.g.
+            transformers' attention classes).
+    Returns:
+        An :class:`SDPACallsHandle`: ``revert()`` restores the forwards; ``calls`` counts
+        the calls lucidops ran and, by reason, those it left to PyTorch.
+    Raises:
+        ValueError when no module is found (nothing would change).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    found = sdpa_modules(model, modules)
+    if not found:
+        raise ValueError("no module to patch: none calls scaled_dot_product_attention in its own forward "
+                         "(pass modules= for those that call it through a helper)")
+    handle = SDPACallsHandle(model)
+    for path, module in found:
+        if "_lucidops_sdpa" in module.__dict__:
+            raise RuntimeError(f"{path!r} is already patched by lucidops.patch.sdpa_calls; revert() it first")
+    for path, module in found:
+        counts = handle.calls_by_module.setdefault(path, Counter())
+        mode = _RouteSDPA(path or type(module).__name__, counts)
+        handle.set_instance_attrs(path, module, {"_lucidops_sdpa": mode,
+                                                "forward": _routed_forward(module.forward, mode)},
+                                  after=f"{describe(module)} (SDPA calls -> lucidops attention)")
+    return handle

@@ -1,0 +1,206 @@
+"""lucidops.patch.sdpa_calls: the SDPA calls of attention modules that patch.timm_vit does not
+replace (rotary, spatial-reduction, class-attention, windowed ones) answered by lucidops'
+op, and every call it cannot answer exactly left to PyTorch, counted and warned about."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lucidops
+from lucidops import backends
+from lucidops.patch import sdpa_calls, sdpa_modules
+
+timm = pytest.importorskip("timm")
+
+# name -> (create_model kwargs, input size, the attention class routed, calls per forward)
+MODELS = {
+    "eva02_tiny_patch14_224": (dict(img_size=56, depth=2), 56, "EvaAttention", 2),  # rotary, a prefix token
+    "vit_small_patch16_rope_224": (dict(img_size=64, depth=2), 64, "AttentionRope", 2),
+    "pvt_v2_b0": ({}, 64, "Attention", 8),  # keys spatially reduced: Nk != Nq
+    "cait_xxs24_224": (dict(img_size=64, depth=2), 64, "ClassAttn", 2),  # one class-token query
+    "davit_tiny": ({}, 64, "WindowAttention", 6),  # windowed attention, no position bias
+}
+
+
+def build(name):
+    kwargs, size, _, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    return model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def forward_backward(model, x):
+    x = x.clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads
+
+
+def _error(got, truth, floor):
+    """Relative error, relative to at least ``floor`` (a gradient that is zero in exact
+    arithmetic, such as a key bias under softmax, holds only rounding noise)."""
+    return ((got.double() - truth).norm() / max(truth.norm().item(), floor)).item()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_routed_models_match_the_original(name, monkeypatch):
+    model, x = build(name)
+    truth = forward_backward(copy.deepcopy(model).double(), x.double())  # the unpatched model in float64
+    theirs = forward_backward(model, x)
+    handle = sdpa_calls(model)
+    _, _, cls, per_forward = MODELS[name]
+    assert {type(m).__name__ for _, m in sdpa_modules(model)} == {cls}
+    monkeypatch.setattr(backends, "_last_used", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every call is routed: no warning
+        ours = forward_backward(model, x)
+    assert handle.calls == {"lucidops": per_forward}
+    assert backends._last_used["attention"] == "cpp" and backends._last_used["attention_backward"] == "cpp"
+    # Against float64, the routed model is as accurate as the original in float32 (some of these
+    # models' input gradients carry 0.3% float32 error of their own, e.g. EVA-02's at init).
+    pairs = [("output", ours[0], theirs[0], truth[0]), ("input grad", ours[1], theirs[1], truth[1])]
+    assert ours[2].keys() == theirs[2].keys() == truth[2].keys()
+    pairs += [(key, ours[2][key], theirs[2][key], truth[2][key]) for key in truth[2]]
+    floor = 1e-6 * max(exact.norm().item() for _, _, _, exact in pairs)
+    for what, got, original, exact in pairs:
+        assert _error(got, exact, floor) <= 2 * _error(original, exact, floor) + 1e-5, what
+    handle.revert()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), theirs[0])
+
+
+def test_calls_lucidops_cannot_answer_stay_pytorch_counted_and_warned():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, img_size=64, depth=2).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    handle = sdpa_calls(model)
+    with pytest.warns(RuntimeWarning, match="left to PyTorch: attn_mask is not boolean"), torch.no_grad():
+        got = model(x)
+    assert torch.equal(got, want)  # PyTorch's own SDPA ran: bit for bit
+    reason = "attn_mask is not boolean (an additive mask, e.g. a position bias)"
+    assert handle.calls == {reason: 2} and set(handle.calls_by_module) == {"blocks.0.attn", "blocks.1.attn"}
+
+
+class CallsSDPA(nn.Module):
+    """Calls SDPA the way the test asks, on fixed q, k, v."""
+
+    def __init__(self, **how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, **self.how)
+
+
+def _qkv(*shape, nk=None, generator_seed=2):
+    g = torch.Generator().manual_seed(generator_seed)
+    kv_shape = (*shape[:-2], nk or shape[-2], shape[-1])
+    return torch.randn(*shape, generator=g), torch.randn(*kv_shape, generator=g), torch.randn(*kv_shape, generator=g)
+
+
+@pytest.mark.parametrize("case", ["padding_mask", "causal_scale", "three_d", "five_d", "mask_broadcast_batch"])
+def test_exact_calls_are_routed(case):
+    q, k, v = _qkv(3, 4, 7, 8, nk=9)
+    how = {}
+    if case == "padding_mask":
+        keep = torch.rand(3, 9, generator=torch.Generator().manual_seed(3)) > 0.3
+        keep[:, 0] = True
+        how = dict(attn_mask=keep[:, None, None, :])
+    elif case == "mask_broadcast_batch":
+        how = dict(attn_mask=torch.tensor([True] * 6 + [False] * 3)[None, None, None, :])
+    elif case == "causal_scale":
+        q, k, v = _qkv(2, 3, 9, 16)
+        how = dict(is_causal=True, scale=0.3)
+    elif case == "three_d":
+        q, k, v = _qkv(5, 6, 8, nk=4)
+    else:
+        q, k, v = _qkv(2, 3, 2, 6, 8)
+    module = CallsSDPA(**how)
+    want = module(q, k, v)
+    handle = sdpa_calls(module)
+    got = module(q, k, v)
+    assert handle.calls == {"lucidops": 1}
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("how,shapes,reason", [
+    (dict(dropout_p=0.1), None, "attention dropout"),
+    (dict(enable_gqa=True), ((2, 4, 5, 8), (2, 2, 5, 8)), "grouped-query"),
+    (dict(), ((2, 4, 5, 256), (2, 4, 5, 256)), "head dim 256 outside 4..128"),
+    (dict(), ((2, 4, 5, 8), (2, 4, 6, 8), (2, 4, 6, 16)), "head dims"),  # SDPA allows v's own head dim
+    (dict(attn_mask=torch.ones(5, 5, dtype=torch.bool)), None, "not a key-padding mask"),
+])
+def test_inexact_calls_are_left_to_pytorch(how, shapes, reason):
+    if shapes is None:
+        q, k, v = _qkv(2, 4, 5, 8)
+    else:
+        g = torch.Generator().manual_seed(4)
+        q, k = torch.randn(*shapes[0], generator=g), torch.randn(*shapes[1], generator=g)
+        v = torch.randn(*shapes[-1], generator=g)
+    module = CallsSDPA(**how)
+    handle = sdpa_calls(module)
+    with pytest.warns(RuntimeWarning, match=reason):
+        module(q, k, v)
+    assert sum(handle.calls.values()) == 1 and "lucidops" not in handle.calls
+    assert reason in next(iter(handle.calls))
+
+
+def test_compiled_model_routes_and_counts():
+    model, x = build("eva02_tiny_patch14_224")
+    with torch.no_grad():
+        want = model(x)
+    handle = sdpa_calls(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(x)
+        compiled(x)
+    assert handle.calls == {"lucidops": 4}  # two forwards of two blocks: counted at run time too
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_choosing_modules_and_bad_input():
+    model, _ = build("pvt_v2_b0")
+    every = [name for name, _ in sdpa_modules(model)]
+    assert len(every) == 8
+    assert [n for n, _ in sdpa_modules(model, every[:2])] == every[:2]
+    assert [n for n, _ in sdpa_modules(model, lambda name, m: name.startswith("stages.0.") and name.endswith(".attn"))] == every[:2]
+    assert len(sdpa_modules(model, type(dict(model.named_modules())[every[0]]))) == 8
+    assert sdpa_modules(model, lambda name, m: name == "") == [("", model)]  # the root covers the rest
+    with pytest.raises(TypeError, match="single string"):
+        sdpa_modules(model, every[0])
+    with pytest.raises(ValueError, match="not submodules"):
+        sdpa_modules(model, ["stages.9.attn"])
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        sdpa_calls("model")
+    with pytest.raises(ValueError, match="no module to patch"):
+        sdpa_calls(nn.Sequential(nn.Linear(3, 3)))
+    handle = sdpa_calls(model)
+    assert len(handle) == 8 and "SDPA calls -> lucidops attention" in str(handle)
+    with pytest.raises(RuntimeError, match="already patched"):
+        sdpa_calls(model)
+    handle.revert()
+    sdpa_calls(model).revert()  # patchable again after revert
+
+
+def test_patch_apply_routes_the_attention_modules_timm_vit_leaves():
+    eva, x = build("eva02_tiny_patch14_224")
+    with lucidops.patch.apply(eva) as handle:
+        assert set(handle.parts) == {"sdpa_calls"} and len(handle) == 2
+        with torch.no_grad():
+            eva(x)
+        assert handle.parts["sdpa_calls"].calls == {"lucidops": 2}
+    torch.manual_seed(0)
+    siglip = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=32, depth=1)
+    handle = lucidops.patch.apply(siglip)  # its blocks' Attention swapped, its attention-pool head routed
+    assert handle.parts["attention"].paths == ["blocks.0.attn"]
+    assert handle.parts["sdpa_calls"].paths == ["attn_pool"]

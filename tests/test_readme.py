@@ -387,6 +387,10 @@ EXAMPLES = {
         {"steps=100": "steps=2"}),
     "adapter_input=u)": (
         lambda root: dict(A=torch.randn(4, 64), B=torch.randn(32, 4), W=torch.randn(32, 64), x=torch.randn(3, 64)), {}),
+    "handle = lucidops.patch.sdpa_calls(eva)": (
+        lambda root: {}, {'"eva02_tiny_patch14_224", pretrained=False)': '"eva02_tiny_patch14_224", pretrained=False, '
+                                                                      'img_size=56, depth=2)',
+                          "torch.randn(1, 3, 224, 224))\nhandle.calls": "torch.randn(1, 3, 56, 56))\nhandle.calls"}),
     "gray = conditioning.token_gray(x": (lambda root: dict(x=torch.randn(2, 16, 32)), {}),
     "per_sample = vmap(grad(loss)": (lambda root: dict(inputs=torch.randn(8, 64), targets=torch.randn(8, 32)), {}),
 }

@@ -204,3 +204,18 @@ def test_patch_apply_routes_the_attention_modules_timm_vit_leaves():
     handle = lucidops.patch.apply(siglip)  # its blocks' Attention swapped, its attention-pool head routed
     assert handle.parts["attention"].paths == ["blocks.0.attn"]
     assert handle.parts["sdpa_calls"].paths == ["attn_pool"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_routed_eva_on_cuda_runs_triton(dtype, monkeypatch):
+    model, x = build("eva02_tiny_patch14_224")
+    model, x = model.to("cuda"), x.to("cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        want = model(x).float()
+        handle = sdpa_calls(model)
+        monkeypatch.setattr(backends, "_last_used", {})
+        got = model(x).float()
+    assert handle.calls == {"lucidops": 2} and backends._last_used["attention"] == "triton"
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    assert ((got - want).norm() / want.norm()).item() < tolerance

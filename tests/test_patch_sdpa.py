@@ -83,11 +83,21 @@ def test_calls_lucidops_cannot_answer_stay_pytorch_counted_and_warned():
     with torch.no_grad():
         want = model(x)
     handle = sdpa_calls(model)
-    with pytest.warns(RuntimeWarning, match="left to PyTorch: attn_mask is not boolean"), torch.no_grad():
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
         got = model(x)
+        model(x)
     assert torch.equal(got, want)  # PyTorch's own SDPA ran: bit for bit
     reason = "attn_mask is not boolean (an additive mask, e.g. a position bias)"
-    assert handle.calls == {reason: 2} and set(handle.calls_by_module) == {"blocks.0.attn", "blocks.1.attn"}
+    assert [str(w.message) for w in caught] == [  # once for the handle, though four calls
+        f"lucidops.patch.sdpa_calls: SDPA calls left to PyTorch (first in 'blocks.0.attn'): {reason}; "
+        "handle.calls counts them"]
+    assert handle.calls == {reason: 4} and set(handle.calls_by_module) == {"blocks.0.attn", "blocks.1.attn"}
+    # under torch.compile too (where nothing is warned: Dynamo cannot trace a warning)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), want)
+    assert handle.calls == {reason: 6}
 
 
 class CallsSDPA(nn.Module):

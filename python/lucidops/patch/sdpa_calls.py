@@ -18,8 +18,8 @@ A call is routed when lucidops' op computes exactly what SDPA would: q, k, v of 
 (B, H) are folded into the batch), no dropout, and no mask or, for 4-D inputs, a boolean
 key-padding mask of shape (B or 1, 1, 1, Nk). Any other call (an additive float mask such as a relative
 position bias, attention dropout in training, grouped-query heads) goes to PyTorch's SDPA as
-before, is counted in ``handle.calls`` under its reason and warned about once per module and
-reason: nothing is computed differently, and nothing is reported as lucidops' that was not.
+before, is counted in ``handle.calls`` under its reason and warned about once per reason (not
+while torch.compile traces): nothing is computed differently, and nothing is reported as lucidops' that was not.
 One difference remains: a query whose keys are all masked gets zeros (lucidops' rule) where
 SDPA returns NaN.
 """
@@ -29,13 +29,14 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .. import _validate
 from ..ops.attention import _DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, attention
 from .handle import PatchHandle, describe
 
@@ -105,6 +106,7 @@ class SDPACallsHandle(PatchHandle):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.calls_by_module: Dict[str, Counter] = {}
+        self.warned: Set[str] = set()  # the reasons already warned about, once each
 
     @property
     def calls(self) -> Counter:
@@ -151,9 +153,9 @@ def _why_not_routed(q: Any, k: Any, v: Any, args: Dict[str, Any]) -> Optional[st
 class _RouteSDPA(TorchFunctionMode):
     """Answers scaled_dot_product_attention with lucidops.ops.attention where it is exact."""
 
-    def __init__(self, path: str, counts: Counter):
+    def __init__(self, path: str, counts: Counter, warned: Set[str]):
         super().__init__()
-        self.path, self.counts = path, counts
+        self.path, self.counts, self.warned = path, counts, warned
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -164,8 +166,10 @@ class _RouteSDPA(TorchFunctionMode):
         reason = _why_not_routed(q, k, v, bound)
         if reason is not None:
             self.counts[reason] += 1
-            warnings.warn(f"lucidops.patch.sdpa_calls: an SDPA call of {self.path!r} left to PyTorch: {reason}",
-                          RuntimeWarning, stacklevel=2)
+            if reason not in self.warned and not _validate.is_compiling():  # Dynamo cannot trace warn
+                self.warned.add(reason)
+                warnings.warn(f"lucidops.patch.sdpa_calls: SDPA calls left to PyTorch (first in {self.path!r}): "
+                              f"{reason}; handle.calls counts them", RuntimeWarning, stacklevel=2)
             return func(*args, **kwargs)
         self.counts[ROUTED] += 1
         mask = bound["attn_mask"]
@@ -212,7 +216,7 @@ def sdpa_calls(model: nn.Module, modules: ModuleSelector = None) -> SDPACallsHan
             raise RuntimeError(f"{path!r} is already patched by lucidops.patch.sdpa_calls; revert() it first")
     for path, module in found:
         counts = handle.calls_by_module.setdefault(path, Counter())
-        mode = _RouteSDPA(path or type(module).__name__, counts)
+        mode = _RouteSDPA(path or type(module).__name__, counts, handle.warned)
         handle.set_instance_attrs(path, module, {"_lucidops_sdpa": mode,
                                                 "forward": _routed_forward(module.forward, mode)},
                                   after=f"{describe(module)} (SDPA calls -> lucidops attention)")

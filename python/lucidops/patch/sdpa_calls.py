@@ -26,9 +26,9 @@ SDPA returns NaN.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections import Counter
+from types import CodeType
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type, Union
 
 import torch
@@ -51,14 +51,21 @@ _calls_sdpa_cache: Dict[Type[nn.Module], bool] = {}
 ModuleSelector = Union[None, type, Tuple[type, ...], Iterable[str], Callable[[str, nn.Module], bool]]
 
 
+def _names_used(code: CodeType) -> Set[str]:
+    """The global and attribute names ``code`` and the functions nested in it look up."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            names |= _names_used(const)
+    return names
+
+
 def _forward_calls_sdpa(cls: Type[nn.Module]) -> bool:
-    """Whether ``cls.forward``'s own source calls scaled_dot_product_attention."""
+    """Whether ``cls.forward`` itself looks up scaled_dot_product_attention (``F.``, ``torch.nn.
+    functional.`` or a bare name), read from its bytecode: no source file needed."""
     if cls not in _calls_sdpa_cache:
-        try:
-            source = inspect.getsource(cls.forward)
-        except (OSError, TypeError):  # built-in or source not shipped
-            source = ""
-        _calls_sdpa_cache[cls] = "scaled_dot_product_attention" in source
+        code = getattr(cls.forward, "__code__", None)
+        _calls_sdpa_cache[cls] = code is not None and "scaled_dot_product_attention" in _names_used(code)
     return _calls_sdpa_cache[cls]
 
 
@@ -66,7 +73,7 @@ def sdpa_modules(model: nn.Module, modules: ModuleSelector = None) -> List[Tuple
     """The (qualified name, module) pairs :func:`sdpa_calls` would patch.
 
     ``modules``: None (every module whose class's forward calls scaled_dot_product_attention
-    in its own source: timm's attention classes), a class or tuple of classes, an iterable of
+    itself: timm's attention classes), a class or tuple of classes, an iterable of
     qualified names, or a predicate ``(name, module) -> bool``. A module inside one already
     chosen is left out (its calls are routed by the outer one)."""
     if modules is None:

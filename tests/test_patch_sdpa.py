@@ -229,3 +229,26 @@ def test_routed_eva_on_cuda_runs_triton(dtype, monkeypatch):
     assert handle.calls == {"lucidops": 2} and backends._last_used["attention"] == "triton"
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     assert ((got - want).norm() / want.norm()).item() < tolerance
+
+
+def test_transformers_attention_chosen_by_class():
+    """transformers' attention classes call SDPA through a helper: chosen with modules=, and
+    GPT-2's causal calls are routed."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=8, vocab_size=100, n_positions=32, bos_token_id=0,
+                                     eos_token_id=0, attn_implementation="sdpa")
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert sdpa_modules(model) == []  # the helper's call is not in the class's own forward
+    handle = sdpa_calls(model, modules=GPT2Attention)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert handle.calls == {"lucidops": 2}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -16,12 +16,16 @@ answered by lucidops: each patched module's forward runs inside a ``TorchFunctio
 A call is routed when lucidops' op computes exactly what SDPA would: q, k, v of shape
 (..., N, d) with the same leading sizes and head dim (4 to 128; leading sizes other than
 (B, H) are folded into the batch), no dropout, and no mask or, for 4-D inputs, a boolean
-key-padding mask of shape (B or 1, 1, 1, Nk). Any other call (an additive float mask such as a relative
-position bias, attention dropout in training, grouped-query heads) goes to PyTorch's SDPA as
-before, is counted in ``handle.calls`` under its reason and warned about once per reason (not
-while torch.compile traces): nothing is computed differently, and nothing is reported as lucidops' that was not.
-One difference remains: a query whose keys are all masked gets zeros (lucidops' rule) where
-SDPA returns NaN.
+key-padding mask of shape (B or 1, 1, 1, Nk). Any other call (an additive float mask such
+as a relative position bias, attention dropout in training, grouped-query heads) goes to
+PyTorch's SDPA as before, is counted in ``handle.calls`` under its reason and warned about
+once per reason (not while torch.compile traces): nothing is computed differently, and
+nothing is reported as lucidops' that was not. One difference remains: a query whose keys
+are all masked gets zeros (lucidops' rule) where SDPA returns NaN.
+
+Cost: every torch call inside a patched forward passes through the mode, about 0.2 ms per
+forward on a 2-core CPU; with few wide heads at batch 1 that can outweigh the kernel's gain
+(README, "Other attention modules").
 """
 
 from __future__ import annotations

@@ -252,3 +252,23 @@ def test_transformers_attention_chosen_by_class():
         got = model(ids).logits
     assert handle.calls == {"lucidops": 2}
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_deepcopy_of_a_patched_model_runs_its_own_weights():
+    """timm's ModelEma deep-copies the model it averages: the copy's patched forwards must be the
+    copy's, routed, with its own parameters."""
+    model, x = build("eva02_tiny_patch14_224")
+    handle = sdpa_calls(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        got = twin(x)
+        handle.revert()
+        assert torch.equal(model(x), model(x))  # the original is unpatched now
+        want = copy.deepcopy(twin)
+        for m in want.modules():
+            m.__dict__.pop("forward", None)  # the copy's weights, timm's own forwards
+        torch.testing.assert_close(got, want(x), rtol=1e-4, atol=1e-5)
+    assert twin.blocks[0].attn._lucidops_sdpa[0].counts == {"lucidops": 1}
+    assert handle.calls == {}  # the copy's calls are its own

@@ -30,6 +30,7 @@ forward on a 2-core CPU; with few wide heads at batch 1 that can outweigh the ke
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections import Counter
 from types import CodeType
@@ -192,12 +193,13 @@ class _RouteSDPA(TorchFunctionMode):
         return out.reshape(*lead, *out.shape[-2:])
 
 
-def _routed_forward(forward: Callable, mode: _RouteSDPA) -> Callable:
-    def forward_with_lucidops_attention(*args: Any, **kwargs: Any) -> Any:
-        with mode:
-            return forward(*args, **kwargs)
-
-    return forward_with_lucidops_attention
+def _forward_routing_sdpa(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The patched module's forward: its own, inside the routing mode. Bound with MethodType
+    and reading both from the instance, so a deepcopy of the patched model (timm's EMA, say)
+    runs the copy's own forward and parameters, not the original's."""
+    mode, forward = self._lucidops_sdpa
+    with mode:
+        return forward(*args, **kwargs)
 
 
 def sdpa_calls(model: nn.Module, modules: ModuleSelector = None) -> SDPACallsHandle:
@@ -228,7 +230,7 @@ def sdpa_calls(model: nn.Module, modules: ModuleSelector = None) -> SDPACallsHan
     for path, module in found:
         counts = handle.calls_by_module.setdefault(path, Counter())
         mode = _RouteSDPA(path or type(module).__name__, counts, handle.warned)
-        handle.set_instance_attrs(path, module, {"_lucidops_sdpa": mode,
-                                                "forward": _routed_forward(module.forward, mode)},
+        handle.set_instance_attrs(path, module, {"_lucidops_sdpa": (mode, module.forward),
+                                                "forward": types.MethodType(_forward_routing_sdpa, module)},
                                   after=f"{describe(module)} (SDPA calls -> lucidops attention)")
     return handle

@@ -34,7 +34,7 @@ import types
 import warnings
 from collections import Counter
 from types import CodeType
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -197,7 +197,7 @@ def _forward_routing_sdpa(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The patched module's forward: its own, inside the routing mode. Bound with MethodType
     and reading both from the instance, so a deepcopy of the patched model (timm's EMA, say)
     runs the copy's own forward and parameters, not the original's."""
-    mode, forward = self._lucidops_sdpa
+    mode, forward = cast(Tuple[_RouteSDPA, Callable], self.__dict__["_lucidops_sdpa"])
     with mode:
         return forward(*args, **kwargs)
 

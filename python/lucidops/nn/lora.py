@@ -58,13 +58,7 @@ class BoundedLoRALinear(nn.Module):
         self.rank, self.fn, self.placement = rank, fn, placement
         self.omega = _validate.real_number(omega, "omega", tensor_ok=True)
         self.alpha = _validate.real_number(rank if alpha is None else alpha, "alpha", tensor_ok=True)
-        if gain == "sqrt_in":
-            g = math.sqrt(base.in_features)
-        elif isinstance(gain, str):
-            raise ValueError(f"gain must be a positive number or 'sqrt_in', got {gain!r}")
-        else:
-            g = _validate.real_number(gain, "gain", "> 0", tensor_ok=True)
-        self.gain = g
+        self.gain = F.resolve_gain(gain, base.in_features)
         drop_p = _validate.probability(dropout, "dropout")
         self.lora_dropout: nn.Module = nn.Dropout(drop_p) if drop_p > 0 else nn.Identity()  # peft's name
         w = base.weight
@@ -88,10 +82,9 @@ class BoundedLoRALinear(nn.Module):
         if self.merged:
             return self.base(x)
         a, b = self._adapter()
-        dropping = isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.training and self.lora_dropout.p > 0
         return F.bounded_lora_linear(x, self.base.weight, a, b, self.base.bias, fn=self.fn, omega=self.omega,
                                      scale=self.scale, placement=self.placement,
-                                     adapter_input=self.lora_dropout(x) if dropping else None)
+                                     adapter_input=F.dropout_input(self.lora_dropout, x))
 
     def delta_weight(self) -> Tensor:
         """The update scale fn(omega B A) (N_out, K_in), in the weight's dtype."""

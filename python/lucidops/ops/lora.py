@@ -33,6 +33,7 @@ in PyTorch on every backend and calls the plain op.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union, cast
 
 import torch
@@ -46,6 +47,23 @@ from . import _lora_backends  # noqa: F401  (importing it registers the backends
 
 FNS = _reference.FNS
 PLACEMENTS = _reference.PLACEMENTS
+
+
+def resolve_gain(gain: Union[float, str, Tensor], k_in: int) -> float:
+    """The divisor of a LoRA scale: ``"sqrt_in"`` (sqrt(K_in), sine LoRA's) or a finite number > 0."""
+    if gain == "sqrt_in":
+        return math.sqrt(k_in)
+    if isinstance(gain, str):
+        raise ValueError(f"gain must be a positive number or 'sqrt_in', got {gain!r}")
+    return _validate.real_number(gain, "gain", "> 0", tensor_ok=True)
+
+
+def dropout_input(dropout: torch.nn.Module, x: Tensor) -> Optional[Tensor]:
+    """``dropout(x)`` for ``adapter_input`` when ``dropout`` (peft's ``lora_dropout``) drops
+    anything now, a training ``nn.Dropout`` with p > 0; else None (the adapter reads x)."""
+    if isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0:
+        return dropout(x)
+    return None
 
 
 # --------------------------------------------------------------------------- custom ops

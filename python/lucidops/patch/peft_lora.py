@@ -15,7 +15,6 @@ peft and transformers are imported inside the functions, never at module level.
 
 from __future__ import annotations
 
-import math
 import re
 import types
 from typing import Any, List, Optional, Protocol, Sequence, Tuple, Type, Union, cast
@@ -133,30 +132,18 @@ def _fused_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     # peft may keep adapters in float32 over a bfloat16 base: run the op in the base's dtype
     # (the differentiable casts send the gradients back to the float32 adapter parameters).
     dtype = weight.dtype
-    dropout = self.lora_dropout[adapter]
-    # As in peft, the adapter reads lora_dropout(x) and the base x (in training, p > 0).
-    dropping = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+    # As in peft, the adapter reads lora_dropout(x) and the base x.
+    dropped = _ops.dropout_input(self.lora_dropout[adapter], x)
     y = _ops.bounded_lora_linear(x.to(dtype), weight, a.to(dtype), b.to(dtype), bias, fn=cfg["fn"],
                                  omega=cfg["omega"], scale=self.scaling[adapter] / cfg["gain"],
                                  placement=cfg["placement"],
-                                 adapter_input=dropout(x).to(dtype) if dropping else None)
+                                 adapter_input=None if dropped is None else dropped.to(dtype))
     return y.to(x.dtype)
 
 
 def _no_merge(self, *args: Any, **kwargs: Any) -> None:
     raise RuntimeError("this peft LoRA layer is patched by lucidops.patch.peft_lora: peft's merge would fold the "
                        "plain update B A, not the bounded one; call handle.revert() first")
-
-
-def _resolve_gain(gain: Union[float, str], k_in: int) -> float:
-    if gain == "sqrt_in":
-        return math.sqrt(k_in)
-    if isinstance(gain, str):
-        raise ValueError(f"gain must be a positive number or 'sqrt_in', got {gain!r}")
-    g = _validate.real_number(gain, "gain", tensor_ok=True)
-    if g <= 0:
-        raise ValueError(f"gain must be > 0, got {g}")
-    return g
 
 
 def _check_layer(name: str, layer: _LoraLinear, adapter: str) -> None:
@@ -256,7 +243,7 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
     for name, layer in layers:
         lora = cast(_LoraLinear, layer)
         _check_layer(name, lora, adapter_name)
-        gains.append(_resolve_gain(gain, _base_weight(lora)[0].shape[1]))
+        gains.append(_ops.resolve_gain(gain, _base_weight(lora)[0].shape[1]))
 
     settings = dict(variant=variant, omega=omega, fn=fn, placement=placement, only_mlp=only_mlp,
                     mlp_patterns=None if mlp_patterns is None else tuple(mlp_patterns), gain=gain,

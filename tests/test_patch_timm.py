@@ -70,12 +70,50 @@ def test_state_dict_loads_and_outputs_match_timm_attention(num_heads):
         ours(x, attn_mask=torch.zeros(9, 9))
 
 
-def test_attention_dropout_in_training_raises():
-    module = ManyHeadAttention(32, num_heads=8, attn_drop=0.1)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        module(torch.randn(1, 4, 32))
-    module.eval()
-    assert module(torch.randn(1, 4, 32)).shape == (1, 4, 32)
+def test_attention_dropout_in_training_runs_sdpa_with_dropout_and_says_so(monkeypatch):
+    """Training with attn_drop > 0 computes what timm's module computes (the same SDPA call
+    under the same random state: the same dropout mask), warns that it is not lucidops' kernel,
+    and eval mode goes back to the kernel."""
+    torch.manual_seed(3)
+    theirs = Attention(32, num_heads=8, attn_drop=0.25).train()
+    ours = ManyHeadAttention(32, num_heads=8, attn_drop=0.25).train()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    for kwargs in ({}, {"is_causal": True}):
+        torch.manual_seed(4)
+        expected = theirs(x, **kwargs)
+        monkeypatch.setattr(lucidops.backends, "_last_used", {})
+        torch.manual_seed(4)
+        with pytest.warns(RuntimeWarning, match="attention dropout is not fused"):
+            got = ours(x, **kwargs)
+        torch.testing.assert_close(got, expected)
+        assert lucidops.backends.last_used("attention") is None  # not reported as lucidops'
+        torch.manual_seed(5)
+        assert not torch.equal(ours(x, **kwargs), got)  # dropout is on: another draw, another output
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    assert lucidops.backends.last_used("attention") == "cpp"
+
+
+def test_attention_dropout_keeps_lucidops_rule_for_queries_without_keys():
+    """A batch element whose keys are all padded gets zeros and zero gradient in training with
+    dropout too (SDPA alone would give NaN), and the others match timm's module."""
+    torch.manual_seed(6)
+    theirs = Attention(16, num_heads=4, attn_drop=0.5).train()
+    ours = ManyHeadAttention(16, num_heads=4, attn_drop=0.5).train()
+    ours.load_state_dict(theirs.state_dict())
+    ours.proj.bias.data.zero_()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    mask = torch.tensor([[True, False, True, True, False], [False] * 5])
+    torch.manual_seed(7)
+    got = ours(x, attn_mask=mask)
+    got.sum().backward()
+    assert torch.isfinite(got).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(got[1], torch.zeros_like(got[1]))
+    torch.manual_seed(7)
+    theirs.proj.bias.data.zero_()
+    expected = theirs(x, attn_mask=mask[:, None, None, :])
+    torch.testing.assert_close(got[0], expected[0])
 
 
 @pytest.mark.skipif(not lucidops.backends.triton_interpreting(), reason="needs the Triton interpreter")

@@ -8,12 +8,35 @@ handles any head count and head dims 4..128 (methods.md section 2).
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Type
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validate
 from ..ops.attention import attention
+from ..reference import attention as _reference
+
+
+def _sdpa_with_dropout(q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Optional[Tensor],
+                       scale: float, dropout_p: float) -> Tensor:
+    """PyTorch's SDPA with attention dropout, for the training steps lucidops' kernel cannot take.
+    Queries that see no key get zeros and zero gradient, as in lucidops.ops.attention (SDPA
+    alone would give NaN)."""
+    if not _validate.is_compiling():
+        warnings.warn("lucidops ManyHeadAttention: attention dropout is not fused, so training steps with "
+                      "attn_drop > 0 run PyTorch's scaled_dot_product_attention (eval mode runs lucidops' kernel)",
+                      RuntimeWarning, stacklevel=2)
+    nq, nk = q.shape[-2], k.shape[-2]
+    visible = _reference.visible(nq, nk, causal, key_padding_mask, q.device)
+    if visible is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    sees_a_key = visible.any(dim=-1, keepdim=True)
+    # Rows without a visible key attend to every key (finite), then are zeroed: zero gradient too.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~sees_a_key, dropout_p=dropout_p, scale=scale)
+    return out * sees_a_key
 
 
 class ManyHeadAttention(nn.Module):
@@ -21,8 +44,12 @@ class ManyHeadAttention(nn.Module):
 
     Args mirror timm's ``Attention``: dim, num_heads, attn_head_dim (default
     dim // num_heads), dim_out, qkv_bias, qk_norm, scale_norm, proj_bias, gated,
-    attn_drop (attention dropout is not fused: training with attn_drop > 0 raises),
-    proj_drop, norm_layer (required for qk_norm / scale_norm), device, dtype.
+    attn_drop, proj_drop, norm_layer (required for qk_norm / scale_norm), device, dtype.
+
+    Attention dropout is not fused: a training step with ``attn_drop > 0`` runs PyTorch's
+    ``scaled_dot_product_attention`` with ``dropout_p`` (as timm's module does, with lucidops'
+    rule for queries that see no key) and warns once; eval mode, or ``attn_drop = 0``, runs
+    lucidops' kernel.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, attn_head_dim: Optional[int] = None,
@@ -76,9 +103,6 @@ class ManyHeadAttention(nn.Module):
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         """x (B, N, C) -> (B, N, dim_out). ``attn_mask``: None or a bool key padding mask,
         (B, N) or (B, 1, 1, N), True for tokens that take part."""
-        if self.training and self.attn_drop.p > 0:
-            raise NotImplementedError("ManyHeadAttention has no fused attention dropout: set attn_drop=0 "
-                                      "(or evaluate in eval mode)")
         b, n, _ = x.shape
         key_padding_mask = None
         if attn_mask is not None:
@@ -90,7 +114,10 @@ class ManyHeadAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # strided views: the kernel reads them in place
         q, k = self.q_norm(q), self.k_norm(k)
-        x = attention(q, k, v, causal=bool(is_causal), key_padding_mask=key_padding_mask, scale=self.scale)
+        if self.training and self.attn_drop.p > 0:
+            x = _sdpa_with_dropout(q, k, v, bool(is_causal), key_padding_mask, self.scale, self.attn_drop.p)
+        else:
+            x = attention(q, k, v, causal=bool(is_causal), key_padding_mask=key_padding_mask, scale=self.scale)
         x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
         x = self.norm(x)
         if gate is not None:

@@ -16,7 +16,6 @@ peft and transformers are imported inside the functions, never at module level.
 from __future__ import annotations
 
 import re
-import types
 from typing import Any, List, Optional, Protocol, Sequence, Tuple, Type, Union, cast
 
 from torch import Tensor, nn
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from .. import _validate
 from ..ops import lora as _ops
 from .handle import PatchHandle, describe
+from .instance_method import InstanceMethod, current_forward
 
 VARIANTS = ("sine", "bounded")
 
@@ -251,9 +251,10 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
     handle = PeftLoRAHandle(model, settings=settings)
     what = f"{variant} LoRA" if variant == "sine" else f"bounded LoRA ({fn}, {placement})"
     for (name, layer), g in zip(layers, gains):
-        config = dict(adapter=adapter_name, fn=fn, placement=placement, omega=omega, gain=g, original=layer.forward)
+        config = dict(adapter=adapter_name, fn=fn, placement=placement, omega=omega, gain=g,
+                      original=current_forward(layer))
         handle.set_instance_attrs(name, layer, {"_lucidops_lora": config,
-                                                "forward": types.MethodType(_fused_forward, layer),
-                                                "merge": types.MethodType(_no_merge, layer)},
+                                                "forward": InstanceMethod(_fused_forward, layer),
+                                                "merge": InstanceMethod(_no_merge, layer)},
                                   after=f"{describe(layer)} (forward -> lucidops {what})")
     return handle

@@ -38,6 +38,7 @@ from ..train.cubes import cloud_cubes
 from ..train.distillation import distill
 from ..train.pointnet_recipe import DistilledPointNet
 from .handle import PatchHandle, child_slots
+from .instance_method import InstanceMethod
 
 KINDS = ("pointnet", "point_mae")
 
@@ -218,20 +219,21 @@ def _install(handle: PatchHandle, model: nn.Module, path: str, module: nn.Module
              student: GaussianPointEncoder) -> None:
     if kind == "pointnet":
         assert isinstance(module, PointNet)  # what _kind calls "pointnet"
-        wrapper = DistilledPointNet(student, module.head, module.input_tnet)
         if path:
-            handle.swap_child(model, path, wrapper)
+            handle.swap_child(model, path, DistilledPointNet(student, module.head, module.input_tnet))
             return
-        # The root keeps its identity: register the encoder on it and redirect its methods.
+        # The root keeps its identity: register the encoder on it and redirect its methods
+        # to functions of its own modules (so that copies and reloaded models use theirs).
         after = "PointNet with its encoder replaced by a distilled GaussianPointEncoder"
-        forward = lambda points, return_transforms=False: _pointnet_forward(wrapper, points, return_transforms)  # noqa: E731
-        attrs = {"forward": forward, "global_feature": wrapper.global_feature, "point_features": wrapper.point_features}
+        attrs = {"forward": InstanceMethod(_root_pointnet_forward, module),
+                 "global_feature": InstanceMethod(_root_global_feature, module),
+                 "point_features": InstanceMethod(_root_point_features, module)}
     else:
         if path:
             handle.swap_child(model, path, student)
             return
         after = "Point-MAE Encoder computed by a distilled GaussianPointEncoder"
-        attrs = {"forward": student.forward}
+        attrs = {"forward": InstanceMethod(_root_point_mae_forward, module)}
     # One record for both changes, so the handle's table shows one row per encoder.
     missing = object()
     previous = {k: module.__dict__.get(k, missing) for k in attrs}
@@ -252,15 +254,39 @@ def _install(handle: PatchHandle, model: nn.Module, path: str, module: nn.Module
     handle.record(path, module, after, undo, original=module, replacement=student)
 
 
-def _pointnet_forward(wrapper: DistilledPointNet, points: Tensor, return_transforms: bool):
-    logits = wrapper(points)
-    if return_transforms:
-        # The Gaussian encoder has no feature transform; the input transform is the original T-Net's.
-        trans_in = None
-        if wrapper.input_tnet is not None:
-            trans_in = wrapper.input_tnet(points.transpose(1, 2))
-        return logits, trans_in, None
-    return logits
+def _root_encoder(root: nn.Module) -> GaussianPointEncoder:
+    return cast(GaussianPointEncoder, root.gaussian_encoder)
+
+
+def _root_global_feature(root: PointNet, points: Tensor) -> Tensor:
+    """A patched root PointNet's global feature: its distilled encoder over its input transform."""
+    return _root_encoder(root)(root.transform_points(points))
+
+
+def _root_point_features(root: PointNet, points: Tensor) -> Tensor:
+    """Per-point pre-max features (B, N, K) of a patched root PointNet's distilled encoder."""
+    encoder = _root_encoder(root)
+    saved = encoder.reduce
+    encoder.reduce = "none"
+    try:
+        return encoder(root.transform_points(points))
+    finally:
+        encoder.reduce = saved
+
+
+def _root_pointnet_forward(root: PointNet, points: Tensor, return_transforms: bool = False):
+    """A patched root PointNet's forward: PointNet's signature, with the distilled encoder."""
+    root._check_points(points)
+    trans_in = None if root.input_tnet is None else root.input_tnet(points.transpose(1, 2))
+    transformed = points if trans_in is None else points @ trans_in
+    logits = root.head(_root_encoder(root)(transformed))
+    # The Gaussian encoder has no feature transform; the input transform is the original T-Net's.
+    return (logits, trans_in, None) if return_transforms else logits
+
+
+def _root_point_mae_forward(root: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A patched root Point-MAE encoder's forward: its distilled encoder's."""
+    return cast(nn.Module, root.gaussian_encoder)(*args, **kwargs)
 
 
 __all__ = ["point_encoders", "point_mae_point_features", "is_point_mae_encoder", "DEFAULT_DISTILL", "KINDS"]

@@ -30,7 +30,6 @@ forward on a 2-core CPU; with few wide heads at batch 1 that can outweigh the ke
 
 from __future__ import annotations
 
-import types
 import warnings
 from collections import Counter
 from types import CodeType
@@ -44,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 from .. import _validate
 from ..ops.attention import _DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, attention
 from .handle import PatchHandle, describe
+from .instance_method import InstanceMethod, current_forward
 
 __all__ = ["sdpa_calls", "SDPACallsHandle", "sdpa_modules"]
 
@@ -194,9 +194,10 @@ class _RouteSDPA(TorchFunctionMode):
 
 
 def _forward_routing_sdpa(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The patched module's forward: its own, inside the routing mode. Bound with MethodType
-    and reading both from the instance, so a deepcopy of the patched model (timm's EMA, say)
-    runs the copy's own forward and parameters, not the original's."""
+    """The patched module's forward: its own, inside the routing mode. Bound as an
+    InstanceMethod and reading both from the instance, so a deepcopy of the patched model
+    (timm's EMA, say) runs the copy's own forward and parameters, not the original's, and
+    ``torch.save(model)`` works."""
     mode, forward = cast(Tuple[_RouteSDPA, Callable], self.__dict__["_lucidops_sdpa"])
     with mode:
         return forward(*args, **kwargs)
@@ -230,7 +231,7 @@ def sdpa_calls(model: nn.Module, modules: ModuleSelector = None) -> SDPACallsHan
     for path, module in found:
         counts = handle.calls_by_module.setdefault(path, Counter())
         mode = _RouteSDPA(path or type(module).__name__, counts, handle.warned)
-        handle.set_instance_attrs(path, module, {"_lucidops_sdpa": (mode, module.forward),
-                                                "forward": types.MethodType(_forward_routing_sdpa, module)},
+        handle.set_instance_attrs(path, module, {"_lucidops_sdpa": (mode, current_forward(module)),
+                                                "forward": InstanceMethod(_forward_routing_sdpa, module)},
                                   after=f"{describe(module)} (SDPA calls -> lucidops attention)")
     return handle

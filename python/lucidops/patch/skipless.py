@@ -8,12 +8,12 @@ returned handle's ``revert()`` or with :func:`undo_skipless`. timm is imported o
 
 from __future__ import annotations
 
-import types
 from typing import List, Tuple
 
 from torch import Tensor, nn
 
 from .handle import PatchHandle, describe
+from .instance_method import InstanceMethod
 
 _MARK = "_lucidops_skipless"
 
@@ -53,7 +53,7 @@ def skipless(model: nn.Module) -> PatchHandle:
         raise ValueError("model has no un-patched timm vision_transformer.Block to make skipless")
     handle = PatchHandle(model)
     for name, block in blocks:
-        handle.set_instance_attrs(name, block, {"forward": types.MethodType(_skipless_forward, block), _MARK: True},
+        handle.set_instance_attrs(name, block, {"forward": InstanceMethod(_skipless_forward, block), _MARK: True},
                                   after=f"{describe(block)} (forward -> no residuals)")
     return handle
 

@@ -1,0 +1,143 @@
+"""Patched models copy and save whole: ``copy.deepcopy`` (timm's EMA model, checkpoint
+averaging) and ``torch.save(model)`` / ``torch.load`` of every patch that swaps a module's
+forward in place. A copy must run the patched function on its own weights, not the original's."""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lucidops
+from lucidops.models import PointNet
+from lucidops.patch.instance_method import InstanceMethod
+
+
+class PointMAEEncoder(nn.Module):
+    """Point-MAE's mini-PointNet patch encoder, as small as the patch accepts."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.encoder_channel = channels
+        self.first_conv = nn.Sequential(nn.Conv1d(3, 8, 1), nn.BatchNorm1d(8), nn.ReLU(), nn.Conv1d(8, 16, 1))
+        self.second_conv = nn.Sequential(nn.Conv1d(32, 16, 1), nn.BatchNorm1d(16), nn.ReLU(),
+                                         nn.Conv1d(16, channels, 1))
+
+    def forward(self, groups):
+        bs, g, n, _ = groups.shape
+        feature = self.first_conv(groups.reshape(bs * g, n, 3).transpose(2, 1))
+        feature = torch.cat([feature.amax(dim=2, keepdim=True).expand(-1, -1, n), feature], dim=1)
+        return self.second_conv(feature).amax(dim=2).reshape(bs, g, self.encoder_channel)
+
+
+def _clouds(m, n, seed):
+    return torch.rand(m, n, 3, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+_DISTILL = dict(num_gaussians=4, distill_kwargs=dict(steps=3, batch_size=2, points_per_cloud=16))
+
+
+def pointnet_root():
+    torch.manual_seed(0)
+    model = PointNet(4, feature_transform=False).eval()
+    lucidops.patch.point_encoders(model, clouds=_clouds(4, 32, 1), **_DISTILL)
+    return model, lambda m: m(_clouds(2, 32, 2))
+
+
+def pointnet_root_features():
+    model, _ = pointnet_root()
+    return model, lambda m: torch.cat([m.global_feature(_clouds(2, 32, 2)), m.point_features(_clouds(1, 8, 3))[0]])
+
+
+def point_mae_root():
+    torch.manual_seed(0)
+    model = PointMAEEncoder().eval()
+    lucidops.patch.point_encoders(model, clouds=_clouds(4, 16, 1), **_DISTILL)
+    return model, lambda m: m(_clouds(6, 16, 2).reshape(2, 3, 16, 3))
+
+
+def sdpa_calls_eva():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=2).eval()
+    lucidops.patch.sdpa_calls(model)
+    return model, lambda m: m(torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2)))
+
+
+def skipless_vit():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+    lucidops.patch.skipless(model)
+    return model, lambda m: m(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+
+
+def peft_gpt2():
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8, bos_token_id=0, eos_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(r=2, lora_alpha=4, target_modules=["c_fc"],
+                                                                fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    model.eval()
+    lucidops.patch.peft_lora(model, variant="bounded", fn="tanh", omega=2.0)
+    return model, lambda m: m(input_ids=torch.arange(6)[None] % 32).logits
+
+
+CASES = {"point_encoders PointNet root": pointnet_root,
+         "point_encoders PointNet root features": pointnet_root_features,
+         "point_encoders Point-MAE root": point_mae_root,
+         "sdpa_calls EVA-02": sdpa_calls_eva, "skipless ViT": skipless_vit, "peft_lora GPT-2": peft_gpt2}
+
+
+def _saved_and_loaded(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _perturb(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_copies_run_the_patch_on_their_own_weights(case):
+    model, run = CASES[case]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sdpa_calls' notes about calls it leaves to PyTorch
+        with torch.no_grad():
+            expected = run(model)
+            for copied in (copy.deepcopy(model), _saved_and_loaded(model)):
+                patched = [m for m in copied.modules() if isinstance(m.__dict__.get("forward"), InstanceMethod)]
+                assert patched, "the copy lost the patch"
+                assert all(m.forward.__self__ is m for m in patched)  # bound to the copy's modules
+                torch.testing.assert_close(run(copied), expected, rtol=0, atol=0)
+                _perturb(copied)
+                assert not torch.allclose(run(copied), expected)  # the copy's own weights
+                torch.testing.assert_close(run(model), expected, rtol=0, atol=0)  # the original's untouched
+
+
+def test_instance_method_reports_the_function_signature_without_self():
+    import inspect
+
+    def forward(module, x, scale=1.0):
+        return x
+
+    bound = InstanceMethod(forward, nn.Identity())
+    assert list(inspect.signature(bound).parameters) == ["x", "scale"]
+    assert bound(3) == 3

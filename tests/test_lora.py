@@ -1,5 +1,6 @@
 """Sine and bounded LoRA: every backend against the float64 reference, forward and backward."""
 
+import io
 import math
 
 import pytest
@@ -473,6 +474,69 @@ def test_module_quantize():
     assert rel_err(layer(x), y_full.double()) < 1e-2  # 8 bits: close to the full-precision adapter
     with pytest.raises(RuntimeError, match="already"):
         layer.quantize_()
+
+
+def _saved(state):
+    """``state`` through torch.save and torch.load's default, weights-only, unpickler."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _trained_layer(seed, **kwargs):
+    layer = lucidops.nn.BoundedLoRALinear(_linear(48, 20, seed=seed), rank=4, omega=3.0, **kwargs)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.2)
+    return layer
+
+
+def test_quantized_adapter_survives_the_state_dict_and_device_moves():
+    layer = _trained_layer(4)
+    layer.quantize_(bits=4, group_size=16)
+    x = torch.randn(5, 48)
+    expected = layer(x)
+    fresh = _trained_layer(5)
+    with pytest.raises(RuntimeError, match="call quantize_"):
+        fresh.load_state_dict(_saved(layer.state_dict()))
+    fresh = _trained_layer(5)
+    fresh.quantize_(bits=2, group_size=8)  # any settings: the loaded adapter replaces them
+    fresh.load_state_dict(_saved(layer.state_dict()))
+    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+    assert fresh.quantized.A.bits == 4 and fresh.quantized.A.scales.dtype == torch.float16
+    # The adapter follows the module's device, never its dtype (the kernels read float16 tables).
+    fresh.double()
+    assert fresh.quantized.A.scales.dtype == torch.float16 and fresh.base.weight.dtype == torch.float64
+    fresh.to("meta")  # a device this machine has besides the CPU
+    assert fresh.quantized.A.codes.device.type == "meta" and fresh.quantized.B.scales.device.type == "meta"
+
+
+@pytest.mark.parametrize("keep_original", [True, False])
+def test_merged_layer_state_loads_merged(keep_original):
+    """A merged layer's state holds the merged weight: loaded into an unmerged layer it must
+    not add the update a second time, and unmerge() must still give the base back."""
+    layer = _trained_layer(6)
+    x = torch.randn(5, 48)
+    base_out = layer.base(x)
+    expected = layer(x)
+    layer.merge(keep_original=keep_original)
+    fresh = _trained_layer(7)
+    fresh.load_state_dict(_saved(layer.state_dict()))
+    assert fresh.merged
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
+    fresh.unmerge()
+    torch.testing.assert_close(fresh.base(x), base_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_from_before_the_extra_state_still_loads():
+    layer = _trained_layer(8)
+    old = {k: v for k, v in layer.state_dict().items() if not k.endswith("_extra_state")}
+    fresh = _trained_layer(9).merge()
+    fresh.load_state_dict(old)
+    assert not fresh.merged
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
 
 
 def test_module_bad_arguments():

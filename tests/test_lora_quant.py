@@ -34,6 +34,17 @@ def test_kmeans_is_never_worse_than_one_uniform_grid_per_factor():
         assert km["rel_err_A"] <= uni["rel_err_A"] * 1.01 and km["rel_err_B"] <= uni["rel_err_B"] * 1.01
 
 
+@pytest.mark.parametrize("magnitude, bound", [(1e-5, 0.02), (1e-6, 0.1)])  # measured: 0.0066, 0.065
+def test_uniform_keeps_groups_whose_step_is_below_float16(magnitude, bound):
+    """A B a few small steps from its zero start: the group's step (range / 255) is below
+    float16's smallest subnormal. The group must still decode to distinct levels (before: one
+    constant: 2.36 at 1e-6, worse than quantizing to zero). float16 side data still limits it."""
+    a, b = adapter(seed=3)
+    b = b / b.abs().max() * magnitude
+    stats = quantize_adapter(a, b, bits=8, group_size=32, method="uniform").stats
+    assert stats["rel_err_B"] < bound, stats["rel_err_B"]
+
+
 def test_uniform_is_exact_on_its_own_grid():
     # Each group of 16 holds 16 equally spaced values (min, min + step, ...): 4 bits store them exactly.
     base = torch.arange(16, dtype=torch.float32) * 0.25

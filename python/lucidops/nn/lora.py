@@ -14,7 +14,7 @@ starts at zero.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -143,6 +143,40 @@ class BoundedLoRALinear(nn.Module):
         self.register_parameter("lora_A", None)
         self.register_parameter("lora_B", None)
         return self.quantized
+
+    # --- state: merged and quantized travel with the state dict and the module's device -------
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        """Saved under ``_extra_state``: whether the update is merged into the base weight (a
+        merged state loaded into an unmerged layer would add it twice) and the quantized
+        adapter (plain tensors, so ``torch.load(weights_only=True)`` reads it)."""
+        return {"merged": self.merged, "quantized": None if self.quantized is None else self.quantized.state()}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        quantized = state.get("quantized")
+        if (quantized is None) != (self.quantized is None):
+            saved, here = ("quantized", "is not") if quantized is not None else ("not quantized", "is")
+            raise RuntimeError(f"the state dict's adapter is {saved} but this layer's {here}: "
+                               "call quantize_() on the layer before loading a quantized state")
+        if quantized is not None:
+            self.quantized = QuantizedAdapter.from_state(quantized).to(self.base.weight.device)
+        self.merged = bool(state.get("merged", False))
+        self._original_weight = None  # the loaded weight is the truth; unmerge() subtracts the update
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # State dicts saved before the extra state existed: an unmerged, unquantized layer.
+        if prefix + "_extra_state" in missing_keys and self.quantized is None:
+            missing_keys.remove(prefix + "_extra_state")
+            self.merged, self._original_weight = False, None
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if self.quantized is not None:  # codes and tables follow the base weight's device (never its dtype)
+            self.quantized = self.quantized.to(self.base.weight.device)
+        return module
 
     def extra_repr(self) -> str:
         return (f"in_features={self.base.in_features}, out_features={self.base.out_features}, rank={self.rank}, "

@@ -8,7 +8,7 @@ sine's rank gain survives quantization. Two quantizers of each factor (A and B a
   the row-major flattened factor; each group stores a scale and a minimum (float16),
   codes are integers in [0, 2^bits - 1].
 - ``"kmeans"``: one codebook of 2^bits float16 centroids per factor, fitted by Lloyd's
-  1-D k-means from quantile initialisation (deterministic).
+  1-D k-means started from the uniform grid over the factor's range (deterministic).
 
 Sizes are reported for codes packed at ``bits`` bits (how the adapter is shipped); in
 memory the codes are held one per uint8.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -26,6 +26,7 @@ from torch import Tensor
 from .. import _validate
 
 METHODS = ("uniform", "kmeans")
+_FLOAT16_TINIEST = 2.0 ** -24  # the smallest positive (subnormal) float16
 
 
 @dataclass
@@ -106,6 +107,19 @@ class QuantizedTensor:
         padded = self._padded_book[1]
         return codes, padded, padded, 0
 
+    def state(self) -> Dict[str, Any]:
+        """Plain tensors, numbers and strings (what ``torch.load(weights_only=True)`` reads)."""
+        return {"codes": self.codes, "shape": list(self.shape), "dtype": str(self.dtype).replace("torch.", ""),
+                "bits": self.bits, "method": self.method, "group_size": self.group_size, "scales": self.scales,
+                "minimums": self.minimums, "codebook": self.codebook}
+
+    @classmethod
+    def from_state(cls, state: Dict[str, Any]) -> "QuantizedTensor":
+        dtype = getattr(torch, state["dtype"])
+        return cls(codes=state["codes"], shape=torch.Size(state["shape"]), dtype=dtype, bits=int(state["bits"]),
+                   method=state["method"], group_size=int(state["group_size"]), scales=state["scales"],
+                   minimums=state["minimums"], codebook=state["codebook"])
+
     @property
     def packed_bytes(self) -> int:
         """Bytes when shipped: codes packed at ``bits`` bits plus float16 side data."""
@@ -154,6 +168,15 @@ class QuantizedAdapter:
         """(A, B) reconstructed, in ``dtype`` (default: the original dtypes)."""
         return self.A.dequantize(dtype), self.B.dequantize(dtype)
 
+    def state(self) -> Dict[str, Any]:
+        """The adapter as plain tensors, numbers and strings, for a module's state dict."""
+        return {"A": self.A.state(), "B": self.B.state(), "stats": dict(self.stats)}
+
+    @classmethod
+    def from_state(cls, state: Dict[str, Any]) -> "QuantizedAdapter":
+        return cls(QuantizedTensor.from_state(state["A"]), QuantizedTensor.from_state(state["B"]),
+                   dict(state["stats"]))
+
     def to(self, device) -> "QuantizedAdapter":
         def move(q: QuantizedTensor) -> QuantizedTensor:
             kw = {k: (getattr(q, k).to(device) if getattr(q, k) is not None else None)
@@ -178,7 +201,9 @@ def _quantize_uniform(t: Tensor, bits: int, group_size: int) -> QuantizedTensor:
     # Round the side data to float16 first, so the codes are chosen for the stored values.
     lo16 = lo.half()
     scale16 = ((hi - lo16.float()) / levels).half()
-    scale16 = torch.where(scale16.float() > 0, scale16, torch.ones_like(scale16))  # constant group
+    # A step below float16's smallest subnormal rounds to 0: take that subnormal instead (the
+    # codes still span the group); only a constant group gets scale 1 (every code 0).
+    scale16 = torch.where(hi > lo, scale16.clamp_min(_FLOAT16_TINIEST), torch.ones_like(scale16))
     codes = torch.round((g - lo16.float()[:, None]) / scale16.float()[:, None]).clamp_(0, levels)
     return QuantizedTensor(codes=codes.reshape(-1)[:n].to(torch.uint8), shape=t.shape, dtype=t.dtype, bits=bits,
                            method="uniform", group_size=group_size, scales=scale16, minimums=lo16)

@@ -68,6 +68,11 @@ def test_state_dict_loads_and_outputs_match_timm_attention(num_heads):
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(NotImplementedError, match="bool key padding mask"):
         ours(x, attn_mask=torch.zeros(9, 9))
+    # A (N, N) query-by-key mask has B * N elements when B == N: refused by its shape, not
+    # misread as a key padding mask.
+    square = torch.ones(9, 9, dtype=torch.bool).tril()
+    with pytest.raises(NotImplementedError, match="bool key padding mask"):
+        ours(torch.randn(9, 9, 48), attn_mask=square)
 
 
 def test_attention_dropout_in_training_runs_sdpa_with_dropout_and_says_so(monkeypatch):
@@ -178,6 +183,25 @@ def test_attention_condition_numbers_match_an_independent_computation():
     model.train()
     lucidops.conditioning.attention_condition_numbers(model, x)
     assert model.training and not model.blocks[0].attn._forward_pre_hooks
+
+
+def test_attention_condition_numbers_refuse_attention_they_cannot_model():
+    """EVA-02's EvaAttention has qkv, num_heads and head_dim like timm's Attention, but rotary
+    embeddings the diagnostic does not apply: it must say so, not return another model's kappa."""
+    torch.manual_seed(0)
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1).eval()
+    with pytest.raises(ValueError, match="EvaAttention"):
+        lucidops.conditioning.attention_condition_numbers(eva, torch.randn(1, 3, 28, 28))
+
+
+def test_leaner_reads_the_hidden_width_of_gated_mlps():
+    """EVA-02's SwiGLU fc1 holds gate and value (2x the hidden width): the ratio is fc2's."""
+    report = lucidops.patch.leaner("eva02_tiny_patch14_224", heads_factor=2, depth_divisor=2, img_size=28)
+    assert report.original["mlp_ratio"] == pytest.approx(512 / 192)
+    model = report.build()
+    assert model.blocks[0].mlp.fc2.in_features == 512
+    assert report.params[1] == sum(p.numel() for p in model.parameters())
+    assert report.params[1] < 0.7 * report.params[0]  # half the blocks, same widths
 
 
 def test_many_head_vit_runs_the_cpp_kernel_and_matches():

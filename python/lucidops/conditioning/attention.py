@@ -32,7 +32,17 @@ def condition_number(a: Tensor) -> Tensor:
 
 
 def _is_attention(module: nn.Module) -> bool:
-    return all(hasattr(module, a) for a in ("qkv", "num_heads", "head_dim")) and isinstance(module.qkv, nn.Linear)
+    """timm's ViT ``Attention`` (exactly: subclasses and look-alikes such as EVA-02's
+    ``EvaAttention`` add rotary embeddings or separate biases that head_outputs would miss)
+    or lucidops' ``ManyHeadAttention``."""
+    from ..nn.attention import ManyHeadAttention
+    from ..patch.timm_vit import is_timm_vit_attention
+
+    return isinstance(module, ManyHeadAttention) or is_timm_vit_attention(module)
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("qkv", "num_heads", "head_dim"))
 
 
 def _in_float64(norm: nn.Module, t: Tensor) -> Tensor:
@@ -77,7 +87,10 @@ def attention_condition_numbers(model: nn.Module, x: Tensor) -> List[LayerCondit
             hooks.append(module.register_forward_pre_hook(
                 lambda mod, args, _name=name: captured.append((_name, mod, args[0]))))
     if not hooks:
-        raise ValueError("model has no attention module (one with qkv, num_heads and head_dim)")
+        others = sorted({type(m).__name__ for m in model.modules() if _looks_like_attention(m)})
+        raise ValueError("model has no timm ViT Attention or lucidops ManyHeadAttention module"
+                         + (f"; its {', '.join(others)} (rotary embeddings, separate biases, ...) are not supported"
+                            if others else ""))
     was_training = model.training
     try:
         model.eval()

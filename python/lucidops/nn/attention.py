@@ -102,13 +102,17 @@ class ManyHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         """x (B, N, C) -> (B, N, dim_out). ``attn_mask``: None or a bool key padding mask,
-        (B, N) or (B, 1, 1, N), True for tokens that take part."""
+        True for tokens that take part: (B, 1, 1, N) (what timm passes), or (B, N) when B != N
+        (when B == N a 2-D mask is SDPA's (N_query, N_key) mask in timm's module, so it is refused)."""
         b, n, _ = x.shape
         key_padding_mask = None
         if attn_mask is not None:
-            if attn_mask.dtype != torch.bool or attn_mask.numel() != b * n:
-                raise NotImplementedError("attn_mask must be a bool key padding mask of shape (B, N) or "
-                                          f"(B, 1, 1, N); got {attn_mask.dtype} {tuple(attn_mask.shape)}")
+            # By shape, not size, and never a 2-D (B, N) when B == N: timm reads a 2-D mask as
+            # (N_query, N_key), lucidops would read it as key padding.
+            accepted = [(b, 1, 1, n)] + ([(b, n)] if b != n else [])
+            if attn_mask.dtype != torch.bool or tuple(attn_mask.shape) not in accepted:
+                raise NotImplementedError("attn_mask must be a bool key padding mask of shape (B, 1, 1, N), or (B, N) "
+                                          f"when B != N; got {attn_mask.dtype} {tuple(attn_mask.shape)}")
             key_padding_mask = attn_mask.reshape(b, n)
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)

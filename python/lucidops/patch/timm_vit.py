@@ -28,15 +28,19 @@ def _timm_attention_classes() -> Tuple[type, ...]:
     return tuple(classes)
 
 
-def attention_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """The (qualified name, module) pairs :func:`timm_vit` would replace: modules whose
-    type is exactly timm's ViT ``Attention`` (subclasses have other forwards). Empty when
-    timm is not installed (then the model cannot hold one)."""
+def is_timm_vit_attention(module: nn.Module) -> bool:
+    """Whether ``module``'s type is exactly timm's ViT ``Attention`` (subclasses have other
+    forwards); False when timm is not installed (then no module can be one)."""
     try:
-        classes = _timm_attention_classes()
+        return type(module) in _timm_attention_classes()
     except ImportError:
-        return []
-    return child_slots(model, lambda name, m: type(m) in classes)
+        return False
+
+
+def attention_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The (qualified name, module) pairs :func:`timm_vit` would replace: the submodules
+    for which :func:`is_timm_vit_attention` holds."""
+    return child_slots(model, lambda name, m: is_timm_vit_attention(m))
 
 
 def timm_vit(model: nn.Module) -> PatchHandle:
@@ -62,7 +66,7 @@ def _vit_config(model: nn.Module) -> Dict[str, Any]:
     vit = cast(Any, model)  # a timm VisionTransformer, read through its submodule attributes
     block = vit.blocks[0]
     dim = int(vit.embed_dim)
-    hidden = block.mlp.fc1.out_features
+    hidden = block.mlp.fc2.in_features  # fc1 of a gated MLP (EVA-02's SwiGLU) holds gate and value: 2x
     return {"embed_dim": dim, "depth": len(vit.blocks), "num_heads": int(block.attn.num_heads),
             "head_dim": int(block.attn.head_dim), "mlp_ratio": hidden / dim}
 

@@ -265,6 +265,29 @@ def test_ties_go_to_the_lowest_point_index(backend, device, n, cull):
     assert (arg[1] == 0).all() and arg[0, 2] == 0
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_copies_of_a_point_give_the_max_to_the_first_copy(backend, device, dtype):
+    """Clouds padded or resampled with repeated points: every backend gives the max (and its
+    gradient) to the first copy. The reference's BLAS product rounds identical rows of phi
+    differently (float32, G 5, K 9, N 40: it picked copy 1), so it maps copies explicitly."""
+    means, prec, weight, bias = (t.to(dtype) for t in make_params(5, 9, torch.float64, device, seed=44))
+    points = make_points((4, 40), dtype, device, seed=45)
+    points[:2] = points[:2, 7:8]  # clouds 0, 1: 40 copies of one point
+    points[2, 20:] = points[2, 5:25].clone()  # cloud 2: points 5..24 repeated at 20..39
+    points[3, ::2] = points[3, 1::2]  # cloud 3: each odd point repeated just before it
+    arg = backend_argmax(backend, points, means, prec, weight, bias, None)
+    assert (arg[:2] == 0).all(), arg[:2]
+    first = ref.lowest_duplicate(points.cpu())
+    assert torch.equal(first.gather(1, arg), arg)  # never a later copy
+    assert torch.equal(first[3], torch.arange(0, 40, 2).repeat_interleave(2))
+    inputs = [t.clone().requires_grad_(True) for t in (points, means, prec, weight, bias)]
+    with lucidops.use_backend(backend):
+        gaussian_mixture(*inputs).sum().backward()
+    later_copies = first.to(device) != torch.arange(40, device=device)
+    assert inputs[0].grad[later_copies].abs().max() == 0
+
+
 # ---------------------------------------------------------------- layouts
 
 

@@ -99,6 +99,33 @@ def _first_argmax(values: Tensor) -> Tuple[Tensor, Tensor]:
     return top.squeeze(-2), first
 
 
+def lowest_duplicate(points: Tensor) -> Tensor:
+    """(M, N) int64: for each point of each cloud (M, N, 3), the lowest index of a point with
+    exactly its coordinates. The reference's BLAS product can round two identical rows of phi
+    differently, so the max may land on a later copy of a point; the kernels, which compute
+    every point alike, pick the first. Found by three stable sorts (z, y, x), batched."""
+    m, n, _ = points.shape
+    order = torch.arange(n, device=points.device).expand(m, n)
+    for c in (2, 1, 0):
+        _, idx = torch.sort(torch.gather(points[..., c], 1, order), dim=1, stable=True)
+        order = torch.gather(order, 1, idx)
+    ordered = torch.gather(points, 1, order[..., None].expand(m, n, 3))
+    starts = torch.ones(m, n, dtype=torch.bool, device=points.device)
+    starts[:, 1:] = (ordered[:, 1:] != ordered[:, :-1]).any(dim=-1)
+    position = torch.arange(n, device=points.device).expand(m, n)
+    group_start = torch.where(starts, position, torch.zeros_like(position)).cummax(dim=1).values
+    # Stable sorts keep equal points in index order: a group's first is its lowest index.
+    return torch.empty_like(order).scatter_(1, order, torch.gather(order, 1, group_start))
+
+
+def _first_argmax_of_points(values: Tensor, points: Tensor) -> Tuple[Tensor, Tensor]:
+    """_first_argmax over the points of each cloud, copies of a point counted as the first."""
+    top, arg = _first_argmax(values)
+    if points.shape[-2] > 1:
+        arg = torch.gather(lowest_duplicate(points), 1, arg)
+    return top, arg
+
+
 def forward(points: Tensor, means: Tensor, precisions: Tensor, weight: Tensor, bias: Optional[Tensor],
             reduce_max: bool, cull_threshold: Optional[float]) -> Tuple[Tensor, Tensor]:
     """(out, argmax) for points (B, N, 3); argmax (B, K) int64 for reduce max, else empty."""
@@ -110,7 +137,7 @@ def forward(points: Tensor, means: Tensor, precisions: Tensor, weight: Tensor, b
         mixed = mixed + bias.to(compute)
     if not reduce_max:
         return mixed.to(points.dtype).contiguous(), torch.empty(0, dtype=torch.long, device=points.device)
-    top, arg = _first_argmax(mixed)
+    top, arg = _first_argmax_of_points(mixed, points)
     return top.to(points.dtype).contiguous(), arg.contiguous()
 
 
@@ -177,6 +204,6 @@ def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: 
         mixed = mixed + bias
     if reduce == "none":
         return mixed.to(points.dtype).reshape(*lead, n, -1)
-    _, arg = _first_argmax(mixed.detach())
+    _, arg = _first_argmax_of_points(mixed.detach(), x.detach())
     top = torch.gather(mixed, 1, arg.unsqueeze(1)).squeeze(1)
     return top.to(points.dtype).reshape(*lead, -1)

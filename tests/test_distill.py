@@ -51,6 +51,20 @@ def test_distill_reduces_held_out_error(optimizer):
     assert teacher.training is False
 
 
+def test_a_half_frozen_gaussian_still_trains_its_other_half():
+    """Factors frozen, means trainable: the natural gradient needs both, so the means must go to
+    AdamW (before, no optimizer held them and they never moved, with no word said)."""
+    teacher = _teacher(feature_transform=False, input_transform=False)
+    torch.manual_seed(2)
+    student = GaussianPointEncoder(4, 8, reduce="none")
+    student.factor.requires_grad_(False)
+    means, factor = student.means.detach().clone(), student.factor.detach().clone()
+    distill(lambda x: teacher.point_features(x)[..., :8], student, None, steps=3, batch_size=2,
+            points_per_cloud=16, progress=False, optimizer="natural")
+    assert not torch.equal(student.means, means)
+    assert torch.equal(student.factor, factor)
+
+
 def test_distill_restores_flags_and_reduce():
     teacher = _teacher(feature_transform=False, input_transform=False)
     teacher.train()

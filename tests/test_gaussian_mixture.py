@@ -455,6 +455,20 @@ def test_encoder_module():
         GaussianPointEncoder(4, 5, reduce="sum")
     with pytest.raises(ValueError, match="num_gaussians"):
         GaussianPointEncoder(0, 5)
+    for bad, exc in ((-0.1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError), ("0.01", TypeError)):
+        with pytest.raises(exc, match="off_diagonal_init"):
+            GaussianPointEncoder(4, 5, off_diagonal_init=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_encoder_covariances_and_spread(dtype):
+    """cholesky_inverse has no half kernels: the covariances are inverted in float32 (the spread
+    penalty of a half student needs them)."""
+    enc = GaussianPointEncoder(6, 4)
+    expected = enc.covariances()
+    enc = enc.to(dtype)
+    torch.testing.assert_close(enc.covariances().float(), expected, rtol=2e-2, atol=1e-3)
+    assert enc.covariances().dtype == dtype and enc.spread().dtype == dtype
 
 
 # ---------------------------------------------------------------- cpp kernel paths: all-culled tiles, chunking

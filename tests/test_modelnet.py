@@ -91,6 +91,10 @@ def test_missing_files_and_bad_arguments(folder, tmp_path_factory):
         ModelNet40(root, jitter=-1.0)
     with pytest.raises(TypeError, match="root"):
         ModelNet40(3)
+    with pytest.raises(ValueError, match="seed"):  # numpy's generators would fail on every item
+        ModelNet40(root, "train", num_points=16, seed=-1)
+    with pytest.raises(ValueError, match="epoch"):
+        ModelNet40(root, "train", num_points=16).set_epoch(-1)
 
 
 def test_bad_contents(tmp_path):

@@ -60,7 +60,7 @@ class ModelNet40(Dataset):
             _validate.integer(num_points, "num_points", minimum=1)
         for name, value in (("jitter", jitter), ("jitter_clip", jitter_clip)):
             _validate.real_number(value, name, ">= 0")
-        _validate.integer(seed, "seed")
+        _validate.integer(seed, "seed", minimum=0)  # numpy's generators take no negative seed
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"ModelNet40 folder {root!r} does not exist (lucidops never downloads it: "
@@ -120,8 +120,8 @@ class ModelNet40(Dataset):
         return len(self.classes)
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw fresh augmentations for a new epoch."""
-        self.epoch = int(epoch)
+        """Draw fresh augmentations for a new epoch (>= 0)."""
+        self.epoch = _validate.integer(epoch, "epoch", minimum=0)
 
     def __len__(self) -> int:
         return int(self.data.shape[0])

@@ -1,9 +1,10 @@
 """Procedural point-cloud classification data: ``SyntheticShapes``.
 
 Each sample is drawn from the surface of one of the shapes in ``SHAPES``, stretched per
-axis, rotated, jittered and (by default) normalised into [-1, 1]^3. Sample ``i`` of a
-dataset with seed ``s`` comes from its own generator seeded by (s, i), so it is the same
-whatever the access order, worker split or dataset length.
+axis, rotated, jittered and (by default) normalised into [-1, 1]^3. The labels are a
+balanced shuffle fixed by the seed and the dataset length; sample ``i``'s points then come
+from its own generator seeded by (s, i), so a dataset is the same whatever the access order
+or worker split (a dataset of another length draws other labels).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class GaussianPointEncoder(nn.Module):
         self.out_channels = out_channels
         self.cloud_range = float(cloud_range)
         self.reduce = reduce
-        self.off_diagonal_init = float(off_diagonal_init)
+        self.off_diagonal_init = _validate.real_number(off_diagonal_init, "off_diagonal_init", ">= 0")
         self._cull_threshold: Optional[float] = None
         self.means = nn.Parameter(torch.empty(num_gaussians, 3))
         self.factor = nn.Parameter(torch.empty(num_gaussians, 6))
@@ -89,11 +89,13 @@ class GaussianPointEncoder(nn.Module):
 
     def covariances(self) -> Tensor:
         """(G, 3, 3) Sigma = P^-1 (for inspection and natural-gradient preconditioning)."""
-        l_mat = torch.zeros(self.num_gaussians, 3, 3, dtype=self.factor.dtype, device=self.factor.device)
+        # cholesky_inverse has no half kernels: half factors are inverted in float32, returned in their dtype.
+        compute = torch.promote_types(self.factor.dtype, torch.float32)
+        l_mat = torch.zeros(self.num_gaussians, 3, 3, dtype=compute, device=self.factor.device)
         rows, cols = torch.tril_indices(3, 3)
         # tril_indices order is (0,0), (1,0), (1,1), (2,0), (2,1), (2,2); the packing is a, b, d, c, e, f.
-        l_mat[:, rows, cols] = self.factor[:, [0, 1, 3, 2, 4, 5]]
-        return torch.cholesky_inverse(l_mat, upper=False)
+        l_mat[:, rows, cols] = self.factor[:, [0, 1, 3, 2, 4, 5]].to(compute)
+        return torch.cholesky_inverse(l_mat, upper=False).to(self.factor.dtype)
 
     def spread(self) -> Tensor:
         """The Gaussians' mean per-axis variance, mean over g of trace(Sigma_g) / 3, in units of

@@ -118,8 +118,12 @@ def build_optimizers(student: nn.Module, optimizer: str, lr: float, gaussian_lr:
         natural_groups: List[dict] = []
     else:
         split = split_parameters(student)
-        natural_groups = [g for g in split.natural_gradient if all(p.requires_grad for p in g["params"])]
-        groups = [{"params": [p for p in g["params"] if p.requires_grad]} for g in split.adamw]
+        # The natural gradient needs a Gaussian's means and factor together; where one of them is
+        # frozen, the other trains with AdamW (before, it was silently left out of every optimizer).
+        trainable = [all(p.requires_grad for p in g["params"]) for g in split.natural_gradient]
+        natural_groups = [g for g, t in zip(split.natural_gradient, trainable) if t]
+        partly_frozen = [g for g, t in zip(split.natural_gradient, trainable) if not t]
+        groups = [{"params": [p for p in g["params"] if p.requires_grad]} for g in split.adamw + partly_frozen]
         groups = [g for g in groups if g["params"]]
     if lr_scale is not None:
         # Split the AdamW groups per learning-rate scale (used by fine-tuning: encoders / 100).

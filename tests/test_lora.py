@@ -257,6 +257,8 @@ def test_bad_tensors():
     call = lambda *t, **kw: lucidops.ops.bounded_lora_linear(*t, omega=1.0, scale=1.0, **kw)  # noqa: E731
     with pytest.raises(ValueError, match="x's last dimension"):
         call(x[:, :7], w, a, b)
+    with pytest.raises(ValueError, match="K_in"):  # no input features: refused, not a reshape error
+        call(x[:, :0], w[:, :0], a[:, :0], b)
     with pytest.raises(ValueError, match="lora_A"):
         call(x, w, a[:, :7], b)
     with pytest.raises(ValueError, match="lora_B"):

@@ -154,6 +154,33 @@ def test_revert_is_bit_exact_and_context_manager():
         assert torch.equal(model(x).logits, before)
 
 
+def test_an_adapter_on_some_layers_patches_those():
+    """The active adapter sits on the MLP's c_fc only, another on c_attn: peft runs the plain base
+    where the active adapter is absent, and the patch takes the layers that hold it (before, it
+    refused the model)."""
+    from peft import LoraConfig
+
+    model = make_model(targets=("c_attn",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_adapter("mlp_only", LoraConfig(r=2, lora_alpha=4, target_modules=["c_fc"], fan_in_fan_out=True))
+    model.set_adapter("mlp_only")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B.mlp_only" in name:
+                p.normal_(0.0, 0.3)
+    x = ids()
+    with torch.no_grad():
+        before = model(x).logits
+        handle = peft_lora(model, "bounded", omega=2.0, fn="tanh")
+        assert handle.names and all(name.endswith("mlp.c_fc") for name in handle.names)
+        assert not torch.equal(model(x).logits, before)
+        handle.revert()
+        assert torch.equal(model(x).logits, before)
+    with pytest.raises(ValueError, match="no LoRA layer has adapter 'absent'"):
+        peft_lora(model, "bounded", omega=2.0, adapter_name="absent")
+
+
 def test_only_mlp_leaves_attention_plain():
     model = make_model()
     handle = peft_lora(model, "bounded", omega=2.0, only_mlp=True)

@@ -314,6 +314,8 @@ def _validate_base(x, weight, bias, fn, placement):
     n_out, k_in = weight.shape
     if x.shape[-1] != k_in:
         raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's K_in ({k_in})")
+    if k_in == 0:  # an adapter over no input features: nothing to adapt (and rows of x cannot be counted)
+        raise ValueError(f"weight's K_in (its second size) must be >= 1, got shape {tuple(weight.shape)}")
     if bias is not None:
         _validate.floating_tensor(bias, "bias")
         if tuple(bias.shape) != (n_out,):

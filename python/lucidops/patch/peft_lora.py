@@ -237,6 +237,12 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
         if len(active) != 1:
             raise ValueError(f"the model has several active adapters {active}; pass adapter_name")
         adapter_name = active[0]
+    # An adapter need not sit on every LoRA layer (peft runs the plain base where it is absent).
+    holding = [(n, m) for n, m in layers if adapter_name in cast(_LoraLinear, m).lora_A]
+    if not holding:
+        raise ValueError(f"no LoRA layer has adapter {adapter_name!r}"
+                         + (" among the MLP layers" if only_mlp else ""))
+    layers = holding
 
     # Check every layer before touching any, so a bad layer leaves the model unpatched.
     gains = []

@@ -229,7 +229,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal, key_padding_mask, scale) -> 
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(f"q's head dim (last size) must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {d}")
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a Python bool, got {type(causal).__module__}.{type(causal).__name__}")
+        kind = type(causal)  # qualified unless builtin: numpy's bool is also named "bool"
+        got = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"causal must be a bool, got {got}")
     if key_padding_mask is not None:
         _validate.tensor(key_padding_mask, "key_padding_mask")
         if key_padding_mask.dtype != torch.bool:

@@ -1,6 +1,7 @@
 """sinc and gaussian: every backend against the float64 reference, forward and backward."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -89,6 +90,26 @@ def test_float64_and_exact_values(backend, device, kind):
                              torch.tensor(0.8, dtype=torch.float64), False)
     tol = 1e-12 if backend != "triton" else 1e-8  # Triton's literal constants are float32
     assert rel_err(y, y_ref) < tol and rel_err(x.grad, gx_ref) < tol
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_float64_sinc_gradient_below_the_float32_series_bound(backend, device):
+    """Between 0.05 and 0.5 float64 takes the direct formula (the 5-term series is only float32
+    accurate there: Triton's was off by 5e-12 at 0.49)."""
+    x = torch.tensor([0.051, 0.2, 0.49, -0.3], dtype=torch.float64, device=device, requires_grad=True)
+    with lucidops.use_backend(backend):
+        op("sinc")(x, 1.0).sum().backward()
+    u = x.detach().cpu()
+    exact = (u * torch.cos(u) - torch.sin(u)) / (u * u)
+    assert rel_err(x.grad, exact) < 1e-14
+
+
+def test_sigma_outside_the_compute_precision_is_refused_naming_it():
+    x = torch.randn(4)
+    for sigma in (1e-50, 1e300):  # float32 would round them to 0 or inf
+        with pytest.raises(ValueError, match=f"sigma must be within torch.float32's normal range.*{re.escape(repr(sigma))}"):
+            lucidops.ops.sinc(x, sigma)
+    assert torch.isfinite(lucidops.ops.sinc(x.double(), 1e-50)).all()  # float64 holds it
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

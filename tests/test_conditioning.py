@@ -162,6 +162,22 @@ def test_conditioned_embedding_in_a_timm_vit():
     assert (condition_number(seen["tokens"].double()) <= 2 + 1e-3).all()
 
 
+def test_conditioned_embedding_of_a_dynamic_size_vit_conditions_each_image():
+    """timm's dynamic_img_size embeddings return (B, H, W, C) grids: each image's H * W tokens
+    are its matrix (before, each grid row was conditioned on its own, kappa up to 5.6)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=32, depth=1, num_heads=2, num_classes=5, dynamic_img_size=True)
+    model.patch_embed = ConditionedEmbedding(model.patch_embed)
+    seen = {}
+    model.patch_embed.register_forward_hook(lambda m, i, o: seen.setdefault("grid", o.detach()))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    grid = seen["grid"]
+    assert grid.shape == (2, 4, 4, 32)
+    assert (condition_number(grid.reshape(2, 16, 32).double()) <= 2 + 1e-3).all()
+
+
 # ---------------------------------------------------------------- token_gray
 
 def fft_dct2(x):
@@ -289,6 +305,8 @@ def test_token_gray_rejects_bad_arguments():
             token_gray(x, eps=eps)
     with pytest.raises(TypeError, match="eps"):
         token_gray(x, eps=True)
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(token_gray(x, eps=np.float32(0.5)), token_gray(x, eps=0.5))  # any real number
     with pytest.raises(ValueError, match="mode must be one of"):
         token_gray(x, mode="fft")
     with pytest.raises(TypeError, match="keep_scale"):

@@ -248,6 +248,13 @@ def test_impulse_rejects_bad_input():
         impulse_(tiny_vit(depth=1), qk_scale=-7)
     with pytest.raises(ValueError, match="pinv_rank"):
         impulse_(tiny_vit(depth=1), pinv_rank=0)
+    # A model refused with pos_scale given is left as it was (pos_embed was scaled first).
+    model = tiny_vit(depth=1)
+    model.pos_embed = nn.Parameter(model.pos_embed[:, :5].detach().clone())
+    before = model.pos_embed.detach().clone()
+    with pytest.raises(ValueError, match="pos_embed"):
+        impulse_(model, pos_scale=2.0)
+    assert torch.equal(model.pos_embed, before)
 
 
 # ---------------------------------------------------------------- skipless training (seeded, short)

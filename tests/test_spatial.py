@@ -67,6 +67,29 @@ def test_inits():
     assert "smoothed" in repr(layer)
 
 
+@pytest.mark.parametrize("sigma", [1e-200, 1e300])
+def test_smoothing_sigma_extremes_stay_finite(sigma):
+    """A tiny sigma is the centre tap alone (the default filter, renormalised), a huge one flat
+    taps; before, 2 sigma^2 underflowed to 0 (NaN filters) or overflowed Python's float."""
+    weight = random_depthwise_weight(4, (3, 3), "smoothed", smoothing_sigma=sigma, generator=gen(4))
+    default = random_depthwise_weight(4, (3, 3), "default", generator=gen(4))
+    assert torch.isfinite(weight).all()
+    torch.testing.assert_close(weight.flatten(1).norm(dim=1), default.flatten(1).norm(dim=1))
+    if sigma < 1:
+        torch.testing.assert_close(weight, default)
+
+
+def test_revert_after_moving_the_model_puts_back_modules_that_moved_with_it():
+    """The original convs are detached while patched, so a later ``model.double()`` (or
+    ``.to(device)``) missed them: revert must move them the way the model went."""
+    model = resnet_style()
+    handle = freeze_spatial_mixing(model)
+    model.double()
+    handle.revert()
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model(torch.randn(1, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_frozen_depthwise_rejects_bad_arguments():
     with pytest.raises(ValueError, match="channels"):
         FrozenRandomDepthwise(0, 3)

@@ -17,6 +17,8 @@ Both normalise by the largest singular value / coefficient, as the paper states;
 
 from __future__ import annotations
 
+import numbers
+
 import functools
 import math
 
@@ -77,7 +79,7 @@ def _dct2(x: Tensor, inverse: bool = False) -> Tensor:
 
 
 def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):  # numpy scalars too
         raise TypeError(f"eps must be a real number in (0, 1], got {type(eps).__name__}")
     eps = float(eps)
     if not (0.0 < eps <= 1.0):  # also rejects NaN

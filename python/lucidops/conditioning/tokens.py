@@ -7,7 +7,8 @@ conditions the whole stack. The exact C of the paper is open; the default here i
     C = sigma_1(X) U V^T          (thin SVD X = U S V^T)
 
 which adds sigma_1 to every singular value, keeps the singular vectors, and gives
-kappa(X + C) = 2 sigma_1 / (sigma_1 + sigma_min) <= 2 for any X, rank-deficient included.
+kappa(X + C) = 2 sigma_1 / (sigma_1 + sigma_min) <= 2 for any nonzero X, rank-deficient
+included (a zero X stays zero: C scales with sigma_1).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Gives attention a convolution's inductive bias through initialisation only. Head i of
 every block is assigned an offset of a k x k kernel, ordered centre, then ring by ring,
-cross before corners (for k = 3: centre, up, down, left, right, then the four corners);
+cross before corners (for k = 3: centre, up, left, right, down, then the four corners);
 with more heads than taps the order repeats. With P = LayerNorm(position embedding of
 the patch tokens) (N x D), P+ its pseudo-inverse truncated to rank d (head dim) and
 T_i the shift matrix of the offset over the patch grid (T_i[p, p + offset] = 1),
@@ -107,11 +107,11 @@ def impulse_(model: nn.Module, kernel_size: int = 3, qk_scale: float = 7.0, v_al
     pinv_rcond = _validate.real_number(pinv_rcond, "pinv_rcond", "> 0")
     if pinv_rank is not None:
         _validate.integer(pinv_rank, "pinv_rank", minimum=1)
+    pos, grid = _patch_positions(model)  # validates the model before anything is changed
     if pos_scale is not None:
         pos_scale = _validate.real_number(pos_scale, "pos_scale", "> 0")
-        # documented contract: a timm ViT's pos_embed Parameter (any other model fails here as before)
-        cast(torch.Tensor, model.pos_embed).mul_(pos_scale)
-    pos, grid = _patch_positions(model)
+        cast(torch.Tensor, model.pos_embed).mul_(pos_scale)  # a timm ViT's pos_embed (checked just above)
+        pos, grid = _patch_positions(model)
     norms = {id(m.attn): getattr(m, "norm1", None) for m in model.modules() if hasattr(m, "attn")}
     shifts = {}
     for _, attn in layers:

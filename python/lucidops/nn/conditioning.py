@@ -34,7 +34,22 @@ class ConditionedEmbedding(nn.Module):
             x = self.embed(x, *args, **kwargs)
         if x.dim() < 2:
             raise ValueError(f"ConditionedEmbedding expects token matrices (..., N, d), got shape {tuple(x.shape)}")
+        layout = self._grid_layout(x)
+        if layout == "NHWC":  # timm's dynamic_img_size embeddings: an image's tokens are its H x W grid
+            b, h, w, c = x.shape
+            return condition_tokens(x.reshape(b, h * w, c), self.strength).reshape(b, h, w, c)
+        if layout is not None:
+            raise ValueError(f"ConditionedEmbedding conditions token matrices; the wrapped embedding returns "
+                             f"{layout} feature maps (set its output_fmt to 'NHWC' or 'NLC', or flatten it)")
         return condition_tokens(x, self.strength)
+
+    def _grid_layout(self, x: Tensor) -> Optional[str]:
+        """The layout of a 4-D patch grid that the wrapped (timm) embedding returns unflattened,
+        else None: the last two dims are then an image's (N, d) token matrix."""
+        if self.embed is None or x.dim() != 4 or getattr(self.embed, "flatten", True):
+            return None
+        fmt = getattr(self.embed, "output_fmt", None)
+        return str(getattr(fmt, "value", fmt)) if fmt is not None else None
 
     def __getattr__(self, name: str):
         try:

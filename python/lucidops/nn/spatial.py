@@ -19,6 +19,13 @@ from .. import _validate
 INITS = ("default", "impulse", "smoothed")
 
 
+def _gaussian_taps(radius: int, sigma: float) -> Tensor:
+    """exp(-t^2 / (2 sigma^2)) at t = -radius..radius, as (t / sigma)^2 so that no sigma
+    overflows or underflows it: a tiny sigma gives the centre tap alone, a huge one flat taps."""
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    return torch.exp(-0.5 * (t / sigma) ** 2).nan_to_num(nan=0.0)
+
+
 def _pair(value, name: str) -> Tuple[int, int]:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = (int(value), int(value))
@@ -48,9 +55,7 @@ def random_depthwise_weight(channels: int, kernel_size: Tuple[int, int], init: s
     weight = (torch.rand(channels, 1, kh, kw, generator=generator, dtype=torch.float64) * 2 - 1) * bound
     if init == "smoothed":
         ry, rx = kh // 2, kw // 2
-        gy = torch.exp(-torch.arange(-ry, ry + 1, dtype=torch.float64) ** 2 / (2 * smoothing_sigma ** 2))
-        gx = torch.exp(-torch.arange(-rx, rx + 1, dtype=torch.float64) ** 2 / (2 * smoothing_sigma ** 2))
-        blur = torch.outer(gy, gx)
+        blur = torch.outer(_gaussian_taps(ry, smoothing_sigma), _gaussian_taps(rx, smoothing_sigma))
         blur = (blur / blur.sum()).reshape(1, 1, 2 * ry + 1, 2 * rx + 1)
         norms = weight.flatten(1).norm(dim=1)
         smooth = F.conv2d(weight, blur, padding=(ry, rx))[..., :kh, :kw]

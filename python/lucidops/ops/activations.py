@@ -159,6 +159,10 @@ def _sigma_tensor(sigma: Sigma, x: Tensor) -> Tensor:
         _validate.positive_finite_tensor_value(sigma, "sigma")
         return sigma.reshape(()).to(compute)
     value = _validate.real_number(sigma, "sigma", "> 0")
+    info = torch.finfo(compute)
+    if not info.tiny <= value <= info.max:  # it would round to 0 or inf in the compute precision
+        raise ValueError(f"sigma must be within {compute}'s normal range [{info.tiny:g}, {info.max:g}] "
+                         f"(x's compute precision), got {value!r}")
     return torch.full((), value, dtype=compute, device=x.device)
 
 

@@ -23,12 +23,13 @@ merged handles, so reverting a family handle and then the merged one is safe).
 
 from __future__ import annotations
 
+import itertools
 import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
-from torch import nn
+from torch import Tensor, nn
 
 Described = Union[nn.Module, type, str]
 
@@ -142,6 +143,7 @@ class PatchHandle:
                 warnings.warn(f"lucidops.patch: {path!r} was replaced again after patching; left as it is",
                               RuntimeWarning, stacklevel=3)
                 return
+            _follow_moves(original, new_module)
             setattr(parent, child, original)
 
         return self.record(path, original, new_module if after is None else after, undo, original=original,
@@ -266,6 +268,20 @@ def parent_slot(root: nn.Module, path: str) -> Tuple[nn.Module, str]:
     """(parent module, attribute name) of the submodule at dotted ``path`` under ``root``."""
     parent_path, _, child = path.rpartition(".")
     return (root.get_submodule(parent_path) if parent_path else root), child
+
+
+def _first_float_tensor(module: nn.Module) -> Optional[Tensor]:
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return next((t for t in tensors if t.is_floating_point()), None)
+
+
+def _follow_moves(original: nn.Module, replacement: nn.Module) -> None:
+    """Move ``original`` to the device and dtype its replacement has now: a model moved with
+    ``.to()`` / ``.double()`` after patching moved the replacement, not the detached original
+    (a revert would otherwise put back float32 CPU modules into a float64 or CUDA model)."""
+    now, before = _first_float_tensor(replacement), _first_float_tensor(original)
+    if now is not None and before is not None and (now.device, now.dtype) != (before.device, before.dtype):
+        original.to(device=now.device, dtype=now.dtype)
 
 
 def child_slots(model: nn.Module, predicate: Callable[[str, nn.Module], bool]) -> List[Tuple[str, nn.Module]]:

@@ -213,6 +213,21 @@ def test_fvcore_supports_every_lucidops_op():
     assert {f"lucidops::{n}" for n in ops} <= set(lucidops.profile.fvcore_handles())
 
 
+@pytest.mark.parametrize("state", ["plain", "merged", "quantized"])
+def test_fvcore_counts_models_holding_lucidops_modules(state):
+    """fvcore's tracer takes a module's whole state dict as trace inputs, tensors only: the LoRA
+    modules' extra state (merged flag, quantized adapter) must be tensors (a bool failed)."""
+    torch.manual_seed(0)
+    layer = lucidops.nn.SineLoRALinear(nn.Linear(16, 8), rank=2, omega=1.0)
+    if state == "merged":
+        layer.merge()
+    elif state == "quantized":
+        layer.quantize_(bits=4, group_size=8)
+    model = nn.Sequential(layer, nn.ReLU())
+    counts = lucidops.profile.fvcore_flops(model, (torch.randn(4, 16),))
+    assert counts["total"] > 0
+
+
 def test_pytorch_attention_is_counted_on_cpu():
     # The baseline a patched model is compared with: F.scaled_dot_product_attention on CPU.
     q, k, v = rand(2, 3, 5, 8, grad=True), rand(2, 3, 7, 8, grad=True, seed=1), rand(2, 3, 7, 8, grad=True, seed=2)

@@ -14,7 +14,7 @@ starts at zero.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -146,19 +146,23 @@ class BoundedLoRALinear(nn.Module):
 
     # --- state: merged and quantized travel with the state dict and the module's device -------
 
-    def get_extra_state(self) -> Dict[str, Any]:
+    def get_extra_state(self) -> Dict[str, Tensor]:
         """Saved under ``_extra_state``: whether the update is merged into the base weight (a
         merged state loaded into an unmerged layer would add it twice) and the quantized
-        adapter (plain tensors, so ``torch.load(weights_only=True)`` reads it)."""
-        return {"merged": self.merged, "quantized": None if self.quantized is None else self.quantized.state()}
+        adapter. Tensors only, in a flat dict: ``torch.load(weights_only=True)`` reads it and
+        torch.jit's tracer (fvcore) takes it as module state."""
+        state = {"merged": torch.tensor(self.merged)}
+        if self.quantized is not None:
+            state.update({f"quantized.{k}": v for k, v in self.quantized.state().items()})
+        return state
 
-    def set_extra_state(self, state: Dict[str, Any]) -> None:
-        quantized = state.get("quantized")
-        if (quantized is None) != (self.quantized is None):
-            saved, here = ("quantized", "is not") if quantized is not None else ("not quantized", "is")
+    def set_extra_state(self, state: Dict[str, Tensor]) -> None:
+        quantized = {k[len("quantized."):]: v for k, v in state.items() if k.startswith("quantized.")}
+        if bool(quantized) != (self.quantized is not None):
+            saved, here = ("quantized", "is not") if quantized else ("not quantized", "is")
             raise RuntimeError(f"the state dict's adapter is {saved} but this layer's {here}: "
                                "call quantize_() on the layer before loading a quantized state")
-        if quantized is not None:
+        if quantized:
             self.quantized = QuantizedAdapter.from_state(quantized).to(self.base.weight.device)
         self.merged = bool(state.get("merged", False))
         self._original_weight = None  # the loaded weight is the truth; unmerge() subtracts the update

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ from .. import _validate
 
 METHODS = ("uniform", "kmeans")
 _FLOAT16_TINIEST = 2.0 ** -24  # the smallest positive (subnormal) float16
+# The encodings of a factor's dtype and of the stats in QuantizedTensor.state / QuantizedAdapter.state.
+_STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STAT_KEYS = ("bytes", "full_precision_bytes", "compression", "rel_err_A", "rel_err_B", "rel_err_update")
 
 
 @dataclass
@@ -107,18 +110,24 @@ class QuantizedTensor:
         padded = self._padded_book[1]
         return codes, padded, padded, 0
 
-    def state(self) -> Dict[str, Any]:
-        """Plain tensors, numbers and strings (what ``torch.load(weights_only=True)`` reads)."""
-        return {"codes": self.codes, "shape": list(self.shape), "dtype": str(self.dtype).replace("torch.", ""),
-                "bits": self.bits, "method": self.method, "group_size": self.group_size, "scales": self.scales,
-                "minimums": self.minimums, "codebook": self.codebook}
+    def state(self) -> Dict[str, Tensor]:
+        """A flat dict of tensors (what ``torch.load(weights_only=True)`` reads and torch.jit's
+        tracer, under fvcore, accepts as module state): the data, and the metadata as int64."""
+        out = {"codes": self.codes, "shape": torch.tensor(list(self.shape), dtype=torch.int64),
+               "dtype": torch.tensor(_STATE_DTYPES.index(self.dtype)), "bits": torch.tensor(self.bits),
+               "method": torch.tensor(METHODS.index(self.method)), "group_size": torch.tensor(self.group_size)}
+        for name in ("scales", "minimums", "codebook"):
+            table = getattr(self, name)
+            if table is not None:
+                out[name] = table
+        return out
 
     @classmethod
-    def from_state(cls, state: Dict[str, Any]) -> "QuantizedTensor":
-        dtype = getattr(torch, state["dtype"])
-        return cls(codes=state["codes"], shape=torch.Size(state["shape"]), dtype=dtype, bits=int(state["bits"]),
-                   method=state["method"], group_size=int(state["group_size"]), scales=state["scales"],
-                   minimums=state["minimums"], codebook=state["codebook"])
+    def from_state(cls, state: Dict[str, Tensor]) -> "QuantizedTensor":
+        return cls(codes=state["codes"], shape=torch.Size(state["shape"].tolist()),
+                   dtype=_STATE_DTYPES[int(state["dtype"])], bits=int(state["bits"]),
+                   method=METHODS[int(state["method"])], group_size=int(state["group_size"]),
+                   scales=state.get("scales"), minimums=state.get("minimums"), codebook=state.get("codebook"))
 
     @property
     def packed_bytes(self) -> int:
@@ -168,14 +177,20 @@ class QuantizedAdapter:
         """(A, B) reconstructed, in ``dtype`` (default: the original dtypes)."""
         return self.A.dequantize(dtype), self.B.dequantize(dtype)
 
-    def state(self) -> Dict[str, Any]:
-        """The adapter as plain tensors, numbers and strings, for a module's state dict."""
-        return {"A": self.A.state(), "B": self.B.state(), "stats": dict(self.stats)}
+    def state(self) -> Dict[str, Tensor]:
+        """The adapter as a flat dict of tensors ("A.codes", ..., "stats"), for a module's state dict."""
+        out = {f"{name}.{k}": v for name, q in (("A", self.A), ("B", self.B)) for k, v in q.state().items()}
+        out["stats"] = torch.tensor([float(self.stats.get(k, math.nan)) for k in _STAT_KEYS], dtype=torch.float64)
+        return out
 
     @classmethod
-    def from_state(cls, state: Dict[str, Any]) -> "QuantizedAdapter":
-        return cls(QuantizedTensor.from_state(state["A"]), QuantizedTensor.from_state(state["B"]),
-                   dict(state["stats"]))
+    def from_state(cls, state: Dict[str, Tensor]) -> "QuantizedAdapter":
+        def part(name: str) -> QuantizedTensor:
+            return QuantizedTensor.from_state({k[len(name) + 1:]: v for k, v in state.items()
+                                               if k.startswith(name + ".")})
+
+        stats = {k: float(v) for k, v in zip(_STAT_KEYS, state["stats"].tolist()) if not math.isnan(v)}
+        return cls(part("A"), part("B"), stats)
 
     def to(self, device) -> "QuantizedAdapter":
         def move(q: QuantizedTensor) -> QuantizedTensor:

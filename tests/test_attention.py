@@ -225,6 +225,13 @@ def test_empty_sizes(backend):
         assert torch.isneginf(lse).all()
         for t in (q, k, v):
             assert t.grad.shape == t.shape and torch.equal(t.grad, torch.zeros_like(t))
+        # Permuted views of a (B, N, H, d) projection: the backward op still returns the
+        # contiguous gradients its fake kernel promises (torch.compile checks the strides).
+        qp, kp, vp = (t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        with lucidops.use_backend(backend):
+            out, lse, lo = torch.ops.lucidops.attention(qp, kp, vp, None, False, 0.3)
+            torch.library.opcheck(torch.ops.lucidops.attention_backward.default,
+                                  (torch.ones_like(out), None, qp, kp, vp, out, lo, lse, None, False, 0.3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

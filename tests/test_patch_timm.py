@@ -46,6 +46,44 @@ def test_patched_model_matches_original_and_reverts(name):
         assert err < 1e-5, (n, err)
 
 
+def test_patched_eval_model_stays_in_eval_mode_and_revert_follows_the_model_mode():
+    """from_timm builds a fresh module (training by default): an eval model with attention
+    dropout got dropout after patching. And a revert after model.eval() must put back eval
+    modules (the originals were outside the model while it switched)."""
+    model = tiny_vit(attn_drop_rate=0.3)  # eval mode
+    x = torch.randn(1, 3, 64, 64)
+    expected = model(x)
+    handle = lucidops.patch.timm_vit(model)
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    model.train()
+    handle.revert()
+    assert all(m.training for m in model.modules())
+    model.eval()
+    handle = lucidops.patch.timm_vit(model)
+    model.train()
+    model.eval()
+    handle.revert()
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_heads_the_kernel_cannot_take_are_left_to_timm():
+    """Head dim 192 (one head at width 192) is outside 4..128: timm_vit says so, and apply leaves
+    those modules to timm's SDPA (sdpa_calls counts them) instead of swapping in a module that fails."""
+    model = tiny_vit(num_heads=1)
+    x = torch.randn(1, 3, 64, 64)
+    expected = model(x)
+    with pytest.raises(ValueError, match=r"head dim \[192\], outside lucidops' 4..128"):
+        lucidops.patch.timm_vit(model)
+    handle = lucidops.patch.apply(model)
+    assert all(type(b.attn) is Attention for b in model.blocks)
+    with pytest.warns(RuntimeWarning, match="head dim 192"):
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert handle.parts["sdpa_calls"].calls == {"head dim 192 outside 4..128": 12}
+    handle.revert()
+
+
 def test_patch_refuses_a_model_without_vit_attention():
     with pytest.raises(ValueError, match="no timm ViT Attention"):
         lucidops.patch.timm_vit(torch.nn.Sequential(torch.nn.Linear(3, 3)))

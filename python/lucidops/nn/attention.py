@@ -95,6 +95,7 @@ class ManyHeadAttention(nn.Module):
             sub = getattr(module, name, None)
             setattr(new, name, nn.Identity() if sub is None else sub)
         new.gate = getattr(module, "gate", None)
+        new.train(module.training)  # nn.Module.__init__ made it training: an eval model would get dropout
         return new
 
     def extra_repr(self) -> str:

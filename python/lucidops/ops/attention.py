@@ -132,8 +132,11 @@ def _(q, k, v, key_padding_mask, causal, scale):
 def _attention_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                            out: Tensor, out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
                            causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    return backends.dispatch("attention_backward", q.device.type, grad_out, grad_lse, q, k, v, out, out_lo, lse,
-                             key_padding_mask, causal, scale)
+    grads = backends.dispatch("attention_backward", q.device.type, grad_out, grad_lse, q, k, v, out, out_lo, lse,
+                              key_padding_mask, causal, scale)
+    # Contiguous, as the fake kernel promises (a backend's zeros_like of an empty problem keeps
+    # a permuted q's strides, which torch.compile's stride check rejects); free when they are.
+    return tuple(g.contiguous() for g in grads)
 
 
 @_attention_backward_op.register_fake

@@ -144,6 +144,7 @@ class PatchHandle:
                               RuntimeWarning, stacklevel=3)
                 return
             _follow_moves(original, new_module)
+            original.train(new_module.training)  # the model's train()/eval() since patching reached only the replacement
             setattr(parent, child, original)
 
         return self.record(path, original, new_module if after is None else after, undo, original=original,

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import ManyHeadAttention
+from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .handle import PatchHandle, child_slots
 
 __all__ = ["timm_vit", "attention_modules", "leaner", "LeanerReport", "PatchHandle"]
@@ -38,21 +39,29 @@ def is_timm_vit_attention(module: nn.Module) -> bool:
 
 
 def attention_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """The (qualified name, module) pairs :func:`timm_vit` would replace: the submodules
-    for which :func:`is_timm_vit_attention` holds."""
-    return child_slots(model, lambda name, m: is_timm_vit_attention(m))
+    """The (qualified name, module) pairs :func:`timm_vit` would replace: the submodules for
+    which :func:`is_timm_vit_attention` holds and whose head dim the kernel takes (4..128)."""
+    return child_slots(model, lambda name, m: is_timm_vit_attention(m) and _kernel_takes(m))
+
+
+def _kernel_takes(module: nn.Module) -> bool:
+    return MIN_HEAD_DIM <= int(getattr(module, "head_dim")) <= MAX_HEAD_DIM
 
 
 def timm_vit(model: nn.Module) -> PatchHandle:
     """Replace every timm ViT ``Attention`` in ``model`` by a :class:`ManyHeadAttention`
     sharing its parameters (outputs equal within dtype tolerance). Returns a
     :class:`~lucidops.patch.PatchHandle` whose ``revert()`` puts the original module
-    objects back. Subclasses of timm's Attention (other forward methods) are left alone.
-    Raises ``ValueError`` when the model has none."""
+    objects back. Subclasses of timm's Attention (other forward methods) and modules whose
+    head dim is outside 4..128 are left alone. Raises ``ValueError`` when the model has none."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     sites = attention_modules(model)
     if not sites:
+        others = sorted({int(getattr(m, "head_dim")) for _, m in child_slots(model, lambda n, m: is_timm_vit_attention(m))})
+        if others:
+            raise ValueError(f"model's timm ViT Attention modules have head dim {others}, outside lucidops' "
+                             f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
         raise ValueError("model has no timm ViT Attention module to patch")
     # Build every replacement before swapping any, so a failure leaves the model as it was.
     built = [(name, ManyHeadAttention.from_timm(module)) for name, module in sites]

@@ -228,6 +228,23 @@ def test_fvcore_counts_models_holding_lucidops_modules(state):
     assert counts["total"] > 0
 
 
+def test_count_flops_backward_takes_tuple_outputs_and_leaves_grads_alone():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 4), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.a(x), {"b": self.b(x)}
+
+    model = TwoHeads()
+    x = torch.randn(3, 6)
+    counts = lucidops.profile.count_flops(model, x, backward=True)
+    # forward 2*3*6*(4+2); backward: the weight gradients only (x needs none): the same again
+    assert counts["total"] == 2 * (2 * 3 * 6 * 6)
+    assert all(p.grad is None for p in model.parameters())  # before: filled in (a tuple output raised)
+
+
 def test_pytorch_attention_is_counted_on_cpu():
     # The baseline a patched model is compared with: F.scaled_dot_product_attention on CPU.
     q, k, v = rand(2, 3, 5, 8, grad=True), rand(2, 3, 7, 8, grad=True, seed=1), rand(2, 3, 7, 8, grad=True, seed=2)
@@ -478,6 +495,9 @@ def test_cli_profile_one_point_model(capsys):
      "--num-heads 5: vit_tiny_patch16_224 cannot be built"),  # 192 is not a multiple of 5
     (["--model", "vit_tiny_patch16_224", "--num-heads", "0"], "--num-heads must be >= 1"),
     (["--model", "resnet18", "--img-size", "32", "--patch"], "found nothing to patch in this model"),
+    (["--model", "pointnet", "--warmup", "-1"], "--warmup must be >= 0"),  # was a traceback
+    (["--model", "pointnet", "--depth", "-1"], "--depth must be >= 0"),
+    (["--model", "pointnet", "--patch", "--png", "/no/such/folder/x.png"], "folder '/no/such/folder' does not exist"),
 ] + ([] if torch.cuda.is_available() else [(["--model", "pointnet", "--device", "cuda"], "CUDA is not available")]))
 def test_cli_profile_bad_input(args, message, capsys):
     assert cli.main(["profile", "--quiet"] + args) == 2

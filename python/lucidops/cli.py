@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
@@ -160,11 +161,14 @@ def profile_command(args: argparse.Namespace) -> int:
     try:
         for value, flag, low in ((args.batch, "--batch", 1), (args.img_size, "--img-size", 1),
                                  (args.points, "--points", 1), (args.repeat, "--repeat", 1),
-                                 (args.num_heads, "--num-heads", 1)):
+                                 (args.num_heads, "--num-heads", 1), (args.warmup, "--warmup", 0),
+                                 (args.depth, "--depth", 0)):
             if value is not None and value < low:
                 raise ProfileError(f"{flag} must be >= {low}, got {value}")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ProfileError("--device cuda but CUDA is not available here")
+        if args.png and not os.path.isdir(os.path.dirname(os.path.abspath(args.png))):
+            raise ProfileError(f"--png: folder {os.path.dirname(os.path.abspath(args.png))!r} does not exist")
         progress(f"building {args.model}")
         model, kind, size = _make_model(args.model, args.img_size, args.num_heads)
         model.eval()  # dropout off; BatchNorm uses running statistics (any batch size works)

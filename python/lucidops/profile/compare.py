@@ -134,6 +134,9 @@ def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward
             import matplotlib  # noqa: F401
         except ImportError as err:
             raise ImportError("png= needs matplotlib: pip install lucidops[plot]") from err
+        folder = os.path.dirname(os.path.abspath(os.fspath(png)))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"png: folder {folder!r} does not exist")
     if not (isinstance(names, (tuple, list)) and len(names) == 2 and all(isinstance(n, str) for n in names)):
         raise ValueError(f"names must be two strings, got {names!r}")
     kwargs = dict(backward=backward, device=device, repeat=repeat, warmup=warmup, depth=depth, fvcore=fvcore,

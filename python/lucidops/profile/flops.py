@@ -93,16 +93,25 @@ def eager(model: Any) -> Any:
 def count_flops(model: Callable, inputs: Inputs, *, backward: bool = False) -> Dict[str, int]:
     """FLOPs of ``model(*inputs)`` by op, with torch's FlopCounterMode (plus "total").
 
-    With ``backward=True`` the backward pass of ``output.sum()`` is counted too. A
+    With ``backward=True`` the backward pass of the sum of the floating outputs (a tensor,
+    tuple or dict, as :func:`report`) is counted too; the ``.grad`` fields are left as they were. A
     ``torch.compile``'d model is counted through its eager original (see :func:`eager`).
     """
     model = eager(model)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     counter = FlopCounterMode(display=False)
+    # The backward must not leave gradients behind (a count taken mid-training would add to them).
+    leaves = [t for t in (list(model.parameters()) if isinstance(model, torch.nn.Module) else []) + list(args)
+              if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf] if backward else []
+    grads_before = [t.grad for t in leaves]
     with counter:
         out = model(*args)
         if backward:
-            out.sum().backward()
+            from .report import _loss  # the loss report() uses: every floating output, tuples and dicts too
+
+            _loss(out).backward()
+    for t, grad in zip(leaves, grads_before):
+        t.grad = grad
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     by_op["total"] = int(counter.get_total_flops())
     return by_op

@@ -278,6 +278,12 @@ def test_report_fields_on_a_small_model():
     assert model[0].weight.grad is None  # gradients are taken, not accumulated into .grad
     d = back.to_dict()
     assert d["flops"] == back.flops and d["by_module"]["0"]["params"] == 220
+    # Per module, the forward (PyTorch's tracker charged backward ops to modules without
+    # arithmetic: a Dropout showed as much as the Linear after it).
+    chain = nn.Sequential(nn.Linear(10, 20), nn.Dropout(0.0), nn.Linear(20, 20), nn.Identity())
+    per_module = lucidops.profile.report(chain, x, backward=True, repeat=1, warmup=0, fvcore=False).by_module
+    assert {k: v.flops for k, v in per_module.items()} == {"": 2 * 4 * 20 * 30, "0": 2 * 4 * 10 * 20, "1": 0,
+                                                          "2": 2 * 4 * 20 * 20, "3": 0}
     text = str(back)
     for piece in ("forward + backward", "params", "220", "FLOPs (torch", "latency", "lucidops.gaussian_backward"):
         assert piece in text, piece

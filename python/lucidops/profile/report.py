@@ -48,7 +48,10 @@ Progress = Optional[Callable[[str], None]]
 
 @dataclass
 class ModuleStats:
-    """One row of :attr:`ProfileReport.by_module`."""
+    """One row of :attr:`ProfileReport.by_module`: ``flops`` are the module's forward FLOPs,
+    also in a ``backward=True`` report (PyTorch's module tracker charges backward ops to
+    modules that do no arithmetic, such as Dropout and Identity, so no per-module backward
+    split is given)."""
 
     depth: int
     params: int
@@ -103,7 +106,8 @@ class ProfileReport:
         if self.by_module:
             mods = [("  " * s.depth + (name.rsplit(".", 1)[-1] if name else "(model)"), f"{s.params:,}",
                      _human(s.flops)) for name, s in self.by_module.items()]
-            lines += ["", "by module"] + _table(("module", "params", "FLOPs"), mods)
+            lines += ["", "by module"] + _table(("module", "params", "forward FLOPs" if self.backward else "FLOPs"),
+                                                mods)
         return "\n".join(lines)
 
 
@@ -398,6 +402,13 @@ def _untimed_report(model: nn.Module, inputs: Inputs, *, backward: bool, device:
         _step(counted, args, backward, targets)
     counts = counter.get_flop_counts()
     flops_by_op = {str(op): int(n) for op, n in counts.get("Global", {}).items()}
+    if backward:  # per module: the forward alone (see ModuleStats)
+        forward_counter = FlopCounterMode(display=False, depth=depth)
+        with forward_counter:
+            _step(counted, args, False, [])
+        module_counts = forward_counter.get_flop_counts()
+    else:
+        module_counts = counts
 
     fv_total: Optional[int] = None
     fv_error: Optional[str] = "skipped (fvcore=False)"
@@ -428,5 +439,5 @@ def _untimed_report(model: nn.Module, inputs: Inputs, *, backward: bool, device:
         fvcore_flops=fv_total, fvcore_error=fv_error, fvcore_unsupported=fv_unsupported,
         peak_memory_bytes=peak, memory_kind=memory_kind, peak_rss_bytes=rss,
         latency_s=float("nan"), latencies_s=[],
-        by_module=_by_module(counted, counts, depth),
+        by_module=_by_module(counted, module_counts, depth),
     ), lambda: _step(model, args, backward, targets)

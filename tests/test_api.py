@@ -261,6 +261,17 @@ def test_cli_info_lists_ops_backends_and_versions():
     assert "no CUDA GPU" in out or "cuda: available" in out
 
 
+def test_cli_info_reports_the_forced_backend_and_a_bad_one(monkeypatch):
+    from lucidops import cli
+
+    monkeypatch.setenv("LUCIDOPS_BACKEND", "reference")
+    text = cli.info()
+    assert "forced backend: reference" in text and "cpu: default -> cpp (now forced: reference)" in text
+    monkeypatch.setenv("LUCIDOPS_BACKEND", "garbage")  # the setup info is run to diagnose: not a traceback
+    text = cli.info()
+    assert "forced backend: invalid, every op call will raise" in text and "'garbage'" in text
+
+
 @pytest.mark.skipif(not lucidops.backends.triton_interpreting(), reason="needs the Triton interpreter")
 def test_interpreter_rounds_bf16_like_a_gpu():
     # conftest patches the interpreter's truncating float32 -> bfloat16 cast; without it the

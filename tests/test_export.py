@@ -60,3 +60,22 @@ def test_dynamic_compile_does_not_recompile_for_new_sizes(name):
         for x in (example, other):
             assert torch.equal(compiled(x), module(x))
     assert len(compiles) == 1, f"{len(compiles)} compilations for two input sizes"
+
+
+@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
+@pytest.mark.parametrize("name", CASES)
+def test_make_fx_and_fake_tensors_trace_every_module(name, tracing_mode):
+    """The wrappers' data-dependent checks stand aside for fake tensors, as they do while
+    torch.compile traces (they read the values before: gaussian_mixture and a learnable sigma
+    failed under FakeTensorMode and make_fx's fake and symbolic tracing)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    module, example, _, _ = small_modules()[name]
+    module.eval()
+    with torch.no_grad():
+        graph = make_fx(lambda x: module(x), tracing_mode=tracing_mode, _allow_non_fake_inputs=True)(example)
+    assert lucidops_ops(graph.graph), "the traced graph lost lucidops' op"
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        out = module(mode.from_tensor(example))
+    assert out.shape == module(example).shape

@@ -74,15 +74,28 @@ def integer(value, name: str, minimum: Optional[int] = None, maximum: Optional[i
 
 def readable_values(value: Tensor) -> Optional[Tensor]:
     """The plain tensor a data-dependent check reads ``value``'s elements from, or None where
-    they cannot be read: while torch.compile traces, and on the meta device (shape-only runs,
-    e.g. counting FLOPs without memory). Under torch.func transforms it is the unwrapped
-    tensor (under vmap it holds every example)."""
+    they cannot be read: while torch.compile traces, for fake tensors (FakeTensorMode,
+    make_fx's fake and symbolic tracing) and on the meta device (shape-only runs, e.g.
+    counting FLOPs without memory). Under torch.func transforms it is the unwrapped tensor
+    (under vmap it holds every example)."""
     if is_compiling():
         return None
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(value):
         value = functorch.get_unwrapped(value)
-    return None if value.device.type == "meta" else value
+    if value.device.type == "meta" or _is_fake(value):
+        return None
+    return value
+
+
+def _is_fake(value: Tensor) -> bool:
+    """A fake tensor, or any tensor while a fake or proxy (make_fx) dispatch mode is tracing:
+    reading values there would be traced as data-dependent."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    modes = torch._C._TorchDispatchModeKey
+    return bool(is_fake(value)) or any(torch._C._get_dispatch_mode(key) is not None
+                                       for key in (modes.FAKE, modes.PROXY))
 
 
 def positive_finite_tensor_value(value: Tensor, name: str) -> None:

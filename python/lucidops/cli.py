@@ -51,7 +51,12 @@ def info(build: bool = False) -> str:
         for kind in ("cpu", "cuda"):
             _ext.status(kind, build_if_needed=True)
     out = [f"lucidops {lucidops.__version__}"] + _versions()
-    out.append(f"forced backend: {backends.forced_backend() or 'none (automatic)'}")
+    try:
+        forced = backends.forced_backend()
+        out.append(f"forced backend: {forced or 'none (automatic)'}")
+    except ValueError as err:  # a bad LUCIDOPS_BACKEND: say so here, it is what info is run to find
+        forced = None
+        out.append(f"forced backend: invalid, every op call will raise: {err}")
     out.append(f"Triton interpreter: {'on' if backends.triton_interpreting() else 'off'}")
     for name, entry in sorted(backends.registered_ops().items()):
         if name.endswith("_backward"):
@@ -63,7 +68,10 @@ def info(build: bool = False) -> str:
                 if b in table and table[b] is None:
                     chosen = b
                     break
-            out.append(f"  {device}: default -> {chosen or 'reference'}")
+            line = f"  {device}: default -> {chosen or 'reference'}"
+            if forced is not None:
+                line += f" (now forced: {forced})" if forced in table else f" (forced {forced} is not one of its backends)"
+            out.append(line)
             for b, problem in table.items():
                 out.append(f"    {b:<9} {'available' if problem is None else 'unavailable: ' + problem}")
         for backend, note in entry.notes.items():

@@ -263,6 +263,15 @@ def test_explicit_options_that_do_not_apply_raise_and_leave_the_model():
     assert_restored(vit, vit_snap)
 
 
+def test_learnable_activations_go_to_the_device_of_the_model():
+    """GELU holds no tensor: the learnable sigma must follow the surrounding layers (the meta
+    device stands in for a GPU here; before, the sigma stayed on the CPU)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2)).to("meta")
+    apply(model, activations={nn.GELU: functools.partial(Sinc, learnable=True)})
+    assert model[1].sigma.device.type == "meta"
+    assert model(torch.empty(3, 4, device="meta")).shape == (3, 2)
+
+
 def test_bad_arguments_raise_clear_errors():
     model = tiny_vit()
     snap = snapshot(model)

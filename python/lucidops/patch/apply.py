@@ -27,8 +27,10 @@ looked for (``strict=False`` turns that into a note on the handle instead).
 from __future__ import annotations
 
 import inspect
+import itertools
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
 from ..nn.activations import Gaussian, Sinc
@@ -143,13 +145,25 @@ def _swap_activations(model: nn.Module, specs: List[Tuple[Union[type, str], Acti
             if not isinstance(new, nn.Module):
                 raise TypeError(f"activations[{_key_name(key)}]: the factory returned {type(new).__name__}, "
                                 "not an nn.Module")
-            tensor = next(old.parameters(), None)
-            if tensor is not None:  # learnable replacements go where the old module lived
-                new = new.to(tensor.device)
+            device = _device_near(model, name)
+            if device is not None:  # learnable replacements (a sigma) go where the model lives
+                new = new.to(device)
             plan.append((name, new))
     # Every replacement is built before any swap, so a failing factory leaves the model as it was.
     for name, new in plan:
         handle.swap_child(model, name, new)
+
+
+def _device_near(model: nn.Module, name: str) -> Optional[torch.device]:
+    """The device of the module at ``name`` or, when it holds no tensor (GELU), of its nearest
+    ancestor that does; None for a model without tensors."""
+    parts = name.split(".") if name else []
+    for end in range(len(parts), -1, -1):
+        module = model.get_submodule(".".join(parts[:end]))
+        tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+        if tensor is not None:
+            return tensor.device
+    return None
 
 
 def _point_encoder_patch() -> Callable[..., PatchHandle]:

@@ -123,9 +123,11 @@ class PatchHandle:
                    after: Optional[str] = None) -> Replacement:
         """Replace the submodule ``path`` of ``root`` by ``new_module`` and record it.
 
-        The undo puts the original module object back (identity preserved), unless the
-        slot no longer holds ``new_module`` (someone replaced it since), in which case it
-        leaves the slot alone and warns. ``after`` overrides the description of the new
+        ``new_module`` takes the original's train/eval mode. The undo puts the original
+        module object back (identity preserved), in the replacement's mode, device and dtype
+        of that moment (the model may have switched or moved since), unless the slot no
+        longer holds ``new_module`` (someone replaced it since), in which case it leaves the
+        slot alone and warns. ``after`` overrides the description of the new
         module. The root itself (path "") cannot be swapped.
         """
         if not isinstance(new_module, nn.Module):
@@ -136,6 +138,7 @@ class PatchHandle:
         original = getattr(parent, child)
         if not isinstance(original, nn.Module):
             raise ValueError(f"{path!r} is not a submodule of the model")
+        new_module.train(original.training)  # a drop-in runs in the mode of what it replaces
         setattr(parent, child, new_module)
 
         def undo() -> None:

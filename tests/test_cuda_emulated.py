@@ -202,6 +202,16 @@ def test_activation_matches_float64_reference(cuda_ext_emulated, kind, dtype, sh
     assert torch.equal(grad_x_only, grad_x)
 
 
+def test_float64_sinc_gradient_below_the_float32_series_bound(cuda_ext_emulated):
+    """Between 0.05 and 0.5 float64 takes the direct formula, as the cpu and Triton kernels (the
+    CUDA kernel took the five-term series up to 0.5: 6e-12 off near 0.5)."""
+    backward = backends.registered_ops()["sinc_backward"].impls["cuda"]
+    x = torch.tensor([0.051, 0.2, 0.45, 0.49, -0.3], dtype=torch.float64)
+    grad_x, _ = backward(torch.ones_like(x), x, torch.tensor(1.0, dtype=torch.float64), False)
+    exact = (x * torch.cos(x) - torch.sin(x)) / (x * x)
+    torch.testing.assert_close(grad_x, exact, rtol=1e-14, atol=0)
+
+
 @pytest.mark.slow
 def test_activation_grid_stride_loop(cuda_ext_emulated):
     """More elements than the 4096 x 256 threads of the largest grid: each thread takes several."""

@@ -252,6 +252,41 @@ def test_bad_scalars(kwargs, exc, match):
         lucidops.ops.bounded_lora_linear(x, w, a, b, **args)
 
 
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("placement", ["weight", "output"])
+def test_strided_bias(backend, device, placement):
+    """A bias view with stride 2 (the Triton kernel read it at unit stride: column j got 2j's
+    neighbour, off by j)."""
+    x, w, a, b, _ = make((3, 16), 8, 4, torch.float32, device)
+    bias = torch.arange(16.0, device=device)[::2]
+    with lucidops.use_backend(backend):
+        got = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, omega=1.0, scale=0.5, placement=placement)
+    expected = ref.forward(x.double(), w.double(), a.double(), b.double(), bias.double(), "sin", placement, 1.0, 0.5)
+    assert rel_err(got, expected) < 1e-5
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("placement", ["weight", "output"])
+def test_triton_weight_offsets_past_two_to_the_31(placement):
+    """Output feature j of the kernel's weight.t() view sits j * K_in elements in: past 2^31
+    for a (256000, 18432) LM head, where int32 offsets wrapped. Reproduced small: 9 rows
+    2^28 elements apart, 2^31 into an 8 GiB storage that is only virtual (a few pages touched);
+    row 8 read the decoy planted where the wrapped offset lands."""
+    k, rows, row_stride, base = 16, 9, 2 ** 28, 2 ** 31
+    storage = torch.empty(base + (rows - 1) * row_stride + k, dtype=torch.float16, device=TRITON_DEVICE)
+    weight = storage.as_strided((rows, k), (row_stride, 1), base)
+    g = torch.Generator().manual_seed(5)
+    weight.copy_(torch.randn(rows, k, generator=g).half())
+    storage[:k] = 3.0  # the decoy
+    x = torch.randn(2, k, generator=g).half().to(TRITON_DEVICE)
+    a, b = (torch.randn(*shape, generator=g).half().to(TRITON_DEVICE) * 0.1 for shape in ((4, k), (rows, 4)))
+    with lucidops.use_backend("triton"):
+        got = lucidops.ops.bounded_lora_linear(x, weight, a, b, omega=1.0, scale=0.0, placement=placement)
+    expected = x.float() @ weight.float().t()
+    assert (got.float() - expected).abs().max() < 1e-2
+
+
 def test_bad_tensors():
     x, w, a, b, bias = make((3, 8), 5, 2, torch.float32, "cpu")
     call = lambda *t, **kw: lucidops.ops.bounded_lora_linear(*t, omega=1.0, scale=1.0, **kw)  # noqa: E731

@@ -149,9 +149,9 @@ def _phase_tile(l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, offs_i, offs_j, ma
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        lf = _factor_tile(l_ptr, l0_ptr, l1_ptr, offs_i[:, None] * stride_li + offs_r[None, :] * stride_lr,
+        lf = _factor_tile(l_ptr, l0_ptr, l1_ptr, offs_i.to(tl.int64)[:, None] * stride_li + offs_r[None, :] * stride_lr,
                           mask_i[:, None] & mask_r[None, :], group_l, QUANT, METHOD)
-        rf = _factor_tile(r_ptr, r0_ptr, r1_ptr, offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
+        rf = _factor_tile(r_ptr, r0_ptr, r1_ptr, offs_r[:, None] * stride_rr + offs_j.to(tl.int64)[None, :] * stride_rj,
                           mask_r[:, None] & mask_j[None, :], group_r, QUANT, METHOD)
         p = tl.dot(lf, rf, p, input_precision="ieee")
     return p
@@ -235,7 +235,9 @@ def lora_matmul_kernel(
         offs_i64 = offs_i.to(tl.int64)
         a = tl.load(in_ptr + offs_m[:, None] * stride_im + offs_i64[None, :] * stride_ii,
                     mask=mask_m[:, None] & mask_i[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_i64[:, None] * stride_wi + offs_j[None, :] * stride_wj,
+        # int64 on both sides: output feature j of a weight.t() view sits j * K_in elements in, past
+        # 2^31 for a (256000, 18432) LM head; int32 offs_j * stride_wj would wrap.
+        w = tl.load(w_ptr + offs_i64[:, None] * stride_wi + offs_j.to(tl.int64)[None, :] * stride_wj,
                     mask=mask_i[:, None] & mask_j[None, :], other=0.0)
         if LORA:
             w = w.to(tl.float32) + _update_tile(l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, offs_i, offs_j, mask_i,
@@ -253,7 +255,7 @@ def lora_matmul_kernel(
             mask_r = offs_r < R
             uf = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
                          mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-            ef = tl.load(e_ptr + offs_r[:, None] * stride_er + offs_j[None, :] * stride_ej,
+            ef = tl.load(e_ptr + offs_r[:, None] * stride_er + offs_j.to(tl.int64)[None, :] * stride_ej,
                          mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
             z = tl.dot(uf, ef, z, input_precision="ieee")
         if EPILOGUE == 1:
@@ -438,6 +440,8 @@ def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Opti
     j_dim = w.shape[1]
     if out.numel() == 0:
         return out
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias[j] at unit stride
     if i_dim == 0 and epilogue == 0 and bias is None:
         return out.zero_()
     regenerates = lora is not None or quant is not None

@@ -129,12 +129,12 @@ def _cases(device: str, quick: bool):
     its time budget (``LUCIDOPS_BENCH_BUDGET_S``) has measured those."""
     if device == "cuda":
         ds, hs, ns = ((64, 8), (12, 96), (1024, 197)) if quick else ((16, 64, 8, 32), (48, 12, 96), (1024, 4096, 197))
-        for n in ns:
-            for d in ds:
-                for h in hs:
-                    b = max(1, (1 << (18 if quick else 20)) // (h * n))
-                    for causal in (False, True):
-                        yield b, h, n, d, causal, torch.bfloat16
+        targets = [(n, d) for d in (16, 64) if d in ds for n in (1024, 4096) if n in ns]
+        for n, d in targets + [(n, d) for n in ns for d in ds if (n, d) not in targets]:
+            for h in hs:
+                b = max(1, (1 << (18 if quick else 20)) // (h * n))
+                for causal in (False, True):
+                    yield b, h, n, d, causal, torch.bfloat16
         return
     for d in ((8, 64) if quick else (8, 16, 32, 64, 128)):
         h = 192 // d if d < 64 else 3  # fixed width 192 (ViT-Tiny), more heads as d shrinks

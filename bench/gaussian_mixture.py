@@ -182,7 +182,7 @@ def run(device: str, quick: bool = False) -> List[Dict]:
                     print(f"  gaussian {mode} {name}: failed ({type(exc).__name__}: {exc})")
                     continue
                 rows.append(dict(family="gaussian_mixture", case=case, mode=mode, impl=name, ms=times[name], **extra))
-            culled = f"lucidops[cpp] cull t={CULL_THRESHOLD}"
+            cull_suffix = f" cull t={CULL_THRESHOLD}"
             for row in rows[first:]:
                 for base, key in (("eager dense", "speedup_vs_eager"), ("lucidops[reference]", "speedup_vs_reference")):
                     if base in times:
@@ -191,8 +191,11 @@ def run(device: str, quick: bool = False) -> List[Dict]:
                     row["speedup_vs_pointnet"] = times[POINTNET] / row["ms"]
                     if row["impl"] in peak and peak.get(POINTNET):
                         row["peak_vs_pointnet"] = peak[row["impl"]] / peak[POINTNET]
-                if row["impl"] == culled and "lucidops[cpp]" in times:
-                    row["speedup_vs_unculled"] = times["lucidops[cpp]"] / row["ms"]
+                # Every backend's culled row against the same backend unculled (cpp on the CPU,
+                # triton and cuda on a GPU).
+                unculled = row["impl"][:-len(cull_suffix)] if row["impl"].endswith(cull_suffix) else None
+                if unculled in times:
+                    row["speedup_vs_unculled"] = times[unculled] / row["ms"]
                 # The reference backend runs inside the same custom op (it too keeps only the
                 # arg-max), so the dense PyTorch encoder is the baseline for saved bytes.
                 if row["impl"] in saved and saved.get("eager dense"):

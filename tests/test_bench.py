@@ -78,6 +78,11 @@ def test_gaussian_bench_compares_whole_pointnet():
             assert ("rel_err_vs_fp64" in row) == op_row  # logits have no fp64 mixture to compare with
             if op_row and "cull" not in row["impl"]:
                 assert row["rel_err_vs_fp64"] < 1e-4
+    # Every culled row has its ratio to the same backend unculled (was cpp's only: a GPU run's
+    # triton and cuda rows had none).
+    for row in rows:
+        if row["impl"].startswith("lucidops[") and " cull t=" in row["impl"]:
+            assert row["speedup_vs_unculled"] > 0, row["impl"]
 
 
 def test_attention_bench_stops_at_its_time_budget(monkeypatch, capsys):
@@ -89,8 +94,10 @@ def test_attention_bench_stops_at_its_time_budget(monkeypatch, capsys):
     rows = attention.run("cpu", quick=True)
     assert len({r["case"] for r in rows}) == 1
     assert "1 of 2 cases not measured" in capsys.readouterr().out
-    first = next(iter(attention._cases("cuda", quick=False)))
-    assert first[2:4] == (1024, 16)  # a cut-short CUDA run has the d <= 16 target's case
+    order = [case[2:4] for case in attention._cases("cuda", quick=False)]
+    # A cut-short CUDA run has the targets' cases first: d = 16 and 64 at N = 1024 and 4096
+    # (N = 4096 came after every N = 1024 case before).
+    assert list(dict.fromkeys(order))[:4] == [(1024, 16), (4096, 16), (1024, 64), (4096, 64)]
     monkeypatch.setenv("LUCIDOPS_BENCH_BUDGET_S", "0")
     with pytest.raises(ValueError, match="LUCIDOPS_BENCH_BUDGET_S"):
         attention.run("cpu", quick=True)

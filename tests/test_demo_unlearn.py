@@ -249,3 +249,16 @@ def test_update_bound(quick_result):
         # fc1 (64 x 32) with s / g = 1 / sqrt(32): sqrt(64 * 32) / sqrt(32) = 8
         assert unlearn.update_bound(v.model) == pytest.approx(8.0)
         assert max(v.history["update_norm_max"]) <= 8.0
+
+
+def test_attention_and_mlp_update_columns_measure_the_same_thing():
+    """Both are the largest single layer's ||dW|| (the attention one was the norm over all the
+    attention layers together, about twice a layer's beside the MLP column)."""
+    from lucidops.demos.unlearn import _summarise
+
+    norms = {"a.attn": {"mlp": False, "update": 0.3, "grad": 1.0, "A": 1.0, "B": 1.0},
+             "b.attn": {"mlp": False, "update": 0.4, "grad": 1.0, "A": 1.0, "B": 1.0},
+             "a.mlp": {"mlp": True, "update": 0.2, "grad": 1.0, "A": 1.0, "B": 1.0},
+             "b.mlp": {"mlp": True, "update": 0.1, "grad": 1.0, "A": 1.0, "B": 1.0}}
+    summary = _summarise(norms)
+    assert summary["update_norm_max"] == 0.2 and summary["attn_update_norm"] == 0.4

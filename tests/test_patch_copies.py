@@ -58,20 +58,20 @@ def point_mae_root():
     return model, lambda m: m(_clouds(6, 16, 2).reshape(2, 3, 16, 3))
 
 
-def sdpa_calls_eva():
+def _patched_timm(name, size, patch):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=2).eval()
-    lucidops.patch.sdpa_calls(model)
-    return model, lambda m: m(torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2)))
+    model = timm.create_model(name, pretrained=False, img_size=size, depth=2).eval()
+    patch(model)
+    return model, lambda m: m(torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2)))
+
+
+def sdpa_calls_eva():
+    return _patched_timm("eva02_tiny_patch14_224", 28, lucidops.patch.sdpa_calls)
 
 
 def skipless_vit():
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
-    lucidops.patch.skipless(model)
-    return model, lambda m: m(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    return _patched_timm("vit_tiny_patch16_224", 32, lucidops.patch.skipless)
 
 
 def peft_gpt2():

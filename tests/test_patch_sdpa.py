@@ -76,6 +76,19 @@ def test_routed_models_match_the_original(name, monkeypatch):
         assert torch.equal(model(x), theirs[0])
 
 
+def test_modules_that_do_not_take_their_sdpa_path_are_not_patched():
+    """timm's Swin runs with fused_attn off by default: its forward names SDPA but never calls
+    it, so patching it would add the mode's cost and report a route that never runs."""
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, depths=(1, 1),
+                             num_heads=(3, 6), embed_dim=48).eval()
+    attention = [m for m in swin.modules() if type(m).__name__ == "WindowAttention"]
+    assert attention and all(m.fused_attn is False for m in attention)
+    assert sdpa_modules(swin) == []
+    attention[0].fused_attn = True
+    assert [m for _, m in sdpa_modules(swin)] == [attention[0]]
+
+
 def test_calls_lucidops_cannot_answer_stay_pytorch_counted_and_warned():
     torch.manual_seed(0)
     model = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, img_size=64, depth=2).eval()

@@ -68,6 +68,25 @@ def test_patched_eval_model_stays_in_eval_mode_and_revert_follows_the_model_mode
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
+def test_hooks_on_a_swapped_module_keep_firing():
+    """Feature-extraction hooks on blocks.i.attn: the swapped-in module shares the original's
+    hook tables (they stopped firing), and a hook added while patched stays after revert."""
+    model = tiny_vit(depth=1)
+    x = torch.randn(1, 3, 64, 64)
+    fired = []
+    model.blocks[0].attn.register_forward_hook(lambda m, args, out: fired.append("before"))
+    handle = lucidops.patch.timm_vit(model)
+    late = model.blocks[0].attn.register_forward_hook(lambda m, args, out: fired.append("while"))
+    model(x)
+    assert fired == ["before", "while"]
+    handle.revert()
+    model(x)
+    assert fired[2:] == ["before", "while"]
+    late.remove()  # its handle reaches the original's table too
+    model(x)
+    assert fired[4:] == ["before"]
+
+
 def test_heads_the_kernel_cannot_take_are_left_to_timm():
     """Head dim 192 (one head at width 192) is outside 4..128: timm_vit says so, and apply leaves
     those modules to timm's SDPA (sdpa_calls counts them) instead of swapping in a module that fails."""
@@ -104,13 +123,17 @@ def test_state_dict_loads_and_outputs_match_timm_attention(num_heads):
     mask[:, 0] = True
     torch.testing.assert_close(ours(x, attn_mask=mask), theirs(x, attn_mask=mask[:, None, None, :]),
                                rtol=1e-5, atol=1e-6)
-    with pytest.raises(NotImplementedError, match="bool key padding mask"):
-        ours(x, attn_mask=torch.zeros(9, 9))
-    # A (N, N) query-by-key mask has B * N elements when B == N: refused by its shape, not
-    # misread as a key padding mask.
+    # Any other mask runs PyTorch's SDPA as timm's module does (it raised before: NaFlexViT's
+    # padded batches pass additive (B, 1, N, N) masks), with a warning; a (N, N) query-by-key
+    # mask with B == N has B * N elements and must not be misread as key padding.
     square = torch.ones(9, 9, dtype=torch.bool).tril()
-    with pytest.raises(NotImplementedError, match="bool key padding mask"):
-        ours(torch.randn(9, 9, 48), attn_mask=square)
+    additive = torch.randn(2, 1, 9, 9)
+    per_query = torch.rand(2, 1, 9, 9) > 0.3
+    per_query[..., 0] = True
+    for inputs, other in ((x, torch.zeros(9, 9)), (x, additive), (x, per_query), (torch.randn(9, 9, 48), square)):
+        with pytest.warns(RuntimeWarning, match="is not a bool key padding mask"):
+            got = ours(inputs, attn_mask=other)
+        torch.testing.assert_close(got, theirs(inputs, attn_mask=other), rtol=1e-5, atol=1e-6)
 
 
 def test_attention_dropout_in_training_runs_sdpa_with_dropout_and_says_so(monkeypatch):

@@ -70,7 +70,8 @@ def info(build: bool = False) -> str:
                     break
             line = f"  {device}: default -> {chosen or 'reference'}"
             if forced is not None:
-                line += f" (now forced: {forced})" if forced in table else f" (forced {forced} is not one of its backends)"
+                line += (f" (now forced: {forced})" if forced in table
+                         else f" (forced {forced} is not one of its backends)")
             out.append(line)
             for b, problem in table.items():
                 out.append(f"    {b:<9} {'available' if problem is None else 'unavailable: ' + problem}")

@@ -20,15 +20,18 @@ from ..ops.attention import attention
 from ..reference import attention as _reference
 
 
-def _sdpa_with_dropout(q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Optional[Tensor],
-                       scale: float, dropout_p: float) -> Tensor:
-    """PyTorch's SDPA with attention dropout, for the training steps lucidops' kernel cannot take.
-    Queries that see no key get zeros and zero gradient, as in lucidops.ops.attention (SDPA
-    alone would give NaN)."""
+def _pytorch_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Optional[Tensor],
+                       attn_mask: Optional[Tensor], scale: float, dropout_p: float, why: str) -> Tensor:
+    """PyTorch's SDPA, exactly timm's call, for what lucidops' kernel does not take: attention
+    dropout in training, or a mask other than key padding (``attn_mask``: additive, or per
+    query). With a key padding mask, queries that see no key get zeros and zero gradient, as
+    in lucidops.ops.attention (SDPA alone would give NaN)."""
     if not _validate.is_compiling():
-        warnings.warn("lucidops ManyHeadAttention: attention dropout is not fused, so training steps with "
-                      "attn_drop > 0 run PyTorch's scaled_dot_product_attention (eval mode runs lucidops' kernel)",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(f"lucidops ManyHeadAttention: {why}, so this call runs PyTorch's scaled_dot_product_attention "
+                      "(lucidops' kernel takes key padding masks, without dropout)", RuntimeWarning, stacklevel=3)
+    if attn_mask is not None:  # timm's own call
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal,
+                                              scale=scale)
     nq, nk = q.shape[-2], k.shape[-2]
     visible = _reference.visible(nq, nk, causal, key_padding_mask, q.device)
     if visible is None:
@@ -49,7 +52,7 @@ class ManyHeadAttention(nn.Module):
     Attention dropout is not fused: a training step with ``attn_drop > 0`` runs PyTorch's
     ``scaled_dot_product_attention`` with ``dropout_p`` (as timm's module does, with lucidops'
     rule for queries that see no key) and warns once; eval mode, or ``attn_drop = 0``, runs
-    lucidops' kernel.
+    lucidops' kernel. So does a mask that is not a key padding mask (see ``forward``).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, attn_head_dim: Optional[int] = None,
@@ -102,25 +105,29 @@ class ManyHeadAttention(nn.Module):
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        """x (B, N, C) -> (B, N, dim_out). ``attn_mask``: None or a bool key padding mask,
-        True for tokens that take part: (B, 1, 1, N) (what timm passes), or (B, N) when B != N
-        (when B == N a 2-D mask is SDPA's (N_query, N_key) mask in timm's module, so it is refused)."""
+        """x (B, N, C) -> (B, N, dim_out). ``attn_mask`` as timm's: lucidops' kernel runs a bool key
+        padding mask, True for tokens that take part, (B, 1, 1, N) (what timm passes) or (B, N)
+        when B != N; any other mask (additive, per query, or 2-D when B == N, which timm reads as
+        (N_query, N_key)) runs PyTorch's SDPA as timm's module does, with a warning."""
         b, n, _ = x.shape
-        key_padding_mask = None
+        key_padding_mask, other_mask = None, None
         if attn_mask is not None:
-            # By shape, not size, and never a 2-D (B, N) when B == N: timm reads a 2-D mask as
-            # (N_query, N_key), lucidops would read it as key padding.
-            accepted = [(b, 1, 1, n)] + ([(b, n)] if b != n else [])
-            if attn_mask.dtype != torch.bool or tuple(attn_mask.shape) not in accepted:
-                raise NotImplementedError("attn_mask must be a bool key padding mask of shape (B, 1, 1, N), or (B, N) "
-                                          f"when B != N; got {attn_mask.dtype} {tuple(attn_mask.shape)}")
-            key_padding_mask = attn_mask.reshape(b, n)
+            # By shape, not size: a (N, N) mask has B * N elements when B == N.
+            padding_shapes = [(b, 1, 1, n)] + ([(b, n)] if b != n else [])
+            if attn_mask.dtype == torch.bool and tuple(attn_mask.shape) in padding_shapes:
+                key_padding_mask = attn_mask.reshape(b, n)
+            else:
+                other_mask = attn_mask
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # strided views: the kernel reads them in place
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.training and self.attn_drop.p > 0:
-            x = _sdpa_with_dropout(q, k, v, bool(is_causal), key_padding_mask, self.scale, self.attn_drop.p)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if other_mask is not None or dropout_p > 0:
+            # dtype and rank only: one warning per kind of mask, not per batch shape
+            why = (f"a {other_mask.dim()}-D {other_mask.dtype} attn_mask is not a bool key padding mask"
+                   if other_mask is not None else "attention dropout is not fused (attn_drop > 0 in training)")
+            x = _pytorch_attention(q, k, v, bool(is_causal), key_padding_mask, other_mask, self.scale, dropout_p, why)
         else:
             x = attention(q, k, v, causal=bool(is_causal), key_padding_mask=key_padding_mask, scale=self.scale)
         x = x.transpose(1, 2).reshape(b, n, self.attn_dim)

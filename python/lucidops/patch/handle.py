@@ -123,11 +123,13 @@ class PatchHandle:
                    after: Optional[str] = None) -> Replacement:
         """Replace the submodule ``path`` of ``root`` by ``new_module`` and record it.
 
-        ``new_module`` takes the original's train/eval mode. The undo puts the original
-        module object back (identity preserved), in the replacement's mode, device and dtype
-        of that moment (the model may have switched or moved since), unless the slot no
-        longer holds ``new_module`` (someone replaced it since), in which case it leaves the
-        slot alone and warns. ``after`` overrides the description of the new
+        ``new_module`` takes the original's train/eval mode and shares its forward and
+        backward hooks (the same hook tables: a hook registered on either, before or while
+        patched, fires on whichever is in the model, and its handle removes it). The undo
+        puts the original module object back (identity preserved), in the replacement's
+        mode, device and dtype of that moment (the model may have switched or moved since),
+        unless the slot no longer holds ``new_module`` (someone replaced it since), in which
+        case it leaves the slot alone and warns. ``after`` overrides the description of the new
         module. The root itself (path "") cannot be swapped.
         """
         if not isinstance(new_module, nn.Module):
@@ -139,6 +141,7 @@ class PatchHandle:
         if not isinstance(original, nn.Module):
             raise ValueError(f"{path!r} is not a submodule of the model")
         new_module.train(original.training)  # a drop-in runs in the mode of what it replaces
+        replacement_hooks = _share_hooks(original, new_module)
         setattr(parent, child, new_module)
 
         def undo() -> None:
@@ -147,7 +150,9 @@ class PatchHandle:
                               RuntimeWarning, stacklevel=3)
                 return
             _follow_moves(original, new_module)
-            original.train(new_module.training)  # the model's train()/eval() since patching reached only the replacement
+            # the model's train()/eval() since patching reached only the replacement
+            original.train(new_module.training)
+            new_module.__dict__.update(replacement_hooks)  # the shared hooks stay with the original
             setattr(parent, child, original)
 
         return self.record(path, original, new_module if after is None else after, undo, original=original,
@@ -272,6 +277,20 @@ def parent_slot(root: nn.Module, path: str) -> Tuple[nn.Module, str]:
     """(parent module, attribute name) of the submodule at dotted ``path`` under ``root``."""
     parent_path, _, child = path.rpartition(".")
     return (root.get_submodule(parent_path) if parent_path else root), child
+
+
+# The tables of the hooks that run around a module's call (state-dict hooks stay each module's own).
+_CALL_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                     "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                     "_backward_pre_hooks", "_is_full_backward_hook")
+
+
+def _share_hooks(original: nn.Module, replacement: nn.Module) -> Dict[str, Any]:
+    """Give ``replacement`` ``original``'s hook tables (the same objects: feature-extraction hooks
+    on ``blocks.3.attn`` keep firing after a swap); returns the replacement's own, to restore."""
+    own = {name: replacement.__dict__[name] for name in _CALL_HOOK_TABLES if name in replacement.__dict__}
+    replacement.__dict__.update({name: original.__dict__[name] for name in own if name in original.__dict__})
+    return own
 
 
 def _first_float_tensor(module: nn.Module) -> Optional[Tensor]:

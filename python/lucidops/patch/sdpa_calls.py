@@ -74,15 +74,23 @@ def _forward_calls_sdpa(cls: Type[nn.Module]) -> bool:
     return _calls_sdpa_cache[cls]
 
 
+def _calls_sdpa_itself(name: str, module: nn.Module) -> bool:
+    """The default selection: the class's forward calls SDPA, and the module takes that path
+    (timm's modules with ``fused_attn`` off, Swin's default, take their eager one)."""
+    return _forward_calls_sdpa(type(module)) and getattr(module, "fused_attn", True) is not False
+
+
 def sdpa_modules(model: nn.Module, modules: ModuleSelector = None) -> List[Tuple[str, nn.Module]]:
     """The (qualified name, module) pairs :func:`sdpa_calls` would patch.
 
     ``modules``: None (every module whose class's forward calls scaled_dot_product_attention
-    itself: timm's attention classes), a class or tuple of classes, an iterable of
-    qualified names, or a predicate ``(name, module) -> bool``. A module inside one already
-    chosen is left out (its calls are routed by the outer one)."""
+    itself: timm's attention classes, except those whose ``fused_attn`` is off), a class or
+    tuple of classes, an iterable of qualified names, or a predicate ``(name, module) ->
+    bool``. A module inside one already chosen is left out (its calls are routed by the outer
+    one)."""
+    chosen: Callable[[str, nn.Module], bool]
     if modules is None:
-        chosen = lambda name, m: _forward_calls_sdpa(type(m))  # noqa: E731
+        chosen = _calls_sdpa_itself
     elif isinstance(modules, type) or (isinstance(modules, tuple) and all(isinstance(c, type) for c in modules)):
         classes = modules
         chosen = lambda name, m: isinstance(m, classes)  # noqa: E731
@@ -181,7 +189,8 @@ class _RouteSDPA(TorchFunctionMode):
             if reason not in self.warned and not _validate.is_compiling():  # Dynamo cannot trace warn
                 self.warned.add(reason)
                 warnings.warn(f"lucidops.patch.sdpa_calls: SDPA calls left to PyTorch (first in {self.path!r}): "
-                              f"{reason}; handle.calls counts them", RuntimeWarning, stacklevel=2)
+                              f"{reason}; the sdpa_calls handle's .calls counts them (handle.parts['sdpa_calls'] "
+                              "of patch.apply's)", RuntimeWarning, stacklevel=2)
             return func(*args, **kwargs)
         self.counts[ROUTED] += 1
         mask = bound["attn_mask"]

@@ -58,7 +58,8 @@ def timm_vit(model: nn.Module) -> PatchHandle:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     sites = attention_modules(model)
     if not sites:
-        others = sorted({int(getattr(m, "head_dim")) for _, m in child_slots(model, lambda n, m: is_timm_vit_attention(m))})
+        timm_modules = child_slots(model, lambda n, m: is_timm_vit_attention(m))
+        others = sorted({int(getattr(m, "head_dim")) for _, m in timm_modules})
         if others:
             raise ValueError(f"model's timm ViT Attention modules have head dim {others}, outside lucidops' "
                              f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM}")

@@ -104,7 +104,7 @@ def test_calls_lucidops_cannot_answer_stay_pytorch_counted_and_warned():
     reason = "attn_mask is not boolean (an additive mask, e.g. a position bias)"
     assert [str(w.message) for w in caught] == [  # once for the handle, though four calls
         f"lucidops.patch.sdpa_calls: SDPA calls left to PyTorch (first in 'blocks.0.attn'): {reason}; "
-        "handle.calls counts them"]
+        "the sdpa_calls handle's .calls counts them (handle.parts['sdpa_calls'] of patch.apply's)"]
     assert handle.calls == {reason: 4} and set(handle.calls_by_module) == {"blocks.0.attn", "blocks.1.attn"}
     # under torch.compile too (where nothing is warned: Dynamo cannot trace a warning)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

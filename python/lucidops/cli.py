@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
@@ -176,8 +175,9 @@ def profile_command(args: argparse.Namespace) -> int:
                 raise ProfileError(f"{flag} must be >= {low}, got {value}")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ProfileError("--device cuda but CUDA is not available here")
-        if args.png and not os.path.isdir(os.path.dirname(os.path.abspath(args.png))):
-            raise ProfileError(f"--png: folder {os.path.dirname(os.path.abspath(args.png))!r} does not exist")
+        missing = profile.missing_png_folder(args.png) if args.png else None
+        if missing is not None:
+            raise ProfileError(f"--png: folder {missing!r} does not exist")
         progress(f"building {args.model}")
         model, kind, size = _make_model(args.model, args.img_size, args.num_heads)
         model.eval()  # dropout off; BatchNorm uses running statistics (any batch size works)

@@ -17,10 +17,9 @@ Both normalise by the largest singular value / coefficient, as the paper states;
 
 from __future__ import annotations
 
-import numbers
-
 import functools
 import math
+import numbers
 
 import torch
 from torch import Tensor

@@ -10,7 +10,7 @@
 
 from .flops import count_flops, eager, fvcore_flops, fvcore_handles
 from .report import ModuleStats, ProfileReport, report
-from .compare import ProfileComparison, compare
+from .compare import ProfileComparison, compare, missing_png_folder
 
 __all__ = ["count_flops", "eager", "fvcore_flops", "fvcore_handles", "report", "compare", "ProfileReport",
-           "ProfileComparison", "ModuleStats"]
+           "ProfileComparison", "ModuleStats", "missing_png_folder"]

@@ -113,6 +113,13 @@ class ProfileComparison:
         fig.savefig(os.fspath(path), format="png", dpi=120)
 
 
+def missing_png_folder(png: Any) -> Optional[str]:
+    """The folder a chart at path ``png`` would go into, when that folder does not exist (else
+    None): checked before minutes of profiling, here and by ``lucidops profile --png``."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(png)))
+    return None if os.path.isdir(folder) else folder
+
+
 def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward: bool = False,
             png: Optional[Union[str, os.PathLike]] = None, device: Any = None, repeat: int = 10, warmup: int = 2,
             depth: int = 1, fvcore: bool = True, names: Tuple[str, str] = ("original", "patched"),
@@ -134,8 +141,8 @@ def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward
             import matplotlib  # noqa: F401
         except ImportError as err:
             raise ImportError("png= needs matplotlib: pip install lucidops[plot]") from err
-        folder = os.path.dirname(os.path.abspath(os.fspath(png)))
-        if not os.path.isdir(folder):
+        folder = missing_png_folder(png)
+        if folder is not None:
             raise FileNotFoundError(f"png: folder {folder!r} does not exist")
     if not (isinstance(names, (tuple, list)) and len(names) == 2 and all(isinstance(n, str) for n in names)):
         raise ValueError(f"names must be two strings, got {names!r}")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from lucidops.conditioning import (condition_number, condition_tokens, dct_basis, gd_shrinkage_mask,
                                    token_gray)
@@ -112,9 +113,56 @@ def test_condition_tokens_non_contiguous_and_empty_batch():
     assert condition_tokens(torch.randn(0, 4, 3)).shape == (0, 4, 3)
 
 
-def test_condition_tokens_is_differentiable():
-    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(condition_tokens, (x,))
+@pytest.mark.parametrize("shape", [(2, 6, 4), (3, 4, 7), (5, 5), (1, 6, 1)])
+def test_condition_tokens_is_differentiable(shape):
+    """gradcheck, and the written-out gradient equals autograd through torch's SVD where X has
+    full rank (tall, wide, square)."""
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: condition_tokens(x, 0.7), (x,))
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    through_svd = x + 0.7 * s[..., :1].unsqueeze(-1) * (u @ vh)
+    expected, = torch.autograd.grad((through_svd * grad_out).sum(), x)
+    got, = torch.autograd.grad((condition_tokens(x, 0.7) * grad_out).sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_condition_tokens_gradient_is_finite_for_identical_tokens():
+    """A flat image region gives identical patch tokens, so X is rank-deficient and its zero
+    singular values repeat: the SVD's autograd returns NaN there (it divides by
+    s_i^2 - s_j^2). The written-out gradient stays finite, and it agrees with a central
+    difference along a direction that keeps the rank (scaling the tokens)."""
+    torch.manual_seed(0)
+    embed = nn.Linear(12, 8, dtype=torch.float64)
+    images = torch.randn(2, 16, 12, dtype=torch.float64)
+    images[:, :12] = 0.0  # twelve identical tokens: rank 5 of 8
+    tokens = embed(images)
+    assert torch.linalg.matrix_rank(tokens[0]).item() < 8
+    condition_tokens(tokens).square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in embed.parameters())
+    x = tokens.detach().requires_grad_(True)
+    loss = lambda x: condition_tokens(x).square().sum()  # noqa: E731
+    grad, = torch.autograd.grad(loss(x), x)
+    step = 1e-6
+    directional = (loss(x.detach() * (1 + step)) - loss(x.detach() * (1 - step))) / (2 * step)
+    torch.testing.assert_close((grad * x).sum(), directional, rtol=1e-6, atol=1e-8)
+    # Exactly zero features (dead or padded channels): exact zero singular values, where the
+    # SVD's autograd gave NaN in float32 and float64 alike.
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(16, 8, dtype=dtype)
+        x[:, 5:] = 0.0
+        x.requires_grad_(True)
+        condition_tokens(x).square().sum().backward()
+        assert torch.isfinite(x.grad).all(), dtype
+
+
+def test_condition_tokens_under_vmap_of_grad():
+    x = torch.randn(3, 6, 4)
+    per_example = torch.func.vmap(torch.func.grad(lambda x: condition_tokens(x).square().sum()))(x)
+    for i in range(3):
+        xi = x[i].clone().requires_grad_(True)
+        condition_tokens(xi).square().sum().backward()
+        torch.testing.assert_close(per_example[i], xi.grad)
 
 
 def test_condition_tokens_rejects_bad_strength():

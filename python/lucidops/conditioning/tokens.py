@@ -9,6 +9,16 @@ conditions the whole stack. The exact C of the paper is open; the default here i
 which adds sigma_1 to every singular value, keeps the singular vectors, and gives
 kappa(X + C) = 2 sigma_1 / (sigma_1 + sigma_min) <= 2 for any nonzero X, rank-deficient
 included (a zero X stays zero: C scales with sigma_1).
+
+The gradient is written out (``_ConditionTokens``) rather than left to the SVD's autograd,
+which divides by sigma_i^2 - sigma_j^2 and so returns NaN for any repeated singular value:
+every rank-deficient X has repeated zeros, and an image with a flat region (a black border,
+padding) gives identical patch tokens. The polar factor Q = U V^T depends on pairs only
+through 1 / (sigma_i + sigma_j), finite unless both are zero. On X's null space Q is not
+unique (any orthonormal completion: LAPACK's is used, so outputs there may differ between
+dtypes or devices) and not differentiable; there the gradient takes the completion as fixed
+(pairs and directions of singular values within a rounding of zero get no gradient), which
+is the exact gradient wherever X has full rank.
 """
 
 from __future__ import annotations
@@ -46,20 +56,78 @@ def condition_number(x: Tensor) -> Tensor:
     return s[..., 0] / s[..., -1]
 
 
+def _negligible(s: Tensor, rows: int, cols: int) -> Tensor:
+    """Singular values (or pair sums) within a rounding of zero, relative to sigma_1 (as pinv's rtol)."""
+    tol = max(rows, cols) * torch.finfo(s.dtype).eps
+    return s <= tol * s.amax(dim=-1, keepdim=True)
+
+
+def _polar_backward(grad_q: Tensor, u: Tensor, s: Tensor, vh: Tensor) -> Tensor:
+    """dL/dX of Q = U V^T for tall X = U diag(s) V^T (N >= d):
+
+        U [F o (M - M^T)] V^T + (I - U U^T) G V diag(1/s) V^T,   M = U^T G V, F_ij = 1 / (s_i + s_j)
+
+    with the terms of negligible s_i + s_j or s_i set to zero (X's null space held fixed)."""
+    v = vh.transpose(-1, -2)
+    m = u.transpose(-1, -2) @ grad_q @ v
+    pair = s.unsqueeze(-1) + s.unsqueeze(-2)
+    inv_pair = torch.where(_negligible(pair, *u.shape[-2:]), torch.zeros_like(pair), 1.0 / pair)
+    inner = u @ (inv_pair * (m - m.transpose(-1, -2))) @ vh
+    inv_s = torch.where(_negligible(s, *u.shape[-2:]), torch.zeros_like(s), 1.0 / s)
+    g_v = grad_q @ v
+    outside = (g_v - u @ (u.transpose(-1, -2) @ g_v)) * inv_s.unsqueeze(-2)  # (I - U U^T) G V diag(1/s)
+    return inner + outside @ vh
+
+
+class _ConditionTokens(torch.autograd.Function):
+    """Y = X + strength sigma_1 U V^T in the compute dtype, with the gradient written out
+    (module docstring). First derivatives only."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, strength: float) -> Tensor:
+        # Transposed wide matrices: the backward's formula is for tall ones (Q(X^T) = Q(X)^T).
+        wide = x.shape[-2] < x.shape[-1]
+        xt = x.transpose(-1, -2) if wide else x
+        u, s, vh = torch.linalg.svd(xt, full_matrices=False)
+        correction = (strength * s[..., :1].unsqueeze(-1)) * (u @ vh)
+        y = xt + correction
+        return y.transpose(-1, -2) if wide else y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, strength = inputs
+        wide = x.shape[-2] < x.shape[-1]
+        u, s, vh = torch.linalg.svd((x.transpose(-1, -2) if wide else x).detach(), full_matrices=False)
+        ctx.save_for_backward(u, s, vh)
+        ctx.strength, ctx.wide = strength, wide
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        u, s, vh = ctx.saved_tensors
+        g = grad_y.transpose(-1, -2) if ctx.wide else grad_y
+        q = u @ vh
+        sigma_1 = s[..., :1].unsqueeze(-1)
+        # d sigma_1 = u_1^T dX v_1 (a valid choice also when sigma_1 repeats)
+        along_q = (g * q).sum(dim=(-2, -1), keepdim=True)
+        top = u[..., :, :1] @ vh[..., :1, :]
+        grad_x = g + ctx.strength * (along_q * top + sigma_1 * _polar_backward(g, u, s, vh))
+        return (grad_x.transpose(-1, -2) if ctx.wide else grad_x), None
+
+
 def condition_tokens(x: Tensor, strength: float = 1.0) -> Tensor:
     """Return ``x + strength * sigma_1(x) U V^T`` for each token matrix in ``x`` (..., N, d).
 
     With the default ``strength=1`` every result has condition number at most 2
-    (methods.md section 8); ``strength=s`` gives at most (1 + s) / s. No parameters,
-    differentiable (through the SVD, so gradients need distinct singular values, which
-    holds almost surely for real token matrices). The output has ``x``'s dtype; the
-    SVD runs in float32 (float64 for float64 input).
+    (methods.md section 8); ``strength=s`` gives at most (1 + s) / s. No parameters.
+    Differentiable (first derivatives), with finite gradients also for rank-deficient
+    token matrices (repeated or identical tokens, e.g. an image's flat region): see the
+    module docstring. The output has ``x``'s dtype; the SVD runs in float32 (float64 for
+    float64 input).
     """
     _matrix_batch(x, "x")
     strength = _validate.real_number(strength, "strength", "> 0")
     if x.numel() == 0:
         return x.clone()
-    xc = x.to(_compute_dtype(x))
-    u, s, vh = torch.linalg.svd(xc, full_matrices=False)
-    correction = (strength * s[..., :1].unsqueeze(-1)) * (u @ vh)
-    return (xc + correction).to(x.dtype)
+    return _ConditionTokens.apply(x.to(_compute_dtype(x)), strength).to(x.dtype)

@@ -6,7 +6,8 @@ on the ``cpp`` backend (lucidops' kernel, csrc/cpu/attention.cpp), against torch
 the math reference (the ``reference`` backend and plain autograd through it), timed
 interleaved: float32 ViT-like shapes (N = 197) at a fixed width of 192 with head dims
 8..128; N = 1024 with 24 heads of dim 8 (causal and not), 12 of dim 16 and 3 of dim 64;
-and bfloat16, float16 and float64 at N = 197, the cases that set the CPU default per dtype.
+and bfloat16, float16 and float64 at N = 197, the cases that set the CPU default per dtype;
+and attention dropout 0.1 (lucidops' fused dropout against SDPA's dropout_p) at d = 8 and 64.
 Rows carry speedup_vs_best_sdpa and speedup_vs_reference (lucidops[reference] in the same
 run).
 
@@ -18,7 +19,8 @@ would exceed 4 GiB. Rows carry TFLOP/s (lucidops' FLOP formulas: 4 N^2 d per hea
 forward, 10 N^2 d backward; causal counts visible pairs only) and the ratio to a
 measured bf16 matmul rate of the card; speedup_vs_best_sdpa compares to the fastest
 SDPA backend that ran (the issue's targets: >= 1.5 for d <= 16, >= 0.9 for d = 64).
-The grid runs N = 1024 first, then 4096, then 197, each from d = 16 and 64 to 8 and 32;
+The grid runs N = 1024 first, then 4096, then 197, each from d = 16 and 64 to 8 and 32, then
+two cases with attention dropout 0.1 (FlexAttention has none; it sits those out);
 ``LUCIDOPS_BENCH_BUDGET_S`` stops it starting new cases after that many seconds
 (bench/gpu_check.sh sets it to fit a short GPU session).
 """
@@ -35,6 +37,8 @@ import torch.nn.functional as F
 
 import lucidops
 from lucidops import backends
+from lucidops.reference import attention as attention_reference
+from lucidops.reference import attention_dropout
 
 from .timing import measure_interleaved_ms, measure_ms
 
@@ -47,15 +51,15 @@ def _flops(b: int, h: int, n: int, d: int, causal: bool, mode: str) -> int:
 
 
 def _sdpa(backend: Optional[str]) -> Callable:
-    def fn(q, k, v, causal):
+    def fn(q, k, v, causal, dropout_p):
         if backend is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         kind = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "math": SDPBackend.MATH}[backend]
         with sdpa_kernel(kind):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
     return fn
 
 
@@ -67,7 +71,9 @@ def _flex():
     compiled = torch.compile(flex_attention)
     masks: Dict = {}
 
-    def fn(q, k, v, causal):
+    def fn(q, k, v, causal, dropout_p):
+        if dropout_p:
+            raise NotImplementedError("flex_attention has no dropout")
         block_mask = None
         if causal:
             key = (q.shape[-2], q.device)
@@ -80,28 +86,28 @@ def _flex():
 
 
 def _lucidops(backend: str) -> Callable:
-    def fn(q, k, v, causal):
+    def fn(q, k, v, causal, dropout_p):
         with lucidops.use_backend(backend):
-            return lucidops.ops.attention(q, k, v, causal=causal)
+            return lucidops.ops.attention(q, k, v, causal=causal, dropout_p=dropout_p)
     return fn
 
 
-def _step(fn, q, k, v, causal, mode) -> Callable[[], None]:
+def _step(fn, q, k, v, causal, dropout_p, mode) -> Callable[[], None]:
     if mode == "forward":
         def step():
             with torch.no_grad():
-                fn(q, k, v, causal)
+                fn(q, k, v, causal, dropout_p)
     else:
         grad = torch.randn_like(q)
         qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
 
         def step():
             qg.grad = kg.grad = vg.grad = None
-            fn(qg, kg, vg, causal).backward(grad)
+            fn(qg, kg, vg, causal, dropout_p).backward(grad)
     return step
 
 
-def _time_each_on_cuda(impls: Dict[str, Callable], q, k, v, causal, mode, case) -> Dict[str, float]:
+def _time_each_on_cuda(impls: Dict[str, Callable], q, k, v, causal, dropout_p, mode, case) -> Dict[str, float]:
     """Each implementation timed on its own (CUDA events); one that cannot run is reported."""
     b, h, n, _ = q.shape
     times: Dict[str, float] = {}
@@ -109,7 +115,7 @@ def _time_each_on_cuda(impls: Dict[str, Callable], q, k, v, causal, mode, case) 
         if name == "sdpa[math]" and b * h * n * n * 4 > (4 << 30):
             continue  # the math backend materialises the (B, H, N, N) scores
         try:
-            times[name] = measure_ms(_step(fn, q, k, v, causal, mode), "cuda")
+            times[name] = measure_ms(_step(fn, q, k, v, causal, dropout_p, mode), "cuda")
         except Exception as exc:  # e.g. flash refusing a head dim, out of memory
             print(f"  attention {case} {mode} {name}: unavailable ({type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:100] if str(exc) else ''})")
@@ -124,7 +130,7 @@ def _matmul_tflops(device: str) -> float:
 
 
 def _cases(device: str, quick: bool):
-    """(B, H, N, d, causal, dtype) of each case. On CUDA the most telling come first (the
+    """(B, H, N, d, causal, dtype, dropout_p) of each case. On CUDA the most telling come first (the
     issue's two targets, d = 16 and d = 64, at N = 1024 and 4096), so that a run cut short by
     its time budget (``LUCIDOPS_BENCH_BUDGET_S``) has measured those."""
     if device == "cuda":
@@ -134,22 +140,33 @@ def _cases(device: str, quick: bool):
             for h in hs:
                 b = max(1, (1 << (18 if quick else 20)) // (h * n))
                 for causal in (False, True):
-                    yield b, h, n, d, causal, torch.bfloat16
+                    yield b, h, n, d, causal, torch.bfloat16, 0.0
+        for d in (16, 64):
+            yield max(1, (1 << 20) // (48 * 1024)), 48 if d == 16 else 12, 1024, d, False, torch.bfloat16, 0.1
         return
     for d in ((8, 64) if quick else (8, 16, 32, 64, 128)):
         h = 192 // d if d < 64 else 3  # fixed width 192 (ViT-Tiny), more heads as d shrinks
-        yield (2 if quick else 8), h, 197, d, False, torch.float32
+        yield (2 if quick else 8), h, 197, d, False, torch.float32, 0.0
     if quick:
         return
     # longer sequences, where the score rows outgrow the small-GEMM blocks
     for causal in (False, True):
-        yield 2, 24, 1024, 8, causal, torch.float32
-    yield 2, 12, 1024, 16, False, torch.float32
-    yield 2, 3, 1024, 64, False, torch.float32
+        yield 2, 24, 1024, 8, causal, torch.float32, 0.0
+    yield 2, 12, 1024, 16, False, torch.float32, 0.0
+    yield 2, 3, 1024, 64, False, torch.float32, 0.0
     # the other dtypes, which decide the CPU default per dtype (ops/attention.py)
     for dtype, dims in ((torch.bfloat16, (8, 64, 128)), (torch.float16, (64, 128)), (torch.float64, (8, 64))):
         for d in dims:
-            yield 8, (192 // d if d < 64 else 3), 197, d, False, dtype
+            yield 8, (192 // d if d < 64 else 3), 197, d, False, dtype, 0.0
+    # attention dropout in training: lucidops' fused mask against SDPA's dropout_p
+    for d in (8, 64):
+        yield 8, (192 // d if d < 64 else 3), 197, d, False, torch.float32, 0.1
+
+
+def _reference_autograd(q, k, v, causal, dropout_p):
+    """Plain autograd through the reference, dropping by a fresh seed as the op does."""
+    seed = attention_dropout.draw_seed(q.device) if dropout_p else None
+    return attention_reference.attention(q, k, v, causal=causal, dropout_p=dropout_p, seed=seed)
 
 
 def _budget_s() -> Optional[float]:
@@ -181,12 +198,11 @@ def run(device: str, quick: bool = False) -> List[Dict]:
             impls["lucidops[cpp]"] = _lucidops("cpp")
         impls["lucidops[reference]"] = _lucidops("reference")
         impls["sdpa"] = _sdpa(None)
-        impls["reference (autograd)"] = lambda q, k, v, causal: lucidops.reference.attention.attention(
-            q, k, v, causal=causal)
+        impls["reference (autograd)"] = _reference_autograd
     budget = _budget_s()
     started = time.perf_counter()
     cases = list(_cases(device, quick))
-    for index, (b, h, n, d, causal, dtype) in enumerate(cases):
+    for index, (b, h, n, d, causal, dtype, dropout_p) in enumerate(cases):
         if index and budget is not None and time.perf_counter() - started > budget:  # the first always runs
             print(f"  attention: time budget of {budget:g} s spent; {len(cases) - index} of {len(cases)} cases "
                   "not measured", flush=True)
@@ -194,12 +210,15 @@ def run(device: str, quick: bool = False) -> List[Dict]:
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, generator=g) for _ in range(3))
         case = f"B{b} H{h} N{n} d{d}{' causal' if causal else ''} {str(dtype)[6:]}"
+        case += f" dropout {dropout_p:g}" if dropout_p else ""
+        # aten's kernel draws its own dropout mask: lucidops runs dropout on cpp / reference only
+        runnable = {name: fn for name, fn in impls.items() if not (dropout_p and name == "lucidops[aten]")}
         for mode in ("forward", "forward+backward"):
             if device == "cpu":  # interleaved, so that the ratios hold on a busy host
-                steps = {name: _step(fn, q, k, v, causal, mode) for name, fn in impls.items()}
+                steps = {name: _step(fn, q, k, v, causal, dropout_p, mode) for name, fn in runnable.items()}
                 times = measure_interleaved_ms(steps, device)
             else:
-                times = _time_each_on_cuda(impls, q, k, v, causal, mode, case)
+                times = _time_each_on_cuda(runnable, q, k, v, causal, dropout_p, mode, case)
             baselines = [t for name, t in times.items() if name.startswith("sdpa")]
             for name, ms in times.items():
                 tflops = _flops(b, h, n, d, causal, mode) / ms / 1e9

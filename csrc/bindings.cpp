@@ -270,10 +270,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Attention for many small heads (csrc/cpu/attention.cpp).
   m.def("attention_forward", &impl::attention_forward, "(out, lse) of q, k, v (B, H, N, d)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("causal"),
-        py::arg("scale"));
+        py::arg("scale"), py::arg("dropout_seed") = 0, py::arg("dropout_threshold") = 0,
+        py::arg("dropout_scale") = 1.0);
   m.def("attention_backward", &impl::attention_backward, "(dq, dk, dv); delta = rowsum(dO O) - dL/dlse",
         py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lse"), py::arg("delta"),
-        py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"));
+        py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"), py::arg("dropout_seed") = 0,
+        py::arg("dropout_threshold") = 0, py::arg("dropout_scale") = 1.0);
   // Bounded LoRA, placement "weight" (csrc/cpu/bounded_lora.cpp).
   m.def("lora_effective_weight", &impl::lora_effective_weight, "W + scale fn(omega B A)", py::arg("weight"),
         py::arg("lora_A"), py::arg("lora_B"), py::arg("fn"), py::arg("omega"), py::arg("scale"));

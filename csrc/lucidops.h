@@ -51,14 +51,18 @@ at::Tensor lora_weight_backward(const at::Tensor& weight, const at::Tensor& lora
 // Attention for many small heads (csrc/cpu/attention.cpp); float32 or float64, any strides but
 // a unit one along d. q (B, H, Nq, d), k and v (B, H, Nk, d), key_padding_mask bool (B, Nk) or
 // empty. Forward: (out (B, H, Nq, d) laid out as (B, Nq, H, d), lse (B, H, Nq)). Backward,
-// with delta = rowsum(dO O) - dL/dlse: (dq, dk, dv).
+// with delta = rowsum(dO O) - dL/dlse: (dq, dk, dv). Dropout (lucidops.reference.attention_dropout):
+// a 32-bit seed, the 24-bit keep threshold (0: no dropout) and the kept probabilities' scale.
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const at::Tensor& key_padding_mask, bool causal, double scale);
+                                                     const at::Tensor& key_padding_mask, bool causal, double scale,
+                                                     int64_t dropout_seed, int64_t dropout_threshold,
+                                                     double dropout_scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
                                                                   const at::Tensor& lse, const at::Tensor& delta,
                                                                   const at::Tensor& key_padding_mask, bool causal,
-                                                                  double scale);
+                                                                  double scale, int64_t dropout_seed,
+                                                                  int64_t dropout_threshold, double dropout_scale);
 }  // namespace cpu
 
 }  // namespace lucidops

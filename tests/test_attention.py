@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import lucidops
 from lucidops.reference import attention as ref
+from lucidops.reference import attention_dropout as dropout
 from comparisons import rel_err, within
 
 attention_module = importlib.import_module("lucidops.ops.attention")  # the module, not the function
@@ -55,9 +56,11 @@ def case_id(case):
     return f"B{b}H{h}q{nq}k{nk}d{d}{'-causal' if causal else ''}-{mask}-{str(dtype)[6:]}"
 
 
-def check_against_float64_reference(backend, case, device="cpu", poison=None, atol=0.0):
+def check_against_float64_reference(backend, case, device="cpu", poison=None, atol=0.0, dropout_p=0.0):
     """Forward (out and lse) and backward (through out and lse) of one case under ``backend``
-    on ``device``, against the float64 reference on the CPU; also test_attention_cuda's.
+    on ``device``, against the float64 reference on the CPU; also test_attention_cuda's. With
+    ``dropout_p`` the op draws its seed from a seeded generator and the reference drops by the
+    same seed: every backend must drop exactly the reference's probabilities.
 
     Each result must be within TOL relative error, or within ``atol`` of the reference in every
     element: a gradient that is zero in exact arithmetic (one visible key per query) keeps
@@ -74,8 +77,13 @@ def check_against_float64_reference(backend, case, device="cpu", poison=None, at
 
     if poison is not None:
         poison(4 * b * h * max(nq, nk) * d, device, dtype)
+    generator_seed = nq * 7 + nk + d
+    torch.manual_seed(generator_seed)
+    seed = dropout.draw_seed(torch.device(device)).cpu() if dropout_p else None  # the draw the op makes next
+    torch.manual_seed(generator_seed)
     with lucidops.use_backend(backend):
-        out, lse = lucidops.ops.attention(q, k, v, causal=causal, key_padding_mask=mask, return_lse=True)
+        out, lse = lucidops.ops.attention(q, k, v, causal=causal, key_padding_mask=mask, return_lse=True,
+                                          dropout_p=dropout_p)
         # The loss uses the lse too (its -inf entries masked out), so its gradient path is tested.
         finite = torch.isfinite(lse)
         loss = (out.float() * grad_out.float()).sum() + (lse.masked_fill(~finite, 0) * grad_lse).sum()
@@ -87,11 +95,11 @@ def check_against_float64_reference(backend, case, device="cpu", poison=None, at
 
     scale = 1.0 / math.sqrt(d)
     q64, k64, v64 = (t.detach().double().cpu() for t in (q, k, v))
-    out_ref, lse_ref, lo = ref.forward(q64, k64, v64, mask_cpu, causal, scale)
+    out_ref, lse_ref, lo = ref.forward(q64, k64, v64, mask_cpu, causal, scale, dropout_p, seed)
     assert lo.numel() == 0
     gl = grad_lse.double().cpu().masked_fill(torch.isinf(lse_ref), 0)
     dq_ref, dk_ref, dv_ref = ref.backward(grad_out.double().cpu(), gl, q64, k64, v64, out_ref, lo, lse_ref, mask_cpu,
-                                          causal, scale)
+                                          causal, scale, dropout_p, seed)
     out, lse, finite = out.detach().cpu(), lse.detach().cpu(), finite.cpu()
     grads = [t.grad.cpu() for t in (q, k, v)]
     tol = TOL[dtype]

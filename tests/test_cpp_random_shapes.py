@@ -93,10 +93,10 @@ def test_gaussian_mixture(lead, n, gaussians, channels, dtype, reduce, cull, wit
 @given(b=st.integers(1, 2), h=st.integers(1, 5), nq=AWKWARD, nk=AWKWARD,
        d=st.one_of(AWKWARD.filter(lambda v: 4 <= v <= 128), st.integers(4, 128)), causal=st.booleans(),
        mask=st.sampled_from([None, "random", "first_key_off", "batch0_off"]),
-       dtype=st.sampled_from([torch.float32, torch.float64]))
-def test_attention(b, h, nq, nk, d, causal, mask, dtype):
+       dtype=st.sampled_from([torch.float32, torch.float64]), dropout_p=st.sampled_from([0.0, 0.0, 0.3]))
+def test_attention(b, h, nq, nk, d, causal, mask, dtype, dropout_p):
     # Inputs are O(1), so a wrong index errs by O(1); rounding stays far below 1e-4.
-    check_against_float64_reference("cpp", (b, h, nq, nk, d, causal, mask, dtype), atol=1e-4)
+    check_against_float64_reference("cpp", (b, h, nq, nk, d, causal, mask, dtype), atol=1e-4, dropout_p=dropout_p)
 
 
 @EXAMPLES

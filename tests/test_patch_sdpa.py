@@ -13,6 +13,8 @@ from torch import nn
 import lucidops
 from lucidops import backends
 from lucidops.patch import sdpa_calls, sdpa_modules
+from lucidops.reference import attention as attention_reference
+from lucidops.reference import attention_dropout
 
 timm = pytest.importorskip("timm")
 
@@ -156,8 +158,23 @@ def test_exact_calls_are_routed(case):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_dropout_calls_run_lucidops_fused_dropout():
+    """An SDPA call with dropout_p in (0, 1) is routed: lucidops' fused dropout, whose mask for the
+    seed drawn from the same random state is the reference's; its expectation is SDPA's output."""
+    q, k, v = _qkv(2, 4, 5, 8)
+    module = CallsSDPA(dropout_p=0.3)
+    handle = sdpa_calls(module)
+    torch.manual_seed(9)
+    seed = attention_dropout.draw_seed(q.device)
+    torch.manual_seed(9)
+    got = module(q, k, v)
+    assert handle.calls == {"lucidops": 1}
+    expected = attention_reference.attention(q.double(), k.double(), v.double(), dropout_p=0.3, seed=seed)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("how,shapes,reason", [
-    (dict(dropout_p=0.1), None, "attention dropout"),
+    (dict(dropout_p=1.0), None, "dropout_p 1.0 is not a number in"),
     (dict(enable_gqa=True), ((2, 4, 5, 8), (2, 2, 5, 8)), "grouped-query"),
     (dict(), ((2, 4, 5, 256), (2, 4, 5, 256)), "head dim 256 outside 4..128"),
     (dict(), ((2, 4, 5, 8), (2, 4, 6, 8), (2, 4, 6, 16)), "head dims"),  # SDPA allows v's own head dim

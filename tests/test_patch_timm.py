@@ -1,12 +1,16 @@
 """ManyHeadAttention, the timm ViT patch, leaner() and attention_condition_numbers on real
 timm models built without pretrained weights."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lucidops
 from lucidops.nn import ManyHeadAttention
+from lucidops.reference import attention as attention_reference
+from lucidops.reference import attention_dropout
 
 timm = pytest.importorskip("timm")
 from timm.layers.attention import Attention  # noqa: E402
@@ -136,50 +140,67 @@ def test_state_dict_loads_and_outputs_match_timm_attention(num_heads):
         torch.testing.assert_close(got, theirs(inputs, attn_mask=other), rtol=1e-5, atol=1e-6)
 
 
-def test_attention_dropout_in_training_runs_sdpa_with_dropout_and_says_so(monkeypatch):
-    """Training with attn_drop > 0 computes what timm's module computes (the same SDPA call
-    under the same random state: the same dropout mask), warns that it is not lucidops' kernel,
-    and eval mode goes back to the kernel."""
+def _expected_with_dropout(module, x, p, seed, mask=None, causal=False):
+    """timm's Attention computed by hand, its attention from lucidops' reference dropping by ``seed``."""
+    b, n, _ = x.shape
+    q, k, v = module.qkv(x).reshape(b, n, 3, module.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    out = attention_reference.attention(q, k, v, causal=causal, key_padding_mask=mask, scale=module.scale,
+                                        dropout_p=p, seed=seed)
+    return module.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_attention_dropout_in_training_is_fused(monkeypatch):
+    """Training with attn_drop > 0 runs lucidops' kernel with fused dropout (no warning): the
+    reference's mask for the seed drawn from the same random state; another draw gives another
+    output, and eval mode has no dropout (timm's output)."""
     torch.manual_seed(3)
     theirs = Attention(32, num_heads=8, attn_drop=0.25).train()
     ours = ManyHeadAttention(32, num_heads=8, attn_drop=0.25).train()
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 6, 32, requires_grad=True)
     for kwargs in ({}, {"is_causal": True}):
-        torch.manual_seed(4)
-        expected = theirs(x, **kwargs)
         monkeypatch.setattr(lucidops.backends, "_last_used", {})
         torch.manual_seed(4)
-        with pytest.warns(RuntimeWarning, match="attention dropout is not fused"):
+        seed = attention_dropout.draw_seed(x.device)
+        torch.manual_seed(4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             got = ours(x, **kwargs)
-        torch.testing.assert_close(got, expected)
-        assert lucidops.backends.last_used("attention") is None  # not reported as lucidops'
+            got.sum().backward()
+        assert lucidops.backends.last_used("attention") == "cpp"
+        assert lucidops.backends.last_used("attention_backward") == "cpp"
+        expected = _expected_with_dropout(theirs, x, 0.25, seed, causal=kwargs.get("is_causal", False))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         torch.manual_seed(5)
         assert not torch.equal(ours(x, **kwargs), got)  # dropout is on: another draw, another output
     ours.eval(), theirs.eval()
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
-    assert lucidops.backends.last_used("attention") == "cpp"
 
 
 def test_attention_dropout_keeps_lucidops_rule_for_queries_without_keys():
     """A batch element whose keys are all padded gets zeros and zero gradient in training with
-    dropout too (SDPA alone would give NaN), and the others match timm's module."""
+    dropout (SDPA would give NaN); the other matches the reference under the same seed."""
     torch.manual_seed(6)
-    theirs = Attention(16, num_heads=4, attn_drop=0.5).train()
     ours = ManyHeadAttention(16, num_heads=4, attn_drop=0.5).train()
-    ours.load_state_dict(theirs.state_dict())
     ours.proj.bias.data.zero_()
     x = torch.randn(2, 5, 16, requires_grad=True)
     mask = torch.tensor([[True, False, True, True, False], [False] * 5])
+    torch.manual_seed(7)
+    seed = attention_dropout.draw_seed(x.device)
     torch.manual_seed(7)
     got = ours(x, attn_mask=mask)
     got.sum().backward()
     assert torch.isfinite(got).all() and torch.isfinite(x.grad).all()
     torch.testing.assert_close(got[1], torch.zeros_like(got[1]))
-    torch.manual_seed(7)
-    theirs.proj.bias.data.zero_()
-    expected = theirs(x, attn_mask=mask[:, None, None, :])
-    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[0], _expected_with_dropout(ours, x, 0.5, seed, mask)[0])
+
+
+def test_attn_drop_of_one_runs_sdpa_and_says_so():
+    ours = ManyHeadAttention(16, num_heads=4, attn_drop=1.0).train()
+    x = torch.randn(2, 5, 16)
+    with pytest.warns(RuntimeWarning, match="attn_drop = 1"):
+        got = ours(x)
+    torch.testing.assert_close(got, ours.proj.bias.expand_as(got))  # every probability dropped
 
 
 @pytest.mark.skipif(not lucidops.backends.triton_interpreting(), reason="needs the Triton interpreter")

@@ -71,8 +71,10 @@ def test_attention_in_batch_slices_matches_the_reference(monkeypatch):
         return calls[-1]
 
     monkeypatch.setattr(tk, "_batch_slices", recorded_slices)
-    for mask in ("random", None):
-        check_against_float64_reference("triton", (5, 3, 9, 7, 8, True, mask, torch.float32), TRITON_DEVICE)
+    for mask, dropout_p in (("random", 0.0), (None, 0.0), ("random", 0.3)):
+        # under dropout each slice hashes its absolute batch index: the reference's mask
+        check_against_float64_reference("triton", (5, 3, 9, 7, 8, True, mask, torch.float32), TRITON_DEVICE,
+                                        dropout_p=dropout_p)
     assert calls and all(len(slices) == 3 for slices in calls)  # forward and backward, both sliced
 
 

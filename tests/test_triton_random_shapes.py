@@ -42,12 +42,12 @@ def test_gaussian_mixture(lead, n, gaussians, channels, reduce, cull, with_bias,
 @given(b=st.integers(1, 2), h=st.integers(1, 9), nq=AWKWARD, nk=AWKWARD,
        d=st.one_of(AWKWARD.filter(lambda v: 4 <= v <= 128), st.integers(4, 128)), causal=st.booleans(),
        mask=st.sampled_from([None, "random", "first_key_off", "batch0_off"]),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-def test_attention(b, h, nq, nk, d, causal, mask, dtype):
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), dropout_p=st.sampled_from([0.0, 0.3]))
+def test_attention(b, h, nq, nk, d, causal, mask, dtype, dropout_p):
     if math.prod((b, h, max(nq, nk), d)) > 40_000:
         nq = nk = 33  # the interpreter's time grows with every program; keep one example to seconds
     check_against_float64_reference("triton", (b, h, nq, nk, d, causal, mask, dtype), TRITON_DEVICE,
-                                    atol=ATTENTION_ATOL[dtype])
+                                    atol=ATTENTION_ATOL[dtype], dropout_p=dropout_p)
 
 
 @examples(20)

@@ -10,6 +10,10 @@ and one program holds G heads of the same batch element as a 3-D block (G, rows,
 every ``tl.dot`` is a batched (G, M, K) x (G, K, N) product with M, N, K >= 16, so tensor
 cores are fed even at d = 4, and G heads share one program's scheduling overhead.
 
+Attention dropout regenerates its mask in every kernel from (seed, head, query, key) with
+lucidops.reference.attention_dropout's hash, a few integer operations per score; a runtime
+flag skips it (and the seed load) without dropout.
+
 Conventions (those of lucidops.reference.attention): top-left causal alignment (key j
 is visible to query i iff j <= i, as SDPA's ``is_causal``), key padding mask True =
 take part, a query row with no visible key gives out = 0, lse = -inf, zero gradients.
@@ -26,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import attention_dropout as _dropout
 from ..reference.attention import empty_token_major, unit_last_stride
 
 LOG2E = 1.4426950408889634
@@ -120,10 +125,32 @@ def _visible(rows, cols, b, MASK, NQ, NK, has_mask, causal):
 
 
 @triton.jit
+def _fmix32(h):
+    """murmur3's 32-bit finaliser on uint32 tensors (the literals above 2^31 are uint32)."""
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _dropout_scale(SEED, bh, rows, cols, drop_threshold, keep_scale):
+    """(G, len(rows), len(cols)) float32: keep_scale where query row keeps key col's probability,
+    0 where it is dropped: lucidops.reference.attention_dropout's hash, bit for bit. bh is the
+    (G, 1, 1) absolute (batch * H + head) index."""
+    seed = tl.load(SEED).to(tl.uint32)
+    head_key = _fmix32(seed ^ _fmix32(bh.to(tl.uint32) * 0x9E3779B9 + 0x7F4A7C15))
+    row_key = _fmix32(head_key + rows[None, :, None].to(tl.uint32) * 0x9E3779B9)
+    u = _fmix32(row_key ^ (cols[None, None, :].to(tl.uint32) * 0x85EBCA77)) >> 8
+    return tl.where(u >= drop_threshold, keep_scale, 0.0)
+
+
+@triton.jit
 def attention_forward_kernel(
-    Q, K, V, MASK, O, O_LO, LSE,
+    Q, K, V, MASK, SEED, O, O_LO, LSE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    H, NQ, NK, HEAD_DIM, qk_scale,
+    H, NQ, NK, HEAD_DIM, qk_scale, first_batch, drop_threshold, keep_scale,
     has_mask, causal, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
     STORE_LO: tl.constexpr, UPCAST: tl.constexpr = False,
@@ -160,6 +187,9 @@ def attention_forward_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, :, None])
         l_i = l_i * alpha + tl.sum(p, 2)
+        if drop_threshold > 0:  # after the sum: the softmax normalises over every visible key
+            p = p * _dropout_scale(SEED, (first_batch + b).to(tl.int64) * H + h3, rows, cols, drop_threshold,
+                                   keep_scale)
         v = tl.load(v_base + cols[None, :, None].to(tl.int64) * svn + offs_d[None, None, :],
                     mask=h_ok & c_ok[None, :, None] & d_ok[None, None, :], other=0.0)  # (G, BLOCK_N, D_PAD)
         acc = acc * alpha[:, :, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
@@ -189,9 +219,9 @@ def _load_lse2(LSE, row_ids, ok):
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-    Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
+    Q, K, V, MASK, SEED, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    H, NQ, NK, HEAD_DIM, qk_scale, scale,
+    H, NQ, NK, HEAD_DIM, qk_scale, scale, first_batch, drop_threshold, keep_scale,
     has_mask, causal, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr = False,
@@ -227,8 +257,14 @@ def attention_backward_dkdv_kernel(
         pt = tl.where(vis, tl.exp2(st - lse2), 0.0)
         do = tl.load(do_base + rows[None, None, :].to(tl.int64) * sdn + offs_d[None, :, None],
                      mask=r_ok & d_ok[None, :, None], other=0.0)  # (G, D_PAD, BLOCK_M): dout transposed
-        dv += _dot(pt.to(do.dtype), tl.permute(do, (0, 2, 1)), PRECISION, UPCAST)
         dpt = _dot(v, do, PRECISION, UPCAST)  # (G, BLOCK_N, BLOCK_M)
+        kept_pt = pt
+        if drop_threshold > 0:  # dV takes P Z, dS = P (Z dP - delta)
+            zt = tl.permute(_dropout_scale(SEED, (first_batch + b).to(tl.int64) * H + h3, rows, cols,
+                                           drop_threshold, keep_scale), (0, 2, 1))
+            kept_pt = pt * zt
+            dpt = dpt * zt
+        dv += _dot(kept_pt.to(do.dtype), tl.permute(do, (0, 2, 1)), PRECISION, UPCAST)
         delta = tl.load(DELTA + row_ids, mask=r_ok, other=0.0)
         dst = pt * (dpt - delta)
         dk += _dot_ds(dst, tl.permute(qt, (0, 2, 1)), PRECISION, UPCAST)
@@ -239,9 +275,9 @@ def attention_backward_dkdv_kernel(
 
 @triton.jit
 def attention_backward_dq_kernel(
-    Q, K, V, MASK, DO, LSE, DELTA, DQ,
+    Q, K, V, MASK, SEED, DO, LSE, DELTA, DQ,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    H, NQ, NK, HEAD_DIM, qk_scale, scale,
+    H, NQ, NK, HEAD_DIM, qk_scale, scale, first_batch, drop_threshold, keep_scale,
     has_mask, causal, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr = False,
@@ -277,6 +313,9 @@ def attention_backward_dq_kernel(
         vis = _visible(rows, cols, b, MASK, NQ, NK, has_mask, causal)
         p = tl.where(vis, tl.exp2(s - lse2), 0.0)
         dp = _dot(do, vt, PRECISION, UPCAST)
+        if drop_threshold > 0:
+            dp = dp * _dropout_scale(SEED, (first_batch + b).to(tl.int64) * H + h3, rows, cols, drop_threshold,
+                                     keep_scale)
         ds = p * (dp - delta)
         dq += _dot_ds(ds, tl.permute(kt, (0, 2, 1)), PRECISION, UPCAST)
     tl.store(DQ + row_ids * HEAD_DIM + offs_d[None, None, :], (dq * scale).to(DQ.dtype.element_ty),
@@ -293,6 +332,18 @@ def _check_dtype(q: torch.Tensor) -> None:
     if q.dtype not in DTYPES:
         raise TypeError(f"the triton attention kernels take float16, bfloat16 or float32, got {q.dtype} "
                         "(float64 runs on the reference backend)")
+
+
+def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor], q: torch.Tensor) -> Tuple[torch.Tensor, int, float]:
+    """(seed pointer, threshold, keep scale) for the kernels; threshold 0 is no dropout (the
+    pointer is then never read)."""
+    if not dropout_p:
+        return torch.zeros(1, dtype=torch.int64, device=q.device), 0, 1.0
+    if seed is None:
+        raise ValueError("attention dropout needs a seed tensor (dropout_p > 0)")
+    if seed.device != q.device:
+        raise ValueError(f"the dropout seed must be on q's device {q.device}, got {seed.device}")
+    return seed.to(torch.int64).reshape(1), _dropout.threshold(dropout_p), _dropout.keep_scale(dropout_p)
 
 
 def _mask_arg(key_padding_mask: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
@@ -322,9 +373,11 @@ def _strides(*tensors: torch.Tensor) -> List[int]:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-            causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            causal: bool, scale: float, dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (B, H, Nq, d) in q's dtype, lse (B, H, Nq) float32, out_lo: for bfloat16 the
-    rounding residual of out (B, H, Nq, d), else empty)."""
+    rounding residual of out (B, H, Nq, d), else empty). Dropout by
+    lucidops.reference.attention_dropout's rule for ``seed``."""
     _check_dtype(q)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     bsz, heads, nq, d = q.shape
@@ -337,21 +390,23 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask:
         return out, lse, out_lo
     d_pad, g, bm, bn, warps = _config(FORWARD_CONFIGS, d, heads)
     mask = _mask_arg(key_padding_mask, q)
+    seed_arg, threshold, keep_scale = _dropout_args(dropout_p, seed, q)
     lo = out_lo if store_lo else out
     head_groups = triton.cdiv(heads, g)
     for b in _batch_slices(bsz, head_groups):
         grid = (triton.cdiv(nq, bm), (b.stop - b.start) * head_groups)
         attention_forward_kernel[grid](
-            q[b], k[b], v[b], mask if key_padding_mask is None else mask[b], out[b], lo[b], lse[b],
-            *_strides(q, k, v, out), heads, nq, nk, d, float(scale) * LOG2E,
+            q[b], k[b], v[b], mask if key_padding_mask is None else mask[b], seed_arg, out[b], lo[b], lse[b],
+            *_strides(q, k, v, out), heads, nq, nk, d, float(scale) * LOG2E, b.start, threshold, keep_scale,
             has_mask=int(key_padding_mask is not None), causal=int(bool(causal)), G=g, BLOCK_M=bm, BLOCK_N=bn,
             D_PAD=d_pad, PRECISION=_precision(q.dtype), STORE_LO=store_lo, UPCAST=_upcast(q.dtype), num_warps=warps)
     return out, lse, out_lo
 
 
 def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor, out: torch.Tensor, out_lo: torch.Tensor, lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-             causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             v: torch.Tensor, out: torch.Tensor, out_lo: torch.Tensor, lse: torch.Tensor,
+             key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float, dropout_p: float = 0.0,
+             seed: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, in the dtypes of q, k, v."""
     _check_dtype(q)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
@@ -370,7 +425,7 @@ def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.
     delta = delta.contiguous()
     lse = lse.to(torch.float32).contiguous()
     mask = _mask_arg(key_padding_mask, q)
-    common = (heads, nq, nk, d, float(scale) * LOG2E, float(scale))
+    seed_arg, threshold, keep_scale = _dropout_args(dropout_p, seed, q)
     d_pad, g, bm, bn, warps = _config(BACKWARD_CONFIGS, d, heads)
     meta = dict(has_mask=int(key_padding_mask is not None), causal=int(bool(causal)), G=g, BLOCK_M=bm, BLOCK_N=bn,
                 D_PAD=d_pad, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=warps)
@@ -378,7 +433,9 @@ def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.
     head_groups = triton.cdiv(heads, g)
     for b in _batch_slices(bsz, head_groups):
         groups = (b.stop - b.start) * head_groups
-        inputs = (q[b], k[b], v[b], mask if key_padding_mask is None else mask[b], grad_out[b], lse[b], delta[b])
+        inputs = (q[b], k[b], v[b], mask if key_padding_mask is None else mask[b], seed_arg, grad_out[b], lse[b],
+                  delta[b])
+        common = (heads, nq, nk, d, float(scale) * LOG2E, float(scale), b.start, threshold, keep_scale)
         attention_backward_dkdv_kernel[(triton.cdiv(nk, bn), groups)](*inputs, dk[b], dv[b], *strides, *common, **meta)
         attention_backward_dq_kernel[(triton.cdiv(nq, bm), groups)](*inputs, dq[b], *strides, *common, **meta)
     return dq, dk, dv
@@ -408,19 +465,19 @@ def aot_specs() -> Iterator[Dict]:
                     for g in sorted({1, g_max}):
                         cx = dict(G=g, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, PRECISION=precision, UPCAST=False)
                         if kind == "fwd":
-                            ptrs = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "MASK": "*u8",
+                            ptrs = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "MASK": "*u8", "SEED": "*i64",
                                     "O": f"*{dt}", "O_LO": f"*{dt}", "LSE": "*fp32"}
                             fwd = dict(cx, STORE_LO=torch_dtype == torch.bfloat16)
-                            yield _spec(attention_forward_kernel, ptrs, index_type, ("qk_scale",), fwd, warps)
+                            yield _spec(attention_forward_kernel, ptrs, index_type, ("qk_scale", "keep_scale"), fwd,
+                                        warps)
                         else:
-                            ptrs = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "MASK": "*u8",
+                            floats = ("qk_scale", "scale", "keep_scale")
+                            ptrs = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "MASK": "*u8", "SEED": "*i64",
                                     "DO": f"*{dt}", "LSE": "*fp32", "DELTA": "*fp32", "DK": f"*{dt}", "DV": f"*{dt}"}
-                            yield _spec(attention_backward_dkdv_kernel, ptrs, index_type, ("qk_scale", "scale"),
-                                        cx, warps)
-                            ptrs = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "MASK": "*u8",
+                            yield _spec(attention_backward_dkdv_kernel, ptrs, index_type, floats, cx, warps)
+                            ptrs = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "MASK": "*u8", "SEED": "*i64",
                                     "DO": f"*{dt}", "LSE": "*fp32", "DELTA": "*fp32", "DQ": f"*{dt}"}
-                            yield _spec(attention_backward_dq_kernel, ptrs, index_type, ("qk_scale", "scale"),
-                                        cx, warps)
+                            yield _spec(attention_backward_dq_kernel, ptrs, index_type, floats, cx, warps)
 
 
 def describe_specs() -> List[str]:

@@ -17,11 +17,14 @@
 // Contract (lucidops.reference.attention): top-left causal (key j visible to query i iff
 // j <= i), key_padding_mask True = key takes part, a query with no visible key gets
 // out = 0, lse = -inf and zero gradient. float32 and float64; half inputs run in float32.
+// Attention dropout regenerates its mask from (seed, head, query, key) with the hash of
+// lucidops.reference.attention_dropout, bit for bit, in forward and backward.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -31,6 +34,18 @@
 namespace lucidops {
 namespace cpu {
 namespace {
+
+// The dropout hash of lucidops/reference/attention_dropout.py (wrapping uint32 arithmetic).
+constexpr uint32_t kGolden = 0x9E3779B9u, kHeadOffset = 0x7F4A7C15u, kKeyMult = 0x85EBCA77u;
+constexpr int kKeepShift = 8;  // 32 - 24 kept bits
+
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
 
 // Query rows per register block: each K^T / V^T vector loaded feeds this many rows.
 constexpr int64_t kRows = 4;
@@ -173,6 +188,10 @@ struct Problem {
   Rows<T> k;             // (B, H, Nk, d)
   Rows<T> v;             // (B, H, Nk, d)
   const bool* key_mask;  // (B, Nk) or null
+  // Dropout: a probability is kept when its 24-bit hash >= threshold (0: no dropout), then
+  // multiplied by keep_scale.
+  uint32_t seed, threshold;
+  T keep_scale;
 
   // Keys rounded up to whole vectors, plus one cache line if that makes an even number of
   // lines: the (d, ld) buffers are walked down their columns, and a stride of a power of two
@@ -184,6 +203,11 @@ struct Problem {
     return (whole / kLine) % 2 == 0 ? whole + kLine : whole;
   }
   int64_t visible_end(int64_t i) const { return causal ? std::min(nk, i + 1) : nk; }
+  bool dropout() const { return threshold != 0; }
+  uint32_t row_key(int64_t bh, int64_t i) const {
+    const uint32_t head_key = fmix32(seed ^ fmix32(static_cast<uint32_t>(bh) * kGolden + kHeadOffset));
+    return fmix32(head_key + static_cast<uint32_t>(i) * kGolden);
+  }
   // Offset of query i of head bh in the output, which is (B, H, Nq, d) laid out as (B, Nq, H, d)
   // (SDPA's layout: merging the heads back into tokens is then a view).
   int64_t out_offset(int64_t bh, int64_t i) const { return ((bh / heads * nq + i) * heads + bh % heads) * d; }
@@ -215,7 +239,7 @@ template <typename T>
 struct HeadScratch {
   int64_t d, ld, dpad;
   bool backward, by_rows;
-  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, rows_do, keys_a, keys_b, grad_k_t, grad_v_t;
+  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, rows_do, keys_a, keys_b, keys_z, grad_k_t, grad_v_t;
 
   HeadScratch(int64_t d_, int64_t ld_, bool backward_)
       : d(d_),
@@ -231,6 +255,7 @@ struct HeadScratch {
         rows_do(backward ? block_rows() * d : 0),
         keys_a(block_rows() * ld),
         keys_b(block_rows() * ld),
+        keys_z(backward ? ld : 0),  // one row's dropout multipliers (the forward uses keys_b)
         grad_k_t(backward ? d * ld : 0),
         grad_v_t(backward ? d * ld : 0) {}
 
@@ -280,6 +305,16 @@ void hide_keys(const Problem<T>& pb, int64_t b, int64_t end, int64_t ld, T* s) {
   std::fill(s + end, s + ld, neg_inf);
 }
 
+// keep_scale where key j's probability is kept in this row, 0 where dropped; for j in [0, keys).
+template <typename T>
+void dropout_multipliers(const Problem<T>& pb, int64_t bh, int64_t i, int64_t keys, T* z) {
+  const uint32_t key = pb.row_key(bh, i), cut = pb.threshold;
+  const T kept = pb.keep_scale;
+#pragma omp simd
+  for (int64_t j = 0; j < keys; ++j)
+    z[j] = (fmix32(key ^ (static_cast<uint32_t>(j) * kKeyMult)) >> kKeepShift) >= cut ? kept : T(0);
+}
+
 template <typename T>
 T row_max(const T* s, int64_t end) {
   T m = -std::numeric_limits<T>::infinity();
@@ -324,6 +359,12 @@ void forward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>&
     }
     sums[r] = sum;
     lse[bh * pb.nq + i0 + r] = empty[r] ? -std::numeric_limits<T>::infinity() : m + std::log(sum);
+    if (pb.dropout()) {  // after the sum: the softmax normalises over every visible key
+      T* z = hs.keys_b.data() + r * ld;
+      dropout_multipliers(pb, bh, i0 + r, keys, z);
+#pragma omp simd
+      for (int64_t j = 0; j < keys; ++j) s[j] *= z[j];
+    }
   }
   hs.template contract<R>(hs.keys_a.data(), keys, hs.rows_b.data());  // P V
   for (int r = 0; r < R; ++r) {
@@ -381,6 +422,17 @@ void backward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>
     const bool empty = lse[row] == -std::numeric_limits<T>::infinity();
     const T row_lse = empty ? T(0) : lse[row];
     const T row_delta = delta[row];
+    if (pb.dropout()) {  // dS = P (Z dP - delta); dV takes P Z
+      T* z = hs.keys_z.data();
+      dropout_multipliers(pb, bh, i0 + r, keys, z);
+#pragma omp simd
+      for (int64_t j = 0; j < keys; ++j) {
+        const T pj = exp_of(p[j] - row_lse);
+        ds[j] = pj * (z[j] * ds[j] - row_delta);
+        p[j] = pj * z[j];
+      }
+      continue;
+    }
 #pragma omp simd
     for (int64_t j = 0; j < keys; ++j) {
       p[j] = exp_of(p[j] - row_lse);
@@ -421,9 +473,15 @@ void backward_kernel(const Problem<T>& pb, const Rows<T>& grad_out, const T* lse
   });
 }
 
+// The dropout arguments of one call, as lucidops.reference.attention_dropout defines them.
+struct Dropout {
+  int64_t seed, threshold;
+  double keep_scale;
+};
+
 template <typename T>
 Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& key_padding_mask, bool causal, double scale) {
+                        const at::Tensor& key_padding_mask, bool causal, double scale, const Dropout& dropout) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "lucidops cpu attention kernel: q, k and v must be CPU tensors");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "lucidops cpu attention kernel: 4-D tensors");
@@ -438,8 +496,11 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
                     key_padding_mask.sizes() == at::IntArrayRef({b, nk}),
                 "lucidops cpu attention kernel: key_padding_mask must be a contiguous bool (B, Nk) or empty");
   const bool* mask = masked ? key_padding_mask.const_data_ptr<bool>() : nullptr;
+  TORCH_CHECK(dropout.threshold >= 0 && dropout.threshold <= (int64_t{1} << (32 - kKeepShift)),
+              "lucidops cpu attention kernel: dropout threshold must be in [0, 2^24], got ", dropout.threshold);
   return Problem<T>{b, h, nq, nk, d, causal, static_cast<T>(scale), rows_of<T>(q, "q"), rows_of<T>(k, "k"),
-                    rows_of<T>(v, "v"), mask};
+                    rows_of<T>(v, "v"), mask, static_cast<uint32_t>(dropout.seed),
+                    static_cast<uint32_t>(dropout.threshold), static_cast<T>(dropout.keep_scale)};
 }
 
 void check_compute_dtype(const at::Tensor& q) {
@@ -451,12 +512,15 @@ void check_compute_dtype(const at::Tensor& q) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const at::Tensor& key_padding_mask, bool causal, double scale) {
+                                                     const at::Tensor& key_padding_mask, bool causal, double scale,
+                                                     int64_t dropout_seed, int64_t dropout_threshold,
+                                                     double dropout_scale) {
   check_compute_dtype(q);
   at::Tensor out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lucidops_attention_forward", [&] {
-    forward_kernel<scalar_t>(make_problem<scalar_t>(q, k, v, key_padding_mask, causal, scale),
+    forward_kernel<scalar_t>(make_problem<scalar_t>(q, k, v, key_padding_mask, causal, scale,
+                                                    Dropout{dropout_seed, dropout_threshold, dropout_scale}),
                              out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>());
   });
   return {out, lse};
@@ -466,7 +530,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
                                                                   const at::Tensor& k, const at::Tensor& v,
                                                                   const at::Tensor& lse, const at::Tensor& delta,
                                                                   const at::Tensor& key_padding_mask, bool causal,
-                                                                  double scale) {
+                                                                  double scale, int64_t dropout_seed,
+                                                                  int64_t dropout_threshold, double dropout_scale) {
   check_compute_dtype(q);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
               "lucidops cpu attention kernel: grad_out must be of q's shape and dtype");
@@ -479,7 +544,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   at::Tensor grad_k = at::empty(k.sizes(), q.options());
   at::Tensor grad_v = at::empty(grad_k.sizes(), q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lucidops_attention_backward", [&] {
-    backward_kernel<scalar_t>(make_problem<scalar_t>(q, k, v, key_padding_mask, causal, scale),
+    backward_kernel<scalar_t>(make_problem<scalar_t>(q, k, v, key_padding_mask, causal, scale,
+                                                     Dropout{dropout_seed, dropout_threshold, dropout_scale}),
                               rows_of<scalar_t>(grad_out, "grad_out"), lse.const_data_ptr<scalar_t>(),
                               delta.const_data_ptr<scalar_t>(), grad_q.mutable_data_ptr<scalar_t>(),
                               grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());

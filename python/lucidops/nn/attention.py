@@ -22,13 +22,13 @@ from ..reference import attention as _reference
 
 def _pytorch_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Optional[Tensor],
                        attn_mask: Optional[Tensor], scale: float, dropout_p: float, why: str) -> Tensor:
-    """PyTorch's SDPA, exactly timm's call, for what lucidops' kernel does not take: attention
-    dropout in training, or a mask other than key padding (``attn_mask``: additive, or per
-    query). With a key padding mask, queries that see no key get zeros and zero gradient, as
-    in lucidops.ops.attention (SDPA alone would give NaN)."""
+    """PyTorch's SDPA, exactly timm's call, for what lucidops' kernel does not take: a mask
+    other than key padding (``attn_mask``: additive, or per query), or attn_drop = 1. With a
+    key padding mask, queries that see no key get zeros and zero gradient, as in
+    lucidops.ops.attention (SDPA alone would give NaN)."""
     if not _validate.is_compiling():
         warnings.warn(f"lucidops ManyHeadAttention: {why}, so this call runs PyTorch's scaled_dot_product_attention "
-                      "(lucidops' kernel takes key padding masks, without dropout)", RuntimeWarning, stacklevel=3)
+                      "(lucidops' kernel takes key padding masks and dropout below 1)", RuntimeWarning, stacklevel=3)
     if attn_mask is not None:  # timm's own call
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal,
                                               scale=scale)
@@ -49,10 +49,10 @@ class ManyHeadAttention(nn.Module):
     dim // num_heads), dim_out, qkv_bias, qk_norm, scale_norm, proj_bias, gated,
     attn_drop, proj_drop, norm_layer (required for qk_norm / scale_norm), device, dtype.
 
-    Attention dropout is not fused: a training step with ``attn_drop > 0`` runs PyTorch's
-    ``scaled_dot_product_attention`` with ``dropout_p`` (as timm's module does, with lucidops'
-    rule for queries that see no key) and warns once; eval mode, or ``attn_drop = 0``, runs
-    lucidops' kernel. So does a mask that is not a key padding mask (see ``forward``).
+    Attention dropout (``attn_drop``, in training mode) is fused into lucidops' kernel: the
+    mask is regenerated from a seed in the backward, never stored (lucidops.ops.attention's
+    ``dropout_p``). The same distribution as timm's SDPA dropout, other samples. A mask that is
+    not a key padding mask runs PyTorch's SDPA instead, with a warning (see ``forward``).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, attn_head_dim: Optional[int] = None,
@@ -122,14 +122,15 @@ class ManyHeadAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # strided views: the kernel reads them in place
         q, k = self.q_norm(q), self.k_norm(k)
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        if other_mask is not None or dropout_p > 0:
+        dropout_p = float(self.attn_drop.p) if self.training else 0.0
+        if other_mask is not None or dropout_p >= 1:
             # dtype and rank only: one warning per kind of mask, not per batch shape
             why = (f"a {other_mask.dim()}-D {other_mask.dtype} attn_mask is not a bool key padding mask"
-                   if other_mask is not None else "attention dropout is not fused (attn_drop > 0 in training)")
+                   if other_mask is not None else "attn_drop = 1 drops every probability")
             x = _pytorch_attention(q, k, v, bool(is_causal), key_padding_mask, other_mask, self.scale, dropout_p, why)
         else:
-            x = attention(q, k, v, causal=bool(is_causal), key_padding_mask=key_padding_mask, scale=self.scale)
+            x = attention(q, k, v, causal=bool(is_causal), key_padding_mask=key_padding_mask, scale=self.scale,
+                          dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
         x = self.norm(x)
         if gate is not None:

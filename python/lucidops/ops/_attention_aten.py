@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..backends import BackendUnavailable
 from ..reference.attention import unit_last_stride
 
 _forward_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -70,9 +71,18 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _no_dropout(dropout_p: float) -> None:
+    """ATen's kernel draws its own dropout mask, which no lucidops backward can regenerate:
+    the op never picks aten under dropout, and forcing it says so."""
+    if dropout_p:
+        raise BackendUnavailable("the aten attention backend (PyTorch's flash CPU kernel) does not run lucidops' "
+                                 "attention dropout; use the cpp or reference backend")
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
-            scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+            scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(out, lse, out_lo) as lucidops.reference.attention.forward, through ATen's CPU kernel."""
+    _no_dropout(dropout_p)
     b, h, nq, d = q.shape
     nk = k.shape[2]
     out_lo = q.new_zeros((b, h, nq, d)) if q.dtype == torch.bfloat16 else q.new_empty((0,))
@@ -94,9 +104,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
 
 
 def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-             out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor], causal: bool, scale: float
-             ) -> Tuple[Tensor, Tensor, Tensor]:
+             out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor], causal: bool, scale: float,
+             dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) through ATen's CPU flash backward; dL/dlse by the padded-column identity."""
+    _no_dropout(dropout_p)
     nk = k.shape[2]
     if q.numel() == 0 or nk == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

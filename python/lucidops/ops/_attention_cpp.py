@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..reference import attention as _reference
+from ..reference import attention_dropout as _dropout
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -43,8 +44,17 @@ def _empty_problem(q: Tensor, k: Tensor) -> bool:
     return q.numel() == 0 or k.shape[2] == 0
 
 
+def _dropout_args(dropout_p: float, seed: Optional[Tensor]) -> Tuple[int, int, float]:
+    """(seed, threshold, keep scale) as the kernel takes them; threshold 0 is no dropout."""
+    if not dropout_p:
+        return 0, 0, 1.0
+    if seed is None:
+        raise ValueError("attention dropout needs a seed tensor (dropout_p > 0)")
+    return int(seed) & 0xFFFFFFFF, _dropout.threshold(dropout_p), _dropout.keep_scale(dropout_p)
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
-            scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+            scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(out, lse, out_lo) as lucidops.reference.attention.forward, through the C++ kernel."""
     compute = _reference.opmath_dtype(q.dtype)
     b, h, nq, d = q.shape
@@ -53,14 +63,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
         return out, q.new_full((b, h, nq), float("-inf"), dtype=compute), _reference.low_part(out.to(compute), out)
     out_acc, lse = _ext.load("cpu").attention_forward(_dense(q, compute), _dense(k, compute),
                                                       _dense(v, compute), _mask_arg(key_padding_mask, q.device),
-                                                      causal, scale)
+                                                      causal, scale, *_dropout_args(dropout_p, seed))
     out = _as(out_acc, q.dtype)
     return out, lse, _reference.low_part(out_acc, out)
 
 
 def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-             out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor], causal: bool, scale: float
-             ) -> Tuple[Tensor, Tensor, Tensor]:
+             out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor], causal: bool, scale: float,
+             dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in the dtypes of q, k, v, through the C++ kernel (P recomputed from q, k, lse)."""
     if _empty_problem(q, k):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -75,5 +85,5 @@ def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
     dq, dk, dv = _ext.load("cpu").attention_backward(grad_c, _dense(q, compute), _dense(k, compute),
                                                      _dense(v, compute), _as(lse, compute).contiguous(),
                                                      delta.contiguous(), _mask_arg(key_padding_mask, q.device),
-                                                     causal, scale)
+                                                     causal, scale, *_dropout_args(dropout_p, seed))
     return _as(dq, q.dtype), _as(dk, k.dtype), _as(dv, v.dtype)

@@ -1,15 +1,18 @@
 """Many-head attention (methods.md section 2) as a custom op.
 
-    lucidops.ops.attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None)
+    lucidops.ops.attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, dropout_p=0.0)
 
-``torch.ops.lucidops.attention(q, k, v, key_padding_mask, causal, scale)`` returns
+``torch.ops.lucidops.attention(q, k, v, key_padding_mask, causal, scale, dropout_p=0.0, seed=None)`` returns
 (out, lse, out_lo): out (B, H, Nq, d) in q's dtype, lse (B, H, Nq) the natural-log
 log-sum-exp of each query's visible scores (float32; float64 for float64 inputs; -inf
 for a query that sees no key), and out_lo, for bfloat16 the rounding residual of out
 (saved for an accurate backward, see lucidops.reference.attention; empty otherwise).
 ``torch.ops.lucidops.attention_backward(grad_out, grad_lse, q, k, v, out, out_lo, lse,
-key_padding_mask, causal, scale)`` returns (dq, dk, dv); out and lse are differentiable
-(a loss may use the lse), out_lo is not.
+key_padding_mask, causal, scale, dropout_p=0.0, seed=None)`` returns (dq, dk, dv); out and lse
+are differentiable (a loss may use the lse), out_lo is not. With dropout_p > 0, seed (an int64
+scalar tensor) fixes the dropout mask, which each backend regenerates from it in forward and
+backward (lucidops.reference.attention_dropout); aten, whose kernel draws its own mask, is
+not used then.
 
 Backends: ``cpp`` (the CPU default for float32 and float16 at every head dim and for
 bfloat16 up to 64: lucidops' kernel, csrc/cpu/attention.cpp, adapted in
@@ -32,6 +35,7 @@ from torch import Tensor
 from .. import _autocast, _validate, backends
 from ..profile import flops as _flops
 from ..reference import attention as _reference
+from ..reference import attention_dropout as _dropout
 from ..reference.attention import empty_token_major  # the op's output layout, shared with the triton backend
 from . import _attention_aten, _attention_cpp, _functorch, _vmap
 
@@ -40,24 +44,16 @@ MAX_HEAD_DIM = 128
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _triton_forward(q, k, v, key_padding_mask, causal, scale):
+def _triton_forward(*args):
     from ..triton_kernels import attention as tk
 
-    return tk.forward(q, k, v, key_padding_mask, causal, scale)
+    return tk.forward(*args)
 
 
-def _triton_backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale):
+def _triton_backward(*args):
     from ..triton_kernels import attention as tk
 
-    return tk.backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale)
-
-
-def _reference_forward(q, k, v, key_padding_mask, causal, scale):
-    return _reference.forward(q, k, v, key_padding_mask, causal, scale)
-
-
-def _reference_backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale):
-    return _reference.backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale)
+    return tk.backward(*args)
 
 
 _NOTES = {
@@ -65,8 +61,8 @@ _NOTES = {
            "kernel, keys in vector lanes and four query rows in registers, heads in parallel. aten (the default "
            "for float64 and wider bfloat16 heads, and the fallback without the C++ extension): PyTorch's "
            "own fused flash-attention CPU kernel (what torch's SDPA runs on the CPU), not a lucidops kernel; "
-           "forward and backward, masks, empty rows and the lse gradient adapted to the op. reference: the "
-           "PyTorch math.",
+           "forward and backward, masks, empty rows and the lse gradient adapted to the op; not under dropout "
+           "(its kernel draws its own mask), where cpp runs every dtype. reference: the PyTorch math.",
     "cuda": "triton: fused online-softmax forward and (dk, dv) / dq backward, several heads per program for d <= 32.",
 }
 _PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "reference")}
@@ -78,17 +74,23 @@ _PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "referenc
 CPP_MAX_HEAD_DIM = {torch.float32: 128, torch.float16: 128, torch.bfloat16: 64, torch.float64: 0}
 
 
-def _preference_for_call(device_type: str, first: Tensor, *_) -> Optional[Tuple[str, ...]]:
-    """aten first where the cpp kernel measured slower; ``first`` is q (forward) or grad_out (backward)."""
-    if device_type == "cpu" and first.shape[-1] > CPP_MAX_HEAD_DIM.get(first.dtype, 0):
+def _preference_for_call(device_type: str, first: Tensor, *rest) -> Optional[Tuple[str, ...]]:
+    """The CPU order for one call: without aten under dropout (PyTorch's kernel draws its own
+    mask, which lucidops' backward cannot regenerate), aten first where the cpp kernel measured
+    slower. ``first`` is q (forward) or grad_out (backward); both ops end with (dropout_p, seed)."""
+    if device_type != "cpu":
+        return None
+    if rest[-2]:
+        return ("cpp", "reference")
+    if first.shape[-1] > CPP_MAX_HEAD_DIM.get(first.dtype, 0):
         return ("aten", "cpp", "reference")
     return None
 
 
-backends.register_op("attention", {"reference": _reference_forward, "aten": _attention_aten.forward,
+backends.register_op("attention", {"reference": _reference.forward, "aten": _attention_aten.forward,
                                    "cpp": _attention_cpp.forward, "triton": _triton_forward},
                      preference=_PREFERENCE, notes=_NOTES, preference_for_call=_preference_for_call)
-backends.register_op("attention_backward", {"reference": _reference_backward, "aten": _attention_aten.backward,
+backends.register_op("attention_backward", {"reference": _reference.backward, "aten": _attention_aten.backward,
                                             "cpp": _attention_cpp.backward, "triton": _triton_backward},
                      preference=_PREFERENCE, notes=_NOTES, preference_for_call=_preference_for_call)
 
@@ -111,8 +113,9 @@ def _token_major(out: Tensor) -> Tensor:
 
 @torch.library.custom_op("lucidops::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
-                  scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    out, lse, out_lo = backends.dispatch("attention", q.device.type, q, k, v, key_padding_mask, causal, scale)
+                  scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    out, lse, out_lo = backends.dispatch("attention", q.device.type, q, k, v, key_padding_mask, causal, scale,
+                                         dropout_p, seed)
     # One output layout whichever backend ran, so that it always matches the fake kernel's.
     return _token_major(out), lse.contiguous(), out_lo.contiguous()
 
@@ -122,7 +125,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @_attention_op.register_fake
-def _(q, k, v, key_padding_mask, causal, scale):
+def _(q, k, v, key_padding_mask, causal, scale, dropout_p=0.0, seed=None):
     b, h, nq, d = q.shape
     out_lo = q.new_empty((b, h, nq, d) if q.dtype == torch.bfloat16 else (0,))
     return empty_token_major(b, h, nq, d, like=q), q.new_empty((b, h, nq), dtype=_lse_dtype(q.dtype)), out_lo
@@ -131,54 +134,64 @@ def _(q, k, v, key_padding_mask, causal, scale):
 @torch.library.custom_op("lucidops::attention_backward", mutates_args=())
 def _attention_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                            out: Tensor, out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
-                           causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                           causal: bool, scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
     grads = backends.dispatch("attention_backward", q.device.type, grad_out, grad_lse, q, k, v, out, out_lo, lse,
-                              key_padding_mask, causal, scale)
+                              key_padding_mask, causal, scale, dropout_p, seed)
     # Contiguous, as the fake kernel promises (a backend's zeros_like of an empty problem keeps
     # a permuted q's strides, which torch.compile's stride check rejects); free when they are.
     return tuple(g.contiguous() for g in grads)
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale):
+def _(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale, dropout_p=0.0, seed=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 # vmap: every tensor has the batch dim B first, and every (batch, head) is computed on its own,
-# so the vmapped dim folds into B.
+# so the vmapped dim folds into B. Not under dropout: the batch index is part of the mask's hash,
+# so a fold would give each example another mask, where vmap's randomness="same" (one seed)
+# wants the same one and "different" (a batched seed) one per seed; those run per example.
 @_attention_op.register_vmap
-def _(info, in_dims, q, k, v, key_padding_mask, causal, scale):
+def _(info, in_dims, q, k, v, key_padding_mask, causal, scale, dropout_p=0.0, seed=None):
+    if dropout_p:
+        return _vmap.per_example(_attention_op, info, in_dims, (q, k, v, key_padding_mask, causal, scale, dropout_p,
+                                                                seed))
     n = info.batch_size
     folded = (_vmap.fold(t, d, n) for t, d in zip((q, k, v, key_padding_mask), in_dims))
-    return _vmap.unfold_all(_attention_op(*folded, causal, scale), n)
+    return _vmap.unfold_all(_attention_op(*folded, causal, scale, dropout_p, seed), n)
 
 
 @_attention_backward_op.register_vmap
-def _(info, in_dims, grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale):
+def _(info, in_dims, grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale,
+      dropout_p=0.0, seed=None):
+    if dropout_p:
+        args = (grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask, causal, scale, dropout_p, seed)
+        return _vmap.per_example(_attention_backward_op, info, in_dims, args)
     n = info.batch_size
     if out_lo.numel() == 0:  # no bfloat16 low part: the (0,) marker, whatever its batching
         out_lo, in_dims = out_lo.new_empty(0), in_dims[:6] + (None,) + in_dims[7:]
     tensors = (grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask)
     folded = (_vmap.fold(t, d, n) for t, d in zip(tensors, in_dims))  # the (0,) marker folds to (0,)
-    return _vmap.unfold_all(_attention_backward_op(*folded, causal, scale), n)
+    return _vmap.unfold_all(_attention_backward_op(*folded, causal, scale, dropout_p, seed), n)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, scale = inputs
+    q, k, v, key_padding_mask, causal, scale, dropout_p, seed = inputs
     out, lse, out_lo = output
-    ctx.save_for_backward(q, k, v, out, out_lo, lse, key_padding_mask)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, out, out_lo, lse, key_padding_mask, seed)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
     # An unused lse then arrives as None rather than zeros: no pass over it in backward.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse, _grad_out_lo):
-    q, k, v, out, out_lo, lse, key_padding_mask = ctx.saved_tensors
+    q, k, v, out, out_lo, lse, key_padding_mask, seed = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _attention_backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, key_padding_mask,
-                                        ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None
+                                     ctx.causal, ctx.scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention = _functorch.differentiable(_attention_op, _backward, _setup_context)
@@ -254,16 +267,18 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal, key_padding_mask, scale) -> 
 # Overloads so that type checkers know the result's type from return_lse.
 @overload
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = ..., key_padding_mask: Optional[Tensor] = ...,
-              scale: Optional[float] = ..., return_lse: Literal[False] = ...) -> Tensor: ...
+              scale: Optional[float] = ..., dropout_p: float = ..., return_lse: Literal[False] = ...) -> Tensor: ...
 
 
 @overload
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = ..., key_padding_mask: Optional[Tensor] = ...,
-              scale: Optional[float] = ..., return_lse: Literal[True]) -> Tuple[Tensor, Tensor]: ...
+              scale: Optional[float] = ..., dropout_p: float = ..., return_lse: Literal[True]) -> Tuple[Tensor, Tensor]:
+    ...
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
-              scale: Optional[float] = None, return_lse: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+              scale: Optional[float] = None, dropout_p: float = 0.0, return_lse: bool = False
+              ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Scaled dot-product attention for any head count and head dims 4..128.
 
     Args:
@@ -273,12 +288,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         causal: key j is visible to query i only when j <= i (SDPA's top-left alignment).
         key_padding_mask: optional bool (B, Nk), True for keys that take part.
         scale: score multiplier, default 1 / sqrt(d).
-        return_lse: also return the log-sum-exp (B, H, Nq) of each row's scores.
+        dropout_p: attention dropout in [0, 1), applied whenever it is > 0 (as SDPA's; pass
+            0 in eval mode). Fused: the mask is never stored, every backend regenerates the
+            same one from a seed drawn from q's device's default generator
+            (lucidops.reference.attention_dropout), so ``torch.manual_seed`` repeats it.
+        return_lse: also return the log-sum-exp (B, H, Nq) of each row's scores (the
+            softmax's, before dropout).
     Returns:
         out (B, H, Nq, d) in q's dtype (and lse). A query that sees no key gets zeros,
         lse = -inf and zero gradient.
     """
     q, k, v = _autocast.lower_precision(q, k, v)  # as autocast treats SDPA
     scale_value = _check(q, k, v, causal, key_padding_mask, scale)
-    out, lse, _ = _attention(q, k, v, key_padding_mask, causal, scale_value)
+    dropout_value = _validate.probability(dropout_p, "dropout_p")
+    seed = _dropout.draw_seed(q.device) if dropout_value else None
+    out, lse, _ = _attention(q, k, v, key_padding_mask, causal, scale_value, dropout_value, seed)
     return (out, lse) if return_lse else out

@@ -15,13 +15,15 @@ answered by lucidops: each patched module's forward runs inside a ``TorchFunctio
 
 A call is routed when lucidops' op computes exactly what SDPA would: q, k, v of shape
 (..., N, d) with the same leading sizes and head dim (4 to 128; leading sizes other than
-(B, H) are folded into the batch), no dropout, and no mask or, for 4-D inputs, a boolean
-key-padding mask of shape (B or 1, 1, 1, Nk). Any other call (an additive float mask such
-as a relative position bias, attention dropout in training, grouped-query heads) goes to
-PyTorch's SDPA as before, is counted in ``handle.calls`` under its reason and warned about
-once per reason (not while torch.compile traces): nothing is computed differently, and
-nothing is reported as lucidops' that was not. One difference remains: a query whose keys
-are all masked gets zeros (lucidops' rule) where SDPA returns NaN.
+(B, H) are folded into the batch), dropout_p in [0, 1), and no mask or, for 4-D inputs, a
+boolean key-padding mask of shape (B or 1, 1, 1, Nk). Any other call (an additive float mask
+such as a relative position bias, grouped-query heads) goes to PyTorch's SDPA as before, is
+counted in ``handle.calls`` under its reason and warned about once per reason (not while
+torch.compile traces): nothing is computed differently, and nothing is reported as lucidops'
+that was not. Two differences remain: a query whose keys are all masked gets zeros
+(lucidops' rule) where SDPA returns NaN; and attention dropout (a training step's
+``dropout_p`` > 0) runs lucidops' fused dropout, which draws its mask with its own hash
+(lucidops.reference.attention_dropout): the same distribution as SDPA's, other samples.
 
 Cost: every torch call inside a patched forward passes through the mode, about 0.2 ms per
 forward on a 2-core CPU; with few wide heads at batch 1 that can outweigh the kernel's gain
@@ -151,8 +153,8 @@ def _why_not_routed(q: Any, k: Any, v: Any, args: Dict[str, Any]) -> Optional[st
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
     dropout = args["dropout_p"]
-    if not isinstance(dropout, (int, float)) or dropout != 0:
-        return "attention dropout (dropout_p > 0)"
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        return f"dropout_p {dropout!r} is not a number in [0, 1)"
     if not isinstance(args["is_causal"], bool):
         return "is_causal is not a bool"
     if args["scale"] is not None and not isinstance(args["scale"], (int, float)):
@@ -198,7 +200,8 @@ class _RouteSDPA(TorchFunctionMode):
         lead = q.shape[:-2]
         if q.dim() != 4:  # SDPA's (..., N, d): leading dims as the batch, one head (or (B, 1) for 3-D)
             q, k, v = (t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v))
-        out = attention(q, k, v, causal=bound["is_causal"], key_padding_mask=padding, scale=bound["scale"])
+        out = attention(q, k, v, causal=bound["is_causal"], key_padding_mask=padding, scale=bound["scale"],
+                        dropout_p=bound["dropout_p"])
         return out.reshape(*lead, *out.shape[-2:])
 
 

@@ -26,6 +26,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import attention_dropout as _dropout
+
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -79,19 +81,26 @@ def low_part(out_acc: Tensor, out: Tensor) -> Tensor:
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
-            scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """(out in q's dtype, lse in the compute precision (float32, float64 for float64 q), out_lo)."""
+            scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out in q's dtype, lse in the compute precision (float32, float64 for float64 q), out_lo).
+    With ``dropout_p`` > 0 the probabilities are dropped by lucidops.reference.attention_dropout's
+    rule for ``seed``; lse stays the softmax's."""
     compute = opmath_dtype(q.dtype)
     p, lse, _ = _probabilities(q.to(compute), k.to(compute), causal, key_padding_mask, scale)
+    kept = _dropout.multiplier(seed, q, k.shape[-2], dropout_p, compute)
+    if kept is not None:
+        p = p * kept
     out_acc = torch.matmul(p, v.to(compute))
     out = out_acc.to(q.dtype)
     return out, lse, low_part(out_acc, out)
 
 
 def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-             out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor], causal: bool, scale: float
-             ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) in the dtypes of q, k, v. Recomputes P from q, k (lse is not trusted)."""
+             out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor], causal: bool, scale: float,
+             dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) in the dtypes of q, k, v. Recomputes P from q, k (lse is not trusted).
+    With dropout (Z the kept multiplier): dv = (P Z)^T dout, dS = P * (Z dout v^T - delta);
+    delta = rowsum(dout out) - dlse still holds, as out already contains Z."""
     compute = opmath_dtype(q.dtype)
     q64, k64, v64, do, o = (t.to(compute) for t in (q, k, v, grad_out, out))
     if out_lo.numel():
@@ -100,20 +109,30 @@ def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
     delta = (do * o).sum(-1)
     if grad_lse is not None:
         delta = delta - grad_lse.to(compute)
-    dv = torch.matmul(p.transpose(-1, -2), do)
-    ds = p * (torch.matmul(do, v64.transpose(-1, -2)) - delta[..., None])
+    dp = torch.matmul(do, v64.transpose(-1, -2))
+    kept = _dropout.multiplier(seed, q, k.shape[-2], dropout_p, compute)
+    if kept is None:
+        dv = torch.matmul(p.transpose(-1, -2), do)
+    else:
+        dv = torch.matmul((p * kept).transpose(-1, -2), do)
+        dp = dp * kept
+    ds = p * (dp - delta[..., None])
     dq = torch.matmul(ds, k64) * scale
     dk = torch.matmul(ds.transpose(-1, -2), q64) * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
-              scale: Optional[float] = None) -> Tensor:
+              scale: Optional[float] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
     """Plain, differentiable attention (autograd through PyTorch ops), output in q's dtype.
 
-    Fully-masked rows give zeros with zero gradient.
+    Fully-masked rows give zeros with zero gradient. ``dropout_p`` > 0 needs ``seed`` (see
+    lucidops.reference.attention_dropout).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     compute = opmath_dtype(q.dtype)
     p, _, _ = _probabilities(q.to(compute), k.to(compute), causal, key_padding_mask, scale)
+    kept = _dropout.multiplier(seed, q, k.shape[-2], dropout_p, compute)
+    if kept is not None:
+        p = p * kept
     return torch.matmul(p, v.to(compute)).to(q.dtype)

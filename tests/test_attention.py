@@ -254,6 +254,27 @@ def test_large_scores_are_stable_and_many_heads(backend):
     assert rel_err(out, expected) < 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [-1.0, 0.0])
+def test_scale_of_zero_or_below_with_causal_mask(backend, scale):
+    """Any finite scale is a score multiplier, 0 giving uniform attention over the visible keys.
+    ATen's kernel gave NaN for causal calls with scale <= 0 (it scales its masked -inf scores
+    too); the aten backend folds such a scale into q."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g, requires_grad=True) for n in (9, 11, 11))
+    mask = torch.tensor([[True] * 8 + [False, True, True]])
+    grad_out = torch.randn(1, 2, 9, 16, generator=g)
+    with lucidops.use_backend(backend):
+        out = lucidops.ops.attention(q, k, v, causal=True, key_padding_mask=mask, scale=scale)
+        out.backward(grad_out)
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    out_ref, lse_ref, lo = ref.forward(q64, k64, v64, mask, True, scale)
+    grads_ref = ref.backward(grad_out.double(), None, q64, k64, v64, out_ref, lo, lse_ref, mask, True, scale)
+    assert rel_err(out, out_ref) < 1e-5
+    for t, expected in zip((q, k, v), grads_ref):
+        assert within(t.grad, expected, 1e-5, 1e-6)
+
+
 @pytest.mark.parametrize("backend", ["reference", "aten", "cpp"])
 def test_gradcheck_float64(backend):
     g = torch.Generator().manual_seed(3)

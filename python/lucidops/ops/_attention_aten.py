@@ -20,6 +20,9 @@ op's contract (see lucidops.reference.attention for the math):
   Nq = 0: such inputs are made unit-stride, and empty sizes are answered here
   (zeros, lse = -inf) without calling the kernel.
 - Causal is top-left (j <= i) as in the reference, also for Nq != Nk.
+- A scale <= 0 with causal masking gave NaN: the kernel appears to scale its masked -inf
+  scores too (-inf times a negative scale is +inf, times 0 NaN; torch's own SDPA does the
+  same). Such a scale is applied to q beforehand and the kernel gets scale 1 (dq scaled back).
 
 Every dtype the op accepts runs (fp16 / bf16 with fp32 accumulation, fp32, fp64). For
 bfloat16 the kernel's own fp32 output is not returned, so ``out_lo`` (the rounding
@@ -71,6 +74,11 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _kernel_scale(q: Tensor, scale: float) -> Tuple[Tensor, float]:
+    """(q, scale) for the kernel: a positive scale as it is; one <= 0 folded into q (module docstring)."""
+    return (q, scale) if scale > 0 else (q * scale, 1.0)
+
+
 def _no_dropout(dropout_p: float) -> None:
     """ATen's kernel draws its own dropout mask, which no lucidops backward can regenerate:
     the op never picks aten under dropout, and forcing it says so."""
@@ -89,8 +97,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
     if q.numel() == 0 or nk == 0:  # nothing to attend (the kernel crashes on Nq = 0)
         return q.new_zeros((b, h, nq, d)), q.new_full((b, h, nq), float("-inf"), dtype=_lse_dtype(q.dtype)), out_lo
     mask = _additive_mask(key_padding_mask, q.dtype)
+    q, kernel_scale = _kernel_scale(q, scale)
     out, lse = _forward_kernel(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), 0.0, causal,
-                               attn_mask=mask, scale=scale)
+                               attn_mask=mask, scale=kernel_scale)
     # The kernel returns lse in (B, Nq, H) memory order: one pass makes it contiguous and
     # marks rows without a key (each extra pass is another OpenMP region).
     lse_out = torch.empty((b, h, nq), dtype=lse.dtype, device=lse.device)
@@ -115,6 +124,7 @@ def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
     # The kernel recomputes P = exp(s - lse): rows that see no key need a finite lse
     # (their scores are all -inf, so any finite value gives P = 0).
     kernel_lse = lse.masked_fill(torch.isneginf(lse), 0.0) if mask is not None else lse
+    q, kernel_scale = _kernel_scale(q, scale)
     q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
     if grad_lse is not None and bool(grad_lse.any()):
         d = q.shape[-1]
@@ -124,9 +134,12 @@ def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
 
         zero, one = q.new_zeros(()), q.new_ones(())
         dq, dk, dv = _backward_kernel(pad(grad_out, grad_lse[..., None]), pad(q, zero), pad(k, zero), pad(v, one),
-                                      pad(out, zero), kernel_lse, 0.0, causal, attn_mask=mask, scale=scale)
+                                      pad(out, zero), kernel_lse, 0.0, causal, attn_mask=mask, scale=kernel_scale)
         dq, dk, dv = dq[..., :d], dk[..., :d], dv[..., :d]
     else:
-        dq, dk, dv = _backward_kernel(grad_out, q, k, v, out, kernel_lse, 0.0, causal, attn_mask=mask, scale=scale)
+        dq, dk, dv = _backward_kernel(grad_out, q, k, v, out, kernel_lse, 0.0, causal, attn_mask=mask,
+                                      scale=kernel_scale)
+    if kernel_scale != scale:  # the kernel differentiated with respect to scale * q
+        dq = dq * scale
     # The kernel returns (B, N, H, d) memory order; the op's fake kernel promises contiguous.
     return dq.contiguous(), dk.contiguous(), dv.contiguous()

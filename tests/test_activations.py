@@ -134,6 +134,44 @@ def test_no_nan_or_inf_for_extreme_finite_inputs(backend, device, kind):
     torch.testing.assert_close(y.double().cpu(), y_ref, atol=1e-6, rtol=1e-5)
 
 
+def assert_overflowing_quotients_give_zeros(forward, backward, device="cpu"):
+    """x / sigma overflowing to +-inf (finite x, a sigma inside the compute precision): the
+    function and its derivatives tend to 0 there (|sinc u| <= 1/|u|), so outputs and both
+    gradients are finite, ~0 for the overflowing elements, and the others are untouched."""
+    for dtype, big in ((torch.float32, 3e38), (torch.float64, 1.7e308)):
+        x = torch.tensor([big, -1e30 if dtype == torch.float32 else -1e300, 2e-10], dtype=dtype, device=device)
+        sigma = torch.tensor(1e-10, dtype=dtype, device=device)
+        for kind in KINDS:
+            y = forward(kind, x, sigma)
+            grad_x, grad_sigma = backward(kind, torch.ones_like(x), x, sigma)
+            assert torch.isfinite(y).all() and torch.isfinite(grad_x).all() and torch.isfinite(grad_sigma), kind
+            assert (y[:2].abs() < 1e-30).all() and (grad_x[:2].abs() < 1e-20).all(), kind
+            u = torch.tensor(2.0, dtype=torch.float64)
+            torch.testing.assert_close(y[2].double().cpu(), ref.value(kind, u), rtol=1e-6, atol=0)
+            expected_grad = ref.derivative(kind, u) / 1e-10
+            torch.testing.assert_close(grad_x[2].double().cpu(), expected_grad, rtol=1e-6, atol=0)
+            if kind == "gaussian":  # d/dsigma: the finite element's -f'(u) u / sigma, the others add 0
+                expected_sigma = -ref.derivative(kind, u) * u / 1e-10
+                torch.testing.assert_close(grad_sigma.double().cpu().reshape(()), expected_sigma, rtol=1e-5, atol=0)
+            # (sinc's -f'(u) u / sigma ~ -cos(u) / sigma does not vanish as u grows: finite is all there is)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_quotient_overflow_gives_zeros_not_nan(backend, device):
+    def forward(kind, x, sigma):
+        with lucidops.use_backend(backend):
+            return op(kind)(x, sigma)
+
+    def backward(kind, grad, x, sigma):
+        x = x.clone().requires_grad_(True)
+        sigma = sigma.clone().requires_grad_(True)
+        with lucidops.use_backend(backend):
+            op(kind)(x, sigma).backward(grad)
+        return x.grad, sigma.grad
+
+    assert_overflowing_quotients_give_zeros(forward, backward, device)
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params())
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_contiguous_and_empty(backend, device, kind):

@@ -21,7 +21,7 @@ from lucidops import _ext, backends
 from lucidops.reference import gaussian_mixture as ref
 import cuda_emulator
 from comparisons import rel_err
-from test_activations import assert_matches_float64_reference, make_input
+from test_activations import assert_matches_float64_reference, assert_overflowing_quotients_give_zeros, make_input
 from test_cpp_random_shapes import assert_mixture_close
 from test_gaussian_mixture import make_params, make_points
 from test_gaussian_mixture_cuda import (CASES, assert_matches_float64, assert_ties_went_to_point_zero,
@@ -210,6 +210,16 @@ def test_float64_sinc_gradient_below_the_float32_series_bound(cuda_ext_emulated)
     grad_x, _ = backward(torch.ones_like(x), x, torch.tensor(1.0, dtype=torch.float64), False)
     exact = (x * torch.cos(x) - torch.sin(x)) / (x * x)
     torch.testing.assert_close(grad_x, exact, rtol=1e-14, atol=0)
+
+
+def test_activation_quotient_overflow_gives_zeros_not_nan(cuda_ext_emulated):
+    kinds = {"sinc": 0, "gaussian": 1}
+
+    def backward(kind, grad, x, sigma):
+        return cuda_ext_emulated.activation_backward(grad, x, sigma, kinds[kind], True)
+
+    assert_overflowing_quotients_give_zeros(
+        lambda kind, x, sigma: cuda_ext_emulated.activation_forward(x, sigma, kinds[kind]), backward)
 
 
 @pytest.mark.slow

@@ -56,13 +56,20 @@ def _derivative(u, KIND: tl.constexpr):
 
 
 @triton.jit
+def _quotient(x, sigma):
+    """u = x / sigma, an overflow to +-inf taken as +-1e38 (lucidops.reference.activations.quotient)."""
+    u = x / sigma
+    return tl.where(u == float("inf"), 1e38, tl.where(u == float("-inf"), -1e38, u))
+
+
+@triton.jit
 def activation_forward_kernel(x_ptr, sigma_ptr, y_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     sigma = tl.load(sigma_ptr)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    u = x.to(sigma.dtype) / sigma
+    u = _quotient(x.to(sigma.dtype), sigma)
     y = _value(u, KIND)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -78,7 +85,7 @@ def activation_backward_kernel(
     sigma = tl.load(sigma_ptr)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(sigma.dtype)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(sigma.dtype)
-    u = x / sigma
+    u = _quotient(x, sigma)
     gd = g * _derivative(u, KIND)
     tl.store(grad_x_ptr + offs, (gd / sigma).to(grad_x_ptr.dtype.element_ty), mask=mask)
     if NEED_SIGMA_GRAD:

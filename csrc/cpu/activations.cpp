@@ -17,6 +17,14 @@ namespace lucidops {
 namespace cpu {
 namespace {
 
+// u = x / sigma; an overflow to +-inf becomes +-1e38 (lucidops.reference.activations.quotient),
+// where both functions and their derivatives are ~0 instead of sin(inf) or inf * 0 (NaN).
+template <typename T>
+inline T quotient(T x, T sigma) {
+  const T u = x / sigma;
+  return std::isinf(u) ? std::copysign(T(1e38), u) : u;
+}
+
 // Chunks are the unit of parallel work and of the sigma-gradient partial sums; a fixed
 // size keeps the reduction order, hence the result, independent of the thread count.
 constexpr int64_t kChunk = 1 << 15;
@@ -105,7 +113,7 @@ void forward_kernel(const scalar_t* x, scalar_t* y, int64_t n, double sigma_valu
     const int64_t end = std::min(n, chunk_end * kChunk);
     for (int64_t t = chunk_begin * kChunk; t < end; t += kTile) {
       const int64_t m = std::min(kTile, end - t);
-      for (int64_t i = 0; i < m; ++i) u[i] = static_cast<opmath_t>(x[t + i]) / sigma;
+      for (int64_t i = 0; i < m; ++i) u[i] = quotient(static_cast<opmath_t>(x[t + i]), sigma);
       Kind::value(u, f, m);
       for (int64_t i = 0; i < m; ++i) y[t + i] = static_cast<scalar_t>(f[i]);
     }
@@ -127,7 +135,7 @@ double backward_kernel(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x
       double chunk_sum = 0.0;
       for (int64_t t = chunk * kChunk; t < end; t += kTile) {
         const int64_t m = std::min(kTile, end - t);
-        for (int64_t i = 0; i < m; ++i) u[i] = static_cast<opmath_t>(x[t + i]) / sigma;
+        for (int64_t i = 0; i < m; ++i) u[i] = quotient(static_cast<opmath_t>(x[t + i]), sigma);
         Kind::derivative(u, d, m);
         opmath_t tile_sum = 0;
 #pragma omp simd reduction(+ : tile_sum)

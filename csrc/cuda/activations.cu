@@ -63,6 +63,13 @@ template <int Kind, typename M> __device__ __forceinline__ M derivative(M u) {
   return -u * exp_t(M(-0.5) * u * u);
 }
 
+// u = x / sigma; an overflow to +-inf becomes +-1e38 (lucidops.reference.activations.quotient).
+template <typename M>
+__device__ __forceinline__ M quotient(M x, M sigma) {
+  const M u = x / sigma;
+  return isinf(u) ? copysign(M(1e38), u) : u;
+}
+
 int num_blocks_for(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return static_cast<int>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
@@ -75,7 +82,7 @@ __global__ void forward_kernel(const T* __restrict__ x, const typename OpMath<T>
   const M sigma = *sigma_ptr;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    store(y, i, value<Kind>(load(x, i) / sigma));
+    store(y, i, value<Kind>(quotient(load(x, i), sigma)));
   }
 }
 
@@ -88,7 +95,7 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   M local = M(0);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const M u = load(x, i) / sigma;
+    const M u = quotient(load(x, i), sigma);
     const M gd = load(grad, i) * derivative<Kind>(u);
     store(grad_x, i, gd / sigma);
     local += gd * u;

@@ -322,6 +322,8 @@ T max(T a, T b) {
 }
 using std::exp;
 using std::fabs;
+using std::copysign;  // CUDA's device math, global there
+using std::isinf;
 
 inline const char* cudaGetErrorString(cudaError_t err) {
   switch (err) {

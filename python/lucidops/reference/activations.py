@@ -5,6 +5,9 @@ With u = x / sigma:
     gaussian(u) = exp(-u^2 / 2)                    gaussian'(u) = -u exp(-u^2 / 2)
 and for both  d/dx = f'(u) / sigma,  d/dsigma = -f'(u) u / sigma.
 Computed in float32 for half inputs ("opmath"), in the input's precision otherwise.
+A quotient x / sigma that overflows to +-inf is taken as +-1e38 (``quotient``; every backend
+does the same): both functions and their x-derivatives are then ~0, as they tend to, where
+inf would give sin(inf) and inf * 0, NaN.
 """
 
 from __future__ import annotations
@@ -19,6 +22,15 @@ KINDS = ("sinc", "gaussian")
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+SATURATED_QUOTIENT = 1e38  # finite in float32, where x / sigma overflowed
+
+
+def quotient(x: Tensor, s: Tensor) -> Tensor:
+    """u = x / sigma, with an overflow to +-inf replaced by +-SATURATED_QUOTIENT (NaN stays NaN)."""
+    u = x / s
+    return torch.where(torch.isinf(u), torch.sign(u) * SATURATED_QUOTIENT, u)
 
 
 def sinc_derivative(u: Tensor) -> Tensor:
@@ -51,7 +63,7 @@ def derivative(kind: str, u: Tensor) -> Tensor:
 def forward(kind: str, x: Tensor, sigma: Tensor) -> Tensor:
     """f(x / sigma) in x's dtype (sigma: a one-element tensor)."""
     compute = opmath_dtype(x.dtype)
-    u = x.to(compute) / sigma.reshape(()).to(compute)
+    u = quotient(x.to(compute), sigma.reshape(()).to(compute))
     return value(kind, u).to(x.dtype).contiguous()
 
 
@@ -59,7 +71,7 @@ def backward(kind: str, grad: Tensor, x: Tensor, sigma: Tensor, need_sigma_grad:
     """(dL/dx, dL/dsigma) given dL/dy; dL/dsigma is 0 when not needed."""
     compute = opmath_dtype(x.dtype)
     s = sigma.reshape(()).to(compute)
-    u = x.to(compute) / s
+    u = quotient(x.to(compute), s)
     gd = grad.to(compute) * derivative(kind, u)
     grad_x = (gd / s).to(x.dtype).contiguous()
     if need_sigma_grad:

@@ -159,19 +159,24 @@ class PatchHandle:
                            replacement=new_module, parent=parent, name=child)
 
     def set_instance_attrs(self, path: str, module: nn.Module, attrs: Mapping[str, Any], *,
-                           after: str) -> Replacement:
-        """Set instance attributes (e.g. ``forward``) on ``module`` and record it.
+                           after: str, submodules: Optional[Mapping[str, nn.Module]] = None) -> Replacement:
+        """Set instance attributes (e.g. ``forward``) on ``module``, optionally register new
+        ``submodules`` on it (what the new attributes compute with), and record it all as one
+        replacement.
 
-        Values go straight into ``module.__dict__`` (not parameters, buffers or
+        Attribute values go straight into ``module.__dict__`` (not parameters, buffers or
         submodules), so the module keeps its parameters and state-dict keys. The undo
         restores each attribute's previous instance value, or removes it if it had none,
-        but only where the attribute still holds the value set here.
+        and removes each added submodule, but only where they still hold what was set here.
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         missing = object()
         previous = {k: module.__dict__.get(k, missing) for k in attrs}
         new = dict(attrs)
+        added = dict(submodules or {})
+        for name, child in added.items():
+            module.add_module(name, child)
         module.__dict__.update(new)
 
         def undo() -> None:
@@ -182,8 +187,12 @@ class PatchHandle:
                     del module.__dict__[k]
                 else:
                     module.__dict__[k] = previous[k]
+            for name, child in added.items():
+                if module._modules.get(name) is child:
+                    del module._modules[name]
 
-        return self.record(path, module, after, undo, original=module)
+        replacement = next(iter(added.values()), None)
+        return self.record(path, module, after, undo, original=module, replacement=replacement)
 
     def merge(self, other: "PatchHandle", name: Optional[str] = None) -> "PatchHandle":
         """Append ``other``'s replacements (shared records: reverting either handle

@@ -235,23 +235,7 @@ def _install(handle: PatchHandle, model: nn.Module, path: str, module: nn.Module
         after = "Point-MAE Encoder computed by a distilled GaussianPointEncoder"
         attrs = {"forward": InstanceMethod(_root_point_mae_forward, module)}
     # One record for both changes, so the handle's table shows one row per encoder.
-    missing = object()
-    previous = {k: module.__dict__.get(k, missing) for k in attrs}
-    module.add_module("gaussian_encoder", student)
-    module.__dict__.update(attrs)
-
-    def undo() -> None:
-        for k, value in attrs.items():
-            if module.__dict__.get(k, missing) is not value:
-                continue  # changed since: leave it
-            if previous[k] is missing:
-                del module.__dict__[k]
-            else:
-                module.__dict__[k] = previous[k]
-        if module._modules.get("gaussian_encoder") is student:
-            del module._modules["gaussian_encoder"]
-
-    handle.record(path, module, after, undo, original=module, replacement=student)
+    handle.set_instance_attrs(path, module, attrs, after=after, submodules={"gaussian_encoder": student})
 
 
 def _root_encoder(root: nn.Module) -> GaussianPointEncoder:

@@ -34,7 +34,7 @@ def test_triton_on_cuda_matches_float64_reference(case, poison_allocator):
     check_against_float64_reference("triton", case, "cuda", poison_allocator)
 
 
-@pytest.mark.parametrize("case", GPU_CASES[:3] + GPU_CASES[4:5], ids=case_id)
+@pytest.mark.parametrize("case", [GPU_CASES[0], GPU_CASES[2]], ids=case_id)
 def test_triton_on_cuda_dropout_matches_the_reference_mask(case, poison_allocator):
     """The compiled kernels' uint32 hash drops exactly the reference's probabilities."""
     check_against_float64_reference("triton", case, "cuda", poison_allocator, dropout_p=0.2)

@@ -1,6 +1,7 @@
 """The lazy extension builder: CUDA build for sm_80/sm_90, cache, errors, concurrent builds."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -71,6 +72,50 @@ def test_missing_compiler_is_a_clear_error(tmp_path):
         {"CXX": "/nonexistent/c++", "LUCIDOPS_CACHE_DIR": str(tmp_path)},
     )
     assert "ERR" in proc.stdout and "no C++ compiler found" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_missing_compiler_in_automatic_mode_warns_once_and_runs_the_next_backend(tmp_path):
+    """Not silently: the next backend can be tens of times slower (reference vs cpp)."""
+    proc = _run(
+        """
+        import warnings, torch, lucidops
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lucidops.ops.sinc(torch.randn(4))
+            lucidops.ops.gaussian(torch.randn(4))
+        print("USED", lucidops.backends.last_used("sinc"))
+        for w in caught:
+            print("WARNED", w.message)
+        """,
+        {"CXX": "/nonexistent/c++", "LUCIDOPS_CACHE_DIR": str(tmp_path)},
+    )
+    assert "USED reference" in proc.stdout, proc.stdout + proc.stderr
+    warned = [line for line in proc.stdout.splitlines() if line.startswith("WARNED")]
+    assert len(warned) == 1 and "no C++ compiler found" in warned[0] and "lucidops info" in warned[0], warned
+
+
+def test_ninja_from_pip_is_found_without_an_activated_venv(tmp_path):
+    """A venv's python run without activation (cron, an IDE, a Jupyter kernel) has the pip
+    ninja package but not its bin folder on PATH: the build still finds it. PATH here is a
+    copy (links) of the compiler's folder without any ninja."""
+    pytest.importorskip("ninja")
+    compiler_dir = Path(shutil.which("c++")).parent
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for entry in compiler_dir.iterdir():
+        if entry.name != "ninja":
+            (tools / entry.name).symlink_to(entry)
+    proc = _run(
+        """
+        import shutil, torch, lucidops
+        print("ON PATH BEFORE", shutil.which("ninja"))
+        lucidops.ops.sinc(torch.randn(4))
+        print("USED", lucidops.backends.last_used("sinc"))
+        """,
+        {"PATH": str(tools)},
+    )
+    assert "ON PATH BEFORE None" in proc.stdout, proc.stdout + proc.stderr
+    assert "USED cpp" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_failed_build_names_its_log(tmp_path):

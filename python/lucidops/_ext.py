@@ -52,15 +52,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LUCIDOPS_CACHE_DIR", Path.home() / ".cache" / "lucidops"))
 
 
+def _ninja_on_path() -> bool:
+    """Whether torch's builder will find ``ninja``. The pip package's binary sits in its own
+    bin folder, which is on PATH only in an activated venv (not when the venv's python runs
+    from cron, an IDE or a Jupyter kernel): that folder is then appended to PATH."""
+    if shutil.which("ninja") is not None:
+        return True
+    try:
+        import ninja
+    except ImportError:
+        return False
+    bin_dir = str(getattr(ninja, "BIN_DIR", ""))
+    if bin_dir and shutil.which("ninja", path=bin_dir) is not None:
+        os.environ["PATH"] = os.pathsep.join(filter(None, [os.environ.get("PATH", ""), bin_dir]))
+        return True
+    return False
+
+
 def _compiler_problem(kind: str) -> Optional[str]:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler found (looked for {cxx!r}; set CXX)"
-    if shutil.which("ninja") is None:
-        try:
-            import ninja  # noqa: F401  (the pip wheel puts the binary on PATH via its bin dir)
-        except ImportError:
-            return "ninja not found (pip install ninja)"
+    if not _ninja_on_path():
+        return "ninja not found on PATH (pip install ninja, or put its bin folder on PATH)"
     if kind == "cuda":
         import torch
 

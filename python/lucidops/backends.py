@@ -161,9 +161,29 @@ def select(op: str, device_type: str, args: Tuple = ()) -> str:
         return forced
     order = entry.preference_for_call(device_type, *args) if entry.preference_for_call and args else None
     for name in order or entry.preference.get(device_type, ("reference",)):
-        if name in entry.impls and backend_problem(name, device_type) is None:
+        if name not in entry.impls:
+            continue
+        problem = backend_problem(name, device_type)
+        if problem is None:
             return name
+        _warn_extension_passed_over(name, device_type, problem)
     return "reference"
+
+
+# The extension each extension backend runs on its own device type.
+_EXTENSION_OF = {("cpp", "cpu"): "cpu", ("cuda", "cuda"): "cuda"}
+
+
+def _warn_extension_passed_over(name: str, device_type: str, problem: str) -> None:
+    """Once per extension: automatic selection passed over it for a reason the user can fix
+    (no compiler, no ninja, a failed build, which dispatch reports itself), not silently, since
+    the next backend can be many times slower. LUCIDOPS_DISABLE_EXT=1 is a choice, not a problem."""
+    kind = _EXTENSION_OF.get((name, device_type))
+    if kind is None or kind in _warned or problem.startswith("disabled by LUCIDOPS_DISABLE_EXT"):
+        return
+    _warned.add(kind)
+    warnings.warn(f"lucidops {kind} extension unavailable: {problem}; lucidops uses the next backend instead "
+                  "(`lucidops info` lists what runs where)", RuntimeWarning, stacklevel=4)
 
 
 def on_device_of(device_type: str, args: Tuple) -> ContextManager:

@@ -29,7 +29,8 @@ PACKAGE_DIR = {
 PACKAGE_DATA = {
     "lucidops": ["py.typed"],  # PEP 561: type checkers read the package's own annotations
     "lucidops.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.h"],
-    "lucidops.bench": ["*.sh"],
+    # gpu_check.sh, and the distilled Gaussians the culling-on-trained-Gaussians rows need
+    "lucidops.bench": ["*.sh", "*.pt"],
 }
 
 

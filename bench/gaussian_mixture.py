@@ -135,7 +135,7 @@ def run(device: str, quick: bool = False) -> List[Dict]:
     for params, label in trained:
         cases.append((label, params, _shape_clouds(B, N, device), False))
     if not trained:
-        print(f"  gaussian: {TRAINED.name} missing (python -m bench.make_gaussian_trained): no distilled rows")
+        print(f"  gaussian: {TRAINED.name} missing (python -m lucidops.bench.make_gaussian_trained): no distilled rows")
     rows: List[Dict] = []
     for label, (means, prec, weight, bias), points, with_baselines in cases:
         expected = _eager_dense(points.double(), means.double(), prec.double(), weight.double(), bias.double())

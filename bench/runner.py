@@ -49,7 +49,8 @@ def available_devices() -> List[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--full", action="store_true", help="the sizes the README reports (minutes, not seconds)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: bench/results in a checkout, ./lucidops-bench-results otherwise)")
     parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"], default=None,
                         help="default: every device here (the CPU, and the GPU when there is one)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG charts")

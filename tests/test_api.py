@@ -272,6 +272,21 @@ def test_cli_info_reports_the_forced_backend_and_a_bad_one(monkeypatch):
     assert "forced backend: invalid, every op call will raise" in text and "'garbage'" in text
 
 
+def test_cli_build_takes_no_argument_or_the_kinds_named(monkeypatch, capsys):
+    """``lucidops build`` (the README's form) builds both extensions; Python 3.11's argparse
+    refused it while the argument had choices. A wrong name is a usage error naming it."""
+    from lucidops import _ext, cli
+
+    built = []
+    monkeypatch.setattr(_ext, "build", lambda kind: built.append(kind) or sys.modules[__name__])
+    assert cli.main(["build"]) == 0 and built == ["cpu", "cuda"]
+    built.clear()
+    assert cli.main(["build", "cpu"]) == 0 and built == ["cpu"]
+    with pytest.raises(SystemExit):
+        cli.main(["build", "gpu"])
+    assert "unknown extension 'gpu'" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not lucidops.backends.triton_interpreting(), reason="needs the Triton interpreter")
 def test_interpreter_rounds_bf16_like_a_gpu():
     # conftest patches the interpreter's truncating float32 -> bfloat16 cast; without it the

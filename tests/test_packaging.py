@@ -19,7 +19,8 @@ def test_plain_install_ships_everything(tmp_path):
                            "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     pkg = target / "lucidops"
-    for rel in ("py.typed", "triton_kernels/activations.py", "bench/runner.py", "bench/gpu_check.sh", "csrc/bindings.cpp",
+    for rel in ("py.typed", "triton_kernels/activations.py", "bench/runner.py", "bench/gpu_check.sh",
+                "bench/gaussian_trained.pt", "bench/gaussian_trained_compact.pt", "csrc/bindings.cpp",
                 "csrc/cpu/activations.cpp", "csrc/cuda/activations.cu", "csrc/cuda/launch.h"):
         assert (pkg / rel).is_file(), rel
     env = dict(os.environ, PYTHONPATH=str(target))

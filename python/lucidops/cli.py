@@ -232,7 +232,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_info.add_argument("--build", action="store_true", help="build missing extensions first, to report real status")
     p_bench = sub.add_parser("bench", help="benchmark the op families against their baselines")
     p_build = sub.add_parser("build", help="build the extensions now")
-    p_build.add_argument("kinds", nargs="*", default=["cpu", "cuda"], choices=["cpu", "cuda"])
+    # Checked after parsing: Python 3.11's argparse tests an empty nargs="*" against choices.
+    p_build.add_argument("kinds", nargs="*", metavar="{cpu,cuda}", help="which extensions (default: both)")
     aot_parser = sub.add_parser("aot", help="compile every Triton kernel ahead of time for sm_80 and sm_90")
     aot_parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     aot_parser.add_argument("--json", metavar="PATH", help="also write each configuration's resources as JSON")
@@ -258,7 +259,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from lucidops import _ext
 
         status = 0
-        for kind in args.kinds:
+        unknown = [kind for kind in args.kinds if kind not in ("cpu", "cuda")]
+        if unknown:
+            p_build.error(f"unknown extension {unknown[0]!r} (choose from 'cpu', 'cuda')")
+        for kind in args.kinds or ["cpu", "cuda"]:
             try:
                 module = _ext.build(kind)  # builds without a GPU too (nvcc is enough)
                 print(f"{kind}: ok ({module.__file__})")

@@ -108,6 +108,8 @@ setup(
         "plot": ["matplotlib>=3.5"],
         # h5py: the ModelNet40 (ply_hdf5_2048) loader.
         "data": ["h5py>=3.0"],
+        # peft: lucidops.patch.peft_lora and `lucidops demo unlearn` (with matplotlib for its PNG).
+        "peft": ["peft>=0.13", "transformers>=4.45"],
         "dev": ["pytest>=8", "hypothesis>=6", "pytest-timeout", "timm>=1.0", "peft>=0.13", "transformers>=4.45",
                 "matplotlib>=3.5", "h5py>=3.0",
                 "opacus>=1.5",  # tests/test_opacus.py: DP-SGD's per-sample gradients through the ops

@@ -19,6 +19,8 @@ import platform
 import sys
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
+from lucidops import _optional
+
 if TYPE_CHECKING:
     from lucidops.profile import ProfileComparison, ProfileReport
 
@@ -178,6 +180,9 @@ def profile_command(args: argparse.Namespace) -> int:
         missing = profile.missing_png_folder(args.png) if args.png else None
         if missing is not None:
             raise ProfileError(f"--png: folder {missing!r} does not exist")
+        no_plotting = _optional.missing("matplotlib", "--png") if args.png else None
+        if no_plotting:
+            raise ProfileError(no_plotting)
         progress(f"building {args.model}")
         model, kind, size = _make_model(args.model, args.img_size, args.num_heads)
         model.eval()  # dropout off; BatchNorm uses running statistics (any batch size works)

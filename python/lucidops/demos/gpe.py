@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from .. import _optional
+
 DESCRIPTION = "3D Gaussian point encoders: train PointNet, distil a Gaussian PointNet, print/plot the paper's Table 1"
 
 # Default settings (chosen to finish in under 10 minutes on 2 CPU cores) and --quick's.
@@ -183,6 +185,9 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
         cfg["png"] = args.png if getattr(args, "png", None) else os.path.join(out, "gpe_table.png")
         if os.path.isdir(cfg["png"]):
             raise DemoError(f"--png must be a file path, got the folder {cfg['png']!r}")
+        no_plotting = _optional.missing("matplotlib", "the PNG (default on; --no-png skips it)")
+        if no_plotting:  # said now, not after minutes of training
+            raise DemoError(no_plotting)
         parent = os.path.dirname(os.path.abspath(cfg["png"]))
         if os.path.exists(parent) and not os.path.isdir(parent):
             raise DemoError(f"--out/--png: {parent!r} is not a folder")

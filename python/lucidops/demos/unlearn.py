@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _validate
+from .. import _optional, _validate
 from ..models.tiny_lm import RuleSequences, TinyCausalLM, next_token_accuracy, rule_sequences
 from ..patch.peft_lora import is_mlp_name, peft_lora
 from ..train.unlearning import gradient_difference, sequence_loss
@@ -434,6 +434,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lucidops demo unlearn: error: {err}")
         return 2
+    for package, purpose in (("peft", "the demo's LoRA adapters"), ("matplotlib", "the demo's PNG")):
+        problem = _optional.missing(package, purpose)
+        if problem:  # said now, not after the pretraining
+            print(f"lucidops demo unlearn: error: {problem}")
+            return 2
     png = args.png or os.path.join(args.out, "unlearn.png")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

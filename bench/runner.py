@@ -124,7 +124,11 @@ def run(args: argparse.Namespace) -> int:
         print("error: --device cuda, but torch sees no GPU here", file=sys.stderr)
         return 2
     out = args.out or default_out()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # an existing file, a read-only place: said before any benchmark runs
+        print(f"error: --out: cannot use {str(out)!r} as the results folder ({err.strerror})", file=sys.stderr)
+        return 2
     for device in devices:
         desc = device_description(device)
         print(f"benchmarking on {desc['name']} ({device}), torch {desc['torch']}, "

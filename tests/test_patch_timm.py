@@ -296,3 +296,13 @@ def test_many_head_vit_runs_the_cpp_kernel_and_matches():
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
     assert lucidops.backends.last_used("attention") == "cpp"
     handle.revert()
+
+
+def test_many_head_attention_names_a_wrong_input_width():
+    """timm's module fails inside the qkv matmul ("mat1 and mat2 shapes cannot be multiplied");
+    the error here names the input and the width it needs."""
+    module = ManyHeadAttention(48, num_heads=6)
+    with pytest.raises(ValueError, match=r"x must be \(B, N, dim=48\), got shape \(2, 10, 32\)"):
+        module(torch.randn(2, 10, 32))
+    with pytest.raises(ValueError, match=r"x must be \(B, N, dim=48\)"):
+        module(torch.randn(10, 48))

@@ -127,7 +127,7 @@ def test_half_precision_attention_at_head_dim_64_keeps_its_tiles_in_registers(tm
     path.write_text(script)
     proc = subprocess.run([sys.executable, str(path)], env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     lines = [line.split(maxsplit=4) for line in proc.stdout.splitlines() if line.startswith("CHECKED")]
-    assert len(lines) == 24, proc.stdout + proc.stderr  # 3 kernels x fp16/bf16 x i32/i64 x 2 archs
+    assert len(lines) == 48, proc.stdout + proc.stderr  # 3 kernels x fp16/bf16 x i32/i64 x dropout x 2 archs
     for _, local, registers, status, name in lines:
         assert status == "OK" and registers != "None", name
         assert int(local) <= 256, f"{name}: {local} bytes of local memory per thread"

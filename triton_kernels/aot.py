@@ -211,9 +211,21 @@ def write_json(results: Sequence[Compiled], path: str) -> None:
         f.write("\n")
 
 
+def compute_capability(text: str) -> int:
+    """A compute capability as the integer the compiler takes: "80", "8.0" (TORCH_CUDA_ARCH_LIST's
+    form) and "sm_80" all give 80."""
+    value = str(text).strip().lower().removeprefix("sm_")
+    try:
+        major, _, minor = value.partition(".")
+        return int(major) * 10 + int(minor) if minor else int(major)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a compute capability: {text!r} (write 80, 8.0 or sm_80)") from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--arch", type=compute_capability, nargs="+", default=[80, 90],
+                        help="compute capabilities: 80 90, or 8.0 9.0, or sm_80 sm_90")
     parser.add_argument("--family", nargs="+", default=list(FAMILIES))
     parser.add_argument("--jobs", type=int, default=0, help="processes (default: one per core)")
     parser.add_argument("--json", metavar="PATH", help="also write every configuration's resources as JSON")

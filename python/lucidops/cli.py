@@ -240,7 +240,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Checked after parsing: Python 3.11's argparse tests an empty nargs="*" against choices.
     p_build.add_argument("kinds", nargs="*", metavar="{cpu,cuda}", help="which extensions (default: both)")
     aot_parser = sub.add_parser("aot", help="compile every Triton kernel ahead of time for sm_80 and sm_90")
-    aot_parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    from lucidops.triton_kernels.aot import compute_capability
+
+    aot_parser.add_argument("--arch", type=compute_capability, nargs="+", default=[80, 90],
+                            help="compute capabilities: 80 90, or 8.0 9.0, or sm_80 sm_90")
     aot_parser.add_argument("--json", metavar="PATH", help="also write each configuration's resources as JSON")
     _add_profile_arguments(sub.add_parser("profile", help="params, FLOPs, memory and latency of a model"))
     from lucidops import demos

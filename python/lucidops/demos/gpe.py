@@ -191,6 +191,10 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
         parent = os.path.dirname(os.path.abspath(cfg["png"]))
         if os.path.exists(parent) and not os.path.isdir(parent):
             raise DemoError(f"--out/--png: {parent!r} is not a folder")
+        try:  # made now: a folder that cannot be made is said before the training, not after
+            os.makedirs(parent, exist_ok=True)
+        except OSError as err:
+            raise DemoError(f"--out/--png: cannot make the folder {parent!r} ({err.strerror})") from None
     return cfg
 
 

@@ -109,6 +109,9 @@ class ManyHeadAttention(nn.Module):
         padding mask, True for tokens that take part, (B, 1, 1, N) (what timm passes) or (B, N)
         when B != N; any other mask (additive, per query, or 2-D when B == N, which timm reads as
         (N_query, N_key)) runs PyTorch's SDPA as timm's module does, with a warning."""
+        dim = self.qkv.in_features
+        if x.dim() != 3 or x.shape[-1] != dim:
+            raise ValueError(f"ManyHeadAttention: x must be (B, N, dim={dim}), got shape {tuple(x.shape)}")
         b, n, _ = x.shape
         key_padding_mask, other_mask = None, None
         if attn_mask is not None:

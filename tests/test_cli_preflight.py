@@ -1,4 +1,4 @@
-"""Commands that need an optional package say so, with the pip command, before any long run:
+"""Commands say what they need (an optional package, a writable output folder) before any long run:
 `lucidops demo gpe` used to train for minutes and then crash plotting without matplotlib."""
 
 import importlib.util
@@ -51,3 +51,32 @@ def test_profile_png_without_matplotlib_is_a_one_line_error(without, capsys, tmp
     without("matplotlib")
     rc = cli.main(["profile", "--model", "pointnet", "--patch", "--png", str(tmp_path / "c.png")])
     assert rc == 2 and "--png needs matplotlib: pip install 'lucidops[plot]'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- output paths, said up front
+
+def test_bench_out_that_cannot_be_a_folder_is_a_one_line_error(tmp_path, capsys):
+    a_file = tmp_path / "results"
+    a_file.write_text("not a folder")
+    assert cli.main(["bench", "--families", "activations", "--no-plots", "--device", "cpu", "--out", str(a_file)]) == 2
+    assert "--out: cannot use" in capsys.readouterr().err
+
+
+def test_demo_gpe_out_that_cannot_be_made_stops_before_training(tmp_path, capsys, monkeypatch):
+    from lucidops.demos import gpe
+
+    monkeypatch.setattr(gpe, "run_demo", lambda cfg: pytest.fail("trained before checking --out"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.main(["demo", "gpe", "--quick", "--no-progress", "--out", str(blocker / "sub")]) == 2
+    assert "--out/--png" in capsys.readouterr().err
+
+
+def test_aot_arch_takes_every_usual_spelling():
+    import argparse
+
+    from lucidops.triton_kernels.aot import compute_capability
+
+    assert [compute_capability(a) for a in ("80", "8.0", "sm_90", "9.0", "SM_86")] == [80, 80, 90, 90, 86]
+    with pytest.raises(argparse.ArgumentTypeError, match="8.x"):
+        compute_capability("8.x")

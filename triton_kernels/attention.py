@@ -259,14 +259,15 @@ def attention_backward_dkdv_kernel(
         pt = tl.where(vis, tl.exp2(st - lse2), 0.0)
         do = tl.load(do_base + rows[None, None, :].to(tl.int64) * sdn + offs_d[None, :, None],
                      mask=r_ok & d_ok[None, :, None], other=0.0)  # (G, D_PAD, BLOCK_M): dout transposed
-        dpt = _dot(v, do, PRECISION, UPCAST)  # (G, BLOCK_N, BLOCK_M)
         kept_pt = pt
         if DROPOUT:  # dV takes P Z, dS = P (Z dP - delta)
             zt = tl.permute(_dropout_scale(SEED, (first_batch + b).to(tl.int64) * H + h3, rows, cols,
                                            drop_threshold, keep_scale), (0, 2, 1))
             kept_pt = pt * zt
-            dpt = dpt * zt
         dv += _dot(kept_pt.to(do.dtype), tl.permute(do, (0, 2, 1)), PRECISION, UPCAST)
+        dpt = _dot(v, do, PRECISION, UPCAST)  # (G, BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            dpt = dpt * zt
         delta = tl.load(DELTA + row_ids, mask=r_ok, other=0.0)
         dst = pt * (dpt - delta)
         dk += _dot_ds(dst, tl.permute(qt, (0, 2, 1)), PRECISION, UPCAST)

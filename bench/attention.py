@@ -7,7 +7,8 @@ the math reference (the ``reference`` backend and plain autograd through it), ti
 interleaved: float32 ViT-like shapes (N = 197) at a fixed width of 192 with head dims
 8..128; N = 1024 with 24 heads of dim 8 (causal and not), 12 of dim 16 and 3 of dim 64;
 and bfloat16, float16 and float64 at N = 197, the cases that set the CPU default per dtype;
-and attention dropout 0.1 (lucidops' fused dropout against SDPA's dropout_p) at d = 8 and 64.
+and attention dropout 0.1 (lucidops' fused dropout against SDPA's dropout_p, and against
+lucidops' own kernel without dropout: the fused dropout's cost) at d = 8 and 64.
 Rows carry speedup_vs_best_sdpa and speedup_vs_reference (lucidops[reference] in the same
 run).
 
@@ -163,6 +164,10 @@ def _cases(device: str, quick: bool):
         yield 8, (192 // d if d < 64 else 3), 197, d, False, torch.float32, 0.1
 
 
+def _without_dropout(fn: Callable) -> Callable:
+    return lambda q, k, v, causal, dropout_p: fn(q, k, v, causal, 0.0)
+
+
 def _reference_autograd(q, k, v, causal, dropout_p):
     """Plain autograd through the reference, dropping by a fresh seed as the op does."""
     seed = attention_dropout.draw_seed(q.device) if dropout_p else None
@@ -211,8 +216,13 @@ def run(device: str, quick: bool = False) -> List[Dict]:
         q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, generator=g) for _ in range(3))
         case = f"B{b} H{h} N{n} d{d}{' causal' if causal else ''} {str(dtype)[6:]}"
         case += f" dropout {dropout_p:g}" if dropout_p else ""
-        # aten's kernel draws its own dropout mask: lucidops runs dropout on cpp / reference only
+        # aten's kernel draws its own dropout mask: lucidops runs dropout on cpp / reference only.
+        # The lucidops kernel without dropout beside it measures what the fused dropout costs.
         runnable = {name: fn for name, fn in impls.items() if not (dropout_p and name == "lucidops[aten]")}
+        if dropout_p:
+            kernel = "lucidops[triton]" if device == "cuda" else "lucidops[cpp]"
+            if kernel in impls:
+                runnable[f"{kernel}, no dropout"] = _without_dropout(impls[kernel])
         for mode in ("forward", "forward+backward"):
             if device == "cpu":  # interleaved, so that the ratios hold on a busy host
                 steps = {name: _step(fn, q, k, v, causal, dropout_p, mode) for name, fn in runnable.items()}

@@ -26,8 +26,8 @@ def fmix32(h: int) -> int:
 
 def kept_by_spec(seed: int, bh: int, i: int, j: int, p: float) -> bool:
     head_key = fmix32(seed ^ fmix32((bh * 0x9E3779B9 + 0x7F4A7C15) & MASK32))
-    row_key = fmix32((head_key + i * 0x9E3779B9) & MASK32)
-    return fmix32(row_key ^ ((j * 0x85EBCA77) & MASK32)) >> 8 >= round(p * 2 ** 24)
+    row_key = fmix32(head_key ^ fmix32((i * 0x9E3779B9 + 0x2545F491) & MASK32))
+    return fmix32(row_key ^ ((j * 0x85EBCA77) & MASK32)) >> 8 >= min(round(p * 2 ** 24), 2 ** 24 - 1)
 
 
 def test_keep_mask_follows_the_documented_hash():
@@ -60,7 +60,30 @@ def test_keep_rate_and_independence(p):
 def test_keep_scale_is_the_inverse_of_the_exact_keep_rate():
     for p in (0.0, 0.1, 1 / 3, 0.5):
         assert dropout.keep_scale(p) == 2 ** 24 / (2 ** 24 - dropout.threshold(p))
-    assert dropout.keep_scale(1 - 1e-9) == 0.0  # rounds to dropping everything: zeros, not inf
+    # Within 2^-25 of 1 the cut keeps one level of 2^24 (it rounded to dropping everything: zeros,
+    # an expectation of 0 instead of the output without dropout).
+    assert dropout.threshold(1 - 1e-9) == 2 ** 24 - 1 and dropout.keep_scale(1 - 1e-9) == 2 ** 24
+
+
+def test_heads_whose_keys_differ_by_a_multiple_of_the_row_step_do_not_share_rows():
+    """Row keys are not affine in the query index: with row_key = fmix(head_key + i * GOLDEN),
+    heads a, b with head_key[a] - head_key[b] = d * GOLDEN (mod 2^32) had row i of one equal to
+    row i + d of the other, whole blocks of rows sharing their masks. Such pairs are searched for
+    among 2^17 heads (about 128 are expected with d < 64) and their rows compared."""
+    n, rows = 1 << 17, 64
+    head_key = dropout.head_keys(torch.tensor(4), torch.arange(n))
+    golden_inverse = pow(0x9E3779B9, -1, 1 << 32)
+    offset = (head_key * golden_inverse) & MASK32  # head_key = offset * GOLDEN (mod 2^32)
+    order = torch.argsort(offset)
+    gaps = offset[order[1:]] - offset[order[:-1]]
+    close = torch.nonzero(gaps < rows).flatten()
+    assert len(close) > 20  # the adversarial pairs exist
+    i = torch.arange(rows)
+    for c in close[:20].tolist():
+        a, b, d = order[c + 1].item(), order[c].item(), gaps[c].item()  # offset[a] = offset[b] + d
+        keys_a = dropout.row_keys(head_key[a], i[: rows - d])
+        keys_b = dropout.row_keys(head_key[b], i[d:])
+        assert (keys_a == keys_b).sum().item() == 0, (a, b, d)
 
 
 # (B, H, Nq, Nk, d, causal, mask kind, dtype): packed heads and a partial group (H 5, d 8),
@@ -194,3 +217,17 @@ def test_vmap_randomness_same_and_different():
     same = torch.func.vmap(call, randomness="same")(batch)
     expected = ref.attention(q.double(), k.double(), v.double(), dropout_p=0.5, seed=seed)
     assert rel_err(same[1], expected) < 1e-5
+
+
+def test_dropout_p_is_checked_under_torch_compile_too():
+    """A plain float is checkable while tracing: dropout_p = 1 or < 0 compiled used to run (all
+    zeros, or a silent 2/3 rescaling on the reference backend)."""
+    q = torch.randn(1, 1, 4, 8)
+    for p in (1.0, -0.5):
+        compiled = torch.compile(lambda q, p=p: lucidops.ops.attention(q, q, q, dropout_p=p), backend="aot_eager")
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+            compiled(q)
+        strict = torch.compile(lambda q, p=p: lucidops.ops.attention(q, q, q, dropout_p=p), backend="aot_eager",
+                               fullgraph=True)
+        with pytest.raises(Exception, match=r"dropout_p must be in \[0, 1\)"):
+            strict(q)

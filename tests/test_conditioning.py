@@ -420,3 +420,12 @@ def test_gd_shrinkage_mask_checks_values_under_vmap_and_skips_them_on_meta():
     s[1, 2] = float("nan")
     with pytest.raises(ValueError, match="singular_values must be finite"):
         torch.vmap(lambda t: gd_shrinkage_mask(t, 0.1, 5))(s)
+
+
+def test_condition_tokens_second_derivative_raises_instead_of_being_wrong():
+    """The written-out gradient holds U, S, V fixed, so differentiating it again (a gradient
+    penalty) would be silently wrong (1.09 relative error against finite differences): it raises."""
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    grad, = torch.autograd.grad(condition_tokens(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        grad.square().sum().backward()

@@ -143,7 +143,7 @@ def _dropout_scale(SEED, bh, rows, cols, drop_threshold, keep_scale):
     (G, 1, 1) absolute (batch * H + head) index."""
     seed = tl.load(SEED).to(tl.uint32)
     head_key = _fmix32(seed ^ _fmix32(bh.to(tl.uint32) * 0x9E3779B9 + 0x7F4A7C15))
-    row_key = _fmix32(head_key + rows[None, :, None].to(tl.uint32) * 0x9E3779B9)
+    row_key = _fmix32(head_key ^ _fmix32(rows[None, :, None].to(tl.uint32) * 0x9E3779B9 + 0x2545F491))
     u = _fmix32(row_key ^ (cols[None, None, :].to(tl.uint32) * 0x85EBCA77)) >> 8
     return tl.where(u >= drop_threshold, keep_scale, 0.0)
 

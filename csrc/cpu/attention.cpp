@@ -36,7 +36,8 @@ namespace cpu {
 namespace {
 
 // The dropout hash of lucidops/reference/attention_dropout.py (wrapping uint32 arithmetic).
-constexpr uint32_t kGolden = 0x9E3779B9u, kHeadOffset = 0x7F4A7C15u, kKeyMult = 0x85EBCA77u;
+constexpr uint32_t kGolden = 0x9E3779B9u, kHeadOffset = 0x7F4A7C15u, kRowOffset = 0x2545F491u,
+                   kKeyMult = 0x85EBCA77u;
 constexpr int kKeepShift = 8;  // 32 - 24 kept bits
 
 inline uint32_t fmix32(uint32_t h) {
@@ -206,7 +207,7 @@ struct Problem {
   bool dropout() const { return threshold != 0; }
   uint32_t row_key(int64_t bh, int64_t i) const {
     const uint32_t head_key = fmix32(seed ^ fmix32(static_cast<uint32_t>(bh) * kGolden + kHeadOffset));
-    return fmix32(head_key + static_cast<uint32_t>(i) * kGolden);
+    return fmix32(head_key ^ fmix32(static_cast<uint32_t>(i) * kGolden + kRowOffset));
   }
   // Offset of query i of head bh in the output, which is (B, H, Nq, d) laid out as (B, Nq, H, d)
   // (SDPA's layout: merging the heads back into tokens is then a view).
@@ -496,8 +497,8 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
                     key_padding_mask.sizes() == at::IntArrayRef({b, nk}),
                 "lucidops cpu attention kernel: key_padding_mask must be a contiguous bool (B, Nk) or empty");
   const bool* mask = masked ? key_padding_mask.const_data_ptr<bool>() : nullptr;
-  TORCH_CHECK(dropout.threshold >= 0 && dropout.threshold <= (int64_t{1} << (32 - kKeepShift)),
-              "lucidops cpu attention kernel: dropout threshold must be in [0, 2^24], got ", dropout.threshold);
+  TORCH_CHECK(dropout.threshold >= 0 && dropout.threshold < (int64_t{1} << (32 - kKeepShift)),
+              "lucidops cpu attention kernel: dropout threshold must be in [0, 2^24), got ", dropout.threshold);
   return Problem<T>{b, h, nq, nk, d, causal, static_cast<T>(scale), rows_of<T>(q, "q"), rows_of<T>(k, "k"),
                     rows_of<T>(v, "v"), mask, static_cast<uint32_t>(dropout.seed),
                     static_cast<uint32_t>(dropout.threshold), static_cast<T>(dropout.keep_scale)};

@@ -55,7 +55,9 @@ def real_number(value, name: str, bound: Optional[str] = None, *, tensor_ok: boo
 def probability(value, name: str) -> float:
     """``value`` as a float in [0, 1), a dropout probability (1 would drop everything)."""
     value = real_number(value, name)
-    if not is_compiling() and not 0 <= value < 1:
+    # Checked while compiling too: comparisons trace (math.isfinite does not), and NaN fails them.
+    # A dropout_p out of range compiled used to run: zeros, or a silent rescaling.
+    if not 0 <= value < 1:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return value
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import _validate
 
@@ -104,6 +105,7 @@ class _ConditionTokens(torch.autograd.Function):
         ctx.strength, ctx.wide = strength, wide
 
     @staticmethod
+    @once_differentiable  # its formula treats U, S, V as constants: a second derivative must raise
     def backward(ctx, grad_y: Tensor):
         u, s, vh = ctx.saved_tensors
         g = grad_y.transpose(-1, -2) if ctx.wide else grad_y

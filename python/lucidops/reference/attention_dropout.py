@@ -9,14 +9,17 @@ the same probabilities and their outputs agree to rounding:
     fmix(h)  = murmur3's 32-bit finaliser: h ^= h >> 16; h *= 0x85EBCA6B; h ^= h >> 13;
                h *= 0xC2B2AE35; h ^= h >> 16
     head_key = fmix(seed ^ fmix(bh * 0x9E3779B9 + 0x7F4A7C15))     bh = b * H + h
-    row_key  = fmix(head_key + i * 0x9E3779B9)                       i: query index
+    row_key  = fmix(head_key ^ fmix(i * 0x9E3779B9 + 0x2545F491))   i: query index
     u        = fmix(row_key ^ (j * 0x85EBCA77)) >> 8                 j: key index, u in [0, 2^24)
-    kept     = u >= threshold,   threshold = round(dropout_p * 2^24)
+    kept     = u >= threshold,   threshold = min(round(dropout_p * 2^24), 2^24 - 1)
 
+The query index is hashed before it meets the head's key: added to it (as first written),
+two heads whose keys differ by a multiple d of 0x9E3779B9 shared their masks row for row,
+row i of one being row i + d of the other (about one layer call in nine of a ViT-B batch).
 A kept probability is multiplied by 2^24 / (2^24 - threshold), the inverse of the exact
-keep rate, so the output's expectation over seeds is the output without dropout
-(dropout_p = 1 drops everything: the output is zeros). The log-sum-exp is the softmax's,
-before dropout. The seed is a 32-bit value held in an int64 tensor, drawn per call from
+keep rate, so the output's expectation over seeds is the output without dropout; the
+threshold keeps at least one level, so a dropout_p within 2^-25 of 1 stays unbiased instead
+of dropping everything. The log-sum-exp is the softmax's, before dropout. The seed is a 32-bit value held in an int64 tensor, drawn per call from
 the default generator of q's device (``draw_seed``), so ``torch.manual_seed`` makes runs
 repeatable.
 """
@@ -32,18 +35,18 @@ KEEP_BITS = 24
 _LEVELS = 1 << KEEP_BITS
 _MASK32 = 0xFFFFFFFF
 FMIX_1, FMIX_2 = 0x85EBCA6B, 0xC2B2AE35
-GOLDEN, HEAD_OFFSET, KEY_MULT = 0x9E3779B9, 0x7F4A7C15, 0x85EBCA77
+GOLDEN, HEAD_OFFSET, ROW_OFFSET, KEY_MULT = 0x9E3779B9, 0x7F4A7C15, 0x2545F491, 0x85EBCA77
 
 
 def threshold(dropout_p: float) -> int:
-    """The integer cut: a hash u in [0, 2^24) keeps its probability when u >= threshold."""
-    return int(round(float(dropout_p) * _LEVELS))
+    """The integer cut: a hash u in [0, 2^24) keeps its probability when u >= threshold (at
+    least one of the 2^24 levels is kept)."""
+    return min(int(round(float(dropout_p) * _LEVELS)), _LEVELS - 1)
 
 
 def keep_scale(dropout_p: float) -> float:
-    """What a kept probability is multiplied by: the inverse of the exact keep rate (0 when none is kept)."""
-    kept = _LEVELS - threshold(dropout_p)
-    return _LEVELS / kept if kept else 0.0
+    """What a kept probability is multiplied by: the inverse of the exact keep rate."""
+    return _LEVELS / (_LEVELS - threshold(dropout_p))
 
 
 def draw_seed(device: torch.device) -> Tensor:
@@ -61,14 +64,23 @@ def _fmix(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
+def head_keys(seed: Tensor, bh: Tensor) -> Tensor:
+    """The key of each (batch * H + head) index ``bh`` (int64 tensor) for ``seed``."""
+    s = seed.to(torch.int64) & _MASK32
+    return _fmix(s ^ _fmix((bh * GOLDEN + HEAD_OFFSET) & _MASK32))
+
+
+def row_keys(head_key: Tensor, i: Tensor) -> Tensor:
+    """The key of query row ``i`` (int64 tensor) under ``head_key``."""
+    return _fmix(head_key ^ _fmix((i * GOLDEN + ROW_OFFSET) & _MASK32))
+
+
 def keep_mask(seed: Tensor, batch: int, heads: int, nq: int, nk: int, dropout_p: float) -> Tensor:
     """Bool (B, H, Nq, Nk): True where the probability of query i for key j is kept."""
     device = seed.device
-    s = seed.to(torch.int64) & _MASK32
     bh = torch.arange(batch * heads, dtype=torch.int64, device=device).view(batch, heads, 1, 1)
-    head_key = _fmix(s ^ _fmix((bh * GOLDEN + HEAD_OFFSET) & _MASK32))
     i = torch.arange(nq, dtype=torch.int64, device=device).view(1, 1, nq, 1)
-    row_key = _fmix((head_key + i * GOLDEN) & _MASK32)
+    row_key = row_keys(head_keys(seed, bh), i)
     j = torch.arange(nk, dtype=torch.int64, device=device).view(1, 1, 1, nk)
     u = _fmix(row_key ^ ((j * KEY_MULT) & _MASK32)) >> (32 - KEEP_BITS)
     return u >= threshold(dropout_p)

@@ -163,3 +163,18 @@ def test_per_sample_bench_runs_without_timm(monkeypatch, capsys):
     rows = per_sample.run("cpu", quick=True)
     assert len({r["case"] for r in rows}) == 2 and not any(r["case"].startswith("attention") for r in rows)
     assert "needs timm" in capsys.readouterr().out
+
+
+def test_attention_bench_dropout_rows(monkeypatch):
+    """A dropout case times lucidops' fused dropout against SDPA's dropout_p and against the
+    same kernel without dropout (its cost), and leaves out aten, which cannot run it."""
+    import torch
+
+    from lucidops.bench import attention
+
+    monkeypatch.setattr(attention, "_cases", lambda device, quick: iter([(1, 2, 16, 8, False, torch.float32, 0.1)]))
+    monkeypatch.setattr(attention, "measure_interleaved_ms", lambda steps, device: {name: 1.0 for name in steps})
+    rows = attention.run("cpu", quick=True)
+    impls = {r["impl"] for r in rows}
+    assert {"lucidops[cpp]", "lucidops[cpp], no dropout", "sdpa"} <= impls and "lucidops[aten]" not in impls
+    assert all(r["case"].endswith("dropout 0.1") for r in rows)

@@ -311,3 +311,13 @@ def test_spread_penalty_bad_values(penalty, error):
 def test_spread_penalty_needs_a_gaussian_encoder():
     with pytest.raises(ValueError, match="spread_penalty"):
         distill(lambda x: x, torch.nn.Linear(3, 3), None, steps=1, progress=False, spread_penalty=0.5)
+
+
+def test_distill_pointnet_takes_one_cloud_as_distill_does():
+    """One (N, 3) cloud is a valid ``clouds`` for distill (its cube); the recipe's per-cloud
+    T-Net transforms refused it."""
+    cloud = SyntheticShapes(1, num_points=32, num_classes=10, seed=1)[0][0]
+    assert cloud.shape == (32, 3)
+    res = distill_pointnet(_teacher(), cloud, num_gaussians=4, steps=2, batch_size=1, points_per_cloud=16, seed=0,
+                           progress=False)
+    assert res.model(cloud[None]).shape[0] == 1

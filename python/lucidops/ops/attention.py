@@ -63,7 +63,8 @@ _NOTES = {
            "own fused flash-attention CPU kernel (what torch's SDPA runs on the CPU), not a lucidops kernel; "
            "forward and backward, masks, empty rows and the lse gradient adapted to the op; not under dropout "
            "(its kernel draws its own mask), where cpp runs every dtype. reference: the PyTorch math.",
-    "cuda": "triton: fused online-softmax forward and (dk, dv) / dq backward, several heads per program for d <= 32.",
+    "cuda": "triton: fused online-softmax forward and (dk, dv) / dq backward, several heads per program for d <= 32; "
+            "dropout regenerated in-kernel (a compiled variant).",
 }
 _PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "reference")}
 # The widest head dim at which the cpp kernel is the CPU default, per dtype; wider heads go to

@@ -164,8 +164,11 @@ def _out_channels(conv_bn: nn.Module) -> int:
 
 def _pointnet_transforms(teacher: PointNet, clouds, dev: torch.device, dtype: torch.dtype,
                          chunk: int = 256) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """Every cloud's (input, feature) transforms under ``teacher`` (eval mode, no grad)."""
+    """Every cloud's (input, feature) transforms under ``teacher`` (eval mode, no grad).
+    ``clouds`` in any form :func:`~lucidops.train.cubes.cloud_cubes` takes, one (N, 3) cloud too."""
     if isinstance(clouds, Tensor):
+        if clouds.dim() == 2:  # one cloud, as distill's cube sampling reads it
+            clouds = clouds.unsqueeze(0)
         items = [clouds[i:i + chunk] for i in range(0, clouds.shape[0], chunk)]
     else:
         items = [cloud_points(clouds[i])[None] for i in range(len(clouds))]

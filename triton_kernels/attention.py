@@ -340,13 +340,12 @@ def _check_dtype(q: torch.Tensor) -> None:
 def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor], q: torch.Tensor) -> Tuple[torch.Tensor, int, float]:
     """(seed pointer, threshold, keep scale) for the kernels; threshold 0 is no dropout (the
     pointer is then never read)."""
-    if not dropout_p:
+    drop = _dropout.parameters(dropout_p, seed)
+    if drop is None:
         return torch.zeros(1, dtype=torch.int64, device=q.device), 0, 1.0
-    if seed is None:
-        raise ValueError("attention dropout needs a seed tensor (dropout_p > 0)")
-    if seed.device != q.device:
-        raise ValueError(f"the dropout seed must be on q's device {q.device}, got {seed.device}")
-    return seed.to(torch.int64).reshape(1), _dropout.threshold(dropout_p), _dropout.keep_scale(dropout_p)
+    if drop.seed.device != q.device:
+        raise ValueError(f"the dropout seed must be on q's device {q.device}, got {drop.seed.device}")
+    return drop.seed.to(torch.int64).reshape(1), drop.threshold, drop.keep_scale
 
 
 def _mask_arg(key_padding_mask: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:

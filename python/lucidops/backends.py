@@ -179,11 +179,17 @@ def _warn_extension_passed_over(name: str, device_type: str, problem: str) -> No
     (no compiler, no ninja, a failed build, which dispatch reports itself), not silently, since
     the next backend can be many times slower. LUCIDOPS_DISABLE_EXT=1 is a choice, not a problem."""
     kind = _EXTENSION_OF.get((name, device_type))
-    if kind is None or kind in _warned or problem.startswith("disabled by LUCIDOPS_DISABLE_EXT"):
+    if kind is not None and not problem.startswith("disabled by LUCIDOPS_DISABLE_EXT"):
+        _warn_next_backend_once(kind, f"lucidops {kind} extension unavailable: {problem}", stacklevel=5)
+
+
+def _warn_next_backend_once(kind: str, unavailable: str, stacklevel: int) -> None:
+    """The one warning per extension ``kind`` that ops run on the next backend instead."""
+    if kind in _warned:
         return
     _warned.add(kind)
-    warnings.warn(f"lucidops {kind} extension unavailable: {problem}; lucidops uses the next backend instead "
-                  "(`lucidops info` lists what runs where)", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"{unavailable}; lucidops uses the next backend instead (`lucidops info` lists what runs where)",
+                  RuntimeWarning, stacklevel=stacklevel)
 
 
 def on_device_of(device_type: str, args: Tuple) -> ContextManager:
@@ -215,9 +221,7 @@ def dispatch(op: str, device_type: str, *args):
         except _ext.ExtensionUnavailable as err:
             if forced_backend() is not None:
                 raise BackendUnavailable(f"backend {name!r} is forced for op {op!r} but cannot run: {err}") from err
-            if err.kind not in _warned:
-                _warned.add(err.kind)
-                warnings.warn(f"{err}; lucidops uses the next backend instead", RuntimeWarning, stacklevel=3)
+            _warn_next_backend_once(err.kind, str(err), stacklevel=4)
             continue  # status() now reports the failure, so select() moves on
         _last_used[op] = name
         return result

@@ -23,6 +23,8 @@ is the exact gradient wherever X has full rank.
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -81,32 +83,34 @@ def _polar_backward(grad_q: Tensor, u: Tensor, s: Tensor, vh: Tensor) -> Tensor:
 
 
 class _ConditionTokens(torch.autograd.Function):
-    """Y = X + strength sigma_1 U V^T in the compute dtype, with the gradient written out
-    (module docstring). First derivatives only."""
+    """(Y, U, S, V^T): Y = X + strength sigma_1 U V^T in the compute dtype, with the gradient
+    written out (module docstring), and the SVD of X (of X^T when X is wide) that the backward
+    needs, returned rather than computed again in setup_context (a functorch-ready Function
+    cannot keep it from forward otherwise). First derivatives only."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, strength: float) -> Tensor:
+    def forward(x: Tensor, strength: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         # Transposed wide matrices: the backward's formula is for tall ones (Q(X^T) = Q(X)^T).
         wide = x.shape[-2] < x.shape[-1]
         xt = x.transpose(-1, -2) if wide else x
         u, s, vh = torch.linalg.svd(xt, full_matrices=False)
         correction = (strength * s[..., :1].unsqueeze(-1)) * (u @ vh)
         y = xt + correction
-        return y.transpose(-1, -2) if wide else y
+        return (y.transpose(-1, -2) if wide else y), u, s, vh
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, strength = inputs
-        wide = x.shape[-2] < x.shape[-1]
-        u, s, vh = torch.linalg.svd((x.transpose(-1, -2) if wide else x).detach(), full_matrices=False)
+        _, u, s, vh = output
+        ctx.mark_non_differentiable(u, s, vh)
         ctx.save_for_backward(u, s, vh)
-        ctx.strength, ctx.wide = strength, wide
+        ctx.strength, ctx.wide = strength, x.shape[-2] < x.shape[-1]
 
     @staticmethod
     @once_differentiable  # its formula treats U, S, V as constants: a second derivative must raise
-    def backward(ctx, grad_y: Tensor):
+    def backward(ctx, grad_y: Tensor, *_svd_grads):
         u, s, vh = ctx.saved_tensors
         g = grad_y.transpose(-1, -2) if ctx.wide else grad_y
         q = u @ vh
@@ -132,4 +136,4 @@ def condition_tokens(x: Tensor, strength: float = 1.0) -> Tensor:
     strength = _validate.real_number(strength, "strength", "> 0")
     if x.numel() == 0:
         return x.clone()
-    return _ConditionTokens.apply(x.to(_compute_dtype(x)), strength).to(x.dtype)
+    return _ConditionTokens.apply(x.to(_compute_dtype(x)), strength)[0].to(x.dtype)

@@ -46,11 +46,10 @@ def _empty_problem(q: Tensor, k: Tensor) -> bool:
 
 def _dropout_args(dropout_p: float, seed: Optional[Tensor]) -> Tuple[int, int, float]:
     """(seed, threshold, keep scale) as the kernel takes them; threshold 0 is no dropout."""
-    if not dropout_p:
+    drop = _dropout.parameters(dropout_p, seed)
+    if drop is None:
         return 0, 0, 1.0
-    if seed is None:
-        raise ValueError("attention dropout needs a seed tensor (dropout_p > 0)")
-    return int(seed) & 0xFFFFFFFF, _dropout.threshold(dropout_p), _dropout.keep_scale(dropout_p)
+    return int(drop.seed) & 0xFFFFFFFF, drop.threshold, drop.keep_scale
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,

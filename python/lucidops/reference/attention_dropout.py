@@ -19,14 +19,14 @@ row i of one being row i + d of the other (about one layer call in nine of a ViT
 A kept probability is multiplied by 2^24 / (2^24 - threshold), the inverse of the exact
 keep rate, so the output's expectation over seeds is the output without dropout; the
 threshold keeps at least one level, so a dropout_p within 2^-25 of 1 stays unbiased instead
-of dropping everything. The log-sum-exp is the softmax's, before dropout. The seed is a 32-bit value held in an int64 tensor, drawn per call from
-the default generator of q's device (``draw_seed``), so ``torch.manual_seed`` makes runs
-repeatable.
+of dropping everything. The log-sum-exp is the softmax's, before dropout. The seed is a
+32-bit value held in an int64 tensor, drawn per call from the default generator of q's device
+(``draw_seed``), so ``torch.manual_seed`` makes runs repeatable.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -47,6 +47,24 @@ def threshold(dropout_p: float) -> int:
 def keep_scale(dropout_p: float) -> float:
     """What a kept probability is multiplied by: the inverse of the exact keep rate."""
     return _LEVELS / (_LEVELS - threshold(dropout_p))
+
+
+class Parameters(NamedTuple):
+    """What a backend needs to drop by this rule."""
+
+    seed: Tensor
+    threshold: int
+    keep_scale: float
+
+
+def parameters(dropout_p: float, seed: Optional[Tensor]) -> Optional[Parameters]:
+    """None without dropout, else the seed (required) and the cut and scale for ``dropout_p``:
+    the one place the backends read them from."""
+    if not dropout_p:
+        return None
+    if seed is None:
+        raise ValueError("attention dropout needs a seed tensor (dropout_p > 0)")
+    return Parameters(seed, threshold(dropout_p), keep_scale(dropout_p))
 
 
 def draw_seed(device: torch.device) -> Tensor:
@@ -88,10 +106,9 @@ def keep_mask(seed: Tensor, batch: int, heads: int, nq: int, nk: int, dropout_p:
 
 def multiplier(seed: Optional[Tensor], q: Tensor, nk: int, dropout_p: float, dtype: torch.dtype) -> Optional[Tensor]:
     """(B, H, Nq, Nk) in ``dtype``: keep_scale where kept, 0 where dropped; None without dropout."""
-    if not dropout_p:
+    drop = parameters(dropout_p, seed)
+    if drop is None:
         return None
-    if seed is None:
-        raise ValueError("attention dropout needs a seed tensor (dropout_p > 0)")
     b, h, nq, _ = q.shape
-    kept = keep_mask(seed, b, h, nq, nk, dropout_p)
-    return kept.to(dtype) * keep_scale(dropout_p)
+    kept = keep_mask(drop.seed, b, h, nq, nk, dropout_p)
+    return kept.to(dtype) * drop.keep_scale

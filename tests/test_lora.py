@@ -541,6 +541,8 @@ def test_quantized_adapter_survives_the_state_dict_and_device_moves():
     fresh.load_state_dict(_saved(layer.state_dict()))
     torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
     assert fresh.quantized.A.bits == 4 and fresh.quantized.A.scales.dtype == torch.float16
+    assert (fresh.quantized.A.exponent, fresh.quantized.B.exponent) == (layer.quantized.A.exponent,
+                                                                         layer.quantized.B.exponent)
     # The adapter follows the module's device, never its dtype (the kernels read float16 tables).
     fresh.double()
     assert fresh.quantized.A.scales.dtype == torch.float16 and fresh.base.weight.dtype == torch.float64

@@ -21,7 +21,9 @@ tile (triton up to 128 rows) when needed, never kept.
 bounded fn is applied after dequantization (methods.md 4), s fn(omega Q(B) Q(A)). With
 placement "weight" the call goes to ``torch.ops.lucidops.bounded_lora_linear_quant(x,
 weight, A_codes, A_t0, A_t1, B_codes, B_t0, B_t1, bias, method, group_A, group_B, fn,
-omega, scale)`` (the adapter's :meth:`~lucidops.quant.QuantizedAdapter.kernel_tensors`):
+omega, scale)`` (the adapter's :meth:`~lucidops.quant.QuantizedAdapter.kernel_tensors`,
+whose tables decode the factors divided by powers of two; omega arrives multiplied by
+:meth:`~lucidops.quant.QuantizedAdapter.phase_multiplier`, which undoes that exactly):
 its triton backend dequantizes tiles of A and B in the kernel prologue, forward and dx
 alike, so the dequantized factors never reach global memory (nor the update, up to 128
 rows; above, its column chunks do, as for plain factors); its
@@ -388,6 +390,11 @@ def _quantized_weight_linear(x: Tensor, weight: Tensor, adapter, lora_B, bias: O
     if tuple(b_codes.shape) != (n_out, r):
         raise ValueError(f"lora_A (QuantizedAdapter) must quantize an (N_out={n_out}, r={r}) factor B, got "
                          f"{tuple(b_codes.shape)}")
+    # The tables decode A and B divided by powers of two (float16's range); omega takes them back.
+    omega = omega * adapter.phase_multiplier()
+    if not abs(omega) <= torch.finfo(torch.float32).max:
+        raise ValueError(f"lora_A (QuantizedAdapter): omega times the factors' power-of-two exponents, {omega!r}, "
+                         "overflows float32 (the factors are too large for the phase omega B A)")
     x2 = x.reshape(-1, k_in)
     y = _quant(x2, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, bias, adapter.A.method, group_a, group_b,
                   fn, omega, scale)

@@ -10,6 +10,13 @@ sine's rank gain survives quantization. Two quantizers of each factor (A and B a
 - ``"kmeans"``: one codebook of 2^bits float16 centroids per factor, fitted by Lloyd's
   1-D k-means started from the uniform grid over the factor's range (deterministic).
 
+Each factor is first divided by a power of two, 2^exponent, that brings its largest
+magnitude into [0.5, 1): float16 side data then keeps its full precision whatever the
+factor's scale (a B a few steps from its zero start is ~1e-6, where float16 steps are
+subnormal; a factor above 65504 would overflow float16). The exponent is exact to undo:
+dequantization multiplies by it, and the fused kernels fold 2^(exponent_A + exponent_B)
+into omega, since omega B A = (omega 2^(e_A + e_B)) B' A'.
+
 Sizes are reported for codes packed at ``bits`` bits (how the adapter is shipped); in
 memory the codes are held one per uint8.
 """
@@ -29,6 +36,7 @@ METHODS = ("uniform", "kmeans")
 _FLOAT16_TINIEST = 2.0 ** -24  # the smallest positive (subnormal) float16
 # The encodings of a factor's dtype and of the stats in QuantizedTensor.state / QuantizedAdapter.state.
 _STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_EXPONENT_BYTES = 2  # shipped as an int16 (a float64 factor's exponent can exceed int8)
 _STAT_KEYS = ("bytes", "full_precision_bytes", "compression", "rel_err_A", "rel_err_B", "rel_err_update")
 
 
@@ -45,10 +53,12 @@ class QuantizedTensor:
     scales: Optional[Tensor] = None   # float16 (groups,), uniform only
     minimums: Optional[Tensor] = None  # float16 (groups,), uniform only
     codebook: Optional[Tensor] = None  # float16 (2^bits,), kmeans only
+    exponent: int = 0                  # the factor is (what the tables decode) * 2^exponent
     _padded_book: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The reconstructed factor, in ``dtype`` (default: the original dtype)."""
+        dtype = dtype or self.dtype
         codes = self.codes.long()
         if self.method == "uniform":
             assert self.scales is not None and self.minimums is not None  # set for "uniform"
@@ -61,7 +71,10 @@ class QuantizedTensor:
         else:
             assert self.codebook is not None  # a kmeans factor has one
             values = self.codebook.float()[codes]
-        return values.reshape(self.shape).to(dtype or self.dtype)
+        # Undone in float64 for a float64 result (2^exponent may be below float32's range).
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        values = values.to(compute) * math.ldexp(1.0, self.exponent)
+        return values.reshape(self.shape).to(dtype)
 
     def kernel_tensors(self) -> Tuple[Tensor, Tensor, Tensor, int]:
         """What the fused Triton kernels read in place of the factor, nothing dequantized:
@@ -69,7 +82,9 @@ class QuantizedTensor:
 
         codes: the uint8 codes viewed in the factor's 2-D shape (contiguous), so element
         (i, j) is flat index i * cols + j and, for "uniform", belongs to group
-        flat // group_size (groups may straddle rows). "uniform": table0 = scales,
+        flat // group_size (groups may straddle rows). The tables decode the factor divided
+        by 2^exponent; the caller multiplies omega by it (see
+        :meth:`QuantizedAdapter.phase_multiplier`). "uniform": table0 = scales,
         table1 = minimums (float16, one per group). "kmeans": table0 = table1 = the
         codebook zero-padded to 256 float16 entries, so every uint8 code indexes inside
         it (group_size is 0). Raises ValueError on an inconsistent layout.
@@ -115,7 +130,8 @@ class QuantizedTensor:
         tracer, under fvcore, accepts as module state): the data, and the metadata as int64."""
         out = {"codes": self.codes, "shape": torch.tensor(list(self.shape), dtype=torch.int64),
                "dtype": torch.tensor(_STATE_DTYPES.index(self.dtype)), "bits": torch.tensor(self.bits),
-               "method": torch.tensor(METHODS.index(self.method)), "group_size": torch.tensor(self.group_size)}
+               "method": torch.tensor(METHODS.index(self.method)), "group_size": torch.tensor(self.group_size),
+               "exponent": torch.tensor(self.exponent)}
         for name in ("scales", "minimums", "codebook"):
             table = getattr(self, name)
             if table is not None:
@@ -127,12 +143,14 @@ class QuantizedTensor:
         return cls(codes=state["codes"], shape=torch.Size(state["shape"].tolist()),
                    dtype=_STATE_DTYPES[int(state["dtype"])], bits=int(state["bits"]),
                    method=METHODS[int(state["method"])], group_size=int(state["group_size"]),
-                   scales=state.get("scales"), minimums=state.get("minimums"), codebook=state.get("codebook"))
+                   scales=state.get("scales"), minimums=state.get("minimums"), codebook=state.get("codebook"),
+                   exponent=int(state.get("exponent", 0)))  # states saved before the exponent: 0
 
     @property
     def packed_bytes(self) -> int:
-        """Bytes when shipped: codes packed at ``bits`` bits plus float16 side data."""
-        side = 0
+        """Bytes when shipped: codes packed at ``bits`` bits plus float16 side data and the
+        int16 exponent."""
+        side = _EXPONENT_BYTES
         for t in (self.scales, self.minimums, self.codebook):
             if t is not None:
                 side += t.numel() * t.element_size()
@@ -162,6 +180,11 @@ class QuantizedAdapter:
 
     def device_tensor(self) -> Tensor:
         return self.A.codes
+
+    def phase_multiplier(self) -> float:
+        """2^(exponent_A + exponent_B): what the kernels multiply omega by, since their tables
+        decode A / 2^exponent_A and B / 2^exponent_B."""
+        return math.ldexp(1.0, self.A.exponent + self.B.exponent)
 
     def kernel_tensors(self) -> Tuple[Tensor, Tensor, Tensor, int, Tensor, Tensor, Tensor, int]:
         """A's then B's :meth:`QuantizedTensor.kernel_tensors`, after checking that they agree
@@ -197,13 +220,23 @@ class QuantizedAdapter:
             kw = {k: (getattr(q, k).to(device) if getattr(q, k) is not None else None)
                   for k in ("scales", "minimums", "codebook")}
             return QuantizedTensor(codes=q.codes.to(device), shape=q.shape, dtype=q.dtype, bits=q.bits,
-                                   method=q.method, group_size=q.group_size, **kw)
+                                   method=q.method, group_size=q.group_size, exponent=q.exponent, **kw)
 
         return QuantizedAdapter(move(self.A), move(self.B), dict(self.stats))
 
 
+def _normalized(t: Tensor) -> Tuple[Tensor, int]:
+    """The flattened factor divided by 2^exponent, largest magnitude in [0.5, 1) (float32),
+    and the exponent (0 for an all-zero factor). Dividing by a power of two is exact."""
+    flat = t.detach().reshape(-1)
+    peak = float(flat.abs().max()) if flat.numel() else 0.0
+    exponent = math.frexp(peak)[1] if peak > 0 else 0
+    compute = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return (flat.to(compute) * math.ldexp(1.0, -exponent)).float(), exponent
+
+
 def _quantize_uniform(t: Tensor, bits: int, group_size: int) -> QuantizedTensor:
-    flat = t.detach().reshape(-1).float()
+    flat, exponent = _normalized(t)
     n = flat.numel()
     groups = max(1, math.ceil(n / group_size))
     # Pad with the group's own last value so padding never widens a group's range.
@@ -221,11 +254,11 @@ def _quantize_uniform(t: Tensor, bits: int, group_size: int) -> QuantizedTensor:
     scale16 = torch.where(hi > lo, scale16.clamp_min(_FLOAT16_TINIEST), torch.ones_like(scale16))
     codes = torch.round((g - lo16.float()[:, None]) / scale16.float()[:, None]).clamp_(0, levels)
     return QuantizedTensor(codes=codes.reshape(-1)[:n].to(torch.uint8), shape=t.shape, dtype=t.dtype, bits=bits,
-                           method="uniform", group_size=group_size, scales=scale16, minimums=lo16)
+                           method="uniform", group_size=group_size, scales=scale16, minimums=lo16, exponent=exponent)
 
 
 def _quantize_kmeans(t: Tensor, bits: int, iterations: int = 25) -> QuantizedTensor:
-    flat = t.detach().reshape(-1).float()
+    flat, exponent = _normalized(t)
     k = 1 << bits
     # Start from the uniform grid over [min, max]: Lloyd's steps never raise the squared
     # error, so the result is never worse than a per-factor uniform quantizer (quantile
@@ -244,7 +277,7 @@ def _quantize_kmeans(t: Tensor, bits: int, iterations: int = 25) -> QuantizedTen
     book = torch.sort(centroids).values.half()
     codes = torch.bucketize(flat, (book[1:].float() + book[:-1].float()) / 2)
     return QuantizedTensor(codes=codes.to(torch.uint8), shape=t.shape, dtype=t.dtype, bits=bits, method="kmeans",
-                           codebook=book)
+                           codebook=book, exponent=exponent)
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -272,6 +305,9 @@ def quantize_adapter(lora_A: Tensor, lora_B: Tensor, bits: int = 4, group_size: 
         raise ValueError(f"lora_A (r, K_in) and lora_B (N_out, r) must agree in r, got {tuple(lora_A.shape)} "
                          f"and {tuple(lora_B.shape)}")
     _validate.same_device(lora_B, lora_A, "lora_B", "lora_A")
+    for factor, name in ((lora_A, "lora_A"), (lora_B, "lora_B")):
+        if not bool(torch.isfinite(factor.detach()).all()):  # a NaN would spread through its group silently
+            raise ValueError(f"{name} must be finite to be quantized, got non-finite values")
     _validate.integer(bits, "bits", minimum=2, maximum=8)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

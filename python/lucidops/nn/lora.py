@@ -91,10 +91,11 @@ class BoundedLoRALinear(nn.Module):
         if self.placement != "weight":
             raise RuntimeError("placement 'output' has no weight update: its bound acts on the adapter output")
         a, b = self._adapter()
-        if isinstance(a, QuantizedAdapter):
-            a, b = a.dequantize(self.base.weight.dtype)
+        omega = self.omega
+        if isinstance(a, QuantizedAdapter):  # without the exponents (a float16 B near zero is subnormal)
+            a, b, omega = a.dequantize(self.base.weight.dtype, normalized=True) + (omega * a.phase_multiplier(),)
         with torch.no_grad():
-            return _reference.delta_weight(a, b, self.fn, self.omega, self.scale).to(self.base.weight.dtype)
+            return _reference.delta_weight(a, b, self.fn, omega, self.scale).to(self.base.weight.dtype)
 
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> "BoundedLoRALinear":

@@ -355,7 +355,10 @@ def _validate_args(x, weight, lora_A, lora_B, bias, fn, placement):
             raise TypeError(f"{name} must have x's dtype ({x.dtype}), got {value.dtype}")
 
 
-def _resolve_adapter(x: Tensor, lora_A, lora_B):
+def _resolve_adapter(x: Tensor, lora_A, lora_B, omega):
+    """(A, B, omega) for the plain op: a QuantizedAdapter's factors are dequantized in x's
+    dtype without their power-of-two exponents (float16 keeps its precision then; a B near
+    zero would be subnormal), which move into omega (omega B A = omega 2^(e_A + e_B) B' A')."""
     from ..quant.adapters import QuantizedAdapter
 
     if isinstance(lora_A, QuantizedAdapter):
@@ -363,10 +366,20 @@ def _resolve_adapter(x: Tensor, lora_A, lora_B):
             raise ValueError("lora_B must be None when lora_A is a QuantizedAdapter (it holds both factors)")
         if isinstance(x, Tensor):
             _validate.same_device(lora_A.device_tensor(), x, "lora_A", "x")
-        return lora_A.dequantize(dtype=x.dtype if isinstance(x, Tensor) else None)
+        a, b = lora_A.dequantize(dtype=x.dtype if isinstance(x, Tensor) else None, normalized=True)
+        return a, b, _folded_omega(omega, lora_A)
     if isinstance(lora_B, QuantizedAdapter):
         raise TypeError("pass a QuantizedAdapter as lora_A (with lora_B=None), not as lora_B")
-    return lora_A, lora_B
+    return lora_A, lora_B, omega
+
+
+def _folded_omega(omega, adapter) -> float:
+    """omega times the adapter's phase multiplier 2^(e_A + e_B), checked to stay a float32."""
+    omega = _validate.real_number(omega, "omega", tensor_ok=True) * adapter.phase_multiplier()
+    if not abs(omega) <= torch.finfo(torch.float32).max:
+        raise ValueError(f"lora_A (QuantizedAdapter): omega times the factors' power-of-two exponents, {omega!r}, "
+                         "overflows float32 (the factors are too large for the phase omega B A)")
+    return omega
 
 
 def _quantized_weight_linear(x: Tensor, weight: Tensor, adapter, lora_B, bias: Optional[Tensor], fn: str,
@@ -375,7 +388,7 @@ def _quantized_weight_linear(x: Tensor, weight: Tensor, adapter, lora_B, bias: O
     if lora_B is not None and lora_B is not adapter:
         raise ValueError("lora_B must be None when lora_A is a QuantizedAdapter (it holds both factors)")
     _validate_base(x, weight, bias, fn, "weight")
-    omega = _validate.real_number(omega, "omega", tensor_ok=True)
+    omega = _folded_omega(omega, adapter)  # the tables decode A and B divided by powers of two
     scale = _validate.real_number(scale, "scale", tensor_ok=True)
     try:
         a_codes, a_t0, a_t1, group_a, b_codes, b_t0, b_t1, group_b = adapter.kernel_tensors()
@@ -390,11 +403,6 @@ def _quantized_weight_linear(x: Tensor, weight: Tensor, adapter, lora_B, bias: O
     if tuple(b_codes.shape) != (n_out, r):
         raise ValueError(f"lora_A (QuantizedAdapter) must quantize an (N_out={n_out}, r={r}) factor B, got "
                          f"{tuple(b_codes.shape)}")
-    # The tables decode A and B divided by powers of two (float16's range); omega takes them back.
-    omega = omega * adapter.phase_multiplier()
-    if not abs(omega) <= torch.finfo(torch.float32).max:
-        raise ValueError(f"lora_A (QuantizedAdapter): omega times the factors' power-of-two exponents, {omega!r}, "
-                         "overflows float32 (the factors are too large for the phase omega B A)")
     x2 = x.reshape(-1, k_in)
     y = _quant(x2, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, bias, adapter.A.method, group_a, group_b,
                   fn, omega, scale)
@@ -433,7 +441,7 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
         return _with_adapter_input(x, adapter_input, weight, lora_A, lora_B, bias, fn, omega, scale, placement)
     if isinstance(lora_A, QuantizedAdapter) and placement == "weight":
         return _quantized_weight_linear(x, weight, lora_A, lora_B, bias, fn, omega, scale)
-    lora_A, lora_B = _resolve_adapter(x, lora_A, lora_B)
+    lora_A, lora_B, omega = _resolve_adapter(x, lora_A, lora_B, omega)
     _validate_args(x, weight, lora_A, lora_B, bias, fn, placement)
     omega = _validate.real_number(omega, "omega", tensor_ok=True)
     scale = _validate.real_number(scale, "scale", tensor_ok=True)

@@ -56,8 +56,10 @@ class QuantizedTensor:
     exponent: int = 0                  # the factor is (what the tables decode) * 2^exponent
     _padded_book: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """The reconstructed factor, in ``dtype`` (default: the original dtype)."""
+    def dequantize(self, dtype: Optional[torch.dtype] = None, normalized: bool = False) -> Tensor:
+        """The reconstructed factor, in ``dtype`` (default: the original dtype); with
+        ``normalized``, divided by 2^exponent (what the tables decode, largest magnitude
+        below 1)."""
         dtype = dtype or self.dtype
         codes = self.codes.long()
         if self.method == "uniform":
@@ -73,7 +75,7 @@ class QuantizedTensor:
             values = self.codebook.float()[codes]
         # Undone in float64 for a float64 result (2^exponent may be below float32's range).
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        values = values.to(compute) * math.ldexp(1.0, self.exponent)
+        values = values.to(compute) * math.ldexp(1.0, 0 if normalized else self.exponent)
         return values.reshape(self.shape).to(dtype)
 
     def kernel_tensors(self) -> Tuple[Tensor, Tensor, Tensor, int]:
@@ -196,9 +198,11 @@ class QuantizedAdapter:
                              f"and {tuple(self.B.shape)}")
         return (*self.A.kernel_tensors(), *self.B.kernel_tensors())
 
-    def dequantize(self, dtype: Optional[torch.dtype] = None):
-        """(A, B) reconstructed, in ``dtype`` (default: the original dtypes)."""
-        return self.A.dequantize(dtype), self.B.dequantize(dtype)
+    def dequantize(self, dtype: Optional[torch.dtype] = None, normalized: bool = False):
+        """(A, B) reconstructed, in ``dtype`` (default: the original dtypes). With
+        ``normalized``, each divided by its 2^exponent: B A is then the product divided by
+        :meth:`phase_multiplier` (how the ops keep float16 factors out of the subnormals)."""
+        return self.A.dequantize(dtype, normalized), self.B.dequantize(dtype, normalized)
 
     def state(self) -> Dict[str, Tensor]:
         """The adapter as a flat dict of tensors ("A.codes", ..., "stats"), for a module's state dict."""

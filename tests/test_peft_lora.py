@@ -268,3 +268,58 @@ def test_gradient_difference_history():
         assert len(values) == 3 and all(math.isfinite(v) for v in values)
     assert hist["grad_norm"][0] > 0
     assert len(set(hist["weight_norm"])) > 1  # the MLP adapters moved
+
+
+def test_mixed_batches_run_the_patched_adapter_on_its_rows():
+    """peft's adapter_names (one adapter per row): rows naming the patched adapter get the
+    fused bounded layer (before: peft's plain LoRA, silently), the others what peft gives
+    them (another adapter's plain LoRA, "__base__" the base), in the batch's order."""
+    from peft import LoraConfig
+
+    model = make_model(targets=("c_fc",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["c_fc"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B.other" in name:
+                p.normal_(0.0, 0.3)
+    handle = peft_lora(model, "bounded", omega=2.0, fn="tanh")
+    x = ids(n=5)
+    names = ["default", "__base__", "other", "default", "other"]
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names).logits
+        bounded = model(x).logits
+        with model.disable_adapter():
+            base = model(x).logits
+        handle.revert()
+        model.set_adapter("other")
+        other = model(x).logits
+        model.set_adapter("default")
+        plain = model(x).logits
+    for row, name in enumerate(names):
+        want = {"default": bounded, "__base__": base, "other": other}[name][row]
+        torch.testing.assert_close(mixed[row], want, rtol=1e-5, atol=1e-5)
+    assert (mixed[0] - plain[0]).abs().max() > 1e-3  # the bounded adapter, not plain LoRA
+
+
+def test_patched_layer_returns_peft_dtype_under_autocast():
+    model = make_model(targets=("c_fc",), n_layer=1)
+    layer = lora_linears(model)[0][1]
+    x = torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = layer(x)
+        with peft_lora(model, "bounded", fn="tanh", omega=1.0):
+            got = layer(x)
+    assert want.dtype == got.dtype == torch.bfloat16
+
+
+def test_adapters_on_other_layer_kinds_are_named_as_left_plain():
+    model = make_model(targets=("wte", "c_fc"), n_layer=1)
+    with pytest.warns(RuntimeWarning, match="stays plain LoRA on 1 layer.*transformer.wte"):
+        handle = peft_lora(model, "sine", omega=3.0)
+    assert len(handle) == 1 and "transformer.wte" in handle.notes[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handle.revert()
+        peft_lora(model, "sine", omega=3.0, only_mlp=True).revert()  # an embedding is not an MLP layer

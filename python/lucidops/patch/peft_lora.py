@@ -16,8 +16,10 @@ peft and transformers are imported inside the functions, never at module level.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, List, Optional, Protocol, Sequence, Tuple, Type, Union, cast
 
+import torch
 from torch import Tensor, nn
 
 from .. import _validate
@@ -113,19 +115,53 @@ def _base_weight(layer: _LoraLinear) -> Tuple[Tensor, Optional[Tensor]]:
 
 
 def _fused_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """Replacement forward of a patched peft LoRA Linear: the active adapter runs through
-    lucidops' fused bounded/sine op; every other state (adapters disabled, merged, mixed
-    batches, another adapter active) is handed to peft's own forward."""
+    """Replacement forward of a patched peft LoRA Linear: the patched adapter runs through
+    lucidops' fused bounded/sine op, in a plain call and in peft's mixed batches
+    (``adapter_names=``, one name per row: its rows); every other state (adapters disabled,
+    merged, another adapter active, other rows of a mixed batch) is handed to peft's forward."""
     cfg = self._lucidops_lora
     adapter = cfg["adapter"]
+    if self.disable_adapters or self.merged:
+        return cfg["original"](x, *args, **kwargs)
+    names = kwargs.get("adapter_names")
+    if names is not None:
+        return _mixed_batch_forward(self, x, args, kwargs)
     active = [a for a in self.active_adapters if a in self.lora_A]
-    if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or adapter not in active):
+    if adapter not in active:
         return cfg["original"](x, *args, **kwargs)
     if len(active) > 1:
         raise RuntimeError(f"lucidops' fused adapter runs one adapter per layer, but {active} are active; "
                            f"activate only {adapter!r} (or revert the patch)")
     if args or kwargs:
         raise TypeError(f"patched LoRA layer takes only the input tensor, got extra arguments {args} {kwargs}")
+    return _fused(self, x)
+
+
+def _mixed_batch_forward(self, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+    """peft's mixed batch: row i of x uses adapter ``adapter_names[i]``. The rows naming the
+    patched adapter run the fused op (before: peft's plain LoRA ran them, silently); the
+    others, with their names, go to peft's forward, which also checks the call."""
+    cfg = self._lucidops_lora
+    names = list(kwargs["adapter_names"])
+    ours = [i for i, name in enumerate(names) if name == cfg["adapter"]]
+    if not ours or len(names) != x.shape[0]:  # peft runs (or refuses) it as it would unpatched
+        return cfg["original"](x, *args, **kwargs)
+    rest = {k: v for k, v in kwargs.items() if k != "adapter_names"}
+    if args or rest:
+        raise TypeError(f"patched LoRA layer takes only the input tensor and adapter_names, got extra arguments "
+                        f"{args} {rest}")
+    others = [i for i, name in enumerate(names) if name != cfg["adapter"]]
+    parts = [_fused(self, x[ours])]
+    if others:
+        parts.append(cfg["original"](x[others], adapter_names=[names[i] for i in others]))
+    order = torch.tensor(ours + others, device=x.device)
+    return torch.cat(parts).index_select(0, torch.argsort(order))
+
+
+def _fused(self, x: Tensor) -> Tensor:
+    """The layer with the patched adapter, through the fused op."""
+    cfg = self._lucidops_lora
+    adapter = cfg["adapter"]
     weight, bias = _base_weight(self)
     a = self.lora_A[adapter].weight
     b = self.lora_B[adapter].weight
@@ -138,7 +174,8 @@ def _fused_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
                                  omega=cfg["omega"], scale=self.scaling[adapter] / cfg["gain"],
                                  placement=cfg["placement"],
                                  adapter_input=None if dropped is None else dropped.to(dtype))
-    return y.to(x.dtype)
+    # peft returns its base layer's dtype: under autocast the autocast dtype, else x's.
+    return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
 
 def _no_merge(self, *args: Any, **kwargs: Any) -> None:
@@ -251,6 +288,7 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
         _check_layer(name, lora, adapter_name)
         gains.append(_ops.resolve_gain(gain, _base_weight(lora)[0].shape[1]))
 
+    skipped = _plain_lora_layers(model, adapter_name, only_mlp, mlp_patterns)
     settings = dict(variant=variant, omega=omega, fn=fn, placement=placement, only_mlp=only_mlp,
                     mlp_patterns=None if mlp_patterns is None else tuple(mlp_patterns), gain=gain,
                     adapter_name=adapter_name)
@@ -263,4 +301,23 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
                                                 "forward": InstanceMethod(_fused_forward, layer),
                                                 "merge": InstanceMethod(_no_merge, layer)},
                                   after=f"{describe(layer)} (forward -> lucidops {what})")
+    if skipped:
+        note = (f"adapter {adapter_name!r} stays plain LoRA on {len(skipped)} layer(s) that are not LoRA Linear "
+                f"layers (the fused op is a linear layer): {', '.join(skipped[:4])}" + (" ..." if len(skipped) > 4
+                                                                                     else ""))
+        handle.notes.append(note)
+        warnings.warn(f"lucidops.patch.peft_lora: {note}", RuntimeWarning, stacklevel=2)
     return handle
+
+
+def _plain_lora_layers(model: nn.Module, adapter: str, only_mlp: bool,
+                       mlp_patterns: Optional[Sequence[str]]) -> List[str]:
+    """Names of peft LoRA layers other than Linear (Embedding, Conv) that hold ``adapter``
+    and that the patch would take if it could: their adapters stay plain LoRA."""
+    from peft.tuners.lora import LoraLayer
+
+    linear = _peft_linear_class()
+    return [name for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and not isinstance(module, linear)
+            and any(adapter in getattr(module, table, {}) for table in ("lora_A", "lora_embedding_A"))
+            and (not only_mlp or is_mlp_name(name, mlp_patterns))]

@@ -179,6 +179,8 @@ def test_dropout_calls_run_lucidops_fused_dropout():
     (dict(), ((2, 4, 5, 256), (2, 4, 5, 256)), "head dim 256 outside 4..128"),
     (dict(), ((2, 4, 5, 8), (2, 4, 6, 8), (2, 4, 6, 16)), "head dims"),  # SDPA allows v's own head dim
     (dict(attn_mask=torch.ones(5, 5, dtype=torch.bool)), None, "not a key-padding mask"),
+    (dict(scale=float("inf")), None, "scale inf is not a finite number"),  # SDPA runs it; the op refuses it
+    (dict(scale=True), None, "scale True is not a finite number"),
 ])
 def test_inexact_calls_are_left_to_pytorch(how, shapes, reason):
     if shapes is None:

@@ -72,6 +72,21 @@ def test_patched_eval_model_stays_in_eval_mode_and_revert_follows_the_model_mode
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_patch_keeps_the_order_of_parameters_and_state_dict_keys(gated):
+    """Optimizer states and DDP buckets index parameters by position: a patched model must list
+    them in timm's order (before: a gated attention's gate moved after proj, and an Adam state
+    saved patched loaded after revert() with gate and proj moments swapped, silently)."""
+    model = tiny_vit(depth=2)
+    model.blocks[1].attn = Attention(192, num_heads=3, qkv_bias=True, gated=gated, qk_norm=True,
+                                    norm_layer=torch.nn.LayerNorm).eval()
+    names, keys = [n for n, _ in model.named_parameters()], list(model.state_dict())
+    with lucidops.patch.timm_vit(model):
+        assert isinstance(model.blocks[1].attn, ManyHeadAttention)
+        assert [n for n, _ in model.named_parameters()] == names
+        assert list(model.state_dict()) == keys
+
+
 def test_hooks_on_a_swapped_module_keep_firing():
     """Feature-extraction hooks on blocks.i.attn: the swapped-in module shares the original's
     hook tables (they stopped firing), and a hook added while patched stays after revert."""

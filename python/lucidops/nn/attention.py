@@ -94,10 +94,13 @@ class ManyHeadAttention(nn.Module):
         new.num_heads, new.head_dim = int(getattr(module, "num_heads")), int(getattr(module, "head_dim"))
         new.attn_dim = getattr(module, "attn_dim", new.num_heads * new.head_dim)
         new.scale = float(getattr(module, "scale", new.head_dim ** -0.5))
-        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
-            sub = getattr(module, name, None)
-            setattr(new, name, nn.Identity() if sub is None else sub)
-        new.gate = getattr(module, "gate", None)
+        # In the timm module's registration order: parameters and state-dict keys keep their
+        # order, which optimizer states and DDP buckets index by (timm registers gate before proj).
+        wanted = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop")
+        children = module._modules
+        for name in [n for n in children if n in wanted] + [n for n in wanted if n not in children]:
+            sub = children.get(name)
+            setattr(new, name, sub if sub is not None else None if name == "gate" else nn.Identity())
         new.train(module.training)  # nn.Module.__init__ made it training: an eval model would get dropout
         return new
 

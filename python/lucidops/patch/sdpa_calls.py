@@ -32,6 +32,7 @@ forward on a 2-core CPU; with few wide heads at batch 1 that can outweigh the ke
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from types import CodeType
@@ -157,8 +158,10 @@ def _why_not_routed(q: Any, k: Any, v: Any, args: Dict[str, Any]) -> Optional[st
         return f"dropout_p {dropout!r} is not a number in [0, 1)"
     if not isinstance(args["is_causal"], bool):
         return "is_causal is not a bool"
-    if args["scale"] is not None and not isinstance(args["scale"], (int, float)):
-        return "scale is not a number"
+    scale = args["scale"]
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        return f"scale {scale!r} is not a finite number"
     mask = args["attn_mask"]
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:

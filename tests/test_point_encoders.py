@@ -110,6 +110,10 @@ def test_nested_pointnet_swapped_for_wrapper_and_reverted():
         assert handle.paths == ["backbone"]
         with torch.no_grad():
             assert model(x).shape == (3, 6)
+            # PointNet's training call keeps working inside a model, as at the root (before: a TypeError)
+            logits, trans_in, trans_feat = model.backbone(x, return_transforms=True)
+            assert torch.equal(logits, model.backbone(x)) and trans_feat is None
+            assert torch.equal(trans_in, tnet(x.transpose(1, 2)))
     assert model.backbone is backbone
     with torch.no_grad():
         assert torch.equal(model(x), orig)

@@ -230,14 +230,19 @@ class GaussianPointNet(nn.Module):
         if tnet and isinstance(self.input_tnet, GaussianTNet):
             self.input_tnet.encoder.cull_threshold = threshold
 
-    def transform_points(self, points: Tensor) -> Tensor:
-        """Points (B, N, 3) after the input T-Net (unchanged without one)."""
+    def input_transform(self, points: Tensor) -> Optional[Tensor]:
+        """The input T-Net's (B, 3, 3) transform of points (B, N, 3); None without a T-Net."""
         _check_points(points)
         if self.input_tnet is None:
-            return points
+            return None
         if isinstance(self.input_tnet, _tnet_class()):  # PointNet's T-Net takes (B, 3, N)
-            return points @ self.input_tnet(points.transpose(1, 2))
-        return points @ self.input_tnet(points)
+            return self.input_tnet(points.transpose(1, 2))
+        return self.input_tnet(points)
+
+    def transform_points(self, points: Tensor) -> Tensor:
+        """Points (B, N, 3) after the input T-Net (unchanged without one)."""
+        transform = self.input_transform(points)
+        return points if transform is None else points @ transform
 
     def global_feature(self, points: Tensor) -> Tensor:
         """(B, K): the encoder's max over points of the transformed points."""

@@ -141,6 +141,16 @@ class DistilledPointNet(GaussianPointNet):
         nn.Module.__init__(self)
         self._assign(encoder, head, input_tnet)
 
+    def forward(self, points: Tensor, return_transforms: bool = False):  # type: ignore[override]
+        """Logits (B, num_classes); with ``return_transforms``, PointNet's (logits, input
+        transform or None, None), so that PointNet training code calling a swapped-in model
+        this way keeps running (the Gaussian encoder has no feature transform: None, which a
+        feature-transform regulariser must skip)."""
+        if not return_transforms:
+            return super().forward(points)
+        transform = self.input_transform(points)
+        return self.head(self.encoder(_apply(points, transform))), transform, None
+
 
 @dataclass
 class PointNetDistillResult:

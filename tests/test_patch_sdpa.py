@@ -55,9 +55,10 @@ def test_routed_models_match_the_original(name, monkeypatch):
     model, x = build(name)
     truth = forward_backward(copy.deepcopy(model).double(), x.double())  # the unpatched model in float64
     theirs = forward_backward(model, x)
-    handle = sdpa_calls(model)
     _, _, cls, per_forward = MODELS[name]
     assert {type(m).__name__ for _, m in sdpa_modules(model)} == {cls}
+    handle = sdpa_calls(model)
+    assert sdpa_modules(model) == []  # what a second sdpa_calls would patch: nothing
     monkeypatch.setattr(backends, "_last_used", {})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every call is routed: no warning
@@ -228,8 +229,10 @@ def test_choosing_modules_and_bad_input():
         sdpa_calls(nn.Sequential(nn.Linear(3, 3)))
     handle = sdpa_calls(model)
     assert len(handle) == 8 and "SDPA calls -> lucidops attention" in str(handle)
-    with pytest.raises(RuntimeError, match="already patched"):
+    with pytest.raises(ValueError, match="routed already"):
         sdpa_calls(model)
+    with pytest.raises(RuntimeError, match="already patched"):
+        sdpa_calls(model, every[:1])  # chosen explicitly
     handle.revert()
     sdpa_calls(model).revert()  # patchable again after revert
 
@@ -241,6 +244,7 @@ def test_patch_apply_routes_the_attention_modules_timm_vit_leaves():
         with torch.no_grad():
             eva(x)
         assert handle.parts["sdpa_calls"].calls == {"lucidops": 2}
+        assert lucidops.patch.apply(eva).nothing_patched  # defaults never complain (it raised), as for a ViT
     torch.manual_seed(0)
     siglip = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=32, depth=1)
     handle = lucidops.patch.apply(siglip)  # its blocks' Attention swapped, its attention-pool head routed

@@ -125,6 +125,9 @@ def test_heads_the_kernel_cannot_take_are_left_to_timm():
 def test_patch_refuses_a_model_without_vit_attention():
     with pytest.raises(ValueError, match="no timm ViT Attention"):
         lucidops.patch.timm_vit(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+    model = tiny_vit(depth=1)
+    with lucidops.patch.timm_vit(model), pytest.raises(ValueError, match="already lucidops' ManyHeadAttention"):
+        lucidops.patch.timm_vit(model)
 
 
 @pytest.mark.parametrize("num_heads", [12, 3])  # head dims 4 and 16

@@ -79,8 +79,10 @@ def _forward_calls_sdpa(cls: Type[nn.Module]) -> bool:
 
 def _calls_sdpa_itself(name: str, module: nn.Module) -> bool:
     """The default selection: the class's forward calls SDPA, and the module takes that path
-    (timm's modules with ``fused_attn`` off, Swin's default, take their eager one)."""
-    return _forward_calls_sdpa(type(module)) and getattr(module, "fused_attn", True) is not False
+    (timm's modules with ``fused_attn`` off, Swin's default, take their eager one), and it is not
+    routed already (so patch.apply run twice finds nothing new, as for timm_vit)."""
+    return (_forward_calls_sdpa(type(module)) and getattr(module, "fused_attn", True) is not False
+            and "_lucidops_sdpa" not in module.__dict__)
 
 
 def sdpa_modules(model: nn.Module, modules: ModuleSelector = None) -> List[Tuple[str, nn.Module]]:
@@ -237,6 +239,9 @@ def sdpa_calls(model: nn.Module, modules: ModuleSelector = None) -> SDPACallsHan
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     found = sdpa_modules(model, modules)
     if not found:
+        if any("_lucidops_sdpa" in m.__dict__ for m in model.modules()):
+            raise ValueError("no module to patch: the model's SDPA-calling modules are routed already (patched "
+                             "by sdpa_calls before? revert() that handle first)")
         raise ValueError("no module to patch: none calls scaled_dot_product_attention in its own forward "
                          "(pass modules= for those that call it through a helper)")
     handle = SDPACallsHandle(model)

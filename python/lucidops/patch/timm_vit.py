@@ -63,6 +63,9 @@ def timm_vit(model: nn.Module) -> PatchHandle:
         if others:
             raise ValueError(f"model's timm ViT Attention modules have head dim {others}, outside lucidops' "
                              f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+        if any(isinstance(m, ManyHeadAttention) for m in model.modules()):
+            raise ValueError("model has no timm ViT Attention module to patch: its attention is already "
+                             "lucidops' ManyHeadAttention (patched before? revert() that handle first)")
         raise ValueError("model has no timm ViT Attention module to patch")
     # Build every replacement before swapping any, so a failure leaves the model as it was.
     built = [(name, ManyHeadAttention.from_timm(module)) for name, module in sites]

@@ -177,9 +177,9 @@ def profile_command(args: argparse.Namespace) -> int:
                 raise ProfileError(f"{flag} must be >= {low}, got {value}")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ProfileError("--device cuda but CUDA is not available here")
-        missing = profile.missing_png_folder(args.png) if args.png else None
-        if missing is not None:
-            raise ProfileError(f"--png: folder {missing!r} does not exist")
+        problem = profile.png_path_problem(args.png) if args.png else None
+        if problem is not None:
+            raise ProfileError(f"--png: {problem}")
         no_plotting = _optional.missing("matplotlib", "--png") if args.png else None
         if no_plotting:
             raise ProfileError(no_plotting)

@@ -353,7 +353,7 @@ def _profile_row(name: str, model, accuracy: float, cloud, repeat: int, backend:
 
     rep = profile.report(model, cloud, repeat=repeat, warmup=min(2, repeat), depth=0, name=name)
     return Row(name=name, accuracy=accuracy, params=rep.params, flops=rep.flops, fvcore_flops=rep.fvcore_flops,
-               latency_ms=rep.latency_s * 1e3, saved_bytes=rep.peak_memory_bytes, backend=backend)
+               latency_ms=rep.latency_s * 1e3, saved_bytes=rep.peak_memory_bytes or 0, backend=backend)
 
 
 # ---------------------------------------------------------------- the demo

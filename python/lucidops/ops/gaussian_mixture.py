@@ -63,6 +63,9 @@ def forward_flops(points_shape, means_shape, precisions_shape, weight_shape, bia
 def backward_flops(grad_shape, points_shape, means_shape, precisions_shape, weight_shape, argmax_shape, reduce_max,
                    cull_threshold, *_, **__) -> int:
     g, k = int(means_shape[0]), int(weight_shape[0])
+    # The bias gradient (+1 per arg-max point, M K for reduce "none") is counted with or
+    # without a bias: every backend forms it either way (the op is not told whether there
+    # is one), and a formula counts the work the op does.
     if reduce_max:
         pairs = _numel(grad_shape)  # B * K arg-max points
         return pairs * (BACKWARD_PAIR_FLOPS * g + 1)

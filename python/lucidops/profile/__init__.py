@@ -5,12 +5,13 @@
 - :func:`report`: params, FLOPs (both counters), memory, latency and a per-module
   breakdown of one model, as a :class:`ProfileReport`.
 - :func:`compare`: two reports side by side with ratios (and a PNG bar chart).
-- :func:`eager`: the eager original of a ``torch.compile``'d model, which the counters use.
+- :func:`eager`: the eager original of a ``torch.compile``'d model, which the counters use;
+  :func:`eager_calls`: the same for a module compiled in place (``module.compile()``).
 """
 
-from .flops import count_flops, eager, fvcore_flops, fvcore_handles
+from .flops import count_flops, eager, eager_calls, fvcore_flops, fvcore_handles
 from .report import ModuleStats, ProfileReport, report
-from .compare import ProfileComparison, compare, missing_png_folder
+from .compare import ProfileComparison, compare, missing_png_folder, png_path_problem
 
-__all__ = ["count_flops", "eager", "fvcore_flops", "fvcore_handles", "report", "compare", "ProfileReport",
-           "ProfileComparison", "ModuleStats", "missing_png_folder"]
+__all__ = ["count_flops", "eager", "eager_calls", "fvcore_flops", "fvcore_handles", "report", "compare",
+           "ProfileReport", "ProfileComparison", "ModuleStats", "missing_png_folder", "png_path_problem"]

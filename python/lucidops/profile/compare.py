@@ -12,6 +12,7 @@ patched in place cannot be profiled before and after at the same time).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from .report import (Inputs, Progress, ProfileReport, _bytes, _check_model, _human, _seconds, _table,
-                     _untimed_report, time_steps, with_latencies)
+                     _untimed_report, time_steps, timed, with_latencies)
 
 # (field, label, formatter, ratio kind): "ratio" patched/original, "speedup" original/patched.
 _ROWS: List[Tuple[str, str, Callable[[Any], str], str]] = [
@@ -33,6 +34,11 @@ _ROWS: List[Tuple[str, str, Callable[[Any], str], str]] = [
 ]
 
 
+def _measured(value: Any) -> Any:
+    """``value``, or None for a value that was not measured (a NaN latency)."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 @dataclass
 class ProfileComparison:
     """Two :class:`ProfileReport` s; ``str()`` shows them side by side with ratios."""
@@ -41,13 +47,14 @@ class ProfileComparison:
     patched: ProfileReport
 
     def ratios(self) -> Dict[str, Optional[float]]:
-        """patched / original for every field, and ``speedup`` = original / patched latency."""
+        """patched / original for every field, and ``speedup`` = original / patched latency;
+        None where either side was not measured (None, or a NaN latency on the meta device)."""
         out: Dict[str, Optional[float]] = {}
         for key, _, _, kind in _ROWS:
-            a, b = getattr(self.original, key), getattr(self.patched, key)
+            a, b = _measured(getattr(self.original, key)), _measured(getattr(self.patched, key))
             out[key] = (b / a) if (a and b is not None) else None
-        a, b = self.original.latency_s, self.patched.latency_s
-        out["speedup"] = a / b if b else None
+        a, b = _measured(self.original.latency_s), _measured(self.patched.latency_s)
+        out["speedup"] = a / b if (a is not None and b) else None
         return out
 
     def to_dict(self) -> Dict[str, Any]:
@@ -120,6 +127,18 @@ def missing_png_folder(png: Any) -> Optional[str]:
     return None if os.path.isdir(folder) else folder
 
 
+def png_path_problem(png: Any) -> Optional[str]:
+    """Why no chart can be written at path ``png`` (its folder is missing, or it is a folder),
+    or None: checked before minutes of profiling rather than found when saving after them."""
+    folder = missing_png_folder(png)
+    if folder is not None:
+        return f"folder {folder!r} does not exist"
+    path = os.fspath(png)
+    if os.path.isdir(path):
+        return f"{path!r} is a folder: give a file path such as {os.path.join(path, 'compare.png')!r}"
+    return None
+
+
 def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward: bool = False,
             png: Optional[Union[str, os.PathLike]] = None, device: Any = None, repeat: int = 10, warmup: int = 2,
             depth: int = 1, fvcore: bool = True, names: Tuple[str, str] = ("original", "patched"),
@@ -141,19 +160,22 @@ def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward
             import matplotlib  # noqa: F401
         except ImportError as err:
             raise ImportError("png= needs matplotlib: pip install lucidops[plot]") from err
-        folder = missing_png_folder(png)
-        if folder is not None:
-            raise FileNotFoundError(f"png: folder {folder!r} does not exist")
+        problem = png_path_problem(png)
+        if problem is not None:
+            raise (FileNotFoundError if missing_png_folder(png) else IsADirectoryError)(f"png: {problem}")
     if not (isinstance(names, (tuple, list)) and len(names) == 2 and all(isinstance(n, str) for n in names)):
         raise ValueError(f"names must be two strings, got {names!r}")
     kwargs = dict(backward=backward, device=device, repeat=repeat, warmup=warmup, depth=depth, fvcore=fvcore,
                   progress=progress)
     first, first_step = _untimed_report(original, inputs, name=names[0], **kwargs)
     second, second_step = _untimed_report(patched, inputs, name=names[1], **kwargs)
-    first_times, second_times = time_steps([(first.model, first_step), (second.model, second_step)],
-                                           {torch.device(first.device), torch.device(second.device)},
-                                           warmup=warmup, repeat=repeat, progress=progress)
-    result = ProfileComparison(with_latencies(first, first_times), with_latencies(second, second_times))
+    # A model on the meta device is not timed (its latency stays NaN, as report's).
+    to_time = [(rep, step) for rep, step in ((first, first_step), (second, second_step)) if timed(rep)]
+    times = time_steps([(rep.model, step) for rep, step in to_time], {torch.device(rep.device) for rep, _ in to_time},
+                       warmup=warmup, repeat=repeat, progress=progress) if to_time else []
+    latencies = {id(rep): t for (rep, _), t in zip(to_time, times)}
+    result = ProfileComparison(with_latencies(first, latencies.get(id(first), [])),
+                               with_latencies(second, latencies.get(id(second), [])))
     if png is not None:
         result.plot(png)
     return result

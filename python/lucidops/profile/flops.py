@@ -14,10 +14,15 @@ The two counters disagree on matrix products, and each is served its own convent
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+import contextlib
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+from . import _run
+from ._run import Inputs
 
 _FORMULAS: Dict[str, Callable[..., int]] = {}
 _MACS: Dict[str, Callable[..., int]] = {}
@@ -74,63 +79,78 @@ def fvcore_handles() -> Dict[str, Callable]:
     return handles
 
 
-Inputs = Union[torch.Tensor, Tuple[Any, ...]]
-
-
 def eager(model: Any) -> Any:
     """The eager module or function behind a ``torch.compile``'d one (``model`` itself otherwise).
 
     The FLOP counters watch the ops as they dispatch, which a compiled model does not allow
     (Dynamo refuses to run under FlopCounterMode, and fvcore's trace does not see through it);
-    the eager model dispatches the same ops, so it has the same count."""
+    the eager model dispatches the same ops, so it has the same count. A module compiled in
+    place (``module.compile()``) is its own eager original: the counters run it under
+    :func:`eager_calls`, which sets its compiled call aside meanwhile."""
     while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "_torchdynamo_orig_callable", None)
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:  # not `or`: an empty nn.Sequential is falsy
+            inner = getattr(model, "_torchdynamo_orig_callable", None)
         if inner is None:
             return model
         model = inner
 
 
+@contextlib.contextmanager
+def eager_calls(model: Any) -> Iterator[Any]:
+    """``eager(model)``, with every module in it that was compiled in place
+    (``nn.Module.compile``, which sets ``_compiled_call_impl``) calling its eager forward
+    until the block ends; the compiled calls are put back afterwards, even on an error."""
+    model = eager(model)
+    compiled = [(m, m._compiled_call_impl) for m in (model.modules() if isinstance(model, nn.Module) else ())
+                if getattr(m, "_compiled_call_impl", None) is not None]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        for module, call in compiled:
+            module._compiled_call_impl = call
+
+
 def count_flops(model: Callable, inputs: Inputs, *, backward: bool = False) -> Dict[str, int]:
     """FLOPs of ``model(*inputs)`` by op, with torch's FlopCounterMode (plus "total").
 
+    ``inputs``: a tensor, or a tuple/list of the positional arguments (as :func:`report`).
     With ``backward=True`` the backward pass of the sum of the floating outputs (a tensor,
-    tuple or dict, as :func:`report`) is counted too; the ``.grad`` fields are left as they were. A
-    ``torch.compile``'d model is counted through its eager original (see :func:`eager`).
+    tuple or dict, as :func:`report`) is counted too, with ``torch.autograd.grad``: no
+    ``.grad`` field changes, whichever tensors the output depends on (parameters, inputs,
+    tensors a function closes over). A ``torch.compile``'d model, or one compiled in place,
+    is counted through its eager original (see :func:`eager`).
     """
-    model = eager(model)
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    args = _run.check_inputs(inputs)
     counter = FlopCounterMode(display=False)
-    # The backward must not leave gradients behind (a count taken mid-training would add to them).
-    leaves = [t for t in (list(model.parameters()) if isinstance(model, torch.nn.Module) else []) + list(args)
-              if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf] if backward else []
-    grads_before = [t.grad for t in leaves]
-    with counter:
-        out = model(*args)
+    views = _run.leaves_enter_modules_as_views() if backward else contextlib.nullcontext()
+    with eager_calls(model) as counted, views, counter:
+        out = counted(*args)
         if backward:
-            from .report import _loss  # the loss report() uses: every floating output, tuples and dicts too
-
-            _loss(out).backward()
-    for t, grad in zip(leaves, grads_before):
-        t.grad = grad
+            _run.backward(out)
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     by_op["total"] = int(counter.get_total_flops())
     return by_op
 
 
-def fvcore_flops(model: torch.nn.Module, inputs: Inputs) -> Dict[str, int]:
+def fvcore_flops(model: nn.Module, inputs: Inputs) -> Dict[str, int]:
     """fvcore's count by operator (fvcore counts one multiply-add as one flop), plus "total".
-    A ``torch.compile``'d model is counted through its eager original (see :func:`eager`)."""
+    ``inputs`` as :func:`count_flops`. A ``torch.compile``'d model, or one compiled in place,
+    is counted through its eager original (see :func:`eager`)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # fvcore's use of torch.jit.script is deprecated
         from fvcore.nn import FlopCountAnalysis
 
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    analysis = FlopCountAnalysis(eager(model), args).set_op_handle(**fvcore_handles())
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    by_op = {k: int(v) for k, v in analysis.by_operator().items()}
-    by_op["total"] = int(analysis.total())
+    args = _run.check_inputs(inputs)
+    with eager_calls(model) as counted:
+        analysis = FlopCountAnalysis(counted, args).set_op_handle(**fvcore_handles())
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        by_op = {k: int(v) for k, v in analysis.by_operator().items()}
+        by_op["total"] = int(analysis.total())
     return by_op
 
 

@@ -20,29 +20,39 @@ What each number means:
   size, which covers everything the process did before too.
 - ``latency_s``: median wall time of one step over ``repeat`` runs after ``warmup`` runs.
 
+On the meta device (a model built without memory, to count a large one) only the
+parameters and FLOPs are counted: ``peak_memory_bytes`` is None and ``latency_s`` NaN
+(nothing is computed there, so neither would mean anything); the table shows n/a.
+
 The model runs as it is (train or eval mode, its dtype); ``device`` moves it (in place,
-as ``nn.Module.to`` does) and the inputs there. ``backward=True`` takes gradients with
-``torch.autograd.grad``, so the model's ``.grad`` fields are left untouched.
+as ``nn.Module.to`` does: to "meta" drops its weights) and the inputs there.
+``backward=True`` takes gradients with ``torch.autograd.grad``, so no ``.grad`` field
+changes. A model compiled in place (``model.compile()``) is counted as a ``torch.compile``'d
+one, through its eager forward (:func:`lucidops.profile.eager_calls`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import resource
 import statistics
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .. import _validate
-from .flops import eager, fvcore_handles
+from . import _run
+from ._run import Inputs
+from .flops import eager_calls, fvcore_handles
 
-Inputs = Union[Tensor, Sequence[Any]]
 Progress = Optional[Callable[[str], None]]
 
 
@@ -72,10 +82,10 @@ class ProfileReport:
     fvcore_flops: Optional[int]
     fvcore_error: Optional[str]
     fvcore_unsupported: Dict[str, int]
-    peak_memory_bytes: int
+    peak_memory_bytes: Optional[int]  # None: not measured (the meta device)
     memory_kind: str
     peak_rss_bytes: Optional[int]
-    latency_s: float
+    latency_s: float  # NaN: not measured (the meta device)
     latencies_s: List[float]
     by_module: Dict[str, ModuleStats] = field(default_factory=dict)
 
@@ -95,7 +105,8 @@ class ProfileReport:
         ]
         if self.peak_rss_bytes is not None:
             rows.append(("peak RSS (process)", _bytes(self.peak_rss_bytes)))
-        rows.append((f"latency (median of {len(self.latencies_s)})", _seconds(self.latency_s)))
+        rows.append((f"latency (median of {len(self.latencies_s)})" if self.latencies_s else "latency",
+                     _seconds(self.latency_s) if self.latencies_s else f"n/a (not run on {self.device})"))
         lines += _table(("metric", "value"), rows)
         ops = [(op, _human(n)) for op, n in sorted(self.flops_by_op.items(), key=lambda kv: -kv[1])]
         if ops:
@@ -132,7 +143,9 @@ def _bytes(n: Optional[int]) -> str:
     return f"{int(n)} B"
 
 
-def _seconds(s: float) -> str:
+def _seconds(s: Optional[float]) -> str:
+    if s is None or math.isnan(s):
+        return "n/a"
     return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.3f} s"
 
 
@@ -154,15 +167,6 @@ def _check_model(model: Any, name: str = "model") -> nn.Module:
     return model
 
 
-def _check_inputs(inputs: Any) -> Tuple[Any, ...]:
-    if isinstance(inputs, Tensor):
-        return (inputs,)
-    if isinstance(inputs, (tuple, list)) and inputs:
-        return tuple(inputs)
-    raise TypeError("inputs must be a tensor or a non-empty tuple/list of the model's positional arguments, "
-                    f"got {type(inputs).__name__}")
-
-
 def _check_device(device: Any, model: nn.Module, args: Tuple[Any, ...]) -> torch.device:
     if device is None:
         for t in list(model.parameters()) + list(model.buffers()) + [a for a in args if isinstance(a, Tensor)]:
@@ -171,9 +175,9 @@ def _check_device(device: Any, model: nn.Module, args: Tuple[Any, ...]) -> torch
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be 'cpu', 'cuda' or a torch.device, got {device!r}") from err
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        raise ValueError(f"device must be 'cpu', 'cuda', 'meta' or a torch.device, got {device!r}") from err
+    if dev.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'meta', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here")
     return dev
@@ -189,49 +193,21 @@ def _move(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _float_tensors(value: Any) -> List[Tensor]:
-    if isinstance(value, Tensor):
-        return [value] if value.is_floating_point() or value.is_complex() else []
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _float_tensors(v)]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _float_tensors([getattr(value, f.name) for f in dataclasses.fields(value)])
-    return []
-
-
-def _loss(output: Any) -> Tensor:
-    """The scalar whose backward is profiled: the sum of every floating output that has a
-    graph (all of them when none has), as float32 so low precision sums do not overflow."""
-    tensors = _float_tensors(output)
-    with_graph = [t for t in tensors if t.requires_grad]
-    tensors = with_graph or tensors
-    if not tensors:
-        raise ValueError("backward=True needs the model to return a floating tensor (or a tuple/dict of them), "
-                         f"got {type(output).__name__}")
-    # tensors is non-empty, so the sum is a Tensor (never the start value 0)
-    return cast(Tensor, sum(t.float().sum() if not t.is_complex() else t.real.float().sum() for t in tensors))
-
-
-def _grad_targets(model: nn.Module, args: Tuple[Any, ...]) -> List[Tensor]:
-    targets: List[Tensor] = [p for p in model.parameters() if p.requires_grad]
-    targets += [a for a in args if isinstance(a, Tensor) and a.requires_grad and a.is_leaf]
-    return targets
-
-
-def _step(model: nn.Module, args: Tuple[Any, ...], backward: bool, targets: List[Tensor]) -> Any:
+def _step(model: nn.Module, args: Tuple[Any, ...], backward: bool) -> Any:
     if not backward:
         with torch.no_grad():
             return model(*args)
-    # Leaf inputs enter through a view: FlopCounterMode's module tracker hooks the inputs'
-    # gradients, and autograd.grad() refuses such hooks on leaves.
-    args = tuple(a.view_as(a) if isinstance(a, Tensor) and a.requires_grad and a.is_leaf else a for a in args)
     out = model(*args)
-    loss = _loss(out)
-    if loss.requires_grad:
-        torch.autograd.grad(loss, targets, allow_unused=True)
+    _run.backward(out)
     return out
+
+
+def _counted_step(model: nn.Module, args: Tuple[Any, ...], backward: bool, depth: int) -> FlopCounterMode:
+    """A FlopCounterMode that watched one step of ``model`` (its eager original)."""
+    counter = FlopCounterMode(display=False, depth=depth)
+    with _run.leaves_enter_modules_as_views() if backward else contextlib.nullcontext(), counter:
+        _step(model, args, backward)
+    return counter
 
 
 def _sync(device: torch.device) -> None:
@@ -318,14 +294,16 @@ def report(model: nn.Module, inputs: Inputs, *, backward: bool = False, device: 
     """Profile ``model(*inputs)``: see the module docstring for what each field means.
 
     Args:
-        model: the ``nn.Module`` to profile. A ``torch.compile``'d module has its FLOPs counted
-            on the eager original (the counters cannot watch a compiled one; the ops are the
-            same) and its memory and latency measured as compiled.
-        inputs: a tensor, or a tuple/list of the model's positional arguments.
+        model: the ``nn.Module`` to profile. A ``torch.compile``'d module (or one compiled in
+            place) has its FLOPs counted on the eager original (the counters cannot watch a
+            compiled one; the ops are the same) and its memory and latency measured as compiled.
+        inputs: a tensor, or a tuple/list of the model's positional arguments (as
+            :func:`count_flops`).
         backward: profile forward + backward of the output's sum (a training step), not
             the forward alone (run under ``torch.no_grad``).
-        device: "cpu", "cuda" or a torch.device; moves the model (in place) and the inputs.
-            Default: where the model's parameters are.
+        device: "cpu", "cuda", "meta" or a torch.device; moves the model (in place) and the
+            inputs. Default: where the model's parameters are. On "meta" nothing is timed or
+            measured, only counted (see the module docstring).
         repeat: timed runs; ``latency_s`` is their median.
         warmup: untimed runs before them (first-call compilation, allocator warm-up).
         depth: deepest submodule level in ``by_module`` (0: the model alone).
@@ -335,14 +313,23 @@ def report(model: nn.Module, inputs: Inputs, *, backward: bool = False, device: 
     """
     rep, step = _untimed_report(model, inputs, backward=backward, device=device, repeat=repeat, warmup=warmup,
                                 depth=depth, fvcore=fvcore, name=name, progress=progress)
+    if not timed(rep):
+        return rep
     (latencies,) = time_steps([(rep.model, step)], {torch.device(rep.device)}, warmup=warmup, repeat=repeat,
                               progress=progress)
     return with_latencies(rep, latencies)
 
 
+def timed(rep: ProfileReport) -> bool:
+    """Whether ``rep``'s model is timed: not on the meta device, where ops compute nothing."""
+    return torch.device(rep.device).type != "meta"
+
+
 def with_latencies(rep: ProfileReport, latencies: List[float]) -> ProfileReport:
-    """``rep`` with ``latencies`` (seconds) as its timed runs and their median as ``latency_s``."""
-    return dataclasses.replace(rep, latency_s=float(statistics.median(latencies)), latencies_s=list(latencies))
+    """``rep`` with ``latencies`` (seconds) as its timed runs and their median as ``latency_s``
+    (NaN when there are none)."""
+    median = float(statistics.median(latencies)) if latencies else float("nan")
+    return dataclasses.replace(rep, latency_s=median, latencies_s=list(latencies))
 
 
 def time_steps(steps: Sequence[Tuple[str, Callable[[], Any]]], devices: Iterable[torch.device], *, warmup: int,
@@ -377,7 +364,7 @@ def _untimed_report(model: nn.Module, inputs: Inputs, *, backward: bool, device:
                     ) -> Tuple[ProfileReport, Callable[[], Any]]:
     """Every field of :func:`report` but the latencies (NaN, empty), and the step to time."""
     model = _check_model(model)
-    args = _check_inputs(inputs)
+    args = _run.check_inputs(inputs)
     dev = _check_device(device, model, args)
     repeat = _validate.integer(repeat, "repeat", minimum=1)
     warmup = _validate.integer(warmup, "warmup", minimum=0)
@@ -386,47 +373,40 @@ def _untimed_report(model: nn.Module, inputs: Inputs, *, backward: bool, device:
     if device is not None:
         model.to(dev)
         args = _move(args, dev)
-    targets = _grad_targets(model, args) if backward else []
-    if backward and not targets:
-        raise ValueError("backward=True but neither the model's parameters nor the inputs require grad")
-    # A torch.compile'd model: FLOPs counted on its eager original (the same ops; the counters
-    # cannot watch a compiled one), memory and latency measured on the compiled model itself.
-    counted = eager(model)
-    label = name or type(counted).__name__
+    # A torch.compile'd model (or one compiled in place): FLOPs counted on its eager original
+    # (the same ops; the counters cannot watch a compiled one), memory and latency measured
+    # on the compiled model itself.
+    with eager_calls(model) as counted:
+        label = name or type(counted).__name__
+        say(f"{label}: counting FLOPs")
+        counter = _counted_step(counted, args, backward, depth)
+        counts = counter.get_flop_counts()
+        flops_by_op = {str(op): int(n) for op, n in counts.get("Global", {}).items()}
+        # per module: the forward alone (see ModuleStats)
+        module_counts = _counted_step(counted, args, False, depth).get_flop_counts() if backward else counts
+        by_module = _by_module(counted, module_counts, depth)
 
-    say(f"{label}: counting FLOPs")
-    from torch.utils.flop_counter import FlopCounterMode
+        fv_total: Optional[int] = None
+        fv_error: Optional[str] = "skipped (fvcore=False)"
+        fv_unsupported: Dict[str, int] = {}
+        if fvcore:
+            say(f"{label}: counting FLOPs with fvcore")
+            fv_total, fv_error, fv_unsupported = _fvcore(counted, args)
 
-    counter = FlopCounterMode(display=False, depth=depth)
-    with counter:
-        _step(counted, args, backward, targets)
-    counts = counter.get_flop_counts()
-    flops_by_op = {str(op): int(n) for op, n in counts.get("Global", {}).items()}
-    if backward:  # per module: the forward alone (see ModuleStats)
-        forward_counter = FlopCounterMode(display=False, depth=depth)
-        with forward_counter:
-            _step(counted, args, False, [])
-        module_counts = forward_counter.get_flop_counts()
-    else:
-        module_counts = counts
-
-    fv_total: Optional[int] = None
-    fv_error: Optional[str] = "skipped (fvcore=False)"
-    fv_unsupported: Dict[str, int] = {}
-    if fvcore:
-        say(f"{label}: counting FLOPs with fvcore")
-        fv_total, fv_error, fv_unsupported = _fvcore(counted, args)
-
-    say(f"{label}: measuring memory")
-    if dev.type == "cuda":
+    peak: Optional[int] = None
+    if dev.type == "meta":  # nothing is allocated or computed there: no number would mean anything
+        memory_kind = "not measured on meta"
+    elif dev.type == "cuda":
+        say(f"{label}: measuring memory")
         _sync(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
-        _step(model, args, backward, targets)
+        _step(model, args, backward)
         _sync(dev)
         peak = int(torch.cuda.max_memory_allocated(dev) - before)
         memory_kind = "CUDA allocated, one step"
     else:
+        say(f"{label}: measuring memory")
         peak = saved_tensor_bytes(model, args)
         memory_kind = "saved for backward"
     rss = _peak_rss_bytes()
@@ -439,5 +419,5 @@ def _untimed_report(model: nn.Module, inputs: Inputs, *, backward: bool, device:
         fvcore_flops=fv_total, fvcore_error=fv_error, fvcore_unsupported=fv_unsupported,
         peak_memory_bytes=peak, memory_kind=memory_kind, peak_rss_bytes=rss,
         latency_s=float("nan"), latencies_s=[],
-        by_module=_by_module(counted, module_counts, depth),
-    ), lambda: _step(model, args, backward, targets)
+        by_module=by_module,
+    ), lambda: _step(model, args, backward)

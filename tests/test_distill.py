@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -72,6 +73,37 @@ def test_distill_restores_flags_and_reduce():
     distill(teacher, student, torch.rand(3, 50, 3), steps=2, batch_size=2, points_per_cloud=16, progress=False)
     assert teacher.training is True  # put in eval mode during the run, restored after
     assert student.reduce == "max"
+
+
+def test_students_far_from_the_clouds_are_warned_about_and_can_start_there():
+    """Clouds at +50: an encoder started around the origin has no Gaussian reaching them (its
+    gradients vanish; it would learn its bias alone, silently). distill warns; cloud_center
+    starts the means in the clouds' cube, and then nothing is said."""
+    teacher = _teacher(feature_transform=False, input_transform=False)
+    clouds = torch.rand(3, 40, 3) + 50.0
+    far = GaussianPointEncoder(4, 8, reduce="none")
+    with pytest.warns(RuntimeWarning, match="do not reach the sampled points"):
+        distill(lambda x: teacher.point_features(x)[..., :8], far, clouds, steps=1, batch_size=2,
+                points_per_cloud=16, progress=False)
+    near = GaussianPointEncoder(4, 8, reduce="none", cloud_range=0.5, cloud_center=(50.5, 50.5, 50.5))
+    assert ((near.means - 50.5).abs() <= 0.5).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distill(lambda x: teacher.point_features(x)[..., :8], near, clouds, steps=1, batch_size=2,
+                points_per_cloud=16, progress=False)
+    with pytest.raises(ValueError, match="cloud_center must be a number or 3 numbers"):
+        GaussianPointEncoder(4, 8, cloud_center=(1.0, 2.0))
+    with pytest.raises(ValueError, match="cloud_center"):
+        GaussianPointEncoder(4, 8, cloud_center=float("nan"))
+
+
+def test_a_teacher_in_another_dtype_reads_points_in_its_own():
+    """A float32 PointNet teacher and a float64 student (it failed inside Conv1d)."""
+    teacher = _teacher(feature_transform=False, input_transform=False)
+    student = GaussianPointEncoder(4, 1024, reduce="none").double()
+    result = distill(teacher, student, torch.rand(3, 50, 3), steps=2, batch_size=2, points_per_cloud=16,
+                     progress=False)
+    assert result.steps == 2 and student.means.dtype == torch.float64 and teacher.conv1[0].weight.dtype == torch.float32
 
 
 def test_cloud_cubes_and_sampling():

@@ -251,3 +251,27 @@ def test_bad_input_raises():
         fisher_factor(torch.ones(3, 6, dtype=torch.int64))
     with pytest.raises(TypeError, match="model"):
         split_parameters("not a model")
+
+
+def test_group_settings_and_added_groups_are_checked():
+    """Per-group overrides were taken unchecked (lr=-1 ascended, momentum=5 diverged: |means|
+    180 after 6 steps), and add_param_group took a group without roles (step() then failed
+    with 'not enough values to unpack')."""
+    from lucidops.nn import GaussianPointEncoder
+    from lucidops.optim import GaussianNaturalGradient
+
+    enc = GaussianPointEncoder(4, 8)
+    group = {"params": [enc.means, enc.factor], "roles": ["means", "factor"]}
+    for bad, match in ((dict(lr=-1.0), "param group: lr must be > 0"), (dict(momentum=5.0), "momentum"),
+                       (dict(damping=-3.0), "damping"), (dict(mode="newton"), "mode")):
+        with pytest.raises(ValueError, match=match):
+            GaussianNaturalGradient([{**group, **bad}])
+    opt = GaussianNaturalGradient([group], lr=0.01)
+    other = GaussianPointEncoder(4, 8)
+    with pytest.raises(ValueError, match="roles"):
+        opt.add_param_group({"params": other.means})
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        opt.add_param_group({"params": [other.means, other.factor], "roles": ["means", "factor"], "lr": 0.0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group(other)  # an encoder, as the constructor takes
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.01

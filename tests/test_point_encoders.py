@@ -87,6 +87,8 @@ def test_pointnet_root_swapped_and_reverted():
     assert _rel(feat, orig_feat) < 0.25 * _rel(fresh_feat, orig_feat), (_rel(feat, orig_feat), _rel(fresh_feat, orig_feat))
     assert _rel(logits, orig_logits) < 0.25 * _rel(fresh_logits, orig_logits)
     assert "|" in str(handle)
+    with pytest.raises(RuntimeError, match="already patched"):  # it distilled a student from the student
+        point_encoders(model, clouds=_clouds(), distill_kwargs=dict(FAST, steps=1))
 
     handle.revert()
     assert "gaussian_encoder" not in model._modules and "forward" not in model.__dict__

@@ -7,7 +7,7 @@ linear "Gaussian basis mixer" G -> K, and a max over the points, all in one fuse
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,13 +30,28 @@ def precision_from_factor(factor: Tensor) -> Tensor:
     return torch.stack([a * a, a * b, a * d, b * b + c * c, b * d + c * e, d * d + e * e + f * f], dim=-1)
 
 
+def _center(value) -> Tuple[float, float, float]:
+    """``cloud_center`` as 3 finite floats (one number stands for all three)."""
+    if isinstance(value, Tensor):
+        value = value.detach().cpu().reshape(-1).tolist()
+    items = list(value) if isinstance(value, (list, tuple)) else [value] * 3
+    if len(items) != 3:
+        raise ValueError(f"cloud_center must be a number or 3 numbers, got {len(items)}")
+    x, y, z = (_validate.real_number(v, "cloud_center") for v in items)
+    return (x, y, z)
+
+
 class GaussianPointEncoder(nn.Module):
     """Point cloud (..., N, 3) -> global feature (..., K) (or per-point (..., N, K)).
 
     Args:
         num_gaussians: G, the number of Gaussians (32 in the paper, 128 for Mamba3D).
         out_channels: K, the feature width (1024 as a PointNet global feature).
-        cloud_range: the means start uniform in [-cloud_range, cloud_range]^3.
+        cloud_range: the means start uniform in the cube of half-side ``cloud_range``
+            around ``cloud_center`` (methods.md: "uniform in the cloud's bounding cube").
+        cloud_center: that cube's centre, a number or 3 numbers (default the origin: clouds
+            normalised to [-cloud_range, cloud_range]^3). Gaussians started far from the
+            data never respond to it and never learn (their gradients vanish).
         reduce: "max" (the global feature) or "none" (the per-point pre-max features,
             what distillation regresses).
         off_diagonal_init: standard deviation of L's initial off-diagonal entries
@@ -50,7 +65,8 @@ class GaussianPointEncoder(nn.Module):
     """
 
     def __init__(self, num_gaussians: int = 32, out_channels: int = 1024, cloud_range: float = 1.0,
-                 reduce: str = "max", off_diagonal_init: float = 0.01):
+                 reduce: str = "max", off_diagonal_init: float = 0.01,
+                 cloud_center: Union[float, Sequence[float]] = 0.0):
         super().__init__()
         for name, value in (("num_gaussians", num_gaussians), ("out_channels", out_channels)):
             _validate.integer(value, name, minimum=1)
@@ -60,6 +76,7 @@ class GaussianPointEncoder(nn.Module):
         self.num_gaussians = num_gaussians
         self.out_channels = out_channels
         self.cloud_range = float(cloud_range)
+        self.cloud_center = _center(cloud_center)
         self.reduce = reduce
         self.off_diagonal_init = _validate.real_number(off_diagonal_init, "off_diagonal_init", ">= 0")
         self._cull_threshold: Optional[float] = None
@@ -71,6 +88,7 @@ class GaussianPointEncoder(nn.Module):
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.means.uniform_(-self.cloud_range, self.cloud_range)
+            self.means.add_(torch.tensor(self.cloud_center, dtype=self.means.dtype, device=self.means.device))
             self.factor.normal_(0.0, self.off_diagonal_init)
             self.factor[:, list(_DIAGONAL)] = 1.0
         self.mixer.reset_parameters()
@@ -114,4 +132,6 @@ class GaussianPointEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_gaussians={self.num_gaussians}, out_channels={self.out_channels}, "
-                f"cloud_range={self.cloud_range:g}, reduce={self.reduce!r}, cull_threshold={self._cull_threshold}")
+                f"cloud_range={self.cloud_range:g}, "
+                + (f"cloud_center={self.cloud_center}, " if any(self.cloud_center) else "")
+                + f"reduce={self.reduce!r}, cull_threshold={self._cull_threshold}")

@@ -153,20 +153,18 @@ class GaussianNaturalGradient(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.005, momentum: float = 0.9, mode: str = "mahalanobis",
                  damping: float = 1e-4):
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-            raise ValueError(f"damping must be >= 0, got {damping!r}")
-        groups = self._as_groups(params)
-        for group in groups:
-            if "mode" in group and group["mode"] not in MODES:
-                raise ValueError(f"mode must be one of {MODES}, got {group['mode']!r}")
+        _check_hyperparameters(dict(lr=lr, momentum=momentum, mode=mode, damping=damping), "")
         defaults = dict(lr=float(lr), momentum=float(momentum), mode=mode, damping=float(damping))
-        super().__init__(groups, defaults)
+        super().__init__(self._as_groups(params), defaults)
+
+    def add_param_group(self, param_group: Dict) -> None:
+        """Add a ``{"params": [means, factor], "roles": ["means", "factor"], ...}`` group (or
+        a GaussianPointEncoder's), its shapes and settings (lr, momentum, mode, damping, each
+        defaulting to the constructor's) checked first: a per-group ``lr=-1`` or ``momentum=5``
+        would silently ascend or diverge."""
+        group = _checked_group(param_group)
+        _check_hyperparameters({**self.defaults, **group}, "param group: ")
+        super().add_param_group(group)
 
     @staticmethod
     def _as_groups(params) -> List[Dict]:
@@ -174,35 +172,13 @@ class GaussianNaturalGradient(torch.optim.Optimizer):
             encoders = _find_encoders(params)
             if not encoders:
                 raise ValueError("params: the module contains no GaussianPointEncoder")
-            return [{"params": [e.means, e.factor], "roles": ["means", "factor"]} for e in encoders]
+            return [_encoder_group(e) for e in encoders]
         if isinstance(params, Tensor):
             raise TypeError("params must be encoders or param groups with roles, not a bare tensor")
         items = list(params)
         if not items:
             raise ValueError("params is empty")
-        groups = []
-        for item in items:
-            if isinstance(item, GaussianPointEncoder):
-                groups.append({"params": [item.means, item.factor], "roles": ["means", "factor"]})
-            elif isinstance(item, dict):
-                group = dict(item)
-                ps = list(group.get("params", []))
-                if group.get("roles") != ["means", "factor"] or len(ps) != 2:
-                    raise ValueError("params: each group must be {'params': [means, factor], "
-                                     "'roles': ['means', 'factor']}")
-                means, factor = ps
-                if not isinstance(means, Tensor) or means.dim() != 2 or means.shape[1] != 3:
-                    raise ValueError(f"params: means must have shape (G, 3), got {getattr(means, 'shape', None)}")
-                if not isinstance(factor, Tensor) or factor.dim() != 2 or factor.shape[1] != 6:
-                    raise ValueError(f"params: factor must have shape (G, 6), got {getattr(factor, 'shape', None)}")
-                if means.shape[0] != factor.shape[0]:
-                    raise ValueError(f"params: means has {means.shape[0]} Gaussians but factor has {factor.shape[0]}")
-                group["params"] = ps
-                groups.append(group)
-            else:
-                raise TypeError(f"params: expected GaussianPointEncoder modules or param-group dicts, "
-                                f"got {type(item).__name__}")
-        return groups
+        return [_checked_group(item) for item in items]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -233,6 +209,45 @@ class GaussianNaturalGradient(torch.optim.Optimizer):
                     d_p = buf
                 p.add_(d_p, alpha=-group["lr"])
         return loss
+
+
+def _encoder_group(encoder: GaussianPointEncoder) -> Dict:
+    return {"params": [encoder.means, encoder.factor], "roles": ["means", "factor"]}
+
+
+def _checked_group(item) -> Dict:
+    """A param group from a GaussianPointEncoder or a group dict, its roles and shapes checked."""
+    if isinstance(item, GaussianPointEncoder):
+        return _encoder_group(item)
+    if not isinstance(item, dict):
+        raise TypeError(f"params: expected GaussianPointEncoder modules or param-group dicts, "
+                        f"got {type(item).__name__}")
+    group = dict(item)
+    ps = group.get("params", [])
+    ps = [ps] if isinstance(ps, Tensor) else list(ps)
+    if group.get("roles") != ["means", "factor"] or len(ps) != 2:
+        raise ValueError("params: each group must be {'params': [means, factor], 'roles': ['means', 'factor']}")
+    means, factor = ps
+    if not isinstance(means, Tensor) or means.dim() != 2 or means.shape[1] != 3:
+        raise ValueError(f"params: means must have shape (G, 3), got {getattr(means, 'shape', None)}")
+    if not isinstance(factor, Tensor) or factor.dim() != 2 or factor.shape[1] != 6:
+        raise ValueError(f"params: factor must have shape (G, 6), got {getattr(factor, 'shape', None)}")
+    if means.shape[0] != factor.shape[0]:
+        raise ValueError(f"params: means has {means.shape[0]} Gaussians but factor has {factor.shape[0]}")
+    group["params"] = ps
+    return group
+
+
+def _check_hyperparameters(group: Dict, where: str) -> None:
+    lr, momentum, damping = group["lr"], group["momentum"], group["damping"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"{where}lr must be > 0, got {lr!r}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"{where}momentum must be in [0, 1), got {momentum!r}")
+    if group["mode"] not in MODES:
+        raise ValueError(f"{where}mode must be one of {MODES}, got {group['mode']!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ValueError(f"{where}damping must be >= 0, got {damping!r}")
 
 
 class ParameterSplit(NamedTuple):

@@ -85,6 +85,10 @@ def _find(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
     """(path, module, kind) of the outermost encoders; '' is the root."""
     root_kind = _kind(model)
     if root_kind is not None:
+        if "gaussian_encoder" in model._modules and "forward" in model.__dict__:
+            # Its methods already run the first student: a second would be distilled from it.
+            raise RuntimeError("model is already patched by lucidops.patch.point_encoders; revert() that handle "
+                               "first")
         return [("", model, root_kind)]
     found = child_slots(model, lambda _path, m: _kind(m) is not None)
     out = []
@@ -113,7 +117,7 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
         model: the model to patch in place (see the module docstring for what is replaced).
         student_factory: ``(path, module, out_channels) -> GaussianPointEncoder`` builds
             each student (default: ``GaussianPointEncoder(num_gaussians, out_channels,
-            cloud_range=<largest cube half-side of clouds>)``).
+            cloud_range=..., cloud_center=...)`` of the cube around every cloud's cube).
         distill_kwargs: passed to :func:`lucidops.train.distill` (defaults:
             ``DEFAULT_DISTILL``, i.e. 300 steps, lr 1e-2, 16 clouds x 256 points).
         clouds: what the distillation samples in (see :func:`lucidops.train.distill`):
@@ -165,7 +169,11 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
                          "first_conv and second_conv)")
     if clouds is None:
         clouds = _default_clouds(seed)
-    cube_range = float(cloud_cubes(clouds)[1].max())  # also validates clouds before any work
+    # The default students start in the box around every cloud's cube (also validates clouds
+    # before any work): Gaussians started away from the data never learn.
+    centres, halves = cloud_cubes(clouds)
+    low, high = (centres - halves[:, None]).min(dim=0).values, (centres + halves[:, None]).max(dim=0).values
+    cube_center, cube_range = ((low + high) / 2).tolist(), float((high - low).max() / 2)
     kwargs = {**DEFAULT_DISTILL, **distill_kwargs}
 
     handle = PatchHandle(model, settings=dict(num_gaussians=num_gaussians, seed=seed, distill=dict(kwargs)))
@@ -189,7 +197,8 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
                 torch.manual_seed(seed + i)
                 student: nn.Module  # a GaussianPointEncoder, checked below
                 if student_factory is None:
-                    student = GaussianPointEncoder(num_gaussians, out_channels, cloud_range=cube_range)
+                    student = GaussianPointEncoder(num_gaussians, out_channels, cloud_range=cube_range,
+                                                   cloud_center=cube_center)
                 else:
                     student = student_factory(path, module, out_channels)
                 if not isinstance(student, GaussianPointEncoder):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -106,8 +107,11 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
     dtype = dtype_of(student)
     student.to(dev)
     teacher_module = _owning_module(teacher_fn)
+    teacher_dtype = dtype  # a module teacher reads points in its own dtype (a float32 PointNet, a float64 student)
     if teacher_module is not None:
         teacher_module.to(dev)
+        if any(p.is_floating_point() for p in teacher_module.parameters()):
+            teacher_dtype = dtype_of(teacher_module)
         if distributed:
             broadcast_module(teacher_module)
 
@@ -146,10 +150,12 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
                 points = sample_cube_points(centres[idx], half[idx], points_per_cloud, gen)
                 rows = [None if t is None else t[idx] for t in context]
                 with torch.no_grad():
-                    target = teacher_fn(points, *rows)
+                    target = teacher_fn(points.to(teacher_dtype), *rows)
                     student_in = input_transform(points, *rows) if input_transform is not None else points
                 if step == 0:
                     _check_target(target, batch_size, points_per_cloud)
+                    if isinstance(student, GaussianPointEncoder):
+                        _warn_if_gaussians_miss(student, student_in)
                 out = model(student_in)
                 if step == 0 and out.shape != target.shape:
                     raise ValueError(f"student output {tuple(out.shape)} does not match the teacher's per-point "
@@ -169,6 +175,23 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
     result.steps = len(result.losses)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _warn_if_gaussians_miss(encoder: GaussianPointEncoder, points: Tensor) -> None:
+    """Warn when no Gaussian responds to the sampled points (largest phi below 1e-6): their
+    gradients vanish, and the student would learn its bias alone (e.g. clouds far from the
+    cube the means started in)."""
+    with torch.no_grad():
+        p = encoder.precisions().double()
+        pmat = torch.stack([p[:, 0], p[:, 1], p[:, 2], p[:, 1], p[:, 3], p[:, 4], p[:, 2], p[:, 4], p[:, 5]],
+                           dim=-1).view(-1, 3, 3)
+        diff = points.detach().double().reshape(-1, 1, 3) - encoder.means.double()  # (M, G, 3)
+        quad = torch.einsum("mgi,gij,mgj->mg", diff, pmat, diff)
+        largest = float(torch.exp(-0.5 * quad.min())) if quad.numel() else 0.0
+    if largest < 1e-6:
+        warnings.warn(f"distill: the student's Gaussians do not reach the sampled points (largest response "
+                      f"{largest:.3g}): they will not learn. Start them in the clouds' cube: "
+                      "GaussianPointEncoder(cloud_range=..., cloud_center=...)", RuntimeWarning, stacklevel=3)
 
 
 def _owning_module(fn) -> Optional[nn.Module]:

@@ -141,7 +141,7 @@ class DistilledPointNet(GaussianPointNet):
         nn.Module.__init__(self)
         self._assign(encoder, head, input_tnet)
 
-    def forward(self, points: Tensor, return_transforms: bool = False):  # type: ignore[override]
+    def forward(self, points: Tensor, return_transforms: bool = False):
         """Logits (B, num_classes); with ``return_transforms``, PointNet's (logits, input
         transform or None, None), so that PointNet training code calling a swapped-in model
         this way keeps running (the Gaussian encoder has no feature transform: None, which a

@@ -109,6 +109,27 @@ def test_bad_contents(tmp_path):
         f.create_dataset("data", data=np.zeros((2, 4, 3), np.float32))
     with pytest.raises(ValueError, match="'label'"):
         ModelNet40(tmp_path, num_points=4)
+    # Loaded silently before: float labels truncated to classes, NaN coordinates.
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f.create_dataset("data", data=np.zeros((2, 4, 3), np.float32))
+        f.create_dataset("label", data=np.array([[0.7], [1.2]], np.float32))
+    with pytest.raises(ValueError, match="integer class ids"):
+        ModelNet40(tmp_path, num_points=4)
+    data = np.zeros((2, 4, 3), np.float32)
+    data[1, 2, 0] = np.nan
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f.create_dataset("data", data=data)
+        f.create_dataset("label", data=np.array([[0.0], [1.0]], np.float32))  # whole floats are class ids
+    with pytest.raises(ValueError, match="non-finite coordinates in 1 cloud"):
+        ModelNet40(tmp_path, num_points=4)
+    data[1, 2, 0] = 0.0
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f.create_dataset("data", data=data)
+        f.create_dataset("label", data=np.array([[0.0], [1.0]], np.float32))
+    loaded = ModelNet40(tmp_path, num_points=4)
+    assert loaded[np.int64(1)][1].item() == 1
+    with pytest.raises(TypeError, match="index must be an int"):
+        loaded[0:2]
 
 
 def test_clear_import_error_without_h5py(folder, monkeypatch):

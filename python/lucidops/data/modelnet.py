@@ -87,9 +87,18 @@ class ModelNet40(Dataset):
                     if key not in f:
                         raise ValueError(f"{path!r} has no dataset {key!r} (expected 'data' and 'label')")
                 d = np.asarray(f["data"][:], dtype=np.float32)
-                lab = np.asarray(f["label"][:]).reshape(-1).astype(np.int64)
+                raw_labels = np.asarray(f["label"][:]).reshape(-1)
+            # Integer class ids only: a float label (0.7) would be truncated to a class silently.
+            if not (np.issubdtype(raw_labels.dtype, np.integer)
+                    or (np.issubdtype(raw_labels.dtype, np.floating) and np.all(raw_labels == np.round(raw_labels)))):
+                raise ValueError(f"{path!r}: 'label' must hold integer class ids, got {raw_labels.dtype} values "
+                                 f"such as {raw_labels[:3].tolist()}")
+            lab = raw_labels.astype(np.int64)
             if d.ndim != 3 or d.shape[2] != 3:
                 raise ValueError(f"{path!r}: 'data' must have shape (M, P, 3), got {d.shape}")
+            if not np.isfinite(d).all():
+                bad = int((~np.isfinite(d)).any(axis=(1, 2)).sum())
+                raise ValueError(f"{path!r}: 'data' holds non-finite coordinates in {bad} cloud(s)")
             if lab.shape[0] != d.shape[0]:
                 raise ValueError(f"{path!r}: {d.shape[0]} clouds but {lab.shape[0]} labels")
             data.append(d)
@@ -127,6 +136,9 @@ class ModelNet40(Dataset):
         return int(self.data.shape[0])
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int (one cloud; a DataLoader batches them), got {type(index).__name__}")
+        index = int(index)
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):

@@ -275,3 +275,20 @@ def test_group_settings_and_added_groups_are_checked():
     assert len(opt.param_groups) == 1
     opt.add_param_group(other)  # an encoder, as the constructor takes
     assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.01
+
+
+def test_a_zero_on_the_diagonal_of_l_is_named():
+    """The forward runs (culling falls back to no box), but the covariance does not exist:
+    step() and spread() raised LAPACK's 'diagonal element 1 is zero' (1-based, of l00)."""
+    from lucidops.nn import GaussianPointEncoder
+    from lucidops.optim import GaussianNaturalGradient
+
+    enc = GaussianPointEncoder(4, 8)
+    with torch.no_grad():
+        enc.factor[2, 0] = 0.0
+    enc(torch.rand(1, 10, 3)).sum().backward()
+    for mode in ("mahalanobis", "fisher"):
+        with pytest.raises(ValueError, match=r"Gaussian\(s\) \[2\] have a zero on the diagonal of L"):
+            GaussianNaturalGradient(enc, mode=mode).step()
+    with pytest.raises(ValueError, match=r"\[2\]"):
+        enc.spread()

@@ -30,6 +30,19 @@ def precision_from_factor(factor: Tensor) -> Tensor:
     return torch.stack([a * a, a * b, a * d, b * b + c * c, b * d + c * e, d * d + e * e + f * f], dim=-1)
 
 
+def covariance_from_lower(l_mat: Tensor) -> Tensor:
+    """Sigma = (L L^T)^-1 from lower-triangular L (G, 3, 3), by two triangular solves. A zero
+    on L's diagonal (a singular precision) is a ValueError naming the Gaussians, not
+    LAPACK's "diagonal element 1 is zero"."""
+    try:
+        return torch.cholesky_inverse(l_mat, upper=False)
+    except torch.linalg.LinAlgError:
+        bad = (l_mat.diagonal(dim1=-2, dim2=-1) == 0).any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"factor: Gaussian(s) {bad[:8]} have a zero on the diagonal of L, so the precision "
+                         "L L^T is singular (infinite covariance); re-initialise them or keep L's diagonal "
+                         "away from zero") from None
+
+
 def _center(value) -> Tuple[float, float, float]:
     """``cloud_center`` as 3 finite floats (one number stands for all three)."""
     if isinstance(value, Tensor):
@@ -113,7 +126,7 @@ class GaussianPointEncoder(nn.Module):
         rows, cols = torch.tril_indices(3, 3)
         # tril_indices order is (0,0), (1,0), (1,1), (2,0), (2,1), (2,2); the packing is a, b, d, c, e, f.
         l_mat[:, rows, cols] = self.factor[:, [0, 1, 3, 2, 4, 5]].to(compute)
-        return torch.cholesky_inverse(l_mat, upper=False).to(self.factor.dtype)
+        return covariance_from_lower(l_mat).to(self.factor.dtype)
 
     def spread(self) -> Tensor:
         """The Gaussians' mean per-axis variance, mean over g of trace(Sigma_g) / 3, in units of

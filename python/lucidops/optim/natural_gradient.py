@@ -35,7 +35,7 @@ from typing import Dict, List, NamedTuple, Set
 import torch
 from torch import Tensor, nn
 
-from ..nn.gaussian_mixture import GaussianPointEncoder
+from ..nn.gaussian_mixture import GaussianPointEncoder, covariance_from_lower
 
 MODES = ("mahalanobis", "fisher")
 
@@ -80,7 +80,7 @@ def factor_matrix(factor: Tensor) -> Tensor:
 
 def covariance_from_factor(factor: Tensor) -> Tensor:
     """(G, 6) packed L -> (G, 3, 3) Sigma = (L L^T)^-1 (two triangular solves, no general inverse)."""
-    return torch.cholesky_inverse(factor_matrix(factor), upper=False)
+    return covariance_from_lower(factor_matrix(factor))
 
 
 def fisher_factor(factor: Tensor) -> Tensor:
@@ -93,7 +93,7 @@ def fisher_factor(factor: Tensor) -> Tensor:
     dtype, device = factor.dtype, factor.device
     g = factor.shape[0]
     l_mat = factor_matrix(factor)
-    sigma = torch.cholesky_inverse(l_mat, upper=False)
+    sigma = covariance_from_lower(l_mat)
     eye3 = torch.eye(3, dtype=dtype, device=device).expand(g, 3, 3)
     e = elimination_matrix(3, dtype, device)
     n_sym = 0.5 * (torch.eye(9, dtype=dtype, device=device) + commutation_matrix(3, dtype, device))

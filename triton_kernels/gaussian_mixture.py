@@ -13,8 +13,9 @@ Backward, reduce "max": one program per (block of channels, slice of clouds, blo
 Gaussians) recomputes phi at the arg-max points of its channels for a BLOCK_K x BLOCK_G tile
 (one block holds all Gaussians up to G = 128, the authors' largest configuration) and writes
 per-program partial sums of the weight, mean and precision gradients and, per Gaussian block,
-the per-channel point gradients (all summed by the launcher in a fixed order; the point
-gradients then added into the points). Reduce "none": a phi kernel, two GEMMs in PyTorch (the
+the per-channel point gradients (all summed by the launcher in a fixed order; a scatter
+kernel then adds each point's channels in channel order, where scatter_add_'s atomics
+would add them in arrival order: the backward is the same every run). Reduce "none": a phi kernel, two GEMMs in PyTorch (the
 (N, K) output exists anyway) and a per-point-tile kernel for the point, mean and precision
 terms.
 
@@ -41,6 +42,7 @@ BLOCK_G_CHOICES = (32, 128)
 # to at most 56 bytes.
 BLOCK_G_WARPS: Dict[int, int] = {32: 4, 128: 8}
 BACKWARD_SPLITS = 64  # cloud slices of the max backward: partial sums are (splits, K, G)
+SCATTER_BLOCK_N, SCATTER_BLOCK_K = 64, 64  # the point-gradient scatter: points x channels per step
 
 
 @triton.jit
@@ -197,6 +199,36 @@ def mixture_max_backward_kernel(grad_ptr, x_ptr, arg_ptr, mu_ptr, prec_ptr, half
 
 
 @triton.jit
+def scatter_points_kernel(arg_ptr, g_ptr, gx_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """gx[b, n] = the sum of g[b, k] (3 components) over the channels k whose arg-max is point
+    n. One program per (cloud, block of points) walks the channels in blocks, in order, so
+    the sum is the same every run (scatter_add_ on CUDA adds with atomics in whatever order
+    they land). Reads (B, K) arg-max indices and (B, K, 3) per-channel gradients."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc0 = tl.zeros((BLOCK_N,), dtype=gx_ptr.dtype.element_ty)
+    acc1 = tl.zeros((BLOCK_N,), dtype=gx_ptr.dtype.element_ty)
+    acc2 = tl.zeros((BLOCK_N,), dtype=gx_ptr.dtype.element_ty)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < K
+        rows = b * K + offs_k
+        arg = tl.load(arg_ptr + rows, mask=mk, other=-1)  # -1 matches no point
+        hit = arg[None, :] == offs_n[:, None]
+        g0 = tl.load(g_ptr + rows * 3, mask=mk, other=0.0)
+        g1 = tl.load(g_ptr + rows * 3 + 1, mask=mk, other=0.0)
+        g2 = tl.load(g_ptr + rows * 3 + 2, mask=mk, other=0.0)
+        acc0 += tl.sum(tl.where(hit, g0[None, :], 0.0), axis=1)
+        acc1 += tl.sum(tl.where(hit, g1[None, :], 0.0), axis=1)
+        acc2 += tl.sum(tl.where(hit, g2[None, :], 0.0), axis=1)
+    mn = offs_n < N
+    out = gx_ptr + (b * N + offs_n) * 3
+    tl.store(out, acc0, mask=mn)
+    tl.store(out + 1, acc1, mask=mn)
+    tl.store(out + 2, acc2, mask=mn)
+
+
+@triton.jit
 def phi_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, coef_ptr, phi_ptr, gx_ptr, gmp_ptr, M, G, CULL: tl.constexpr,
                BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
     """One program per (block of rows, block of Gaussians). BACKWARD=False: phi (M, G).
@@ -308,8 +340,11 @@ def backward_max(grad, points, means, precisions, weight, argmax, half, cull: bo
         gw_part.zero_()
         gmp_part.zero_()
     gmp = gmp_part.sum(dim=(0, 1))
-    gx_bk = gx_part[0] if n_gb == 1 else gx_part.sum(dim=0)
-    gx = torch.zeros_like(points).scatter_add_(1, argmax.unsqueeze(-1).expand(B, K, 3), gx_bk)
+    gx_bk = (gx_part[0] if n_gb == 1 else gx_part.sum(dim=0)).contiguous()
+    gx = torch.empty_like(points)
+    if B > 0 and N > 0:
+        scatter_points_kernel[(B, triton.cdiv(N, SCATTER_BLOCK_N))](argmax.contiguous(), gx_bk, gx, N, K,
+                                                                  BLOCK_N=SCATTER_BLOCK_N, BLOCK_K=SCATTER_BLOCK_K)
     return gx, gmp[:, :3].clone(), gmp[:, 3:].clone(), gw_part.sum(dim=0), grad.sum(dim=0)  # no aliasing outputs
 
 
@@ -349,6 +384,13 @@ def aot_specs() -> Iterator[Dict]:
     block_n, block_k, warps = FORWARD_CONFIG
     block_gs = BLOCK_G_CHOICES
     for dt in _DTYPES:
+        yield dict(
+            fn=scatter_points_kernel,
+            signature={"arg_ptr": "*i64", "g_ptr": f"*{dt}", "gx_ptr": f"*{dt}", "N": "i32", "K": "i32",
+                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+            constexprs={"BLOCK_N": SCATTER_BLOCK_N, "BLOCK_K": SCATTER_BLOCK_K},
+            num_warps=4,
+        )
         for cull in (False, True):
             for reduce_max in (False, True):
                 yield dict(

@@ -100,6 +100,18 @@ def test_skipless_orthogonal_mlp_and_reproducibility():
             assert torch.equal(p, q), n
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_skipless_orthogonal_mlp_in_half_precision(dtype):
+    """PyTorch's QR has no half kernels: a half model raised midway (attention already
+    changed); its MLP gets the float32 orthogonal matrix, rounded, and the same one as float32."""
+    half, single = tiny_vit().to(dtype), tiny_vit()
+    skipless_(half, orthogonal_mlp=True, generator=gen(3))
+    skipless_(single, orthogonal_mlp=True, generator=gen(3))
+    fc1 = half.blocks[0].mlp.fc1.weight
+    assert fc1.dtype == dtype
+    torch.testing.assert_close(fc1, single.blocks[0].mlp.fc1.weight.to(dtype), rtol=0, atol=0)
+
+
 def test_skipless_init_rejects_bad_input():
     with pytest.raises(ValueError, match="model has no timm-style attention"):
         skipless_(nn.Sequential(nn.Linear(4, 4)))

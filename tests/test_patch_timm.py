@@ -294,6 +294,27 @@ def test_attention_condition_numbers_refuse_attention_they_cannot_model():
         lucidops.conditioning.attention_condition_numbers(eva, torch.randn(1, 3, 28, 28))
 
 
+def test_attention_condition_numbers_refuse_masked_attention():
+    """A block called with an attention mask (padded tokens) was modelled unmasked, silently."""
+    torch.manual_seed(0)
+    vit = tiny_vit(depth=1)
+
+    class Padded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, x):
+            tokens = self.vit.patch_embed(x)
+            mask = torch.ones(x.shape[0], 1, 1, tokens.shape[1], dtype=torch.bool)
+            mask[..., -3:] = False
+            return self.vit.blocks[0].attn(tokens, attn_mask=mask)
+
+    with pytest.raises(ValueError, match="'vit.blocks.0.attn' was called with an attention mask"):
+        lucidops.conditioning.attention_condition_numbers(Padded(), torch.randn(1, 3, 64, 64))
+    assert len(lucidops.conditioning.attention_condition_numbers(vit, torch.randn(1, 3, 64, 64))) == 1
+
+
 def test_leaner_reads_the_hidden_width_of_gated_mlps():
     """EVA-02's SwiGLU fc1 holds gate and value (2x the hidden width): the ratio is fc2's."""
     report = lucidops.patch.leaner("eva02_tiny_patch14_224", heads_factor=2, depth_divisor=2, img_size=28)

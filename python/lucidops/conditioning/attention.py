@@ -85,7 +85,7 @@ def attention_condition_numbers(model: nn.Module, x: Tensor) -> List[LayerCondit
     for name, module in model.named_modules():
         if _is_attention(module):
             hooks.append(module.register_forward_pre_hook(
-                lambda mod, args, _name=name: captured.append((_name, mod, args[0]))))
+                lambda mod, args, kwargs, _name=name: captured.append((_name, mod, args, kwargs)), with_kwargs=True))
     if not hooks:
         others = sorted({type(m).__name__ for m in model.modules() if _looks_like_attention(m)})
         raise ValueError("model has no timm ViT Attention or lucidops ManyHeadAttention module"
@@ -100,8 +100,15 @@ def attention_condition_numbers(model: nn.Module, x: Tensor) -> List[LayerCondit
         for hook in hooks:
             hook.remove()
     results = []
-    for name, module, inp in captured:
-        heads = head_outputs(module, inp)  # (B, H, N, d)
+    for name, module, args, kwargs in captured:
+        # The block is modelled unmasked: a mask (timm passes attn_mask, e.g. NaFlexViT's
+        # padding) would make the diagnostic that of another function, silently.
+        mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
+        if mask is not None or kwargs.get("is_causal", args[2] if len(args) > 2 else False):
+            raise ValueError(f"attention_condition_numbers models unmasked, non-causal attention, but layer {name!r} "
+                             "was called with an attention mask or is_causal (e.g. padded tokens): its kappa would be "
+                             "of another function")
+        heads = head_outputs(module, args[0])  # (B, H, N, d)
         b, h, n, d = heads.shape
         block = heads.permute(0, 2, 1, 3).reshape(b, n, h * d)
         results.append(LayerConditioning(name, condition_number(block), condition_number(heads)))

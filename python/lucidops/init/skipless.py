@@ -87,7 +87,12 @@ def skipless_(model: nn.Module, alpha: float = 0.2, beta: float = 1.0, vo_scale:
                 continue
             for lin in mlp.modules():
                 if isinstance(lin, nn.Linear):
-                    nn.init.orthogonal_(lin.weight, generator=generator)
+                    # PyTorch's QR has no half kernels: half weights get a float32 matrix, rounded
+                    # (before, fp16/bf16 models raised midway, their attention already changed).
+                    compute = torch.promote_types(lin.weight.dtype, torch.float32)
+                    ortho = torch.empty(lin.weight.shape, dtype=compute, device=lin.weight.device)
+                    nn.init.orthogonal_(ortho, generator=generator)
+                    lin.weight.copy_(ortho)
                     if lin.bias is not None:
                         lin.bias.zero_()
     return model

@@ -186,3 +186,21 @@ def test_freeze_spatial_mixing_rejects_models_without_spatial_mixers():
         freeze_spatial_mixing(nn.Conv2d(4, 4, 3, groups=4))
     with pytest.raises(ValueError, match="no FrozenRandomDepthwise"):
         unfreeze_spatial_mixing(resnet_style())
+
+
+def test_depthwise_convs_left_trainable_are_named():
+    """timm's Conv2dSame (a Conv2d subclass with its own padding), reflect padding and channel
+    multipliers are not replaced (FrozenRandomDepthwise would change their function); they
+    kept training with nothing said (tf_efficientnet_b0: 4 of 16)."""
+
+    class SamePadded(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(F.pad(x, (1, 1, 1, 1)))
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), SamePadded(4, 4, 3, groups=4),
+                          nn.Conv2d(4, 4, 3, padding=1, groups=4, padding_mode="reflect"),
+                          nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.Conv2d(4, 4, 1, groups=4))
+    with pytest.warns(RuntimeWarning, match=r"3 depthwise-like conv\(s\) left trainable .*: 1, 2, 3"):
+        handle = freeze_spatial_mixing(model)
+    assert handle.paths == ["0"] and "left trainable" in handle.notes[0]
+    assert model[1].weight.requires_grad and model[2].weight.requires_grad

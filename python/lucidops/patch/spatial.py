@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Tuple, Union, cast
 
 import torch
@@ -17,6 +18,15 @@ def _is_spatial_mixer(module: nn.Module) -> bool:
     # Depthwise: one filter per channel, no channel mixing, and a real spatial extent.
     return (type(module) is nn.Conv2d and module.groups == module.in_channels == module.out_channels
             and module.kernel_size != (1, 1) and module.padding_mode == "zeros")
+
+
+def _depthwise_left_trainable(model: nn.Module) -> List[str]:
+    """Depthwise-like convs :func:`freeze_spatial_mixing` does not replace: Conv2d subclasses
+    with their own forward (timm's Conv2dSame), padding modes other than zeros, channel
+    multipliers (groups == in_channels < out_channels)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and not _is_spatial_mixer(m) and m.groups == m.in_channels > 1
+            and m.out_channels % m.in_channels == 0 and m.kernel_size != (1, 1)]
 
 
 def spatial_mixers(model: nn.Module) -> List[str]:
@@ -62,6 +72,13 @@ def freeze_spatial_mixing(model: nn.Module, init: Optional[str] = None,
     handle = PatchHandle(model, settings=dict(init=init, **init_kwargs))
     for name, frozen in built:
         handle.swap_child(model, name, frozen)
+    left = _depthwise_left_trainable(model)
+    if left:  # they still train: an experiment on frozen spatial mixing must know
+        note = (f"{len(left)} depthwise-like conv(s) left trainable (a Conv2d subclass with its own forward, a "
+                f"padding mode other than zeros, or a channel multiplier): {', '.join(left[:4])}"
+                + (" ..." if len(left) > 4 else ""))
+        handle.notes.append(note)
+        warnings.warn(f"lucidops.patch.freeze_spatial_mixing: {note}", RuntimeWarning, stacklevel=2)
     return handle
 
 

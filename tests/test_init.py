@@ -164,6 +164,20 @@ from lucidops.init import impulse_, kernel_offsets  # noqa: E402
 from lucidops.init.impulse import shift_matrix  # noqa: E402
 
 
+def test_skipless_patch_warns_about_small_layer_scales():
+    """With timm's init_values=1e-5 and no residual, each block multiplies the signal by 1e-5:
+    four blocks left the logits' input gradient at 1.7e-22, with nothing said."""
+    import warnings
+
+    with pytest.warns(RuntimeWarning, match=r"2 block\(s\) keep LayerScale gammas as small as 1e-05"):
+        handle = skipless(tiny_vit(init_values=1e-5))
+    assert "LayerScale" in handle.notes[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        skipless(tiny_vit(init_values=1.0))  # unit gammas: nothing to say
+        skipless(tiny_vit())
+
+
 def test_kernel_offsets_order():
     assert kernel_offsets(1) == [(0, 0)]
     offs = kernel_offsets(3)

@@ -8,6 +8,7 @@ returned handle's ``revert()`` or with :func:`undo_skipless`. timm is imported o
 
 from __future__ import annotations
 
+import warnings
 from typing import List, Tuple
 
 from torch import Tensor, nn
@@ -55,7 +56,27 @@ def skipless(model: nn.Module) -> PatchHandle:
     for name, block in blocks:
         handle.set_instance_attrs(name, block, {"forward": InstanceMethod(_skipless_forward, block), _MARK: True},
                                   after=f"{describe(block)} (forward -> no residuals)")
+    small = _small_layer_scales(blocks)
+    if small:
+        note = (f"{len(small)} block(s) keep LayerScale gammas as small as {min(g for _, g in small):.3g} (timm's "
+                "init_values): without the residual each block multiplies the signal by them, and a few blocks "
+                "leave nothing of the input; set the gammas to 1 or build the model without init_values")
+        handle.notes.append(note)
+        warnings.warn(f"lucidops.patch.skipless: {note}", RuntimeWarning, stacklevel=2)
     return handle
+
+
+def _small_layer_scales(blocks: List[Tuple[str, nn.Module]], below: float = 0.1) -> List[Tuple[str, float]]:
+    """(block name, smallest |gamma|) of blocks whose LayerScale (ls1/ls2) holds a gamma
+    below ``below`` in magnitude (timm's init_values is typically 1e-5 to 0.1)."""
+    out = []
+    for name, block in blocks:
+        gammas = [getattr(getattr(block, ls, None), "gamma", None) for ls in ("ls1", "ls2")]
+        smallest = [float(g.detach().abs().min()) for g in gammas
+                    if isinstance(g, Tensor) and g.numel() and g.device.type != "meta"]
+        if smallest and min(smallest) < below:
+            out.append((name, min(smallest)))
+    return out
 
 
 def undo_skipless(model: nn.Module) -> nn.Module:

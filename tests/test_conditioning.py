@@ -44,6 +44,10 @@ def test_condition_number_of_orthogonal_is_one_and_rank_deficient_is_inf():
     assert abs(condition_number(q).item() - 1) < 1e-12
     r1 = torch.randn(5, 1, dtype=torch.float64) @ torch.randn(1, 4, dtype=torch.float64)
     assert condition_number(r1).item() > 1e12  # exactly rank 1: inf or round-off huge
+    assert condition_number(torch.zeros(2, 3, 3)).tolist() == [math.inf, math.inf]  # rank 0 (was NaN)
+    for bad in (math.inf, math.nan):  # inf gave NaN silently, NaN LAPACK's error
+        with pytest.raises(ValueError, match="x must be finite"):
+            condition_number(torch.tensor([[1.0, 0.0], [0.0, bad]]))
 
 
 def test_condition_number_low_precision_and_empty_batch():

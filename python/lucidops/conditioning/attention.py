@@ -15,6 +15,8 @@ from typing import List, cast
 import torch
 from torch import Tensor, nn
 
+from .tokens import condition_number
+
 
 @dataclass
 class LayerConditioning:
@@ -25,10 +27,6 @@ class LayerConditioning:
     heads: Tensor
 
 
-def condition_number(a: Tensor) -> Tensor:
-    """sigma_max / sigma_min over the last two dims (inf for a rank-deficient matrix)."""
-    s = torch.linalg.svdvals(a)
-    return s[..., 0] / s[..., -1]
 
 
 def _is_attention(module: nn.Module) -> bool:

@@ -23,6 +23,7 @@ is the exact gradient wherever X has full rank.
 
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -50,13 +51,18 @@ def condition_number(x: Tensor) -> Tensor:
     """Spectral condition number sigma_max / sigma_min of each matrix in ``x`` (..., m, n).
 
     Uses the min(m, n) singular values, so a wide or tall matrix of full rank is finite;
-    a rank-deficient matrix gives ``inf`` or, through round-off, a huge value. Returns a tensor of shape ``x.shape[:-2]`` in
+    a rank-deficient matrix (the zero matrix too) gives ``inf`` or, through round-off, a huge
+    value; non-finite values are a ValueError. Returns a tensor of shape ``x.shape[:-2]`` in
     the compute precision (float64 for float64 input, else float32). Empty batches are
     allowed; empty matrices are not. Differentiable where the singular values are distinct.
     """
     _matrix_batch(x, "x")
+    values = _validate.readable_values(x)
+    if values is not None and not bool(torch.isfinite(values).all()):  # an inf gave NaN, a NaN LAPACK's error
+        raise ValueError("x must be finite to have a condition number, got non-finite values")
     s = torch.linalg.svdvals(x.to(_compute_dtype(x)))
-    return s[..., 0] / s[..., -1]
+    # An all-zero matrix has rank 0: inf, as for any rank-deficient one (0 / 0 gave NaN).
+    return torch.where(s[..., 0] > 0, s[..., 0] / s[..., -1], torch.full_like(s[..., 0], math.inf))
 
 
 def _negligible(s: Tensor, rows: int, cols: int) -> Tensor:

@@ -281,6 +281,16 @@ def test_impulse_rejects_bad_input():
     with pytest.raises(ValueError, match="pos_embed"):
         impulse_(model, pos_scale=2.0)
     assert torch.equal(model.pos_embed, before)
+    # An attention of another width further down: refused before pos_embed or the first block
+    # is changed (both were, before).
+    model = tiny_vit(depth=2)
+    model.blocks[1].attn = timm.layers.Attention(16, num_heads=2)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="width 32 differs from the attention width 16 of 'blocks.1.attn'"):
+        impulse_(model, pos_scale=2.0)
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="meta device"):
+        impulse_(tiny_vit(depth=1).to("meta"))
 
 
 # ---------------------------------------------------------------- skipless training (seeded, short)

@@ -108,6 +108,13 @@ def impulse_(model: nn.Module, kernel_size: int = 3, qk_scale: float = 7.0, v_al
     if pinv_rank is not None:
         _validate.integer(pinv_rank, "pinv_rank", minimum=1)
     pos, grid = _patch_positions(model)  # validates the model before anything is changed
+    if pos.device.type == "meta":
+        raise ValueError("impulse_ computes the attention from pos_embed's values, which a model on the meta device "
+                         "does not have: initialise it on a real device")
+    for name, attn in layers:  # every layer checked before the first is changed
+        if pos.shape[1] != cast(nn.Linear, attn.qkv).in_features:
+            raise ValueError(f"model.pos_embed width {pos.shape[1]} differs from the attention width "
+                             f"{cast(nn.Linear, attn.qkv).in_features} of {name!r}")
     if pos_scale is not None:
         pos_scale = _validate.real_number(pos_scale, "pos_scale", "> 0")
         cast(torch.Tensor, model.pos_embed).mul_(pos_scale)  # a timm ViT's pos_embed (checked just above)
@@ -119,8 +126,6 @@ def impulse_(model: nn.Module, kernel_size: int = 3, qk_scale: float = 7.0, v_al
         qkv, proj = cast(nn.Linear, attn.qkv), cast(nn.Linear, attn.proj)
         dim, heads, hd = qkv.in_features, cast(int, attn.num_heads), cast(int, attn.head_dim)
         inner = heads * hd
-        if pos.shape[1] != dim:
-            raise ValueError(f"model.pos_embed width {pos.shape[1]} differs from the attention width {dim}")
         norm = norms.get(id(attn))
         if isinstance(norm, nn.LayerNorm):
             p = F.layer_norm(pos, norm.normalized_shape, norm.weight.double() if norm.weight is not None else None,

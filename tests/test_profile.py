@@ -391,7 +391,7 @@ def test_report_rejects_bad_arguments():
     with pytest.raises(TypeError, match="model"):
         lucidops.profile.report(lambda t: t, x)
     with pytest.raises(TypeError, match="inputs"):
-        lucidops.profile.report(model, 3)
+        lucidops.profile.report(model, None)
     with pytest.raises(ValueError, match="device"):
         lucidops.profile.report(model, x, device="tpu")
     with pytest.raises(ValueError, match="device"):

@@ -3,26 +3,24 @@ backward is profiled, and a backward that leaves every ``.grad`` as it was."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Any, Iterator, List, Sequence, Tuple, Union, cast
+from typing import Any, List, Sequence, Tuple, Union, cast
 
-import torch
-from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch import Tensor, nn
 
 Inputs = Union[Tensor, Sequence[Any]]
 
 
 def check_inputs(inputs: Any) -> Tuple[Any, ...]:
-    """``inputs`` as the tuple of positional arguments: a tensor is the one argument, a
-    tuple or list holds them (a tuple/list argument goes inside one: ``((a, b),)``)."""
-    if isinstance(inputs, Tensor):
-        return (inputs,)
-    if isinstance(inputs, (tuple, list)) and inputs:
+    """``inputs`` as the tuple of positional arguments: a tuple or list holds them (an empty
+    tuple: a model without arguments); any other value (a tensor, a dict) is the one argument.
+    A tuple/list argument goes inside one: ``((a, b),)``."""
+    if isinstance(inputs, (tuple, list)):
         return tuple(inputs)
-    raise TypeError("inputs must be a tensor or a non-empty tuple/list of the model's positional arguments, "
-                    f"got {type(inputs).__name__}")
+    if inputs is None:
+        raise TypeError("inputs must be the model's positional arguments (a tensor, a dict, or a tuple/list of "
+                        "them), got None")
+    return (inputs,)
 
 
 def float_tensors(value: Any) -> List[Tensor]:
@@ -68,46 +66,27 @@ def graph_leaves(root: Tensor) -> List[Tensor]:
     return leaves
 
 
-def backward(output: Any) -> None:
-    """The backward of :func:`loss` of ``output``, every gradient a ``backward()`` would
-    form, returned by ``torch.autograd.grad`` and dropped: no ``.grad`` field changes (a
-    count taken mid-training must not add to the gradients), no accumulate-grad hook runs."""
+def backward(output: Any, model: Any = None) -> None:
+    """The backward of :func:`loss` of ``output``, leaving every ``.grad`` as it was.
+
+    Each leaf the graph accumulates into (parameters, inputs, tensors a function closes
+    over, at any nesting) and each of ``model``'s parameters (those a reentrant checkpoint
+    hides from the outer graph) gets ``.grad = None`` for the backward and its own ``.grad``
+    object back after it: a count taken mid-training adds nothing to the gradients. A plain
+    ``backward()`` (not ``torch.autograd.grad``): reentrant checkpointing refuses the latter.
+    Gradient hooks run as in any backward."""
     scalar = loss(output)
     if not scalar.requires_grad:
         raise ValueError("backward=True but neither the model's parameters nor the inputs require grad "
                          "(nor any tensor the output depends on)")
-    leaves = graph_leaves(scalar)
-    if leaves:
-        torch.autograd.grad(scalar, leaves, allow_unused=True)
-
-
-def _viewed(value: Any) -> Any:
-    """``value`` with every leaf tensor that requires grad replaced by a view of it (None
-    when it holds none, which keeps the value as it is)."""
-    flat, _ = tree_flatten(value)
-    if not torch.is_grad_enabled():  # no graph, no backward: a view made here would be a leaf-like orphan
-        return None
-    if not any(isinstance(t, Tensor) and t.requires_grad and t.is_leaf for t in flat):
-        return None
-    return tree_map(lambda t: t.view_as(t) if isinstance(t, Tensor) and t.requires_grad and t.is_leaf else t,
-                    value)
-
-
-@contextlib.contextmanager
-def leaves_enter_modules_as_views() -> Iterator[None]:
-    """Leaf tensors go in and out of modules through a view while the block runs.
-
-    FlopCounterMode's module tracker hooks the gradients of every module's inputs and
-    outputs, and ``torch.autograd.grad`` refuses such hooks on a leaf ("A leaf node was
-    passed to _will_engine_execute_node"): an input that requires grad, or a parameter a
-    module passes to a submodule or returns. A view has the same values and gradient.
-    Enter it before the counter, so that these hooks run before the tracker's."""
-    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-
-    pre = register_module_forward_pre_hook(lambda module, args: _viewed(args))
-    post = register_module_forward_hook(lambda module, args, output: _viewed(output))
+    leaves = {id(t): t for t in graph_leaves(scalar)}
+    if isinstance(model, nn.Module):
+        leaves.update((id(p), p) for p in model.parameters() if p.requires_grad)
+    saved = [(t, t.grad) for t in leaves.values()]
+    for t, _ in saved:
+        t.grad = None
     try:
-        yield
+        scalar.backward()
     finally:
-        pre.remove()
-        post.remove()
+        for t, grad in saved:
+            t.grad = grad

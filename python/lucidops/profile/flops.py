@@ -116,20 +116,19 @@ def eager_calls(model: Any) -> Iterator[Any]:
 def count_flops(model: Callable, inputs: Inputs, *, backward: bool = False) -> Dict[str, int]:
     """FLOPs of ``model(*inputs)`` by op, with torch's FlopCounterMode (plus "total").
 
-    ``inputs``: a tensor, or a tuple/list of the positional arguments (as :func:`report`).
-    With ``backward=True`` the backward pass of the sum of the floating outputs (a tensor,
-    tuple or dict, as :func:`report`) is counted too, with ``torch.autograd.grad``: no
+    ``inputs``: a tuple/list of the positional arguments (``()`` for none), or the one
+    argument (a tensor, a dict), as :func:`report`. With ``backward=True`` the backward pass
+    of the sum of the floating outputs (a tensor, tuple or dict) is counted too, and no
     ``.grad`` field changes, whichever tensors the output depends on (parameters, inputs,
     tensors a function closes over). A ``torch.compile``'d model, or one compiled in place,
     is counted through its eager original (see :func:`eager`).
     """
     args = _run.check_inputs(inputs)
     counter = FlopCounterMode(display=False)
-    views = _run.leaves_enter_modules_as_views() if backward else contextlib.nullcontext()
-    with eager_calls(model) as counted, views, counter:
+    with eager_calls(model) as counted, counter:
         out = counted(*args)
         if backward:
-            _run.backward(out)
+            _run.backward(out, counted)
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     by_op["total"] = int(counter.get_total_flops())
     return by_op

@@ -26,14 +26,13 @@ parameters and FLOPs are counted: ``peak_memory_bytes`` is None and ``latency_s`
 
 The model runs as it is (train or eval mode, its dtype); ``device`` moves it (in place,
 as ``nn.Module.to`` does: to "meta" drops its weights) and the inputs there.
-``backward=True`` takes gradients with ``torch.autograd.grad``, so no ``.grad`` field
-changes. A model compiled in place (``model.compile()``) is counted as a ``torch.compile``'d
+``backward=True`` runs a plain backward and gives every leaf its own ``.grad`` back after
+it, so no ``.grad`` field changes (gradient hooks run as in any backward). A model compiled in place (``model.compile()``) is counted as a ``torch.compile``'d
 one, through its eager forward (:func:`lucidops.profile.eager_calls`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import resource
@@ -198,14 +197,14 @@ def _step(model: nn.Module, args: Tuple[Any, ...], backward: bool) -> Any:
         with torch.no_grad():
             return model(*args)
     out = model(*args)
-    _run.backward(out)
+    _run.backward(out, model)
     return out
 
 
 def _counted_step(model: nn.Module, args: Tuple[Any, ...], backward: bool, depth: int) -> FlopCounterMode:
     """A FlopCounterMode that watched one step of ``model`` (its eager original)."""
     counter = FlopCounterMode(display=False, depth=depth)
-    with _run.leaves_enter_modules_as_views() if backward else contextlib.nullcontext(), counter:
+    with counter:
         _step(model, args, backward)
     return counter
 

@@ -127,9 +127,11 @@ def test_bad_contents(tmp_path):
         f.create_dataset("data", data=data)
         f.create_dataset("label", data=np.array([[0.0], [1.0]], np.float32))
     loaded = ModelNet40(tmp_path, num_points=4)
-    assert loaded[np.int64(1)][1].item() == 1
-    with pytest.raises(TypeError, match="index must be an int"):
-        loaded[0:2]
+    assert loaded[np.int64(1)][1].item() == 1 and loaded[torch.tensor(1)][1].item() == 1
+    assert torch.utils.data.Subset(loaded, torch.arange(2))[1][1].item() == 1
+    for bad in (slice(0, 2), 1.0, True):
+        with pytest.raises(TypeError, match="index must be an integer"):
+            loaded[bad]
 
 
 def test_clear_import_error_without_h5py(folder, monkeypatch):

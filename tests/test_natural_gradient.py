@@ -275,6 +275,12 @@ def test_group_settings_and_added_groups_are_checked():
     assert len(opt.param_groups) == 1
     opt.add_param_group(other)  # an encoder, as the constructor takes
     assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.01
+    third = GaussianPointEncoder(4, 8)
+    opt.add_param_group({"params": [third.means, third.factor], "roles": ["means", "factor"],
+                         "lr": torch.tensor(0.1)})  # a tensor lr, as torch's optimizers take
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        opt.add_param_group({"params": [third.means, third.factor], "roles": ["means", "factor"],
+                             "lr": torch.tensor(-0.1)})
 
 
 def test_a_zero_on_the_diagonal_of_l_is_named():

@@ -204,3 +204,11 @@ def test_depthwise_convs_left_trainable_are_named():
         handle = freeze_spatial_mixing(model)
     assert handle.paths == ["0"] and "left trainable" in handle.notes[0]
     assert model[1].weight.requires_grad and model[2].weight.requires_grad
+    handle.revert()
+    for conv in model[1:4]:
+        conv.requires_grad_(False)  # frozen by the user already: nothing to say
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not freeze_spatial_mixing(model).notes

@@ -11,6 +11,7 @@ looked up in the folder. h5py is needed (``pip install lucidops[data]``).
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import List, Optional, Tuple
 
@@ -136,9 +137,13 @@ class ModelNet40(Dataset):
         return int(self.data.shape[0])
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"index must be an int (one cloud; a DataLoader batches them), got {type(index).__name__}")
-        index = int(index)
+        try:  # an int, a numpy integer or a one-element integer tensor (Subset(ds, torch.arange(n)))
+            if isinstance(index, bool):
+                raise TypeError
+            index = operator.index(index)
+        except TypeError:
+            raise TypeError(f"index must be an integer (one cloud; a DataLoader batches them), got "
+                            f"{type(index).__name__}") from None
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):

@@ -240,6 +240,8 @@ def _checked_group(item) -> Dict:
 
 def _check_hyperparameters(group: Dict, where: str) -> None:
     lr, momentum, damping = group["lr"], group["momentum"], group["damping"]
+    if isinstance(lr, Tensor) and lr.numel() == 1:  # torch's optimizers take a tensor lr (schedulers, capturable)
+        lr = float(lr.detach())
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"{where}lr must be > 0, got {lr!r}")
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:

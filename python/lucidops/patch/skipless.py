@@ -58,7 +58,7 @@ def skipless(model: nn.Module) -> PatchHandle:
                                   after=f"{describe(block)} (forward -> no residuals)")
     small = _small_layer_scales(blocks)
     if small:
-        note = (f"{len(small)} block(s) keep LayerScale gammas as small as {min(g for _, g in small):.3g} (timm's "
+        note = (f"{len(small)} block(s) keep LayerScale gammas all below {max(g for _, g in small):.3g} (timm's "
                 "init_values): without the residual each block multiplies the signal by them, and a few blocks "
                 "leave nothing of the input; set the gammas to 1 or build the model without init_values")
         handle.notes.append(note)
@@ -67,15 +67,17 @@ def skipless(model: nn.Module) -> PatchHandle:
 
 
 def _small_layer_scales(blocks: List[Tuple[str, nn.Module]], below: float = 0.1) -> List[Tuple[str, float]]:
-    """(block name, smallest |gamma|) of blocks whose LayerScale (ls1/ls2) holds a gamma
-    below ``below`` in magnitude (timm's init_values is typically 1e-5 to 0.1)."""
+    """(block name, largest |gamma|) of blocks with a LayerScale (ls1/ls2) whose every gamma
+    is below ``below`` in magnitude: the whole branch scaled down (timm's init_values, 1e-5 to
+    0.1), not a trained scale with some small channels."""
     out = []
     for name, block in blocks:
         gammas = [getattr(getattr(block, ls, None), "gamma", None) for ls in ("ls1", "ls2")]
-        smallest = [float(g.detach().abs().min()) for g in gammas
-                    if isinstance(g, Tensor) and g.numel() and g.device.type != "meta"]
-        if smallest and min(smallest) < below:
-            out.append((name, min(smallest)))
+        largest = [float(g.detach().abs().max()) for g in gammas
+                   if isinstance(g, Tensor) and g.numel() and g.device.type != "meta"]
+        small = [g for g in largest if g < below]
+        if small:
+            out.append((name, min(small)))
     return out
 
 

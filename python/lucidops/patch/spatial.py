@@ -21,11 +21,12 @@ def _is_spatial_mixer(module: nn.Module) -> bool:
 
 
 def _depthwise_left_trainable(model: nn.Module) -> List[str]:
-    """Depthwise-like convs :func:`freeze_spatial_mixing` does not replace: Conv2d subclasses
+    """Trainable depthwise-like convs :func:`freeze_spatial_mixing` does not replace: Conv2d subclasses
     with their own forward (timm's Conv2dSame), padding modes other than zeros, channel
     multipliers (groups == in_channels < out_channels)."""
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and not _is_spatial_mixer(m) and m.groups == m.in_channels > 1
+            if isinstance(m, nn.Conv2d) and not _is_spatial_mixer(m) and m.weight.requires_grad
+            and m.groups == m.in_channels > 1
             and m.out_channels % m.in_channels == 0 and m.kernel_size != (1, 1)]
 
 

@@ -615,3 +615,16 @@ def test_cpp_spatial_order_is_the_stable_morton_order(dtype, n):
     assert torch.equal(order, torch.argsort(codes, stable=True))
     with pytest.raises(RuntimeError, match="points must be"):
         _ext.load("cpu").gaussian_spatial_order(points[:, :2])
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] in ("cpp", "triton")])
+def test_backward_refuses_out_of_range_argmax(backend, device):
+    """The raw backward op with an arg-max index outside the cloud: the triton launcher read
+    out of bounds (the cpp and cuda kernels checked already)."""
+    m, p, w, _ = make_params(3, 4, torch.float32, device)
+    x = make_points((2, 5), torch.float32, device)
+    grad = torch.ones(2, 4, device=device)
+    for bad in (5, -1):
+        arg = torch.full((2, 4), bad, dtype=torch.long, device=device)
+        with lucidops.use_backend(backend), pytest.raises((ValueError, RuntimeError), match="argmax out of range"):
+            torch.ops.lucidops.gaussian_mixture_backward(grad, x, m, p, w, arg, True, None)

@@ -324,6 +324,11 @@ def forward(points: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor,
 def backward_max(grad, points, means, precisions, weight, argmax, half, cull: bool):
     B, N, _ = points.shape
     G, K = means.shape[0], weight.shape[0]
+    # Out-of-range indices would read out of bounds: checked, as the cpu and cuda kernels do (one sync).
+    if argmax.numel() > 0:
+        low, high = torch.aminmax(argmax)
+        if int(low) < 0 or int(high) >= N:
+            raise ValueError(f"lucidops triton kernel: argmax out of range [0, {N}), got [{int(low)}, {int(high)}]")
     block_g, n_gb = _block_g(G)
     dev, dt = points.device, points.dtype
     n_kb = triton.cdiv(K, BACKWARD_BLOCK_K)

@@ -214,6 +214,32 @@ def test_conditioned_embedding_in_a_timm_vit():
     assert (condition_number(seen["tokens"].double()) <= 2 + 1e-3).all()
 
 
+def test_conditioned_embedding_keeps_the_checkpoint_keys():
+    """Wrapping renamed patch_embed.proj.* to patch_embed.embed.proj.*: a pretrained checkpoint
+    failed to load strictly (or, with strict=False, left the embedding random)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kwargs = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    plain = timm.create_model("vit_tiny_patch16_224", **kwargs)
+    wrapped = timm.create_model("vit_tiny_patch16_224", **kwargs)
+    wrapped.patch_embed = ConditionedEmbedding(wrapped.patch_embed)
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    wrapped.load_state_dict(plain.state_dict())  # strict
+    assert torch.equal(wrapped.patch_embed.embed.proj.weight, plain.patch_embed.proj.weight)
+    fresh = timm.create_model("vit_tiny_patch16_224", **kwargs)
+    fresh.load_state_dict(wrapped.state_dict())  # and back
+    assert torch.equal(fresh.patch_embed.proj.weight, plain.patch_embed.proj.weight)
+    # a state saved by the wrapped module before (keys under embed.) still loads
+    old_keys = {k.replace("patch_embed.", "patch_embed.embed.", 1) if k.startswith("patch_embed.") else k: v
+                for k, v in plain.state_dict().items()}
+    again = timm.create_model("vit_tiny_patch16_224", **kwargs)
+    again.patch_embed = ConditionedEmbedding(again.patch_embed)
+    again.load_state_dict(old_keys)
+    assert torch.equal(again.patch_embed.embed.proj.weight, plain.patch_embed.proj.weight)
+    copied = copy.deepcopy(wrapped)
+    assert list(copied.state_dict()) == list(plain.state_dict())
+
+
 def test_conditioned_embedding_of_a_dynamic_size_vit_conditions_each_image():
     """timm's dynamic_img_size embeddings return (B, H, W, C) grids: each image's H * W tokens
     are its matrix (before, each grid row was conditioned on its own, kappa up to 5.6)."""

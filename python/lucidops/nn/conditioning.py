@@ -19,7 +19,10 @@ class ConditionedEmbedding(nn.Module):
         model.patch_embed = ConditionedEmbedding(model.patch_embed)
 
     Attributes the wrapped embedding has (``num_patches``, ``grid_size``, ...) stay
-    readable through the wrapper. No parameters of its own.
+    readable through the wrapper. No parameters of its own, and the wrapped embedding's
+    state-dict keys stay its own (``patch_embed.proj.weight``, not
+    ``patch_embed.embed.proj.weight``): a checkpoint of the plain model loads into the
+    wrapped one and back (keys with ``embed.`` are read too).
     """
 
     def __init__(self, embed: Optional[nn.Module] = None, strength: float = 1.0):
@@ -28,6 +31,8 @@ class ConditionedEmbedding(nn.Module):
             raise TypeError(f"embed must be an nn.Module or None, got {type(embed).__name__}")
         self.strength = _validate.real_number(strength, "strength", "> 0")
         self.embed = embed
+        self.register_state_dict_post_hook(_drop_embed_prefix)
+        self.register_load_state_dict_pre_hook(_add_embed_prefix)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.embed is not None:
@@ -63,3 +68,21 @@ class ConditionedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"strength={self.strength:g}"
+
+
+def _drop_embed_prefix(module: ConditionedEmbedding, state_dict, prefix: str, local_metadata) -> None:
+    """Save the wrapped embedding's entries under the keys it has unwrapped (in order)."""
+    inner = prefix + "embed."
+    keys = [k for k in state_dict if k.startswith(inner)]
+    for key in keys:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _add_embed_prefix(module: ConditionedEmbedding, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
+    """Read the unwrapped keys into the wrapped embedding (and keys already under ``embed.``)."""
+    if module.embed is None:
+        return
+    inner = prefix + "embed."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)

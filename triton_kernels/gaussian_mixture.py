@@ -204,8 +204,11 @@ def scatter_points_kernel(arg_ptr, g_ptr, gx_ptr, N, K, BLOCK_N: tl.constexpr, B
     n. One program per (cloud, block of points) walks the channels in blocks, in order, so
     the sum is the same every run (scatter_add_ on CUDA adds with atomics in whatever order
     they land). Reads (B, K) arg-max indices and (B, K, 3) per-channel gradients."""
-    b = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # A 1-D grid of B * blocks programs (grid axis 0 takes 2^31 - 1; axis 1 only 65535).
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(N, BLOCK_N)
+    b = pid // blocks
+    offs_n = (pid % blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc0 = tl.zeros((BLOCK_N,), dtype=gx_ptr.dtype.element_ty)
     acc1 = tl.zeros((BLOCK_N,), dtype=gx_ptr.dtype.element_ty)
     acc2 = tl.zeros((BLOCK_N,), dtype=gx_ptr.dtype.element_ty)
@@ -348,8 +351,8 @@ def backward_max(grad, points, means, precisions, weight, argmax, half, cull: bo
     gx_bk = (gx_part[0] if n_gb == 1 else gx_part.sum(dim=0)).contiguous()
     gx = torch.empty_like(points)
     if B > 0 and N > 0:
-        scatter_points_kernel[(B, triton.cdiv(N, SCATTER_BLOCK_N))](argmax.contiguous(), gx_bk, gx, N, K,
-                                                                  BLOCK_N=SCATTER_BLOCK_N, BLOCK_K=SCATTER_BLOCK_K)
+        scatter_points_kernel[(B * triton.cdiv(N, SCATTER_BLOCK_N),)](argmax.contiguous(), gx_bk, gx, N, K,
+                                                                    BLOCK_N=SCATTER_BLOCK_N, BLOCK_K=SCATTER_BLOCK_K)
     return gx, gmp[:, :3].clone(), gmp[:, 3:].clone(), gw_part.sum(dim=0), grad.sum(dim=0)  # no aliasing outputs
 
 

@@ -105,6 +105,20 @@ def test_a_teacher_in_another_dtype_reads_points_in_its_own():
                      progress=False)
     assert result.steps == 2 and student.means.dtype == torch.float64 and teacher.conv1[0].weight.dtype == torch.float32
 
+    class TransformingTeacher(torch.nn.Module):  # per-cloud rows (transforms) reach it in its dtype too
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 4)
+
+        def forward(self, x, transform):
+            return self.lin(x @ transform)
+
+    transforms = torch.eye(3).expand(3, 3, 3).contiguous()
+    result = distill(TransformingTeacher(), torch.nn.Linear(3, 4).double(), torch.rand(3, 50, 3), steps=2,
+                     batch_size=2, points_per_cloud=16, optimizer="adamw", per_cloud=[transforms],
+                     input_transform=lambda x, t: x, progress=False)
+    assert result.steps == 2
+
 
 def test_cloud_cubes_and_sampling():
     clouds = [torch.tensor([[0.0, 0.0, 0.0], [2.0, 1.0, 0.5]]), torch.tensor([[-1.0, -3.0, 1.0], [1.0, 1.0, 1.0]])]

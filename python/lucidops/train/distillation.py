@@ -150,7 +150,8 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
                 points = sample_cube_points(centres[idx], half[idx], points_per_cloud, gen)
                 rows = [None if t is None else t[idx] for t in context]
                 with torch.no_grad():
-                    target = teacher_fn(points.to(teacher_dtype), *rows)
+                    target = teacher_fn(points.to(teacher_dtype),
+                                        *[None if r is None else r.to(teacher_dtype) for r in rows])
                     student_in = input_transform(points, *rows) if input_transform is not None else points
                 if step == 0:
                     _check_target(target, batch_size, points_per_cloud)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .. import _validate
 from ..models.pointnet import PointNet
 from ..nn.gaussian_mixture import GaussianPointEncoder
+from ..reference.gaussian_mixture import gaussian_phi
 from .cubes import cloud_cubes, sample_cube_points
 from .loop import (DistillResult, TrainingMode, broadcast_module, build_optimizers, check_common,
                    dist_info, dtype_of, optimizer_step, progress_bar, resolve_device,
@@ -183,13 +184,9 @@ def _warn_if_gaussians_miss(encoder: GaussianPointEncoder, points: Tensor) -> No
     gradients vanish, and the student would learn its bias alone (e.g. clouds far from the
     cube the means started in)."""
     with torch.no_grad():
-        p = encoder.precisions().double()
-        pmat = torch.stack([p[:, 0], p[:, 1], p[:, 2], p[:, 1], p[:, 3], p[:, 4], p[:, 2], p[:, 4], p[:, 5]],
-                           dim=-1).view(-1, 3, 3)
         sample = points.detach().reshape(-1, 3)[:4096].double()  # enough to see any coverage; bounded memory
-        diff = sample[:, None, :] - encoder.means.double()  # (M, G, 3)
-        quad = torch.einsum("mgi,gij,mgj->mg", diff, pmat, diff)
-        largest = float(torch.exp(-0.5 * quad.min())) if quad.numel() else 0.0
+        phi = gaussian_phi(sample, encoder.means.double(), encoder.precisions().double())  # (M, G)
+        largest = float(phi.max()) if phi.numel() else 0.0
     if largest < 1e-6:
         warnings.warn(f"distill: the student's Gaussians do not reach the sampled points (largest response "
                       f"{largest:.3g}): they will not learn. Start them in the clouds' cube: "

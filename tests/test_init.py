@@ -169,8 +169,9 @@ def test_skipless_patch_warns_about_small_layer_scales():
     four blocks left the logits' input gradient at 1.7e-22, with nothing said."""
     import warnings
 
-    with pytest.warns(RuntimeWarning, match=r"2 block\(s\) keep LayerScale gammas all below 1e-05"):
+    with pytest.warns(RuntimeWarning, match=r"2 block\(s\) keep LayerScale gammas all below 1e-05") as caught:
         handle = skipless(tiny_vit(init_values=1e-5))
+    assert caught[0].filename == __file__  # attributed to the caller, not to lucidops
     assert "LayerScale" in handle.notes[0]
     trained = tiny_vit(init_values=1.0)
     with torch.no_grad():

@@ -316,8 +316,9 @@ def test_patched_layer_returns_peft_dtype_under_autocast():
 
 def test_adapters_on_other_layer_kinds_are_named_as_left_plain():
     model = make_model(targets=("wte", "c_fc"), n_layer=1)
-    with pytest.warns(RuntimeWarning, match="stays plain LoRA on 1 layer.*transformer.wte"):
+    with pytest.warns(RuntimeWarning, match="stays plain LoRA on 1 layer.*transformer.wte") as caught:
         handle = peft_lora(model, "sine", omega=3.0)
+    assert caught[0].filename == __file__  # attributed to the caller, not to lucidops
     assert len(handle) == 1 and "transformer.wte" in handle.notes[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")

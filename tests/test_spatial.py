@@ -200,8 +200,9 @@ def test_depthwise_convs_left_trainable_are_named():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), SamePadded(4, 4, 3, groups=4),
                           nn.Conv2d(4, 4, 3, padding=1, groups=4, padding_mode="reflect"),
                           nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.Conv2d(4, 4, 1, groups=4))
-    with pytest.warns(RuntimeWarning, match=r"3 depthwise-like conv\(s\) left trainable .*: 1, 2, 3"):
+    with pytest.warns(RuntimeWarning, match=r"3 depthwise-like conv\(s\) left trainable .*: 1, 2, 3") as caught:
         handle = freeze_spatial_mixing(model)
+    assert caught[0].filename == __file__  # attributed to the caller, not to lucidops
     assert handle.paths == ["0"] and "left trainable" in handle.notes[0]
     assert model[1].weight.requires_grad and model[2].weight.requires_grad
     handle.revert()

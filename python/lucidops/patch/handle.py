@@ -207,6 +207,13 @@ class PatchHandle:
             self.parts[name] = other
         return self
 
+    def warn(self, source: str, note: str) -> None:
+        """Keep ``note`` in :attr:`notes` and raise it as a ``RuntimeWarning`` attributed to
+        the code that called the patch function ``source`` (a patch that leaves part of the
+        model as it was must say so both now and in the handle, for later inspection)."""
+        self.notes.append(note)
+        warnings.warn(f"lucidops.patch.{source}: {note}", RuntimeWarning, stacklevel=3)
+
     # ------------------------------------------------------------------ undo
     def revert(self) -> Optional[nn.Module]:
         """Undo every replacement in reverse order; a second call does nothing. Returns the model.
@@ -280,6 +287,11 @@ class PatchHandle:
     def __repr__(self) -> str:
         model = type(self.model).__name__ if self.model is not None else None
         return f"{type(self).__name__}(model={model}, replaced={len(self)})"
+
+
+def name_list(names: List[str], shown: int = 4) -> str:
+    """The first ``shown`` of ``names`` comma-separated, then " ..." if there are more."""
+    return ", ".join(names[:shown]) + (" ..." if len(names) > shown else "")
 
 
 def parent_slot(root: nn.Module, path: str) -> Tuple[nn.Module, str]:

@@ -16,7 +16,6 @@ peft and transformers are imported inside the functions, never at module level.
 from __future__ import annotations
 
 import re
-import warnings
 from typing import Any, List, Optional, Protocol, Sequence, Tuple, Type, Union, cast
 
 import torch
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 
 from .. import _validate
 from ..ops import lora as _ops
-from .handle import PatchHandle, describe
+from .handle import PatchHandle, describe, name_list
 from .instance_method import InstanceMethod, current_forward
 
 VARIANTS = ("sine", "bounded")
@@ -302,11 +301,8 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
                                                 "merge": InstanceMethod(_no_merge, layer)},
                                   after=f"{describe(layer)} (forward -> lucidops {what})")
     if skipped:
-        note = (f"adapter {adapter_name!r} stays plain LoRA on {len(skipped)} layer(s) that are not LoRA Linear "
-                f"layers (the fused op is a linear layer): {', '.join(skipped[:4])}" + (" ..." if len(skipped) > 4
-                                                                                     else ""))
-        handle.notes.append(note)
-        warnings.warn(f"lucidops.patch.peft_lora: {note}", RuntimeWarning, stacklevel=2)
+        handle.warn("peft_lora", f"adapter {adapter_name!r} stays plain LoRA on {len(skipped)} layer(s) that are "
+                    f"not LoRA Linear layers (the fused op is a linear layer): {name_list(skipped)}")
     return handle
 
 

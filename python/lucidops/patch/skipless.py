@@ -8,7 +8,6 @@ returned handle's ``revert()`` or with :func:`undo_skipless`. timm is imported o
 
 from __future__ import annotations
 
-import warnings
 from typing import List, Tuple
 
 from torch import Tensor, nn
@@ -58,11 +57,10 @@ def skipless(model: nn.Module) -> PatchHandle:
                                   after=f"{describe(block)} (forward -> no residuals)")
     small = _small_layer_scales(blocks)
     if small:
-        note = (f"{len(small)} block(s) keep LayerScale gammas all below {max(g for _, g in small):.3g} (timm's "
-                "init_values): without the residual each block multiplies the signal by them, and a few blocks "
-                "leave nothing of the input; set the gammas to 1 or build the model without init_values")
-        handle.notes.append(note)
-        warnings.warn(f"lucidops.patch.skipless: {note}", RuntimeWarning, stacklevel=2)
+        handle.warn("skipless", f"{len(small)} block(s) keep LayerScale gammas all below "
+                    f"{max(g for _, g in small):.3g} (timm's init_values): without the residual each block "
+                    "multiplies the signal by them, and a few blocks leave nothing of the input; set the gammas "
+                    "to 1 or build the model without init_values")
     return handle
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
 
 from ..nn.spatial import INITS, FrozenRandomDepthwise
-from .handle import PatchHandle, parent_slot
+from .handle import PatchHandle, name_list, parent_slot
 
 _Pair = Tuple[int, int]
 
@@ -75,11 +74,9 @@ def freeze_spatial_mixing(model: nn.Module, init: Optional[str] = None,
         handle.swap_child(model, name, frozen)
     left = _depthwise_left_trainable(model)
     if left:  # they still train: an experiment on frozen spatial mixing must know
-        note = (f"{len(left)} depthwise-like conv(s) left trainable (a Conv2d subclass with its own forward, a "
-                f"padding mode other than zeros, or a channel multiplier): {', '.join(left[:4])}"
-                + (" ..." if len(left) > 4 else ""))
-        handle.notes.append(note)
-        warnings.warn(f"lucidops.patch.freeze_spatial_mixing: {note}", RuntimeWarning, stacklevel=2)
+        handle.warn("freeze_spatial_mixing", f"{len(left)} depthwise-like conv(s) left trainable (a Conv2d "
+                    "subclass with its own forward, a padding mode other than zeros, or a channel multiplier): "
+                    f"{name_list(left)}")
     return handle
 
 

@@ -243,6 +243,9 @@ def test_flop_formula_is_counted():
     (dict(fn="relu"), ValueError, "fn"),
     (dict(placement="input"), ValueError, "placement"),
     (dict(omega="1"), TypeError, "omega"),
+    # A learnable omega or scale read as a number would silently get no gradient.
+    (dict(omega=torch.tensor(2.0, requires_grad=True)), TypeError, "omega is a tensor that requires grad"),
+    (dict(scale=torch.tensor(0.5, requires_grad=True)), TypeError, "scale is a tensor that requires grad"),
 ])
 def test_bad_scalars(kwargs, exc, match):
     x, w, a, b, _ = make((3, 8), 5, 2, torch.float32, "cpu")
@@ -585,7 +588,20 @@ def test_module_bad_arguments():
         lucidops.nn.SineLoRALinear(_linear(4, 4), rank=0, omega=1.0)
     with pytest.raises(ValueError, match="omega"):
         lucidops.nn.SineLoRALinear(_linear(4, 4), rank=2, omega=float("nan"))
+    with pytest.raises(TypeError, match="omega is a tensor that requires grad"):
+        lucidops.nn.SineLoRALinear(_linear(4, 4), rank=2, omega=nn.Parameter(torch.tensor(3.0)))
     with pytest.raises(ValueError, match="fn"):
         lucidops.nn.BoundedLoRALinear(_linear(4, 4), rank=2, fn="gelu")
     with pytest.raises(ValueError, match="gain"):
         lucidops.nn.SineLoRALinear(_linear(4, 4), rank=2, omega=1.0, gain="sqrt_out")
+
+
+def test_tensor_scalars_without_grad_are_read_as_numbers():
+    """A tensor omega/scale is fine when it carries no gradient to lose (detached, or under no_grad)."""
+    x, w, a, b, _ = make((3, 8), 5, 2, torch.float32, "cpu")
+    want = lucidops.ops.sine_lora_linear(x, w, a, b, omega=2.0, scale=0.5)
+    got = lucidops.ops.sine_lora_linear(x, w, a, b, omega=torch.tensor(2.0), scale=torch.tensor(0.5))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():
+        got = lucidops.ops.sine_lora_linear(x, w, a, b, omega=torch.tensor(2.0, requires_grad=True), scale=0.5)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

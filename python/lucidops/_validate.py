@@ -37,12 +37,17 @@ def real_number(value, name: str, bound: Optional[str] = None, *, tensor_ok: boo
     """``value`` as a float, finite and within ``bound`` (None, "> 0", ">= 0" or "!= 0").
 
     A bool, a string or another non-number is a TypeError; with ``tensor_ok`` a one-element
-    tensor is read once (a host sync on CUDA). Under torch.compile(dynamic=True) a module's
+    tensor is read once (a host sync on CUDA), and one that requires grad (with grad mode on)
+    is a TypeError: the ops take these as constants and would drop its gradient. Under torch.compile(dynamic=True) a module's
     float attribute is symbolic: the value checks stand aside then, and eager calls make them.
     """
     if tensor_ok and isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        if value.requires_grad and torch.is_grad_enabled():
+            # Read as a plain number, it would leave the graph and its gradient would be silently zero.
+            raise TypeError(f"{name} is a tensor that requires grad, but the op has no gradient for {name}: "
+                            f"pass a number or {name}.detach() (a learnable {name} is not supported)")
         value = value.detach().reshape(()).item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")

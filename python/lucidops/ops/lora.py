@@ -423,9 +423,11 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
         lora_B: (N_out, r) adapter factor.
         bias: optional (N_out,).
         fn: "sin" or "tanh", the bounded function.
-        omega: finite frequency; the phase omega B A is formed in float32 (float64 for
+        omega: finite frequency, a number or a one-element tensor without grad (the op has
+            no gradient for it); the phase omega B A is formed in float32 (float64 for
             float64 inputs) whatever the input dtype.
-        scale: finite multiplier of the update (the module passes alpha / r / gain).
+        scale: finite multiplier of the update (the module passes alpha / r / gain); a
+            number or a one-element tensor without grad, like omega.
         placement: "weight" bounds the weight product, scale fn(omega B A); "output"
             bounds the adapter output, scale fn(omega (x A^T) B^T).
         adapter_input: what the adapter reads instead of x, e.g. ``dropout(x)`` as peft's

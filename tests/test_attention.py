@@ -374,6 +374,19 @@ def test_cpu_default_float64_is_aten_forcing_wins_and_triton_refuses_float64():
             lucidops.ops.attention(q.double(), q.double(), q.double())
 
 
+def test_gpu_float64_calls_choose_the_reference(monkeypatch):
+    """The triton kernels refuse float64, and automatic selection on a GPU put triton first
+    for every dtype: a float64 CUDA call (or a routed SDPA call) raised a TypeError where the
+    README promises the reference. Selection is checked with the GPU faked present."""
+    monkeypatch.setattr(lucidops.backends, "backend_problem", lambda name, device_type: None)
+    for dtype, chosen in [(torch.float64, "reference"), (torch.float32, "triton"), (torch.bfloat16, "triton")]:
+        q = torch.zeros(1, 1, 2, 8, dtype=dtype)
+        forward_args = (q, q, q, None, False, 0.5, 0.0, None)
+        backward_args = (q, None, q, q, q, q, q, q[..., 0], None, False, 0.5, 0.0, None)
+        assert lucidops.backends.select("attention", "cuda", forward_args) == chosen
+        assert lucidops.backends.select("attention_backward", "cuda", backward_args) == chosen
+
+
 def test_bad_input_names_the_argument():
     q = torch.randn(2, 3, 5, 8)
     k = torch.randn(2, 3, 7, 8)
@@ -495,6 +508,47 @@ def test_cpu_fast_paths_strided_head_dim_and_grad_out(backend):
     assert rel_err(out, out_ref) < 1e-5
     for grad, exp in zip((q.grad, k.grad, v.grad), expected):
         assert rel_err(grad, exp) < 1e-5
+
+
+NAN_CASES = [  # (where the NaN is, causal, masked)
+    ("query", False, False), ("query", True, True), ("every key of one head", True, False),
+    ("every key of one head", False, True), ("a padding key", False, True), ("one visible key", True, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where, causal, masked", NAN_CASES, ids=[f"{w}-causal{c}-mask{m}" for w, c, m in NAN_CASES])
+def test_nan_inputs_give_what_the_reference_gives(backend, dtype, where, causal, masked):
+    """A row whose every score is NaN (a diverged query) is NaN, as in the reference: the cpp
+    kernel and PyTorch's CPU kernel (aten) took the row max by comparisons that NaN loses and
+    returned zeros with a finite or -inf lse, a diverged row passing for a healthy or empty one.
+    A NaN in a padding key takes no part (aten added the -inf mask to NaN and spread it)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g).to(dtype) for n in (9, 7, 7))
+    mask = None
+    if masked:
+        mask = torch.ones(2, 7, dtype=torch.bool)
+        mask[0, :2] = False
+        mask[1, 5:] = False
+    if where == "query":
+        q[0, 0, 3, 2] = float("nan")
+    elif where == "every key of one head":
+        k[1, 0] = float("nan")  # causal with Nq > Nk: the last rows see every key, the first only key 0
+    elif where == "a padding key":
+        k[0, 0, 0, 1] = float("nan")  # masked out in batch 0
+    else:
+        k[0, 1, 4, 0] = float("nan")
+    with lucidops.use_backend(backend):
+        out, lse = lucidops.ops.attention(q, k, v, causal=causal, key_padding_mask=mask, return_lse=True)
+    assert lucidops.backends.last_used("attention") == backend
+    out_ref, lse_ref, _ = ref.forward(q.double(), k.double(), v.double(), mask, causal, 0.25)
+    assert torch.equal(out.isnan(), out_ref.isnan()) and torch.equal(lse.isnan(), lse_ref.isnan())
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
+    if where != "a padding key":
+        assert out_ref.isnan().any()
+    rows = ~out_ref.isnan()
+    assert rel_err(out[rows], out_ref[rows]) < TOL[dtype]
 
 
 def test_aten_empty_rows_helper():

@@ -133,6 +133,29 @@ def _qkv(*shape, nk=None, generator_seed=2):
     return torch.randn(*shape, generator=g), torch.randn(*kv_shape, generator=g), torch.randn(*kv_shape, generator=g)
 
 
+ZERO_SIZE_CALLS = {  # q shape, Nk, SDPA keywords
+    "3d-no-queries": ((3, 0, 8), 5, {}), "3d-no-keys": ((3, 5, 8), 0, {}), "5d-no-queries": ((1, 2, 3, 0, 8), 4, {}),
+    "4d-no-keys-masked": ((2, 3, 4, 8), 0, dict(attn_mask=torch.ones(2, 1, 1, 0, dtype=torch.bool))),
+    "4d-no-batch": ((0, 3, 4, 8), 4, {}),
+}
+
+
+@pytest.mark.parametrize("case", ZERO_SIZE_CALLS)
+def test_zero_size_calls_are_routed_and_answer_as_sdpa(case):
+    """No queries or no keys: the folding of leading dims used reshape(-1, ...), which cannot
+    infer -1 next to a zero size, and a routed 3-D or 5-D call raised where SDPA answers."""
+    shape, nk, how = ZERO_SIZE_CALLS[case]
+    q, k, v = _qkv(*shape, nk=nk)
+    k, v = k[..., :nk, :], v[..., :nk, :]  # _qkv reads nk=0 as "same as q"
+    module = CallsSDPA(**how)
+    want = module(q, k, v)
+    handle = sdpa_calls(module)
+    got = module(q, k, v)
+    assert handle.calls == {"lucidops": 1}
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, torch.zeros_like(want), rtol=0, atol=0)  # nothing to attend: zeros
+
+
 @pytest.mark.parametrize("case", ["padding_mask", "causal_scale", "three_d", "five_d", "mask_broadcast_batch"])
 def test_exact_calls_are_routed(case):
     q, k, v = _qkv(3, 4, 7, 8, nk=9)

@@ -349,15 +349,17 @@ void forward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>&
   bool empty[R];
   for (int r = 0; r < R; ++r) {
     T* s = hs.keys_a.data() + r * ld;
-    const T m = row_max(s, keys);
-    empty[r] = m == -std::numeric_limits<T>::infinity();  // no visible key
-    const T shift = empty[r] ? T(0) : m;
+    const T m = row_max(s, keys);  // NaN scores lose every comparison: -inf if all are NaN
+    const T shift = m == -std::numeric_limits<T>::infinity() ? T(0) : m;
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < keys; ++j) {
       s[j] = exp_of(s[j] - shift);  // hidden keys: exp(-inf) = 0
       sum += s[j];
     }
+    // No visible key: every score -inf, sum 0. A row of NaN scores (a NaN query) has sum NaN
+    // and must stay NaN, as in the reference, rather than pass for a row without a key.
+    empty[r] = sum == T(0);
     sums[r] = sum;
     lse[bh * pb.nq + i0 + r] = empty[r] ? -std::numeric_limits<T>::infinity() : m + std::log(sum);
     if (pb.dropout()) {  // after the sum: the softmax normalises over every visible key

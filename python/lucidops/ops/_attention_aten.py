@@ -70,6 +70,39 @@ def empty_rows(key_padding_mask: Optional[Tensor], nq: int, nk: int, causal: boo
     return empty[:, None, :]
 
 
+def _may_hold_nan(t: Tensor) -> bool:
+    """False when ``t`` certainly holds no NaN. A NaN anywhere makes the sum NaN; so can
+    +inf + -inf, a false alarm that the exact test after it clears. The sum is one fast
+    pass (a tenth of isnan().any() in bfloat16), so the common, clean call pays little."""
+    return bool(t.sum().isnan())
+
+
+def nan_score_rows(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], causal: bool) -> Optional[Tensor]:
+    """Bool (B, H, Nq), True for queries that see a key but only NaN scores (a NaN query, or
+    NaN in every key they see); None when q and k hold no NaN.
+
+    PyTorch's CPU kernel takes the row max by comparisons that NaN loses, so such a row
+    comes back as zeros with a finite lse: a diverged query that looks healthy. The
+    reference (and the cpp and triton kernels) give NaN there. A row with some NaN scores
+    and some finite ones already comes back NaN.
+    """
+    if not (_may_hold_nan(q) or _may_hold_nan(k)):
+        return None
+    q_nan = q.isnan().any(dim=-1)  # (B, H, Nq)
+    k_nan = k.isnan().any(dim=-1)  # (B, H, Nk)
+    b, h, nq = q_nan.shape
+    nk = k_nan.shape[-1]
+    finite_key = ~k_nan if key_padding_mask is None else ~k_nan & key_padding_mask[:, None, :]
+    has_finite = finite_key.any(dim=-1, keepdim=True)  # (B, H, 1)
+    if causal:  # top-left: query i sees keys j <= i, so it needs the first finite key at or before i
+        first = torch.where(has_finite[..., 0], finite_key.to(torch.uint8).argmax(dim=-1),
+                            torch.full((b, h), nq, device=q.device))  # none: past every query
+        has_finite = first[..., None] <= torch.arange(nq, device=q.device)
+    nan_scores = q_nan | ~has_finite
+    no_key = empty_rows(key_padding_mask, nq, nk, causal)  # (B, 1, Nq): these stay zero rows
+    return nan_scores if no_key is None else nan_scores & ~no_key
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -97,6 +130,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
     if q.numel() == 0 or nk == 0:  # nothing to attend (the kernel crashes on Nq = 0)
         return q.new_zeros((b, h, nq, d)), q.new_full((b, h, nq), float("-inf"), dtype=_lse_dtype(q.dtype)), out_lo
     mask = _additive_mask(key_padding_mask, q.dtype)
+    if mask is not None and _may_hold_nan(k) and bool(k.isnan().any()):
+        # The kernel adds the -inf mask to the scores, and NaN + -inf is NaN: a NaN in a
+        # padding key (padding left as torch.empty) would reach every row. It takes no part.
+        k = k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
     q, kernel_scale = _kernel_scale(q, scale)
     out, lse = _forward_kernel(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), 0.0, causal,
                                attn_mask=mask, scale=kernel_scale)
@@ -109,6 +146,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
         no_key = empty_rows(key_padding_mask, nq, nk, causal)
         assert no_key is not None  # a mask comes only from a key_padding_mask
         torch.where(no_key, lse.new_full((), float("-inf")), lse, out=lse_out)
+    poisoned = nan_score_rows(q, k, key_padding_mask, causal)
+    if poisoned is not None:  # in place: out keeps the kernel's (B, Nq, H, d) memory layout
+        out.masked_fill_(poisoned[..., None], float("nan"))
+        lse_out.masked_fill_(poisoned, float("nan"))
     return out, lse_out, out_lo  # already (B, Nq, H, d) in memory, the op's output layout
 
 

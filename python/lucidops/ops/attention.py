@@ -61,7 +61,8 @@ _NOTES = {
            "kernel, keys in vector lanes and four query rows in registers, heads in parallel. aten (the default "
            "for float64 and wider bfloat16 heads, and the fallback without the C++ extension): PyTorch's "
            "own fused flash-attention CPU kernel (what torch's SDPA runs on the CPU), not a lucidops kernel; "
-           "forward and backward, masks, empty rows and the lse gradient adapted to the op; not under dropout "
+           "forward and backward, masks, empty rows, NaN rows and the lse gradient adapted to the op; not under "
+           "dropout "
            "(its kernel draws its own mask), where cpp runs every dtype. reference: the PyTorch math.",
     "cuda": "triton: fused online-softmax forward and (dk, dv) / dq backward, several heads per program for d <= 32; "
             "dropout regenerated in-kernel (a compiled variant).",
@@ -78,9 +79,12 @@ CPP_MAX_HEAD_DIM = {torch.float32: 128, torch.float16: 128, torch.bfloat16: 64, 
 def _preference_for_call(device_type: str, first: Tensor, *rest) -> Optional[Tuple[str, ...]]:
     """The CPU order for one call: without aten under dropout (PyTorch's kernel draws its own
     mask, which lucidops' backward cannot regenerate), aten first where the cpp kernel measured
-    slower. ``first`` is q (forward) or grad_out (backward); both ops end with (dropout_p, seed)."""
+    slower; on a GPU, float64 to the reference. ``first`` is q (forward) or grad_out
+    (backward); both ops end with (dropout_p, seed)."""
     if device_type != "cpu":
-        return None
+        # The triton kernels take half and single precision; float64 on the GPU is the
+        # reference's (the README's promise), not a TypeError from the first choice.
+        return ("reference",) if first.dtype == torch.float64 else None
     if rest[-2]:
         return ("cpp", "reference")
     if first.shape[-1] > CPP_MAX_HEAD_DIM.get(first.dtype, 0):

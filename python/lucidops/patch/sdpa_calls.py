@@ -201,10 +201,12 @@ class _RouteSDPA(TorchFunctionMode):
             return func(*args, **kwargs)
         self.counts[ROUTED] += 1
         mask = bound["attn_mask"]
-        padding = None if mask is None else mask.reshape(mask.shape[0], -1).expand(q.shape[0], -1)
+        # Sizes spelled out rather than -1: with a zero-size dim (no queries or no keys) the -1
+        # cannot be inferred and reshape raised where SDPA returns an empty or zero result.
+        padding = None if mask is None else mask.reshape(mask.shape[0], mask.shape[-1]).expand(q.shape[0], -1)
         lead = q.shape[:-2]
         if q.dim() != 4:  # SDPA's (..., N, d): leading dims as the batch, one head (or (B, 1) for 3-D)
-            q, k, v = (t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v))
+            q, k, v = (t.reshape(math.prod(lead), 1, *t.shape[-2:]) for t in (q, k, v))
         out = attention(q, k, v, causal=bound["is_causal"], key_padding_mask=padding, scale=bound["scale"],
                         dropout_p=bound["dropout_p"])
         return out.reshape(*lead, *out.shape[-2:])

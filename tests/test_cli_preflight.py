@@ -2,6 +2,7 @@
 `lucidops demo gpe` used to train for minutes and then crash plotting without matplotlib."""
 
 import importlib.util
+import os
 
 import pytest
 
@@ -44,7 +45,7 @@ def test_demo_unlearn_without_its_packages_stops_before_pretraining(package, ext
     monkeypatch.setattr(unlearn, "run_experiment", lambda *a, **k: pytest.fail("ran before saying what is missing"))
     without(package)
     assert cli.main(["demo", "unlearn", "--quick", "--out", str(tmp_path)]) == 2
-    assert f"needs {package}: pip install 'lucidops[{extra}]'" in capsys.readouterr().out
+    assert f"needs {package}: pip install 'lucidops[{extra}]'" in capsys.readouterr().err
 
 
 def test_profile_png_without_matplotlib_is_a_one_line_error(without, capsys, tmp_path):
@@ -69,7 +70,57 @@ def test_demo_gpe_out_that_cannot_be_made_stops_before_training(tmp_path, capsys
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert cli.main(["demo", "gpe", "--quick", "--no-progress", "--out", str(blocker / "sub")]) == 2
-    assert "--out/--png" in capsys.readouterr().err
+    assert f"--out: {str(blocker)!r} is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("demo", ["gpe", "unlearn"])
+@pytest.mark.parametrize("where", ["file as folder", "folder as png", "unwritable folder"])
+def test_demo_png_paths_are_checked_before_any_work(demo, where, tmp_path, capsys, monkeypatch):
+    """`demo unlearn` checked none of these and crashed after its training (FileExistsError,
+    FileNotFoundError), or wrote beside a folder named as the PNG and said it wrote the folder."""
+    from lucidops.demos import gpe, unlearn
+
+    monkeypatch.setattr(gpe, "run_demo", lambda cfg: pytest.fail("trained before checking the PNG path"))
+    monkeypatch.setattr(unlearn, "run_experiment", lambda *a, **k: pytest.fail("ran before checking the PNG path"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    if where == "file as folder":
+        option, path, message = "--out", str(blocker), "is not a folder"
+    elif where == "folder as png":
+        option, path, message = "--png", str(tmp_path), "must be a file path, got the folder"
+    else:
+        option, path, message = "--png", "/proc/lucidops-test/u.png", "cannot write in '/proc'"
+    argv = ["demo", demo, "--quick", option, path] + (["--no-progress"] if demo == "gpe" else [])
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and option in captured.err and not captured.out
+
+
+def test_a_refused_gpe_run_leaves_no_folder_behind(tmp_path, capsys):
+    """The PNG's folder was made while checking the arguments: a run refused for --data left an
+    empty --out folder. It is made only when the PNG is written now."""
+    out = tmp_path / "new_out"
+    assert cli.main(["demo", "gpe", "--quick", "--no-progress", "--out", str(out), "--data", str(tmp_path / "no")]) == 2
+    assert "--data" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["chart", "chart.txt", "sub/chart.png"])
+def test_demo_pngs_are_written_as_png_at_exactly_the_path_given(name, tmp_path):
+    """matplotlib picks the format from the suffix: "chart" became chart.png while the demos
+    said they wrote "chart", and "chart.txt" failed after the whole run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lucidops.demos._png import save_png
+
+    path = str(tmp_path / name)
+    fig = plt.figure(figsize=(2, 2))
+    assert save_png(fig, path) == path
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / name).parent.iterdir()) == [os.path.basename(name)]
+    assert not plt.fignum_exists(fig.number)  # closed: a long session does not pile up figures
 
 
 def test_aot_arch_takes_every_usual_spelling():

@@ -226,8 +226,9 @@ def test_cli_quick_run(tmp_path, capsys):
 ])
 def test_bad_arguments_give_clear_errors(argv, match, capsys, tmp_path):
     rc = unlearn.run(_parse(argv + ["--out", str(tmp_path)]))
-    out = capsys.readouterr().out
-    assert rc == 2 and "error" in out and match in out, out
+    captured = capsys.readouterr()
+    out = captured.err  # errors on stderr, like the other commands': `2>/dev/null` hid nothing
+    assert rc == 2 and "error" in out and match in out and not captured.out, out
     assert not list(tmp_path.iterdir())  # nothing was run or written
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .. import _optional
+from ._png import png_path_problem, save_png
 
 DESCRIPTION = "3D Gaussian point encoders: train PointNet, distil a Gaussian PointNet, print/plot the paper's Table 1"
 
@@ -183,18 +184,16 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
     else:
         out = getattr(args, "out", ".") or "."
         cfg["png"] = args.png if getattr(args, "png", None) else os.path.join(out, "gpe_table.png")
-        if os.path.isdir(cfg["png"]):
-            raise DemoError(f"--png must be a file path, got the folder {cfg['png']!r}")
+        problem = png_path_problem(cfg["png"])  # said now, not after minutes of training
+        if problem:
+            raise DemoError(f"--{'png' if getattr(args, 'png', None) else 'out'}: {problem}")
         no_plotting = _optional.missing("matplotlib", "the PNG (default on; --no-png skips it)")
-        if no_plotting:  # said now, not after minutes of training
+        if no_plotting:
             raise DemoError(no_plotting)
-        parent = os.path.dirname(os.path.abspath(cfg["png"]))
-        if os.path.exists(parent) and not os.path.isdir(parent):
-            raise DemoError(f"--out/--png: {parent!r} is not a folder")
-        try:  # made now: a folder that cannot be made is said before the training, not after
-            os.makedirs(parent, exist_ok=True)
-        except OSError as err:
-            raise DemoError(f"--out/--png: cannot make the folder {parent!r} ({err.strerror})") from None
+    if args.data is not None:
+        no_h5py = _optional.missing("h5py", "--data (ModelNet40's HDF5 files)")
+        if no_h5py:
+            raise DemoError(no_h5py)
     return cfg
 
 
@@ -500,8 +499,6 @@ def plot(result: DemoResult, path: str) -> str:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
     names = ["PointNet", "PointNet\nno FT", "Gaussian\ndense", "Gaussian\nfused+culled"]
     colors = ["#4c72b0", "#8172b2", "#dd8452", "#55a868"]
     fvcore = [r.fvcore_flops if r.fvcore_flops is not None else 0 for r in result.rows]
@@ -533,9 +530,7 @@ def plot(result: DemoResult, path: str) -> str:
     fig.suptitle(f"lucidops demo gpe: {result.dataset}; accuracy gap PointNet - Gaussian (culled) "
                  f"{result.gap:+.2f} points", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def run(args: argparse.Namespace) -> int:

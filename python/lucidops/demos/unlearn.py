@@ -28,6 +28,7 @@ import argparse
 import copy
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _optional, _validate
+from ._png import png_path_problem, save_png
 from ..models.tiny_lm import RuleSequences, TinyCausalLM, next_token_accuracy, rule_sequences
 from ..patch.peft_lora import is_mlp_name, peft_lora
 from ..train.unlearning import gradient_difference, sequence_loss
@@ -379,11 +381,7 @@ def plot(result: DemoResult, path: str) -> str:
     fig.suptitle(f"gradient-difference unlearning, forget rules {result.forget_rules} of {cfg.n_rules} "
                  f"(lr {cfg.lr:g}, rank {cfg.rank}, omega {cfg.omega:g}, seed {cfg.seed})")
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -432,14 +430,17 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         _validate.integer(args.threads, "--threads", minimum=1)
     except ValueError as err:
-        print(f"lucidops demo unlearn: error: {err}")
+        print(f"lucidops demo unlearn: error: {err}", file=sys.stderr)
         return 2
-    for package, purpose in (("peft", "the demo's LoRA adapters"), ("matplotlib", "the demo's PNG")):
-        problem = _optional.missing(package, purpose)
-        if problem:  # said now, not after the pretraining
-            print(f"lucidops demo unlearn: error: {problem}")
-            return 2
     png = args.png or os.path.join(args.out, "unlearn.png")
+    problems = [_optional.missing(package, purpose)
+                for package, purpose in (("peft", "the demo's LoRA adapters"), ("matplotlib", "the demo's PNG"))]
+    path_problem = png_path_problem(png)
+    problems.append(path_problem and f"--{'png' if args.png else 'out'}: {path_problem}")
+    for problem in problems:
+        if problem:  # said now, not after the pretraining
+            print(f"lucidops demo unlearn: error: {problem}", file=sys.stderr)
+            return 2
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -146,3 +146,29 @@ def test_clear_import_error_without_h5py(folder, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_h5py)
     with pytest.raises(ImportError, match=r"lucidops\[data\]"):
         ModelNet40(root)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an HDF5 file\n" * 8, "truncated"])
+def test_unreadable_h5_file_is_a_value_error_naming_it(tmp_path, content):
+    # h5py's OSError ("file signature not found") named no file: the demo printed a traceback.
+    (tmp_path / "shape_names.txt").write_text("a\nb\n")
+    (tmp_path / "train_files.txt").write_text("x.h5\n")
+    path = tmp_path / "x.h5"
+    if content == "truncated":
+        _write(tmp_path, "x.h5", np.zeros((64, 16, 3)), np.zeros(64))
+        content = path.read_bytes()[:1024]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"x\.h5' is not a readable HDF5 file \(.+\)") as exc:
+        ModelNet40(tmp_path, num_points=4)
+    assert str(path) in str(exc.value) and isinstance(exc.value.__cause__, OSError)
+
+
+def test_index_errors_name_the_index_given(folder):
+    ds = ModelNet40(folder[0], "train", num_points=4)  # 7 clouds
+    for bad in (7, -8):  # -8 used to be reported as index -1
+        with pytest.raises(IndexError, match=rf"index {bad} out of range for 7 clouds"):
+            ds[bad]
+    for bad in (torch.tensor(1.5), torch.tensor([1, 2]), torch.tensor(True)):
+        with pytest.raises(TypeError, match="index must be an integer"):
+            ds[bad]
+    assert torch.equal(ds[torch.tensor([6])][0], ds[-1][0])

@@ -1,5 +1,6 @@
 """lucidops.data.SyntheticShapes: determinism, balance, shapes, normalisation, errors."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,3 +102,41 @@ def test_bad_arguments_raise():
     with pytest.raises(TypeError, match="index"):
         ds["a"]
     assert torch.equal(ds[-1][0], ds[3][0])
+
+
+def test_argument_types_raise_type_error_naming_the_argument():
+    # A wrong type is a TypeError, a wrong value a ValueError (these were all ValueError, and
+    # a bare scale_range failed in len() without naming it).
+    for num_points in (1.5, "64", None, (8, 16.0), ("8", 16)):
+        with pytest.raises(TypeError, match="num_points"):
+            SyntheticShapes(4, num_points=num_points)
+    for scale_range in (("a", "b"), (0.5, None), 0.5, "ab"):
+        with pytest.raises(TypeError, match="scale_range"):
+            SyntheticShapes(4, scale_range=scale_range)
+    for scale_range in ((0.5,), (0.5, 1.0, 2.0), (1.5, 0.5), (0.5, float("inf")), (-1.0, 1.0)):
+        with pytest.raises(ValueError, match="scale_range"):
+            SyntheticShapes(4, scale_range=scale_range)
+    for num_points in ((8,), (0, 4), (8, 4)):
+        with pytest.raises(ValueError, match="num_points"):
+            SyntheticShapes(4, num_points=num_points)
+
+
+def test_numpy_numbers_are_accepted_like_python_ones():
+    ds = SyntheticShapes(4, num_points=np.int64(16), num_classes=np.int64(3), scale_range=np.array([0.5, 1.5]))
+    assert ds[0][0].shape == (16, 3) and ds.num_points == 16 and type(ds.num_points) is int
+    assert ds.scale_range == (0.5, 1.5)
+    ranged = SyntheticShapes(4, num_points=(np.int32(8), np.int64(12)), scale_range=(np.float32(0.5), 1))
+    assert ranged.num_points == (8, 12) and 8 <= ranged[1][0].shape[0] <= 12
+
+
+def test_index_must_be_one_integer_and_errors_name_the_index_given():
+    ds = SyntheticShapes(20, num_points=8)
+    assert torch.equal(ds[torch.tensor(1)][0], ds[1][0]) and torch.equal(ds[np.int64(-1)][0], ds[19][0])
+    assert torch.equal(torch.utils.data.Subset(ds, torch.arange(3))[2][0], ds[2][0])
+    # A float tensor used to be truncated to item 1; a two-element one failed in int().
+    for bad in (torch.tensor(1.7), torch.tensor([1, 2]), torch.tensor(True), 1.0, True, slice(0, 2)):
+        with pytest.raises(TypeError, match="index must be an integer"):
+            ds[bad]
+    for bad in (20, -21):
+        with pytest.raises(IndexError, match=rf"index {bad} out of range for 20 samples"):
+            ds[bad]

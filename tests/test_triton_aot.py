@@ -1,9 +1,11 @@
 """Every Triton kernel configuration compiles for sm_80 and sm_90 (no GPU needed).
 
-Runs in subprocesses without TRITON_INTERPRET (the test session itself interprets) and
-with an empty Triton cache, so that each configuration is really compiled.
+The compile tests (marked slow) run in subprocesses without TRITON_INTERPRET (the test
+session itself interprets) and with an empty Triton cache, so that each configuration is
+really compiled. The argument checks at the end compile nothing.
 """
 
+import argparse
 import json
 import os
 import re
@@ -13,8 +15,6 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 
 def _env(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -22,6 +22,7 @@ def _env(tmp_path):
     return env
 
 
+@pytest.mark.slow
 def test_all_kernel_configurations_compile_for_sm80_and_sm90(tmp_path):
     report = tmp_path / "aot.json"
     proc = subprocess.run([sys.executable, "-m", "lucidops.triton_kernels.aot", "--arch", "80", "90",
@@ -37,6 +38,7 @@ def test_all_kernel_configurations_compile_for_sm80_and_sm90(tmp_path):
         assert 0 <= c["shared_bytes"] <= {80: 166912, 90: 232448}[c["arch"]], c
 
 
+@pytest.mark.slow
 def test_aot_check_rejects_a_kernel_a_gpu_would_reject(tmp_path):
     # A 16x8 tl.dot runs under the interpreter but is not a valid GPU dot: the check must fail.
     script = textwrap.dedent(
@@ -67,6 +69,7 @@ def test_aot_check_rejects_a_kernel_a_gpu_would_reject(tmp_path):
     assert "REJECTED" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_aot_check_rejects_a_kernel_that_needs_more_shared_memory_than_the_card(tmp_path):
     # Triton compiles this (two 128 KiB fp16 tiles in shared memory at once) but an H100 would
     # refuse to launch it: the check must report that, and a small kernel must pass it.
@@ -107,6 +110,7 @@ def test_aot_check_rejects_a_kernel_that_needs_more_shared_memory_than_the_card(
     assert small[8] == "OK" and 0 < int(small[3]) <= 232448 and int(small[5]) > 0, lines[1]
 
 
+@pytest.mark.slow
 def test_half_precision_attention_at_head_dim_64_keeps_its_tiles_in_registers(tmp_path):
     # The issue's d = 64 target. With the tile computed by every warp (a batched dot over one
     # head) these configurations used 5-11 KB of local memory per thread; now under 100 bytes.
@@ -131,3 +135,58 @@ def test_half_precision_attention_at_head_dim_64_keeps_its_tiles_in_registers(tm
     for _, local, registers, status, name in lines:
         assert status == "OK" and registers != "None", name
         assert int(local) <= 256, f"{name}: {local} bytes of local memory per thread"
+
+
+# The argument checks below run no compiler: compile_all is replaced by a tripwire, since
+# a bad argument must be refused before the minutes of compiling, not after.
+
+
+@pytest.fixture
+def aot_module(monkeypatch):
+    from lucidops.triton_kernels import aot
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("compile_all ran before the arguments were checked")
+
+    monkeypatch.setattr(aot, "compile_all", tripwire)
+    return aot
+
+
+def _refused(main, argv, capsys):
+    """main(argv) exits as argparse does on a bad argument (status 2, a usage line and one
+    error line on stderr, no traceback); returns that stderr."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err, err
+    return err
+
+
+def test_aot_refuses_a_json_path_it_cannot_write_before_compiling(tmp_path, aot_module, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [(tmp_path / "missing" / "aot.json", "does not exist"), (tmp_path, "is a folder"),
+             (a_file / "aot.json", "is not a folder")]
+    for path, reason in cases:
+        err = _refused(aot_module.main, ["--arch", "80", "--json", str(path)], capsys)
+        assert "--json" in err and reason in err, err
+
+
+def test_aot_refuses_a_compute_capability_out_of_range(aot_module, capsys):
+    for arch in ("-5", "7", "0", "20", "1000", "9.10", "sm_3.0"):  # "-5" and "7" used to be compiled for
+        err = _refused(aot_module.main, ["--arch", "80", arch], capsys)
+        assert "--arch" in err and repr(arch) in err, err
+        with pytest.raises(argparse.ArgumentTypeError):
+            aot_module.compute_capability(arch)
+    forms = ("80", "8.0", "sm_90", " SM_86 ", "12.0", "50")
+    assert [aot_module.compute_capability(t) for t in forms] == [80, 80, 90, 86, 120, 50]
+
+
+def test_lucidops_aot_command_checks_its_arguments_first(tmp_path, aot_module, capsys):
+    from lucidops.cli import main
+
+    err = _refused(main, ["aot", "--json", str(tmp_path / "missing" / "aot.json")], capsys)
+    assert "--json" in err and "does not exist" in err, err
+    err = _refused(main, ["aot", "--arch", "-5"], capsys)
+    assert "--arch" in err and "out of range" in err, err

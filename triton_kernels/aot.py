@@ -211,25 +211,48 @@ def write_json(results: Sequence[Compiled], path: str) -> None:
         f.write("\n")
 
 
+# Compute capabilities taken: sm_50 (Maxwell, the oldest CUDA 12 targets) to sm_12x (Blackwell).
+MIN_ARCH, MAX_ARCH = 50, 129
+
+
 def compute_capability(text: str) -> int:
     """A compute capability as the integer the compiler takes: "80", "8.0" (TORCH_CUDA_ARCH_LIST's
-    form) and "sm_80" all give 80."""
+    form) and "sm_80" all give 80; one outside [MIN_ARCH, MAX_ARCH] ("-5", "7") is refused."""
     value = str(text).strip().lower().removeprefix("sm_")
     try:
         major, _, minor = value.partition(".")
-        return int(major) * 10 + int(minor) if minor else int(major)
+        if minor and not (minor.isascii() and minor.isdigit() and len(minor) == 1):
+            raise ValueError  # "9.10" would read as 100
+        arch = int(major) * 10 + int(minor) if minor else int(major)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a compute capability: {text!r} (write 80, 8.0 or sm_80)") from None
+    if not MIN_ARCH <= arch <= MAX_ARCH:
+        raise argparse.ArgumentTypeError(f"compute capability {text!r} is out of range: give one in "
+                                         f"[{MIN_ARCH}, {MAX_ARCH}] (80, 8.0 or sm_80 for an A100)")
+    return arch
+
+
+def _check_json_path(parser: argparse.ArgumentParser, path: str) -> None:
+    """Refuse a --json path that cannot be written before compiling (minutes), not after."""
+    if os.path.isdir(path):
+        parser.error(f"argument --json: {path!r} is a folder, not a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(folder):
+        parser.error(f"argument --json: the folder {folder!r} does not exist")
+    if not os.path.isdir(folder):
+        parser.error(f"argument --json: {folder!r} is not a folder")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=compute_capability, nargs="+", default=[80, 90],
-                        help="compute capabilities: 80 90, or 8.0 9.0, or sm_80 sm_90")
+                        help=f"compute capabilities: 80 90, or 8.0 9.0, or sm_80 sm_90 ({MIN_ARCH} to {MAX_ARCH})")
     parser.add_argument("--family", nargs="+", default=list(FAMILIES))
     parser.add_argument("--jobs", type=int, default=0, help="processes (default: one per core)")
     parser.add_argument("--json", metavar="PATH", help="also write every configuration's resources as JSON")
     args = parser.parse_args(argv)
+    if args.json:
+        _check_json_path(parser, args.json)
     start = time.perf_counter()
     count = sum(1 for _ in iter_specs(args.family)) * len(args.arch)
     results = compile_all(args.arch, args.family, args.jobs)

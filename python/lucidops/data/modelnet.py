@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .. import _validate
+from .synthetic import _describe
 
 SPLITS = ("train", "test")
 
@@ -83,12 +84,17 @@ class ModelNet40(Dataset):
             path = os.path.join(root, name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{split}_files.txt lists {name!r} but {path!r} does not exist")
-            with h5py.File(path, "r") as f:
-                for key in ("data", "label"):
-                    if key not in f:
-                        raise ValueError(f"{path!r} has no dataset {key!r} (expected 'data' and 'label')")
-                d = np.asarray(f["data"][:], dtype=np.float32)
-                raw_labels = np.asarray(f["label"][:]).reshape(-1)
+            # h5py's OSError ("file signature not found") names no file: say which one.
+            try:
+                with h5py.File(path, "r") as f:
+                    missing = [key for key in ("data", "label") if key not in f]
+                    if not missing:
+                        d = np.asarray(f["data"][:], dtype=np.float32)
+                        raw_labels = np.asarray(f["label"][:]).reshape(-1)
+            except OSError as err:
+                raise ValueError(f"{path!r} is not a readable HDF5 file ({err})") from err
+            if missing:
+                raise ValueError(f"{path!r} has no dataset {missing[0]!r} (expected 'data' and 'label')")
             # Integer class ids only: a float label (0.7) would be truncated to a class silently.
             if not (np.issubdtype(raw_labels.dtype, np.integer)
                     or (np.issubdtype(raw_labels.dtype, np.floating) and np.all(raw_labels == np.round(raw_labels)))):
@@ -138,16 +144,16 @@ class ModelNet40(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         try:  # an int, a numpy integer or a one-element integer tensor (Subset(ds, torch.arange(n)))
-            if isinstance(index, bool):
+            if isinstance(index, bool) or (isinstance(index, torch.Tensor) and index.dtype == torch.bool):
                 raise TypeError
             index = operator.index(index)
         except TypeError:
             raise TypeError(f"index must be an integer (one cloud; a DataLoader batches them), got "
-                            f"{type(index).__name__}") from None
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
+                            f"{_describe(index)}") from None
+        position = index + len(self) if index < 0 else index
+        if not 0 <= position < len(self):  # the message names the index as given, not index + len
             raise IndexError(f"index {index} out of range for {len(self)} clouds")
+        index = position
         pts = self.data[index, : self.num_points].astype(np.float64)
         if self.augment:
             rng = np.random.default_rng((self.seed, self.epoch, index))

@@ -10,6 +10,7 @@ or worker split (a dataset of another length draws other labels).
 from __future__ import annotations
 
 import math
+import operator
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -140,6 +141,14 @@ def _rotation(rng, kind) -> np.ndarray:
     return q
 
 
+def _describe(index) -> str:
+    """An index's type for an error message; a tensor's dtype and shape too (a float or a
+    several-element tensor is refused while a one-element integer tensor is taken)."""
+    if isinstance(index, torch.Tensor):
+        return f"a tensor of dtype {index.dtype} and shape {tuple(index.shape)}"
+    return type(index).__name__
+
+
 class SyntheticShapes(Dataset):
     """Procedural point clouds of ``num_classes`` shapes; items are (points (N, 3) float32, label int64).
 
@@ -162,19 +171,26 @@ class SyntheticShapes(Dataset):
                  jitter: float = 0.01, normalize: bool = True):
         _validate.integer(num_samples, "num_samples", minimum=1)
         if isinstance(num_points, (tuple, list)):
-            if (len(num_points) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in num_points)
-                    or not 1 <= num_points[0] <= num_points[1]):
-                raise ValueError(f"num_points must be a positive int or (low, high) with 1 <= low <= high, "
-                                 f"got {num_points!r}")
-            num_points = (int(num_points[0]), int(num_points[1]))
-        elif isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-            raise ValueError(f"num_points must be a positive int or (low, high), got {num_points!r}")
+            if len(num_points) != 2:
+                raise ValueError(f"num_points must be an int or a (low, high) pair, got {len(num_points)} values")
+            low, high = (_validate.integer(v, f"num_points[{i}]", minimum=1) for i, v in enumerate(num_points))
+            if low > high:
+                raise ValueError(f"num_points must be (low, high) with low <= high, got {num_points!r}")
+            num_points = (low, high)
+        else:  # a numpy integer too, like num_classes
+            num_points = _validate.integer(num_points, "num_points", minimum=1)
         _validate.integer(num_classes, "num_classes", minimum=1, maximum=len(SHAPES))
         _validate.integer(seed, "seed", minimum=0)
         if rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
-        if (len(scale_range) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in scale_range)
-                or not 0 < scale_range[0] <= scale_range[1]):
+        # A bare number used to fail inside len() with a message that named no argument.
+        if not isinstance(scale_range, (tuple, list, np.ndarray)):
+            raise TypeError(f"scale_range must be a (low, high) pair of numbers, got {type(scale_range).__name__}")
+        if len(scale_range) != 2:
+            raise ValueError(f"scale_range must be a (low, high) pair, got {len(scale_range)} values")
+        scale_low, scale_high = (_validate.real_number(v, f"scale_range[{i}]", "> 0")
+                                 for i, v in enumerate(scale_range))
+        if scale_low > scale_high:
             raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range!r}")
         _validate.real_number(jitter, "jitter", ">= 0")
         self.num_samples = num_samples
@@ -182,7 +198,7 @@ class SyntheticShapes(Dataset):
         self.num_classes = num_classes
         self.seed = seed
         self.rotation = rotation
-        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.scale_range = (scale_low, scale_high)
         self.jitter = float(jitter)
         self.normalize = bool(normalize)
         self.class_names = list(SHAPES)[:num_classes]
@@ -194,14 +210,18 @@ class SyntheticShapes(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(index, torch.Tensor):
-            index = int(index)
-        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if index < 0:
-            index += self.num_samples
-        if not 0 <= index < self.num_samples:
+        # operator.index, as ModelNet40: int(tensor(1.7)) used to truncate to item 1.
+        try:  # an int, a numpy integer or a one-element integer tensor (Subset(ds, torch.arange(n)))
+            if isinstance(index, bool) or (isinstance(index, torch.Tensor) and index.dtype == torch.bool):
+                raise TypeError
+            index = operator.index(index)
+        except TypeError:
+            raise TypeError(f"index must be an integer (one sample; a DataLoader batches them), got "
+                            f"{_describe(index)}") from None
+        position = index + self.num_samples if index < 0 else index
+        if not 0 <= position < self.num_samples:  # the message names the index as given
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+        index = position
         rng = np.random.default_rng([self.seed, int(index)])
         label = int(self.labels[index])
         if isinstance(self.num_points, tuple):

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _optional, _validate
-from ._png import png_path_problem, save_png
 from ..models.tiny_lm import RuleSequences, TinyCausalLM, next_token_accuracy, rule_sequences
 from ..patch.peft_lora import is_mlp_name, peft_lora
 from ..train.unlearning import gradient_difference, sequence_loss
+from ._png import png_path_problem, save_png
 
 DESCRIPTION = ("gradient-difference unlearning on a tiny transformer: plain LoRA vs sine/tanh-bounded MLP adapters "
                "(losses, update and gradient norms; table + PNG)")

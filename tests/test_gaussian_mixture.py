@@ -353,16 +353,61 @@ def _bad_cases():
         (dict(cull_threshold=-1.0), ValueError, "cull_threshold"),
         (dict(cull_threshold=float("nan")), ValueError, "cull_threshold"),
         (dict(cull_threshold="0.1"), TypeError, "cull_threshold"),
+        # Indefinite: phi grows away from the mean and overflows; the reference crashed on the
+        # NaN (0 * inf) with an index error while the kernels passed over it.
+        (dict(precisions=p.clone().index_put_((torch.tensor([2]), torch.tensor([3])), torch.tensor(-1.0))),
+         ValueError, r"precisions must be positive semidefinite: Gaussian\(s\) 2 have"),
     ], dict(points=x, means=m, precisions=p, weight=w, bias=b)
 
 
-@pytest.mark.parametrize("index", range(25))
+@pytest.mark.parametrize("index", range(26))
 def test_bad_input_raises_naming_the_argument(index):
     cases, good = _bad_cases()
     change, exc, name = cases[index]
     kwargs = {**good, **change}
     with pytest.raises(exc, match=name):
         gaussian_mixture(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_singular_precisions_rounded_to_their_dtype_are_accepted(dtype):
+    """L L^T with a zero on L's diagonal is singular, positive semidefinite: rounding it to
+    the dtype can show a tiny negative eigenvalue, which must not read as indefinite."""
+    g = torch.Generator().manual_seed(71)
+    factor = torch.randn(64, 3, 3, generator=g, dtype=torch.float64).tril() * 3
+    factor[:, 2, 2] = 0.0
+    prec = (factor @ factor.transpose(1, 2))[:, UPPER[0], UPPER[1]].to(dtype)
+    assert (torch.linalg.eigvalsh(ref.precision_matrix(prec.double()))[:, 0] < 0).any(), "no rounding to tolerate"
+    means, _, weight, bias = make_params(64, 5, dtype, seed=72)
+    out = gaussian_mixture(make_points((2, 16), dtype, seed=73), means, prec, weight, bias)
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-160])
+def test_extreme_precisions_cull_alike_in_every_backend(scale):
+    """float64 P = 1e160 I: the cofactors and determinant of P overflowed, Sigma_ii was
+    inf / inf = NaN, and the backends disagreed (reference and cpp never culled, triton and
+    cuda culled everywhere: 1.0 off the dense value with G t = 0.2)."""
+    means = torch.zeros(2, 3, dtype=torch.float64)
+    prec = torch.tensor([[scale, 0, 0, scale, 0, scale], [scale, 0.5 * scale, 0, scale, 0, 2 * scale]],
+                        dtype=torch.float64)
+    weight = torch.tensor([[1.0, 0.5], [-2.0, 1.0]], dtype=torch.float64)
+    half = ref.cull_half_widths(means, prec, weight, 0.1)
+    sigma = torch.linalg.inv(ref.precision_matrix(prec / scale)).diagonal(dim1=1, dim2=2) / scale
+    expected = torch.sqrt(2 * torch.log(weight.abs().amax(dim=0) / 0.1)[:, None] * sigma)
+    torch.testing.assert_close(half, expected, rtol=1e-12, atol=0)
+    # At the means, and at half a box and two boxes out along x: kept, kept, culled.
+    offsets = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64)[:, None] * half[0, 0] * torch.tensor([1.0, 0, 0])
+    points = offsets.to(torch.float64)[None]
+    dense = ref.gaussian_mixture(points, means, prec, weight, reduce="none")
+    expected = ref.gaussian_mixture(points, means, prec, weight, reduce="none", cull_threshold=0.1)
+    assert not torch.equal(expected[:, 2], dense[:, 2])  # the far point is culled
+    for backend in CPU_BACKENDS:
+        with lucidops.use_backend(backend):
+            culled = gaussian_mixture(points, means, prec, weight, reduce="none", cull_threshold=0.1)
+        torch.testing.assert_close(culled[:, :2], dense[:, :2], rtol=1e-12, atol=0)
+        torch.testing.assert_close(culled, expected, rtol=1e-12, atol=0)
+        assert (culled - dense).abs().max() <= 2 * 0.1
 
 
 def test_mixed_devices_raise():

@@ -74,7 +74,9 @@ class GaussianPointEncoder(nn.Module):
     precision P = L L^T, and ``mixer`` (an ``nn.Linear(G, K)``).
 
     ``cull_threshold`` (None by default) enables the kernel's box culling when set to
-    t > 0; meant for inference (its gradients are those of the culled function).
+    t > 0; meant for inference (its gradients are those of the culled function). Like
+    train/eval mode it is a setting, not a parameter: the state dict does not hold it (set it
+    again after ``load_state_dict`` into a fresh encoder; pickle and deepcopy keep it).
     """
 
     def __init__(self, num_gaussians: int = 32, out_channels: int = 1024, cloud_range: float = 1.0,

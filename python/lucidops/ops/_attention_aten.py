@@ -131,7 +131,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
     if q.numel() == 0 or nk == 0:  # nothing to attend (the kernel crashes on Nq = 0)
         return q.new_zeros((b, h, nq, d)), q.new_full((b, h, nq), float("-inf"), dtype=_lse_dtype(q.dtype)), out_lo
     mask = _additive_mask(key_padding_mask, q.dtype)
-    if mask is not None and _may_hold_nan(k) and bool(k.isnan().any()):
+    if key_padding_mask is not None and mask is not None and _may_hold_nan(k) and bool(k.isnan().any()):
         # The kernel adds the -inf mask to the scores, and NaN + -inf is NaN: a NaN in a
         # padding key (padding left as torch.empty) would reach every row. It takes no part.
         k = k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)

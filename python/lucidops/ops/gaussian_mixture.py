@@ -273,6 +273,29 @@ def _all_finite(value: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be finite (it holds NaN or inf)")
 
 
+def _positive_semidefinite(precisions: Tensor) -> None:
+    """Refuse indefinite precisions, up to rounding in their dtype. Away from its mean such a
+    Gaussian's phi grows without bound: exp overflows to inf, a zero mixer weight makes that
+    NaN, and the backends part ways (the kernels' max passes over NaN, the reference's does
+    not). Eigenvalues of the (G, 3, 3) matrices in float64 on the CPU (about 40 us for G = 32);
+    data-dependent like _all_finite."""
+    values = _validate.readable_values(precisions)
+    if values is None or values.numel() == 0:
+        return
+    # reshape: under vmap the unwrapped values carry the batch dims in front of (G, 6).
+    matrices = _reference.precision_matrix(values.reshape(-1, 6).to("cpu", torch.float64))
+    eigenvalues = torch.linalg.eigvalsh(matrices)
+    # A singular L L^T rounded to bfloat16 can show an eigenvalue of -1e-3 of the largest.
+    tolerance = 16 * torch.finfo(precisions.dtype).eps * eigenvalues.abs().amax(dim=-1)
+    g = precisions.shape[-2]
+    bad = sorted({i % g for i in (eigenvalues[:, 0] < -tolerance).nonzero().flatten().tolist()})
+    if bad:
+        shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
+        raise ValueError(f"precisions must be positive semidefinite: Gaussian(s) {shown} have a negative "
+                         "eigenvalue, so phi grows without bound away from the mean and overflows (build "
+                         "precisions as L L^T, as lucidops.nn.GaussianPointEncoder does)")
+
+
 def _shape_error(name: str, expected: str, value: Tensor) -> ValueError:
     return ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
 
@@ -291,7 +314,8 @@ def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: 
         points: (..., N, 3) with N >= 1; any leading batch dims (e.g. (B, groups, group_size, 3)).
         means: (G, 3) Gaussian means.
         precisions: (G, 6) upper triangles [p00, p01, p02, p11, p12, p22] of the symmetric
-            precision matrices (positive definite for a bounded Gaussian).
+            precision matrices: positive semidefinite (an indefinite one is a ValueError),
+            positive definite for a bounded Gaussian.
         weight: (K, G) mixer weight; bias: (K,) or None.
         reduce: "max" (max over the N points, the global feature) or "none".
         cull_threshold: None for the dense mixture, or t > 0: a (point, Gaussian) pair
@@ -336,6 +360,7 @@ def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: 
     threshold = _check_threshold(cull_threshold)
     for name, value in [("points", points)] + named:
         _all_finite(value.detach(), name)
+    _positive_semidefinite(precisions.detach())
 
     lead = points.shape[:-2]
     n = points.shape[-2]

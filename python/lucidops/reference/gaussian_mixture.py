@@ -57,17 +57,26 @@ def cull_half_widths(means: Tensor, precisions: Tensor, weight: Tensor, cull_thr
         return torch.full((G, 3), math.inf, dtype=compute, device=means.device)
     t = float(cull_threshold)
     p = precisions.detach().to(torch.float64)
-    p00, p01, p02, p11, p12, p22 = p.unbind(-1)
-    c00 = p11 * p22 - p12 * p12
-    c11 = p00 * p22 - p02 * p02
-    c22 = p00 * p11 - p01 * p01
-    det = p00 * c00 - p01 * (p01 * p22 - p12 * p02) + p02 * (p01 * p12 - p11 * p02)
-    positive_definite = (p00 > 0) & (c22 > 0) & (det > 0)
-    sigma_diag = torch.stack([c00, c11, c22], dim=-1) / det.unsqueeze(-1)
-    alpha = weight.detach().to(torch.float64).abs().amax(dim=0) if weight.shape[0] > 0 else torch.zeros_like(p00)
+    # Sigma = P^-1 from the unit-diagonal R = D P D, D = diag(P)^-1/2: Sigma_ii = (R^-1)_ii / P_ii.
+    # R's entries lie in [-1, 1] when P is positive definite, so its cofactors and determinant
+    # neither overflow nor underflow (P = 1e160 I made them inf / inf = NaN in float64, and
+    # the backends then culled that Gaussian everywhere or nowhere).
+    diagonal = p[:, [0, 3, 5]]
+    positive_diagonal = (diagonal > 0).all(dim=-1)
+    inv_sqrt = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal)).rsqrt()
+    r01 = p[:, 1] * inv_sqrt[:, 0] * inv_sqrt[:, 1]
+    r02 = p[:, 2] * inv_sqrt[:, 0] * inv_sqrt[:, 2]
+    r12 = p[:, 4] * inv_sqrt[:, 1] * inv_sqrt[:, 2]
+    c00, c11, c22 = 1 - r12 * r12, 1 - r02 * r02, 1 - r01 * r01
+    det = c00 - r01 * (r01 - r12 * r02) + r02 * (r01 * r12 - r02)
+    positive_definite = positive_diagonal & (c22 > 0) & (det > 0)
+    sigma_diag = torch.stack([c00, c11, c22], dim=-1) / det.unsqueeze(-1) * inv_sqrt * inv_sqrt
+    alpha = weight.detach().to(torch.float64).abs().amax(dim=0) if weight.shape[0] > 0 else torch.zeros_like(r01)
     log_ratio = torch.log(alpha / t).clamp_min(0.0)
     half = torch.sqrt(2.0 * log_ratio.unsqueeze(-1) * sigma_diag.clamp_min(0.0))
-    half = torch.where(positive_definite.unsqueeze(-1), half, torch.full_like(half, math.inf))
+    # Not positive definite, or a half-width that is not a number: no box (never cull on NaN).
+    usable = positive_definite.unsqueeze(-1) & ~half.isnan()
+    half = torch.where(usable, half, torch.full_like(half, math.inf))
     half = torch.where((alpha <= t).unsqueeze(-1), torch.full_like(half, -1.0), half)
     rounded = half.to(compute)
     # Round up: a float32 half-width below the exact one would cull a pair worth up to t.

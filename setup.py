@@ -40,8 +40,11 @@ def _extensions():
         return [], {}
     import importlib.util
 
-    from torch.utils import cpp_extension
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    try:
+        from torch.utils import cpp_extension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError as exc:  # pip's default build isolation hides the installed torch
+        sys.exit(f"LUCIDOPS_BUILD_EXT=1 needs torch importable by the build: pip install --no-build-isolation . ({exc})")
 
     root = os.path.dirname(os.path.abspath(__file__))
     # Load the build spec by path: importing the lucidops package here would import torch's
@@ -52,6 +55,7 @@ def _extensions():
     loader.loader.exec_module(_ext_sources)
     _ext_sources.use_real_cuda_home(cpp_extension)
     exts = []
+    cuda_archs = []
     cpu = _ext_sources.spec("cpu", root=os.path.join(root, "csrc"))
     exts.append(
         CppExtension(
@@ -63,6 +67,7 @@ def _extensions():
     )
     if cpp_extension.CUDA_HOME is not None:
         cuda = _ext_sources.spec("cuda", root=os.path.join(root, "csrc"))
+        cuda_archs = cuda.archs
         exts.append(
             CUDAExtension(
                 "lucidops._C_cuda",
@@ -72,7 +77,31 @@ def _extensions():
                 extra_link_args=cuda.ldflags,
             )
         )
-    return exts, {"build_ext": BuildExtension}
+    return exts, {"build_ext": _recording_archs(BuildExtension, cuda_archs, _ext_sources.ARCHS_FILE)}
+
+
+def _recording_archs(base, archs, archs_file):
+    """build_ext that also writes the CUDA extension's arch list next to it: SOURCE_HASH leaves
+    the archs out (they differ between a GPU-less build host and the GPU that runs it), and the
+    loader uses the module only where this list covers the visible GPUs."""
+
+    class BuildExt(base):
+        def _write_archs(self, folder):
+            with open(os.path.join(folder, archs_file), "w", encoding="utf-8") as f:
+                f.write(";".join(archs) + "\n")
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            if ext.name == "lucidops._C_cuda":
+                self._write_archs(os.path.dirname(self.get_ext_fullpath(ext.name)))
+
+        def copy_extensions_to_source(self):
+            # An editable install copies the modules into the source tree: the list goes too.
+            super().copy_extensions_to_source()
+            if any(ext.name == "lucidops._C_cuda" for ext in self.extensions):
+                self._write_archs(self.get_finalized_command("build_py").get_package_dir("lucidops"))
+
+    return BuildExt
 
 
 ext_modules, cmdclass = _extensions()
@@ -109,7 +138,7 @@ setup(
         # h5py: the ModelNet40 (ply_hdf5_2048) loader.
         "data": ["h5py>=3.0"],
         # peft: lucidops.patch.peft_lora and `lucidops demo unlearn` (with matplotlib for its PNG).
-        "peft": ["peft>=0.13", "transformers>=4.45"],
+        "peft": ["peft>=0.13", "transformers>=4.45", "matplotlib>=3.5"],
         "dev": ["pytest>=8", "hypothesis>=6", "pytest-timeout", "timm>=1.0", "peft>=0.13", "transformers>=4.45",
                 "matplotlib>=3.5", "h5py>=3.0",
                 "opacus>=1.5",  # tests/test_opacus.py: DP-SGD's per-sample gradients through the ops

@@ -8,7 +8,13 @@ processes building at once safe: one builds, the other waits and loads.
 
 An ahead-of-time build (``LUCIDOPS_BUILD_EXT=1 pip install --no-build-isolation .``)
 installs ``lucidops._C_cpu`` / ``lucidops._C_cuda``; they are used when their
-``SOURCE_HASH`` matches the sources, else ignored.
+``SOURCE_HASH`` matches the sources (and, for CUDA, their recorded arch list covers the
+visible GPUs), else ignored.
+
+A cache folder that cannot be written (a read-only file system, a shared install) still
+serves a module already built there, imported directly from its file, since torch's
+builder needs to write its lock; with nothing built, the extension is unavailable with
+a reason that says so, and ops run on the next backend.
 
 Failures are remembered per process: ``ExtensionUnavailable`` carries the reason and,
 for a failed build, the path of the log.
@@ -17,6 +23,7 @@ for a failed build, the path of the log.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import io
 import os
 import shutil
@@ -49,7 +56,13 @@ _failed: Dict[str, ExtensionUnavailable] = {}
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LUCIDOPS_CACHE_DIR", Path.home() / ".cache" / "lucidops"))
+    """``$LUCIDOPS_CACHE_DIR`` (``~`` expanded), or ``~/.cache/lucidops`` when unset or empty.
+
+    Empty counts as unset: ``Path("")`` would be the current folder, scattering build
+    folders wherever the program happens to run.
+    """
+    env = os.environ.get("LUCIDOPS_CACHE_DIR", "")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lucidops"
 
 
 def _ninja_on_path() -> bool:
@@ -87,12 +100,67 @@ def _compiler_problem(kind: str) -> Optional[str]:
     return None
 
 
+def prebuilt_archs(mod: ModuleType) -> List[str]:
+    """The arch list an ahead-of-time ``lucidops._C_cuda`` was built for, from the file
+    setup.py writes next to it; empty when there is none (then it is not used)."""
+    try:
+        text = (Path(mod.__file__ or "").parent / _ext_sources.ARCHS_FILE).read_text()
+    except (OSError, TypeError):
+        return []
+    return [a.strip() for a in text.replace(",", ";").split(";") if a.strip()]
+
+
 def _prebuilt(kind: str, spec: _ext_sources.ExtensionSpec) -> Optional[ModuleType]:
+    """The ahead-of-time module for ``kind`` when it was built from these sources (and, for
+    CUDA, for every visible GPU's capability), else None."""
     try:
         mod = importlib.import_module(f"lucidops._C_{kind}")
     except ImportError:
         return None
-    return mod if getattr(mod, "SOURCE_HASH", None) == "h" + spec.source_hash else None
+    if getattr(mod, "SOURCE_HASH", None) != "h" + spec.source_hash:
+        return None
+    if kind == "cuda":
+        # The GPUs present decide; without one (`lucidops build` on a build host), the
+        # archs a lazy build would target.
+        needed = _ext_sources.visible_capabilities() or spec.archs
+        if not _ext_sources.archs_cover(prebuilt_archs(mod), needed):
+            return None
+    return mod
+
+
+def _unwritable(kind: str, folder: Path, exc: OSError) -> ExtensionUnavailable:
+    return ExtensionUnavailable(
+        kind,
+        f"cache folder {folder} is not writable ({exc}); "
+        "set LUCIDOPS_CACHE_DIR to a writable folder",
+    )
+
+
+def _import_built(kind: str, folder: Path, name: str) -> ModuleType:
+    """Import the module file a previous build left in ``folder``, bypassing torch's builder
+    (which wants to write its lock and build.ninja even when nothing needs building)."""
+    path = folder / f"{name}.so"
+    import torch  # noqa: F401  (the module links against libtorch, which must be loaded first)
+
+    try:
+        loader = importlib.util.spec_from_file_location(name, path)
+        if loader is None or loader.loader is None:
+            raise ImportError(f"not an importable module file: {path}")
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    except ImportError as exc:
+        raise ExtensionUnavailable(kind, f"cannot import the cached build {path}: {exc}; "
+                                         "delete that folder (or set LUCIDOPS_CACHE_DIR) to rebuild") from exc
+    return module
+
+
+def _write_log(path: Path, text: str) -> Optional[str]:
+    """Write the build log; its path, or None where the folder is not writable."""
+    try:
+        path.write_text(text)
+    except OSError:
+        return None
+    return str(path)
 
 
 def build(
@@ -107,15 +175,24 @@ def build(
     Raises ExtensionUnavailable with the reason and the build log's path on failure.
     """
     spec = _ext_sources.spec(kind, arch_list=arch_list)
+    folder = Path(build_dir) if build_dir is not None else cache_dir() / spec.module_name
+    built = folder / f"{spec.module_name}.so"
+    # A read-only cache with the module already built: usable without torch's builder (which
+    # needs to write there) or a compiler. A writable one goes through the builder, which
+    # rebuilds a stale module and serialises concurrent builds.
+    if built.is_file() and not os.access(folder, os.W_OK):
+        return _import_built(kind, folder, spec.module_name)
     problem = _compiler_problem(kind)
     if problem:
         raise ExtensionUnavailable(kind, problem)
     from torch.utils import cpp_extension
 
-    folder = Path(build_dir) if build_dir is not None else cache_dir() / spec.module_name
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # read-only file system, a regular file on the path, no permission
+        raise _unwritable(kind, folder, exc) from exc
     log_path = folder / "build.log"
-    if not verbose and not (folder / f"{spec.module_name}.so").exists():
+    if not verbose and not built.exists():
         print(f"lucidops: building the {kind} extension (first use; about a minute) in {folder}", file=sys.stderr)
     if kind == "cuda":
         _ext_sources.use_real_cuda_home(cpp_extension)
@@ -134,11 +211,16 @@ def build(
                 # Not verbose: torch then captures ninja's output into the exception.
                 verbose=verbose,
             )
+    except OSError as exc:  # torch's lock or build.ninja could not be written; not a compile error
+        if built.is_file():
+            return _import_built(kind, folder, spec.module_name)
+        raise _unwritable(kind, folder, exc) from exc
     except Exception as exc:  # compiler errors arrive as RuntimeError with ninja's output
-        log_path.write_text(captured.getvalue() + "\n" + str(exc))
-        first_error = next((ln for ln in str(exc).splitlines() if "error:" in ln), str(exc).splitlines()[0])
-        raise ExtensionUnavailable(kind, f"build failed: {first_error.strip()}", str(log_path)) from exc
-    log_path.write_text(captured.getvalue())
+        lines = str(exc).splitlines() or [repr(exc)]
+        logged = _write_log(log_path, captured.getvalue() + "\n" + str(exc))
+        first_error = next((ln for ln in lines if "error:" in ln), lines[0])
+        raise ExtensionUnavailable(kind, f"build failed: {first_error.strip()}", logged) from exc
+    _write_log(log_path, captured.getvalue())
     if verbose:
         print(captured.getvalue(), file=sys.stderr)
     return module

@@ -1,9 +1,12 @@
 """What each C++/CUDA extension is built from: sources, flags and a content hash.
 
 Pure Python with no torch import at module level, so that setup.py can use it too.
-The hash covers every source and header, the flags and the torch version: it names the
-lazy build's cache folder and is compiled into the module (``SOURCE_HASH``) so that a
-stale ahead-of-time build is recognised and ignored.
+The hash covers every source and header, the flags and the torch version: it is compiled
+into the module (``SOURCE_HASH``) so that a stale ahead-of-time build is recognised and
+ignored. It leaves out the CUDA architectures, which depend on the machine (a GPU-less
+build host targets sm_80/sm_90, a run on an H100 only sm_90): an ahead-of-time build records
+its list instead (``ARCHS_FILE``) and is used where it covers the visible GPUs. The lazy
+build's cache folder is named by a second hash that includes them.
 """
 
 from __future__ import annotations
@@ -45,14 +48,8 @@ def cpu_arch_flags() -> List[str]:
     return flags.split() if flags is not None else ["-march=native"]
 
 
-def cuda_arch_list() -> List[str]:
-    """Compute capabilities to build for, e.g. ['8.0', '9.0'].
-
-    TORCH_CUDA_ARCH_LIST wins; else the visible GPUs; else sm_80 and sm_90.
-    """
-    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if env:
-        return [a for a in env.replace(",", ";").replace(" ", ";").split(";") if a]
+def visible_capabilities() -> List[str]:
+    """Compute capabilities of the GPUs torch sees, e.g. ['9.0']; empty without a GPU."""
     try:
         import torch
 
@@ -61,7 +58,39 @@ def cuda_arch_list() -> List[str]:
             return [f"{major}.{minor}" for major, minor in sorted(caps)]
     except Exception:  # pragma: no cover - torch without CUDA runtime
         pass
-    return ["8.0", "9.0"]
+    return []
+
+
+def cuda_arch_list() -> List[str]:
+    """Compute capabilities to build for, e.g. ['8.0', '9.0'].
+
+    TORCH_CUDA_ARCH_LIST wins; else the visible GPUs; else sm_80 and sm_90.
+    """
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return [a for a in env.replace(",", ";").replace(" ", ";").split(";") if a]
+    return visible_capabilities() or ["8.0", "9.0"]
+
+
+# Written next to an ahead-of-time lucidops._C_cuda by setup.py: its arch list, ';'-separated.
+ARCHS_FILE = "_C_cuda_archs.txt"
+
+
+def _major_minor(arch: str) -> str:
+    """'8.6+PTX' -> '8.6', '9.0a' -> '9.0', '90' -> '9.0'."""
+    base = arch.strip().replace("+PTX", "").rstrip("abf")
+    return base if "." in base else f"{base[:-1]}.{base[-1:]}"
+
+
+def archs_cover(built: List[str], needed: List[str]) -> bool:
+    """Whether a build for the ``built`` arch list runs natively on every ``needed`` capability.
+
+    Deliberately simple: a capability is covered only by machine code for the same
+    major.minor. PTX that the driver could JIT for a newer GPU does not count (a slow first
+    launch), nor does sm_80 code that an sm_86 could run; such GPUs get a lazy build instead.
+    """
+    have = {_major_minor(a) for a in built}
+    return bool(needed) and all(_major_minor(c) in have for c in needed)
 
 
 def gencode_flags(arch_list: List[str]) -> List[str]:
@@ -103,11 +132,16 @@ class ExtensionSpec:
     ldflags: List[str]
     cuda_cflags: List[str] = field(default_factory=list)
     include_dirs: List[str] = field(default_factory=list)
+    # Compiled into the module as SOURCE_HASH; without the CUDA architectures.
     source_hash: str = ""
+    # CUDA compute capabilities the build targets (empty for the CPU extension).
+    archs: List[str] = field(default_factory=list)
+    # source_hash plus the architectures: names the lazy build, one per arch list.
+    build_hash: str = ""
 
     @property
     def module_name(self) -> str:
-        return f"lucidops_{self.kind}_{self.source_hash[:12]}"
+        return f"lucidops_{self.kind}_{(self.build_hash or self.source_hash)[:12]}"
 
 
 def _hash(paths: List[Path], extra: List[str]) -> str:
@@ -131,11 +165,13 @@ def spec(kind: str, root: Optional[str] = None, arch_list: Optional[List[str]] =
         cflags = ["-O3", "-fopenmp"] + cpu_arch_flags()  # torch picks the C++ standard
         ldflags = ["-fopenmp"]
         cuda_cflags: List[str] = []
+        archs: List[str] = []
     else:
         sources = [base / "bindings.cpp"] + sorted(base.glob("cuda/*.cu"))
         cflags = ["-O3", "-DLUCIDOPS_WITH_CUDA"]
         ldflags = []
-        cuda_cflags = ["-O3", "-lineinfo"] + gencode_flags(arch_list or cuda_arch_list())
+        cuda_cflags = ["-O3", "-lineinfo"]
+        archs = list(arch_list or cuda_arch_list())
     try:
         import torch
 
@@ -143,6 +179,9 @@ def spec(kind: str, root: Optional[str] = None, arch_list: Optional[List[str]] =
     except ImportError:  # setup.py without torch never builds, so this is only for hashing
         torch_version = "unknown"
     digest = _hash(sources + headers, [kind, torch_version] + cflags + ldflags + cuda_cflags)
+    arch_flags = gencode_flags(archs)
+    # The CPU build has no arch list, so its cache folder keeps the plain source hash.
+    build_digest = hashlib.sha256((digest + " ".join(arch_flags)).encode()).hexdigest() if archs else digest
     # An identifier, not a string literal: quotes do not survive ninja's shell.
     define = f"-DLUCIDOPS_SOURCE_HASH=h{digest}"
     return ExtensionSpec(
@@ -150,7 +189,9 @@ def spec(kind: str, root: Optional[str] = None, arch_list: Optional[List[str]] =
         sources=[str(s) for s in sources],
         cflags=cflags + [define],
         ldflags=ldflags,
-        cuda_cflags=cuda_cflags + ([define] if kind == "cuda" else []),
+        cuda_cflags=cuda_cflags + arch_flags + ([define] if kind == "cuda" else []),
         include_dirs=[str(base)],
         source_hash=digest,
+        archs=archs,
+        build_hash=build_digest,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import importlib.util
 import os
+import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -180,16 +181,35 @@ def _warn_extension_passed_over(name: str, device_type: str, problem: str) -> No
     the next backend can be many times slower. LUCIDOPS_DISABLE_EXT=1 is a choice, not a problem."""
     kind = _EXTENSION_OF.get((name, device_type))
     if kind is not None and not problem.startswith("disabled by LUCIDOPS_DISABLE_EXT"):
-        _warn_next_backend_once(kind, f"lucidops {kind} extension unavailable: {problem}", stacklevel=5)
+        _warn_next_backend_once(kind, f"lucidops {kind} extension unavailable: {problem}")
 
 
-def _warn_next_backend_once(kind: str, unavailable: str, stacklevel: int) -> None:
-    """The one warning per extension ``kind`` that ops run on the next backend instead."""
+# Frames in these folders are not the user's: the custom-op and autograd machinery between
+# a call and dispatch() has a depth that differs by op and path (a fixed stacklevel pointed
+# into lucidops/ops/activations.py or torch/_library).
+_INTERNAL_FOLDERS = tuple(os.path.dirname(os.path.abspath(str(m.__file__))) + os.sep for m in (torch, _ext))
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel, for a warning raised by this function's caller, of the first
+    frame outside lucidops and torch: the user's line. (Python 3.12's skip_file_prefixes does
+    this; 3.9 to 3.11 lack it.)"""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_FOLDERS):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _warn_next_backend_once(kind: str, unavailable: str) -> None:
+    """The one warning per extension ``kind`` that ops run on the next backend instead,
+    attributed to the user's call."""
     if kind in _warned:
         return
     _warned.add(kind)
     warnings.warn(f"{unavailable}; lucidops uses the next backend instead (`lucidops info` lists what runs where)",
-                  RuntimeWarning, stacklevel=stacklevel)
+                  RuntimeWarning, stacklevel=_user_stacklevel())
 
 
 def on_device_of(device_type: str, args: Tuple) -> ContextManager:
@@ -221,7 +241,7 @@ def dispatch(op: str, device_type: str, *args):
         except _ext.ExtensionUnavailable as err:
             if forced_backend() is not None:
                 raise BackendUnavailable(f"backend {name!r} is forced for op {op!r} but cannot run: {err}") from err
-            _warn_next_backend_once(err.kind, str(err), stacklevel=4)
+            _warn_next_backend_once(err.kind, str(err))
             continue  # status() now reports the failure, so select() moves on
         _last_used[op] = name
         return result

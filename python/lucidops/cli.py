@@ -264,13 +264,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "bench":
         return runner.run(args)
     if args.command == "build":
-        from lucidops import _ext
+        from lucidops import _ext, _ext_sources
 
         status = 0
         unknown = [kind for kind in args.kinds if kind not in ("cpu", "cuda")]
         if unknown:
             p_build.error(f"unknown extension {unknown[0]!r} (choose from 'cpu', 'cuda')")
         for kind in args.kinds or ["cpu", "cuda"]:
+            # The ops load a matching ahead-of-time module first: a cache build would go unused.
+            prebuilt = _ext._prebuilt(kind, _ext_sources.spec(kind))
+            if prebuilt is not None:
+                print(f"{kind}: ok (prebuilt: {prebuilt.__file__})")
+                continue
             try:
                 module = _ext.build(kind)  # builds without a GPU too (nvcc is enough)
                 print(f"{kind}: ok ({module.__file__})")

@@ -1,0 +1,272 @@
+"""The extension cache and ahead-of-time builds, without building anything: an unwritable
+cache, a prebuilt CUDA module for other GPUs, `lucidops build` with a prebuilt module, and
+setup.py's extras and build-time errors.
+
+A read-only folder cannot be made with chmod here (root ignores permissions), so the
+failures are simulated: a regular file on the cache path, or torch's builder and the log
+write raising the OSError a read-only file system gives.
+"""
+
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+from torch.utils import cpp_extension
+
+from lucidops import _ext, _ext_sources, cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _erofs(path):
+    return OSError(30, "Read-only file system", str(path))
+
+
+def _no_builder(*args, **kwargs):
+    raise AssertionError("torch's builder must not run")
+
+
+@pytest.fixture
+def fresh_ext(monkeypatch):
+    """_ext with its per-process memory emptied, no ahead-of-time module, a compiler assumed."""
+    monkeypatch.setattr(_ext, "_loaded", {})
+    monkeypatch.setattr(_ext, "_failed", {})
+    monkeypatch.setattr(_ext, "_prebuilt", lambda kind, spec: None)
+    monkeypatch.setattr(_ext, "_compiler_problem", lambda kind: None)
+    return _ext
+
+
+def _fake_extension(folder: Path, name: str, source_hash: str) -> Path:
+    """A real (tiny) extension module file ``folder/name.so`` with SOURCE_HASH, compiled in a
+    fraction of a second, standing in for a cached build."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    include = sysconfig.get_paths()["include"]
+    if cc is None or not Path(include, "Python.h").is_file():
+        pytest.skip("needs a C compiler and Python's headers")
+    src = folder / "fake.c"
+    src.write_text(textwrap.dedent(f"""
+        #include <Python.h>
+        static struct PyModuleDef def = {{PyModuleDef_HEAD_INIT, "{name}", NULL, -1, NULL}};
+        PyMODINIT_FUNC PyInit_{name}(void) {{
+            PyObject *m = PyModule_Create(&def);
+            if (m) PyModule_AddStringConstant(m, "SOURCE_HASH", "{source_hash}");
+            return m;
+        }}
+    """))
+    so = folder / f"{name}.so"
+    subprocess.run([cc, "-shared", "-fPIC", f"-I{include}", "-o", str(so), str(src)], check=True)
+    src.unlink()
+    return so
+
+
+# --- LUCIDOPS_CACHE_DIR ------------------------------------------------------------------
+
+def test_empty_cache_dir_is_the_default_and_tilde_is_expanded(monkeypatch):
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", "")
+    assert _ext.cache_dir() == Path.home() / ".cache" / "lucidops"
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", "~/lucidops-cache")
+    assert _ext.cache_dir() == Path.home() / "lucidops-cache"
+
+
+# --- an unwritable cache -----------------------------------------------------------------
+
+def test_cache_folder_that_cannot_be_made_is_unavailable_not_oserror(fresh_ext, monkeypatch, tmp_path):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    monkeypatch.setattr(cpp_extension, "load", _no_builder)
+    with pytest.raises(_ext.ExtensionUnavailable, match="not writable") as err:
+        _ext.load("cpu")
+    assert "LUCIDOPS_CACHE_DIR" in str(err.value)
+    with pytest.raises(_ext.ExtensionUnavailable):  # remembered: no second attempt
+        _ext.load("cpu")
+
+
+def test_read_only_cache_without_a_build_is_unavailable_not_oserror(fresh_ext, monkeypatch, tmp_path):
+    """Read-only: torch's lock cannot be made, nor the build log written."""
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
+
+    def read_only_load(**kwargs):
+        raise _erofs(Path(kwargs["build_directory"]) / "lock")
+
+    def read_only_write(self, *args, **kwargs):
+        raise _erofs(self)
+
+    monkeypatch.setattr(cpp_extension, "load", read_only_load)
+    monkeypatch.setattr(Path, "write_text", read_only_write)
+    with pytest.raises(_ext.ExtensionUnavailable, match="not writable.*Read-only file system") as err:
+        _ext.build("cpu")
+    assert err.value.log_path is None
+
+
+def test_read_only_cache_with_a_build_imports_it_without_the_builder(fresh_ext, monkeypatch, tmp_path):
+    """The module built there is imported from its file; torch's builder, which fails on
+    its lock, is not needed, nor a compiler."""
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
+    name = _ext_sources.spec("cpu").module_name
+    folder = tmp_path / name
+    folder.mkdir()
+    _fake_extension(folder, name, "hfake")
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False)
+    monkeypatch.setattr(cpp_extension, "load", _no_builder)
+    monkeypatch.setattr(_ext, "_compiler_problem", lambda kind: "no C++ compiler found")
+    module = _ext.load("cpu")
+    assert module.SOURCE_HASH == "hfake" and Path(module.__file__) == folder / f"{name}.so"
+
+
+def test_lock_that_cannot_be_written_falls_back_to_importing_the_build(fresh_ext, monkeypatch, tmp_path):
+    """Where the folder looks writable but torch's builder still fails to write (a read-only
+    bind mount os.access misjudges), the module built there is imported from its file."""
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
+    name = _ext_sources.spec("cpu").module_name
+    folder = tmp_path / name
+    folder.mkdir()
+    _fake_extension(folder, name, "hfake2")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: (_ for _ in ()).throw(_erofs(folder / "lock")))
+    assert _ext.build("cpu").SOURCE_HASH == "hfake2"
+
+
+def test_op_with_an_unwritable_cache_warns_once_and_runs_the_next_backend(tmp_path):
+    (tmp_path / "afile").write_text("")
+    code = """
+        import warnings, torch, lucidops
+        from lucidops import _ext
+        _ext._prebuilt = lambda kind, spec: None     # only the cache counts here
+        _ext._compiler_problem = lambda kind: None   # get as far as the cache folder
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lucidops.ops.sinc(torch.randn(4))
+            lucidops.ops.gaussian(torch.randn(4))
+        print("USED", lucidops.backends.last_used("sinc"))
+        for w in caught:
+            print("WARNED", w.message)
+    """
+    env = dict(os.environ, LUCIDOPS_CACHE_DIR=str(tmp_path / "afile" / "cache"))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "USED" in proc.stdout and "USED cpp" not in proc.stdout, proc.stdout
+    warned = [line for line in proc.stdout.splitlines() if line.startswith("WARNED")]
+    assert len(warned) == 1 and "not writable" in warned[0] and "LUCIDOPS_CACHE_DIR" in warned[0], warned
+
+
+def test_build_command_with_an_unwritable_cache_reports_it(fresh_ext, monkeypatch, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    monkeypatch.setattr(cpp_extension, "load", _no_builder)
+    assert cli.main(["build", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("cpu: ") and "not writable" in out, out
+
+
+# --- ahead-of-time modules ---------------------------------------------------------------
+
+def _install_prebuilt(monkeypatch, tmp_path, kind, source_hash, archs=None):
+    """A stand-in for an installed lucidops._C_<kind> (with setup.py's arch list file)."""
+    mod = types.ModuleType(f"lucidops._C_{kind}")
+    mod.SOURCE_HASH = "h" + source_hash
+    mod.__file__ = str(tmp_path / f"_C_{kind}.so")
+    if archs is not None:
+        (tmp_path / _ext_sources.ARCHS_FILE).write_text(";".join(archs) + "\n")
+    monkeypatch.setitem(sys.modules, f"lucidops._C_{kind}", mod)
+    return mod
+
+
+def test_source_hash_leaves_the_cuda_archs_out_and_the_cache_name_keeps_them():
+    host = _ext_sources.spec("cuda", arch_list=["8.0", "9.0"])
+    h100 = _ext_sources.spec("cuda", arch_list=["9.0"])
+    assert host.source_hash == h100.source_hash
+    assert host.module_name != h100.module_name  # a lazy build per arch list
+    assert "-gencode=arch=compute_90,code=sm_90" in h100.cuda_cflags
+    assert not any("compute_80" in f for f in h100.cuda_cflags)
+
+
+@pytest.mark.parametrize("built, needed, covered", [
+    (["8.0", "9.0"], ["9.0"], True),
+    (["8.0", "9.0"], ["8.0", "9.0"], True),
+    (["8.0", "9.0+PTX"], ["9.0"], True),
+    (["9.0a"], ["9.0"], True),
+    (["8.0"], ["8.6"], False),  # same major, other minor: a lazy build for the real GPU
+    (["9.0"], ["8.0", "9.0"], False),  # every GPU must be covered
+    ([], ["9.0"], False),  # no recorded list: not trusted
+])
+def test_archs_cover(built, needed, covered):
+    assert _ext_sources.archs_cover(built, needed) is covered
+
+
+def test_cuda_module_built_on_a_gpu_less_host_is_used_on_a_gpu_it_covers(monkeypatch, tmp_path):
+    """Built for the default sm_80/sm_90 without a GPU, run on an H100 (9.0) or an A10 (8.6)."""
+    host = _ext_sources.spec("cuda", arch_list=["8.0", "9.0"])
+    mod = _install_prebuilt(monkeypatch, tmp_path, "cuda", host.source_hash, archs=["8.0", "9.0"])
+    monkeypatch.setattr(_ext_sources, "visible_capabilities", lambda: ["9.0"])
+    assert _ext._prebuilt("cuda", _ext_sources.spec("cuda", arch_list=["9.0"])) is mod
+    monkeypatch.setattr(_ext_sources, "visible_capabilities", lambda: ["8.6"])
+    assert _ext._prebuilt("cuda", _ext_sources.spec("cuda", arch_list=["8.6"])) is None
+
+
+def test_cuda_module_without_its_arch_list_is_not_used(monkeypatch, tmp_path):
+    host = _ext_sources.spec("cuda", arch_list=["8.0", "9.0"])
+    _install_prebuilt(monkeypatch, tmp_path, "cuda", host.source_hash, archs=None)
+    monkeypatch.setattr(_ext_sources, "visible_capabilities", lambda: ["9.0"])
+    assert _ext._prebuilt("cuda", _ext_sources.spec("cuda", arch_list=["9.0"])) is None
+
+
+def test_build_command_reports_a_prebuilt_module_without_building(monkeypatch, tmp_path, capsys):
+    mod = _install_prebuilt(monkeypatch, tmp_path, "cpu", _ext_sources.spec("cpu").source_hash)
+    monkeypatch.setattr(_ext, "build", _no_builder)
+    assert cli.main(["build", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == f"cpu: ok (prebuilt: {mod.__file__})"
+
+
+# --- setup.py ----------------------------------------------------------------------------
+
+def _run_setup(monkeypatch):
+    """setup.py's globals and the keyword arguments it passes to setup(), without building."""
+    import setuptools
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("LUCIDOPS_BUILD_EXT", raising=False)
+    namespace = runpy.run_path(str(REPO / "setup.py"), run_name="setup")
+    return namespace, captured
+
+
+def test_peft_extra_brings_matplotlib_for_the_unlearn_demo(monkeypatch):
+    _, kwargs = _run_setup(monkeypatch)
+    assert any(req.startswith("matplotlib") for req in kwargs["extras_require"]["peft"])
+
+
+def test_ahead_of_time_build_without_torch_says_to_disable_build_isolation():
+    """pip's default build isolation: torch not importable by setup.py."""
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; "
+            "runpy.run_path('setup.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, LUCIDOPS_BUILD_EXT="1"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "pip install --no-build-isolation" in proc.stderr, proc.stderr
+
+
+def test_ahead_of_time_cuda_build_records_its_arch_list(monkeypatch, tmp_path):
+    namespace, _ = _run_setup(monkeypatch)
+
+    class FakeBuildExt:  # what BuildExtension's build_extension leaves: the module file
+        def build_extension(self, ext):
+            Path(self.get_ext_fullpath(ext.name)).write_text("")
+
+        def get_ext_fullpath(self, name):
+            return str(tmp_path / (name.rsplit(".", 1)[1] + ".so"))
+
+    cmd = namespace["_recording_archs"](FakeBuildExt, ["8.0", "9.0"], _ext_sources.ARCHS_FILE)()
+    cmd.build_extension(types.SimpleNamespace(name="lucidops._C_cpu"))
+    assert not (tmp_path / _ext_sources.ARCHS_FILE).exists()
+    cmd.build_extension(types.SimpleNamespace(name="lucidops._C_cuda"))
+    mod = types.SimpleNamespace(__file__=str(tmp_path / "_C_cuda.so"))
+    assert _ext.prebuilt_archs(mod) == ["8.0", "9.0"]

@@ -44,8 +44,9 @@ def test_passed_over_extension_warns_at_the_callers_line(fresh_warning, monkeypa
 def test_extension_failing_in_dispatch_warns_at_the_callers_line(fresh_warning, monkeypatch):
     entry = backends._OPS["attention"]
 
-    def broken(*args):  # as _ext.load fails: the failure recorded (select moves on), then raised
+    def broken(*args):  # as _ext.load fails: not loaded, the failure recorded (select moves on), raised
         err = _ext.ExtensionUnavailable("cpu", "the build failed (test)")
+        monkeypatch.delitem(_ext._loaded, "cpu", raising=False)
         monkeypatch.setitem(_ext._failed, "cpu", err)
         raise err
 
@@ -58,3 +59,23 @@ def test_extension_failing_in_dispatch_warns_at_the_callers_line(fresh_warning, 
     assert backends.last_used("attention") != "cpp"
     warning = _only_fallback_warning(caught)
     assert (warning.filename, warning.lineno) == (__file__, line)
+
+
+def test_a_failure_that_status_does_not_record_raises_instead_of_looping(fresh_warning, monkeypatch):
+    """dispatch() retries selection after an extension fails, trusting status() to record it;
+    where it did not (here: the extension is already loaded), it chose the same backend
+    forever and grew without bound (24 GB, when this file's previous test ran after others)."""
+    import lucidops.ops.attention  # noqa: F401  (registers the op)
+
+    entry = backends._OPS["attention"]
+    monkeypatch.setitem(_ext._loaded, "cpu", object())  # status("cpu") says usable whatever fails
+
+    def broken(*args):
+        raise _ext.ExtensionUnavailable("cpu", "failed after loading (test)")
+
+    monkeypatch.setitem(entry.impls, "cpp", broken)
+    q = torch.randn(1, 2, 3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(lucidops.BackendUnavailable, match="failed and is still selected"):
+            lucidops.ops.attention(q, q, q)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextvars
 import importlib.util
 import os
-import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Tup
 import torch
 
 from . import _autocast, _ext
+from ._caller import user_stacklevel
 
 BACKENDS: Tuple[str, ...] = ("reference", "cpp", "aten", "triton", "cuda")
 
@@ -184,24 +184,6 @@ def _warn_extension_passed_over(name: str, device_type: str, problem: str) -> No
         _warn_next_backend_once(kind, f"lucidops {kind} extension unavailable: {problem}")
 
 
-# Frames in these folders are not the user's: the custom-op and autograd machinery between
-# a call and dispatch() has a depth that differs by op and path (a fixed stacklevel pointed
-# into lucidops/ops/activations.py or torch/_library).
-_INTERNAL_FOLDERS = tuple(os.path.dirname(os.path.abspath(str(m.__file__))) + os.sep for m in (torch, _ext))
-
-
-def _user_stacklevel() -> int:
-    """warnings.warn's stacklevel, for a warning raised by this function's caller, of the first
-    frame outside lucidops and torch: the user's line. (Python 3.12's skip_file_prefixes does
-    this; 3.9 to 3.11 lack it.)"""
-    frame = sys._getframe(1)
-    level = 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_FOLDERS):
-        frame = frame.f_back
-        level += 1
-    return level
-
-
 def _warn_next_backend_once(kind: str, unavailable: str) -> None:
     """The one warning per extension ``kind`` that ops run on the next backend instead,
     attributed to the user's call."""
@@ -209,7 +191,7 @@ def _warn_next_backend_once(kind: str, unavailable: str) -> None:
         return
     _warned.add(kind)
     warnings.warn(f"{unavailable}; lucidops uses the next backend instead (`lucidops info` lists what runs where)",
-                  RuntimeWarning, stacklevel=_user_stacklevel())
+                  RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def on_device_of(device_type: str, args: Tuple) -> ContextManager:
@@ -233,8 +215,11 @@ def dispatch(op: str, device_type: str, *args):
     and the next backend in the preference order is used; a forced backend raises.
     """
     entry = _OPS[op]
+    failed: List[str] = []
     while True:
         name = select(op, device_type, args)
+        if name in failed:  # status() did not record the failure: say so rather than loop forever
+            raise BackendUnavailable(f"backend {name!r} of op {op!r} failed and is still selected")
         try:
             with _autocast.disabled(device_type), on_device_of(device_type, args):
                 result = entry.impls[name](*args)
@@ -242,6 +227,7 @@ def dispatch(op: str, device_type: str, *args):
             if forced_backend() is not None:
                 raise BackendUnavailable(f"backend {name!r} is forced for op {op!r} but cannot run: {err}") from err
             _warn_next_backend_once(err.kind, str(err))
+            failed.append(name)
             continue  # status() now reports the failure, so select() moves on
         _last_used[op] = name
         return result

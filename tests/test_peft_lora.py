@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
+from lucidops.patch import apply as apply_patches  # noqa: E402
 from lucidops.patch.peft_lora import is_mlp_name, peft_lora  # noqa: E402
 from lucidops.train.unlearning import gradient_difference  # noqa: E402
 
@@ -320,6 +321,10 @@ def test_adapters_on_other_layer_kinds_are_named_as_left_plain():
         handle = peft_lora(model, "sine", omega=3.0)
     assert caught[0].filename == __file__  # attributed to the caller, not to lucidops
     assert len(handle) == 1 and "transformer.wte" in handle.notes[0]
+    handle.revert()
+    with pytest.warns(RuntimeWarning, match="stays plain LoRA") as caught:  # through patch.apply: still here
+        apply_patches(model, attention=False, lora={"variant": "sine", "omega": 3.0}).revert()
+    assert caught[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         handle.revert()

@@ -31,6 +31,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
+from .._caller import user_stacklevel
+
 Described = Union[nn.Module, type, str]
 
 
@@ -209,10 +211,11 @@ class PatchHandle:
 
     def warn(self, source: str, note: str) -> None:
         """Keep ``note`` in :attr:`notes` and raise it as a ``RuntimeWarning`` attributed to
-        the code that called the patch function ``source`` (a patch that leaves part of the
-        model as it was must say so both now and in the handle, for later inspection)."""
+        the user's line (the first frame outside lucidops: a direct call of the patch function
+        ``source`` or ``lucidops.patch.apply``). A patch that leaves part of the model as it
+        was must say so both now and in the handle, for later inspection."""
         self.notes.append(note)
-        warnings.warn(f"lucidops.patch.{source}: {note}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"lucidops.patch.{source}: {note}", RuntimeWarning, stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------------ undo
     def revert(self) -> Optional[nn.Module]:

@@ -120,6 +120,23 @@ def test_read_only_cache_with_a_build_imports_it_without_the_builder(fresh_ext, 
     assert module.SOURCE_HASH == "hfake" and Path(module.__file__) == folder / f"{name}.so"
 
 
+def test_build_in_the_cache_is_usable_without_a_compiler(fresh_ext, monkeypatch, tmp_path):
+    """Automatic selection asks status() before anything loads: it said "no C++ compiler
+    found" and passed over a build sitting in the cache, which load() imports without one
+    (from a writable cache too, not only a read-only one)."""
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_ext, "_compiler_problem", lambda kind: "no C++ compiler found")
+    monkeypatch.setattr(_ext, "_prebuilt", lambda kind, spec: None)
+    assert _ext.status("cpu") == "no C++ compiler found"
+    name = _ext_sources.spec("cpu").module_name
+    folder = tmp_path / name
+    folder.mkdir()
+    _fake_extension(folder, name, "hfake3")
+    assert _ext.status("cpu") is None
+    monkeypatch.setattr(cpp_extension, "load", _no_builder)
+    assert _ext.load("cpu").SOURCE_HASH == "hfake3"
+
+
 def test_lock_that_cannot_be_written_falls_back_to_importing_the_build(fresh_ext, monkeypatch, tmp_path):
     """Where the folder looks writable but torch's builder still fails to write (a read-only
     bind mount os.access misjudges), the module built there is imported from its file."""

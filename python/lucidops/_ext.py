@@ -177,12 +177,12 @@ def build(
     spec = _ext_sources.spec(kind, arch_list=arch_list)
     folder = Path(build_dir) if build_dir is not None else cache_dir() / spec.module_name
     built = folder / f"{spec.module_name}.so"
-    # A read-only cache with the module already built: usable without torch's builder (which
-    # needs to write there) or a compiler. A writable one goes through the builder, which
-    # rebuilds a stale module and serialises concurrent builds.
-    if built.is_file() and not os.access(folder, os.W_OK):
-        return _import_built(kind, folder, spec.module_name)
+    # A module already built here, in a read-only cache or on a machine without a compiler:
+    # usable without torch's builder (which needs to write there and checks the compiler).
+    # Otherwise the builder runs, which serialises concurrent builds.
     problem = _compiler_problem(kind)
+    if built.is_file() and (problem or not os.access(folder, os.W_OK)):
+        return _import_built(kind, folder, spec.module_name)
     if problem:
         raise ExtensionUnavailable(kind, problem)
     from torch.utils import cpp_extension
@@ -273,4 +273,15 @@ def status(kind: str, *, build_if_needed: bool = False) -> Optional[str]:
             return "no CUDA GPU visible to torch"
     if os.environ.get("LUCIDOPS_DISABLE_EXT", "0") == "1":
         return "disabled by LUCIDOPS_DISABLE_EXT=1"
-    return _compiler_problem(kind)
+    problem = _compiler_problem(kind)
+    if problem and _loadable_without_compiler(kind):
+        return None  # load() takes the ahead-of-time module or the build in the cache
+    return problem
+
+
+def _loadable_without_compiler(kind: str) -> bool:
+    """An ahead-of-time module that matches, or a build of these sources in the cache."""
+    spec = _ext_sources.spec(kind)
+    if _prebuilt(kind, spec) is not None:
+        return True
+    return (cache_dir() / spec.module_name / f"{spec.module_name}.so").is_file()

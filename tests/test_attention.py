@@ -551,6 +551,26 @@ def test_nan_inputs_give_what_the_reference_gives(backend, dtype, where, causal,
     assert rel_err(out[rows], out_ref[rows]) < TOL[dtype]
 
 
+@pytest.mark.parametrize("backend", ["aten", "cpp"])
+def test_nan_padding_key_leaves_the_key_and_value_gradients_finite(backend):
+    """aten zeroed a NaN padding key for its forward only: its backward's -inf mask plus the
+    NaN score made dk and dv NaN, where the reference and cpp give finite values."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g) for n in (5, 7, 7))
+    k[0, 0, 0, 1] = float("nan")
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, :2] = False
+    grads = {}
+    for name in (backend, "reference"):
+        q_, k_, v_ = (t.clone().requires_grad_(True) for t in (q, k, v))
+        with lucidops.use_backend(name):
+            lucidops.ops.attention(q_, k_, v_, key_padding_mask=mask).sum().backward()
+        grads[name] = (k_.grad, v_.grad)
+    for got, want in zip(grads[backend], grads["reference"]):
+        assert torch.isfinite(want).all() and torch.isfinite(got).all()
+        assert rel_err(got, want) < TOL[torch.float32]
+
+
 def test_aten_empty_rows_helper():
     mask = torch.tensor([[False, False, True, False], [False, False, False, False], [True, True, True, True]])
     empty = attention_module._attention_aten.empty_rows(mask, 6, 4, True)[:, 0]

@@ -104,6 +104,15 @@ def nan_score_rows(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], cau
     return nan_scores if no_key is None else nan_scores & ~no_key
 
 
+def _without_nan_padding_keys(k: Tensor, key_padding_mask: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+    """``k`` with its padding keys zeroed when one holds NaN, else ``k`` itself. The kernel
+    adds the -inf mask to the scores, and NaN + -inf is NaN: a NaN in a padding key (padding
+    left as torch.empty) reached every row, forward and backward. It takes no part."""
+    if key_padding_mask is None or mask is None or not _may_hold_nan(k) or not bool(k.isnan().any()):
+        return k
+    return k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -131,10 +140,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
     if q.numel() == 0 or nk == 0:  # nothing to attend (the kernel crashes on Nq = 0)
         return q.new_zeros((b, h, nq, d)), q.new_full((b, h, nq), float("-inf"), dtype=_lse_dtype(q.dtype)), out_lo
     mask = _additive_mask(key_padding_mask, q.dtype)
-    if key_padding_mask is not None and mask is not None and _may_hold_nan(k) and bool(k.isnan().any()):
-        # The kernel adds the -inf mask to the scores, and NaN + -inf is NaN: a NaN in a
-        # padding key (padding left as torch.empty) would reach every row. It takes no part.
-        k = k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    k = _without_nan_padding_keys(k, key_padding_mask, mask)
     q, kernel_scale = _kernel_scale(q, scale)
     out, lse = _forward_kernel(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), 0.0, causal,
                                attn_mask=mask, scale=kernel_scale)
@@ -166,6 +172,7 @@ def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
     # The kernel recomputes P = exp(s - lse): rows that see no key need a finite lse
     # (their scores are all -inf, so any finite value gives P = 0).
     kernel_lse = lse.masked_fill(torch.isneginf(lse), 0.0) if mask is not None else lse
+    k = _without_nan_padding_keys(k, key_padding_mask, mask)  # as in forward: dk, dv stay finite
     q, kernel_scale = _kernel_scale(q, scale)
     q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
     if grad_lse is not None and bool(grad_lse.any()):

@@ -383,6 +383,38 @@ def test_singular_precisions_rounded_to_their_dtype_are_accepted(dtype):
     assert out.shape == (2, 5) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flat_half_precisions_are_accepted_under_autocast(dtype):
+    """Autocast casts half inputs to float32 first: the check took float32's rounding as the
+    tolerance and refused flat but valid bfloat16 Gaussians (L[2, 2] = 0.3) it accepted
+    without autocast."""
+    g = torch.Generator().manual_seed(74)
+    factor = torch.randn(256, 6, generator=g)
+    factor[:, [0, 3]] = factor[:, [0, 3]].abs() + 0.5
+    factor[:, 5] = 0.01
+    prec = precision_from_factor(factor.to(dtype))
+    means, weight = torch.randn(256, 3, generator=g).to(dtype), torch.randn(4, 256, generator=g).to(dtype)
+    points = torch.randn(1, 5, 3, generator=g).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        out = gaussian_mixture(points, means, prec, weight)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("in_dims", [0, 1, 2])
+def test_precision_check_under_vmap_reads_each_example(in_dims):
+    """The check reads the unwrapped (physical) tensor, whose vmap dim sits where vmap put
+    it: with in_dims=2 it mixed examples into 3x3 matrices and refused valid precisions,
+    with in_dims=1 it named the wrong Gaussian."""
+    G, B = 4, 3
+    prec = torch.tensor([1.0, 0.2, 0, 1, 0, 1]).repeat(B, G, 1)  # (B, G, 6), all positive definite
+    points = make_points((1, 5), torch.float32, seed=75)
+    run = torch.func.vmap(lambda p: gaussian_mixture(points, torch.zeros(G, 3), p, torch.ones(2, G)), in_dims=in_dims)
+    assert run(prec.movedim(0, in_dims)).shape == (B, 1, 2)
+    prec[0, 1, 3] = -1.0  # Gaussian 1 of example 0 indefinite
+    with pytest.raises(ValueError, match=r"Gaussian\(s\) 1 have"):
+        run(prec.movedim(0, in_dims))
+
+
 @pytest.mark.parametrize("scale", [1e160, 1e-160])
 def test_extreme_precisions_cull_alike_in_every_backend(scale):
     """float64 P = 1e160 I: the cofactors and determinant of P overflowed, Sigma_ii was

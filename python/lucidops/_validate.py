@@ -79,17 +79,21 @@ def integer(value, name: str, minimum: Optional[int] = None, maximum: Optional[i
     return value
 
 
-def readable_values(value: Tensor) -> Optional[Tensor]:
+def readable_values(value: Tensor, *, batch_first: bool = False) -> Optional[Tensor]:
     """The plain tensor a data-dependent check reads ``value``'s elements from, or None where
     they cannot be read: while torch.compile traces, for fake tensors (FakeTensorMode,
     make_fx's fake and symbolic tracing) and on the meta device (shape-only runs, e.g.
     counting FLOPs without memory). Under torch.func transforms it is the unwrapped tensor
-    (under vmap it holds every example)."""
+    (under vmap it holds every example, each vmap's dim where that vmap put it; with
+    ``batch_first`` in front, so that the trailing dims are one example's)."""
     if is_compiling():
         return None
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(value):
+        batch_dim = functorch.maybe_get_bdim(value)
         value = functorch.get_unwrapped(value)
+        if batch_first and batch_dim > 0:
+            value = value.movedim(batch_dim, 0)
     if value.device.type == "meta" or _is_fake(value):
         return None
     return value

@@ -273,20 +273,25 @@ def _all_finite(value: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be finite (it holds NaN or inf)")
 
 
-def _positive_semidefinite(precisions: Tensor) -> None:
-    """Refuse indefinite precisions, up to rounding in their dtype. Away from its mean such a
-    Gaussian's phi grows without bound: exp overflows to inf, a zero mixer weight makes that
-    NaN, and the backends part ways (the kernels' max passes over NaN, the reference's does
-    not). Eigenvalues of the (G, 3, 3) matrices in float64 on the CPU (about 40 us for G = 32);
-    data-dependent like _all_finite."""
-    values = _validate.readable_values(precisions)
+def _positive_semidefinite(precisions: Tensor, made_in: torch.dtype) -> None:
+    """Refuse indefinite precisions, up to rounding in ``made_in``, the dtype they were given
+    in (before autocast's float32). Away from its mean such a Gaussian's phi grows without
+    bound: exp overflows to inf, a zero mixer weight makes that NaN, and the backends part
+    ways (the kernels' max passes over NaN, the reference's does not). Eigenvalues of the
+    (G, 3, 3) matrices in float64 on the CPU (about 40 us for G = 32); data-dependent like
+    _all_finite."""
+    values = _validate.readable_values(precisions, batch_first=True)
     if values is None or values.numel() == 0:
         return
-    # reshape: under vmap the unwrapped values carry the batch dims in front of (G, 6).
+    # reshape: under vmap the batch dims are in front of one example's (G, 6).
     matrices = _reference.precision_matrix(values.reshape(-1, 6).to("cpu", torch.float64))
     eigenvalues = torch.linalg.eigvalsh(matrices)
-    # A singular L L^T rounded to bfloat16 can show an eigenvalue of -1e-3 of the largest.
-    tolerance = 16 * torch.finfo(precisions.dtype).eps * eigenvalues.abs().amax(dim=-1)
+    # A singular L L^T rounded to bfloat16 shows eigenvalues of -1e-3 of the largest; float32
+    # factors multiplied on a GPU in TF32 (10-bit mantissa) about the same.
+    relative = 8 * torch.finfo(made_in).eps
+    if made_in == torch.float32:
+        relative = max(relative, 2.0 ** -10)
+    tolerance = relative * eigenvalues.abs().amax(dim=-1)
     g = precisions.shape[-2]
     bad = sorted({i % g for i in (eigenvalues[:, 0] < -tolerance).nonzero().flatten().tolist()})
     if bad:
@@ -329,6 +334,7 @@ def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: 
     Inside a ``torch.autocast`` region half inputs are cast to float32 first (autocast's
     rule for ``exp``), so a half-precision cloud meets float32 parameters without error.
     """
+    precisions_dtype = precisions.dtype if isinstance(precisions, Tensor) else None
     points, means, precisions, weight, bias = _autocast.float32(points, means, precisions, weight, bias)
     _validate.floating_tensor(points, "points")
     if points.dim() < 2 or points.shape[-1] != 3:
@@ -360,7 +366,7 @@ def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: 
     threshold = _check_threshold(cull_threshold)
     for name, value in [("points", points)] + named:
         _all_finite(value.detach(), name)
-    _positive_semidefinite(precisions.detach())
+    _positive_semidefinite(precisions.detach(), precisions_dtype or precisions.dtype)
 
     lead = points.shape[:-2]
     n = points.shape[-2]

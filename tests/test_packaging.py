@@ -35,3 +35,23 @@ def test_plain_install_ships_everything(tmp_path):
     from lucidops import _ext_sources
 
     assert digest == _ext_sources.spec("cpu").source_hash  # same sources, same cached build
+
+
+def test_sdist_carries_the_test_helpers(tmp_path):
+    """The sdist shipped tests/test_*.py without what they import (conftest.py, comparisons.py,
+    the CUDA emulation), so its tests could not run."""
+    import tarfile
+
+    # A fresh egg-info folder: sdist also adds whatever an existing SOURCES.txt lists.
+    egg_base = tmp_path / "egg"
+    egg_base.mkdir()
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(egg_base), "sdist", "-d",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (archive,) = tmp_path.glob("lucidops-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    for helper in ("tests/conftest.py", "tests/comparisons.py", "tests/small_modules.py", "tests/cuda_emulator.py",
+                   "tests/pytest.ini", "tests/cuda_emulation/runtime.cpp", "tests/test_packaging.py"):
+        assert helper in names, helper
+    assert not any("__pycache__" in name or name.endswith(".so") for name in names)

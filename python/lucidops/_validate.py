@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Optional
 
 import torch
@@ -65,6 +66,28 @@ def probability(value, name: str) -> float:
     if not 0 <= value < 1:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return value
+
+
+def dataset_index(index, length: int, item: str) -> int:
+    """A dataset's ``__getitem__`` index as a position in [0, length): an int, a numpy integer
+    or a one-element integer tensor (``Subset(ds, torch.arange(n))``), negative from the end.
+    Through ``operator.index``: ``int(torch.tensor(1.7))`` would truncate to item 1. A bool, a
+    float or a several-element tensor is a TypeError; the IndexError names the index as given.
+    ``item`` names one element in the messages ("cloud", "sample")."""
+    try:
+        if isinstance(index, bool) or (isinstance(index, Tensor) and index.dtype == torch.bool):
+            raise TypeError
+        position = operator.index(index)
+    except TypeError:
+        given = (f"a tensor of dtype {index.dtype} and shape {tuple(index.shape)}" if isinstance(index, Tensor)
+                 else type(index).__name__)
+        raise TypeError(f"index must be an integer (one {item}; a DataLoader batches them), got {given}") from None
+    shown = position
+    if position < 0:
+        position += length
+    if not 0 <= position < length:
+        raise IndexError(f"index {shown} out of range for {length} {item}s")
+    return position
 
 
 def integer(value, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:

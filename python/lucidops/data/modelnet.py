@@ -11,7 +11,6 @@ looked up in the folder. h5py is needed (``pip install lucidops[data]``).
 from __future__ import annotations
 
 import math
-import operator
 import os
 from typing import List, Optional, Tuple
 
@@ -20,7 +19,6 @@ import torch
 from torch.utils.data import Dataset
 
 from .. import _validate
-from .synthetic import _describe
 
 SPLITS = ("train", "test")
 
@@ -143,17 +141,7 @@ class ModelNet40(Dataset):
         return int(self.data.shape[0])
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        try:  # an int, a numpy integer or a one-element integer tensor (Subset(ds, torch.arange(n)))
-            if isinstance(index, bool) or (isinstance(index, torch.Tensor) and index.dtype == torch.bool):
-                raise TypeError
-            index = operator.index(index)
-        except TypeError:
-            raise TypeError(f"index must be an integer (one cloud; a DataLoader batches them), got "
-                            f"{_describe(index)}") from None
-        position = index + len(self) if index < 0 else index
-        if not 0 <= position < len(self):  # the message names the index as given, not index + len
-            raise IndexError(f"index {index} out of range for {len(self)} clouds")
-        index = position
+        index = _validate.dataset_index(index, len(self), "cloud")
         pts = self.data[index, : self.num_points].astype(np.float64)
         if self.augment:
             rng = np.random.default_rng((self.seed, self.epoch, index))

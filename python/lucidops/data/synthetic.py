@@ -10,7 +10,6 @@ or worker split (a dataset of another length draws other labels).
 from __future__ import annotations
 
 import math
-import operator
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -141,14 +140,6 @@ def _rotation(rng, kind) -> np.ndarray:
     return q
 
 
-def _describe(index) -> str:
-    """An index's type for an error message; a tensor's dtype and shape too (a float or a
-    several-element tensor is refused while a one-element integer tensor is taken)."""
-    if isinstance(index, torch.Tensor):
-        return f"a tensor of dtype {index.dtype} and shape {tuple(index.shape)}"
-    return type(index).__name__
-
-
 class SyntheticShapes(Dataset):
     """Procedural point clouds of ``num_classes`` shapes; items are (points (N, 3) float32, label int64).
 
@@ -210,18 +201,7 @@ class SyntheticShapes(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        # operator.index, as ModelNet40: int(tensor(1.7)) used to truncate to item 1.
-        try:  # an int, a numpy integer or a one-element integer tensor (Subset(ds, torch.arange(n)))
-            if isinstance(index, bool) or (isinstance(index, torch.Tensor) and index.dtype == torch.bool):
-                raise TypeError
-            index = operator.index(index)
-        except TypeError:
-            raise TypeError(f"index must be an integer (one sample; a DataLoader batches them), got "
-                            f"{_describe(index)}") from None
-        position = index + self.num_samples if index < 0 else index
-        if not 0 <= position < self.num_samples:  # the message names the index as given
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        index = position
+        index = _validate.dataset_index(index, self.num_samples, "sample")
         rng = np.random.default_rng([self.seed, int(index)])
         label = int(self.labels[index])
         if isinstance(self.num_points, tuple):

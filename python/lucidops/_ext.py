@@ -274,14 +274,13 @@ def status(kind: str, *, build_if_needed: bool = False) -> Optional[str]:
     if os.environ.get("LUCIDOPS_DISABLE_EXT", "0") == "1":
         return "disabled by LUCIDOPS_DISABLE_EXT=1"
     problem = _compiler_problem(kind)
-    if problem and _loadable_without_compiler(kind):
-        return None  # load() takes the ahead-of-time module or the build in the cache
-    return problem
-
-
-def _loadable_without_compiler(kind: str) -> bool:
-    """An ahead-of-time module that matches, or a build of these sources in the cache."""
-    spec = _ext_sources.spec(kind)
-    if _prebuilt(kind, spec) is not None:
-        return True
-    return (cache_dir() / spec.module_name / f"{spec.module_name}.so").is_file()
+    if problem is None:
+        return None
+    # Without a compiler load() builds nothing: it takes the ahead-of-time module or the build
+    # in the cache, or records why not, so that selection asks (and hashes the sources) once
+    # rather than on every op call.
+    try:
+        load(kind)
+    except ExtensionUnavailable as err:
+        return err.reason
+    return None

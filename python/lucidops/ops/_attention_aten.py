@@ -78,17 +78,15 @@ def _may_hold_nan(t: Tensor) -> bool:
     return bool(t.sum().isnan())
 
 
-def nan_score_rows(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], causal: bool) -> Optional[Tensor]:
+def nan_score_rows(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], causal: bool) -> Tensor:
     """Bool (B, H, Nq), True for queries that see a key but only NaN scores (a NaN query, or
-    NaN in every key they see); None when q and k hold no NaN.
+    NaN in every key they see). Exact, a few passes: run it where _may_hold_nan said q or k may.
 
     PyTorch's CPU kernel takes the row max by comparisons that NaN loses, so such a row
     comes back as zeros with a finite lse: a diverged query that looks healthy. The
     reference (and the cpp and triton kernels) give NaN there. A row with some NaN scores
     and some finite ones already comes back NaN.
     """
-    if not (_may_hold_nan(q) or _may_hold_nan(k)):
-        return None
     q_nan = q.isnan().any(dim=-1)  # (B, H, Nq)
     k_nan = k.isnan().any(dim=-1)  # (B, H, Nk)
     b, h, nq = q_nan.shape
@@ -105,10 +103,11 @@ def nan_score_rows(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], cau
 
 
 def _without_nan_padding_keys(k: Tensor, key_padding_mask: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
-    """``k`` with its padding keys zeroed when one holds NaN, else ``k`` itself. The kernel
-    adds the -inf mask to the scores, and NaN + -inf is NaN: a NaN in a padding key (padding
-    left as torch.empty) reached every row, forward and backward. It takes no part."""
-    if key_padding_mask is None or mask is None or not _may_hold_nan(k) or not bool(k.isnan().any()):
+    """``k`` with its padding keys zeroed when one holds NaN, else ``k`` itself (run it where
+    _may_hold_nan said k may). The kernel adds the -inf mask to the scores, and NaN + -inf is
+    NaN: a NaN in a padding key (padding left as torch.empty) reached every row, forward and
+    backward. It takes no part."""
+    if key_padding_mask is None or mask is None or not bool(k.isnan().any()):
         return k
     return k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
 
@@ -140,8 +139,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
     if q.numel() == 0 or nk == 0:  # nothing to attend (the kernel crashes on Nq = 0)
         return q.new_zeros((b, h, nq, d)), q.new_full((b, h, nq), float("-inf"), dtype=_lse_dtype(q.dtype)), out_lo
     mask = _additive_mask(key_padding_mask, q.dtype)
-    k = _without_nan_padding_keys(k, key_padding_mask, mask)
-    q, kernel_scale = _kernel_scale(q, scale)
+    q, kernel_scale = _kernel_scale(q, scale)  # before the screen: inf * a zero scale is NaN
+    q_may_hold_nan, k_may_hold_nan = _may_hold_nan(q), _may_hold_nan(k)  # one sum each, for both uses
+    if k_may_hold_nan:
+        k = _without_nan_padding_keys(k, key_padding_mask, mask)
     out, lse = _forward_kernel(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), 0.0, causal,
                                attn_mask=mask, scale=kernel_scale)
     # The kernel returns lse in (B, Nq, H) memory order: one pass makes it contiguous and
@@ -153,8 +154,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
         no_key = empty_rows(key_padding_mask, nq, nk, causal)
         assert no_key is not None  # a mask comes only from a key_padding_mask
         torch.where(no_key, lse.new_full((), float("-inf")), lse, out=lse_out)
-    poisoned = nan_score_rows(q, k, key_padding_mask, causal)
-    if poisoned is not None:  # in place: out keeps the kernel's (B, Nq, H, d) memory layout
+    if q_may_hold_nan or k_may_hold_nan:  # in place: out keeps the kernel's (B, Nq, H, d) memory layout
+        poisoned = nan_score_rows(q, k, key_padding_mask, causal)
         out.masked_fill_(poisoned[..., None], float("nan"))
         lse_out.masked_fill_(poisoned, float("nan"))
     return out, lse_out, out_lo  # already (B, Nq, H, d) in memory, the op's output layout
@@ -172,7 +173,8 @@ def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
     # The kernel recomputes P = exp(s - lse): rows that see no key need a finite lse
     # (their scores are all -inf, so any finite value gives P = 0).
     kernel_lse = lse.masked_fill(torch.isneginf(lse), 0.0) if mask is not None else lse
-    k = _without_nan_padding_keys(k, key_padding_mask, mask)  # as in forward: dk, dv stay finite
+    if mask is not None and _may_hold_nan(k):  # as in forward: dk, dv stay finite
+        k = _without_nan_padding_keys(k, key_padding_mask, mask)
     q, kernel_scale = _kernel_scale(q, scale)
     q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
     if grad_lse is not None and bool(grad_lse.any()):

@@ -129,8 +129,19 @@ class CallsSDPA(nn.Module):
 
 def _qkv(*shape, nk=None, generator_seed=2):
     g = torch.Generator().manual_seed(generator_seed)
-    kv_shape = (*shape[:-2], nk or shape[-2], shape[-1])
+    kv_shape = (*shape[:-2], shape[-2] if nk is None else nk, shape[-1])
     return torch.randn(*shape, generator=g), torch.randn(*kv_shape, generator=g), torch.randn(*kv_shape, generator=g)
+
+
+def _unpatched_and_routed(how, q, k, v):
+    """(SDPA's output, the output once sdpa_calls routed the call to lucidops), of the same shape."""
+    module = CallsSDPA(**how)
+    want = module(q, k, v)
+    handle = sdpa_calls(module)
+    got = module(q, k, v)
+    assert handle.calls == {"lucidops": 1}
+    assert got.shape == want.shape
+    return want, got
 
 
 ZERO_SIZE_CALLS = {  # q shape, Nk, SDPA keywords
@@ -145,14 +156,7 @@ def test_zero_size_calls_are_routed_and_answer_as_sdpa(case):
     """No queries or no keys: the folding of leading dims used reshape(-1, ...), which cannot
     infer -1 next to a zero size, and a routed 3-D or 5-D call raised where SDPA answers."""
     shape, nk, how = ZERO_SIZE_CALLS[case]
-    q, k, v = _qkv(*shape, nk=nk)
-    k, v = k[..., :nk, :], v[..., :nk, :]  # _qkv reads nk=0 as "same as q"
-    module = CallsSDPA(**how)
-    want = module(q, k, v)
-    handle = sdpa_calls(module)
-    got = module(q, k, v)
-    assert handle.calls == {"lucidops": 1}
-    assert got.shape == want.shape
+    want, got = _unpatched_and_routed(how, *_qkv(*shape, nk=nk))
     torch.testing.assert_close(got, torch.zeros_like(want), rtol=0, atol=0)  # nothing to attend: zeros
 
 
@@ -173,12 +177,7 @@ def test_exact_calls_are_routed(case):
         q, k, v = _qkv(5, 6, 8, nk=4)
     else:
         q, k, v = _qkv(2, 3, 2, 6, 8)
-    module = CallsSDPA(**how)
-    want = module(q, k, v)
-    handle = sdpa_calls(module)
-    got = module(q, k, v)
-    assert handle.calls == {"lucidops": 1}
-    assert got.shape == want.shape
+    want, got = _unpatched_and_routed(how, q, k, v)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -366,7 +366,8 @@ def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: 
     threshold = _check_threshold(cull_threshold)
     for name, value in [("points", points)] + named:
         _all_finite(value.detach(), name)
-    _positive_semidefinite(precisions.detach(), precisions_dtype or precisions.dtype)
+    assert precisions_dtype is not None  # a tensor: validated above
+    _positive_semidefinite(precisions.detach(), precisions_dtype)
 
     lead = points.shape[:-2]
     n = points.shape[-2]

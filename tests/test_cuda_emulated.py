@@ -10,8 +10,6 @@ are shown to fail on kernels with known defects (tests/cuda_emulation/selftest.c
 import ctypes
 import importlib
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from lucidops import _ext, backends
 from lucidops.reference import gaussian_mixture as ref
 import cuda_emulator
+from child_python import run_python
 from comparisons import rel_err
 from test_activations import assert_matches_float64_reference, assert_overflowing_quotients_give_zeros, make_input
 from test_cpp_random_shapes import assert_mixture_close
@@ -342,5 +341,5 @@ def test_emulator_reports_divergent_collectives_and_deadlocks(kernel, message):
             "lib = ce.build([ce.EMULATION / 'selftest.cu'], 'selftest'); out = torch.zeros(256); "
             "lib.emu_selftest_{kernel}(ctypes.c_void_p(out.data_ptr()))").format(
                 tests=str(cuda_emulator.Path(__file__).parent), kernel=kernel)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = run_python(code)
     assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]

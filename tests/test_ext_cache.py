@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension
 
+from child_python import run_python
 from lucidops import _ext, _ext_sources, cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,9 +166,7 @@ def test_op_with_an_unwritable_cache_warns_once_and_runs_the_next_backend(tmp_pa
         for w in caught:
             print("WARNED", w.message)
     """
-    env = dict(os.environ, LUCIDOPS_CACHE_DIR=str(tmp_path / "afile" / "cache"))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_python(code, env={"LUCIDOPS_CACHE_DIR": str(tmp_path / "afile" / "cache")})
     assert proc.returncode == 0, proc.stderr
     assert "USED" in proc.stdout and "USED cpp" not in proc.stdout, proc.stdout
     warned = [line for line in proc.stdout.splitlines() if line.startswith("WARNED")]
@@ -265,8 +264,7 @@ def test_ahead_of_time_build_without_torch_says_to_disable_build_isolation():
     """pip's default build isolation: torch not importable by setup.py."""
     code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; "
             "runpy.run_path('setup.py', run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, LUCIDOPS_BUILD_EXT="1"),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_python(code, cwd=REPO, env={"LUCIDOPS_BUILD_EXT": "1"}, timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "pip install --no-build-isolation" in proc.stderr, proc.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from child_python import run_python
 from lucidops import _ext, _ext_sources
 
 pytestmark = pytest.mark.slow
@@ -30,9 +31,7 @@ def test_cuda_extension_builds_and_links_for_sm80_and_sm90(tmp_path):
 
 
 def _run(code, env_extra, timeout=600):
-    env = dict(os.environ, **env_extra)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_python(code, env=env_extra, timeout=timeout)
 
 
 LOAD_CPU = """

@@ -240,6 +240,31 @@ def test_conditioned_embedding_keeps_the_checkpoint_keys():
     assert list(copied.state_dict()) == list(plain.state_dict())
 
 
+def test_conditioned_embedding_of_a_module_with_a_child_called_embed_round_trips():
+    """A token embedding often names its table ``embed``: its key ``embed.weight`` was taken
+    for one already wrapped, so a model could not load its own state dict."""
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, ids):
+            return self.proj(self.embed(ids))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(ConditionedEmbedding(Tokens()))
+    assert list(model.state_dict()) == ["0.embed.weight", "0.proj.weight", "0.proj.bias"]
+    fresh = torch.nn.Sequential(ConditionedEmbedding(Tokens()))
+    fresh.load_state_dict(model.state_dict())  # strict
+    for name, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    legacy = {"0.embed." + k[2:]: v for k, v in model.state_dict().items()}  # saved under embed. before
+    again = torch.nn.Sequential(ConditionedEmbedding(Tokens()))
+    again.load_state_dict(legacy)
+    assert torch.equal(again[0].embed.embed.weight, model[0].embed.embed.weight)
+
+
 def test_conditioned_embedding_of_a_dynamic_size_vit_conditions_each_image():
     """timm's dynamic_img_size embeddings return (B, H, W, C) grids: each image's H * W tokens
     are its matrix (before, each grid row was conditioned on its own, kappa up to 5.6)."""

@@ -280,9 +280,13 @@ def test_attention_condition_numbers_match_an_independent_computation():
             torch.testing.assert_close(result[1].heads[i, h], s[0] / s[-1], rtol=1e-9, atol=0)
     assert result[0].heads.shape == (2, 3) and (result[0].block >= 1).all()
     # The model is left as it was: same outputs, no hooks, eval/train mode restored.
+    # A model in train mode with a frozen part in eval keeps each module's own mode.
     model.train()
+    model.blocks[0].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
     lucidops.conditioning.attention_condition_numbers(model, x)
-    assert model.training and not model.blocks[0].attn._forward_pre_hooks
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert model.training and not model.blocks[0].training and not model.blocks[0].attn._forward_pre_hooks
 
 
 def test_attention_condition_numbers_refuse_attention_they_cannot_model():

@@ -89,12 +89,15 @@ def attention_condition_numbers(model: nn.Module, x: Tensor) -> List[LayerCondit
         raise ValueError("model has no timm ViT Attention or lucidops ManyHeadAttention module"
                          + (f"; its {', '.join(others)} (rotary embeddings, separate biases, ...) are not supported"
                             if others else ""))
-    was_training = model.training
+    # Each module's own mode comes back, not the root's: train() is recursive, and a model in
+    # train mode often keeps a frozen part (BatchNorm, a backbone) in eval.
+    modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         model(x)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
         for hook in hooks:
             hook.remove()
     results = []

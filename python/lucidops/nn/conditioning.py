@@ -80,9 +80,15 @@ def _drop_embed_prefix(module: ConditionedEmbedding, state_dict, prefix: str, lo
 
 def _add_embed_prefix(module: ConditionedEmbedding, state_dict, prefix: str, local_metadata, strict, missing_keys,
                       unexpected_keys, error_msgs) -> None:
-    """Read the unwrapped keys into the wrapped embedding (and keys already under ``embed.``)."""
+    """Read the unwrapped keys into the wrapped embedding (and keys already under ``embed.``).
+
+    Which keys are the embedding's is decided from its own key names, not from an ``embed.``
+    prefix: a wrapped module may have a child called ``embed`` itself."""
     if module.embed is None:
         return
     inner = prefix + "embed."
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
-        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+    own = set(module.embed.state_dict().keys())
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        relative = key[len(prefix):]
+        if relative in own:
+            state_dict[inner + relative] = state_dict.pop(key)

@@ -442,6 +442,30 @@ def test_gd_shrinkage_mask_small_values_keep_relative_precision():
     assert gd_shrinkage_mask(s, lr, iters).dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gd_shrinkage_mask_half_precision_matches_float64(dtype):
+    """fp16 once underflowed lr s^2 to a mask of exactly 0, and iters > 65504 could not be a Half."""
+    s = torch.tensor([1e-2, 0.5, 1.0, 2.0], dtype=dtype)
+    for lr, iters in [(1e-8, 1000), (1e-3, 70000), (0.1, 25)]:
+        expected = gd_shrinkage_mask(s.double(), lr, iters)
+        got = gd_shrinkage_mask(s, lr, iters)
+        assert got.dtype == dtype
+        # The float64 mask rounded to the dtype (values below its range become 0), to an ulp.
+        ulp = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
+        torch.testing.assert_close(got.double(), expected.to(dtype).double(), rtol=ulp, atol=0)
+
+
+def test_dct_basis_built_in_inference_mode_serves_a_later_gradient():
+    """The cache kept the first caller's tensor: built under inference_mode, it could not be
+    saved for backward by a later differentiable token_gray."""
+    with torch.inference_mode():
+        dct_basis(11, torch.float64, "cpu")
+        dct_basis(7, torch.float64, torch.device("cpu"))
+    x = (torch.rand(2, 11, 7, dtype=torch.float64) + 0.5).requires_grad_()
+    (grad,) = torch.autograd.grad(token_gray(x, eps=1.0, mode="dct", keep_scale=True).sum(), x)
+    torch.testing.assert_close(grad, torch.ones_like(x), rtol=1e-9, atol=1e-9)
+
+
 def test_gd_shrinkage_mask_edges():
     s = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
     assert torch.equal(gd_shrinkage_mask(s, 0.3, 0), torch.zeros(4, dtype=torch.float64))

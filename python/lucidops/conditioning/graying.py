@@ -30,16 +30,23 @@ from .tokens import _compute_dtype, _matrix_batch
 MODES = ("svd", "dct")
 
 
-@functools.lru_cache(maxsize=32)
-def dct_basis(n: int, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu")) -> Tensor:
+def dct_basis(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
     """Orthonormal DCT-II matrix D (n x n): ``D @ x`` is the DCT of x along its first axis,
     ``D.T @ c`` the inverse. Built in float64 and cached (treat it as read-only)."""
     _validate.integer(n, "n", minimum=1)
-    k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
-    i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
-    basis = torch.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2.0 / n)
-    basis[0] /= math.sqrt(2.0)
-    return basis.to(dtype=dtype, device=device)
+    return _cached_dct_basis(n, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_dct_basis(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Outside inference mode whatever the first caller's mode: a cached inference tensor
+    # could never be saved for backward by a later differentiable call.
+    with torch.inference_mode(False):
+        k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+        i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
+        basis = torch.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2.0 / n)
+        basis[0] /= math.sqrt(2.0)
+        return basis.to(dtype=dtype, device=device)
 
 
 def _dct2_matmul(x: Tensor, inverse: bool) -> Tensor:

@@ -25,7 +25,7 @@ def gd_shrinkage_mask(singular_values: Tensor, lr: float, iters: int) -> Tensor:
     iters; lr s^2 > 2 is the divergent regime and the mask's magnitude grows without
     bound, as gradient descent does there. Computed as -expm1(iters * log1p(-lr s^2))
     where lr s^2 < 1, which keeps full relative precision for tiny lr s^2.
-    Returns a tensor of the input's shape and dtype.
+    Half-precision inputs are computed in float32; the result has the input's shape and dtype.
     """
     _validate.floating_tensor(singular_values, "singular_values")
     lr = _validate.real_number(lr, "lr", "> 0")
@@ -37,9 +37,11 @@ def gd_shrinkage_mask(singular_values: Tensor, lr: float, iters: int) -> Tensor:
             raise ValueError("singular_values must be finite")
         if bool((values < 0).any()):
             raise ValueError("singular_values must be >= 0")
-    a = lr * s * s
+    # In fp16/bf16, lr s^2 underflows and iters overflows the dtype: compute in float32.
+    wide = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+    a = lr * wide * wide
     small = a < 1
     # Stable branch; a clamped copy keeps log1p finite where the other branch is used.
     stable = -torch.expm1(iters * torch.log1p(-torch.where(small, a, torch.zeros_like(a))))
     direct = 1 - (1 - a) ** iters
-    return torch.where(small, stable, direct)
+    return torch.where(small, stable, direct).to(s.dtype)

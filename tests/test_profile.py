@@ -284,6 +284,19 @@ def test_report_fields_on_a_small_model():
     per_module = lucidops.profile.report(chain, x, backward=True, repeat=1, warmup=0, fvcore=False).by_module
     assert {k: v.flops for k, v in per_module.items()} == {"": 2 * 4 * 20 * 30, "0": 2 * 4 * 10 * 20, "1": 0,
                                                           "2": 2 * 4 * 20 * 20, "3": 0}
+    # A container that is never called itself (nn.ModuleList) is credited its children's FLOPs.
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(10, 10), nn.Linear(10, 10)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    stacked = lucidops.profile.report(Stack(), x, repeat=1, warmup=0, fvcore=False, depth=1).by_module
+    assert stacked["layers"].flops == stacked[""].flops == 2 * (2 * 4 * 10 * 10)
     text = str(back)
     for piece in ("forward + backward", "params", "220", "FLOPs (torch", "latency", "lucidops.gaussian_backward"):
         assert piece in text, piece
@@ -497,6 +510,8 @@ def test_cli_profile_one_point_model(capsys):
     (["--model", "pointnet", "--batch", "0"], "--batch must be >= 1"),
     (["--model", "pointnet", "--png", "x.png"], "use it with --patch"),
     (["--model", "pointnet", "--num-heads", "4"], "--num-heads applies to timm transformers"),
+    (["--model", "pointnet_vanilla", "--img-size", "999"], "--img-size applies to timm models"),  # was ignored
+    (["--model", "resnet18", "--points", "64"], "--points applies to point models"),
     (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-heads", "5"],
      "--num-heads 5: vit_tiny_patch16_224 cannot be built"),  # 192 is not a multiple of 5
     (["--model", "vit_tiny_patch16_224", "--num-heads", "0"], "--num-heads must be >= 1"),

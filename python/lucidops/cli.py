@@ -99,6 +99,8 @@ def _make_model(name: str, img_size: Optional[int], num_heads: Optional[int] = N
 
     if num_heads is not None and name in POINT_MODELS:
         raise ProfileError(f"--num-heads applies to timm transformers, not {name}")
+    if img_size is not None and name in POINT_MODELS:
+        raise ProfileError(f"--img-size applies to timm models, not {name} (it takes --points)")
 
     if name == "pointnet":
         return models.PointNet(), "points", None
@@ -185,10 +187,12 @@ def profile_command(args: argparse.Namespace) -> int:
             raise ProfileError(no_plotting)
         progress(f"building {args.model}")
         model, kind, size = _make_model(args.model, args.img_size, args.num_heads)
+        if kind == "image" and args.points is not None:
+            raise ProfileError(f"--points applies to point models ({', '.join(POINT_MODELS)}), not {args.model}")
         model.eval()  # dropout off; BatchNorm uses running statistics (any batch size works)
         gen = torch.Generator().manual_seed(0)
         if kind == "points":
-            inputs = torch.rand(args.batch, args.points, 3, generator=gen) * 2 - 1
+            inputs = torch.rand(args.batch, args.points or 1024, 3, generator=gen) * 2 - 1
         else:
             assert size is not None  # _make_model gives image models their input size
             inputs = torch.randn(args.batch, 3, size, size, generator=gen)
@@ -220,7 +224,7 @@ def _add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, default=None, help="image size for timm models (default: the model's)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="timm transformers: build with this many heads per block (default: the model's)")
-    p.add_argument("--points", type=int, default=1024, help="points per cloud for point models (default 1024)")
+    p.add_argument("--points", type=int, default=None, help="points per cloud for point models (default 1024)")
     p.add_argument("--backward", action="store_true", help="profile forward + backward, not the forward alone")
     p.add_argument("--png", default=None, help="with --patch: write a bar chart of the ratios (needs matplotlib)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")

@@ -254,14 +254,22 @@ def saved_bytes(fn: Callable[[], Any], exclude: Sequence[Tensor] = ()) -> int:
 
 def _by_module(model: nn.Module, counts: Dict[str, Dict[Any, int]], depth: int) -> Dict[str, ModuleStats]:
     root = type(model).__name__  # FlopCounterMode names modules "<RootClass>.<child>.<...>"
+
+    def flops(name: str, module: nn.Module) -> int:
+        key = root + ("." + name if name else "")
+        if key in counts:
+            return int(sum(counts[key].values()))
+        # Never called itself (an nn.ModuleList, a dict of blocks): FlopCounterMode credits
+        # nothing to it, so its row is the sum of its children's.
+        return sum(flops(f"{name}.{child}" if name else child, sub) for child, sub in module.named_children())
+
     rows: Dict[str, ModuleStats] = {}
     for name, module in model.named_modules():
         level = 0 if not name else name.count(".") + 1
         if level > depth:
             continue
-        key = root + ("." + name if name else "")
         rows[name] = ModuleStats(depth=level, params=sum(p.numel() for p in module.parameters()),
-                                 flops=int(sum(counts.get(key, {}).values())))
+                                 flops=flops(name, module))
     return rows
 
 

@@ -123,6 +123,42 @@ def test_skipless_init_rejects_bad_input():
         skipless_(tiny_vit(depth=1), beta="1")
     with pytest.raises(ValueError, match="vo_scale"):
         skipless_(tiny_vit(depth=1), vo_scale=0.0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        skipless_(tiny_vit(depth=1), generator=0)
+
+
+class _WideHeadAttention(nn.Module):
+    """timm-style attention whose one head (16) is wider than the model (8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads, self.head_dim = 1, 16
+        self.qkv, self.proj = nn.Linear(8, 48), nn.Linear(16, 8)
+
+
+def test_skipless_init_refuses_a_bad_layer_before_changing_any():
+    """The head_dim check ran layer by layer: the layers before a bad one were already rewritten."""
+    model = nn.Sequential(tiny_vit(depth=1), _WideHeadAttention())
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="head_dim \\(16\\) of '1' must be <= the model width \\(8\\)"):
+        skipless_(model)
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_skipless_and_impulse_init_a_cuda_model_like_a_cpu_one():
+    """The draws happen on the CPU: a CPU generator serves a CUDA model (orthogonal_ drew on the
+    model's device, and impulse_ mixed CUDA positions with CPU shift matrices)."""
+    from lucidops.init import impulse_
+
+    for init, kwargs in ((skipless_, dict(orthogonal_mlp=True)), (impulse_, {})):
+        on_cpu, on_gpu = tiny_vit(), tiny_vit().cuda()
+        init(on_cpu, generator=gen(3), **kwargs)
+        init(on_gpu, generator=gen(3), **kwargs)
+        for (name, a), b in zip(on_cpu.named_parameters(), on_gpu.parameters()):
+            torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=1e-6, msg=name)
+        with pytest.raises(ValueError, match="generator must be a CPU"):
+            init(on_gpu, generator=torch.Generator(device="cuda"))
 
 
 def test_skipless_patch_removes_the_residuals_and_undoes():
@@ -295,6 +331,8 @@ def test_impulse_rejects_bad_input():
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="meta device"):
         impulse_(tiny_vit(depth=1).to("meta"))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        impulse_(tiny_vit(depth=1), generator=3)
 
 
 # ---------------------------------------------------------------- skipless training (seeded, short)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -41,3 +41,14 @@ def rank_split(a: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
 
 def uniform(shape, bound: float, generator, dtype=torch.float64) -> Tensor:
     return (torch.rand(shape, generator=generator, dtype=dtype) * 2 - 1) * bound
+
+
+def cpu_generator(generator: Optional[torch.Generator]) -> None:
+    """The initialisers draw on the CPU: refuse anything but None or a CPU generator up front."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator (the weights are drawn on the CPU), got one on "
+                         f"{generator.device}")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _validate
-from ._common import rank_split, require_attention, uniform
+from ._common import cpu_generator, rank_split, require_attention, uniform
 
 
 def kernel_offsets(kernel_size: int) -> List[Tuple[int, int]]:
@@ -95,7 +95,8 @@ def impulse_(model: nn.Module, kernel_size: int = 3, qk_scale: float = 7.0, v_al
         pinv_rcond: keep singular values of P above pinv_rcond * max in P+ (at least
             head_dim of them); ignored when ``pinv_rank`` is given.
         pinv_rank: fixed rank for P+ (e.g. the head dim, the literal reading).
-        generator: optional ``torch.Generator`` for the random part of V/proj.
+        generator: optional CPU ``torch.Generator`` for the random part of V/proj (the weights
+            are computed on the CPU in float64 and copied to the model's device and dtype).
 
     Each block uses its own ``norm1`` for the LayerNorm of P (identity affine at init).
     Biases of qkv and proj are zeroed. Returns ``model``.
@@ -111,6 +112,7 @@ def impulse_(model: nn.Module, kernel_size: int = 3, qk_scale: float = 7.0, v_al
     if pos.device.type == "meta":
         raise ValueError("impulse_ computes the attention from pos_embed's values, which a model on the meta device "
                          "does not have: initialise it on a real device")
+    cpu_generator(generator)
     for name, attn in layers:  # every layer checked before the first is changed
         if pos.shape[1] != cast(nn.Linear, attn.qkv).in_features:
             raise ValueError(f"model.pos_embed width {pos.shape[1]} differs from the attention width "
@@ -119,6 +121,7 @@ def impulse_(model: nn.Module, kernel_size: int = 3, qk_scale: float = 7.0, v_al
         pos_scale = _validate.real_number(pos_scale, "pos_scale", "> 0")
         cast(torch.Tensor, model.pos_embed).mul_(pos_scale)  # a timm ViT's pos_embed (checked just above)
         pos, grid = _patch_positions(model)
+    pos = pos.cpu()  # everything below is computed on the CPU in float64, then copied to the model
     norms = {id(m.attn): getattr(m, "norm1", None) for m in model.modules() if hasattr(m, "attn")}
     shifts = {}
     for _, attn in layers:
@@ -128,8 +131,9 @@ def impulse_(model: nn.Module, kernel_size: int = 3, qk_scale: float = 7.0, v_al
         inner = heads * hd
         norm = norms.get(id(attn))
         if isinstance(norm, nn.LayerNorm):
-            p = F.layer_norm(pos, norm.normalized_shape, norm.weight.double() if norm.weight is not None else None,
-                             norm.bias.double() if norm.bias is not None else None, norm.eps)
+            p = F.layer_norm(pos, norm.normalized_shape,
+                             norm.weight.double().cpu() if norm.weight is not None else None,
+                             norm.bias.double().cpu() if norm.bias is not None else None, norm.eps)
         else:
             p = F.layer_norm(pos, (dim,), eps=1e-6)
         u, s, vh = torch.linalg.svd(p, full_matrices=False)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import _validate
-from ._common import rank_split, require_attention, uniform
+from ._common import cpu_generator, rank_split, require_attention, uniform
 
 
 @torch.no_grad()
@@ -42,7 +42,8 @@ def skipless_(model: nn.Module, alpha: float = 0.2, beta: float = 1.0, vo_scale:
         vo_scale: W_V W_O = vo_scale * (orthogonal); each factor gets sqrt(vo_scale).
         orthogonal_mlp: also give the MLP Linear layers (``mlp`` sibling of ``attn``)
             orthogonal weights and zero biases.
-        generator: optional ``torch.Generator`` (CPU) for reproducibility.
+        generator: optional CPU ``torch.Generator`` for reproducibility (the weights are drawn
+            on the CPU in float64 and copied to the model's device and dtype).
 
     Biases of qkv and proj are zeroed. Returns ``model``.
     """
@@ -50,13 +51,17 @@ def skipless_(model: nn.Module, alpha: float = 0.2, beta: float = 1.0, vo_scale:
     alpha = _validate.real_number(alpha, "alpha")
     beta = _validate.real_number(beta, "beta")
     vo_scale = _validate.real_number(vo_scale, "vo_scale", "> 0")
+    cpu_generator(generator)
+    for name, attn in layers:  # every layer checked before the first is changed
+        hd, dim = cast(int, attn.head_dim), cast(nn.Linear, attn.qkv).in_features
+        if hd > dim:
+            raise ValueError(f"head_dim ({hd}) of {name!r} must be <= the model width ({dim}) for a rank-head_dim "
+                             "split")
     for _, attn in layers:
         # attention_layers only returns modules whose qkv/proj are Linear and heads/head_dim ints
         qkv, proj = cast(nn.Linear, attn.qkv), cast(nn.Linear, attn.proj)
         dim, heads, hd = qkv.in_features, cast(int, attn.num_heads), cast(int, attn.head_dim)
         inner = heads * hd
-        if hd > dim:
-            raise ValueError(f"head_dim ({hd}) must be <= the model width ({dim}) for a rank-head_dim split")
         bound = math.sqrt(3.0 / dim)
         wq = torch.empty(inner, dim, dtype=torch.float64)
         wk = torch.empty(inner, dim, dtype=torch.float64)
@@ -89,8 +94,9 @@ def skipless_(model: nn.Module, alpha: float = 0.2, beta: float = 1.0, vo_scale:
                 if isinstance(lin, nn.Linear):
                     # PyTorch's QR has no half kernels: half weights get a float32 matrix, rounded
                     # (before, fp16/bf16 models raised midway, their attention already changed).
+                    # Drawn on the CPU, where the generator is, whatever the model's device.
                     compute = torch.promote_types(lin.weight.dtype, torch.float32)
-                    ortho = torch.empty(lin.weight.shape, dtype=compute, device=lin.weight.device)
+                    ortho = torch.empty(lin.weight.shape, dtype=compute)
                     nn.init.orthogonal_(ortho, generator=generator)
                     lin.weight.copy_(ortho)
                     if lin.bias is not None:

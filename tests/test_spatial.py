@@ -105,6 +105,17 @@ def test_frozen_depthwise_rejects_bad_arguments():
         FrozenRandomDepthwise(4, 3, weight=torch.randn(4, 1, 5, 5))
     with pytest.raises(ValueError, match="x must be"):
         FrozenRandomDepthwise(4, 3)(torch.randn(2, 5, 8, 8))
+    # Refused when built, naming the argument (they failed in forward, as conv2d's own error).
+    for kwargs, message in ((dict(stride=0, padding=1), "stride must be >= 1"),
+                            (dict(stride=(1, -2), padding=0), "stride must be >= 1"),
+                            (dict(dilation=0), "dilation must be >= 1"),
+                            (dict(padding=-1), "padding must be >= 0"),
+                            (dict(kernel_size=(3, 0)), "kernel_size must be >= 1")):
+        kwargs.setdefault("kernel_size", 3)
+        with pytest.raises(ValueError, match=message):
+            FrozenRandomDepthwise(4, **kwargs)
+    # The frozen bias lives with the weight it is given.
+    assert FrozenRandomDepthwise(4, 3, bias=True, weight=torch.randn(4, 1, 3, 3, device="meta")).bias.is_meta
 
 
 def convmixer():

@@ -26,12 +26,14 @@ def _gaussian_taps(radius: int, sigma: float) -> Tensor:
     return torch.exp(-0.5 * (t / sigma) ** 2).nan_to_num(nan=0.0)
 
 
-def _pair(value, name: str) -> Tuple[int, int]:
+def _pair(value, name: str, minimum: int = 1) -> Tuple[int, int]:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = (int(value), int(value))
     if (not isinstance(value, (tuple, list)) or len(value) != 2
             or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return int(value[0]), int(value[1])
 
 
@@ -97,8 +99,6 @@ class FrozenRandomDepthwise(nn.Module):
         super().__init__()
         _validate.integer(channels, "channels", minimum=1)
         kernel_size = _pair(kernel_size, "kernel_size")
-        if min(kernel_size) < 1:
-            raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         _validate.real_number(smoothing_sigma, "smoothing_sigma", "> 0")
@@ -113,14 +113,15 @@ class FrozenRandomDepthwise(nn.Module):
                 raise ValueError("padding='same' needs stride 1; give an explicit padding")
             self.padding = padding
         else:
-            self.padding = _pair(padding, "padding")
+            self.padding = _pair(padding, "padding", minimum=0)
         self.init = init
         if weight is None:
             weight = random_depthwise_weight(self.channels, kernel_size, init, float(smoothing_sigma), generator)
         elif tuple(weight.shape) != (self.channels, 1, *kernel_size):
             raise ValueError(f"weight must have shape {(self.channels, 1, *kernel_size)}, got {tuple(weight.shape)}")
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(self.channels, dtype=weight.dtype), requires_grad=False) if bias else None
+        self.bias = (nn.Parameter(torch.zeros(self.channels, dtype=weight.dtype, device=weight.device),
+                                  requires_grad=False) if bias else None)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in (3, 4) or x.shape[-3] != self.channels:

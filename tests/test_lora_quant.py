@@ -213,6 +213,16 @@ def test_bad_arguments():
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="lora_B must be finite"):
             quantize_adapter(a, torch.where(b > 0.3, bad, b))
+    # omega and fn of the error report: a NaN omega gave a NaN error, a typo in fn was ignored.
+    for kwargs, error, message in ((dict(omega=float("nan")), ValueError, "omega must be finite"),
+                                   (dict(omega=float("inf")), ValueError, "omega must be finite"),
+                                   (dict(omega="10"), TypeError, "omega must be a real number"),
+                                   (dict(omega=True), TypeError, "omega must be a real number"),
+                                   (dict(fn="cos"), ValueError, "fn must be one of"),
+                                   (dict(omega=10.0, fn="cos"), ValueError, "fn must be one of")):
+        with pytest.raises(error, match=message):
+            quantize_adapter(a, b, **kwargs)
+    assert quantize_adapter(a, b, omega=torch.tensor(10.0), fn="tanh").stats["rel_err_update"] > 0
     q = quantize_adapter(a, b)
     assert isinstance(q, QuantizedAdapter) and q.rank == 8
     x, w = torch.randn(3, 96), torch.randn(40, 96)

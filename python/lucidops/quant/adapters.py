@@ -316,6 +316,12 @@ def quantize_adapter(lora_A: Tensor, lora_B: Tensor, bits: int = 4, group_size: 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _validate.integer(group_size, "group_size", minimum=1)
+    if omega is not None:
+        omega = _validate.real_number(omega, "omega", tensor_ok=True)
+    from ..reference.lora import FNS, bounded
+
+    if fn not in FNS:  # checked with or without omega: a typo is never ignored silently
+        raise ValueError(f"fn must be one of {FNS}, got {fn!r}")
     if method == "uniform":
         qa, qb = _quantize_uniform(lora_A, bits, group_size), _quantize_uniform(lora_B, bits, group_size)
     else:
@@ -326,8 +332,6 @@ def quantize_adapter(lora_A: Tensor, lora_B: Tensor, bits: int = 4, group_size: 
     if omega is None:
         update, update_hat = b64 @ a64, b_hat @ a_hat
     else:
-        from ..reference.lora import bounded
-
         update, update_hat = bounded(fn, omega * (b64 @ a64)), bounded(fn, omega * (b_hat @ a_hat))
     full = lora_A.numel() * lora_A.element_size() + lora_B.numel() * lora_B.element_size()
     adapter.stats = dict(bytes=adapter.nbytes, full_precision_bytes=full, compression=full / max(adapter.nbytes, 1),

@@ -170,6 +170,18 @@ def test_update_error_is_measured_after_the_sine():
     assert q.stats["rel_err_update"] == pytest.approx(((approx - exact).norm() / exact.norm()).item(), rel=1e-9)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kmeans_quantization_on_cuda_is_deterministic_and_matches_the_cpu():
+    """Cluster sums came from index_add_, whose CUDA atomics add in a different order each run."""
+    a, b = adapter(r=16, k=4096, n=512, seed=5)
+    first = quantize_adapter(a.cuda(), b.cuda(), bits=4, method="kmeans")
+    again = quantize_adapter(a.cuda(), b.cuda(), bits=4, method="kmeans")
+    on_cpu = quantize_adapter(a, b, bits=4, method="kmeans")
+    for x, y, z in ((first.A, again.A, on_cpu.A), (first.B, again.B, on_cpu.B)):
+        assert torch.equal(x.codebook, y.codebook) and torch.equal(x.codes, y.codes)
+        torch.testing.assert_close(x.codebook.cpu().float(), z.codebook.float(), rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params())
 @pytest.mark.parametrize("method", ["uniform", "kmeans"])
 @pytest.mark.parametrize("placement", ["weight", "output"])

@@ -271,11 +271,18 @@ def _quantize_kmeans(t: Tensor, bits: int, iterations: int = 25) -> QuantizedTen
         centroids = torch.linspace(float(flat.min()), float(flat.max()), k, device=flat.device)
     else:
         centroids = torch.zeros(k, device=flat.device)
+    # Cluster sums from prefix sums over the sorted values: deterministic on every device
+    # (index_add_ on CUDA adds with atomics, in a different order each run) and in float64.
+    ordered = torch.sort(flat).values
+    prefix = torch.cat([ordered.new_zeros(1, dtype=torch.float64), ordered.double().cumsum(0)])
+    ends = torch.tensor([flat.numel()], device=flat.device)
     for _ in range(iterations):
         centroids, _ = torch.sort(centroids)
-        codes = torch.bucketize(flat, (centroids[1:] + centroids[:-1]) / 2)
-        sums = torch.zeros(k, device=flat.device).index_add_(0, codes, flat)
-        counts = torch.bincount(codes, minlength=k).float()
+        # The values up to each midpoint, as bucketize assigns them (x <= midpoint: lower cluster).
+        edges = torch.cat([ends.new_zeros(1), torch.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2,
+                                                                   right=True), ends])
+        counts = edges.diff()
+        sums = (prefix[edges[1:]] - prefix[edges[:-1]]).float()
         # An empty cluster keeps its centroid.
         centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
     book = torch.sort(centroids).values.half()

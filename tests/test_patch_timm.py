@@ -254,6 +254,15 @@ def test_leaner_configuration_and_costs():
                             (dict(heads_factor=5), "not divisible"), (dict(heads_factor=32), "head_dim 2 is outside")):
         with pytest.raises(ValueError, match=message):
             lucidops.patch.leaner("vit_tiny_patch16_224", img_size=32, **kwargs)
+    # Named, instead of an AttributeError from inside or a comparison error (or a bool taken as 1).
+    for kwargs, error, message in ((dict(depth_divisor="2"), TypeError, "depth_divisor must be a real number"),
+                                   (dict(heads_factor=True), TypeError, "heads_factor must be an int"),
+                                   (dict(mlp_ratio=float("nan")), ValueError, "mlp_ratio must be finite"),
+                                   (dict(img_size=0), ValueError, "img_size must be an int >= 1")):
+        with pytest.raises(error, match=message):
+            lucidops.patch.leaner("vit_tiny_patch16_224", **kwargs)
+    with pytest.raises(ValueError, match="model_name 'resnet18' is not a timm vision transformer"):
+        lucidops.patch.leaner("resnet18")
 
 
 def test_attention_condition_numbers_match_an_independent_computation():

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple, cast
 import torch
 from torch import nn
 
+from .. import _validate
 from ..nn.attention import ManyHeadAttention
 from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .handle import PatchHandle, child_slots
@@ -75,9 +76,15 @@ def timm_vit(model: nn.Module) -> PatchHandle:
     return handle
 
 
-def _vit_config(model: nn.Module) -> Dict[str, Any]:
+def _vit_config(model: nn.Module, model_name: str) -> Dict[str, Any]:
     vit = cast(Any, model)  # a timm VisionTransformer, read through its submodule attributes
-    block = vit.blocks[0]
+    blocks = getattr(vit, "blocks", None)
+    block = blocks[0] if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) else None
+    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    if (not isinstance(getattr(vit, "embed_dim", None), int) or not hasattr(attn, "num_heads")
+            or not hasattr(attn, "head_dim") or not isinstance(getattr(mlp, "fc2", None), nn.Linear)):
+        raise ValueError(f"model_name {model_name!r} is not a timm vision transformer (blocks of attn with num_heads "
+                         f"and head_dim and an mlp with fc2): leaner() rebuilds ViT/DeiT/EVA configurations")
     dim = int(vit.embed_dim)
     hidden = block.mlp.fc2.in_features  # fc1 of a gated MLP (EVA-02's SwiGLU) holds gate and value: 2x
     return {"embed_dim": dim, "depth": len(vit.blocks), "num_heads": int(block.attn.num_heads),
@@ -141,17 +148,19 @@ def leaner(model_name: str, heads_factor: int = 2, depth_divisor: float = 2, mlp
     """
     import timm
 
-    if not isinstance(heads_factor, int) or heads_factor < 1:
-        raise ValueError(f"heads_factor must be a positive int, got {heads_factor!r}")
-    if not depth_divisor > 0:
-        raise ValueError(f"depth_divisor must be > 0, got {depth_divisor!r}")
+    if not isinstance(model_name, str):
+        raise TypeError(f"model_name must be a timm model name (str), got {type(model_name).__name__}")
+    _validate.integer(heads_factor, "heads_factor", minimum=1)
+    depth_divisor = _validate.real_number(depth_divisor, "depth_divisor", "> 0")
     if keep not in ("width", "head_dim"):
         raise ValueError(f"keep must be 'width' or 'head_dim', got {keep!r}")
-    if mlp_ratio is not None and not mlp_ratio > 0:
-        raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
+    if mlp_ratio is not None:
+        mlp_ratio = _validate.real_number(mlp_ratio, "mlp_ratio", "> 0")
+    if img_size is not None:
+        _validate.integer(img_size, "img_size", minimum=1)
     size_kwargs: Dict[str, Any] = {"img_size": img_size} if img_size else {}
     base = timm.create_model(model_name, pretrained=False, **size_kwargs)
-    original = _vit_config(base)
+    original = _vit_config(base, model_name)
     heads = original["num_heads"] * heads_factor
     if keep == "width":
         dim = original["embed_dim"]

@@ -86,9 +86,9 @@ def _vit_config(model: nn.Module, model_name: str) -> Dict[str, Any]:
         raise ValueError(f"model_name {model_name!r} is not a timm vision transformer (blocks of attn with num_heads "
                          f"and head_dim and an mlp with fc2): leaner() rebuilds ViT/DeiT/EVA configurations")
     dim = int(vit.embed_dim)
-    hidden = block.mlp.fc2.in_features  # fc1 of a gated MLP (EVA-02's SwiGLU) holds gate and value: 2x
-    return {"embed_dim": dim, "depth": len(vit.blocks), "num_heads": int(block.attn.num_heads),
-            "head_dim": int(block.attn.head_dim), "mlp_ratio": hidden / dim}
+    hidden = cast(nn.Linear, cast(Any, mlp).fc2).in_features  # fc1 of a gated MLP (EVA-02's SwiGLU): 2x
+    return {"embed_dim": dim, "depth": len(vit.blocks), "num_heads": int(cast(Any, attn).num_heads),
+            "head_dim": int(cast(Any, attn).head_dim), "mlp_ratio": hidden / dim}
 
 
 def _cost(model: nn.Module, img_size: int) -> Tuple[int, int]:

@@ -263,3 +263,33 @@ def test_attention_and_mlp_update_columns_measure_the_same_thing():
              "b.mlp": {"mlp": True, "update": 0.1, "grad": 1.0, "A": 1.0, "B": 1.0}}
     summary = _summarise(norms)
     assert summary["update_norm_max"] == 0.2 and summary["attn_update_norm"] == 0.4
+
+
+def test_gradient_difference_restores_every_modules_mode():
+    """Only the root's flag was restored (model.train(was_training)): a dropout or BatchNorm the
+    caller had put in eval mode came back in training mode."""
+    from torch import nn
+
+    class LM(nn.Module):
+        def __init__(self, vocab=11, dim=8):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.1))
+            self.mlp.lora_A = nn.Parameter(torch.randn(2, dim) * 0.1)
+            self.out = nn.Linear(dim, vocab)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return self.out(self.mlp(h) + h @ self.mlp.lora_A.T @ self.mlp.lora_A)
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 11, (4, 6))
+    for root_training in (True, False):
+        model = LM().train(root_training)
+        model.mlp[1].eval()  # the caller froze a dropout
+        before = {name: m.training for name, m in model.named_modules()}
+        seen = []
+        gradient_difference(model, ids, ids, steps=1, lr=1e-3, progress=False, mlp_patterns=["mlp"],
+                            callback=lambda step, record: seen.append(model.mlp[1].training))
+        assert seen == [True]  # trained in training mode
+        assert {name: m.training for name, m in model.named_modules()} == before

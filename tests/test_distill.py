@@ -367,3 +367,157 @@ def test_distill_pointnet_takes_one_cloud_as_distill_does():
     res = distill_pointnet(_teacher(), cloud, num_gaussians=4, steps=2, batch_size=1, points_per_cloud=16, seed=0,
                            progress=False)
     assert res.model(cloud[None]).shape[0] == 1
+
+
+def test_a_failed_setup_leaves_the_students_reduce_as_it_was():
+    """The switch to reduce="none" came before the optimizers were built: a frozen student (no
+    trainable parameter) raised there and stayed in "none", returning per-point features."""
+    student = GaussianPointEncoder(4, 1024, reduce="max").requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        distill(_teacher(feature_transform=False, input_transform=False), student, None, steps=1, batch_size=2,
+                points_per_cloud=8, progress=False)
+    assert student.reduce == "max" and student(torch.rand(2, 10, 3)).shape == (2, 1024)
+
+
+def test_numpy_hyperparameters_are_numbers():
+    """A numpy float momentum was refused with "momentum must be in [0, 1), got 0.9"; a string
+    is a TypeError, not a range error."""
+    import numpy as np
+
+    teacher = lambda x: x.new_zeros(*x.shape[:2], 8)  # noqa: E731
+    for kwargs in (dict(momentum=np.float32(0.9)), dict(weight_decay=np.float64(0.01)), dict(lr=np.float32(0.01))):
+        res = distill(teacher, GaussianPointEncoder(4, 8, reduce="none"), None, steps=1, batch_size=2,
+                      points_per_cloud=8, progress=False, **kwargs)
+        assert res.steps == 1
+    for name, bad, error in (("momentum", "0.9", TypeError), ("weight_decay", "0", TypeError),
+                             ("momentum", 1.0, ValueError), ("weight_decay", -1.0, ValueError),
+                             ("momentum", float("nan"), ValueError)):
+        with pytest.raises(error, match=name):
+            distill(teacher, GaussianPointEncoder(4, 8, reduce="none"), None, steps=1, progress=False, **{name: bad})
+
+
+def _labelled_clouds(n=6, offset=0.0):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.rand(40, 3, generator=g) * 2 - 1 + offset, i % 4) for i in range(n)]
+
+
+def test_distill_pointnet_checks_every_argument_before_training(monkeypatch):
+    """finetune's own checks ran after both distillation stages (minutes, on real sizes), and
+    named finetune_lr "lr"; steps=0 with tnet_steps given ran stage 1 first."""
+    from lucidops.train import pointnet_recipe
+
+    def no_stage(*args, **kwargs):
+        raise AssertionError("a stage ran before the arguments were checked")
+
+    monkeypatch.setattr(pointnet_recipe, "distill", no_stage)
+    monkeypatch.setattr(pointnet_recipe, "finetune", no_stage)
+    teacher = PointNet(4, feature_transform=False, input_transform=True).eval()
+    data = _labelled_clouds()
+    ok = dict(num_gaussians=4, steps=2, tnet_steps=2, finetune_data=data, finetune_steps=2, batch_size=2,
+              points_per_cloud=16, seed=0, progress=False)
+    for bad, error, match in ((dict(finetune_lr=-1.0), ValueError, "finetune_lr"),
+                              (dict(finetune_lr="1e-3"), TypeError, "finetune_lr"),
+                              (dict(encoder_lr_scale=0.0), ValueError, "encoder_lr_scale"),
+                              (dict(finetune_data=42), TypeError, "finetune_data"),
+                              (dict(finetune_data=[]), ValueError, "finetune_data is empty"),
+                              (dict(steps=0), ValueError, "steps"),
+                              (dict(seed=1.5), TypeError, "seed"),
+                              (dict(cloud_center="middle"), ValueError, "cloud_center"),
+                              (dict(cloud_center=(1.0, 2.0)), ValueError, "cloud_center"),
+                              (dict(cloud_range=0.0), ValueError, "cloud_range")):
+        with pytest.raises(error, match=match):
+            distill_pointnet(teacher, data, **{**ok, **bad})
+
+
+def test_distill_pointnet_seed_makes_the_run_reproducible():
+    """The encoders were initialised from torch's global RNG: the same seed gave other means
+    and losses after any other use of the global RNG. Seeded, the run leaves that RNG alone."""
+    teacher = PointNet(4, feature_transform=False, input_transform=True).eval()
+    data = _labelled_clouds()
+    runs = []
+    for draws in (1, 2):
+        torch.rand(draws)  # any other use of the global RNG before the call
+        state = torch.get_rng_state()
+        res = distill_pointnet(teacher, data, num_gaussians=4, steps=3, tnet_steps=3, finetune_data=data,
+                               finetune_steps=2, batch_size=2, points_per_cloud=16, seed=0, progress=False)
+        assert torch.equal(torch.get_rng_state(), state)
+        runs.append(res)
+    a, b = runs
+    assert a.tnet.losses == b.tnet.losses and a.encoder.losses == b.encoder.losses
+    assert a.finetune.losses == b.finetune.losses  # the head's dropout is seeded too
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_distill_pointnet_starts_the_encoders_in_the_clouds():
+    """The encoders always started around the origin: clouds in [9, 11]^3 were out of reach of
+    every Gaussian, which never learned. "auto" (the default) centres stage 1 on the clouds'
+    cubes and stage 2 on those cubes through each cloud's input transform."""
+    from lucidops.train import pointnet_recipe
+
+    torch.manual_seed(0)
+    teacher = PointNet(4, feature_transform=False, input_transform=True).eval()
+    data = _labelled_clouds(offset=10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # distill warns when no Gaussian reaches the points
+        res = distill_pointnet(teacher, data, num_gaussians=8, steps=2, tnet_steps=2, batch_size=4,
+                               points_per_cloud=32, seed=0, progress=False)
+    centres, half = cloud_cubes(data)
+    low, high = (centres - half[:, None]).amin(0), (centres + half[:, None]).amax(0)
+    assert res.model.input_tnet.encoder.cloud_center == pytest.approx(((low + high) / 2).tolist())
+    # Stage 2: the box around every cube's points through its own cloud's input transform.
+    with torch.no_grad():
+        trans = torch.cat([teacher.transforms(p[None])[0] for p, _ in data]).double()
+    corners = torch.tensor([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=torch.float64)
+    seen = ((centres[:, None, :] + half[:, None, None] * corners) @ trans).reshape(-1, 3)
+    expected = ((seen.amin(0) + seen.amax(0)) / 2).tolist()
+    assert res.model.encoder.cloud_center == pytest.approx(expected, abs=1e-4)
+    assert pointnet_recipe._transformed_box_center(centres, half, trans) == pytest.approx(expected)
+    # Given: used as is for both encoders.
+    res = distill_pointnet(teacher, data, num_gaussians=4, steps=1, tnet_steps=1, batch_size=2, points_per_cloud=8,
+                           cloud_center=(9.0, 10.0, 11.0), cloud_range=2.0, seed=0, progress=False)
+    for enc in (res.model.input_tnet.encoder, res.model.encoder):
+        assert enc.cloud_center == (9.0, 10.0, 11.0) and enc.cloud_range == 2.0
+
+
+def test_distill_pointnet_learns_off_centre_clouds():
+    torch.manual_seed(0)
+    teacher = PointNet(4, feature_transform=False, input_transform=False).eval()
+    data = [(torch.rand(40, 3) * 2 + 9.0, i % 4) for i in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = distill_pointnet(teacher, data, num_gaussians=8, steps=30, batch_size=4, points_per_cloud=32, seed=0,
+                               progress=False, lr=1e-2)
+    assert res.encoder.final_loss < 0.5 * res.encoder.losses[0]
+    means = res.model.encoder.means.detach()
+    assert 8.0 < float(means.min()) and float(means.max()) < 12.0
+
+
+def test_finetune_checks_seed_and_data():
+    """seed=1.5 reached manual_seed (a bare RuntimeError), "7" failed at seed + rank; an empty
+    dataset said "cannot be sharded over 1 ranks"; a one-hot label failed in reshape; the
+    messages named "finetune_data" where the argument is ``data``."""
+    from lucidops.nn import GaussianPointNet
+    from lucidops.train import finetune
+
+    torch.manual_seed(0)
+    model = GaussianPointNet(4, num_gaussians=4, out_channels=16, input_transform=False)
+    data = _labelled_clouds(4)
+    ok = dict(steps=1, batch_size=2, points_per_cloud=16, progress=False)
+    for seed in (1.5, "7", True):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            finetune(model, data, seed=seed, **ok)
+    with pytest.raises(ValueError, match="^data is empty"):
+        finetune(model, [], **ok)
+    with pytest.raises(TypeError, match="^data must be a dataset"):
+        finetune(model, 42, **ok)
+    with pytest.raises(ValueError, match=r"data\[\d\]: label must be one class index.*\(4,\)"):
+        finetune(model, [(p, torch.tensor([0.0, 1.0, 0.0, 0.0])) for p, _ in data], **ok)
+    with pytest.raises(ValueError, match=r"data\[\d\]: label must be a class index, got 1.5"):
+        finetune(model, [(p, 1.5) for p, _ in data], **ok)
+    with pytest.raises(TypeError, match=r"data\[\d\] must be a \(points, label\) pair"):
+        finetune(model, [p for p, _ in data], **ok)
+    with pytest.raises(TypeError, match=r"data\[\d\]: points must be a tensor"):
+        finetune(model, [(p.tolist(), y) for p, y in data], **ok)
+    res = finetune(model, [(p, torch.tensor([y])) for p, y in data], seed=3, **ok)  # a one-element label is fine
+    assert res.steps == 1

@@ -298,3 +298,28 @@ def test_a_zero_on_the_diagonal_of_l_is_named():
             GaussianNaturalGradient(enc, mode=mode).step()
     with pytest.raises(ValueError, match=r"\[2\]"):
         enc.spread()
+
+
+def test_numpy_hyperparameters_are_numbers():
+    """isinstance(x, (int, float)) refused numpy floats with a range message ("lr must be > 0,
+    got np.float32(0.01)"); a non-number is a TypeError naming the setting."""
+    enc = _encoder()
+    for kwargs in (dict(lr=np.float32(0.01)), dict(momentum=np.float32(0.9)), dict(damping=np.float64(1e-4)),
+                   dict(lr=np.int64(1))):
+        opt = GaussianNaturalGradient(enc, **kwargs)
+        enc.means.grad, enc.factor.grad = torch.randn(5, 3), torch.randn(5, 6)
+        opt.step()
+    group = {"params": [enc.means, enc.factor], "roles": ["means", "factor"]}
+    GaussianNaturalGradient([{**group, "momentum": np.float32(0.5)}]).step()
+    for kwargs, error, match in ((dict(lr="0.01"), TypeError, "lr must be a real number"),
+                                 (dict(momentum=None), TypeError, "momentum must be a real number"),
+                                 (dict(damping="1e-4"), TypeError, "damping must be a real number"),
+                                 (dict(lr=True), TypeError, "lr"),
+                                 (dict(lr=np.float32(-0.1)), ValueError, "lr must be > 0"),
+                                 (dict(lr=float("inf")), ValueError, "lr must be finite"),
+                                 (dict(momentum=np.float32(1.0)), ValueError, r"momentum must be in \[0, 1\)"),
+                                 (dict(damping=np.float32(-1.0)), ValueError, "damping")):
+        with pytest.raises(error, match=match):
+            GaussianNaturalGradient(enc, **kwargs)
+    with pytest.raises(TypeError, match="param group: momentum must be a real number"):
+        GaussianNaturalGradient([{**group, "momentum": "0.9"}])

@@ -271,6 +271,37 @@ def test_gradient_difference_history():
     assert len(set(hist["weight_norm"])) > 1  # the MLP adapters moved
 
 
+def test_gradient_difference_tracks_only_the_trained_adapter():
+    """A peft model keeps an inactive adapter's parameters (frozen) under the same MLP layers:
+    they were counted in the history's weight and gradient norms, which then measured an
+    adapter that never moved (25.67 throughout, for a trained adapter of norm 0.53)."""
+    from peft import LoraConfig
+
+    from lucidops.train import mlp_lora_parameters
+
+    model = make_model(n_layer=1, targets=("c_fc",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_adapter("old", LoraConfig(r=4, lora_alpha=8, target_modules=["c_fc"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 1.0 if ".old." in name else 0.01)
+    active = [p for n, p in model.named_parameters() if "lora_" in n and ".default." in n]
+    assert active and all(p.requires_grad for p in active)
+    assert [id(p) for p in mlp_lora_parameters(model)] == [id(p) for p in active]
+    assert len(mlp_lora_parameters(model, trainable_only=False)) == 2 * len(active)
+    hist = gradient_difference(model, ids(seed=4), ids(seed=5), steps=2, lr=1e-2, batch_size=2, progress=False)
+    norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in active))
+    assert hist["weight_norm"][-1] == pytest.approx(norm)
+    # No trainable adapter in an MLP layer: nothing to track.
+    for p in active:
+        p.requires_grad_(False)
+    model.base_model.model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="no trainable LoRA parameter in an MLP layer"):
+        gradient_difference(model, ids(), ids(), steps=1, lr=1e-2, progress=False)
+
+
 def test_mixed_batches_run_the_patched_adapter_on_its_rows():
     """peft's adapter_names (one adapter per row): rows naming the patched adapter get the
     fused bounded layer (before: peft's plain LoRA, silently), the others what peft gives

@@ -35,6 +35,7 @@ from typing import Dict, List, NamedTuple, Set
 import torch
 from torch import Tensor, nn
 
+from .. import _validate
 from ..nn.gaussian_mixture import GaussianPointEncoder, covariance_from_lower
 
 MODES = ("mahalanobis", "fisher")
@@ -242,14 +243,14 @@ def _check_hyperparameters(group: Dict, where: str) -> None:
     lr, momentum, damping = group["lr"], group["momentum"], group["damping"]
     if isinstance(lr, Tensor) and lr.numel() == 1:  # torch's optimizers take a tensor lr (schedulers, capturable)
         lr = float(lr.detach())
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+    # Any real number (a numpy float too, which isinstance(x, (int, float)) refused with a
+    # range message); a non-number is a TypeError.
+    if not _validate.real_number(lr, f"{where}lr") > 0:
         raise ValueError(f"{where}lr must be > 0, got {lr!r}")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-        raise ValueError(f"{where}momentum must be in [0, 1), got {momentum!r}")
+    _validate.probability(momentum, f"{where}momentum")  # [0, 1)
     if group["mode"] not in MODES:
         raise ValueError(f"{where}mode must be one of {MODES}, got {group['mode']!r}")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-        raise ValueError(f"{where}damping must be >= 0, got {damping!r}")
+    _validate.real_number(damping, f"{where}damping", ">= 0")
 
 
 class ParameterSplit(NamedTuple):

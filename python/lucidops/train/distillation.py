@@ -133,17 +133,18 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed + rank)
 
+    result = DistillResult(stage=desc)
     switched: Optional[GaussianPointEncoder] = None  # the student, when its reduce is switched to "none"
     old_reduce = ""
-    if isinstance(student, GaussianPointEncoder) and student.reduce != "none":
-        switched, old_reduce = student, student.reduce
-        student.reduce = "none"
-    model = wrap_ddp(student, dev) if distributed else student
-    opts = build_optimizers(student, optimizer, lr, gaussian_lr, natural_gradient, momentum, weight_decay)
-
-    result = DistillResult(stage=desc)
-    start = time.perf_counter()
     try:
+        # Switched inside the try: a setup error (DDP, no trainable parameter) used to leave the
+        # caller's encoder in "none", returning per-point features.
+        if isinstance(student, GaussianPointEncoder) and student.reduce != "none":
+            switched, old_reduce = student, student.reduce
+            student.reduce = "none"
+        model = wrap_ddp(student, dev) if distributed else student
+        opts = build_optimizers(student, optimizer, lr, gaussian_lr, natural_gradient, momentum, weight_decay)
+        start = time.perf_counter()
         with TrainingMode([teacher_module], train=False), TrainingMode([student], train=True):
             bar = progress_bar(steps, progress and rank == 0, desc)
             for step in bar:

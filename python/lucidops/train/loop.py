@@ -60,10 +60,10 @@ def check_common(steps, lr, batch_size, points_per_cloud, optimizer, natural_gra
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if natural_gradient not in MODES:
         raise ValueError(f"natural_gradient must be one of {MODES}, got {natural_gradient!r}")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    # Through _validate, as lr is: a numpy float is a number (isinstance(x, (int, float)) refused
+    # it with a range message), a string a TypeError.
+    _validate.probability(momentum, "momentum")  # [0, 1)
+    _validate.real_number(weight_decay, "weight_decay", ">= 0")
 
 
 def resolve_device(device, student: nn.Module) -> torch.device:

@@ -15,27 +15,29 @@ For a :class:`lucidops.models.PointNet` with an input T-Net:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union, cast
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
 
 from .. import _validate
 from ..models.pointnet import PointNet, TNet
-from ..nn.gaussian_mixture import GaussianPointEncoder
+from ..nn.gaussian_mixture import GaussianPointEncoder, _center
 from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
-from .cubes import cloud_points
+from .cubes import cloud_cubes, cloud_points
 from .distillation import distill
-from .finetuning import SCHEDULES, finetune
+from .finetuning import SCHEDULES, _dataset_length, finetune
 from .loop import DistillResult, TrainingMode, broadcast_module, dist_info
 
 
 def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32, tnet_gaussians: Optional[int] = None,
                      steps: int = 1000, tnet_steps: Optional[int] = None, finetune_data=None,
                      finetune_steps: int = 0, finetune_lr: float = 1e-3, encoder_lr_scale: float = 0.01,
-                     finetune_schedule: str = "constant", cloud_range: float = 1.0, seed: Optional[int] = None,
+                     finetune_schedule: str = "constant", cloud_range: float = 1.0,
+                     cloud_center: Union[str, float, Sequence[float]] = "auto", seed: Optional[int] = None,
                      progress: bool = True, device=None, **distill_kwargs: Any) -> PointNetDistillResult:
     """The three-stage recipe: a :class:`DistilledPointNet` from a trained ``teacher`` PointNet.
 
@@ -55,8 +57,22 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
        end to end, Gaussian encoders at ``encoder_lr_scale`` times their rates, with
        ``finetune_schedule`` (``"constant"`` or ``"cosine"``, see :func:`finetune`).
 
+    The Gaussian encoders' means start uniform in the cube of half-side ``cloud_range``
+    around ``cloud_center`` (see :class:`GaussianPointEncoder`): Gaussians started away from
+    the clouds never learn. ``cloud_center="auto"`` (default, as
+    :func:`lucidops.patch.point_encoders` builds its students) takes the centre of the box
+    around every cloud's cube (the origin for ``clouds=None``) for stage 1, and for stage 2
+    the centre of the box around what that student sees: the cubes' points through each
+    cloud's input transform. A number or 3 numbers is used as given for both stages.
+
+    ``seed`` (an int) makes the run reproducible: it seeds the point sampling of every stage,
+    the encoders' initialisation and the fine-tuning's batches and dropout, without touching
+    torch's global RNG state (the CPU's and, on CUDA, ``device``'s). ``None``: the encoders
+    and dropout draw from the global RNG as it stands.
+
     ``distill_kwargs`` go to both :func:`distill` stages (lr, batch_size, points_per_cloud,
-    optimizer, ...). The teacher is not modified (its train/eval flags are restored).
+    optimizer, ...). The teacher is not modified (its train/eval flags are restored). Every
+    argument of the three stages is checked before the first one starts.
     """
     if not isinstance(teacher, PointNet):
         raise TypeError(f"teacher must be a lucidops.models.PointNet, got {type(teacher).__name__}")
@@ -64,18 +80,34 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     if tnet_gaussians is None:
         tnet_gaussians = num_gaussians
     _validate.integer(tnet_gaussians, "tnet_gaussians", minimum=1)
+    # Everything is checked before the distillation stages spend their time; finetune's own
+    # checks ran only after them, and named finetune_lr "lr" and finetune_data "data".
+    _validate.integer(steps, "steps", minimum=1)  # with tnet_steps given, stage 1 ran first
     tnet_steps = steps if tnet_steps is None else _validate.integer(tnet_steps, "tnet_steps", minimum=1)
     _validate.integer(finetune_steps, "finetune_steps", minimum=0)
+    _validate.real_number(finetune_lr, "finetune_lr", "> 0")
+    _validate.real_number(encoder_lr_scale, "encoder_lr_scale", "> 0")
+    _validate.real_number(cloud_range, "cloud_range", "> 0")
+    auto_center = isinstance(cloud_center, str) and cloud_center == "auto"
+    if isinstance(cloud_center, str) and not auto_center:
+        raise ValueError(f"cloud_center must be 'auto', a number or 3 numbers, got {cloud_center!r}")
+    fixed_center = None if auto_center else _center(cloud_center)
+    if seed is not None:
+        _validate.integer(seed, "seed")
     if finetune_steps > 0 and finetune_data is None:
         raise ValueError("finetune_steps > 0 needs finetune_data (a dataset of (points, label) pairs)")
-    if finetune_schedule not in SCHEDULES:  # checked before the distillation stages spend their time
+    if finetune_schedule not in SCHEDULES:
         raise ValueError(f"finetune_schedule must be one of {SCHEDULES}, got {finetune_schedule!r}")
+    if finetune_steps > 0:
+        _dataset_length(finetune_data, "finetune_data")
     for key in ("input_transform", "per_cloud", "desc"):
         if key in distill_kwargs:
             raise TypeError(f"distill_pointnet sets {key!r} itself")
     dtype = next(teacher.parameters()).dtype
     dev = torch.device(device) if device is not None else next(teacher.parameters()).device
     k = _out_channels(teacher.conv3)
+    cubes = cloud_cubes(clouds) if auto_center else None  # also checks clouds before any stage runs
+    center: Sequence[float] = _box_center(*cubes) if cubes is not None else cast(Sequence[float], fixed_center)
     teacher.to(dev)
     if dist_info()[0]:
         broadcast_module(teacher)  # the T-Net stage's teacher is a lambda, which distill cannot broadcast
@@ -83,13 +115,15 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     with TrainingMode([teacher], train=False):
         if teacher.input_tnet is not None:
             tnet = teacher.input_tnet
-            tnet_enc = GaussianPointEncoder(tnet_gaussians, _out_channels(tnet.encoder[-1]),
-                                            cloud_range=cloud_range, reduce="max").to(dev, dtype)
+            with _seeded(seed, dev):
+                tnet_enc = GaussianPointEncoder(tnet_gaussians, _out_channels(tnet.encoder[-1]),
+                                                cloud_range=cloud_range, cloud_center=center,
+                                                reduce="max").to(dev, dtype)
             tnet_result = distill(lambda x: tnet_point_features(tnet, x), tnet_enc, clouds, steps=tnet_steps,
                                   seed=seed, progress=progress, device=dev, desc="distill T-Net", **distill_kwargs)
             gtnet = GaussianTNet.from_tnet(tnet, tnet_enc)
-        encoder = GaussianPointEncoder(num_gaussians, k, cloud_range=cloud_range, reduce="max").to(dev, dtype)
         stage2: Dict[str, Any] = {}
+        stage2_center = center
         if clouds is not None and (teacher.input_tnet is not None or teacher.feature_tnet is not None):
             # Each cloud's own T-Net transforms, applied to the points sampled in its cube: the
             # student learns the per-point function it meets on real clouds (a T-Net run on
@@ -98,10 +132,17 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
             trans_in, trans_feat = _pointnet_transforms(teacher, clouds, dev, dtype)
             stage2 = dict(teacher=lambda x, a, f: teacher.encoder_features(_apply(x, a), f),
                           input_transform=lambda x, a, f: _apply(x, a), per_cloud=[trans_in, trans_feat])
+            if cubes is not None and trans_in is not None:
+                stage2_center = _transformed_box_center(*cubes, trans_in)
         elif teacher.input_tnet is not None:
+            # Without clouds the cube is [-1, 1]^3 around the origin, which a linear transform
+            # keeps as the centre.
             stage2 = dict(teacher=teacher.point_features, input_transform=teacher.transform_points)
         else:
             stage2 = dict(teacher=teacher.point_features)
+        with _seeded(None if seed is None else seed + 7919, dev):
+            encoder = GaussianPointEncoder(num_gaussians, k, cloud_range=cloud_range, cloud_center=stage2_center,
+                                           reduce="max").to(dev, dtype)
         enc_result = distill(stage2.pop("teacher"), encoder, clouds, steps=steps,
                              seed=None if seed is None else seed + 7919, progress=progress, device=dev,
                              desc="distill encoder", **stage2, **distill_kwargs)
@@ -109,11 +150,13 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     ft_result = None
     if finetune_steps > 0:
         pts_per_cloud = distill_kwargs.get("points_per_cloud", 1024)
-        ft_result = finetune(model, finetune_data, steps=finetune_steps, lr=finetune_lr,
-                             batch_size=distill_kwargs.get("batch_size", 32), points_per_cloud=pts_per_cloud,
-                             encoder_lr_scale=encoder_lr_scale, schedule=finetune_schedule,
-                             seed=None if seed is None else seed + 104729,
-                             progress=progress, device=dev)
+        ft_seed = None if seed is None else seed + 104729
+        # The head's dropout draws from the global RNG: seeded too (per rank, as the batches are).
+        with _seeded(None if ft_seed is None else ft_seed + dist_info()[1], dev):
+            ft_result = finetune(model, finetune_data, steps=finetune_steps, lr=finetune_lr,
+                                 batch_size=distill_kwargs.get("batch_size", 32), points_per_cloud=pts_per_cloud,
+                                 encoder_lr_scale=encoder_lr_scale, schedule=finetune_schedule, seed=ft_seed,
+                                 progress=progress, device=dev)
     model.eval()
     return PointNetDistillResult(model, tnet_result, enc_result, ft_result)
 
@@ -160,6 +203,40 @@ class PointNetDistillResult:
     tnet: Optional[DistillResult]
     encoder: DistillResult
     finetune: Optional[DistillResult]
+
+
+@contextlib.contextmanager
+def _seeded(seed: Optional[int], dev: torch.device) -> Iterator[None]:
+    """Draws from torch's global RNG inside the block (module initialisation, dropout) follow
+    ``seed``, on the CPU and on a CUDA ``dev``; the global state is restored afterwards.
+    ``None``: the block draws from the global RNG as it stands."""
+    if seed is None:
+        yield
+        return
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:  # only the forked device: torch.manual_seed would reseed every GPU
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def _box_center(centres: Tensor, halves: Tensor) -> List[float]:
+    """Centre of the box around every cube (centres (M, 3), half-sides (M,)), as
+    :func:`lucidops.patch.point_encoders` places its students."""
+    low = (centres - halves[:, None]).amin(0)
+    high = (centres + halves[:, None]).amax(0)
+    return ((low + high) / 2).tolist()
+
+
+def _transformed_box_center(centres: Tensor, halves: Tensor, transforms: Tensor) -> List[float]:
+    """Centre of the box around every cube's points through its cloud's input transform
+    (``points @ A``): cube ``c + h u`` (u in [-1, 1]^3) maps into ``c A +- h sum_i |A_ij|``."""
+    a = transforms.detach().double().cpu()
+    mid = (centres[:, None, :] @ a)[:, 0, :]  # (M, 3)
+    reach = halves[:, None] * a.abs().sum(1)  # (M, 3)
+    return (((mid - reach).amin(0) + (mid + reach).amax(0)) / 2).tolist()
 
 
 def _apply(points: Tensor, transform: Optional[Tensor]) -> Tensor:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import _validate
 from ..patch.peft_lora import is_mlp_name
+from .loop import TrainingMode
 
 
 def _logits(output) -> Tensor:
@@ -49,10 +50,18 @@ def _check_ids(ids, name: str) -> Tensor:
     return ids.long()
 
 
-def mlp_lora_parameters(model: nn.Module, mlp_patterns: Optional[Sequence[str]] = None) -> List[nn.Parameter]:
-    """The LoRA parameters (names containing ``lora_``) of the model's MLP layers."""
+def mlp_lora_parameters(model: nn.Module, mlp_patterns: Optional[Sequence[str]] = None, *,
+                        trainable_only: bool = True) -> List[nn.Parameter]:
+    """The LoRA parameters (names containing ``lora_``) of the model's MLP layers.
+
+    With ``trainable_only`` (default), only those with ``requires_grad``: the adapters being
+    trained. A peft model keeps its inactive adapters' parameters, frozen, under the same
+    layers; counted in, they made the unlearning history's norms measure adapters that never
+    moved.
+    """
     return [p for n, p in model.named_parameters()
-            if "lora_" in n and is_mlp_name(n.split(".lora_")[0], mlp_patterns)]
+            if "lora_" in n and is_mlp_name(n.split(".lora_")[0], mlp_patterns)
+            and (p.requires_grad or not trainable_only)]
 
 
 def _norm(tensors: Iterable[Optional[Tensor]]) -> float:
@@ -87,7 +96,9 @@ def gradient_difference(model: nn.Module, forget: Tensor, retain: Tensor, *, ste
             still in ``p.grad`` then, so it can measure anything else on the model.
     Returns:
         dict of per-step lists: "forget_loss", "retain_loss" (before the step), "weight_norm"
-        (after the step) and "grad_norm" of the MLP layers' LoRA parameters.
+        (after the step) and "grad_norm" of the MLP layers' trainable LoRA parameters (a
+        peft model's inactive, frozen adapters are left out). Every module's train/eval
+        flag is restored afterwards.
     """
     from tqdm.auto import tqdm
 
@@ -101,8 +112,9 @@ def gradient_difference(model: nn.Module, forget: Tensor, retain: Tensor, *, ste
         raise ValueError("model has no parameter with requires_grad=True to train")
     tracked = mlp_lora_parameters(model, mlp_patterns)
     if not tracked:
-        raise ValueError("model has no LoRA parameter in an MLP layer to track (names containing 'lora_' under a "
-                         "module matching the MLP patterns); pass mlp_patterns")
+        raise ValueError("model has no trainable LoRA parameter in an MLP layer to track (names containing 'lora_' "
+                         "under a module matching the MLP patterns, with requires_grad); pass mlp_patterns, or "
+                         "activate the adapter to train")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     opt: torch.optim.Optimizer
@@ -121,25 +133,25 @@ def gradient_difference(model: nn.Module, forget: Tensor, retain: Tensor, *, ste
         return ids[idx.to(device)]
 
     history: Dict[str, List[float]] = {"forget_loss": [], "retain_loss": [], "weight_norm": [], "grad_norm": []}
-    was_training = model.training
-    model.train()
+    # Every module's flag is restored afterwards, not only the root's: model.train(was_training)
+    # switched back on a dropout or BatchNorm the caller had put in eval mode.
     bar = tqdm(range(steps), desc="gradient difference", disable=not progress)
     try:
-        for step in bar:
-            opt.zero_grad(set_to_none=True)
-            lf = sequence_loss(model, batch(forget, step))
-            lr_ = sequence_loss(model, batch(retain, step))
-            (lr_ - forget_weight * lf).backward()
-            history["grad_norm"].append(_norm(p.grad for p in tracked))
-            opt.step()
-            history["forget_loss"].append(float(lf.detach()))
-            history["retain_loss"].append(float(lr_.detach()))
-            history["weight_norm"].append(_norm(tracked))
-            if callback is not None:
-                callback(step, {key: values[-1] for key, values in history.items()})
-            bar.set_postfix(forget=f"{history['forget_loss'][-1]:.3g}", retain=f"{history['retain_loss'][-1]:.3g}",
-                            w=f"{history['weight_norm'][-1]:.3g}")
+        with TrainingMode([model], train=True):
+            for step in bar:
+                opt.zero_grad(set_to_none=True)
+                lf = sequence_loss(model, batch(forget, step))
+                lr_ = sequence_loss(model, batch(retain, step))
+                (lr_ - forget_weight * lf).backward()
+                history["grad_norm"].append(_norm(p.grad for p in tracked))
+                opt.step()
+                history["forget_loss"].append(float(lf.detach()))
+                history["retain_loss"].append(float(lr_.detach()))
+                history["weight_norm"].append(_norm(tracked))
+                if callback is not None:
+                    callback(step, {key: values[-1] for key, values in history.items()})
+                bar.set_postfix(forget=f"{history['forget_loss'][-1]:.3g}",
+                                retain=f"{history['retain_loss'][-1]:.3g}", w=f"{history['weight_norm'][-1]:.3g}")
     finally:
         bar.close()
-        model.train(was_training)
     return history

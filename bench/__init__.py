@@ -5,5 +5,7 @@
     python -m lucidops.bench.runner --families activations --device cpu
 
 Each family module's ``run(device, quick)`` gets ``quick=True`` in the default short run
-(the small sizes its docstring names) and ``quick=False`` with ``--full``.
+(the small sizes its docstring names) and ``quick=False`` with ``--full``. A family whose
+``run`` also takes ``on_rows`` calls it with its rows so far after each case, and the runner
+writes them at once, so that a time limit stopping a long family loses one case, not all.
 """

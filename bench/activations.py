@@ -8,14 +8,14 @@ short run). The eager baselines compute the same functions the usual way:
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 import lucidops
 from lucidops import backends
 
-from .timing import measure_ms
+from .timing import measure_interleaved_ms
 
 SIGMA = 0.7
 
@@ -54,32 +54,36 @@ def run(device: str, quick: bool = False) -> List[Dict]:
         impls = _candidates(kind, device)
         expected = EAGER[kind](x.double()).float()
         for mode in ("forward", "forward+backward"):
-            times = {}
+            steps: Dict[str, Callable[[], object]] = {}
+            errors: Dict[str, Optional[float]] = {}
             for name, fn in impls.items():
-                step: Callable[[], object]
-                if mode == "forward":
-                    def forward_step(fn=fn):
-                        with torch.no_grad():
-                            return fn(x)
-                    step = forward_step
-                    out = forward_step()
-                    err = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
-                else:
-                    xg = x.clone().requires_grad_(True)
-
-                    def train_step(fn=fn, xg=xg):
-                        xg.grad = None
-                        fn(xg).backward(grad)
-                    step = train_step
-                    err = None
+                # The first call (where torch.compile compiles) inside the try: a failing
+                # implementation is reported and left out, the others still run.
                 try:
-                    times[name] = measure_ms(step, device)
+                    if mode == "forward":
+                        def forward_step(fn=fn):
+                            with torch.no_grad():
+                                return fn(x)
+                        out = forward_step()
+                        errors[name] = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+                        steps[name] = forward_step
+                    else:
+                        xg = x.clone().requires_grad_(True)
+
+                        def train_step(fn=fn, xg=xg):
+                            xg.grad = None
+                            fn(xg).backward(grad)
+                        train_step()
+                        errors[name] = None
+                        steps[name] = train_step
                 except Exception as exc:
-                    print(f"  {kind} {mode} {name}: failed ({type(exc).__name__}: {exc})")
-                    continue
-                rows.append(dict(family="activations", case=f"{kind} n={n} fp32", mode=mode, impl=name,
-                                 ms=times[name], rel_err_vs_fp64=err))
-            for row in rows:
-                if row["case"].startswith(kind) and row["mode"] == mode and "eager" in times:
-                    row["speedup_vs_eager"] = times["eager"] / row["ms"]
+                    print(f"  {kind} {mode} {name}: failed ({type(exc).__name__}: {exc})", flush=True)
+            # Interleaved, so that the ratios to eager hold on a busy host.
+            times = measure_interleaved_ms(steps, device, label=f"{kind} {mode} ")
+            for name, ms in times.items():
+                row = dict(family="activations", case=f"{kind} n={n} fp32", mode=mode, impl=name, ms=ms,
+                           rel_err_vs_fp64=errors[name])
+                if "eager" in times:
+                    row["speedup_vs_eager"] = times["eager"] / ms
+                rows.append(row)
     return rows

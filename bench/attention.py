@@ -188,7 +188,9 @@ def _budget_s() -> Optional[float]:
     return budget
 
 
-def run(device: str, quick: bool = False) -> List[Dict]:
+def run(device: str, quick: bool = False, on_rows: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+    """The rows of every case and mode; ``on_rows`` gets the rows so far after each of them,
+    so that a run killed by a time limit mid-grid keeps the cases it measured."""
     rows: List[Dict] = []
     peak = _matmul_tflops(device) if device == "cuda" else None
     impls: Dict[str, Callable] = {}
@@ -242,4 +244,6 @@ def run(device: str, quick: bool = False) -> List[Dict]:
                 if peak:
                     row["fraction_of_bf16_matmul"] = tflops / peak
                 rows.append(row)
+            if on_rows is not None:
+                on_rows(rows)
     return rows

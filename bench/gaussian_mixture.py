@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -41,7 +41,7 @@ from lucidops.nn.gaussian_mixture import GaussianPointEncoder
 from lucidops.profile.report import saved_bytes
 from lucidops.reference import gaussian_mixture as ref
 
-from .timing import measure_ms, peak_mb_above
+from .timing import measure_interleaved_ms, peak_mb_above
 
 CULL_THRESHOLD = 0.1
 POINTNET = "PointNet (no feature transform), whole model"
@@ -122,7 +122,8 @@ def _candidates(device: str, with_baselines: bool) -> Dict[str, Callable]:
     return impls
 
 
-def run(device: str, quick: bool = False) -> List[Dict]:
+def run(device: str, quick: bool = False, on_rows: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+    """The rows of every case and mode; ``on_rows`` gets the rows so far after each of them."""
     B, N, G, K = (2, 256, 32, 128) if quick else (16, 2048, 32, 1024)
     uniform = torch.rand(B, N, 3, generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1
     # (label, params, points, with baselines); std ~ 1 / factor_scale: the narrower, the more
@@ -142,46 +143,52 @@ def run(device: str, quick: bool = False) -> List[Dict]:
         impls = _candidates(device, with_baselines)
         case = f"B={B} N={N} G={G} K={K} fp32, {label}"
         for mode in ("forward", "forward+backward"):
-            times: Dict[str, float] = {}
             saved: Dict[str, int] = {}
             first = len(rows)
             peak: Dict[str, float] = {}
             whole = _whole_models(device) if with_baselines and mode == "forward" else {}
             mode_impls = {**impls, **whole}
+            steps: Dict[str, Callable[[], object]] = {}
+            extras: Dict[str, Dict[str, object]] = {}
             for name, fn in mode_impls.items():
-                extra: Dict[str, object] = {}
-                step: Callable[[], object]
-                if mode == "forward":
-                    def forward_step(fn=fn):
-                        with torch.no_grad():
-                            return fn(points, means, prec, weight, bias)
-
-                    step = forward_step
-                    out = forward_step()
-                    if name not in whole:  # the whole models return logits, not the mixture
-                        extra["rel_err_vs_fp64"] = ((out.double() - expected).norm() / expected.norm()).item()
-                    mb = peak_mb_above(step, device)
-                    if mb is not None:
-                        extra["peak_MB_above_inputs"] = peak[name] = mb
-                else:
-                    args = [t.clone().requires_grad_(True) for t in (points, means, prec, weight, bias)]
-                    grad = torch.randn(B, K, device=device)
-
-                    def train_step(fn=fn, args=args, grad=grad):
-                        for a in args:
-                            a.grad = None
-                        fn(*args).backward(grad)
-
-                    step = train_step
-                    # Beyond the inputs, which the caller holds anyway.
-                    saved[name] = saved_bytes(functools.partial(fn, *args), exclude=args)
-                    extra["saved_bytes"] = saved[name]
+                # The first call and the memory probes inside the try: a failing candidate is
+                # reported and left out, the others still run.
                 try:
-                    times[name] = measure_ms(step, device, warmup=1, repeat=3 if quick else 5)
-                except Exception as exc:  # a failing candidate is reported, not fatal
-                    print(f"  gaussian {mode} {name}: failed ({type(exc).__name__}: {exc})")
-                    continue
-                rows.append(dict(family="gaussian_mixture", case=case, mode=mode, impl=name, ms=times[name], **extra))
+                    extra: Dict[str, object] = {}
+                    if mode == "forward":
+                        def forward_step(fn=fn):
+                            with torch.no_grad():
+                                return fn(points, means, prec, weight, bias)
+
+                        out = forward_step()
+                        if name not in whole:  # the whole models return logits, not the mixture
+                            extra["rel_err_vs_fp64"] = ((out.double() - expected).norm() / expected.norm()).item()
+                        mb = peak_mb_above(forward_step, device)
+                        if mb is not None:
+                            extra["peak_MB_above_inputs"] = peak[name] = mb
+                        steps[name] = forward_step
+                    else:
+                        args = [t.clone().requires_grad_(True) for t in (points, means, prec, weight, bias)]
+                        grad = torch.randn(B, K, device=device)
+
+                        def train_step(fn=fn, args=args, grad=grad):
+                            for a in args:
+                                a.grad = None
+                            fn(*args).backward(grad)
+
+                        # Beyond the inputs, which the caller holds anyway.
+                        saved[name] = saved_bytes(functools.partial(fn, *args), exclude=args)
+                        extra["saved_bytes"] = saved[name]
+                        steps[name] = train_step
+                    extras[name] = extra
+                except Exception as exc:
+                    print(f"  gaussian {mode} {name}: failed ({type(exc).__name__}: {exc})", flush=True)
+            # Interleaved, so that the ratios hold on a busy host; 5 rounds, not 10: the dense
+            # baselines' steps take up to seconds at the full size.
+            times = measure_interleaved_ms(steps, device, warmup=1, rounds=3 if quick else 5,
+                                           label=f"gaussian {mode} ")
+            for name, ms in times.items():
+                rows.append(dict(family="gaussian_mixture", case=case, mode=mode, impl=name, ms=ms, **extras[name]))
             cull_suffix = f" cull t={CULL_THRESHOLD}"
             for row in rows[first:]:
                 for base, key in (("eager dense", "speedup_vs_eager"), ("lucidops[reference]", "speedup_vs_reference")):
@@ -200,6 +207,8 @@ def run(device: str, quick: bool = False) -> List[Dict]:
                 # arg-max), so the dense PyTorch encoder is the baseline for saved bytes.
                 if row["impl"] in saved and saved.get("eager dense"):
                     row["saved_vs_eager"] = saved[row["impl"]] / saved["eager dense"]
+            if on_rows is not None:
+                on_rows(rows)
     return rows
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,8 @@ def _setting(name: str):
     return _fused_tiles() if name == FUSED_TILES else nullcontext()
 
 
-def run(device: str, quick: bool = False) -> List[Dict]:
+def run(device: str, quick: bool = False, on_rows: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+    """The rows of every case and mode; ``on_rows`` gets the rows so far after each of them."""
     if device == "cuda":
         m, k, n, dtype = (2048, 1024, 1024, torch.bfloat16) if quick else (16384, 4096, 4096, torch.bfloat16)
     else:
@@ -122,6 +123,8 @@ def run(device: str, quick: bool = False) -> List[Dict]:
                 row["rel_err_vs_fp64"] = ((out - expected).norm() / expected.norm()).item()
             rows.append(row)
         _ratios(rows, times, "forward", row_case)
+        if on_rows is not None:
+            on_rows(rows)
 
     # Forward + backward: adapters trained, frozen weight, x needs its gradient too.
     xg = x.clone().requires_grad_(True)
@@ -148,6 +151,8 @@ def run(device: str, quick: bool = False) -> List[Dict]:
     for row in rows:
         if row["mode"] == "forward+backward" and "plain LoRA" in saved and row["impl"] in saved:
             row["saved_vs_plain_lora"] = saved[row["impl"]] / saved["plain LoRA"]
+    if on_rows is not None:
+        on_rows(rows)
     rows += _with_adapter_dropout(device, scale, case, xg, w, a, b, bias, grad)
     return rows
 

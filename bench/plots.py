@@ -1,13 +1,19 @@
 """PNG charts of benchmark results: one per op family and device, speed-ups as bars.
 
 matplotlib is optional (``pip install lucidops[plot]``); :func:`write_family_plots`
-says so and returns nothing when it is missing.
+says so and returns nothing when it is missing. The charts of a results file written
+without them (``lucidops bench --no-plots``, as bench/gpu_check.sh does), beside it or in DIR:
+
+    python -m lucidops.bench.plots <results>.json [--out DIR]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 
 def speedup_keys(rows: Sequence[Dict]) -> List[str]:
@@ -80,3 +86,24 @@ def write_family_plots(rows: Sequence[Dict], machine: str, out: Path, slug: str)
         if speedup_keys(family_rows):
             written.append(plot_family(family_rows, f"{family} on {machine}", out / f"{slug}-{family}.png"))
     return written
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Write ``<out>/<stem>-<family>.png`` for every family of a results JSON."""
+    parser = argparse.ArgumentParser(description="PNG charts of a `lucidops bench` results JSON")
+    parser.add_argument("results", type=Path, help="a <device>.json that lucidops bench wrote")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: the JSON's)")
+    args = parser.parse_args(argv)
+    if not matplotlib_available():
+        print("error: the charts need matplotlib (pip install lucidops[plot])", file=sys.stderr)
+        return 1
+    data = json.loads(args.results.read_text())
+    out = args.out or args.results.parent
+    out.mkdir(parents=True, exist_ok=True)
+    written = write_family_plots(data["results"], str(data["machine"]["name"]), out, args.results.stem)
+    print("wrote " + (", ".join(str(p) for p in written) or "nothing (no family has a speed-up)"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,17 +4,21 @@
 
 The default is a short run on small sizes (seconds on a CPU); ``--full`` uses the sizes
 the README reports. Every device this machine has is benchmarked (the CPU, and the GPU
-when torch sees one) unless ``--device`` narrows it.
+when torch sees one) unless ``--device`` narrows it. ``--families`` replaces those
+families' rows in an existing results file of the same machine and size and keeps the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import inspect
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -79,37 +83,96 @@ def _memory(row: Dict) -> str:
     return ", ".join(parts)
 
 
-def to_markdown(desc: Dict, rows: List[Dict]) -> str:
+def to_markdown(desc: Dict, rows: List[Dict], measured: Optional[Dict[str, str]] = None) -> str:
+    """The rows as one Markdown table under the machine's description; ``measured`` (family:
+    date) says when each family ran where a file holds rows of more than one run."""
     lines = [f"# lucidops benchmarks on {desc['name']}", "",
-             ", ".join(f"{k}: {v}" for k, v in desc.items()), "",
-             "| family | case | mode | implementation | ms (median) | speed-up | memory |",
-             "|---|---|---|---|---:|---|---|"]
+             ", ".join(f"{k}: {v}" for k, v in desc.items()), ""]
+    if measured and len(set(measured.values())) > 1:
+        lines += ["measured: " + ", ".join(f"{f} {d}" for f, d in measured.items()), ""]
+    lines += ["| family | case | mode | implementation | ms (median) | speed-up | memory |",
+              "|---|---|---|---|---:|---|---|"]
     for r in rows:
         lines.append(f"| {r['family']} | {r['case']} | {r['mode']} | {r['impl']} | {r['ms']:.3f} | {_ratios(r)} "
                      f"| {_memory(r)} |")
     return "\n".join(lines) + "\n"
 
 
+def _family_index(family: str) -> int:
+    """Where ``family`` sorts: in FAMILIES' order, so that a merged file reads like one whole run."""
+    return FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
+
+
+def _earlier_rows(path: Path, desc: Dict, full: bool, families: List[str]) -> Tuple[List[Dict], Dict[str, str]]:
+    """The rows of the families not run now from an earlier results file of the same machine
+    and size, and when each of those families was measured; nothing from any other file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return [], {}
+    except (OSError, ValueError) as err:
+        print(f"replacing {path}: unreadable ({err})", flush=True)
+        return [], {}
+    machine = data.get("machine", {})
+    if data.get("full") != full or any(machine.get(k) != desc[k] for k in ("device", "name", "threads")):
+        print(f"replacing {path}: another machine or size", flush=True)
+        return [], {}
+    rows = [r for r in data.get("results", []) if r.get("family") not in families]
+    dates = data.get("measured", {})  # files written before it have one run's date only
+    measured = {f: dates.get(f, machine.get("date")) for f in dict.fromkeys(r["family"] for r in rows)}
+    if rows:
+        print(f"{path.name}: keeping the earlier rows of {', '.join(measured)}", flush=True)
+    return rows, measured
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so that a run killed mid-write
+    (a time limit's SIGTERM) leaves the previous complete file, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def bench_device(device: str, families: List[str], full: bool, out: Path, plots: bool = True) -> List[Dict]:
-    """Benchmark ``families`` on one device; write its JSON, Markdown and PNGs; return the rows."""
+    """Benchmark ``families`` on one device; write its JSON, Markdown and PNGs; return the rows.
+
+    An earlier ``<slug>.json`` of the same machine and size keeps its other families' rows:
+    only the families run now are replaced. The files are rewritten after every family, and
+    after every case of a family whose ``run`` takes ``on_rows`` (called with its rows so
+    far), so that a run cut short by a time limit keeps what it measured.
+    """
     from tqdm import tqdm
 
     desc = device_description(device)
     slug = device_slug(desc) + ("" if full else "-short")
+    json_path, md_path = out / f"{slug}.json", out / f"{slug}.md"
+    kept, measured = _earlier_rows(json_path, desc, full, families)
+    for family in families:  # the chart of rows about to be replaced would be stale
+        out.joinpath(f"{slug}-{family}.png").unlink(missing_ok=True)
     rows: List[Dict] = []
-    md = to_markdown(desc, rows)
+    md = ""
+
+    def save(family: str, family_rows: List[Dict]) -> str:
+        measured[family] = str(desc["date"])
+        dates = dict(sorted(measured.items(), key=lambda item: _family_index(item[0])))
+        merged = sorted(kept + rows + family_rows, key=lambda r: _family_index(r["family"]))
+        _replace(json_path, json.dumps({"machine": desc, "full": full, "measured": dates, "results": merged}, indent=2))
+        md = to_markdown(desc, merged, dates)
+        _replace(md_path, md)
+        return md
+
     progress = tqdm(families, desc=f"bench {device}", unit="family", file=sys.stderr, dynamic_ncols=True)
     for family in progress:
         progress.set_postfix_str(family)
         module = importlib.import_module(f"lucidops.bench.{family}")
-        rows += module.run(device, quick=not full)
-        # Written after every family, so a run cut short by a time limit keeps what it measured.
-        (out / f"{slug}.json").write_text(json.dumps({"machine": desc, "full": full, "results": rows}, indent=2))
-        md = to_markdown(desc, rows)
-        (out / f"{slug}.md").write_text(md)
+        takes_rows = "on_rows" in inspect.signature(module.run).parameters
+        per_case = {"on_rows": functools.partial(save, family)} if takes_rows else {}
+        family_rows = module.run(device, quick=not full, **per_case)
+        md = save(family, family_rows)
+        rows += family_rows
     progress.close()
     print(md, flush=True)
-    written = [out / f"{slug}.json", out / f"{slug}.md"]
+    written = [json_path, md_path]
     if plots:
         from .plots import write_family_plots
 

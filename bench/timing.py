@@ -32,25 +32,34 @@ def measure_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, repeat
 
 
 def measure_interleaved_ms(fns: Mapping[str, Callable[[], object]], device: str, *, warmup: int = 2,
-                           rounds: int = 10) -> Dict[str, float]:
+                           rounds: int = 10, label: str = "") -> Dict[str, float]:
     """Median wall time (ms) of each of ``fns``, for ratios between them on a shared machine.
 
     On the CPU the calls are interleaved: each round times every function once, in turn, so
     a slow spell of a busy host falls on all of them alike instead of on whichever happened
     to be running (timed one after another, the same code measured 0.73x and 1.00x of its
     baseline minutes apart). On CUDA each is timed by :func:`measure_ms`. A function that
-    raises is reported by name and left out of the result.
+    raises is reported by name (after ``label``, e.g. the case) and left out of the result.
     """
+    def failed(name: str, exc: Exception) -> None:
+        print(f"  {label}{name}: failed ({type(exc).__name__}: {exc})", flush=True)
+
     working: Dict[str, Callable[[], object]] = {}
     for name, fn in fns.items():
         try:
             fn()
         except Exception as exc:  # keep the others
-            print(f"  {name}: failed ({type(exc).__name__}: {exc})")
+            failed(name, exc)
             continue
         working[name] = fn
     if device == "cuda":
-        return {name: measure_ms(fn, device) for name, fn in working.items()}
+        times = {}
+        for name, fn in working.items():
+            try:  # a CUDA error can surface after the first call returned, at a later sync
+                times[name] = measure_ms(fn, device)
+            except Exception as exc:
+                failed(name, exc)
+        return times
     for _ in range(warmup):
         for fn in working.values():
             fn()

@@ -178,3 +178,170 @@ def test_attention_bench_dropout_rows(monkeypatch):
     impls = {r["impl"] for r in rows}
     assert {"lucidops[cpp]", "lucidops[cpp], no dropout", "sdpa"} <= impls and "lucidops[aten]" not in impls
     assert all(r["case"].endswith("dropout 0.1") for r in rows)
+
+
+
+def _failing(*args, **kwargs):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+
+
+def _broken_backward(fn):
+    """``fn``, except that it raises when its input needs a gradient (a backend without a backward)."""
+    def call(x, *args):
+        if x.requires_grad:
+            raise RuntimeError("no backward (simulated)")
+        return fn(x, *args)
+    return call
+
+
+def test_a_failing_implementation_is_reported_and_the_others_still_run(monkeypatch, capsys):
+    """A candidate raising in its first call (or in a lazy torch.compile there), or only in
+    training (in saved_bytes), is reported and left out; before, it aborted the whole family
+    and nothing of it was written."""
+    from lucidops.bench import activations, gaussian_mixture
+
+    candidates = gaussian_mixture._candidates
+    monkeypatch.setattr(gaussian_mixture, "_candidates", lambda device, with_baselines: {
+        **candidates(device, with_baselines), "lucidops[cuda]": _failing,
+        "broken backward": _broken_backward(gaussian_mixture._eager_dense)})
+    monkeypatch.setattr(gaussian_mixture, "_trained_params", lambda K, device: [])
+    monkeypatch.setattr(activations, "_candidates", lambda kind, device: {
+        "eager": activations.EAGER[kind], "lucidops[cuda]": _failing,
+        "broken backward": _broken_backward(activations.EAGER[kind])})
+    for family, baseline in ((gaussian_mixture, "eager dense"), (activations, "eager")):
+        rows = family.run("cpu", quick=True)
+        measured = {(r["impl"], r["mode"]) for r in rows}
+        assert {(baseline, "forward"), (baseline, "forward+backward"), ("broken backward", "forward")} <= measured
+        assert not any(impl == "lucidops[cuda]" or (impl, mode) == ("broken backward", "forward+backward")
+                       for impl, mode in measured), family.__name__
+    out = capsys.readouterr().out
+    assert "forward lucidops[cuda]: failed (RuntimeError: CUDA error" in out
+    assert "forward+backward broken backward: failed (RuntimeError: no backward" in out
+
+
+def test_activations_gaussian_and_conditioning_time_their_implementations_interleaved(monkeypatch):
+    """Every implementation of a case and mode is timed in one measure_interleaved_ms call, so
+    a slow spell of a busy host falls on all of them alike (they were timed one after another),
+    and the rows keep their format."""
+    import torch
+
+    from lucidops.bench import activations, conditioning, gaussian_mixture
+
+    calls = []
+
+    def interleaved(steps, device, **kwargs):
+        calls.append(list(steps))
+        return {name: float(i + 1) for i, name in enumerate(steps)}
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the compile is not what is tested
+    monkeypatch.setattr(gaussian_mixture, "_trained_params", lambda K, device: [])
+    common = {"family", "case", "mode", "impl", "ms", "rel_err_vs_fp64"}
+    for family, n_calls, speedup in ((activations, 4, "speedup_vs_eager"), (conditioning, 1, "speedup_vs_svd"),
+                                     (gaussian_mixture, 4, "speedup_vs_eager")):
+        monkeypatch.setattr(family, "measure_interleaved_ms", interleaved)
+        calls.clear()
+        rows = family.run("cpu", quick=True)
+        assert len(calls) == n_calls and all(len(names) >= 2 for names in calls), family.__name__
+        assert len(rows) == sum(len(names) for names in calls)
+        for row in rows:
+            if family is not gaussian_mixture:
+                assert set(row) == common | {speedup}, row
+            if row["case"] == rows[0]["case"]:  # the Gaussian case with the baselines
+                assert row[speedup] > 0, row
+
+
+@pytest.mark.parametrize("family", ["attention", "gaussian_mixture", "lora"])
+def test_rows_are_on_disk_before_a_long_family_ends(family, tmp_path, monkeypatch):
+    """The families gpu_check.sh runs under a time limit hand the runner their rows after every
+    case, and it writes them at once: a run stopped in the middle of a family (here at its second
+    timing) keeps the cases it measured. Before, rows were written only when a family returned."""
+    import importlib
+
+    module = importlib.import_module(f"lucidops.bench.{family}")
+    calls = []
+
+    def interleaved(steps, device, **kwargs):
+        calls.append(list(steps))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for the time limit's SIGTERM
+        return {name: 1.0 for name in steps}
+
+    monkeypatch.setattr(module, "measure_interleaved_ms", interleaved)
+    if family == "gaussian_mixture":
+        monkeypatch.setattr(module, "_trained_params", lambda K, device: [])
+    with pytest.raises(KeyboardInterrupt):
+        runner.bench_device("cpu", [family], full=False, out=tmp_path, plots=False)
+    (result,) = tmp_path.glob("*-short.json")
+    rows = json.loads(result.read_text())["results"]
+    assert rows and {r["family"] for r in rows} == {family}
+    assert {r["impl"] for r in rows} == set(calls[0])
+    assert result.with_suffix(".md").read_text().count(f"| {family} |") == len(rows)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def _fake_family(monkeypatch, name, ms):
+    """A family module ``lucidops.bench.<name>`` whose run returns one row timed ``ms``."""
+    import types
+
+    module = types.ModuleType(f"lucidops.bench.{name}")
+    module.run = lambda device, quick: [dict(family=name, case="c", mode="forward", impl="lucidops[cpp]", ms=ms,
+                                             speedup_vs_eager=2.0)]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def test_a_run_of_some_families_keeps_the_others_rows(tmp_path, monkeypatch):
+    """`lucidops bench --families X` replaces X's rows in the results file of the same machine
+    and size and keeps the other families' (it overwrote the file with X's rows alone), and
+    removes X's chart, which no longer matches its rows."""
+    _fake_family(monkeypatch, "fake_a", 1.0)
+    _fake_family(monkeypatch, "fake_b", 2.0)
+    runner.bench_device("cpu", ["fake_a", "fake_b"], full=False, out=tmp_path, plots=False)
+    (result,) = tmp_path.glob("*-short.json")
+    slug = result.stem
+    for family in ("fake_a", "fake_b"):
+        (tmp_path / f"{slug}-{family}.png").write_bytes(b"stale")
+    _fake_family(monkeypatch, "fake_b", 3.0)
+    runner.bench_device("cpu", ["fake_b"], full=False, out=tmp_path, plots=False)
+    data = json.loads(result.read_text())
+    assert [(r["family"], r["ms"]) for r in data["results"]] == [("fake_a", 1.0), ("fake_b", 3.0)]
+    assert set(data["measured"]) == {"fake_a", "fake_b"}
+    assert result.with_suffix(".md").read_text().count("| fake_") == 2
+    assert (tmp_path / f"{slug}-fake_a.png").exists() and not (tmp_path / f"{slug}-fake_b.png").exists()
+    # Another machine's rows under the same name are not mixed in.
+    data["machine"]["name"] = "another CPU"
+    result.write_text(json.dumps(data))
+    runner.bench_device("cpu", ["fake_b"], full=False, out=tmp_path, plots=False)
+    assert [r["family"] for r in json.loads(result.read_text())["results"]] == ["fake_b"]
+
+
+def test_plots_from_a_results_file(tmp_path):
+    """`python -m lucidops.bench.plots <json>` makes the charts of a run made with --no-plots
+    (gpu_check.sh's), beside the JSON or in --out."""
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "gpu.json"
+    rows = [dict(family="f", case="c", mode="forward", impl="lucidops[triton]", ms=1.0, speedup_vs_eager=2.0)]
+    results.write_text(json.dumps({"machine": {"name": "a GPU"}, "full": True, "results": rows}))
+    assert plots.main([str(results)]) == 0
+    assert (tmp_path / "gpu-f.png").read_bytes()[:4] == b"\x89PNG"
+    assert plots.main([str(results), "--out", str(tmp_path / "charts")]) == 0
+    assert (tmp_path / "charts" / "gpu-f.png").exists()
+
+
+def test_gpu_check_fits_the_device_call():
+    """bench/gpu_check.sh: every command that can hang runs under a time limit, the limits add up
+    to the sum its header states, inside a 590 s call, and only the bench JSON and Markdown go
+    into the results folder (no PNGs: the device tool brings back 8 files at most)."""
+    import re
+    from pathlib import Path
+
+    script = (Path(runner.__file__).parent / "gpu_check.sh").read_text()
+    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#"))
+    limits = [int(n) for n in re.findall(r"\btimeout (\d+)", code)]
+    limits += [int(n) for n in re.findall(r"^\s*(?:\w+=\S+ )*bench \w+ (\d+)$", code, re.M)]
+    limits.append(int(re.search(r"^\s*test_limit=(\d+)", code, re.M).group(1)))
+    stated = re.search(r"^# [\d +]+ = (\d+) s", script, re.M)
+    assert stated and sum(limits) == int(stated.group(1)) <= 570
+    for line in code.splitlines():
+        if re.search(r"\b(python3|nvidia-smi|pip)\b", line) and "import xdist" not in line and "pytest_timeout" not in line:
+            assert re.search(r"\btimeout ", line), line
+    assert "--no-plots" in code

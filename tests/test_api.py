@@ -208,6 +208,15 @@ def test_modules_learn_sigma(cls):
     assert list(fixed.parameters()) == []
     with pytest.raises(ValueError, match="sigma"):
         cls(sigma=-1.0)
+    # An optimiser step may take a learned sigma below zero: read as |sigma| (the functions
+    # depend on its size only), the run goes on instead of raising "sigma must be > 0".
+    with torch.no_grad():
+        m.sigma.fill_(-0.8)
+    x = torch.randn(16, requires_grad=True)
+    y = m(x)
+    torch.testing.assert_close(y, cls(sigma=0.8)(x))
+    y.sum().backward()
+    assert torch.isfinite(m.sigma.grad)
 
 
 def test_half_module_sigma_keeps_its_dtype():

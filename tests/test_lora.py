@@ -1,5 +1,6 @@
 """Sine and bounded LoRA: every backend against the float64 reference, forward and backward."""
 
+import copy
 import io
 import math
 
@@ -571,6 +572,30 @@ def test_merged_layer_state_loads_merged(keep_original):
     torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_flag", [False, True])
+def test_adapter_only_state_loads_into_a_merged_layer(with_flag):
+    """Loading only the adapter (peft-style, strict=False) into a merged layer took the flag from
+    the state (or the no-extra-state fallback) while the base still held the old update: the new
+    update came on top of it, and unmerge() could no longer give the base back."""
+    layer = _trained_layer(10)
+    source = _trained_layer(11)
+    x = torch.randn(5, 48)
+    base_out = layer.base(x)
+    keys = ("lora_A", "lora_B") + (("_extra_state",) if with_flag else ())
+    adapter = {k: v for k, v in source.state_dict().items() if k in keys}  # source is unmerged
+    reference = copy.deepcopy(layer)
+    reference.load_state_dict(adapter, strict=False)
+    expected = reference(x)  # this layer's base with the source's adapter
+    layer.merge()
+    missing = layer.load_state_dict(adapter, strict=False).missing_keys
+    assert set(missing) == {"base.weight", "base.bias"}  # a missing flag is the old-checkpoint case, not reported
+    # A saved "not merged" flag is the state's; without one the layer stays merged.
+    assert layer.merged is (not with_flag)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base(x), base_out, rtol=1e-5, atol=1e-5)
+
+
 def test_state_dict_from_before_the_extra_state_still_loads():
     layer = _trained_layer(8)
     old = {k: v for k, v in layer.state_dict().items() if not k.endswith("_extra_state")}
@@ -588,6 +613,11 @@ def test_module_bad_arguments():
         lucidops.nn.SineLoRALinear(_linear(4, 4), rank=0, omega=1.0)
     with pytest.raises(ValueError, match="omega"):
         lucidops.nn.SineLoRALinear(_linear(4, 4), rank=2, omega=float("nan"))
+    # Zero omega or alpha: an update fn(0) = 0 with zero gradients, an adapter that never trains.
+    with pytest.raises(ValueError, match="omega must be finite and != 0"):
+        lucidops.nn.SineLoRALinear(_linear(4, 4), rank=2, omega=0.0)
+    with pytest.raises(ValueError, match="alpha must be finite and != 0"):
+        lucidops.nn.BoundedLoRALinear(_linear(4, 4), rank=2, alpha=0)
     with pytest.raises(TypeError, match="omega is a tensor that requires grad"):
         lucidops.nn.SineLoRALinear(_linear(4, 4), rank=2, omega=nn.Parameter(torch.tensor(3.0)))
     with pytest.raises(ValueError, match="fn"):

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from lucidops.models import PointNet, feature_transform_regularizer
+from lucidops.models.pointnet import TNet
+from lucidops.nn import GaussianPointEncoder, GaussianPointNet, GaussianTNet
 
 
 def _count(model):
@@ -86,5 +88,26 @@ def test_bad_input_raises():
         PointNet(0)
     with pytest.raises(ValueError, match="dropout"):
         PointNet(5, dropout=1.0)
+    # Flags read by truthiness before ("yes" meant True, 0 False), as GaussianPointNet refuses them.
+    with pytest.raises(TypeError, match="input_transform must be a bool"):
+        PointNet(5, input_transform="yes")
+    with pytest.raises(TypeError, match="feature_transform must be a bool"):
+        PointNet(5, feature_transform=0)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        TNet(0)
     with pytest.raises(ValueError, match="transform"):
         feature_transform_regularizer(torch.randn(2, 3, 4))
+
+
+def test_gaussian_models_refuse_a_per_point_encoder():
+    """A distillation student (reduce="none", the README's example) was accepted and failed deep
+    in BatchNorm, or, with N = 512 points, normalised over the points axis first."""
+    per_point = GaussianPointEncoder(8, 1024, reduce="none")
+    head = PointNet(5).head
+    with pytest.raises(ValueError, match="encoder must have reduce='max'"):
+        GaussianPointNet.from_modules(per_point, head)
+    with pytest.raises(ValueError, match="encoder must have reduce='max'"):
+        GaussianTNet.from_tnet(TNet(3), per_point)
+    per_point.reduce = "max"
+    model = GaussianPointNet.from_modules(per_point, head).eval()
+    assert model(torch.randn(2, 100, 3)).shape == (2, 5)

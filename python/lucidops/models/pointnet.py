@@ -33,7 +33,7 @@ class TNet(nn.Module):
 
     def __init__(self, k: int):
         super().__init__()
-        self.k = k
+        self.k = _validate.integer(k, "k", minimum=1)
         self.encoder = nn.ModuleList([_conv_bn(k, 64), _conv_bn(64, 128), _conv_bn(128, 1024)])
         self.regressor = nn.ModuleList([_linear_bn(1024, 512), _linear_bn(512, 256)])
         self.out = nn.Linear(256, k * k)
@@ -78,6 +78,9 @@ class PointNet(nn.Module):
                  dropout: float = 0.3):
         super().__init__()
         _validate.integer(num_classes, "num_classes", minimum=1)
+        for flag, name in ((feature_transform, "feature_transform"), (input_transform, "input_transform")):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         dropout = _validate.probability(dropout, "dropout")
         self.num_classes = num_classes
         self.input_tnet = TNet(3) if input_transform else None

@@ -29,7 +29,11 @@ class _ScaledActivation(nn.Module):
             self.sigma = sigma
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._fn(x, self.sigma)
+        # Both functions depend on sigma through its size only (sinc is even in sigma, the
+        # Gaussian has sigma^2): a learned sigma that an optimiser step takes below zero is
+        # read as |sigma| instead of stopping the run with "sigma must be > 0".
+        sigma = self.sigma.abs() if isinstance(self.sigma, Tensor) else self.sigma
+        return self._fn(x, sigma)
 
     def extra_repr(self) -> str:
         sigma = float(self.sigma.detach()) if isinstance(self.sigma, Tensor) else self.sigma
@@ -37,12 +41,13 @@ class _ScaledActivation(nn.Module):
 
 
 class Sinc(_ScaledActivation):
-    """y = sin(x / sigma) / (x / sigma), 1 at x = 0. ``learnable=True`` makes sigma a Parameter."""
+    """y = sin(x / sigma) / (x / sigma), 1 at x = 0. ``learnable=True`` makes sigma a Parameter
+    (used as |sigma|, so training may take it through zero's sign)."""
 
     _fn = staticmethod(F.sinc)
 
 
 class Gaussian(_ScaledActivation):
-    """y = exp(-x^2 / (2 sigma^2)). ``learnable=True`` makes sigma a Parameter."""
+    """y = exp(-x^2 / (2 sigma^2)). ``learnable=True`` makes sigma a Parameter (used as |sigma|)."""
 
     _fn = staticmethod(F.gaussian)

@@ -45,6 +45,9 @@ def _linear_bn(cin: int, cout: int) -> nn.Sequential:
 def _check_encoder(name: str, encoder: Any) -> GaussianPointEncoder:
     if not isinstance(encoder, GaussianPointEncoder):
         raise TypeError(f"{name} must be a lucidops.nn.GaussianPointEncoder, got {type(encoder).__name__}")
+    if encoder.reduce != "max":  # the T-Net and head read one global feature per cloud
+        raise ValueError(f"{name} must have reduce='max' (one (B, K) feature per cloud), got reduce="
+                         f"{encoder.reduce!r}: set {name}.reduce = 'max' (a distillation student has 'none')")
     return encoder
 
 

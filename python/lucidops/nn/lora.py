@@ -56,8 +56,9 @@ class BoundedLoRALinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.rank, self.fn, self.placement = rank, fn, placement
-        self.omega = _validate.real_number(omega, "omega", tensor_ok=True)
-        self.alpha = _validate.real_number(rank if alpha is None else alpha, "alpha", tensor_ok=True)
+        # Zero would make the update fn(0) = 0 with zero gradients: an adapter that never trains.
+        self.omega = _validate.real_number(omega, "omega", "!= 0", tensor_ok=True)
+        self.alpha = _validate.real_number(rank if alpha is None else alpha, "alpha", "!= 0", tensor_ok=True)
         self.gain = F.resolve_gain(gain, base.in_features)
         drop_p = _validate.probability(dropout, "dropout")
         self.lora_dropout: nn.Module = nn.Dropout(drop_p) if drop_p > 0 else nn.Identity()  # peft's name
@@ -170,12 +171,26 @@ class BoundedLoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # An adapter-only state (no base weight: peft-style adapter loading with strict=False)
+        # keeps this layer's own base weight, which is merged or not as this layer says: the
+        # update is taken out before the new adapter loads and folded back after, instead of
+        # the flag being overwritten while the old update stays in the weight (applied twice).
+        adapter_only = prefix + "base.weight" not in state_dict
+        was_merged = self.merged
+        if adapter_only and was_merged:
+            self.unmerge()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         # State dicts saved before the extra state existed: an unmerged, unquantized layer.
         if prefix + "_extra_state" in missing_keys and self.quantized is None:
             missing_keys.remove(prefix + "_extra_state")
             self.merged, self._original_weight = False, None
+        if adapter_only:
+            saved_flag = prefix + "_extra_state" in state_dict
+            wanted = self.merged if saved_flag else was_merged
+            self.merged = False  # this layer's base weight holds no update at this point
+            if wanted:
+                self.merge()
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)

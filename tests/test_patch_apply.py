@@ -420,6 +420,59 @@ def test_handle_recording_api():
     assert model[1] is snap[0]["1"] and h.nothing_patched
 
 
+
+def test_revert_carries_moves_and_freezing_to_the_original_s_own_parameters():
+    """A replacement without tensors (PReLU -> Tanh) told the old undo nothing: after
+    model.double() while patched, revert() put back a float32 PReLU into a float64 model
+    (forward failed), and requires_grad_(False) while patched missed its weight."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 2))
+    prelu = model[1]
+    handle = apply(model, activations={nn.PReLU: lambda: nn.Tanh()})
+    model.double()
+    model.requires_grad_(False)
+    handle.revert()
+    assert model[1] is prelu and prelu.weight.dtype == torch.float64 and not prelu.weight.requires_grad
+    assert model(torch.randn(3, 4, dtype=torch.float64)).dtype == torch.float64
+    # Nothing done while patched: the original comes back as it was (a float64 PReLU in a
+    # float32 model stays float64, a frozen weight stays frozen, a trainable one trainable).
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU().double(), nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    with apply(model, activations={nn.PReLU: lambda: nn.Tanh()}):
+        pass
+    assert model[1].weight.dtype == torch.float64 and model[1].weight.requires_grad
+
+
+def test_reverting_in_the_wrong_order_warns_and_finishes_later():
+    """h1 patched a slot that h2 patched again: h1.revert() first cannot restore it. Before,
+    the record was marked reverted anyway, and after h2.revert() an intermediate Sinc stayed
+    in the model with both handles saying nothing was patched."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
+    gelu = model[1]
+    h1 = apply(model, activations={nn.GELU: "sinc"})
+    h2 = apply(model, activations={Sinc: "gaussian"})
+    with pytest.warns(RuntimeWarning, match="revert the later patch's handle first"):
+        h1.revert()
+    assert isinstance(model[1], Gaussian) and h1.paths == ["1"]
+    h2.revert()
+    assert isinstance(model[1], Sinc) and h2.nothing_patched and h1.paths == ["1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h1.revert()
+    assert model[1] is gelu and h1.nothing_patched
+
+
+def test_an_empty_activations_mapping_is_an_explicit_request_that_finds_nothing():
+    """activations={} used to patch nothing silently (the documented rule: an explicit option
+    that finds nothing raises, or with strict=False becomes a note)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"activations=\{\} .*names no module class"):
+        apply(model, activations={}, attention=False)
+    assert_restored(model, snap)
+    lenient = apply(model, activations={}, attention=False, strict=False)
+    assert lenient.nothing_patched and len(lenient.notes) == 1 and "activations={}" in lenient.notes[0]
+    assert_restored(model, snap)
+
 def test_family_functions_share_the_handle():
     model = nn.Sequential(nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.ReLU())
     snap = snapshot(model)

@@ -106,6 +106,37 @@ def test_hooks_on_a_swapped_module_keep_firing():
     assert fired[4:] == ["before"]
 
 
+
+def test_a_full_backward_hook_registered_while_patched_fires_after_revert():
+    """register_full_backward_hook sets the flag _is_full_backward_hook on the module it is
+    called on: the hook table is shared, but the flag stayed on the replacement and PyTorch
+    silently skipped the hook on the original after revert."""
+    model = tiny_vit(depth=1)
+    x = torch.randn(1, 3, 64, 64)
+    fired = []
+    handle = lucidops.patch.timm_vit(model)
+    model.blocks[0].attn.register_full_backward_hook(lambda m, gi, go: fired.append(type(m).__name__))
+    model(x).sum().backward()
+    assert fired == ["ManyHeadAttention"]
+    handle.revert()
+    model(x).sum().backward()
+    assert fired == ["ManyHeadAttention", "Attention"]
+
+
+def test_revert_keeps_the_mode_of_submodules_shared_with_the_replacement():
+    """Dropouts of the attention (shared with ManyHeadAttention) switched off while patched
+    were switched back on by the undo's recursive original.train(...)."""
+    model = tiny_vit(depth=1, attn_drop_rate=0.1, proj_drop_rate=0.1).train()
+    handle = lucidops.patch.timm_vit(model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    modes = {n: m.training for n, m in model.named_modules() if n != "blocks.0.attn"}
+    handle.revert()
+    assert type(model.blocks[0].attn) is Attention and model.blocks[0].attn.training
+    assert {n: m.training for n, m in model.named_modules() if n != "blocks.0.attn"} == modes
+    assert not model.blocks[0].attn.attn_drop.training and not model.blocks[0].attn.proj_drop.training
+
 def test_heads_the_kernel_cannot_take_are_left_to_timm():
     """Head dim 192 (one head at width 192) is outside 4..128: timm_vit says so, and apply leaves
     those modules to timm's SDPA (sdpa_calls counts them) instead of swapping in a module that fails."""

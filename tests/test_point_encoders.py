@@ -121,6 +121,42 @@ def test_nested_pointnet_swapped_for_wrapper_and_reverted():
         assert torch.equal(model(x), orig)
 
 
+
+def test_nested_pointnet_revert_follows_moves_and_freezing_of_the_model():
+    """The replacement shares the input T-Net with the PointNet: the old undo compared only
+    that (already moved) tensor, so after model.double() while patched conv1..conv3 came back
+    float32 into a float64 model, and requires_grad_(False) did not reach them."""
+    torch.manual_seed(1)
+    model = WithBackbone().eval()
+    backbone = model.backbone
+    handle = point_encoders(model, clouds=_clouds(), distill_kwargs=dict(FAST, steps=2))
+    model.double()
+    model.requires_grad_(False)
+    handle.revert()
+    assert model.backbone is backbone
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {torch.float64}
+    assert not any(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        assert model(_clouds(2, 64, seed=3).double()).dtype == torch.float64
+
+
+def test_distillation_keeps_each_submodule_s_mode():
+    """The teacher runs in eval mode; afterwards module.train(was_training) used to flatten
+    every submodule's mode (frozen BatchNorms of a training model came back training)."""
+    torch.manual_seed(1)
+    model = WithBackbone().train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    handle = point_encoders(model, clouds=_clouds(), distill_kwargs=dict(FAST, steps=2))
+    # The wrapper trains like the PointNet it replaces; the T-Net and head it shares keep their BNs frozen.
+    assert model.backbone.training and model.backbone.encoder.training
+    assert not any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+    handle.revert()
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
 def test_point_mae_encoder_swapped_and_reverted():
     torch.manual_seed(2)
     model = Mamba3DLike(channels=64).eval()

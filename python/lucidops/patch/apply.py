@@ -196,7 +196,8 @@ def apply(model: nn.Module, *, attention: bool = _DEFAULT, lora: Union[None, str
         activations: None or ``{module class or class name: "sinc" | "gaussian" | factory}``:
             every module of exactly that type becomes :class:`lucidops.nn.Sinc` /
             :class:`lucidops.nn.Gaussian` (sigma 1) or ``factory()``. This CHANGES the function
-            the model computes (for spectral-bias experiments), unlike the kernel swaps.
+            the model computes (for spectral-bias experiments), unlike the kernel swaps. An
+            empty mapping is an explicit request that finds nothing (see ``strict``).
         strict: when True (default) a family requested explicitly that finds nothing to patch
             raises ``ValueError``; when False it is skipped and noted in ``handle.notes``.
 
@@ -241,6 +242,13 @@ def apply(model: nn.Module, *, attention: bool = _DEFAULT, lora: Union[None, str
 
     try:
         # Activations first: they define the function; the kernel swaps then see the result.
+        if activations is not None and not activation_specs:
+            # An explicit empty mapping asks for a family and names nothing to find in it.
+            msg = ("activations={} was requested but names no module class to replace; pass {module class or "
+                   "class name: 'sinc' | 'gaussian' | factory}, or None to leave the activations alone")
+            if strict:
+                raise ValueError(msg)
+            handle.notes.append(msg + "; skipped")
         if activation_specs:
             part = PatchHandle(model)
             _swap_activations(model, activation_specs, strict, part)

@@ -17,8 +17,9 @@ written outside this module) record through three methods:
 * ``handle.record(path, before, after, undo)``: anything else; ``undo`` is a zero-argument
   callable.
 
-``revert()`` runs the undos in reverse order, each at most once (records are shared by
-merged handles, so reverting a family handle and then the merged one is safe).
+``revert()`` runs the undos in reverse order, each until it has restored its change once
+(records are shared by merged handles, so reverting a family handle and then the merged one
+is safe; a change a later patch still covers stays recorded until that patch is reverted).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import itertools
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 from torch import Tensor, nn
 
@@ -64,17 +65,17 @@ class Replacement:
         before: description of what was there (a type name).
         after: description of what is there now (a type name, or for instance-forward
             swaps the layer's type plus what the forward became).
-        undo: zero-argument callable that puts ``before`` back.
+        undo: zero-argument callable that puts ``before`` back (returns False if it could not).
         original: the original module (module swaps) or the patched module (attribute swaps).
         replacement: the new module (module swaps), else None.
         parent, name: the parent module and attribute name of a module swap, else None.
-        reverted: set once ``undo`` has run.
+        reverted: set once ``undo`` has run and restored ``before``.
     """
 
     path: str
     before: str
     after: str
-    undo: Callable[[], None] = field(repr=False)
+    undo: Callable[[], Optional[bool]] = field(repr=False)
     original: Any = field(default=None, repr=False)
     replacement: Any = field(default=None, repr=False)
     parent: Optional[nn.Module] = field(default=None, repr=False)
@@ -82,10 +83,12 @@ class Replacement:
     reverted: bool = False
 
     def revert(self) -> None:
-        """Run the undo (once)."""
+        """Run the undo (once). An undo that returns False could not restore ``before``
+        (e.g. the slot holds a later patch's module): the record stays in place, so a
+        ``revert()`` after the later patch's finishes the job."""
         if not self.reverted:
-            self.undo()
-            self.reverted = True
+            if self.undo() is not False:
+                self.reverted = True
 
 
 class PatchHandle:
@@ -107,11 +110,12 @@ class PatchHandle:
         self._records: List[Replacement] = []
 
     # ------------------------------------------------------------------ recording
-    def record(self, path: str, before: Described, after: Described, undo: Callable[[], None], *,
+    def record(self, path: str, before: Described, after: Described, undo: Callable[[], Optional[bool]], *,
                original: Any = None, replacement: Any = None, parent: Optional[nn.Module] = None,
                name: Optional[str] = None) -> Replacement:
         """Record a change already made. ``before``/``after``: a module, a class or a
-        description string; ``undo``: zero-argument callable restoring ``before``."""
+        description string; ``undo``: zero-argument callable restoring ``before``, which
+        returns False when it could not (the change then stays recorded, to revert later)."""
         if not isinstance(path, str):
             raise TypeError(f"path must be a str (a qualified module name, '' for the root), got {path!r}")
         if not callable(undo):
@@ -125,14 +129,20 @@ class PatchHandle:
                    after: Optional[str] = None) -> Replacement:
         """Replace the submodule ``path`` of ``root`` by ``new_module`` and record it.
 
-        ``new_module`` takes the original's train/eval mode and shares its forward and
-        backward hooks (the same hook tables: a hook registered on either, before or while
-        patched, fires on whichever is in the model, and its handle removes it). The undo
-        puts the original module object back (identity preserved), in the replacement's
-        mode, device and dtype of that moment (the model may have switched or moved since),
-        unless the slot no longer holds ``new_module`` (someone replaced it since), in which
-        case it leaves the slot alone and warns. ``after`` overrides the description of the new
-        module. The root itself (path "") cannot be swapped.
+        ``new_module`` and those of its submodules it does not share with the original take
+        the original's train/eval mode (shared submodules keep theirs), and it shares the
+        original's forward and backward hooks (the same hook tables: a hook registered on
+        either, before or while patched, fires on whichever is in the model, and its handle
+        removes it; a full backward hook registered on the detached original while patched
+        fires once it is back). The undo puts the original module object back (identity
+        preserved) and carries over what the model did to the replacement while patched: a
+        switch of train/eval mode, a move (``.to()`` / ``.double()``) and a change of
+        ``requires_grad``, read off the replacement's tensors (or, when it has none, the
+        nearest ancestor's), reach the original and its submodules that the replacement does
+        not share (shared ones went with the model already). If the slot no longer holds
+        ``new_module`` (a later patch replaced it), the undo warns and leaves the slot and this
+        record as they are: revert the later handle first, then this one again. ``after``
+        overrides the description of the new module. The root itself (path "") cannot be swapped.
         """
         if not isinstance(new_module, nn.Module):
             raise TypeError(f"new_module must be an nn.Module, got {type(new_module).__name__}")
@@ -142,20 +152,28 @@ class PatchHandle:
         original = getattr(parent, child)
         if not isinstance(original, nn.Module):
             raise ValueError(f"{path!r} is not a submodule of the model")
-        new_module.train(original.training)  # a drop-in runs in the mode of what it replaces
+        # A drop-in runs in the mode of what it replaces; a submodule it shares keeps its own
+        # (a frozen BatchNorm or dropout switched off stays so).
+        _train_unshared(new_module, original.training, {id(m) for m in original.modules()})
         replacement_hooks = _share_hooks(original, new_module)
         setattr(parent, child, new_module)
+        state = _State.read(root, path, new_module)
 
-        def undo() -> None:
+        def undo() -> Optional[bool]:
             if getattr(parent, child, None) is not new_module:
-                warnings.warn(f"lucidops.patch: {path!r} was replaced again after patching; left as it is",
-                              RuntimeWarning, stacklevel=3)
-                return
-            _follow_moves(original, new_module)
-            # the model's train()/eval() since patching reached only the replacement
-            original.train(new_module.training)
+                warnings.warn(f"lucidops.patch: {path!r} was replaced again after patching; left as it is (revert "
+                              "the later patch's handle first, then this one again)",
+                              RuntimeWarning, stacklevel=user_stacklevel())
+                return False  # keep the record: a later revert() puts the original back
+            _State.read(root, path, new_module).carry(state, original, new_module)
+            # Full backward hooks: the tables are shared, but the flag saying the hooks are "full"
+            # is a plain attribute, set only on the module the hook was registered on.
+            flag = new_module.__dict__.get("_is_full_backward_hook")
+            if flag is not None:
+                original.__dict__["_is_full_backward_hook"] = flag
             new_module.__dict__.update(replacement_hooks)  # the shared hooks stay with the original
             setattr(parent, child, original)
+            return None
 
         return self.record(path, original, new_module if after is None else after, undo, original=original,
                            replacement=new_module, parent=parent, name=child)
@@ -219,7 +237,9 @@ class PatchHandle:
 
     # ------------------------------------------------------------------ undo
     def revert(self) -> Optional[nn.Module]:
-        """Undo every replacement in reverse order; a second call does nothing. Returns the model.
+        """Undo every replacement in reverse order; a second call does nothing, except retry a
+        replacement whose slot a later patch held the first time (see :meth:`swap_child`).
+        Returns the model.
 
         Every undo runs even if one fails; the first error is raised afterwards.
         """
@@ -317,18 +337,89 @@ def _share_hooks(original: nn.Module, replacement: nn.Module) -> Dict[str, Any]:
     return own
 
 
-def _first_float_tensor(module: nn.Module) -> Optional[Tensor]:
-    tensors = itertools.chain(module.parameters(), module.buffers())
-    return next((t for t in tensors if t.is_floating_point()), None)
+def _train_unshared(module: nn.Module, mode: bool, shared: Set[int]) -> None:
+    """``module.train(mode)`` except on submodules whose ids are in ``shared`` (and theirs)."""
+    if id(module) in shared:
+        return
+    if not any(id(m) in shared for m in module.modules()):
+        module.train(mode)  # the module's own train(), in case it overrides it
+        return
+    module.training = mode
+    for sub in module.children():
+        _train_unshared(sub, mode, shared)
 
 
-def _follow_moves(original: nn.Module, replacement: nn.Module) -> None:
-    """Move ``original`` to the device and dtype its replacement has now: a model moved with
-    ``.to()`` / ``.double()`` after patching moved the replacement, not the detached original
-    (a revert would otherwise put back float32 CPU modules into a float64 or CUDA model)."""
-    now, before = _first_float_tensor(replacement), _first_float_tensor(original)
-    if now is not None and before is not None and (now.device, now.dtype) != (before.device, before.dtype):
-        original.to(device=now.device, dtype=now.dtype)
+def _reference_tensors(root: nn.Module, path: str, module: nn.Module) -> List[Tensor]:
+    """The tensors that tell where the model put ``module`` (at ``path`` of ``root``): its own,
+    or, when it has none (a GELU), those of its nearest ancestor that has some."""
+    parts = path.split(".")[:-1]
+    for owner in itertools.chain([module], (root.get_submodule(".".join(parts[:end]))
+                                            for end in range(len(parts), -1, -1))):
+        tensors = list(itertools.chain(owner.parameters(), owner.buffers()))
+        if tensors:
+            return tensors
+    return []
+
+
+@dataclass
+class _State:
+    """What a swapped-in module looks like to the model: device, float dtype, requires_grad
+    (None when unknown or mixed) and train/eval mode."""
+
+    device: Any
+    dtype: Any
+    requires_grad: Optional[bool]
+    training: bool
+
+    @classmethod
+    def read(cls, root: nn.Module, path: str, module: nn.Module) -> "_State":
+        tensors = _reference_tensors(root, path, module)
+        floats = [t for t in tensors if t.is_floating_point()]
+        grads = {t.requires_grad for t in tensors if isinstance(t, nn.Parameter)}
+        return cls(tensors[0].device if tensors else None, floats[0].dtype if floats else None,
+                   grads.pop() if len(grads) == 1 else None, module.training)
+
+    def carry(self, before: "_State", original: nn.Module, replacement: nn.Module) -> None:
+        """Do to ``original`` what the model did to ``replacement`` between ``before`` and now,
+        except to the submodules and tensors the two share (the model reached those itself).
+        Compared with the state at patching, so a revert with nothing done in between leaves
+        the original bit for bit (mixed dtypes, frozen parameters and submodule modes kept)."""
+        if self.training != before.training:
+            _train_unshared(original, self.training, {id(m) for m in replacement.modules()})
+        device = self.device if self.device != before.device else None
+        dtype = self.dtype if self.dtype != before.dtype else None
+        requires_grad = self.requires_grad if self.requires_grad != before.requires_grad else None
+        if device is None and dtype is None and requires_grad is None:
+            return
+        shared_modules = {id(m) for m in replacement.modules()}
+        shared_tensors = {id(t) for t in itertools.chain(replacement.parameters(), replacement.buffers())}
+        for module in original.modules():
+            if id(module) in shared_modules:
+                continue
+            for param in module._parameters.values():
+                if param is None or id(param) in shared_tensors:
+                    continue
+                data = param.data  # a new alias at each access: compare with this one
+                moved = _moved(data, device, dtype)
+                if moved is not data:  # as Module._apply does: the Parameter object stays
+                    param.data = moved
+                    if param.grad is not None:
+                        param.grad.data = _moved(param.grad.data, device, dtype)
+                if requires_grad is not None and (param.is_floating_point() or param.is_complex()):
+                    param.requires_grad_(requires_grad)
+            for key, buf in module._buffers.items():
+                if buf is not None and id(buf) not in shared_tensors:
+                    module._buffers[key] = _moved(buf, device, dtype)
+
+
+def _moved(t: Tensor, device: Any, dtype: Any) -> Tensor:
+    """``t`` on ``device`` and, if floating point, in ``dtype`` (None: unchanged), as ``Module.to`` moves it."""
+    kwargs: Dict[str, Any] = {}
+    if device is not None and t.device != device:
+        kwargs["device"] = device
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        kwargs["dtype"] = dtype
+    return t.to(**kwargs) if kwargs else t
 
 
 def child_slots(model: nn.Module, predicate: Callable[[str, nn.Module], bool]) -> List[Tuple[str, nn.Module]]:

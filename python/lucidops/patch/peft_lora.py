@@ -239,7 +239,8 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    omega = _validate.real_number(omega, "omega", tensor_ok=True)
+    # Zero, as for the modules: an update fn(0) = 0 with zero gradients, adapters that never train.
+    omega = _validate.real_number(omega, "omega", "!= 0", tensor_ok=True)
     if fn not in _ops.FNS:
         raise ValueError(f"fn must be one of {_ops.FNS}, got {fn!r}")
     if placement not in _ops.PLACEMENTS:
@@ -249,6 +250,8 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
                          "(use variant='bounded')")
     if gain is None:
         gain = "sqrt_in" if variant == "sine" else 1.0
+    if not isinstance(only_mlp, bool):  # a truthy string ("no") would have read as True
+        raise TypeError(f"only_mlp must be True or False, got {only_mlp!r}")
     if mlp_patterns is not None:
         if isinstance(mlp_patterns, str) or not all(isinstance(p, str) for p in mlp_patterns):
             raise TypeError("mlp_patterns must be a sequence of regex strings")

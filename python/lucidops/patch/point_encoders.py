@@ -208,13 +208,16 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
                     raise ValueError(f"student_factory returned {student.out_channels} output channels for "
                                      f"{path or 'the model'!r}, which has {out_channels}")
             student = student.to(device, dtype)
-            was_training = module.training
+            # Each submodule's own mode, restored after: train(was_training) would flatten them
+            # (a frozen BatchNorm of a training model would come back training).
+            modes = {m: m.training for m in module.modules()}
             module.eval()  # BatchNorm statistics frozen: the teacher is the trained encoder as it infers
             try:
                 distill(teacher, student, clouds, input_transform=transform, seed=seed + i, progress=progress,
                         device=device, desc=f"distill {path or kind}", **kwargs)
             finally:
-                module.train(was_training)
+                for m, mode in modes.items():
+                    m.training = mode
             student.reduce = "max"
             student.eval()
             _install(handle, model, path, module, kind, student)

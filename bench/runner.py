@@ -98,14 +98,17 @@ def to_markdown(desc: Dict, rows: List[Dict], measured: Optional[Dict[str, str]]
     return "\n".join(lines) + "\n"
 
 
+_SAME_RUN_KEYS = ("device", "name", "threads", "torch", "cuda", "triton", "lucidops", "python")
+
+
 def _family_index(family: str) -> int:
     """Where ``family`` sorts: in FAMILIES' order, so that a merged file reads like one whole run."""
     return FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
 
 
-def _earlier_rows(path: Path, desc: Dict, full: bool, families: List[str]) -> Tuple[List[Dict], Dict[str, str]]:
-    """The rows of the families not run now from an earlier results file of the same machine
-    and size, and when each of those families was measured; nothing from any other file."""
+def _earlier_rows(path: Path, desc: Dict, full: bool) -> Tuple[List[Dict], Dict[str, str]]:
+    """The rows of an earlier results file of the same machine, software and size, and when
+    each of its families was measured; nothing from any other file."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -114,14 +117,14 @@ def _earlier_rows(path: Path, desc: Dict, full: bool, families: List[str]) -> Tu
         print(f"replacing {path}: unreadable ({err})", flush=True)
         return [], {}
     machine = data.get("machine", {})
-    if data.get("full") != full or any(machine.get(k) != desc[k] for k in ("device", "name", "threads")):
-        print(f"replacing {path}: another machine or size", flush=True)
+    # The header names one set of versions for every row: rows measured under another torch,
+    # CUDA, Triton or lucidops are replaced, not relabelled.
+    if data.get("full") != full or any(machine.get(k) != desc.get(k) for k in _SAME_RUN_KEYS):
+        print(f"replacing {path}: another machine, software version or size", flush=True)
         return [], {}
-    rows = [r for r in data.get("results", []) if r.get("family") not in families]
+    rows = list(data.get("results", []))
     dates = data.get("measured", {})  # files written before it have one run's date only
     measured = {f: dates.get(f, machine.get("date")) for f in dict.fromkeys(r["family"] for r in rows)}
-    if rows:
-        print(f"{path.name}: keeping the earlier rows of {', '.join(measured)}", flush=True)
     return rows, measured
 
 
@@ -146,15 +149,20 @@ def bench_device(device: str, families: List[str], full: bool, out: Path, plots:
     desc = device_description(device)
     slug = device_slug(desc) + ("" if full else "-short")
     json_path, md_path = out / f"{slug}.json", out / f"{slug}.md"
-    kept, measured = _earlier_rows(json_path, desc, full, families)
-    for family in families:  # the chart of rows about to be replaced would be stale
-        out.joinpath(f"{slug}-{family}.png").unlink(missing_ok=True)
+    earlier, measured = _earlier_rows(json_path, desc, full)
+    kept_families = [f for f in dict.fromkeys(r["family"] for r in earlier) if f not in families]
+    if kept_families:
+        print(f"{json_path.name}: keeping the earlier rows of {', '.join(kept_families)}", flush=True)
     rows: List[Dict] = []
+    started: List[str] = []
     md = ""
 
     def save(family: str, family_rows: List[Dict]) -> str:
         measured[family] = str(desc["date"])
         dates = dict(sorted(measured.items(), key=lambda item: _family_index(item[0])))
+        # A family's earlier rows go only once it has started: a run stopped in the first
+        # family keeps the earlier rows of the ones it never reached.
+        kept = [r for r in earlier if r["family"] not in started]
         merged = sorted(kept + rows + family_rows, key=lambda r: _family_index(r["family"]))
         _replace(json_path, json.dumps({"machine": desc, "full": full, "measured": dates, "results": merged}, indent=2))
         md = to_markdown(desc, merged, dates)
@@ -164,6 +172,8 @@ def bench_device(device: str, families: List[str], full: bool, out: Path, plots:
     progress = tqdm(families, desc=f"bench {device}", unit="family", file=sys.stderr, dynamic_ncols=True)
     for family in progress:
         progress.set_postfix_str(family)
+        started.append(family)
+        out.joinpath(f"{slug}-{family}.png").unlink(missing_ok=True)  # its rows are being replaced
         module = importlib.import_module(f"lucidops.bench.{family}")
         takes_rows = "on_rows" in inspect.signature(module.run).parameters
         per_case = {"on_rows": functools.partial(save, family)} if takes_rows else {}

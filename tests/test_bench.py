@@ -312,6 +312,36 @@ def test_a_run_of_some_families_keeps_the_others_rows(tmp_path, monkeypatch):
     result.write_text(json.dumps(data))
     runner.bench_device("cpu", ["fake_b"], full=False, out=tmp_path, plots=False)
     assert [r["family"] for r in json.loads(result.read_text())["results"]] == ["fake_b"]
+    # ... nor rows measured under another torch, relabelled with this one's version.
+    runner.bench_device("cpu", ["fake_a"], full=False, out=tmp_path, plots=False)
+    data = json.loads(result.read_text())
+    data["machine"]["torch"] = "2.0.0"
+    result.write_text(json.dumps(data))
+    runner.bench_device("cpu", ["fake_a"], full=False, out=tmp_path, plots=False)
+    assert [r["family"] for r in json.loads(result.read_text())["results"]] == ["fake_a"]
+
+
+def test_a_stopped_run_keeps_the_earlier_rows_of_the_families_it_never_reached(tmp_path, monkeypatch):
+    """`--families a b` stopped inside a: b never ran, so its earlier rows stay (they were
+    dropped up front, before a had measured anything)."""
+    _fake_family(monkeypatch, "fake_a", 1.0)
+    _fake_family(monkeypatch, "fake_b", 2.0)
+    runner.bench_device("cpu", ["fake_a", "fake_b"], full=False, out=tmp_path, plots=False)
+    import types
+
+    stopping = types.ModuleType("lucidops.bench.fake_a")
+
+    def run(device, quick, on_rows):
+        on_rows([dict(family="fake_a", case="c", mode="forward", impl="lucidops[cpp]", ms=10.0)])
+        raise KeyboardInterrupt  # the time limit, inside the first family
+
+    stopping.run = run
+    monkeypatch.setitem(sys.modules, stopping.__name__, stopping)
+    with pytest.raises(KeyboardInterrupt):
+        runner.bench_device("cpu", ["fake_a", "fake_b"], full=False, out=tmp_path, plots=False)
+    (result,) = tmp_path.glob("*-short.json")
+    assert sorted((r["family"], r["ms"]) for r in json.loads(result.read_text())["results"]) == [("fake_a", 10.0),
+                                                                                                 ("fake_b", 2.0)]
 
 
 def test_plots_from_a_results_file(tmp_path):

@@ -596,6 +596,25 @@ def test_adapter_only_state_loads_into_a_merged_layer(with_flag):
     torch.testing.assert_close(layer.base(x), base_out, rtol=1e-5, atol=1e-5)
 
 
+def test_a_state_without_the_layer_or_a_refused_one_leaves_a_merged_layer_alone():
+    """A head-only state (strict=False) does not mention the layer: it stays merged, bit for
+    bit (an unmerge/merge round trip would round bf16 weights); a refused state (quantized
+    into an unquantized layer) leaves it merged too."""
+    layer = _trained_layer(12).to(torch.bfloat16)
+    layer.merge(keep_original=False)
+    weight = layer.base.weight.detach().clone()
+    model = nn.Sequential(layer, nn.Linear(20, 3).to(torch.bfloat16))
+    model.load_state_dict({"1.weight": torch.zeros(3, 20, dtype=torch.bfloat16)}, strict=False)
+    assert layer.merged and torch.equal(layer.base.weight, weight)
+    quantized = _trained_layer(13)
+    quantized.quantize_(bits=4)
+    with pytest.raises(RuntimeError, match="quantize_"):
+        layer.load_state_dict({k: v for k, v in quantized.state_dict().items() if not k.startswith("base.")},
+                              strict=False)
+    assert layer.merged
+    torch.testing.assert_close(layer.base.weight, weight, rtol=0, atol=float(weight.abs().max()) * 2 ** -7)
+
+
 def test_state_dict_from_before_the_extra_state_still_loads():
     layer = _trained_layer(8)
     old = {k: v for k, v in layer.state_dict().items() if not k.endswith("_extra_state")}

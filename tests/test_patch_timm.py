@@ -392,15 +392,16 @@ def test_many_head_attention_names_a_wrong_input_width():
 
 
 def test_many_head_attention_checks_its_sizes_when_built():
-    """dim or attn_head_dim 0 was a ZeroDivisionError, and a head dim outside 4..128 was built
-    only for every forward to fail."""
+    """dim or attn_head_dim 0 was a ZeroDivisionError, a float a torch.empty TypeError."""
     for kwargs, error, message in ((dict(dim=0), ValueError, "dim must be an int >= 1"),
                                    (dict(dim=48.0), TypeError, "dim must be an int"),
                                    (dict(num_heads=True), TypeError, "num_heads must be an int"),
-                                   (dict(attn_head_dim=0), ValueError, "attn_head_dim must be an int in \\[4, 128\\]"),
-                                   (dict(attn_head_dim=256), ValueError, "attn_head_dim must be an int in"),
-                                   (dict(dim=48, num_heads=24), ValueError, "dim / num_heads = 2 is the head dim")):
+                                   (dict(attn_head_dim=0), ValueError, "attn_head_dim must be an int >= 1")):
         kwargs = {"dim": 48, "num_heads": 6, **kwargs}
         with pytest.raises(error, match=message):
             ManyHeadAttention(**kwargs)
     assert ManyHeadAttention(48, num_heads=2, attn_head_dim=4).attn_dim == 8
+    # A head dim beyond the kernel's still runs where forward hands the call to SDPA.
+    wide = ManyHeadAttention(512, num_heads=2)
+    with pytest.warns(RuntimeWarning, match="runs PyTorch"):  # the additive mask goes to SDPA
+        assert wide(torch.randn(2, 7, 512), attn_mask=torch.zeros(7, 7)).shape == (2, 7, 512)

@@ -293,8 +293,8 @@ def test_gradient_difference_tracks_only_the_trained_adapter():
                 p.normal_(0.0, 1.0 if ".old." in name else 0.01)
     active = [p for n, p in model.named_parameters() if "lora_" in n and ".default." in n]
     assert active and all(p.requires_grad for p in active)
-    assert [id(p) for p in mlp_lora_parameters(model)] == [id(p) for p in active]
-    assert len(mlp_lora_parameters(model, trainable_only=False)) == 2 * len(active)
+    assert [id(p) for p in mlp_lora_parameters(model, trainable_only=True)] == [id(p) for p in active]
+    assert len(mlp_lora_parameters(model)) == 2 * len(active)
     hist = gradient_difference(model, ids(seed=4), ids(seed=5), steps=2, lr=1e-2, batch_size=2, progress=False)
     norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in active))
     assert hist["weight_norm"][-1] == pytest.approx(norm)

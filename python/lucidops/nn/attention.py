@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate
-from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, attention
+from ..ops.attention import attention
 from ..reference import attention as _reference
 
 
@@ -64,15 +64,14 @@ class ManyHeadAttention(nn.Module):
         _validate.integer(dim, "dim", minimum=1)
         _validate.integer(num_heads, "num_heads", minimum=1)
         if attn_head_dim is not None:
-            _validate.integer(attn_head_dim, "attn_head_dim", minimum=MIN_HEAD_DIM, maximum=MAX_HEAD_DIM)
+            _validate.integer(attn_head_dim, "attn_head_dim", minimum=1)
         head_dim = attn_head_dim
         if head_dim is None:
             if dim % num_heads:
                 raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) when attn_head_dim is None")
             head_dim = dim // num_heads
-            if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:  # every forward would fail on it
-                raise ValueError(f"dim / num_heads = {head_dim} is the head dim, which must be in "
-                                 f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+        # A head dim outside the kernel's range still runs where forward hands the call to
+        # PyTorch's SDPA (an additive mask, attn_drop=1); the kernel itself refuses it.
         if (qk_norm or scale_norm) and norm_layer is None:
             raise ValueError("norm_layer must be given when qk_norm or scale_norm is True")
         self.num_heads = num_heads

@@ -175,16 +175,29 @@ class BoundedLoRALinear(nn.Module):
         # keeps this layer's own base weight, which is merged or not as this layer says: the
         # update is taken out before the new adapter loads and folded back after, instead of
         # the flag being overwritten while the old update stays in the weight (applied twice).
-        adapter_only = prefix + "base.weight" not in state_dict
+        # Only for a state that has this layer's adapter: a state that does not mention the
+        # layer at all (a head-only checkpoint) leaves it untouched.
+        own = [prefix + key for key in ("lora_A", "lora_B", "_extra_state")]
+        adapter_only = prefix + "base.weight" not in state_dict and any(key in state_dict for key in own)
         was_merged = self.merged
         if adapter_only and was_merged:
             self.unmerge()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        # State dicts saved before the extra state existed: an unmerged, unquantized layer.
-        if prefix + "_extra_state" in missing_keys and self.quantized is None:
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        except Exception:
+            if adapter_only and was_merged:  # a refused state leaves the layer as it was
+                self.merge()
+            raise
+        # State dicts saved before the extra state existed: an unmerged, unquantized layer. A
+        # state that does not mention the layer at all says nothing about it (torch reports
+        # the key missing even under strict=False, which it filters later).
+        has_base = prefix + "base.weight" in state_dict
+        if (prefix + "_extra_state" in missing_keys and self.quantized is None
+                and (has_base or any(key in state_dict for key in own))):
             missing_keys.remove(prefix + "_extra_state")
-            self.merged, self._original_weight = False, None
+            if has_base:
+                self.merged, self._original_weight = False, None
         if adapter_only:
             saved_flag = prefix + "_extra_state" in state_dict
             wanted = self.merged if saved_flag else was_merged

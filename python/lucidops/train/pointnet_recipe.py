@@ -59,8 +59,9 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
 
     The Gaussian encoders' means start uniform in the cube of half-side ``cloud_range``
     around ``cloud_center`` (see :class:`GaussianPointEncoder`): Gaussians started away from
-    the clouds never learn. ``cloud_center="auto"`` (default, as
-    :func:`lucidops.patch.point_encoders` builds its students) takes the centre of the box
+    the clouds never learn. ``cloud_center="auto"`` (default; centred as
+    :func:`lucidops.patch.point_encoders` centres its students, while ``cloud_range`` stays
+    as given, where that function also sizes it from the clouds) takes the centre of the box
     around every cloud's cube (the origin for ``clouds=None``) for stage 1, and for stage 2
     the centre of the box around what that student sees: the cubes' points through each
     cloud's input transform. A number or 3 numbers is used as given for both stages.

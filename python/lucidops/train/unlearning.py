@@ -51,13 +51,13 @@ def _check_ids(ids, name: str) -> Tensor:
 
 
 def mlp_lora_parameters(model: nn.Module, mlp_patterns: Optional[Sequence[str]] = None, *,
-                        trainable_only: bool = True) -> List[nn.Parameter]:
+                        trainable_only: bool = False) -> List[nn.Parameter]:
     """The LoRA parameters (names containing ``lora_``) of the model's MLP layers.
 
-    With ``trainable_only`` (default), only those with ``requires_grad``: the adapters being
-    trained. A peft model keeps its inactive adapters' parameters, frozen, under the same
-    layers; counted in, they made the unlearning history's norms measure adapters that never
-    moved.
+    With ``trainable_only``, only those with ``requires_grad``: the adapters being trained
+    (what :func:`gradient_difference` tracks). A peft model keeps its inactive adapters'
+    parameters, frozen, under the same layers; counted in, they made the unlearning
+    history's norms measure adapters that never moved.
     """
     return [p for n, p in model.named_parameters()
             if "lora_" in n and is_mlp_name(n.split(".lora_")[0], mlp_patterns)
@@ -110,7 +110,7 @@ def gradient_difference(model: nn.Module, forget: Tensor, retain: Tensor, *, ste
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model has no parameter with requires_grad=True to train")
-    tracked = mlp_lora_parameters(model, mlp_patterns)
+    tracked = mlp_lora_parameters(model, mlp_patterns, trainable_only=True)
     if not tracked:
         raise ValueError("model has no trainable LoRA parameter in an MLP layer to track (names containing 'lora_' "
                          "under a module matching the MLP patterns, with requires_grad); pass mlp_patterns, or "

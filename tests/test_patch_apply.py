@@ -442,6 +442,106 @@ def test_revert_carries_moves_and_freezing_to_the_original_s_own_parameters():
     assert model[1].weight.dtype == torch.float64 and model[1].weight.requires_grad
 
 
+def test_revert_follows_moves_the_way_module_to_does():
+    """The undo moves the original's own tensors through Module._apply, as .to() does: to the
+    meta device (assigning .data across tensor types raised, with the model left patched), and
+    with the module's own _apply override (state kept beside its tensors)."""
+    import copy
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    original = model[0]
+    handle = PatchHandle(model)
+    handle.swap_child(model, "0", copy.deepcopy(original))
+    model.to("meta")
+    handle.revert()
+    assert model[0] is original and original.weight.is_meta and handle.nothing_patched
+
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.table = nn.Linear(3, 3), torch.zeros(3)  # a plain attribute its _apply keeps in step
+
+        def _apply(self, fn, recurse=True):
+            out = super()._apply(fn, recurse)
+            self.table = fn(self.table)
+            return out
+
+        def forward(self, x):
+            return self.lin(x) + self.table
+
+    model = nn.Sequential(Cached(), nn.ReLU())
+    handle = PatchHandle(model)
+    handle.swap_child(model, "0", copy.deepcopy(model[0]))
+    model.double()
+    handle.revert()
+    assert model[0].table.dtype == torch.float64
+    assert model(torch.randn(2, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_revert_of_a_deep_tensorless_swap_under_a_later_patch_of_an_ancestor():
+    """The undo looked its ancestors up again by path: with an ancestor replaced by a later
+    patch that failed, and the record was marked reverted, so the original never came back."""
+    inner = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    model = nn.Sequential(nn.Sequential(inner), nn.Linear(2, 2))
+    relu = inner[1]
+    h1 = PatchHandle(model)
+    h1.swap_child(model, "0.0.1", nn.GELU())
+    h2 = PatchHandle(model)
+    h2.swap_child(model, "0", nn.Linear(2, 2))
+    h1.revert()  # the slot lives in the detached ancestor: restored there
+    assert inner[1] is relu and h1.nothing_patched
+    h2.revert()
+    assert model[0][0] is inner and inner[1] is relu
+
+
+def test_revert_runs_the_original_s_own_train_and_takes_the_model_s_dtype_for_new_activations():
+    """A module whose train() keeps its BatchNorm frozen came back with the BatchNorm training
+    (the flag was set by hand once it shared a submodule); and a learnable activation built in
+    float32 for a float64 model was not moved, so model.float() while patched changed nothing
+    on it and the original PReLU stayed float64 after revert."""
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(3, 3), nn.BatchNorm1d(3)
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.bn.eval()  # statistics frozen, always
+            return self
+
+    class Replacement(nn.Module):
+        def __init__(self, fc):
+            super().__init__()
+            self.fc, self.extra = fc, nn.Linear(3, 3)
+
+    model = nn.Sequential(Encoder(), nn.ReLU()).eval()
+    handle = PatchHandle(model)
+    handle.swap_child(model, "0", Replacement(model[0].fc))
+    model.train()
+    handle.revert()
+    assert model[0].training and not model[0].bn.training
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.PReLU(), nn.Linear(3, 3)).double()
+    handle = apply(model, attention=False, activations={nn.PReLU: functools.partial(Gaussian, learnable=True)})
+    assert model[1].sigma.dtype == torch.float64
+    model.float()
+    handle.revert()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_a_slot_put_back_by_hand_counts_as_reverted():
+    """The undo found the original in its slot and warned, on every revert, that it had been
+    replaced again; the record could never be reverted."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+    gelu = model[1]
+    handle = apply(model, activations={nn.GELU: "sinc"})
+    model[1] = gelu
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handle.revert()
+    assert handle.nothing_patched
+
+
 def test_reverting_in_the_wrong_order_warns_and_finishes_later():
     """h1 patched a slot that h2 patched again: h1.revert() first cannot restore it. Before,
     the record was marked reverted anyway, and after h2.revert() an intermediate Sinc stayed

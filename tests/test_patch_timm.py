@@ -136,6 +136,13 @@ def test_revert_keeps_the_mode_of_submodules_shared_with_the_replacement():
     assert type(model.blocks[0].attn) is Attention and model.blocks[0].attn.training
     assert {n: m.training for n, m in model.named_modules() if n != "blocks.0.attn"} == modes
     assert not model.blocks[0].attn.attn_drop.training and not model.blocks[0].attn.proj_drop.training
+    # Switched off before patching: ManyHeadAttention.from_timm's recursive train() turned them on.
+    model = tiny_vit(depth=1, attn_drop_rate=0.1, proj_drop_rate=0.1).train()
+    model.blocks[0].attn.attn_drop.eval()
+    with lucidops.patch.timm_vit(model):
+        assert not model.blocks[0].attn.attn_drop.training and model.blocks[0].attn.proj_drop.training
+    assert not model.blocks[0].attn.attn_drop.training and model.blocks[0].attn.proj_drop.training
+
 
 def test_heads_the_kernel_cannot_take_are_left_to_timm():
     """Head dim 192 (one head at width 192) is outside 4..128: timm_vit says so, and apply leaves

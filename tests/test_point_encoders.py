@@ -141,6 +141,21 @@ def test_nested_pointnet_revert_follows_moves_and_freezing_of_the_model():
         assert model(_clouds(2, 64, seed=3).double()).dtype == torch.float64
 
 
+def test_revert_reads_the_model_s_changes_off_the_replacement_s_own_tensors():
+    """Read over every tensor of the replacement, the head and T-Net it shares with the PointNet
+    decided: "freeze the backbone, train the head" read as mixed (nothing carried, conv1..conv3
+    came back trainable), and .double() on the shared T-Net alone turned conv1..conv3 float64."""
+    torch.manual_seed(1)
+    model = WithBackbone().eval()
+    handle = point_encoders(model, clouds=_clouds(), distill_kwargs=dict(FAST, steps=2))
+    model.requires_grad_(False)
+    model.backbone.head.requires_grad_(True)
+    model.backbone.input_tnet.double()
+    handle.revert()
+    assert not model.backbone.conv1[0].weight.requires_grad and next(model.backbone.head.parameters()).requires_grad
+    assert model.backbone.conv1[0].weight.dtype == torch.float32
+
+
 def test_distillation_keeps_each_submodule_s_mode():
     """The teacher runs in eval mode; afterwards module.train(was_training) used to flatten
     every submodule's mode (frozen BatchNorms of a training model came back training)."""

@@ -105,7 +105,9 @@ class ManyHeadAttention(nn.Module):
         for name in [n for n in children if n in wanted] + [n for n in wanted if n not in children]:
             sub = children.get(name)
             setattr(new, name, sub if sub is not None else None if name == "gate" else nn.Identity())
-        new.train(module.training)  # nn.Module.__init__ made it training: an eval model would get dropout
+        # nn.Module.__init__ made it training (an eval model would get dropout); its own flag
+        # only: the submodules are the timm module's, in the modes their owner gave them.
+        new.training = module.training
         return new
 
     def extra_repr(self) -> str:

@@ -145,24 +145,24 @@ def _swap_activations(model: nn.Module, specs: List[Tuple[Union[type, str], Acti
             if not isinstance(new, nn.Module):
                 raise TypeError(f"activations[{_key_name(key)}]: the factory returned {type(new).__name__}, "
                                 "not an nn.Module")
-            device = _device_near(model, name)
-            if device is not None:  # learnable replacements (a sigma) go where the model lives
-                new = new.to(device)
+            near = _tensor_near(model, name)
+            if near is not None:  # learnable replacements (a sigma) go where the model lives, in its dtype
+                new = new.to(device=near.device, dtype=near.dtype if near.is_floating_point() else None)
             plan.append((name, new))
     # Every replacement is built before any swap, so a failing factory leaves the model as it was.
     for name, new in plan:
         handle.swap_child(model, name, new)
 
 
-def _device_near(model: nn.Module, name: str) -> Optional[torch.device]:
-    """The device of the module at ``name`` or, when it holds no tensor (GELU), of its nearest
-    ancestor that does; None for a model without tensors."""
+def _tensor_near(model: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """The first tensor (a floating one where there is one) of the module at ``name`` or, when
+    it holds none (GELU), of its nearest ancestor that does; None for a model without tensors."""
     parts = name.split(".") if name else []
     for end in range(len(parts), -1, -1):
         module = model.get_submodule(".".join(parts[:end]))
-        tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
-        if tensor is not None:
-            return tensor.device
+        tensors = list(itertools.chain(module.parameters(), module.buffers()))
+        if tensors:
+            return next((t for t in tensors if t.is_floating_point()), tensors[0])
     return None
 
 

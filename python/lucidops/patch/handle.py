@@ -28,7 +28,7 @@ import itertools
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from torch import Tensor, nn
 
@@ -129,18 +129,20 @@ class PatchHandle:
                    after: Optional[str] = None) -> Replacement:
         """Replace the submodule ``path`` of ``root`` by ``new_module`` and record it.
 
-        ``new_module`` and those of its submodules it does not share with the original take
-        the original's train/eval mode (shared submodules keep theirs), and it shares the
-        original's forward and backward hooks (the same hook tables: a hook registered on
-        either, before or while patched, fires on whichever is in the model, and its handle
-        removes it; a full backward hook registered on the detached original while patched
-        fires once it is back). The undo puts the original module object back (identity
-        preserved) and carries over what the model did to the replacement while patched: a
-        switch of train/eval mode, a move (``.to()`` / ``.double()``) and a change of
-        ``requires_grad``, read off the replacement's tensors (or, when it has none, the
-        nearest ancestor's), reach the original and its submodules that the replacement does
-        not share (shared ones went with the model already). If the slot no longer holds
-        ``new_module`` (a later patch replaced it), the undo warns and leaves the slot and this
+        ``new_module`` takes the original's train/eval mode through its own ``train()``, while
+        the submodules it shares with the original keep theirs, and it shares the original's
+        forward and backward hooks (the same hook tables: a hook registered on either, before or
+        while patched, fires on whichever is in the model, and its handle removes it; a full
+        backward hook registered on the replacement while patched fires on the original after).
+        The undo puts the original module object back (identity preserved) first, then carries
+        over what the model did to the replacement while patched: a train/eval switch (through
+        the original's own ``train()``; shared submodules keep their modes), and a move, a dtype
+        change or a change of ``requires_grad``, read off the replacement's own tensors (those
+        it does not share), or, when it has none, off the nearest ancestor's (so a change to a
+        sibling can reach a tensorless swap's original). They reach the original's tensors that
+        the replacement does not share, through ``Module._apply`` as ``.to()`` runs. A slot
+        that holds the original again (put back by hand) counts as reverted. If the slot holds
+        another module (a later patch replaced it), the undo warns and leaves the slot and this
         record as they are: revert the later handle first, then this one again. ``after``
         overrides the description of the new module. The root itself (path "") cannot be swapped.
         """
@@ -154,25 +156,38 @@ class PatchHandle:
             raise ValueError(f"{path!r} is not a submodule of the model")
         # A drop-in runs in the mode of what it replaces; a submodule it shares keeps its own
         # (a frozen BatchNorm or dropout switched off stays so).
-        _train_unshared(new_module, original.training, {id(m) for m in original.modules()})
+        _set_mode(new_module, original.training, _shared_modules(original, new_module))
         replacement_hooks = _share_hooks(original, new_module)
+        # The ancestors that hold the slot, nearest first, as objects: a later patch higher up
+        # may replace them in the model, but they still tell where the model put the slot.
+        parts = path.split(".")[:-1]
+        ancestors = [root.get_submodule(".".join(parts[:end])) for end in range(len(parts), -1, -1)]
         setattr(parent, child, new_module)
-        state = _State.read(root, path, new_module)
+        mode_then = new_module.training
+        placement_then = _Placement.of(_reference_tensors(new_module, original, ancestors))
 
         def undo() -> Optional[bool]:
-            if getattr(parent, child, None) is not new_module:
+            held = getattr(parent, child, None)
+            if held is original:  # put back already (by hand): nothing left to undo
+                return None
+            if held is not new_module:
                 warnings.warn(f"lucidops.patch: {path!r} was replaced again after patching; left as it is (revert "
                               "the later patch's handle first, then this one again)",
                               RuntimeWarning, stacklevel=user_stacklevel())
                 return False  # keep the record: a later revert() puts the original back
-            _State.read(root, path, new_module).carry(state, original, new_module)
+            # Read before the original is back in the ancestors' tensors, then put it back
+            # first: whatever fails below, the model holds it again.
+            placement_now = _Placement.of(_reference_tensors(new_module, original, ancestors))
+            setattr(parent, child, original)
             # Full backward hooks: the tables are shared, but the flag saying the hooks are "full"
             # is a plain attribute, set only on the module the hook was registered on.
             flag = new_module.__dict__.get("_is_full_backward_hook")
             if flag is not None:
                 original.__dict__["_is_full_backward_hook"] = flag
             new_module.__dict__.update(replacement_hooks)  # the shared hooks stay with the original
-            setattr(parent, child, original)
+            if new_module.training != mode_then:  # the model's train()/eval() reached only the replacement
+                _set_mode(original, new_module.training, _shared_modules(original, new_module))
+            _carry_placement(placement_then, placement_now, original, new_module)
             return None
 
         return self.record(path, original, new_module if after is None else after, undo, original=original,
@@ -337,89 +352,77 @@ def _share_hooks(original: nn.Module, replacement: nn.Module) -> Dict[str, Any]:
     return own
 
 
-def _train_unshared(module: nn.Module, mode: bool, shared: Set[int]) -> None:
-    """``module.train(mode)`` except on submodules whose ids are in ``shared`` (and theirs)."""
-    if id(module) in shared:
-        return
-    if not any(id(m) in shared for m in module.modules()):
-        module.train(mode)  # the module's own train(), in case it overrides it
-        return
-    module.training = mode
-    for sub in module.children():
-        _train_unshared(sub, mode, shared)
+def _set_mode(module: nn.Module, mode: bool, keep: Iterable[nn.Module]) -> None:
+    """``module.train(mode)`` through its own ``train()`` (an override that keeps a BatchNorm
+    frozen still runs), then the modules of ``keep`` back in the modes they had."""
+    saved = [(m, m.training) for m in keep]
+    module.train(mode)
+    for m, training in saved:
+        m.training = training
 
 
-def _reference_tensors(root: nn.Module, path: str, module: nn.Module) -> List[Tensor]:
-    """The tensors that tell where the model put ``module`` (at ``path`` of ``root``): its own,
-    or, when it has none (a GELU), those of its nearest ancestor that has some."""
-    parts = path.split(".")[:-1]
-    for owner in itertools.chain([module], (root.get_submodule(".".join(parts[:end]))
-                                            for end in range(len(parts), -1, -1))):
-        tensors = list(itertools.chain(owner.parameters(), owner.buffers()))
+def _shared_modules(original: nn.Module, replacement: nn.Module) -> List[nn.Module]:
+    """The submodules of ``original`` that ``replacement`` holds too (itself excluded)."""
+    own = {id(m) for m in replacement.modules()}
+    return [m for m in original.modules() if m is not original and id(m) in own]
+
+
+@dataclass
+class _Placement:
+    """Where the model keeps a swapped-in module: the device and float dtype of its reference
+    tensors, and their requires_grad (None when mixed or unknown)."""
+
+    device: Any
+    dtype: Any
+    requires_grad: Optional[bool]
+
+    @classmethod
+    def of(cls, tensors: List[Tensor]) -> "_Placement":
+        floats = [t for t in tensors if t.is_floating_point()]
+        grads = {t.requires_grad for t in tensors if isinstance(t, nn.Parameter)}
+        return cls(tensors[0].device if tensors else None, floats[0].dtype if floats else None,
+                   grads.pop() if len(grads) == 1 else None)
+
+
+def _reference_tensors(replacement: nn.Module, original: nn.Module, ancestors: List[nn.Module]) -> List[Tensor]:
+    """The tensors that tell what the model did to ``replacement``: its own that it does not
+    share with ``original`` (shared ones tell nothing about the original's other parts), or,
+    when it has none (a GELU), those of its nearest ancestor that has some (the ancestors
+    found at patch time, so a later patch higher up does not hide them)."""
+    shared = {id(t) for t in itertools.chain(original.parameters(), original.buffers())}
+    own = [t for t in itertools.chain(replacement.parameters(), replacement.buffers()) if id(t) not in shared]
+    if own:
+        return own
+    for ancestor in ancestors:
+        tensors = list(itertools.chain(ancestor.parameters(), ancestor.buffers()))
         if tensors:
             return tensors
     return []
 
 
-@dataclass
-class _State:
-    """What a swapped-in module looks like to the model: device, float dtype, requires_grad
-    (None when unknown or mixed) and train/eval mode."""
+def _carry_placement(before: _Placement, now: _Placement, original: nn.Module, replacement: nn.Module) -> None:
+    """Do to ``original``'s tensors that ``replacement`` does not share what the model did to the
+    replacement between ``before`` and ``now``: a move, a dtype change, a change of
+    requires_grad. Nothing changed: nothing is touched (mixed dtypes, frozen parts kept)."""
+    device = now.device if now.device != before.device else None
+    dtype = now.dtype if now.dtype != before.dtype else None
+    requires_grad = now.requires_grad if now.requires_grad != before.requires_grad else None
+    if device is None and dtype is None and requires_grad is None:
+        return
+    shared = {id(t) for t in itertools.chain(replacement.parameters(), replacement.buffers())}
+    if device is not None or dtype is not None:
+        def convert(t: Tensor) -> Tensor:
+            if id(t) in shared:
+                return t  # the model moved it already
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
-    device: Any
-    dtype: Any
-    requires_grad: Optional[bool]
-    training: bool
-
-    @classmethod
-    def read(cls, root: nn.Module, path: str, module: nn.Module) -> "_State":
-        tensors = _reference_tensors(root, path, module)
-        floats = [t for t in tensors if t.is_floating_point()]
-        grads = {t.requires_grad for t in tensors if isinstance(t, nn.Parameter)}
-        return cls(tensors[0].device if tensors else None, floats[0].dtype if floats else None,
-                   grads.pop() if len(grads) == 1 else None, module.training)
-
-    def carry(self, before: "_State", original: nn.Module, replacement: nn.Module) -> None:
-        """Do to ``original`` what the model did to ``replacement`` between ``before`` and now,
-        except to the submodules and tensors the two share (the model reached those itself).
-        Compared with the state at patching, so a revert with nothing done in between leaves
-        the original bit for bit (mixed dtypes, frozen parameters and submodule modes kept)."""
-        if self.training != before.training:
-            _train_unshared(original, self.training, {id(m) for m in replacement.modules()})
-        device = self.device if self.device != before.device else None
-        dtype = self.dtype if self.dtype != before.dtype else None
-        requires_grad = self.requires_grad if self.requires_grad != before.requires_grad else None
-        if device is None and dtype is None and requires_grad is None:
-            return
-        shared_modules = {id(m) for m in replacement.modules()}
-        shared_tensors = {id(t) for t in itertools.chain(replacement.parameters(), replacement.buffers())}
-        for module in original.modules():
-            if id(module) in shared_modules:
-                continue
-            for param in module._parameters.values():
-                if param is None or id(param) in shared_tensors:
-                    continue
-                data = param.data  # a new alias at each access: compare with this one
-                moved = _moved(data, device, dtype)
-                if moved is not data:  # as Module._apply does: the Parameter object stays
-                    param.data = moved
-                    if param.grad is not None:
-                        param.grad.data = _moved(param.grad.data, device, dtype)
-                if requires_grad is not None and (param.is_floating_point() or param.is_complex()):
-                    param.requires_grad_(requires_grad)
-            for key, buf in module._buffers.items():
-                if buf is not None and id(buf) not in shared_tensors:
-                    module._buffers[key] = _moved(buf, device, dtype)
-
-
-def _moved(t: Tensor, device: Any, dtype: Any) -> Tensor:
-    """``t`` on ``device`` and, if floating point, in ``dtype`` (None: unchanged), as ``Module.to`` moves it."""
-    kwargs: Dict[str, Any] = {}
-    if device is not None and t.device != device:
-        kwargs["device"] = device
-    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-        kwargs["dtype"] = dtype
-    return t.to(**kwargs) if kwargs else t
+        # Module._apply, as .to() itself runs: the Parameter objects stay (or are replaced where
+        # the tensor types differ, e.g. to "meta"), gradients follow, _apply overrides run.
+        original._apply(convert)
+    if requires_grad is not None:
+        for param in original.parameters():
+            if id(param) not in shared and (param.is_floating_point() or param.is_complex()):
+                param.requires_grad_(requires_grad)
 
 
 def child_slots(model: nn.Module, predicate: Callable[[str, nn.Module], bool]) -> List[Tuple[str, nn.Module]]:

@@ -529,6 +529,67 @@ def test_revert_runs_the_original_s_own_train_and_takes_the_model_s_dtype_for_ne
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+def test_patching_leaves_shared_submodules_alone_and_reads_moves_per_property():
+    """The replacement's train() used to reach the submodules it shares with the original, so
+    a train() override with side effects (merging LoRA weights on eval, as loralib does) ran
+    and changed weights on a mere patch and revert; and a replacement owning only an integer
+    buffer showed no dtype, so model.double() while patched left the original's LayerNorm
+    float32."""
+    class MergeOnEval(nn.Linear):
+        def __init__(self):
+            super().__init__(4, 4)
+            self.delta = nn.Parameter(torch.randn(4, 4))
+            self.merged = False
+
+        def train(self, mode=True):
+            super().train(mode)
+            if mode == self.merged:  # eval merges the update into the weight, train takes it out
+                with torch.no_grad():
+                    self.weight += -self.delta if mode else self.delta
+                self.merged = not mode
+            return self
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.norm = MergeOnEval(), nn.LayerNorm(4)
+
+    class Permuted(nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+            self.register_buffer("perm", torch.tensor([3, 0, 1, 2]))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), nn.ReLU()).train()
+    model[0].lin.eval()  # merged
+    weight = model[0].lin.weight.detach().clone()
+    handle = PatchHandle(model)
+    handle.swap_child(model, "0", Permuted(model[0].lin))
+    handle.revert()
+    assert model[0].lin.merged and not model[0].lin.training and torch.equal(model[0].lin.weight, weight)
+
+    handle = PatchHandle(model)
+    handle.swap_child(model, "0", Permuted(model[0].lin))
+    model.double()
+    model.requires_grad_(False)
+    handle.revert()
+    assert model[0].norm.weight.dtype == torch.float64 and not model[0].norm.weight.requires_grad
+
+
+def test_revert_after_materialising_a_meta_model_while_patched():
+    """Built on meta, patched, then to_empty() (deferred initialisation): the original's own
+    meta tensors could not be copied, revert raised with the model left patched."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 3), nn.PReLU())
+    prelu = model[1]
+    handle = apply(model, attention=False, activations={nn.PReLU: functools.partial(Gaussian, learnable=True)})
+    model.to_empty(device="cpu")
+    with pytest.warns(RuntimeWarning, match="uninitialised"):
+        handle.revert()
+    assert model[1] is prelu and prelu.weight.device.type == "cpu" and handle.nothing_patched
+
+
 def test_a_slot_put_back_by_hand_counts_as_reverted():
     """The undo found the original in its slot and warned, on every revert, that it had been
     replaced again; the record could never be reverted."""

@@ -24,12 +24,14 @@ is safe; a change a later patch still covers stays recorded until that patch is 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from .._caller import user_stacklevel
@@ -129,21 +131,22 @@ class PatchHandle:
                    after: Optional[str] = None) -> Replacement:
         """Replace the submodule ``path`` of ``root`` by ``new_module`` and record it.
 
-        ``new_module`` takes the original's train/eval mode through its own ``train()``, while
-        the submodules it shares with the original keep theirs, and it shares the original's
-        forward and backward hooks (the same hook tables: a hook registered on either, before or
-        while patched, fires on whichever is in the model, and its handle removes it; a full
-        backward hook registered on the replacement while patched fires on the original after).
-        The undo puts the original module object back (identity preserved) first, then carries
-        over what the model did to the replacement while patched: a train/eval switch (through
-        the original's own ``train()``; shared submodules keep their modes), and a move, a dtype
-        change or a change of ``requires_grad``, read off the replacement's own tensors (those
-        it does not share), or, when it has none, off the nearest ancestor's (so a change to a
-        sibling can reach a tensorless swap's original). They reach the original's tensors that
-        the replacement does not share, through ``Module._apply`` as ``.to()`` runs. A slot
-        that holds the original again (put back by hand) counts as reverted. If the slot holds
-        another module (a later patch replaced it), the undo warns and leaves the slot and this
-        record as they are: revert the later handle first, then this one again. ``after``
+        ``new_module`` takes the original's train/eval mode through its own ``train()``; the
+        submodules it shares with the original are left alone (their ``train()`` is not run). It
+        shares the original's forward and backward hooks (the same hook tables: a hook
+        registered on either, before or while patched, fires on whichever is in the model, and
+        its handle removes it; a full backward hook registered on the replacement while patched
+        fires on the original after). The undo puts the original module object back (identity
+        preserved) first, then carries over what the model did to the replacement while
+        patched: a move, a dtype change or a change of ``requires_grad`` (see ``_Placement`` for
+        where each is read; a tensorless replacement reads its nearest ancestor, so a change to
+        a sibling can reach it), applied to the original's tensors the replacement does not
+        share through ``Module._apply`` as ``.to()`` runs; then a switch of the replacement's own
+        train/eval flag, through the original's ``train()`` with shared submodules left alone
+        (a submodule's own switch inside the replacement is not carried). A slot that holds the
+        original again (put back by hand) counts as reverted. If the slot holds another module
+        (a later patch replaced it), the undo warns and leaves the slot and this record as they
+        are: revert the later handle first, then this one again. ``after``
         overrides the description of the new module. The root itself (path "") cannot be swapped.
         """
         if not isinstance(new_module, nn.Module):
@@ -164,7 +167,8 @@ class PatchHandle:
         ancestors = [root.get_submodule(".".join(parts[:end])) for end in range(len(parts), -1, -1)]
         setattr(parent, child, new_module)
         mode_then = new_module.training
-        placement_then = _Placement.of(_reference_tensors(new_module, original, ancestors))
+        placement = _Placement(new_module, original, ancestors)
+        placement_then = placement.read()
 
         def undo() -> Optional[bool]:
             held = getattr(parent, child, None)
@@ -177,7 +181,7 @@ class PatchHandle:
                 return False  # keep the record: a later revert() puts the original back
             # Read before the original is back in the ancestors' tensors, then put it back
             # first: whatever fails below, the model holds it again.
-            placement_now = _Placement.of(_reference_tensors(new_module, original, ancestors))
+            placement_now = placement.read()
             setattr(parent, child, original)
             # Full backward hooks: the tables are shared, but the flag saying the hooks are "full"
             # is a plain attribute, set only on the module the hook was registered on.
@@ -185,9 +189,11 @@ class PatchHandle:
             if flag is not None:
                 original.__dict__["_is_full_backward_hook"] = flag
             new_module.__dict__.update(replacement_hooks)  # the shared hooks stay with the original
+            # The move first: a train() override that raises must not leave the original's
+            # tensors behind the model's.
+            _carry_placement(placement_then, placement_now, original, new_module)
             if new_module.training != mode_then:  # the model's train()/eval() reached only the replacement
                 _set_mode(original, new_module.training, _shared_modules(original, new_module))
-            _carry_placement(placement_then, placement_now, original, new_module)
             return None
 
         return self.record(path, original, new_module if after is None else after, undo, original=original,
@@ -354,11 +360,23 @@ def _share_hooks(original: nn.Module, replacement: nn.Module) -> Dict[str, Any]:
 
 def _set_mode(module: nn.Module, mode: bool, keep: Iterable[nn.Module]) -> None:
     """``module.train(mode)`` through its own ``train()`` (an override that keeps a BatchNorm
-    frozen still runs), then the modules of ``keep`` back in the modes they had."""
-    saved = [(m, m.training) for m in keep]
-    module.train(mode)
-    for m, training in saved:
-        m.training = training
+    frozen still runs), with the modules of ``keep`` left alone entirely: their ``train()`` is
+    not called (an override may do more than set the flag, e.g. merge LoRA weights on eval)."""
+    guarded = []
+    for m in keep:
+        guarded.append((m, m.__dict__.get("train", _MISSING)))
+        m.__dict__["train"] = lambda mode=True, _m=m: _m  # what module.train() calls on its children
+    try:
+        module.train(mode)
+    finally:
+        for m, previous in guarded:
+            if previous is _MISSING:
+                del m.__dict__["train"]
+            else:
+                m.__dict__["train"] = previous
+
+
+_MISSING = object()
 
 
 def _shared_modules(original: nn.Module, replacement: nn.Module) -> List[nn.Module]:
@@ -367,58 +385,79 @@ def _shared_modules(original: nn.Module, replacement: nn.Module) -> List[nn.Modu
     return [m for m in original.modules() if m is not original and id(m) in own]
 
 
-@dataclass
+def _tensors(module: nn.Module) -> List[Tensor]:
+    return list(itertools.chain(module.parameters(), module.buffers()))
+
+
 class _Placement:
-    """Where the model keeps a swapped-in module: the device and float dtype of its reference
-    tensors, and their requires_grad (None when mixed or unknown)."""
+    """Where the model keeps a swapped-in module, read at patch time and again at the undo from
+    the same sources: device and float dtype of the replacement's own tensors (those it does
+    not share with the original: shared ones say nothing about the original's other parts),
+    else of the shared ones, else of the nearest ancestor's that has some (the ancestors found
+    at patch time, so a later patch higher up does not hide them); requires_grad the same way,
+    from the first source whose parameters were not all frozen at patch time (a replacement
+    frozen by design, or a shared head, cannot show a freeze of the model)."""
 
-    device: Any
-    dtype: Any
-    requires_grad: Optional[bool]
+    def __init__(self, replacement: nn.Module, original: nn.Module, ancestors: List[nn.Module]):
+        def own() -> List[Tensor]:
+            shared = {id(t) for t in _tensors(original)}
+            return [t for t in _tensors(replacement) if id(t) not in shared]
 
-    @classmethod
-    def of(cls, tensors: List[Tensor]) -> "_Placement":
-        floats = [t for t in tensors if t.is_floating_point()]
-        grads = {t.requires_grad for t in tensors if isinstance(t, nn.Parameter)}
-        return cls(tensors[0].device if tensors else None, floats[0].dtype if floats else None,
-                   grads.pop() if len(grads) == 1 else None)
+        def shared() -> List[Tensor]:
+            ids = {id(t) for t in _tensors(original)}
+            return [t for t in _tensors(replacement) if id(t) in ids]
+
+        self.sources = [own, shared] + [functools.partial(_tensors, a) for a in ancestors]
+        tensors = [source() for source in self.sources]
+        self.device_from = next((i for i, ts in enumerate(tensors) if ts), None)
+        self.dtype_from = next((i for i, ts in enumerate(tensors) if any(t.is_floating_point() for t in ts)), None)
+        params = [[t for t in ts if isinstance(t, nn.Parameter)] for ts in tensors]
+        self.grad_from = next((i for i, ps in enumerate(params) if any(p.requires_grad for p in ps)),
+                              next((i for i, ps in enumerate(params) if ps), None))
+
+    def read(self) -> Tuple[Any, Any, Optional[bool]]:
+        """(device, float dtype, requires_grad or None when mixed) as the sources show them now."""
+        def tensors(index: Optional[int]) -> List[Tensor]:
+            return self.sources[index]() if index is not None else []
+
+        on_device = tensors(self.device_from)
+        floats = [t for t in tensors(self.dtype_from) if t.is_floating_point()]
+        grads = {t.requires_grad for t in tensors(self.grad_from) if isinstance(t, nn.Parameter)}
+        return (on_device[0].device if on_device else None, floats[0].dtype if floats else None,
+                grads.pop() if len(grads) == 1 else None)
 
 
-def _reference_tensors(replacement: nn.Module, original: nn.Module, ancestors: List[nn.Module]) -> List[Tensor]:
-    """The tensors that tell what the model did to ``replacement``: its own that it does not
-    share with ``original`` (shared ones tell nothing about the original's other parts), or,
-    when it has none (a GELU), those of its nearest ancestor that has some (the ancestors
-    found at patch time, so a later patch higher up does not hide them)."""
-    shared = {id(t) for t in itertools.chain(original.parameters(), original.buffers())}
-    own = [t for t in itertools.chain(replacement.parameters(), replacement.buffers()) if id(t) not in shared]
-    if own:
-        return own
-    for ancestor in ancestors:
-        tensors = list(itertools.chain(ancestor.parameters(), ancestor.buffers()))
-        if tensors:
-            return tensors
-    return []
-
-
-def _carry_placement(before: _Placement, now: _Placement, original: nn.Module, replacement: nn.Module) -> None:
+def _carry_placement(before: Tuple[Any, Any, Optional[bool]], now: Tuple[Any, Any, Optional[bool]],
+                     original: nn.Module, replacement: nn.Module) -> None:
     """Do to ``original``'s tensors that ``replacement`` does not share what the model did to the
-    replacement between ``before`` and ``now``: a move, a dtype change, a change of
-    requires_grad. Nothing changed: nothing is touched (mixed dtypes, frozen parts kept)."""
-    device = now.device if now.device != before.device else None
-    dtype = now.dtype if now.dtype != before.dtype else None
-    requires_grad = now.requires_grad if now.requires_grad != before.requires_grad else None
+    replacement between ``before`` and ``now`` (device, dtype, requires_grad): a move, a dtype
+    change, a freeze. Nothing changed: nothing is touched (mixed dtypes, frozen parts kept)."""
+    device, dtype, requires_grad = (new if new != old else None for old, new in zip(before, now))
     if device is None and dtype is None and requires_grad is None:
         return
-    shared = {id(t) for t in itertools.chain(replacement.parameters(), replacement.buffers())}
+    shared = {id(t) for t in _tensors(replacement)}
     if device is not None or dtype is not None:
+        materialised = []
+
         def convert(t: Tensor) -> Tensor:
             if id(t) in shared:
                 return t  # the model moved it already
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+            target_dtype = dtype if t.is_floating_point() else None
+            if t.is_meta and device is not None and torch.device(device).type != "meta":
+                # Deferred initialisation (built on meta, to_empty() while patched): the original's
+                # own tensors have no values to copy; they get memory, as to_empty() gives.
+                materialised.append(t)
+                return torch.empty_like(t, device=device, dtype=target_dtype)
+            return t.to(device=device, dtype=target_dtype)
 
         # Module._apply, as .to() itself runs: the Parameter objects stay (or are replaced where
         # the tensor types differ, e.g. to "meta"), gradients follow, _apply overrides run.
         original._apply(convert)
+        if materialised:
+            warnings.warn(f"lucidops.patch: {type(original).__name__} was put back with {len(materialised)} "
+                          "uninitialised tensors: it was on the meta device when patched and the model was "
+                          "materialised (to_empty) while patched; load its weights again", RuntimeWarning,
+                          stacklevel=user_stacklevel())
     if requires_grad is not None:
         for param in original.parameters():
             if id(param) not in shared and (param.is_floating_point() or param.is_complex()):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension
 
-from child_python import run_python
+from child_python import run_ops_collecting_warnings, run_python
 from lucidops import _ext, _ext_sources, cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,23 +153,13 @@ def test_lock_that_cannot_be_written_falls_back_to_importing_the_build(fresh_ext
 
 def test_op_with_an_unwritable_cache_warns_once_and_runs_the_next_backend(tmp_path):
     (tmp_path / "afile").write_text("")
-    code = """
-        import warnings, torch, lucidops
-        from lucidops import _ext
+    setup = """
         _ext._prebuilt = lambda kind, spec: None     # only the cache counts here
         _ext._compiler_problem = lambda kind: None   # get as far as the cache folder
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            lucidops.ops.sinc(torch.randn(4))
-            lucidops.ops.gaussian(torch.randn(4))
-        print("USED", lucidops.backends.last_used("sinc"))
-        for w in caught:
-            print("WARNED", w.message)
     """
-    proc = run_python(code, env={"LUCIDOPS_CACHE_DIR": str(tmp_path / "afile" / "cache")})
+    proc, warned = run_ops_collecting_warnings({"LUCIDOPS_CACHE_DIR": str(tmp_path / "afile" / "cache")}, setup)
     assert proc.returncode == 0, proc.stderr
     assert "USED" in proc.stdout and "USED cpp" not in proc.stdout, proc.stdout
-    warned = [line for line in proc.stdout.splitlines() if line.startswith("WARNED")]
     assert len(warned) == 1 and "not writable" in warned[0] and "LUCIDOPS_CACHE_DIR" in warned[0], warned
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from child_python import run_python
+from child_python import run_ops_collecting_warnings, run_python
 from lucidops import _ext, _ext_sources
 
 pytestmark = pytest.mark.slow
@@ -75,21 +75,9 @@ def test_missing_compiler_is_a_clear_error(tmp_path):
 
 def test_missing_compiler_in_automatic_mode_warns_once_and_runs_the_next_backend(tmp_path):
     """Not silently: the next backend can be tens of times slower (reference vs cpp)."""
-    proc = _run(
-        """
-        import warnings, torch, lucidops
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            lucidops.ops.sinc(torch.randn(4))
-            lucidops.ops.gaussian(torch.randn(4))
-        print("USED", lucidops.backends.last_used("sinc"))
-        for w in caught:
-            print("WARNED", w.message)
-        """,
-        {"CXX": "/nonexistent/c++", "LUCIDOPS_CACHE_DIR": str(tmp_path)},
-    )
+    proc, warned = run_ops_collecting_warnings({"CXX": "/nonexistent/c++", "LUCIDOPS_CACHE_DIR": str(tmp_path)},
+                                               timeout=600)
     assert "USED reference" in proc.stdout, proc.stdout + proc.stderr
-    warned = [line for line in proc.stdout.splitlines() if line.startswith("WARNED")]
     assert len(warned) == 1 and "no C++ compiler found" in warned[0] and "lucidops info" in warned[0], warned
 
 

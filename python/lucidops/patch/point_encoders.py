@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .. import _validate
 from ..models.pointnet import PointNet
 from ..nn.gaussian_mixture import GaussianPointEncoder
-from ..train.cubes import cloud_cubes
+from ..train.cubes import cloud_cubes, cubes_box
 from ..train.distillation import distill
 from ..train.pointnet_recipe import DistilledPointNet
 from .handle import PatchHandle, child_slots
@@ -171,9 +171,7 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
         clouds = _default_clouds(seed)
     # The default students start in the box around every cloud's cube (also validates clouds
     # before any work): Gaussians started away from the data never learn.
-    centres, halves = cloud_cubes(clouds)
-    low, high = (centres - halves[:, None]).min(dim=0).values, (centres + halves[:, None]).max(dim=0).values
-    cube_center, cube_range = ((low + high) / 2).tolist(), float((high - low).max() / 2)
+    cube_center, cube_range = cubes_box(*cloud_cubes(clouds))
     kwargs = {**DEFAULT_DISTILL, **distill_kwargs}
 
     handle = PatchHandle(model, settings=dict(num_gaussians=num_gaussians, seed=seed, distill=dict(kwargs)))

@@ -7,7 +7,7 @@ whose side is the box's longest side).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -64,6 +64,14 @@ def cloud_cubes(clouds) -> Tuple[Tensor, Tensor]:
     half = 0.5 * (hi_t - lo_t).amax(1)
     # A single-point cloud has no extent; give it a tiny cube rather than a degenerate one.
     return centres, half.clamp_min(1e-6)
+
+
+def cubes_box(centres: Tensor, halves: Tensor) -> Tuple[List[float], float]:
+    """The box around every cube (``cloud_cubes``' centres (M, 3) and half-sides (M,)): its
+    centre and half its longest side, where a Gaussian encoder for all the clouds starts."""
+    low = (centres - halves[:, None]).amin(0)
+    high = (centres + halves[:, None]).amax(0)
+    return ((low + high) / 2).tolist(), float((high - low).max() / 2)
 
 
 def sample_cube_points(centres: Tensor, half: Tensor, points_per_cloud: int,

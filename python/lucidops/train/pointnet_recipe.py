@@ -27,7 +27,7 @@ from .. import _validate
 from ..models.pointnet import PointNet, TNet
 from ..nn.gaussian_mixture import GaussianPointEncoder, _center
 from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
-from .cubes import cloud_cubes, cloud_points
+from .cubes import cloud_cubes, cloud_points, cubes_box
 from .distillation import distill
 from .finetuning import SCHEDULES, _dataset_length, finetune
 from .loop import DistillResult, TrainingMode, broadcast_module, dist_info
@@ -108,7 +108,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     dev = torch.device(device) if device is not None else next(teacher.parameters()).device
     k = _out_channels(teacher.conv3)
     cubes = cloud_cubes(clouds) if auto_center else None  # also checks clouds before any stage runs
-    center: Sequence[float] = _box_center(*cubes) if cubes is not None else cast(Sequence[float], fixed_center)
+    center: Sequence[float] = cubes_box(*cubes)[0] if cubes is not None else cast(Sequence[float], fixed_center)
     teacher.to(dev)
     if dist_info()[0]:
         broadcast_module(teacher)  # the T-Net stage's teacher is a lambda, which distill cannot broadcast
@@ -221,14 +221,6 @@ def _seeded(seed: Optional[int], dev: torch.device) -> Iterator[None]:
             with torch.cuda.device(index):
                 torch.cuda.manual_seed(seed)
         yield
-
-
-def _box_center(centres: Tensor, halves: Tensor) -> List[float]:
-    """Centre of the box around every cube (centres (M, 3), half-sides (M,)), as
-    :func:`lucidops.patch.point_encoders` places its students."""
-    low = (centres - halves[:, None]).amin(0)
-    high = (centres + halves[:, None]).amax(0)
-    return ((low + high) / 2).tolist()
 
 
 def _transformed_box_center(centres: Tensor, halves: Tensor, transforms: Tensor) -> List[float]:

@@ -71,7 +71,10 @@ def cull_half_widths(means: Tensor, precisions: Tensor, weight: Tensor, cull_thr
     det = c00 - r01 * (r01 - r12 * r02) + r02 * (r01 * r12 - r02)
     positive_definite = positive_diagonal & (c22 > 0) & (det > 0)
     sigma_diag = torch.stack([c00, c11, c22], dim=-1) / det.unsqueeze(-1) * inv_sqrt * inv_sqrt
-    alpha = weight.detach().to(torch.float64).abs().amax(dim=0) if weight.shape[0] > 0 else torch.zeros_like(r01)
+    # |w| and its max are exact in any dtype: reduce first, widen the (G,) result. Widening the
+    # (K, G) mixer first made this column max ATen's slow float64 path (40 us to ms per call).
+    alpha = (weight.detach().abs().amax(dim=0).to(torch.float64) if weight.shape[0] > 0
+             else torch.zeros_like(r01))
     log_ratio = torch.log(alpha / t).clamp_min(0.0)
     half = torch.sqrt(2.0 * log_ratio.unsqueeze(-1) * sigma_diag.clamp_min(0.0))
     # Not positive definite, or a half-width that is not a number: no box (never cull on NaN).

@@ -521,3 +521,6 @@ def test_finetune_checks_seed_and_data():
         finetune(model, [(p.tolist(), y) for p, y in data], **ok)
     res = finetune(model, [(p, torch.tensor([y])) for p, y in data], seed=3, **ok)  # a one-element label is fine
     assert res.steps == 1
+    # The head's BatchNorm sees one value per channel: torch's message did not say which argument.
+    with pytest.raises(ValueError, match=r"^batch_size=1: a BatchNorm layer of model needs at least 2 clouds"):
+        finetune(model, data, **{**ok, "batch_size": 1})

@@ -82,7 +82,15 @@ def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, bat
                 labels.append(label)
             points = torch.stack(clouds).to(dev, dtype)
             target = torch.stack(labels).long().to(dev)
-            loss = F.cross_entropy(wrapped(points), target)
+            try:
+                logits = wrapped(points)
+            except ValueError as err:
+                if "more than 1 value per channel" not in str(err):
+                    raise
+                # BatchNorm after the max-pool sees one value per channel for each cloud.
+                raise ValueError(f"batch_size={batch_size}: a BatchNorm layer of model needs at least 2 "
+                                 f"clouds per batch in training ({err})") from err
+            loss = F.cross_entropy(logits, target)
             result.losses.append(optimizer_step(opts, loss, distributed, world))
             if rank == 0 and progress and (step % 10 == 0 or step == steps - 1):
                 bar.set_postfix(ce=f"{result.losses[-1]:.4g}")

@@ -194,6 +194,27 @@ def test_source_hash_leaves_the_cuda_archs_out_and_the_cache_name_keeps_them():
     assert not any("compute_80" in f for f in h100.cuda_cflags)
 
 
+def test_cache_folder_is_per_sources_location_and_python_abi(tmp_path, monkeypatch):
+    """Two checkouts (or venvs) with the same sources shared one cache folder, and torch's ninja
+    file names the sources' paths: each alternation rebuilt it (a minute); a second Python
+    version would load a module built for the first."""
+    import shutil
+    import sysconfig
+
+    here = _ext_sources.spec("cpu")
+    copy = tmp_path / "csrc"
+    shutil.copytree(_ext_sources.csrc_root(), copy)
+    there = _ext_sources.spec("cpu", root=str(copy))
+    assert there.source_hash == here.source_hash  # an ahead-of-time build still matches
+    assert there.module_name != here.module_name
+    assert _ext_sources.spec("cpu").module_name == here.module_name  # and stays put between calls
+    real = sysconfig.get_config_var
+    monkeypatch.setattr(sysconfig, "get_config_var",
+                        lambda key: ".cpython-399-x86_64-linux-gnu.so" if key == "EXT_SUFFIX" else real(key))
+    other_python = _ext_sources.spec("cpu")
+    assert other_python.source_hash == here.source_hash and other_python.module_name != here.module_name
+
+
 @pytest.mark.parametrize("built, needed, covered", [
     (["8.0", "9.0"], ["9.0"], True),
     (["8.0", "9.0"], ["8.0", "9.0"], True),

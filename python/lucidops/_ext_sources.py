@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -136,7 +138,8 @@ class ExtensionSpec:
     source_hash: str = ""
     # CUDA compute capabilities the build targets (empty for the CPU extension).
     archs: List[str] = field(default_factory=list)
-    # source_hash plus the architectures: names the lazy build, one per arch list.
+    # source_hash plus the architectures, the sources' folder and the Python ABI: names the
+    # lazy build's cache folder.
     build_hash: str = ""
 
     @property
@@ -180,8 +183,12 @@ def spec(kind: str, root: Optional[str] = None, arch_list: Optional[List[str]] =
         torch_version = "unknown"
     digest = _hash(sources + headers, [kind, torch_version] + cflags + ldflags + cuda_cflags)
     arch_flags = gencode_flags(archs)
-    # The CPU build has no arch list, so its cache folder keeps the plain source hash.
-    build_digest = hashlib.sha256((digest + " ".join(arch_flags)).encode()).hexdigest() if archs else digest
+    # The cache folder is also one per Python ABI and per sources' location. Two checkouts or
+    # venvs with the same sources shared one folder, but torch's ninja file names the sources'
+    # paths and Python's headers: each use from the other rebuilt it (a minute, at every
+    # alternation), and another Python version would load a module built for the first.
+    where = [str(base.resolve()), sysconfig.get_config_var("EXT_SUFFIX") or sys.version]
+    build_digest = hashlib.sha256(" ".join([digest] + arch_flags + where).encode()).hexdigest()
     # An identifier, not a string literal: quotes do not survive ninja's shell.
     define = f"-DLUCIDOPS_SOURCE_HASH=h{digest}"
     return ExtensionSpec(

@@ -238,6 +238,44 @@ def test_torch_compile_fullgraph_on_cpu():
     assert model[1].sigma.grad is not None
 
 
+def _bad_number_calls():
+    q = torch.randn(1, 2, 5, 8)
+    x, w, a, b = torch.randn(4, 6), torch.randn(3, 6), torch.randn(2, 6), torch.randn(3, 2)
+    pts, means = torch.randn(2, 7, 3), torch.randn(4, 3)
+    prec, mixer = torch.tensor([[1.0, 0, 0, 1, 0, 1]]).repeat(4, 1), torch.randn(5, 4)
+    return [
+        (lambda: lucidops.ops.attention(q, q, q, scale=float("nan")), "scale must be finite"),
+        (lambda: lucidops.ops.bounded_lora_linear(x, w, a, b, omega=float("inf"), scale=1.0), "omega must be finite"),
+        (lambda: lucidops.ops.gaussian_mixture(pts, means, prec, mixer, cull_threshold=-0.5),
+         "cull_threshold must be finite and > 0"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_numbers_are_checked_under_torch_compile_too(index):
+    """math.isfinite made the checks stand aside while tracing: compiled, a NaN scale gave NaN
+    outputs, an infinite omega NaN, a negative cull_threshold the unculled mixture."""
+    call, message = _bad_number_calls()[index]
+    with pytest.raises(ValueError, match=message):
+        call()
+    with pytest.raises(ValueError, match=message):
+        torch.compile(call, backend="eager")()
+    with pytest.raises(Exception, match=message):  # fullgraph: Dynamo's error carries ours
+        torch.compile(call, backend="eager", fullgraph=True)()
+
+
+def test_a_meta_tensor_setting_is_a_clear_error():
+    """A one-element tensor omega or cull_threshold on the meta device failed in .item()."""
+    meta = dict(device="meta")
+    x, w, a, b = (torch.empty(*shape, **meta) for shape in ((4, 6), (3, 6), (2, 6), (3, 2)))
+    with pytest.raises(TypeError, match="omega is a tensor on the meta device"):
+        lucidops.ops.bounded_lora_linear(x, w, a, b, omega=torch.tensor(2.0, **meta), scale=1.0)
+    pts, means, prec, mixer = (torch.empty(*shape, **meta) for shape in ((2, 7, 3), (4, 3), (4, 6), (5, 4)))
+    with pytest.raises(TypeError, match="cull_threshold is a tensor on the meta device"):
+        lucidops.ops.gaussian_mixture(pts, means, prec, mixer, cull_threshold=torch.tensor(0.1, **meta))
+    assert lucidops.ops.gaussian_mixture(pts, means, prec, mixer, cull_threshold=0.1).device.type == "meta"
+
+
 def test_flop_counter_mode_counts_the_ops():
     x = torch.randn(3, 100, requires_grad=True)
     counts = lucidops.profile.count_flops(lambda t: lucidops.ops.sinc(t, 0.5), x, backward=True)

@@ -38,9 +38,10 @@ def real_number(value, name: str, bound: Optional[str] = None, *, tensor_ok: boo
     """``value`` as a float, finite and within ``bound`` (None, "> 0", ">= 0" or "!= 0").
 
     A bool, a string or another non-number is a TypeError; with ``tensor_ok`` a one-element
-    tensor is read once (a host sync on CUDA), and one that requires grad (with grad mode on)
-    is a TypeError: the ops take these as constants and would drop its gradient. Under torch.compile(dynamic=True) a module's
-    float attribute is symbolic: the value checks stand aside then, and eager calls make them.
+    tensor is read once (a host sync on CUDA; under torch.compile a graph break, so
+    ``fullgraph=True`` needs a Python number), and one that requires grad (with grad mode on)
+    or lives on the meta device is a TypeError: the ops take these as constants, and would
+    drop its gradient or cannot read it. The checks run while torch.compile traces too.
     """
     if tensor_ok and isinstance(value, Tensor):
         if value.numel() != 1:
@@ -49,11 +50,15 @@ def real_number(value, name: str, bound: Optional[str] = None, *, tensor_ok: boo
             # Read as a plain number, it would leave the graph and its gradient would be silently zero.
             raise TypeError(f"{name} is a tensor that requires grad, but the op has no gradient for {name}: "
                             f"pass a number or {name}.detach() (a learnable {name} is not supported)")
+        if value.device.type == "meta":
+            raise TypeError(f"{name} is a tensor on the meta device, whose value cannot be read: pass a number")
         value = value.detach().reshape(()).item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not is_compiling() and not (math.isfinite(value) and _BOUNDS[bound](value)):
+    # Comparisons, not math.isfinite: they trace under torch.compile, where math.isfinite made
+    # the check stand aside and a NaN scale or a negative cull_threshold ran. NaN fails them.
+    if not (-math.inf < value < math.inf and _BOUNDS[bound](value)):
         raise ValueError(f"{name} must be finite{' and ' + bound if bound else ''}, got {value!r}")
     return value
 

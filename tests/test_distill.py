@@ -472,7 +472,18 @@ def test_distill_pointnet_starts_the_encoders_in_the_clouds():
     seen = ((centres[:, None, :] + half[:, None, None] * corners) @ trans).reshape(-1, 3)
     expected = ((seen.amin(0) + seen.amax(0)) / 2).tolist()
     assert res.model.encoder.cloud_center == pytest.approx(expected, abs=1e-4)
-    assert pointnet_recipe._transformed_box_center(centres, half, trans) == pytest.approx(expected)
+    assert pointnet_recipe._transformed_box(centres, half, trans)[0] == pytest.approx(expected)
+    for enc in (res.model.input_tnet.encoder, res.model.encoder):
+        assert enc.cloud_range == 1.0  # the default range
+    # cloud_range="auto": half the longest side of each stage's box.
+    res = distill_pointnet(teacher, data, num_gaussians=4, steps=1, tnet_steps=1, batch_size=2, points_per_cloud=8,
+                           cloud_range="auto", seed=0, progress=False)
+    assert res.model.input_tnet.encoder.cloud_range == pytest.approx(float((high - low).max() / 2))
+    assert res.model.encoder.cloud_range == pytest.approx(float((seen.amax(0) - seen.amin(0)).max() / 2), rel=1e-4)
+    assert res.model.encoder.cloud_center == pytest.approx(expected, abs=1e-4)
+    for bad, error in (("big", ValueError), (0.0, ValueError), (None, TypeError)):
+        with pytest.raises(error, match="cloud_range"):
+            distill_pointnet(teacher, data, steps=1, cloud_range=bad, progress=False)
     # Given: used as is for both encoders.
     res = distill_pointnet(teacher, data, num_gaussians=4, steps=1, tnet_steps=1, batch_size=2, points_per_cloud=8,
                            cloud_center=(9.0, 10.0, 11.0), cloud_range=2.0, seed=0, progress=False)

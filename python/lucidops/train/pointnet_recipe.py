@@ -36,7 +36,7 @@ from .loop import DistillResult, TrainingMode, broadcast_module, dist_info
 def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32, tnet_gaussians: Optional[int] = None,
                      steps: int = 1000, tnet_steps: Optional[int] = None, finetune_data=None,
                      finetune_steps: int = 0, finetune_lr: float = 1e-3, encoder_lr_scale: float = 0.01,
-                     finetune_schedule: str = "constant", cloud_range: float = 1.0,
+                     finetune_schedule: str = "constant", cloud_range: Union[str, float] = 1.0,
                      cloud_center: Union[str, float, Sequence[float]] = "auto", seed: Optional[int] = None,
                      progress: bool = True, device=None, **distill_kwargs: Any) -> PointNetDistillResult:
     """The three-stage recipe: a :class:`DistilledPointNet` from a trained ``teacher`` PointNet.
@@ -59,12 +59,13 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
 
     The Gaussian encoders' means start uniform in the cube of half-side ``cloud_range``
     around ``cloud_center`` (see :class:`GaussianPointEncoder`): Gaussians started away from
-    the clouds never learn. ``cloud_center="auto"`` (default; centred as
-    :func:`lucidops.patch.point_encoders` centres its students, while ``cloud_range`` stays
-    as given, where that function also sizes it from the clouds) takes the centre of the box
+    the clouds never learn. ``cloud_center="auto"`` (default) takes the centre of the box
     around every cloud's cube (the origin for ``clouds=None``) for stage 1, and for stage 2
     the centre of the box around what that student sees: the cubes' points through each
-    cloud's input transform. A number or 3 numbers is used as given for both stages.
+    cloud's input transform. ``cloud_range="auto"`` likewise takes half the longest side of
+    each stage's box, as :func:`lucidops.patch.point_encoders` sizes its students (for clouds
+    not near the unit cube, e.g. in millimetres); the default is 1.0. A number (or 3
+    numbers for the centre) is used as given for both stages.
 
     ``seed`` (an int) makes the run reproducible: it seeds the point sampling of every stage,
     the encoders' initialisation and the fine-tuning's batches and dropout, without touching
@@ -88,7 +89,11 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     _validate.integer(finetune_steps, "finetune_steps", minimum=0)
     _validate.real_number(finetune_lr, "finetune_lr", "> 0")
     _validate.real_number(encoder_lr_scale, "encoder_lr_scale", "> 0")
-    _validate.real_number(cloud_range, "cloud_range", "> 0")
+    auto_range = isinstance(cloud_range, str) and cloud_range == "auto"
+    if isinstance(cloud_range, str) and not auto_range:
+        raise ValueError(f"cloud_range must be 'auto' or a number > 0, got {cloud_range!r}")
+    if not auto_range:
+        _validate.real_number(cloud_range, "cloud_range", "> 0")
     auto_center = isinstance(cloud_center, str) and cloud_center == "auto"
     if isinstance(cloud_center, str) and not auto_center:
         raise ValueError(f"cloud_center must be 'auto', a number or 3 numbers, got {cloud_center!r}")
@@ -107,8 +112,10 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     dtype = next(teacher.parameters()).dtype
     dev = torch.device(device) if device is not None else next(teacher.parameters()).device
     k = _out_channels(teacher.conv3)
-    cubes = cloud_cubes(clouds) if auto_center else None  # also checks clouds before any stage runs
-    center: Sequence[float] = cubes_box(*cubes)[0] if cubes is not None else cast(Sequence[float], fixed_center)
+    cubes = cloud_cubes(clouds) if auto_center or auto_range else None  # also checks clouds before any stage runs
+    box_center, box_range = cubes_box(*cubes) if cubes is not None else (None, None)
+    center: Sequence[float] = box_center if auto_center else cast(Sequence[float], fixed_center)
+    tnet_range = box_range if auto_range else float(cloud_range)
     teacher.to(dev)
     if dist_info()[0]:
         broadcast_module(teacher)  # the T-Net stage's teacher is a lambda, which distill cannot broadcast
@@ -118,13 +125,13 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
             tnet = teacher.input_tnet
             with _seeded(seed, dev):
                 tnet_enc = GaussianPointEncoder(tnet_gaussians, _out_channels(tnet.encoder[-1]),
-                                                cloud_range=cloud_range, cloud_center=center,
+                                                cloud_range=tnet_range, cloud_center=center,
                                                 reduce="max").to(dev, dtype)
             tnet_result = distill(lambda x: tnet_point_features(tnet, x), tnet_enc, clouds, steps=tnet_steps,
                                   seed=seed, progress=progress, device=dev, desc="distill T-Net", **distill_kwargs)
             gtnet = GaussianTNet.from_tnet(tnet, tnet_enc)
         stage2: Dict[str, Any] = {}
-        stage2_center = center
+        stage2_center, stage2_range = center, tnet_range
         if clouds is not None and (teacher.input_tnet is not None or teacher.feature_tnet is not None):
             # Each cloud's own T-Net transforms, applied to the points sampled in its cube: the
             # student learns the per-point function it meets on real clouds (a T-Net run on
@@ -134,7 +141,9 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
             stage2 = dict(teacher=lambda x, a, f: teacher.encoder_features(_apply(x, a), f),
                           input_transform=lambda x, a, f: _apply(x, a), per_cloud=[trans_in, trans_feat])
             if cubes is not None and trans_in is not None:
-                stage2_center = _transformed_box_center(*cubes, trans_in)
+                moved_center, moved_range = _transformed_box(*cubes, trans_in)
+                stage2_center = moved_center if auto_center else stage2_center
+                stage2_range = moved_range if auto_range else stage2_range
         elif teacher.input_tnet is not None:
             # Without clouds the cube is [-1, 1]^3 around the origin, which a linear transform
             # keeps as the centre.
@@ -142,7 +151,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
         else:
             stage2 = dict(teacher=teacher.point_features)
         with _seeded(None if seed is None else seed + 7919, dev):
-            encoder = GaussianPointEncoder(num_gaussians, k, cloud_range=cloud_range, cloud_center=stage2_center,
+            encoder = GaussianPointEncoder(num_gaussians, k, cloud_range=stage2_range, cloud_center=stage2_center,
                                            reduce="max").to(dev, dtype)
         enc_result = distill(stage2.pop("teacher"), encoder, clouds, steps=steps,
                              seed=None if seed is None else seed + 7919, progress=progress, device=dev,
@@ -223,13 +232,15 @@ def _seeded(seed: Optional[int], dev: torch.device) -> Iterator[None]:
         yield
 
 
-def _transformed_box_center(centres: Tensor, halves: Tensor, transforms: Tensor) -> List[float]:
-    """Centre of the box around every cube's points through its cloud's input transform
-    (``points @ A``): cube ``c + h u`` (u in [-1, 1]^3) maps into ``c A +- h sum_i |A_ij|``."""
+def _transformed_box(centres: Tensor, halves: Tensor, transforms: Tensor) -> Tuple[List[float], float]:
+    """Centre and half the longest side of the box around every cube's points through its
+    cloud's input transform (``points @ A``): cube ``c + h u`` (u in [-1, 1]^3) maps into
+    ``c A +- h sum_i |A_ij|``."""
     a = transforms.detach().double().cpu()
     mid = (centres[:, None, :] @ a)[:, 0, :]  # (M, 3)
     reach = halves[:, None] * a.abs().sum(1)  # (M, 3)
-    return (((mid - reach).amin(0) + (mid + reach).amax(0)) / 2).tolist()
+    low, high = (mid - reach).amin(0), (mid + reach).amax(0)
+    return ((low + high) / 2).tolist(), float((high - low).max() / 2)
 
 
 def _apply(points: Tensor, transform: Optional[Tensor]) -> Tensor:

@@ -276,3 +276,18 @@ def test_student_factory_used():
     assert calls == [("encoder", "PointMAEEncoder", 16)]
     assert model.encoder.num_gaussians == 5 and model.encoder.reduce == "max"
     handle.revert()
+
+
+def test_students_are_seeded_without_reseeding_the_gpus(monkeypatch):
+    """The students' initialisation ran under torch.manual_seed, which also reseeds every GPU's
+    generator (outside the CPU-only fork): a patch changed the model's CUDA random stream."""
+    torch.manual_seed(6)
+    model = Mamba3DLike(channels=16).eval()
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    before = torch.random.get_rng_state()
+    handle = point_encoders(model, clouds=_clouds(4, 16, scale=0.5), seed=3, distill_kwargs=dict(FAST, steps=2))
+    assert reseeded == []
+    assert torch.equal(torch.random.get_rng_state(), before)  # the CPU stream is left as it was
+    handle.revert()

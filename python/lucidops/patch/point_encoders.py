@@ -36,6 +36,7 @@ from ..models.pointnet import PointNet
 from ..nn.gaussian_mixture import GaussianPointEncoder
 from ..train.cubes import cloud_cubes, cubes_box
 from ..train.distillation import distill
+from ..train.loop import seeded_rng
 from ..train.pointnet_recipe import DistilledPointNet
 from .handle import PatchHandle, child_slots
 from .instance_method import InstanceMethod
@@ -191,8 +192,9 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
                 out_channels = _last_out_channels(second_conv, f"{path or 'model'}.second_conv")
                 teacher = lambda x, m=module: point_mae_point_features(m, x)  # noqa: E731
                 transform = None
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + i)
+            # The CPU generator only (the student is built there): torch.manual_seed also reseeded
+            # every GPU's generator, outside the fork.
+            with seeded_rng(seed + i, torch.device("cpu")):
                 student: nn.Module  # a GaussianPointEncoder, checked below
                 if student_factory is None:
                     student = GaussianPointEncoder(num_gaussians, out_channels, cloud_range=cube_range,

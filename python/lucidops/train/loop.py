@@ -7,9 +7,10 @@ pieces: every loop runs under ``torchrun`` when ``torch.distributed`` is initial
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -166,8 +167,25 @@ def optimizer_step(opts, loss: Tensor, distributed: bool, world: int, logged: Op
     return float(logged)
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: Optional[int], dev: torch.device) -> Iterator[None]:
+    """Draws from torch's global RNG inside the block (module initialisation, dropout) follow
+    ``seed``, on the CPU and on a CUDA ``dev``; the global state is restored afterwards.
+    ``None``: the block draws from the global RNG as it stands."""
+    if seed is None:
+        yield
+        return
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:  # only the forked device: torch.manual_seed would reseed every GPU
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 __all__ = [
     "OPTIMIZERS", "DistillResult", "dist_info",
     "check_common", "resolve_device", "dtype_of", "TrainingMode", "broadcast_module",
-    "wrap_ddp", "build_optimizers", "progress_bar", "optimizer_step",
+    "wrap_ddp", "build_optimizers", "progress_bar", "optimizer_step", "seeded_rng",
 ]

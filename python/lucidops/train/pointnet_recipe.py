@@ -15,10 +15,9 @@ For a :class:`lucidops.models.PointNet` with an input T-Net:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +29,7 @@ from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
 from .cubes import cloud_cubes, cloud_points, cubes_box
 from .distillation import distill
 from .finetuning import SCHEDULES, _dataset_length, finetune
-from .loop import DistillResult, TrainingMode, broadcast_module, dist_info
+from .loop import DistillResult, TrainingMode, broadcast_module, dist_info, seeded_rng
 
 
 def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32, tnet_gaussians: Optional[int] = None,
@@ -123,7 +122,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     with TrainingMode([teacher], train=False):
         if teacher.input_tnet is not None:
             tnet = teacher.input_tnet
-            with _seeded(seed, dev):
+            with seeded_rng(seed, dev):
                 tnet_enc = GaussianPointEncoder(tnet_gaussians, _out_channels(tnet.encoder[-1]),
                                                 cloud_range=tnet_range, cloud_center=center,
                                                 reduce="max").to(dev, dtype)
@@ -150,7 +149,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
             stage2 = dict(teacher=teacher.point_features, input_transform=teacher.transform_points)
         else:
             stage2 = dict(teacher=teacher.point_features)
-        with _seeded(None if seed is None else seed + 7919, dev):
+        with seeded_rng(None if seed is None else seed + 7919, dev):
             encoder = GaussianPointEncoder(num_gaussians, k, cloud_range=stage2_range, cloud_center=stage2_center,
                                            reduce="max").to(dev, dtype)
         enc_result = distill(stage2.pop("teacher"), encoder, clouds, steps=steps,
@@ -162,7 +161,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
         pts_per_cloud = distill_kwargs.get("points_per_cloud", 1024)
         ft_seed = None if seed is None else seed + 104729
         # The head's dropout draws from the global RNG: seeded too (per rank, as the batches are).
-        with _seeded(None if ft_seed is None else ft_seed + dist_info()[1], dev):
+        with seeded_rng(None if ft_seed is None else ft_seed + dist_info()[1], dev):
             ft_result = finetune(model, finetune_data, steps=finetune_steps, lr=finetune_lr,
                                  batch_size=distill_kwargs.get("batch_size", 32), points_per_cloud=pts_per_cloud,
                                  encoder_lr_scale=encoder_lr_scale, schedule=finetune_schedule, seed=ft_seed,
@@ -213,23 +212,6 @@ class PointNetDistillResult:
     tnet: Optional[DistillResult]
     encoder: DistillResult
     finetune: Optional[DistillResult]
-
-
-@contextlib.contextmanager
-def _seeded(seed: Optional[int], dev: torch.device) -> Iterator[None]:
-    """Draws from torch's global RNG inside the block (module initialisation, dropout) follow
-    ``seed``, on the CPU and on a CUDA ``dev``; the global state is restored afterwards.
-    ``None``: the block draws from the global RNG as it stands."""
-    if seed is None:
-        yield
-        return
-    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.default_generator.manual_seed(seed)
-        for index in cuda:  # only the forked device: torch.manual_seed would reseed every GPU
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
-        yield
 
 
 def _transformed_box(centres: Tensor, halves: Tensor, transforms: Tensor) -> Tuple[List[float], float]:

@@ -1,6 +1,7 @@
 """lucidops.data.ModelNet40 on tiny files in PointNet's ply_hdf5_2048 layout."""
 
 import builtins
+import warnings
 
 import numpy as np
 import pytest
@@ -172,3 +173,89 @@ def test_index_errors_name_the_index_given(folder):
         with pytest.raises(TypeError, match="index must be an integer"):
             ds[bad]
     assert torch.equal(ds[torch.tensor([6])][0], ds[-1][0])
+
+
+def _one_file_folder(root, write, names="a\nb\nc\n"):
+    """A train split of one file x.h5 written by ``write(h5file)``; -> its path."""
+    (root / "shape_names.txt").write_text(names)
+    (root / "train_files.txt").write_text("x.h5\n")
+    with h5py.File(root / "x.h5", "w") as f:
+        write(f)
+    return root / "x.h5"
+
+
+def _points(f, m=2):
+    f.create_dataset("data", data=np.zeros((m, 4, 3), np.float32))
+
+
+def _labels(f, m=2):
+    f.create_dataset("label", data=np.zeros((m, 1), np.uint8))
+
+
+# Each raised a raw h5py/numpy TypeError or ValueError naming neither the file nor the key.
+@pytest.mark.parametrize("write, message", [
+    (lambda f: (f.create_group("data"), _labels(f)), r"'data' must be a dataset, got an HDF5 group"),
+    (lambda f: (_points(f), f.create_group("label")), r"'label' must be a dataset, got an HDF5 group"),
+    (lambda f: (f.create_dataset("data", data=3.0), _labels(f)), r"'data' must be an array, got a scalar dataset"),
+    (lambda f: (_points(f, 1), f.create_dataset("label", data=3)), r"'label' must be an array, got a scalar"),
+    (lambda f: (f.create_dataset("data", data=h5py.Empty("f4")), _labels(f)), r"'data' must be an array, got an? "),
+    (lambda f: (f.create_dataset("data", data=np.zeros((2, 4, 3), [("x", "f4"), ("y", "f4")])), _labels(f)),
+     r"'data' must hold real coordinates \(float or integer\), got dtype \[\('x'"),
+    (lambda f: (f.create_dataset("data", data=np.array([b"x", b"y"])), _labels(f)),
+     r"'data' must hold real coordinates \(float or integer\), got dtype \|S1"),
+], ids=["data-group", "label-group", "data-scalar", "label-scalar", "data-null", "data-compound", "data-strings"])
+def test_malformed_datasets_are_value_errors_naming_file_and_key(tmp_path, write, message):
+    path = _one_file_folder(tmp_path, write)
+    with pytest.raises(ValueError, match=message) as exc:
+        ModelNet40(tmp_path, num_points=4)
+    assert str(exc.value).startswith(f"{str(path)!r}: ")
+
+
+def test_integer_data_is_still_read_as_float32(tmp_path):
+    _one_file_folder(tmp_path, lambda f: (f.create_dataset("data", data=np.ones((2, 4, 3), np.int32)), _labels(f)))
+    pts, _ = ModelNet40(tmp_path, num_points=4)[1]
+    assert pts.dtype == torch.float32 and torch.equal(pts, torch.ones(4, 3))
+
+
+def test_out_of_range_labels_name_their_file(folder):
+    # The range was checked after the files were merged, so the error named none of them.
+    root, train, _ = folder
+    _write(root, "ply_data_train1.h5", train[4:], np.array([2, 3, 1]))  # 3 classes
+    with pytest.raises(ValueError, match=r"ply_data_train1\.h5': labels must lie in \[0, 3\) .*got \[1, 3\]"):
+        ModelNet40(root, num_points=4)
+    with h5py.File(root / "ply_data_train0.h5", "w") as f:
+        f.create_dataset("data", data=train[:2])
+        f.create_dataset("label", data=np.array([[-1], [0]], np.int8))
+    with pytest.raises(ValueError, match=r"ply_data_train0\.h5': labels must lie in \[0, 3\) .*got \[-1, 0\]"):
+        ModelNet40(root, num_points=4)
+
+
+@pytest.mark.parametrize("value, shown", [(1e30, r"1e\+30"), (np.inf, "inf"), (-1e30, r"-1e\+30")])
+def test_huge_float_labels_are_range_checked_before_the_int64_cast(tmp_path, value, shown):
+    # 1e30 passed the whole-number check, wrapped to -2**63 in the cast (RuntimeWarning) and was shown as that.
+    def write(f):
+        _points(f, 1)
+        f.create_dataset("label", data=np.array([[value]]))
+
+    path = _one_file_folder(tmp_path, write)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "invalid value encountered in cast"
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\) .*got \[{shown}, {shown}\]") as exc:
+            ModelNet40(tmp_path, num_points=4)
+    assert str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("name", ["shape_names.txt", "train_files.txt"])
+def test_binary_text_file_is_a_value_error_naming_it(tmp_path, name):
+    _one_file_folder(tmp_path, lambda f: (_points(f), _labels(f)))
+    (tmp_path / name).write_bytes(b"\xff\xfe\x00abc\n")
+    with pytest.raises(ValueError, match=r"is not a UTF-8 text file") as exc:
+        ModelNet40(tmp_path, num_points=4)
+    assert repr(str(tmp_path / name)) in str(exc.value)
+
+
+def test_text_files_are_utf8_whatever_the_locale(tmp_path):
+    # Read with an explicit encoding: a UTF-8 class name (and a BOM an editor may add) under any locale.
+    _one_file_folder(tmp_path, lambda f: (_points(f), _labels(f)))
+    (tmp_path / "shape_names.txt").write_bytes("\ufeffcafé\nb\n".encode("utf-8"))
+    assert ModelNet40(tmp_path, num_points=4).classes == ["café", "b"]

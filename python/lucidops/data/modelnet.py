@@ -32,6 +32,18 @@ def _h5py():
     return h5py
 
 
+def _read_array(h5py, f, key: str, path: str) -> np.ndarray:
+    """Dataset ``key`` of the open file ``f`` as an array, with errors naming file and key: h5py's own
+    ("Accessing a group is done with bytes or str", "Illegal slicing argument for scalar dataspace") name neither."""
+    obj = f[key]
+    if not isinstance(obj, h5py.Dataset):
+        raise ValueError(f"{path!r}: {key!r} must be a dataset, got an HDF5 {type(obj).__name__.lower()}")
+    if not obj.shape:  # () for a scalar dataspace, None for an empty (null) one
+        kind = "scalar" if obj.shape == () else "empty (null dataspace)"
+        raise ValueError(f"{path!r}: {key!r} must be an array, got a {kind} dataset")
+    return np.asarray(obj[()])
+
+
 class ModelNet40(Dataset):
     """ModelNet40 clouds from PointNet's HDF5 files: item ``i`` is (points (num_points, 3) float32, label int64 ()).
 
@@ -87,17 +99,27 @@ class ModelNet40(Dataset):
                 with h5py.File(path, "r") as f:
                     missing = [key for key in ("data", "label") if key not in f]
                     if not missing:
-                        d = np.asarray(f["data"][:], dtype=np.float32)
-                        raw_labels = np.asarray(f["label"][:]).reshape(-1)
+                        raw_data = _read_array(h5py, f, "data", path)
+                        raw_labels = _read_array(h5py, f, "label", path).reshape(-1)
             except OSError as err:
                 raise ValueError(f"{path!r} is not a readable HDF5 file ({err})") from err
             if missing:
                 raise ValueError(f"{path!r} has no dataset {missing[0]!r} (expected 'data' and 'label')")
+            # Checked before the cast: strings or a compound dtype fail in numpy with no file or key named.
+            if not (np.issubdtype(raw_data.dtype, np.integer) or np.issubdtype(raw_data.dtype, np.floating)):
+                raise ValueError(f"{path!r}: 'data' must hold real coordinates (float or integer), "
+                                 f"got dtype {raw_data.dtype}")
+            d = raw_data.astype(np.float32, copy=False)
             # Integer class ids only: a float label (0.7) would be truncated to a class silently.
             if not (np.issubdtype(raw_labels.dtype, np.integer)
                     or (np.issubdtype(raw_labels.dtype, np.floating) and np.all(raw_labels == np.round(raw_labels)))):
                 raise ValueError(f"{path!r}: 'label' must hold integer class ids, got {raw_labels.dtype} values "
                                  f"such as {raw_labels[:3].tolist()}")
+            # Per file, so the error names it, and before the int64 cast: a float label such as 1e30 or
+            # inf would wrap to -2**63 (with a RuntimeWarning) and be reported as that.
+            if raw_labels.size and (raw_labels.min() < 0 or raw_labels.max() >= len(self.classes)):
+                raise ValueError(f"{path!r}: labels must lie in [0, {len(self.classes)}) (shape_names.txt has "
+                                 f"{len(self.classes)} classes), got [{raw_labels.min()}, {raw_labels.max()}]")
             lab = raw_labels.astype(np.int64)
             if d.ndim != 3 or d.shape[2] != 3:
                 raise ValueError(f"{path!r}: 'data' must have shape (M, P, 3), got {d.shape}")
@@ -117,17 +139,19 @@ class ModelNet40(Dataset):
         self.num_points = self.stored_points if num_points is None else num_points
         self.data = np.concatenate(data)
         self.labels = np.concatenate(labels)
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
-            raise ValueError(f"labels must lie in [0, {len(self.classes)}) (shape_names.txt has "
-                             f"{len(self.classes)} classes), got [{self.labels.min()}, {self.labels.max()}]")
 
     def _read_lines(self, name: str) -> List[str]:
         path = os.path.join(self.root, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"ModelNet40 folder {self.root!r} has no {name} (expected PointNet's "
                                     "modelnet40_ply_hdf5_2048 layout)")
-        with open(path) as f:
-            return [line.strip() for line in f if line.strip()]
+        # An explicit encoding (the locale's may not be UTF-8; "-sig" drops a BOM an editor may add), and a
+        # binary file is a ValueError naming it: UnicodeDecodeError names no file.
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                return [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path!r} is not a UTF-8 text file ({err})") from err
 
     @property
     def num_classes(self) -> int:

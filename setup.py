@@ -77,29 +77,36 @@ def _extensions():
                 extra_link_args=cuda.ldflags,
             )
         )
-    return exts, {"build_ext": _recording_archs(BuildExtension, cuda_archs, _ext_sources.ARCHS_FILE)}
+    return exts, {"build_ext": _recording_archs(BuildExtension, cuda_archs, _ext_sources.ARCHS_FILE,
+                                                cpu.cpu_features, _ext_sources.CPU_FEATURES_FILE)}
 
 
-def _recording_archs(base, archs, archs_file):
+def _recording_archs(base, archs, archs_file, cpu_features=(), cpu_features_file=None):
     """build_ext that also writes the CUDA extension's arch list next to it: SOURCE_HASH leaves
     the archs out (they differ between a GPU-less build host and the GPU that runs it), and the
-    loader uses the module only where this list covers the visible GPUs."""
+    loader uses the module only where this list covers the visible GPUs. Likewise the CPU
+    features a -march=native CPU module needs: the loader skips it on a CPU without them."""
+    records = {"lucidops._C_cuda": (archs_file, ";".join(archs))}
+    if cpu_features and cpu_features_file:
+        records["lucidops._C_cpu"] = (cpu_features_file, " ".join(cpu_features))
 
     class BuildExt(base):
-        def _write_archs(self, folder):
-            with open(os.path.join(folder, archs_file), "w", encoding="utf-8") as f:
-                f.write(";".join(archs) + "\n")
+        def _write_record(self, name, folder):
+            filename, text = records[name]
+            with open(os.path.join(folder, filename), "w", encoding="utf-8") as f:
+                f.write(text + "\n")
 
         def build_extension(self, ext):
             super().build_extension(ext)
-            if ext.name == "lucidops._C_cuda":
-                self._write_archs(os.path.dirname(self.get_ext_fullpath(ext.name)))
+            if ext.name in records:
+                self._write_record(ext.name, os.path.dirname(self.get_ext_fullpath(ext.name)))
 
         def copy_extensions_to_source(self):
-            # An editable install copies the modules into the source tree: the list goes too.
+            # An editable install copies the modules into the source tree: the records go too.
             super().copy_extensions_to_source()
-            if any(ext.name == "lucidops._C_cuda" for ext in self.extensions):
-                self._write_archs(self.get_finalized_command("build_py").get_package_dir("lucidops"))
+            for ext in self.extensions:
+                if ext.name in records:
+                    self._write_record(ext.name, self.get_finalized_command("build_py").get_package_dir("lucidops"))
 
     return BuildExt
 

@@ -215,6 +215,56 @@ def test_cache_folder_is_per_sources_location_and_python_abi(tmp_path, monkeypat
     assert other_python.source_hash == here.source_hash and other_python.module_name != here.module_name
 
 
+def test_native_cpu_builds_are_per_cpu_and_portable_ones_are_not(monkeypatch):
+    """-march=native builds for the build machine's instruction sets: a cache shared by machines
+    (an NFS home) served an AVX-512 build to a CPU without AVX-512 (an illegal instruction)."""
+    monkeypatch.delenv("LUCIDOPS_CPU_ARCH_FLAGS", raising=False)
+    monkeypatch.setattr(_ext_sources, "host_cpu_features", lambda: ["avx2", "avx512f", "fma"])
+    big = _ext_sources.spec("cpu")
+    monkeypatch.setattr(_ext_sources, "host_cpu_features", lambda: ["avx2", "fma"])
+    small = _ext_sources.spec("cpu")
+    assert big.cpu_features == ["avx2", "avx512f", "fma"] and small.cpu_features == ["avx2", "fma"]
+    assert big.source_hash == small.source_hash and big.module_name != small.module_name
+    monkeypatch.setenv("LUCIDOPS_CPU_ARCH_FLAGS", "-march=x86-64-v3")  # portable: one build for all
+    portable = _ext_sources.spec("cpu")
+    monkeypatch.setattr(_ext_sources, "host_cpu_features", lambda: ["avx2", "avx512f", "fma"])
+    assert portable.cpu_features == [] and _ext_sources.spec("cpu").module_name == portable.module_name
+
+
+def test_host_cpu_features_are_read():
+    features = _ext_sources.host_cpu_features()
+    assert features and features == sorted(set(features))
+    if Path("/proc/cpuinfo").is_file() and sysconfig.get_platform().endswith("x86_64"):
+        assert "sse2" in features  # every x86-64 CPU has it
+
+
+def test_ahead_of_time_native_cpu_module_is_skipped_on_a_cpu_without_its_features(monkeypatch, tmp_path):
+    """setup.py records the build host's CPU features next to a -march=native _C_cpu; the loader
+    checks them before importing it (its code may already use the missing instructions)."""
+    namespace, _ = _run_setup(monkeypatch)
+
+    class FakeBuildExt:
+        def build_extension(self, ext):
+            Path(self.get_ext_fullpath(ext.name)).write_text("")
+
+        def get_ext_fullpath(self, name):
+            return str(tmp_path / (name.rsplit(".", 1)[1] + ".so"))
+
+    cmd = namespace["_recording_archs"](FakeBuildExt, [], _ext_sources.ARCHS_FILE, ["avx2", "avx512f"],
+                                        _ext_sources.CPU_FEATURES_FILE)()
+    cmd.build_extension(types.SimpleNamespace(name="lucidops._C_cpu"))
+    assert (tmp_path / _ext_sources.CPU_FEATURES_FILE).read_text().split() == ["avx2", "avx512f"]
+    mod = _install_prebuilt(monkeypatch, tmp_path, "cpu", _ext_sources.spec("cpu").source_hash)
+    monkeypatch.setattr(_ext.importlib.util, "find_spec",
+                        lambda name: types.SimpleNamespace(origin=mod.__file__) if name == "lucidops._C_cpu" else None)
+    monkeypatch.setattr(_ext_sources, "host_cpu_features", lambda: ["avx", "avx2", "avx512f", "fma"])
+    assert _ext._prebuilt("cpu", _ext_sources.spec("cpu")) is mod
+    monkeypatch.setattr(_ext_sources, "host_cpu_features", lambda: ["avx", "avx2", "fma"])
+    imported = []
+    monkeypatch.setattr(_ext.importlib, "import_module", lambda name: imported.append(name))
+    assert _ext._prebuilt("cpu", _ext_sources.spec("cpu")) is None and imported == []
+
+
 @pytest.mark.parametrize("built, needed, covered", [
     (["8.0", "9.0"], ["9.0"], True),
     (["8.0", "9.0"], ["8.0", "9.0"], True),

@@ -110,9 +110,31 @@ def prebuilt_archs(mod: ModuleType) -> List[str]:
     return [a.strip() for a in text.replace(",", ";").split(";") if a.strip()]
 
 
+def _cpu_runs_prebuilt() -> bool:
+    """Whether this CPU has every feature an ahead-of-time ``lucidops._C_cpu`` was built for:
+    the file setup.py writes next to a -march=native build (none: portable flags). Read before
+    the module is imported, whose code may already use instructions this CPU lacks."""
+    origin = getattr(sys.modules.get("lucidops._C_cpu"), "__file__", None)  # already imported
+    if origin is None:
+        try:
+            found = importlib.util.find_spec("lucidops._C_cpu")
+        except (ImportError, ValueError):
+            found = None
+        origin = found.origin if found is not None else None
+    if not origin:
+        return True
+    try:
+        text = (Path(origin).parent / _ext_sources.CPU_FEATURES_FILE).read_text()
+    except OSError:
+        return True
+    return set(text.split()) <= set(_ext_sources.host_cpu_features())
+
+
 def _prebuilt(kind: str, spec: _ext_sources.ExtensionSpec) -> Optional[ModuleType]:
-    """The ahead-of-time module for ``kind`` when it was built from these sources (and, for
-    CUDA, for every visible GPU's capability), else None."""
+    """The ahead-of-time module for ``kind`` when it was built from these sources (and for this
+    CPU's features, or for CUDA every visible GPU's capability), else None."""
+    if kind == "cpu" and not _cpu_runs_prebuilt():
+        return None
     try:
         mod = importlib.import_module(f"lucidops._C_{kind}")
     except ImportError:

@@ -6,13 +6,17 @@ into the module (``SOURCE_HASH``) so that a stale ahead-of-time build is recogni
 ignored. It leaves out the CUDA architectures, which depend on the machine (a GPU-less
 build host targets sm_80/sm_90, a run on an H100 only sm_90): an ahead-of-time build records
 its list instead (``ARCHS_FILE``) and is used where it covers the visible GPUs. The lazy
-build's cache folder is named by a second hash that includes them.
+build's cache folder is named by a second hash that includes them. Likewise for the CPU:
+``-march=native`` means the build host's instruction sets, so a lazy build's folder is also
+named by the host's CPU features (``host_cpu_features``), and an ahead-of-time build records
+them (``CPU_FEATURES_FILE``) and is used only on a CPU that has them all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import sys
 import sysconfig
@@ -76,6 +80,29 @@ def cuda_arch_list() -> List[str]:
 
 # Written next to an ahead-of-time lucidops._C_cuda by setup.py: its arch list, ';'-separated.
 ARCHS_FILE = "_C_cuda_archs.txt"
+# Written next to an ahead-of-time lucidops._C_cpu built for the host's CPU (-march=native):
+# that CPU's features, space-separated.
+CPU_FEATURES_FILE = "_C_cpu_features.txt"
+
+
+def host_cpu_features() -> List[str]:
+    """The instruction-set features of this machine's CPU, sorted: /proc/cpuinfo's flags (x86)
+    or Features (ARM) line, else the processor's name. A module built with -march=native uses
+    them: one built on an AVX-512 machine dies of an illegal instruction on a CPU without."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return sorted(set(value.split()))
+    except OSError:
+        pass
+    return [f"{platform.machine()}:{platform.processor()}"]
+
+
+def builds_for_host(cflags: List[str]) -> bool:
+    """Whether the flags target the build machine's own CPU (-march=native, -mcpu=native, ...)."""
+    return any(flag.endswith("=native") for flag in cflags)
 
 
 def _major_minor(arch: str) -> str:
@@ -138,6 +165,8 @@ class ExtensionSpec:
     source_hash: str = ""
     # CUDA compute capabilities the build targets (empty for the CPU extension).
     archs: List[str] = field(default_factory=list)
+    # The CPU features a -march=native CPU build needs (empty for portable flags and for CUDA).
+    cpu_features: List[str] = field(default_factory=list)
     # source_hash plus the architectures, the sources' folder and the Python ABI: names the
     # lazy build's cache folder.
     build_hash: str = ""
@@ -188,7 +217,10 @@ def spec(kind: str, root: Optional[str] = None, arch_list: Optional[List[str]] =
     # paths and Python's headers: each use from the other rebuilt it (a minute, at every
     # alternation), and another Python version would load a module built for the first.
     where = [str(base.resolve()), sysconfig.get_config_var("EXT_SUFFIX") or sys.version]
-    build_digest = hashlib.sha256(" ".join([digest] + arch_flags + where).encode()).hexdigest()
+    # And per CPU for a -march=native build: a cache shared by machines (an NFS home) served an
+    # AVX-512 build to a CPU without AVX-512.
+    cpu_features = host_cpu_features() if kind == "cpu" and builds_for_host(cflags) else []
+    build_digest = hashlib.sha256(" ".join([digest] + arch_flags + where + cpu_features).encode()).hexdigest()
     # An identifier, not a string literal: quotes do not survive ninja's shell.
     define = f"-DLUCIDOPS_SOURCE_HASH=h{digest}"
     return ExtensionSpec(
@@ -200,5 +232,6 @@ def spec(kind: str, root: Optional[str] = None, arch_list: Optional[List[str]] =
         include_dirs=[str(base)],
         source_hash=digest,
         archs=archs,
+        cpu_features=cpu_features,
         build_hash=build_digest,
     )

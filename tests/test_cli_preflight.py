@@ -96,6 +96,65 @@ def test_demo_png_paths_are_checked_before_any_work(demo, where, tmp_path, capsy
     assert message in captured.err and option in captured.err and not captured.out
 
 
+@pytest.mark.parametrize("command", ["gpe", "unlearn", "profile"])
+@pytest.mark.parametrize("where", ["trailing separator", "dot", "file as folder", "unwritable folder"])
+def test_every_png_option_is_checked_before_any_work(command, where, tmp_path, capsys, monkeypatch):
+    """A --png ending in a separator passed the check (abspath strips it) and every command
+    crashed with IsADirectoryError after its whole run; `profile --png /proc/x.png` was not
+    checked for writability at all. One check (demos._png) now serves all three commands."""
+    from lucidops.demos import gpe, unlearn
+
+    monkeypatch.setattr(gpe, "run_demo", lambda cfg: pytest.fail("trained before checking the PNG path"))
+    monkeypatch.setattr(unlearn, "run_experiment", lambda *a, **k: pytest.fail("ran before checking the PNG path"))
+    monkeypatch.setattr(cli, "_make_model", lambda *a, **k: pytest.fail("profiled before checking the PNG path"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    path, message = {
+        "trailing separator": (str(tmp_path / "newdir") + os.sep, "must be a file path, got the folder"),
+        "dot": (os.path.join(str(tmp_path / "newdir"), "."), "must be a file path, got the folder"),
+        "file as folder": (str(blocker / "x.png"), "is not a folder"),
+        "unwritable folder": ("/proc/lucidops-test/x.png", "cannot write in '/proc'"),
+    }[where]
+    argv = (["profile", "--model", "pointnet", "--patch", "--quiet"] if command == "profile" else
+            ["demo", command, "--quick"] + (["--no-progress"] if command == "gpe" else []))
+    assert cli.main(argv + ["--png", path]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "--png: " in captured.err and message in captured.err, captured.err
+    assert not captured.out and not (tmp_path / "newdir").exists()  # nothing run, no folder made
+
+
+def _unpatched(monkeypatch):
+    """`--patch` distils Gaussian encoders for a minute: compare the model with a plain copy."""
+    monkeypatch.setattr(cli, "_patch", lambda model, kind: model)
+    return ["profile", "--model", "pointnet_vanilla", "--patch", "--points", "16", "--repeat", "1", "--warmup", "0",
+            "--depth", "0", "--quiet"]
+
+
+def test_profile_makes_a_missing_png_folder_as_the_demos_do(tmp_path, capsys, monkeypatch):
+    """profile refused a folder that did not exist yet while the demos made it: both make it."""
+    from lucidops import profile
+    from lucidops.demos import _png
+
+    assert profile.png_path_problem is _png.png_path_problem  # one implementation
+    png = tmp_path / "new" / "sub" / "c.png"
+    assert profile.png_path_problem(png) is None
+    assert cli.main(_unpatched(monkeypatch) + ["--png", str(png)]) == 0, capsys.readouterr().err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in capsys.readouterr().out
+
+
+def test_profile_prints_its_table_even_when_the_png_cannot_be_saved(tmp_path, capsys, monkeypatch):
+    """The chart was saved inside compare(), before the table was printed: a failed save lost it."""
+    from lucidops import profile
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(profile.ProfileComparison, "plot", disk_full)
+    assert cli.main(_unpatched(monkeypatch) + ["--png", str(tmp_path / "c.png")]) == 1
+    captured = capsys.readouterr()
+    assert "patched/original" in captured.out and "No space left on device" in captured.err
+
+
 def test_a_refused_gpe_run_leaves_no_folder_behind(tmp_path, capsys):
     """The PNG's folder was made while checking the arguments: a run refused for --data left an
     empty --out folder. It is made only when the PNG is written now."""

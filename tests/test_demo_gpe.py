@@ -360,6 +360,78 @@ def test_demo_bad_data_and_png_paths(tmp_path, capsys):
         cli.main(["demo", "gpe", "--steps", "many"])
 
 
+def _parse(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    gpe.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("flags", [["--classes", "12"], ["--train-size", "3"], ["--test-size", "1"],
+                                   ["--classes", "12", "--train-size", "3", "--test-size", "1"]])
+def test_synthetic_sizes_with_data_are_refused(flags, tmp_path, capsys, monkeypatch):
+    """They size SyntheticShapes only: with --data they were ignored without a word."""
+    monkeypatch.setattr(gpe, "run_demo", lambda cfg: pytest.fail("ran with options it ignores"))
+    rc = cli.main(["demo", "gpe", "--quick", "--no-progress", "--no-png", "--data", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "apply to the synthetic data, not --data" in err
+    assert all(flag in err for flag in flags if flag.startswith("--"))
+
+
+def test_quick_with_data_shortens_training_and_keeps_the_splits(tmp_path):
+    """--quick stays allowed with --data: it shortens training; its data sizes apply to
+    SyntheticShapes only (ModelNet40's splits are used whole)."""
+    pytest.importorskip("h5py")
+    cfg = gpe._settings(_parse(["--quick", "--no-png", "--data", str(tmp_path)]))
+    assert cfg["data"] == str(tmp_path)
+    assert all(cfg[k] == gpe.QUICK[k] for k in ("steps", "distill_steps", "finetune_steps", "points"))
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    gpe.add_arguments(parser)
+    assert "with --data" in " ".join(parser.format_help().split())  # and the help says so
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-png", "--png", "x.png"], "--no-png and --png contradict"),
+    (["--no-png", "--out", "somewhere"], "--no-png and --out contradict"),
+    (["--png", "x.png", "--out", "somewhere"], "--png and --out both name where the PNG goes"),
+])
+def test_contradictory_png_options_are_refused(argv, message, tmp_path, capsys, monkeypatch):
+    """--no-png silently won over --png (and --png over --out): the PNG asked for never came."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gpe, "run_demo", lambda cfg: pytest.fail("ran with options it ignores"))
+    rc = cli.main(["demo", "gpe", "--quick", "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and message in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_table_is_printed_before_the_png_is_saved(tmp_path, capsys, monkeypatch):
+    """run_demo drew the PNG before run() printed the table: a save that failed at the end
+    (a full disk) lost the whole run's results. Now the table comes first and the exit is 1."""
+    rows = [gpe.Row(name, 50.0, 1000, 2000, 1000, 1.0, 1024, "-") for name in gpe.ROW_NAMES]
+
+    def fake_run_demo(cfg):  # run_demo's contract: it plots when cfg["png"] is set
+        result = gpe.DemoResult(rows=rows, gap=0.0, dense_gap=0.0, png=None, seconds=1.0, stage_seconds={},
+                                dataset="fake")
+        if cfg["png"]:
+            result.png = gpe.plot(result, cfg["png"])
+        return result
+
+    def disk_full(result, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gpe, "run_demo", fake_run_demo)
+    monkeypatch.setattr(gpe, "plot", disk_full)
+    rc = cli.main(["demo", "gpe", "--quick", "--no-progress", "--png", str(tmp_path / "t.png")])
+    captured = capsys.readouterr()
+    assert rc == 1 and set(_table_lines(captured.out)) == set(gpe.ROW_NAMES)
+    assert "No space left on device" in captured.err and "wrote" not in captured.out
+
+
 def test_eager_dense_computes_the_fused_function_and_restores_the_model():
     torch.manual_seed(0)
     model = GaussianPointNet(num_classes=4, num_gaussians=5, out_channels=16).eval()

@@ -3,6 +3,7 @@ gradient_difference callback it relies on."""
 
 import argparse
 import math
+import os
 
 import pytest
 import torch
@@ -212,6 +213,29 @@ def test_cli_quick_run(tmp_path, capsys):
     for name in ("lora", "sine"):
         assert math.isfinite(float(rows[name][1])) and math.isfinite(float(rows[name][3]))
         assert rows[name][-1] == "yes"
+
+
+def test_cli_keeps_the_table_when_the_png_cannot_be_saved(quick_result, tmp_path, capsys, monkeypatch):
+    """A save that failed after the run (the path is checked up front, but a disk can fill up)
+    ended in a traceback; now the printed table stays and the exit status is 1."""
+    def disk_full(result, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(unlearn, "run_experiment", lambda cfg, progress=False: quick_result)
+    monkeypatch.setattr(unlearn, "plot", disk_full)
+    rc = unlearn.run(_parse(["--quick", "--png", str(tmp_path / "u.png")]))
+    captured = capsys.readouterr()
+    assert rc == 1 and "pretrained" in captured.out and "wrote" not in captured.out
+    assert "error: could not write the PNG" in captured.err and "No space left on device" in captured.err
+
+
+def test_png_ending_in_a_separator_is_refused_before_pretraining(tmp_path, capsys, monkeypatch):
+    """`--png newdir/` passed the check and crashed with IsADirectoryError after the run."""
+    monkeypatch.setattr(unlearn, "run_experiment", lambda *a, **k: pytest.fail("ran before checking --png"))
+    rc = unlearn.run(_parse(["--quick", "--png", str(tmp_path / "newdir") + os.sep]))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--png: must be a file path, got the folder" in err
+    assert not (tmp_path / "newdir").exists()
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -518,8 +518,8 @@ def test_cli_profile_one_point_model(capsys):
     (["--model", "resnet18", "--img-size", "32", "--patch"], "found nothing to patch in this model"),
     (["--model", "pointnet", "--warmup", "-1"], "--warmup must be >= 0"),  # was a traceback
     (["--model", "pointnet", "--depth", "-1"], "--depth must be >= 0"),
-    (["--model", "pointnet", "--patch", "--png", "/no/such/folder/x.png"], "folder '/no/such/folder' does not exist"),
-    (["--model", "pointnet", "--patch", "--png", "/"], "'/' is a folder"),
+    (["--model", "pointnet", "--patch", "--png", "/proc/no/x.png"], "cannot write in '/proc'"),
+    (["--model", "pointnet", "--patch", "--png", "/"], "must be a file path, got the folder '/'"),
 ] + ([] if torch.cuda.is_available() else [(["--model", "pointnet", "--device", "cuda"], "CUDA is not available")]))
 def test_cli_profile_bad_input(args, message, capsys):
     assert cli.main(["profile", "--quiet"] + args) == 2

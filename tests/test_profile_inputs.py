@@ -3,6 +3,7 @@ found it (gradients, compiled calls); the meta device; compare()'s png preflight
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -239,9 +240,32 @@ def test_compare_refuses_a_png_path_that_is_a_folder_before_profiling(tmp_path):
             return super().forward(t)
 
     model = Logged(8, 4)
-    with pytest.raises(IsADirectoryError, match="is a folder"):
-        lucidops.profile.compare(model, copy.deepcopy(model), torch.randn(3, 8), png=tmp_path, repeat=1, warmup=0)
+    # A name ending in a separator (a folder to be) passed too: abspath strips the separator.
+    # /proc was not checked for writability: both failed after the profiling.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for png, error, message in [(tmp_path, IsADirectoryError, "must be a file path, got the folder"),
+                                (str(tmp_path / "new") + os.sep, IsADirectoryError, "got the folder"),
+                                (blocker / "x.png", NotADirectoryError, "is not a folder"),
+                                ("/proc/lucidops-test/x.png", PermissionError, "cannot write in '/proc'")]:
+        with pytest.raises(error, match=message):
+            lucidops.profile.compare(model, copy.deepcopy(model), torch.randn(3, 8), png=png, repeat=1, warmup=0)
     assert calls == []  # refused before any profiling
-    assert "is a folder" in lucidops.profile.png_path_problem(tmp_path)
-    assert "does not exist" in lucidops.profile.png_path_problem(tmp_path / "no" / "x.png")
+    assert not (tmp_path / "new").exists()
+    assert "got the folder" in lucidops.profile.png_path_problem(tmp_path)
     assert lucidops.profile.png_path_problem(tmp_path / "x.png") is None
+
+
+def test_compare_makes_a_missing_png_folder_as_the_demos_do(tmp_path):
+    """compare() refused a folder that did not exist yet (FileNotFoundError) while the demos
+    made theirs: one rule now, the demos' (lucidops.demos._png), and the folder is made."""
+    pytest.importorskip("matplotlib")
+    from lucidops.demos import _png
+
+    assert lucidops.profile.png_path_problem is _png.png_path_problem
+    png = tmp_path / "no" / "sub" / "x.png"
+    assert lucidops.profile.png_path_problem(png) is None
+    model = nn.Linear(8, 4)
+    lucidops.profile.compare(model, copy.deepcopy(model), torch.randn(3, 8), png=png, repeat=1, warmup=0,
+                             fvcore=False)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -179,6 +179,8 @@ def profile_command(args: argparse.Namespace) -> int:
                 raise ProfileError(f"{flag} must be >= {low}, got {value}")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ProfileError("--device cuda but CUDA is not available here")
+        # The demos' check: a folder (or a name ending in a separator) or an unwritable place is
+        # refused now, before minutes of profiling; a folder that does not exist yet is made.
         problem = profile.png_path_problem(args.png) if args.png else None
         if problem is not None:
             raise ProfileError(f"--png: {problem}")
@@ -201,8 +203,9 @@ def profile_command(args: argparse.Namespace) -> int:
         result: Union[ProfileComparison, ProfileReport]
         if args.patch:
             patched = _patch(copy.deepcopy(model), kind)
-            result = profile.compare(model, patched, inputs, png=args.png,
-                                     names=(args.model, f"{args.model} (patched)"), **options)
+            # The chart is drawn after the table is printed: a failed save then loses no result.
+            result = profile.compare(model, patched, inputs, names=(args.model, f"{args.model} (patched)"),
+                                     **options)
         else:
             if args.png:
                 raise ProfileError("--png plots a comparison: use it with --patch")
@@ -212,6 +215,12 @@ def profile_command(args: argparse.Namespace) -> int:
         return 2
     print(result)
     if args.png:
+        assert isinstance(result, profile.ProfileComparison)  # --png without --patch was refused
+        try:
+            result.plot(args.png)
+        except OSError as err:  # checked up front; the disk can still fill up or the folder vanish
+            print(f"error: --png: could not write {args.png!r}: {err}", file=sys.stderr)
+            return 1
         print(f"wrote {args.png}")
     return 0
 
@@ -226,7 +235,8 @@ def _add_profile_arguments(p: argparse.ArgumentParser) -> None:
                    help="timm transformers: build with this many heads per block (default: the model's)")
     p.add_argument("--points", type=int, default=None, help="points per cloud for point models (default 1024)")
     p.add_argument("--backward", action="store_true", help="profile forward + backward, not the forward alone")
-    p.add_argument("--png", default=None, help="with --patch: write a bar chart of the ratios (needs matplotlib)")
+    p.add_argument("--png", default=None,
+                   help="with --patch: write a bar chart of the ratios here, making its folder (needs matplotlib)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
     p.add_argument("--repeat", type=int, default=10, help="timed runs; the latency is their median (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")

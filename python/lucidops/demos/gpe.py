@@ -141,10 +141,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-points", type=int, default=None,
                         help=f"points of the cloud the latency/FLOPs/memory are measured on (default {d['profile_points']})")
     parser.add_argument("--repeat", type=int, default=None, help=f"timed runs per latency (default {d['repeat']})")
-    parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds, not minutes)")
-    parser.add_argument("--out", default=".", metavar="DIR", help="folder for the PNG (default: the current folder)")
-    parser.add_argument("--png", default=None, metavar="PATH", help="the PNG's path (default: OUT/gpe_table.png)")
-    parser.add_argument("--no-png", action="store_true", help="do not write the PNG")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings for a smoke test (seconds, not minutes): few training steps, small "
+                             "models; with --data the ModelNet40 splits are used whole, only training is shortened")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="folder for the PNG, made if missing (default: the current folder)")
+    parser.add_argument("--png", default=None, metavar="PATH",
+                        help="the PNG's path, instead of --out (default: OUT/gpe_table.png)")
+    parser.add_argument("--no-png", action="store_true", help="do not write the PNG (not with --out or --png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -169,6 +173,13 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
             raise DemoError(f"--{key.replace('_', '-')} must be a finite number > 0, got {v!r}")
     from ..data import SHAPES
 
+    # --classes, --train-size and --test-size size the SyntheticShapes splits: ModelNet40 has its
+    # own classes and splits, and a run that ignored them showed a table of something else.
+    synthetic_only = [f"--{key.replace('_', '-')}" for key in ("classes", "train_size", "test_size")
+                      if getattr(args, key, None) is not None]
+    if args.data is not None and synthetic_only:
+        raise DemoError(f"{', '.join(synthetic_only)} apply to the synthetic data, not --data (ModelNet40 "
+                        "has its own classes and splits)")
     if args.data is None and cfg["classes"] > len(SHAPES):
         raise DemoError(f"--classes must be at most {len(SHAPES)} (the SyntheticShapes shapes), got {cfg['classes']}")
     if args.data is None and cfg["classes"] > cfg["train_size"]:
@@ -179,14 +190,19 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
     cfg["seed"] = seed
     cfg["data"] = args.data
     cfg["progress"] = not getattr(args, "no_progress", False)
+    png, out = getattr(args, "png", None), getattr(args, "out", None)
+    # Contradictory PNG options were resolved silently (--no-png won over --png, --png over --out).
+    if getattr(args, "no_png", False) and (png is not None or out is not None):
+        raise DemoError(f"--no-png and {'--png' if png is not None else '--out'} contradict each other: give one")
+    if png is not None and out is not None:
+        raise DemoError("--png and --out both name where the PNG goes: give one")
     if getattr(args, "no_png", False):
         cfg["png"] = None
     else:
-        out = getattr(args, "out", ".") or "."
-        cfg["png"] = args.png if getattr(args, "png", None) else os.path.join(out, "gpe_table.png")
+        cfg["png"] = png if png else os.path.join(out or ".", "gpe_table.png")
         problem = png_path_problem(cfg["png"])  # said now, not after minutes of training
         if problem:
-            raise DemoError(f"--{'png' if getattr(args, 'png', None) else 'out'}: {problem}")
+            raise DemoError(f"--{'png' if png else 'out'}: {problem}")
         no_plotting = _optional.missing("matplotlib", "the PNG (default on; --no-png skips it)")
         if no_plotting:
             raise DemoError(no_plotting)
@@ -539,7 +555,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = _settings(args)
-        result = run_demo(cfg)
+        # The PNG is drawn below, after the table is printed: a save that fails (the path is
+        # checked up front, but a disk can fill up) then loses no result.
+        result = run_demo(dict(cfg, png=None))
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -548,8 +566,13 @@ def run(args: argparse.Namespace) -> int:
                        for k, v in result.stage_seconds.items())
     print(f"Gaussian accuracy after distillation alone (before fine-tuning): {result.distilled_accuracy:.2f}%")
     print(f"wall-clock {result.seconds:.1f} s ({stages}); CPU time {result.cpu_seconds:.1f} s "
-          f"on {torch.get_num_threads()} threads")
-    if result.png:
+          f"on {torch.get_num_threads()} threads", flush=True)
+    if cfg["png"]:
+        try:
+            result.png = plot(result, cfg["png"])
+        except OSError as err:
+            print(f"error: could not write the PNG {cfg['png']!r}: {err}", file=sys.stderr)
+            return 1
         print(f"wrote {result.png}")
     return 0
 

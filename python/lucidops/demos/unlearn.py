@@ -400,7 +400,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="a run of seconds (fewer pretraining, unlearning steps)")
-    parser.add_argument("--out", default="demo_unlearn", help="output directory (default ./demo_unlearn)")
+    parser.add_argument("--out", default="demo_unlearn",
+                        help="output directory, made if missing (default ./demo_unlearn)")
     parser.add_argument("--png", default=None, help="PNG path (default OUT/unlearn.png)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the model is too small to gain from more)")
@@ -453,7 +454,11 @@ def run(args: argparse.Namespace) -> int:
           f"{'/'.join(TARGETS)}; sine/tanh bound the MLP adapters (omega {cfg.omega:g}), attention stays plain")
     print(f"(loss floor: the start symbol is unpredictable, ln({cfg.n_symbols})/{cfg.length - 1} = "
           f"{math.log(cfg.n_symbols) / (cfg.length - 1):.3f}; accuracy counts positions >= 2)")
-    print(format_table(result))
-    plot(result, png)
+    print(format_table(result), flush=True)
+    try:  # the path was checked up front; a disk can still fill up: the table above stays
+        plot(result, png)
+    except OSError as err:
+        print(f"lucidops demo unlearn: error: could not write the PNG {png!r}: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {png}  ({result.seconds:.1f} s)")
     return 0

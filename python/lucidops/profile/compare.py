@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+# png_path_problem is lucidops.profile's too: one check for every PNG lucidops writes.
+from ..demos._png import make_folder, png_path_error, png_path_problem  # noqa: F401
 from .report import (Inputs, Progress, ProfileReport, _bytes, _check_model, _human, _seconds, _table,
                      _untimed_report, time_steps, timed, with_latencies)
 
@@ -84,7 +86,8 @@ class ProfileComparison:
         return "\n".join(lines)
 
     def plot(self, path: Union[str, os.PathLike]) -> None:
-        """Write a bar chart of patched/original per metric (and the speed-up) to ``path``."""
+        """Write a bar chart of patched/original per metric (and the speed-up) to ``path`` (a PNG,
+        whatever its suffix; its folder is made if it does not exist)."""
         try:
             import matplotlib  # noqa: F401
         except ImportError as err:
@@ -117,26 +120,16 @@ class ProfileComparison:
             ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
         fig.tight_layout()
+        make_folder(path)  # a folder that does not exist yet is made, as the demos make theirs
         fig.savefig(os.fspath(path), format="png", dpi=120)
 
 
 def missing_png_folder(png: Any) -> Optional[str]:
-    """The folder a chart at path ``png`` would go into, when that folder does not exist (else
-    None): checked before minutes of profiling, here and by ``lucidops profile --png``."""
+    """The folder a chart at path ``png`` would go into, when that folder does not exist yet
+    (else None). Not an error: :func:`compare` and ``lucidops profile --png`` make it, as the
+    demos do."""
     folder = os.path.dirname(os.path.abspath(os.fspath(png)))
     return None if os.path.isdir(folder) else folder
-
-
-def png_path_problem(png: Any) -> Optional[str]:
-    """Why no chart can be written at path ``png`` (its folder is missing, or it is a folder),
-    or None: checked before minutes of profiling rather than found when saving after them."""
-    folder = missing_png_folder(png)
-    if folder is not None:
-        return f"folder {folder!r} does not exist"
-    path = os.fspath(png)
-    if os.path.isdir(path):
-        return f"{path!r} is a folder: give a file path such as {os.path.join(path, 'compare.png')!r}"
-    return None
 
 
 def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward: bool = False,
@@ -145,7 +138,8 @@ def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward
             progress: Progress = None) -> ProfileComparison:
     """Profile ``original`` and ``patched`` (two modules: patch a ``copy.deepcopy``) on the
     same ``inputs`` as :func:`lucidops.profile.report` does; ``png`` writes a bar chart of the
-    ratios (needs matplotlib: ``pip install lucidops[plot]``). The two models are timed in
+    ratios (needs matplotlib: ``pip install lucidops[plot]``; its folder is made if missing, a
+    path that cannot be written is refused before any profiling). The two models are timed in
     alternation, one run of each per round, so that a slow spell of a busy host falls on
     both (timed one after the other, the same pair measured 0.78x and 1.00x minutes apart).
     Other arguments as :func:`report`."""
@@ -160,9 +154,11 @@ def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward
             import matplotlib  # noqa: F401
         except ImportError as err:
             raise ImportError("png= needs matplotlib: pip install lucidops[plot]") from err
-        problem = png_path_problem(png)
-        if problem is not None:
-            raise (FileNotFoundError if missing_png_folder(png) else IsADirectoryError)(f"png: {problem}")
+        # The demos' check (one set of rules for every PNG lucidops writes): a folder, a name
+        # ending in a separator or an unwritable place is refused now, not after the profiling.
+        error = png_path_error(png)
+        if error is not None:
+            raise type(error)(f"png: {error}")
     if not (isinstance(names, (tuple, list)) and len(names) == 2 and all(isinstance(n, str) for n in names)):
         raise ValueError(f"names must be two strings, got {names!r}")
     kwargs = dict(backward=backward, device=device, repeat=repeat, warmup=warmup, depth=depth, fvcore=fvcore,

@@ -199,6 +199,24 @@ def test_triton_packed_heads_give_every_warp_its_own_heads():
             assert tk._config(table, d_pad, heads - 1)[1] == 1  # too few heads: one head, 2-D dots
 
 
+@pytest.mark.parametrize("with_lo", [False, True])
+def test_triton_backward_delta_in_batch_slices_is_the_whole_one(monkeypatch, with_lo):
+    """rowsum(dO * O) is formed slice by slice of the batch (whole, its float32 temporaries took
+    12 bytes per element at once): bit for bit the whole computation, for any slicing."""
+    tk = pytest.importorskip("lucidops.triton_kernels.attention")
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float32):  # a float32 out must not be changed in place
+        out, grad = (torch.randn(5, 3, 7, 12, generator=g).to(dtype) for _ in range(2))
+        out_lo = (torch.randn(5, 3, 7, 12, generator=g) * 1e-3).to(dtype) if with_lo else out.new_empty(0)
+        kept = (out.clone(), out_lo.clone(), grad.clone())
+        whole = ((out.float() + out_lo.float()) if with_lo else out.float()) * grad.float()
+        for elements in (1, 3 * 7 * 12 * 2, 1 << 26):  # one batch element per slice, two, all
+            monkeypatch.setattr(tk, "DELTA_SLICE_ELEMENTS", elements)
+            delta = tk._delta(grad, out, out_lo)
+            assert delta.dtype == torch.float32 and torch.equal(delta, whole.sum(-1))
+            assert all(torch.equal(a, b) for a, b in zip((out, out_lo, grad), kept))
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpp", "triton")])
 def test_lucidops_kernels_store_token_major_themselves(backend):
     """The op copies any other layout into the token-major one; lucidops' own kernels write

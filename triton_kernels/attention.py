@@ -406,6 +406,26 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask:
     return out, lse, out_lo
 
 
+# Batch elements per slice of _delta's float32 temporaries: about 2^26 elements (256 MiB) each.
+DELTA_SLICE_ELEMENTS = 1 << 26
+
+
+def _delta(grad_out: torch.Tensor, out: torch.Tensor, out_lo: torch.Tensor) -> torch.Tensor:
+    """rowsum(dO * O) (B, H, Nq) in float32, O = out + out_lo (the forward's float32 output
+    split in two). Slice by slice of the batch: whole, its float32 temporaries took 12 bytes
+    per element at once, 6x the bf16 tensors themselves (24 GiB at 2^31 elements)."""
+    bsz, heads, nq, d = out.shape
+    delta = torch.empty((bsz, heads, nq), dtype=torch.float32, device=out.device)
+    step = max(1, DELTA_SLICE_ELEMENTS // max(1, heads * nq * d))
+    for start in range(0, bsz, step):
+        b = slice(start, start + step)
+        acc = out[b].to(torch.float32, copy=True)  # a float32 out's .float() is out itself
+        if out_lo.numel():
+            acc.add_(out_lo[b])  # in float32, as out.float() + out_lo.float()
+        delta[b] = acc.mul_(grad_out[b]).sum(-1)
+    return delta
+
+
 def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor, out: torch.Tensor, out_lo: torch.Tensor, lse: torch.Tensor,
              key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float, dropout_p: float = 0.0,
@@ -421,8 +441,7 @@ def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.
     if bsz * heads == 0 or nk == 0 or nq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     grad_out = unit_last_stride(grad_out.to(q.dtype))  # the op's out layout is read as it is
-    out_acc = out.float() + out_lo.float() if out_lo.numel() else out.float()
-    delta = (grad_out.float() * out_acc).sum(-1)
+    delta = _delta(grad_out, out, out_lo)
     if grad_lse is not None:
         delta = delta - grad_lse.float()
     delta = delta.contiguous()

@@ -472,7 +472,8 @@ def test_distill_pointnet_starts_the_encoders_in_the_clouds():
     seen = ((centres[:, None, :] + half[:, None, None] * corners) @ trans).reshape(-1, 3)
     expected = ((seen.amin(0) + seen.amax(0)) / 2).tolist()
     assert res.model.encoder.cloud_center == pytest.approx(expected, abs=1e-4)
-    assert pointnet_recipe._transformed_box(centres, half, trans)[0] == pytest.approx(expected)
+    low2, high2 = pointnet_recipe._transformed_box(centres, half, trans)
+    assert ((low2 + high2) / 2).tolist() == pytest.approx(expected)
     for enc in (res.model.input_tnet.encoder, res.model.encoder):
         assert enc.cloud_range == 1.0  # the default range
     # cloud_range="auto": half the longest side of each stage's box.
@@ -481,6 +482,13 @@ def test_distill_pointnet_starts_the_encoders_in_the_clouds():
     assert res.model.input_tnet.encoder.cloud_range == pytest.approx(float((high - low).max() / 2))
     assert res.model.encoder.cloud_range == pytest.approx(float((seen.amax(0) - seen.amin(0)).max() / 2), rel=1e-4)
     assert res.model.encoder.cloud_center == pytest.approx(expected, abs=1e-4)
+    # With a given centre, "auto" sizes the cube around that centre to hold the clouds' box: half
+    # the box's side about its own centre left clouds in [109, 111]^3 outside a cube around 100.
+    res = distill_pointnet(teacher, data, num_gaussians=4, steps=1, tnet_steps=1, batch_size=2, points_per_cloud=8,
+                           cloud_center=(8.5, 9.0, 9.5), cloud_range="auto", seed=0, progress=False)
+    reach = torch.maximum(torch.tensor([8.5, 9.0, 9.5], dtype=torch.float64) - low, high - torch.tensor([8.5, 9.0, 9.5]))
+    assert res.model.input_tnet.encoder.cloud_range == pytest.approx(float(reach.max()))
+    assert res.model.input_tnet.encoder.cloud_range > float((high - low).max() / 2)
     for bad, error in (("big", ValueError), (0.0, ValueError), (None, TypeError)):
         with pytest.raises(error, match="cloud_range"):
             distill_pointnet(teacher, data, steps=1, cloud_range=bad, progress=False)

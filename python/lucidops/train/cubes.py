@@ -66,12 +66,24 @@ def cloud_cubes(clouds) -> Tuple[Tensor, Tensor]:
     return centres, half.clamp_min(1e-6)
 
 
+def cubes_bounds(centres: Tensor, halves: Tensor) -> Tuple[Tensor, Tensor]:
+    """(low, high) (3,) of the box around every cube (``cloud_cubes``' centres (M, 3) and
+    half-sides (M,))."""
+    return (centres - halves[:, None]).amin(0), (centres + halves[:, None]).amax(0)
+
+
 def cubes_box(centres: Tensor, halves: Tensor) -> Tuple[List[float], float]:
-    """The box around every cube (``cloud_cubes``' centres (M, 3) and half-sides (M,)): its
-    centre and half its longest side, where a Gaussian encoder for all the clouds starts."""
-    low = (centres - halves[:, None]).amin(0)
-    high = (centres + halves[:, None]).amax(0)
+    """The box around every cube: its centre and half its longest side, where a Gaussian
+    encoder for all the clouds starts."""
+    low, high = cubes_bounds(centres, halves)
     return ((low + high) / 2).tolist(), float((high - low).max() / 2)
+
+
+def half_side_about(low: Tensor, high: Tensor, center: Sequence[float]) -> float:
+    """Half-side of the smallest cube around ``center`` that holds the box [low, high] (3,):
+    half the box's longest side when ``center`` is its centre, more when it is not."""
+    c = torch.as_tensor(center, dtype=low.dtype)
+    return float(torch.maximum(c - low, high - c).max())
 
 
 def sample_cube_points(centres: Tensor, half: Tensor, points_per_cloud: int,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Dict, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from .. import _validate
 from ..models.pointnet import PointNet, TNet
 from ..nn.gaussian_mixture import GaussianPointEncoder, _center
 from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
-from .cubes import cloud_cubes, cloud_points, cubes_box
+from .cubes import cloud_cubes, cloud_points, cubes_bounds, cubes_box, half_side_about
 from .distillation import distill
 from .finetuning import SCHEDULES, _dataset_length, finetune
 from .loop import DistillResult, TrainingMode, broadcast_module, dist_info, seeded_rng
@@ -61,9 +61,10 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     the clouds never learn. ``cloud_center="auto"`` (default) takes the centre of the box
     around every cloud's cube (the origin for ``clouds=None``) for stage 1, and for stage 2
     the centre of the box around what that student sees: the cubes' points through each
-    cloud's input transform. ``cloud_range="auto"`` likewise takes half the longest side of
-    each stage's box, as :func:`lucidops.patch.point_encoders` sizes its students (for clouds
-    not near the unit cube, e.g. in millimetres); the default is 1.0. A number (or 3
+    cloud's input transform. ``cloud_range="auto"`` likewise sizes each stage's cube to hold
+    that box around the stage's centre (half the box's longest side about its own centre), as
+    :func:`lucidops.patch.point_encoders` sizes its students (for clouds not near the unit
+    cube, e.g. in millimetres); the default is 1.0. A number (or 3
     numbers for the centre) is used as given for both stages.
 
     ``seed`` (an int) makes the run reproducible: it seeds the point sampling of every stage,
@@ -112,9 +113,12 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     dev = torch.device(device) if device is not None else next(teacher.parameters()).device
     k = _out_channels(teacher.conv3)
     cubes = cloud_cubes(clouds) if auto_center or auto_range else None  # also checks clouds before any stage runs
-    box_center, box_range = cubes_box(*cubes) if cubes is not None else (None, None)
-    center: Sequence[float] = box_center if auto_center else cast(Sequence[float], fixed_center)
-    tnet_range = box_range if auto_range else float(cloud_range)
+    box = cubes_bounds(*cubes) if cubes is not None else None
+    # Each stage's encoder starts in the cube around its centre that holds its box: about the
+    # box's own centre for "auto", about a given centre otherwise (half the box's side would
+    # leave the clouds outside).
+    center: Sequence[float] = cubes_box(*cubes)[0] if auto_center else cast(Sequence[float], fixed_center)
+    tnet_range = half_side_about(*box, center) if box is not None and auto_range else float(cloud_range)
     teacher.to(dev)
     if dist_info()[0]:
         broadcast_module(teacher)  # the T-Net stage's teacher is a lambda, which distill cannot broadcast
@@ -140,9 +144,9 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
             stage2 = dict(teacher=lambda x, a, f: teacher.encoder_features(_apply(x, a), f),
                           input_transform=lambda x, a, f: _apply(x, a), per_cloud=[trans_in, trans_feat])
             if cubes is not None and trans_in is not None:
-                moved_center, moved_range = _transformed_box(*cubes, trans_in)
-                stage2_center = moved_center if auto_center else stage2_center
-                stage2_range = moved_range if auto_range else stage2_range
+                moved = _transformed_box(*cubes, trans_in)
+                stage2_center = ((moved[0] + moved[1]) / 2).tolist() if auto_center else stage2_center
+                stage2_range = half_side_about(*moved, stage2_center) if auto_range else stage2_range
         elif teacher.input_tnet is not None:
             # Without clouds the cube is [-1, 1]^3 around the origin, which a linear transform
             # keeps as the centre.
@@ -214,15 +218,14 @@ class PointNetDistillResult:
     finetune: Optional[DistillResult]
 
 
-def _transformed_box(centres: Tensor, halves: Tensor, transforms: Tensor) -> Tuple[List[float], float]:
-    """Centre and half the longest side of the box around every cube's points through its
-    cloud's input transform (``points @ A``): cube ``c + h u`` (u in [-1, 1]^3) maps into
+def _transformed_box(centres: Tensor, halves: Tensor, transforms: Tensor) -> Tuple[Tensor, Tensor]:
+    """(low, high) (3,) of the box around every cube's points through its cloud's input
+    transform (``points @ A``): cube ``c + h u`` (u in [-1, 1]^3) maps into
     ``c A +- h sum_i |A_ij|``."""
     a = transforms.detach().double().cpu()
     mid = (centres[:, None, :] @ a)[:, 0, :]  # (M, 3)
     reach = halves[:, None] * a.abs().sum(1)  # (M, 3)
-    low, high = (mid - reach).amin(0), (mid + reach).amax(0)
-    return ((low + high) / 2).tolist(), float((high - low).max() / 2)
+    return (mid - reach).amin(0), (mid + reach).amax(0)
 
 
 def _apply(points: Tensor, transform: Optional[Tensor]) -> Tensor:

@@ -87,13 +87,20 @@ def _recording_archs(base, archs, archs_file, cpu_features=(), cpu_features_file
     loader uses the module only where this list covers the visible GPUs. Likewise the CPU
     features a -march=native CPU module needs: the loader skips it on a CPU without them."""
     records = {"lucidops._C_cuda": (archs_file, ";".join(archs))}
-    if cpu_features and cpu_features_file:
-        records["lucidops._C_cpu"] = (cpu_features_file, " ".join(cpu_features))
+    if cpu_features_file:
+        # None: a portable build, whose folder must lose the record a native build left there
+        # (else the loader would refuse the portable module on the CPUs it was built for).
+        records["lucidops._C_cpu"] = (cpu_features_file, " ".join(cpu_features) if cpu_features else None)
 
     class BuildExt(base):
         def _write_record(self, name, folder):
             filename, text = records[name]
-            with open(os.path.join(folder, filename), "w", encoding="utf-8") as f:
+            path = os.path.join(folder, filename)
+            if text is None:
+                if os.path.exists(path):
+                    os.remove(path)
+                return
+            with open(path, "w", encoding="utf-8") as f:
                 f.write(text + "\n")
 
         def build_extension(self, ext):

@@ -231,11 +231,14 @@ def test_native_cpu_builds_are_per_cpu_and_portable_ones_are_not(monkeypatch):
     assert portable.cpu_features == [] and _ext_sources.spec("cpu").module_name == portable.module_name
 
 
-def test_host_cpu_features_are_read():
+def test_host_cpu_features_are_read_and_only_instruction_sets():
+    """The whole flags line also held hypervisor, tsc_known_freq or microcode-dependent hle/rtm:
+    a prebuilt module was refused on the same CPU on bare metal or after a microcode update."""
     features = _ext_sources.host_cpu_features()
     assert features and features == sorted(set(features))
     if Path("/proc/cpuinfo").is_file() and sysconfig.get_platform().endswith("x86_64"):
         assert "sse2" in features  # every x86-64 CPU has it
+        assert not {"hypervisor", "tsc_known_freq", "constant_tsc", "hle", "rtm", "fpu"} & set(features)
 
 
 def test_ahead_of_time_native_cpu_module_is_skipped_on_a_cpu_without_its_features(monkeypatch, tmp_path):
@@ -262,7 +265,21 @@ def test_ahead_of_time_native_cpu_module_is_skipped_on_a_cpu_without_its_feature
     monkeypatch.setattr(_ext_sources, "host_cpu_features", lambda: ["avx", "avx2", "fma"])
     imported = []
     monkeypatch.setattr(_ext.importlib, "import_module", lambda name: imported.append(name))
+    monkeypatch.setattr(_ext, "_skipped_prebuilt", {})
     assert _ext._prebuilt("cpu", _ext_sources.spec("cpu")) is None and imported == []
+    # Then unavailable for want of a compiler: the reason says an installed build was passed over.
+    monkeypatch.setattr(_ext, "_loaded", {})
+    monkeypatch.setattr(_ext, "_failed", {})
+    monkeypatch.setattr(_ext, "_compiler_problem", lambda kind: "no C++ compiler found")
+    monkeypatch.setattr(_ext, "cache_dir", lambda: tmp_path / "empty-cache")
+    with pytest.raises(_ext.ExtensionUnavailable, match=r"no C\+\+ compiler found; the installed lucidops._C_cpu "
+                                                         r"was built for CPU features this CPU lacks \(avx512f\)"):
+        _ext.load("cpu")
+    # A portable rebuild in the same folder removes the record a native build left.
+    portable = namespace["_recording_archs"](FakeBuildExt, [], _ext_sources.ARCHS_FILE, [],
+                                             _ext_sources.CPU_FEATURES_FILE)()
+    portable.build_extension(types.SimpleNamespace(name="lucidops._C_cpu"))
+    assert not (tmp_path / _ext_sources.CPU_FEATURES_FILE).exists()
 
 
 @pytest.mark.parametrize("built, needed, covered", [

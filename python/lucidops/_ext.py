@@ -110,10 +110,10 @@ def prebuilt_archs(mod: ModuleType) -> List[str]:
     return [a.strip() for a in text.replace(",", ";").split(";") if a.strip()]
 
 
-def _cpu_runs_prebuilt() -> bool:
-    """Whether this CPU has every feature an ahead-of-time ``lucidops._C_cpu`` was built for:
-    the file setup.py writes next to a -march=native build (none: portable flags). Read before
-    the module is imported, whose code may already use instructions this CPU lacks."""
+def _prebuilt_cpu_lacks() -> List[str]:
+    """The CPU features an ahead-of-time ``lucidops._C_cpu`` was built for that this CPU lacks,
+    from the file setup.py writes next to a -march=native build (none: portable flags). Read
+    before the module is imported, whose code may already use those instructions."""
     origin = getattr(sys.modules.get("lucidops._C_cpu"), "__file__", None)  # already imported
     if origin is None:
         try:
@@ -122,18 +122,26 @@ def _cpu_runs_prebuilt() -> bool:
             found = None
         origin = found.origin if found is not None else None
     if not origin:
-        return True
+        return []
     try:
         text = (Path(origin).parent / _ext_sources.CPU_FEATURES_FILE).read_text()
     except OSError:
-        return True
-    return set(text.split()) <= set(_ext_sources.host_cpu_features())
+        return []
+    return sorted(set(text.split()) - set(_ext_sources.host_cpu_features()))
+
+
+# Why an installed ahead-of-time module was passed over, per kind: added to the reason when
+# the extension then turns out unavailable (otherwise "no compiler" hid an installed build).
+_skipped_prebuilt: Dict[str, str] = {}
 
 
 def _prebuilt(kind: str, spec: _ext_sources.ExtensionSpec) -> Optional[ModuleType]:
     """The ahead-of-time module for ``kind`` when it was built from these sources (and for this
     CPU's features, or for CUDA every visible GPU's capability), else None."""
-    if kind == "cpu" and not _cpu_runs_prebuilt():
+    lacks = _prebuilt_cpu_lacks() if kind == "cpu" else []
+    if lacks:
+        _skipped_prebuilt[kind] = (f"the installed lucidops._C_cpu was built for CPU features this CPU lacks "
+                                   f"({', '.join(lacks[:6])}{' ...' if len(lacks) > 6 else ''}): rebuild it here")
         return None
     try:
         mod = importlib.import_module(f"lucidops._C_{kind}")
@@ -266,8 +274,12 @@ def load(kind: str) -> ModuleType:
             spec = _ext_sources.spec(kind)
             module = _prebuilt(kind, spec) or build(kind)
         except ExtensionUnavailable as err:
-            _failed[kind] = err
-            raise
+            if kind not in _skipped_prebuilt:
+                _failed[kind] = err
+                raise
+            failure = ExtensionUnavailable(kind, f"{err.reason}; {_skipped_prebuilt[kind]}", err.log_path)
+            _failed[kind] = failure
+            raise failure from err
         _loaded[kind] = module
         return module
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
+import subprocess
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -85,18 +87,40 @@ ARCHS_FILE = "_C_cuda_archs.txt"
 CPU_FEATURES_FILE = "_C_cpu_features.txt"
 
 
+# x86 /proc/cpuinfo flags that name instruction sets a compiler may emit under -march=native.
+# The others (hypervisor, tsc_known_freq, microcode-dependent hle/rtm, ...) change with the
+# kernel, the hypervisor or a microcode update, not with what the module can run.
+_X86_ISA = re.compile(r"(mmx|sse\w*|pni|ssse3|avx\w*|fma4?|f16c|bmi[12]|adx|aes|vaes|pclmulqdq|vpclmulqdq|sha_ni"
+                      r"|gfni|popcnt|movbe|abm|lzcnt|cx8|cx16|xsave\w*|rdrand|rdseed|amx\w*|clflushopt|clwb"
+                      r"|3dnowprefetch|tbm|xop|lm|serialize|movdiri|movdir64b|waitpkg|wbnoinvd|rdpid)")
+# ARM Features entries that are not instruction sets.
+_ARM_NOT_ISA = {"evtstrm", "cpuid"}
+
+
 def host_cpu_features() -> List[str]:
-    """The instruction-set features of this machine's CPU, sorted: /proc/cpuinfo's flags (x86)
-    or Features (ARM) line, else the processor's name. A module built with -march=native uses
-    them: one built on an AVX-512 machine dies of an illegal instruction on a CPU without."""
+    """The instruction-set features of this machine's CPU, sorted: from /proc/cpuinfo's flags
+    (x86, instruction sets only) or Features (ARM) line, on macOS from ``sysctl hw.optional``,
+    else the processor's name. A module built with -march=native uses them: one built on an
+    AVX-512 machine dies of an illegal instruction on a CPU without."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return sorted(set(value.split()))
+                if key.strip() == "flags":
+                    return sorted({flag for flag in value.split() if _X86_ISA.fullmatch(flag)})
+                if key.strip() == "Features":
+                    return sorted(set(value.split()) - _ARM_NOT_ISA)
     except OSError:
         pass
+    if sys.platform == "darwin":
+        try:
+            listing = subprocess.run(["sysctl", "hw.optional"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            listing = ""
+        present = sorted(line.partition(":")[0].strip()[len("hw.optional."):].lower()
+                         for line in listing.splitlines() if line.partition(":")[2].strip() == "1")
+        if present:
+            return present
     return [f"{platform.machine()}:{platform.processor()}"]
 
 

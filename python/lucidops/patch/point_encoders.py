@@ -192,9 +192,9 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
                 out_channels = _last_out_channels(second_conv, f"{path or 'model'}.second_conv")
                 teacher = lambda x, m=module: point_mae_point_features(m, x)  # noqa: E731
                 transform = None
-            # The CPU generator only (the student is built there): torch.manual_seed also reseeded
-            # every GPU's generator, outside the fork.
-            with seeded_rng(seed + i, torch.device("cpu")):
+            # The CPU's generator and the model's GPU's, forked: torch.manual_seed also reseeded
+            # every GPU's generator for good.
+            with seeded_rng(seed + i, device):
                 student: nn.Module  # a GaussianPointEncoder, checked below
                 if student_factory is None:
                     student = GaussianPointEncoder(num_gaussians, out_channels, cloud_range=cube_range,

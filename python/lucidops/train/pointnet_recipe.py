@@ -117,7 +117,8 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     # Each stage's encoder starts in the cube around its centre that holds its box: about the
     # box's own centre for "auto", about a given centre otherwise (half the box's side would
     # leave the clouds outside).
-    center: Sequence[float] = cubes_box(*cubes)[0] if auto_center else cast(Sequence[float], fixed_center)
+    center: Sequence[float] = (cubes_box(*cubes)[0] if cubes is not None and auto_center
+                               else cast(Sequence[float], fixed_center))
     tnet_range = half_side_about(*box, center) if box is not None and auto_range else float(cloud_range)
     teacher.to(dev)
     if dist_info()[0]:

@@ -241,7 +241,11 @@ def test_host_cpu_features_are_read_and_only_instruction_sets():
         assert not {"hypervisor", "tsc_known_freq", "constant_tsc", "hle", "rtm", "fpu"} & set(features)
 
 
-def test_ahead_of_time_native_cpu_module_is_skipped_on_a_cpu_without_its_features(monkeypatch, tmp_path):
+def _no_builder_unavailable(kind, **kwargs):
+    raise _ext.ExtensionUnavailable(kind, "no C++ compiler found")
+
+
+def test_ahead_of_time_native_cpu_module_is_skipped_on_a_cpu_without_its_features(monkeypatch, tmp_path, capsys):
     """setup.py records the build host's CPU features next to a -march=native _C_cpu; the loader
     checks them before importing it (its code may already use the missing instructions)."""
     namespace, _ = _run_setup(monkeypatch)
@@ -263,10 +267,11 @@ def test_ahead_of_time_native_cpu_module_is_skipped_on_a_cpu_without_its_feature
     monkeypatch.setattr(_ext_sources, "host_cpu_features", lambda: ["avx", "avx2", "avx512f", "fma"])
     assert _ext._prebuilt("cpu", _ext_sources.spec("cpu")) is mod
     monkeypatch.setattr(_ext_sources, "host_cpu_features", lambda: ["avx", "avx2", "fma"])
-    imported = []
+    imported, real_import = [], _ext.importlib.import_module
     monkeypatch.setattr(_ext.importlib, "import_module", lambda name: imported.append(name))
     monkeypatch.setattr(_ext, "_skipped_prebuilt", {})
     assert _ext._prebuilt("cpu", _ext_sources.spec("cpu")) is None and imported == []
+    monkeypatch.setattr(_ext.importlib, "import_module", real_import)
     # Then unavailable for want of a compiler: the reason says an installed build was passed over.
     monkeypatch.setattr(_ext, "_loaded", {})
     monkeypatch.setattr(_ext, "_failed", {})
@@ -275,6 +280,10 @@ def test_ahead_of_time_native_cpu_module_is_skipped_on_a_cpu_without_its_feature
     with pytest.raises(_ext.ExtensionUnavailable, match=r"no C\+\+ compiler found; the installed lucidops._C_cpu "
                                                          r"was built for CPU features this CPU lacks \(avx512f\)"):
         _ext.load("cpu")
+    # lucidops build names it too.
+    monkeypatch.setattr(_ext, "build", _no_builder_unavailable)
+    assert cli.main(["build", "cpu"]) == 1
+    assert "the installed lucidops._C_cpu was built for CPU features this CPU lacks (avx512f)" in capsys.readouterr().out
     # A portable rebuild in the same folder removes the record a native build left.
     portable = namespace["_recording_archs"](FakeBuildExt, [], _ext_sources.ARCHS_FILE, [],
                                              _ext_sources.CPU_FEATURES_FILE)()

@@ -290,11 +290,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             if prebuilt is not None:
                 print(f"{kind}: ok (prebuilt: {prebuilt.__file__})")
                 continue
+            skipped = _ext._skipped_prebuilt.get(kind)  # an installed build this CPU cannot run
             try:
                 module = _ext.build(kind)  # builds without a GPU too (nvcc is enough)
-                print(f"{kind}: ok ({module.__file__})")
+                print(f"{kind}: ok ({module.__file__})" + (f"; {skipped}" if skipped else ""))
             except _ext.ExtensionUnavailable as err:
-                print(f"{kind}: {err}")
+                print(f"{kind}: {err}" + (f"; {skipped}" if skipped else ""))
                 status = 1
         return status
     if args.command == "aot":

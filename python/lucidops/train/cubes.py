@@ -72,11 +72,16 @@ def cubes_bounds(centres: Tensor, halves: Tensor) -> Tuple[Tensor, Tensor]:
     return (centres - halves[:, None]).amin(0), (centres + halves[:, None]).amax(0)
 
 
+def box_center(low: Tensor, high: Tensor) -> List[float]:
+    """The centre of the box [low, high] (3,)."""
+    return ((low + high) / 2).tolist()
+
+
 def cubes_box(centres: Tensor, halves: Tensor) -> Tuple[List[float], float]:
     """The box around every cube: its centre and half its longest side, where a Gaussian
     encoder for all the clouds starts."""
     low, high = cubes_bounds(centres, halves)
-    return ((low + high) / 2).tolist(), float((high - low).max() / 2)
+    return box_center(low, high), float((high - low).max() / 2)
 
 
 def half_side_about(low: Tensor, high: Tensor, center: Sequence[float]) -> float:

@@ -26,7 +26,7 @@ from .. import _validate
 from ..models.pointnet import PointNet, TNet
 from ..nn.gaussian_mixture import GaussianPointEncoder, _center
 from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
-from .cubes import cloud_cubes, cloud_points, cubes_bounds, cubes_box, half_side_about
+from .cubes import box_center, cloud_cubes, cloud_points, cubes_bounds, half_side_about
 from .distillation import distill
 from .finetuning import SCHEDULES, _dataset_length, finetune
 from .loop import DistillResult, TrainingMode, broadcast_module, dist_info, seeded_rng
@@ -117,7 +117,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     # Each stage's encoder starts in the cube around its centre that holds its box: about the
     # box's own centre for "auto", about a given centre otherwise (half the box's side would
     # leave the clouds outside).
-    center: Sequence[float] = (cubes_box(*cubes)[0] if cubes is not None and auto_center
+    center: Sequence[float] = (box_center(*box) if box is not None and auto_center
                                else cast(Sequence[float], fixed_center))
     tnet_range = half_side_about(*box, center) if box is not None and auto_range else float(cloud_range)
     teacher.to(dev)
@@ -146,7 +146,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
                           input_transform=lambda x, a, f: _apply(x, a), per_cloud=[trans_in, trans_feat])
             if cubes is not None and trans_in is not None:
                 moved = _transformed_box(*cubes, trans_in)
-                stage2_center = ((moved[0] + moved[1]) / 2).tolist() if auto_center else stage2_center
+                stage2_center = box_center(*moved) if auto_center else stage2_center
                 stage2_range = half_side_about(*moved, stage2_center) if auto_range else stage2_range
         elif teacher.input_tnet is not None:
             # Without clouds the cube is [-1, 1]^3 around the origin, which a linear transform

@@ -351,6 +351,10 @@ def _bad_cases():
         (dict(weight=w.clone().index_put_((torch.tensor([-1]), torch.tensor([-1])), torch.tensor(float("nan")))),
          ValueError, "weight"),
         (dict(bias=b.clone().fill_(float("nan"))), ValueError, "bias"),
+        # Finite, but past float32 inside the op: (x - mu)^T P (x - mu) was +inf - inf = NaN.
+        (dict(points=x.clone().index_put_((torch.tensor([0]),), torch.tensor(2e19))), ValueError,
+         r"points lie up to .* can overflow float32.*pass float64"),
+        (dict(weight=w.clone().fill_(1e38)), ValueError, r"weight reaches 1e\+38 over 4 Gaussians"),
         (dict(reduce="mean"), ValueError, "reduce"),
         (dict(cull_threshold=0.0), ValueError, "cull_threshold"),
         (dict(cull_threshold=-1.0), ValueError, "cull_threshold"),
@@ -370,6 +374,32 @@ def test_bad_input_raises_naming_the_argument(index):
     kwargs = {**good, **change}
     with pytest.raises(exc, match=name):
         gaussian_mixture(**kwargs)
+
+
+def test_far_points_are_refused_in_float32_and_exact_in_float64():
+    """A point 2e19 from the means (precisions with off-diagonal terms) squared past float32:
+    p00 d0^2 = +inf, 2 p01 d0 d1 = -inf, so phi was NaN and the output NaN (or, where the
+    kernels' max passed over it, some other point's value). Refused in float32; in float64
+    every backend agrees, the far point contributing 0. Just inside the bound it runs."""
+    means = torch.zeros(2, 3)
+    prec = torch.tensor([[2.0, -1.5, 0.0, 2.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0, 0.0, 1.0]])
+    weight = torch.tensor([[1.0, -0.5], [0.5, 2.0]])
+    points = torch.tensor([[[0.1, 0.2, 0.0], [2e19, 2e19, 0.0]]])
+    with pytest.raises(ValueError, match="points lie up to 2e\\+19"):
+        gaussian_mixture(points, means, prec, weight)
+    exact = ref.gaussian_mixture(points[:, :1].double(), means.double(), prec.double(), weight.double(),
+                                 reduce="none")
+    for backend in CPU_BACKENDS:
+        with backends.use_backend(backend):
+            out = gaussian_mixture(points.double(), means.double(), prec.double(), weight.double(), reduce="none")
+        assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1])), backend
+        torch.testing.assert_close(out[:, :1], exact, rtol=1e-12, atol=0)
+    near = points.clone()
+    near[0, 1] = 1e18
+    for backend in CPU_BACKENDS:
+        with backends.use_backend(backend):
+            out = gaussian_mixture(near, means, prec, weight, reduce="none")
+        assert torch.isfinite(out).all() and torch.equal(out[:, 1], torch.zeros_like(out[:, 1])), backend
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

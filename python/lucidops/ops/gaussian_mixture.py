@@ -19,7 +19,7 @@ in every backend, so every backend culls exactly the same (point, Gaussian) pair
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -264,16 +264,47 @@ _flops.register(torch.ops.lucidops.gaussian_mixture_backward, backward_flops)
 # ---------------------------------------------------------------- validation and the public function
 
 
-def _all_finite(value: Tensor, name: str) -> None:
-    """Data-dependent (synchronises on CUDA); skipped when the values cannot be read."""
+def _largest_magnitude(value: Tensor, name: str) -> Optional[float]:
+    """max |v|, refusing NaN and inf; None when the values cannot be read. Data-dependent
+    (synchronises on CUDA)."""
     values = _validate.readable_values(value)
-    if values is None or values.numel() == 0:
-        return
+    if values is None:
+        return None
+    if values.numel() == 0:
+        return 0.0
     # max |v| is NaN or inf exactly when some v is: one pass, no (numel,) bool tensor.
     # torch.isfinite(values).all() cost 55 us on a (1024, 32) mixer, a tenth of a
     # one-cloud forward; this costs 9.
-    if not bool(torch.isfinite(values.abs().amax())):
+    largest = float(values.abs().amax())
+    if not math.isfinite(largest):
         raise ValueError(f"{name} must be finite (it holds NaN or inf)")
+    return largest
+
+
+def _no_overflow(largest: Dict[str, Optional[float]], g: int, dtype: torch.dtype) -> None:
+    """Refuse inputs whose finite values could overflow the compute dtype inside the op.
+
+    With d = x - mu, every term of the quadratic form, and the squares d_i d_j of the
+    precisions' gradient, are at most max(9 max|P|, 1) max|d|^2, and the mixer's sums at most
+    G max|W| + max|b|. Past the dtype's largest value a point 2e19 from a mean in float32
+    made +inf - inf = NaN in the quadratic form, and the backends then disagreed (the
+    kernels' max passes over NaN, the reference's does not)."""
+    known = {name: value for name, value in largest.items() if value is not None}
+    if len(known) < len(largest):
+        return
+    limit = torch.finfo(_reference.opmath_dtype(dtype)).max
+    distance = known["points"] + known["means"]
+    quadratic = max(9.0 * known["precisions"], 1.0) * distance * distance
+    mixed = g * known["weight"] + known.get("bias", 0.0)
+    compute = "float64" if limit > 1e300 else "float32"
+    advice = "pass float64 tensors" if compute == "float32" else "rescale the inputs"
+    if not quadratic < limit / 2:
+        raise ValueError(f"points lie up to {distance:.3g} from the means and precisions reach "
+                         f"{known['precisions']:.3g}: (x - mu)^T P (x - mu) can overflow {compute} (the "
+                         f"compute dtype) and turn into NaN; {advice}")
+    if not mixed < limit / 2:
+        raise ValueError(f"weight reaches {known['weight']:.3g} over {g} Gaussians: the mixer's sums can "
+                         f"overflow {compute} (the compute dtype); {advice}")
 
 
 def _positive_semidefinite(precisions: Tensor, made_in: torch.dtype) -> None:
@@ -282,7 +313,7 @@ def _positive_semidefinite(precisions: Tensor, made_in: torch.dtype) -> None:
     bound: exp overflows to inf, a zero mixer weight makes that NaN, and the backends part
     ways (the kernels' max passes over NaN, the reference's does not). Eigenvalues of the
     (G, 3, 3) matrices in float64 on the CPU (about 40 us for G = 32); data-dependent like
-    _all_finite."""
+    _largest_magnitude."""
     values = _validate.readable_values(precisions, batch_first=True)
     if values is None or values.numel() == 0:
         return
@@ -367,8 +398,8 @@ def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: 
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     threshold = _check_threshold(cull_threshold)
-    for name, value in [("points", points)] + named:
-        _all_finite(value.detach(), name)
+    largest = {name: _largest_magnitude(value.detach(), name) for name, value in [("points", points)] + named}
+    _no_overflow(largest, g, points.dtype)
     assert precisions_dtype is not None  # a tensor: validated above
     _positive_semidefinite(precisions.detach(), precisions_dtype)
 

@@ -39,6 +39,9 @@ inline void sincos(float u, float* s_out, float* c_out) {
   *c_out = ((q + 1) & 2) ? -c : c;
 }
 
+// Range: v <= 88.37. From 88.38 on n rounds to 128 and the scale 2^n is +inf, so this
+// returns +inf where exp is finite up to 88.72; no caller gets there (they take exp of a
+// non-positive value, or tanh's exp(2|v|), whose 2 / (inf + 1) = 0 is the right limit).
 inline float exp(float v) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;

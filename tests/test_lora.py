@@ -389,6 +389,48 @@ def test_triton_large_batches_work_in_chunks(dtype, fn, train_base, chunk_log, m
 
 
 @needs_triton
+@pytest.mark.parametrize("rows", [40, 300], ids=["fused-tiles", "chunked-G"])
+def test_triton_factor_partials_are_formed_by_groups_of_rows(rows, monkeypatch):
+    # The weight gradient's float32 partials of dA and dB were kept for all of G = dY^T X at
+    # once (N K r / 8 bytes: 32 MiB at 4096 x 4096, r = 16). Now a group of G's rows at a
+    # time: with a budget of one 64-row block, N_out = 150 makes three groups (64 + 64 + 22),
+    # whose partials must land in their own rows of dB and add up in dA, on both paths.
+    from lucidops.triton_kernels import lora as tk
+
+    x, w, a, b, bias = make((rows, 150), 150, 8, torch.float32, TRITON_DEVICE, seed=8)
+    grad = torch.randn(rows, 150, generator=torch.Generator().manual_seed(9)).to(TRITON_DEVICE)
+    results = {}
+    plan = tk.wgrad_group_rows
+    for budget in (tk.PARTIALS_BYTES, 4 * 8 * (150 + 3 * 64)):
+        groups = []
+        monkeypatch.setattr(tk, "PARTIALS_BYTES", budget)
+        monkeypatch.setattr(tk, "wgrad_group_rows", lambda *args, **kw: groups.append(plan(*args, **kw)) or groups[-1])
+        x_, a_, b_ = (t.clone().requires_grad_(True) for t in (x, a, b))
+        with lucidops.use_backend("triton"):
+            lucidops.ops.sine_lora_linear(x_, w, a_, b_, bias, omega=OMEGA, scale=SCALE).backward(grad)
+        results[groups[0]] = (a_.grad, b_.grad)
+    assert sorted(results) == [64, 192]  # three groups of one block, then one group of all rows
+    _, _, _, _, ga, gb = reference_grads(grad, x, w, a, b, bias, "sin", "weight")
+    for grad_a, grad_b in results.values():
+        assert rel_err(grad_a, ga) < TOL[torch.float32] and rel_err(grad_b, gb) < TOL[torch.float32]
+    assert torch.equal(results[64][1], results[192][1])  # each row of dB sums the same K tiles
+    assert rel_err(results[64][0], results[192][0]) < 1e-6
+
+
+def test_factor_partials_fit_the_budget():
+    from lucidops.triton_kernels import lora as tk
+
+    block_n, block_k = tk.WGRAD_CONFIG[:2]
+    for n, k, r in [(4096, 4096, 16), (16384, 16384, 64), (150, 150, 8), (1, 3, 1), (10 ** 6, 10 ** 6, 64)]:
+        rows = tk.wgrad_group_rows(n, k, r)
+        assert rows % block_n == 0 and block_n <= rows <= -(-n // block_n) * block_n
+        partial_bytes = 4 * r * (rows // block_n * k + -(-k // block_k) * rows)
+        assert partial_bytes <= max(tk.PARTIALS_BYTES, 4 * r * (k + -(-k // block_k) * block_n))
+    # 4096 x 4096, r = 16 (the GPU benchmark's layer): 1024 rows, 8 MiB, four groups.
+    assert tk.wgrad_group_rows(4096, 4096, 16) == 1024
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_small_batches_split_the_reduction(dtype, monkeypatch):
     # 3 rows, 300 input features: one output tile, 5 BLOCK_I blocks. Two slices of the

@@ -64,6 +64,9 @@ REGEN_LARGE_M_CONFIG: Tuple[int, int, int, int] = (128, 128, 32, 8)
 # Unmeasured on a GPU: bench/lora.py times both ways ("lucidops[triton, fused tiles]").
 FUSED_MAX_ROWS = REGEN_LARGE_M_CONFIG[0]
 MATERIALIZE_CHUNK_BYTES = 8 << 20
+# The weight gradient's float32 factor partials are formed for a group of G's rows at a time,
+# holding about this many bytes (_wgrad, wgrad_group_rows).
+PARTIALS_BYTES = 8 << 20
 # Up to FUSED_MAX_ROWS rows a regenerating product has few output tiles (M = 1, N_out = 4096:
 # 64 programs of 4 warps, fewer than an H100's 132 SMs), each looping over all of K_in: its
 # reduction is split into slices until the grid has about this many programs (4 per SM).
@@ -270,11 +273,13 @@ def lora_matmul_kernel(
 
 @triton.jit
 def _reduce_into_factor_partials(g, a_ptr, b_ptr, pa_ptr, pb_ptr, offs_n, offs_k, mask_n, mask_k, tile_n, tile_k,
-                                 N, K, R, omega, scale, FN: tl.constexpr,
+                                 pb_rows, row0, K, R, omega, scale, FN: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """H = g s omega fn'(omega B A) on a (BLOCK_N, BLOCK_K) tile of G = dY^T X (rows offs_n,
-    columns offs_k, float32), reduced into that tile's partials: rows offs_n of pb[tile_k] get
-    H A^T, columns offs_k of pa[tile_n] get B^T H (each tile its own slice; summed afterwards)."""
+    columns offs_k, float32), reduced into that tile's partials for a group of G's rows from
+    row0 on: rows offs_n - row0 of pb[tile_k] ((pb_rows, R) each) get H A^T, columns offs_k
+    of pa[tile_n] (tile_n counted within the group) get B^T H (each tile its own slice;
+    summed afterwards)."""
     # Plain factors (QUANT off): the side tables and groups are unused, b_ptr stands in.
     p = _phase_tile(b_ptr, b_ptr, b_ptr, a_ptr, a_ptr, a_ptr, offs_n, offs_k, mask_n, mask_k, R, R, 1, K, 1, 1, 1,
                     False, 0, BLOCK_N, BLOCK_K, BLOCK_R)
@@ -289,7 +294,7 @@ def _reduce_into_factor_partials(g, a_ptr, b_ptr, pa_ptr, pb_ptr, offs_n, offs_k
                      mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         part_b = tl.dot(h, tl.trans(af), input_precision="ieee")          # (BLOCK_N, BLOCK_R)
         part_a = tl.dot(tl.trans(bf), h, input_precision="ieee")          # (BLOCK_R, BLOCK_K)
-        tl.store(pb_ptr + tile_k.to(tl.int64) * N * R + offs_n[:, None] * R + offs_r[None, :], part_b,
+        tl.store(pb_ptr + tile_k.to(tl.int64) * pb_rows * R + (offs_n - row0)[:, None] * R + offs_r[None, :], part_b,
                  mask=mask_n[:, None] & mask_r[None, :])
         tl.store(pa_ptr + tile_n.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :], part_a,
                  mask=mask_r[:, None] & mask_k[None, :])
@@ -298,13 +303,15 @@ def _reduce_into_factor_partials(g, a_ptr, b_ptr, pa_ptr, pb_ptr, offs_n, offs_k
 @triton.jit
 def lora_wgrad_kernel(
     dy_ptr, x_ptr, a_ptr, b_ptr, dw_ptr, pa_ptr, pb_ptr,
-    M, N, K, R, omega, scale,
+    M, N, K, R, tile_n0, pb_rows, omega, scale,
     FN: tl.constexpr, NEED_DW: tl.constexpr, NEED_LORA: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """Tiles of G's rows from tile_n0 on (program_id(0) counts from there); with NEED_LORA
+    their partials go to a group's pa and pb (pb_rows rows per K tile, see _wgrad)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tile_n0 + pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     mask_k = offs_k < K
@@ -326,18 +333,17 @@ def lora_wgrad_kernel(
                  mask=mask_n[:, None] & mask_k[None, :])
     if NEED_LORA:
         _reduce_into_factor_partials(g, a_ptr, b_ptr, pa_ptr, pb_ptr, offs_n, offs_k, mask_n, mask_k, pid_n, pid_k,
-                                     N, K, R, omega, scale, FN, BLOCK_N, BLOCK_K, BLOCK_R)
+                                     pb_rows, tile_n0 * BLOCK_N, K, R, omega, scale, FN, BLOCK_N, BLOCK_K, BLOCK_R)
 
 
 @triton.jit
 def lora_wgrad_chunk_kernel(
-    g_ptr, a_ptr, b_ptr, pa_ptr, pb_ptr, N, K, R, n_start, n_stop, omega, scale,
+    g_ptr, a_ptr, b_ptr, pa_ptr, pb_ptr, K, R, n_start, n_stop, pb_rows, omega, scale,
     FN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """lora_wgrad_kernel's reduction for rows [n_start, n_stop) of G = dY^T X already formed
-    (contiguous (n_stop - n_start, K) at g_ptr, any float dtype): the tiles are numbered as
-    the fused kernel numbers them (n_start is a multiple of BLOCK_N), so the partials and their
-    sums are laid out the same."""
+    """lora_wgrad_kernel's reduction for the group of rows [n_start, n_stop) of G = dY^T X
+    already formed (contiguous (n_stop - n_start, K) at g_ptr, any float dtype), into the
+    group's partials laid out as the fused kernel lays them out."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = n_start + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -347,8 +353,7 @@ def lora_wgrad_chunk_kernel(
     g = tl.load(g_ptr + (offs_n - n_start)[:, None].to(tl.int64) * K + offs_k[None, :],
                 mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
     _reduce_into_factor_partials(g, a_ptr, b_ptr, pa_ptr, pb_ptr, offs_n, offs_k, mask_n, mask_k,
-                                 n_start // BLOCK_N + pid_n, pid_k, N, K, R, omega, scale, FN, BLOCK_N, BLOCK_K,
-                                 BLOCK_R)
+                                 pid_n, pid_k, pb_rows, n_start, K, R, omega, scale, FN, BLOCK_N, BLOCK_K, BLOCK_R)
 
 
 @triton.jit
@@ -611,49 +616,67 @@ def backward(grad, x, weight, a, b, fn: str, placement: str, omega: float, scale
     return grad_x, grad_w, grad_bias, grad_a, grad_b
 
 
+def wgrad_group_rows(n: int, k: int, r: int, block_n: int = WGRAD_CONFIG[0], block_k: int = WGRAD_CONFIG[1]) -> int:
+    """Rows of G = dY^T X whose factor partials _wgrad holds at once: whole ``block_n``
+    blocks whose float32 partials, pa (one (r, k) slice per block) and pb (one (rows, r)
+    slice per ``block_k`` columns), fit in PARTIALS_BYTES; at least one block, at most all
+    n rows (rounded up to a block)."""
+    per_block = 4 * r * (k + triton.cdiv(k, block_k) * block_n)
+    fit = PARTIALS_BYTES // max(per_block, 1) * block_n
+    return max(block_n, min(triton.cdiv(max(n, 1), block_n) * block_n, fit))
+
+
 def _wgrad(grad, x, a, b, code, omega, scale, need_weight, need_lora, w_dtype):
+    """(dW, dA, dB) of the weight placement (dW and the factors' gradients as asked, else
+    empty). Up to FUSED_MAX_ROWS rows lora_wgrad_kernel forms G's tiles itself; past it G is
+    torch's matmul a chunk of rows at a time and lora_wgrad_chunk_kernel reduces each chunk.
+    The factor partials are formed for one group of G's rows at a time (wgrad_group_rows)
+    and summed group by group in a fixed order (deterministic): kept for all of G at once
+    they took N K r / 8 bytes, 32 MiB at 4096 x 4096 and r = 16 (the bf16 dW's size twice)."""
     m, k = x.shape
     n, r = b.shape
     block_n, block_k, block_m, warps = WGRAD_CONFIG
-    tiles_n, tiles_k = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
+    tiles_k = triton.cdiv(k, block_k)
+    chunked = m > FUSED_MAX_ROWS
     dw = torch.empty((n, k), dtype=w_dtype, device=x.device) if need_weight else _dummy_fp32(x.device)
-    pa = torch.empty((tiles_n, r, k), dtype=torch.float32, device=x.device) if need_lora else _dummy_fp32(x.device)
-    pb = torch.empty((tiles_k, n, r), dtype=torch.float32, device=x.device) if need_lora else _dummy_fp32(x.device)
-    if n > 0 and k > 0 and m > FUSED_MAX_ROWS:
-        _chunked_wgrad(grad, x, a, b, dw, pa, pb, code, omega, scale, need_weight, need_lora)
-    elif n > 0 and k > 0:
-        lora_wgrad_kernel[(tiles_n, tiles_k)](
-            grad, x, a, b, dw, pa, pb, m, n, k, r, float(omega), float(scale),
-            # FN only matters with the adapter: one compiled variant for every plain dW = dY^T X.
-            FN=code if need_lora else 0, NEED_DW=need_weight, NEED_LORA=need_lora, UPCAST=_upcast(x),
-            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_R=BLOCK_R, num_warps=warps,
-        )
     empty = x.new_empty(0)
+    group = wgrad_group_rows(n, k, r, block_n, block_k) if need_lora else triton.cdiv(max(n, 1), block_n) * block_n
+    if chunked:  # G's chunk, in x's dtype, within MATERIALIZE_CHUNK_BYTES too
+        group = min(group, materialize_chunk_columns(k, n, x.element_size(), block=block_n))
+    if need_lora:
+        pa = torch.empty((triton.cdiv(group, block_n), r, k), dtype=torch.float32, device=x.device)
+        pb = torch.empty((tiles_k, group, r), dtype=torch.float32, device=x.device)
+        grad_a = torch.zeros((r, k), dtype=torch.float32, device=x.device)
+        grad_b = torch.zeros((n, r), dtype=torch.float32, device=x.device)
+    else:
+        pa = pb = _dummy_fp32(x.device)
+    # G's chunks go straight into dW's rows when dW is wanted, else into one reused buffer.
+    g_buffer = torch.empty((group, k), dtype=x.dtype, device=x.device) if chunked and not need_weight else None
+    for n0 in range(0, n if k > 0 else 0, group):
+        rows = min(group, n - n0)
+        tiles = triton.cdiv(rows, block_n)
+        if chunked:
+            g = dw[n0:n0 + rows] if g_buffer is None else g_buffer[:rows]
+            torch.mm(grad[:, n0:n0 + rows].t(), x, out=g)
+            if need_lora:
+                lora_wgrad_chunk_kernel[(tiles, tiles_k)](
+                    g, a, b, pa, pb, k, r, n0, n0 + rows, group, float(omega), float(scale),
+                    FN=code, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BLOCK_R, num_warps=warps,
+                )
+        else:
+            lora_wgrad_kernel[(tiles, tiles_k)](
+                grad, x, a, b, dw, pa, pb, m, n, k, r, n0 // block_n, group, float(omega), float(scale),
+                # FN only matters with the adapter: one compiled variant for every plain dW = dY^T X.
+                FN=code if need_lora else 0, NEED_DW=need_weight, NEED_LORA=need_lora, UPCAST=_upcast(x),
+                BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_R=BLOCK_R, num_warps=warps,
+            )
+        if need_lora:
+            grad_a += pa[:tiles].sum(0)
+            grad_b[n0:n0 + rows] = pb[:, :rows].sum(0)
     grad_w = dw if need_weight else empty
     if not need_lora:
         return grad_w, empty, empty
-    # Fixed-order sums of the per-tile partials: deterministic.
-    return grad_w, pa.sum(0).to(a.dtype), pb.sum(0).to(b.dtype)
-
-
-def _chunked_wgrad(grad, x, a, b, dw, pa, pb, code, omega, scale, need_weight, need_lora) -> None:
-    """_wgrad for many rows: G = dY^T X by torch's matmul, a chunk of G's rows at a time (into
-    dW's rows when dW is wanted, else into one reused buffer in x's dtype), each reduced by
-    lora_wgrad_chunk_kernel into the same partials the fused kernel writes."""
-    k = x.shape[1]
-    n, r = b.shape
-    block_n, block_k, _, warps = WGRAD_CONFIG
-    step = materialize_chunk_columns(k, n, x.element_size(), block=block_n)
-    buffer = None if need_weight else torch.empty((step, k), dtype=x.dtype, device=x.device)
-    for n0 in range(0, n, step):
-        rows = min(step, n - n0)
-        g = dw[n0:n0 + rows] if buffer is None else buffer[:rows]
-        torch.mm(grad[:, n0:n0 + rows].t(), x, out=g)
-        if need_lora:
-            lora_wgrad_chunk_kernel[(triton.cdiv(rows, block_n), triton.cdiv(k, block_k))](
-                g, a, b, pa, pb, n, k, r, n0, n0 + rows, float(omega), float(scale),
-                FN=code, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BLOCK_R, num_warps=warps,
-            )
+    return grad_w, grad_a.to(a.dtype), grad_b.to(b.dtype)
 
 
 def _output_grad(grad, u, b, out, reduce_over_n: bool, code, omega, scale, r_pad):
@@ -812,8 +835,9 @@ def aot_specs() -> Iterator[Dict]:
         for fn in FN_CODES.values():
             yield dict(fn=lora_wgrad_chunk_kernel,
                        signature={"g_ptr": f"*{dt}", "a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "pa_ptr": "*fp32",
-                                  "pb_ptr": "*fp32", "N": "i32", "K": "i32", "R": "i32", "n_start": "i32",
-                                  "n_stop": "i32", "omega": "fp32", "scale": "fp32", "FN": "constexpr",
+                                  "pb_ptr": "*fp32", "K": "i32", "R": "i32", "n_start": "i32",
+                                  "n_stop": "i32", "pb_rows": "i32", "omega": "fp32", "scale": "fp32",
+                                  "FN": "constexpr",
                                   "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_R": "constexpr"},
                        constexprs={"FN": fn, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_R": BLOCK_R},
                        num_warps=warps)
@@ -824,7 +848,8 @@ def aot_specs() -> Iterator[Dict]:
                 yield dict(fn=lora_wgrad_kernel,
                            signature={"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "b_ptr": f"*{dt}",
                                       "dw_ptr": f"*{dw_t}", "pa_ptr": "*fp32", "pb_ptr": "*fp32", "M": "i32",
-                                      "N": "i32", "K": "i32", "R": "i32", "omega": "fp32", "scale": "fp32",
+                                      "N": "i32", "K": "i32", "R": "i32", "tile_n0": "i32", "pb_rows": "i32",
+                                      "omega": "fp32", "scale": "fp32",
                                       "FN": "constexpr", "NEED_DW": "constexpr", "NEED_LORA": "constexpr",
                                       "UPCAST": "constexpr",
                                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_M": "constexpr",

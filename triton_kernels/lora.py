@@ -21,10 +21,10 @@ FUSED_MAX_ROWS rows (the serving case) it never reaches global memory:
   more than the matmul: chunk by chunk, torch's matmul multiplies it (_materialized_matmul).
 - ``lora_wgrad_kernel`` forms a tile of G = dY^T X (looping over M), optionally stores it
   as dW, then multiplies by s omega fn'(omega B A) (regenerated) and reduces the tile
-  into per-tile partials of dA = B^T H and dB = H A^T, summed afterwards in a fixed
-  order (deterministic, no atomics).
+  into per-tile partials of dA = B^T H and dB = H A^T, formed for a group of G's rows at
+  a time and summed in a fixed order (deterministic, no atomics; _wgrad).
 - ``lora_wgrad_chunk_kernel`` does that reduction for rows of G formed by torch's matmul,
-  for inputs of more than FUSED_MAX_ROWS rows (_chunked_wgrad).
+  for inputs of more than FUSED_MAX_ROWS rows (_wgrad).
 - ``lora_output_grad_kernel`` (placement "output"): Gz = dY s fn'(omega U B^T) tile by
   tile, reduced over N into dU = omega Gz B, or over M into dB = omega Gz^T U.
 

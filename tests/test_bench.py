@@ -117,6 +117,15 @@ def test_lora_bench_can_force_the_tile_fused_kernels(monkeypatch):
     built = []
     plan = tk.materialize_chunk_columns
     monkeypatch.setattr(tk, "materialize_chunk_columns", lambda *args, **kw: built.append(args) or plan(*args, **kw))
+    g_groups = []
+    chunk_kernel = tk.lora_wgrad_chunk_kernel
+
+    class RecordedLaunches:
+        def __getitem__(self, grid):
+            g_groups.append(grid)
+            return chunk_kernel[grid]
+
+    monkeypatch.setattr(tk, "lora_wgrad_chunk_kernel", RecordedLaunches())
     x = torch.randn(200, 24, device=device, requires_grad=True)
     w = torch.randn(20, 24, device=device)
     a = torch.randn(4, 24, device=device, requires_grad=True)
@@ -129,10 +138,11 @@ def test_lora_bench_can_force_the_tile_fused_kernels(monkeypatch):
     limit = tk.FUSED_MAX_ROWS
     with bench_lora._setting(bench_lora.FUSED_TILES):
         step()
-    assert built == [] and tk.FUSED_MAX_ROWS == limit
+    assert built == [] and g_groups == [] and tk.FUSED_MAX_ROWS == limit
     with bench_lora._setting("lucidops[triton]"):
         step()
-    assert len(built) == 3  # forward, dx and G, 200 rows > FUSED_MAX_ROWS
+    # forward and dx build Weff's chunks, the backward G's rows (one group): 200 rows > FUSED_MAX_ROWS
+    assert len(built) == 2 and len(g_groups) == 1
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # SDPA's CPU kernel has no vmap rule

@@ -350,8 +350,8 @@ def chunk_log(monkeypatch):
 @pytest.mark.parametrize("fn,train_base", [("sin", False), ("tanh", True)])
 def test_triton_large_batches_work_in_chunks(dtype, fn, train_base, chunk_log, monkeypatch):
     # 300 rows (past FUSED_MAX_ROWS): forward and dx build Weff in column chunks and the
-    # backward forms G = dY^T X in row chunks, here of 64 (3 KiB budget, one 64-wide block at
-    # least), so 150 output columns, 150 input features and G's 150 rows split 64 + 64 + 22,
+    # backward forms G = dY^T X in groups of rows, here of 64 (3 KiB budget, one 64-wide block
+    # at least), so 150 output columns, 150 input features and G's 150 rows split 64 + 64 + 22,
     # and each chunk must land in its own place (G's rows in dW's when the base trains).
     from lucidops.triton_kernels import lora as tk
 
@@ -362,7 +362,8 @@ def test_triton_large_batches_work_in_chunks(dtype, fn, train_base, chunk_log, m
     with lucidops.use_backend("triton"):
         y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=OMEGA, scale=SCALE)
         y.backward(grad)
-    assert [entry[1:] for entry in chunk_log] == [(150, 64)] * 3  # forward (N_out), dx (K_in), G (N_out)
+    assert [entry[1:] for entry in chunk_log] == [(150, 64)] * 2  # forward (N_out), dx (K_in)
+    assert tk.wgrad_group_rows(150, 150, 8, 0 if train_base else x.element_size()) == 64  # G's rows
     y_ref, gx, gw, gbias, ga, gb = reference_grads(grad, x, w, a, b, bias, fn, "weight")
     tol = TOL[dtype]
     assert rel_err(y.reshape(-1, 150), y_ref) < tol
@@ -381,7 +382,7 @@ def test_triton_large_batches_work_in_chunks(dtype, fn, train_base, chunk_log, m
     with lucidops.use_backend("triton"):
         fused = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=OMEGA, scale=SCALE)
         fused.backward(grad)
-    assert len(chunk_log) == 3  # no chunk formed this time
+    assert len(chunk_log) == 2  # no chunk formed this time
     same = 1e-2 if dtype == torch.bfloat16 else 1e-5
     assert rel_err(fused, y.detach()) < same
     for t, chunked in zip((x, a, b), grads):
@@ -393,17 +394,18 @@ def test_triton_large_batches_work_in_chunks(dtype, fn, train_base, chunk_log, m
 def test_triton_factor_partials_are_formed_by_groups_of_rows(rows, monkeypatch):
     # The weight gradient's float32 partials of dA and dB were kept for all of G = dY^T X at
     # once (N K r / 8 bytes: 32 MiB at 4096 x 4096, r = 16). Now a group of G's rows at a
-    # time: with a budget of one 64-row block, N_out = 150 makes three groups (64 + 64 + 22),
-    # whose partials must land in their own rows of dB and add up in dA, on both paths.
+    # time: with a budget of one 64-row block's partials, N_out = 150 makes three groups
+    # (64 + 64 + 22), whose partials must land in their own rows of dB and add up in dA, on
+    # both paths (the chunked one also forms G's rows by group, into a buffer: frozen W).
     from lucidops.triton_kernels import lora as tk
 
     x, w, a, b, bias = make((rows, 150), 150, 8, torch.float32, TRITON_DEVICE, seed=8)
     grad = torch.randn(rows, 150, generator=torch.Generator().manual_seed(9)).to(TRITON_DEVICE)
     results = {}
     plan = tk.wgrad_group_rows
-    for budget in (tk.PARTIALS_BYTES, 4 * 8 * (150 + 3 * 64)):
+    for budget in (tk.MATERIALIZE_CHUNK_BYTES, 4 * 8 * (150 + 3 * 64)):
         groups = []
-        monkeypatch.setattr(tk, "PARTIALS_BYTES", budget)
+        monkeypatch.setattr(tk, "MATERIALIZE_CHUNK_BYTES", budget)
         monkeypatch.setattr(tk, "wgrad_group_rows", lambda *args, **kw: groups.append(plan(*args, **kw)) or groups[-1])
         x_, a_, b_ = (t.clone().requires_grad_(True) for t in (x, a, b))
         with lucidops.use_backend("triton"):
@@ -422,12 +424,16 @@ def test_factor_partials_fit_the_budget():
 
     block_n, block_k = tk.WGRAD_CONFIG[:2]
     for n, k, r in [(4096, 4096, 16), (16384, 16384, 64), (150, 150, 8), (1, 3, 1), (10 ** 6, 10 ** 6, 64)]:
-        rows = tk.wgrad_group_rows(n, k, r)
-        assert rows % block_n == 0 and block_n <= rows <= -(-n // block_n) * block_n
-        partial_bytes = 4 * r * (rows // block_n * k + -(-k // block_k) * rows)
-        assert partial_bytes <= max(tk.PARTIALS_BYTES, 4 * r * (k + -(-k // block_k) * block_n))
-    # 4096 x 4096, r = 16 (the GPU benchmark's layer): 1024 rows, 8 MiB, four groups.
+        for g_size in (0, 2, 4):
+            rows = tk.wgrad_group_rows(n, k, r, g_size)
+            assert rows % block_n == 0 and block_n <= rows <= -(-n // block_n) * block_n
+            group_bytes = rows * k * g_size + 4 * r * (rows // block_n * k + -(-k // block_k) * rows)
+            one_block = block_n * k * g_size + 4 * r * (k + -(-k // block_k) * block_n)
+            assert group_bytes <= max(tk.MATERIALIZE_CHUNK_BYTES, one_block)
+    # 4096 x 4096, r = 16 (the GPU benchmark's layer): 8 MiB groups of 1024 rows (partials
+    # only, G into dW), or of 512 rows when G's bf16 rows take a buffer (frozen weight).
     assert tk.wgrad_group_rows(4096, 4096, 16) == 1024
+    assert tk.wgrad_group_rows(4096, 4096, 16, 2) == 512
 
 
 @needs_triton

@@ -57,16 +57,14 @@ REGEN_LARGE_M_CONFIG: Tuple[int, int, int, int] = (128, 128, 32, 8)
 # MATERIALIZE_CHUNK_BYTES at a time, and torch's matmul (cuBLAS) multiplies each chunk: one
 # phase and fn per element per call, as the C++ backend does, and the extra memory is one
 # chunk. The weight gradient too: above this, G = dY^T X (a product as large as the
-# forward's) is torch's matmul, a chunk of G's rows at a time, and lora_wgrad_chunk_kernel
-# reduces each chunk, instead of lora_wgrad_kernel's 64x64 tiles (sized for small M, not
+# forward's) is torch's matmul, a group of G's rows at a time (wgrad_group_rows: the group's
+# rows and its factor partials within MATERIALIZE_CHUNK_BYTES), and lora_wgrad_chunk_kernel
+# reduces each group, instead of lora_wgrad_kernel's 64x64 tiles (sized for small M, not
 # tuned for a 16384-deep reduction). In half precision that rounds G to x's dtype before the
 # fn' term, as the naive implementation does; the fused kernel keeps it in float32.
 # Unmeasured on a GPU: bench/lora.py times both ways ("lucidops[triton, fused tiles]").
 FUSED_MAX_ROWS = REGEN_LARGE_M_CONFIG[0]
 MATERIALIZE_CHUNK_BYTES = 8 << 20
-# The weight gradient's float32 factor partials are formed for a group of G's rows at a time,
-# holding about this many bytes (_wgrad, wgrad_group_rows).
-PARTIALS_BYTES = 8 << 20
 # Up to FUSED_MAX_ROWS rows a regenerating product has few output tiles (M = 1, N_out = 4096:
 # 64 programs of 4 warps, fewer than an H100's 132 SMs), each looping over all of K_in: its
 # reduction is split into slices until the grid has about this many programs (4 per SM).
@@ -501,8 +499,7 @@ def reduction_splits(tiles: int, i_dim: int, block_i: int) -> int:
 
 
 def materialize_chunk_columns(rows: int, columns: int, element_size: int, block: int = UPDATE_CONFIG[1]) -> int:
-    """Columns of a (rows x columns) matrix formed per chunk (Weff's columns; G's rows, read
-    transposed): as many whole ``block``s as fit in MATERIALIZE_CHUNK_BYTES, at least one
+    """Columns of a (rows x columns) matrix formed per chunk (Weff's columns): as many whole ``block``s as fit in MATERIALIZE_CHUNK_BYTES, at least one
     block, at most all columns. Every chunk but the last is a whole number of blocks."""
     fit = MATERIALIZE_CHUNK_BYTES // max(rows * element_size, 1) // block * block
     return max(1, min(columns, max(block, fit)))
@@ -616,13 +613,15 @@ def backward(grad, x, weight, a, b, fn: str, placement: str, omega: float, scale
     return grad_x, grad_w, grad_bias, grad_a, grad_b
 
 
-def wgrad_group_rows(n: int, k: int, r: int, block_n: int = WGRAD_CONFIG[0], block_k: int = WGRAD_CONFIG[1]) -> int:
-    """Rows of G = dY^T X whose factor partials _wgrad holds at once: whole ``block_n``
-    blocks whose float32 partials, pa (one (r, k) slice per block) and pb (one (rows, r)
-    slice per ``block_k`` columns), fit in PARTIALS_BYTES; at least one block, at most all
-    n rows (rounded up to a block)."""
-    per_block = 4 * r * (k + triton.cdiv(k, block_k) * block_n)
-    fit = PARTIALS_BYTES // max(per_block, 1) * block_n
+def wgrad_group_rows(n: int, k: int, r: int, g_element_size: int = 0, block_n: int = WGRAD_CONFIG[0],
+                     block_k: int = WGRAD_CONFIG[1]) -> int:
+    """Rows of G = dY^T X (N x K) that _wgrad handles at once: whole ``block_n`` blocks
+    whose float32 factor partials, pa (one (r, k) slice per block) and pb (one (rows, r)
+    slice per ``block_k`` columns), and, when G's rows are formed into a buffer, those rows
+    (``g_element_size`` bytes an element) fit in MATERIALIZE_CHUNK_BYTES; at least one block,
+    at most all n rows (rounded up to a block)."""
+    per_block = block_n * k * g_element_size + 4 * r * (k + triton.cdiv(k, block_k) * block_n)
+    fit = MATERIALIZE_CHUNK_BYTES // max(per_block, 1) * block_n
     return max(block_n, min(triton.cdiv(max(n, 1), block_n) * block_n, fit))
 
 
@@ -630,9 +629,10 @@ def _wgrad(grad, x, a, b, code, omega, scale, need_weight, need_lora, w_dtype):
     """(dW, dA, dB) of the weight placement (dW and the factors' gradients as asked, else
     empty). Up to FUSED_MAX_ROWS rows lora_wgrad_kernel forms G's tiles itself; past it G is
     torch's matmul a chunk of rows at a time and lora_wgrad_chunk_kernel reduces each chunk.
-    The factor partials are formed for one group of G's rows at a time (wgrad_group_rows)
-    and summed group by group in a fixed order (deterministic): kept for all of G at once
-    they took N K r / 8 bytes, 32 MiB at 4096 x 4096 and r = 16 (the bf16 dW's size twice)."""
+    The factor partials (and G's rows, when dW is not wanted) are formed for one group of
+    G's rows at a time, within MATERIALIZE_CHUNK_BYTES (wgrad_group_rows), and summed group
+    by group in a fixed order (deterministic): kept for all of G at once the partials took
+    N K r / 8 bytes, 32 MiB at 4096 x 4096 and r = 16 (the bf16 dW's size twice)."""
     m, k = x.shape
     n, r = b.shape
     block_n, block_k, block_m, warps = WGRAD_CONFIG
@@ -640,9 +640,11 @@ def _wgrad(grad, x, a, b, code, omega, scale, need_weight, need_lora, w_dtype):
     chunked = m > FUSED_MAX_ROWS
     dw = torch.empty((n, k), dtype=w_dtype, device=x.device) if need_weight else _dummy_fp32(x.device)
     empty = x.new_empty(0)
-    group = wgrad_group_rows(n, k, r, block_n, block_k) if need_lora else triton.cdiv(max(n, 1), block_n) * block_n
-    if chunked:  # G's chunk, in x's dtype, within MATERIALIZE_CHUNK_BYTES too
-        group = min(group, materialize_chunk_columns(k, n, x.element_size(), block=block_n))
+    buffered = chunked and not need_weight  # else G's rows go straight into dW's
+    if need_lora:
+        group = wgrad_group_rows(n, k, r, x.element_size() if buffered else 0, block_n, block_k)
+    else:  # dW alone: no partials, no buffer; one group
+        group = triton.cdiv(max(n, 1), block_n) * block_n
     if need_lora:
         pa = torch.empty((triton.cdiv(group, block_n), r, k), dtype=torch.float32, device=x.device)
         pb = torch.empty((tiles_k, group, r), dtype=torch.float32, device=x.device)
@@ -650,8 +652,7 @@ def _wgrad(grad, x, a, b, code, omega, scale, need_weight, need_lora, w_dtype):
         grad_b = torch.zeros((n, r), dtype=torch.float32, device=x.device)
     else:
         pa = pb = _dummy_fp32(x.device)
-    # G's chunks go straight into dW's rows when dW is wanted, else into one reused buffer.
-    g_buffer = torch.empty((group, k), dtype=x.dtype, device=x.device) if chunked and not need_weight else None
+    g_buffer = torch.empty((group, k), dtype=x.dtype, device=x.device) if buffered else None
     for n0 in range(0, n if k > 0 else 0, group):
         rows = min(group, n - n0)
         tiles = triton.cdiv(rows, block_n)

@@ -247,6 +247,9 @@ def test_flop_formula_is_counted():
     # A learnable omega or scale read as a number would silently get no gradient.
     (dict(omega=torch.tensor(2.0, requires_grad=True)), TypeError, "omega is a tensor that requires grad"),
     (dict(scale=torch.tensor(0.5, requires_grad=True)), TypeError, "scale is a tensor that requires grad"),
+    # Finite, but inf in the float32 the update is formed in: sin(inf) or inf * 0 made NaN.
+    (dict(omega=1e39), ValueError, "omega = 1e.39 overflows float32.*pass float64"),
+    (dict(scale=-1e39, placement="output"), ValueError, "scale = -1e.39 overflows float32"),
 ])
 def test_bad_scalars(kwargs, exc, match):
     x, w, a, b, _ = make((3, 8), 5, 2, torch.float32, "cpu")
@@ -289,6 +292,18 @@ def test_triton_weight_offsets_past_two_to_the_31(placement):
         got = lucidops.ops.bounded_lora_linear(x, weight, a, b, omega=1.0, scale=0.0, placement=placement)
     expected = x.float() @ weight.float().t()
     assert (got.float() - expected).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("placement", ["weight", "output"])
+def test_settings_past_float32_run_in_float64(placement):
+    """omega = 1e39 is refused for float32 inputs (above) but is a float64 number: with B = 0
+    the update is exactly 0 (phase 0), so y = x W^T + bias in every CPU backend."""
+    x, w, a, b, bias = make((3, 8), 5, 2, torch.float64, "cpu")
+    for backend in ["reference", "cpp"]:
+        with lucidops.use_backend(backend):
+            y = lucidops.ops.bounded_lora_linear(x, w, a, torch.zeros_like(b), bias, omega=1e39, scale=1e39,
+                                                 placement=placement)
+        torch.testing.assert_close(y, x @ w.t() + bias, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_tensors():

@@ -382,6 +382,16 @@ def _folded_omega(omega, adapter) -> float:
     return omega
 
 
+def _within_float32(value: float, name: str, x) -> float:
+    """A finite omega or scale that also fits the float32 the kernels form the phase and the
+    update in for inputs other than float64: omega = 1e39 became inf there, and sin(inf) or
+    inf * 0 NaN, silently (float64 inputs keep it)."""
+    if isinstance(x, Tensor) and x.dtype != torch.float64 and not abs(value) <= torch.finfo(torch.float32).max:
+        raise ValueError(f"{name} = {value!r} overflows float32, in which the update is formed for {x.dtype} "
+                         "inputs: pass float64 tensors, or a smaller value")
+    return value
+
+
 def _quantized_weight_linear(x: Tensor, weight: Tensor, adapter, lora_B, bias: Optional[Tensor], fn: str,
                              omega, scale) -> Tensor:
     """Placement "weight" with a QuantizedAdapter: the codes go to the kernels as they are."""
@@ -389,7 +399,7 @@ def _quantized_weight_linear(x: Tensor, weight: Tensor, adapter, lora_B, bias: O
         raise ValueError("lora_B must be None when lora_A is a QuantizedAdapter (it holds both factors)")
     _validate_base(x, weight, bias, fn, "weight")
     omega = _folded_omega(omega, adapter)  # the tables decode A and B divided by powers of two
-    scale = _validate.real_number(scale, "scale", tensor_ok=True)
+    scale = _within_float32(_validate.real_number(scale, "scale", tensor_ok=True), "scale", x)
     try:
         a_codes, a_t0, a_t1, group_a, b_codes, b_t0, b_t1, group_b = adapter.kernel_tensors()
     except ValueError as err:
@@ -445,8 +455,8 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
         return _quantized_weight_linear(x, weight, lora_A, lora_B, bias, fn, omega, scale)
     lora_A, lora_B, omega = _resolve_adapter(x, lora_A, lora_B, omega)
     _validate_args(x, weight, lora_A, lora_B, bias, fn, placement)
-    omega = _validate.real_number(omega, "omega", tensor_ok=True)
-    scale = _validate.real_number(scale, "scale", tensor_ok=True)
+    omega = _within_float32(_validate.real_number(omega, "omega", tensor_ok=True), "omega", x)
+    scale = _within_float32(_validate.real_number(scale, "scale", tensor_ok=True), "scale", x)
     x2 = x.reshape(-1, x.shape[-1])
     y = _lora(x2, weight, lora_A, lora_B, bias, fn, placement, omega, scale)
     return y.reshape(*x.shape[:-1], weight.shape[0])

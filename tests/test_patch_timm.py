@@ -144,6 +144,30 @@ def test_revert_keeps_the_mode_of_submodules_shared_with_the_replacement():
     assert not model.blocks[0].attn.attn_drop.training and model.blocks[0].attn.proj_drop.training
 
 
+def test_revert_keeps_layers_set_in_place_of_shared_ones_while_patched():
+    """ManyHeadAttention shares qkv and proj with the timm Attention it replaces. A layer the
+    user set in their place while patched, or peft's LoRA layer wrapping qkv, was dropped by
+    the undo (the Attention came back with its old children), its weights with it."""
+    model = tiny_vit(depth=1)
+    handle = lucidops.patch.timm_vit(model)
+    proj = torch.nn.Linear(192, 192)
+    model.blocks[0].attn.proj = proj
+    handle.revert()
+    assert type(model.blocks[0].attn) is Attention and model.blocks[0].attn.proj is proj
+
+    peft = pytest.importorskip("peft")
+    model = tiny_vit(depth=1)
+    x = torch.randn(2, 3, 64, 64)
+    handle = lucidops.patch.timm_vit(model)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["qkv"], init_lora_weights=False))
+    expected = peft_model(x)
+    keys = set(peft_model.state_dict())
+    assert any("lora_A" in k for k in keys)
+    handle.revert()
+    assert type(model.blocks[0].attn) is Attention and set(peft_model.state_dict()) == keys
+    torch.testing.assert_close(peft_model(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_heads_the_kernel_cannot_take_are_left_to_timm():
     """Head dim 192 (one head at width 192) is outside 4..128: timm_vit says so, and apply leaves
     those modules to timm's SDPA (sdpa_calls counts them) instead of swapping in a module that fails."""

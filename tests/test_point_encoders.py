@@ -1,6 +1,8 @@
 """lucidops.patch.point_encoders: PointNet and Point-MAE-style encoders swapped for distilled
 Gaussian encoders, and reverted bit for bit."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -96,6 +98,44 @@ def test_pointnet_root_swapped_and_reverted():
     assert all(model.get_submodule(k) is v for k, v in modules_before.items())
     with torch.no_grad():
         assert torch.equal(model(x), orig_logits) and torch.equal(model.global_feature(x), orig_feat)
+
+
+def test_patched_root_pointnet_holds_only_what_it_runs():
+    """A patched root PointNet kept conv1..conv3 and the feature T-Net registered (unused), so
+    its parameters, state dict and `lucidops profile` count grew (1.010x) where the same swap
+    one level down gives 0.43x. They leave while patched; revert() brings them back with what
+    the model did meanwhile (dtype, requires_grad, mode)."""
+    torch.manual_seed(0)
+    model = PointNet(6, feature_transform=True, input_transform=True).train()
+    modules_before = dict(model.named_modules())
+    nested = nn.Sequential(copy.deepcopy(model))
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    count_before = count(model)
+    handle = point_encoders(model, clouds=_clouds(), distill_kwargs=dict(FAST, steps=2))
+    point_encoders(nested, clouds=_clouds(), distill_kwargs=dict(FAST, steps=2))
+    # The same function as the swap one level down, and the same parameters.
+    assert count(model) == count(nested) < 0.5 * count_before
+    assert not any(k.startswith(("conv1.", "conv2.", "conv3.", "feature_tnet.")) for k in model.state_dict())
+    x = _clouds(3, 50, seed=4)
+    model.eval()
+    with torch.no_grad():
+        trans_in, trans_feat = model.transforms(x)
+        assert trans_feat is None and torch.equal(trans_in, model.input_tnet(x.transpose(1, 2)))
+        features = model.encoder_features(model.transform_points(x))
+        assert torch.equal(features, model.point_features(x)) and features.shape == (3, 50, 1024)
+        with pytest.raises(ValueError, match="feature_transform must be None"):
+            model.encoder_features(x, torch.eye(64).expand(3, 64, 64))
+    model.double()
+    model.requires_grad_(False)
+    handle.revert()  # patched in train mode, reverted in eval mode
+    assert dict(model.named_modules()).keys() == modules_before.keys()
+    assert all(model.get_submodule(k) is v for k, v in modules_before.items())
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any(m.training for m in model.modules())
 
 
 def test_nested_pointnet_swapped_for_wrapper_and_reverted():
@@ -210,10 +250,16 @@ def test_point_mae_encoder_at_root():
     handle = point_encoders(enc, clouds=_clouds(8, 16, scale=0.2), num_gaussians=8,
                             distill_kwargs=dict(FAST, steps=10))
     assert isinstance(enc.gaussian_encoder, GaussianPointEncoder)
+    # Its convolutions leave while patched (only the student's parameters count)...
+    assert set(enc._modules) == {"gaussian_encoder"}
     with torch.no_grad():
         assert enc(groups).shape == (1, 4, 32)
+    # ...and without them it still reads as patched, not as a model without an encoder.
+    with pytest.raises(RuntimeError, match="already patched"):
+        point_encoders(enc, clouds=_clouds(8, 16, scale=0.2), distill_kwargs=dict(FAST, steps=1))
     handle.revert()
     assert "gaussian_encoder" not in enc._modules and "forward" not in enc.__dict__
+    assert set(enc._modules) == {"first_conv", "second_conv"}
     with torch.no_grad():
         assert torch.equal(enc(groups), orig)
 

@@ -160,6 +160,7 @@ class PatchHandle:
         # A drop-in runs in the mode of what it replaces; a submodule it shares keeps its own
         # (a frozen BatchNorm or dropout switched off stays so).
         _set_mode(new_module, original.training, _shared_modules(original, new_module))
+        children_then = _shared_children(original, new_module)
         replacement_hooks = _share_hooks(original, new_module)
         # The ancestors that hold the slot, nearest first, as objects: a later patch higher up
         # may replace them in the model, but they still tell where the model put the slot.
@@ -192,6 +193,7 @@ class PatchHandle:
             # The move first: a train() override that raises must not leave the original's
             # tensors behind the model's.
             _carry_placement(placement_then, placement_now, original, new_module)
+            _carry_children(children_then, original, new_module)
             if new_module.training != mode_then:  # the model's train()/eval() reached only the replacement
                 _set_mode(original, new_module.training, _shared_modules(original, new_module))
             return None
@@ -200,15 +202,18 @@ class PatchHandle:
                            replacement=new_module, parent=parent, name=child)
 
     def set_instance_attrs(self, path: str, module: nn.Module, attrs: Mapping[str, Any], *,
-                           after: str, submodules: Optional[Mapping[str, nn.Module]] = None) -> Replacement:
+                           after: str, submodules: Optional[Mapping[str, nn.Module]] = None,
+                           hidden: Iterable[str] = ()) -> Replacement:
         """Set instance attributes (e.g. ``forward``) on ``module``, optionally register new
-        ``submodules`` on it (what the new attributes compute with), and record it all as one
-        replacement.
+        ``submodules`` on it (what the new attributes compute with), unregister the ``hidden``
+        submodules (what they no longer use), and record it all as one replacement.
 
         Attribute values go straight into ``module.__dict__`` (not parameters, buffers or
-        submodules), so the module keeps its parameters and state-dict keys. The undo
+        submodules), so the module keeps its other parameters and state-dict keys. The undo
         restores each attribute's previous instance value, or removes it if it had none,
-        and removes each added submodule, but only where they still hold what was set here.
+        removes each added submodule, but only where they still hold what was set here, and
+        registers the hidden ones again, with what the model did meanwhile to the module's
+        tensors (device, dtype, requires_grad) and mode (train/eval).
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -216,11 +221,27 @@ class PatchHandle:
         previous = {k: module.__dict__.get(k, missing) for k in attrs}
         new = dict(attrs)
         added = dict(submodules or {})
+        # Held in a ModuleDict (which leaves them as they are) so the placement code can move them.
+        stashed = nn.ModuleDict({name: child for name in hidden
+                                 if (child := module._modules.get(name)) is not None})
+        for name in stashed:
+            del module._modules[name]
         for name, child in added.items():
             module.add_module(name, child)
         module.__dict__.update(new)
+        placement = _Placement(module, stashed, [])
+        placement_then, mode_then = placement.read(), module.training
 
         def undo() -> None:
+            if len(stashed):
+                # What .to() / requires_grad_() / train() did to the module reached only what it holds.
+                _carry_placement(placement_then, placement.read(), stashed, module)
+                for name, child in stashed.items():
+                    if name in module._modules or name in module.__dict__:
+                        continue  # the name was taken while patched: leave the user's
+                    module.add_module(name, child)
+                    if module.training != mode_then:
+                        child.train(module.training)
             for k, value in new.items():
                 if module.__dict__.get(k, missing) is not value:
                     continue  # changed since (e.g. undone by another route): leave it
@@ -383,6 +404,24 @@ def _shared_modules(original: nn.Module, replacement: nn.Module) -> List[nn.Modu
     """The submodules of ``original`` that ``replacement`` holds too (itself excluded)."""
     own = {id(m) for m in replacement.modules()}
     return [m for m in original.modules() if m is not original and id(m) in own]
+
+
+def _shared_children(original: nn.Module, replacement: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
+    """The direct children ``replacement`` shares with ``original``: its name for each ->
+    (the original's name for it, the module)."""
+    names = {id(module): name for name, module in original.named_children()}
+    return {name: (names[id(module)], module) for name, module in replacement.named_children() if id(module) in names}
+
+
+def _carry_children(shared_then: Dict[str, Tuple[str, nn.Module]], original: nn.Module,
+                    replacement: nn.Module) -> None:
+    """Give the original the children the user put in place of shared ones while patched: a
+    layer set by hand, or peft's LoRA layer wrapping a shared Linear (get_peft_model on the
+    patched model), was dropped from the model by the undo, its adapter weights with it."""
+    for name, (original_name, module) in shared_then.items():
+        now = replacement._modules.get(name, module)
+        if now is not module:
+            setattr(original, original_name, now)
 
 
 def _tensors(module: nn.Module) -> List[Tensor]:

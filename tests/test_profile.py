@@ -3,6 +3,7 @@ report() / compare() fields, and the `lucidops profile` command."""
 
 import copy
 import dataclasses
+import importlib
 import math
 
 import pytest
@@ -483,6 +484,20 @@ def test_cli_profile_compares_a_patched_vit(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_profile_depth_with_patch_prints_each_breakdown(capsys):
+    """--depth was accepted with --patch and did nothing (the comparison shows totals): given,
+    each model's report and breakdown follow the comparison; not given, the comparison alone."""
+    argv = ["profile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch", "--repeat", "1",
+            "--warmup", "0", "--quiet"]
+    assert cli.main(argv) == 0
+    assert "by module" not in capsys.readouterr().out
+    assert cli.main(argv + ["--depth", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("by module") == 2 and "patched/original" in out
+    assert out.index("patched/original") < out.index("by module")
+    assert all("\n    11 " in side for side in out.split("by module")[1:])  # depth 2 reaches blocks.11
+
+
 def test_cli_profile_builds_the_many_head_variant(capsys):
     model, kind, size = cli._make_model("vit_tiny_patch16_224", 32, num_heads=24)
     assert (kind, size) == ("image", 32)
@@ -516,6 +531,9 @@ def test_cli_profile_one_point_model(capsys):
      "--num-heads 5: vit_tiny_patch16_224 cannot be built"),  # 192 is not a multiple of 5
     (["--model", "vit_tiny_patch16_224", "--num-heads", "0"], "--num-heads must be >= 1"),
     (["--model", "resnet18", "--img-size", "32", "--patch"], "found nothing to patch in this model"),
+    # Already Gaussian: apply's ValueError was a traceback (exit 1) naming an option never passed.
+    (["--model", "gaussian_pointnet", "--patch"], "--patch: point_encoders=True was requested but the model has "
+                                                 "no point encoder"),
     (["--model", "pointnet", "--warmup", "-1"], "--warmup must be >= 0"),  # was a traceback
     (["--model", "pointnet", "--depth", "-1"], "--depth must be >= 0"),
     (["--model", "pointnet", "--patch", "--png", "/proc/no/x.png"], "cannot write in '/proc'"),
@@ -526,6 +544,32 @@ def test_cli_profile_bad_input(args, message, capsys):
     assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["profile", "--model", "pointnet", "--device", "tpu"])
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_compare_chart_colours_bars_by_what_they_show(device, tmp_path, monkeypatch):
+    """The last bar was always the speed-up's colour: on the meta device (no latency, no
+    speed-up bar) the FLOPs ratio came out orange."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    compare_module = importlib.import_module("lucidops.profile.compare")  # the package exports compare()
+
+    drawn = {}
+    bar = Axes.bar
+
+    def recording_bar(self, x, height, *args, color=None, **kwargs):
+        drawn["colors"] = list(color)
+        return bar(self, x, height, *args, color=color, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", recording_bar)
+    original = nn.Sequential(nn.Linear(8, 16), nn.GELU()).to(device)
+    patched = copy.deepcopy(original)
+    patched[1] = lucidops.nn.Sinc(1.0).to(device)
+    cmp = lucidops.profile.compare(original, patched, torch.randn(3, 8, device=device), repeat=1, warmup=0)
+    cmp.plot(tmp_path / "c.png")
+    kinds = [compare_module.RATIO_COLOR] * (len(drawn["colors"]) - (device == "cpu"))
+    assert drawn["colors"] == kinds + ([compare_module.SPEEDUP_COLOR] if device == "cpu" else [])
 
 
 def test_png_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):

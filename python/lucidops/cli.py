@@ -151,7 +151,7 @@ def _patch(model: Any, kind: str) -> Any:
     kwargs: Dict[str, Any] = {"point_encoders": True} if kind == "points" else {}
     try:
         handle = patch_apply(model, **kwargs)
-    except NotImplementedError as err:
+    except (NotImplementedError, ValueError) as err:  # e.g. a point model without a PointNet encoder
         raise ProfileError(f"--patch: {err}") from err
     if handle.nothing_patched:
         raise ProfileError("--patch: lucidops.patch.apply found nothing to patch in this model")
@@ -199,7 +199,7 @@ def profile_command(args: argparse.Namespace) -> int:
             assert size is not None  # _make_model gives image models their input size
             inputs = torch.randn(args.batch, 3, size, size, generator=gen)
         options = dict(backward=args.backward, device=args.device, repeat=args.repeat, warmup=args.warmup,
-                       depth=args.depth, progress=progress)
+                       depth=1 if args.depth is None else args.depth, progress=progress)
         result: Union[ProfileComparison, ProfileReport]
         if args.patch:
             patched = _patch(copy.deepcopy(model), kind)
@@ -214,6 +214,10 @@ def profile_command(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(result)
+    if isinstance(result, profile.ProfileComparison) and args.depth is not None:
+        # The comparison shows totals; an explicit --depth asks for each side's breakdown too.
+        for side in (result.original, result.patched):
+            print(f"\n{side}")
     if args.png:
         assert isinstance(result, profile.ProfileComparison)  # --png without --patch was refused
         try:
@@ -240,7 +244,9 @@ def _add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
     p.add_argument("--repeat", type=int, default=10, help="timed runs; the latency is their median (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
-    p.add_argument("--depth", type=int, default=1, help="deepest module level in the breakdown (default 1)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="deepest module level in the breakdown (default 1); with --patch, given explicitly, "
+                        "each model's report and breakdown follow the comparison")
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
 
 

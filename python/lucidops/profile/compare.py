@@ -36,6 +36,9 @@ _ROWS: List[Tuple[str, str, Callable[[Any], str], str]] = [
 ]
 
 
+RATIO_COLOR, SPEEDUP_COLOR = "#4c72b0", "#dd8452"
+
+
 def _measured(value: Any) -> Any:
     """``value``, or None for a value that was not measured (a NaN latency)."""
     return None if isinstance(value, float) and math.isnan(value) else value
@@ -98,18 +101,21 @@ class ProfileComparison:
         ratios = self.ratios()
         labels: List[str] = []
         values: List[float] = []
+        colors: List[str] = []  # by kind: ratios blue, the speed-up orange (absent on the meta device)
         for key, label, _, kind in _ROWS:
             ratio = ratios[key]
             if kind == "ratio" and ratio is not None:
                 labels.append(label.split(" (")[0] if key != "fvcore_flops" else "FLOPs (fvcore)")
                 values.append(ratio)
+                colors.append(RATIO_COLOR)
         speedup = ratios["speedup"]
         if speedup is not None:
             labels.append("latency speed-up")
             values.append(speedup)
+            colors.append(SPEEDUP_COLOR)
         fig = Figure(figsize=(7, 3.5))
         ax = fig.add_subplot()
-        bars = ax.bar(range(len(values)), values, color=["#4c72b0"] * (len(values) - 1) + ["#dd8452"])
+        bars = ax.bar(range(len(values)), values, color=colors)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(values)))
         ax.set_xticklabels(labels, rotation=15, ha="right")

@@ -224,6 +224,20 @@ def points(seed=2):
     return torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(seed))
 
 
+def test_attention_requested_again_on_a_patched_model_says_so():
+    """apply(attention=True) on a model apply had patched said it has no attention module at
+    all; timm_vit, on the same model, says what happened."""
+    model = tiny_vit()
+    handle = apply(model)
+    with pytest.raises(ValueError, match=r"attention=True was requested .* already runs on lucidops \(patched "
+                                         r"before\? revert\(\) that handle first\)"):
+        apply(model, attention=True)
+    handle.revert()
+    with pytest.raises(ValueError, match="attention=True") as err:
+        apply(pointnet(), attention=True)
+    assert "patched before" not in str(err.value)
+
+
 def test_nothing_to_patch_leaves_the_model_untouched():
     model = pointnet()
     p = points()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..nn.activations import Gaussian, Sinc
+from ..nn.attention import ManyHeadAttention
 from .handle import PatchHandle, child_slots, describe
 from .peft_lora import VARIANTS, lora_layers, peft_lora
 from .sdpa_calls import sdpa_calls, sdpa_modules
@@ -265,8 +266,12 @@ def apply(model: nn.Module, *, attention: bool = _DEFAULT, lora: Union[None, str
             if sdpa_modules(model):
                 handle.merge(sdpa_calls(model), "sdpa_calls")
             if explicit_attention and not ({"attention", "sdpa_calls"} & set(handle.parts)):
+                patched_before = any(isinstance(m, ManyHeadAttention) or "_lucidops_sdpa" in m.__dict__
+                                     for m in model.modules())
                 nothing("attention=True", "timm ViT/DeiT Attention module (timm.layers.Attention, exact type) nor "
-                        "module whose forward calls scaled_dot_product_attention")
+                        "module whose forward calls scaled_dot_product_attention" +
+                        (": its attention already runs on lucidops (patched before? revert() that handle first)"
+                         if patched_before else ""))
 
         if lora_kwargs is not None:
             try:

@@ -354,7 +354,9 @@ def _bad_cases():
         # Finite, but past float32 inside the op: (x - mu)^T P (x - mu) was +inf - inf = NaN.
         (dict(points=x.clone().index_put_((torch.tensor([0]),), torch.tensor(2e19))), ValueError,
          r"points lie up to .* can overflow float32.*pass float64"),
-        (dict(weight=w.clone().fill_(1e38)), ValueError, r"weight reaches 1e\+38 over 4 Gaussians"),
+        (dict(weight=w.clone().fill_(1e38)), ValueError, r"weight \(up to 1e\+38 over 4 Gaussians\) and bias"),
+        (dict(weight=w.clone().fill_(2e37), bias=b.clone().fill_(3e38)), ValueError,
+         r"and bias \(up to 3e\+38\): the mixer's sums can overflow"),
         (dict(reduce="mean"), ValueError, "reduce"),
         (dict(cull_threshold=0.0), ValueError, "cull_threshold"),
         (dict(cull_threshold=-1.0), ValueError, "cull_threshold"),
@@ -374,6 +376,20 @@ def test_bad_input_raises_naming_the_argument(index):
     kwargs = {**good, **change}
     with pytest.raises(exc, match=name):
         gaussian_mixture(**kwargs)
+
+
+def test_a_large_finite_bias_within_float32_runs():
+    """The mixer bound was refused from half of float32's range on, blaming weight: a bias
+    of 2e38 plus at most G max|W| = 2 is a float32, and every backend gives it."""
+    points = make_points((1, 8), torch.float32, seed=91)
+    means, prec = torch.rand(4, 3), torch.tensor([[1.0, 0, 0, 1, 0, 1]]).repeat(4, 1)
+    weight, bias = torch.full((2, 4), 0.5), torch.tensor([2e38, 0.0])
+    expected = ref.gaussian_mixture(points.double(), means.double(), prec.double(), weight.double(), bias.double())
+    for backend in CPU_BACKENDS:
+        with backends.use_backend(backend):
+            out = gaussian_mixture(points, means, prec, weight, bias)
+        assert torch.isfinite(out).all(), backend
+        torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=0)
 
 
 def test_far_points_are_refused_in_float32_and_exact_in_float64():

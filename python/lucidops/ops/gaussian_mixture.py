@@ -285,8 +285,9 @@ def _no_overflow(largest: Dict[str, Optional[float]], g: int, dtype: torch.dtype
     """Refuse inputs whose finite values could overflow the compute dtype inside the op.
 
     With d = x - mu, every term of the quadratic form, and the squares d_i d_j of the
-    precisions' gradient, are at most max(9 max|P|, 1) max|d|^2, and the mixer's sums at most
-    G max|W| + max|b|. Past the dtype's largest value a point 2e19 from a mean in float32
+    precisions' gradient, are at most max(9 max|P|, 1) max|d|^2 (refused from half the dtype's
+    largest value on), and the mixer's sums at most G max|W| + max|b| (phi <= 1, up to
+    rounding; refused past the largest value). Past the dtype's largest value a point 2e19 from a mean in float32
     made +inf - inf = NaN in the quadratic form, and the backends then disagreed (the
     kernels' max passes over NaN, the reference's does not)."""
     known = {name: value for name, value in largest.items() if value is not None}
@@ -295,16 +296,17 @@ def _no_overflow(largest: Dict[str, Optional[float]], g: int, dtype: torch.dtype
     limit = torch.finfo(_reference.opmath_dtype(dtype)).max
     distance = known["points"] + known["means"]
     quadratic = max(9.0 * known["precisions"], 1.0) * distance * distance
-    mixed = g * known["weight"] + known.get("bias", 0.0)
+    bias = known.get("bias", 0.0)
+    mixed = g * known["weight"] * (1 + 2.0 ** -10) + bias
     compute = "float64" if limit > 1e300 else "float32"
     advice = "pass float64 tensors" if compute == "float32" else "rescale the inputs"
     if not quadratic < limit / 2:
         raise ValueError(f"points lie up to {distance:.3g} from the means and precisions reach "
                          f"{known['precisions']:.3g}: (x - mu)^T P (x - mu) can overflow {compute} (the "
                          f"compute dtype) and turn into NaN; {advice}")
-    if not mixed < limit / 2:
-        raise ValueError(f"weight reaches {known['weight']:.3g} over {g} Gaussians: the mixer's sums can "
-                         f"overflow {compute} (the compute dtype); {advice}")
+    if not mixed <= limit:
+        raise ValueError(f"weight (up to {known['weight']:.3g} over {g} Gaussians) and bias (up to {bias:.3g}): "
+                         f"the mixer's sums can overflow {compute} (the compute dtype); {advice}")
 
 
 def _positive_semidefinite(precisions: Tensor, made_in: torch.dtype) -> None:

@@ -168,6 +168,22 @@ def test_revert_keeps_layers_set_in_place_of_shared_ones_while_patched():
     torch.testing.assert_close(peft_model(x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_a_later_patch_inside_the_replacement_is_not_carried_when_reverted_first():
+    """Reverted out of order, the attention's undo carried a layer another handle had swapped
+    in (still pending) onto the timm Attention; that handle's undo then restored the detached
+    replacement, and the layer stayed in the model for good."""
+    from lucidops.patch import PatchHandle
+
+    model = tiny_vit(depth=1)
+    proj = model.blocks[0].attn.proj
+    h1 = lucidops.patch.timm_vit(model)
+    h2 = PatchHandle(model)
+    h2.swap_child(model, "blocks.0.attn.proj", torch.nn.Linear(192, 192))
+    h1.revert()
+    h2.revert()
+    assert type(model.blocks[0].attn) is Attention and model.blocks[0].attn.proj is proj
+
+
 def test_heads_the_kernel_cannot_take_are_left_to_timm():
     """Head dim 192 (one head at width 192) is outside 4..128: timm_vit says so, and apply leaves
     those modules to timm's SDPA (sdpa_calls counts them) instead of swapping in a module that fails."""

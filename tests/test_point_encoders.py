@@ -138,6 +138,36 @@ def test_patched_root_pointnet_holds_only_what_it_runs():
     assert not any(m.training for m in model.modules())
 
 
+def test_revert_puts_a_root_pointnet_s_layers_back_in_their_order():
+    """The hidden layers came back registered last: parameters() and state_dict() changed
+    order, and an optimizer's state (matched by position) landed on the wrong parameters."""
+    torch.manual_seed(0)
+    model = PointNet(5)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(_clouds(4, 32)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    names = [n for n, _ in model.named_parameters()]
+    keys = list(model.state_dict())
+    handle = point_encoders(model, clouds=_clouds(), distill_kwargs=dict(FAST, steps=2), num_gaussians=4)
+    handle.revert()
+    assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == keys
+    reloaded = torch.optim.Adam(model.parameters())
+    reloaded.load_state_dict(saved)
+    assert all(reloaded.state[p]["exp_avg"].shape == p.shape for p in model.parameters())
+
+
+def test_a_model_holding_a_patched_root_pointnet_is_refused():
+    """Wrapping a patched root PointNet and patching the wrapper was an AttributeError on the
+    hidden conv3 (and before that distilled a second student from the first)."""
+    torch.manual_seed(0)
+    net = PointNet(5, feature_transform=False).eval()
+    handle = point_encoders(net, clouds=_clouds(), distill_kwargs=dict(FAST, steps=2), num_gaussians=4)
+    with pytest.raises(RuntimeError, match="'0' is already patched by lucidops.patch.point_encoders"):
+        point_encoders(nn.Sequential(net), clouds=_clouds(), distill_kwargs=dict(FAST, steps=2))
+    handle.revert()
+
+
 def test_nested_pointnet_swapped_for_wrapper_and_reverted():
     torch.manual_seed(1)
     model = WithBackbone().eval()

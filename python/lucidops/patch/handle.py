@@ -28,6 +28,7 @@ import functools
 import itertools
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -167,6 +168,7 @@ class PatchHandle:
         parts = path.split(".")[:-1]
         ancestors = [root.get_submodule(".".join(parts[:end])) for end in range(len(parts), -1, -1)]
         setattr(parent, child, new_module)
+        _PENDING_SWAPS.add(new_module)
         mode_then = new_module.training
         placement = _Placement(new_module, original, ancestors)
         placement_then = placement.read()
@@ -174,6 +176,7 @@ class PatchHandle:
         def undo() -> Optional[bool]:
             held = getattr(parent, child, None)
             if held is original:  # put back already (by hand): nothing left to undo
+                _PENDING_SWAPS.discard(new_module)
                 return None
             if held is not new_module:
                 warnings.warn(f"lucidops.patch: {path!r} was replaced again after patching; left as it is (revert "
@@ -184,6 +187,7 @@ class PatchHandle:
             # first: whatever fails below, the model holds it again.
             placement_now = placement.read()
             setattr(parent, child, original)
+            _PENDING_SWAPS.discard(new_module)
             # Full backward hooks: the tables are shared, but the flag saying the hooks are "full"
             # is a plain attribute, set only on the module the hook was registered on.
             flag = new_module.__dict__.get("_is_full_backward_hook")
@@ -222,6 +226,7 @@ class PatchHandle:
         new = dict(attrs)
         added = dict(submodules or {})
         # Held in a ModuleDict (which leaves them as they are) so the placement code can move them.
+        order_then = list(module._modules)
         stashed = nn.ModuleDict({name: child for name in hidden
                                  if (child := module._modules.get(name)) is not None})
         for name in stashed:
@@ -252,6 +257,14 @@ class PatchHandle:
             for name, child in added.items():
                 if module._modules.get(name) is child:
                     del module._modules[name]
+            if len(stashed):
+                # Back in their places: parameters(), state_dict() and an optimizer's state
+                # (matched by position) follow the registration order.
+                order = [n for n in order_then if n in module._modules]
+                order += [n for n in module._modules if n not in order_then]
+                reordered = {n: module._modules[n] for n in order}
+                module._modules.clear()
+                module._modules.update(reordered)
 
         replacement = next(iter(added.values()), None)
         return self.record(path, module, after, undo, original=module, replacement=replacement)
@@ -398,6 +411,9 @@ def _set_mode(module: nn.Module, mode: bool, keep: Iterable[nn.Module]) -> None:
 
 
 _MISSING = object()
+# The modules swap_child put into a model and has not yet taken out again (any handle's):
+# _carry_children leaves them alone, their own record's undo puts the original back.
+_PENDING_SWAPS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def _shared_modules(original: nn.Module, replacement: nn.Module) -> List[nn.Module]:
@@ -420,7 +436,8 @@ def _carry_children(shared_then: Dict[str, Tuple[str, nn.Module]], original: nn.
     patched model), was dropped from the model by the undo, its adapter weights with it."""
     for name, (original_name, module) in shared_then.items():
         now = replacement._modules.get(name, module)
-        if now is not module:
+        # One a patch put there that is still pending goes back with that patch's revert.
+        if now is not module and now not in _PENDING_SWAPS:
             setattr(original, original_name, now)
 
 

@@ -84,10 +84,14 @@ def point_mae_point_features(encoder: nn.Module, points: Tensor) -> Tensor:
 
 def _find(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
     """(path, module, kind) of the outermost encoders; '' is the root."""
-    forward = model.__dict__.get("forward")
-    if isinstance(forward, InstanceMethod) and forward.__func__ in (_root_pointnet_forward, _root_point_mae_forward):
-        # Its methods already run the first student: a second would be distilled from it.
-        raise RuntimeError("model is already patched by lucidops.patch.point_encoders; revert() that handle first")
+    for name, module in model.named_modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, InstanceMethod) and forward.__func__ in (_root_pointnet_forward,
+                                                                         _root_point_mae_forward):
+            # Its methods already run the first student: a second would be distilled from it
+            # (and its replaced layers are out of the model while patched).
+            raise RuntimeError(f"{'model' if not name else repr(name)} is already patched by "
+                               "lucidops.patch.point_encoders; revert() that handle first")
     root_kind = _kind(model)
     if root_kind is not None:
         return [("", model, root_kind)]

@@ -428,6 +428,7 @@ def test_bad_input_names_the_argument():
          "key_padding_mask must have shape"),
         (lambda: att(q, k, k, key_padding_mask=torch.ones(7, dtype=torch.bool)), ValueError, "key_padding_mask"),
         (lambda: att(q, k, k, causal=1), TypeError, "causal must be a bool"),
+        (lambda: att(q, k, k, return_lse="no"), TypeError, "return_lse must be a bool, got str"),  # returned a tuple
         (lambda: att(q, k, k, scale=float("nan")), ValueError, "scale must be finite"),
         (lambda: att(q, k, k, scale="1"), TypeError, "scale must be a real number, got str"),
         (lambda: att(q, k, k, scale=torch.tensor(1.0)), TypeError, "scale must be a Python number"),
@@ -587,6 +588,30 @@ def test_nan_padding_key_leaves_the_key_and_value_gradients_finite(backend):
     for got, want in zip(grads[backend], grads["reference"]):
         assert torch.isfinite(want).all() and torch.isfinite(got).all()
         assert rel_err(got, want) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_padding_value_takes_no_part(backend, bad):
+    """A padding key is weighed by p = 0, and 0 * NaN is NaN: a NaN (or inf) in a padding
+    key's value made every row of out and of dq NaN, in every backend. Now the result, and
+    every gradient, is the one with that value row zeroed."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g) for n in (5, 7, 7))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, :2] = False
+    clean = v.clone()
+    v[0, 1, 1, 3] = bad  # masked out in batch 0
+    results = []
+    for values in (v, clean):
+        q_, k_, v_ = (t.clone().requires_grad_(True) for t in (q, k, values))
+        with lucidops.use_backend(backend):
+            out = lucidops.ops.attention(q_, k_, v_, key_padding_mask=mask)
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(6)))
+        results.append((out, q_.grad, k_.grad, v_.grad))
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_aten_empty_rows_helper():

@@ -452,3 +452,12 @@ def test_many_head_attention_checks_its_sizes_when_built():
     wide = ManyHeadAttention(512, num_heads=2)
     with pytest.warns(RuntimeWarning, match="runs PyTorch"):  # the additive mask goes to SDPA
         assert wide(torch.randn(2, 7, 512), attn_mask=torch.zeros(7, 7)).shape == (2, 7, 512)
+    # A plain call too (it was the kernel's error about q, an argument the caller never saw),
+    # with timm's result for the same weights.
+    for module in (wide, ManyHeadAttention(6, num_heads=3)):
+        x = torch.randn(2, 5, module.attn_dim)
+        with pytest.warns(RuntimeWarning, match=rf"head_dim = {module.head_dim} is outside the kernel's 4..128"):
+            out = module(x)
+        timm_attention = Attention(module.attn_dim, num_heads=module.num_heads)
+        timm_attention.load_state_dict(module.state_dict())
+        torch.testing.assert_close(out, timm_attention(x))

@@ -16,19 +16,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate
-from ..ops.attention import attention
+from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, attention
 from ..reference import attention as _reference
 
 
 def _pytorch_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Optional[Tensor],
                        attn_mask: Optional[Tensor], scale: float, dropout_p: float, why: str) -> Tensor:
     """PyTorch's SDPA, exactly timm's call, for what lucidops' kernel does not take: a mask
-    other than key padding (``attn_mask``: additive, or per query), or attn_drop = 1. With a
+    other than key padding (``attn_mask``: additive, or per query), attn_drop = 1, or a head
+    dim outside MIN_HEAD_DIM..MAX_HEAD_DIM. With a
     key padding mask, queries that see no key get zeros and zero gradient, as in
     lucidops.ops.attention (SDPA alone would give NaN)."""
     if not _validate.is_compiling():
         warnings.warn(f"lucidops ManyHeadAttention: {why}, so this call runs PyTorch's scaled_dot_product_attention "
-                      "(lucidops' kernel takes key padding masks and dropout below 1)", RuntimeWarning, stacklevel=3)
+                      f"(lucidops' kernel takes key padding masks, dropout below 1 and head dims {MIN_HEAD_DIM}.."
+                      f"{MAX_HEAD_DIM})", RuntimeWarning, stacklevel=3)
     if attn_mask is not None:  # timm's own call
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal,
                                               scale=scale)
@@ -70,8 +72,8 @@ class ManyHeadAttention(nn.Module):
             if dim % num_heads:
                 raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) when attn_head_dim is None")
             head_dim = dim // num_heads
-        # A head dim outside the kernel's range still runs where forward hands the call to
-        # PyTorch's SDPA (an additive mask, attn_drop=1); the kernel itself refuses it.
+        # A head dim outside the kernel's range runs, with a warning, on PyTorch's SDPA (forward
+        # hands it the call, as for an additive mask or attn_drop = 1): the kernel refuses it.
         if (qk_norm or scale_norm) and norm_layer is None:
             raise ValueError("norm_layer must be given when qk_norm or scale_norm is True")
         self.num_heads = num_heads
@@ -135,10 +137,13 @@ class ManyHeadAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # strided views: the kernel reads them in place
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = float(self.attn_drop.p) if self.training else 0.0
-        if other_mask is not None or dropout_p >= 1:
+        head_dim_outside = not MIN_HEAD_DIM <= self.head_dim <= MAX_HEAD_DIM
+        if other_mask is not None or dropout_p >= 1 or head_dim_outside:
             # dtype and rank only: one warning per kind of mask, not per batch shape
             why = (f"a {other_mask.dim()}-D {other_mask.dtype} attn_mask is not a bool key padding mask"
-                   if other_mask is not None else "attn_drop = 1 drops every probability")
+                   if other_mask is not None else
+                   f"head_dim = {self.head_dim} is outside the kernel's {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
+                   if head_dim_outside else "attn_drop = 1 drops every probability")
             x = _pytorch_attention(q, k, v, bool(is_causal), key_padding_mask, other_mask, self.scale, dropout_p, why)
         else:
             x = attention(q, k, v, causal=bool(is_causal), key_padding_mask=key_padding_mask, scale=self.scale,

@@ -116,9 +116,23 @@ def _token_major(out: Tensor) -> Tensor:
     return empty_token_major(b, h, nq, d, like=out).copy_(out)
 
 
+def _padding_values_that_take_no_part(v: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+    """``v`` with its padding keys' rows zeroed where they could matter. Every backend weighs a
+    padding key by p = 0, and 0 * NaN (or inf) is NaN: a NaN in a padding value (padding left
+    as torch.empty) reached every row of out and of dq. On the CPU the rows are zeroed only
+    when v holds a value that is not finite (one sum); elsewhere always (a copy of v), as
+    reading the sum would synchronise the device."""
+    if key_padding_mask is None or v.numel() == 0:
+        return v
+    if v.device.type == "cpu" and bool(torch.isfinite(v.sum())):
+        return v
+    return v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+
+
 @torch.library.custom_op("lucidops::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
                   scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    v = _padding_values_that_take_no_part(v, key_padding_mask)
     out, lse, out_lo = backends.dispatch("attention", q.device.type, q, k, v, key_padding_mask, causal, scale,
                                          dropout_p, seed)
     # One output layout whichever backend ran, so that it always matches the fake kernel's.
@@ -141,6 +155,7 @@ def _attention_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tens
                            out: Tensor, out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
                            causal: bool, scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None
                            ) -> Tuple[Tensor, Tensor, Tensor]:
+    v = _padding_values_that_take_no_part(v, key_padding_mask)  # as the forward saw it
     grads = backends.dispatch("attention_backward", q.device.type, grad_out, grad_lse, q, k, v, out, out_lo, lse,
                               key_padding_mask, causal, scale, dropout_p, seed)
     # Contiguous, as the fake kernel promises (a backend's zeros_like of an empty problem keeps
@@ -230,6 +245,13 @@ _flops.register(torch.ops.lucidops.attention, forward_flops, macs=lambda *a, **k
 _flops.register(torch.ops.lucidops.attention_backward, backward_flops)
 
 
+def _check_bool(value, name: str) -> None:
+    if not isinstance(value, bool):
+        kind = type(value)  # qualified unless builtin: numpy's bool is also named "bool"
+        got = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"{name} must be a bool, got {got}")
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor, causal, key_padding_mask, scale) -> float:
     """Validate every argument (each error names it); return the scale as a float."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -249,10 +271,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal, key_padding_mask, scale) -> 
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(f"q's head dim (last size) must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {d}")
-    if not isinstance(causal, bool):
-        kind = type(causal)  # qualified unless builtin: numpy's bool is also named "bool"
-        got = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-        raise TypeError(f"causal must be a bool, got {got}")
+    _check_bool(causal, "causal")
     if key_padding_mask is not None:
         _validate.tensor(key_padding_mask, "key_padding_mask")
         if key_padding_mask.dtype != torch.bool:
@@ -305,6 +324,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     """
     q, k, v = _autocast.lower_precision(q, k, v)  # as autocast treats SDPA
     scale_value = _check(q, k, v, causal, key_padding_mask, scale)
+    _check_bool(return_lse, "return_lse")  # a truthy "no" returned a tuple
     dropout_value = _validate.probability(dropout_p, "dropout_p")
     seed = _dropout.draw_seed(q.device) if dropout_value else None
     out, lse, _ = _attention(q, k, v, key_padding_mask, causal, scale_value, dropout_value, seed)

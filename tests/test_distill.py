@@ -424,7 +424,11 @@ def test_distill_pointnet_checks_every_argument_before_training(monkeypatch):
                               (dict(seed=1.5), TypeError, "seed"),
                               (dict(cloud_center="middle"), ValueError, "cloud_center"),
                               (dict(cloud_center=(1.0, 2.0)), ValueError, "cloud_center"),
-                              (dict(cloud_range=0.0), ValueError, "cloud_range")):
+                              (dict(cloud_range=0.0), ValueError, "cloud_range"),
+                              # These two failed inside finetune, after both distillation stages:
+                              (dict(batch_size=1), ValueError, "batch_size=1: fine-tuning .* BatchNorm"),
+                              (dict(finetune_data=[(p, torch.eye(4)[int(y)]) for p, y in data]), ValueError,
+                               r"finetune_data\[0\]: label must be one class index")):
         with pytest.raises(error, match=match):
             distill_pointnet(teacher, data, **{**ok, **bad})
 

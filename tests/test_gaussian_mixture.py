@@ -418,6 +418,16 @@ def test_far_points_are_refused_in_float32_and_exact_in_float64():
         assert torch.isfinite(out).all() and torch.equal(out[:, 1], torch.zeros_like(out[:, 1])), backend
 
 
+def test_encoder_names_the_points_when_their_dtype_is_not_its_own():
+    """float64 points into a float32 encoder: the op's error named means, a parameter the
+    caller never passed. Under autocast half points still meet float32 parameters."""
+    enc = GaussianPointEncoder(4, 8)
+    with pytest.raises(TypeError, match=r"points are torch.float64 but this GaussianPointEncoder is torch.float32"):
+        enc(torch.rand(2, 50, 3, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert enc(torch.rand(2, 50, 3).bfloat16()).dtype == torch.float32
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_singular_precisions_rounded_to_their_dtype_are_accepted(dtype):
     """L L^T with a zero on L's diagonal is singular, positive semidefinite: rounding it to

@@ -1,6 +1,7 @@
 """GaussianNaturalGradient: the closed-form Fisher of the factor against a numerical Fisher,
 the Mahalanobis step, descent on a loss, parameter splitting, argument errors."""
 
+import io
 import itertools
 import math
 
@@ -310,7 +311,13 @@ def test_numpy_hyperparameters_are_numbers():
         enc.means.grad, enc.factor.grad = torch.randn(5, 3), torch.randn(5, 6)
         opt.step()
     group = {"params": [enc.means, enc.factor], "roles": ["means", "factor"]}
-    GaussianNaturalGradient([{**group, "momentum": np.float32(0.5)}]).step()
+    opt = GaussianNaturalGradient([{**group, "momentum": np.float32(0.5), "lr": np.float64(0.01)}])
+    opt.step()
+    # Stored as floats: a numpy scalar in the state_dict made torch.load (weights_only) refuse it.
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer)["param_groups"][0]["momentum"] == 0.5
     for kwargs, error, match in ((dict(lr="0.01"), TypeError, "lr must be a real number"),
                                  (dict(momentum=None), TypeError, "momentum must be a real number"),
                                  (dict(damping="1e-4"), TypeError, "damping must be a real number"),

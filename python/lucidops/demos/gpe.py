@@ -143,7 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=None, help=f"timed runs per latency (default {d['repeat']})")
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings for a smoke test (seconds, not minutes): few training steps, small "
-                             "models; with --data the ModelNet40 splits are used whole, only training is shortened")
+                             "models, few points per cloud; with --data the ModelNet40 splits are used whole (every "
+                             "cloud, cut to --points), with the same tiny settings")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="folder for the PNG, made if missing (default: the current folder)")
     parser.add_argument("--png", default=None, metavar="PATH",

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .. import _validate
+from .. import _autocast, _validate
 from ..ops.gaussian_mixture import REDUCTIONS, _check_threshold, gaussian_mixture
 
 # Packed lower-triangular factor layout: [l00, l10, l20, l11, l21, l22].
@@ -142,6 +142,11 @@ class GaussianPointEncoder(nn.Module):
 
     def forward(self, points: Tensor) -> Tensor:
         """points (..., N, 3) in this module's dtype -> (..., K) or (..., N, K)."""
+        if (isinstance(points, Tensor) and points.is_floating_point() and points.dtype != self.means.dtype
+                and _autocast.region_dtype(points.device.type) is None):
+            # The op would name means, a parameter the caller never passed.
+            raise TypeError(f"points are {points.dtype} but this GaussianPointEncoder is {self.means.dtype}: "
+                            f"convert one of them (points.to({self.means.dtype}) or encoder.to({points.dtype}))")
         return gaussian_mixture(points, self.means, self.precisions(), self.mixer.weight, self.mixer.bias,
                                 reduce=self.reduce, cull_threshold=self._cull_threshold)
 

@@ -12,7 +12,7 @@ lowest point index attaining each channel's max (empty for reduce none) and is a
 backward keeps besides the inputs. The backward op
 ``torch.ops.lucidops.gaussian_mixture_backward(grad, points, means, precisions, weight,
 argmax, reduce_max, cull_threshold)`` returns the gradients of points, means, precisions,
-weight and bias. Culling boxes come from :func:`lucidops.reference.gaussian.cull_half_widths`
+weight and bias. Culling boxes come from :func:`lucidops.reference.gaussian_mixture.cull_half_widths`
 in every backend, so every backend culls exactly the same (point, Gaussian) pairs.
 """
 

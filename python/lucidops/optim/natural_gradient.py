@@ -165,6 +165,11 @@ class GaussianNaturalGradient(torch.optim.Optimizer):
         would silently ascend or diverge."""
         group = _checked_group(param_group)
         _check_hyperparameters({**self.defaults, **group}, "param group: ")
+        # Stored as Python floats, as the constructor stores its own: a numpy float in the
+        # state_dict made torch.load (weights_only, its default) refuse the file.
+        for key in ("lr", "momentum", "damping"):
+            if key in group and not isinstance(group[key], Tensor):
+                group[key] = float(group[key])
         super().add_param_group(group)
 
     @staticmethod

@@ -117,23 +117,24 @@ def _dataset_length(data, name: str) -> int:
     return n_items
 
 
-def _labelled(item, index: int) -> Tuple[Tensor, Tensor]:
-    """A dataset item as (points (N, C), label ()); errors name ``data[index]``."""
+def _labelled(item, index: int, name: str = "data") -> Tuple[Tensor, Tensor]:
+    """A dataset item as (points (N, C), label ()); errors name ``name[index]``."""
+    where = f"{name}[{index}]"
     if not (isinstance(item, (tuple, list)) and len(item) >= 2):
-        raise TypeError(f"data[{index}] must be a (points, label) pair, got {type(item).__name__}")
+        raise TypeError(f"{where} must be a (points, label) pair, got {type(item).__name__}")
     points, label = item[0], item[1]
     if not isinstance(points, Tensor):
-        raise TypeError(f"data[{index}]: points must be a tensor (N, 3), got {type(points).__name__}")
+        raise TypeError(f"{where}: points must be a tensor (N, 3), got {type(points).__name__}")
     if points.dim() != 2 or points.shape[0] == 0:
-        raise ValueError(f"data[{index}]: points must have shape (N, 3) with N >= 1, got {tuple(points.shape)}")
+        raise ValueError(f"{where}: points must have shape (N, 3) with N >= 1, got {tuple(points.shape)}")
     label = torch.as_tensor(label)
     # One class index per cloud: a one-hot or soft label (C,) failed in reshape with a bare
     # RuntimeError ("shape '[]' is invalid"), and 1.5 was truncated to class 1.
     if label.numel() != 1:
-        raise ValueError(f"data[{index}]: label must be one class index (an int or a one-element tensor), "
+        raise ValueError(f"{where}: label must be one class index (an int or a one-element tensor), "
                          f"got shape {tuple(label.shape)}")
     if label.is_floating_point() and not bool(label == label.round()):
-        raise ValueError(f"data[{index}]: label must be a class index, got {label.item()!r}")
+        raise ValueError(f"{where}: label must be a class index, got {label.item()!r}")
     return points, label.reshape(())
 
 

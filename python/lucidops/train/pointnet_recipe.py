@@ -28,7 +28,7 @@ from ..nn.gaussian_mixture import GaussianPointEncoder, _center
 from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
 from .cubes import box_center, cloud_cubes, cloud_points, cubes_bounds, half_side_about
 from .distillation import distill
-from .finetuning import SCHEDULES, _dataset_length, finetune
+from .finetuning import SCHEDULES, _dataset_length, _labelled, finetune
 from .loop import DistillResult, TrainingMode, broadcast_module, dist_info, seeded_rng
 
 
@@ -106,6 +106,15 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
         raise ValueError(f"finetune_schedule must be one of {SCHEDULES}, got {finetune_schedule!r}")
     if finetune_steps > 0:
         _dataset_length(finetune_data, "finetune_data")
+        _labelled(finetune_data[0], 0, "finetune_data")  # a bad item failed after both stages
+        batch = distill_kwargs.get("batch_size", 32)
+        # The fine-tuned model keeps the teacher's head and input T-Net, BatchNorms after a max
+        # included: one cloud per batch fails there in training, found after both stages.
+        kept = [teacher.head] + ([teacher.input_tnet] if teacher.input_tnet is not None else [])
+        if isinstance(batch, int) and batch < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                        for part in kept for m in part.modules()):
+            raise ValueError(f"batch_size={batch}: fine-tuning (finetune_steps > 0) trains the teacher's head "
+                             "and input T-Net, whose BatchNorm layers need at least 2 clouds per batch")
     for key in ("input_transform", "per_cloud", "desc"):
         if key in distill_kwargs:
             raise TypeError(f"distill_pointnet sets {key!r} itself")

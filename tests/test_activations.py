@@ -109,7 +109,14 @@ def test_sigma_outside_the_compute_precision_is_refused_naming_it():
     for sigma in (1e-50, 1e300):  # float32 would round them to 0 or inf
         with pytest.raises(ValueError, match=f"sigma must be within torch.float32's normal range.*{re.escape(repr(sigma))}"):
             lucidops.ops.sinc(x, sigma)
+        # As a float64 tensor too: it was rounded first, and the error said "got 0.0" or "got inf".
+        with pytest.raises(ValueError, match=f"normal range.*{re.escape(repr(sigma))}"):
+            lucidops.ops.sinc(x, torch.tensor(sigma, dtype=torch.float64))
     assert torch.isfinite(lucidops.ops.sinc(x.double(), 1e-50)).all()  # float64 holds it
+    assert torch.isfinite(lucidops.ops.sinc(x, torch.tensor(0.5, dtype=torch.float64))).all()
+    for learnable in ("False", None, 1):  # "False" made sigma learnable
+        with pytest.raises(TypeError, match="learnable must be a bool"):
+            lucidops.nn.Sinc(1.0, learnable=learnable)
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

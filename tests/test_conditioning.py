@@ -69,6 +69,21 @@ def test_matrix_functions_reject_bad_x(fn):
         fn([[1.0, 2.0]])
     with pytest.raises(ValueError, match="x must have non-empty"):
         fn(torch.randn(2, 0, 3))
+    # condition_tokens and token_gray (DCT) returned all NaN for an inf or a NaN, token_gray's
+    # SVD mode raised LAPACK's error.
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="x must be finite"):
+            fn(torch.tensor([[bad, 1.0], [1.0, 2.0]]))
+    if fn is token_gray:
+        with pytest.raises(ValueError, match="x must be finite"):
+            fn(torch.tensor([[float("nan"), 1.0], [1.0, 2.0]]), mode="svd")
+
+
+def test_dct_basis_refuses_an_integer_dtype():
+    from lucidops.conditioning.graying import dct_basis
+
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):  # was an all-zero matrix
+        dct_basis(4, torch.int64)
 
 
 # ---------------------------------------------------------------- condition_tokens

@@ -103,6 +103,8 @@ def test_frozen_depthwise_rejects_bad_arguments():
         FrozenRandomDepthwise(4, 3, stride=2)
     with pytest.raises(ValueError, match="weight must have shape"):
         FrozenRandomDepthwise(4, 3, weight=torch.randn(4, 1, 5, 5))
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor, got torch.int64"):
+        FrozenRandomDepthwise(4, 3, weight=torch.ones(4, 1, 3, 3, dtype=torch.long))  # failed in forward
     with pytest.raises(ValueError, match="x must be"):
         FrozenRandomDepthwise(4, 3)(torch.randn(2, 5, 8, 8))
     # Refused when built, naming the argument (they failed in forward, as conv2d's own error).

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate
-from .tokens import _compute_dtype, _matrix_batch
+from .tokens import _compute_dtype, _finite, _matrix_batch
 
 MODES = ("svd", "dct")
 
@@ -34,6 +34,8 @@ def dct_basis(n: int, dtype: torch.dtype = torch.float32, device: torch.device |
     """Orthonormal DCT-II matrix D (n x n): ``D @ x`` is the DCT of x along its first axis,
     ``D.T @ c`` the inverse. Built in float64 and cached (treat it as read-only)."""
     _validate.integer(n, "n", minimum=1)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype}")  # int64 gave an all-zero basis
     return _cached_dct_basis(n, dtype, torch.device(device))
 
 
@@ -117,6 +119,7 @@ def token_gray(x: Tensor, eps: float = 0.9, mode: str = "dct", keep_scale: bool 
     the power law has an infinite derivative at 0 for eps < 1.
     """
     _matrix_batch(x, "x")
+    _finite(x, "x", "to be grayed")  # DCT mode returned all NaN, SVD mode LAPACK's error
     eps = _check_eps(eps)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

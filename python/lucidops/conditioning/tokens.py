@@ -47,6 +47,15 @@ def _matrix_batch(x, name: str) -> Tensor:
     return x
 
 
+def _finite(x: Tensor, name: str, purpose: str) -> None:
+    """Refuse NaN and inf in ``x`` (where its values can be read): an inf gave NaN results
+    silently, a NaN LAPACK's error."""
+    values = _validate.readable_values(x)
+    # max |v| is NaN or inf exactly when some v is: one pass, no bool tensor of x's size.
+    if values is not None and values.numel() and not bool(torch.isfinite(values.abs().amax())):
+        raise ValueError(f"{name} must be finite {purpose}, got non-finite values")
+
+
 def condition_number(x: Tensor) -> Tensor:
     """Spectral condition number sigma_max / sigma_min of each matrix in ``x`` (..., m, n).
 
@@ -57,9 +66,7 @@ def condition_number(x: Tensor) -> Tensor:
     allowed; empty matrices are not. Differentiable where the singular values are distinct.
     """
     _matrix_batch(x, "x")
-    values = _validate.readable_values(x)
-    if values is not None and not bool(torch.isfinite(values).all()):  # an inf gave NaN, a NaN LAPACK's error
-        raise ValueError("x must be finite to have a condition number, got non-finite values")
+    _finite(x, "x", "to have a condition number")
     s = torch.linalg.svdvals(x.to(_compute_dtype(x)))
     # An all-zero matrix has rank 0: inf, as for any rank-deficient one (0 / 0 gave NaN).
     return torch.where(s[..., 0] > 0, s[..., 0] / s[..., -1], torch.full_like(s[..., 0], math.inf))
@@ -139,6 +146,7 @@ def condition_tokens(x: Tensor, strength: float = 1.0) -> Tensor:
     float64 input).
     """
     _matrix_batch(x, "x")
+    _finite(x, "x", "to be conditioned")
     strength = _validate.real_number(strength, "strength", "> 0")
     if x.numel() == 0:
         return x.clone()

@@ -117,6 +117,10 @@ class FrozenRandomDepthwise(nn.Module):
         self.init = init
         if weight is None:
             weight = random_depthwise_weight(self.channels, kernel_size, init, float(smoothing_sigma), generator)
+        elif not isinstance(weight, Tensor) or not weight.is_floating_point():
+            # An integer weight failed only in forward, in conv2d's dtype error.
+            raise TypeError(f"weight must be a floating-point tensor, got "
+                            f"{weight.dtype if isinstance(weight, Tensor) else type(weight).__name__}")
         elif tuple(weight.shape) != (self.channels, 1, *kernel_size):
             raise ValueError(f"weight must have shape {(self.channels, 1, *kernel_size)}, got {tuple(weight.shape)}")
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)

@@ -147,6 +147,14 @@ _gaussian_op = _define("gaussian")
 Sigma = Union[float, Tensor]
 
 
+def _in_normal_range(value: float, compute: torch.dtype) -> None:
+    """Refuse a sigma that would round to 0 or inf (or lose precision) in the compute dtype."""
+    info = torch.finfo(compute)
+    if not info.tiny <= value <= info.max:
+        raise ValueError(f"sigma must be within {compute}'s normal range [{info.tiny:g}, {info.max:g}] "
+                         f"(x's compute precision), got {value!r}")
+
+
 def _sigma_tensor(sigma: Sigma, x: Tensor) -> Tensor:
     """Validate sigma and return it as a 0-d tensor in x's compute precision."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -157,12 +165,12 @@ def _sigma_tensor(sigma: Sigma, x: Tensor) -> Tensor:
             raise TypeError(f"sigma must be a floating-point tensor, got dtype {sigma.dtype}")
         _validate.same_device(sigma, x, "sigma", "x")
         _validate.positive_finite_tensor_value(sigma, "sigma")
+        values = _validate.readable_values(sigma)
+        if values is not None and sigma.dtype != compute:  # a float64 1e-300 became 0 ("got 0.0")
+            _in_normal_range(float(values.reshape(())), compute)
         return sigma.reshape(()).to(compute)
     value = _validate.real_number(sigma, "sigma", "> 0")
-    info = torch.finfo(compute)
-    if not info.tiny <= value <= info.max:  # it would round to 0 or inf in the compute precision
-        raise ValueError(f"sigma must be within {compute}'s normal range [{info.tiny:g}, {info.max:g}] "
-                         f"(x's compute precision), got {value!r}")
+    _in_normal_range(value, compute)
     return torch.full((), value, dtype=compute, device=x.device)
 
 

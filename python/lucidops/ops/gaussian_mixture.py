@@ -287,9 +287,9 @@ def _no_overflow(largest: Dict[str, Optional[float]], g: int, dtype: torch.dtype
     With d = x - mu, every term of the quadratic form, and the squares d_i d_j of the
     precisions' gradient, are at most max(9 max|P|, 1) max|d|^2 (refused from half the dtype's
     largest value on), and the mixer's sums at most G max|W| + max|b| (phi <= 1, up to
-    rounding; refused past the largest value). Past the dtype's largest value a point 2e19 from a mean in float32
-    made +inf - inf = NaN in the quadratic form, and the backends then disagreed (the
-    kernels' max passes over NaN, the reference's does not)."""
+    rounding; refused past the largest value). Unrefused, a point 2e19 from a mean in
+    float32 made +inf - inf = NaN in the quadratic form, and the backends then disagreed
+    (the kernels' max passes over NaN, the reference's does not)."""
     known = {name: value for name, value in largest.items() if value is not None}
     if len(known) < len(largest):
         return

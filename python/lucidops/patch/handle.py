@@ -234,11 +234,12 @@ class PatchHandle:
         for name, child in added.items():
             module.add_module(name, child)
         module.__dict__.update(new)
-        placement = _Placement(module, stashed, [])
-        placement_then, mode_then = placement.read(), module.training
+        # Only with hidden modules: they have to follow what the model does while patched.
+        placement = _Placement(module, stashed, []) if len(stashed) else None
+        placement_then, mode_then = (placement.read() if placement else None), module.training
 
         def undo() -> None:
-            if len(stashed):
+            if placement is not None and placement_then is not None:
                 # What .to() / requires_grad_() / train() did to the module reached only what it holds.
                 _carry_placement(placement_then, placement.read(), stashed, module)
                 for name, child in stashed.items():

@@ -95,6 +95,16 @@ def dataset_index(index, length: int, item: str) -> int:
     return position
 
 
+def boolean(value, name: str) -> bool:
+    """``value`` itself when it is a bool; anything else (1, "False", None, a numpy bool) is a
+    TypeError naming it: read by truthiness, the string "False" meant True."""
+    if not isinstance(value, bool):
+        kind = type(value)  # qualified unless builtin: numpy's bool is also named "bool"
+        got = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"{name} must be a bool, got {got}")
+    return value
+
+
 def integer(value, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
     """``value`` as an int within [minimum, maximum]; a bool, a float or a string is a TypeError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -79,8 +79,7 @@ class PointNet(nn.Module):
         super().__init__()
         _validate.integer(num_classes, "num_classes", minimum=1)
         for flag, name in ((feature_transform, "feature_transform"), (input_transform, "input_transform")):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+            _validate.boolean(flag, name)
         dropout = _validate.probability(dropout, "dropout")
         self.num_classes = num_classes
         self.input_tnet = TNet(3) if input_transform else None

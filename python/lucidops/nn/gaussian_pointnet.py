@@ -168,8 +168,7 @@ class GaussianPointNet(nn.Module):
         _validate.integer(num_classes, "num_classes", minimum=1)
         _validate.integer(num_gaussians, "num_gaussians", minimum=1)
         _validate.integer(out_channels, "out_channels", minimum=1)
-        if not isinstance(input_transform, bool):
-            raise TypeError(f"input_transform must be a bool, got {type(input_transform).__name__}")
+        _validate.boolean(input_transform, "input_transform")
         if tnet_gaussians is None:
             tnet_gaussians = num_gaussians
         _validate.integer(tnet_gaussians, "tnet_gaussians", minimum=1)

@@ -245,13 +245,6 @@ _flops.register(torch.ops.lucidops.attention, forward_flops, macs=lambda *a, **k
 _flops.register(torch.ops.lucidops.attention_backward, backward_flops)
 
 
-def _check_bool(value, name: str) -> None:
-    if not isinstance(value, bool):
-        kind = type(value)  # qualified unless builtin: numpy's bool is also named "bool"
-        got = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-        raise TypeError(f"{name} must be a bool, got {got}")
-
-
 def _check(q: Tensor, k: Tensor, v: Tensor, causal, key_padding_mask, scale) -> float:
     """Validate every argument (each error names it); return the scale as a float."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -271,7 +264,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal, key_padding_mask, scale) -> 
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(f"q's head dim (last size) must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {d}")
-    _check_bool(causal, "causal")
+    _validate.boolean(causal, "causal")
     if key_padding_mask is not None:
         _validate.tensor(key_padding_mask, "key_padding_mask")
         if key_padding_mask.dtype != torch.bool:
@@ -324,7 +317,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     """
     q, k, v = _autocast.lower_precision(q, k, v)  # as autocast treats SDPA
     scale_value = _check(q, k, v, causal, key_padding_mask, scale)
-    _check_bool(return_lse, "return_lse")  # a truthy "no" returned a tuple
+    _validate.boolean(return_lse, "return_lse")  # a truthy "no" returned a tuple
     dropout_value = _validate.probability(dropout_p, "dropout_p")
     seed = _dropout.draw_seed(q.device) if dropout_value else None
     out, lse, _ = _attention(q, k, v, key_padding_mask, causal, scale_value, dropout_value, seed)

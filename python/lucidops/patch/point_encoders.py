@@ -157,11 +157,8 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
             raise TypeError(f"distill_kwargs must not set {key!r} (point_encoders sets it)")
     _validate.integer(num_gaussians, "num_gaussians", minimum=1)
     _validate.integer(seed, "seed")
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
-
-    if not isinstance(allow_none, bool):
-        raise TypeError(f"allow_none must be a bool, got {type(allow_none).__name__}")
+    _validate.boolean(progress, "progress")
+    _validate.boolean(allow_none, "allow_none")
 
     targets = _find(model)
     if not targets and allow_none:

@@ -94,3 +94,78 @@ def test_gaussian_mixture_on_a_cloud_of_2_1_million_points(monkeypatch):
     tk.phi_backward(torch.ones(n, g), flat, means, precisions)
     assert len(recorder.grids()) == 6  # forward x2, max backward, its point scatter, phi, phi backward
     assert_within_limits(recorder.grids())
+
+
+# --- 64-bit offsets ------------------------------------------------------------------------
+# Products of a program id or a point index that can pass 2^31 must be formed in 64 bits: a
+# 32-bit product wraps negative, still passes its mask, and reads or writes outside the tensor.
+# The interpreter cannot show it (no 2^31-element tensors here), so these read the kernels'
+# Triton IR compiled for sm_90.
+
+def _ttir(kernel, **signature):
+    """The Triton IR of gaussian_mixture's ``kernel`` (its float32 AOT configuration, with
+    ``signature``'s argument types changed), compiled in a subprocess: this session interprets."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys, triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "from lucidops.triton_kernels import gaussian_mixture as gm\n"
+        "kernel, changes = sys.argv[1], json.loads(sys.argv[2])\n"
+        "spec = next(s for s in gm.aot_specs() if s['fn'] is getattr(gm, kernel) and s['signature']['x_ptr'] == '*fp32')\n"
+        "src = ASTSource(fn=spec['fn'], signature=dict(spec['signature'], **changes), constexprs=spec['constexprs'])\n"
+        "print(triton.compile(src, target=GPUTarget('cuda', 90, 32), options={'num_warps': 4}).asm['ttir'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script, kernel, json.dumps(signature)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _ssa_ops(ttir):
+    """(result, op, operand names, the text after the op) for each SSA line of a TTIR listing."""
+    import re
+
+    ops = []
+    for line in ttir.splitlines():
+        m = re.match(r"\s*(%[\w.]+) = ([\w.]+) (.*?)(?: loc\(.*)?$", line)
+        if m:
+            operands = re.findall(r"%[\w.]+", m.group(3).split(":")[0])
+            ops.append((m.group(1), m.group(2), operands, m.group(3)))
+    return ops
+
+
+def _derived(ops, roots):
+    """Every SSA value computed (transitively) from one of ``roots``."""
+    seen = set(roots)
+    for result, _, operands, _ in ops:
+        if any(o in seen for o in operands):
+            seen.add(result)
+    return seen
+
+
+def test_mixture_forward_reads_points_through_64_bit_offsets():
+    # offs_n * 3 in 32 bits wrapped for a cloud of 715,827,884 points or more (N itself an i32)
+    ops = _ssa_ops(_ttir("mixture_forward_kernel"))
+    into_points = [(operands, text) for result, op, operands, text in ops
+                   if op == "tt.addptr" and operands[0] in _derived(ops, {"%x_ptr"})]
+    assert into_points, "found no pointer arithmetic on x_ptr: has the kernel changed its arguments?"
+    constants = {result for result, op, _, _ in ops if op == "arith.constant"}  # "+ 1" is a small i32
+    for operands, text in into_points:
+        offset_type = text.rsplit(",", 1)[-1]
+        assert "i32" not in offset_type or operands[1] in constants, f"a 32-bit point offset: tt.addptr {text}"
+
+
+def test_phi_kernel_forms_row_offsets_in_64_bits():
+    # pid * BLOCK_M in 32 bits wrapped once B * N passed 2^31 (M given as an i64)
+    ops = _ssa_ops(_ttir("phi_kernel", M="i64"))
+    pid = next(result for result, op, _, text in ops if op == "tt.get_program_id" and text.startswith("x"))
+    from_pid = _derived(ops, {pid})
+    narrow = [(result, operands) for result, op, operands, text in ops
+              if op == "arith.muli" and result in from_pid and text.rsplit(":", 1)[-1].strip().endswith("i32")]
+    assert not narrow, f"a product of the row-block id in 32 bits: {narrow}"

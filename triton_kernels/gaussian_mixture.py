@@ -66,9 +66,10 @@ def mixture_forward_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, w_ptr, b_ptr, out_
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     xb = x_ptr + b * N * 3
-    x0 = tl.load(xb + offs_n * 3 + 0, mask=mask_n, other=0.0)
-    x1 = tl.load(xb + offs_n * 3 + 1, mask=mask_n, other=0.0)
-    x2 = tl.load(xb + offs_n * 3 + 2, mask=mask_n, other=0.0)
+    offs_n3 = offs_n.to(tl.int64) * 3
+    x0 = tl.load(xb + offs_n3 + 0, mask=mask_n, other=0.0)
+    x1 = tl.load(xb + offs_n3 + 1, mask=mask_n, other=0.0)
+    x2 = tl.load(xb + offs_n3 + 2, mask=mask_n, other=0.0)
     bias = tl.load(b_ptr + offs_k, mask=mask_k, other=0.0)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=x0.dtype) + bias[None, :]
     if CULL:
@@ -239,7 +240,7 @@ def phi_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, coef_ptr, phi_ptr, gx_ptr, gmp
     (G blocks, M, 3) and per-program partial sums of the mean and precision gradients."""
     pid = tl.program_id(0)
     gb = tl.program_id(1)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_g = gb * BLOCK_G + tl.arange(0, BLOCK_G)
     mask_g = offs_g < G

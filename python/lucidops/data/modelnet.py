@@ -72,6 +72,7 @@ class ModelNet40(Dataset):
             _validate.integer(num_points, "num_points", minimum=1)
         for name, value in (("jitter", jitter), ("jitter_clip", jitter_clip)):
             _validate.real_number(value, name, ">= 0")
+        _validate.boolean(augment, "augment")
         _validate.integer(seed, "seed", minimum=0)  # numpy's generators take no negative seed
         root = os.fspath(root)
         if not os.path.isdir(root):
@@ -79,7 +80,7 @@ class ModelNet40(Dataset):
                                     "get modelnet40_ply_hdf5_2048 and pass its folder)")
         self.root = root
         self.split = split
-        self.augment = bool(augment)
+        self.augment = augment
         self.jitter = float(jitter)
         self.jitter_clip = float(jitter_clip)
         self.seed = seed

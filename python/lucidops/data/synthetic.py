@@ -191,7 +191,7 @@ class SyntheticShapes(Dataset):
         self.rotation = rotation
         self.scale_range = (scale_low, scale_high)
         self.jitter = float(jitter)
-        self.normalize = bool(normalize)
+        self.normalize = _validate.boolean(normalize, "normalize")
         self.class_names = list(SHAPES)[:num_classes]
         labels = np.arange(num_samples) % num_classes
         np.random.default_rng([seed, 0xC1A55]).shuffle(labels)

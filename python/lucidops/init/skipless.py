@@ -51,6 +51,7 @@ def skipless_(model: nn.Module, alpha: float = 0.2, beta: float = 1.0, vo_scale:
     alpha = _validate.real_number(alpha, "alpha")
     beta = _validate.real_number(beta, "beta")
     vo_scale = _validate.real_number(vo_scale, "vo_scale", "> 0")
+    _validate.boolean(orthogonal_mlp, "orthogonal_mlp")
     cpu_generator(generator)
     for name, attn in layers:  # every layer checked before the first is changed
         hd, dim = cast(int, attn.head_dim), cast(nn.Linear, attn.qkv).in_features

@@ -205,6 +205,7 @@ class GaussianPointNet(nn.Module):
     def from_distilled(cls, result: Any, copy_modules: bool = False) -> "GaussianPointNet":
         """The model of a :class:`~lucidops.train.PointNetDistillResult` (or any
         Gaussian PointNet) as a plain ``GaussianPointNet``; ``copy_modules`` deep-copies them."""
+        _validate.boolean(copy_modules, "copy_modules")
         model = getattr(result, "model", result)
         if not isinstance(model, GaussianPointNet):
             raise TypeError(f"result must be a PointNetDistillResult or a GaussianPointNet, "
@@ -228,6 +229,7 @@ class GaussianPointNet(nn.Module):
 
     def set_cull_threshold(self, threshold: Optional[float], tnet: bool = True) -> None:
         """Set ``cull_threshold`` on the main encoder and (``tnet``) the Gaussian T-Net's encoder."""
+        _validate.boolean(tnet, "tnet")
         self.encoder.cull_threshold = threshold
         if tnet and isinstance(self.input_tnet, GaussianTNet):
             self.input_tnet.encoder.cull_threshold = threshold

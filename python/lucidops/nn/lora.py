@@ -104,6 +104,7 @@ class BoundedLoRALinear(nn.Module):
 
         keep_original: keep a copy of the base weight so that unmerge() restores it
         bit-exactly (else unmerge subtracts the update, exact up to rounding)."""
+        _validate.boolean(keep_original, "keep_original")  # "False" kept a copy
         if self.merged:
             return self
         if self.placement != "weight":

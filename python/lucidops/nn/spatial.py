@@ -102,6 +102,7 @@ class FrozenRandomDepthwise(nn.Module):
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         _validate.real_number(smoothing_sigma, "smoothing_sigma", "> 0")
+        _validate.boolean(bias, "bias")
         self.channels = int(channels)
         self.kernel_size = kernel_size
         self.stride = _pair(stride, "stride")

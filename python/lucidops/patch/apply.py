@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .. import _validate
 from ..nn.activations import Gaussian, Sinc
 from ..nn.attention import ManyHeadAttention
 from .handle import PatchHandle, child_slots, describe
@@ -215,8 +216,7 @@ def apply(model: nn.Module, *, attention: bool = _DEFAULT, lora: Union[None, str
     explicit_attention = attention is not _DEFAULT
     if not isinstance(attention, (bool, _Default)):
         raise TypeError(f"attention must be True or False, got {attention!r}")
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict must be True or False, got {strict!r}")
+    _validate.boolean(strict, "strict")
     if not isinstance(point_encoders, (bool, Mapping)):
         raise TypeError(f"point_encoders must be True, False or a dict of keyword arguments, got "
                         f"{type(point_encoders).__name__}")

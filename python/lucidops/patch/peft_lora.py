@@ -85,6 +85,7 @@ def lora_layers(model: nn.Module, *, only_mlp: bool = False,
                 mlp_patterns: Optional[Sequence[str]] = None) -> List[Tuple[str, nn.Module]]:
     """The (name, layer) pairs of ``model``'s ``peft.tuners.lora.Linear`` layers (only the
     feed-forward ones when ``only_mlp``)."""
+    _validate.boolean(only_mlp, "only_mlp")
     cls = _peft_linear_class()
     out = []
     for name, module in model.named_modules():
@@ -250,8 +251,7 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
                          "(use variant='bounded')")
     if gain is None:
         gain = "sqrt_in" if variant == "sine" else 1.0
-    if not isinstance(only_mlp, bool):  # a truthy string ("no") would have read as True
-        raise TypeError(f"only_mlp must be True or False, got {only_mlp!r}")
+    _validate.boolean(only_mlp, "only_mlp")  # a truthy string ("no") would have read as True
     if mlp_patterns is not None:
         if isinstance(mlp_patterns, str) or not all(isinstance(p, str) for p in mlp_patterns):
             raise TypeError("mlp_patterns must be a sequence of regex strings")

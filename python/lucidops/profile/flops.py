@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
+from .. import _validate
 from . import _run
 from ._run import Inputs
 
@@ -124,6 +125,7 @@ def count_flops(model: Callable, inputs: Inputs, *, backward: bool = False) -> D
     is counted through its eager original (see :func:`eager`).
     """
     args = _run.check_inputs(inputs)
+    _validate.boolean(backward, "backward")
     counter = FlopCounterMode(display=False)
     with eager_calls(model) as counted, counter:
         out = counted(*args)

@@ -376,6 +376,8 @@ def _untimed_report(model: nn.Module, inputs: Inputs, *, backward: bool, device:
     repeat = _validate.integer(repeat, "repeat", minimum=1)
     warmup = _validate.integer(warmup, "warmup", minimum=0)
     depth = _validate.integer(depth, "depth", minimum=0)
+    _validate.boolean(backward, "backward")  # "False" would have profiled a training step
+    _validate.boolean(fvcore, "fvcore")
     say = progress or (lambda message: None)
     if device is not None:
         model.to(dev)

@@ -101,6 +101,7 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
         raise TypeError(f"input_transform must be callable or None, got {type(input_transform).__name__}")
     if seed is not None:
         _validate.integer(seed, "seed")
+    _validate.boolean(progress, "progress")
     spread_encoders = _spread_encoders(student, spread_penalty)
 
     distributed, rank, world = dist_info()

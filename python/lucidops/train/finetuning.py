@@ -49,6 +49,7 @@ def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, bat
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if seed is not None:  # checked here, as distill does: 1.5 reached manual_seed, "7" failed at seed + rank
         _validate.integer(seed, "seed")
+    _validate.boolean(progress, "progress")
     n_items = _dataset_length(data, "data")
     distributed, rank, world = dist_info()
     if n_items < world:

@@ -100,6 +100,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     fixed_center = None if auto_center else _center(cloud_center)
     if seed is not None:
         _validate.integer(seed, "seed")
+    _validate.boolean(progress, "progress")
     if finetune_steps > 0 and finetune_data is None:
         raise ValueError("finetune_steps > 0 needs finetune_data (a dataset of (points, label) pairs)")
     if finetune_schedule not in SCHEDULES:

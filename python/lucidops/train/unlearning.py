@@ -59,6 +59,7 @@ def mlp_lora_parameters(model: nn.Module, mlp_patterns: Optional[Sequence[str]] 
     parameters, frozen, under the same layers; counted in, they made the unlearning
     history's norms measure adapters that never moved.
     """
+    _validate.boolean(trainable_only, "trainable_only")
     return [p for n, p in model.named_parameters()
             if "lora_" in n and is_mlp_name(n.split(".lora_")[0], mlp_patterns)
             and (p.requires_grad or not trainable_only)]
@@ -107,6 +108,7 @@ def gradient_difference(model: nn.Module, forget: Tensor, retain: Tensor, *, ste
     _validate.integer(batch_size, "batch_size", minimum=1)
     _validate.real_number(lr, "lr", "> 0")
     _validate.real_number(forget_weight, "forget_weight")
+    _validate.boolean(progress, "progress")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model has no parameter with requires_grad=True to train")

@@ -48,6 +48,8 @@ def test_rule_sequences_bad_arguments():
         rule_sequences(length=2)
     with pytest.raises(ValueError, match="rules"):
         rule_sequences(n_rules=2).select([2])
+    with pytest.raises(TypeError, match="seed must be an int"):
+        rule_sequences(seed=1.7)  # was seed 1, silently
 
 
 def test_tiny_lm_shapes_causality_and_seed():
@@ -81,6 +83,9 @@ def test_next_token_accuracy_counts_from_start():
     # positions 2, 3 are predicted at 1, 2: position 1 predicts 9 (wrong), 2 predicts 3 (right)
     assert float(next_token_accuracy(logits, ids)) == 0.5
     assert float(next_token_accuracy(logits, ids, start=3)) == 1.0
+    for start in (0, 4):  # 0 raised a shape error, 4 (past the last position) returned NaN
+        with pytest.raises(ValueError, match=r"start must be an int in \[1, 3\]"):
+            next_token_accuracy(logits, ids, start=start)
 
 
 # --------------------------------------------------------------------------- gradient_difference callback
@@ -247,6 +252,8 @@ def test_png_ending_in_a_separator_is_refused_before_pretraining(tmp_path, capsy
     (["--variants", "lora,foo"], "--variants"),
     (["--variants", ","], "--variants"),
     (["--threads", "0"], "--threads"),
+    (["--seed", str(2**64 - 1)], "--seed"),  # failed after the pretraining, with a traceback
+    (["--seed", "-1"], "--seed"),
 ])
 def test_bad_arguments_give_clear_errors(argv, match, capsys, tmp_path):
     rc = unlearn.run(_parse(argv + ["--out", str(tmp_path)]))
@@ -317,3 +324,17 @@ def test_gradient_difference_restores_every_modules_mode():
                             callback=lambda step, record: seen.append(model.mlp[1].training))
         assert seen == [True]  # trained in training mode
         assert {name: m.training for name, m in model.named_modules()} == before
+
+
+def test_mlp_patterns_must_be_a_sequence_of_regexes():
+    # a bare string was one pattern per character: "fc2"'s "c" matched every "blocks" name
+    from lucidops.train.unlearning import mlp_lora_parameters
+
+    model = TinyCausalLM(vocab_size=8, d_model=16, n_head=2, n_layer=1, max_len=8)
+    with pytest.raises(TypeError, match="mlp_patterns must be a sequence of regex strings"):
+        mlp_lora_parameters(model, "fc2")
+    with pytest.raises(ValueError, match=r"mlp_patterns: invalid regex '\('"):
+        mlp_lora_parameters(model, ["("])
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(TypeError, match="mlp_patterns"):
+        gradient_difference(model, ids, ids, steps=1, lr=0.1, mlp_patterns="fc2")

@@ -486,3 +486,61 @@ def test_quantized_torch_compile_fullgraph(method):
     f(x).sum().backward()
     torch.testing.assert_close(y, f(x))
     torch.testing.assert_close(grad, x.grad)
+
+
+@pytest.mark.parametrize("dtype, magnitude", [(torch.float32, 1e-39), (torch.float32, 3e38), (torch.bfloat16, 1e-39),
+                                              (torch.float64, 1e-310), (torch.float64, 1e307)])
+def test_extreme_finite_factors_keep_finite_tables(dtype, magnitude):
+    """2^-exponent was applied as a float32 scalar: for a subnormal float32 peak it was inf (every
+    table inf, NaN stats), and dequantizing a factor near 3e38 gave -inf; in float64 ldexp
+    raised OverflowError. The scaling now runs in float64, in two exact steps."""
+    a, b = adapter(seed=5)
+    a = (a.double() / a.double().abs().max() * magnitude).to(dtype)
+    q = quantize_adapter(a, b.to(dtype), bits=8, group_size=16)
+    assert torch.isfinite(q.A.scales).all() and torch.isfinite(q.A.minimums).all()
+    assert 0 < q.stats["rel_err_A"] < 0.01 and math.isfinite(q.stats["rel_err_update"])
+    back = q.A.dequantize()
+    assert back.dtype == dtype and torch.isfinite(back).all()
+    unit_back, unit_a = back.double() / magnitude, a.double() / magnitude  # norms of subnormals underflow
+    assert float((unit_back - unit_a).norm() / unit_a.norm()) < 0.01
+
+
+def test_phase_multiplier_past_float64_is_refused_by_name():
+    a, b = adapter(seed=5)
+    q = quantize_adapter(a.double() * 1e200, b.double() * 1e200, bits=8)  # raised OverflowError in the stats
+    assert math.isfinite(q.stats["rel_err_A"]) and q.phase_multiplier() == math.inf
+    with pytest.raises(ValueError, match="overflows float32"):
+        lucidops.ops.sine_lora_linear(torch.randn(2, a.shape[1], dtype=torch.float64),
+                                      torch.randn(b.shape[0], a.shape[1], dtype=torch.float64), q, omega=1.0, scale=1.0)
+
+
+def test_group_size_past_the_factor_is_one_group_at_no_cost():
+    # padded to group_size elements: 0.7 GB for 10^7, an allocator error for 10^13
+    a, b = adapter(seed=5)
+    one = quantize_adapter(a, b, bits=4, group_size=a.numel() + b.numel())
+    for huge in (10**7, 10**13):
+        q = quantize_adapter(a, b, bits=4, group_size=huge)
+        assert q.A.group_size == huge and q.A.scales.numel() == 1
+        assert torch.equal(q.A.codes, one.A.codes) and torch.equal(q.A.dequantize(), one.A.dequantize())
+        x, w = torch.randn(3, a.shape[1]), torch.randn(b.shape[0], a.shape[1])
+        with lucidops.use_backend("reference"):
+            assert torch.equal(lucidops.ops.sine_lora_linear(x, w, q, omega=2.0, scale=1.0),
+                               lucidops.ops.sine_lora_linear(x, w, one, omega=2.0, scale=1.0))
+
+
+@pytest.mark.parametrize("rank, in_features", [(8, 24), (4, 12)])
+def test_quantized_state_of_another_size_is_refused(rank, in_features):
+    """A rank-4 quantized state loaded into a rank-8 layer (strict=True) ran with the rank-8
+    scale; one of another K_in failed only at forward."""
+    def layer(rank, k_in):
+        torch.manual_seed(1)
+        out = lucidops.nn.BoundedLoRALinear(torch.nn.Linear(k_in, 16), rank=rank, omega=3.0, alpha=16.0)
+        out.quantize_(bits=8)
+        return out
+
+    src, dst = layer(4, 24), layer(rank, in_features)
+    before = dst.quantized
+    with pytest.raises(RuntimeError, match="size mismatch for the quantized adapter"):
+        dst.load_state_dict(src.state_dict(), strict=False)
+    assert dst.quantized is before
+    layer(4, 24).load_state_dict(src.state_dict())  # the same size loads

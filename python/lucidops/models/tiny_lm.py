@@ -73,7 +73,7 @@ def rule_sequences(n_rules: int = 6, n_symbols: int = 24, length: int = 16, seed
         raise ValueError(f"n_symbols must be >= 2, got {n_symbols}")
     if length < 3:
         raise ValueError(f"length must be >= 3 (rule token, start, at least one step), got {length}")
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(_validate.integer(seed, "seed", minimum=0, maximum=2**64 - 1))
     perms = torch.stack([torch.randperm(n_symbols, generator=gen) for _ in range(n_rules)])
     rules = torch.arange(n_rules).repeat_interleave(n_symbols)
     sym = torch.arange(n_symbols).repeat(n_rules)
@@ -88,6 +88,7 @@ def rule_sequences(n_rules: int = 6, n_symbols: int = 24, length: int = 16, seed
 def next_token_accuracy(logits: Tensor, ids: Tensor, start: int = 2) -> Tensor:
     """Fraction of positions ``t >= start`` whose token is the argmax of the logits at t-1
     (``start=2`` skips the rule token and the random start symbol, which no model can predict)."""
+    _validate.integer(start, "start", minimum=1, maximum=ids.shape[1] - 1)  # 0 read logits[:, -1:-1]
     pred = logits[:, start - 1:-1].argmax(-1)
     return (pred == ids[:, start:]).float().mean()
 

@@ -166,7 +166,14 @@ class BoundedLoRALinear(nn.Module):
             raise RuntimeError(f"the state dict's adapter is {saved} but this layer's {here}: "
                                "call quantize_() on the layer before loading a quantized state")
         if quantized:
-            self.quantized = QuantizedAdapter.from_state(quantized).to(self.base.weight.device)
+            adapter = QuantizedAdapter.from_state(quantized)
+            # As for lora_A and lora_B unquantized: another rank or size is refused, not loaded
+            # (a rank-4 adapter in a rank-8 layer ran with the rank-8 scale, silently).
+            want_a, want_b = (self.rank, self.base.in_features), (self.base.out_features, self.rank)
+            if (tuple(adapter.A.shape), tuple(adapter.B.shape)) != (want_a, want_b):
+                raise RuntimeError(f"size mismatch for the quantized adapter: the state dict's A {tuple(adapter.A.shape)}"
+                                   f" and B {tuple(adapter.B.shape)}, this layer's A {want_a} and B {want_b}")
+            self.quantized = adapter.to(self.base.weight.device)
         self.merged = bool(state.get("merged", False))
         self._original_weight = None  # the loaded weight is the truth; unmerge() subtracts the update
 

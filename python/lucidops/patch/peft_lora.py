@@ -40,6 +40,20 @@ DEFAULT_MLP_PATTERNS: Tuple[str, ...] = (
 )
 
 
+def check_mlp_patterns(patterns: Optional[Sequence[str]]) -> None:
+    """None, or a sequence of valid regex strings: a bare string was read as one pattern per
+    character ("fc2": "c" matched every "blocks" name)."""
+    if patterns is None:
+        return
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError("mlp_patterns must be a sequence of regex strings")
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as err:
+            raise ValueError(f"mlp_patterns: invalid regex {p!r}: {err}") from None
+
+
 def is_mlp_name(name: str, patterns: Optional[Sequence[str]] = None) -> bool:
     """Whether the qualified module name ``name`` is a feed-forward (MLP) layer."""
     pats = DEFAULT_MLP_PATTERNS if patterns is None else patterns
@@ -86,6 +100,7 @@ def lora_layers(model: nn.Module, *, only_mlp: bool = False,
     """The (name, layer) pairs of ``model``'s ``peft.tuners.lora.Linear`` layers (only the
     feed-forward ones when ``only_mlp``)."""
     _validate.boolean(only_mlp, "only_mlp")
+    check_mlp_patterns(mlp_patterns)
     cls = _peft_linear_class()
     out = []
     for name, module in model.named_modules():
@@ -252,14 +267,7 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
     if gain is None:
         gain = "sqrt_in" if variant == "sine" else 1.0
     _validate.boolean(only_mlp, "only_mlp")  # a truthy string ("no") would have read as True
-    if mlp_patterns is not None:
-        if isinstance(mlp_patterns, str) or not all(isinstance(p, str) for p in mlp_patterns):
-            raise TypeError("mlp_patterns must be a sequence of regex strings")
-        for p in mlp_patterns:
-            try:
-                re.compile(p)
-            except re.error as err:
-                raise ValueError(f"mlp_patterns: invalid regex {p!r}: {err}") from None
+    check_mlp_patterns(mlp_patterns)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 

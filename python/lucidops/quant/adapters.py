@@ -64,18 +64,17 @@ class QuantizedTensor:
         codes = self.codes.long()
         if self.method == "uniform":
             assert self.scales is not None and self.minimums is not None  # set for "uniform"
-            n = codes.numel()
-            groups = self.scales.numel()
-            padded = torch.zeros(groups * self.group_size, dtype=torch.float32, device=codes.device)
-            padded[:n] = codes.float()
-            values = padded.view(groups, self.group_size) * self.scales.float()[:, None] + self.minimums.float()[:, None]
-            values = values.reshape(-1)[:n]
+            # Each code's group by index, nothing padded: a group_size past the factor's size
+            # (one group) padded to group_size elements, 40 TB for 10^13.
+            group = torch.arange(codes.numel(), device=codes.device) // self.group_size
+            values = codes.float() * self.scales.float()[group] + self.minimums.float()[group]
         else:
             assert self.codebook is not None  # a kmeans factor has one
             values = self.codebook.float()[codes]
-        # Undone in float64 for a float64 result (2^exponent may be below float32's range).
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
-        values = values.to(compute) * math.ldexp(1.0, 0 if normalized else self.exponent)
+        if not normalized and self.exponent != 0:
+            # In float64: 2^exponent itself may lie outside float32's range (a float32 factor
+            # near 3e38 has exponent 128), and float64's own can overflow ldexp at once.
+            values = times_power_of_two(values.double(), self.exponent)
         return values.reshape(self.shape).to(dtype)
 
     def kernel_tensors(self) -> Tuple[Tensor, Tensor, Tensor, int]:
@@ -185,8 +184,12 @@ class QuantizedAdapter:
 
     def phase_multiplier(self) -> float:
         """2^(exponent_A + exponent_B): what the kernels multiply omega by, since their tables
-        decode A / 2^exponent_A and B / 2^exponent_B."""
-        return math.ldexp(1.0, self.A.exponent + self.B.exponent)
+        decode A / 2^exponent_A and B / 2^exponent_B (inf past float64's range, which the ops
+        refuse by name)."""
+        try:
+            return math.ldexp(1.0, self.A.exponent + self.B.exponent)
+        except OverflowError:
+            return math.inf
 
     def kernel_tensors(self) -> Tuple[Tensor, Tensor, Tensor, int, Tensor, Tensor, Tensor, int]:
         """A's then B's :meth:`QuantizedTensor.kernel_tensors`, after checking that they agree
@@ -229,25 +232,34 @@ class QuantizedAdapter:
         return QuantizedAdapter(move(self.A), move(self.B), dict(self.stats))
 
 
+def times_power_of_two(t: Tensor, exponent: int) -> Tensor:
+    """``t`` (float64) times 2^exponent, in two exact steps: 2^exponent alone overflows or
+    underflows float64 for the exponents of its largest and subnormal values (|e| > 1022)."""
+    first = exponent // 2
+    return t * math.ldexp(1.0, first) * math.ldexp(1.0, exponent - first)
+
+
 def _normalized(t: Tensor) -> Tuple[Tensor, int]:
     """The flattened factor divided by 2^exponent, largest magnitude in [0.5, 1) (float32),
-    and the exponent (0 for an all-zero factor). Dividing by a power of two is exact."""
+    and the exponent (0 for an all-zero factor). Dividing by a power of two is exact; it is
+    done in float64, where 2^-exponent of any float32 factor is a normal number (a float32
+    2^129, for a subnormal peak, was inf, and every table inf or NaN)."""
     flat = t.detach().reshape(-1)
     peak = float(flat.abs().max()) if flat.numel() else 0.0
     exponent = math.frexp(peak)[1] if peak > 0 else 0
-    compute = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return (flat.to(compute) * math.ldexp(1.0, -exponent)).float(), exponent
+    return times_power_of_two(flat.double(), -exponent).float(), exponent
 
 
 def _quantize_uniform(t: Tensor, bits: int, group_size: int) -> QuantizedTensor:
     flat, exponent = _normalized(t)
     n = flat.numel()
     groups = max(1, math.ceil(n / group_size))
+    width = min(group_size, max(n, 1))  # a group_size past the factor's size: one group of n, not padding
     # Pad with the group's own last value so padding never widens a group's range.
-    padded = torch.empty(groups * group_size, dtype=torch.float32, device=flat.device)
+    padded = torch.empty(groups * width, dtype=torch.float32, device=flat.device)
     padded[:n] = flat
     padded[n:] = flat[-1] if n else 0.0
-    g = padded.view(groups, group_size)
+    g = padded.view(groups, width)
     lo, hi = g.min(dim=1).values, g.max(dim=1).values
     levels = (1 << bits) - 1
     # Round the side data to float16 first, so the codes are chosen for the stored values.
@@ -292,9 +304,15 @@ def _quantize_kmeans(t: Tensor, bits: int, iterations: int = 25) -> QuantizedTen
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
+    """||a - b|| / ||b|| (||a - b|| when b is 0), with both scaled by their largest magnitude
+    first: the squares of a float64 factor near 1e200 overflow."""
     a, b = a.double(), b.double()
-    denom = b.norm()
-    return float((a - b).norm() / denom) if denom > 0 else float((a - b).norm())
+    diff = a - b
+    peak = float(torch.maximum(diff.abs().max(), b.abs().max())) if b.numel() else 0.0
+    if not 0 < peak < math.inf:
+        return float(diff.norm())
+    denom = (b / peak).norm()
+    return float((diff / peak).norm() / denom) if denom > 0 else float(diff.norm())
 
 
 def quantize_adapter(lora_A: Tensor, lora_B: Tensor, bits: int = 4, group_size: int = 64, method: str = "uniform",

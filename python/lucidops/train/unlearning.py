@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate
-from ..patch.peft_lora import is_mlp_name
+from ..patch.peft_lora import check_mlp_patterns, is_mlp_name
 from .loop import TrainingMode
 
 
@@ -60,6 +60,7 @@ def mlp_lora_parameters(model: nn.Module, mlp_patterns: Optional[Sequence[str]] 
     history's norms measure adapters that never moved.
     """
     _validate.boolean(trainable_only, "trainable_only")
+    check_mlp_patterns(mlp_patterns)
     return [p for n, p in model.named_parameters()
             if "lora_" in n and is_mlp_name(n.split(".lora_")[0], mlp_patterns)
             and (p.requires_grad or not trainable_only)]

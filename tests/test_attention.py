@@ -592,19 +592,22 @@ def test_nan_padding_key_leaves_the_key_and_value_gradients_finite(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_non_finite_padding_value_takes_no_part(backend, bad):
-    """A padding key is weighed by p = 0, and 0 * NaN is NaN: a NaN (or inf) in a padding
-    key's value made every row of out and of dq NaN, in every backend. Now the result, and
-    every gradient, is the one with that value row zeroed."""
+@pytest.mark.parametrize("where", ["value", "key"])
+def test_a_non_finite_padding_key_or_value_takes_no_part(backend, bad, where):
+    """A padding key is weighed by p = 0 (ds = 0 in the backward), and 0 * NaN is NaN: a NaN
+    (or inf) in a padding key's value made every row of out and of dq NaN, one in the key
+    itself every row of dq (reference, cpp and triton; aten's backward masks the scores).
+    Now the result, and every gradient, is the one with that row zeroed."""
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 2, n, 16, generator=g) for n in (5, 7, 7))
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[0, :2] = False
-    clean = v.clone()
-    v[0, 1, 1, 3] = bad  # masked out in batch 0
+    inputs = {"key": k, "value": v}
+    clean = inputs[where].clone()
+    inputs[where][0, 1, 1, 3] = bad  # masked out in batch 0
     results = []
-    for values in (v, clean):
-        q_, k_, v_ = (t.clone().requires_grad_(True) for t in (q, k, values))
+    for keys, values in ((k, v), (clean, v) if where == "key" else (k, clean)):
+        q_, k_, v_ = (t.clone().requires_grad_(True) for t in (q, keys, values))
         with lucidops.use_backend(backend):
             out = lucidops.ops.attention(q_, k_, v_, key_padding_mask=mask)
             out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(6)))

@@ -102,12 +102,13 @@ def nan_score_rows(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], cau
     return nan_scores if no_key is None else nan_scores & ~no_key
 
 
-def _without_nan_padding_keys(k: Tensor, key_padding_mask: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
-    """``k`` with its padding keys zeroed when one holds NaN, else ``k`` itself (run it where
-    _may_hold_nan said k may). The kernel adds the -inf mask to the scores, and NaN + -inf is
-    NaN: a NaN in a padding key (padding left as torch.empty) reached every row, forward and
-    backward. It takes no part."""
-    if key_padding_mask is None or mask is None or not bool(k.isnan().any()):
+def _without_non_finite_padding_keys(k: Tensor, key_padding_mask: Optional[Tensor], mask: Optional[Tensor]
+                                     ) -> Tensor:
+    """``k`` with its padding keys zeroed when one holds NaN or inf, else ``k`` itself (run it
+    where k's sum is not finite). The kernel adds the -inf mask to the scores, and NaN + -inf
+    or inf + -inf is NaN: a NaN or inf in a padding key (padding left as torch.empty) reached
+    every row, forward and backward. It takes no part."""
+    if key_padding_mask is None or mask is None or bool(torch.isfinite(k).all()):
         return k
     return k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
 
@@ -140,9 +141,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
         return q.new_zeros((b, h, nq, d)), q.new_full((b, h, nq), float("-inf"), dtype=_lse_dtype(q.dtype)), out_lo
     mask = _additive_mask(key_padding_mask, q.dtype)
     q, kernel_scale = _kernel_scale(q, scale)  # before the screen: inf * a zero scale is NaN
-    q_may_hold_nan, k_may_hold_nan = _may_hold_nan(q), _may_hold_nan(k)  # one sum each, for both uses
-    if k_may_hold_nan:
-        k = _without_nan_padding_keys(k, key_padding_mask, mask)
+    k_sum = k.sum()  # one pass over k for both screens
+    q_may_hold_nan, k_may_hold_nan = _may_hold_nan(q), bool(k_sum.isnan())
+    if mask is not None and not bool(k_sum.isfinite()):
+        k = _without_non_finite_padding_keys(k, key_padding_mask, mask)
     out, lse = _forward_kernel(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), 0.0, causal,
                                attn_mask=mask, scale=kernel_scale)
     # The kernel returns lse in (B, Nq, H) memory order: one pass makes it contiguous and
@@ -173,8 +175,8 @@ def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
     # The kernel recomputes P = exp(s - lse): rows that see no key need a finite lse
     # (their scores are all -inf, so any finite value gives P = 0).
     kernel_lse = lse.masked_fill(torch.isneginf(lse), 0.0) if mask is not None else lse
-    if mask is not None and _may_hold_nan(k):  # as in forward: dk, dv stay finite
-        k = _without_nan_padding_keys(k, key_padding_mask, mask)
+    # Non-finite padding keys and values arrive zeroed (ops.attention's backward does it for
+    # every backend), so dk and dv stay finite as in the forward.
     q, kernel_scale = _kernel_scale(q, scale)
     q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
     if grad_lse is not None and bool(grad_lse.any()):

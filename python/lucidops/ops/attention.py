@@ -116,23 +116,24 @@ def _token_major(out: Tensor) -> Tensor:
     return empty_token_major(b, h, nq, d, like=out).copy_(out)
 
 
-def _padding_values_that_take_no_part(v: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
-    """``v`` with its padding keys' rows zeroed where they could matter. Every backend weighs a
-    padding key by p = 0, and 0 * NaN (or inf) is NaN: a NaN in a padding value (padding left
-    as torch.empty) reached every row of out and of dq. On the CPU the rows are zeroed only
-    when v holds a value that is not finite (one sum); elsewhere always (a copy of v), as
-    reading the sum would synchronise the device."""
-    if key_padding_mask is None or v.numel() == 0:
-        return v
-    if v.device.type == "cpu" and bool(torch.isfinite(v.sum())):
-        return v
-    return v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+def _padding_rows_that_take_no_part(t: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+    """``t`` (v, or k in the backward) with its padding keys' rows zeroed where they could
+    matter. Every backend weighs a padding key by p = 0 (and ds = 0), and 0 * NaN (or inf) is
+    NaN: a NaN in a padding value (padding left as torch.empty) reached every row of out and
+    of dq, one in a padding key every row of dq. On the CPU the rows are zeroed only when t
+    holds a value that is not finite (one sum); elsewhere always (a copy of t), as reading the
+    sum would synchronise the device."""
+    if key_padding_mask is None or t.numel() == 0:
+        return t
+    if t.device.type == "cpu" and bool(torch.isfinite(t.sum())):
+        return t
+    return t.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
 
 
 @torch.library.custom_op("lucidops::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
                   scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    v = _padding_values_that_take_no_part(v, key_padding_mask)
+    v = _padding_rows_that_take_no_part(v, key_padding_mask)  # k's scores are masked: no need
     out, lse, out_lo = backends.dispatch("attention", q.device.type, q, k, v, key_padding_mask, causal, scale,
                                          dropout_p, seed)
     # One output layout whichever backend ran, so that it always matches the fake kernel's.
@@ -155,7 +156,8 @@ def _attention_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tens
                            out: Tensor, out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
                            causal: bool, scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None
                            ) -> Tuple[Tensor, Tensor, Tensor]:
-    v = _padding_values_that_take_no_part(v, key_padding_mask)  # as the forward saw it
+    v = _padding_rows_that_take_no_part(v, key_padding_mask)  # as the forward saw it
+    k = _padding_rows_that_take_no_part(k, key_padding_mask)  # dq = ds k, with ds = 0 on padding keys
     grads = backends.dispatch("attention_backward", q.device.type, grad_out, grad_lse, q, k, v, out, out_lo, lse,
                               key_padding_mask, causal, scale, dropout_p, seed)
     # Contiguous, as the fake kernel promises (a backend's zeros_like of an empty problem keeps

@@ -164,6 +164,22 @@ def assert_overflowing_quotients_give_zeros(forward, backward, device="cpu"):
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e19), (torch.float64, 1e19), (torch.float64, 1e160)])
+def test_sinc_sigma_gradient_where_u_squared_overflows(backend, device, dtype, scale):
+    """sigma's gradient is -f'(u) u / sigma summed, with f'(u) u ~ cos u: O(1) per element at
+    any |u|. (u cos u - sin u) / u^2 gave f' = 0 once u * u overflowed (float32 past 1.8e19:
+    the reference and triton; float64 past 1.3e154: every backend)."""
+    x = torch.tensor([3.0, -5.0, 10.0, 7.5], dtype=dtype) * scale
+    sigma = torch.tensor(1.0, dtype=dtype, requires_grad=True)
+    with lucidops.use_backend(backend):
+        op("sinc")(x.to(device), sigma.to(device)).sum().backward()
+    u = x.double()
+    exact = -(torch.cos(u) - torch.sin(u) / u).sum()  # d/dsigma of sin(x/sigma)/(x/sigma) at sigma = 1
+    assert abs(float(exact)) > 0.1  # not a sum that cancels to ~0
+    assert abs(float(sigma.grad) - float(exact)) < 1e-5 * abs(float(exact)), (float(sigma.grad), float(exact))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
 def test_quotient_overflow_gives_zeros_not_nan(backend, device):
     def forward(kind, x, sigma):
         with lucidops.use_backend(backend):

@@ -211,6 +211,17 @@ def test_float64_sinc_gradient_below_the_float32_series_bound(cuda_ext_emulated)
     torch.testing.assert_close(grad_x, exact, rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e19), (torch.float64, 1e160)])
+def test_sinc_sigma_gradient_where_u_squared_overflows(cuda_ext_emulated, dtype, scale):
+    """(u cos u - sin u) / u^2 was 0 once u * u overflowed; sigma's gradient needs f'(u) u ~ cos u."""
+    x = torch.tensor([3.0, -5.0, 10.0, 7.5], dtype=dtype) * scale
+    _, grad_sigma = cuda_ext_emulated.activation_backward(torch.ones_like(x), x, torch.tensor(1.0, dtype=dtype),
+                                                          0, True)
+    u = x.double()
+    exact = -(torch.cos(u) - torch.sin(u) / u).sum()
+    assert abs(float(grad_sigma.sum()) - float(exact)) < 1e-5 * abs(float(exact))
+
+
 def test_activation_quotient_overflow_gives_zeros_not_nan(cuda_ext_emulated):
     kinds = {"sinc": 0, "gaussian": 1}
 

@@ -41,6 +41,12 @@ inline T sinc_derivative_series(T u) {
                                                                               u2 * T(-1.0 / 3991680)))));
 }
 
+// (u cos u - sin u) / u^2 in double, cos u / u past |u| = 1e18 where u^2 would overflow for a
+// float64 u past 1.3e154 (lucidops.reference.activations.sinc_derivative, same threshold).
+inline double sinc_derivative_direct(double x) {
+  return std::fabs(x) > 1e18 ? std::cos(x) / x : (x * std::cos(x) - std::sin(x)) / (x * x);
+}
+
 // f(u) and f'(u) for each kind, over a tile. The float versions vectorise; the double
 // versions (used for float64 inputs, e.g. gradcheck) call libm.
 struct Sinc {
@@ -68,8 +74,7 @@ struct Sinc {
     }
     for (int64_t i = 0; i < m; ++i) {
       if (!(std::fabs(u[i]) <= vec_math::kSinCosMaxArg)) {
-        const double x = u[i];
-        d[i] = static_cast<float>((x * std::cos(x) - std::sin(x)) / (x * x));
+        d[i] = static_cast<float>(sinc_derivative_direct(static_cast<double>(u[i])));
       }
     }
   }
@@ -81,7 +86,7 @@ struct Sinc {
       const double x = u[i];
       // The series bound is tighter in double: the direct formula's cancellation costs
       // eps/x^2 relative, and the series' truncation x^11/5e8.
-      d[i] = std::fabs(x) < 0.05 ? sinc_derivative_series(x) : (x * std::cos(x) - std::sin(x)) / (x * x);
+      d[i] = std::fabs(x) < 0.05 ? sinc_derivative_series(x) : sinc_derivative_direct(x);
     }
   }
 };

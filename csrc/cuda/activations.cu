@@ -58,7 +58,8 @@ template <int Kind, typename M> __device__ __forceinline__ M derivative(M u) {
     if (fabs(u) < series_bound) return sinc_derivative_series(u);
     M s, c;
     sincos_t(u, &s, &c);
-    return (u * c - s) / (u * u);
+    // Past |u| = 1e18 u * u overflows float32: cos u / u (lucidops.reference.activations).
+    return fabs(u) > M(1e18) ? c / u : (u * c - s) / (u * u);
   }
   return -u * exp_t(M(-0.5) * u * u);
 }

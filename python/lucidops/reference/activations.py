@@ -33,13 +33,20 @@ def quotient(x: Tensor, s: Tensor) -> Tensor:
     return torch.where(torch.isinf(u), torch.sign(u) * SATURATED_QUOTIENT, u)
 
 
+SINC_DERIVATIVE_FAR = 1e18
+
+
 def sinc_derivative(u: Tensor) -> Tensor:
-    """(u cos u - sin u) / u^2, with its Taylor series where the formula cancels."""
+    """(u cos u - sin u) / u^2, with its Taylor series where the formula cancels, and cos u / u
+    past |u| = SINC_DERIVATIVE_FAR: u^2 overflows float32 past 1.8e19 (the derivative, and
+    sigma's gradient f'(u) u ~ cos u, came out 0), and sin u / u^2 is below cos u / u's
+    rounding there."""
     bound = 0.05 if u.dtype == torch.float64 else 0.5
     u2 = u * u
     series = u * (-1.0 / 3 + u2 * (1.0 / 30 + u2 * (-1.0 / 840 + u2 * (1.0 / 45360 + u2 * (-1.0 / 3991680)))))
     safe = torch.where(u.abs() < bound, torch.ones_like(u), u)
     direct = (safe * torch.cos(safe) - torch.sin(safe)) / (safe * safe)
+    direct = torch.where(safe.abs() > SINC_DERIVATIVE_FAR, torch.cos(safe) / safe, direct)
     return torch.where(u.abs() < bound, series, direct)
 
 

@@ -336,6 +336,7 @@ def test_demo_with_modelnet_folder(tmp_path, capsys):
     (["--seed", "-2"], "--seed"),
     (["--train-size", "3", "--classes", "4"], "--train-size"),
     (["--data", "/nonexistent/modelnet40"], "--data"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),  # a traceback at PointNet's first step
 ])
 def test_demo_bad_arguments(argv, message, capsys):
     rc = cli.main(["demo", "gpe", "--quick", "--no-progress", "--no-png", *argv])
@@ -398,6 +399,8 @@ def test_quick_with_data_shortens_training_and_keeps_the_splits(tmp_path):
     (["--no-png", "--png", "x.png"], "--no-png and --png contradict"),
     (["--no-png", "--out", "somewhere"], "--no-png and --out contradict"),
     (["--png", "x.png", "--out", "somewhere"], "--png and --out both name where the PNG goes"),
+    (["--png", ""], "--png must name a path"),  # "" wrote ./gpe_table.png
+    (["--out", ""], "--out must name a path"),
 ])
 def test_contradictory_png_options_are_refused(argv, message, tmp_path, capsys, monkeypatch):
     """--no-png silently won over --png (and --png over --out): the PNG asked for never came."""

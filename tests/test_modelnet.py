@@ -259,3 +259,34 @@ def test_text_files_are_utf8_whatever_the_locale(tmp_path):
     _one_file_folder(tmp_path, lambda f: (_points(f), _labels(f)))
     (tmp_path / "shape_names.txt").write_bytes("\ufeffcafé\nb\n".encode("utf-8"))
     assert ModelNet40(tmp_path, num_points=4).classes == ["café", "b"]
+
+
+def test_label_table_of_another_shape_is_refused(tmp_path):
+    # a (3, 2) label table for 6 clouds was flattened and paired in that order, silently
+    (tmp_path / "shape_names.txt").write_text("a\nb\n")
+    (tmp_path / "train_files.txt").write_text("x.h5\n")
+    for labels, ok in ((np.zeros((6, 1), np.uint8), True), (np.zeros(6, np.uint8), True),
+                       (np.zeros((3, 2), np.uint8), False), (np.zeros((6, 1, 1), np.uint8), False)):
+        with h5py.File(tmp_path / "x.h5", "w") as f:
+            f.create_dataset("data", data=np.zeros((6, 4, 3), np.float32))
+            f.create_dataset("label", data=labels)
+        if ok:
+            assert len(ModelNet40(tmp_path, num_points=4)) == 6
+        else:
+            with pytest.raises(ValueError, match=r"'label' must have shape \(M, 1\) or \(M,\)"):
+                ModelNet40(tmp_path, num_points=4)
+
+
+def test_set_epoch_reaches_persistent_workers(folder):
+    """The epoch was a plain attribute: a persistent worker kept its copy, so every epoch
+    repeated epoch 0's augmentation and no longer matched ds[i] read in this process."""
+    root, _, _ = folder
+    ds = ModelNet40(root, "train", num_points=16, augment=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=1, persistent_workers=True)
+    for epoch in (0, 1, 2):
+        ds.set_epoch(epoch)
+        assert ds.epoch == epoch
+        batch = next(iter(loader))[0]
+        assert torch.equal(batch, torch.stack([ds[i][0] for i in range(7)])), epoch
+    assert not torch.equal(batch, torch.stack([ModelNet40(root, "train", num_points=16, augment=True)[i][0]
+                                                for i in range(7)]))

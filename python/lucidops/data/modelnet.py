@@ -84,7 +84,9 @@ class ModelNet40(Dataset):
         self.jitter = float(jitter)
         self.jitter_clip = float(jitter_clip)
         self.seed = seed
-        self.epoch = 0
+        # In shared memory: DataLoader workers (persistent ones too) see set_epoch's value; a plain
+        # attribute stayed at its value in each worker's copy, repeating epoch 0's augmentation.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.classes = self._read_lines("shape_names.txt")
         files = [os.path.basename(line) for line in self._read_lines(f"{split}_files.txt")]
         if not files:
@@ -101,7 +103,7 @@ class ModelNet40(Dataset):
                     missing = [key for key in ("data", "label") if key not in f]
                     if not missing:
                         raw_data = _read_array(h5py, f, "data", path)
-                        raw_labels = _read_array(h5py, f, "label", path).reshape(-1)
+                        raw_labels = _read_array(h5py, f, "label", path)
             except OSError as err:
                 raise ValueError(f"{path!r} is not a readable HDF5 file ({err})") from err
             if missing:
@@ -111,6 +113,10 @@ class ModelNet40(Dataset):
                 raise ValueError(f"{path!r}: 'data' must hold real coordinates (float or integer), "
                                  f"got dtype {raw_data.dtype}")
             d = raw_data.astype(np.float32, copy=False)
+            # (M, 1) as PointNet writes it, or (M,): a (3, 2) table for 6 clouds was flattened and paired silently.
+            if raw_labels.ndim not in (1, 2) or (raw_labels.ndim == 2 and raw_labels.shape[1] != 1):
+                raise ValueError(f"{path!r}: 'label' must have shape (M, 1) or (M,), got {raw_labels.shape}")
+            raw_labels = raw_labels.reshape(-1)
             # Integer class ids only: a float label (0.7) would be truncated to a class silently.
             if not (np.issubdtype(raw_labels.dtype, np.integer)
                     or (np.issubdtype(raw_labels.dtype, np.floating) and np.all(raw_labels == np.round(raw_labels)))):
@@ -158,9 +164,15 @@ class ModelNet40(Dataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def epoch(self) -> int:
+        """The epoch whose augmentations items are drawn from (see :meth:`set_epoch`)."""
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Draw fresh augmentations for a new epoch (>= 0)."""
-        self.epoch = _validate.integer(epoch, "epoch", minimum=0)
+        """Draw fresh augmentations for a new epoch (>= 0); DataLoader workers already running
+        (``persistent_workers=True``) see it too."""
+        self._epoch.fill_(_validate.integer(epoch, "epoch", minimum=0))
 
     def __len__(self) -> int:
         return int(self.data.shape[0])

@@ -111,11 +111,36 @@ def _dumbbell(rng, n):
     return p
 
 
-def _cross(rng, n):
-    # Three orthogonal bars (boxes 2 x 0.3 x 0.3) through the origin.
-    p = _cube(rng, n) * np.array([1.0, 0.15, 0.15])
-    axis = rng.integers(0, 3, size=n)
-    return np.take_along_axis(p, (np.arange(3)[None, :] - axis[:, None]) % 3, axis=1)
+def _box_surface(rng, half):
+    """One point on the surface of each box of half-widths ``half`` (m, 3), area-uniform: the
+    face pair normal to axis i is picked by its area, 4 half_j half_k."""
+    m = len(half)
+    areas = np.stack([half[:, 1] * half[:, 2], half[:, 0] * half[:, 2], half[:, 0] * half[:, 1]], 1).cumsum(1)
+    face = (rng.uniform(0, 1, m)[:, None] * areas[:, -1:] > areas).sum(1)
+    p = rng.uniform(-1, 1, size=(m, 3)) * half
+    rows = np.arange(m)
+    p[rows, face] = rng.choice([-1.0, 1.0], size=m) * half[rows, face]
+    return p
+
+
+def _cross(rng, n, half_width=0.15):
+    # Three orthogonal bars (boxes 2 x 0.3 x 0.3) through the origin: the surface of their
+    # union, so each bar's faces by area (a box's end caps are 0.09 of its 2.58) and none of the
+    # points a bar's surface has inside another bar (the crossing).
+    out = np.empty((0, 3))
+    while len(out) < n:
+        m = 2 * n
+        axis = rng.integers(0, 3, size=m)  # the bars have equal areas
+        half = np.full((m, 3), half_width)
+        half[np.arange(m), axis] = 1.0
+        p = _box_surface(rng, half)
+        inside_other = np.zeros(m, dtype=bool)
+        for bar in range(3):
+            across = [j for j in range(3) if j != bar]
+            inside = (np.abs(p[:, bar]) < 1.0) & (np.abs(p[:, across]) < half_width).all(1)
+            inside_other |= inside & (axis != bar)
+        out = np.concatenate([out, p[~inside_other]])
+    return out[:n]
 
 
 SHAPES: Dict[str, Callable] = {

@@ -168,6 +168,9 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise DemoError(f"--{key.replace('_', '-')} must be an int >= 1, got {v!r}")
+    if cfg["batch_size"] < 2:  # said now: PointNet's first training step failed with a traceback
+        raise DemoError(f"--batch-size must be at least 2 (PointNet's BatchNorm layers need 2 clouds per batch), "
+                        f"got {cfg['batch_size']}")
     for key in ("lr", "distill_lr", "finetune_lr", "encoder_lr_scale", "cull_threshold"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
@@ -197,10 +200,13 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
         raise DemoError(f"--no-png and {'--png' if png is not None else '--out'} contradict each other: give one")
     if png is not None and out is not None:
         raise DemoError("--png and --out both name where the PNG goes: give one")
+    for flag, path in (("--png", png), ("--out", out)):
+        if path is not None and not str(path).strip():  # "" wrote ./gpe_table.png
+            raise DemoError(f"{flag} must name a path, got an empty string")
     if getattr(args, "no_png", False):
         cfg["png"] = None
     else:
-        cfg["png"] = png if png else os.path.join(out or ".", "gpe_table.png")
+        cfg["png"] = png if png is not None else os.path.join(out if out is not None else ".", "gpe_table.png")
         problem = png_path_problem(cfg["png"])  # said now, not after minutes of training
         if problem:
             raise DemoError(f"--{'png' if png else 'out'}: {problem}")

@@ -436,3 +436,47 @@ def test_ops_on_the_second_gpu_while_the_first_is_current():
         assert torch.cuda.current_device() == 0
     for on0, on1 in zip(results["cuda:0"], results["cuda:1"]):
         assert on1.device == torch.device("cuda:1") and torch.equal(on0, on1.to("cuda:0"))
+
+
+def _dense_inputs():
+    """One valid call per op family: name -> (op, positional tensors by argument name, keywords)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    return {
+        "sinc": (lucidops.ops.sinc, {"x": r(4, 5)}, {"sigma": 1.0}),
+        "attention": (lucidops.ops.attention, {"q": r(1, 2, 3, 8), "k": r(1, 2, 3, 8), "v": r(1, 2, 3, 8)}, {}),
+        "lora": (lucidops.ops.bounded_lora_linear, {"x": r(3, 6), "weight": r(5, 6), "lora_A": r(2, 6),
+                                                    "lora_B": r(5, 2), "bias": r(5)}, {"scale": 1.0}),
+        "gaussian_mixture": (lucidops.ops.gaussian_mixture,
+                             {"points": r(2, 7, 3), "means": r(4, 3),
+                              "precisions": torch.tensor([[1.0, 0, 0, 1, 0, 1]]).repeat(4, 1), "weight": r(6, 4),
+                              "bias": r(6)}, {}),
+    }
+
+
+@pytest.mark.parametrize("layout", ["sparse", "mkldnn"])
+@pytest.mark.parametrize("family", ["sinc", "attention", "lora", "gaussian_mixture"])
+def test_sparse_or_mkldnn_tensors_are_refused_naming_the_argument(family, layout):
+    # they passed validation and failed inside each backend ("unsupported memory format option
+    # Contiguous", an ATen internal assert, "Cannot access data pointer ...")
+    op, tensors, keywords = _dense_inputs()[family]
+    op(*tensors.values(), **keywords)  # valid as they are
+    for name in tensors:
+        bad = dict(tensors)
+        bad[name] = tensors[name].to_sparse() if layout == "sparse" else tensors[name].to_mkldnn()
+        with pytest.raises(TypeError, match=rf"{name} must be a dense \(strided\) tensor, got layout torch\."):
+            op(*bad.values(), **keywords)
+
+
+@pytest.mark.parametrize("fn, placement", [("SIN", "output"), ("cos", "weight"), ("sin", "Weight")])
+def test_raw_lora_op_refuses_unknown_fn_or_placement_on_every_backend(fn, placement):
+    # torch.ops.lucidops.bounded_lora_linear on cpp read any fn but "sin" as tanh, and any
+    # placement but "weight" as "output"
+    x, w, a, b = torch.randn(4, 6), torch.randn(5, 6), torch.randn(2, 6), torch.randn(5, 2)
+    for backend in ("reference", "cpp"):
+        with lucidops.use_backend(backend):
+            with pytest.raises(ValueError, match="fn must be one of|placement must be one of"):
+                torch.ops.lucidops.bounded_lora_linear(x, w, a, b, None, fn, placement, 1.0, 1.0)
+            with pytest.raises(ValueError, match="fn must be one of|placement must be one of"):
+                torch.ops.lucidops.bounded_lora_linear_backward(torch.ones(4, 5), x, w, a, b, fn, placement, 1.0,
+                                                                1.0, True, True, True, True)

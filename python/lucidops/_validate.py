@@ -21,6 +21,8 @@ def is_compiling() -> bool:
 def tensor(value, name: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:  # sparse or mkldnn: every backend failed deep inside, naming nothing
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
     return value
 
 

@@ -70,9 +70,19 @@ def dropout_input(dropout: torch.nn.Module, x: Tensor) -> Optional[Tensor]:
 
 # --------------------------------------------------------------------------- custom ops
 
+def _check_fn_and_placement(fn: str, placement: str) -> None:
+    """In the custom ops too, which are callable as torch.ops.lucidops.*: the cpp backend read
+    any fn but "sin" as tanh and any placement but "weight" as "output"."""
+    if fn not in FNS:
+        raise ValueError(f"fn must be one of {FNS}, got {fn!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+
+
 @torch.library.custom_op("lucidops::bounded_lora_linear", mutates_args=())
 def _lora_op(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], fn: str,
              placement: str, omega: float, scale: float) -> Tensor:
+    _check_fn_and_placement(fn, placement)
     return backends.dispatch("bounded_lora_linear", x.device.type, x, weight, lora_A, lora_B, bias, fn, placement,
                              omega, scale)
 
@@ -103,6 +113,7 @@ def _unaliased(out, inputs) -> Tuple[Tensor, ...]:
 def _lora_backward_op(grad: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, fn: str,
                       placement: str, omega: float, scale: float, need_x: bool, need_weight: bool, need_bias: bool,
                       need_lora: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_fn_and_placement(fn, placement)
     out = backends.dispatch("bounded_lora_linear_backward", x.device.type, grad, x, weight, lora_A, lora_B, fn,
                             placement, omega, scale, need_x, need_weight, need_bias, need_lora)
     # _unaliased keeps the length of the backend's 5-tuple
@@ -158,6 +169,7 @@ _lora_backward = _functorch.first_order_only(_lora_backward_op)
 def _quant_op(x: Tensor, weight: Tensor, a_codes: Tensor, a_t0: Tensor, a_t1: Tensor, b_codes: Tensor, b_t0: Tensor,
               b_t1: Tensor, bias: Optional[Tensor], method: str, group_a: int, group_b: int, fn: str, omega: float,
               scale: float) -> Tensor:
+    _check_fn_and_placement(fn, "weight")
     return backends.dispatch("bounded_lora_linear_quant", x.device.type, x, weight, a_codes, a_t0, a_t1, b_codes,
                              b_t0, b_t1, bias, method, group_a, group_b, fn, omega, scale)
 
@@ -172,6 +184,7 @@ def _quant_backward_op(grad: Tensor, x: Tensor, weight: Tensor, a_codes: Tensor,
                        b_codes: Tensor, b_t0: Tensor, b_t1: Tensor, method: str, group_a: int, group_b: int, fn: str,
                        omega: float, scale: float, need_x: bool, need_weight: bool,
                        need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_fn_and_placement(fn, "weight")
     out = backends.dispatch("bounded_lora_linear_quant_backward", x.device.type, grad, x, weight, a_codes, a_t0,
                             a_t1, b_codes, b_t0, b_t1, method, group_a, group_b, fn, omega, scale, need_x,
                             need_weight, need_bias)
@@ -328,10 +341,7 @@ def _validate_base(x, weight, bias, fn, placement):
         _validate.same_device(value, x, name, "x")
         if value.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype ({x.dtype}), got {value.dtype}")
-    if fn not in FNS:
-        raise ValueError(f"fn must be one of {FNS}, got {fn!r}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    _check_fn_and_placement(fn, placement)
 
 
 def _validate_args(x, weight, lora_A, lora_B, bias, fn, placement):

@@ -717,3 +717,32 @@ def test_tensor_scalars_without_grad_are_read_as_numbers():
     with torch.no_grad():
         got = lucidops.ops.sine_lora_linear(x, w, a, b, omega=torch.tensor(2.0, requires_grad=True), scale=0.5)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_gpu_calls_the_triton_kernels_refuse_choose_the_reference(monkeypatch):
+    """On a GPU automatic selection put triton first for every call, and its kernels refuse
+    float64 x and placement "output" past rank 64: a float64 LoRA layer or a rank-128 output
+    adapter on CUDA raised instead of running. Checked with the GPU faked present."""
+    from lucidops.ops import _lora_backends
+
+    monkeypatch.setattr(lucidops.backends, "backend_problem", lambda name, device_type: None)
+    select = lucidops.backends.select
+    for dtype, rank, placement, chosen in [(torch.float64, 4, "weight", "reference"),
+                                           (torch.float32, 65, "output", "reference"),
+                                           (torch.float32, 64, "output", "triton"),
+                                           (torch.float32, 128, "weight", "triton"),
+                                           (torch.bfloat16, 4, "output", "triton")]:
+        x, w = torch.zeros(3, 8, dtype=dtype), torch.zeros(5, 8, dtype=dtype)
+        a, b = torch.zeros(rank, 8, dtype=dtype), torch.zeros(5, rank, dtype=dtype)
+        assert select("bounded_lora_linear", "cuda", (x, w, a, b, None, "sin", placement, 1.0, 1.0)) == chosen
+        backward_args = (torch.zeros(3, 5, dtype=dtype), x, w, a, b, "sin", placement, 1.0, 1.0, True, False,
+                         False, True)
+        assert select("bounded_lora_linear_backward", "cuda", backward_args) == chosen
+        assert select("bounded_lora_linear", "cpu", (x, w, a, b, None, "sin", placement, 1.0, 1.0)) == "cpp"
+    codes = torch.zeros(4, 8, dtype=torch.uint8)
+    for dtype, chosen in [(torch.float64, "reference"), (torch.float16, "triton")]:
+        x = torch.zeros(3, 8, dtype=dtype)
+        assert select("bounded_lora_linear_quant", "cuda", (x, x, codes)) == chosen
+        assert select("bounded_lora_linear_quant_backward", "cuda", (x, x, x)) == chosen
+    tk = pytest.importorskip("lucidops.triton_kernels.lora")  # the limit is the kernels' own
+    assert _lora_backends.TRITON_OUTPUT_MAX_RANK == tk.OUTPUT_R_PADS[-1]

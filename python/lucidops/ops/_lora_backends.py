@@ -126,12 +126,42 @@ _NOTES = {
               "kernels build the effective weight once per call in <= 8 MiB column chunks for torch's "
               "matmul and reduce chunks of torch's dY^T X into dA, dB",
 }
+# What the triton kernels take (triton_kernels.lora checks it again, for a forced backend):
+# half and single precision x, and for placement "output" a rank up to its widest padding.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_OUTPUT_MAX_RANK = 64
+
+
+def _gpu_reference_where_triton_refuses(device_type: str, x: Tensor, rank: int, placement: str):
+    """Automatic selection on a GPU: the reference for the calls the triton kernels refuse
+    (float64 x, placement "output" past rank 64), which raised their TypeError/ValueError
+    where the README promises a backend that runs them; None (the usual order) otherwise."""
+    if device_type == "cpu":
+        return None
+    if x.dtype not in TRITON_DTYPES or (placement == "output" and rank > TRITON_OUTPUT_MAX_RANK):
+        return ("reference",)
+    return None
+
+
+def _forward_preference(device_type, x, weight, a, b, bias, fn, placement, *_):
+    return _gpu_reference_where_triton_refuses(device_type, x, a.shape[0], placement)
+
+
+def _backward_preference(device_type, grad, x, weight, a, b, fn, placement, *_):
+    return _gpu_reference_where_triton_refuses(device_type, x, a.shape[0], placement)
+
+
+def _quant_preference(device_type, first, *_):
+    """Forward (x, ...) and backward (grad, ...) alike: grad has x's dtype."""
+    return _gpu_reference_where_triton_refuses(device_type, first, 0, "weight")
+
+
 backends.register_op("bounded_lora_linear",
                      {"reference": _reference_forward, "cpp": _cpp_forward, "triton": _triton_forward},
-                     notes=_NOTES)
+                     notes=_NOTES, preference_for_call=_forward_preference)
 backends.register_op("bounded_lora_linear_backward",
                      {"reference": _reference_backward, "cpp": _cpp_backward, "triton": _triton_backward},
-                     notes=_NOTES)
+                     notes=_NOTES, preference_for_call=_backward_preference)
 
 
 # Quantized adapters: the reference and cpp backends dequantize in PyTorch, then run the plain path.
@@ -187,8 +217,8 @@ _QUANT_NOTES = {
 backends.register_op("bounded_lora_linear_quant",
                      {"reference": _quant_fallback_forward(_reference_forward),
                       "cpp": _quant_fallback_forward(_cpp_forward), "triton": _triton_quant_forward},
-                     notes=_QUANT_NOTES)
+                     notes=_QUANT_NOTES, preference_for_call=_quant_preference)
 backends.register_op("bounded_lora_linear_quant_backward",
                      {"reference": _quant_fallback_backward(_reference_backward),
                       "cpp": _quant_fallback_backward(_cpp_backward), "triton": _triton_quant_backward},
-                     notes=_QUANT_NOTES)
+                     notes=_QUANT_NOTES, preference_for_call=_quant_preference)

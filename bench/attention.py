@@ -28,6 +28,7 @@ two cases with attention dropout 0.1 (FlexAttention has none; it sits those out)
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import time
@@ -71,10 +72,18 @@ def _flex():
         return None
     compiled = torch.compile(flex_attention)
     masks: Dict = {}
+    last_case: List = [None]
 
     def fn(q, k, v, causal, dropout_p):
         if dropout_p:
             raise NotImplementedError("flex_attention has no dropout")
+        # Each shape and mask compiles another variant, and past Dynamo's recompile limit (8)
+        # flex_attention ran eager, materialising every score, under its own label: a new case
+        # starts from an empty cache (at its warm-up; nothing else here is compiled by Dynamo).
+        case = (tuple(q.shape), q.dtype, q.device, causal)
+        if case != last_case[0]:
+            torch._dynamo.reset()
+            last_case[0] = case
         block_mask = None
         if causal:
             key = (q.shape[-2], q.device)
@@ -82,8 +91,17 @@ def _flex():
                 masks[key] = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, q.shape[-2], q.shape[-2],
                                                device=q.device)
             block_mask = masks[key]
-        return compiled(q, k, v, block_mask=block_mask)
+        with _failing_on_recompile_limit():  # a fallback to eager is an error, reported as such
+            return compiled(q, k, v, block_mask=block_mask)
     return fn
+
+
+def _failing_on_recompile_limit():
+    """Dynamo raises instead of running eager past its recompile limit, where torch has the setting."""
+    config = torch._dynamo.config
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        return config.patch(fail_on_recompile_limit_hit=True)
+    return contextlib.nullcontext()
 
 
 def _lucidops(backend: str) -> Callable:

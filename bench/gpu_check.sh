@@ -9,7 +9,8 @@
 #   the dry run allows 360);
 #   `lucidops bench --full` of the op families whose GPU targets are still unmeasured, most
 #   wanted first: gaussian_mixture 45 s, lora 55 s, attention 110 s (its grid starts no case
-#   after LUCIDOPS_BENCH_BUDGET_S=65, leaving 45 s for the last one).
+#   after LUCIDOPS_BENCH_BUDGET_S=65 s of its grid, which starts after start-up and the matmul
+#   rate measurement: under 45 s are left for the last case, whose rows a kill keeps anyway).
 # 10 + 20 + 50 + 120 + 20 + 140 + 45 + 55 + 110 = 570 s, leaving 20 s of a 590 s call
 # for the untimed rest (a few tails and plugin checks).
 # Not benchmarked here, for want of time in the same call: activations, conditioning and

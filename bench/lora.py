@@ -143,6 +143,7 @@ def run(device: str, quick: bool = False, on_rows: Optional[Callable[[List[Dict]
         saved[name] = saved_bytes(functools.partial(impls[name], xg, w, a, b, bias))
         row = dict(family="lora", case=case, mode="forward+backward", impl=name, ms=times[name],
                    saved_for_backward_MB=saved[name] / 2**20)
+        xg.grad = a.grad = b.grad = None  # else the baseline held the last step's dx, which the step frees
         mb = peak_mb_above(steps[name], device)
         if mb is not None:
             row["peak_MB_above_inputs"] = mb

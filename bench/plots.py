@@ -97,7 +97,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not matplotlib_available():
         print("error: the charts need matplotlib (pip install lucidops[plot])", file=sys.stderr)
         return 1
-    data = json.loads(args.results.read_text())
+    try:
+        data = json.loads(args.results.read_text())
+    except (OSError, ValueError) as err:
+        print(f"error: cannot read {args.results}: {err}", file=sys.stderr)
+        return 2
+    # The results folder also holds other JSON (the AOT resource report): say so, not KeyError.
+    if not (isinstance(data, dict) and isinstance(data.get("results"), list)
+            and isinstance(data.get("machine"), dict) and "name" in data["machine"]):
+        print(f"error: {args.results} is not a lucidops bench results file (no 'results' and 'machine')",
+              file=sys.stderr)
+        return 2
     out = args.out or args.results.parent
     out.mkdir(parents=True, exist_ok=True)
     written = write_family_plots(data["results"], str(data["machine"]["name"]), out, args.results.stem)

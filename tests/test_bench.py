@@ -160,6 +160,27 @@ def test_per_sample_bench_times_the_same_gradients():
             assert row["rel_err_vs_fp64"] < 1e-5, row
 
 
+def test_per_sample_bench_reports_a_failing_implementation_and_keeps_the_others(monkeypatch, capsys):
+    # its first call (the error check) had no try, and the speed-ups read the baselines' times
+    # unconditionally: one failure, or a failing baseline, aborted the whole family
+    from lucidops.bench import per_sample
+
+    def failing(*args, **kwargs):
+        def impl():
+            raise RuntimeError("CUDA error: out of memory")
+        return impl
+
+    vmapped = per_sample._vmapped
+    calls = iter(range(100))
+    monkeypatch.setattr(per_sample, "_vmapped", lambda module, inputs: (
+        failing() if next(calls) % 2 else vmapped(module, inputs)))  # every case's pytorch vmap(grad) fails
+    rows = per_sample.run("cpu", quick=True)
+    assert len({r["case"] for r in rows}) == 3 and len(rows) == 9
+    assert not any(r["impl"] == "pytorch vmap(grad)" or "speedup_vs_pytorch_vmap" in r for r in rows)
+    assert all(r["speedup_vs_pytorch_loop"] > 0 for r in rows)
+    assert "pytorch vmap(grad): failed (RuntimeError: CUDA error: out of memory)" in capsys.readouterr().out
+
+
 def test_per_sample_bench_runs_without_timm(monkeypatch, capsys):
     """timm is not a lucidops dependency: without it `lucidops bench` still runs, minus the
     attention case, and says so."""
@@ -367,6 +388,17 @@ def test_plots_from_a_results_file(tmp_path):
     assert (tmp_path / "charts" / "gpu-f.png").exists()
 
 
+def test_plots_refuse_a_file_that_is_not_a_results_file(tmp_path, capsys):
+    # the results folder also holds triton-aot-resources.json: a KeyError traceback
+    pytest.importorskip("matplotlib")
+    for name, text in (("aot.json", json.dumps({"configurations": []})), ("bad.json", "{"),
+                       ("list.json", "[]")):
+        (tmp_path / name).write_text(text)
+        assert plots.main([str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err.startswith("error: ")
+    assert plots.main([str(tmp_path / "missing.json")]) == 2
+
+
 def test_gpu_check_fits_the_device_call():
     """bench/gpu_check.sh: every command that can hang runs under a time limit, the limits add up
     to the sum its header states, inside a 590 s call, and only the bench JSON and Markdown go
@@ -385,3 +417,30 @@ def test_gpu_check_fits_the_device_call():
         if re.search(r"\b(python3|nvidia-smi|pip)\b", line) and "import xdist" not in line and "pytest_timeout" not in line:
             assert re.search(r"\btimeout ", line), line
     assert "--no-plots" in code
+
+
+def test_flex_attention_baseline_stays_compiled_over_the_whole_grid(monkeypatch):
+    """One compiled flex_attention served every case: past Dynamo's recompile limit (8
+    variants) it ran eager, materialising every score, under its own label. Run here with
+    Dynamo's eager backend (the limit, not inductor, is what is checked), forward only."""
+    import functools
+    import warnings
+
+    import torch
+
+    from lucidops.bench import attention
+
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    flex = attention._flex()
+    monkeypatch.undo()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "flex_attention called without torch.compile()" fails the test
+            grid = [case for case in attention._cases("cuda", quick=False) if not case[-1]]
+            for b, h, n, d, causal, _, _ in grid[:12]:  # the GPU grid's first 12 cases, scaled down
+                n //= 16
+                q = torch.randn(max(1, 2**14 // (h * n)), h, n, d)
+                assert flex(q, q, q, causal, 0.0).shape == q.shape
+    finally:
+        torch._dynamo.reset()

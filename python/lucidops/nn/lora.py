@@ -39,6 +39,8 @@ class BoundedLoRALinear(nn.Module):
         gain: divisor of the scale: a positive number, or "sqrt_in" for sqrt(K_in).
         dropout: probability of peft's ``lora_dropout``: in training the adapter reads
             dropout(x) while the base reads x (one more matmul of the base's size per call).
+            A random operation: under ``torch.func.vmap`` (Opacus runs this layer so) it
+            needs ``randomness="same"`` or ``"different"``.
     """
 
     def __init__(self, base: nn.Linear, rank: int, fn: str = "sin", omega: float = 1.0,

@@ -123,8 +123,7 @@ def token_gray(x: Tensor, eps: float = 0.9, mode: str = "dct", keep_scale: bool 
     eps = _check_eps(eps)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(keep_scale, bool):
-        raise TypeError(f"keep_scale must be a bool, got {type(keep_scale).__name__}")
+    _validate.boolean(keep_scale, "keep_scale")
     if x.numel() == 0:
         return x.clone()
     dtype = _compute_dtype(x)

@@ -22,9 +22,7 @@ class _ScaledActivation(nn.Module):
     def __init__(self, sigma: float = 1.0, learnable: bool = False):
         super().__init__()
         sigma = _validate.real_number(sigma, "sigma", "> 0")
-        if not isinstance(learnable, bool):  # learnable="False" made sigma learnable
-            raise TypeError(f"learnable must be a bool, got {type(learnable).__name__}")
-        self.learnable = learnable
+        self.learnable = _validate.boolean(learnable, "learnable")  # "False" made sigma learnable
         if learnable:
             self.sigma = nn.Parameter(torch.tensor(sigma))
         else:

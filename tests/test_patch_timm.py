@@ -416,6 +416,42 @@ def test_leaner_reads_the_hidden_width_of_gated_mlps():
     assert report.params[1] < 0.7 * report.params[0]  # half the blocks, same widths
 
 
+def _register_tiny_swiglu_packed_vit() -> str:
+    """A tiny ViT with vit_giant_patch14_dinov2's MLP recipe (SwiGLUPacked from dim * 5.33)."""
+    import timm
+    from timm.layers import SwiGLUPacked
+    from timm.models import register_model
+    from timm.models.vision_transformer import _create_vision_transformer
+
+    name = "lucidops_test_vit_tiny_swiglu_packed"
+    if name not in timm.list_models(name):
+        def build(pretrained=False, **kwargs):
+            args = dict(patch_size=16, embed_dim=192, depth=2, num_heads=3, mlp_ratio=2.66667 * 2,
+                        mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
+            return _create_vision_transformer(name, pretrained=pretrained, **dict(args, **kwargs))
+
+        build.__name__ = name
+        register_model(build)
+    return name
+
+
+def test_leaner_reads_the_hidden_width_of_a_packed_swiglu_vit():
+    """VisionTransformer builds SwiGLUPacked from dim * mlp_ratio, so its fc2 is half that:
+    reading fc2 halved the MLP of vit_giant_patch14_dinov2 (758M params rebuilt for 1136M)."""
+    name = _register_tiny_swiglu_packed_vit()
+    report = lucidops.patch.leaner(name, heads_factor=2, depth_divisor=1, img_size=32)
+    base = timm.create_model(name, pretrained=False, img_size=32)
+    model = report.build()
+    assert model.blocks[0].mlp.fc1.out_features == base.blocks[0].mlp.fc1.out_features == 1024
+    assert report.params[1] == report.params[0] == sum(p.numel() for p in base.parameters())  # width and depth kept
+
+
+def test_leaner_refuses_a_model_that_is_not_a_vit_naming_it():
+    # timm's own TypeError about img_size named no lucidops rule
+    with pytest.raises(ValueError, match="'convnext_atto' is not a timm vision transformer"):
+        lucidops.patch.leaner("convnext_atto", img_size=64)
+
+
 def test_many_head_vit_runs_the_cpp_kernel_and_matches():
     """24 heads of dim 8 at width 192: the small-head case the CPU default sends to cpp."""
     model = tiny_vit("vit_tiny_patch16_224", num_heads=24)

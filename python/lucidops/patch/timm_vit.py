@@ -91,6 +91,29 @@ def _vit_config(model: nn.Module, model_name: str) -> Dict[str, Any]:
             "head_dim": int(cast(Any, attn).head_dim), "mlp_ratio": hidden / dim}
 
 
+def _mlp_ratio(model_name: str, base: nn.Module, size_kwargs: Dict[str, Any], dim: int) -> float:
+    """The ``mlp_ratio`` that rebuilds ``base``'s MLPs. What the MLP's shapes mean depends on the
+    model class: a packed gated MLP (timm's SwiGLUPacked, GluMlp) built by VisionTransformer
+    from dim * mlp_ratio has fc2 half as wide as that, while EVA passes it twice the width
+    (fc2 at dim * mlp_ratio), so each reading is tried by rebuilding the model on the meta
+    device (no memory) until one gives the same shapes. fc2's alone halved the MLP of
+    vit_giant_patch14_dinov2 and every leaner variant of it."""
+    import timm
+
+    mlp = cast(Any, base).blocks[0].mlp
+    want = [tuple(t.shape) for t in mlp.parameters()]
+    readings = [mlp.fc2.in_features / dim]
+    if isinstance(getattr(mlp, "fc1", None), nn.Linear):
+        readings.append(mlp.fc1.out_features / dim)
+    for ratio in readings:
+        with torch.device("meta"):
+            rebuilt = timm.create_model(model_name, pretrained=False, mlp_ratio=ratio, **size_kwargs)
+        if [tuple(t.shape) for t in cast(Any, rebuilt).blocks[0].mlp.parameters()] == want:
+            return ratio
+    raise ValueError(f"model_name {model_name!r}: no mlp_ratio rebuilds its MLP ({type(mlp).__name__}, parameter "
+                     f"shapes {want}); leaner() rebuilds ViT/DeiT/EVA configurations")
+
+
 def _cost(model: nn.Module, img_size: int) -> Tuple[int, int]:
     from ..profile import count_flops
 
@@ -159,8 +182,12 @@ def leaner(model_name: str, heads_factor: int = 2, depth_divisor: float = 2, mlp
     if img_size is not None:
         _validate.integer(img_size, "img_size", minimum=1)
     size_kwargs: Dict[str, Any] = {"img_size": img_size} if img_size else {}
-    base = timm.create_model(model_name, pretrained=False, **size_kwargs)
+    try:
+        base = timm.create_model(model_name, pretrained=False, **size_kwargs)
+    except TypeError as err:  # a ConvNeXt or PVT takes no img_size: timm's own message named no lucidops rule
+        raise ValueError(f"model_name {model_name!r} is not a timm vision transformer ({err})") from None
     original = _vit_config(base, model_name)
+    original["mlp_ratio"] = _mlp_ratio(model_name, base, size_kwargs, original["embed_dim"])
     heads = original["num_heads"] * heads_factor
     if keep == "width":
         dim = original["embed_dim"]

@@ -671,3 +671,43 @@ def test_family_functions_share_the_handle():
     s.revert()
     h.revert()
     assert all(b.attn is a for b, a in zip(vit.blocks, attn))
+
+
+def test_instance_attribute_patches_reverted_out_of_order_stay_pending():
+    """skipless and sdpa_calls both set a block's forward. Reverting the earlier first skipped
+    the forward but removed its marker (sdpa's forward then failed with KeyError) or left the
+    block skipless for good once the later one was reverted. Now it warns, changes nothing and
+    stays pending, as a swapped module does; reverting it again after the later one finishes."""
+    from timm.models.vision_transformer import Block
+
+    x = torch.randn(1, 3, 32, 32)
+    for first, second in ((lucidops.patch.skipless, lambda m: lucidops.patch.sdpa_calls(m, modules=Block)),
+                          (lambda m: lucidops.patch.sdpa_calls(m, modules=Block), lucidops.patch.skipless)):
+        model = tiny_vit()
+        want = model(x)
+        h1 = first(model)
+        h2 = second(model)
+        patched = model(x)
+        with pytest.warns(RuntimeWarning, match="was set again after patching"):
+            h1.revert()
+        assert not h1.nothing_patched and torch.equal(model(x), patched)  # nothing changed
+        h2.revert()
+        h1.revert()
+        assert h1.nothing_patched and h2.nothing_patched
+        assert torch.equal(model(x), want) and all("forward" not in b.__dict__ for b in model.blocks)
+
+
+def test_skipless_revert_after_another_route_leaves_a_later_patch_alone():
+    # h1's marker (True) was removed from h2's blocks, so undo_skipless found nothing to undo
+    model = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    want = model(x)
+    h1 = lucidops.patch.skipless(model)
+    lucidops.patch.undo_skipless(model)
+    h2 = lucidops.patch.skipless(model)
+    with pytest.warns(RuntimeWarning, match="was set again after patching"):
+        h1.revert()
+    lucidops.patch.undo_skipless(model)  # h2's blocks are still marked
+    h2.revert()
+    h1.revert()
+    assert torch.equal(model(x), want) and h1.nothing_patched and h2.nothing_patched

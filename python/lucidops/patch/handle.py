@@ -217,7 +217,9 @@ class PatchHandle:
         restores each attribute's previous instance value, or removes it if it had none,
         removes each added submodule, but only where they still hold what was set here, and
         registers the hidden ones again, with what the model did meanwhile to the module's
-        tensors (device, dtype, requires_grad) and mode (train/eval).
+        tensors (device, dtype, requires_grad) and mode (train/eval). An attribute restored
+        by another route counts as undone; one set again by a later patch makes the undo warn
+        and change nothing (the record stays: revert the later handle first), as swap_child.
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -238,7 +240,18 @@ class PatchHandle:
         placement = _Placement(module, stashed, []) if len(stashed) else None
         placement_then, mode_then = (placement.read() if placement else None), module.training
 
-        def undo() -> None:
+        def undo() -> Optional[bool]:
+            # An attribute holding neither what was set here nor what it held before was set
+            # again by a later patch: undoing the rest under it (its marker, its hidden modules)
+            # broke that patch's forward, and reverting it then put this one's back for good.
+            taken = [k for k, value in new.items()
+                     if module.__dict__.get(k, missing) is not value
+                     and module.__dict__.get(k, missing) is not previous[k]]
+            if taken:
+                warnings.warn(f"lucidops.patch: {', '.join(taken)} of {path!r} was set again after patching; left as "
+                              "it is (revert the later patch's handle first, then this one again)",
+                              RuntimeWarning, stacklevel=user_stacklevel())
+                return False  # keep the record, as swap_child does
             if placement is not None and placement_then is not None:
                 # What .to() / requires_grad_() / train() did to the module reached only what it holds.
                 _carry_placement(placement_then, placement.read(), stashed, module)
@@ -250,7 +263,7 @@ class PatchHandle:
                         child.train(module.training)
             for k, value in new.items():
                 if module.__dict__.get(k, missing) is not value:
-                    continue  # changed since (e.g. undone by another route): leave it
+                    continue  # restored since by another route (undo_skipless): nothing to do
                 if previous[k] is missing:
                     del module.__dict__[k]
                 else:

@@ -330,3 +330,31 @@ def test_numpy_hyperparameters_are_numbers():
             GaussianNaturalGradient(enc, **kwargs)
     with pytest.raises(TypeError, match="param group: momentum must be a real number"):
         GaussianNaturalGradient([{**group, "momentum": "0.9"}])
+
+
+def test_encoders_tied_by_one_parameter_split_into_groups_once():
+    # only the means were deduplicated: a factor shared by two encoders sat in two groups, and
+    # every optimizer (GaussianNaturalGradient, distill's, finetune's) refused the split
+    a, b = GaussianPointEncoder(4, 8), GaussianPointEncoder(4, 8)
+    b.factor = a.factor
+    model = nn.ModuleList([a, b])
+    split = split_parameters(model)
+    ids = [id(p) for g in split.natural_gradient + split.adamw for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert [g["params"] for g in split.natural_gradient] == [[a.means, a.factor]]
+    assert any(p is b.means for g in split.adamw for p in g["params"])
+    natural, adamw = build_optimizers(model)
+    assert natural is not None and adamw is not None
+
+
+def test_a_one_element_tensor_lr_of_an_added_group_steps():
+    # kept as a (1,) tensor, it reached add_'s alpha in step(): TypeError
+    enc, other = GaussianPointEncoder(4, 8), GaussianPointEncoder(4, 8)
+    opt = GaussianNaturalGradient(enc)
+    opt.add_param_group({"params": [other.means, other.factor], "roles": ["means", "factor"],
+                         "lr": torch.tensor([0.01])})
+    assert opt.param_groups[-1]["lr"] == pytest.approx(0.01) and isinstance(opt.param_groups[-1]["lr"], float)
+    before = other.means.detach().clone()
+    other(torch.rand(2, 16, 3)).sum().backward()
+    opt.step()
+    assert not torch.equal(other.means, before)

@@ -167,8 +167,9 @@ class GaussianNaturalGradient(torch.optim.Optimizer):
         _check_hyperparameters({**self.defaults, **group}, "param group: ")
         # Stored as Python floats, as the constructor stores its own: a numpy float in the
         # state_dict made torch.load (weights_only, its default) refuse the file.
+        # A one-element tensor too (its step() read lr as add_'s alpha, which takes a number).
         for key in ("lr", "momentum", "damping"):
-            if key in group and not isinstance(group[key], Tensor):
+            if key in group:
                 group[key] = float(group[key])
         super().add_param_group(group)
 
@@ -276,7 +277,10 @@ def split_parameters(model: nn.Module) -> ParameterSplit:
     natural: List[Dict] = []
     taken: Set[int] = set()
     for enc in _find_encoders(model):
-        if id(enc.means) in taken:  # the same encoder reached twice (shared submodule)
+        # The same encoder reached twice (a shared submodule), or one tied to an earlier one by
+        # its means or its factor alone: a parameter in two groups made every optimizer refuse
+        # the split. Its untaken half goes to AdamW with the rest.
+        if id(enc.means) in taken or id(enc.factor) in taken:
             continue
         natural.append({"params": [enc.means, enc.factor], "roles": ["means", "factor"]})
         taken.update((id(enc.means), id(enc.factor)))

@@ -65,7 +65,7 @@ def _sdpa(backend: Optional[str]) -> Callable:
     return fn
 
 
-def _flex():
+def _flex() -> Optional[Callable]:
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:

@@ -50,6 +50,7 @@ def test_rule_sequences_bad_arguments():
         rule_sequences(n_rules=2).select([2])
     with pytest.raises(TypeError, match="seed must be an int"):
         rule_sequences(seed=1.7)  # was seed 1, silently
+    assert torch.equal(rule_sequences(seed=-1).ids, rule_sequences(seed=-1).ids)  # torch takes negative seeds
 
 
 def test_tiny_lm_shapes_causality_and_seed():
@@ -253,7 +254,7 @@ def test_png_ending_in_a_separator_is_refused_before_pretraining(tmp_path, capsy
     (["--variants", ","], "--variants"),
     (["--threads", "0"], "--threads"),
     (["--seed", str(2**64 - 1)], "--seed"),  # failed after the pretraining, with a traceback
-    (["--seed", "-1"], "--seed"),
+    (["--seed", str(-2**63 - 1)], "--seed"),
 ])
 def test_bad_arguments_give_clear_errors(argv, match, capsys, tmp_path):
     rc = unlearn.run(_parse(argv + ["--out", str(tmp_path)]))

@@ -284,7 +284,10 @@ def test_set_epoch_reaches_persistent_workers(folder):
     ds = ModelNet40(root, "train", num_points=16, augment=True)
     loader = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=1, persistent_workers=True)
     for epoch in (0, 1, 2):
-        ds.set_epoch(epoch)
+        if epoch == 2:
+            ds.epoch = epoch  # an attribute before it lived in shared memory: still assignable
+        else:
+            ds.set_epoch(epoch)
         assert ds.epoch == epoch
         batch = next(iter(loader))[0]
         assert torch.equal(batch, torch.stack([ds[i][0] for i in range(7)])), epoch

@@ -464,6 +464,30 @@ def test_many_head_vit_runs_the_cpp_kernel_and_matches():
     handle.revert()
 
 
+def test_from_timm_refuses_other_attention_modules():
+    """Any module with num_heads and head_dim was wrapped: EVA's attention lost its q and v
+    biases (outputs 5.9 off, silently). Exactly timm's ViT Attention, or a ManyHeadAttention."""
+    import timm.models.eva as eva
+
+    other = eva.EvaAttention(32, num_heads=4, qkv_bias=True, qkv_fused=True, norm_layer=torch.nn.LayerNorm)
+    with pytest.raises(TypeError, match="module must be timm's ViT Attention .* got timm.models.eva.EvaAttention"):
+        ManyHeadAttention.from_timm(other)
+    vit_attention = tiny_vit().blocks[0].attn
+    x = torch.randn(2, 5, vit_attention.qkv.in_features)
+    once = ManyHeadAttention.from_timm(vit_attention)
+    torch.testing.assert_close(ManyHeadAttention.from_timm(once)(x), vit_attention(x))
+
+
+def test_many_head_attention_is_causal_must_be_a_bool():
+    # bool(is_causal): the string "False" ran causal attention (timm's module raises)
+    module = ManyHeadAttention(32, num_heads=4).eval()
+    x = torch.randn(1, 5, 32)
+    for bad in ("False", 1, None):
+        with pytest.raises(TypeError, match="is_causal must be a bool"):
+            module(x, is_causal=bad)
+    assert not torch.equal(module(x, is_causal=True), module(x))
+
+
 def test_many_head_attention_names_a_wrong_input_width():
     """timm's module fails inside the qkv matmul ("mat1 and mat2 shapes cannot be multiplied");
     the error here names the input and the width it needs."""

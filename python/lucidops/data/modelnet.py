@@ -169,6 +169,10 @@ class ModelNet40(Dataset):
         """The epoch whose augmentations items are drawn from (see :meth:`set_epoch`)."""
         return int(self._epoch)
 
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:  # ds.epoch = e, as before it lived in shared memory
+        self.set_epoch(epoch)
+
     def set_epoch(self, epoch: int) -> None:
         """Draw fresh augmentations for a new epoch (>= 0); DataLoader workers already running
         (``persistent_workers=True``) see it too."""

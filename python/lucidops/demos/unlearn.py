@@ -96,9 +96,9 @@ class DemoConfig:
             value = getattr(self, name)
             _validate.real_number(value, name, "> 0")
         _validate.real_number(self.omega, "omega", "!= 0")
-        # torch.manual_seed takes [0, 2^64 - 1] and the models are seeded with seed + 2: a seed
-        # past that failed after the pretraining, with a traceback.
-        _validate.integer(self.seed, "seed", minimum=0, maximum=2**64 - 3)
+        # torch.manual_seed takes [-2^63, 2^64 - 1] and the models are seeded with seed + 2: a
+        # seed past that failed after the pretraining, with a traceback.
+        _validate.integer(self.seed, "seed", minimum=-2**63, maximum=2**64 - 3)
         if self.n_forget >= self.n_rules:
             raise ValueError(f"n_forget ({self.n_forget}) must be smaller than n_rules ({self.n_rules}): some rules "
                              "must be retained")

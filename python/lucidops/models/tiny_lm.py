@@ -73,7 +73,7 @@ def rule_sequences(n_rules: int = 6, n_symbols: int = 24, length: int = 16, seed
         raise ValueError(f"n_symbols must be >= 2, got {n_symbols}")
     if length < 3:
         raise ValueError(f"length must be >= 3 (rule token, start, at least one step), got {length}")
-    gen = torch.Generator().manual_seed(_validate.integer(seed, "seed", minimum=0, maximum=2**64 - 1))
+    gen = torch.Generator().manual_seed(_validate.integer(seed, "seed", minimum=-2**63, maximum=2**64 - 1))
     perms = torch.stack([torch.randperm(n_symbols, generator=gen) for _ in range(n_rules)])
     rules = torch.arange(n_rules).repeat_interleave(n_symbols)
     sym = torch.arange(n_symbols).repeat(n_rules)

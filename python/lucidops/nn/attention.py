@@ -93,7 +93,16 @@ class ManyHeadAttention(nn.Module):
     @classmethod
     def from_timm(cls, module: nn.Module) -> "ManyHeadAttention":
         """A ManyHeadAttention sharing ``module``'s submodules (the same parameter objects,
-        so optimizers and tied references keep working)."""
+        so optimizers and tied references keep working). ``module`` is timm's ViT
+        ``Attention`` (exactly: a subclass has its own forward) or a ManyHeadAttention."""
+        from ..patch.timm_vit import is_timm_vit_attention
+
+        # Any module with num_heads and head_dim was taken: EVA's attention lost its q/v biases
+        # (outputs 5.9 off, silently), a rope one its rope argument.
+        if not (isinstance(module, ManyHeadAttention) or is_timm_vit_attention(module)):
+            raise TypeError(f"module must be timm's ViT Attention (or a ManyHeadAttention), got "
+                            f"{type(module).__module__}.{type(module).__qualname__}: for other attention modules "
+                            "use lucidops.patch.sdpa_calls, which keeps their forward")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         # timm's Attention: attributes a plain nn.Module is not typed with
@@ -120,6 +129,7 @@ class ManyHeadAttention(nn.Module):
         padding mask, True for tokens that take part, (B, 1, 1, N) (what timm passes) or (B, N)
         when B != N; any other mask (additive, per query, or 2-D when B == N, which timm reads as
         (N_query, N_key)) runs PyTorch's SDPA as timm's module does, with a warning."""
+        _validate.boolean(is_causal, "is_causal")  # "False" ran causal attention; timm's raises too
         dim = self.qkv.in_features
         if x.dim() != 3 or x.shape[-1] != dim:
             raise ValueError(f"ManyHeadAttention: x must be (B, N, dim={dim}), got shape {tuple(x.shape)}")
@@ -144,9 +154,9 @@ class ManyHeadAttention(nn.Module):
                    if other_mask is not None else
                    f"head_dim = {self.head_dim} is outside the kernel's {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
                    if head_dim_outside else "attn_drop = 1 drops every probability")
-            x = _pytorch_attention(q, k, v, bool(is_causal), key_padding_mask, other_mask, self.scale, dropout_p, why)
+            x = _pytorch_attention(q, k, v, is_causal, key_padding_mask, other_mask, self.scale, dropout_p, why)
         else:
-            x = attention(q, k, v, causal=bool(is_causal), key_padding_mask=key_padding_mask, scale=self.scale,
+            x = attention(q, k, v, causal=is_causal, key_padding_mask=key_padding_mask, scale=self.scale,
                           dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
         x = self.norm(x)

@@ -279,6 +279,7 @@ class PatchHandle:
                 reordered = {n: module._modules[n] for n in order}
                 module._modules.clear()
                 module._modules.update(reordered)
+            return None
 
         replacement = next(iter(added.values()), None)
         return self.record(path, module, after, undo, original=module, replacement=replacement)

@@ -580,3 +580,34 @@ def test_png_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r"pip install lucidops\[plot\]"):
         lucidops.profile.compare(a, copy.deepcopy(a), torch.randn(1, 2), png=tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+class _ParameterAsInput(nn.Module):
+    """A module called with a parameter as its input, as timm's attention pooling (SigLIP)
+    passes its latent query to its own layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.latent = nn.Parameter(torch.randn(1, 8))
+        self.inner = nn.Linear(8, 8)
+        self.outer = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.outer(x) + self.inner(self.latent)
+
+
+def test_counts_of_a_module_called_with_a_parameter_under_no_grad():
+    """PyTorch's module tracker fails under no_grad there ("Expected gradient function to be
+    set"): report's forward (counted under no_grad), count_flops in a no_grad block and
+    patch.leaner of a SigLIP-style ViT failed with it."""
+    model, x = _ParameterAsInput(), torch.randn(4, 8)
+    want = lucidops.profile.count_flops(model, x)["total"]
+    assert want == 2 * 4 * 8 * 8 + 2 * 8 * 8
+    with torch.no_grad():
+        assert lucidops.profile.count_flops(model, x)["total"] == want
+        assert lucidops.profile.report(model, x, repeat=1, warmup=0, fvcore=False).flops == want
+    assert all(p.grad is None for p in model.parameters())
+    timm = pytest.importorskip("timm")
+    if "test_vit3" in timm.list_models("test_vit3"):  # attention pooling (global_pool="map")
+        report = lucidops.patch.leaner("test_vit3", depth_divisor=1)
+        assert report.flops[0] > 0 and report.flops[1] > 0

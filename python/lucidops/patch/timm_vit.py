@@ -119,8 +119,7 @@ def _cost(model: nn.Module, img_size: int) -> Tuple[int, int]:
 
     params = sum(p.numel() for p in model.parameters())
     model.eval()
-    with torch.no_grad():
-        flops = count_flops(model, torch.randn(1, 3, img_size, img_size))["total"]
+    flops = count_flops(model, torch.randn(1, 3, img_size, img_size))["total"]
     return params, flops
 
 

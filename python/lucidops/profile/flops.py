@@ -126,14 +126,28 @@ def count_flops(model: Callable, inputs: Inputs, *, backward: bool = False) -> D
     """
     args = _run.check_inputs(inputs)
     _validate.boolean(backward, "backward")
+    try:
+        counter = _counted(model, args, backward)
+    except AssertionError as err:
+        # PyTorch's module tracker fails under no_grad on a module called with a parameter as
+        # its input (timm's attention pooling, as in SigLIP): counted again with grad enabled,
+        # which changes no FLOP (the graph it keeps costs memory, so only then).
+        if torch.is_grad_enabled() or "Expected gradient function to be set" not in str(err):
+            raise
+        with torch.enable_grad():
+            counter = _counted(model, args, backward)
+    by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    by_op["total"] = int(counter.get_total_flops())
+    return by_op
+
+
+def _counted(model: Callable, args, backward: bool) -> FlopCounterMode:
     counter = FlopCounterMode(display=False)
     with eager_calls(model) as counted, counter:
         out = counted(*args)
         if backward:
             _run.backward(out, counted)
-    by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
-    by_op["total"] = int(counter.get_total_flops())
-    return by_op
+    return counter
 
 
 def fvcore_flops(model: nn.Module, inputs: Inputs) -> Dict[str, int]:

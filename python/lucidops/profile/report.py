@@ -202,10 +202,16 @@ def _step(model: nn.Module, args: Tuple[Any, ...], backward: bool) -> Any:
 
 
 def _counted_step(model: nn.Module, args: Tuple[Any, ...], backward: bool, depth: int) -> FlopCounterMode:
-    """A FlopCounterMode that watched one step of ``model`` (its eager original)."""
+    """A FlopCounterMode that watched one step of ``model`` (its eager original). The forward
+    too runs with grad enabled (same FLOPs): under no_grad PyTorch's module tracker, which
+    gives the by-module rows, fails on a module called with a parameter as its input (timm's
+    attention pooling, as in SigLIP: "Expected gradient function to be set")."""
     counter = FlopCounterMode(display=False, depth=depth)
-    with counter:
-        _step(model, args, backward)
+    with torch.enable_grad(), counter:
+        if backward:
+            _step(model, args, True)
+        else:
+            model(*args)
     return counter
 
 

@@ -293,3 +293,16 @@ def test_cpp_matches_reference_on_any_shape_and_scale(shape, sigma, scale, kind,
     torch.testing.assert_close(y.double(), ref.forward(kind, x64, s64), rtol=1e-5, atol=1e-6)
     gx_ref, _ = ref.backward(kind, torch.ones_like(x64), x64, s64, False)
     torch.testing.assert_close(x.grad.double(), gx_ref, rtol=1e-5, atol=1e-6 / sigma)
+
+
+def test_learnable_sigma_in_another_dtype_reads_without_a_warning():
+    # float() of a sigma that requires grad: PyTorch's "Converting a tensor with
+    # requires_grad=True to a scalar" warning on every forward (an error under -W error)
+    import warnings
+
+    for module, x in ((lucidops.nn.Sinc(2.0, learnable=True).half(), torch.randn(4, dtype=torch.float16)),
+                      (lucidops.nn.Sinc(2.0, learnable=True).double(), torch.randn(4))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            module(x).sum().backward()
+        assert module.sigma.grad is not None

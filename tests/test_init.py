@@ -377,3 +377,24 @@ def test_skipless_init_trains_where_default_init_does_not():
     chance = math.log(4)
     assert default > 0.95 * chance, default  # default init, no skips: stuck at chance
     assert ours < 0.6 * chance, ours          # skipless_ init: learns the task
+
+
+def test_impulse_refuses_before_changing_anything():
+    """A head_dim past the width failed in rank_split after pos_embed had been scaled; an
+    all-zero pos_embed gave every W_Q and W_K zero (uniform attention), silently."""
+    from lucidops.init import impulse_
+
+    model = tiny_vit(depth=1, dim=16, heads=1)
+    attn = model.blocks[0].attn
+    attn.head_dim, attn.qkv, attn.proj = 32, nn.Linear(16, 96), nn.Linear(32, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"head_dim \(32\) of 'blocks.0.attn' must be <= the model width \(16\)"):
+        impulse_(model, pos_scale=5.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model = tiny_vit()
+    nn.init.zeros_(model.pos_embed)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="pos_embed holds .* the same position for every patch"):
+        impulse_(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    impulse_(tiny_vit())  # a trained or randomly initialised pos_embed is fine

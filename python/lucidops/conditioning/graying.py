@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate
-from .tokens import _compute_dtype, _finite, _matrix_batch
+from .tokens import _compute_dtype, _finite, _matrix_batch, _without_autocast
 
 MODES = ("svd", "dct")
 
@@ -81,7 +81,9 @@ def _scipy_fft_available() -> bool:
 def _dct2(x: Tensor, inverse: bool = False) -> Tensor:
     """Orthonormal 2D DCT-II of the last two dims (``inverse``: DCT-III, its inverse)."""
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    if x.device.type == "cpu" and not needs_grad and _scipy_fft_available():
+    # Not under torch.func's transforms either: scipy reads the storage a vmapped tensor lacks.
+    if (x.device.type == "cpu" and not needs_grad and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+            and _scipy_fft_available()):
         return _dct2_scipy(x, inverse)
     return _dct2_matmul(x, inverse)
 
@@ -126,8 +128,12 @@ def token_gray(x: Tensor, eps: float = 0.9, mode: str = "dct", keep_scale: bool 
     _validate.boolean(keep_scale, "keep_scale")
     if x.numel() == 0:
         return x.clone()
-    dtype = _compute_dtype(x)
-    xc = x.to(dtype)
+    with _without_autocast(x):
+        return _gray(x.to(_compute_dtype(x)), eps, mode, keep_scale).to(x.dtype)
+
+
+def _gray(xc: Tensor, eps: float, mode: str, keep_scale: bool) -> Tensor:
+    """token_gray's transform of ``xc``, already in its compute dtype."""
     if mode == "svd":
         u, s, vh = torch.linalg.svd(xc, full_matrices=False)
         peak = s[..., :1]
@@ -142,4 +148,4 @@ def token_gray(x: Tensor, eps: float = 0.9, mode: str = "dct", keep_scale: bool 
         if keep_scale:
             coeffs = coeffs * peak
         out = _dct2(coeffs, inverse=True)
-    return out.to(x.dtype)
+    return out

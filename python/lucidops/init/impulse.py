@@ -113,10 +113,20 @@ def impulse_(model: nn.Module, kernel_size: int = 3, qk_scale: float = 7.0, v_al
         raise ValueError("impulse_ computes the attention from pos_embed's values, which a model on the meta device "
                          "does not have: initialise it on a real device")
     cpu_generator(generator)
-    for name, attn in layers:  # every layer checked before the first is changed
+    for name, attn in layers:  # every layer checked before the first is changed (pos_embed too)
         if pos.shape[1] != cast(nn.Linear, attn.qkv).in_features:
             raise ValueError(f"model.pos_embed width {pos.shape[1]} differs from the attention width "
                              f"{cast(nn.Linear, attn.qkv).in_features} of {name!r}")
+        hd, dim = cast(int, attn.head_dim), cast(nn.Linear, attn.qkv).in_features
+        if hd > dim:  # failed in rank_split after pos_embed was already scaled
+            raise ValueError(f"head_dim ({hd}) of {name!r} must be <= the model width ({dim}) for a rank-head_dim "
+                             "split")
+    # The same position in every token (all zeros, say) leaves nothing to attend by: every
+    # W_Q and W_K came out zero, uniform attention, silently.
+    centred = pos.double() - pos.double().mean(dim=1, keepdim=True)  # what each block's LayerNorm sees
+    if int(torch.linalg.matrix_rank(centred)) < 2:
+        raise ValueError("model.pos_embed holds (nearly) the same position for every patch: impulse_ builds the "
+                         "attention from the position embeddings, so they must differ (initialise them first)")
     if pos_scale is not None:
         pos_scale = _validate.real_number(pos_scale, "pos_scale", "> 0")
         cast(torch.Tensor, model.pos_embed).mul_(pos_scale)  # a timm ViT's pos_embed (checked just above)

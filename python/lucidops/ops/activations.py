@@ -167,7 +167,7 @@ def _sigma_tensor(sigma: Sigma, x: Tensor) -> Tensor:
         _validate.positive_finite_tensor_value(sigma, "sigma")
         values = _validate.readable_values(sigma)
         if values is not None and sigma.dtype != compute:  # a float64 1e-300 became 0 ("got 0.0")
-            _in_normal_range(float(values.reshape(())), compute)
+            _in_normal_range(float(values.detach().reshape(())), compute)
         return sigma.reshape(()).to(compute)
     value = _validate.real_number(sigma, "sigma", "> 0")
     _in_normal_range(value, compute)

@@ -764,3 +764,36 @@ def test_backward_refuses_out_of_range_argmax(backend, device):
         arg = torch.full((2, 4), bad, dtype=torch.long, device=device)
         with lucidops.use_backend(backend), pytest.raises((ValueError, RuntimeError), match="argmax out of range"):
             torch.ops.lucidops.gaussian_mixture_backward(grad, x, m, p, w, arg, True, None)
+
+
+@pytest.mark.parametrize("dtype, negative, far", [(torch.bfloat16, -0.05, 64.0), (torch.float16, -0.005, 200.0),
+                                                  (torch.float32, -5e-4, 600.0)])
+def test_a_tolerated_negative_eigenvalue_that_would_overflow_is_refused(dtype, negative, far):
+    """The rounding tolerance (1/16 of the largest eigenvalue for bfloat16) let a plainly
+    indefinite precision through: phi = exp(-q/2) overflowed far from the mean, a zero weight
+    made NaN, the reference crashed (its argmax met NaN) and the kernels returned inf."""
+    points = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, far]]], dtype=dtype)
+    means = torch.zeros(1, 3, dtype=dtype)
+    precisions = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0, negative]], dtype=dtype)
+    weight = torch.tensor([[1.0], [0.0]], dtype=dtype)
+    with pytest.raises(ValueError, match="precisions must be positive semidefinite: an eigenvalue of"):
+        gaussian_mixture(points, means, precisions, weight)  # checked before any backend runs
+    near = points.clone()
+    near[0, 1, 2] = 1.0  # the same rounding-sized eigenvalue near the mean is harmless
+    assert torch.isfinite(gaussian_mixture(near, means, precisions, weight)).all()
+
+
+def test_reference_argmax_of_a_nan_max_is_its_first_nan():
+    # amax propagates NaN and values == NaN matched nothing: the sentinel index n reached gather
+    values = torch.tensor([[[1.0], [float("nan")], [float("nan")]]])
+    top, first = ref._first_argmax(values)
+    assert top.isnan().all() and first.tolist() == [[1]]
+
+
+def test_encoder_names_float64_points_inside_an_autocast_region():
+    # autocast never casts float64: the op then named means, which the caller never passed
+    enc = lucidops.nn.GaussianPointEncoder(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="points are torch.float64 but this GaussianPointEncoder is torch.float32"):
+            enc(torch.rand(2, 10, 3, dtype=torch.float64))
+        assert enc(torch.rand(2, 10, 3).bfloat16()).dtype == torch.float32

@@ -311,13 +311,17 @@ def _no_overflow(largest: Dict[str, Optional[float]], g: int, dtype: torch.dtype
                          f"the mixer's sums can overflow {compute} (the compute dtype); {advice}")
 
 
-def _positive_semidefinite(precisions: Tensor, made_in: torch.dtype) -> None:
+def _positive_semidefinite(precisions: Tensor, made_in: torch.dtype, largest: Dict[str, Optional[float]],
+                           dtype: torch.dtype) -> None:
     """Refuse indefinite precisions, up to rounding in ``made_in``, the dtype they were given
     in (before autocast's float32). Away from its mean such a Gaussian's phi grows without
     bound: exp overflows to inf, a zero mixer weight makes that NaN, and the backends part
     ways (the kernels' max passes over NaN, the reference's does not). Eigenvalues of the
     (G, 3, 3) matrices in float64 on the CPU (about 40 us for G = 32); data-dependent like
-    _largest_magnitudes."""
+    _largest_magnitudes. A negative eigenvalue within rounding is refused too where the
+    points lie far enough from the means for it to overflow phi (``largest``: the inputs'
+    max |v|; ``dtype``: the inputs' dtype): the bfloat16 tolerance, 1/16 of the largest
+    eigenvalue, let exp(-q/2) reach inf 64 units from a mean."""
     values = _validate.readable_values(precisions, batch_first=True)
     if values is None or values.numel() == 0:
         return
@@ -332,11 +336,32 @@ def _positive_semidefinite(precisions: Tensor, made_in: torch.dtype) -> None:
     tolerance = relative * eigenvalues.abs().amax(dim=-1)
     g = precisions.shape[-2]
     bad = sorted({i % g for i in (eigenvalues[:, 0] < -tolerance).nonzero().flatten().tolist()})
+    if not bad:
+        _tolerated_negative_part_fits(eigenvalues[:, 0], g, largest, dtype)
     if bad:
         shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
         raise ValueError(f"precisions must be positive semidefinite: Gaussian(s) {shown} have a negative "
                          "eigenvalue, so phi grows without bound away from the mean and overflows (build "
                          "precisions as L L^T, as lucidops.nn.GaussianPointEncoder does)")
+
+
+def _tolerated_negative_part_fits(smallest: Tensor, g: int, largest: Dict[str, Optional[float]],
+                                  dtype: torch.dtype) -> None:
+    """With d = x - mu, q >= lambda_min |d|^2 >= lambda_min 3 max|d_i|^2, so phi = exp(-q/2) is
+    at most exp(-lambda_min 3 max|d_i|^2 / 2), and the mixer's sum G max|W| times that: refused
+    where it could pass the compute dtype's largest value (inf, then NaN after a zero weight)."""
+    known = {name: value for name, value in largest.items() if value is not None}
+    worst = -float(smallest.min())
+    if worst <= 0 or len(known) < len(largest):
+        return
+    distance = known["points"] + known["means"]
+    growth = worst * 3.0 * distance * distance / 2.0
+    room = math.log(torch.finfo(_reference.opmath_dtype(dtype)).max) - math.log(max(g * known["weight"], 1.0))
+    if not growth < room:
+        raise ValueError(f"precisions must be positive semidefinite: an eigenvalue of {-worst:.3g}, within the "
+                         "rounding allowed for the precisions' dtype, makes phi = exp(-q/2) overflow for points up "
+                         f"to {distance:.3g} from the means (build precisions as L L^T in float32 or float64, or "
+                         "bring the points nearer)")
 
 
 def _shape_error(name: str, expected: str, value: Tensor) -> ValueError:
@@ -402,9 +427,10 @@ def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: 
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     threshold = _check_threshold(cull_threshold)
-    _no_overflow(_largest_magnitudes([("points", points)] + named), g, points.dtype)
+    largest = _largest_magnitudes([("points", points)] + named)
+    _no_overflow(largest, g, points.dtype)
     assert precisions_dtype is not None  # a tensor: validated above
-    _positive_semidefinite(precisions.detach(), precisions_dtype)
+    _positive_semidefinite(precisions.detach(), precisions_dtype, largest, points.dtype)
 
     lead = points.shape[:-2]
     n = points.shape[-2]

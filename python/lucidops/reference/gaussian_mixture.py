@@ -107,7 +107,10 @@ def _first_argmax(values: Tensor) -> Tuple[Tensor, Tensor]:
     top = values.amax(dim=-2, keepdim=True)
     n = values.shape[-2]
     index = torch.arange(n, device=values.device).reshape(n, 1).expand_as(values)
-    first = torch.where(values == top, index, torch.full_like(index, n)).amin(dim=-2)
+    # A NaN max (amax propagates it) is attained by the first NaN: values == NaN matched no
+    # entry, and the sentinel n reached gather as an index out of range.
+    attains = (values == top) | (values.isnan() & top.isnan())
+    first = torch.where(attains, index, torch.full_like(index, n)).amin(dim=-2)
     return top.squeeze(-2), first
 
 

@@ -17,6 +17,7 @@ import inspect
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -199,6 +200,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_out()
     try:
         out.mkdir(parents=True, exist_ok=True)
+        # mkdir passes an existing folder nothing can be written in (/proc): the results file
+        # then failed with a traceback after the benchmarks had run.
+        with tempfile.TemporaryFile(dir=out):
+            pass
     except OSError as err:  # an existing file, a read-only place: said before any benchmark runs
         print(f"error: --out: cannot use {str(out)!r} as the results folder ({err.strerror})", file=sys.stderr)
         return 2

@@ -444,3 +444,16 @@ def test_flex_attention_baseline_stays_compiled_over_the_whole_grid(monkeypatch)
                 assert flex(q, q, q, causal, 0.0).shape == q.shape
     finally:
         torch._dynamo.reset()
+
+
+def test_bench_refuses_an_out_folder_it_cannot_write_before_running(capsys, monkeypatch):
+    # mkdir(exist_ok=True) passed an existing read-only folder: a traceback after the benchmarks
+    import os
+
+    if not os.path.isdir("/proc"):
+        pytest.skip("needs /proc (a folder nothing can be written in, even as root)")
+    monkeypatch.setattr(runner, "bench_device", lambda *a, **k: pytest.fail("benchmarked before refusing --out"))
+    args = runner.argparse.ArgumentParser()
+    runner.add_arguments(args)
+    assert runner.run(args.parse_args(["--device", "cpu", "--families", "conditioning", "--out", "/proc"])) == 2
+    assert "error: --out: cannot use '/proc' as the results folder" in capsys.readouterr().err

@@ -168,8 +168,9 @@ def test_build_command_with_an_unwritable_cache_reports_it(fresh_ext, monkeypatc
     monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path / "afile" / "cache"))
     monkeypatch.setattr(cpp_extension, "load", _no_builder)
     assert cli.main(["build", "cpu"]) == 1
-    out = capsys.readouterr().out
-    assert out.startswith("cpu: ") and "not writable" in out, out
+    captured = capsys.readouterr()
+    err = captured.err  # on stderr with "error: ", as every other command's failures
+    assert err.startswith("error: cpu: ") and "not writable" in err and not captured.out, err
 
 
 # --- ahead-of-time modules ---------------------------------------------------------------
@@ -283,7 +284,7 @@ def test_ahead_of_time_native_cpu_module_is_skipped_on_a_cpu_without_its_feature
     # lucidops build names it too.
     monkeypatch.setattr(_ext, "build", _no_builder_unavailable)
     assert cli.main(["build", "cpu"]) == 1
-    assert "the installed lucidops._C_cpu was built for CPU features this CPU lacks (avx512f)" in capsys.readouterr().out
+    assert "the installed lucidops._C_cpu was built for CPU features this CPU lacks (avx512f)" in capsys.readouterr().err
     # A portable rebuild in the same folder removes the record a native build left.
     portable = namespace["_recording_archs"](FakeBuildExt, [], _ext_sources.ARCHS_FILE, [],
                                              _ext_sources.CPU_FEATURES_FILE)()

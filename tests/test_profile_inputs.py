@@ -269,3 +269,46 @@ def test_compare_makes_a_missing_png_folder_as_the_demos_do(tmp_path):
     lucidops.profile.compare(model, copy.deepcopy(model), torch.randn(3, 8), png=png, repeat=1, warmup=0,
                              fvcore=False)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_moves_namedtuple_and_dataclass_inputs_and_finds_nested_devices():
+    """device= rebuilt a namedtuple from one generator (TypeError) and left dataclasses where
+    they were; with no device, tensors inside a dict were not looked at, so a parameterless
+    model given meta tensors was profiled as a CPU one (latency timed, memory 0)."""
+    import collections
+    import dataclasses
+
+    Pair = collections.namedtuple("Pair", "a b")
+
+    @dataclasses.dataclass
+    class Batch:
+        a: torch.Tensor
+        b: torch.Tensor
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 4)
+
+        def forward(self, pair):
+            return self.linear(pair.a) + self.linear(pair.b)
+
+    x = torch.randn(3, 8)
+    want = lucidops.profile.count_flops(Model(), (Pair(x, x),))["total"]
+    for inputs in (Pair(x, x), Batch(x, x)):
+        rep = lucidops.profile.report(Model(), (inputs,), device="cpu", repeat=1, warmup=0, fvcore=False)
+        assert rep.flops == want
+
+    class Parameterless(torch.nn.Module):
+        def forward(self, d):
+            return torch.relu(d["x"]) * 2
+
+    rep = lucidops.profile.report(Parameterless(), {"x": torch.empty(4, 8, device="meta")}, repeat=1, warmup=0,
+                                  fvcore=False)
+    assert rep.device == "meta" and rep.peak_memory_bytes is None and math.isnan(rep.latency_s)
+
+
+def test_report_name_must_be_a_string():
+    # failed in the timing's label, after every count had run
+    with pytest.raises(TypeError, match="name must be a str or None, got int"):
+        lucidops.profile.report(torch.nn.Linear(8, 4), torch.randn(3, 8), name=3)

@@ -179,6 +179,11 @@ def profile_command(args: argparse.Namespace) -> int:
                 raise ProfileError(f"{flag} must be >= {low}, got {value}")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ProfileError("--device cuda but CUDA is not available here")
+        # Said before the model is built (seconds and GBs for a large timm model).
+        if args.points is not None and args.model not in POINT_MODELS:
+            raise ProfileError(f"--points applies to point models ({', '.join(POINT_MODELS)}), not {args.model}")
+        if args.png and not args.patch:
+            raise ProfileError("--png plots a comparison: use it with --patch")
         # The demos' check: a folder (or a name ending in a separator) or an unwritable place is
         # refused now, before minutes of profiling; a folder that does not exist yet is made.
         problem = profile.png_path_problem(args.png) if args.png else None
@@ -189,8 +194,6 @@ def profile_command(args: argparse.Namespace) -> int:
             raise ProfileError(no_plotting)
         progress(f"building {args.model}")
         model, kind, size = _make_model(args.model, args.img_size, args.num_heads)
-        if kind == "image" and args.points is not None:
-            raise ProfileError(f"--points applies to point models ({', '.join(POINT_MODELS)}), not {args.model}")
         model.eval()  # dropout off; BatchNorm uses running statistics (any batch size works)
         gen = torch.Generator().manual_seed(0)
         if kind == "points":
@@ -207,8 +210,6 @@ def profile_command(args: argparse.Namespace) -> int:
             result = profile.compare(model, patched, inputs, names=(args.model, f"{args.model} (patched)"),
                                      **options)
         else:
-            if args.png:
-                raise ProfileError("--png plots a comparison: use it with --patch")
             result = profile.report(model, inputs, name=args.model, **options)
     except ProfileError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -301,7 +302,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 module = _ext.build(kind)  # builds without a GPU too (nvcc is enough)
                 print(f"{kind}: ok ({module.__file__})" + (f"; {skipped}" if skipped else ""))
             except _ext.ExtensionUnavailable as err:
-                print(f"{kind}: {err}" + (f"; {skipped}" if skipped else ""))
+                print(f"error: {kind}: {err}" + (f"; {skipped}" if skipped else ""), file=sys.stderr)
                 status = 1
         return status
     if args.command == "aot":

@@ -168,7 +168,9 @@ def _check_model(model: Any, name: str = "model") -> nn.Module:
 
 def _check_device(device: Any, model: nn.Module, args: Tuple[Any, ...]) -> torch.device:
     if device is None:
-        for t in list(model.parameters()) + list(model.buffers()) + [a for a in args if isinstance(a, Tensor)]:
+        # The inputs' tensors at any depth (a dict, a list): top-level ones only took a
+        # parameterless model with meta tensors in a dict for a CPU one, timed and measured.
+        for t in list(model.parameters()) + list(model.buffers()) + _tensors(args):
             return t.device
         return torch.device("cpu")
     try:
@@ -182,13 +184,31 @@ def _check_device(device: Any, model: nn.Module, args: Tuple[Any, ...]) -> torch
     return dev
 
 
+def _tensors(value: Any) -> List[Tensor]:
+    """Every tensor in ``value``: itself, or inside tuples, lists, dicts and dataclasses."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _tensors([getattr(value, f.name) for f in dataclasses.fields(value)])
+    return []
+
+
 def _move(value: Any, device: torch.device) -> Any:
     if isinstance(value, Tensor):
         return value.to(device)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple takes its fields one by one
+        return type(value)(*(_move(v, device) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_move(v, device) for v in value)
     if isinstance(value, dict):
         return {k: _move(v, device) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # moved as count_flops reads it
+        return dataclasses.replace(value, **{f.name: _move(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value) if f.init})
     return value
 
 
@@ -382,6 +402,8 @@ def _untimed_report(model: nn.Module, inputs: Inputs, *, backward: bool, device:
     repeat = _validate.integer(repeat, "repeat", minimum=1)
     warmup = _validate.integer(warmup, "warmup", minimum=0)
     depth = _validate.integer(depth, "depth", minimum=0)
+    if name is not None and not isinstance(name, str):  # failed in the timing's label, after the counting
+        raise TypeError(f"name must be a str or None, got {type(name).__name__}")
     _validate.boolean(backward, "backward")  # "False" would have profiled a training step
     _validate.boolean(fvcore, "fvcore")
     say = progress or (lambda message: None)

@@ -222,16 +222,22 @@ def _step(model: nn.Module, args: Tuple[Any, ...], backward: bool) -> Any:
 
 
 def _counted_step(model: nn.Module, args: Tuple[Any, ...], backward: bool, depth: int) -> FlopCounterMode:
-    """A FlopCounterMode that watched one step of ``model`` (its eager original). The forward
-    too runs with grad enabled (same FLOPs): under no_grad PyTorch's module tracker, which
-    gives the by-module rows, fails on a module called with a parameter as its input (timm's
-    attention pooling, as in SigLIP: "Expected gradient function to be set")."""
+    """A FlopCounterMode that watched one step of ``model`` (its eager original). Under no_grad
+    (the forward step) PyTorch's module tracker, which gives the by-module rows, fails on a
+    module called with a parameter as its input (timm's attention pooling, as in SigLIP:
+    "Expected gradient function to be set"): then the forward is counted again with grad
+    enabled (the same FLOPs; the graph it keeps costs memory, so only then)."""
+    counter = FlopCounterMode(display=False, depth=depth)
+    try:
+        with counter:
+            _step(model, args, backward)
+        return counter
+    except AssertionError as err:
+        if backward or "Expected gradient function to be set" not in str(err):
+            raise
     counter = FlopCounterMode(display=False, depth=depth)
     with torch.enable_grad(), counter:
-        if backward:
-            _step(model, args, True)
-        else:
-            model(*args)
+        model(*args)
     return counter
 
 

@@ -23,16 +23,21 @@ def check_inputs(inputs: Any) -> Tuple[Any, ...]:
     return (inputs,)
 
 
-def float_tensors(value: Any) -> List[Tensor]:
+def tensors(value: Any) -> List[Tensor]:
+    """Every tensor in ``value``: itself, or inside tuples, lists, dicts and dataclasses."""
     if isinstance(value, Tensor):
-        return [value] if value.is_floating_point() or value.is_complex() else []
+        return [value]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in float_tensors(v)]
+        return [t for v in value for t in tensors(v)]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return float_tensors([getattr(value, f.name) for f in dataclasses.fields(value)])
+        return tensors([getattr(value, f.name) for f in dataclasses.fields(value)])
     return []
+
+
+def float_tensors(value: Any) -> List[Tensor]:
+    return [t for t in tensors(value) if t.is_floating_point() or t.is_complex()]
 
 
 def loss(output: Any) -> Tensor:

@@ -170,7 +170,7 @@ def _check_device(device: Any, model: nn.Module, args: Tuple[Any, ...]) -> torch
     if device is None:
         # The inputs' tensors at any depth (a dict, a list): top-level ones only took a
         # parameterless model with meta tensors in a dict for a CPU one, timed and measured.
-        for t in list(model.parameters()) + list(model.buffers()) + _tensors(args):
+        for t in list(model.parameters()) + list(model.buffers()) + _run.tensors(args):
             return t.device
         return torch.device("cpu")
     try:
@@ -182,19 +182,6 @@ def _check_device(device: Any, model: nn.Module, args: Tuple[Any, ...]) -> torch
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here")
     return dev
-
-
-def _tensors(value: Any) -> List[Tensor]:
-    """Every tensor in ``value``: itself, or inside tuples, lists, dicts and dataclasses."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _tensors([getattr(value, f.name) for f in dataclasses.fields(value)])
-    return []
 
 
 def _move(value: Any, device: torch.device) -> Any:

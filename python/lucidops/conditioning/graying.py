@@ -24,8 +24,8 @@ import numbers
 import torch
 from torch import Tensor
 
-from .. import _validate
-from .tokens import _compute_dtype, _finite, _matrix_batch, _without_autocast
+from .. import _autocast, _validate
+from .tokens import _compute_dtype, _finite, _matrix_batch
 
 MODES = ("svd", "dct")
 
@@ -128,7 +128,8 @@ def token_gray(x: Tensor, eps: float = 0.9, mode: str = "dct", keep_scale: bool 
     _validate.boolean(keep_scale, "keep_scale")
     if x.numel() == 0:
         return x.clone()
-    with _without_autocast(x):
+    # float32 as documented, in a region too: its matmuls ran in bfloat16 there, the SVD and scipy did not.
+    with _autocast.disabled(x.device.type):
         return _gray(x.to(_compute_dtype(x)), eps, mode, keep_scale).to(x.dtype)
 
 

@@ -23,7 +23,6 @@ is the exact gradient wherever X has full rank.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Tuple
 
@@ -31,22 +30,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .. import _validate
+from .. import _autocast, _validate
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     # LAPACK/cuSOLVER have no half-precision SVD; float64 stays float64.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _without_autocast(x: Tensor):
-    """A region where ``x``'s device type runs no autocast: the transforms promise float32 (or
-    float64), and inside a bfloat16 region their matmuls ran in bfloat16 (0.6% off) while the
-    SVD and scipy's DCT did not, so a result depended on the path taken."""
-    from torch.amp.autocast_mode import is_autocast_available
-
-    device = x.device.type
-    return torch.autocast(device, enabled=False) if is_autocast_available(device) else contextlib.nullcontext()
 
 
 def _matrix_batch(x, name: str) -> Tensor:
@@ -119,7 +108,7 @@ class _ConditionTokens(torch.autograd.Function):
         # Transposed wide matrices: the backward's formula is for tall ones (Q(X^T) = Q(X)^T).
         wide = x.shape[-2] < x.shape[-1]
         xt = x.transpose(-1, -2) if wide else x
-        with _without_autocast(x):
+        with _autocast.disabled(x.device.type):  # float32 as documented, in a region too
             u, s, vh = torch.linalg.svd(xt, full_matrices=False)
             correction = (strength * s[..., :1].unsqueeze(-1)) * (u @ vh)
             y = xt + correction
@@ -138,7 +127,7 @@ class _ConditionTokens(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor, *_svd_grads):
         u, s, vh = ctx.saved_tensors
         g = grad_y.transpose(-1, -2) if ctx.wide else grad_y
-        with _without_autocast(g):
+        with _autocast.disabled(g.device.type):
             q = u @ vh
             sigma_1 = s[..., :1].unsqueeze(-1)
             # d sigma_1 = u_1^T dX v_1 (a valid choice also when sigma_1 repeats)

@@ -126,27 +126,44 @@ def count_flops(model: Callable, inputs: Inputs, *, backward: bool = False) -> D
     """
     args = _run.check_inputs(inputs)
     _validate.boolean(backward, "backward")
-    try:
-        counter = _counted(model, args, backward)
-    except AssertionError as err:
-        # PyTorch's module tracker fails under no_grad on a module called with a parameter as
-        # its input (timm's attention pooling, as in SigLIP): counted again with grad enabled,
-        # which changes no FLOP (the graph it keeps costs memory, so only then).
-        if torch.is_grad_enabled() or "Expected gradient function to be set" not in str(err):
-            raise
-        with torch.enable_grad():
-            counter = _counted(model, args, backward)
+
+    def step() -> None:
+        with eager_calls(model) as counted:
+            out = counted(*args)
+            if backward:
+                _run.backward(out, counted)
+
+    # Under the caller's no_grad the step is counted again with grad on if the tracker fails.
+    retry = None if torch.is_grad_enabled() else step
+    counter = watched_by_counter(lambda: FlopCounterMode(display=False), step, step_with_grad=retry)
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     by_op["total"] = int(counter.get_total_flops())
     return by_op
 
 
-def _counted(model: Callable, args, backward: bool) -> FlopCounterMode:
-    counter = FlopCounterMode(display=False)
-    with eager_calls(model) as counted, counter:
-        out = counted(*args)
-        if backward:
-            _run.backward(out, counted)
+_MODULE_TRACKER_FAILURE = "Expected gradient function to be set"
+
+
+def watched_by_counter(new_counter: Callable[[], FlopCounterMode], step: Callable[[], Any], *,
+                       step_with_grad: Optional[Callable[[], Any]] = None) -> FlopCounterMode:
+    """A counter from ``new_counter()`` that watched ``step()``.
+
+    PyTorch's module tracker (inside every FlopCounterMode) fails under no_grad on a module
+    called with a parameter as its input (timm's attention pooling, as in SigLIP). Then, if
+    ``step_with_grad`` is given, a fresh counter watches ``step_with_grad()`` with grad
+    enabled: the same FLOPs, and only then, since the graph it keeps costs memory.
+    """
+    counter = new_counter()
+    try:
+        with counter:
+            step()
+        return counter
+    except AssertionError as err:
+        if step_with_grad is None or _MODULE_TRACKER_FAILURE not in str(err):
+            raise
+    counter = new_counter()
+    with torch.enable_grad(), counter:
+        step_with_grad()
     return counter
 
 

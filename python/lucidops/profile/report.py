@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .. import _validate
 from . import _run
 from ._run import Inputs
-from .flops import eager_calls, fvcore_handles
+from .flops import eager_calls, fvcore_handles, watched_by_counter
 
 Progress = Optional[Callable[[str], None]]
 
@@ -209,23 +209,12 @@ def _step(model: nn.Module, args: Tuple[Any, ...], backward: bool) -> Any:
 
 
 def _counted_step(model: nn.Module, args: Tuple[Any, ...], backward: bool, depth: int) -> FlopCounterMode:
-    """A FlopCounterMode that watched one step of ``model`` (its eager original). Under no_grad
-    (the forward step) PyTorch's module tracker, which gives the by-module rows, fails on a
-    module called with a parameter as its input (timm's attention pooling, as in SigLIP:
-    "Expected gradient function to be set"): then the forward is counted again with grad
-    enabled (the same FLOPs; the graph it keeps costs memory, so only then)."""
-    counter = FlopCounterMode(display=False, depth=depth)
-    try:
-        with counter:
-            _step(model, args, backward)
-        return counter
-    except AssertionError as err:
-        if backward or "Expected gradient function to be set" not in str(err):
-            raise
-    counter = FlopCounterMode(display=False, depth=depth)
-    with torch.enable_grad(), counter:
-        model(*args)
-    return counter
+    """A FlopCounterMode that watched one step of ``model`` (its eager original); the forward
+    step runs under no_grad, and again with grad if PyTorch's module tracker fails there
+    (see :func:`~lucidops.profile.flops.watched_by_counter`)."""
+    return watched_by_counter(lambda: FlopCounterMode(display=False, depth=depth),
+                              lambda: _step(model, args, backward),
+                              step_with_grad=None if backward else lambda: model(*args))
 
 
 def _sync(device: torch.device) -> None:

@@ -62,9 +62,18 @@ def lower_precision(*values: Any) -> Tuple[Any, ...]:
     return _cast(values, lambda t: region_dtype(t.device.type))
 
 
+def _float32_in_region(t: Tensor) -> Optional[torch.dtype]:
+    return torch.float32 if region_dtype(t.device.type) is not None else None
+
+
 def float32(*values: Any) -> Tuple[Any, ...]:
     """``values`` with each eligible tensor in float32, inside an autocast region for its device."""
-    return _cast(values, lambda t: torch.float32 if region_dtype(t.device.type) is not None else None)
+    return _cast(values, _float32_in_region)
+
+
+def float32_dtype(t: Tensor) -> torch.dtype:
+    """The dtype :func:`float32` would give ``t``, without casting it."""
+    return (_float32_in_region(t) if _eligible(t) else None) or t.dtype
 
 
 def disabled(device_type: str) -> ContextManager:

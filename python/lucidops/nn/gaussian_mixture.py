@@ -54,14 +54,6 @@ def _center(value) -> Tuple[float, float, float]:
     return (x, y, z)
 
 
-def _as_the_op_computes(t: Tensor) -> torch.dtype:
-    """``t``'s dtype after ops.gaussian_mixture's autocast rule: in a region half inputs become
-    float32 (float64 never changes, so float64 points meet a float32 encoder there too)."""
-    if _autocast.region_dtype(t.device.type) is not None and t.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return t.dtype
-
-
 class GaussianPointEncoder(nn.Module):
     """Point cloud (..., N, 3) -> global feature (..., K) (or per-point (..., N, K)).
 
@@ -151,8 +143,9 @@ class GaussianPointEncoder(nn.Module):
     def forward(self, points: Tensor) -> Tensor:
         """points (..., N, 3) in this module's dtype -> (..., K) or (..., N, K)."""
         if (isinstance(points, Tensor) and points.is_floating_point()
-                and _as_the_op_computes(points) != _as_the_op_computes(self.means)):
-            # The op would name means, a parameter the caller never passed.
+                and _autocast.float32_dtype(points) != _autocast.float32_dtype(self.means)):
+            # The op would name means, a parameter the caller never passed. In an autocast
+            # region float64 points still meet float32 means (the op's autocast rule).
             raise TypeError(f"points are {points.dtype} but this GaussianPointEncoder is {self.means.dtype}: "
                             f"convert one of them (points.to({self.means.dtype}) or encoder.to({points.dtype}))")
         return gaussian_mixture(points, self.means, self.precisions(), self.mixer.weight, self.mixer.bias,

@@ -19,7 +19,8 @@ in every backend, so every backend culls exactly the same (point, Gaussian) pair
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, cast
 
 import torch
 from torch import Tensor
@@ -283,7 +284,28 @@ def _largest_magnitudes(named: List[Tuple[str, Tensor]]) -> Dict[str, Optional[f
     return largest
 
 
-def _no_overflow(largest: Dict[str, Optional[float]], g: int, dtype: torch.dtype) -> None:
+@dataclass(frozen=True)
+class _Extents:
+    """What the overflow checks know from the inputs' max |v|."""
+
+    distance: float  # bounds every |x_i - mu_i|: max|x| + max|mu|
+    precisions: float
+    weight: float
+    bias: float  # 0 without a bias
+    limit: float  # the compute dtype's largest value
+
+
+def _extents(largest: Dict[str, Optional[float]], dtype: torch.dtype) -> Optional[_Extents]:
+    """The bounds, or None where some input's values cannot be read (no check is made then)."""
+    if any(value is None for value in largest.values()):
+        return None
+    known = cast(Dict[str, float], largest)
+    return _Extents(distance=known["points"] + known["means"], precisions=known["precisions"],
+                    weight=known["weight"], bias=known.get("bias", 0.0),
+                    limit=torch.finfo(_reference.opmath_dtype(dtype)).max)
+
+
+def _no_overflow(extents: Optional[_Extents], g: int) -> None:
     """Refuse inputs whose finite values could overflow the compute dtype inside the op.
 
     With d = x - mu, every term of the quadratic form, and the squares d_i d_j of the
@@ -292,35 +314,30 @@ def _no_overflow(largest: Dict[str, Optional[float]], g: int, dtype: torch.dtype
     rounding; refused past the largest value). Unrefused, a point 2e19 from a mean in
     float32 made +inf - inf = NaN in the quadratic form, and the backends then disagreed
     (the kernels' max passes over NaN, the reference's does not)."""
-    known = {name: value for name, value in largest.items() if value is not None}
-    if len(known) < len(largest):
+    if extents is None:
         return
-    limit = torch.finfo(_reference.opmath_dtype(dtype)).max
-    distance = known["points"] + known["means"]
-    quadratic = max(9.0 * known["precisions"], 1.0) * distance * distance
-    bias = known.get("bias", 0.0)
-    mixed = g * known["weight"] * (1 + 2.0 ** -10) + bias
-    compute = "float64" if limit > 1e300 else "float32"
+    e = extents
+    quadratic = max(9.0 * e.precisions, 1.0) * e.distance * e.distance
+    mixed = g * e.weight * (1 + 2.0 ** -10) + e.bias
+    compute = "float64" if e.limit > 1e300 else "float32"
     advice = "pass float64 tensors" if compute == "float32" else "rescale the inputs"
-    if not quadratic < limit / 2:
-        raise ValueError(f"points lie up to {distance:.3g} from the means and precisions reach "
-                         f"{known['precisions']:.3g}: (x - mu)^T P (x - mu) can overflow {compute} (the "
+    if not quadratic < e.limit / 2:
+        raise ValueError(f"points lie up to {e.distance:.3g} from the means and precisions reach "
+                         f"{e.precisions:.3g}: (x - mu)^T P (x - mu) can overflow {compute} (the "
                          f"compute dtype) and turn into NaN; {advice}")
-    if not mixed <= limit:
-        raise ValueError(f"weight (up to {known['weight']:.3g} over {g} Gaussians) and bias (up to {bias:.3g}): "
+    if not mixed <= e.limit:
+        raise ValueError(f"weight (up to {e.weight:.3g} over {g} Gaussians) and bias (up to {e.bias:.3g}): "
                          f"the mixer's sums can overflow {compute} (the compute dtype); {advice}")
 
 
-def _positive_semidefinite(precisions: Tensor, made_in: torch.dtype, largest: Dict[str, Optional[float]],
-                           dtype: torch.dtype) -> None:
+def _positive_semidefinite(precisions: Tensor, made_in: torch.dtype, extents: Optional[_Extents]) -> None:
     """Refuse indefinite precisions, up to rounding in ``made_in``, the dtype they were given
     in (before autocast's float32). Away from its mean such a Gaussian's phi grows without
     bound: exp overflows to inf, a zero mixer weight makes that NaN, and the backends part
     ways (the kernels' max passes over NaN, the reference's does not). Eigenvalues of the
     (G, 3, 3) matrices in float64 on the CPU (about 40 us for G = 32); data-dependent like
     _largest_magnitudes. A negative eigenvalue within rounding is refused too where the
-    points lie far enough from the means for it to overflow phi (``largest``: the inputs'
-    max |v|; ``dtype``: the inputs' dtype): the bfloat16 tolerance, 1/16 of the largest
+    points lie far enough from the means for it to overflow phi: the bfloat16 tolerance, 1/16 of the largest
     eigenvalue, let exp(-q/2) reach inf 64 units from a mean."""
     values = _validate.readable_values(precisions, batch_first=True)
     if values is None or values.numel() == 0:
@@ -337,7 +354,7 @@ def _positive_semidefinite(precisions: Tensor, made_in: torch.dtype, largest: Di
     g = precisions.shape[-2]
     bad = sorted({i % g for i in (eigenvalues[:, 0] < -tolerance).nonzero().flatten().tolist()})
     if not bad:
-        _tolerated_negative_part_fits(eigenvalues[:, 0], g, largest, dtype)
+        _tolerated_negative_part_fits(eigenvalues[:, 0], g, extents)
     if bad:
         shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
         raise ValueError(f"precisions must be positive semidefinite: Gaussian(s) {shown} have a negative "
@@ -345,18 +362,16 @@ def _positive_semidefinite(precisions: Tensor, made_in: torch.dtype, largest: Di
                          "precisions as L L^T, as lucidops.nn.GaussianPointEncoder does)")
 
 
-def _tolerated_negative_part_fits(smallest: Tensor, g: int, largest: Dict[str, Optional[float]],
-                                  dtype: torch.dtype) -> None:
+def _tolerated_negative_part_fits(smallest: Tensor, g: int, extents: Optional[_Extents]) -> None:
     """With d = x - mu, q >= lambda_min |d|^2 >= lambda_min 3 max|d_i|^2, so phi = exp(-q/2) is
     at most exp(-lambda_min 3 max|d_i|^2 / 2), and the mixer's sum G max|W| times that: refused
     where it could pass the compute dtype's largest value (inf, then NaN after a zero weight)."""
-    known = {name: value for name, value in largest.items() if value is not None}
     worst = -float(smallest.min())
-    if worst <= 0 or len(known) < len(largest):
+    if worst <= 0 or extents is None:
         return
-    distance = known["points"] + known["means"]
+    distance = extents.distance
     growth = worst * 3.0 * distance * distance / 2.0
-    room = math.log(torch.finfo(_reference.opmath_dtype(dtype)).max) - math.log(max(g * known["weight"], 1.0))
+    room = math.log(extents.limit) - math.log(max(g * extents.weight, 1.0))
     if not growth < room:
         raise ValueError(f"precisions must be positive semidefinite: an eigenvalue of {-worst:.3g}, within the "
                          "rounding allowed for the precisions' dtype, makes phi = exp(-q/2) overflow for points up "
@@ -427,10 +442,10 @@ def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: 
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     threshold = _check_threshold(cull_threshold)
-    largest = _largest_magnitudes([("points", points)] + named)
-    _no_overflow(largest, g, points.dtype)
+    extents = _extents(_largest_magnitudes([("points", points)] + named), points.dtype)
+    _no_overflow(extents, g)
     assert precisions_dtype is not None  # a tensor: validated above
-    _positive_semidefinite(precisions.detach(), precisions_dtype, largest, points.dtype)
+    _positive_semidefinite(precisions.detach(), precisions_dtype, extents)
 
     lead = points.shape[:-2]
     n = points.shape[-2]

@@ -15,7 +15,7 @@ import torch
 import lucidops
 from lucidops import backends
 
-from .timing import measure_interleaved_ms
+from .timing import measure_interleaved_ms, report_failure
 
 SIGMA = 0.7
 
@@ -77,7 +77,7 @@ def run(device: str, quick: bool = False) -> List[Dict]:
                         errors[name] = None
                         steps[name] = train_step
                 except Exception as exc:
-                    print(f"  {kind} {mode} {name}: failed ({type(exc).__name__}: {exc})", flush=True)
+                    report_failure(f"{kind} {mode} {name}", exc)
             # Interleaved, so that the ratios to eager hold on a busy host.
             times = measure_interleaved_ms(steps, device, label=f"{kind} {mode} ")
             for name, ms in times.items():

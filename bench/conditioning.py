@@ -13,7 +13,7 @@ import torch
 
 from lucidops.conditioning import token_gray
 
-from .timing import measure_interleaved_ms
+from .timing import measure_interleaved_ms, report_failure
 
 EPS = 0.9
 
@@ -33,7 +33,7 @@ def run(device: str, quick: bool = False) -> List[Dict]:
             expected = token_gray(x.double(), EPS, mode)
             errors[mode] = ((step().double() - expected).norm() / expected.norm()).item()
         except Exception as exc:
-            print(f"  conditioning {mode}: failed ({type(exc).__name__}: {exc})", flush=True)
+            report_failure(f"conditioning {mode}", exc)
             continue
         steps[mode] = step
     # Interleaved, so that the ratio holds on a busy host; 5 rounds at the full size, where

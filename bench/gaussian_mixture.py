@@ -41,7 +41,7 @@ from lucidops.nn.gaussian_mixture import GaussianPointEncoder
 from lucidops.profile.report import saved_bytes
 from lucidops.reference import gaussian_mixture as ref
 
-from .timing import measure_interleaved_ms, peak_mb_above
+from .timing import measure_interleaved_ms, peak_mb_above, report_failure
 
 CULL_THRESHOLD = 0.1
 POINTNET = "PointNet (no feature transform), whole model"
@@ -182,7 +182,7 @@ def run(device: str, quick: bool = False, on_rows: Optional[Callable[[List[Dict]
                         steps[name] = train_step
                     extras[name] = extra
                 except Exception as exc:
-                    print(f"  gaussian {mode} {name}: failed ({type(exc).__name__}: {exc})", flush=True)
+                    report_failure(f"gaussian {mode} {name}", exc)
             # Interleaved, so that the ratios hold on a busy host; 5 rounds, not 10: the dense
             # baselines' steps take up to seconds at the full size.
             times = measure_interleaved_ms(steps, device, warmup=1, rounds=3 if quick else 5,

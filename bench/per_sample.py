@@ -31,7 +31,7 @@ import lucidops
 from lucidops.nn.gaussian_mixture import precision_from_factor
 
 from .gaussian_mixture import _eager_dense
-from .timing import measure_interleaved_ms
+from .timing import measure_interleaved_ms, report_failure
 
 
 def _vmapped(module: nn.Module, inputs: Tensor) -> Callable[[], Dict[str, Tensor]]:
@@ -130,7 +130,7 @@ def run(device: str, quick: bool = False) -> List[Dict]:
             try:
                 got = impl()
             except Exception as exc:  # reported and left out, as in the other families; the others still run
-                print(f"  {case}: {name}: failed ({type(exc).__name__}: {exc})", flush=True)
+                report_failure(f"{case}: {name}", exc)
                 del impls[name]
                 continue
             errors[name] = max(float((got[k].double() - want[k]).norm() / want[k].norm()) for k in want)

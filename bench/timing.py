@@ -31,6 +31,11 @@ def measure_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, repeat
     return statistics.median(samples)
 
 
+def report_failure(what: str, exc: Exception) -> None:
+    """One line for an implementation that raised: the run goes on without it."""
+    print(f"  {what}: failed ({type(exc).__name__}: {exc})", flush=True)
+
+
 def measure_interleaved_ms(fns: Mapping[str, Callable[[], object]], device: str, *, warmup: int = 2,
                            rounds: int = 10, label: str = "") -> Dict[str, float]:
     """Median wall time (ms) of each of ``fns``, for ratios between them on a shared machine.
@@ -42,7 +47,7 @@ def measure_interleaved_ms(fns: Mapping[str, Callable[[], object]], device: str,
     raises is reported by name (after ``label``, e.g. the case) and left out of the result.
     """
     def failed(name: str, exc: Exception) -> None:
-        print(f"  {label}{name}: failed ({type(exc).__name__}: {exc})", flush=True)
+        report_failure(f"{label}{name}", exc)
 
     working: Dict[str, Callable[[], object]] = {}
     for name, fn in fns.items():

@@ -531,6 +531,8 @@ def test_cli_profile_one_point_model(capsys):
      "--num-heads 5: vit_tiny_patch16_224 cannot be built"),  # 192 is not a multiple of 5
     (["--model", "vit_tiny_patch16_224", "--num-heads", "0"], "--num-heads must be >= 1"),
     (["--model", "resnet18", "--img-size", "32", "--patch"], "found nothing to patch in this model"),
+    # Smaller than the patch: was a traceback from inside the profile's forward (exit 1).
+    (["--model", "vit_tiny_patch16_224", "--img-size", "8"], "--img-size 8: the model cannot run on 8x8 images"),
     # Already Gaussian: apply's ValueError was a traceback (exit 1) naming an option never passed.
     (["--model", "gaussian_pointnet", "--patch"], "--patch: point_encoders=True was requested but the model has "
                                                  "no point encoder"),

@@ -144,6 +144,20 @@ def _make_model(name: str, img_size: Optional[int], num_heads: Optional[int] = N
     return model, "image", size
 
 
+def _check_runs_at(model: Any, size: int) -> None:
+    """One image through ``model``: a size the model cannot take (smaller than its patch or
+    its downsampling) is a usage error, not a traceback from inside the profile."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except (RuntimeError, ValueError, AssertionError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ProfileError(f"--img-size {size}: the model cannot run on {size}x{size} images "
+                           f"({type(err).__name__}: {first_line})") from err
+
+
 def _patch(model: Any, kind: str) -> Any:
     """Patch ``model`` (a deep copy) in place with lucidops.patch.apply."""
     from lucidops.patch import apply as patch_apply
@@ -201,6 +215,8 @@ def profile_command(args: argparse.Namespace) -> int:
         else:
             assert size is not None  # _make_model gives image models their input size
             inputs = torch.randn(args.batch, 3, size, size, generator=gen)
+            if args.img_size is not None:
+                _check_runs_at(model, size)
         options = dict(backward=args.backward, device=args.device, repeat=args.repeat, warmup=args.warmup,
                        depth=1 if args.depth is None else args.depth, progress=progress)
         result: Union[ProfileComparison, ProfileReport]

@@ -11,7 +11,7 @@
 
 from .flops import count_flops, eager, eager_calls, fvcore_flops, fvcore_handles
 from .report import ModuleStats, ProfileReport, report
-from .compare import ProfileComparison, compare, missing_png_folder, png_path_problem
+from .compare import ProfileComparison, compare, png_path_problem
 
 __all__ = ["count_flops", "eager", "eager_calls", "fvcore_flops", "fvcore_handles", "report", "compare",
-           "ProfileReport", "ProfileComparison", "ModuleStats", "missing_png_folder", "png_path_problem"]
+           "ProfileReport", "ProfileComparison", "ModuleStats", "png_path_problem"]

@@ -130,14 +130,6 @@ class ProfileComparison:
         fig.savefig(os.fspath(path), format="png", dpi=120)
 
 
-def missing_png_folder(png: Any) -> Optional[str]:
-    """The folder a chart at path ``png`` would go into, when that folder does not exist yet
-    (else None). Not an error: :func:`compare` and ``lucidops profile --png`` make it, as the
-    demos do."""
-    folder = os.path.dirname(os.path.abspath(os.fspath(png)))
-    return None if os.path.isdir(folder) else folder
-
-
 def compare(original: nn.Module, patched: nn.Module, inputs: Inputs, *, backward: bool = False,
             png: Optional[Union[str, os.PathLike]] = None, device: Any = None, repeat: int = 10, warmup: int = 2,
             depth: int = 1, fvcore: bool = True, names: Tuple[str, str] = ("original", "patched"),

@@ -226,3 +226,20 @@ def test_depthwise_convs_left_trainable_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not freeze_spatial_mixing(model).notes
+
+
+def test_options_that_would_draw_nothing_are_refused():
+    """init=None keeps the convs' own filters: a generator or smoothing_sigma given with it was
+    ignored silently (the caller believed the filters reproducible or smoothed), as was a
+    generator beside a given weight."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 4, 1))
+    before = model[0]
+    for kwargs, named in ((dict(generator=gen()), "generator"), (dict(smoothing_sigma=0.5), "smoothing_sigma")):
+        with pytest.raises(ValueError, match=f"{named}: used to draw new filters, but init=None"):
+            freeze_spatial_mixing(model, **kwargs)
+        assert model[0] is before  # nothing swapped
+    handle = freeze_spatial_mixing(model, init="smoothed", generator=gen(), smoothing_sigma=0.5)
+    assert isinstance(model[0], FrozenRandomDepthwise)
+    handle.revert()
+    with pytest.raises(ValueError, match="pass generator=None with a given weight"):
+        FrozenRandomDepthwise(4, 3, weight=torch.randn(4, 1, 3, 3), generator=gen())

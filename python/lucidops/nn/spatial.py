@@ -81,6 +81,8 @@ class FrozenRandomDepthwise(nn.Module):
         bias: add a frozen zero bias (for drop-in replacement of a biased conv).
         smoothing_sigma: Gaussian width in taps for ``init="smoothed"``.
         generator: optional ``torch.Generator`` for reproducible filters.
+        weight: a given (channels, 1, kh, kw) filter bank to freeze instead of a random one
+            (copied); ``init`` then only names it and ``generator`` must be None.
     """
 
     channels: int
@@ -118,6 +120,8 @@ class FrozenRandomDepthwise(nn.Module):
         self.init = init
         if weight is None:
             weight = random_depthwise_weight(self.channels, kernel_size, init, float(smoothing_sigma), generator)
+        elif generator is not None:  # it would draw nothing: say so rather than ignore it
+            raise ValueError("generator draws random filters: pass generator=None with a given weight")
         elif not isinstance(weight, Tensor) or not weight.is_floating_point():
             # An integer weight failed only in forward, in conv2d's dtype error.
             raise TypeError(f"weight must be a floating-point tensor, got "

@@ -40,7 +40,9 @@ def freeze_spatial_mixing(model: nn.Module, init: Optional[str] = None,
     in place by a :class:`~lucidops.nn.FrozenRandomDepthwise`.
 
     ``init=None`` keeps each layer's current (random) filters; ``"default"``,
-    ``"impulse"`` or ``"smoothed"`` draws new ones. A conv bias is kept, frozen.
+    ``"impulse"`` or ``"smoothed"`` draws new ones, from ``generator`` if given, with
+    ``init_kwargs`` passed on (``smoothing_sigma``); both are refused with ``init=None``,
+    which would ignore them. A conv bias is kept, frozen.
     Returns a :class:`~lucidops.patch.PatchHandle` (``handle.model`` is ``model``) whose
     ``revert()`` puts the original ``nn.Conv2d`` objects back; :func:`unfreeze_spatial_mixing`
     instead turns the frozen layers into new trainable convs with the frozen filters.
@@ -50,6 +52,11 @@ def freeze_spatial_mixing(model: nn.Module, init: Optional[str] = None,
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if init is not None and init not in INITS:
         raise ValueError(f"init must be None or one of {INITS}, got {init!r}")
+    if init is None and (generator is not None or init_kwargs):
+        # They shape new filters; init=None keeps the layers' own, so they would be ignored.
+        given = ", ".join((["generator"] if generator is not None else []) + sorted(init_kwargs))
+        raise ValueError(f"{given}: used to draw new filters, but init=None keeps each layer's own; pass "
+                         f"init={INITS[0]!r}, {INITS[1]!r} or {INITS[2]!r} to draw new ones")
     names = spatial_mixers(model)
     if "" in names:
         raise ValueError("model is itself a depthwise nn.Conv2d; use lucidops.nn.FrozenRandomDepthwise directly")

@@ -448,6 +448,15 @@ def test_gd_shrinkage_mask_matches_formula_and_is_monotone():
     assert (gd_shrinkage_mask(s, lr, 2 * iters) >= m).all()
 
 
+def test_gd_shrinkage_mask_overshoots_between_one_and_two_as_documented():
+    """The docstring said (0, 1] and monotone up to lr s^2 = 2; past 1 each step overshoots."""
+    s = torch.tensor([1.2, 1.5, 1.9], dtype=torch.float64).sqrt()  # lr s^2 in (1, 2) at lr = 1
+    odd, even = gd_shrinkage_mask(s, 1.0, 3), gd_shrinkage_mask(s, 1.0, 4)
+    assert (odd > 1).all() and (even < 1).all()
+    assert (gd_shrinkage_mask(s, 1.0, 200) - 1).abs().max() < 1e-6  # converges to 1 all the same
+    assert (gd_shrinkage_mask(s, 1.0, 0) == 0).all()
+
+
 def test_gd_shrinkage_mask_small_values_keep_relative_precision():
     s = torch.tensor([1e-9, 1e-6, 1e-4], dtype=torch.float32)
     lr, iters = 0.5, 7

@@ -227,8 +227,11 @@ def test_kernel_offsets_order():
     offs5 = kernel_offsets(5)
     assert offs5[:9] == offs and len(offs5) == 25 and len(set(offs5)) == 25
     assert set(offs5[9:13]) == {(-2, 0), (2, 0), (0, -2), (0, 2)}
-    for bad in (0, 2, 3.0, True):
+    for bad in (0, 2):
         with pytest.raises(ValueError, match="kernel_size"):
+            kernel_offsets(bad)
+    for bad in (3.0, True, "3"):  # the wrong type is a TypeError, as for every number setting (README)
+        with pytest.raises(TypeError, match="kernel_size must be an int"):
             kernel_offsets(bad)
 
 

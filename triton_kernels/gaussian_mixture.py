@@ -52,6 +52,21 @@ def _phi(d0, d1, d2, p00, p01, p02, p11, p12, p22):
 
 
 @triton.jit
+def _culled(phi, d0, d1, d2, h0, h1, h2):
+    """phi, zero outside the Gaussian's box of half-widths h (|d_i| > h_i on some axis)."""
+    return tl.where((tl.abs(d0) > h0) | (tl.abs(d1) > h1) | (tl.abs(d2) > h2), 0.0, phi)
+
+
+@triton.jit
+def _box_half_widths(half_ptr, offs_g, mask_g):
+    """The half-widths of Gaussians offs_g as (1, BLOCK_G) rows, one per axis."""
+    h0 = tl.load(half_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
+    h1 = tl.load(half_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
+    h2 = tl.load(half_ptr + offs_g * 3 + 2, mask=mask_g, other=0.0)
+    return h0[None, :], h1[None, :], h2[None, :]
+
+
+@triton.jit
 def mixture_forward_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, w_ptr, b_ptr, out_ptr, pmax_ptr, pidx_ptr,
                            N, G, K, CULL: tl.constexpr, REDUCE_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
@@ -100,7 +115,7 @@ def mixture_forward_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, w_ptr, b_ptr, out_
                        tl.load(prec_ptr + g * 6 + 2), tl.load(prec_ptr + g * 6 + 3), tl.load(prec_ptr + g * 6 + 4),
                        tl.load(prec_ptr + g * 6 + 5))
             if CULL:
-                phi = tl.where((tl.abs(d0) > h0) | (tl.abs(d1) > h1) | (tl.abs(d2) > h2), 0.0, phi)
+                phi = _culled(phi, d0, d1, d2, h0, h1, h2)
             w = tl.load(w_ptr + offs_k * G + g, mask=mask_k, other=0.0)
             acc += phi[:, None] * w[None, :]
     if REDUCE_MAX:
@@ -162,11 +177,8 @@ def mixture_max_backward_kernel(grad_ptr, x_ptr, arg_ptr, mu_ptr, prec_ptr, half
         d2 = tl.load(xp + 2, mask=mask_k, other=0.0)[:, None] - m2[None, :]
         phi = _phi(d0, d1, d2, p00[None, :], p01[None, :], p02[None, :], p11[None, :], p12[None, :], p22[None, :])
         if CULL:
-            h0 = tl.load(half_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
-            h1 = tl.load(half_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
-            h2 = tl.load(half_ptr + offs_g * 3 + 2, mask=mask_g, other=0.0)
-            out = (tl.abs(d0) > h0[None, :]) | (tl.abs(d1) > h1[None, :]) | (tl.abs(d2) > h2[None, :])
-            phi = tl.where(out, 0.0, phi)
+            h0, h1, h2 = _box_half_widths(half_ptr, offs_g, mask_g)
+            phi = _culled(phi, d0, d1, d2, h0, h1, h2)
         phi = tl.where(valid, phi, 0.0)
         gw += gy[:, None] * phi
         c = gy[:, None] * w * phi
@@ -282,11 +294,8 @@ def phi_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, coef_ptr, phi_ptr, gx_ptr, gmp
     else:
         phi = _phi(d0, d1, d2, p00, p01, p02, p11, p12, p22)
         if CULL:
-            h0 = tl.load(half_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
-            h1 = tl.load(half_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
-            h2 = tl.load(half_ptr + offs_g * 3 + 2, mask=mask_g, other=0.0)
-            out = (tl.abs(d0) > h0[None, :]) | (tl.abs(d1) > h1[None, :]) | (tl.abs(d2) > h2[None, :])
-            phi = tl.where(out, 0.0, phi)
+            h0, h1, h2 = _box_half_widths(half_ptr, offs_g, mask_g)
+            phi = _culled(phi, d0, d1, d2, h0, h1, h2)
         tl.store(phi_ptr + tile, phi, mask=valid)
 
 

@@ -21,9 +21,11 @@ from .. import _validate
 def gd_shrinkage_mask(singular_values: Tensor, lr: float, iters: int) -> Tensor:
     """m(s) = 1 - (1 - lr s^2)^iters for each singular value s (any shape, s >= 0).
 
-    Where 0 < lr s^2 < 2 the mask lies in (0, 1] and rises monotonically with s and
-    iters; lr s^2 > 2 is the divergent regime and the mask's magnitude grows without
-    bound, as gradient descent does there. Computed as -expm1(iters * log1p(-lr s^2))
+    Where 0 < lr s^2 <= 1 (and iters >= 1) the mask lies in (0, 1] and rises monotonically
+    with s and iters; for 1 < lr s^2 < 2 each step overshoots, so the mask oscillates
+    about 1 (above it for odd iters) while it converges to 1; lr s^2 > 2 is the divergent
+    regime and the mask's magnitude grows without bound, as gradient descent does there.
+    ``iters=0`` gives 0 everywhere (nothing fitted yet). Computed as -expm1(iters * log1p(-lr s^2))
     where lr s^2 < 1, which keeps full relative precision for tiny lr s^2.
     Half-precision inputs are computed in float32; the result has the input's shape and dtype.
     """

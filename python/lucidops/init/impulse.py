@@ -26,7 +26,6 @@ literal reading.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import List, Optional, Tuple, cast
 
 import torch
@@ -41,8 +40,8 @@ def kernel_offsets(kernel_size: int) -> List[Tuple[int, int]]:
     """(dy, dx) taps of a kernel_size x kernel_size kernel in head order: centre, then ring
     by ring (Chebyshev distance), within a ring by Manhattan distance (cross before
     corners), then row-major."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral) \
-            or kernel_size < 1 or kernel_size % 2 == 0:
+    kernel_size = _validate.integer(kernel_size, "kernel_size", minimum=1)  # a float or bool: TypeError
+    if kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
     r = kernel_size // 2
     taps = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]

@@ -253,6 +253,15 @@ def test_conditioned_embedding_keeps_the_checkpoint_keys():
     assert torch.equal(again.patch_embed.embed.proj.weight, plain.patch_embed.proj.weight)
     copied = copy.deepcopy(wrapped)
     assert list(copied.state_dict()) == list(plain.state_dict())
+    # A key the checkpoint lacks is reported under the name state_dict() uses (it was reported
+    # as patch_embed.embed.proj.bias, a name no checkpoint of this model has).
+    partial = {k: v for k, v in plain.state_dict().items() if k != "patch_embed.proj.bias"}
+    assert again.load_state_dict(partial, strict=False).missing_keys == ["patch_embed.proj.bias"]
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "patch_embed.proj.bias"'):
+        again.load_state_dict(partial)
+    nested = torch.nn.Sequential(copy.deepcopy(again))
+    missing = nested.load_state_dict({"0." + k: v for k, v in partial.items()}, strict=False).missing_keys
+    assert missing == ["0.patch_embed.proj.bias"]
 
 
 def test_conditioned_embedding_of_a_module_with_a_child_called_embed_round_trips():

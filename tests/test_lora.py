@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import lucidops
 from lucidops.reference import lora as ref
@@ -686,6 +686,44 @@ def test_state_dict_from_before_the_extra_state_still_loads():
     assert not fresh.merged
     x = torch.randn(3, 48)
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("other", [dict(omega=2.0), dict(fn="tanh"), dict(placement="output"), dict(alpha=8.0)])
+def test_a_merged_state_of_other_settings_is_refused_before_anything_loads(other):
+    """The merged weight holds scale fn(omega B A) formed with the saving layer's settings: an
+    omega-3 state loaded into an omega-2 layer left the weight 1.0 off after unmerge(), and a
+    placement "output" layer took a merged flag it cannot unmerge."""
+    layer = _trained_layer(14).merge()
+    target = lucidops.nn.BoundedLoRALinear(_linear(48, 20, seed=15), rank=4, **{"omega": 3.0, **other})
+    before = {k: v.clone() for k, v in target.state_dict().items() if isinstance(v, Tensor)}
+    with pytest.raises(RuntimeError, match=f"merged update formed with {next(iter(other)).replace('alpha', 'scale')}"):
+        target.load_state_dict(_saved(layer.state_dict()))
+    assert not target.merged
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())  # nothing overwritten
+    # Unmerged, the factors load into any settings (they are the layer's configuration, as in peft).
+    target.load_state_dict(_saved(_trained_layer(16).state_dict()))
+    assert not target.merged and torch.equal(target.lora_B, _trained_layer(16).lora_B)
+
+
+def test_a_quantized_layer_goes_to_meta_and_back_and_loads_with_assign():
+    """to_empty() on a quantized meta layer failed (the adapter was copied out of meta), and
+    load_state_dict(assign=True) left the codes on meta (they were moved to the base's device
+    before the base had loaded)."""
+    layer = _trained_layer(17)
+    layer.quantize_(bits=4, group_size=16)
+    x = torch.randn(3, 48)
+    expected = layer(x)
+    state = _saved(layer.state_dict())
+    empty = copy.deepcopy(layer).to("meta").to_empty(device="cpu")
+    assert empty.quantized.A.codes.device.type == "cpu" and empty.quantized.B.scales.dtype == torch.float16
+    empty.load_state_dict(state)
+    torch.testing.assert_close(empty(x), expected, rtol=0, atol=0)
+    assigned = copy.deepcopy(layer).to("meta")
+    assigned.load_state_dict(state, assign=True)
+    assert assigned.quantized.A.codes.device.type == "cpu" and assigned.base.weight.device.type == "cpu"
+    torch.testing.assert_close(assigned(x), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="meta device: quantize an adapter with values"):
+        _trained_layer(18).to("meta").quantize_(bits=4)
 
 
 def test_module_bad_arguments():

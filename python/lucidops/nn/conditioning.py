@@ -33,6 +33,7 @@ class ConditionedEmbedding(nn.Module):
         self.embed = embed
         self.register_state_dict_post_hook(_drop_embed_prefix)
         self.register_load_state_dict_pre_hook(_add_embed_prefix)
+        self.register_load_state_dict_post_hook(_report_unwrapped_keys)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.embed is not None:
@@ -88,7 +89,22 @@ def _add_embed_prefix(module: ConditionedEmbedding, state_dict, prefix: str, loc
         return
     inner = prefix + "embed."
     own = set(module.embed.state_dict().keys())
+    module.__dict__["_loading_prefix"] = prefix  # for _report_unwrapped_keys, which torch calls without it
     for key in [k for k in state_dict if k.startswith(prefix)]:
         relative = key[len(prefix):]
         if relative in own:
             state_dict[inner + relative] = state_dict.pop(key)
+
+
+def _report_unwrapped_keys(module: ConditionedEmbedding, incompatible_keys) -> None:
+    """Missing keys under the names ``state_dict()`` gives them (without ``embed.``): torch
+    reports them under the wrapped names, which no checkpoint of this module has."""
+    prefix = module.__dict__.pop("_loading_prefix", None)
+    if prefix is None or module.embed is None:
+        return
+    inner = prefix + "embed."
+    own = set(module.embed.state_dict().keys())
+    missing = incompatible_keys.missing_keys
+    for i, key in enumerate(missing):
+        if key.startswith(inner) and key[len(inner):] in own:
+            missing[i] = prefix + key[len(inner):]

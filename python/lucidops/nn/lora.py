@@ -71,6 +71,7 @@ class BoundedLoRALinear(nn.Module):
         self.quantized: Optional[QuantizedAdapter] = None
         self.merged = False
         self._original_weight: Optional[Tensor] = None
+        self.register_load_state_dict_post_hook(_quantized_follows_base)
 
     @property
     def scale(self) -> float:
@@ -153,29 +154,61 @@ class BoundedLoRALinear(nn.Module):
 
     def get_extra_state(self) -> Dict[str, Tensor]:
         """Saved under ``_extra_state``: whether the update is merged into the base weight (a
-        merged state loaded into an unmerged layer would add it twice) and the quantized
-        adapter. Tensors only, in a flat dict: ``torch.load(weights_only=True)`` reads it and
-        torch.jit's tracer (fvcore) takes it as module state."""
-        state = {"merged": torch.tensor(self.merged)}
+        merged state loaded into an unmerged layer would add it twice), the settings that
+        update was formed with, and the quantized adapter. Tensors only, in a flat dict:
+        ``torch.load(weights_only=True)`` reads it and torch.jit's tracer (fvcore) takes it as
+        module state."""
+        state = {"merged": torch.tensor(self.merged), **self._settings()}
         if self.quantized is not None:
             state.update({f"quantized.{k}": v for k, v in self.quantized.state().items()})
         return state
 
-    def set_extra_state(self, state: Dict[str, Tensor]) -> None:
+    def _settings(self) -> Dict[str, Tensor]:
+        return {"fn": torch.tensor(F.FNS.index(self.fn)), "placement": torch.tensor(F.PLACEMENTS.index(self.placement)),
+                "omega": torch.tensor(float(self.omega), dtype=torch.float64),
+                "scale": torch.tensor(float(self.scale), dtype=torch.float64)}
+
+    def _check_loadable(self, state: Dict[str, Tensor]) -> Optional[QuantizedAdapter]:
+        """Refuse an extra state this layer cannot take, before anything is loaded; return its
+        quantized adapter (None if it has none)."""
         quantized = {k[len("quantized."):]: v for k, v in state.items() if k.startswith("quantized.")}
         if bool(quantized) != (self.quantized is not None):
-            saved, here = ("quantized", "is not") if quantized else ("not quantized", "is")
-            raise RuntimeError(f"the state dict's adapter is {saved} but this layer's {here}: "
+            saved, mine = ("quantized", "is not") if quantized else ("not quantized", "is")
+            raise RuntimeError(f"the state dict's adapter is {saved} but this layer's {mine}: "
                                "call quantize_() on the layer before loading a quantized state")
-        if quantized:
-            adapter = QuantizedAdapter.from_state(quantized)
-            # As for lora_A and lora_B unquantized: another rank or size is refused, not loaded
-            # (a rank-4 adapter in a rank-8 layer ran with the rank-8 scale, silently).
-            want_a, want_b = (self.rank, self.base.in_features), (self.base.out_features, self.rank)
-            if (tuple(adapter.A.shape), tuple(adapter.B.shape)) != (want_a, want_b):
-                raise RuntimeError(f"size mismatch for the quantized adapter: the state dict's A {tuple(adapter.A.shape)}"
-                                   f" and B {tuple(adapter.B.shape)}, this layer's A {want_a} and B {want_b}")
-            self.quantized = adapter.to(self.base.weight.device)
+        if bool(state.get("merged", False)):
+            # The saved weight holds scale fn(omega B A) formed with the saving layer's settings:
+            # unmerge() here would take out another update (a merged omega-2 state loaded into
+            # an omega-3 layer left the weight 1.0 off after unmerge). States saved before the
+            # settings were recorded are taken as they are.
+            here = self._settings()
+            differ = [name for name, value in here.items() if name in state and state[name].device.type != "meta"
+                      and not torch.equal(state[name].to("cpu", value.dtype), value)]
+            if differ:
+                decode = {"fn": lambda v: F.FNS[int(v)], "placement": lambda v: F.PLACEMENTS[int(v)]}
+                shown = ", ".join(f"{name} {decode.get(name, float)(state[name])!r} (this layer: "
+                                  f"{decode.get(name, float)(here[name])!r})" for name in differ)
+                raise RuntimeError(f"the state dict's base weight holds a merged update formed with {shown}: "
+                                   "load it into a layer built with the same settings (or save it unmerged)")
+        if not quantized:
+            return None
+        adapter = QuantizedAdapter.from_state(quantized)
+        # As for lora_A and lora_B unquantized: another rank or size is refused, not loaded
+        # (a rank-4 adapter in a rank-8 layer ran with the rank-8 scale, silently).
+        want_a, want_b = (self.rank, self.base.in_features), (self.base.out_features, self.rank)
+        if (tuple(adapter.A.shape), tuple(adapter.B.shape)) != (want_a, want_b):
+            raise RuntimeError(f"size mismatch for the quantized adapter: the state dict's A {tuple(adapter.A.shape)}"
+                               f" and B {tuple(adapter.B.shape)}, this layer's A {want_a} and B {want_b}")
+        return adapter
+
+    def set_extra_state(self, state: Dict[str, Tensor]) -> None:
+        adapter = self._check_loadable(state)
+        if adapter is not None:
+            # Under load_state_dict(assign=True) the base may still be on the meta device here
+            # (children load after their parent): the adapter then keeps the state's device and
+            # follows the base once it has loaded (_quantized_follows_base).
+            device = self.base.weight.device
+            self.quantized = adapter if device.type == "meta" else adapter.to(device)
         self.merged = bool(state.get("merged", False))
         self._original_weight = None  # the loaded weight is the truth; unmerge() subtracts the update
 
@@ -187,6 +220,9 @@ class BoundedLoRALinear(nn.Module):
         # the flag being overwritten while the old update stays in the weight (applied twice).
         # Only for a state that has this layer's adapter: a state that does not mention the
         # layer at all (a head-only checkpoint) leaves it untouched.
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict):  # refused before lora_A and lora_B are overwritten
+            self._check_loadable(extra)
         own = [prefix + key for key in ("lora_A", "lora_B", "_extra_state")]
         adapter_only = prefix + "base.weight" not in state_dict and any(key in state_dict for key in own)
         was_merged = self.merged
@@ -217,8 +253,8 @@ class BoundedLoRALinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        if self.quantized is not None:  # codes and tables follow the base weight's device (never its dtype)
-            self.quantized = self.quantized.to(self.base.weight.device)
+        if self.quantized is not None:  # codes and tables take the conversion's device, never its dtype
+            self.quantized = self.quantized.converted(fn)
         return module
 
     def extra_repr(self) -> str:
@@ -226,6 +262,14 @@ class BoundedLoRALinear(nn.Module):
                 f"fn={self.fn}, omega={self.omega:g}, scale={self.scale:g}, placement={self.placement}, "
                 f"dropout={getattr(self.lora_dropout, 'p', 0.0):g}, "
                 f"merged={self.merged}, quantized={self.quantized is not None}")
+
+
+def _quantized_follows_base(layer: nn.Module, incompatible_keys) -> None:
+    """After a load (the base's included): a loaded quantized adapter on the base's device."""
+    assert isinstance(layer, BoundedLoRALinear)  # registered by its __init__
+    quantized, device = layer.quantized, layer.base.weight.device
+    if quantized is not None and quantized.device_tensor().device != device:
+        layer.quantized = quantized.to(device)
 
 
 class SineLoRALinear(BoundedLoRALinear):

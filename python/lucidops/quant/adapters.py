@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -223,10 +223,22 @@ class QuantizedAdapter:
         return cls(part("A"), part("B"), stats)
 
     def to(self, device) -> "QuantizedAdapter":
+        """A copy with every tensor on ``device``."""
+        return self.converted(lambda t: t.to(device))
+
+    def converted(self, convert: Callable[[Tensor], Tensor]) -> "QuantizedAdapter":
+        """A copy with ``convert`` applied to every tensor (codes and tables), as
+        ``nn.Module._apply`` applies its function: ``to_empty``, ``share_memory`` or a device
+        move. Only the device is taken from the result: the codes stay uint8 and the tables
+        float16, whatever dtype ``convert`` gives (``.double()`` on a module)."""
+        def one(t: Tensor) -> Tensor:
+            out = convert(t)
+            return out if out.dtype == t.dtype else t.to(out.device)
+
         def move(q: QuantizedTensor) -> QuantizedTensor:
-            kw = {k: (getattr(q, k).to(device) if getattr(q, k) is not None else None)
+            kw = {k: (one(getattr(q, k)) if getattr(q, k) is not None else None)
                   for k in ("scales", "minimums", "codebook")}
-            return QuantizedTensor(codes=q.codes.to(device), shape=q.shape, dtype=q.dtype, bits=q.bits,
+            return QuantizedTensor(codes=one(q.codes), shape=q.shape, dtype=q.dtype, bits=q.bits,
                                    method=q.method, group_size=q.group_size, exponent=q.exponent, **kw)
 
         return QuantizedAdapter(move(self.A), move(self.B), dict(self.stats))
@@ -334,6 +346,9 @@ def quantize_adapter(lora_A: Tensor, lora_B: Tensor, bits: int = 4, group_size: 
         raise ValueError(f"lora_A (r, K_in) and lora_B (N_out, r) must agree in r, got {tuple(lora_A.shape)} "
                          f"and {tuple(lora_B.shape)}")
     _validate.same_device(lora_B, lora_A, "lora_B", "lora_A")
+    if lora_A.device.type == "meta":  # the codes and exponents depend on the values
+        raise ValueError("lora_A and lora_B are on the meta device: quantize an adapter with values (load "
+                         "them first, or load a quantized state into a layer quantized on a real device)")
     for factor, name in ((lora_A, "lora_A"), (lora_B, "lora_B")):
         if not bool(torch.isfinite(factor.detach()).all()):  # a NaN would spread through its group silently
             raise ValueError(f"{name} must be finite to be quantized, got non-finite values")

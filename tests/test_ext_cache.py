@@ -186,6 +186,35 @@ def _install_prebuilt(monkeypatch, tmp_path, kind, source_hash, archs=None):
     return mod
 
 
+def test_a_build_leaves_the_process_streams_alone(fresh_ext, monkeypatch, tmp_path):
+    """The build swapped sys.stdout/sys.stderr (process-wide) for its minute: other threads'
+    output went into the build log, and a caller's redirect overlapping it could leave
+    sys.stdout a StringIO for good."""
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
+    streams = (sys.stdout, sys.stderr)
+    seen = []
+
+    def fake_load(**kwargs):
+        seen.append((sys.stdout, sys.stderr))
+        return types.ModuleType(kwargs["name"])
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    _ext.load("cpu")
+    assert seen == [streams]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_during_a_build_does_not_inherit_the_held_lock():
+    """A fork while another thread built copied the held _lock with no owner: the child's first
+    op (a DataLoader worker's) waited forever."""
+    with _ext._lock:  # as a building thread holds it
+        pid = os.fork()
+        if pid == 0:  # the child: its lock must be free
+            os._exit(0 if _ext._lock.acquire(timeout=5) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_source_hash_leaves_the_cuda_archs_out_and_the_cache_name_keeps_them():
     host = _ext_sources.spec("cuda", arch_list=["8.0", "9.0"])
     h100 = _ext_sources.spec("cuda", arch_list=["9.0"])

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import io
 import os
 import shutil
 import sys
 import threading
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import ModuleType
 from typing import Dict, List, Optional
@@ -51,6 +49,18 @@ class ExtensionUnavailable(RuntimeError):
 
 
 _lock = threading.Lock()
+
+
+def _fresh_lock_in_child() -> None:
+    # A fork while another thread builds copies _lock held, with no owner to release it: the
+    # child's first op waited forever. The child's own build still waits on torch's file lock.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
 _loaded: Dict[str, ModuleType] = {}
 _failed: Dict[str, ExtensionUnavailable] = {}
 
@@ -226,33 +236,36 @@ def build(
         print(f"lucidops: building the {kind} extension (first use; about a minute) in {folder}", file=sys.stderr)
     if kind == "cuda":
         _ext_sources.use_real_cuda_home(cpp_extension)
-    captured = io.StringIO()
+    # sys.stdout and sys.stderr are left alone: swapping them (redirect_stdout) is process-wide,
+    # so another thread's output went into the log for the minute of a build, and a caller's
+    # own redirect that overlapped it could leave sys.stdout a StringIO for good. Nothing is
+    # lost: not verbose, torch captures ninja's output into the exception, and it reports
+    # through logging.
     try:
-        with redirect_stdout(captured), redirect_stderr(captured):
-            module = cpp_extension.load(
-                name=spec.module_name,
-                sources=spec.sources,
-                extra_cflags=spec.cflags,
-                extra_cuda_cflags=spec.cuda_cflags,
-                extra_ldflags=spec.ldflags,
-                extra_include_paths=spec.include_dirs,
-                build_directory=str(folder),
-                with_cuda=(kind == "cuda"),
-                # Not verbose: torch then captures ninja's output into the exception.
-                verbose=verbose,
-            )
+        module = cpp_extension.load(
+            name=spec.module_name,
+            sources=spec.sources,
+            extra_cflags=spec.cflags,
+            extra_cuda_cflags=spec.cuda_cflags,
+            extra_ldflags=spec.ldflags,
+            extra_include_paths=spec.include_dirs,
+            build_directory=str(folder),
+            with_cuda=(kind == "cuda"),
+            verbose=verbose,
+        )
     except OSError as exc:  # torch's lock or build.ninja could not be written; not a compile error
         if built.is_file():
             return _import_built(kind, folder, spec.module_name)
         raise _unwritable(kind, folder, exc) from exc
     except Exception as exc:  # compiler errors arrive as RuntimeError with ninja's output
         lines = str(exc).splitlines() or [repr(exc)]
-        logged = _write_log(log_path, captured.getvalue() + "\n" + str(exc))
+        logged = _write_log(log_path, str(exc))
         first_error = next((ln for ln in lines if "error:" in ln), lines[0])
         raise ExtensionUnavailable(kind, f"build failed: {first_error.strip()}", logged) from exc
-    _write_log(log_path, captured.getvalue())
-    if verbose:
-        print(captured.getvalue(), file=sys.stderr)
+    try:  # a failed build's log is stale now
+        log_path.unlink(missing_ok=True)
+    except OSError:
+        pass
     return module
 
 

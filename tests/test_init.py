@@ -127,18 +127,33 @@ def test_skipless_init_rejects_bad_input():
         skipless_(tiny_vit(depth=1), generator=0)
 
 
-class _WideHeadAttention(nn.Module):
-    """timm-style attention whose one head (16) is wider than the model (8)."""
+def _wide_head_attention():
+    """timm's attention with its one head (16) wider than the model (8)."""
+    from timm.models.vision_transformer import Attention
 
-    def __init__(self):
-        super().__init__()
-        self.num_heads, self.head_dim = 1, 16
-        self.qkv, self.proj = nn.Linear(8, 48), nn.Linear(16, 8)
+    attn = Attention(8, num_heads=1)
+    attn.head_dim, attn.qkv, attn.proj = 16, nn.Linear(8, 48), nn.Linear(16, 8)
+    return attn
+
+
+def test_attention_look_alikes_are_refused_before_any_change():
+    """EVA-02's attention was taken by its qkv/proj shape: its separate q/v biases stayed as
+    they were (the docstrings say biases are zeroed) and its rotary embedding moved impulse_'s
+    head offsets (peaks on the offset for 11% of queries in one head), silently."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1)
+    with torch.no_grad():
+        model.blocks[0].attn.q_bias.fill_(0.5)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for init in (skipless_, impulse_):
+        with pytest.raises(ValueError, match="'blocks.0.attn' \\(EvaAttention\\) only look like them"):
+            init(model)
+        assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
 
 
 def test_skipless_init_refuses_a_bad_layer_before_changing_any():
     """The head_dim check ran layer by layer: the layers before a bad one were already rewritten."""
-    model = nn.Sequential(tiny_vit(depth=1), _WideHeadAttention())
+    model = nn.Sequential(tiny_vit(depth=1), _wide_head_attention())
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="head_dim \\(16\\) of '1' must be <= the model width \\(8\\)"):
         skipless_(model)

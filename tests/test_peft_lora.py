@@ -264,6 +264,30 @@ def test_bad_input_raises():
         gradient_difference(model, torch.randn(2, 3), ids(), steps=1, lr=0.1)
 
 
+@pytest.mark.parametrize("merge", ["merge_and_unload", "merge_adapter"])
+def test_a_refused_model_merge_merges_nothing(merge):
+    """peft merges layer by layer: with only the MLP patched, the attention adapters were
+    folded in and removed before a patched layer refused, leaving the model half merged (its
+    disable_adapter() no longer the base, a later save without those adapters)."""
+    model = make_model()
+    with torch.no_grad(), model.disable_adapter():
+        base = model(ids()).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = peft_lora(model, "sine", omega=2.0, only_mlp=True)
+    patched = model(ids()).logits
+    with pytest.raises(RuntimeError, match="nothing was merged"):
+        getattr(model, merge)()
+    assert len(lora_linears(model)) == 8 and not any(layer.merged for _, layer in lora_linears(model))
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(ids()).logits, base, rtol=0, atol=0)
+    torch.testing.assert_close(model(ids()).logits, patched, rtol=0, atol=0)
+    handle.revert()
+    model.merge_adapter()  # peft's own merge again once reverted
+    assert all(layer.merged for _, layer in lora_linears(model))
+
+
 def test_gradient_difference_history():
     model = make_model(n_layer=1)
     peft_lora(model, "bounded", omega=1.0, only_mlp=True)
@@ -364,3 +388,28 @@ def test_adapters_on_other_layer_kinds_are_named_as_left_plain():
         warnings.simplefilter("error")
         handle.revert()
         peft_lora(model, "sine", omega=3.0, only_mlp=True).revert()  # an embedding is not an MLP layer
+
+
+def test_what_the_fused_op_cannot_compute_is_refused_at_call_time_too():
+    """Checked only when patching: a DoRA adapter re-added under the patched name ran without
+    its magnitude, and Opacus' per-sample hooks on lora_A/lora_B never fired (grad_sample None),
+    silently."""
+    from peft import LoraConfig
+
+    model = make_model(n_layer=1)
+    handle = peft_lora(model, "bounded", omega=1.0)
+    model.delete_adapter("default")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_adapter("default", LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], use_dora=True,
+                                                fan_in_fan_out=True))
+    model.set_adapter("default")
+    with pytest.raises(ValueError, match="uses a peft LoRA variant"):
+        model(ids())
+    handle.revert()
+    model = make_model(n_layer=1)
+    peft_lora(model, "bounded", omega=1.0)
+    _, layer = lora_linears(model)[0]
+    layer.lora_A["default"].register_forward_hook(lambda *args: None)  # as Opacus' GradSampleModule does
+    with pytest.raises(RuntimeError, match="which the fused op would never run"):
+        model(ids())

@@ -243,3 +243,14 @@ def test_options_that_would_draw_nothing_are_refused():
     handle.revert()
     with pytest.raises(ValueError, match="pass generator=None with a given weight"):
         FrozenRandomDepthwise(4, 3, weight=torch.randn(4, 1, 3, 3), generator=gen())
+    # smoothing_sigma shapes only a drawn "smoothed" bank.
+    for kwargs in (dict(init="impulse"), dict(init="default"), dict(init="smoothed", weight=torch.randn(4, 1, 3, 3))):
+        with pytest.raises(ValueError, match="smoothing_sigma shapes the random filters of init='smoothed'"):
+            FrozenRandomDepthwise(4, 3, smoothing_sigma=5.0, **kwargs)
+    with pytest.raises(ValueError, match="smoothing_sigma shapes"):
+        freeze_spatial_mixing(model, init="impulse", smoothing_sigma=5.0)
+    assert model[0] is before
+    with pytest.raises(ValueError, match="pass init='smoothed' to draw"):
+        freeze_spatial_mixing(model, smoothing_sigma=5.0)
+    assert torch.equal(FrozenRandomDepthwise(4, 3, init="smoothed", generator=gen()).weight,
+                       FrozenRandomDepthwise(4, 3, init="smoothed", smoothing_sigma=1.0, generator=gen()).weight)

@@ -71,6 +71,7 @@ class BoundedLoRALinear(nn.Module):
         self.quantized: Optional[QuantizedAdapter] = None
         self.merged = False
         self._original_weight: Optional[Tensor] = None
+        self._loading_adapter_only = False  # set while load_state_dict reads a state without the base
         self.register_load_state_dict_post_hook(_quantized_follows_base)
 
     @property
@@ -168,15 +169,16 @@ class BoundedLoRALinear(nn.Module):
                 "omega": torch.tensor(float(self.omega), dtype=torch.float64),
                 "scale": torch.tensor(float(self.scale), dtype=torch.float64)}
 
-    def _check_loadable(self, state: Dict[str, Tensor]) -> Optional[QuantizedAdapter]:
+    def _check_loadable(self, state: Dict[str, Tensor], with_base: bool = True) -> Optional[QuantizedAdapter]:
         """Refuse an extra state this layer cannot take, before anything is loaded; return its
-        quantized adapter (None if it has none)."""
+        quantized adapter (None if it has none). ``with_base``: the state dict holds the base
+        weight (an adapter-only one leaves this layer's own, merged with its own settings)."""
         quantized = {k[len("quantized."):]: v for k, v in state.items() if k.startswith("quantized.")}
         if bool(quantized) != (self.quantized is not None):
             saved, mine = ("quantized", "is not") if quantized else ("not quantized", "is")
             raise RuntimeError(f"the state dict's adapter is {saved} but this layer's {mine}: "
                                "call quantize_() on the layer before loading a quantized state")
-        if bool(state.get("merged", False)):
+        if with_base and bool(state.get("merged", False)):
             # The saved weight holds scale fn(omega B A) formed with the saving layer's settings:
             # unmerge() here would take out another update (a merged omega-2 state loaded into
             # an omega-3 layer left the weight 1.0 off after unmerge). States saved before the
@@ -202,7 +204,8 @@ class BoundedLoRALinear(nn.Module):
         return adapter
 
     def set_extra_state(self, state: Dict[str, Tensor]) -> None:
-        adapter = self._check_loadable(state)
+        # Checked already, with the knowledge of the base, when loading through load_state_dict.
+        adapter = self._check_loadable(state, with_base=not getattr(self, "_loading_adapter_only", False))
         if adapter is not None:
             # Under load_state_dict(assign=True) the base may still be on the meta device here
             # (children load after their parent): the adapter then keeps the state's device and
@@ -220,21 +223,24 @@ class BoundedLoRALinear(nn.Module):
         # the flag being overwritten while the old update stays in the weight (applied twice).
         # Only for a state that has this layer's adapter: a state that does not mention the
         # layer at all (a head-only checkpoint) leaves it untouched.
-        extra = state_dict.get(prefix + "_extra_state")
-        if isinstance(extra, dict):  # refused before lora_A and lora_B are overwritten
-            self._check_loadable(extra)
         own = [prefix + key for key in ("lora_A", "lora_B", "_extra_state")]
         adapter_only = prefix + "base.weight" not in state_dict and any(key in state_dict for key in own)
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict):  # refused before lora_A and lora_B are overwritten
+            self._check_loadable(extra, with_base=not adapter_only)
         was_merged = self.merged
         if adapter_only and was_merged:
             self.unmerge()
         try:
+            self._loading_adapter_only = adapter_only
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
         except Exception:
             if adapter_only and was_merged:  # a refused state leaves the layer as it was
                 self.merge()
             raise
+        finally:
+            self._loading_adapter_only = False
         # State dicts saved before the extra state existed: an unmerged, unquantized layer. A
         # state that does not mention the layer at all says nothing about it (torch reports
         # the key missing even under strict=False, which it filters later).

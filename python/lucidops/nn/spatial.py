@@ -79,7 +79,8 @@ class FrozenRandomDepthwise(nn.Module):
         init: ``"default"``, ``"impulse"`` or ``"smoothed"`` (see :func:`random_depthwise_weight`).
         stride, padding, dilation: as for ``nn.Conv2d`` (padding may be ``"same"``).
         bias: add a frozen zero bias (for drop-in replacement of a biased conv).
-        smoothing_sigma: Gaussian width in taps for ``init="smoothed"``.
+        smoothing_sigma: Gaussian width in taps for ``init="smoothed"`` (default 1.0; refused
+            with another init or a given weight, which would ignore it).
         generator: optional ``torch.Generator`` for reproducible filters.
         weight: a given (channels, 1, kh, kw) filter bank to freeze instead of a random one
             (copied); ``init`` then only names it and ``generator`` must be None.
@@ -96,14 +97,19 @@ class FrozenRandomDepthwise(nn.Module):
 
     def __init__(self, channels: int, kernel_size: Union[int, Tuple[int, int]], init: str = "default",
                  stride: Union[int, Tuple[int, int]] = 1, padding: Union[str, int, Tuple[int, int]] = "same",
-                 dilation: Union[int, Tuple[int, int]] = 1, bias: bool = False, smoothing_sigma: float = 1.0,
-                 generator: Optional[torch.Generator] = None, weight: Optional[Tensor] = None):
+                 dilation: Union[int, Tuple[int, int]] = 1, bias: bool = False,
+                 smoothing_sigma: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                 weight: Optional[Tensor] = None):
         super().__init__()
         _validate.integer(channels, "channels", minimum=1)
         kernel_size = _pair(kernel_size, "kernel_size")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        _validate.real_number(smoothing_sigma, "smoothing_sigma", "> 0")
+        if smoothing_sigma is not None:  # shapes only a drawn "smoothed" bank: elsewhere it would be ignored
+            _validate.real_number(smoothing_sigma, "smoothing_sigma", "> 0")
+            if init != "smoothed" or weight is not None:
+                raise ValueError("smoothing_sigma shapes the random filters of init='smoothed' (without a given "
+                                 f"weight); got init={init!r}" + (" and a weight" if weight is not None else ""))
         _validate.boolean(bias, "bias")
         self.channels = int(channels)
         self.kernel_size = kernel_size
@@ -119,7 +125,8 @@ class FrozenRandomDepthwise(nn.Module):
             self.padding = _pair(padding, "padding", minimum=0)
         self.init = init
         if weight is None:
-            weight = random_depthwise_weight(self.channels, kernel_size, init, float(smoothing_sigma), generator)
+            sigma = 1.0 if smoothing_sigma is None else float(smoothing_sigma)
+            weight = random_depthwise_weight(self.channels, kernel_size, init, sigma, generator)
         elif generator is not None:  # it would draw nothing: say so rather than ignore it
             raise ValueError("generator draws random filters: pass generator=None with a given weight")
         elif not isinstance(weight, Tensor) or not weight.is_floating_point():

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .. import _validate
 from ..ops import lora as _ops
-from .handle import PatchHandle, describe, name_list
+from .handle import PatchHandle, Replacement, describe, name_list
 from .instance_method import InstanceMethod, current_forward
 
 VARIANTS = ("sine", "bounded")
@@ -64,6 +64,7 @@ class _LoraLinear(Protocol):
     """What is used here of a ``peft.tuners.lora.Linear`` (peft is imported lazily)."""
 
     lora_A: nn.ModuleDict
+    lora_B: nn.ModuleDict
     lora_dropout: nn.ModuleDict
     fan_in_fan_out: bool
     merged: bool
@@ -177,6 +178,7 @@ def _fused(self, x: Tensor) -> Tensor:
     """The layer with the patched adapter, through the fused op."""
     cfg = self._lucidops_lora
     adapter = cfg["adapter"]
+    _check_adapter(cfg["name"], self, adapter)
     weight, bias = _base_weight(self)
     a = self.lora_A[adapter].weight
     b = self.lora_B[adapter].weight
@@ -198,15 +200,47 @@ def _no_merge(self, *args: Any, **kwargs: Any) -> None:
                        "plain update B A, not the bounded one; call handle.revert() first")
 
 
-def _check_layer(name: str, layer: _LoraLinear, adapter: str) -> None:
-    if adapter not in layer.lora_A:
-        raise ValueError(f"layer {name!r} has no adapter {adapter!r} (it has {sorted(layer.lora_A.keys())})")
-    base = layer.get_base_layer()
-    conv1d = _conv1d_class()
-    kinds = (nn.Linear,) + ((conv1d,) if conv1d is not None else ())
-    if type(base) not in kinds:
-        raise TypeError(f"layer {name!r}: the fused op needs a plain nn.Linear or transformers Conv1D base, got "
-                        f"{type(base).__name__} (quantized bases are not supported)")
+def _no_model_merge(self, *args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("this peft model has LoRA layers patched by lucidops.patch.peft_lora: peft's merge would fold "
+                       "the plain update B A into them, not the bounded one; call handle.revert() first (nothing "
+                       "was merged)")
+
+
+def _guard_model_merges(model: nn.Module, patched: List[nn.Module], first: Replacement) -> None:
+    """Refuse peft's model-wide merges (merge_and_unload, merge_adapter) before they touch a
+    layer: both check ``_check_merge_allowed`` first, then merge layer by layer, so the
+    refusal of a patched layer alone came after the unpatched layers before it were merged
+    (under only_mlp, the attention adapters: folded in and gone from a later save). The
+    guard goes with the first layer's record: reverted last, when the last layer is back."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    ids = {id(layer) for layer in patched}
+    tuners = [m for m in model.modules()
+              if isinstance(m, BaseTuner) and any(id(sub) in ids for sub in m.modules())]
+    missing = object()
+    guards = [(t, t.__dict__.get("_check_merge_allowed", missing), InstanceMethod(_no_model_merge, t))
+              for t in tuners]
+    for tuner, _, guard in guards:
+        tuner.__dict__["_check_merge_allowed"] = guard
+    undo_layer = first.undo
+
+    def undo() -> Optional[bool]:
+        if undo_layer() is False:
+            return False  # the layer stays patched: so does the guard
+        for tuner, before, guard in guards:
+            if tuner.__dict__.get("_check_merge_allowed") is guard:
+                if before is missing:
+                    del tuner.__dict__["_check_merge_allowed"]
+                else:
+                    tuner.__dict__["_check_merge_allowed"] = before
+        return None
+
+    first.undo = undo
+
+
+def _check_adapter(name: str, layer: _LoraLinear, adapter: str) -> None:
+    """What the fused op cannot compute, checked when patching and again on every call (an
+    adapter deleted and re-added under the patched name with DoRA ran without its magnitude)."""
     if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
         raise ValueError(f"layer {name!r}: adapter {adapter!r} uses a peft LoRA variant (e.g. DoRA); only plain "
                          "LoRA adapters can be made sine/bounded")
@@ -216,6 +250,25 @@ def _check_layer(name: str, layer: _LoraLinear, adapter: str) -> None:
     if not isinstance(dropout, (nn.Identity, nn.Dropout)):
         raise TypeError(f"layer {name!r}: lora_dropout of adapter {adapter!r} is a {type(dropout).__name__}; the "
                         "fused op takes peft's nn.Dropout or nn.Identity")
+    for part in (layer.lora_A[adapter], layer.lora_B[adapter]):
+        if part._forward_hooks or part._forward_pre_hooks or part._backward_hooks:
+            # The fused op reads their weights without calling them: Opacus' per-sample hooks
+            # (grad_sample stayed None) or any other hook would never fire.
+            raise RuntimeError(f"layer {name!r}: adapter {adapter!r}'s lora_A/lora_B modules have hooks (Opacus' "
+                               "per-sample gradient hooks, say), which the fused op would never run: it reads their "
+                               "weights without calling them; revert the lucidops patch for such training")
+
+
+def _check_layer(name: str, layer: _LoraLinear, adapter: str) -> None:
+    if adapter not in layer.lora_A:
+        raise ValueError(f"layer {name!r} has no adapter {adapter!r} (it has {sorted(layer.lora_A.keys())})")
+    base = layer.get_base_layer()
+    conv1d = _conv1d_class()
+    kinds = (nn.Linear,) + ((conv1d,) if conv1d is not None else ())
+    if type(base) not in kinds:
+        raise TypeError(f"layer {name!r}: the fused op needs a plain nn.Linear or transformers Conv1D base, got "
+                        f"{type(base).__name__} (quantized bases are not supported)")
+    _check_adapter(name, layer, adapter)
     if layer.merged:
         raise RuntimeError(f"layer {name!r} has merged adapters; call model.unmerge_adapter() before patching")
     if "_lucidops_lora" in layer.__dict__:
@@ -304,13 +357,15 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
                     adapter_name=adapter_name)
     handle = PeftLoRAHandle(model, settings=settings)
     what = f"{variant} LoRA" if variant == "sine" else f"bounded LoRA ({fn}, {placement})"
+    records = []
     for (name, layer), g in zip(layers, gains):
         config = dict(adapter=adapter_name, fn=fn, placement=placement, omega=omega, gain=g,
-                      original=current_forward(layer))
-        handle.set_instance_attrs(name, layer, {"_lucidops_lora": config,
-                                                "forward": InstanceMethod(_fused_forward, layer),
-                                                "merge": InstanceMethod(_no_merge, layer)},
-                                  after=f"{describe(layer)} (forward -> lucidops {what})")
+                      original=current_forward(layer), name=name)
+        records.append(handle.set_instance_attrs(name, layer, {"_lucidops_lora": config,
+                                                               "forward": InstanceMethod(_fused_forward, layer),
+                                                               "merge": InstanceMethod(_no_merge, layer)},
+                                                 after=f"{describe(layer)} (forward -> lucidops {what})"))
+    _guard_model_merges(model, [layer for _, layer in layers], records[0])
     if skipped:
         handle.warn("peft_lora", f"adapter {adapter_name!r} stays plain LoRA on {len(skipped)} layer(s) that are "
                     f"not LoRA Linear layers (the fused op is a linear layer): {name_list(skipped)}")

@@ -41,8 +41,8 @@ def freeze_spatial_mixing(model: nn.Module, init: Optional[str] = None,
 
     ``init=None`` keeps each layer's current (random) filters; ``"default"``,
     ``"impulse"`` or ``"smoothed"`` draws new ones, from ``generator`` if given, with
-    ``init_kwargs`` passed on (``smoothing_sigma``); both are refused with ``init=None``,
-    which would ignore them. A conv bias is kept, frozen.
+    ``init_kwargs`` passed on (``smoothing_sigma``, for ``"smoothed"`` only); each is
+    refused where it would be ignored (``init=None`` keeps the filters). A conv bias is kept, frozen.
     Returns a :class:`~lucidops.patch.PatchHandle` (``handle.model`` is ``model``) whose
     ``revert()`` puts the original ``nn.Conv2d`` objects back; :func:`unfreeze_spatial_mixing`
     instead turns the frozen layers into new trainable convs with the frozen filters.
@@ -55,8 +55,9 @@ def freeze_spatial_mixing(model: nn.Module, init: Optional[str] = None,
     if init is None and (generator is not None or init_kwargs):
         # They shape new filters; init=None keeps the layers' own, so they would be ignored.
         given = ", ".join((["generator"] if generator is not None else []) + sorted(init_kwargs))
+        choices = "init='smoothed'" if init_kwargs else f"init={INITS[0]!r}, {INITS[1]!r} or {INITS[2]!r}"
         raise ValueError(f"{given}: used to draw new filters, but init=None keeps each layer's own; pass "
-                         f"init={INITS[0]!r}, {INITS[1]!r} or {INITS[2]!r} to draw new ones")
+                         f"{choices} to draw new ones")
     names = spatial_mixers(model)
     if "" in names:
         raise ValueError("model is itself a depthwise nn.Conv2d; use lucidops.nn.FrozenRandomDepthwise directly")

@@ -696,7 +696,9 @@ def test_a_merged_state_of_other_settings_is_refused_before_anything_loads(other
     layer = _trained_layer(14).merge()
     target = lucidops.nn.BoundedLoRALinear(_linear(48, 20, seed=15), rank=4, **{"omega": 3.0, **other})
     before = {k: v.clone() for k, v in target.state_dict().items() if isinstance(v, Tensor)}
-    with pytest.raises(RuntimeError, match=f"merged update formed with {next(iter(other)).replace('alpha', 'scale')}"):
+    expected = ("placement 'output' cannot be merged" if "placement" in other
+                else f"merged update formed with {next(iter(other)).replace('alpha', 'scale')}")
+    with pytest.raises(RuntimeError, match=expected):
         target.load_state_dict(_saved(layer.state_dict()))
     assert not target.merged
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())  # nothing overwritten
@@ -705,10 +707,15 @@ def test_a_merged_state_of_other_settings_is_refused_before_anything_loads(other
     assert not target.merged and torch.equal(target.lora_B, _trained_layer(16).lora_B)
     # So does a merged layer's adapter without its base weight: this layer keeps its own base,
     # merged with its own settings (the check refused it too, although no saved weight loads).
+    adapter = {k: v for k, v in layer.state_dict().items() if not k.startswith("base.")}
     if other.get("placement") != "output":
-        adapter = {k: v for k, v in layer.state_dict().items() if not k.startswith("base.")}
         target.load_state_dict(_saved(adapter), strict=False)
         assert target.merged and torch.equal(target.lora_B, layer.lora_B)
+    else:  # it cannot hold a merged update: refused before the factors load (they were overwritten)
+        before = {k: v.clone() for k, v in target.state_dict().items() if isinstance(v, Tensor)}
+        with pytest.raises(RuntimeError, match="placement 'output' cannot be merged"):
+            target.load_state_dict(_saved(adapter), strict=False)
+        assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items()) and not target.merged
 
 
 def test_a_quantized_layer_goes_to_meta_and_back_and_loads_with_assign():

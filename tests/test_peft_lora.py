@@ -288,6 +288,27 @@ def test_a_refused_model_merge_merges_nothing(merge):
     assert all(layer.merged for _, layer in lora_linears(model))
 
 
+def test_the_merge_refusal_follows_the_patched_layers():
+    """Two handles reverted out of order left the refusal in place for good; a patch applied
+    to a submodule, or a revert that left a layer patched, let peft merge the layers before."""
+    model = make_model()
+    first = peft_lora(model, "bounded", omega=1.0, only_mlp=True)
+    second = peft_lora(model, "bounded", omega=2.0, only_mlp=True, mlp_patterns=[r"c_attn$"])
+    first.revert()
+    with pytest.raises(RuntimeError, match="nothing was merged"):
+        model.merge_adapter()  # the second handle's layers are still patched
+    assert not any(layer.merged for _, layer in lora_linears(model))
+    second.revert()
+    model.merge_adapter()
+    assert all(layer.merged for _, layer in lora_linears(model))
+    model = make_model()
+    block = model.base_model.model.transformer.h[1]
+    peft_lora(block.mlp, "bounded", omega=1.0)  # a submodule: the tuner is above it
+    with pytest.raises(RuntimeError, match=r"nothing was merged"):
+        model.merge_and_unload()
+    assert len(lora_linears(model)) == 8 and not any(layer.merged for _, layer in lora_linears(model))
+
+
 def test_gradient_difference_history():
     model = make_model(n_layer=1)
     peft_lora(model, "bounded", omega=1.0, only_mlp=True)

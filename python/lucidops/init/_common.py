@@ -40,9 +40,9 @@ def require_attention(model: nn.Module, who: str) -> List[Tuple[str, nn.Module]]
     if others:
         shown = ", ".join(f"{name!r} ({type(m).__name__})" for name, m in others[:4]) + (" ..." if len(others) > 4
                                                                                         else "")
-        raise ValueError(f"{who} initialises timm's ViT Attention and lucidops' ManyHeadAttention; {shown} "
-                         "only look like them (separate biases or rotary embeddings it would not set): nothing "
-                         "was changed")
+        raise ValueError(f"{who} takes only timm's ViT Attention and lucidops' ManyHeadAttention, whose every "
+                         f"parameter it sets; {shown} only look like them (another class may add what it would not "
+                         "set, as EVA-02's separate biases and rotary embeddings): nothing was changed")
     return layers
 
 

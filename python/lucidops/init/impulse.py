@@ -84,7 +84,8 @@ def impulse_(model: nn.Module, kernel_size: int = 3, qk_scale: float = 7.0, v_al
 
     Args:
         model: a timm VisionTransformer (``pos_embed``, ``patch_embed.grid_size``,
-            blocks with fused ``qkv``/``proj`` attention).
+            blocks whose attention is timm's ViT ``Attention`` or lucidops'
+            ``ManyHeadAttention``; a look-alike of another class, such as EVA-02's, is refused).
         kernel_size: odd size of the conv kernel whose taps the heads imitate.
         qk_scale: Frobenius norm given to each head's W_Q and W_K.
         v_alpha, v_beta: V/proj from A = v_alpha U(+-sqrt(3/D)) - v_beta I.

@@ -32,11 +32,12 @@ from ._common import cpu_generator, rank_split, require_attention, uniform
 @torch.no_grad()
 def skipless_(model: nn.Module, alpha: float = 0.2, beta: float = 1.0, vo_scale: float = 1.0,
               orthogonal_mlp: bool = False, generator: Optional[torch.Generator] = None) -> nn.Module:
-    """Initialise every timm-style attention (fused ``qkv`` + ``proj``) of ``model`` in place.
+    """Initialise every attention layer of ``model`` in place.
 
     Args:
-        model: a timm ViT or any module containing attention layers with ``qkv``,
-            ``proj``, ``num_heads`` and ``head_dim``.
+        model: a timm ViT or any module whose attention layers are timm's ViT ``Attention``
+            or lucidops' ``ManyHeadAttention`` (fused ``qkv`` + ``proj``); a look-alike of
+            another class (EVA-02's) is refused, before any change.
         alpha: weight of the random part of A_h.
         beta: weight of the identity part of A_h.
         vo_scale: W_V W_O = vo_scale * (orthogonal); each factor gets sqrt(vo_scale).

@@ -178,6 +178,10 @@ class BoundedLoRALinear(nn.Module):
             saved, mine = ("quantized", "is not") if quantized else ("not quantized", "is")
             raise RuntimeError(f"the state dict's adapter is {saved} but this layer's {mine}: "
                                "call quantize_() on the layer before loading a quantized state")
+        if bool(state.get("merged", False)) and self.placement != "weight":
+            # With or without the base weight: this layer cannot hold (or re-make) a merged update.
+            raise RuntimeError("the state dict is of a merged layer, but this layer's placement 'output' cannot be "
+                               "merged into the weight: load an unmerged state (or into a placement 'weight' layer)")
         if with_base and bool(state.get("merged", False)):
             # The saved weight holds scale fn(omega B A) formed with the saving layer's settings:
             # unmerge() here would take out another update (a merged omega-2 state loaded into

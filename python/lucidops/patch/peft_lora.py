@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .. import _validate
 from ..ops import lora as _ops
-from .handle import PatchHandle, Replacement, describe, name_list
+from .handle import PatchHandle, describe, name_list
 from .instance_method import InstanceMethod, current_forward
 
 VARIANTS = ("sine", "bounded")
@@ -200,42 +200,31 @@ def _no_merge(self, *args: Any, **kwargs: Any) -> None:
                        "plain update B A, not the bounded one; call handle.revert() first")
 
 
-def _no_model_merge(self, *args: Any, **kwargs: Any) -> None:
-    raise RuntimeError("this peft model has LoRA layers patched by lucidops.patch.peft_lora: peft's merge would fold "
-                       "the plain update B A into them, not the bounded one; call handle.revert() first (nothing "
-                       "was merged)")
-
-
-def _guard_model_merges(model: nn.Module, patched: List[nn.Module], first: Replacement) -> None:
-    """Refuse peft's model-wide merges (merge_and_unload, merge_adapter) before they touch a
-    layer: both check ``_check_merge_allowed`` first, then merge layer by layer, so the
-    refusal of a patched layer alone came after the unpatched layers before it were merged
-    (under only_mlp, the attention adapters: folded in and gone from a later save). The
-    guard goes with the first layer's record: reverted last, when the last layer is back."""
+def _install_merge_guard() -> None:
+    """Make peft's model-wide merges (merge_and_unload, merge_adapter) refuse, before any layer
+    merges, while a layer under the tuner is patched here. Both check ``_check_merge_allowed``
+    first and then merge layer by layer, so a patched layer's own refusal came after the
+    unpatched layers before it had merged (under only_mlp, the attention adapters: folded in
+    and gone from a later save). Installed once on peft's BaseTuner (LoraModel's check calls
+    it first): it looks at the tuner's layers at call time, so it holds whichever handles are
+    reverted, in any order, and for a patch applied to a submodule; with no patched layer it is
+    peft's own check."""
     from peft.tuners.tuners_utils import BaseTuner
 
-    ids = {id(layer) for layer in patched}
-    tuners = [m for m in model.modules()
-              if isinstance(m, BaseTuner) and any(id(sub) in ids for sub in m.modules())]
-    missing = object()
-    guards = [(t, t.__dict__.get("_check_merge_allowed", missing), InstanceMethod(_no_model_merge, t))
-              for t in tuners]
-    for tuner, _, guard in guards:
-        tuner.__dict__["_check_merge_allowed"] = guard
-    undo_layer = first.undo
+    peft_check = BaseTuner.__dict__.get("_check_merge_allowed")
+    if peft_check is None or getattr(peft_check, "_lucidops_guard", False):
+        return  # a peft without the check (each patched layer still refuses its own merge), or installed
 
-    def undo() -> Optional[bool]:
-        if undo_layer() is False:
-            return False  # the layer stays patched: so does the guard
-        for tuner, before, guard in guards:
-            if tuner.__dict__.get("_check_merge_allowed") is guard:
-                if before is missing:
-                    del tuner.__dict__["_check_merge_allowed"]
-                else:
-                    tuner.__dict__["_check_merge_allowed"] = before
-        return None
+    def _check_merge_allowed(self: Any) -> None:
+        patched = [name for name, m in self.model.named_modules() if "_lucidops_lora" in m.__dict__]
+        if patched:
+            raise RuntimeError(f"this peft model has LoRA layers patched by lucidops.patch.peft_lora "
+                               f"({name_list(patched)}): peft's merge would fold the plain update B A into them, "
+                               "not the bounded one; call handle.revert() first (nothing was merged)")
+        peft_check(self)
 
-    first.undo = undo
+    setattr(_check_merge_allowed, "_lucidops_guard", True)
+    setattr(BaseTuner, "_check_merge_allowed", _check_merge_allowed)
 
 
 def _check_adapter(name: str, layer: _LoraLinear, adapter: str) -> None:
@@ -357,15 +346,14 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
                     adapter_name=adapter_name)
     handle = PeftLoRAHandle(model, settings=settings)
     what = f"{variant} LoRA" if variant == "sine" else f"bounded LoRA ({fn}, {placement})"
-    records = []
+    _install_merge_guard()
     for (name, layer), g in zip(layers, gains):
         config = dict(adapter=adapter_name, fn=fn, placement=placement, omega=omega, gain=g,
                       original=current_forward(layer), name=name)
-        records.append(handle.set_instance_attrs(name, layer, {"_lucidops_lora": config,
-                                                               "forward": InstanceMethod(_fused_forward, layer),
-                                                               "merge": InstanceMethod(_no_merge, layer)},
-                                                 after=f"{describe(layer)} (forward -> lucidops {what})"))
-    _guard_model_merges(model, [layer for _, layer in layers], records[0])
+        handle.set_instance_attrs(name, layer, {"_lucidops_lora": config,
+                                                "forward": InstanceMethod(_fused_forward, layer),
+                                                "merge": InstanceMethod(_no_merge, layer)},
+                                  after=f"{describe(layer)} (forward -> lucidops {what})")
     if skipped:
         handle.warn("peft_lora", f"adapter {adapter_name!r} stays plain LoRA on {len(skipped)} layer(s) that are "
                     f"not LoRA Linear layers (the fused op is a linear layer): {name_list(skipped)}")

@@ -29,16 +29,6 @@ class LayerConditioning:
 
 
 
-def _is_attention(module: nn.Module) -> bool:
-    """timm's ViT ``Attention`` (exactly: subclasses and look-alikes such as EVA-02's
-    ``EvaAttention`` add rotary embeddings or separate biases that head_outputs would miss)
-    or lucidops' ``ManyHeadAttention``."""
-    from ..nn.attention import ManyHeadAttention
-    from ..patch.timm_vit import is_timm_vit_attention
-
-    return isinstance(module, ManyHeadAttention) or is_timm_vit_attention(module)
-
-
 def _looks_like_attention(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("qkv", "num_heads", "head_dim"))
 
@@ -55,7 +45,7 @@ def head_outputs(module: nn.Module, x: Tensor) -> Tensor:
     """The per-head attention outputs A_i of ``module`` on input x (B, N, C), float64,
     shape (B, H, N, d), from the module's own projections and norms (no dropout)."""
     b, n, _ = x.shape
-    # ``module`` is duck-typed (timm Attention or ManyHeadAttention, see _is_attention)
+    # ``module`` is duck-typed (timm Attention or ManyHeadAttention, see patch.timm_vit.is_vit_attention)
     h, d = cast(int, module.num_heads), cast(int, module.head_dim)
     qkv_proj = cast(nn.Linear, module.qkv)
     x64 = x.detach().double()
@@ -78,10 +68,12 @@ def attention_condition_numbers(model: nn.Module, x: Tensor) -> List[LayerCondit
     input; returns one :class:`LayerConditioning` per layer: ``block`` = kappa([A_1..A_h])
     per batch element, ``heads`` = kappa(A_i) per batch element and head.
     """
+    from ..patch.timm_vit import is_vit_attention  # here: lucidops.nn imports this package, patch imports nn
+
     captured = []
     hooks = []
     for name, module in model.named_modules():
-        if _is_attention(module):
+        if is_vit_attention(module):
             hooks.append(module.register_forward_pre_hook(
                 lambda mod, args, kwargs, _name=name: captured.append((_name, mod, args, kwargs)), with_kwargs=True))
     if not hooks:

@@ -27,8 +27,7 @@ def require_attention(model: nn.Module, who: str) -> List[Tuple[str, nn.Module]]
     ``ManyHeadAttention``. A look-alike (EVA-02's ``EvaAttention``: separate q/v biases the
     init would leave as they were, rotary embeddings that move its head offsets) is refused,
     before any change, as ``ManyHeadAttention.from_timm`` and the condition numbers refuse it."""
-    from ..nn.attention import ManyHeadAttention
-    from ..patch.timm_vit import is_timm_vit_attention
+    from ..patch.timm_vit import is_vit_attention
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -36,7 +35,7 @@ def require_attention(model: nn.Module, who: str) -> List[Tuple[str, nn.Module]]
     if not layers:
         raise ValueError(f"model has no timm-style attention (fused qkv + proj Linear, num_heads, head_dim) "
                          f"for {who} to initialise")
-    others = [(name, m) for name, m in layers if not (isinstance(m, ManyHeadAttention) or is_timm_vit_attention(m))]
+    others = [(name, m) for name, m in layers if not is_vit_attention(m)]
     if others:
         shown = ", ".join(f"{name!r} ({type(m).__name__})" for name, m in others[:4]) + (" ..." if len(others) > 4
                                                                                         else "")

@@ -95,11 +95,11 @@ class ManyHeadAttention(nn.Module):
         """A ManyHeadAttention sharing ``module``'s submodules (the same parameter objects,
         so optimizers and tied references keep working). ``module`` is timm's ViT
         ``Attention`` (exactly: a subclass has its own forward) or a ManyHeadAttention."""
-        from ..patch.timm_vit import is_timm_vit_attention
+        from ..patch.timm_vit import is_vit_attention
 
         # Any module with num_heads and head_dim was taken: EVA's attention lost its q/v biases
         # (outputs 5.9 off, silently), a rope one its rope argument.
-        if not (isinstance(module, ManyHeadAttention) or is_timm_vit_attention(module)):
+        if not is_vit_attention(module):
             raise TypeError(f"module must be timm's ViT Attention (or a ManyHeadAttention), got "
                             f"{type(module).__module__}.{type(module).__qualname__}: for other attention modules "
                             "use lucidops.patch.sdpa_calls, which keeps their forward")

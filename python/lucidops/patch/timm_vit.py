@@ -39,6 +39,14 @@ def is_timm_vit_attention(module: nn.Module) -> bool:
         return False
 
 
+def is_vit_attention(module: nn.Module) -> bool:
+    """timm's ViT ``Attention`` (exactly) or lucidops' ``ManyHeadAttention``: the attention
+    whose every parameter lucidops knows. ``ManyHeadAttention.from_timm``, the attention
+    condition numbers and the initialisers take only these: look-alikes such as EVA-02's
+    ``EvaAttention`` add separate biases or rotary embeddings they would miss."""
+    return isinstance(module, ManyHeadAttention) or is_timm_vit_attention(module)
+
+
 def attention_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """The (qualified name, module) pairs :func:`timm_vit` would replace: the submodules for
     which :func:`is_timm_vit_attention` holds and whose head dim the kernel takes (4..128)."""

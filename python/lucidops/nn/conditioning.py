@@ -89,7 +89,7 @@ def _add_embed_prefix(module: ConditionedEmbedding, state_dict, prefix: str, loc
         return
     inner = prefix + "embed."
     own = set(module.embed.state_dict().keys())
-    module.__dict__["_loading_prefix"] = prefix  # for _report_unwrapped_keys, which torch calls without it
+    module.__dict__["_loading_keys"] = (prefix, own)  # for _report_unwrapped_keys, which torch calls without them
     for key in [k for k in state_dict if k.startswith(prefix)]:
         relative = key[len(prefix):]
         if relative in own:
@@ -99,11 +99,11 @@ def _add_embed_prefix(module: ConditionedEmbedding, state_dict, prefix: str, loc
 def _report_unwrapped_keys(module: ConditionedEmbedding, incompatible_keys) -> None:
     """Missing keys under the names ``state_dict()`` gives them (without ``embed.``): torch
     reports them under the wrapped names, which no checkpoint of this module has."""
-    prefix = module.__dict__.pop("_loading_prefix", None)
-    if prefix is None or module.embed is None:
+    loading = module.__dict__.pop("_loading_keys", None)
+    if loading is None:  # no embedding to read into: nothing was renamed
         return
+    prefix, own = loading
     inner = prefix + "embed."
-    own = set(module.embed.state_dict().keys())
     missing = incompatible_keys.missing_keys
     for i, key in enumerate(missing):
         if key.startswith(inner) and key[len(inner):] in own:

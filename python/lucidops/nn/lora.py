@@ -71,7 +71,6 @@ class BoundedLoRALinear(nn.Module):
         self.quantized: Optional[QuantizedAdapter] = None
         self.merged = False
         self._original_weight: Optional[Tensor] = None
-        self._loading_adapter_only = False  # set while load_state_dict reads a state without the base
         self.register_load_state_dict_post_hook(_quantized_follows_base)
 
     @property
@@ -208,8 +207,10 @@ class BoundedLoRALinear(nn.Module):
         return adapter
 
     def set_extra_state(self, state: Dict[str, Tensor]) -> None:
-        # Checked already, with the knowledge of the base, when loading through load_state_dict.
-        adapter = self._check_loadable(state, with_base=not getattr(self, "_loading_adapter_only", False))
+        # Through load_state_dict the state was checked before anything loaded, knowing whether
+        # the base weight comes with it (_load_from_state_dict): its adapter is taken as checked.
+        checked = self.__dict__.pop("_checked_extra_state", None)
+        adapter = checked[1] if checked is not None and checked[0] is state else self._check_loadable(state)
         if adapter is not None:
             # Under load_state_dict(assign=True) the base may still be on the meta device here
             # (children load after their parent): the adapter then keeps the state's device and
@@ -231,12 +232,11 @@ class BoundedLoRALinear(nn.Module):
         adapter_only = prefix + "base.weight" not in state_dict and any(key in state_dict for key in own)
         extra = state_dict.get(prefix + "_extra_state")
         if isinstance(extra, dict):  # refused before lora_A and lora_B are overwritten
-            self._check_loadable(extra, with_base=not adapter_only)
+            self.__dict__["_checked_extra_state"] = (extra, self._check_loadable(extra, with_base=not adapter_only))
         was_merged = self.merged
         if adapter_only and was_merged:
             self.unmerge()
         try:
-            self._loading_adapter_only = adapter_only
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
         except Exception:
@@ -244,7 +244,7 @@ class BoundedLoRALinear(nn.Module):
                 self.merge()
             raise
         finally:
-            self._loading_adapter_only = False
+            self.__dict__.pop("_checked_extra_state", None)  # set_extra_state took it, or was not reached
         # State dicts saved before the extra state existed: an unmerged, unquantized layer. A
         # state that does not mention the layer at all says nothing about it (torch reports
         # the key missing even under strict=False, which it filters later).

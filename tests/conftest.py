@@ -14,6 +14,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import aot_in_background  # noqa: E402
 import lucidops  # noqa: E402
 from interpreter_rounding import patch_interpreter_bf16_rounding  # noqa: E402
 
@@ -70,6 +71,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    # The six-minute ahead-of-time compile runs beside the other tests (see aot_in_background).
+    aot_in_background.start_early([item.nodeid for item in session.items], session.config.option.collectonly)
+
+
+def pytest_sessionfinish(session):
+    aot_in_background.stop_all()
 
 
 @pytest.fixture

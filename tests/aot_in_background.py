@@ -1,0 +1,99 @@
+"""The ahead-of-time compile of every Triton configuration, started as soon as pytest has
+collected the test that checks it (test_triton_aot.py).
+
+That compile is about 1100 Triton compilations, six minutes of both cores on a 2-core
+machine, while the rest of the suite keeps about one core busy. So conftest starts it at the
+lowest CPU priority right after collection: it runs on the cycles the other tests leave idle
+and the test, reached near the end, mostly finds it done. It is the same command on the same
+sources, compiled from an empty Triton cache; the test asserts on its output and report.
+Run alone, the test starts it itself.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+# The test that waits for the compile, as its node id ends.
+COMPILE_TEST = "test_triton_aot.py::test_all_kernel_configurations_compile_for_sm80_and_sm90"
+
+
+def compile_env(folder: Path) -> dict:
+    """The environment of a real compile: no interpreter (the test session interprets), and an
+    empty Triton cache of its own, so that each configuration is really compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(folder / "triton-cache")
+    return env
+
+
+class AotRun:
+    """`python -m lucidops.triton_kernels.aot --arch 80 90 --json <report>` running in
+    ``folder``; its stdout and stderr go to a log file there (a pipe nobody reads would fill)."""
+
+    def __init__(self, folder: Path, *, background: bool):
+        self.folder = folder
+        self.report = folder / "aot.json"
+        self.log = folder / "aot.log"
+        command = [sys.executable, "-m", "lucidops.triton_kernels.aot", "--arch", "80", "90",
+                   "--json", str(self.report)]
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                command, env=compile_env(folder), stdout=log, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True,  # its own process group: stop() ends the workers too
+                preexec_fn=_lowest_priority if background else None)
+
+    def wait(self, timeout: float) -> Tuple[int, str]:
+        """(exit status, everything it printed); stops it and raises TimeoutError past ``timeout``."""
+        try:
+            returncode = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise TimeoutError(f"the ahead-of-time compile ran past {timeout:.0f}s:\n{self.output()[-3000:]}")
+        return returncode, self.output()
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+
+
+def _lowest_priority() -> None:
+    os.nice(19)
+
+
+_early: Optional[AotRun] = None  # started by conftest, not yet taken by the test
+_started_early = []  # every run conftest started, for stop_all
+
+
+def start_early(item_ids, collect_only: bool) -> None:
+    """conftest, after collection: start the compile in the background when its test will run."""
+    global _early
+    if collect_only or _early is not None or not any(i.endswith(COMPILE_TEST) for i in item_ids):
+        return
+    _early = AotRun(Path(tempfile.mkdtemp(prefix="lucidops-aot-")), background=True)
+    _started_early.append(_early)
+
+
+def take() -> Optional[AotRun]:
+    """The compile conftest started, once (None when it started none)."""
+    global _early
+    run, _early = _early, None
+    return run
+
+
+def stop_all() -> None:
+    """conftest, at the end of the session: stop a compile still running (the session was
+    stopped early, -x) and remove the folders of those conftest started."""
+    for run in _started_early:
+        run.stop()
+        shutil.rmtree(run.folder, ignore_errors=True)

@@ -43,8 +43,7 @@ class AotRun:
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 command, env=compile_env(folder), stdout=log, stderr=subprocess.STDOUT, text=True,
-                start_new_session=True,  # its own process group: stop() ends the workers too
-                preexec_fn=_lowest_priority if background else None)
+                preexec_fn=_in_background if background else _own_process_group)
 
     def wait(self, timeout: float) -> Tuple[int, str]:
         """(exit status, everything it printed); stops it and raises TimeoutError past ``timeout``."""
@@ -67,7 +66,15 @@ class AotRun:
             self.process.wait()
 
 
-def _lowest_priority() -> None:
+def _own_process_group() -> None:
+    # So that stop() ends the workers too. Not a session of its own (start_new_session): with
+    # the kernel's autogroups a new session is scheduled as a peer of the tests' whatever its
+    # nice value, and took half the CPU from them.
+    os.setpgid(0, 0)
+
+
+def _in_background() -> None:
+    _own_process_group()
     os.nice(19)
 
 

@@ -288,6 +288,27 @@ def test_copies_of_a_point_give_the_max_to_the_first_copy(backend, device, dtype
     assert inputs[0].grad[later_copies].abs().max() == 0
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_distinct_points_that_every_gaussian_sees_alike_give_the_max_to_the_first(backend, device, dtype):
+    """Gaussians far wider than the cloud: phi is exactly 1 at every (distinct) point, so every
+    channel ties over all points. The reference's BLAS product rounded the identical rows by
+    their position and gave the max (and its gradient) to points 1 and 3 of 37."""
+    means = torch.zeros(5, 3, dtype=dtype, device=device)
+    prec = torch.tensor([1e-30, 0.0, 0.0, 1e-30, 0.0, 1e-30], dtype=dtype, device=device).repeat(5, 1)
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(6, 5, generator=generator, dtype=dtype).to(device)
+    bias = torch.randn(6, generator=generator, dtype=dtype).to(device)
+    points = (torch.rand(2, 37, 3, generator=generator, dtype=dtype) * 2 - 1).to(device)
+    assert (ref.gaussian_phi(points.cpu(), means.cpu(), prec.cpu(), None) == 1).all()  # every row alike
+    arg = backend_argmax(backend, points, means, prec, weight, bias, None)
+    assert (arg == 0).all(), arg
+    inputs = [t.clone().requires_grad_(True) for t in (points, means, prec, weight, bias)]
+    with lucidops.use_backend(backend):
+        gaussian_mixture(*inputs).sum().backward()
+    assert inputs[0].grad[:, 1:].abs().max() == 0
+
+
 # ---------------------------------------------------------------- layouts
 
 

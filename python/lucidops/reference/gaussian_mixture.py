@@ -114,30 +114,31 @@ def _first_argmax(values: Tensor) -> Tuple[Tensor, Tensor]:
     return top.squeeze(-2), first
 
 
-def lowest_duplicate(points: Tensor) -> Tensor:
-    """(M, N) int64: for each point of each cloud (M, N, 3), the lowest index of a point with
-    exactly its coordinates. The reference's BLAS product can round two identical rows of phi
-    differently, so the max may land on a later copy of a point; the kernels, which compute
-    every point alike, pick the first. Found by three stable sorts (z, y, x), batched."""
-    m, n, _ = points.shape
-    order = torch.arange(n, device=points.device).expand(m, n)
-    for c in (2, 1, 0):
-        _, idx = torch.sort(torch.gather(points[..., c], 1, order), dim=1, stable=True)
-        order = torch.gather(order, 1, idx)
-    ordered = torch.gather(points, 1, order[..., None].expand(m, n, 3))
-    starts = torch.ones(m, n, dtype=torch.bool, device=points.device)
-    starts[:, 1:] = (ordered[:, 1:] != ordered[:, :-1]).any(dim=-1)
-    position = torch.arange(n, device=points.device).expand(m, n)
-    group_start = torch.where(starts, position, torch.zeros_like(position)).cummax(dim=1).values
-    # Stable sorts keep equal points in index order: a group's first is its lowest index.
-    return torch.empty_like(order).scatter_(1, order, torch.gather(order, 1, group_start))
+def lowest_duplicate(rows: Tensor) -> Tensor:
+    """(M, N) int64: for each row of each cloud (M, N, C), the lowest index of a row with
+    exactly its values (points (M, N, 3), or rows of phi (M, N, G)).
+
+    The reference's BLAS product can round two identical rows of phi differently (the row's
+    position in its block decides), so the max may land on a later one of points that tie
+    exactly: copies of a point, or distinct points that every Gaussian sees alike. The kernels,
+    which compute every point alike, pick the first."""
+    m, n, c = rows.shape
+    cloud = torch.arange(m, device=rows.device, dtype=rows.dtype).repeat_interleave(n)
+    # Identical rows of a cloud share one group (exact comparison of values).
+    _, group = torch.unique(torch.cat([cloud[:, None], rows.reshape(m * n, c)], dim=1), dim=0,
+                            return_inverse=True)
+    position = torch.arange(n, device=rows.device).repeat(m)
+    first = torch.full((m * n,), n, dtype=torch.long, device=rows.device)
+    first = first.scatter_reduce(0, group, position, "amin")
+    return first[group].reshape(m, n)
 
 
-def _first_argmax_of_points(values: Tensor, points: Tensor) -> Tuple[Tensor, Tensor]:
-    """_first_argmax over the points of each cloud, copies of a point counted as the first."""
+def _first_argmax_of_rows(values: Tensor, phi: Tensor) -> Tuple[Tensor, Tensor]:
+    """_first_argmax over the points of each cloud, points with identical rows of phi (so
+    equal values, up to the product's rounding) counted as the first of them."""
     top, arg = _first_argmax(values)
-    if points.shape[-2] > 1:
-        arg = torch.gather(lowest_duplicate(points), 1, arg)
+    if phi.shape[-2] > 1:
+        arg = torch.gather(lowest_duplicate(phi), 1, arg)
     return top, arg
 
 
@@ -152,7 +153,7 @@ def forward(points: Tensor, means: Tensor, precisions: Tensor, weight: Tensor, b
         mixed = mixed + bias.to(compute)
     if not reduce_max:
         return mixed.to(points.dtype).contiguous(), torch.empty(0, dtype=torch.long, device=points.device)
-    top, arg = _first_argmax_of_points(mixed, points)
+    top, arg = _first_argmax_of_rows(mixed, phi)
     return top.to(points.dtype).contiguous(), arg.contiguous()
 
 
@@ -214,11 +215,12 @@ def gaussian_mixture(points: Tensor, means: Tensor, precisions: Tensor, weight: 
     n = points.shape[-2]
     x = points.reshape(-1, n, 3)
     half = cull_half_widths(means, precisions, weight, cull_threshold) if cull_threshold is not None else None
-    mixed = gaussian_phi(x, means, precisions, half) @ weight.to(opmath_dtype(points.dtype)).t()
+    phi = gaussian_phi(x, means, precisions, half)
+    mixed = phi @ weight.to(opmath_dtype(points.dtype)).t()
     if bias is not None:
         mixed = mixed + bias
     if reduce == "none":
         return mixed.to(points.dtype).reshape(*lead, n, -1)
-    _, arg = _first_argmax_of_points(mixed.detach(), x.detach())
+    _, arg = _first_argmax_of_rows(mixed.detach(), phi.detach())
     top = torch.gather(mixed, 1, arg.unsqueeze(1)).squeeze(1)
     return top.to(points.dtype).reshape(*lead, -1)

@@ -239,9 +239,7 @@ dist.destroy_process_group()
 """
 
 
-def test_distill_ddp_two_gloo_ranks(tmp_path):
-    script = tmp_path / "ddp_distill.py"
-    script.write_text(textwrap.dedent(_DDP_SCRIPT))
+def _run_two_ranks(script, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(tmp_path)]
@@ -254,7 +252,23 @@ def test_distill_ddp_two_gloo_ranks(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail("2-rank distillation timed out:\n" + out[-3000:] + err[-3000:])
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return proc.returncode, out, err
+
+
+# Seen once in about 100 runs (CI, 2026-12-06): a rank aborted in torch's C++ with this message
+# after its training loop had finished, before the next; 80 reruns under the same load passed.
+# That abort, and only it, gets one more run: a failure of lucidops' own fails both.
+_TORCH_ABORT = "terminate called without an active exception"
+
+
+def test_distill_ddp_two_gloo_ranks(tmp_path):
+    script = tmp_path / "ddp_distill.py"
+    script.write_text(textwrap.dedent(_DDP_SCRIPT))
+    returncode, out, err = _run_two_ranks(script, tmp_path)
+    if returncode != 0 and _TORCH_ABORT in err:
+        warnings.warn(f"a rank aborted in torch ({_TORCH_ABORT!r}); ran the two ranks once more")
+        returncode, out, err = _run_two_ranks(script, tmp_path)
+    assert returncode == 0, out[-3000:] + err[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     for name, value in r0["teacher"].items():

@@ -364,14 +364,16 @@ def _bad_cases():
         (dict(means=m.double()), TypeError, "means"),
         (dict(weight=w.half()), TypeError, "weight"),
         (dict(bias=b.double()), TypeError, "bias"),
-        (dict(points=x.clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan")))), ValueError, "points"),
-        (dict(means=m.clone().fill_(float("inf"))), ValueError, "means"),
-        (dict(precisions=p.clone().fill_(float("nan"))), ValueError, "precisions"),
-        (dict(weight=w.clone().fill_(float("-inf"))), ValueError, "weight"),
+        (dict(points=x.clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan")))), ValueError,
+         r"points must be finite \(it holds NaN or inf\)"),
+        # The finiteness check's own message: the overflow check's message names these arguments too.
+        (dict(means=m.clone().fill_(float("inf"))), ValueError, r"means must be finite \(it holds NaN or inf\)"),
+        (dict(precisions=p.clone().fill_(float("nan"))), ValueError, r"precisions must be finite \(it holds NaN or inf\)"),
+        (dict(weight=w.clone().fill_(float("-inf"))), ValueError, r"weight must be finite \(it holds NaN or inf\)"),
         # One bad value among finite ones, last in memory (the check reduces max |w|).
         (dict(weight=w.clone().index_put_((torch.tensor([-1]), torch.tensor([-1])), torch.tensor(float("nan")))),
-         ValueError, "weight"),
-        (dict(bias=b.clone().fill_(float("nan"))), ValueError, "bias"),
+         ValueError, r"weight must be finite \(it holds NaN or inf\)"),
+        (dict(bias=b.clone().fill_(float("nan"))), ValueError, r"bias must be finite \(it holds NaN or inf\)"),
         # Finite, but past float32 inside the op: (x - mu)^T P (x - mu) was +inf - inf = NaN.
         (dict(points=x.clone().index_put_((torch.tensor([0]),), torch.tensor(2e19))), ValueError,
          r"points lie up to .* can overflow float32.*pass float64"),

@@ -27,10 +27,12 @@ whose tables decode the factors divided by powers of two; omega arrives multipli
 its triton backend dequantizes tiles of A and B in the kernel prologue, forward and dx
 alike, so the dequantized factors never reach global memory (nor the update, up to 128
 rows; above, its column chunks do, as for plain factors); its
-reference and cpp backends dequantize in PyTorch (in x's dtype) and run the plain paths.
+reference and cpp backends dequantize in PyTorch (in float32, float64 for float64 x, as the
+kernel does) and run the plain paths.
 ``backends.last_used("bounded_lora_linear_quant")`` names the one that ran. The adapter
 is frozen: x, weight and bias get gradients, A and B none. Placement "output" dequantizes
-in PyTorch on every backend and calls the plain op.
+in PyTorch on every backend, in x's dtype (the plain op takes factors of x's dtype, so a
+half x rounds them as it would a plain adapter's), and calls the plain op.
 """
 
 from __future__ import annotations

@@ -209,6 +209,18 @@ def test_distill_pointnet_three_stages():
     assert teacher.training is False
 
 
+def test_distill_pointnet_without_fine_tuning_keeps_the_teachers_head_as_it_is():
+    teacher = _teacher(input_transform=True, feature_transform=False)
+    data = SyntheticShapes(8, num_points=32, num_classes=10, seed=1)
+    res = distill_pointnet(teacher, data, num_gaussians=4, steps=2, tnet_steps=2, batch_size=4,
+                           points_per_cloud=32, seed=0, progress=False)
+    head, taught = res.model.head.state_dict(), teacher.head.state_dict()
+    assert res.model.head is not teacher.head and head.keys() == taught.keys() and len(head) > 0
+    for name, value in taught.items():  # a copy, weights and BatchNorm statistics alike
+        assert torch.equal(head[name], value), name
+        assert head[name].data_ptr() != value.data_ptr(), name
+
+
 _DDP_SCRIPT = """
 import os, sys
 import torch

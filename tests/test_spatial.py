@@ -188,6 +188,24 @@ def test_freeze_spatial_mixing_with_new_init():
     assert torch.equal((w.flatten(1) != 0).sum(1), torch.ones(8, dtype=torch.long))
 
 
+@pytest.mark.parametrize("init", ["default", "smoothed"])
+def test_freeze_spatial_mixing_draws_from_the_generator_it_is_given(init):
+    def frozen(seed):
+        torch.manual_seed(1000 + seed)  # a draw from the global generator would differ by seed
+        model = resnet_style()
+        freeze_spatial_mixing(model, init=init, generator=gen(7))
+        return [m.weight.detach().clone() for m in model.modules() if isinstance(m, FrozenRandomDepthwise)]
+
+    first, again = frozen(0), frozen(1)
+    assert len(first) > 0
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    model = resnet_style()
+    freeze_spatial_mixing(model, init=init, generator=gen(8))
+    other = [m.weight for m in model.modules() if isinstance(m, FrozenRandomDepthwise)]
+    assert not torch.equal(other[0], first[0])
+
+
 def test_freeze_spatial_mixing_rejects_models_without_spatial_mixers():
     with pytest.raises(ValueError, match="no depthwise"):
         freeze_spatial_mixing(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1, groups=8)))

@@ -6,7 +6,12 @@ machine, while the rest of the suite keeps about one core busy. So conftest star
 lowest CPU priority right after collection: it runs on the cycles the other tests leave idle
 and the test, reached near the end, mostly finds it done. It is the same command on the same
 sources, compiled from an empty Triton cache; the test asserts on its output and report.
-Run alone, the test starts it itself.
+When conftest started none (pytest without this conftest), the test starts it itself.
+
+The compile runs in a process group of its own, so that stopping it stops its worker
+processes too; it also dies with the process that started it (a SIGTERM or SIGKILL to pytest,
+which skips pytest's own clean-up), and its folder lies in pytest's temporary folders, which
+pytest prunes.
 """
 
 import os
@@ -14,9 +19,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
+
+from lucidops.triton_kernels.aot import exit_with_parent
 
 # The test that waits for the compile, as its node id ends.
 COMPILE_TEST = "test_triton_aot.py::test_all_kernel_configurations_compile_for_sm80_and_sm90"
@@ -71,6 +77,9 @@ def _own_process_group() -> None:
     # the kernel's autogroups a new session is scheduled as a peer of the tests' whatever its
     # nice value, and took half the CPU from them.
     os.setpgid(0, 0)
+    # Out of the terminal's and `timeout`'s process group, it would outlive a pytest killed by
+    # a signal: it dies with its parent, as its workers die with it.
+    exit_with_parent()
 
 
 def _in_background() -> None:
@@ -79,15 +88,16 @@ def _in_background() -> None:
 
 
 _early: Optional[AotRun] = None  # started by conftest, not yet taken by the test
-_started_early = []  # every run conftest started, for stop_all
+_started_early: List[AotRun] = []  # every run conftest started, for stop_all
 
 
-def start_early(item_ids, collect_only: bool) -> None:
-    """conftest, after collection: start the compile in the background when its test will run."""
+def start_early(item_ids, collect_only: bool, folder_factory) -> None:
+    """conftest, after collection: start the compile in the background when its test will run.
+    ``folder_factory(name)`` makes a fresh folder (pytest's tmp_path_factory.mktemp)."""
     global _early
     if collect_only or _early is not None or not any(i.endswith(COMPILE_TEST) for i in item_ids):
         return
-    _early = AotRun(Path(tempfile.mkdtemp(prefix="lucidops-aot-")), background=True)
+    _early = AotRun(Path(folder_factory("aot-in-background")), background=True)
     _started_early.append(_early)
 
 
@@ -100,7 +110,11 @@ def take() -> Optional[AotRun]:
 
 def stop_all() -> None:
     """conftest, at the end of the session: stop a compile still running (the session was
-    stopped early, -x) and remove the folders of those conftest started."""
+    stopped early, -x) and remove the folders of those conftest started (a second session in
+    the same process, pytest.main twice, starts afresh)."""
+    global _early
     for run in _started_early:
         run.stop()
         shutil.rmtree(run.folder, ignore_errors=True)
+    _started_early.clear()
+    _early = None

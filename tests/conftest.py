@@ -77,7 +77,8 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     # The six-minute ahead-of-time compile runs beside the other tests (see aot_in_background).
-    aot_in_background.start_early([item.nodeid for item in session.items], session.config.option.collectonly)
+    aot_in_background.start_early([item.nodeid for item in session.items], session.config.option.collectonly,
+                                  session.config._tmp_path_factory.mktemp)
 
 
 def pytest_sessionfinish(session):

@@ -26,7 +26,10 @@ def _env(tmp_path):
 def test_all_kernel_configurations_compile_for_sm80_and_sm90(tmp_path):
     # Usually started by conftest right after collection and done by now (aot_in_background).
     run = aot_in_background.take() or aot_in_background.AotRun(tmp_path, background=False)
-    returncode, output = run.wait(timeout=2700)
+    try:
+        returncode, output = run.wait(timeout=2700)
+    finally:  # Ctrl-C while waiting: its own process group does not get the terminal's SIGINT
+        run.stop()
     assert returncode == 0, output
     assert "FAILED" not in output
     compiled, total = re.search(r"compiled (\d+)/(\d+) kernel configurations", output).groups()

@@ -123,10 +123,12 @@ def lowest_duplicate(rows: Tensor) -> Tensor:
     exactly: copies of a point, or distinct points that every Gaussian sees alike. The kernels,
     which compute every point alike, pick the first."""
     m, n, c = rows.shape
-    cloud = torch.arange(m, device=rows.device, dtype=rows.dtype).repeat_interleave(n)
-    # Identical rows of a cloud share one group (exact comparison of values).
-    _, group = torch.unique(torch.cat([cloud[:, None], rows.reshape(m * n, c)], dim=1), dim=0,
-                            return_inverse=True)
+    # Identical rows of a cloud share one group (exact comparison of values). In float64, exact
+    # for the rows of any float dtype and for cloud numbers (in float32 clouds 2^24 and 2^24 + 1
+    # were one).
+    cloud = torch.arange(m, device=rows.device, dtype=torch.float64).repeat_interleave(n)
+    keyed = torch.cat([cloud[:, None], rows.reshape(m * n, c).to(torch.float64)], dim=1)
+    _, group = torch.unique(keyed, dim=0, return_inverse=True)
     position = torch.arange(n, device=rows.device).repeat(m)
     first = torch.full((m * n,), n, dtype=torch.long, device=rows.device)
     first = first.scatter_reduce(0, group, position, "amin")

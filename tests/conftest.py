@@ -77,6 +77,10 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     # The six-minute ahead-of-time compile runs beside the other tests (see aot_in_background).
+    # Not under pytest-xdist: every worker collects every test (each would start one), and the
+    # worker that runs the test starts it then.
+    if hasattr(session.config, "workerinput"):
+        return
     aot_in_background.start_early([item.nodeid for item in session.items], session.config.option.collectonly,
                                   session.config._tmp_path_factory.mktemp)
 

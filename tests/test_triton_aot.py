@@ -18,10 +18,6 @@ import pytest
 import aot_in_background
 
 
-def _env(tmp_path):
-    return aot_in_background.compile_env(tmp_path)
-
-
 @pytest.mark.slow
 def test_all_kernel_configurations_compile_for_sm80_and_sm90(tmp_path):
     # Usually started by conftest right after collection and done by now (aot_in_background).
@@ -76,7 +72,8 @@ def test_aot_check_rejects_a_kernel_a_gpu_would_reject(tmp_path):
     )
     path = tmp_path / "bad_kernel.py"
     path.write_text(script)
-    proc = subprocess.run([sys.executable, str(path)], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(path)], env=aot_in_background.compile_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
     assert "REJECTED" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -112,7 +109,8 @@ def test_aot_check_rejects_a_kernel_that_needs_more_shared_memory_than_the_card(
     )
     path = tmp_path / "greedy_kernel.py"
     path.write_text(script)
-    proc = subprocess.run([sys.executable, str(path)], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(path)], env=aot_in_background.compile_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BLOCK_K")]
     assert len(lines) == 2, proc.stdout + proc.stderr
     big, small = (line.split() for line in lines)

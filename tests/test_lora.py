@@ -157,6 +157,81 @@ def test_phase_is_formed_in_float32_for_half_inputs(backend, device):
     assert rel_err(y, truth) < 1e-2
 
 
+# Float32 factors over a half x (peft's autocast_adapter_dtype): x's leading shape, N_out, r.
+# M = 130 takes triton's chunked paths; r = 20 its 'output' kernel's R_PAD 32.
+FLOAT32_FACTOR_CASES = [((2, 7, 33), 19, 4), ((130, 24), 40, 8), ((9, 40), 31, 20)]
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("placement", ["weight", "output"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", range(len(FLOAT32_FACTOR_CASES)))
+def test_float32_factors_over_a_half_x_are_not_rounded(backend, device, placement, dtype, case):
+    """Omega 300, against float64 from the float32 factors themselves, forward and backward;
+    the base trains in odd cases. dA and dB come back float32. Rounding the factors to x's
+    dtype first (what the op required before) misses by far more, which the test checks it
+    can tell apart."""
+    x_shape, n_out, r = FLOAT32_FACTOR_CASES[case]
+    fn = ("sin", "tanh")[case % 2]
+    omega = 300.0
+    x, w, _, _, bias = make(x_shape, n_out, r, dtype, device, seed=40 + case)
+    _, _, a, b, _ = make(x_shape, n_out, r, torch.float32, device, seed=40 + case)
+    w, bias = w * 0, bias * 0  # y is the update alone: its error is not diluted by x W^T + bias
+    leaves = [x, a, b] + ([w, bias] if case % 2 else [])
+    for t in leaves:
+        t.requires_grad_(True)
+    grad = torch.randn(*x_shape[:-1], n_out, generator=torch.Generator().manual_seed(case)).to(dtype=dtype,
+                                                                                              device=device)
+    with lucidops.use_backend(backend):
+        y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn=fn, omega=omega, scale=SCALE, placement=placement)
+        y.backward(grad)
+        assert lucidops.backends.last_used("bounded_lora_linear_backward") == backend
+    assert y.dtype == dtype and a.grad.dtype == b.grad.dtype == torch.float32 and x.grad.dtype == dtype
+    y_ref, gx, gw, gbias, ga, gb = reference_grads(grad, x, w, a, b, bias, fn, placement, omega=omega)
+    rounded = reference_grads(grad, x, w, a.to(dtype), b.to(dtype), bias, fn, placement, omega=omega)[0]
+    # Measured: y and dx within 3.5e-4 (float16) and 2.5e-3 (bfloat16, one rounding of the
+    # output), dA and dB within 5.2e-4; rounded factors: 5% to 138% off with sin.
+    tol = {torch.float16: 1e-3, torch.bfloat16: 5e-3}[dtype]
+    if fn == "sin":
+        assert rel_err(rounded, y_ref) > 10 * tol  # what rounding the factors costs: the test tells it apart
+    n = y_ref.shape[-1]
+    assert rel_err(y.reshape(-1, n), y_ref) < tol
+    assert rel_err(x.grad.reshape(-1, x_shape[-1]), gx) < tol
+    assert rel_err(a.grad, ga) < tol and rel_err(b.grad, gb) < tol
+    if case % 2:
+        assert rel_err(w.grad, gw) < tol and rel_err(bias.grad, gbias) < tol
+
+
+def test_factor_dtypes_the_op_refuses_are_named():
+    x, w, a, b, bias = make((3, 8), 5, 2, torch.bfloat16, "cpu")
+    call = lambda *t, **kw: lucidops.ops.bounded_lora_linear(*t, omega=1.0, scale=1.0, **kw)  # noqa: E731
+    with pytest.raises(TypeError, match=r"lora_A must have x's dtype \(torch.bfloat16\) or float32, got torch.float16"):
+        call(x, w, a.half(), b.half())
+    with pytest.raises(TypeError, match="lora_B must have x's dtype .* or float32, got torch.float64"):
+        call(x, w, a.float(), b.double())
+    with pytest.raises(TypeError, match="lora_A and lora_B must share one dtype, got torch.float32 and torch.bfloat16"):
+        call(x, w, a.float(), b)
+    with pytest.raises(TypeError, match=r"lora_A must have x's dtype \(torch.float32\), got torch.bfloat16"):
+        call(x.float(), w.float(), a, b)  # float32 x: half factors are not taken
+    with pytest.raises(TypeError, match=r"lora_A must have x's dtype \(torch.float64\), got torch.float32"):
+        call(x.double(), w.double(), a.float(), b.float())
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_opcheck_float32_factors_over_a_half_x(backend, device):
+    x, w, _, _, bias = make((6, 20), 9, 4, torch.bfloat16, device, seed=8)
+    _, _, a, b, _ = make((6, 20), 9, 4, torch.float32, device, seed=8)
+    with lucidops.use_backend(backend):
+        for placement in ("weight", "output"):
+            torch.library.opcheck(torch.ops.lucidops.bounded_lora_linear.default,
+                                  (x.requires_grad_(True), w, a.requires_grad_(True), b.requires_grad_(True), bias,
+                                   "sin", placement, OMEGA, SCALE))
+            grad = torch.randn(6, 9, device=device).to(torch.bfloat16)
+            torch.library.opcheck(torch.ops.lucidops.bounded_lora_linear_backward.default,
+                                  (grad, x.detach(), w, a.detach(), b.detach(), "tanh", placement, OMEGA, SCALE, True,
+                                   True, True, True))
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params())
 def test_frozen_weight_and_bias_cost_nothing(backend, device):
     x, w, a, b, _ = make((5, 12), 7, 4, torch.float32, device, seed=1)
@@ -578,6 +653,28 @@ def test_module_quantize():
     assert rel_err(layer(x), y_full.double()) < 1e-2  # 8 bits: close to the full-precision adapter
     with pytest.raises(RuntimeError, match="already"):
         layer.quantize_()
+
+
+def test_quantized_half_layer_merges_the_update_its_forward_computes():
+    """bfloat16 base, 8-bit adapter, omega 300: merge() folds the update formed from the
+    factors dequantized in float32, as forward forms it; it dequantized them in bfloat16,
+    and the merged layer's output erred by far more than one rounding of the weight."""
+    k = 96
+    layer = lucidops.nn.SineLoRALinear(_linear(k, 40, seed=5, dtype=torch.bfloat16), rank=8, omega=300.0,
+                                       alpha=8 * 0.5 * math.sqrt(k))  # scale alpha / r / sqrt(K_in) = 0.5
+    with torch.no_grad():
+        layer.lora_A.normal_(std=0.3)
+        layer.lora_B.normal_(std=0.3)
+    q = layer.quantize_(bits=8, group_size=32)
+    x = torch.randn(16, k, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    a_hat, b_hat = q.dequantize(torch.float64)
+    expected = ref.forward(x.double(), layer.base.weight.double(), a_hat, b_hat, layer.base.bias.double(), "sin",
+                           "weight", 300.0, layer.scale)
+    assert rel_err(layer(x), expected) < 5e-3
+    update = ref.delta_weight(a_hat, b_hat, "sin", 300.0, layer.scale)
+    assert rel_err(layer.delta_weight(), update) < 5e-3  # one bfloat16 rounding
+    layer.merge()
+    assert rel_err(layer(x), expected) < 1e-2  # the merged weight rounds W + update once more
 
 
 def _saved(state):

@@ -17,7 +17,7 @@ from lucidops.train.unlearning import gradient_difference  # noqa: E402
 VOCAB = 64
 
 
-def make_model(seed=0, targets=("c_attn", "c_proj", "c_fc"), n_layer=2, dropout=0.0):
+def make_model(seed=0, targets=("c_attn", "c_proj", "c_fc"), n_layer=2, dropout=0.0, dtype=torch.float32):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
@@ -28,8 +28,9 @@ def make_model(seed=0, targets=("c_attn", "c_proj", "c_fc"), n_layer=2, dropout=
                      eos_token_id=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
-                                                                fan_in_fan_out=True, lora_dropout=dropout))
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), fan_in_fan_out=True, lora_dropout=dropout)
+        # peft keeps the adapters float32 over a half base (autocast_adapter_dtype)
+        model = get_peft_model(GPT2LMHeadModel(cfg).to(dtype), config)
     # B starts at zero in peft: randomise it so the adapters change the output.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -48,12 +49,12 @@ def lora_linears(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
 
 
-def by_hand(layer, x, fn, omega, scale, placement):
-    """The definition in float64 from W0 (Conv1D stores W0^T), A, B."""
+def by_hand(layer, x, fn, omega, scale, placement, factors=None):
+    """The definition in float64 from W0 (Conv1D stores W0^T), A, B (or ``factors``, (A, B))."""
     base = layer.get_base_layer()
     w0 = base.weight.double().t()
-    a = layer.lora_A["default"].weight.double()
-    b = layer.lora_B["default"].weight.double()
+    a, b = factors or (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    a, b = a.double(), b.double()
     f = torch.sin if fn == "sin" else torch.tanh
     x = x.double()
     if placement == "weight":
@@ -82,6 +83,36 @@ def test_patched_layer_matches_definition(variant, fn, placement):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
         # and it is not peft's plain LoRA output
         assert (got - layer._lucidops_lora["original"](xin)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("placement", ["weight", "output"])
+def test_float32_adapters_over_a_bfloat16_base_form_the_phase_unrounded(placement):
+    """peft keeps adapters in float32 over a half base (autocast_adapter_dtype). The patched
+    layer cast them to the base's bfloat16 before the op: at omega 300 its output erred by
+    tens of percent; now the op takes them as they are, and their gradients stay float32."""
+    model = make_model(n_layer=1, targets=("c_fc",), dtype=torch.bfloat16)
+    layer = lora_linears(model)[0][1]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert layer.get_base_layer().weight.dtype == torch.bfloat16 and a.dtype == b.dtype == torch.float32
+    with torch.no_grad():
+        a.normal_(0.0, 0.3)
+    omega = 300.0
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    with peft_lora(model, "bounded", fn="sin", omega=omega, placement=placement):
+        got = layer(x)
+        got.float().sum().backward()
+    assert got.dtype == torch.bfloat16 and a.grad.dtype == b.grad.dtype == torch.float32
+    assert torch.isfinite(a.grad).all() and b.grad.abs().sum() > 0
+    scale = layer.scaling["default"]
+    with torch.no_grad():
+        want = by_hand(layer, x, "sin", omega, scale, placement)
+        rounded = by_hand(layer, x, "sin", omega, scale, placement, (a.to(torch.bfloat16), b.to(torch.bfloat16)))
+
+    def rel(t):
+        return float((t.detach().double() - want).norm() / want.norm())
+
+    assert rel(got) < 5e-3  # about one bfloat16 rounding of the output
+    assert rel(rounded) > 0.05  # what the old cast cost: the test tells the two apart
 
 
 def by_hand_with_dropout(layer, x, u, fn, omega, scale, placement):

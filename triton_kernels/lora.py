@@ -29,7 +29,9 @@ FUSED_MAX_ROWS rows (the serving case) it never reaches global memory:
   tile, reduced over N into dU = omega Gz B, or over M into dB = omega Gz^T U.
 
 Rank r is padded to 16-wide chunks with masks, so every tl.dot dimension is >= 16.
-float64 inputs are not supported here (use the reference or cpp backend).
+Plain factors are read in their own dtype, x's or float32 under a half x (peft's float32
+adapters), and used in float32: the phase never sees them rounded. float64 inputs are not
+supported here (use the reference or cpp backend).
 """
 
 from __future__ import annotations
@@ -240,11 +242,16 @@ def lora_matmul_kernel(
         # 2^31 for a (256000, 18432) LM head; int32 offs_j * stride_wj would wrap.
         w = tl.load(w_ptr + offs_i64[:, None] * stride_wi + offs_j.to(tl.int64)[None, :] * stride_wj,
                     mask=mask_i[:, None] & mask_j[None, :], other=0.0)
-        if LORA:
-            w = w.to(tl.float32) + _update_tile(l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, offs_i, offs_j, mask_i,
-                                                mask_j, R, stride_li, stride_lr, stride_rr, stride_rj, group_l,
-                                                group_r, omega, scale, FN, QUANT, METHOD, BLOCK_I, BLOCK_J, BLOCK_R)
-        w = w.to(a.dtype)
+        if LORA:  # Weff's tile, rounded to the input's dtype as the materialized path rounds it
+            w = (w.to(tl.float32) + _update_tile(l_ptr, l0_ptr, l1_ptr, r_ptr, r0_ptr, r1_ptr, offs_i, offs_j, mask_i,
+                                                 mask_j, R, stride_li, stride_lr, stride_rr, stride_rj, group_l,
+                                                 group_r, omega, scale, FN, QUANT, METHOD, BLOCK_I, BLOCK_J,
+                                                 BLOCK_R)).to(a.dtype)
+        elif w.dtype == tl.float32:
+            # float32 A in U = x A^T (a float32 factor over a half x): raise x, never round A
+            a = a.to(tl.float32)
+        else:
+            w = w.to(a.dtype)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -638,6 +645,8 @@ def _wgrad(grad, x, a, b, code, omega, scale, need_weight, need_lora, w_dtype):
     block_n, block_k, block_m, warps = WGRAD_CONFIG
     tiles_k = triton.cdiv(k, block_k)
     chunked = m > FUSED_MAX_ROWS
+    if not need_lora:  # the factors are not read: x stands in, so dW alone has one compiled variant per dtype
+        a = b = x
     dw = torch.empty((n, k), dtype=w_dtype, device=x.device) if need_weight else _dummy_fp32(x.device)
     empty = x.new_empty(0)
     buffered = chunked and not need_weight  # else G's rows go straight into dW's
@@ -763,19 +772,21 @@ def quant_backward(grad, x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, me
 _DTYPES = ("fp16", "bf16", "fp32")
 
 
-def _matmul_spec(in_t, w_t, out_t, *, lora, epilogue, has_bias, fn, config, quant_method=None):
+def _matmul_spec(in_t, w_t, out_t, *, lora, epilogue, has_bias, fn, config, quant_method=None, factor_t=None,
+                 e_t=None):
     """lora_matmul_kernel as _matmul launches it; quant_method (a QUANT_METHODS code) for
     quantized factors: uint8 codes and float16 side tables instead of plain factors and
-    the fp32 dummy."""
+    the fp32 dummy. factor_t: the plain factors' dtype (default w_t); e_t: the epilogue's
+    factor (default w_t, which stands in when there is no epilogue)."""
     block_m, block_j, block_i, warps = config
     quant = quant_method is not None
-    factor_t, table_t = ("u8", "fp16") if quant else (w_t, "fp32")
+    factor_t, table_t = ("u8", "fp16") if quant else (factor_t or w_t, "fp32")
     ints = ["M", "I", "J", "R", "stride_im", "stride_ii", "stride_wi", "stride_wj", "stride_li", "stride_lr",
             "stride_rr", "stride_rj", "stride_um", "stride_ur", "stride_er", "stride_ej", "group_l", "group_r"]
     signature = {"in_ptr": f"*{in_t}", "w_ptr": f"*{w_t}",
                  "l_ptr": f"*{factor_t}", "l0_ptr": f"*{table_t}", "l1_ptr": f"*{table_t}",
                  "r_ptr": f"*{factor_t}", "r0_ptr": f"*{table_t}", "r1_ptr": f"*{table_t}",
-                 "bias_ptr": f"*{w_t}", "u_ptr": "*fp32", "e_ptr": f"*{w_t}", "out_ptr": f"*{out_t}"}
+                 "bias_ptr": f"*{w_t}", "u_ptr": "*fp32", "e_ptr": f"*{e_t or w_t}", "out_ptr": f"*{out_t}"}
     signature.update({name: "i32" for name in ints})
     signature.update({"omega": "fp32", "scale": "fp32", "i_split": "i32", "stride_os": "i32"})
     constexprs = {"FN": fn, "LORA": lora or quant, "QUANT": quant, "METHOD": quant_method if quant else 0,
@@ -785,11 +796,12 @@ def _matmul_spec(in_t, w_t, out_t, *, lora, epilogue, has_bias, fn, config, quan
     return dict(fn=lora_matmul_kernel, signature=signature, constexprs=constexprs, num_warps=warps)
 
 
-def _update_spec(dt, fn, quant_method=None):
-    """lora_update_kernel as _materialized_matmul launches it (plain or quantized factors)."""
+def _update_spec(dt, fn, quant_method=None, factor_t=None):
+    """lora_update_kernel as _materialized_matmul launches it (plain factors of dtype
+    factor_t, default dt, or quantized ones)."""
     block_i, block_j, warps = UPDATE_CONFIG
     quant = quant_method is not None
-    factor_t, table_t = ("u8", "fp16") if quant else (dt, "fp32")
+    factor_t, table_t = ("u8", "fp16") if quant else (factor_t or dt, "fp32")
     signature = {"w_ptr": f"*{dt}", "l_ptr": f"*{factor_t}", "l0_ptr": f"*{table_t}", "l1_ptr": f"*{table_t}",
                  "r_ptr": f"*{factor_t}", "r0_ptr": f"*{table_t}", "r1_ptr": f"*{table_t}", "out_ptr": f"*{dt}"}
     ints = ["I", "J", "R", "j_start", "stride_wi", "stride_wj", "stride_li", "stride_lr", "stride_rr", "stride_rj",
@@ -802,6 +814,11 @@ def _update_spec(dt, fn, quant_method=None):
     return dict(fn=lora_update_kernel, signature=signature, constexprs=constexprs, num_warps=warps)
 
 
+def _factor_dtypes(dt: str) -> Tuple[str, ...]:
+    """The plain factors' dtypes the ops pass with x of dtype dt: dt, and float32 under a half x."""
+    return (dt,) if dt == "fp32" else (dt, "fp32")
+
+
 def aot_specs() -> Iterator[Dict]:
     """Every configuration the launchers above can pick, for ahead-of-time compilation."""
     for dt in _DTYPES:
@@ -809,19 +826,22 @@ def aot_specs() -> Iterator[Dict]:
             # Plain products and the regenerating ones (weight placement, plain or quantized
             # factors), with the configs _matmul_config gives each.
             config, regen = _matmul_config(rows, regenerates=False), _matmul_config(rows, regenerates=True)
-            for fn in FN_CODES.values():
-                for has_bias in (False, True):
-                    # weight placement forward; output placement forward (epilogue 1)
-                    yield _matmul_spec(dt, dt, dt, lora=True, epilogue=0, has_bias=has_bias, fn=fn, config=regen)
-                    yield _matmul_spec(dt, dt, dt, lora=False, epilogue=1, has_bias=has_bias, fn=fn, config=config)
-                if dt != "fp32":  # split reductions write float32 partials (no bias), plain or quantized
-                    for method in (None, *QUANT_METHODS.values()):
-                        yield _matmul_spec(dt, dt, "fp32", lora=True, epilogue=0, has_bias=False, fn=fn,
-                                           config=regen, quant_method=method)
-            # U = x A^T (fp32 out); output-placement dx (epilogue 2); dA = dU^T x (fp32 in and out)
-            yield _matmul_spec(dt, dt, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
-            yield _matmul_spec(dt, dt, dt, lora=False, epilogue=2, has_bias=False, fn=0, config=config)
-            if dt != "fp32":  # for fp32 this is the U spec above
+            for ft in _factor_dtypes(dt):
+                for fn in FN_CODES.values():
+                    for has_bias in (False, True):
+                        # weight placement forward and dx; output placement forward (epilogue 1, B^T)
+                        yield _matmul_spec(dt, dt, dt, lora=True, epilogue=0, has_bias=has_bias, fn=fn, config=regen,
+                                           factor_t=ft)
+                        yield _matmul_spec(dt, dt, dt, lora=False, epilogue=1, has_bias=has_bias, fn=fn,
+                                           config=config, e_t=ft)
+                    if dt != "fp32":  # split reductions write float32 partials (no bias), plain or quantized
+                        for method in (None, *QUANT_METHODS.values()) if ft == dt else (None,):
+                            yield _matmul_spec(dt, dt, "fp32", lora=True, epilogue=0, has_bias=False, fn=fn,
+                                               config=regen, quant_method=method, factor_t=ft)
+                # U = x A^T (fp32 out); output-placement dx (epilogue 2, A)
+                yield _matmul_spec(dt, ft, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
+                yield _matmul_spec(dt, dt, dt, lora=False, epilogue=2, has_bias=False, fn=0, config=config, e_t=ft)
+            if dt != "fp32":  # dA = dU^T x (fp32 in and out); for fp32 this is the U spec above
                 yield _matmul_spec("fp32", dt, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
             # quantized adapters: forward (with or without bias) and dx (no bias)
             for method in QUANT_METHODS.values():
@@ -832,45 +852,48 @@ def aot_specs() -> Iterator[Dict]:
         for fn in FN_CODES.values():
             for method in (None, *QUANT_METHODS.values()):
                 yield _update_spec(dt, fn, method)
+            if dt != "fp32":
+                yield _update_spec(dt, fn, factor_t="fp32")
         block_n, block_k, block_m, warps = WGRAD_CONFIG
         for fn in FN_CODES.values():
-            yield dict(fn=lora_wgrad_chunk_kernel,
-                       signature={"g_ptr": f"*{dt}", "a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "pa_ptr": "*fp32",
-                                  "pb_ptr": "*fp32", "K": "i32", "R": "i32", "n_start": "i32",
-                                  "n_stop": "i32", "pb_rows": "i32", "omega": "fp32", "scale": "fp32",
-                                  "FN": "constexpr",
-                                  "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_R": "constexpr"},
-                       constexprs={"FN": fn, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_R": BLOCK_R},
-                       num_warps=warps)
-            for need_dw, need_lora in ((True, False), (False, True), (True, True)):
-                if not need_lora and fn != 0:
-                    continue  # FN is unused without the adapter: the launcher passes 0
-                dw_t = dt if need_dw else "fp32"
-                yield dict(fn=lora_wgrad_kernel,
-                           signature={"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "b_ptr": f"*{dt}",
-                                      "dw_ptr": f"*{dw_t}", "pa_ptr": "*fp32", "pb_ptr": "*fp32", "M": "i32",
-                                      "N": "i32", "K": "i32", "R": "i32", "tile_n0": "i32", "pb_rows": "i32",
-                                      "omega": "fp32", "scale": "fp32",
-                                      "FN": "constexpr", "NEED_DW": "constexpr", "NEED_LORA": "constexpr",
-                                      "UPCAST": "constexpr",
-                                      "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_M": "constexpr",
-                                      "BLOCK_R": "constexpr"},
-                           constexprs={"FN": fn, "NEED_DW": need_dw, "NEED_LORA": need_lora, "UPCAST": False,
-                                       "BLOCK_N": block_n,
-                                       "BLOCK_K": block_k, "BLOCK_M": block_m, "BLOCK_R": BLOCK_R},
+            for ft in _factor_dtypes(dt):
+                yield dict(fn=lora_wgrad_chunk_kernel,
+                           signature={"g_ptr": f"*{dt}", "a_ptr": f"*{ft}", "b_ptr": f"*{ft}", "pa_ptr": "*fp32",
+                                      "pb_ptr": "*fp32", "K": "i32", "R": "i32", "n_start": "i32",
+                                      "n_stop": "i32", "pb_rows": "i32", "omega": "fp32", "scale": "fp32",
+                                      "FN": "constexpr",
+                                      "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_R": "constexpr"},
+                           constexprs={"FN": fn, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_R": BLOCK_R},
                            num_warps=warps)
-            for reduce_over_n in (True, False):
-                for r_pad, (block_m2, block_n2, warps2) in OUTPUT_GRAD_CONFIGS.items():
-                    out_t = "fp32" if reduce_over_n else dt
-                    yield dict(fn=lora_output_grad_kernel,
-                               signature={"dy_ptr": f"*{dt}", "u_ptr": "*fp32", "b_ptr": f"*{dt}",
-                                          "out_ptr": f"*{out_t}", "M": "i32", "N": "i32", "R": "i32",
-                                          "omega": "fp32", "scale": "fp32", "FN": "constexpr",
-                                          "REDUCE_OVER_N": "constexpr", "BLOCK_M": "constexpr",
-                                          "BLOCK_N": "constexpr", "R_PAD": "constexpr"},
-                               constexprs={"FN": fn, "REDUCE_OVER_N": reduce_over_n, "BLOCK_M": block_m2,
-                                           "BLOCK_N": block_n2, "R_PAD": r_pad},
-                               num_warps=warps2)
+                for need_dw, need_lora in ((True, False), (False, True), (True, True)):
+                    if not need_lora and (fn != 0 or ft != dt):
+                        continue  # without the adapter the launcher passes FN 0 and x for the factors
+                    dw_t = dt if need_dw else "fp32"
+                    yield dict(fn=lora_wgrad_kernel,
+                               signature={"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "a_ptr": f"*{ft}",
+                                          "b_ptr": f"*{ft}", "dw_ptr": f"*{dw_t}", "pa_ptr": "*fp32",
+                                          "pb_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+                                          "tile_n0": "i32", "pb_rows": "i32", "omega": "fp32", "scale": "fp32",
+                                          "FN": "constexpr", "NEED_DW": "constexpr", "NEED_LORA": "constexpr",
+                                          "UPCAST": "constexpr",
+                                          "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_M": "constexpr",
+                                          "BLOCK_R": "constexpr"},
+                               constexprs={"FN": fn, "NEED_DW": need_dw, "NEED_LORA": need_lora, "UPCAST": False,
+                                           "BLOCK_N": block_n,
+                                           "BLOCK_K": block_k, "BLOCK_M": block_m, "BLOCK_R": BLOCK_R},
+                               num_warps=warps)
+                for reduce_over_n in (True, False):
+                    for r_pad, (block_m2, block_n2, warps2) in OUTPUT_GRAD_CONFIGS.items():
+                        out_t = "fp32" if reduce_over_n else ft  # dU, or dB in B's dtype
+                        yield dict(fn=lora_output_grad_kernel,
+                                   signature={"dy_ptr": f"*{dt}", "u_ptr": "*fp32", "b_ptr": f"*{ft}",
+                                              "out_ptr": f"*{out_t}", "M": "i32", "N": "i32", "R": "i32",
+                                              "omega": "fp32", "scale": "fp32", "FN": "constexpr",
+                                              "REDUCE_OVER_N": "constexpr", "BLOCK_M": "constexpr",
+                                              "BLOCK_N": "constexpr", "R_PAD": "constexpr"},
+                                   constexprs={"FN": fn, "REDUCE_OVER_N": reduce_over_n, "BLOCK_M": block_m2,
+                                               "BLOCK_N": block_n2, "R_PAD": r_pad},
+                                   num_warps=warps2)
 
 
 def describe_specs() -> List[str]:

@@ -31,8 +31,11 @@ reference and cpp backends dequantize in PyTorch (in float32, float64 for float6
 kernel does) and run the plain paths.
 ``backends.last_used("bounded_lora_linear_quant")`` names the one that ran. The adapter
 is frozen: x, weight and bias get gradients, A and B none. Placement "output" dequantizes
-in PyTorch on every backend, in x's dtype (the plain op takes factors of x's dtype, so a
-half x rounds them as it would a plain adapter's), and calls the plain op.
+in PyTorch on every backend, in float32 (float64 for float64 x), and calls the plain op.
+
+The plain op takes A and B in x's dtype, or in float32 under a float16/bfloat16 x (peft's
+float32 adapters over a half base; :func:`factor_dtypes`): the phase is then formed from
+the factors unrounded, and dA, dB come back in float32.
 """
 
 from __future__ import annotations
@@ -363,14 +366,28 @@ def _validate_args(x, weight, lora_A, lora_B, bias, fn, placement):
         raise ValueError(f"lora_B must have shape (N_out={n_out}, r={r}), got {tuple(lora_B.shape)}")
     for value, name in ((lora_A, "lora_A"), (lora_B, "lora_B")):
         _validate.same_device(value, x, name, "x")
-        if value.dtype != x.dtype:
-            raise TypeError(f"{name} must have x's dtype ({x.dtype}), got {value.dtype}")
+        if value.dtype not in factor_dtypes(x.dtype):
+            also = " or float32" if x.dtype in HALF_DTYPES else ""
+            raise TypeError(f"{name} must have x's dtype ({x.dtype}){also}, got {value.dtype}")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A and lora_B must share one dtype, got {lora_A.dtype} and {lora_B.dtype}")
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def factor_dtypes(x_dtype: torch.dtype) -> Tuple[torch.dtype, ...]:
+    """The dtypes the plain op takes for A and B: x's, and float32 under a half x. Float32
+    factors over a half base are peft's default (``autocast_adapter_dtype``); rounding them
+    to x's dtype before the phase omega B A cost up to 14% of the output at omega 300 in
+    bfloat16, where the op promises that phase in float32."""
+    return (x_dtype, torch.float32) if x_dtype in HALF_DTYPES else (x_dtype,)
 
 
 def _resolve_adapter(x: Tensor, lora_A, lora_B, omega):
-    """(A, B, omega) for the plain op: a QuantizedAdapter's factors are dequantized in x's
-    dtype without their power-of-two exponents (float16 keeps its precision then; a B near
-    zero would be subnormal), which move into omega (omega B A = omega 2^(e_A + e_B) B' A')."""
+    """(A, B, omega) for the plain op: a QuantizedAdapter's factors are dequantized in
+    float32 (float64 for float64 x), the phase's precision, without their power-of-two
+    exponents, which move into omega (omega B A = omega 2^(e_A + e_B) B' A')."""
     from ..quant.adapters import QuantizedAdapter
 
     if isinstance(lora_A, QuantizedAdapter):
@@ -378,7 +395,8 @@ def _resolve_adapter(x: Tensor, lora_A, lora_B, omega):
             raise ValueError("lora_B must be None when lora_A is a QuantizedAdapter (it holds both factors)")
         if isinstance(x, Tensor):
             _validate.same_device(lora_A.device_tensor(), x, "lora_A", "x")
-        a, b = lora_A.dequantize(dtype=x.dtype if isinstance(x, Tensor) else None, normalized=True)
+        dtype = _reference.opmath_dtype(x.dtype) if isinstance(x, Tensor) else None
+        a, b = lora_A.dequantize(dtype=dtype, normalized=True)
         return a, b, _folded_omega(omega, lora_A)
     if isinstance(lora_B, QuantizedAdapter):
         raise TypeError("pass a QuantizedAdapter as lora_A (with lora_B=None), not as lora_B")
@@ -439,7 +457,8 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
     Args:
         x: (..., K_in) input, float16/bfloat16/float32/float64.
         weight: (N_out, K_in) base weight (usually frozen: then it gets no gradient work).
-        lora_A: (r, K_in) adapter factor, or a :class:`lucidops.quant.QuantizedAdapter`
+        lora_A: (r, K_in) adapter factor (x's dtype, or float32 under a half x), or a
+            :class:`lucidops.quant.QuantizedAdapter`
             (then ``lora_B`` is None, the adapter is frozen, and with placement "weight"
             the triton backend dequantizes it inside the kernels; see the module docs).
         lora_B: (N_out, r) adapter factor.
@@ -456,11 +475,14 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
             ``lora_dropout`` gives it (x's shape, dtype and device); the base still reads x.
             It costs one more matmul of the base's size (see :func:`_with_adapter_input`).
     Returns:
-        (..., N_out) tensor in x's dtype. All tensors must share x's dtype and device.
+        (..., N_out) tensor in x's dtype. All tensors must share x's device and dtype, except
+        that lora_A and lora_B may both be float32 under a float16/bfloat16 x (their
+        gradients are then float32; inside ``torch.autocast`` float32 factors stay float32).
     """
     from ..quant.adapters import QuantizedAdapter
 
-    x, weight, lora_A, lora_B, bias = _autocast.lower_precision(x, weight, lora_A, lora_B, bias)  # as for linear
+    x, weight, bias = _autocast.lower_precision(x, weight, bias)  # as for linear
+    lora_A, lora_B = _autocast.lower_precision_but_float32(lora_A, lora_B)  # float32 factors form the phase
     if adapter_input is not None:
         return _with_adapter_input(x, adapter_input, weight, lora_A, lora_B, bias, fn, omega, scale, placement)
     if isinstance(lora_A, QuantizedAdapter) and placement == "weight":

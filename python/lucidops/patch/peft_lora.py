@@ -182,12 +182,14 @@ def _fused(self, x: Tensor) -> Tensor:
     weight, bias = _base_weight(self)
     a = self.lora_A[adapter].weight
     b = self.lora_B[adapter].weight
-    # peft may keep adapters in float32 over a bfloat16 base: run the op in the base's dtype
-    # (the differentiable casts send the gradients back to the float32 adapter parameters).
+    # Run the op in the base's dtype. peft keeps adapters in float32 over a half base
+    # (autocast_adapter_dtype): the op takes them so, and forms the phase from them unrounded;
+    # factors of another dtype are cast (the differentiable casts send the gradients back).
     dtype = weight.dtype
+    factor_dtype = a.dtype if a.dtype in _ops.factor_dtypes(dtype) and b.dtype == a.dtype else dtype
     # As in peft, the adapter reads lora_dropout(x) and the base x.
     dropped = _ops.dropout_input(self.lora_dropout[adapter], x)
-    y = _ops.bounded_lora_linear(x.to(dtype), weight, a.to(dtype), b.to(dtype), bias, fn=cfg["fn"],
+    y = _ops.bounded_lora_linear(x.to(dtype), weight, a.to(factor_dtype), b.to(factor_dtype), bias, fn=cfg["fn"],
                                  omega=cfg["omega"], scale=self.scaling[adapter] / cfg["gain"],
                                  placement=cfg["placement"],
                                  adapter_input=None if dropped is None else dropped.to(dtype))

@@ -204,7 +204,7 @@ class QuantizedAdapter:
     def dequantize(self, dtype: Optional[torch.dtype] = None, normalized: bool = False):
         """(A, B) reconstructed, in ``dtype`` (default: the original dtypes). With
         ``normalized``, each divided by its 2^exponent: B A is then the product divided by
-        :meth:`phase_multiplier` (how the ops keep float16 factors out of the subnormals)."""
+        :meth:`phase_multiplier`, which the ops fold into omega."""
         return self.A.dequantize(dtype, normalized), self.B.dequantize(dtype, normalized)
 
     def state(self) -> Dict[str, Tensor]:

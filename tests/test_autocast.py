@@ -135,6 +135,17 @@ def test_lora_phase_stays_float32_in_a_region(backend, device, placement):
     assert err < 6e-3, (backend, err)  # one bfloat16 rounding of the output, about 2^-9 relative
 
 
+def test_lora_factors_of_two_dtypes_take_the_region_dtype_together():
+    """Only factors that are both float32 stay float32; a float32 A beside a bfloat16 B is
+    cast as linear casts any mix (keeping A alone made a pair the op refuses)."""
+    (x, w, a, b, bias), kwargs = lora_inputs(torch.Generator().manual_seed(13))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lucidops.ops.bounded_lora_linear(x, w, a, b.to(torch.float16), bias, **kwargs)
+    expected = lucidops.ops.bounded_lora_linear(*(t.to(torch.bfloat16) for t in (x, w, a, b.to(torch.float16), bias)),
+                                                **kwargs)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
 def test_compiled_call_in_a_region_matches_eager():
     leaves, kwargs = lora_inputs(torch.Generator().manual_seed(11))
     compiled = torch.compile(lambda *t: lucidops.ops.bounded_lora_linear(*t, **kwargs), fullgraph=True,

@@ -227,9 +227,10 @@ def test_opcheck_float32_factors_over_a_half_x(backend, device):
                                   (x.requires_grad_(True), w, a.requires_grad_(True), b.requires_grad_(True), bias,
                                    "sin", placement, OMEGA, SCALE))
             grad = torch.randn(6, 9, device=device).to(torch.bfloat16)
-            torch.library.opcheck(torch.ops.lucidops.bounded_lora_linear_backward.default,
-                                  (grad, x.detach(), w, a.detach(), b.detach(), "tanh", placement, OMEGA, SCALE, True,
-                                   True, True, True))
+            for need_lora in (True, False):  # unneeded dA, dB: empty, of one dtype on every backend and the fake
+                torch.library.opcheck(torch.ops.lucidops.bounded_lora_linear_backward.default,
+                                      (grad, x.detach(), w, a.detach(), b.detach(), "tanh", placement, OMEGA, SCALE,
+                                       True, True, True, need_lora))
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

@@ -25,7 +25,9 @@ def _reference_backward(grad, x, weight, a, b, fn, placement, omega, scale, need
     out = _reference.backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, need_weight, need_bias)
     if need_lora:
         return out
-    return out[0], out[1], out[2], a.new_empty(0), b.new_empty(0)
+    # Unneeded gradients are empty tensors of x's dtype on every backend (and in the fake
+    # kernel), also with float32 factors over a half x.
+    return out[0], out[1], out[2], x.new_empty(0), x.new_empty(0)
 
 
 def _apply_fn_(fn: str, z: Tensor) -> Tensor:
@@ -100,6 +102,8 @@ def _cpp_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, ne
         if need_weight:
             grad_w = torch.mm(g.T, xc).to(weight.dtype)
     grad_bias = g.sum(0).to(weight.dtype) if need_bias else empty
+    if not need_lora:  # empty, in x's dtype as the other backends and the fake kernel give it
+        return grad_x.to(x.dtype), grad_w, grad_bias, empty, empty
     return (grad_x.to(x.dtype), grad_w, grad_bias, grad_a.to(a.dtype), grad_b.to(b.dtype))
 
 

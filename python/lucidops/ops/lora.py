@@ -482,7 +482,7 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
     from ..quant.adapters import QuantizedAdapter
 
     x, weight, bias = _autocast.lower_precision(x, weight, bias)  # as for linear
-    lora_A, lora_B = _autocast.lower_precision_but_float32(lora_A, lora_B)  # float32 factors form the phase
+    lora_A, lora_B = _autocast.lower_precision_unless_all_float32(lora_A, lora_B)  # float32 factors form the phase
     if adapter_input is not None:
         return _with_adapter_input(x, adapter_input, weight, lora_A, lora_B, bias, fn, omega, scale, placement)
     if isinstance(lora_A, QuantizedAdapter) and placement == "weight":

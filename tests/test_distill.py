@@ -1,5 +1,6 @@
 """lucidops.train.distill: single process, the three-stage PointNet recipe, and DDP (2 gloo ranks)."""
 
+import math
 import os
 import signal
 import subprocess
@@ -181,6 +182,29 @@ def test_distill_pointnet_passes_the_finetune_schedule(monkeypatch):
     res = distill_pointnet(_teacher(), data, num_gaussians=4, steps=2, finetune_data=data, finetune_steps=2,
                            finetune_schedule="cosine", batch_size=2, points_per_cloud=16, seed=0, progress=False)
     assert seen["schedule"] == "cosine" and res.finetune.steps == 2
+
+
+def test_a_float16_student_is_refused_by_name():
+    """AdamW's float16 steps overflowed the student to inf; the next forward then named the
+    mixer's weight, an argument the caller never passed."""
+    student = GaussianPointEncoder(4, 8, reduce="none").half()
+    with pytest.raises(TypeError, match="student is float16: .*distil a float32 student"):
+        distill(lambda x: x.repeat(1, 1, 3)[..., :8], student, None, steps=1, batch_size=2, points_per_cloud=8,
+                progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_distill_pointnet_of_a_half_teacher_trains_in_float32_and_returns_its_dtype(dtype):
+    teacher = _teacher(input_transform=True, feature_transform=True).to(dtype)
+    data = SyntheticShapes(8, num_points=64, num_classes=10, seed=0)
+    res = distill_pointnet(teacher, data, num_gaussians=4, steps=20, tnet_steps=10, finetune_data=data,
+                           finetune_steps=2, batch_size=4, points_per_cloud=32, lr=1e-2, seed=0, progress=False)
+    assert {p.dtype for p in res.model.parameters()} == {dtype}
+    assert all(math.isfinite(loss) for r in (res.tnet, res.encoder, res.finetune) for loss in r.losses)
+    assert res.encoder.final_loss < res.encoder.losses[0]
+    with torch.no_grad():
+        logits = res.model(_held_out(2, 64).to(dtype))
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
 
 
 def test_distill_pointnet_three_stages():

@@ -138,6 +138,26 @@ def test_patched_root_pointnet_holds_only_what_it_runs():
     assert not any(m.training for m in model.modules())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_a_half_precision_model_gets_a_student_trained_in_float32(dtype):
+    """Distilled in the model's float16, AdamW's steps overflowed the student to inf and the
+    patch failed ("weight must be finite"); it trains in float32 and takes the model's dtype."""
+    torch.manual_seed(0)
+    model = PointNet(5, feature_transform=False).eval().to(dtype)
+    x = _clouds(2, 64, seed=4).to(dtype)
+    with torch.no_grad():
+        before = model(x)
+    with point_encoders(model, clouds=_clouds(), distill_kwargs=dict(FAST, steps=20), num_gaussians=4):
+        students = [m for m in model.modules() if isinstance(m, GaussianPointEncoder)]
+        assert len(students) == 1 and {p.dtype for p in students[0].parameters()} == {dtype}
+        assert all(torch.isfinite(p).all() for p in students[0].parameters())
+        with torch.no_grad():
+            out = model(x)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
 def test_revert_puts_a_root_pointnet_s_layers_back_in_their_order():
     """The hidden layers came back registered last: parameters() and state_dict() changed
     order, and an optimizer's state (matched by position) landed on the wrong parameters."""

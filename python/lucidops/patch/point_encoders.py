@@ -208,7 +208,11 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
                 if student.out_channels != out_channels:
                     raise ValueError(f"student_factory returned {student.out_channels} output channels for "
                                      f"{path or 'the model'!r}, which has {out_channels}")
-            student = student.to(device, dtype)
+            # A half-precision model's student trains in float32 and takes the model's dtype
+            # after: AdamW's steps on float16 parameters overflowed to inf (a ValueError naming
+            # the mixer weight), as mixed-precision training keeps float32 master weights.
+            train_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            student = student.to(device, train_dtype)
             # Each submodule's own mode, restored after: train(was_training) would flatten them
             # (a frozen BatchNorm of a training model would come back training).
             modes = {m: m.training for m in module.modules()}
@@ -221,6 +225,7 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
                     m.training = mode
             student.reduce = "max"
             student.eval()
+            student.to(dtype)
             _install(handle, model, path, module, kind, student)
     except BaseException:
         handle.revert()  # leave the model as it was

@@ -48,7 +48,8 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
             ``point_features`` is used). Frozen: run under ``no_grad`` and, when it is (or
             belongs to) an ``nn.Module``, in eval mode (its flags are restored afterwards).
         student: an ``nn.Module`` points (B, N, 3) -> (B, N, K), typically
-            ``GaussianPointEncoder(reduce="none")``. A ``GaussianPointEncoder`` built with
+            ``GaussianPointEncoder(reduce="none")``; not float16 (AdamW's float16 steps
+            overflow: distil in float32 and convert after). A ``GaussianPointEncoder`` built with
             ``reduce="max"`` is switched to ``"none"`` for the distillation and back after.
         clouds: where to sample: a tensor (M, N, 3), a sequence of (N_i, 3) tensors, a
             dataset of clouds or (points, label) pairs (e.g. ``SyntheticShapes``), or
@@ -107,13 +108,18 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
     distributed, rank, world = dist_info()
     dev = resolve_device(device, student)
     dtype = dtype_of(student)
+    if dtype == torch.float16:
+        raise TypeError("student is float16: distill trains its parameters in place, and AdamW's float16 steps "
+                        "overflow (one step turned them into inf); distil a float32 student and convert it after "
+                        "(lucidops.patch.point_encoders does so for half-precision models)")
     student.to(dev)
     teacher_module = _owning_module(teacher_fn)
-    teacher_dtype = dtype  # a module teacher reads points in its own dtype (a float32 PointNet, a float64 student)
+    # A module teacher reads points in its own dtype (a float32 PointNet, a float64 student),
+    # and so does a module's input transform (a float16 model's T-Net, a float32 student).
+    teacher_dtype = _reads_in(teacher_module, dtype)
+    transform_dtype = _reads_in(_owning_module(input_transform), dtype)
     if teacher_module is not None:
         teacher_module.to(dev)
-        if any(p.is_floating_point() for p in teacher_module.parameters()):
-            teacher_dtype = dtype_of(teacher_module)
         if distributed:
             broadcast_module(teacher_module)
 
@@ -155,7 +161,11 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
                 with torch.no_grad():
                     target = teacher_fn(points.to(teacher_dtype),
                                         *[None if r is None else r.to(teacher_dtype) for r in rows])
-                    student_in = input_transform(points, *rows) if input_transform is not None else points
+                    student_in = points
+                    if input_transform is not None:  # a frozen map (a T-Net) in its own dtype, as the teacher
+                        student_in = input_transform(points.to(transform_dtype),
+                                                     *[None if r is None else r.to(transform_dtype)
+                                                       for r in rows]).to(dtype)
                 if step == 0:
                     _check_target(target, batch_size, points_per_cloud)
                     if isinstance(student, GaussianPointEncoder):
@@ -201,6 +211,13 @@ def _owning_module(fn) -> Optional[nn.Module]:
         return fn
     owner = getattr(fn, "__self__", None)
     return owner if isinstance(owner, nn.Module) else None
+
+
+def _reads_in(module: Optional[nn.Module], default: torch.dtype) -> torch.dtype:
+    """The dtype ``module`` computes in (its first floating parameter's), else ``default``."""
+    if module is not None and any(p.is_floating_point() for p in module.parameters()):
+        return dtype_of(module)
+    return default
 
 
 def _as_teacher(teacher) -> Callable[[Tensor], Tensor]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -120,6 +120,9 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
         if key in distill_kwargs:
             raise TypeError(f"distill_pointnet sets {key!r} itself")
     dtype = next(teacher.parameters()).dtype
+    # A half-precision teacher's students train in float32 (AdamW's float16 steps overflow to
+    # inf), and the model takes the teacher's dtype at the end.
+    train_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     dev = torch.device(device) if device is not None else next(teacher.parameters()).device
     k = _out_channels(teacher.conv3)
     cubes = cloud_cubes(clouds) if auto_center or auto_range else None  # also checks clouds before any stage runs
@@ -140,9 +143,10 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
             with seeded_rng(seed, dev):
                 tnet_enc = GaussianPointEncoder(tnet_gaussians, _out_channels(tnet.encoder[-1]),
                                                 cloud_range=tnet_range, cloud_center=center,
-                                                reduce="max").to(dev, dtype)
-            tnet_result = distill(lambda x: tnet_point_features(tnet, x), tnet_enc, clouds, steps=tnet_steps,
-                                  seed=seed, progress=progress, device=dev, desc="distill T-Net", **distill_kwargs)
+                                                reduce="max").to(dev, train_dtype)
+            tnet_result = distill(_reading_in(dtype, lambda x: tnet_point_features(tnet, x)), tnet_enc, clouds,
+                                  steps=tnet_steps, seed=seed, progress=progress, device=dev, desc="distill T-Net",
+                                  **distill_kwargs)
             gtnet = GaussianTNet.from_tnet(tnet, tnet_enc)
         stage2: Dict[str, Any] = {}
         stage2_center, stage2_range = center, tnet_range
@@ -152,7 +156,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
             # uniform cube samples instead gives other transforms, and the student then fails on
             # surfaces).
             trans_in, trans_feat = _pointnet_transforms(teacher, clouds, dev, dtype)
-            stage2 = dict(teacher=lambda x, a, f: teacher.encoder_features(_apply(x, a), f),
+            stage2 = dict(teacher=_reading_in(dtype, lambda x, a, f: teacher.encoder_features(_apply(x, a), f)),
                           input_transform=lambda x, a, f: _apply(x, a), per_cloud=[trans_in, trans_feat])
             if cubes is not None and trans_in is not None:
                 moved = _transformed_box(*cubes, trans_in)
@@ -166,11 +170,11 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
             stage2 = dict(teacher=teacher.point_features)
         with seeded_rng(None if seed is None else seed + 7919, dev):
             encoder = GaussianPointEncoder(num_gaussians, k, cloud_range=stage2_range, cloud_center=stage2_center,
-                                           reduce="max").to(dev, dtype)
+                                           reduce="max").to(dev, train_dtype)
         enc_result = distill(stage2.pop("teacher"), encoder, clouds, steps=steps,
                              seed=None if seed is None else seed + 7919, progress=progress, device=dev,
                              desc="distill encoder", **stage2, **distill_kwargs)
-    model = DistilledPointNet(encoder, copy.deepcopy(teacher.head), gtnet).to(dev)
+    model = DistilledPointNet(encoder, copy.deepcopy(teacher.head), gtnet).to(dev, train_dtype)
     ft_result = None
     if finetune_steps > 0:
         pts_per_cloud = distill_kwargs.get("points_per_cloud", 1024)
@@ -182,7 +186,15 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
                                  encoder_lr_scale=encoder_lr_scale, schedule=finetune_schedule, seed=ft_seed,
                                  progress=progress, device=dev)
     model.eval()
+    model.to(dtype)
     return PointNetDistillResult(model, tnet_result, enc_result, ft_result)
+
+
+def _reading_in(dtype: torch.dtype, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` (a teacher closure over the teacher's modules, which distill cannot see the
+    dtype of) with its tensor arguments cast to the teacher's ``dtype`` (the students of a
+    half-precision teacher train in float32)."""
+    return lambda *args: fn(*[None if t is None else t.to(dtype) for t in args])
 
 
 def tnet_point_features(tnet: TNet, points: Tensor) -> Tensor:

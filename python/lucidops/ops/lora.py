@@ -379,8 +379,8 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 def factor_dtypes(x_dtype: torch.dtype) -> Tuple[torch.dtype, ...]:
     """The dtypes the plain op takes for A and B: x's, and float32 under a half x. Float32
     factors over a half base are peft's default (``autocast_adapter_dtype``); rounding them
-    to x's dtype before the phase omega B A cost up to 14% of the output at omega 300 in
-    bfloat16, where the op promises that phase in float32."""
+    to x's dtype before the phase omega B A cost 17% (weight) and 29% (output placement) of
+    a bfloat16 output at omega 300, where the op promises that phase in float32."""
     return (x_dtype, torch.float32) if x_dtype in HALF_DTYPES else (x_dtype,)
 
 

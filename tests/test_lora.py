@@ -656,6 +656,49 @@ def test_module_quantize():
         layer.quantize_()
 
 
+@pytest.mark.parametrize("base_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_a_half_base_gets_float32_adapters_by_default(base_dtype):
+    """As peft's autocast_adapter_dtype: half factors round the phase at omega 300 by far more
+    than the output's own rounding (checked below), and every optimizer step on them."""
+    k = 64
+    layer = lucidops.nn.SineLoRALinear(_linear(k, 24, seed=7, dtype=base_dtype), rank=4, omega=300.0,
+                                       alpha=4 * math.sqrt(k))  # scale 1
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_A.normal_(std=0.5)
+        layer.lora_B.normal_(std=0.3)
+        layer.base.weight.zero_()  # y is the update (and the bias): its error is not diluted
+    x = torch.randn(8, k, generator=torch.Generator().manual_seed(8)).to(base_dtype).requires_grad_(True)
+    y = layer(x)
+    y.float().square().sum().backward()
+    assert y.dtype == base_dtype and x.grad.dtype == base_dtype
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+    w, bias = layer.base.weight.double(), layer.base.bias.double()
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    exact = ref.forward(x.detach().double(), w, a.double(), b.double(), bias, "sin", "weight", 300.0, layer.scale)
+    rounded = ref.forward(x.detach().double(), w, a.to(base_dtype).double(), b.to(base_dtype).double(), bias, "sin",
+                          "weight", 300.0, layer.scale)
+    tol = 1e-3 if base_dtype == torch.float16 else 5e-3
+    assert rel_err(y, exact) < tol < 0.1 * rel_err(rounded, exact)
+    # Asked for, the base's dtype; a dtype the op does not take over this base is refused by name.
+    assert lucidops.nn.SineLoRALinear(_linear(k, 24, dtype=base_dtype), rank=4, omega=1.0,
+                                      adapter_dtype=base_dtype).lora_A.dtype == base_dtype
+    other = torch.bfloat16 if base_dtype == torch.float16 else torch.float16
+    with pytest.raises(TypeError, match=f"adapter_dtype must be {base_dtype} or torch.float32 over a {base_dtype} "
+                                        f"base, got {other}"):
+        lucidops.nn.SineLoRALinear(_linear(k, 24, dtype=base_dtype), rank=4, omega=1.0, adapter_dtype=other)
+
+
+def test_a_float32_base_keeps_float32_adapters_and_refuses_half_ones():
+    layer = lucidops.nn.BoundedLoRALinear(_linear(8, 4), rank=2, fn="tanh")
+    assert layer.lora_A.dtype == torch.float32
+    assert lucidops.nn.BoundedLoRALinear(_linear(8, 4).double(), rank=2).lora_B.dtype == torch.float64
+    with pytest.raises(TypeError, match="adapter_dtype must be torch.float32 over a torch.float32 base"):
+        lucidops.nn.BoundedLoRALinear(_linear(8, 4), rank=2, adapter_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="adapter_dtype must be"):
+        lucidops.nn.BoundedLoRALinear(_linear(8, 4), rank=2, adapter_dtype="float32")
+
+
 def test_quantized_half_layer_merges_the_update_its_forward_computes():
     """bfloat16 base, 8-bit adapter, omega 300: merge() folds the update formed from the
     factors dequantized in float32, as forward forms it; it dequantized them in bfloat16,

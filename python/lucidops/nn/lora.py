@@ -41,11 +41,15 @@ class BoundedLoRALinear(nn.Module):
             dropout(x) while the base reads x (one more matmul of the base's size per call).
             A random operation: under ``torch.func.vmap`` (Opacus runs this layer so) it
             needs ``randomness="same"`` or ``"different"``.
+        adapter_dtype: the dtype of A and B: the base's, or float32 over a float16/bfloat16
+            base. Default: float32 over a half base (as peft's ``autocast_adapter_dtype``:
+            half factors round the phase omega B A, by a radian and more at omega in the
+            hundreds, and every optimizer step on them), else the base's dtype.
     """
 
     def __init__(self, base: nn.Linear, rank: int, fn: str = "sin", omega: float = 1.0,
                  alpha: Optional[float] = None, placement: str = "weight", gain: Union[float, str] = 1.0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, adapter_dtype: Optional[torch.dtype] = None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -65,8 +69,9 @@ class BoundedLoRALinear(nn.Module):
         drop_p = _validate.probability(dropout, "dropout")
         self.lora_dropout: nn.Module = nn.Dropout(drop_p) if drop_p > 0 else nn.Identity()  # peft's name
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
+        dtype = _adapter_dtype(adapter_dtype, w.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=w.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.quantized: Optional[QuantizedAdapter] = None
         self.merged = False
@@ -295,6 +300,19 @@ class SineLoRALinear(BoundedLoRALinear):
     g = sqrt(K_in) by default (``gain="sqrt_in"``, as in the authors' code)."""
 
     def __init__(self, base: nn.Linear, rank: int, omega: float, alpha: Optional[float] = None,
-                 gain: Union[float, str] = "sqrt_in", dropout: float = 0.0):
+                 gain: Union[float, str] = "sqrt_in", dropout: float = 0.0,
+                 adapter_dtype: Optional[torch.dtype] = None):
         super().__init__(base, rank, fn="sin", omega=omega, alpha=alpha, placement="weight", gain=gain,
-                         dropout=dropout)
+                         dropout=dropout, adapter_dtype=adapter_dtype)
+
+
+def _adapter_dtype(requested: Optional[torch.dtype], base_dtype: torch.dtype) -> torch.dtype:
+    """The adapter's dtype: ``requested`` when the op takes it over ``base_dtype``; by default
+    float32 over a half base, else the base's dtype."""
+    allowed = F.factor_dtypes(base_dtype)
+    if requested is None:
+        return allowed[-1]  # float32 over a half base, the base's dtype otherwise
+    if not isinstance(requested, torch.dtype) or requested not in allowed:
+        names = " or ".join(str(d) for d in allowed)
+        raise TypeError(f"adapter_dtype must be {names} over a {base_dtype} base, got {requested!r}")
+    return requested

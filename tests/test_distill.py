@@ -13,8 +13,8 @@ import torch
 
 from lucidops.data import SyntheticShapes
 from lucidops.models import PointNet
-from lucidops.nn import GaussianPointEncoder
-from lucidops.train import DistilledPointNet, DistillResult, distill, distill_pointnet
+from lucidops.nn import GaussianPointEncoder, GaussianPointNet
+from lucidops.train import DistilledPointNet, DistillResult, distill, distill_pointnet, finetune
 from lucidops.train import cloud_cubes, sample_cube_points, tnet_point_features
 
 K = 32  # teacher channels kept (PointNet's encoder is 1024 wide; a slice keeps the test small)
@@ -191,6 +191,16 @@ def test_a_float16_student_is_refused_by_name():
     with pytest.raises(TypeError, match="student is float16: .*distil a float32 student"):
         distill(lambda x: x.repeat(1, 1, 3)[..., :8], student, None, steps=1, batch_size=2, points_per_cloud=8,
                 progress=False)
+
+
+def test_finetune_refuses_a_float16_model_before_touching_it():
+    """It trained in float16 in place: AdamW overflowed 22 parameters to inf and the model was lost."""
+    model = GaussianPointNet(num_classes=3, num_gaussians=4, out_channels=16, tnet_gaussians=3).half()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = SyntheticShapes(4, num_points=32, num_classes=3, seed=0)
+    with pytest.raises(TypeError, match=r"model is float16: .*fine-tune it in float32 \(model.float\(\)\)"):
+        finetune(model, data, steps=2, batch_size=2, points_per_cloud=16, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

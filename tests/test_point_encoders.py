@@ -138,13 +138,19 @@ def test_patched_root_pointnet_holds_only_what_it_runs():
     assert not any(m.training for m in model.modules())
 
 
+@pytest.mark.parametrize("kind", ["pointnet", "point_mae"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_a_half_precision_model_gets_a_student_trained_in_float32(dtype):
+def test_a_half_precision_model_gets_a_student_trained_in_float32(dtype, kind):
     """Distilled in the model's float16, AdamW's steps overflowed the student to inf and the
-    patch failed ("weight must be finite"); it trains in float32 and takes the model's dtype."""
+    patch failed ("weight must be finite"); it trains in float32 and takes the model's dtype,
+    the Point-MAE encoder's teacher reading the points in the model's dtype."""
     torch.manual_seed(0)
-    model = PointNet(5, feature_transform=False).eval().to(dtype)
-    x = _clouds(2, 64, seed=4).to(dtype)
+    if kind == "pointnet":
+        model = PointNet(5, feature_transform=False).eval().to(dtype)
+        x = _clouds(2, 64, seed=4).to(dtype)
+    else:
+        model = Mamba3DLike(channels=16).eval().to(dtype)
+        x = _clouds(2 * 4, 32, scale=0.2, seed=4).reshape(2, 4, 32, 3).to(dtype)
     with torch.no_grad():
         before = model(x)
     with point_encoders(model, clouds=_clouds(), distill_kwargs=dict(FAST, steps=20), num_gaussians=4):

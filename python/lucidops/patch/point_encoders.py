@@ -36,7 +36,7 @@ from ..models.pointnet import PointNet
 from ..nn.gaussian_mixture import GaussianPointEncoder
 from ..train.cubes import cloud_cubes, cubes_box
 from ..train.distillation import distill
-from ..train.loop import seeded_rng
+from ..train.loop import reading_in, seeded_rng, training_dtype
 from ..train.pointnet_recipe import DistilledPointNet
 from .handle import PatchHandle, child_slots
 from .instance_method import InstanceMethod
@@ -191,7 +191,8 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
             else:
                 second_conv = cast(nn.Module, module.second_conv)  # checked by is_point_mae_encoder
                 out_channels = _last_out_channels(second_conv, f"{path or 'model'}.second_conv")
-                teacher = lambda x, m=module: point_mae_point_features(m, x)  # noqa: E731
+                # in the model's dtype: a closure's dtype is not seen by distill, and the student trains in float32
+                teacher = reading_in(dtype, lambda x, m=module: point_mae_point_features(m, x))
                 transform = None
             # The CPU's generator and the model's GPU's, forked: torch.manual_seed also reseeded
             # every GPU's generator for good.
@@ -211,8 +212,7 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
             # A half-precision model's student trains in float32 and takes the model's dtype
             # after: AdamW's steps on float16 parameters overflowed to inf (a ValueError naming
             # the mixer weight), as mixed-precision training keeps float32 master weights.
-            train_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-            student = student.to(device, train_dtype)
+            student = student.to(device, training_dtype(dtype))
             # Each submodule's own mode, restored after: train(was_training) would flatten them
             # (a frozen BatchNorm of a training model would come back training).
             modes = {m: m.training for m in module.modules()}

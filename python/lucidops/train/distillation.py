@@ -29,7 +29,7 @@ from ..nn.gaussian_mixture import GaussianPointEncoder
 from ..reference.gaussian_mixture import gaussian_phi
 from .cubes import cloud_cubes, sample_cube_points
 from .loop import (DistillResult, TrainingMode, broadcast_module, build_optimizers, check_common,
-                   dist_info, dtype_of, optimizer_step, progress_bar, resolve_device,
+                   dist_info, dtype_of, optimizer_step, progress_bar, refuse_float16, resolve_device,
                    wrap_ddp)
 
 
@@ -45,8 +45,10 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
     Args:
         teacher: a callable points (B, N, 3) -> per-point features (B, N, K), e.g.
             ``pointnet.point_features``, or a :class:`~lucidops.models.PointNet` (its
-            ``point_features`` is used). Frozen: run under ``no_grad`` and, when it is (or
-            belongs to) an ``nn.Module``, in eval mode (its flags are restored afterwards).
+            ``point_features`` is used). A module or a module's bound method gets the points
+            in the module's dtype, any other callable in the student's. Frozen: run under
+            ``no_grad`` and, when it is (or belongs to) an ``nn.Module``, in eval mode (its
+            flags are restored afterwards).
         student: an ``nn.Module`` points (B, N, 3) -> (B, N, K), typically
             ``GaussianPointEncoder(reduce="none")``; not float16 (AdamW's float16 steps
             overflow: distil in float32 and convert after). A ``GaussianPointEncoder`` built with
@@ -108,10 +110,9 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
     distributed, rank, world = dist_info()
     dev = resolve_device(device, student)
     dtype = dtype_of(student)
-    if dtype == torch.float16:
-        raise TypeError("student is float16: distill trains its parameters in place, and AdamW's float16 steps "
-                        "overflow (one step turned them into inf); distil a float32 student and convert it after "
-                        "(lucidops.patch.point_encoders does so for half-precision models)")
+    refuse_float16(dtype, "student", "distil a float32 student and convert it after (patch.point_encoders and "
+                   "distill_pointnet do so for half-precision models; a teacher that is a plain function gets the "
+                   "points in the student's dtype and casts them itself)")
     student.to(dev)
     teacher_module = _owning_module(teacher_fn)
     # A module teacher reads points in its own dtype (a float32 PointNet, a float64 student),

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import _validate
 from ..nn.gaussian_mixture import GaussianPointEncoder
 from .loop import (DistillResult, TrainingMode, build_optimizers, check_common, dist_info,
-                   dtype_of, optimizer_step, progress_bar, resolve_device, wrap_ddp)
+                   dtype_of, optimizer_step, progress_bar, refuse_float16, resolve_device, wrap_ddp)
 
 SCHEDULES = ("constant", "cosine")
 
@@ -56,6 +56,7 @@ def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, bat
         raise ValueError(f"data: {n_items} items cannot be sharded over {world} ranks")
     dev = resolve_device(device, model)
     dtype = dtype_of(model)
+    refuse_float16(dtype, "model", "fine-tune it in float32 (model.float()) and convert it after")
     model.to(dev)
     local = list(range(rank, n_items, world))
     if seed is None:

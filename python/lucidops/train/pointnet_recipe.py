@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Dict, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,8 @@ from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
 from .cubes import box_center, cloud_cubes, cloud_points, cubes_bounds, half_side_about
 from .distillation import distill
 from .finetuning import SCHEDULES, _dataset_length, _labelled, finetune
-from .loop import DistillResult, TrainingMode, broadcast_module, dist_info, seeded_rng
+from .loop import (DistillResult, TrainingMode, broadcast_module, dist_info, reading_in, seeded_rng,
+                   training_dtype)
 
 
 def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32, tnet_gaussians: Optional[int] = None,
@@ -122,7 +123,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     dtype = next(teacher.parameters()).dtype
     # A half-precision teacher's students train in float32 (AdamW's float16 steps overflow to
     # inf), and the model takes the teacher's dtype at the end.
-    train_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    train_dtype = training_dtype(dtype)
     dev = torch.device(device) if device is not None else next(teacher.parameters()).device
     k = _out_channels(teacher.conv3)
     cubes = cloud_cubes(clouds) if auto_center or auto_range else None  # also checks clouds before any stage runs
@@ -144,7 +145,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
                 tnet_enc = GaussianPointEncoder(tnet_gaussians, _out_channels(tnet.encoder[-1]),
                                                 cloud_range=tnet_range, cloud_center=center,
                                                 reduce="max").to(dev, train_dtype)
-            tnet_result = distill(_reading_in(dtype, lambda x: tnet_point_features(tnet, x)), tnet_enc, clouds,
+            tnet_result = distill(reading_in(dtype, lambda x: tnet_point_features(tnet, x)), tnet_enc, clouds,
                                   steps=tnet_steps, seed=seed, progress=progress, device=dev, desc="distill T-Net",
                                   **distill_kwargs)
             gtnet = GaussianTNet.from_tnet(tnet, tnet_enc)
@@ -156,7 +157,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
             # uniform cube samples instead gives other transforms, and the student then fails on
             # surfaces).
             trans_in, trans_feat = _pointnet_transforms(teacher, clouds, dev, dtype)
-            stage2 = dict(teacher=_reading_in(dtype, lambda x, a, f: teacher.encoder_features(_apply(x, a), f)),
+            stage2 = dict(teacher=reading_in(dtype, lambda x, a, f: teacher.encoder_features(_apply(x, a), f)),
                           input_transform=lambda x, a, f: _apply(x, a), per_cloud=[trans_in, trans_feat])
             if cubes is not None and trans_in is not None:
                 moved = _transformed_box(*cubes, trans_in)
@@ -188,13 +189,6 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     model.eval()
     model.to(dtype)
     return PointNetDistillResult(model, tnet_result, enc_result, ft_result)
-
-
-def _reading_in(dtype: torch.dtype, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``fn`` (a teacher closure over the teacher's modules, which distill cannot see the
-    dtype of) with its tensor arguments cast to the teacher's ``dtype`` (the students of a
-    half-precision teacher train in float32)."""
-    return lambda *args: fn(*[None if t is None else t.to(dtype) for t in args])
 
 
 def tnet_point_features(tnet: TNet, points: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ import io
 import pytest
 import torch
 
+import lucidops
+
 from small_modules import small_modules
 
 CASES = sorted(small_modules())
@@ -36,6 +38,44 @@ def test_export_with_dynamic_sizes_round_trips(name, strict):
             want = module(x)
         got = loaded(x)
         assert got.shape == want.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_masked_attention_exports_for_every_batch_and_token_count(strict):
+    """timm's (B, 1, 1, N) key padding mask: the module asked B != N of every mask (that tells a
+    2-D padding mask from a 2-D (N, N) one), a guard under symbolic shapes, so the exported
+    program refused batch == tokens, and a patched timm ViT (17 tokens, dynamic batch) did not
+    export at all."""
+    torch.manual_seed(0)
+
+    def mask(b, n):
+        m = torch.rand(b, 1, 1, n) > 0.3
+        m[..., 0] = True
+        return m
+
+    module = lucidops.nn.ManyHeadAttention(32, 8).eval()
+    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", min=2)
+    program = torch.export.export(module, (torch.randn(3, 6, 32), mask(3, 6)),
+                                  dynamic_shapes=({0: batch, 1: tokens}, {0: batch, 3: tokens}), strict=strict)
+    assert lucidops_ops(program.graph)
+    for b, n in [(4, 9), (6, 6)]:
+        x, m = torch.randn(b, n, 32), mask(b, n)
+        with torch.no_grad():
+            assert torch.equal(program.module()(x, m), module(x, m))
+
+
+def test_patched_timm_vit_with_a_padding_mask_exports_with_a_dynamic_batch():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    lucidops.patch.timm_vit(vit)
+    mask = torch.ones(2, 1, 1, 17, dtype=torch.bool)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(vit, (torch.randn(2, 3, 32, 32), mask), dynamic_shapes=({0: batch}, {0: batch}))
+    x, mask = torch.randn(17, 3, 32, 32), torch.rand(17, 1, 1, 17) > 0.3
+    mask[..., 0] = True
+    with torch.no_grad():
+        assert torch.equal(program.module()(x, mask), vit(x, mask))  # batch == tokens
 
 
 def test_export_refuses_what_eager_refuses():

@@ -136,9 +136,12 @@ class ManyHeadAttention(nn.Module):
         b, n, _ = x.shape
         key_padding_mask, other_mask = None, None
         if attn_mask is not None:
-            # By shape, not size: a (N, N) mask has B * N elements when B == N.
-            padding_shapes = [(b, 1, 1, n)] + ([(b, n)] if b != n else [])
-            if attn_mask.dtype == torch.bool and tuple(attn_mask.shape) in padding_shapes:
+            # By shape, not size: a (N, N) mask has B * N elements when B == N. B != N is asked
+            # of a 2-D mask only: under symbolic shapes it is a guard, and for timm's 4-D mask it
+            # made an exported program refuse batch == tokens (an exported ViT, batch 17).
+            four_d = attn_mask.dim() == 4 and tuple(attn_mask.shape) == (b, 1, 1, n)
+            two_d = attn_mask.dim() == 2 and tuple(attn_mask.shape) == (b, n) and b != n
+            if attn_mask.dtype == torch.bool and (four_d or two_d):
                 key_padding_mask = attn_mask.reshape(b, n)
             else:
                 other_mask = attn_mask

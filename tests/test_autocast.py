@@ -119,8 +119,7 @@ def test_half_cloud_meets_float32_parameters_in_a_region():
 def test_lora_phase_stays_float32_in_a_region(backend, device, placement):
     """A region must not reach the phase omega B A: with omega large, a bfloat16 phase is
     off by whole radians, far past the output's own rounding. Nor may it round float32
-    factors to bfloat16 before the phase, as casting every input (linear's policy) did: the
-    output erred by 17% (weight) and 29% (output placement) at omega 200."""
+    factors to bfloat16 before the phase, as casting every input (linear's policy) did."""
     g = torch.Generator().manual_seed(10)
     x, w = torch.randn(4, 64, generator=g), torch.zeros(32, 64)
     a, b = torch.randn(8, 64, generator=g) * 0.5, torch.randn(32, 8, generator=g) * 0.5
@@ -135,13 +134,21 @@ def test_lora_phase_stays_float32_in_a_region(backend, device, placement):
     assert err < 6e-3, (backend, err)  # one bfloat16 rounding of the output, about 2^-9 relative
 
 
-def test_lora_factors_of_two_dtypes_take_the_region_dtype_together():
-    """Only factors that are both float32 stay float32; a float32 A beside a bfloat16 B is
-    cast as linear casts any mix (keeping A alone made a pair the op refuses)."""
+@pytest.mark.parametrize("a_dtype, b_dtype, factor_dtype", [
+    (torch.float32, torch.float16, torch.float32),    # a pair the op refuses: both float32, lossless
+    (torch.float16, torch.float16, torch.float32),    # float16 in a bfloat16 region: float32, not rounded
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),  # x's dtype: as they are
+], ids=str)
+def test_lora_factors_in_a_region_are_never_rounded_down(a_dtype, b_dtype, factor_dtype):
+    """x, weight and bias take the region's bfloat16; the factors resolve_factor_dtype's. A
+    float32 A beside a float16 B raised (only factors both float32 were kept), and casting
+    them to the region's dtype, as linear's weights, would round them before the phase."""
     (x, w, a, b, bias), kwargs = lora_inputs(torch.Generator().manual_seed(13))
+    a, b = a.to(a_dtype), b.to(b_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = lucidops.ops.bounded_lora_linear(x, w, a, b.to(torch.float16), bias, **kwargs)
-    expected = lucidops.ops.bounded_lora_linear(*(t.to(torch.bfloat16) for t in (x, w, a, b.to(torch.float16), bias)),
+        got = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, **kwargs)
+    half = [t.to(torch.bfloat16) for t in (x, w, bias)]
+    expected = lucidops.ops.bounded_lora_linear(half[0], half[1], a.to(factor_dtype), b.to(factor_dtype), half[2],
                                                 **kwargs)
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
 

@@ -188,9 +188,12 @@ def test_a_float16_student_is_refused_by_name():
     """AdamW's float16 steps overflowed the student to inf; the next forward then named the
     mixer's weight, an argument the caller never passed."""
     student = GaussianPointEncoder(4, 8, reduce="none").half()
-    with pytest.raises(TypeError, match="student is float16: .*distil a float32 student"):
-        distill(lambda x: x.repeat(1, 1, 3)[..., :8], student, None, steps=1, batch_size=2, points_per_cloud=8,
-                progress=False)
+    partly = GaussianPointEncoder(4, 8, reduce="none")
+    partly.mixer.half()  # its first parameter (the means) float32, its mixer float16
+    for model in (student, partly):
+        with pytest.raises(TypeError, match="student has float16 parameters: .*distil a float32 student"):
+            distill(lambda x: x.repeat(1, 1, 3)[..., :8], model, None, steps=1, batch_size=2, points_per_cloud=8,
+                    progress=False)
 
 
 def test_finetune_refuses_a_float16_model_before_touching_it():
@@ -198,17 +201,33 @@ def test_finetune_refuses_a_float16_model_before_touching_it():
     model = GaussianPointNet(num_classes=3, num_gaussians=4, out_channels=16, tnet_gaussians=3).half()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = SyntheticShapes(4, num_points=32, num_classes=3, seed=0)
-    with pytest.raises(TypeError, match=r"model is float16: .*fine-tune it in float32 \(model.float\(\)\)"):
+    with pytest.raises(TypeError, match=r"model has float16 parameters: .*fine-tune it in float32 \(model.float\(\)\)"):
         finetune(model, data, steps=2, batch_size=2, points_per_cloud=16, progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_distill_pointnet_of_a_half_teacher_trains_in_float32_and_returns_its_dtype(dtype):
+def test_distill_pointnet_of_a_half_teacher_trains_in_float32_and_returns_its_dtype(dtype, monkeypatch):
+    import lucidops.train.pointnet_recipe as recipe
+
+    trained_in = []  # the dtypes of what each stage trains
+    distill_, finetune_ = recipe.distill, recipe.finetune
+
+    def recording_distill(teacher, student, *args, **kwargs):
+        trained_in.append({p.dtype for p in student.parameters()})
+        return distill_(teacher, student, *args, **kwargs)
+
+    def recording_finetune(model, *args, **kwargs):
+        trained_in.append({p.dtype for p in model.parameters()})
+        return finetune_(model, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "distill", recording_distill)
+    monkeypatch.setattr(recipe, "finetune", recording_finetune)
     teacher = _teacher(input_transform=True, feature_transform=True).to(dtype)
     data = SyntheticShapes(8, num_points=64, num_classes=10, seed=0)
     res = distill_pointnet(teacher, data, num_gaussians=4, steps=20, tnet_steps=10, finetune_data=data,
                            finetune_steps=2, batch_size=4, points_per_cloud=32, lr=1e-2, seed=0, progress=False)
+    assert trained_in == [{torch.float32}] * 3  # the T-Net's and the encoder's students, then fine-tuning
     assert {p.dtype for p in res.model.parameters()} == {dtype}
     assert all(math.isfinite(loss) for r in (res.tnet, res.encoder, res.finetune) for loss in r.losses)
     assert res.encoder.final_loss < res.encoder.losses[0]

@@ -140,10 +140,18 @@ def test_patched_root_pointnet_holds_only_what_it_runs():
 
 @pytest.mark.parametrize("kind", ["pointnet", "point_mae"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_a_half_precision_model_gets_a_student_trained_in_float32(dtype, kind):
+def test_a_half_precision_model_gets_a_student_trained_in_float32(dtype, kind, monkeypatch):
     """Distilled in the model's float16, AdamW's steps overflowed the student to inf and the
     patch failed ("weight must be finite"); it trains in float32 and takes the model's dtype,
     the Point-MAE encoder's teacher reading the points in the model's dtype."""
+    import importlib
+
+    module = importlib.import_module("lucidops.patch.point_encoders")  # the package's name is the function
+
+    trained_in = []
+    original = module.distill
+    monkeypatch.setattr(module, "distill", lambda teacher, student, *args, **kwargs: (
+        trained_in.append(next(student.parameters()).dtype), original(teacher, student, *args, **kwargs))[1])
     torch.manual_seed(0)
     if kind == "pointnet":
         model = PointNet(5, feature_transform=False).eval().to(dtype)
@@ -155,6 +163,7 @@ def test_a_half_precision_model_gets_a_student_trained_in_float32(dtype, kind):
         before = model(x)
     with point_encoders(model, clouds=_clouds(), distill_kwargs=dict(FAST, steps=20), num_gaussians=4):
         students = [m for m in model.modules() if isinstance(m, GaussianPointEncoder)]
+        assert trained_in == [torch.float32]
         assert len(students) == 1 and {p.dtype for p in students[0].parameters()} == {dtype}
         assert all(torch.isfinite(p).all() for p in students[0].parameters())
         with torch.no_grad():

@@ -117,10 +117,13 @@ def resource_usage(cubin: bytes) -> Tuple[Optional[int], Optional[int]]:
 
 
 def describe(spec: Dict, arch: int) -> str:
-    """Kernel, arch, constexprs and the argument types it was compiled for (fp32 or fp64,
-    i32 or i64 indices): "attention_forward_kernel sm_90 {'G': 1, ...} [*bf16,*fp32,*u8,fp32,i32]"."""
-    types = sorted({t for t in spec["signature"].values() if t != "constexpr"})
-    return f"{spec['fn'].__name__} sm_{arch} {spec.get('constexprs')} [{','.join(types)}]"
+    """Kernel, arch, constexprs, the pointer arguments' types in order and the scalar types it
+    was compiled for (fp32 or fp64, i32 or i64 indices), one name per configuration:
+    "attention_forward_kernel sm_90 {'G': 1, ...} (*bf16,*bf16,...,*u8) [fp32,i32]"."""
+    types = [t for t in spec["signature"].values() if t != "constexpr"]
+    pointers = [t for t in types if t.startswith("*")]
+    scalars = sorted({t for t in types if not t.startswith("*")})
+    return f"{spec['fn'].__name__} sm_{arch} {spec.get('constexprs')} ({','.join(pointers)}) [{','.join(scalars)}]"
 
 
 def check_spec(spec: Dict, arch: int, name: str = "") -> Compiled:

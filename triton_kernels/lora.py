@@ -645,8 +645,9 @@ def _wgrad(grad, x, a, b, code, omega, scale, need_weight, need_lora, w_dtype):
     block_n, block_k, block_m, warps = WGRAD_CONFIG
     tiles_k = triton.cdiv(k, block_k)
     chunked = m > FUSED_MAX_ROWS
-    if not need_lora:  # the factors are not read: x stands in, so dW alone has one compiled variant per dtype
-        a = b = x
+    # Without the adapter the factors are not read: x stands in for them, so dW alone has one
+    # compiled variant per dtype whatever the factors' dtype.
+    a_arg, b_arg = (a, b) if need_lora else (x, x)
     dw = torch.empty((n, k), dtype=w_dtype, device=x.device) if need_weight else _dummy_fp32(x.device)
     empty = x.new_empty(0)
     buffered = chunked and not need_weight  # else G's rows go straight into dW's
@@ -670,12 +671,12 @@ def _wgrad(grad, x, a, b, code, omega, scale, need_weight, need_lora, w_dtype):
             torch.mm(grad[:, n0:n0 + rows].t(), x, out=g)
             if need_lora:
                 lora_wgrad_chunk_kernel[(tiles, tiles_k)](
-                    g, a, b, pa, pb, k, r, n0, n0 + rows, group, float(omega), float(scale),
+                    g, a_arg, b_arg, pa, pb, k, r, n0, n0 + rows, group, float(omega), float(scale),
                     FN=code, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BLOCK_R, num_warps=warps,
                 )
         else:
             lora_wgrad_kernel[(tiles, tiles_k)](
-                grad, x, a, b, dw, pa, pb, m, n, k, r, n0 // block_n, group, float(omega), float(scale),
+                grad, x, a_arg, b_arg, dw, pa, pb, m, n, k, r, n0 // block_n, group, float(omega), float(scale),
                 # FN only matters with the adapter: one compiled variant for every plain dW = dY^T X.
                 FN=code if need_lora else 0, NEED_DW=need_weight, NEED_LORA=need_lora, UPCAST=_upcast(x),
                 BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_R=BLOCK_R, num_warps=warps,
@@ -835,7 +836,9 @@ def aot_specs() -> Iterator[Dict]:
                         yield _matmul_spec(dt, dt, dt, lora=False, epilogue=1, has_bias=has_bias, fn=fn,
                                            config=config, e_t=ft)
                     if dt != "fp32":  # split reductions write float32 partials (no bias), plain or quantized
-                        for method in (None, *QUANT_METHODS.values()) if ft == dt else (None,):
+                        # (quantized factors are uint8 codes whatever the plain factors' dtype: listed once)
+                        methods = (None, *QUANT_METHODS.values()) if ft == dt else (None,)
+                        for method in methods:
                             yield _matmul_spec(dt, dt, "fp32", lora=True, epilogue=0, has_bias=False, fn=fn,
                                                config=regen, quant_method=method, factor_t=ft)
                 # U = x A^T (fp32 out); output-placement dx (epilogue 2, A)

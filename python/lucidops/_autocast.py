@@ -7,9 +7,9 @@ cast their inputs first, the way autocast treats the nearest native op:
 
 - :func:`lower_precision` for the matmul-shaped ops (attention as
   ``scaled_dot_product_attention``, the LoRA linears as ``linear``): every floating input
-  in the region's dtype (``torch.get_autocast_dtype``), except that LoRA factors that are
-  both float32 stay so (:func:`lower_precision_unless_all_float32`: the op takes float32
-  factors over a half x and forms the phase omega B A from them unrounded, as it promises);
+  in the region's dtype (``torch.get_autocast_dtype``); the LoRA factors follow the LoRA
+  op's own rule instead (``ops/lora.py``, ``resolve_factor_dtype``: float32 factors stay
+  float32, since the op forms the phase omega B A from them unrounded);
 - :func:`float32` for the Gaussian mixture, an exponential of a quadratic form (autocast's
   float32 list, where ``exp`` and the distance ops are): half inputs in float32.
 
@@ -62,15 +62,6 @@ def _cast(values: Tuple[Any, ...], dtype_for: Callable[[Tensor], Optional[torch.
 def lower_precision(*values: Any) -> Tuple[Any, ...]:
     """``values`` with each eligible tensor in its device's autocast dtype, inside a region."""
     return _cast(values, lambda t: region_dtype(t.device.type))
-
-
-def lower_precision_unless_all_float32(*values: Any) -> Tuple[Any, ...]:
-    """``values`` unchanged when every tensor among them is float32, else as
-    :func:`lower_precision` casts them (a float32 A beside a bfloat16 B: both in the region's
-    dtype, as ``linear`` takes any mix)."""
-    if all(t.dtype == torch.float32 for t in values if isinstance(t, Tensor)):
-        return values
-    return lower_precision(*values)
 
 
 def _float32_in_region(t: Tensor) -> Optional[torch.dtype]:

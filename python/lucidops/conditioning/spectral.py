@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate
+from .._dtypes import HALF_DTYPES
 
 
 def gd_shrinkage_mask(singular_values: Tensor, lr: float, iters: int) -> Tensor:
@@ -40,7 +41,7 @@ def gd_shrinkage_mask(singular_values: Tensor, lr: float, iters: int) -> Tensor:
         if bool((values < 0).any()):
             raise ValueError("singular_values must be >= 0")
     # In fp16/bf16, lr s^2 underflows and iters overflows the dtype: compute in float32.
-    wide = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+    wide = s.float() if s.dtype in HALF_DTYPES else s
     a = lr * wide * wide
     small = a < 1
     # Stable branch; a clamped copy keeps log1p finite where the other branch is used.

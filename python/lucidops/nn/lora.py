@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _validate
+from .._dtypes import opmath_dtype
 from ..ops import lora as F
 from ..quant.adapters import QuantizedAdapter, quantize_adapter
 from ..reference import lora as _reference
@@ -41,10 +42,12 @@ class BoundedLoRALinear(nn.Module):
             dropout(x) while the base reads x (one more matmul of the base's size per call).
             A random operation: under ``torch.func.vmap`` (Opacus runs this layer so) it
             needs ``randomness="same"`` or ``"different"``.
-        adapter_dtype: the dtype of A and B: the base's, or float32 over a float16/bfloat16
-            base. Default: float32 over a half base (as peft's ``autocast_adapter_dtype``:
-            half factors round the phase omega B A, by a radian and more at omega in the
-            hundreds, and every optimizer step on them), else the base's dtype.
+        adapter_dtype: the dtype A and B are made in: the base's, or float32 over a
+            float16/bfloat16 base. Default: float32 over a half base (as peft's
+            ``autocast_adapter_dtype``: half factors round the phase omega B A, by a radian
+            and more at omega in the hundreds, and every optimizer step on them), else the
+            base's dtype. Set at construction: a later ``.to(dtype)`` or ``.half()`` of the
+            layer (or its model) converts A and B too, as any module's parameters.
     """
 
     def __init__(self, base: nn.Linear, rank: int, fn: str = "sin", omega: float = 1.0,
@@ -100,15 +103,15 @@ class BoundedLoRALinear(nn.Module):
         return self._delta_weight_opmath().to(self.base.weight.dtype)
 
     def _delta_weight_opmath(self) -> Tensor:
-        """The update in float32 (float64 for a float64 weight), as forward forms it: a
-        quantized adapter dequantized in that dtype, without its exponents (they go into
-        omega), not in a half weight's dtype, which rounded the factors before the phase
-        (the merged layer erred by 14% of its output at omega 300 in bfloat16)."""
+        """The update in the weight's opmath dtype (float32 over a half weight), as forward
+        forms it: a quantized adapter dequantized in that dtype (never in a half weight's,
+        which would round the factors before the phase), without its exponents (they go
+        into omega)."""
         if self.placement != "weight":
             raise RuntimeError("placement 'output' has no weight update: its bound acts on the adapter output")
         a, b = self._adapter()
         omega = self.omega
-        compute = _reference.opmath_dtype(self.base.weight.dtype)
+        compute = opmath_dtype(self.base.weight.dtype)
         if isinstance(a, QuantizedAdapter):
             a, b, omega = a.dequantize(compute, normalized=True) + (omega * a.phase_multiplier(),)
         with torch.no_grad():
@@ -308,10 +311,10 @@ class SineLoRALinear(BoundedLoRALinear):
 
 def _adapter_dtype(requested: Optional[torch.dtype], base_dtype: torch.dtype) -> torch.dtype:
     """The adapter's dtype: ``requested`` when the op takes it over ``base_dtype``; by default
-    float32 over a half base, else the base's dtype."""
-    allowed = F.factor_dtypes(base_dtype)
+    the base's opmath dtype (float32 over a half base, else the base's own)."""
     if requested is None:
-        return allowed[-1]  # float32 over a half base, the base's dtype otherwise
+        return opmath_dtype(base_dtype)
+    allowed = F.factor_dtypes(base_dtype)
     if not isinstance(requested, torch.dtype) or requested not in allowed:
         names = " or ".join(str(d) for d in allowed)
         raise TypeError(f"adapter_dtype must be {names} over a {base_dtype} base, got {requested!r}")

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from .. import _autocast, _validate, backends
+from .._dtypes import HALF_DTYPES, opmath_dtype
 from ..profile import flops as _flops
 from ..reference import lora as _reference
 from . import _functorch, _vmap
@@ -71,6 +72,38 @@ def dropout_input(dropout: torch.nn.Module, x: Tensor) -> Optional[Tensor]:
     if isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0:
         return dropout(x)
     return None
+
+
+# --------------------------------------------------------------------------- factor dtypes
+
+def factor_dtypes(x_dtype: torch.dtype) -> Tuple[torch.dtype, ...]:
+    """The dtypes the plain op takes for A and B (both the same): x's, and float32 under a
+    half x, the way peft keeps adapters over a half base (``autocast_adapter_dtype``): the
+    op forms the phase omega B A from them unrounded, as it promises."""
+    return (x_dtype, torch.float32) if x_dtype in HALF_DTYPES else (x_dtype,)
+
+
+def resolve_factor_dtype(x_dtype: torch.dtype, a_dtype: torch.dtype, b_dtype: torch.dtype) -> torch.dtype:
+    """The dtype to give A and B for x of ``x_dtype`` when they may be cast (an autocast
+    region, the peft patch): theirs when the op takes it, else x's opmath dtype (float32
+    under a half x), which holds any half factor exactly. Never a cast down to x's half
+    dtype, which would round the factors before the phase."""
+    if a_dtype == b_dtype and a_dtype in factor_dtypes(x_dtype):
+        return a_dtype
+    return opmath_dtype(x_dtype)
+
+
+def _factors_in_region(x: Tensor, lora_A, lora_B):
+    """(A, B) inside an autocast region for x's device, x already in the region's dtype: cast
+    by :func:`resolve_factor_dtype` (autocast's own rule, the region's dtype, would round
+    float32 factors to it). Float64 factors, like autocast's, are left alone; outside a
+    region nothing is cast."""
+    in_region = _autocast.region_dtype(x.device.type) is not None and x.dtype in HALF_DTYPES
+    if not in_region or not all(isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                                for t in (lora_A, lora_B)):
+        return lora_A, lora_B
+    dtype = resolve_factor_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
+    return lora_A.to(dtype), lora_B.to(dtype)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -373,17 +406,6 @@ def _validate_args(x, weight, lora_A, lora_B, bias, fn, placement):
         raise TypeError(f"lora_A and lora_B must share one dtype, got {lora_A.dtype} and {lora_B.dtype}")
 
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def factor_dtypes(x_dtype: torch.dtype) -> Tuple[torch.dtype, ...]:
-    """The dtypes the plain op takes for A and B: x's, and float32 under a half x. Float32
-    factors over a half base are peft's default (``autocast_adapter_dtype``); rounding them
-    to x's dtype before the phase omega B A cost 17% (weight) and 29% (output placement) of
-    a bfloat16 output at omega 300, where the op promises that phase in float32."""
-    return (x_dtype, torch.float32) if x_dtype in HALF_DTYPES else (x_dtype,)
-
-
 def _resolve_adapter(x: Tensor, lora_A, lora_B, omega):
     """(A, B, omega) for the plain op: a QuantizedAdapter's factors are dequantized in
     float32 (float64 for float64 x), the phase's precision, without their power-of-two
@@ -477,12 +499,14 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
     Returns:
         (..., N_out) tensor in x's dtype. All tensors must share x's device and dtype, except
         that lora_A and lora_B may both be float32 under a float16/bfloat16 x (their
-        gradients are then float32; inside ``torch.autocast`` float32 factors stay float32).
+        gradients are then float32). Inside ``torch.autocast`` x, weight and bias take the
+        region's dtype and the factors :func:`resolve_factor_dtype`'s (float32 ones stay).
     """
     from ..quant.adapters import QuantizedAdapter
 
     x, weight, bias = _autocast.lower_precision(x, weight, bias)  # as for linear
-    lora_A, lora_B = _autocast.lower_precision_unless_all_float32(lora_A, lora_B)  # float32 factors form the phase
+    if isinstance(x, Tensor):
+        lora_A, lora_B = _factors_in_region(x, lora_A, lora_B)
     if adapter_input is not None:
         return _with_adapter_input(x, adapter_input, weight, lora_A, lora_B, bias, fn, omega, scale, placement)
     if isinstance(lora_A, QuantizedAdapter) and placement == "weight":

@@ -183,14 +183,10 @@ def _fused(self, x: Tensor) -> Tensor:
     a = self.lora_A[adapter].weight
     b = self.lora_B[adapter].weight
     # Run the op in the base's dtype. peft keeps adapters in float32 over a half base
-    # (autocast_adapter_dtype): the op takes them so, and forms the phase from them unrounded.
-    # Other factor dtypes are cast (differentiably), over a half base to float32, never down
-    # to the base's dtype: float16 adapters over a bfloat16 base lost 12% at omega 300 so.
+    # (autocast_adapter_dtype), which the op takes as they are; adapters of another dtype are
+    # cast (differentiably) by the op's rule, never down to a half base's dtype.
     dtype = weight.dtype
-    if a.dtype == b.dtype and a.dtype in _ops.factor_dtypes(dtype):
-        factor_dtype = a.dtype
-    else:
-        factor_dtype = torch.float32 if dtype in _ops.HALF_DTYPES else dtype
+    factor_dtype = _ops.resolve_factor_dtype(dtype, a.dtype, b.dtype)
     # As in peft, the adapter reads lora_dropout(x) and the base x.
     dropped = _ops.dropout_input(self.lora_dropout[adapter], x)
     y = _ops.bounded_lora_linear(x.to(dtype), weight, a.to(factor_dtype), b.to(factor_dtype), bias, fn=cfg["fn"],

@@ -32,11 +32,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import _validate
+from .._dtypes import opmath_dtype
 from ..models.pointnet import PointNet
 from ..nn.gaussian_mixture import GaussianPointEncoder
 from ..train.cubes import cloud_cubes, cubes_box
-from ..train.distillation import distill
-from ..train.loop import reading_in, seeded_rng, training_dtype
+from ..train.distillation import cast_args_to, distill
+from ..train.loop import seeded_rng
 from ..train.pointnet_recipe import DistilledPointNet
 from .handle import PatchHandle, child_slots
 from .instance_method import InstanceMethod
@@ -136,6 +137,9 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
         allow_none: when ``model`` has no point encoder, return an empty handle (with a
             note) instead of raising.
 
+    Each student is distilled in float32 when the encoder is float16 or bfloat16 (AdamW's
+    float16 steps overflow) and then takes the encoder's dtype and device.
+
     Returns:
         A :class:`PatchHandle`; ``handle.revert()`` (or leaving ``with handle:``) restores
         the original model.
@@ -191,8 +195,8 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
             else:
                 second_conv = cast(nn.Module, module.second_conv)  # checked by is_point_mae_encoder
                 out_channels = _last_out_channels(second_conv, f"{path or 'model'}.second_conv")
-                # in the model's dtype: a closure's dtype is not seen by distill, and the student trains in float32
-                teacher = reading_in(dtype, lambda x, m=module: point_mae_point_features(m, x))
+                # in the encoder's dtype: distill cannot see a closure's, and the student trains in float32
+                teacher = cast_args_to(dtype, lambda x, m=module: point_mae_point_features(m, x))
                 transform = None
             # The CPU's generator and the model's GPU's, forked: torch.manual_seed also reseeded
             # every GPU's generator for good.
@@ -210,9 +214,8 @@ def point_encoders(model: nn.Module, *, student_factory: Optional[Callable[[str,
                     raise ValueError(f"student_factory returned {student.out_channels} output channels for "
                                      f"{path or 'the model'!r}, which has {out_channels}")
             # A half-precision model's student trains in float32 and takes the model's dtype
-            # after: AdamW's steps on float16 parameters overflowed to inf (a ValueError naming
-            # the mixer weight), as mixed-precision training keeps float32 master weights.
-            student = student.to(device, training_dtype(dtype))
+            # after (AdamW's float16 steps overflow), as mixed precision keeps float32 master weights.
+            student = student.to(device, opmath_dtype(dtype))
             # Each submodule's own mode, restored after: train(was_training) would flatten them
             # (a frozen BatchNorm of a training model would come back training).
             modes = {m: m.training for m in module.modules()}

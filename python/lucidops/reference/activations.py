@@ -17,11 +17,9 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .._dtypes import opmath_dtype  # noqa: F401  (callers also read it here)
+
 KINDS = ("sinc", "gaussian")
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 SATURATED_QUOTIENT = 1e38  # finite in float32, where x / sigma overflowed

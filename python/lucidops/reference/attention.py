@@ -26,11 +26,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._dtypes import opmath_dtype  # noqa: F401  (callers also read it here)
+
 from . import attention_dropout as _dropout
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def unit_last_stride(t: Tensor) -> Tensor:

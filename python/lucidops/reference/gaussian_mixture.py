@@ -28,13 +28,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._dtypes import opmath_dtype  # noqa: F401  (callers also read it here)
+
 # Upper-triangle layout of a symmetric 3x3 precision: index of (i, j) in [p00, p01, p02, p11, p12, p22].
 TRIU_INDEX = ((0, 1, 2), (1, 3, 4), (2, 4, 5))
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for everything else (half inputs included)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def precision_matrix(precisions: Tensor) -> Tensor:

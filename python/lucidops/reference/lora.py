@@ -24,12 +24,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._dtypes import opmath_dtype  # noqa: F401  (callers also read it here)
+
 FNS = ("sin", "tanh")
 PLACEMENTS = ("weight", "output")
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def bounded(fn: str, z: Tensor) -> Tensor:

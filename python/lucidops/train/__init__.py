@@ -11,7 +11,7 @@
 
 from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
 from .cubes import cloud_cubes, sample_cube_points
-from .distillation import distill
+from .distillation import cast_args_to, distill
 from .finetuning import finetune
 from .loop import OPTIMIZERS, DistillResult
 from .pointnet_recipe import DistilledPointNet, PointNetDistillResult, distill_pointnet, tnet_point_features
@@ -20,5 +20,5 @@ from .unlearning import gradient_difference, mlp_lora_parameters, sequence_loss
 __all__ = [
     "distill", "distill_pointnet", "finetune", "DistillResult", "PointNetDistillResult", "DistilledPointNet",
     "GaussianTNet", "GaussianPointNet", "tnet_point_features", "cloud_cubes", "sample_cube_points", "OPTIMIZERS",
-    "gradient_difference", "mlp_lora_parameters", "sequence_loss",
+    "gradient_difference", "mlp_lora_parameters", "sequence_loss", "cast_args_to",
 ]

@@ -73,7 +73,9 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
         weight_decay: AdamW weight decay.
         input_transform: optional map applied to the sampled points before the *student*
             only (the teacher sees the raw points); :func:`distill_pointnet` passes the
-            teacher's input T-Net here for stage 2.
+            teacher's input T-Net here for stage 2. Called like the teacher (in its module's
+            dtype when it is, or belongs to, a module); its output goes to the student in
+            the student's dtype.
         per_cloud: optional tensors (each with one row per cloud of ``clouds``, or None) that
             condition the teacher and ``input_transform`` on the cloud a batch's points were
             drawn for: they are called as ``teacher(points, *rows)`` and
@@ -110,15 +112,16 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
     distributed, rank, world = dist_info()
     dev = resolve_device(device, student)
     dtype = dtype_of(student)
-    refuse_float16(dtype, "student", "distil a float32 student and convert it after (patch.point_encoders and "
-                   "distill_pointnet do so for half-precision models; a teacher that is a plain function gets the "
-                   "points in the student's dtype and casts them itself)")
+    refuse_float16(student, "student", "distil a float32 student and convert it after, as patch.point_encoders "
+                   "and distill_pointnet do for half-precision models (a teacher that is neither a module nor "
+                   "a module's method gets the points in the student's dtype: wrap it in lucidops.train.cast_args_to)")
     student.to(dev)
     teacher_module = _owning_module(teacher_fn)
     # A module teacher reads points in its own dtype (a float32 PointNet, a float64 student),
     # and so does a module's input transform (a float16 model's T-Net, a float32 student).
-    teacher_dtype = _reads_in(teacher_module, dtype)
-    transform_dtype = _reads_in(_owning_module(input_transform), dtype)
+    teacher_dtype = dtype if teacher_module is None else dtype_of(teacher_module, dtype)
+    transform_module = _owning_module(input_transform)
+    transform_dtype = dtype if transform_module is None else dtype_of(transform_module, dtype)
     if teacher_module is not None:
         teacher_module.to(dev)
         if distributed:
@@ -214,11 +217,11 @@ def _owning_module(fn) -> Optional[nn.Module]:
     return owner if isinstance(owner, nn.Module) else None
 
 
-def _reads_in(module: Optional[nn.Module], default: torch.dtype) -> torch.dtype:
-    """The dtype ``module`` computes in (its first floating parameter's), else ``default``."""
-    if module is not None and any(p.is_floating_point() for p in module.parameters()):
-        return dtype_of(module)
-    return default
+def cast_args_to(dtype: torch.dtype, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` with its tensor arguments cast to ``dtype``: a teacher closure over modules of
+    ``dtype`` (distill sees the dtype of a module or of a module's method, not of a closure),
+    whose student may train in another dtype."""
+    return lambda *args: fn(*[None if t is None else t.to(dtype) for t in args])
 
 
 def _as_teacher(teacher) -> Callable[[Tensor], Tensor]:

@@ -38,7 +38,9 @@ def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, bat
     rest at ``lr`` with AdamW. ``schedule``: ``"constant"`` rates, or ``"cosine"``: every
     rate decays along a half cosine to 2% of its start by the last step. ``seed`` (an int)
     seeds the batch and point draws (rank ``r`` uses ``seed + r``; None draws one from
-    torch's global generator); dropout in ``model`` draws from torch's global RNG.
+    torch's global generator); dropout in ``model`` draws from torch's global RNG. A model
+    with float16 parameters is refused (AdamW's float16 steps overflow): fine-tune it in
+    float32 and convert it after.
     """
     check_common(steps, lr, batch_size, points_per_cloud, "natural", natural_gradient, gaussian_lr,
                   momentum, weight_decay)
@@ -56,7 +58,7 @@ def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, bat
         raise ValueError(f"data: {n_items} items cannot be sharded over {world} ranks")
     dev = resolve_device(device, model)
     dtype = dtype_of(model)
-    refuse_float16(dtype, "model", "fine-tune it in float32 (model.float()) and convert it after")
+    refuse_float16(model, "model", "fine-tune it in float32 (model.float()) and convert it after")
     model.to(dev)
     local = list(range(rank, n_items, world))
     if seed is None:

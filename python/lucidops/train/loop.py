@@ -74,34 +74,21 @@ def resolve_device(device, student: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def dtype_of(student: nn.Module) -> torch.dtype:
-    p = next(iter(student.parameters()), None)
-    return p.dtype if p is not None else torch.get_default_dtype()
+def dtype_of(module: nn.Module, default: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype of ``module``'s first floating parameter, else ``default`` (else torch's default dtype)."""
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if p is not None:
+        return p.dtype
+    return default if default is not None else torch.get_default_dtype()
 
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def training_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype to train a model of ``dtype`` in: float32 for a half-precision one (its
-    float32 copy is trained and converted back, as mixed precision keeps float32 master
-    weights), else its own."""
-    return torch.float32 if dtype in HALF_DTYPES else dtype
-
-
-def refuse_float16(dtype: torch.dtype, name: str, instead: str) -> None:
-    """A float16 module trained in place is refused by name: AdamW's float16 steps overflow
-    (one step turned a distilled student's parameters into inf, and the next call named its
-    mixer weight as not finite)."""
-    if dtype == torch.float16:
-        raise TypeError(f"{name} is float16: it would be trained in place, and AdamW's float16 steps overflow "
-                        f"(one step turned such parameters into inf); {instead}")
-
-
-def reading_in(dtype: torch.dtype, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``fn`` (a teacher closure over modules of ``dtype``, whose dtype distill cannot see)
-    with its tensor arguments cast to ``dtype``: its student may train in float32."""
-    return lambda *args: fn(*[None if t is None else t.to(dtype) for t in args])
+def refuse_float16(module: nn.Module, name: str, instead: str) -> None:
+    """A module with float16 parameters is refused by name before it is trained in place:
+    AdamW's float16 steps overflow (the squared gradients and eps underflow to 0, and the
+    step divides by it)."""
+    if any(p.dtype == torch.float16 for p in module.parameters()):
+        raise TypeError(f"{name} has float16 parameters: it would be trained in place, and AdamW's float16 steps "
+                        f"overflow them to inf; {instead}")
 
 
 class TrainingMode:

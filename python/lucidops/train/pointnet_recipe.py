@@ -23,14 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import _validate
+from .._dtypes import opmath_dtype
 from ..models.pointnet import PointNet, TNet
 from ..nn.gaussian_mixture import GaussianPointEncoder, _center
 from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
 from .cubes import box_center, cloud_cubes, cloud_points, cubes_bounds, half_side_about
-from .distillation import distill
+from .distillation import cast_args_to, distill
 from .finetuning import SCHEDULES, _dataset_length, _labelled, finetune
-from .loop import (DistillResult, TrainingMode, broadcast_module, dist_info, reading_in, seeded_rng,
-                   training_dtype)
+from .loop import DistillResult, TrainingMode, broadcast_module, dist_info, seeded_rng
 
 
 def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32, tnet_gaussians: Optional[int] = None,
@@ -67,6 +67,9 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
     :func:`lucidops.patch.point_encoders` sizes its students (for clouds not near the unit
     cube, e.g. in millimetres); the default is 1.0. A number (or 3
     numbers for the centre) is used as given for both stages.
+
+    A float16 or bfloat16 teacher's students (and the fine-tuning) train in float32 (AdamW's
+    float16 steps overflow); the returned model has the teacher's dtype.
 
     ``seed`` (an int) makes the run reproducible: it seeds the point sampling of every stage,
     the encoders' initialisation and the fine-tuning's batches and dropout, without touching
@@ -121,9 +124,9 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
         if key in distill_kwargs:
             raise TypeError(f"distill_pointnet sets {key!r} itself")
     dtype = next(teacher.parameters()).dtype
-    # A half-precision teacher's students train in float32 (AdamW's float16 steps overflow to
-    # inf), and the model takes the teacher's dtype at the end.
-    train_dtype = training_dtype(dtype)
+    # A half-precision teacher's students train in float32 (AdamW's float16 steps overflow),
+    # and the model takes the teacher's dtype at the end.
+    train_dtype = opmath_dtype(dtype)
     dev = torch.device(device) if device is not None else next(teacher.parameters()).device
     k = _out_channels(teacher.conv3)
     cubes = cloud_cubes(clouds) if auto_center or auto_range else None  # also checks clouds before any stage runs
@@ -145,7 +148,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
                 tnet_enc = GaussianPointEncoder(tnet_gaussians, _out_channels(tnet.encoder[-1]),
                                                 cloud_range=tnet_range, cloud_center=center,
                                                 reduce="max").to(dev, train_dtype)
-            tnet_result = distill(reading_in(dtype, lambda x: tnet_point_features(tnet, x)), tnet_enc, clouds,
+            tnet_result = distill(cast_args_to(dtype, lambda x: tnet_point_features(tnet, x)), tnet_enc, clouds,
                                   steps=tnet_steps, seed=seed, progress=progress, device=dev, desc="distill T-Net",
                                   **distill_kwargs)
             gtnet = GaussianTNet.from_tnet(tnet, tnet_enc)
@@ -157,7 +160,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
             # uniform cube samples instead gives other transforms, and the student then fails on
             # surfaces).
             trans_in, trans_feat = _pointnet_transforms(teacher, clouds, dev, dtype)
-            stage2 = dict(teacher=reading_in(dtype, lambda x, a, f: teacher.encoder_features(_apply(x, a), f)),
+            stage2 = dict(teacher=cast_args_to(dtype, lambda x, a, f: teacher.encoder_features(_apply(x, a), f)),
                           input_transform=lambda x, a, f: _apply(x, a), per_cloud=[trans_in, trans_feat])
             if cubes is not None and trans_in is not None:
                 moved = _transformed_box(*cubes, trans_in)

@@ -130,7 +130,7 @@ class BoundedLoRALinear(nn.Module):
             raise RuntimeError("placement 'output' cannot be merged into the weight (fn acts on x A^T B^T)")
         w = self.base.weight
         self._original_weight = w.detach().clone() if keep_original else None
-        compute = _reference.opmath_dtype(w.dtype)
+        compute = opmath_dtype(w.dtype)
         w.copy_((w.to(compute) + self._delta_weight_opmath()).to(w.dtype))  # one rounding
         self.merged = True
         return self
@@ -144,7 +144,7 @@ class BoundedLoRALinear(nn.Module):
         if self._original_weight is not None:
             w.copy_(self._original_weight)
         else:
-            compute = _reference.opmath_dtype(w.dtype)
+            compute = opmath_dtype(w.dtype)
             w.copy_((w.to(compute) - self._delta_weight_opmath()).to(w.dtype))
         self._original_weight = None
         self.merged = False

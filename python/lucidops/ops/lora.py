@@ -417,7 +417,7 @@ def _resolve_adapter(x: Tensor, lora_A, lora_B, omega):
             raise ValueError("lora_B must be None when lora_A is a QuantizedAdapter (it holds both factors)")
         if isinstance(x, Tensor):
             _validate.same_device(lora_A.device_tensor(), x, "lora_A", "x")
-        dtype = _reference.opmath_dtype(x.dtype) if isinstance(x, Tensor) else None
+        dtype = opmath_dtype(x.dtype) if isinstance(x, Tensor) else None
         a, b = lora_A.dequantize(dtype=dtype, normalized=True)
         return a, b, _folded_omega(omega, lora_A)
     if isinstance(lora_B, QuantizedAdapter):

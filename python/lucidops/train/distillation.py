@@ -119,9 +119,12 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
     teacher_module = _owning_module(teacher_fn)
     # A module teacher reads points in its own dtype (a float32 PointNet, a float64 student),
     # and so does a module's input transform (a float16 model's T-Net, a float32 student).
-    teacher_dtype = dtype if teacher_module is None else dtype_of(teacher_module, dtype)
-    transform_module = _owning_module(input_transform)
-    transform_dtype = dtype if transform_module is None else dtype_of(transform_module, dtype)
+    teacher_in = cast_args_to(dtype if teacher_module is None else dtype_of(teacher_module, dtype), teacher_fn)
+    transform_in = None
+    if input_transform is not None:
+        transform_module = _owning_module(input_transform)
+        transform_in = cast_args_to(dtype if transform_module is None else dtype_of(transform_module, dtype),
+                                    input_transform)
     if teacher_module is not None:
         teacher_module.to(dev)
         if distributed:
@@ -163,13 +166,9 @@ def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: 
                 points = sample_cube_points(centres[idx], half[idx], points_per_cloud, gen)
                 rows = [None if t is None else t[idx] for t in context]
                 with torch.no_grad():
-                    target = teacher_fn(points.to(teacher_dtype),
-                                        *[None if r is None else r.to(teacher_dtype) for r in rows])
-                    student_in = points
-                    if input_transform is not None:  # a frozen map (a T-Net) in its own dtype, as the teacher
-                        student_in = input_transform(points.to(transform_dtype),
-                                                     *[None if r is None else r.to(transform_dtype)
-                                                       for r in rows]).to(dtype)
+                    target = teacher_in(points, *rows)
+                    # a frozen map (a T-Net) in its own dtype, as the teacher; the student reads its dtype
+                    student_in = transform_in(points, *rows).to(dtype) if transform_in is not None else points
                 if step == 0:
                     _check_target(target, batch_size, points_per_cloud)
                     if isinstance(student, GaussianPointEncoder):

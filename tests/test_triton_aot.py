@@ -183,3 +183,23 @@ def test_every_configuration_has_its_own_name(aot_module):
     names = [f"{family}.{aot_module.describe(spec, arch)}" for family in aot_module.FAMILIES
              for spec in importlib.import_module(f"lucidops.triton_kernels.{family}").aot_specs() for arch in (80, 90)]
     assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})[:3]
+
+
+def test_lora_listing_holds_every_factor_dtype_the_op_takes():
+    """triton_kernels.lora lists its configurations per factor dtype with its own table of
+    dtype names; it must name exactly the (x, factor) dtype pairs ops.lora.factor_dtypes
+    lets through, or a pair the op takes would first compile on a user's GPU."""
+    import torch
+
+    from lucidops.ops.lora import factor_dtypes
+    from lucidops.triton_kernels import lora as triton_lora
+
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    taken = {(f"*{names[x]}", f"*{names[f]}") for x in names for f in factor_dtypes(x)}
+    listed = {(s["signature"]["in_ptr"], s["signature"]["l_ptr"]) for s in triton_lora.aot_specs()
+              if s["fn"] is triton_lora.lora_matmul_kernel and s["constexprs"]["LORA"]
+              and not s["constexprs"]["QUANT"]}
+    assert listed == taken
+    chunk = {(s["signature"]["g_ptr"], s["signature"]["a_ptr"]) for s in triton_lora.aot_specs()
+             if s["fn"] is triton_lora.lora_wgrad_chunk_kernel}
+    assert chunk == taken

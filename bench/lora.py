@@ -9,7 +9,8 @@ Side by side, frozen base weight, adapters trained:
 - ``lucidops[triton, fused tiles]``: triton with its tile-fused kernels at every batch size
   (the update regenerated inside the matmul, G = dY^T X reduced in the same kernel); by
   default it builds Weff and G in chunks for torch's matmul above 128 rows.
-Also forward+backward with peft's lora_dropout (the adapter reads dropout(x)).
+Also forward+backward with peft's lora_dropout (the adapter reads dropout(x)), and on a
+half-precision x with float32 adapters (peft's default over a bf16/fp16 base).
 Forward (no grad), forward+backward, bytes saved for backward (saved_tensors_hooks,
 distinct storages, the frozen weight included for every implementation), and on CUDA the
 peak allocator bytes of forward+backward. Full size: x (4096, 1024), W (1024, 1024) on
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 import lucidops
 from lucidops import backends
+from lucidops._dtypes import HALF_DTYPES
 from lucidops.profile.report import saved_bytes
 
 from .timing import measure_interleaved_ms, peak_mb_above
@@ -155,6 +157,10 @@ def run(device: str, quick: bool = False, on_rows: Optional[Callable[[List[Dict]
     if on_rows is not None:
         on_rows(rows)
     rows += _with_adapter_dropout(device, scale, case, xg, w, a, b, bias, grad)
+    if dtype in HALF_DTYPES:
+        if on_rows is not None:
+            on_rows(rows)
+        rows += with_float32_adapters(device, scale, case, xg, w, a.float(), b.float(), bias, grad)
     return rows
 
 
@@ -190,6 +196,50 @@ def _with_adapter_dropout(device: str, scale: float, case: str, xg, w, a, b, bia
     for name, ms in times.items():
         saved = saved_bytes(functools.partial(_call_dropped, impls[name], xg))
         rows.append(dict(family="lora", case=case, mode=mode, impl=name, ms=ms, saved_for_backward_MB=saved / 2**20))
+    _ratios(rows, times, mode, case)
+    return rows
+
+
+def with_float32_adapters(device: str, scale: float, case: str, xg, w, a, b, bias, grad) -> List[Dict]:
+    """Forward+backward with float32 adapters a, b over a half-precision x, w (peft's default,
+    ``autocast_adapter_dtype``). The naive formulation forms s sin(omega B A) in float32 and
+    rounds it into the weight; plain LoRA runs in float32 on x cast up, as peft does; lucidops
+    takes the float32 factors as they are. Rows carry the forward's error against float64."""
+    a, b = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+
+    def naive(x):
+        return F.linear(x, w + (scale * torch.sin(OMEGA * (b @ a))).to(w.dtype), bias)
+
+    def plain_lora(x):
+        return F.linear(x, w, bias) + (scale * ((x.to(a.dtype) @ a.T) @ b.T)).to(x.dtype)
+
+    impls: Dict[str, Callable] = {"naive": naive, "plain LoRA": plain_lora}
+    for name, fn in _impls(device, scale).items():
+        if name.startswith("lucidops[") and name != FUSED_TILES:
+            def fused(x, _fn=fn):
+                return _fn(x, w, a, b, bias)
+            impls[name] = fused
+
+    def train_step(fn):
+        def step():
+            xg.grad = a.grad = b.grad = None
+            fn(xg).backward(grad)
+        return step
+
+    mode = "forward+backward, float32 adapters"
+    times = measure_interleaved_ms({name: train_step(fn) for name, fn in impls.items()}, device)
+    with torch.no_grad():
+        expected = F.linear(xg.double(), w.double() + scale * torch.sin(OMEGA * (b.double() @ a.double())),
+                            bias.double())
+    rows = []
+    for name, ms in times.items():
+        row = dict(family="lora", case=case, mode=mode, impl=name, ms=ms,
+                   saved_for_backward_MB=saved_bytes(functools.partial(impls[name], xg)) / 2**20)
+        if name != "plain LoRA":  # no sine: another function
+            with torch.no_grad():
+                out = impls[name](xg).double()
+            row["rel_err_vs_fp64"] = ((out - expected).norm() / expected.norm()).item()
+        rows.append(row)
     _ratios(rows, times, mode, case)
     return rows
 

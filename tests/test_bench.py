@@ -457,3 +457,37 @@ def test_bench_refuses_an_out_folder_it_cannot_write_before_running(capsys, monk
     runner.add_arguments(args)
     assert runner.run(args.parse_args(["--device", "cpu", "--families", "conditioning", "--out", "/proc"])) == 2
     assert "error: --out: cannot use '/proc' as the results folder" in capsys.readouterr().err
+
+
+def test_lora_bench_times_float32_adapters_over_a_half_x(monkeypatch):
+    """bench/lora.py's peft-default case (float32 adapters, bf16 x): every implementation is
+    timed on the same function, lucidops with the float32 factors as they are (not rounded to
+    x's dtype first), and the forward's error against float64 is that of one bf16 rounding."""
+    import lucidops
+    import torch
+    from lucidops.bench import lora as bench_lora
+
+    factor_dtypes = set()
+    op = lucidops.ops.sine_lora_linear
+
+    def recorded(x, weight, lora_a, lora_b, *args, **kwargs):
+        factor_dtypes.add((lora_a.dtype, lora_b.dtype))
+        return op(x, weight, lora_a, lora_b, *args, **kwargs)
+
+    monkeypatch.setattr(lucidops.ops, "sine_lora_linear", recorded)
+    g = torch.Generator().manual_seed(0)
+    m, k, n, r = 24, 48, 40, 4
+    x = torch.randn(m, k, generator=g).bfloat16().requires_grad_(True)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    a, b = torch.randn(r, k, generator=g) / k ** 0.5, torch.randn(n, r, generator=g) * 0.05
+    grad = torch.randn(m, n, generator=g).bfloat16()
+    rows = bench_lora.with_float32_adapters("cpu", 0.5, "case", x, w, a, b, bias, grad)
+    by_impl = {row["impl"]: row for row in rows}
+    assert {"naive", "plain LoRA", "lucidops[reference]"} <= set(by_impl)
+    assert factor_dtypes == {(torch.float32, torch.float32)}
+    assert all(row["mode"] == "forward+backward, float32 adapters" and row["ms"] > 0 for row in rows)
+    for name, row in by_impl.items():
+        if name != "plain LoRA":
+            assert row["rel_err_vs_fp64"] < 1e-2, row
+            assert row["speedup_vs_naive"] > 0

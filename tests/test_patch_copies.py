@@ -75,6 +75,15 @@ def skipless_vit():
 
 
 def peft_gpt2():
+    model, run = _peft_gpt2_unpatched()
+    lucidops.patch.peft_lora(model, **_PEFT_PATCH)
+    return model, run
+
+
+_PEFT_PATCH = dict(variant="bounded", fn="tanh", omega=2.0)
+
+
+def _peft_gpt2_unpatched():
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -92,7 +101,6 @@ def peft_gpt2():
             if "lora_B" in name:
                 p.normal_(0.0, 0.3)
     model.eval()
-    lucidops.patch.peft_lora(model, variant="bounded", fn="tanh", omega=2.0)
     return model, lambda m: m(input_ids=torch.arange(6)[None] % 32).logits
 
 
@@ -141,3 +149,44 @@ def test_instance_method_reports_the_function_signature_without_self():
     bound = InstanceMethod(forward, nn.Identity())
     assert list(inspect.signature(bound).parameters) == ["x", "scale"]
     assert bound(3) == 3
+
+
+def test_undo_peft_lora_restores_a_copy_that_has_no_handle():
+    """A deepcopy or a reloaded whole-model checkpoint of a patched peft model runs the patch
+    but has no handle: peft's merge_and_unload and a second patch refused it, naming a handle
+    it never had. undo_peft_lora puts peft's own forward back on it."""
+    model, run = _peft_gpt2_unpatched()
+    with torch.no_grad():
+        plain = run(model)
+        handle = lucidops.patch.peft_lora(model, **_PEFT_PATCH)
+        patched = run(model)
+        assert not torch.allclose(patched, plain)
+        for copied in (copy.deepcopy(model), _saved_and_loaded(model)):
+            with pytest.raises(RuntimeError, match="undo_peft_lora"):
+                copied.merge_and_unload()
+            with pytest.raises(RuntimeError, match="undo_peft_lora"):
+                lucidops.patch.peft_lora(copied, **_PEFT_PATCH)
+            assert lucidops.patch.undo_peft_lora(copied) is copied
+            assert not [m for m in copied.modules() if {"_lucidops_lora", "forward", "merge"} & set(m.__dict__)]
+            torch.testing.assert_close(run(copied), plain, rtol=0, atol=0)
+            again = lucidops.patch.peft_lora(copied, **_PEFT_PATCH)  # patchable again
+            torch.testing.assert_close(run(copied), patched, rtol=0, atol=0)
+            again.revert()
+            merged = copied.merge_and_unload()  # peft's plain merge, allowed again
+            torch.testing.assert_close(run(merged), plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run(model), patched, rtol=0, atol=0)  # the original stays patched
+        lucidops.patch.undo_peft_lora(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            handle.revert()  # nothing left to do, and nothing to warn about
+        torch.testing.assert_close(run(model), plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no LoRA layer patched"):
+        lucidops.patch.undo_peft_lora(model)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        lucidops.patch.undo_peft_lora("model")
+
+
+def test_patching_a_copy_of_a_patched_point_model_says_it_has_no_handle():
+    model, _ = pointnet_root()
+    with pytest.raises(RuntimeError, match="a copy of a patched model has no handle"):
+        lucidops.patch.point_encoders(copy.deepcopy(model), clouds=_clouds(4, 32, 1), **_DISTILL)

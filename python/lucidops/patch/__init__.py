@@ -9,7 +9,7 @@ module level, so that ``import lucidops`` stays fast.
 """
 
 from .handle import PatchHandle, Replacement
-from .peft_lora import DEFAULT_MLP_PATTERNS, PeftLoRAHandle, is_mlp_name, peft_lora
+from .peft_lora import DEFAULT_MLP_PATTERNS, PeftLoRAHandle, is_mlp_name, peft_lora, undo_peft_lora
 from .skipless import skipless, undo_skipless
 from .spatial import freeze_spatial_mixing, spatial_mixers, unfreeze_spatial_mixing
 from .timm_vit import LeanerReport, leaner, timm_vit
@@ -20,6 +20,6 @@ from .apply import apply  # the function shadows the submodule name, as for timm
 __all__ = [
     "apply", "PatchHandle", "Replacement", "point_encoders", "sdpa_calls", "sdpa_modules", "SDPACallsHandle",
     "timm_vit", "leaner", "LeanerReport",
-    "peft_lora", "PeftLoRAHandle", "is_mlp_name", "DEFAULT_MLP_PATTERNS",
+    "peft_lora", "undo_peft_lora", "PeftLoRAHandle", "is_mlp_name", "DEFAULT_MLP_PATTERNS",
     "skipless", "undo_skipless", "freeze_spatial_mixing", "unfreeze_spatial_mixing", "spatial_mixers",
 ]

@@ -222,7 +222,8 @@ def _install_merge_guard() -> None:
         if patched:
             raise RuntimeError(f"this peft model has LoRA layers patched by lucidops.patch.peft_lora "
                                f"({name_list(patched)}): peft's merge would fold the plain update B A into them, "
-                               "not the bounded one; call handle.revert() first (nothing was merged)")
+                               "not the bounded one; call handle.revert() first (nothing was merged; a copy of a "
+                               "patched model has no handle: lucidops.patch.undo_peft_lora(model))")
         peft_check(self)
 
     setattr(_check_merge_allowed, "_lucidops_guard", True)
@@ -263,7 +264,8 @@ def _check_layer(name: str, layer: _LoraLinear, adapter: str) -> None:
     if layer.merged:
         raise RuntimeError(f"layer {name!r} has merged adapters; call model.unmerge_adapter() before patching")
     if "_lucidops_lora" in layer.__dict__:
-        raise RuntimeError(f"layer {name!r} is already patched by lucidops.patch.peft_lora; revert() it first")
+        raise RuntimeError(f"layer {name!r} is already patched by lucidops.patch.peft_lora; revert() it first (a "
+                           "copy of a patched model has no handle: lucidops.patch.undo_peft_lora(model))")
 
 
 def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str = "sin", placement: str = "weight",
@@ -350,8 +352,9 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
     what = f"{variant} LoRA" if variant == "sine" else f"bounded LoRA ({fn}, {placement})"
     _install_merge_guard()
     for (name, layer), g in zip(layers, gains):
+        # original / merge_before: what undo_peft_lora puts back where no handle is (a copy).
         config = dict(adapter=adapter_name, fn=fn, placement=placement, omega=omega, gain=g,
-                      original=current_forward(layer), name=name)
+                      original=current_forward(layer), merge_before=layer.__dict__.get("merge"), name=name)
         handle.set_instance_attrs(name, layer, {"_lucidops_lora": config,
                                                 "forward": InstanceMethod(_fused_forward, layer),
                                                 "merge": InstanceMethod(_no_merge, layer)},
@@ -360,6 +363,30 @@ def peft_lora(model: nn.Module, variant: str = "sine", *, omega: float, fn: str 
         handle.warn("peft_lora", f"adapter {adapter_name!r} stays plain LoRA on {len(skipped)} layer(s) that are "
                     f"not LoRA Linear layers (the fused op is a linear layer): {name_list(skipped)}")
     return handle
+
+
+def undo_peft_lora(model: nn.Module) -> nn.Module:
+    """Restore peft's forward (and merge) on every layer of ``model`` patched by
+    :func:`peft_lora`, without its handle: a ``copy.deepcopy`` or ``torch.load`` of a patched
+    model runs the patch but has no handle to revert it. Returns ``model``; a handle of the
+    same layers then has nothing left to do."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    patched = [m for m in model.modules() if "_lucidops_lora" in m.__dict__]
+    if not patched:
+        raise ValueError("model has no LoRA layer patched by lucidops.patch.peft_lora")
+    for layer in patched:
+        config = layer.__dict__.pop("_lucidops_lora")
+        original = config["original"]
+        if isinstance(original, InstanceMethod) and original.__func__ is type(layer).forward:
+            layer.__dict__.pop("forward", None)  # the class's forward, as before patching
+        else:
+            layer.__dict__["forward"] = original  # an instance forward an earlier patch had set
+        if config["merge_before"] is None:
+            layer.__dict__.pop("merge", None)
+        else:
+            layer.__dict__["merge"] = config["merge_before"]
+    return model
 
 
 def _plain_lora_layers(model: nn.Module, adapter: str, only_mlp: bool,

@@ -92,7 +92,9 @@ def _find(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
             # Its methods already run the first student: a second would be distilled from it
             # (and its replaced layers are out of the model while patched).
             raise RuntimeError(f"{'model' if not name else repr(name)} is already patched by "
-                               "lucidops.patch.point_encoders; revert() that handle first")
+                               "lucidops.patch.point_encoders; revert() that handle first (a copy of a patched "
+                               "model has no handle and keeps its student for good: the encoder it replaced is "
+                               "not in it; patch a copy of the unpatched model instead)")
     root_kind = _kind(model)
     if root_kind is not None:
         return [("", model, root_kind)]

@@ -194,14 +194,19 @@ def _reference_autograd(q, k, v, causal, dropout_p):
     return attention_reference.attention(q, k, v, causal=causal, dropout_p=dropout_p, seed=seed)
 
 
-def _budget_s() -> Optional[float]:
+def budget_s() -> Optional[float]:
     """Seconds after which no new case starts (``LUCIDOPS_BENCH_BUDGET_S``; unset: no limit):
-    the full CUDA grid, FlexAttention compiling per shape, outlasts a short GPU session."""
+    the full CUDA grid, FlexAttention compiling per shape, outlasts a short GPU session.
+    A ValueError naming the variable for anything but a positive number (the bench runner
+    asks before any benchmark starts)."""
     value = os.environ.get("LUCIDOPS_BENCH_BUDGET_S", "").strip()
     if not value:
         return None
-    budget = float(value)
-    if not budget > 0:
+    try:
+        budget = float(value)
+    except ValueError:
+        budget = float("nan")
+    if not 0 < budget < float("inf"):
         raise ValueError(f"LUCIDOPS_BENCH_BUDGET_S must be a positive number of seconds, got {value!r}")
     return budget
 
@@ -226,7 +231,7 @@ def run(device: str, quick: bool = False, on_rows: Optional[Callable[[List[Dict]
         impls["lucidops[reference]"] = _lucidops("reference")
         impls["sdpa"] = _sdpa(None)
         impls["reference (autograd)"] = _reference_autograd
-    budget = _budget_s()
+    budget = budget_s()
     started = time.perf_counter()
     cases = list(_cases(device, quick))
     for index, (b, h, n, d, causal, dtype, dropout_p) in enumerate(cases):

@@ -197,6 +197,13 @@ def run(args: argparse.Namespace) -> int:
     if "cuda" in devices and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no GPU here", file=sys.stderr)
         return 2
+    from .attention import budget_s
+
+    try:  # read by the attention family, maybe minutes of other families in: said up front
+        budget_s()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = args.out or default_out()
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,20 @@ def test_bench_refuses_a_gpu_it_does_not_have(tmp_path, capsys):
     assert "no GPU" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("budget", ["abc", "0", "-5", "inf", "nan"])
+def test_bench_refuses_a_bad_time_budget_before_any_benchmark(tmp_path, capsys, monkeypatch, budget):
+    """A bad LUCIDOPS_BENCH_BUDGET_S was found by the attention family, after the families
+    before it had run (minutes with --full), and "abc" was a traceback that did not name it."""
+    monkeypatch.setenv("LUCIDOPS_BENCH_BUDGET_S", budget)
+    monkeypatch.setattr(runner, "bench_device", lambda *args, **kwargs: pytest.fail("a benchmark ran"))
+    args = runner.argparse.ArgumentParser()
+    runner.add_arguments(args)
+    assert runner.run(args.parse_args(["--device", "cpu", "--families", "activations", "attention",
+                                       "--out", str(tmp_path / "out")])) == 2
+    assert capsys.readouterr().err.startswith("error: LUCIDOPS_BENCH_BUDGET_S must be a positive number")
+    assert not (tmp_path / "out").exists()
+
+
 def test_plot_has_one_panel_per_baseline(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [dict(family="f", case="c", mode="forward", impl="eager", ms=2.0, speedup_vs_eager=1.0),

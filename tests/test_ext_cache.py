@@ -173,6 +173,65 @@ def test_build_command_with_an_unwritable_cache_reports_it(fresh_ext, monkeypatc
     assert err.startswith("error: cpu: ") and "not writable" in err and not captured.out, err
 
 
+def test_status_reports_a_cache_no_build_can_write_into(fresh_ext, monkeypatch, tmp_path, capsys):
+    """`lucidops info` said "cpp available" over a cache folder that could not be written and
+    held no build, while the op's own warning (pointing at info) said the opposite."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    monkeypatch.setattr(cpp_extension, "load", _no_builder)
+    assert "not writable" in _ext.status("cpu")
+    monkeypatch.setattr(_ext, "_failed", {})
+    assert cli.main(["info"]) == 0
+    assert "cpp       unavailable: cache folder" in capsys.readouterr().out
+    monkeypatch.setattr(_ext, "_failed", {})
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path / "not yet made" / "cache"))
+    assert _ext.status("cpu") is None  # buildable: a build makes the folders
+    assert not (tmp_path / "not yet made").exists()  # and asking made nothing
+
+
+@pytest.mark.parametrize("value, disabled", [("1", True), ("true", True), (" Yes ", True), ("on", True),
+                                             ("0", False), ("", False), ("false", False), ("off", False)])
+def test_disable_ext_reads_the_usual_spellings(fresh_ext, monkeypatch, value, disabled):
+    # "true" was read as "keep them", so the build it was set to avoid ran.
+    monkeypatch.setenv("LUCIDOPS_DISABLE_EXT", value)
+    assert (_ext.status("cpu") == "disabled by LUCIDOPS_DISABLE_EXT") is disabled
+
+
+def test_disable_ext_refuses_other_values_by_name(fresh_ext, monkeypatch, capsys):
+    monkeypatch.setenv("LUCIDOPS_DISABLE_EXT", "maybe")
+    with pytest.raises(ValueError, match="LUCIDOPS_DISABLE_EXT.*'maybe'"):
+        _ext.status("cpu")
+    assert cli.main(["info"]) == 2
+    assert capsys.readouterr().err.startswith("error: LUCIDOPS_DISABLE_EXT must be")
+
+
+def test_a_failed_build_is_reported_by_its_error_line_not_a_command_line():
+    """nvcc's failures say "nvcc fatal   : ...", not "error:": the reason was the first line of
+    ninja's output, a thousand characters of nvcc command line."""
+    nvcc = ["[1/3] /usr/local/cuda/bin/nvcc -MD -MF a.o.d -gencode=arch=compute_90,code=sm_90 -c a.cu -o a.o",
+            "FAILED: a.o", "/usr/local/cuda/bin/nvcc -MD -MF a.o.d -c a.cu -o a.o",
+            "nvcc fatal   : Unsupported gpu architecture 'compute_sm_90'"]
+    assert _ext.first_error_line(nvcc) == "nvcc fatal   : Unsupported gpu architecture 'compute_sm_90'"
+    gcc = ["[1/2] c++ -c x.cpp", "FAILED: x.o", "c++ -c x.cpp", "x.cpp:3:1: error: expected ';'"]
+    assert _ext.first_error_line(gcc) == "x.cpp:3:1: error: expected ';'"
+    assert _ext.first_error_line(["  something else went wrong  ", "more"]) == "something else went wrong"
+
+
+@pytest.mark.parametrize("value", ["sm_90", "90", "8.0;compute_90", "Hopper"])
+def test_cuda_arch_list_refuses_what_nvcc_would_by_name(monkeypatch, capsys, value):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST"):
+        _ext_sources.cuda_arch_list()
+    monkeypatch.setattr(cpp_extension, "load", _no_builder)
+    assert cli.main(["build", "cuda"]) == 1
+    assert capsys.readouterr().err.startswith("error: cuda: TORCH_CUDA_ARCH_LIST")
+
+
+def test_cuda_arch_list_takes_torchs_spellings(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 8.6+PTX;9.0a,10.0f")
+    assert _ext_sources.cuda_arch_list() == ["8.0", "8.6+PTX", "9.0a", "10.0f"]
+
+
 # --- ahead-of-time modules ---------------------------------------------------------------
 
 def _install_prebuilt(monkeypatch, tmp_path, kind, source_hash, archs=None):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import threading
@@ -90,6 +91,31 @@ def _ninja_on_path() -> bool:
         os.environ["PATH"] = os.pathsep.join(filter(None, [os.environ.get("PATH", ""), bin_dir]))
         return True
     return False
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def disabled_by_env() -> bool:
+    """``LUCIDOPS_DISABLE_EXT``: 1/true/yes/on disables the C++/CUDA extensions, 0/false/no/off
+    or unset leaves them on; anything else is a ValueError naming it (``true`` was read as
+    "on" before, so the build it was set to avoid ran)."""
+    value = os.environ.get("LUCIDOPS_DISABLE_EXT", "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"LUCIDOPS_DISABLE_EXT must be 1 (or true/yes/on) to disable the extensions, or 0 (or "
+                     f"false/no/off), got {os.environ['LUCIDOPS_DISABLE_EXT']!r}")
+
+
+def _cache_writable() -> bool:
+    """Whether a build could write into the cache folder: the folder, or the nearest folder
+    above it that exists (which a build would create it in), is a writable directory."""
+    path = cache_dir()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 def _compiler_problem(kind: str) -> Optional[str]:
@@ -260,13 +286,27 @@ def build(
     except Exception as exc:  # compiler errors arrive as RuntimeError with ninja's output
         lines = str(exc).splitlines() or [repr(exc)]
         logged = _write_log(log_path, str(exc))
-        first_error = next((ln for ln in lines if "error:" in ln), lines[0])
+        first_error = first_error_line(lines)
         raise ExtensionUnavailable(kind, f"build failed: {first_error.strip()}", logged) from exc
     try:  # a failed build's log is stale now
         log_path.unlink(missing_ok=True)
     except OSError:
         pass
     return module
+
+
+_ERROR_LINE = re.compile(r"error:|fatal\s*:|fatal error", re.IGNORECASE)
+
+
+def first_error_line(lines: List[str]) -> str:
+    """The line of a failed build's output that says what went wrong: the compiler's first
+    error, or nvcc's "nvcc fatal : ...", not a command line ninja echoes (which may be a
+    thousand characters of flags); the first line where there is none."""
+    for line in lines:
+        stripped = line.strip()
+        if _ERROR_LINE.search(stripped) and not stripped.startswith("["):
+            return stripped
+    return lines[0].strip()
 
 
 def load(kind: str) -> ModuleType:
@@ -282,8 +322,8 @@ def load(kind: str) -> ModuleType:
 
                 if not torch.cuda.is_available():
                     raise ExtensionUnavailable(kind, "no CUDA GPU visible to torch")
-            if os.environ.get("LUCIDOPS_DISABLE_EXT", "0") == "1":
-                raise ExtensionUnavailable(kind, "disabled by LUCIDOPS_DISABLE_EXT=1")
+            if disabled_by_env():
+                raise ExtensionUnavailable(kind, "disabled by LUCIDOPS_DISABLE_EXT")
             spec = _ext_sources.spec(kind)
             module = _prebuilt(kind, spec) or build(kind)
         except ExtensionUnavailable as err:
@@ -318,14 +358,14 @@ def status(kind: str, *, build_if_needed: bool = False) -> Optional[str]:
 
         if not torch.cuda.is_available():
             return "no CUDA GPU visible to torch"
-    if os.environ.get("LUCIDOPS_DISABLE_EXT", "0") == "1":
-        return "disabled by LUCIDOPS_DISABLE_EXT=1"
+    if disabled_by_env():
+        return "disabled by LUCIDOPS_DISABLE_EXT"
     problem = _compiler_problem(kind)
-    if problem is None:
+    if problem is None and _cache_writable():
         return None
-    # Without a compiler load() builds nothing: it takes the ahead-of-time module or the build
-    # in the cache, or records why not, so that selection asks (and hashes the sources) once
-    # rather than on every op call.
+    # Without a compiler, or with a cache folder no build can write into, load() builds
+    # nothing: it takes the ahead-of-time module or the build in the cache, or records why
+    # not, so that selection asks (and hashes the sources) once rather than on every op call.
     try:
         load(kind)
     except ExtensionUnavailable as err:

@@ -76,8 +76,16 @@ def cuda_arch_list() -> List[str]:
     """
     env = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if env:
-        return [a for a in env.replace(",", ";").replace(" ", ";").split(";") if a]
+        archs = [a for a in env.replace(",", ";").replace(" ", ";").split(";") if a]
+        bad = [a for a in archs if not _ARCH.fullmatch(a)]
+        if bad:  # "sm_90" became nvcc's "compute_sm_90", refused a thousand characters into the build
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: {bad[0]!r} is not a compute capability; write them as "
+                             f"'8.0;9.0' (optionally 9.0a or 8.6+PTX), got {env!r}")
+        return archs
     return visible_capabilities() or ["8.0", "9.0"]
+
+
+_ARCH = re.compile(r"\d+\.\d+[af]?(\+PTX)?")
 
 
 # Written next to an ahead-of-time lucidops._C_cuda by setup.py: its arch list, ';'-separated.

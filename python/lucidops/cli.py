@@ -296,6 +296,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "info":
+        from lucidops import _ext
+
+        try:  # every extension backend's line would raise it
+            _ext.disabled_by_env()
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(info(build=args.build))
         return 0
     if args.command == "bench":
@@ -308,8 +315,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if unknown:
             p_build.error(f"unknown extension {unknown[0]!r} (choose from 'cpu', 'cuda')")
         for kind in args.kinds or ["cpu", "cuda"]:
+            try:
+                spec = _ext_sources.spec(kind)
+            except ValueError as err:  # a bad TORCH_CUDA_ARCH_LIST
+                print(f"error: {kind}: {err}", file=sys.stderr)
+                status = 1
+                continue
             # The ops load a matching ahead-of-time module first: a cache build would go unused.
-            prebuilt = _ext._prebuilt(kind, _ext_sources.spec(kind))
+            prebuilt = _ext._prebuilt(kind, spec)
             if prebuilt is not None:
                 print(f"{kind}: ok (prebuilt: {prebuilt.__file__})")
                 continue

@@ -212,7 +212,9 @@ def run(args: argparse.Namespace) -> int:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as err:  # an existing file, a read-only place: said before any benchmark runs
-        print(f"error: --out: cannot use {str(out)!r} as the results folder ({err.strerror})", file=sys.stderr)
+        # Named as the user gave it: without --out, the default folder (the flag was not given).
+        what = "--out" if args.out else "the default results folder (pass --out DIR for another)"
+        print(f"error: {what}: cannot use {str(out)!r} as the results folder ({err.strerror})", file=sys.stderr)
         return 2
     for device in devices:
         desc = device_description(device)

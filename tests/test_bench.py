@@ -471,6 +471,13 @@ def test_bench_refuses_an_out_folder_it_cannot_write_before_running(capsys, monk
     runner.add_arguments(args)
     assert runner.run(args.parse_args(["--device", "cpu", "--families", "conditioning", "--out", "/proc"])) == 2
     assert "error: --out: cannot use '/proc' as the results folder" in capsys.readouterr().err
+    # Without --out the default folder is named as such: "--out" blamed a flag never given.
+    from pathlib import Path
+
+    monkeypatch.setattr(runner, "default_out", lambda: Path("/proc/lucidops-bench-results"))  # a wheel's, in /proc
+    assert runner.run(args.parse_args(["--device", "cpu", "--families", "conditioning"])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the default results folder (pass --out DIR for another): cannot use '/proc/"), err
 
 
 def test_lora_bench_times_float32_adapters_over_a_half_x(monkeypatch):

@@ -251,6 +251,19 @@ def test_png_ending_in_a_separator_is_refused_before_pretraining(tmp_path, capsy
     assert not (tmp_path / "newdir").exists()
 
 
+def test_an_unwritable_default_out_is_named_as_the_default(capsys, monkeypatch, tmp_path):
+    """Run from a folder nothing can be written in, without --out: the error blamed "--out"
+    and named the working folder, not the default ./demo_unlearn it would have made."""
+    if not os.path.isdir("/proc"):
+        pytest.skip("needs /proc (a folder nothing can be written in, even as root)")
+    monkeypatch.setattr(unlearn, "run_experiment", lambda *a, **k: pytest.fail("ran before checking --out"))
+    monkeypatch.chdir("/proc")
+    assert unlearn.run(_parse(["--quick"])) == 2
+    assert "error: the default --out 'demo_unlearn': cannot write in '/proc'" in capsys.readouterr().err
+    assert unlearn.run(_parse(["--quick", "--out", "/proc/x"])) == 2
+    assert "error: --out: cannot write in '/proc'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--steps", "0"], "--steps"),
     (["--lr", "-1"], "--lr"),

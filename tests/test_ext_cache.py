@@ -173,6 +173,33 @@ def test_build_command_with_an_unwritable_cache_reports_it(fresh_ext, monkeypatc
     assert err.startswith("error: cpu: ") and "not writable" in err and not captured.out, err
 
 
+def test_a_cached_build_is_imported_without_the_builder(fresh_ext, monkeypatch, tmp_path):
+    """With a compiler present the builder ran on every first call, and its ninja check
+    rebuilt the whole extension (a silent minute) whenever another ninja ran than last time:
+    pip's in an activated venv, the system's otherwise. The folder's name hashes what the
+    build depends on, so a module there is the build."""
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
+    name = _ext_sources.spec("cpu").module_name
+    folder = tmp_path / name
+    folder.mkdir()
+    _fake_extension(folder, name, "hfake4")
+    monkeypatch.setattr(cpp_extension, "load", _no_builder)
+    assert _ext.build("cpu").SOURCE_HASH == "hfake4"
+
+
+def test_a_cached_module_that_does_not_import_is_rebuilt(fresh_ext, monkeypatch, tmp_path, capsys):
+    # A link cut short (a killed build) leaves a truncated module file: the builder relinks it.
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
+    name = _ext_sources.spec("cpu").module_name
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / f"{name}.so").write_bytes(b"\x7fELF truncated")
+    rebuilt = types.ModuleType(name)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: rebuilt)
+    assert _ext.build("cpu") is rebuilt
+    assert "rebuilding the cpu extension" in capsys.readouterr().err
+
+
 def test_status_reports_a_cache_no_build_can_write_into(fresh_ext, monkeypatch, tmp_path, capsys):
     """`lucidops info` said "cpp available" over a cache folder that could not be written and
     held no build, while the op's own warning (pointing at info) said the opposite."""

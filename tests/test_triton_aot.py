@@ -174,6 +174,24 @@ def test_lucidops_aot_command_checks_its_arguments_first(tmp_path, aot_module, c
     assert "--arch" in err and "out of range" in err, err
 
 
+def test_lucidops_aot_takes_the_modules_options(aot_module, monkeypatch, capsys):
+    """`lucidops aot` had only --arch and --json (python -m ...aot also took --family and
+    --jobs), and its last line read "for sm_[80, 90]"."""
+    from lucidops.cli import main
+
+    calls = []
+    monkeypatch.setattr(aot_module, "compile_all", lambda archs, families, jobs: calls.append((archs, families, jobs))
+                        or [])
+    monkeypatch.setattr(aot_module, "iter_specs", lambda families: iter(range(len(families))))
+    assert main(["aot", "--arch", "80", "sm_90", "--family", "lora", "attention", "--jobs", "3"]) == 0
+    assert calls == [([80, 90], ["lora", "attention"], 3)]
+    assert "compiled 4/4 kernel configurations for sm_80, sm_90 in" in capsys.readouterr().out
+    err = _refused(main, ["aot", "--family", "nope"], capsys)
+    assert "--family" in err and "'nope'" in err, err
+    err = _refused(main, ["aot", "--jobs", "-1"], capsys)
+    assert "--jobs" in err, err
+
+
 def test_every_configuration_has_its_own_name(aot_module):
     """The listing's names are how a configuration is found in it: named by the set of its
     argument types, a float32-factor LoRA configuration took the name of its half-factor twin

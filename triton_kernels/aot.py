@@ -178,13 +178,21 @@ def compile_all(archs: Sequence[int] = (80, 90), families: Iterable[str] = FAMIL
         module = importlib.import_module(f"lucidops.triton_kernels.{family}")
         work += [(family, i, arch) for i in range(len(list(module.aot_specs()))) for arch in archs]
     jobs = jobs or os.cpu_count() or 1
-    if jobs == 1:
-        results = [_compile_job(job) for job in work]
-    else:
-        from concurrent.futures import ProcessPoolExecutor
+    from tqdm.auto import tqdm
 
-        with ProcessPoolExecutor(jobs, initializer=exit_with_parent) as pool:
-            results = list(pool.map(_compile_job, work, chunksize=1))
+    # Minutes for every family: a bar on a terminal (none in a log: disable=None).
+    bar = tqdm(total=len(work), desc="lucidops aot", unit="config", disable=None, dynamic_ncols=True)
+    with bar:
+        if jobs == 1:
+            results = [bar.update() or _compile_job(job) for job in work]
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(jobs, initializer=exit_with_parent) as pool:
+                results = []
+                for result in pool.map(_compile_job, work, chunksize=1):
+                    results.append(result)
+                    bar.update()
     return results
 
 
@@ -258,14 +266,22 @@ def _check_json_path(parser: argparse.ArgumentParser, path: str) -> None:
         parser.error(f"argument --json: {folder!r} is not a folder")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m lucidops.triton_kernels.aot`` and ``lucidops aot``."""
     parser.add_argument("--arch", type=compute_capability, nargs="+", default=[80, 90],
                         help=f"compute capabilities: 80 90, or 8.0 9.0, or sm_80 sm_90 ({MIN_ARCH} to {MAX_ARCH})")
-    parser.add_argument("--family", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--family", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                        help="kernel families (default: all)")
     parser.add_argument("--jobs", type=int, default=0, help="processes (default: one per core)")
     parser.add_argument("--json", metavar="PATH", help="also write every configuration's resources as JSON")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.jobs < 0:
+        parser.error(f"--jobs must be 0 (one per core) or a number of processes, got {args.jobs}")
     if args.json:
         _check_json_path(parser, args.json)
     start = time.perf_counter()
@@ -277,7 +293,8 @@ def main(argv=None) -> int:
         write_json(results, args.json)
         print(f"wrote {args.json}")
     failures = sum(1 for r in results if r.failure)
-    print(f"compiled {count - failures}/{count} kernel configurations for sm_{args.arch} "
+    print(f"compiled {count - failures}/{count} kernel configurations for "
+          f"{', '.join(f'sm_{arch}' for arch in args.arch)} "
           f"in {time.perf_counter() - start:.1f}s")
     return 1 if failures else 0
 

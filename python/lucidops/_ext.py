@@ -243,12 +243,21 @@ def build(
     spec = _ext_sources.spec(kind, arch_list=arch_list)
     folder = Path(build_dir) if build_dir is not None else cache_dir() / spec.module_name
     built = folder / f"{spec.module_name}.so"
-    # A module already built here, in a read-only cache or on a machine without a compiler:
-    # usable without torch's builder (which needs to write there and checks the compiler).
-    # Otherwise the builder runs, which serialises concurrent builds.
+    # A module already built here is imported without torch's builder: the folder's name
+    # hashes everything the build depends on (sources, flags, torch, Python, CPU), and the
+    # builder's ninja check rebuilt it all whenever another ninja ran (pip's in an activated
+    # venv, the system's from cron or an IDE: each rejects the other's log), silently, for a
+    # minute. One that does not import (a link cut short) goes to the builder, which
+    # serialises concurrent builds, where it can write.
     problem = _compiler_problem(kind)
-    if built.is_file() and (problem or not os.access(folder, os.W_OK)):
-        return _import_built(kind, folder, spec.module_name)
+    unimportable = False
+    if built.is_file():
+        try:
+            return _import_built(kind, folder, spec.module_name)
+        except ExtensionUnavailable:
+            if problem or not os.access(folder, os.W_OK):
+                raise
+            unimportable = True
     if problem:
         raise ExtensionUnavailable(kind, problem)
     from torch.utils import cpp_extension
@@ -258,7 +267,10 @@ def build(
     except OSError as exc:  # read-only file system, a regular file on the path, no permission
         raise _unwritable(kind, folder, exc) from exc
     log_path = folder / "build.log"
-    if not verbose and not built.exists():
+    if not verbose and unimportable:
+        print(f"lucidops: rebuilding the {kind} extension in {folder} (the module there did not import)",
+              file=sys.stderr)
+    elif not verbose and not built.exists():
         print(f"lucidops: building the {kind} extension (first use; about a minute) in {folder}", file=sys.stderr)
     if kind == "cuda":
         _ext_sources.use_real_cuda_home(cpp_extension)

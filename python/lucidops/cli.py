@@ -3,7 +3,8 @@
     lucidops info                 backends available here per op, and why not
     lucidops bench [options]      benchmark the op families against their baselines
     lucidops build [cpu|cuda]     build the C++/CUDA extensions now (else on first use)
-    lucidops aot [--json PATH]    compile every Triton kernel for sm_80/sm_90 (no GPU needed),
+    lucidops aot [--family F ...] [--jobs N] [--json PATH]
+                                  compile every Triton kernel for sm_80/sm_90 (no GPU needed),
                                   check its shared memory, list its registers and spills
     lucidops profile --model NAME [--patch] [--backward] [--png out.png] ...
                                   params, FLOPs, memory, latency of a timm or lucidops model
@@ -277,11 +278,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Checked after parsing: Python 3.11's argparse tests an empty nargs="*" against choices.
     p_build.add_argument("kinds", nargs="*", metavar="{cpu,cuda}", help="which extensions (default: both)")
     aot_parser = sub.add_parser("aot", help="compile every Triton kernel ahead of time for sm_80 and sm_90")
-    from lucidops.triton_kernels.aot import compute_capability
+    from lucidops.triton_kernels import aot
 
-    aot_parser.add_argument("--arch", type=compute_capability, nargs="+", default=[80, 90],
-                            help="compute capabilities: 80 90, or 8.0 9.0, or sm_80 sm_90")
-    aot_parser.add_argument("--json", metavar="PATH", help="also write each configuration's resources as JSON")
+    aot.add_arguments(aot_parser)
     _add_profile_arguments(sub.add_parser("profile", help="params, FLOPs, memory and latency of a model"))
     from lucidops import demos
 
@@ -335,9 +334,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 status = 1
         return status
     if args.command == "aot":
-        from lucidops.triton_kernels import aot
-
-        return aot.main(["--arch", *map(str, args.arch)] + (["--json", args.json] if args.json else []))
+        return aot.main(["--arch", *map(str, args.arch), "--family", *args.family, "--jobs", str(args.jobs)]
+                        + (["--json", args.json] if args.json else []))
     if args.command == "profile":
         return profile_command(args)
     if args.command == "demo":

@@ -389,6 +389,9 @@ def plot(result: DemoResult, path: str) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
+DEFAULT_OUT = "demo_unlearn"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's command-line options."""
     d = DemoConfig()
@@ -402,8 +405,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="a run of seconds (fewer pretraining, unlearning steps)")
-    parser.add_argument("--out", default="demo_unlearn",
-                        help="output directory, made if missing (default ./demo_unlearn)")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"output directory, made if missing (default ./{DEFAULT_OUT})")
     parser.add_argument("--png", default=None, help="PNG path (default OUT/unlearn.png)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the model is too small to gain from more)")
@@ -437,9 +440,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     png = args.png or os.path.join(args.out, "unlearn.png")
     problems = [_optional.missing(package, purpose)
-                for package, purpose in (("peft", "the demo's LoRA adapters"), ("matplotlib", "the demo's PNG"))]
+                for package, purpose in (("peft", "the demo's LoRA setup"), ("matplotlib", "the demo's PNG"))]
     path_problem = png_path_problem(png)
-    problems.append(path_problem and f"--{'png' if args.png else 'out'}: {path_problem}")
+    where = "--png" if args.png else "--out" if args.out != DEFAULT_OUT else f"the default --out {DEFAULT_OUT!r}"
+    problems.append(path_problem and f"{where}: {path_problem}")
     for problem in problems:
         if problem:  # said now, not after the pretraining
             print(f"lucidops demo unlearn: error: {problem}", file=sys.stderr)

@@ -224,6 +224,80 @@ def test_forward_mode_names_what_to_use_instead():
         torch.func.jacfwd(lambda t: lucidops.ops.sinc(t, 1.0))(x)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's own forward-AD decompositions
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("name", sorted(MODULE_OPS))
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+def test_forward_ad_dual_tensors_raise_instead_of_losing_the_tangent(name, backend, frozen):
+    """torch.autograd.forward_ad's dual tensors: with no input requiring grad (a frozen model,
+    the usual JVP) the op returned no tangent, so a residual around it carried a wrong one; with
+    one, PyTorch's generic error. Both raise the jvp's error now."""
+    import torch.autograd.forward_ad as fwAD
+
+    _skip_without(backend, "cpu", MODULE_OPS[name])
+    module, example, _, _ = small_modules()[name]
+    module = module.double().eval().requires_grad_(not frozen)
+    x = example.double()
+    with lucidops.use_backend(backend), fwAD.dual_level():
+        module(x)  # a dual level alone changes nothing
+        with pytest.raises(NotImplementedError, match="no forward-mode formula"):
+            module(fwAD.make_dual(x, torch.randn_like(x)))
+
+
+def test_condition_tokens_second_derivatives_and_forward_mode_raise():
+    """once_differentiable guards eager autograd only: under torch.func the second derivative
+    of condition_tokens came back zero (a gradient penalty through ConditionedEmbedding lost its
+    whole second-order term). A linear loss, whose first gradient has no path back to x but
+    through the SVD, raises too."""
+    import torch.autograd.forward_ad as fwAD
+
+    from lucidops.conditioning import condition_tokens
+
+    x = torch.randn(6, 4, dtype=torch.float64)
+    for outer in (lambda t: condition_tokens(t).sin().sum(), lambda t: condition_tokens(t).sum()):
+        with pytest.raises(RuntimeError, match="first derivatives only"):
+            grad(lambda t: grad(outer)(t).pow(2).sum())(x)
+        with pytest.raises(RuntimeError, match="first derivatives only"):
+            jacrev(jacrev(outer))(x)
+        leaf = x.clone().requires_grad_(True)
+        (first,) = torch.autograd.grad(outer(leaf), leaf, create_graph=True)
+        with pytest.raises(RuntimeError, match="first derivatives only"):
+            first.pow(2).sum().backward()
+    with pytest.raises(NotImplementedError, match="no forward-mode formula"):
+        torch.func.jvp(condition_tokens, (x,), (torch.ones_like(x),))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode formula"):
+        condition_tokens(fwAD.make_dual(x, torch.ones_like(x)))
+    # First derivatives unchanged, wide and tall, under vmap too.
+    for shape in ((5, 3), (3, 5)):
+        assert torch.autograd.gradcheck(condition_tokens, (torch.randn(shape, dtype=torch.float64,
+                                                                       requires_grad=True),))
+    batch = torch.randn(3, 5, 4, dtype=torch.float64)
+    per_example = vmap(grad(lambda t: condition_tokens(t).sin().sum()))(batch)
+    for i in range(3):
+        leaf = batch[i].clone().requires_grad_(True)
+        condition_tokens(leaf).sin().sum().backward()
+        torch.testing.assert_close(per_example[i], leaf.grad)
+
+
+def test_token_gray_dct_keeps_forward_ad_tangents():
+    """The DCT mode took scipy's path for a dual tensor that did not require grad, dropping its
+    tangent; torch.func.jvp (and the SVD mode) had it right."""
+    import torch.autograd.forward_ad as fwAD
+
+    from lucidops.conditioning import token_gray
+
+    tokens = torch.rand(2, 6, 4, dtype=torch.float64) + 0.5
+    direction = torch.randn_like(tokens)
+    want = torch.func.jvp(lambda t: token_gray(t, 0.9), (tokens,), (direction,))[1]
+    step = 1e-6
+    numeric = (token_gray(tokens + step * direction, 0.9) - token_gray(tokens - step * direction, 0.9)) / (2 * step)
+    torch.testing.assert_close(want, numeric, rtol=1e-5, atol=1e-6)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(token_gray(fwAD.make_dual(tokens, direction), 0.9)).tangent
+    assert got is not None
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params())
 def test_vmap_of_bfloat16_attention_carries_its_low_part(backend, device):
     """bfloat16 attention keeps a float32 low part of the output (out_lo) for its backward;

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import _autocast, _validate
+from ..ops._functorch import carries_tangent
 from .tokens import _compute_dtype, _finite, _matrix_batch
 
 MODES = ("svd", "dct")
@@ -80,7 +81,8 @@ def _scipy_fft_available() -> bool:
 
 def _dct2(x: Tensor, inverse: bool = False) -> Tensor:
     """Orthonormal 2D DCT-II of the last two dims (``inverse``: DCT-III, its inverse)."""
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    # A forward-mode dual tensor needs the differentiable path too (scipy dropped its tangent).
+    needs_grad = (torch.is_grad_enabled() and x.requires_grad) or carries_tangent((x,))
     # Not under torch.func's transforms either: scipy reads the storage a vmapped tensor lacks.
     if (x.device.type == "cpu" and not needs_grad and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and _scipy_fft_available()):

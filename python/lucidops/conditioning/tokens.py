@@ -28,7 +28,6 @@ from typing import Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import _autocast, _validate
 
@@ -117,24 +116,55 @@ class _ConditionTokens(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, strength = inputs
-        _, u, s, vh = output
+        y, u, s, vh = output
         ctx.mark_non_differentiable(u, s, vh)
-        ctx.save_for_backward(u, s, vh)
+        ctx.save_for_backward(y, u, s, vh)
         ctx.strength, ctx.wide = strength, x.shape[-2] < x.shape[-1]
 
     @staticmethod
-    @once_differentiable  # its formula treats U, S, V as constants: a second derivative must raise
+    def jvp(ctx, *tangents):
+        raise NotImplementedError("condition_tokens has no forward-mode formula (torch.func.jvp, jacfwd, hessian, "
+                                  "forward_ad dual tensors): it has reverse-mode first derivatives (grad, vjp, "
+                                  "jacrev)")
+
+    @staticmethod
     def backward(ctx, grad_y: Tensor, *_svd_grads):
-        u, s, vh = ctx.saved_tensors
-        g = grad_y.transpose(-1, -2) if ctx.wide else grad_y
+        y, u, s, vh = ctx.saved_tensors
+        # Through a Function whose own backward raises: its formula treats U, S, V as constants,
+        # so a second derivative must raise. once_differentiable did that in eager autograd only;
+        # under torch.func (grad of grad, jacrev of jacrev) it gave a second derivative of zero.
+        return _ConditionTokensGrad.apply(grad_y, y, u, s, vh, ctx.strength, ctx.wide), None
+
+
+class _ConditionTokensGrad(torch.autograd.Function):
+    """The gradient of :class:`_ConditionTokens` as a function with no derivative of its own.
+    It takes Y, which it does not read, so that a second derivative always reaches its backward
+    and raises: through grad_y alone, one whose grad_y does not depend on X (a linear loss) found
+    no path and came back zero."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_y: Tensor, y: Tensor, u: Tensor, s: Tensor, vh: Tensor, strength: float, wide: bool) -> Tensor:
+        g = grad_y.transpose(-1, -2) if wide else grad_y
         with _autocast.disabled(g.device.type):
             q = u @ vh
             sigma_1 = s[..., :1].unsqueeze(-1)
             # d sigma_1 = u_1^T dX v_1 (a valid choice also when sigma_1 repeats)
             along_q = (g * q).sum(dim=(-2, -1), keepdim=True)
             top = u[..., :, :1] @ vh[..., :1, :]
-            grad_x = g + ctx.strength * (along_q * top + sigma_1 * _polar_backward(g, u, s, vh))
-        return (grad_x.transpose(-1, -2) if ctx.wide else grad_x), None
+            grad_x = g + strength * (along_q * top + sigma_1 * _polar_backward(g, u, s, vh))
+        return grad_x.transpose(-1, -2) if wide else grad_x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("condition_tokens has first derivatives only (its gradient treats the singular vectors "
+                           "as constants): no second derivative (create_graph=True, torch.func.grad of grad, "
+                           "hessian)")
 
 
 def condition_tokens(x: Tensor, strength: float = 1.0) -> Tensor:

@@ -9,7 +9,8 @@ itself, and see no difference.
 
 The twins let torch.func generate their vmap rule (``generate_vmap_rule``): under vmap
 they call the ops on batched tensors, and the ops' own vmap rules take over. Forward-mode
-AD (``jvp``, ``jacfwd``, ``hessian``) and second derivatives have no formula and raise.
+AD (``jvp``, ``jacfwd``, ``hessian``, and ``torch.autograd.forward_ad``'s dual tensors, which
+also take the twin) and second derivatives have no formula and raise.
 
 Both the op and its twin run the backward on the backend their forward was forced to
 (``use_backend``), wherever and whenever the backward runs: see ``_same_backend``.
@@ -17,9 +18,10 @@ Both the op and its twin run the backward on the backend their forward was force
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Tuple
 
 import torch
+from torch.autograd import forward_ad
 
 from .. import _validate, backends
 
@@ -86,9 +88,22 @@ def _twin(op: Any, setup_context: Callable, backward: Callable, **more: Callable
                 {"generate_vmap_rule": True, "forward": staticmethod(lambda *args: op(*args)), **methods})
 
 
+def carries_tangent(args: Tuple[Any, ...]) -> bool:
+    """Whether a tensor among ``args`` is a forward-mode dual tensor (``torch.autograd.forward_ad``).
+    The op dropped its tangent: with no input requiring grad, the custom op's autograd (where a
+    missing formula would raise) is skipped, so a frozen model's JVP came back without the op's
+    part, silently. Checked only inside a dual level (one comparison otherwise)."""
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return False
+    return any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
+
+
 def _either(op: Any, twin: Any) -> Callable[..., Any]:
     def call(*args: Any) -> Any:
-        return twin.apply(*args) if transforms_active() else op(*args)
+        # The twin raises for forward mode, as under torch.func.jvp.
+        if _validate.is_compiling():
+            return op(*args)
+        return twin.apply(*args) if transforms_active() or carries_tangent(args) else op(*args)
 
     call.__name__ = call.__qualname__ = f"{_op_name(op)}_or_twin"
     return call

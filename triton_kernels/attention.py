@@ -214,7 +214,12 @@ def attention_forward_kernel(
 
 @triton.jit
 def _load_lse2(LSE, row_ids, ok):
-    """log2-domain lse; +inf for rows without a visible key (and padding), so exp2(s - lse2) = 0."""
+    """log2-domain lse; +inf for rows without a visible key (and padding), so exp2(s - lse2) = 0.
+
+    The backward recomputes each probability as exp2(s - lse2) from a score rounded apart from
+    the forward's and an lse rounded at its own magnitude: with scores of 1e8 (float32 q, k of
+    1e4) the exponent was off by up to 32, so a probability came back as 2^32, and dv as inf,
+    dq and dk as NaN (bfloat16). A probability is at most 1, and the backward keeps it there."""
     lse = tl.load(LSE + row_ids, mask=ok, other=float("-inf"))
     return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
@@ -256,7 +261,7 @@ def attention_backward_dkdv_kernel(
         row_ids = row_base + rows[None, None, :]  # (G, 1, BLOCK_M)
         lse2 = _load_lse2(LSE, row_ids, r_ok)
         vis = tl.permute(_visible(rows, cols, b, MASK, NQ, NK, has_mask, causal), (0, 2, 1))
-        pt = tl.where(vis, tl.exp2(st - lse2), 0.0)
+        pt = tl.where(vis, tl.minimum(tl.exp2(st - lse2), 1.0), 0.0)  # see _load_lse2 for the 1
         do = tl.load(do_base + rows[None, None, :].to(tl.int64) * sdn + offs_d[None, :, None],
                      mask=r_ok & d_ok[None, :, None], other=0.0)  # (G, D_PAD, BLOCK_M): dout transposed
         kept_pt = pt
@@ -314,7 +319,7 @@ def attention_backward_dq_kernel(
         vt = tl.load(v_base + c3 * svn + offs_d[None, :, None], mask=t_ok, other=0.0)
         s = _dot(q, kt, PRECISION, UPCAST) * qk_scale
         vis = _visible(rows, cols, b, MASK, NQ, NK, has_mask, causal)
-        p = tl.where(vis, tl.exp2(s - lse2), 0.0)
+        p = tl.where(vis, tl.minimum(tl.exp2(s - lse2), 1.0), 0.0)  # see _load_lse2 for the 1
         dp = _dot(do, vt, PRECISION, UPCAST)
         if DROPOUT:
             dp = dp * _dropout_scale(SEED, (first_batch + b).to(tl.int64) * H + h3, rows, cols, drop_threshold,

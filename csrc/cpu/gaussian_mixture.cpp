@@ -58,8 +58,9 @@ constexpr int64_t kMinChunk = 256;
 
 // Far from a Gaussian, W * phi underflows into subnormals, which x86 cores handle in
 // microcode at ~100x the cost: narrow Gaussians made the dense kernel 3x slower. Inside the
-// kernel's threads only, flush subnormal results and inputs to zero (an absolute change
-// below 1.2e-38, far under float32 rounding of any output), and restore the mode after.
+// kernel's threads only, flush subnormal results and inputs to zero, and restore the mode
+// after. A flushed phi (below 1.2e-38) moves a channel by at most 1.2e-38 sum_g |W[k, g]|: far
+// under float32 rounding of any output at ordinary weights, stated in the README for the rest.
 class FlushSubnormals {
  public:
 #ifdef LUCIDOPS_HAS_MXCSR

@@ -172,8 +172,11 @@ def leaner(model_name: str, heads_factor: int = 2, depth_divisor: float = 2, mlp
         depth_divisor: depth becomes round(depth / depth_divisor) (at least 1).
         mlp_ratio: a new MLP ratio, or None to keep it.
         keep: "width" keeps embed_dim (head_dim shrinks by heads_factor: the design space
-            lucidops' small-head kernel serves); "head_dim" keeps the head dim (embed_dim
-            grows by heads_factor, as the paper's reported variants).
+            lucidops' small-head kernel serves); "head_dim" keeps the head dim and grows
+            embed_dim by heads_factor, so the whole model widens (vit_small, heads x2, depth
+            /2: 22M -> 44M parameters). The paper's reported variants keep head_dim 64 with
+            30-50% fewer parameters, so they widen the attention alone, which timm's ViT
+            config cannot express.
         img_size: image side for the FLOP count (default: the model's).
     """
     import timm

@@ -200,6 +200,68 @@ def test_a_cached_module_that_does_not_import_is_rebuilt(fresh_ext, monkeypatch,
     assert "rebuilding the cpu extension" in capsys.readouterr().err
 
 
+def _cut_short(path: Path) -> bytes:
+    """Cut ``path`` to half its length, as a link killed or still running leaves it; returns
+    the whole file. dlopen maps such a file past its end and kills the process (SIGBUS)."""
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    assert not _ext.whole_shared_object(path) and whole[:4] == b"\x7fELF"
+    return whole
+
+
+def test_a_cached_module_cut_short_is_relinked_not_imported(fresh_ext, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
+    name = _ext_sources.spec("cpu").module_name
+    folder = tmp_path / name
+    folder.mkdir()
+    built = _fake_extension(folder, name, "hfake5")
+    _cut_short(built)
+    monkeypatch.setattr(_ext, "_import_built", lambda *args: pytest.fail("imported a module cut short"))
+    seen = []
+    rebuilt = types.ModuleType(name)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.append(built.exists()) or rebuilt)
+    assert _ext.build("cpu") is rebuilt
+    assert seen == [False]  # removed first: ninja could keep a cut file newer than its inputs
+    assert "cut short" in capsys.readouterr().err
+
+
+def test_a_cached_module_cut_short_in_a_read_only_cache_is_refused(fresh_ext, monkeypatch, tmp_path):
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
+    name = _ext_sources.spec("cpu").module_name
+    folder = tmp_path / name
+    folder.mkdir()
+    _cut_short(_fake_extension(folder, name, "hfake6"))
+    monkeypatch.setattr(_ext, "_compiler_problem", lambda kind: "no C++ compiler found")
+    with pytest.raises(_ext.ExtensionUnavailable, match="cut short"):
+        _ext.build("cpu")
+
+
+def test_a_module_being_linked_is_imported_once_the_build_lock_is_free(fresh_ext, monkeypatch, tmp_path):
+    """A process arriving while another linked the module imported the half-written file
+    and died of SIGBUS: the cached module is read under the builder's own lock."""
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
+    name = _ext_sources.spec("cpu").module_name
+    folder = tmp_path / name
+    folder.mkdir()
+    built = _fake_extension(folder, name, "hfake7")
+    whole = _cut_short(built)
+    (tmp_path / "whole.so").write_bytes(whole)
+    linker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import shutil, sys, time
+        from filelock import FileLock
+        with FileLock({str(folder / "lock")!r}):
+            print("locked", flush=True)
+            time.sleep(1.5)
+            shutil.copyfile({str(tmp_path / "whole.so")!r}, {str(built)!r})
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert linker.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(cpp_extension, "load", _no_builder)
+        assert _ext.build("cpu").SOURCE_HASH == "hfake7"
+    finally:
+        linker.wait(timeout=60)
+
+
 def test_status_reports_a_cache_no_build_can_write_into(fresh_ext, monkeypatch, tmp_path, capsys):
     """`lucidops info` said "cpp available" over a cache folder that could not be written and
     held no build, while the op's own warning (pointing at info) said the opposite."""

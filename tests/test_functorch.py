@@ -244,6 +244,21 @@ def test_forward_ad_dual_tensors_raise_instead_of_losing_the_tangent(name, backe
             module(fwAD.make_dual(x, torch.randn_like(x)))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_forward_ad_dual_tensors_raise_under_torch_compile_too():
+    """The check stood aside while compiling, so a compiled function returned the residual's
+    tangent alone, the op's part silently dropped."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: lucidops.ops.sinc(t, 1.0) + t, backend="eager")
+    x = torch.randn(5)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode formula"):
+        compiled(fwAD.make_dual(x, torch.ones(5)))
+    torch.testing.assert_close(compiled(x), lucidops.ops.sinc(x, 1.0) + x)  # and without one, as before
+    torch._dynamo.reset()
+
+
 def test_condition_tokens_second_derivatives_and_forward_mode_raise():
     """once_differentiable guards eager autograd only: under torch.func the second derivative
     of condition_tokens came back zero (a gradient penalty through ConditionedEmbedding lost its
@@ -271,6 +286,11 @@ def test_condition_tokens_second_derivatives_and_forward_mode_raise():
     for shape in ((5, 3), (3, 5)):
         assert torch.autograd.gradcheck(condition_tokens, (torch.randn(shape, dtype=torch.float64,
                                                                        requires_grad=True),))
+    leaf = x.clone().requires_grad_(True)
+    conditioned = condition_tokens(leaf)
+    conditioned.mul_(2)  # the output may change in place (saving it for the check above forbade that)
+    conditioned.sum().backward()
+    assert torch.isfinite(leaf.grad).all()
     batch = torch.randn(3, 5, 4, dtype=torch.float64)
     per_example = vmap(grad(lambda t: condition_tokens(t).sin().sum()))(batch)
     for i in range(3):

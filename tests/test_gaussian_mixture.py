@@ -572,6 +572,11 @@ def test_flop_counter_uses_the_formula():
     assert counts["total"] == fwd + bwd
     none = forward_flops((3, 11, 3), (5, 3), (5, 6), (7, 5), None, False, 0.1)
     assert none == 3 * 11 * (23 * 5 + 2 * 5 * 7)
+    # reduce="none": the two (M x K x G) products, the bias sum, and per (point, Gaussian) pair
+    # phi (23), the coefficient (1), P d (15), the mean (6), precision (18) and point (6) terms;
+    # the weight gradient and dL/dphi were counted again per pair (3 M G too many).
+    assert backward_flops((3, 11, 7), (3, 11, 3), (5, 3), (5, 6), (7, 5), None, False, None) == (
+        4 * 33 * 7 * 5 + 33 * 7 + 33 * 5 * (23 + 1 + 15 + 6 + 18 + 6))
 
 
 # ---------------------------------------------------------------- the module

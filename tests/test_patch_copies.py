@@ -182,6 +182,15 @@ def test_undo_peft_lora_restores_a_copy_that_has_no_handle():
         torch.testing.assert_close(run(model), plain, rtol=0, atol=0)
     with pytest.raises(ValueError, match="no LoRA layer patched"):
         lucidops.patch.undo_peft_lora(model)
+    # A model patched before merge_before was recorded (a checkpoint saved by an earlier
+    # version) is restored too: the missing key stopped the undo halfway, for good.
+    lucidops.patch.peft_lora(model, **_PEFT_PATCH)
+    for layer in model.modules():
+        layer.__dict__.get("_lucidops_lora", {}).pop("merge_before", None)
+    lucidops.patch.undo_peft_lora(model)
+    assert not [m for m in model.modules() if {"_lucidops_lora", "forward", "merge"} & set(m.__dict__)]
+    with torch.no_grad():
+        torch.testing.assert_close(run(model), plain, rtol=0, atol=0)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         lucidops.patch.undo_peft_lora("model")
 

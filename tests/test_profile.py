@@ -165,16 +165,17 @@ def test_gaussian_mixture_formula(lead, n, g, kc, reduce):
     macs = points * g * kc
     elementwise = points * (phi * g + kc + (kc if reduce == "max" else 0))
     assert c["lucidops.gaussian_mixture"] == 2 * macs + elementwise
+    # Per back-propagated (point, Gaussian) pair: phi again (23), dW (2), dL/dphi phi (2), P d
+    # (9 products 6 sums = 15), the mean (6), the 6 precision entries (18), the point (6).
+    pair = phi + 2 + 2 + 15 + 6 + 18 + 6
     if reduce == "max":
-        # Per (cloud, channel) only the arg-max point back-propagates: per Gaussian, phi again
-        # (23), dW (2), dL/dphi phi (2), P d (9 products 6 sums = 15), the mean (6), the 6
-        # precision entries (18), the point (6); +1 per channel for the bias.
-        pair = phi + 2 + 2 + 15 + 6 + 18 + 6
+        # Per (cloud, channel) only the arg-max point back-propagates; +1 per channel for the bias.
         assert c["lucidops.gaussian_mixture_backward"] == math.prod(lead) * kc * (pair * g + 1)
     else:
         # dW = grad^T phi and dL/dphi = grad W (2 products of m kc g MACs), the bias sum, and
-        # the per-(point, Gaussian) terms above without the weight's share.
-        assert c["lucidops.gaussian_mixture_backward"] == (2 * 2 * macs + points * kc + points * g * 72)
+        # the per-(point, Gaussian) terms above without the weight's share (2) and with one
+        # multiply for the coefficient dL/dphi phi, whose sum is in the product (72 counted both).
+        assert c["lucidops.gaussian_mixture_backward"] == (2 * 2 * macs + points * kc + points * g * (pair - 3))
     consts = [t.detach() for t in (mu, prec, w, bias)]  # jit tracing refuses closed-over leaves with grad
     fv = fv_counts(lambda p: lucidops.ops.gaussian_mixture(p, *consts, reduce=reduce), pts.detach())
     assert fv["gaussian_mixture"] == macs + elementwise
@@ -624,3 +625,18 @@ def test_cli_profile_usage_errors_come_before_the_model_is_built(args, message, 
     monkeypatch.setattr(cli, "_make_model", lambda *a: pytest.fail("built the model before a usage error"))
     assert cli.main(["profile", "--quiet"] + args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, per_call", [("uniform", 0), ("kmeans", 2 * 256 * 2)])
+def test_saved_bytes_leave_out_a_quantized_adapters_own_tensors(method, per_call):
+    """A quantized adapter is a plain attribute, not parameters or buffers: the views of its
+    codes and tables the op saves for backward were counted as activations (x's 4096 bytes
+    read 8448). What a call makes (kmeans' codebooks padded to 256 entries) still counts."""
+    from lucidops.profile.report import saved_tensor_bytes
+
+    torch.manual_seed(0)
+    layer = lucidops.nn.BoundedLoRALinear(nn.Linear(256, 256), rank=8, fn="sin", omega=1.0, alpha=8)
+    layer.base.requires_grad_(False)
+    layer.quantize_(bits=4, method=method)
+    x = torch.randn(4, 256, requires_grad=True)
+    assert saved_tensor_bytes(layer, (x,)) == x.numel() * 4 + per_call

@@ -184,7 +184,10 @@ def compile_all(archs: Sequence[int] = (80, 90), families: Iterable[str] = FAMIL
     bar = tqdm(total=len(work), desc="lucidops aot", unit="config", disable=None, dynamic_ncols=True)
     with bar:
         if jobs == 1:
-            results = [bar.update() or _compile_job(job) for job in work]
+            results = []
+            for job in work:
+                results.append(_compile_job(job))
+                bar.update()
         else:
             from concurrent.futures import ProcessPoolExecutor
 

@@ -22,10 +22,12 @@ for a failed build, the path of the log.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import re
+import struct
 import shutil
 import sys
 import threading
@@ -252,11 +254,23 @@ def build(
     problem = _compiler_problem(kind)
     unimportable = False
     if built.is_file():
-        try:
+        if problem or not os.access(folder, os.W_OK):  # nothing can rebuild it: take it as it is
+            if not whole_shared_object(built):
+                raise ExtensionUnavailable(kind, f"the cached build {built} is cut short (a build killed while "
+                                                 "linking?); delete that folder (or set LUCIDOPS_CACHE_DIR) to rebuild")
             return _import_built(kind, folder, spec.module_name)
-        except ExtensionUnavailable:
-            if problem or not os.access(folder, os.W_OK):
-                raise
+        with _build_lock(folder):  # a build in progress is finished first: its module half-linked killed us
+            if whole_shared_object(built):
+                module = None
+                try:
+                    module = _import_built(kind, folder, spec.module_name)
+                except ExtensionUnavailable:
+                    pass
+                if module is not None:
+                    return module
+            # Cut short (a killed link) or not importable: removed, so the builder links it again
+            # (ninja could find a cut file newer than its inputs and keep it).
+            built.unlink()
             unimportable = True
     if problem:
         raise ExtensionUnavailable(kind, problem)
@@ -268,8 +282,8 @@ def build(
         raise _unwritable(kind, folder, exc) from exc
     log_path = folder / "build.log"
     if not verbose and unimportable:
-        print(f"lucidops: rebuilding the {kind} extension in {folder} (the module there did not import)",
-              file=sys.stderr)
+        print(f"lucidops: rebuilding the {kind} extension in {folder} (the module there was cut short or did not "
+              "import)", file=sys.stderr)
     elif not verbose and not built.exists():
         print(f"lucidops: building the {kind} extension (first use; about a minute) in {folder}", file=sys.stderr)
     if kind == "cuda":
@@ -305,6 +319,45 @@ def build(
     except OSError:
         pass
     return module
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """torch's builder's own lock on ``folder`` (an OS advisory lock through ``filelock``, which
+    torch depends on), so that a module another process is still linking is never imported.
+    Released before the builder runs: it takes the lock itself."""
+    try:
+        from filelock import FileLock
+    except ImportError:  # pragma: no cover - torch requires filelock
+        yield
+        return
+    with FileLock(str(folder / "lock")):
+        yield
+
+
+def whole_shared_object(path: Path) -> bool:
+    """Whether an ELF file holds all it says it does: its section header table, which linkers
+    write last, ends within the file. A module cut short (a link killed or still running) is
+    mapped by dlopen past its end, which kills the process (SIGBUS) instead of raising. Files
+    that are not ELF (macOS) pass: dlopen judges them."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(64)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if header[:4] != b"\x7fELF" or len(header) < 52:
+        return header[:4] != b"\x7fELF"
+    order = "<" if header[5] == 1 else ">"
+    if header[4] == 2:  # 64-bit
+        if len(header) < 64:
+            return False
+        (shoff,) = struct.unpack_from(order + "Q", header, 0x28)
+        entsize, count = struct.unpack_from(order + "HH", header, 0x3A)
+    else:
+        (shoff,) = struct.unpack_from(order + "I", header, 0x20)
+        entsize, count = struct.unpack_from(order + "HH", header, 0x2E)
+    return 0 < shoff and shoff + entsize * count <= size
 
 
 _ERROR_LINE = re.compile(r"error:|fatal\s*:|fatal error", re.IGNORECASE)

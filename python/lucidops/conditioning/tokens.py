@@ -103,7 +103,7 @@ class _ConditionTokens(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, strength: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(x: Tensor, strength: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         # Transposed wide matrices: the backward's formula is for tall ones (Q(X^T) = Q(X)^T).
         wide = x.shape[-2] < x.shape[-1]
         xt = x.transpose(-1, -2) if wide else x
@@ -111,14 +111,17 @@ class _ConditionTokens(torch.autograd.Function):
             u, s, vh = torch.linalg.svd(xt, full_matrices=False)
             correction = (strength * s[..., :1].unsqueeze(-1)) * (u @ vh)
             y = xt + correction
-        return (y.transpose(-1, -2) if wide else y), u, s, vh
+        # A zero, as an output of this Function: it depends on x for autograd, so that the
+        # gradient Function below always has a path back to x (see _ConditionTokensGrad).
+        anchor = x.new_zeros(())
+        return (y.transpose(-1, -2) if wide else y), u, s, vh, anchor
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, strength = inputs
-        y, u, s, vh = output
+        _, u, s, vh, anchor = output
         ctx.mark_non_differentiable(u, s, vh)
-        ctx.save_for_backward(y, u, s, vh)
+        ctx.save_for_backward(anchor, u, s, vh)
         ctx.strength, ctx.wide = strength, x.shape[-2] < x.shape[-1]
 
     @staticmethod
@@ -128,24 +131,26 @@ class _ConditionTokens(torch.autograd.Function):
                                   "jacrev)")
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, *_svd_grads):
-        y, u, s, vh = ctx.saved_tensors
+    def backward(ctx, grad_y: Tensor, *_svd_and_anchor_grads):
+        anchor, u, s, vh = ctx.saved_tensors
         # Through a Function whose own backward raises: its formula treats U, S, V as constants,
         # so a second derivative must raise. once_differentiable did that in eager autograd only;
         # under torch.func (grad of grad, jacrev of jacrev) it gave a second derivative of zero.
-        return _ConditionTokensGrad.apply(grad_y, y, u, s, vh, ctx.strength, ctx.wide), None
+        return _ConditionTokensGrad.apply(grad_y, anchor, u, s, vh, ctx.strength, ctx.wide), None
 
 
 class _ConditionTokensGrad(torch.autograd.Function):
     """The gradient of :class:`_ConditionTokens` as a function with no derivative of its own.
-    It takes Y, which it does not read, so that a second derivative always reaches its backward
-    and raises: through grad_y alone, one whose grad_y does not depend on X (a linear loss) found
-    no path and came back zero."""
+    It takes the forward's zero ``anchor``, which it does not read, so that a second derivative
+    always reaches its backward and raises: through grad_y alone, one whose grad_y does not
+    depend on X (a linear loss) found no path and came back zero. Not Y, whose saving for this
+    made an in-place change of the output an autograd error."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_y: Tensor, y: Tensor, u: Tensor, s: Tensor, vh: Tensor, strength: float, wide: bool) -> Tensor:
+    def forward(grad_y: Tensor, anchor: Tensor, u: Tensor, s: Tensor, vh: Tensor, strength: float,
+                wide: bool) -> Tensor:
         g = grad_y.transpose(-1, -2) if wide else grad_y
         with _autocast.disabled(g.device.type):
             q = u @ vh

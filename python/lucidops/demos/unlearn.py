@@ -405,7 +405,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="a run of seconds (fewer pretraining, unlearning steps)")
-    parser.add_argument("--out", default=DEFAULT_OUT,
+    parser.add_argument("--out", default=None,
                         help=f"output directory, made if missing (default ./{DEFAULT_OUT})")
     parser.add_argument("--png", default=None, help="PNG path (default OUT/unlearn.png)")
     parser.add_argument("--threads", type=int, default=1,
@@ -438,11 +438,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lucidops demo unlearn: error: {err}", file=sys.stderr)
         return 2
-    png = args.png or os.path.join(args.out, "unlearn.png")
+    png = args.png or os.path.join(args.out or DEFAULT_OUT, "unlearn.png")
     problems = [_optional.missing(package, purpose)
                 for package, purpose in (("peft", "the demo's LoRA setup"), ("matplotlib", "the demo's PNG"))]
     path_problem = png_path_problem(png)
-    where = "--png" if args.png else "--out" if args.out != DEFAULT_OUT else f"the default --out {DEFAULT_OUT!r}"
+    where = "--png" if args.png else "--out" if args.out is not None else f"the default --out {DEFAULT_OUT!r}"
     problems.append(path_problem and f"{where}: {path_problem}")
     for problem in problems:
         if problem:  # said now, not after the pretraining

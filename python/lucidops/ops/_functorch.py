@@ -100,9 +100,8 @@ def carries_tangent(args: Tuple[Any, ...]) -> bool:
 
 def _either(op: Any, twin: Any) -> Callable[..., Any]:
     def call(*args: Any) -> Any:
-        # The twin raises for forward mode, as under torch.func.jvp.
-        if _validate.is_compiling():
-            return op(*args)
+        # The twin raises for forward mode, as under torch.func.jvp; under torch.compile too
+        # (outside a dual level the check reads one global, which Dynamo guards on).
         return twin.apply(*args) if transforms_active() or carries_tangent(args) else op(*args)
 
     call.__name__ = call.__qualname__ = f"{_op_name(op)}_or_twin"

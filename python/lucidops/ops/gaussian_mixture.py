@@ -39,6 +39,9 @@ PHI_FLOPS = 23
 # Backward per (channel or point, Gaussian) pair: phi again (23), the weight gradient (2),
 # the coefficient dL/dphi * phi (2), P d (15), the mean (6), precision (18) and point (6) terms.
 BACKWARD_PAIR_FLOPS = 72
+# reduce="none" forms the weight gradient and dL/dphi as the two (M x K x G) products its
+# formula counts apart, so per pair the coefficient is one multiply: 72 - 2 - 1.
+NONE_BACKWARD_PAIR_FLOPS = 69
 
 
 def _numel(shape) -> int:
@@ -50,7 +53,8 @@ def _numel(shape) -> int:
 
 def forward_flops(points_shape, means_shape, precisions_shape, weight_shape, bias_shape, reduce_max, cull_threshold,
                   *_, **__) -> int:
-    """Dense-equivalent FLOPs of the forward (culling skips work but does not change the count)."""
+    """Dense-equivalent FLOPs of the forward: culling skips work but does not change the count
+    (which pairs it skips depends on the values; a formula sees shapes)."""
     m = _numel(points_shape[:-1])  # B * N points
     g, k = int(means_shape[0]), int(weight_shape[0])
     total = m * (PHI_FLOPS * g + 2 * g * k)
@@ -72,7 +76,7 @@ def backward_flops(grad_shape, points_shape, means_shape, precisions_shape, weig
         return pairs * (BACKWARD_PAIR_FLOPS * g + 1)
     m = _numel(points_shape[:-1])
     # grad_weight = grad^T phi and dL/dphi = grad W: two (M x K x G) products; the bias sum.
-    return 4 * m * k * g + m * k + m * g * BACKWARD_PAIR_FLOPS
+    return 4 * m * k * g + m * k + m * g * NONE_BACKWARD_PAIR_FLOPS
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:

@@ -375,6 +375,10 @@ def undo_peft_lora(model: nn.Module) -> nn.Module:
     patched = [m for m in model.modules() if "_lucidops_lora" in m.__dict__]
     if not patched:
         raise ValueError("model has no LoRA layer patched by lucidops.patch.peft_lora")
+    # Every layer checked before any changes, so a refusal leaves the model as it was.
+    broken = [type(m).__name__ for m in patched if "original" not in m.__dict__["_lucidops_lora"]]
+    if broken:
+        raise RuntimeError(f"{len(broken)} patched layer(s) lack the original forward; nothing was changed")
     for layer in patched:
         config = layer.__dict__.pop("_lucidops_lora")
         original = config["original"]
@@ -382,7 +386,7 @@ def undo_peft_lora(model: nn.Module) -> nn.Module:
             layer.__dict__.pop("forward", None)  # the class's forward, as before patching
         else:
             layer.__dict__["forward"] = original  # an instance forward an earlier patch had set
-        if config["merge_before"] is None:
+        if config.get("merge_before") is None:  # absent from models patched before it was recorded
             layer.__dict__.pop("merge", None)
         else:
             layer.__dict__["merge"] = config["merge_before"]

@@ -232,9 +232,23 @@ def _peak_rss_bytes() -> Optional[int]:
 
 def saved_tensor_bytes(model: nn.Module, args: Tuple[Any, ...]) -> int:
     """Bytes the forward ``model(*args)`` saves for backward: unique storages (a tensor and
-    its views count once), the model's parameters and buffers excluded (they exist anyway)."""
-    own = [t for t in list(model.parameters()) + list(model.buffers()) if t.device.type != "meta"]
+    its views count once), the model's own state excluded (it exists anyway)."""
+    own = [t for t in model_state_tensors(model) if t.device.type != "meta"]
     return saved_bytes(lambda: model(*args), exclude=own)
+
+
+def model_state_tensors(model: nn.Module) -> List[Tensor]:
+    """The tensors ``model`` keeps between calls: parameters, buffers, and the codes and tables
+    of quantized adapters (held as a plain attribute, ``quantize_``), whose views the op saves
+    for backward: they were counted as activations."""
+    from ..quant import QuantizedAdapter
+
+    tensors = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, QuantizedAdapter):
+                tensors += list(value.state().values())
+    return tensors
 
 
 def saved_bytes(fn: Callable[[], Any], exclude: Sequence[Tensor] = ()) -> int:

@@ -236,6 +236,48 @@ def test_a_cached_module_cut_short_in_a_read_only_cache_is_refused(fresh_ext, mo
         _ext.build("cpu")
 
 
+def test_a_waiter_finding_the_cut_module_removed_goes_to_the_builder(fresh_ext, monkeypatch, tmp_path):
+    """Several processes waiting on the lock over a cut module: the first removed it and the
+    others, finding it gone, raised FileNotFoundError from the op call."""
+    import contextlib
+
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
+    name = _ext_sources.spec("cpu").module_name
+    folder = tmp_path / name
+    folder.mkdir()
+    built = _fake_extension(folder, name, "hfake8")
+    _cut_short(built)
+
+    @contextlib.contextmanager
+    def another_waiter_went_first(folder):
+        built.unlink()
+        yield
+
+    monkeypatch.setattr(_ext, "_build_lock", another_waiter_went_first)
+    rebuilt = types.ModuleType(name)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: rebuilt)
+    assert _ext.build("cpu") is rebuilt
+
+
+def test_a_lock_file_that_cannot_be_opened_reads_the_module_unlocked(fresh_ext, monkeypatch, tmp_path):
+    """A shared cache whose lock file another user owns: taking the lock raised PermissionError
+    from every op call, where the whole module there had been imported."""
+    import filelock
+
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
+    name = _ext_sources.spec("cpu").module_name
+    folder = tmp_path / name
+    folder.mkdir()
+    _fake_extension(folder, name, "hfake9")
+
+    def not_yours(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(folder / "lock"))
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", not_yours)
+    monkeypatch.setattr(cpp_extension, "load", _no_builder)
+    assert _ext.build("cpu").SOURCE_HASH == "hfake9"
+
+
 def test_a_module_being_linked_is_imported_once_the_build_lock_is_free(fresh_ext, monkeypatch, tmp_path):
     """A process arriving while another linked the module imported the half-written file
     and died of SIGBUS: the cached module is read under the builder's own lock."""

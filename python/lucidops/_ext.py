@@ -269,9 +269,10 @@ def build(
                 if module is not None:
                     return module
             # Cut short (a killed link) or not importable: removed, so the builder links it again
-            # (ninja could find a cut file newer than its inputs and keep it).
-            built.unlink()
-            unimportable = True
+            # (ninja could find a cut file newer than its inputs and keep it). Another process
+            # waiting on the lock may have removed it already: then its build is under way.
+            unimportable = built.exists()
+            built.unlink(missing_ok=True)
     if problem:
         raise ExtensionUnavailable(kind, problem)
     from torch.utils import cpp_extension
@@ -325,14 +326,23 @@ def build(
 def _build_lock(folder: Path):
     """torch's builder's own lock on ``folder`` (an OS advisory lock through ``filelock``, which
     torch depends on), so that a module another process is still linking is never imported.
-    Released before the builder runs: it takes the lock itself."""
+    Released before the builder runs: it takes the lock itself. Where the lock file cannot be
+    opened (another user's, in a shared cache) nothing is locked, as before the lock was taken."""
     try:
         from filelock import FileLock
     except ImportError:  # pragma: no cover - torch requires filelock
         yield
         return
-    with FileLock(str(folder / "lock")):
+    lock = FileLock(str(folder / "lock"))
+    try:
+        lock.acquire()
+    except OSError:  # a shared cache whose lock file another user owns: read it as before, unlocked
         yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def whole_shared_object(path: Path) -> bool:

@@ -438,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lucidops demo unlearn: error: {err}", file=sys.stderr)
         return 2
-    png = args.png or os.path.join(args.out or DEFAULT_OUT, "unlearn.png")
+    png = args.png or os.path.join(DEFAULT_OUT if args.out is None else args.out, "unlearn.png")
     problems = [_optional.missing(package, purpose)
                 for package, purpose in (("peft", "the demo's LoRA setup"), ("matplotlib", "the demo's PNG"))]
     path_problem = png_path_problem(png)

@@ -27,8 +27,8 @@ import importlib
 import importlib.util
 import os
 import re
-import struct
 import shutil
+import struct
 import sys
 import threading
 from pathlib import Path

@@ -141,12 +141,9 @@ def test_build_in_the_cache_is_usable_without_a_compiler(fresh_ext, monkeypatch,
 
 def test_lock_that_cannot_be_written_falls_back_to_importing_the_build(fresh_ext, monkeypatch, tmp_path):
     """Where the folder looks writable but torch's builder still fails to write (a read-only
-    bind mount os.access misjudges), the module built there is imported from its file."""
-    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
-    name = _ext_sources.spec("cpu").module_name
-    folder = tmp_path / name
-    folder.mkdir()
-    _fake_extension(folder, name, "hfake2")
+    bind mount os.access misjudges), the module built there is imported from its file: the
+    builder is never reached for a whole module."""
+    name, folder, built = _cached_fake_module(monkeypatch, tmp_path, "hfake2")
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: (_ for _ in ()).throw(_erofs(folder / "lock")))
     assert _ext.build("cpu").SOURCE_HASH == "hfake2"
 
@@ -178,11 +175,7 @@ def test_a_cached_build_is_imported_without_the_builder(fresh_ext, monkeypatch, 
     rebuilt the whole extension (a silent minute) whenever another ninja ran than last time:
     pip's in an activated venv, the system's otherwise. The folder's name hashes what the
     build depends on, so a module there is the build."""
-    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
-    name = _ext_sources.spec("cpu").module_name
-    folder = tmp_path / name
-    folder.mkdir()
-    _fake_extension(folder, name, "hfake4")
+    name, folder, built = _cached_fake_module(monkeypatch, tmp_path, "hfake4")
     monkeypatch.setattr(cpp_extension, "load", _no_builder)
     assert _ext.build("cpu").SOURCE_HASH == "hfake4"
 
@@ -200,6 +193,16 @@ def test_a_cached_module_that_does_not_import_is_rebuilt(fresh_ext, monkeypatch,
     assert "rebuilding the cpu extension" in capsys.readouterr().err
 
 
+def _cached_fake_module(monkeypatch, tmp_path: Path, source_hash: str):
+    """A cache in ``tmp_path`` holding a (tiny, real) build of the cpu extension: (module name,
+    its folder, the module file)."""
+    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
+    name = _ext_sources.spec("cpu").module_name
+    folder = tmp_path / name
+    folder.mkdir()
+    return name, folder, _fake_extension(folder, name, source_hash)
+
+
 def _cut_short(path: Path) -> bytes:
     """Cut ``path`` to half its length, as a link killed or still running leaves it; returns
     the whole file. dlopen maps such a file past its end and kills the process (SIGBUS)."""
@@ -210,11 +213,7 @@ def _cut_short(path: Path) -> bytes:
 
 
 def test_a_cached_module_cut_short_is_relinked_not_imported(fresh_ext, monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
-    name = _ext_sources.spec("cpu").module_name
-    folder = tmp_path / name
-    folder.mkdir()
-    built = _fake_extension(folder, name, "hfake5")
+    name, folder, built = _cached_fake_module(monkeypatch, tmp_path, "hfake5")
     _cut_short(built)
     monkeypatch.setattr(_ext, "_import_built", lambda *args: pytest.fail("imported a module cut short"))
     seen = []
@@ -226,11 +225,8 @@ def test_a_cached_module_cut_short_is_relinked_not_imported(fresh_ext, monkeypat
 
 
 def test_a_cached_module_cut_short_in_a_read_only_cache_is_refused(fresh_ext, monkeypatch, tmp_path):
-    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
-    name = _ext_sources.spec("cpu").module_name
-    folder = tmp_path / name
-    folder.mkdir()
-    _cut_short(_fake_extension(folder, name, "hfake6"))
+    name, folder, built = _cached_fake_module(monkeypatch, tmp_path, "hfake6")
+    _cut_short(built)
     monkeypatch.setattr(_ext, "_compiler_problem", lambda kind: "no C++ compiler found")
     with pytest.raises(_ext.ExtensionUnavailable, match="cut short"):
         _ext.build("cpu")
@@ -241,11 +237,7 @@ def test_a_waiter_finding_the_cut_module_removed_goes_to_the_builder(fresh_ext, 
     others, finding it gone, raised FileNotFoundError from the op call."""
     import contextlib
 
-    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
-    name = _ext_sources.spec("cpu").module_name
-    folder = tmp_path / name
-    folder.mkdir()
-    built = _fake_extension(folder, name, "hfake8")
+    name, folder, built = _cached_fake_module(monkeypatch, tmp_path, "hfake8")
     _cut_short(built)
 
     @contextlib.contextmanager
@@ -264,11 +256,7 @@ def test_a_lock_file_that_cannot_be_opened_reads_the_module_unlocked(fresh_ext, 
     from every op call, where the whole module there had been imported."""
     import filelock
 
-    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
-    name = _ext_sources.spec("cpu").module_name
-    folder = tmp_path / name
-    folder.mkdir()
-    _fake_extension(folder, name, "hfake9")
+    name, folder, built = _cached_fake_module(monkeypatch, tmp_path, "hfake9")
 
     def not_yours(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(folder / "lock"))
@@ -281,11 +269,7 @@ def test_a_lock_file_that_cannot_be_opened_reads_the_module_unlocked(fresh_ext, 
 def test_a_module_being_linked_is_imported_once_the_build_lock_is_free(fresh_ext, monkeypatch, tmp_path):
     """A process arriving while another linked the module imported the half-written file
     and died of SIGBUS: the cached module is read under the builder's own lock."""
-    monkeypatch.setenv("LUCIDOPS_CACHE_DIR", str(tmp_path))
-    name = _ext_sources.spec("cpu").module_name
-    folder = tmp_path / name
-    folder.mkdir()
-    built = _fake_extension(folder, name, "hfake7")
+    name, folder, built = _cached_fake_module(monkeypatch, tmp_path, "hfake7")
     whole = _cut_short(built)
     (tmp_path / "whole.so").write_bytes(whole)
     linker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""

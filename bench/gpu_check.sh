@@ -17,11 +17,13 @@
 # per_sample (`lucidops bench --full --device cuda --families activations conditioning
 # per_sample` in a later session adds them to the same results file).
 #
-# $OUT gets five files, one folder down (the device tool brings back at most 8, at most
+# $OUT gets six files, one folder down (the device tool brings back at most 8, at most
 # two folders down):
 #   gpu-check.log             everything the steps print: machine, versions, install, build,
-#                             info, the tests' tail, the benchmarks' tables
-#   pytest.txt, pytest.xml    the test run
+#                             info, the tests' tail and first failures, the benchmarks' tables
+#   pytest.txt, pytest.xml    the test run (pytest writes the XML and its summary only at the end)
+#   failures.txt              every failed test's id, phase and error, appended as it fails
+#                             (LUCIDOPS_FAILURE_LOG, tests/failure_log.py): kept if the limit kills pytest
 #   bench/<gpu>.json and .md  every benchmarked family's rows in one file: each family's run
 #                             adds its rows and keeps the others', and rewrites both files
 #                             after every case, so a step cut short by its limit keeps what it
@@ -80,11 +82,21 @@ main() {
   python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=120)
   test_limit=140
   [ "$DEVICE" = cpu ] && test_limit=360  # the dry run: the interpreter, not the 10-minute call
-  timeout "$test_limit" python3 -m pytest tests -q -m "not slow" -k "(cuda or triton or gpu) and not emulated" \
-    -p no:cacheprovider "${parallel[@]}" "${per_test[@]}" --durations=20 --junitxml="$LOG_DIR/pytest.xml" \
-    > "$LOG_DIR/pytest.txt" 2>&1
+  failures=$(cd "$LOG_DIR" && pwd)/failures.txt  # absolute: a test may change directory
+  rm -f "$failures"
+  LUCIDOPS_FAILURE_LOG=$failures timeout "$test_limit" python3 -m pytest tests -q -m "not slow" \
+    -k "(cuda or triton or gpu) and not emulated" -p no:cacheprovider "${parallel[@]}" "${per_test[@]}" \
+    --durations=20 --junitxml="$LOG_DIR/pytest.xml" > "$LOG_DIR/pytest.txt" 2>&1
   [ $? -eq 0 ] || status=1
   tail -30 "$LOG_DIR/pytest.txt"
+  if [ -s "$failures" ]; then
+    echo "--- $(grep -c '^##### FAILED ' "$failures") failures logged in failures.txt, by file:"
+    grep '^##### FAILED ' "$failures" | sed 's/^##### FAILED //; s/::.*//' | sort | uniq -c
+    echo "--- the first of failures.txt:"
+    head -40 "$failures"
+  else
+    echo "--- no failures logged"
+  fi
 
   step "benchmarks, the unmeasured GPU targets first"
   bench gaussian_mixture 45

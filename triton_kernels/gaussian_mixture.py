@@ -1,13 +1,17 @@
 """Triton kernels for the 3D Gaussian point encoder mixture (methods.md section 1).
 
 Forward: one program per (cloud, tile of BLOCK_N points, block of BLOCK_K channels). It
-loops over the Gaussians, evaluates phi on its points and accumulates phi * W into a
-(BLOCK_N, BLOCK_K) register tile that starts at the bias; with culling, a Gaussian whose
-box misses the tile's bounding box is skipped for the whole tile, as Gaussian-splatting
-rasterizers skip tiles (exact: rounding is monotonic, so every point of the tile fails the
-per-point test too). reduce "max" stores each tile's max and first arg-max; the tiles are
-merged in point order by the launcher (the lowest point index wins ties). The mixer is an
-outer-product loop, not tl.dot: G is small, and fp32 stays exact (no TF32).
+takes the Gaussians BLOCK_G at a time: phi of the tile's points for the block (BLOCK_N,
+BLOCK_G), then the mixer as one tl.dot into a (BLOCK_N, BLOCK_K) register tile that starts
+at the bias. In IEEE float32 (no TF32): the mixer stays exact to float32 rounding, as in the
+other backends. A serial loop over single Gaussians with scalar loads (the first version)
+held 120-190 registers per thread and waited on each Gaussian's loads in turn: 1.7 ms on an
+H100 where the CUDA kernel took 0.8 (bench/results/gpu-check). With culling, a block of
+Gaussians none of whose boxes reaches the tile's bounding box is skipped for the whole tile,
+as Gaussian-splatting rasterizers skip tiles (exact: rounding is monotonic, so every point of
+the tile fails the per-point test too), and the per-point test zeroes the remaining pairs
+outside their boxes. reduce "max" stores each tile's max and first arg-max; the tiles are
+merged in point order by the launcher (the lowest point index wins ties).
 
 Backward, reduce "max": one program per (block of channels, slice of clouds, block of
 Gaussians) recomputes phi at the arg-max points of its channels for a BLOCK_K x BLOCK_G tile
@@ -30,8 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_N, BLOCK_K, num_warps) of the forward; aot_specs() enumerates the same values.
-FORWARD_CONFIG = (32, 64, 4)
+# (BLOCK_N, BLOCK_K, BLOCK_G, num_warps) of the forward per compute dtype; aot_specs()
+# enumerates the same values. BLOCK_G = 16, the smallest tl.dot width: the finest grain the
+# tile skip can cull at. Compiled for sm_80/sm_90 (triton_kernels/aot.py), float32 holds 110-128
+# registers per thread this way (4 warps: 168-212); float64 needs the smaller tile to keep
+# off local memory (64 x 64 spilled 248-344 bytes per thread when culling).
+FORWARD_CONFIGS: Dict[torch.dtype, Tuple[int, int, int, int]] = {
+    torch.float32: (64, 64, 16, 8),
+    torch.float64: (32, 32, 16, 4),
+}
 BACKWARD_BLOCK_K = 32
 PHI_BLOCK_M = 64
 # The backward kernels take the Gaussians in tiles of BLOCK_G (a grid axis over them when G >
@@ -69,7 +80,7 @@ def _box_half_widths(half_ptr, offs_g, mask_g):
 @triton.jit
 def mixture_forward_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, w_ptr, b_ptr, out_ptr, pmax_ptr, pidx_ptr,
                            N, G, K, CULL: tl.constexpr, REDUCE_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+                           BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
     # One grid axis for (cloud, tile): CUDA caps axes 1 and 2 at 65535, which the tiles of a
     # cloud past 2M points would pass.
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -82,42 +93,51 @@ def mixture_forward_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, w_ptr, b_ptr, out_
     mask_k = offs_k < K
     xb = x_ptr + b * N * 3
     offs_n3 = offs_n.to(tl.int64) * 3
-    x0 = tl.load(xb + offs_n3 + 0, mask=mask_n, other=0.0)
-    x1 = tl.load(xb + offs_n3 + 1, mask=mask_n, other=0.0)
-    x2 = tl.load(xb + offs_n3 + 2, mask=mask_n, other=0.0)
+    x0 = tl.load(xb + offs_n3 + 0, mask=mask_n, other=0.0)[:, None]
+    x1 = tl.load(xb + offs_n3 + 1, mask=mask_n, other=0.0)[:, None]
+    x2 = tl.load(xb + offs_n3 + 2, mask=mask_n, other=0.0)[:, None]
     bias = tl.load(b_ptr + offs_k, mask=mask_k, other=0.0)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=x0.dtype) + bias[None, :]
     if CULL:
-        lo0 = tl.min(tl.where(mask_n, x0, float("inf")), axis=0)
-        lo1 = tl.min(tl.where(mask_n, x1, float("inf")), axis=0)
-        lo2 = tl.min(tl.where(mask_n, x2, float("inf")), axis=0)
-        hi0 = tl.max(tl.where(mask_n, x0, float("-inf")), axis=0)
-        hi1 = tl.max(tl.where(mask_n, x1, float("-inf")), axis=0)
-        hi2 = tl.max(tl.where(mask_n, x2, float("-inf")), axis=0)
-    for g in range(0, G):
-        m0 = tl.load(mu_ptr + g * 3 + 0)
-        m1 = tl.load(mu_ptr + g * 3 + 1)
-        m2 = tl.load(mu_ptr + g * 3 + 2)
+        lo0 = tl.min(tl.where(mask_n[:, None], x0, float("inf")))
+        lo1 = tl.min(tl.where(mask_n[:, None], x1, float("inf")))
+        lo2 = tl.min(tl.where(mask_n[:, None], x2, float("inf")))
+        hi0 = tl.max(tl.where(mask_n[:, None], x0, float("-inf")))
+        hi1 = tl.max(tl.where(mask_n[:, None], x1, float("-inf")))
+        hi2 = tl.max(tl.where(mask_n[:, None], x2, float("-inf")))
+    for g0 in range(0, G, BLOCK_G):
+        offs_g = g0 + tl.arange(0, BLOCK_G)
+        mask_g = offs_g < G
+        m0 = tl.load(mu_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
+        m1 = tl.load(mu_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
+        m2 = tl.load(mu_ptr + offs_g * 3 + 2, mask=mask_g, other=0.0)
         if CULL:
-            h0 = tl.load(half_ptr + g * 3 + 0)
-            h1 = tl.load(half_ptr + g * 3 + 1)
-            h2 = tl.load(half_ptr + g * 3 + 2)
-            # The tile-level skip: the box misses the tile's bounding box on some axis.
-            keep = (h0 >= 0) & (lo0 - m0 <= h0) & (m0 - hi0 <= h0) & (lo1 - m1 <= h1) & (m1 - hi1 <= h1) \
+            h0 = tl.load(half_ptr + offs_g * 3 + 0, mask=mask_g, other=-1.0)
+            h1 = tl.load(half_ptr + offs_g * 3 + 1, mask=mask_g, other=-1.0)
+            h2 = tl.load(half_ptr + offs_g * 3 + 2, mask=mask_g, other=-1.0)
+            # The tile-level skip: a block of Gaussians none of whose boxes reaches the tile's
+            # bounding box (negative half-widths: alpha_g <= t, padding) is skipped for the tile.
+            reach = (h0 >= 0) & (lo0 - m0 <= h0) & (m0 - hi0 <= h0) & (lo1 - m1 <= h1) & (m1 - hi1 <= h1) \
                 & (lo2 - m2 <= h2) & (m2 - hi2 <= h2)
+            keep = tl.max(reach.to(tl.int32), axis=0) > 0
         else:
             keep = True
         if keep:
-            d0 = x0 - m0
-            d1 = x1 - m1
-            d2 = x2 - m2
-            phi = _phi(d0, d1, d2, tl.load(prec_ptr + g * 6 + 0), tl.load(prec_ptr + g * 6 + 1),
-                       tl.load(prec_ptr + g * 6 + 2), tl.load(prec_ptr + g * 6 + 3), tl.load(prec_ptr + g * 6 + 4),
-                       tl.load(prec_ptr + g * 6 + 5))
+            d0 = x0 - m0[None, :]
+            d1 = x1 - m1[None, :]
+            d2 = x2 - m2[None, :]
+            phi = _phi(d0, d1, d2, tl.load(prec_ptr + offs_g * 6 + 0, mask=mask_g, other=0.0)[None, :],
+                       tl.load(prec_ptr + offs_g * 6 + 1, mask=mask_g, other=0.0)[None, :],
+                       tl.load(prec_ptr + offs_g * 6 + 2, mask=mask_g, other=0.0)[None, :],
+                       tl.load(prec_ptr + offs_g * 6 + 3, mask=mask_g, other=0.0)[None, :],
+                       tl.load(prec_ptr + offs_g * 6 + 4, mask=mask_g, other=0.0)[None, :],
+                       tl.load(prec_ptr + offs_g * 6 + 5, mask=mask_g, other=0.0)[None, :])
             if CULL:
-                phi = _culled(phi, d0, d1, d2, h0, h1, h2)
-            w = tl.load(w_ptr + offs_k * G + g, mask=mask_k, other=0.0)
-            acc += phi[:, None] * w[None, :]
+                phi = _culled(phi, d0, d1, d2, h0[None, :], h1[None, :], h2[None, :])
+            # Padding Gaussians (phi = 1 there) meet zero weights: they add nothing.
+            wt = tl.load(w_ptr + offs_k[None, :] * G + offs_g[:, None], mask=mask_g[:, None] & mask_k[None, :],
+                         other=0.0)
+            acc = tl.dot(phi, wt, acc, input_precision="ieee")
     if REDUCE_MAX:
         acc = tl.where(mask_n[:, None], acc, float("-inf"))
         top = tl.max(acc, axis=0)
@@ -310,7 +330,7 @@ def forward(points: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor,
     """points (B, N, 3) and parameters in one compute dtype, contiguous -> (out, argmax)."""
     B, N, _ = points.shape
     G, K = means.shape[0], weight.shape[0]
-    block_n, block_k, warps = FORWARD_CONFIG
+    block_n, block_k, block_g, warps = FORWARD_CONFIGS[points.dtype]
     tiles = triton.cdiv(N, block_n)
     dev, dt = points.device, points.dtype
     if reduce_max:
@@ -325,7 +345,8 @@ def forward(points: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor,
         return out, torch.empty(B, K, dtype=torch.long, device=dev) if reduce_max else torch.empty(0, dtype=torch.long, device=dev)
     grid = (B * tiles, triton.cdiv(K, block_k))
     mixture_forward_kernel[grid](points, means, precisions, half, weight, bias, out, pmax, pidx, N, G, K, CULL=cull,
-                                 REDUCE_MAX=reduce_max, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+                                 REDUCE_MAX=reduce_max, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_G=block_g,
+                                 num_warps=warps)
     if not reduce_max:
         return out, torch.empty(0, dtype=torch.long, device=dev)
     # Merge the tiles: the max, and the lowest index among tiles attaining it.
@@ -394,14 +415,14 @@ def phi_backward(coef: torch.Tensor, points: torch.Tensor, means: torch.Tensor, 
     return gx, total[:, :3].clone(), total[:, 3:].clone()
 
 
-_DTYPES = ("fp32", "fp64")
+_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
 def aot_specs() -> Iterator[Dict]:
     """Every configuration the launchers above can pick, for ahead-of-time compilation."""
-    block_n, block_k, warps = FORWARD_CONFIG
     block_gs = BLOCK_G_CHOICES
-    for dt in _DTYPES:
+    for dt, torch_dtype in _DTYPES.items():
+        block_n, block_k, forward_block_g, warps = FORWARD_CONFIGS[torch_dtype]
         yield dict(
             fn=scatter_points_kernel,
             signature={"arg_ptr": "*i64", "g_ptr": f"*{dt}", "gx_ptr": f"*{dt}", "N": "i32", "K": "i32",
@@ -416,8 +437,10 @@ def aot_specs() -> Iterator[Dict]:
                     signature={"x_ptr": f"*{dt}", "mu_ptr": f"*{dt}", "prec_ptr": f"*{dt}", "half_ptr": f"*{dt}",
                                "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}", "pmax_ptr": f"*{dt}",
                                "pidx_ptr": "*i64", "N": "i32", "G": "i32", "K": "i32", "CULL": "constexpr",
-                               "REDUCE_MAX": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-                    constexprs={"CULL": cull, "REDUCE_MAX": reduce_max, "BLOCK_N": block_n, "BLOCK_K": block_k},
+                               "REDUCE_MAX": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                               "BLOCK_G": "constexpr"},
+                    constexprs={"CULL": cull, "REDUCE_MAX": reduce_max, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                                "BLOCK_G": forward_block_g},
                     num_warps=warps,
                 )
             for block_g in block_gs:

@@ -66,6 +66,14 @@ REGEN_LARGE_M_CONFIG: Tuple[int, int, int, int] = (128, 128, 32, 8)
 # fn' term, as the naive implementation does; the fused kernel keeps it in float32.
 # Unmeasured on a GPU: bench/lora.py times both ways ("lucidops[triton, fused tiles]").
 FUSED_MAX_ROWS = REGEN_LARGE_M_CONFIG[0]
+# (most rows, config) of a regenerating product: the first block that holds every row, so
+# each tile of the update is regenerated once per call. With 16-row blocks up to 64 rows
+# (the first version), 64 rows regenerated the whole update four times: the forward at M = 64
+# ran 0.29x the naive implementation's speed on an H100 where M = 16 ran 0.94x
+# (bench/results/gpu-check). 64 x 128 x 32 with 8 warps compiles to at most 40 bytes of
+# local memory per thread on sm_90 (32 of them libdevice sin's table), like the 128-row one.
+REGEN_CONFIGS: Tuple[Tuple[int, Tuple[int, int, int, int]], ...] = (
+    (16, MATMUL_CONFIGS[0]), (64, (64, 128, 32, 8)), (FUSED_MAX_ROWS, REGEN_LARGE_M_CONFIG))
 MATERIALIZE_CHUNK_BYTES = 8 << 20
 # Up to FUSED_MAX_ROWS rows a regenerating product has few output tiles (M = 1, N_out = 4096:
 # 64 programs of 4 warps, fewer than an H100's 132 SMs), each looping over all of K_in: its
@@ -432,9 +440,9 @@ def _upcast(*tensors: torch.Tensor) -> bool:
 
 
 def _matmul_config(rows: int, regenerates: bool) -> Tuple[int, int, int, int]:
-    if rows <= _SMALL_M:
-        return MATMUL_CONFIGS[0]
-    return REGEN_LARGE_M_CONFIG if regenerates else MATMUL_CONFIGS[1]
+    if regenerates:
+        return next((config for most, config in REGEN_CONFIGS if rows <= most), REGEN_CONFIGS[-1][1])
+    return MATMUL_CONFIGS[0] if rows <= _SMALL_M else MATMUL_CONFIGS[1]
 
 
 def _matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, lora: Optional[Tuple] = None,
@@ -823,28 +831,32 @@ def _factor_dtypes(dt: str) -> Tuple[str, ...]:
 def aot_specs() -> Iterator[Dict]:
     """Every configuration the launchers above can pick, for ahead-of-time compilation."""
     for dt in _DTYPES:
-        for rows in (_SMALL_M, _SMALL_M + 1):  # the two sizes _matmul_config tells apart
-            # Plain products and the regenerating ones (weight placement, plain or quantized
-            # factors), with the configs _matmul_config gives each.
+        # The sizes _matmul_config tells apart: REGEN_CONFIGS' row counts for the regenerating
+        # products (weight placement, plain or quantized factors), _SMALL_M and one more for
+        # the plain ones, each config listed once.
+        for rows in (REGEN_CONFIGS[0][0], _SMALL_M, _SMALL_M + 1):
             config, regen = _matmul_config(rows, regenerates=False), _matmul_config(rows, regenerates=True)
+            plain = rows >= _SMALL_M
             for ft in _factor_dtypes(dt):
                 for fn in FN_CODES.values():
                     for has_bias in (False, True):
                         # weight placement forward and dx; output placement forward (epilogue 1, B^T)
                         yield _matmul_spec(dt, dt, dt, lora=True, epilogue=0, has_bias=has_bias, fn=fn, config=regen,
                                            factor_t=ft)
-                        yield _matmul_spec(dt, dt, dt, lora=False, epilogue=1, has_bias=has_bias, fn=fn,
-                                           config=config, e_t=ft)
+                        if plain:
+                            yield _matmul_spec(dt, dt, dt, lora=False, epilogue=1, has_bias=has_bias, fn=fn,
+                                               config=config, e_t=ft)
                     if dt != "fp32":  # split reductions write float32 partials (no bias), plain or quantized
                         # (quantized factors are uint8 codes whatever the plain factors' dtype: listed once)
                         methods = (None, *QUANT_METHODS.values()) if ft == dt else (None,)
                         for method in methods:
                             yield _matmul_spec(dt, dt, "fp32", lora=True, epilogue=0, has_bias=False, fn=fn,
                                                config=regen, quant_method=method, factor_t=ft)
-                # U = x A^T (fp32 out); output-placement dx (epilogue 2, A)
-                yield _matmul_spec(dt, ft, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
-                yield _matmul_spec(dt, dt, dt, lora=False, epilogue=2, has_bias=False, fn=0, config=config, e_t=ft)
-            if dt != "fp32":  # dA = dU^T x (fp32 in and out); for fp32 this is the U spec above
+                if plain:  # U = x A^T (fp32 out); output-placement dx (epilogue 2, A)
+                    yield _matmul_spec(dt, ft, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
+                    yield _matmul_spec(dt, dt, dt, lora=False, epilogue=2, has_bias=False, fn=0, config=config,
+                                       e_t=ft)
+            if dt != "fp32" and plain:  # dA = dU^T x (fp32 in and out); for fp32 this is the U spec above
                 yield _matmul_spec("fp32", dt, "fp32", lora=False, epilogue=0, has_bias=False, fn=0, config=config)
             # quantized adapters: forward (with or without bias) and dx (no bias)
             for method in QUANT_METHODS.values():

@@ -178,26 +178,9 @@ def _with_adapter_dropout(device: str, scale: float, case: str, xg, w, a, b, bia
         return F.linear(x, w, bias) + scale * ((u @ a.T) @ b.T)
 
     impls: Dict[str, Callable] = {"naive": naive, "plain LoRA": plain_lora}
-    for name, fn in _impls(device, scale).items():
-        if name.startswith("lucidops[") and name != FUSED_TILES:
-            def fused(x, u, _fn=fn):
-                return _fn(x, w, a, b, bias, adapter_input=u)
-            impls[name] = fused
-
-    def train_step(fn):
-        def step():
-            xg.grad = a.grad = b.grad = None
-            _call_dropped(fn, xg).backward(grad)
-        return step
-
-    mode = f"forward+backward, lora_dropout {DROPOUT}"
-    times = measure_interleaved_ms({name: train_step(fn) for name, fn in impls.items()}, device)
-    rows = []
-    for name, ms in times.items():
-        saved = saved_bytes(functools.partial(_call_dropped, impls[name], xg))
-        rows.append(dict(family="lora", case=case, mode=mode, impl=name, ms=ms, saved_for_backward_MB=saved / 2**20))
-    _ratios(rows, times, mode, case)
-    return rows
+    impls.update(_lucidops_variants(device, scale, w, a, b, bias, adapter_input=True))
+    return _time_training(device, case, f"forward+backward, lora_dropout {DROPOUT}", xg, a, b, grad, impls,
+                          _call_dropped)
 
 
 def with_float32_adapters(device: str, scale: float, case: str, xg, w, a, b, bias, grad) -> List[Dict]:
@@ -214,34 +197,55 @@ def with_float32_adapters(device: str, scale: float, case: str, xg, w, a, b, bia
         return F.linear(x, w, bias) + (scale * ((x.to(a.dtype) @ a.T) @ b.T)).to(x.dtype)
 
     impls: Dict[str, Callable] = {"naive": naive, "plain LoRA": plain_lora}
-    for name, fn in _impls(device, scale).items():
-        if name.startswith("lucidops[") and name != FUSED_TILES:
-            def fused(x, _fn=fn):
-                return _fn(x, w, a, b, bias)
-            impls[name] = fused
-
-    def train_step(fn):
-        def step():
-            xg.grad = a.grad = b.grad = None
-            fn(xg).backward(grad)
-        return step
-
-    mode = "forward+backward, float32 adapters"
-    times = measure_interleaved_ms({name: train_step(fn) for name, fn in impls.items()}, device)
+    impls.update(_lucidops_variants(device, scale, w, a, b, bias, adapter_input=False))
+    rows = _time_training(device, case, "forward+backward, float32 adapters", xg, a, b, grad, impls, _call)
     with torch.no_grad():
         expected = F.linear(xg.double(), w.double() + scale * torch.sin(OMEGA * (b.double() @ a.double())),
                             bias.double())
-    rows = []
-    for name, ms in times.items():
-        row = dict(family="lora", case=case, mode=mode, impl=name, ms=ms,
-                   saved_for_backward_MB=saved_bytes(functools.partial(impls[name], xg)) / 2**20)
-        if name != "plain LoRA":  # no sine: another function
+    for row in rows:
+        if row["impl"] != "plain LoRA":  # no sine: another function
             with torch.no_grad():
-                out = impls[name](xg).double()
+                out = impls[row["impl"]](xg).double()
             row["rel_err_vs_fp64"] = ((out - expected).norm() / expected.norm()).item()
-        rows.append(row)
+    return rows
+
+
+def _lucidops_variants(device: str, scale: float, w, a, b, bias, adapter_input: bool) -> Dict[str, Callable]:
+    """The lucidops implementations but the forced fused tiles, bound to w, a, b and bias:
+    called as fn(x, u) with the adapter's input u when ``adapter_input``, else fn(x)."""
+    variants: Dict[str, Callable] = {}
+    for name, fn in _impls(device, scale).items():
+        if name.startswith("lucidops[") and name != FUSED_TILES:
+            if adapter_input:
+                def fused(x, u, _fn=fn):
+                    return _fn(x, w, a, b, bias, adapter_input=u)
+            else:
+                def fused(x, _fn=fn):
+                    return _fn(x, w, a, b, bias)
+            variants[name] = fused
+    return variants
+
+
+def _time_training(device: str, case: str, mode: str, xg, a, b, grad, impls: Dict[str, Callable],
+                   call: Callable) -> List[Dict]:
+    """Rows of forward+backward time (interleaved) and bytes saved for backward of each
+    implementation, run as call(fn, x) with x = xg (trained: x, a and b)."""
+    def train_step(fn):
+        def step():
+            xg.grad = a.grad = b.grad = None
+            call(fn, xg).backward(grad)
+        return step
+
+    times = measure_interleaved_ms({name: train_step(fn) for name, fn in impls.items()}, device)
+    rows = [dict(family="lora", case=case, mode=mode, impl=name, ms=ms,
+                 saved_for_backward_MB=saved_bytes(functools.partial(call, impls[name], xg)) / 2**20)
+            for name, ms in times.items()]
     _ratios(rows, times, mode, case)
     return rows
+
+
+def _call(fn: Callable, x):
+    return fn(x)
 
 
 def _call_dropped(fn: Callable, x):

@@ -216,13 +216,13 @@ def _lucidops_variants(device: str, scale: float, w, a, b, bias, adapter_input: 
     variants: Dict[str, Callable] = {}
     for name, fn in _impls(device, scale).items():
         if name.startswith("lucidops[") and name != FUSED_TILES:
-            if adapter_input:
-                def fused(x, u, _fn=fn):
-                    return _fn(x, w, a, b, bias, adapter_input=u)
-            else:
-                def fused(x, _fn=fn):
-                    return _fn(x, w, a, b, bias)
-            variants[name] = fused
+            def with_input(x, u, _fn=fn):
+                return _fn(x, w, a, b, bias, adapter_input=u)
+
+            def plain(x, _fn=fn):
+                return _fn(x, w, a, b, bias)
+
+            variants[name] = with_input if adapter_input else plain
     return variants
 
 

@@ -17,14 +17,10 @@ if not HAS_CUDA:
 import aot_in_background  # noqa: E402
 import lucidops  # noqa: E402
 from failure_log import pytest_collectreport, pytest_runtest_logreport  # noqa: E402,F401 (LUCIDOPS_FAILURE_LOG)
-from interpreter_dot import patch_interpreter_ieee_dot  # noqa: E402
 from interpreter_rounding import patch_interpreter_bf16_rounding  # noqa: E402
 
 # The interpreter truncates float32 -> bfloat16; GPUs round to nearest (see the module).
 INTERPRETER_BF16_PATCHED = lucidops.backends.triton_interpreting() and patch_interpreter_bf16_rounding()
-# The interpreter's IEEE float dots through BLAS round identical rows apart; GPUs do not.
-if lucidops.backends.triton_interpreting():
-    patch_interpreter_ieee_dot()
 
 # Base of every test's seed; set it to draw other inputs (a failure then names its seed).
 TEST_SEED = int(os.environ.get("LUCIDOPS_TEST_SEED", "0"))

@@ -78,10 +78,13 @@ def test_attention_in_batch_slices_matches_the_reference(monkeypatch):
     assert calls and all(len(slices) == 3 for slices in calls)  # forward and backward, both sliced
 
 
-def test_gaussian_mixture_on_a_cloud_of_2_1_million_points(monkeypatch):
+def test_gaussian_mixture_on_a_cloud_of_more_point_tiles_than_a_grid_axis_takes(monkeypatch):
     tk = pytest.importorskip("lucidops.triton_kernels.gaussian_mixture")
     recorder = record_launches(monkeypatch, tk)
-    n, g, k = 2_100_000, 3, 2  # 65625 tiles of 32 points
+    # One point tile more than the 65535 programs grid axes 1 and 2 take (65536 tiles of 64
+    # float32 points: 4.2M points; 2.1M made 65625 tiles of the first version's 32).
+    block_n = tk.FORWARD_CONFIGS[torch.float32][0]
+    n, g, k = 65535 * block_n + 1, 3, 2
     points = torch.rand(1, n, 3)
     means, precisions, half = torch.rand(g, 3), torch.rand(g, 6), torch.ones(g, 3)
     weight, bias = torch.randn(k, g), torch.zeros(k)

@@ -70,8 +70,9 @@ FUSED_MAX_ROWS = REGEN_LARGE_M_CONFIG[0]
 # each tile of the update is regenerated once per call. With 16-row blocks up to 64 rows
 # (the first version), 64 rows regenerated the whole update four times: the forward at M = 64
 # ran 0.29x the naive implementation's speed on an H100 where M = 16 ran 0.94x
-# (bench/results/gpu-check). 64 x 128 x 32 with 8 warps compiles to at most 40 bytes of
-# local memory per thread on sm_90 (32 of them libdevice sin's table), like the 128-row one.
+# (bench/results/gpu-check). 64 x 128 x 32 with 8 warps uses at most 40 bytes of local
+# memory per thread on sm_90 and 208 on sm_80 (float32 x; 32 for half), no more than the
+# 16-row tiles (120 / 208) or the 128-row ones (168 / 680; triton_kernels/aot.py).
 REGEN_CONFIGS: Tuple[Tuple[int, Tuple[int, int, int, int]], ...] = (
     (16, MATMUL_CONFIGS[0]), (64, (64, 128, 32, 8)), (FUSED_MAX_ROWS, REGEN_LARGE_M_CONFIG))
 MATERIALIZE_CHUNK_BYTES = 8 << 20

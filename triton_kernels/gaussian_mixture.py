@@ -5,8 +5,8 @@ takes the Gaussians BLOCK_G at a time: phi of the tile's points for the block (B
 BLOCK_G), then the mixer as one tl.dot into a (BLOCK_N, BLOCK_K) register tile that starts
 at the bias. In IEEE float32 (no TF32): the mixer stays exact to float32 rounding, as in the
 other backends. A serial loop over single Gaussians with scalar loads (the first version)
-held 120-190 registers per thread and waited on each Gaussian's loads in turn: 1.7 ms on an
-H100 where the CUDA kernel took 0.8 (bench/results/gpu-check). With culling, a block of
+held 119-186 registers per thread and waited on each Gaussian's loads in turn: the op took
+1.7 ms with it on an H100, 0.8 with the CUDA kernel (bench/results/gpu-check). With culling, a block of
 Gaussians none of whose boxes reaches the tile's bounding box is skipped for the whole tile,
 as Gaussian-splatting rasterizers skip tiles (exact: rounding is monotonic, so every point of
 the tile fails the per-point test too), and the per-point test zeroes the remaining pairs

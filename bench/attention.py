@@ -14,14 +14,15 @@ run).
 
 CUDA: bf16, d in {8, 16, 32, 64}, H in {12, 48, 96}, N in {197, 1024, 4096}, causal and
 not, forward and forward+backward; lucidops[triton] against SDPA forced to each backend
-(flash, efficient, math) and FlexAttention where they run. B is chosen so B*H*N is about
+(flash, efficient, cudnn, math) and FlexAttention where they run. B is chosen so B*H*N is about
 2^20 tokens (enough to fill an H100), the math backend is skipped when its score matrix
 would exceed 4 GiB. Rows carry TFLOP/s (lucidops' FLOP formulas: 4 N^2 d per head
 forward, 10 N^2 d backward; causal counts visible pairs only) and the ratio to a
 measured bf16 matmul rate of the card; speedup_vs_best_sdpa compares to the fastest
 SDPA backend that ran (the issue's targets: >= 1.5 for d <= 16, >= 0.9 for d = 64).
-The grid runs N = 1024 first, then 4096, then 197, each from d = 16 and 64 to 8 and 32, then
-two cases with attention dropout 0.1 (FlexAttention has none; it sits those out);
+The grid runs the targets first, d = 16 and 64 at N = 1024 and then 4096 with one head count
+each, then their other head counts, then the other (N, d), then two cases with attention
+dropout 0.1 (FlexAttention has none; it sits those out);
 ``LUCIDOPS_BENCH_BUDGET_S`` stops it starting new cases after that many seconds
 (bench/gpu_check.sh sets it to fit a short GPU session).
 """
@@ -59,7 +60,9 @@ def _sdpa(backend: Optional[str]) -> Callable:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         kind = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "math": SDPBackend.MATH}[backend]
+                "math": SDPBackend.MATH, "cudnn": getattr(SDPBackend, "CUDNN_ATTENTION", None)}[backend]
+        if kind is None:
+            raise RuntimeError(f"this torch has no {backend} SDPA backend")
         with sdpa_kernel(kind):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
     return fn
@@ -154,12 +157,16 @@ def _cases(device: str, quick: bool):
     its time budget (``LUCIDOPS_BENCH_BUDGET_S``) has measured those."""
     if device == "cuda":
         ds, hs, ns = ((64, 8), (12, 96), (1024, 197)) if quick else ((16, 64, 8, 32), (48, 12, 96), (1024, 4096, 197))
-        targets = [(n, d) for d in (16, 64) if d in ds for n in (1024, 4096) if n in ns]
-        for n, d in targets + [(n, d) for n in ns for d in ds if (n, d) not in targets]:
-            for h in hs:
-                b = max(1, (1 << (18 if quick else 20)) // (h * n))
-                for causal in (False, True):
-                    yield b, h, n, d, causal, torch.bfloat16, 0.0
+        targets = [(n, d) for n in (1024, 4096) if n in ns for d in (16, 64) if d in ds]
+        # One head count of every target first (the first run's budget ended inside the d = 16
+        # cases: d = 64 was never reached), then their other head counts, then the rest.
+        first = [(n, d, hs[0]) for n, d in targets]
+        rest = [(n, d, h) for n, d in targets for h in hs[1:]]
+        rest += [(n, d, h) for n in ns for d in ds if (n, d) not in targets for h in hs]
+        for n, d, h in first + rest:
+            b = max(1, (1 << (18 if quick else 20)) // (h * n))
+            for causal in (False, True):
+                yield b, h, n, d, causal, torch.bfloat16, 0.0
         for d in (16, 64):
             if d in ds:  # dropout 0.1 on the two target head dims, 48 and 12 heads at N = 1024
                 heads = 48 if d == 16 else 12
@@ -219,7 +226,8 @@ def run(device: str, quick: bool = False, on_rows: Optional[Callable[[List[Dict]
     impls: Dict[str, Callable] = {}
     if device == "cuda":
         impls["lucidops[triton]"] = _lucidops("triton")
-        for backend in ("flash", "efficient", "math"):
+        # cuDNN's backend runs only when forced (last in SDPA's default order), so it is forced too.
+        for backend in ("flash", "efficient", "cudnn", "math"):
             impls[f"sdpa[{backend}]"] = _sdpa(backend)
         flex = _flex()
         if flex is not None:

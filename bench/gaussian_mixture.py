@@ -16,7 +16,9 @@ Baselines: ``eager dense`` is the paper's formulation (phi (B, N, G) materialise
 Linear to (B, N, K), then max); ``lucidops[reference]`` is the op's reference backend.
 Beside the op, the first case times two whole classifiers (eval mode, 40 classes, random
 weights: the cost does not depend on training) on the same points: ``lucidops.models.PointNet``
-without feature transform (the issue's baseline, cuDNN convolutions on a GPU) and
+without feature transform (the issue's baseline, cuDNN convolutions on a GPU, run with TF32
+off so that it computes in float32 like the kernels; on CUDA a second row has PyTorch's default,
+TF32 convolutions) and
 ``lucidops.nn.GaussianPointNet`` (Gaussian T-Net, encoder and head, on the default backend);
 every forward row of that case gets its speed-up against PointNet, and on CUDA the peak
 allocation of one forward above its inputs and its ratio to PointNet's.
@@ -45,6 +47,7 @@ from .timing import measure_interleaved_ms, peak_mb_above, report_failure
 
 CULL_THRESHOLD = 0.1
 POINTNET = "PointNet (no feature transform), whole model"
+POINTNET_TF32 = f"{POINTNET}, cuDNN TF32"
 TRAINED = Path(__file__).with_name("gaussian_trained.pt")
 
 
@@ -93,8 +96,23 @@ def _whole_models(device: str) -> Dict[str, Callable]:
     pointnet = PointNet(40, feature_transform=False).to(device).eval()
     gaussian = GaussianPointNet(40).to(device).eval()
     backend = backends.select("gaussian_mixture", device)
-    return {POINTNET: lambda p, *_: pointnet(p),
-            f"GaussianPointNet, whole model (lucidops[{backend}])": lambda p, *_: gaussian(p)}
+    models = {POINTNET: lambda p, *_: _without_tf32(pointnet, p),
+              f"GaussianPointNet, whole model (lucidops[{backend}])": lambda p, *_: gaussian(p)}
+    if device == "cuda":  # PyTorch's default: cuDNN convolutions in TF32 (10-bit mantissas)
+        models[POINTNET_TF32] = lambda p, *_: pointnet(p)
+    return models
+
+
+def _without_tf32(model, points):
+    """model(points) with cuDNN's TF32 convolutions off: float32 like the mixture kernels
+    (IEEE dots) and the eager baseline (cuBLAS keeps TF32 off by default)."""
+    flags = torch.backends.cudnn
+    before = flags.allow_tf32
+    flags.allow_tf32 = False
+    try:
+        return model(points)
+    finally:
+        flags.allow_tf32 = before
 
 
 def _candidates(device: str, with_baselines: bool) -> Dict[str, Callable]:

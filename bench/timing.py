@@ -6,7 +6,7 @@ import platform
 import re
 import statistics
 import time
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -14,13 +14,11 @@ import torch
 def measure_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, repeat: int = 10) -> float:
     """Median wall time of ``fn()`` in milliseconds, after warm-up.
 
-    On CUDA, triton.testing.do_bench (CUDA events, cache flushed between runs); on the
-    CPU, perf_counter around each call.
+    On CUDA, :func:`cuda_event_ms` (CUDA events, L2 flushed and the GPU idle before each
+    call, at least ``repeat`` samples); on the CPU, perf_counter around each call.
     """
     if device == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return cuda_event_ms({"fn": fn}, warmup=warmup, min_rounds=repeat)["fn"]
     for _ in range(warmup):
         fn()
     samples = []
@@ -29,6 +27,63 @@ def measure_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, repeat
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+L2_FLUSH_BYTES = 256 << 20  # past any current GPU's L2 (H100: 50 MB)
+CUDA_ROUNDS_TARGET_MS = 300.0  # rounds of short calls: about this much timed work, at most 200 rounds
+
+
+def _l2_flush_buffer() -> torch.Tensor:
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+
+
+def cuda_event_ms(fns: Mapping[str, Callable[[], object]], *, warmup: int = 3, min_rounds: int = 10,
+                  label: str = "") -> Dict[str, float]:
+    """Median CUDA-event time (ms) of one call of each of ``fns``, interleaved round by round.
+
+    Before every call the L2 cache is flushed and the GPU drained, so a sample is one call's
+    latency from an idle GPU: the host's launch overhead counts, as it does for a caller who
+    waits for the result. (triton.testing.do_bench, used before, queued its flush just ahead
+    of the start event, which hid up to the flush's length of host overhead at serving sizes;
+    it takes its repetitions as milliseconds, which gave 34 ms calls a median of 2, and it
+    timed each function in a window of its own.) At least ``min_rounds`` rounds, more for
+    short calls. A function that raises is reported by name and left out."""
+    flush = _l2_flush_buffer()
+    working = dict(fns)
+    for _ in range(warmup):
+        for name, fn in list(working.items()):
+            try:
+                fn()
+                torch.cuda.synchronize()  # an asynchronous error surfaces here, under its own name
+            except Exception as exc:
+                report_failure(f"{label}{name}", exc)
+                del working[name]
+    samples: Dict[str, List[float]] = {name: [] for name in working}
+
+    def one_round() -> float:
+        spent = 0.0
+        for name, fn in list(working.items()):
+            flush.zero_()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            try:
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+            except Exception as exc:
+                report_failure(f"{label}{name}", exc)
+                del working[name], samples[name]
+                continue
+            samples[name].append(start.elapsed_time(end))
+            spent += samples[name][-1]
+        return spent
+
+    first = one_round()
+    rounds = max(min_rounds, min(200, int(CUDA_ROUNDS_TARGET_MS / max(first, 1e-3))))
+    for _ in range(rounds - 1):
+        one_round()
+    return {name: statistics.median(values) for name, values in samples.items() if values}
 
 
 def report_failure(what: str, exc: Exception) -> None:
@@ -43,12 +98,14 @@ def measure_interleaved_ms(fns: Mapping[str, Callable[[], object]], device: str,
     On the CPU the calls are interleaved: each round times every function once, in turn, so
     a slow spell of a busy host falls on all of them alike instead of on whichever happened
     to be running (timed one after another, the same code measured 0.73x and 1.00x of its
-    baseline minutes apart). On CUDA each is timed by :func:`measure_ms`. A function that
-    raises is reported by name (after ``label``, e.g. the case) and left out of the result.
+    baseline minutes apart). On CUDA too, by :func:`cuda_event_ms`. A function that raises is
+    reported by name (after ``label``, e.g. the case) and left out of the result.
     """
     def failed(name: str, exc: Exception) -> None:
         report_failure(f"{label}{name}", exc)
 
+    if device == "cuda":
+        return cuda_event_ms(fns, warmup=warmup, min_rounds=rounds, label=label)
     working: Dict[str, Callable[[], object]] = {}
     for name, fn in fns.items():
         try:
@@ -57,14 +114,6 @@ def measure_interleaved_ms(fns: Mapping[str, Callable[[], object]], device: str,
             failed(name, exc)
             continue
         working[name] = fn
-    if device == "cuda":
-        times = {}
-        for name, fn in working.items():
-            try:  # a CUDA error can surface after the first call returned, at a later sync
-                times[name] = measure_ms(fn, device)
-            except Exception as exc:
-                failed(name, exc)
-        return times
     for _ in range(warmup):
         for fn in working.values():
             fn()
@@ -114,6 +163,10 @@ def device_description(device: str) -> Dict[str, object]:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    if device == "cuda":  # what the baselines run in: cuDNN convolutions take TF32 by default
+        desc["cudnn"] = torch.backends.cudnn.version()
+        desc["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
+        desc["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
     try:
         import triton
 

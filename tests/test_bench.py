@@ -109,9 +109,10 @@ def test_attention_bench_stops_at_its_time_budget(monkeypatch, capsys):
     assert len({r["case"] for r in rows}) == 1
     assert "1 of 2 cases not measured" in capsys.readouterr().out
     order = [case[2:4] for case in attention._cases("cuda", quick=False)]
-    # A cut-short CUDA run has the targets' cases first: d = 16 and 64 at N = 1024 and 4096
-    # (N = 4096 came after every N = 1024 case before).
-    assert list(dict.fromkeys(order))[:4] == [(1024, 16), (4096, 16), (1024, 64), (4096, 64)]
+    # A cut-short CUDA run has measured both targets, d = 16 and 64, at N = 1024 and 4096 in its
+    # first eight cases (causal and not): the first GPU run's budget ended before any d = 64.
+    assert order[:8] == [(1024, 16)] * 2 + [(1024, 64)] * 2 + [(4096, 16)] * 2 + [(4096, 64)] * 2
+    assert len(order) == len(set(attention._cases("cuda", quick=False)))  # no case twice
     monkeypatch.setenv("LUCIDOPS_BENCH_BUDGET_S", "0")
     with pytest.raises(ValueError, match="LUCIDOPS_BENCH_BUDGET_S"):
         attention.run("cpu", quick=True)
@@ -512,3 +513,69 @@ def test_lora_bench_times_float32_adapters_over_a_half_x(monkeypatch):
         if name != "plain LoRA":
             assert row["rel_err_vs_fp64"] < 1e-2, row
             assert row["speedup_vs_naive"] > 0
+
+
+def test_cuda_timing_interleaves_flushes_and_isolates_failures(monkeypatch, capsys):
+    """bench/timing.py's CUDA loop, with torch.cuda stood in for (no GPU here): every round
+    times each function once, in turn, each call after an L2 flush and a drained GPU; a
+    function whose call raises (at once or at the sync after it, as an asynchronous CUDA
+    error does) is reported under its own name and left out; short calls get more rounds."""
+    import time
+
+    import torch
+
+    from lucidops.bench import timing
+
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            log.append("sync")
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    class Flush:
+        def zero_(self):
+            log.append("flush")
+
+    pending_error = []
+
+    def synchronize():
+        log.append("sync")
+        if pending_error:
+            raise RuntimeError(pending_error.pop())
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(timing, "_l2_flush_buffer", Flush)
+
+    def named(name, seconds=0.0):
+        def fn():
+            log.append(name)
+            time.sleep(seconds)
+        return fn
+
+    def fails_later():
+        log.append("late")
+        pending_error.append("an illegal memory access")  # surfaces at the next synchronize
+
+    fns = {"slow": named("slow", 0.004), "fast": named("fast"), "late": fails_later,
+           "raises": lambda: 1 / 0}
+    times = timing.measure_interleaved_ms(fns, "cuda", warmup=1, rounds=3, label="case ")
+    out = capsys.readouterr().out
+    assert set(times) == {"slow", "fast"}
+    assert "case late: failed (RuntimeError: an illegal memory access)" in out
+    assert "case raises: failed (ZeroDivisionError" in out
+    assert times["slow"] >= 4.0 > times["fast"]
+    timed = [entry for entry in log[log.index("late") + 1:] if entry in ("slow", "fast", "flush")]
+    assert timed[:4] == ["flush", "slow", "flush", "fast"]  # interleaved, each after a flush
+    rounds = timed.count("slow")
+    assert 3 <= rounds <= 200 and timed.count("fast") == rounds and timed.count("flush") == 2 * rounds
+    assert rounds >= min(200, int(timing.CUDA_ROUNDS_TARGET_MS / 5))  # about 4 ms a round: many rounds

@@ -29,7 +29,7 @@ def dropped(x, keep):
     return x * keep / (1 - P)
 
 
-@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("backend,device", backend_device_params("bounded_lora_linear"))
 @pytest.mark.parametrize("placement,fn", [("weight", "sin"), ("weight", "tanh"), ("output", "sin")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("train_base", [False, True], ids=["frozen_base", "trained_base"])

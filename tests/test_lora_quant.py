@@ -49,7 +49,7 @@ def test_error_does_not_depend_on_the_factors_scale(method, magnitude):
     assert all(torch.isfinite(t).all() for t in (q.B.scales, q.B.minimums, q.B.codebook) if t is not None)
 
 
-@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("backend,device", backend_device_params("bounded_lora_linear_quant"))
 @pytest.mark.parametrize("method", ["uniform", "kmeans"])
 def test_ops_undo_the_factors_exponents(backend, device, method):
     """The kernels read tables that decode A / 2^e_A and B / 2^e_B and fold 2^(e_A + e_B)
@@ -182,7 +182,7 @@ def test_kmeans_quantization_on_cuda_is_deterministic_and_matches_the_cpu():
         torch.testing.assert_close(x.codebook.cpu().float(), z.codebook.float(), rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("backend,device", backend_device_params("bounded_lora_linear_quant"))
 @pytest.mark.parametrize("method", ["uniform", "kmeans"])
 @pytest.mark.parametrize("placement", ["weight", "output"])
 def test_ops_accept_a_quantized_adapter(backend, device, method, placement):
@@ -413,7 +413,7 @@ def test_cpu_backends_dequantize_in_pytorch(backend):
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)], ids=str)
 @pytest.mark.parametrize("placement", ["weight", "output"])
-@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("backend,device", backend_device_params("bounded_lora_linear_quant"))
 def test_half_inputs_form_the_phase_from_exact_factors_on_every_backend(backend, device, placement, dtype,
                                                                          tolerance):
     """Omega 300: against x (W + s sin(omega Q(B) Q(A)))^T + bias (or placement "output") in

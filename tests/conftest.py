@@ -43,8 +43,8 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 def backend_device_params(op=None):
     """(backend, device) params of this session; with ``op``, only the backends that op
-    implements (the lora ops have no cuda backend: forcing it raises BackendUnavailable,
-    which the first GPU run showed as about 140 failures of tests meant for the kernels)."""
+    implements (the lora ops have no cuda backend: forcing it raises BackendUnavailable, on
+    a GPU in 156 lora cases, likely the ~140 failures of the first GPU run)."""
     implemented = lucidops.backends.registered_ops()[op].impls if op is not None else None
     params = []
     for device in ("cpu", "cuda"):

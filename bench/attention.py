@@ -14,7 +14,8 @@ run).
 
 CUDA: bf16, d in {8, 16, 32, 64}, H in {12, 48, 96}, N in {197, 1024, 4096}, causal and
 not, forward and forward+backward; lucidops[triton] against SDPA forced to each backend
-(flash, efficient, cudnn, math) and FlexAttention where they run. B is chosen so B*H*N is about
+(flash, efficient, cudnn, math) and FlexAttention where they run, and for d <= 32 the same
+kernels with a candidate tiling (CANDIDATE) beside the shipped one. B is chosen so B*H*N is about
 2^20 tokens (enough to fill an H100), the math backend is skipped when its score matrix
 would exceed 4 GiB. Rows carry TFLOP/s (lucidops' FLOP formulas: 4 N^2 d per head
 forward, 10 N^2 d backward; causal counts visible pairs only) and the ratio to a
@@ -114,6 +115,39 @@ def _lucidops(backend: str) -> Callable:
     return fn
 
 
+# A candidate tiling for small heads, timed beside the shipped one so that a GPU run can choose
+# between them: one head per program, 128 x 64 forward tiles on 8 warps (FlexAttention's kind of
+# tile: on the first H100 run it ran 1.3x-2.3x the best SDPA backend at d = 16, where the shipped
+# 4 heads of 32 x 32 ran 0.6x-1.3x) and 64 x 64 backward tiles. Compiled for sm_90 in bf16 (d 16
+# and 32): 133-166 registers forward, 136-255 backward, no local memory.
+CANDIDATE = "lucidops[triton, 1 head 128x64]"
+CANDIDATE_CONFIGS = {"forward": (1, 128, 64, 8), "backward": (1, 64, 64, 4)}
+
+
+@contextlib.contextmanager
+def small_head_candidate():
+    """The Triton attention kernels with CANDIDATE_CONFIGS for head dims up to 32, restored after."""
+    tk = importlib.import_module("lucidops.triton_kernels.attention")
+    saved = dict(tk.FORWARD_CONFIGS), dict(tk.BACKWARD_CONFIGS)
+    for d_pad in (16, 32):
+        tk.FORWARD_CONFIGS[d_pad] = CANDIDATE_CONFIGS["forward"]
+        tk.BACKWARD_CONFIGS[d_pad] = CANDIDATE_CONFIGS["backward"]
+    try:
+        yield
+    finally:
+        tk.FORWARD_CONFIGS.clear()
+        tk.FORWARD_CONFIGS.update(saved[0])
+        tk.BACKWARD_CONFIGS.clear()
+        tk.BACKWARD_CONFIGS.update(saved[1])
+
+
+def _within_candidate(step: Callable[[], None]) -> Callable[[], None]:
+    def candidate_step():
+        with small_head_candidate():  # forward and backward both
+            step()
+    return candidate_step
+
+
 def _step(fn, q, k, v, causal, dropout_p, mode) -> Callable[[], None]:
     if mode == "forward":
         def step():
@@ -136,8 +170,9 @@ def _time_each_on_cuda(impls: Dict[str, Callable], q, k, v, causal, dropout_p, m
     for name, fn in impls.items():
         if name == "sdpa[math]" and b * h * n * n * 4 > (4 << 30):
             continue  # the math backend materialises the (B, H, N, N) scores
+        step = _step(fn, q, k, v, causal, dropout_p, mode)
         try:
-            times[name] = measure_ms(_step(fn, q, k, v, causal, dropout_p, mode), "cuda")
+            times[name] = measure_ms(_within_candidate(step) if name == CANDIDATE else step, "cuda")
         except Exception as exc:  # e.g. flash refusing a head dim, out of memory
             print(f"  attention {case} {mode} {name}: unavailable ({type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:100] if str(exc) else ''})")
@@ -254,6 +289,8 @@ def run(device: str, quick: bool = False, on_rows: Optional[Callable[[List[Dict]
         # aten's kernel draws its own dropout mask: lucidops runs dropout on cpp / reference only.
         # The lucidops kernel without dropout beside it measures what the fused dropout costs.
         runnable = {name: fn for name, fn in impls.items() if not (dropout_p and name == "lucidops[aten]")}
+        if device == "cuda" and d <= 32 and not dropout_p:
+            runnable[CANDIDATE] = impls["lucidops[triton]"]
         if dropout_p:
             kernel = "lucidops[triton]" if device == "cuda" else "lucidops[cpp]"
             if kernel in impls:

@@ -579,3 +579,35 @@ def test_cuda_timing_interleaves_flushes_and_isolates_failures(monkeypatch, caps
     rounds = timed.count("slow")
     assert 3 <= rounds <= 200 and timed.count("fast") == rounds and timed.count("flush") == 2 * rounds
     assert rounds >= min(200, int(timing.CUDA_ROUNDS_TARGET_MS / 5))  # about 4 ms a round: many rounds
+
+
+def test_attention_bench_small_head_candidate_computes_the_same_and_restores_the_configs():
+    """bench/attention.py times a candidate tiling for d <= 32 on a GPU: under the interpreter
+    it gives the shipped kernels' output and gradients, and the shipped configs come back."""
+    import torch
+
+    import lucidops
+    from lucidops.bench import attention as bench_attention
+    from lucidops.triton_kernels import attention as tk
+
+    if not lucidops.backends.triton_interpreting():
+        pytest.skip("needs the Triton interpreter")
+    shipped = dict(tk.FORWARD_CONFIGS), dict(tk.BACKWARD_CONFIGS)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 3, 70, 16, generator=g, requires_grad=True) for _ in range(3))
+
+    def run():
+        for t in (q, k, v):
+            t.grad = None
+        with lucidops.use_backend("triton"):
+            out = lucidops.ops.attention(q, k, v, causal=True)
+        out.backward(torch.ones_like(out))
+        return [out.detach()] + [t.grad.clone() for t in (q, k, v)]
+
+    expected = run()
+    with bench_attention.small_head_candidate():
+        assert tk.FORWARD_CONFIGS[16] == bench_attention.CANDIDATE_CONFIGS["forward"]
+        got = run()
+    assert (dict(tk.FORWARD_CONFIGS), dict(tk.BACKWARD_CONFIGS)) == shipped
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -35,6 +35,7 @@ import importlib
 import os
 import time
 from typing import Callable, Dict, List, Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -128,17 +129,9 @@ CANDIDATE_CONFIGS = {"forward": (1, 128, 64, 8), "backward": (1, 64, 64, 4)}
 def small_head_candidate():
     """The Triton attention kernels with CANDIDATE_CONFIGS for head dims up to 32, restored after."""
     tk = importlib.import_module("lucidops.triton_kernels.attention")
-    saved = dict(tk.FORWARD_CONFIGS), dict(tk.BACKWARD_CONFIGS)
-    for d_pad in (16, 32):
-        tk.FORWARD_CONFIGS[d_pad] = CANDIDATE_CONFIGS["forward"]
-        tk.BACKWARD_CONFIGS[d_pad] = CANDIDATE_CONFIGS["backward"]
-    try:
+    with mock.patch.dict(tk.FORWARD_CONFIGS, dict.fromkeys((16, 32), CANDIDATE_CONFIGS["forward"])), \
+            mock.patch.dict(tk.BACKWARD_CONFIGS, dict.fromkeys((16, 32), CANDIDATE_CONFIGS["backward"])):
         yield
-    finally:
-        tk.FORWARD_CONFIGS.clear()
-        tk.FORWARD_CONFIGS.update(saved[0])
-        tk.BACKWARD_CONFIGS.clear()
-        tk.BACKWARD_CONFIGS.update(saved[1])
 
 
 def _within_candidate(step: Callable[[], None]) -> Callable[[], None]:

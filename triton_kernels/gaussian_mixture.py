@@ -78,6 +78,28 @@ def _box_half_widths(half_ptr, offs_g, mask_g):
 
 
 @triton.jit
+def _means(mu_ptr, offs_g, mask_g):
+    """The means of Gaussians offs_g as (1, BLOCK_G) rows, one per axis (0 where masked)."""
+    m0 = tl.load(mu_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
+    m1 = tl.load(mu_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
+    m2 = tl.load(mu_ptr + offs_g * 3 + 2, mask=mask_g, other=0.0)
+    return m0[None, :], m1[None, :], m2[None, :]
+
+
+@triton.jit
+def _precisions(prec_ptr, offs_g, mask_g):
+    """The precisions [p00, p01, p02, p11, p12, p22] of Gaussians offs_g as (1, BLOCK_G) rows
+    (0 where masked)."""
+    p00 = tl.load(prec_ptr + offs_g * 6 + 0, mask=mask_g, other=0.0)
+    p01 = tl.load(prec_ptr + offs_g * 6 + 1, mask=mask_g, other=0.0)
+    p02 = tl.load(prec_ptr + offs_g * 6 + 2, mask=mask_g, other=0.0)
+    p11 = tl.load(prec_ptr + offs_g * 6 + 3, mask=mask_g, other=0.0)
+    p12 = tl.load(prec_ptr + offs_g * 6 + 4, mask=mask_g, other=0.0)
+    p22 = tl.load(prec_ptr + offs_g * 6 + 5, mask=mask_g, other=0.0)
+    return p00[None, :], p01[None, :], p02[None, :], p11[None, :], p12[None, :], p22[None, :]
+
+
+@triton.jit
 def mixture_forward_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, w_ptr, b_ptr, out_ptr, pmax_ptr, pidx_ptr,
                            N, G, K, CULL: tl.constexpr, REDUCE_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
@@ -108,32 +130,27 @@ def mixture_forward_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, w_ptr, b_ptr, out_
     for g0 in range(0, G, BLOCK_G):
         offs_g = g0 + tl.arange(0, BLOCK_G)
         mask_g = offs_g < G
-        m0 = tl.load(mu_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
-        m1 = tl.load(mu_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
-        m2 = tl.load(mu_ptr + offs_g * 3 + 2, mask=mask_g, other=0.0)
+        m0, m1, m2 = _means(mu_ptr, offs_g, mask_g)
         if CULL:
-            h0 = tl.load(half_ptr + offs_g * 3 + 0, mask=mask_g, other=-1.0)
-            h1 = tl.load(half_ptr + offs_g * 3 + 1, mask=mask_g, other=-1.0)
-            h2 = tl.load(half_ptr + offs_g * 3 + 2, mask=mask_g, other=-1.0)
+            # Padding gets -1 half-widths: it reaches no tile and no point.
+            h0 = tl.load(half_ptr + offs_g * 3 + 0, mask=mask_g, other=-1.0)[None, :]
+            h1 = tl.load(half_ptr + offs_g * 3 + 1, mask=mask_g, other=-1.0)[None, :]
+            h2 = tl.load(half_ptr + offs_g * 3 + 2, mask=mask_g, other=-1.0)[None, :]
             # The tile-level skip: a block of Gaussians none of whose boxes reaches the tile's
             # bounding box (negative half-widths: alpha_g <= t, padding) is skipped for the tile.
             reach = (h0 >= 0) & (lo0 - m0 <= h0) & (m0 - hi0 <= h0) & (lo1 - m1 <= h1) & (m1 - hi1 <= h1) \
                 & (lo2 - m2 <= h2) & (m2 - hi2 <= h2)
-            keep = tl.max(reach.to(tl.int32), axis=0) > 0
+            keep = tl.max(reach.to(tl.int32)) > 0
         else:
             keep = True
         if keep:
-            d0 = x0 - m0[None, :]
-            d1 = x1 - m1[None, :]
-            d2 = x2 - m2[None, :]
-            phi = _phi(d0, d1, d2, tl.load(prec_ptr + offs_g * 6 + 0, mask=mask_g, other=0.0)[None, :],
-                       tl.load(prec_ptr + offs_g * 6 + 1, mask=mask_g, other=0.0)[None, :],
-                       tl.load(prec_ptr + offs_g * 6 + 2, mask=mask_g, other=0.0)[None, :],
-                       tl.load(prec_ptr + offs_g * 6 + 3, mask=mask_g, other=0.0)[None, :],
-                       tl.load(prec_ptr + offs_g * 6 + 4, mask=mask_g, other=0.0)[None, :],
-                       tl.load(prec_ptr + offs_g * 6 + 5, mask=mask_g, other=0.0)[None, :])
+            d0 = x0 - m0
+            d1 = x1 - m1
+            d2 = x2 - m2
+            p00, p01, p02, p11, p12, p22 = _precisions(prec_ptr, offs_g, mask_g)
+            phi = _phi(d0, d1, d2, p00, p01, p02, p11, p12, p22)
             if CULL:
-                phi = _culled(phi, d0, d1, d2, h0[None, :], h1[None, :], h2[None, :])
+                phi = _culled(phi, d0, d1, d2, h0, h1, h2)
             # Padding Gaussians (phi = 1 there) meet zero weights: they add nothing.
             wt = tl.load(w_ptr + offs_k[None, :] * G + offs_g[:, None], mask=mask_g[:, None] & mask_k[None, :],
                          other=0.0)
@@ -163,15 +180,8 @@ def mixture_max_backward_kernel(grad_ptr, x_ptr, arg_ptr, mu_ptr, prec_ptr, half
     mask_k = offs_k < K
     offs_g = gb * BLOCK_G + tl.arange(0, BLOCK_G)
     mask_g = offs_g < G
-    m0 = tl.load(mu_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
-    m1 = tl.load(mu_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
-    m2 = tl.load(mu_ptr + offs_g * 3 + 2, mask=mask_g, other=0.0)
-    p00 = tl.load(prec_ptr + offs_g * 6 + 0, mask=mask_g, other=0.0)
-    p01 = tl.load(prec_ptr + offs_g * 6 + 1, mask=mask_g, other=0.0)
-    p02 = tl.load(prec_ptr + offs_g * 6 + 2, mask=mask_g, other=0.0)
-    p11 = tl.load(prec_ptr + offs_g * 6 + 3, mask=mask_g, other=0.0)
-    p12 = tl.load(prec_ptr + offs_g * 6 + 4, mask=mask_g, other=0.0)
-    p22 = tl.load(prec_ptr + offs_g * 6 + 5, mask=mask_g, other=0.0)
+    m0, m1, m2 = _means(mu_ptr, offs_g, mask_g)
+    p00, p01, p02, p11, p12, p22 = _precisions(prec_ptr, offs_g, mask_g)
     valid = mask_k[:, None] & mask_g[None, :]
     w = tl.load(w_ptr + offs_k[:, None] * G + offs_g[None, :], mask=valid, other=0.0)
     gw = tl.zeros((BLOCK_K, BLOCK_G), dtype=w.dtype)
@@ -192,19 +202,19 @@ def mixture_max_backward_kernel(grad_ptr, x_ptr, arg_ptr, mu_ptr, prec_ptr, half
         n = tl.load(arg_ptr + bk, mask=mask_k, other=0)
         xp = x_ptr + (cloud * N + n) * 3
         cloud += n_split
-        d0 = tl.load(xp + 0, mask=mask_k, other=0.0)[:, None] - m0[None, :]
-        d1 = tl.load(xp + 1, mask=mask_k, other=0.0)[:, None] - m1[None, :]
-        d2 = tl.load(xp + 2, mask=mask_k, other=0.0)[:, None] - m2[None, :]
-        phi = _phi(d0, d1, d2, p00[None, :], p01[None, :], p02[None, :], p11[None, :], p12[None, :], p22[None, :])
+        d0 = tl.load(xp + 0, mask=mask_k, other=0.0)[:, None] - m0
+        d1 = tl.load(xp + 1, mask=mask_k, other=0.0)[:, None] - m1
+        d2 = tl.load(xp + 2, mask=mask_k, other=0.0)[:, None] - m2
+        phi = _phi(d0, d1, d2, p00, p01, p02, p11, p12, p22)
         if CULL:
             h0, h1, h2 = _box_half_widths(half_ptr, offs_g, mask_g)
             phi = _culled(phi, d0, d1, d2, h0, h1, h2)
         phi = tl.where(valid, phi, 0.0)
         gw += gy[:, None] * phi
         c = gy[:, None] * w * phi
-        pd0 = p00[None, :] * d0 + p01[None, :] * d1 + p02[None, :] * d2
-        pd1 = p01[None, :] * d0 + p11[None, :] * d1 + p12[None, :] * d2
-        pd2 = p02[None, :] * d0 + p12[None, :] * d1 + p22[None, :] * d2
+        pd0 = p00 * d0 + p01 * d1 + p02 * d2
+        pd1 = p01 * d0 + p11 * d1 + p12 * d2
+        pd2 = p02 * d0 + p12 * d1 + p22 * d2
         gm0 += tl.sum(c * pd0, axis=0)
         gm1 += tl.sum(c * pd1, axis=0)
         gm2 += tl.sum(c * pd2, axis=0)
@@ -278,18 +288,11 @@ def phi_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, coef_ptr, phi_ptr, gx_ptr, gmp
     mask_g = offs_g < G
     valid = mask_m[:, None] & mask_g[None, :]
     rows = offs_m.to(tl.int64)
-    m0 = tl.load(mu_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
-    m1 = tl.load(mu_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
-    m2 = tl.load(mu_ptr + offs_g * 3 + 2, mask=mask_g, other=0.0)
-    p00 = tl.load(prec_ptr + offs_g * 6 + 0, mask=mask_g, other=0.0)[None, :]
-    p01 = tl.load(prec_ptr + offs_g * 6 + 1, mask=mask_g, other=0.0)[None, :]
-    p02 = tl.load(prec_ptr + offs_g * 6 + 2, mask=mask_g, other=0.0)[None, :]
-    p11 = tl.load(prec_ptr + offs_g * 6 + 3, mask=mask_g, other=0.0)[None, :]
-    p12 = tl.load(prec_ptr + offs_g * 6 + 4, mask=mask_g, other=0.0)[None, :]
-    p22 = tl.load(prec_ptr + offs_g * 6 + 5, mask=mask_g, other=0.0)[None, :]
-    d0 = tl.load(x_ptr + rows * 3 + 0, mask=mask_m, other=0.0)[:, None] - m0[None, :]
-    d1 = tl.load(x_ptr + rows * 3 + 1, mask=mask_m, other=0.0)[:, None] - m1[None, :]
-    d2 = tl.load(x_ptr + rows * 3 + 2, mask=mask_m, other=0.0)[:, None] - m2[None, :]
+    m0, m1, m2 = _means(mu_ptr, offs_g, mask_g)
+    p00, p01, p02, p11, p12, p22 = _precisions(prec_ptr, offs_g, mask_g)
+    d0 = tl.load(x_ptr + rows * 3 + 0, mask=mask_m, other=0.0)[:, None] - m0
+    d1 = tl.load(x_ptr + rows * 3 + 1, mask=mask_m, other=0.0)[:, None] - m1
+    d2 = tl.load(x_ptr + rows * 3 + 2, mask=mask_m, other=0.0)[:, None] - m2
     tile = rows[:, None] * G + offs_g[None, :]
     if BACKWARD:
         c = tl.load(coef_ptr + tile, mask=valid, other=0.0)

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "../lucidops.h"
+#include "parallel.h"
 #include "vec_math.h"
 
 namespace lucidops {
@@ -387,7 +388,9 @@ template <typename T>
 void forward_kernel(const Problem<T>& pb, T* out, T* lse) {
   const int64_t ld = pb.padded_keys();
   const int64_t chunks = (pb.nq + kForwardChunk - 1) / kForwardChunk;
-  at::parallel_for(0, pb.batch * pb.heads * chunks, 1, [&](int64_t task_begin, int64_t task_end) {
+  // A task's multiply-adds: QK^T and PV for up to kForwardChunk rows.
+  const int64_t task_work = 4 * std::min(pb.nq, kForwardChunk) * pb.nk * pb.d;
+  at::parallel_for(0, pb.batch * pb.heads * chunks, grain_for(task_work), [&](int64_t task_begin, int64_t task_end) {
     HeadScratch<T> hs(pb.d, ld, false);
     int64_t loaded = -1;  // tasks run head by head: a thread reloads K and V when the head changes
     for (int64_t task = task_begin; task < task_end; ++task) {
@@ -453,7 +456,8 @@ template <typename T>
 void backward_kernel(const Problem<T>& pb, const Rows<T>& grad_out, const T* lse, const T* delta, T* grad_q, T* grad_k,
                      T* grad_v) {
   const int64_t ld = pb.padded_keys(), d = pb.d, nk = pb.nk;
-  at::parallel_for(0, pb.batch * pb.heads, 1, [&](int64_t bh_begin, int64_t bh_end) {
+  // A head's backward: five Nq x Nk x d products.
+  at::parallel_for(0, pb.batch * pb.heads, grain_for(10 * pb.nq * nk * d), [&](int64_t bh_begin, int64_t bh_end) {
     HeadScratch<T> hs(d, ld, true);
     for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
       hs.load(pb, bh);

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "../lucidops.h"
+#include "parallel.h"
 #include "vec_math.h"
 
 #ifdef __AVX512F__
@@ -616,11 +617,13 @@ std::vector<T> pack_mixer(const T* weight, int64_t G, int64_t K, int64_t KB) {
 
 // Runs fn(begin, end) over [0, items) on the intra-op threads, handing out one item at a time
 // from a shared counter: culled items differ in cost (a cloud whose points sit inside few boxes
-// is cheap), and a fixed share per thread leaves one thread idle while another finishes.
+// is cheap), and a fixed share per thread leaves one thread idle while another finishes. At
+// most one thread per kMinParallelWork of ``work`` (all items together, dense).
 template <typename Fn>
-void for_each_item(int64_t items, const Fn& fn) {
+void for_each_item(int64_t items, int64_t work, const Fn& fn) {
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
+  const int64_t workers = std::max<int64_t>(
+      1, std::min({items, static_cast<int64_t>(at::get_num_threads()), work / kMinParallelWork}));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t item = next++; item < items; item = next++) fn(item, item + 1);
   });
@@ -661,11 +664,11 @@ void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, 
     if (sorted[b]) spatial_order(pts + b * N * 3, N, lo, hi, order.data() + b * N);
   };
   if (!order.empty() && chunks > 1) {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, grain_for(N * 16), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) sort_cloud(b);
     });
   }
-  for_each_item(items, [&](int64_t begin, int64_t end) {
+  for_each_item(items, B * N * G * (K + 20), [&](int64_t begin, int64_t end) {
     const FlushSubnormals flush;
     std::vector<T> phi(kChannelLanes ? 0 : std::max<int64_t>(G, 1) * Blocking<T>::Tile);
     std::vector<int64_t> active(kChannelLanes ? 0 : std::max<int64_t>(G, 1));
@@ -699,7 +702,7 @@ void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, 
     }
   });
   if (reduce_max && chunks > 1) {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, grain_for(chunks * K), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t kk = 0; kk < K; ++kk) {
           T best = part_max[(b * chunks) * K + kk];
@@ -732,7 +735,7 @@ void backward_max_impl(const T* grad, const T* pts, const T* means, const T* pre
   const int64_t rows = std::min(N, K);
   std::vector<T> phi_tab(B * rows * G);
   std::vector<int64_t> slot(B * K);
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, grain_for(rows * G * 30), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> row_of(N);
     for (int64_t b = begin; b < end; ++b) {
       std::fill(row_of.begin(), row_of.end(), -1);
@@ -752,7 +755,7 @@ void backward_max_impl(const T* grad, const T* pts, const T* means, const T* pre
   });
   auto phi_of = [&](int64_t b, int64_t k) { return phi_tab.data() + slot[b * K + k] * G; };
   // Pass 1, over channels: grad_weight[k, g] = sum_b gy phi_g(x*), grad_bias[k] = sum_b gy.
-  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, K, grain_for(B * G * 2), [&](int64_t begin, int64_t end) {
     std::vector<double> acc(G);
     for (int64_t k = begin; k < end; ++k) {
       std::fill(acc.begin(), acc.end(), 0.0);
@@ -779,7 +782,7 @@ void backward_max_impl(const T* grad, const T* pts, const T* means, const T* pre
     for (int i = 0; i < 6; ++i) rows_of[(3 + i) * G + g] = gps[g].p[i];
   }
   std::vector<double> per_cloud(B * 9 * G, 0.0);  // cloud b: rows dmu0..2, dp00..dp22 of G
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, grain_for(K * G * 30), [&](int64_t begin, int64_t end) {
     std::vector<double> gx;
     const T *mu0 = rows_of.data(), *mu1 = mu0 + G, *mu2 = mu1 + G, *p00 = mu2 + G, *p01 = p00 + G, *p02 = p01 + G,
             *p11 = p02 + G, *p12 = p11 + G, *p22 = p12 + G;
@@ -822,7 +825,7 @@ void backward_max_impl(const T* grad, const T* pts, const T* means, const T* pre
       for (int64_t i = 0; i < N * 3; ++i) g_pts[b * N * 3 + i] = static_cast<T>(gx[i]);
     }
   });
-  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, G, grain_for(9 * B), [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g)
       for (int r = 0; r < 9; ++r) {
         double sum = 0.0;
@@ -864,7 +867,7 @@ void phi_backward_impl(const T* coef, const T* pts, const T* means, const T* pre
       for (int j = 0; j < 3; ++j) g_pts[i * 3 + j] = static_cast<T>(gx[j]);
     }
   });
-  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, G, grain_for(M * 30), [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const T* p = prec + g * 6;
       double gm[3] = {0, 0, 0}, gpr[6] = {0, 0, 0, 0, 0, 0};

@@ -358,3 +358,29 @@ def test_a_one_element_tensor_lr_of_an_added_group_steps():
     other(torch.rand(2, 16, 3)).sum().backward()
     opt.step()
     assert not torch.equal(other.means, before)
+
+
+def test_a_module_with_partly_tied_encoders_is_refused_by_name():
+    """GaussianNaturalGradient(model) put a tied parameter in two groups, and torch refused
+    with 'some parameters appear in more than one parameter group', naming none of them."""
+    a, b = GaussianPointEncoder(4, 8), GaussianPointEncoder(4, 8)
+    b.means = a.means
+    with pytest.raises(ValueError, match=r"'1' shares its means with '0.means'.*build_optimizers"):
+        GaussianNaturalGradient(nn.ModuleList([a, b]))
+    shared = nn.ModuleList([a, a])  # one encoder reached twice is one module: one group
+    assert len(GaussianNaturalGradient(shared).param_groups) == 1
+
+
+def test_an_unknown_group_setting_is_refused():
+    """A per-group weight_decay was stored and never applied."""
+    enc = GaussianPointEncoder(4, 8)
+    group = {"params": [enc.means, enc.factor], "roles": ["means", "factor"]}
+    with pytest.raises(ValueError, match=r"unknown param-group setting\(s\) \['weight_decay'\]"):
+        GaussianNaturalGradient([{**group, "weight_decay": 0.5}])
+    opt = GaussianNaturalGradient([group])
+    other = GaussianPointEncoder(4, 8)
+    with pytest.raises(ValueError, match=r"\['lr_scale'\]"):
+        opt.add_param_group({"params": [other.means, other.factor], "roles": ["means", "factor"], "lr_scale": 2})
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # adds initial_lr to the groups
+    opt.add_param_group({**opt.param_groups[0], "params": [other.means, other.factor]})  # torch's own keys pass
+    assert len(opt.param_groups) == 2

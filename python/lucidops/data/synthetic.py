@@ -173,7 +173,9 @@ class SyntheticShapes(Dataset):
         num_points: points per cloud, or (low, high) for a random count in [low, high] per
             sample (then batch with a collate that pads or samples, as clouds differ in size).
         num_classes: the first ``num_classes`` entries of ``SHAPES`` (at most 12).
-        seed: sample i depends only on (seed, i).
+        seed: with the other arguments, fixes every sample, whatever the access order or
+            worker split. The labels are a balanced shuffle of the whole dataset, so a
+            dataset of another length or class count draws other labels (and points).
         rotation: "so3" (uniform random rotation), "z" (about the z axis) or None.
         scale_range: per-axis stretch factors drawn uniformly from this range.
         jitter: standard deviation of the Gaussian point noise (clipped at 5 standard deviations).

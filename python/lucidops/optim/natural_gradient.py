@@ -179,6 +179,7 @@ class GaussianNaturalGradient(torch.optim.Optimizer):
             encoders = _find_encoders(params)
             if not encoders:
                 raise ValueError("params: the module contains no GaussianPointEncoder")
+            _refuse_partly_tied(params)
             return [_encoder_group(e) for e in encoders]
         if isinstance(params, Tensor):
             raise TypeError("params must be encoders or param groups with roles, not a bare tensor")
@@ -218,8 +219,31 @@ class GaussianNaturalGradient(torch.optim.Optimizer):
         return loss
 
 
+def _refuse_partly_tied(model: nn.Module) -> None:
+    """Refuse encoders that share their means or factor with another encoder but not both:
+    the pair's groups would hold one parameter twice (torch's optimizer then refuses with a
+    message naming neither). An encoder reached twice is one module, taken once."""
+    owner: Dict[int, str] = {}
+    for name, enc in model.named_modules():
+        if not isinstance(enc, GaussianPointEncoder):
+            continue
+        for role, p in (("means", enc.means), ("factor", enc.factor)):
+            if id(p) in owner:
+                raise ValueError(f"params: the encoder {name or '(root)'!r} shares its {role} with {owner[id(p)]!r}; "
+                                 "a natural-gradient group needs an encoder's own means and factor: use "
+                                 "lucidops.optim.build_optimizers (or split_parameters), which gives a tied "
+                                 "encoder's other parameter to AdamW")
+        for role, p in (("means", enc.means), ("factor", enc.factor)):
+            owner[id(p)] = f"{name or '(root)'}.{role}"
+
+
 def _encoder_group(encoder: GaussianPointEncoder) -> Dict:
     return {"params": [encoder.means, encoder.factor], "roles": ["means", "factor"]}
+
+
+# What a param group may hold: its parameters and roles, the settings step() reads, and the
+# keys torch itself adds (parameter names, a scheduler's initial_lr).
+_GROUP_KEYS = frozenset({"params", "roles", "lr", "momentum", "mode", "damping", "param_names", "initial_lr"})
 
 
 def _checked_group(item) -> Dict:
@@ -230,6 +254,11 @@ def _checked_group(item) -> Dict:
         raise TypeError(f"params: expected GaussianPointEncoder modules or param-group dicts, "
                         f"got {type(item).__name__}")
     group = dict(item)
+    unknown = sorted(set(group) - _GROUP_KEYS)
+    if unknown:
+        raise ValueError(f"params: unknown param-group setting(s) {unknown}; a group takes "
+                         f"{sorted(_GROUP_KEYS - {'param_names', 'initial_lr'})} (no weight_decay: "
+                         "the natural gradient has none; decay the other parameters with AdamW)")
     ps = group.get("params", [])
     ps = [ps] if isinstance(ps, Tensor) else list(ps)
     if group.get("roles") != ["means", "factor"] or len(ps) != 2:

@@ -4,9 +4,12 @@
 
 Each step descends the next-token cross-entropy on a retain batch and ascends it on a
 forget batch: loss = CE(retain) - forget_weight * CE(forget). The history records, per
-step, both losses and the weight and gradient norms of the LoRA parameters of the MLP
-layers (the quantities that grow without bound for plain LoRA, and stay bounded when
-those adapters are made sine/tanh-bounded with :func:`lucidops.patch.peft_lora`).
+step, both losses and the norms of the MLP layers' LoRA parameters A, B and of their
+gradients. For plain LoRA these grow without bound, and with them the update B A. Made
+sine/tanh-bounded (:func:`lucidops.patch.peft_lora`), the update s f(omega B A) stays
+bounded (|entries| <= s) even where A and B keep growing: the history's "weight_norm" is
+the factors' norm, not the update's; ``lucidops.demos.unlearn.update_norms`` measures the
+update (the unlearning demo records both).
 """
 
 from __future__ import annotations
@@ -98,9 +101,10 @@ def gradient_difference(model: nn.Module, forget: Tensor, retain: Tensor, *, ste
             still in ``p.grad`` then, so it can measure anything else on the model.
     Returns:
         dict of per-step lists: "forget_loss", "retain_loss" (before the step), "weight_norm"
-        (after the step) and "grad_norm" of the MLP layers' trainable LoRA parameters (a
-        peft model's inactive, frozen adapters are left out). Every module's train/eval
-        flag is restored afterwards.
+        (after the step) and "grad_norm": the norms of the MLP layers' trainable LoRA
+        parameters (the factors A and B themselves, which a bounded adapter does not bound;
+        a peft model's inactive, frozen adapters are left out) and of their gradients. Every
+        module's train/eval flag is restored afterwards.
     """
     from tqdm.auto import tqdm
 

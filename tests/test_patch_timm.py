@@ -521,3 +521,26 @@ def test_many_head_attention_checks_its_sizes_when_built():
         timm_attention = Attention(module.attn_dim, num_heads=module.num_heads)
         timm_attention.load_state_dict(module.state_dict())
         torch.testing.assert_close(out, timm_attention(x))
+
+
+def test_a_patched_vit_traces_with_torch_fx_and_timm_feature_extraction():
+    """The checks and branches of ManyHeadAttention.forward read values, so torch.fx tracing
+    (timm's create_feature_extractor) of a patched ViT failed ('is_causal must be a bool, got
+    Proxy'). The attention runs as one leaf of the graph, the lucidops kernel inside it."""
+    from timm.models import create_feature_extractor
+
+    model = tiny_vit(depth=2)
+    x = torch.randn(2, 3, 64, 64)
+    handle = lucidops.patch.timm_vit(model)
+    expected = model(x)
+    traced = torch.fx.symbolic_trace(model)
+    leaves = [node for node in traced.graph.nodes if node.op == "call_function" and node.target.__name__ == "_attend"]
+    assert len(leaves) == 2
+    with lucidops.use_backend("cpp"):
+        assert torch.equal(traced(x), expected)
+    assert lucidops.backends.last_used("attention") == "cpp"
+    features = create_feature_extractor(model, return_nodes=["blocks.1"])(x)["blocks.1"]
+    assert torch.equal(model.head(model.fc_norm(model.norm(features)[:, 0])), expected)
+    with pytest.raises(TypeError, match="is_causal must be a bool"):  # the leaf still checks at run time
+        torch.fx.symbolic_trace(model.blocks[0].attn)(torch.randn(1, 5, 192), None, "False")
+    handle.revert()

@@ -221,6 +221,15 @@ def test_nested_pointnet_swapped_for_wrapper_and_reverted():
             logits, trans_in, trans_feat = model.backbone(x, return_transforms=True)
             assert torch.equal(logits, model.backbone(x)) and trans_feat is None
             assert torch.equal(trans_in, tnet(x.transpose(1, 2)))
+            # ... and so do PointNet's other methods, as on a patched root (before: AttributeError)
+            assert model.backbone.regularization_loss(trans_feat).item() == 0.0
+            transforms = model.backbone.transforms(x)
+            assert torch.equal(transforms[0], trans_in) and transforms[1] is None
+            per_point = model.backbone.encoder_features(model.backbone.transform_points(x))
+            assert per_point.shape == (3, 100, 1024)
+            assert torch.equal(per_point.amax(dim=1), model.backbone.global_feature(x))
+            with pytest.raises(ValueError, match="feature_transform must be None"):
+                model.backbone.encoder_features(x, torch.eye(64).expand(3, 64, 64))
     assert model.backbone is backbone
     with torch.no_grad():
         assert torch.equal(model(x), orig)

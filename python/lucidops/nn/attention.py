@@ -30,7 +30,7 @@ def _pytorch_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, key_paddin
     if not _validate.is_compiling():
         warnings.warn(f"lucidops ManyHeadAttention: {why}, so this call runs PyTorch's scaled_dot_product_attention "
                       f"(lucidops' kernel takes key padding masks, dropout below 1 and head dims {MIN_HEAD_DIM}.."
-                      f"{MAX_HEAD_DIM})", RuntimeWarning, stacklevel=3)
+                      f"{MAX_HEAD_DIM})", RuntimeWarning, stacklevel=4)
     if attn_mask is not None:  # timm's own call
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal,
                                               scale=scale)
@@ -42,6 +42,38 @@ def _pytorch_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, key_paddin
     # Rows without a visible key attend to every key (finite), then are zeroed: zero gradient too.
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~sees_a_key, dropout_p=dropout_p, scale=scale)
     return out * sees_a_key
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool, scale: float,
+            dropout_p: float) -> Tensor:
+    """ManyHeadAttention's attention on q, k, v (B, H, N, head_dim): lucidops' kernel with a
+    bool key padding mask, PyTorch's SDPA (with a warning) for what the kernel does not take.
+    A leaf of torch.fx graphs (torch.fx.wrap below): its checks and branches read values."""
+    _validate.boolean(is_causal, "is_causal")  # "False" ran causal attention; timm's raises too
+    b, n, head_dim = q.shape[0], q.shape[2], q.shape[3]
+    key_padding_mask, other_mask = None, None
+    if attn_mask is not None:
+        # By shape, not size: a (N, N) mask has B * N elements when B == N. B != N is asked
+        # of a 2-D mask only: under symbolic shapes it is a guard, and for timm's 4-D mask it
+        # made an exported program refuse batch == tokens (an exported ViT, batch 17).
+        four_d = attn_mask.dim() == 4 and tuple(attn_mask.shape) == (b, 1, 1, n)
+        two_d = attn_mask.dim() == 2 and tuple(attn_mask.shape) == (b, n) and b != n
+        if attn_mask.dtype == torch.bool and (four_d or two_d):
+            key_padding_mask = attn_mask.reshape(b, n)
+        else:
+            other_mask = attn_mask
+    head_dim_outside = not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM
+    if other_mask is not None or dropout_p >= 1 or head_dim_outside:
+        # dtype and rank only: one warning per kind of mask, not per batch shape
+        why = (f"a {other_mask.dim()}-D {other_mask.dtype} attn_mask is not a bool key padding mask"
+               if other_mask is not None else
+               f"head_dim = {head_dim} is outside the kernel's {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
+               if head_dim_outside else "attn_drop = 1 drops every probability")
+        return _pytorch_attention(q, k, v, is_causal, key_padding_mask, other_mask, scale, dropout_p, why)
+    return attention(q, k, v, causal=is_causal, key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p)
+
+
+torch.fx.wrap("_attend")
 
 
 class ManyHeadAttention(nn.Module):
@@ -129,38 +161,18 @@ class ManyHeadAttention(nn.Module):
         padding mask, True for tokens that take part, (B, 1, 1, N) (what timm passes) or (B, N)
         when B != N; any other mask (additive, per query, or 2-D when B == N, which timm reads as
         (N_query, N_key)) runs PyTorch's SDPA as timm's module does, with a warning."""
-        _validate.boolean(is_causal, "is_causal")  # "False" ran causal attention; timm's raises too
         dim = self.qkv.in_features
-        if x.dim() != 3 or x.shape[-1] != dim:
+        # Under torch.fx symbolic tracing (timm's create_feature_extractor) x is a Proxy: its
+        # shape cannot be checked here, and _attend, a leaf of the traced graph, checks the rest.
+        if not isinstance(x, torch.fx.Proxy) and (x.dim() != 3 or x.shape[-1] != dim):
             raise ValueError(f"ManyHeadAttention: x must be (B, N, dim={dim}), got shape {tuple(x.shape)}")
-        b, n, _ = x.shape
-        key_padding_mask, other_mask = None, None
-        if attn_mask is not None:
-            # By shape, not size: a (N, N) mask has B * N elements when B == N. B != N is asked
-            # of a 2-D mask only: under symbolic shapes it is a guard, and for timm's 4-D mask it
-            # made an exported program refuse batch == tokens (an exported ViT, batch 17).
-            four_d = attn_mask.dim() == 4 and tuple(attn_mask.shape) == (b, 1, 1, n)
-            two_d = attn_mask.dim() == 2 and tuple(attn_mask.shape) == (b, n) and b != n
-            if attn_mask.dtype == torch.bool and (four_d or two_d):
-                key_padding_mask = attn_mask.reshape(b, n)
-            else:
-                other_mask = attn_mask
+        b, n = x.shape[0], x.shape[1]
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # strided views: the kernel reads them in place
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = float(self.attn_drop.p) if self.training else 0.0
-        head_dim_outside = not MIN_HEAD_DIM <= self.head_dim <= MAX_HEAD_DIM
-        if other_mask is not None or dropout_p >= 1 or head_dim_outside:
-            # dtype and rank only: one warning per kind of mask, not per batch shape
-            why = (f"a {other_mask.dim()}-D {other_mask.dtype} attn_mask is not a bool key padding mask"
-                   if other_mask is not None else
-                   f"head_dim = {self.head_dim} is outside the kernel's {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
-                   if head_dim_outside else "attn_drop = 1 drops every probability")
-            x = _pytorch_attention(q, k, v, is_causal, key_padding_mask, other_mask, self.scale, dropout_p, why)
-        else:
-            x = attention(q, k, v, causal=is_causal, key_padding_mask=key_padding_mask, scale=self.scale,
-                          dropout_p=dropout_p)
+        x = _attend(q, k, v, attn_mask, is_causal, self.scale, dropout_p)
         x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
         x = self.norm(x)
         if gate is not None:

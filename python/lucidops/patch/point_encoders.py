@@ -38,7 +38,7 @@ from ..nn.gaussian_mixture import GaussianPointEncoder
 from ..train.cubes import cloud_cubes, cubes_box
 from ..train.distillation import cast_args_to, distill
 from ..train.loop import seeded_rng
-from ..train.pointnet_recipe import DistilledPointNet
+from ..train.pointnet_recipe import DistilledPointNet, encoder_point_features
 from .handle import PatchHandle, child_slots
 from .instance_method import InstanceMethod
 
@@ -288,17 +288,7 @@ def _root_encoder_features(root: PointNet, transformed_points: Tensor,
                            feature_transform: Optional[Tensor] = None) -> Tensor:
     """PointNet.encoder_features of a patched root: its distilled encoder's per-point features
     (B, N, K) of points already through the input transform (it has no feature transform)."""
-    if feature_transform is not None:
-        raise ValueError("feature_transform must be None: this PointNet's encoder is a distilled "
-                         "GaussianPointEncoder, which has no feature transform")
-    root._check_points(transformed_points)
-    encoder = _root_encoder(root)
-    saved = encoder.reduce
-    encoder.reduce = "none"
-    try:
-        return encoder(transformed_points)
-    finally:
-        encoder.reduce = saved
+    return encoder_point_features(_root_encoder(root), transformed_points, feature_transform)
 
 
 def _root_transforms(root: PointNet, points: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:

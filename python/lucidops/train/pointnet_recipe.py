@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import _validate
 from .._dtypes import opmath_dtype
-from ..models.pointnet import PointNet, TNet
+from ..models.pointnet import PointNet, TNet, feature_transform_regularizer
 from ..nn.gaussian_mixture import GaussianPointEncoder, _center
 from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
 from .cubes import box_center, cloud_cubes, cloud_points, cubes_bounds, half_side_about
@@ -226,6 +226,41 @@ class DistilledPointNet(GaussianPointNet):
             return super().forward(points)
         transform = self.input_transform(points)
         return self.head(self.encoder(_apply(points, transform))), transform, None
+
+    # PointNet's other methods, so that a PointNet swapped for this one level down in a model
+    # (lucidops.patch.point_encoders) serves the same calls as a patched root PointNet.
+
+    def transforms(self, points: Tensor) -> Tuple[Optional[Tensor], None]:
+        """PointNet's (input transform (B, 3, 3) or None, feature transform): always None."""
+        return self.input_transform(points), None
+
+    def encoder_features(self, transformed_points: Tensor, feature_transform: Optional[Tensor] = None) -> Tensor:
+        """PointNet.encoder_features: the encoder's per-point features (B, N, K) of points
+        already through the input transform."""
+        return encoder_point_features(self.encoder, transformed_points, feature_transform)
+
+    def regularization_loss(self, feature_transform: Optional[Tensor]) -> Tensor:
+        """PointNet.regularization_loss: zero, as there is no feature transform (a given one is
+        regularised as PointNet does, ||I - A A^T||_F^2)."""
+        if feature_transform is None:
+            return self.encoder.means.new_zeros(())
+        return feature_transform_regularizer(feature_transform)
+
+
+def encoder_point_features(encoder: GaussianPointEncoder, transformed_points: Tensor,
+                           feature_transform: Optional[Tensor] = None) -> Tensor:
+    """PointNet.encoder_features computed by a distilled encoder: per-point features (B, N, K)
+    of points already through the input transform; it has no feature transform to take."""
+    if feature_transform is not None:
+        raise ValueError("feature_transform must be None: this PointNet's encoder is a distilled "
+                         "GaussianPointEncoder, which has no feature transform")
+    PointNet._check_points(transformed_points)
+    saved = encoder.reduce
+    encoder.reduce = "none"
+    try:
+        return encoder(transformed_points)
+    finally:
+        encoder.reduce = saved
 
 
 @dataclass

@@ -25,9 +25,11 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _validate
 from .._dtypes import opmath_dtype  # noqa: F401  (callers also read it here)
 
 # Upper-triangle layout of a symmetric 3x3 precision: index of (i, j) in [p00, p01, p02, p11, p12, p22].
@@ -53,35 +55,45 @@ def cull_half_widths(means: Tensor, precisions: Tensor, weight: Tensor, cull_thr
     if cull_threshold is None:
         return torch.full((G, 3), math.inf, dtype=compute, device=means.device)
     t = float(cull_threshold)
-    p = precisions.detach().to(torch.float64)
+    # |w| and its max are exact in any dtype: reduce first, widen the (G,) result. Widening the
+    # (K, G) mixer first made this column max ATen's slow float64 path (40 us to ms per call).
+    alpha = (weight.detach().abs().amax(dim=0) if weight.shape[0] > 0
+             else weight.new_zeros((G,))).to(torch.float64)
+    # The rest is a few dozen operations on (G,)-sized arrays, cheaper in NumPy on the host
+    # than through torch's per-operation dispatch (the whole function: 48 against 103 us for
+    # G = 32, K = 1024 on one CPU thread); on a GPU one copy each way replaces some 35 kernel
+    # launches.
+    host = _validate.host_float64(torch.cat([precisions.detach().reshape(G, 6).to(torch.float64), alpha[:, None]], 1))
+    with np.errstate(all="ignore"):  # torch's rules: inf and NaN, no warnings; they are handled below
+        half = _half_widths_float64(host[:, :6], host[:, 6], t)
+    if compute == torch.float32:
+        # Round up: a float32 half-width below the exact one would cull a pair worth up to t.
+        rounded = half.astype(np.float32)
+        half = np.where(rounded.astype(np.float64) < half, np.nextafter(rounded, np.float32(np.inf)), rounded)
+    return torch.from_numpy(np.ascontiguousarray(half)).to(means.device)
+
+
+def _half_widths_float64(p: np.ndarray, alpha: np.ndarray, t: float) -> np.ndarray:
+    """cull_half_widths in float64 from the (G, 6) precisions and the (G,) alpha."""
     # Sigma = P^-1 from the unit-diagonal R = D P D, D = diag(P)^-1/2: Sigma_ii = (R^-1)_ii / P_ii.
     # R's entries lie in [-1, 1] when P is positive definite, so its cofactors and determinant
     # neither overflow nor underflow (P = 1e160 I made them inf / inf = NaN in float64, and
     # the backends then culled that Gaussian everywhere or nowhere).
     diagonal = p[:, [0, 3, 5]]
-    positive_diagonal = (diagonal > 0).all(dim=-1)
-    inv_sqrt = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal)).rsqrt()
+    positive_diagonal = (diagonal > 0).all(axis=-1)
+    inv_sqrt = 1.0 / np.sqrt(np.where(diagonal > 0, diagonal, 1.0))
     r01 = p[:, 1] * inv_sqrt[:, 0] * inv_sqrt[:, 1]
     r02 = p[:, 2] * inv_sqrt[:, 0] * inv_sqrt[:, 2]
     r12 = p[:, 4] * inv_sqrt[:, 1] * inv_sqrt[:, 2]
     c00, c11, c22 = 1 - r12 * r12, 1 - r02 * r02, 1 - r01 * r01
     det = c00 - r01 * (r01 - r12 * r02) + r02 * (r01 * r12 - r02)
     positive_definite = positive_diagonal & (c22 > 0) & (det > 0)
-    sigma_diag = torch.stack([c00, c11, c22], dim=-1) / det.unsqueeze(-1) * inv_sqrt * inv_sqrt
-    # |w| and its max are exact in any dtype: reduce first, widen the (G,) result. Widening the
-    # (K, G) mixer first made this column max ATen's slow float64 path (40 us to ms per call).
-    alpha = (weight.detach().abs().amax(dim=0).to(torch.float64) if weight.shape[0] > 0
-             else torch.zeros_like(r01))
-    log_ratio = torch.log(alpha / t).clamp_min(0.0)
-    half = torch.sqrt(2.0 * log_ratio.unsqueeze(-1) * sigma_diag.clamp_min(0.0))
+    sigma_diag = np.stack([c00, c11, c22], axis=-1) / det[:, None] * inv_sqrt * inv_sqrt
+    log_ratio = np.maximum(np.log(alpha / t), 0.0)
+    half = np.sqrt(2.0 * log_ratio[:, None] * np.maximum(sigma_diag, 0.0))
     # Not positive definite, or a half-width that is not a number: no box (never cull on NaN).
-    usable = positive_definite.unsqueeze(-1) & ~half.isnan()
-    half = torch.where(usable, half, torch.full_like(half, math.inf))
-    half = torch.where((alpha <= t).unsqueeze(-1), torch.full_like(half, -1.0), half)
-    rounded = half.to(compute)
-    # Round up: a float32 half-width below the exact one would cull a pair worth up to t.
-    rounded = torch.where(rounded.to(torch.float64) < half, torch.nextafter(rounded, torch.full_like(rounded, math.inf)), rounded)
-    return rounded.contiguous()
+    half = np.where(positive_definite[:, None] & ~np.isnan(half), half, np.inf)
+    return np.where((alpha <= t)[:, None], -1.0, half)
 
 
 def gaussian_phi(points: Tensor, means: Tensor, precisions: Tensor, half_widths: Optional[Tensor] = None) -> Tensor:

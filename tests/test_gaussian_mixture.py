@@ -179,6 +179,49 @@ def test_cull_half_widths_follow_the_rule():
     assert ((half32.double() - exact).abs() <= 1e-6 * exact.abs()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cull_half_widths_are_the_same_on_the_gpu_path(dtype):
+    """cull_half_widths computes in NumPy for CPU tensors and in torch for GPU ones (no
+    synchronisation there): the two must draw the same boxes. The torch path, run here on the
+    CPU, against the NumPy one. The libraries' float64 sqrt and log may round an ulp apart
+    (torch's sqrt did in 9 of 1000 random arguments), which a nearly singular precision's
+    cofactors amplify (to 2e-12 relative here): the float32 boxes may then sit one float32
+    ulp apart, the float64 ones within 1e-10."""
+    from lucidops._dtypes import opmath_dtype
+    from lucidops.reference.gaussian_mixture import _half_widths_float64, _rounded_up
+
+    g = torch.Generator().manual_seed(21)
+    kinds = set()
+    for case in range(60):
+        G = 24
+        factor = torch.randn(G, 3, 3, generator=g).tril() * 10 ** torch.empty(G, 1, 1).uniform_(-3, 3, generator=g)
+        matrices = factor @ factor.transpose(1, 2)
+        if case % 5 == 0:  # indefinite and singular precisions: no box
+            matrices[:4] = torch.randn(4, 3, 3, generator=g)
+            matrices[:4] = matrices[:4] + matrices[:4].transpose(1, 2)
+            matrices[4] = 0
+        prec = matrices[:, [0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]].to(dtype)
+        weight = (torch.randn(7, G, generator=g) * 10 ** torch.empty(1).uniform_(-2, 2, generator=g)).to(dtype)
+        weight[:, 5] = 0  # alpha = 0 <= t: culled everywhere
+        t = float(10 ** torch.empty(1).uniform_(-4, 0, generator=g))
+        on_cpu = ref.cull_half_widths(torch.zeros(G, 3, dtype=dtype), prec, weight, t)
+        alpha = weight.abs().amax(dim=0).double()
+        exact = _half_widths_float64(prec.double(), alpha, t, torch)
+        on_gpu_path = _rounded_up(exact, opmath_dtype(dtype), torch)
+        assert (on_gpu_path.double() >= exact).all()  # rounded up, as on the CPU path
+        assert on_cpu.dtype == on_gpu_path.dtype == opmath_dtype(dtype)
+        assert (on_cpu[5] == -1).all()
+        kinds.update(("no box" if torch.isinf(row).all() else "culled everywhere" if (row == -1).all() else "box")
+                     for row in on_cpu)
+        if dtype == torch.float64:
+            torch.testing.assert_close(on_cpu, on_gpu_path, rtol=1e-10, atol=0)
+        else:
+            neighbours = (torch.nextafter(on_cpu, torch.full_like(on_cpu, -math.inf)),
+                          torch.nextafter(on_cpu, torch.full_like(on_cpu, math.inf)))
+            assert ((on_gpu_path == on_cpu) | (on_gpu_path == neighbours[0]) | (on_gpu_path == neighbours[1])).all()
+    assert kinds == {"no box", "culled everywhere", "box"}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernels_cull_exactly_the_reference_pairs(dtype):
     from lucidops import _ext

@@ -59,41 +59,54 @@ def cull_half_widths(means: Tensor, precisions: Tensor, weight: Tensor, cull_thr
     # (K, G) mixer first made this column max ATen's slow float64 path (40 us to ms per call).
     alpha = (weight.detach().abs().amax(dim=0) if weight.shape[0] > 0
              else weight.new_zeros((G,))).to(torch.float64)
-    # The rest is a few dozen operations on (G,)-sized arrays, cheaper in NumPy on the host
-    # than through torch's per-operation dispatch (the whole function: 48 against 103 us for
-    # G = 32, K = 1024 on one CPU thread); on a GPU one copy each way replaces some 35 kernel
-    # launches.
-    host = _validate.host_float64(torch.cat([precisions.detach().reshape(G, 6).to(torch.float64), alpha[:, None]], 1))
-    with np.errstate(all="ignore"):  # torch's rules: inf and NaN, no warnings; they are handled below
-        half = _half_widths_float64(host[:, :6], host[:, 6], t)
-    if compute == torch.float32:
-        # Round up: a float32 half-width below the exact one would cull a pair worth up to t.
-        rounded = half.astype(np.float32)
-        half = np.where(rounded.astype(np.float64) < half, np.nextafter(rounded, np.float32(np.inf)), rounded)
-    return torch.from_numpy(np.ascontiguousarray(half)).to(means.device)
+    rows = torch.cat([precisions.detach().reshape(G, 6).to(torch.float64), alpha[:, None]], 1)
+    if means.device.type != "cpu":
+        # On a GPU: some 35 small kernels, but no synchronisation (and CUDA-graph capturable).
+        half = _half_widths_float64(rows[:, :6], rows[:, 6], t, torch)
+        return _rounded_up(half, compute, torch).contiguous()
+    # On the CPU the same arithmetic in NumPy: torch's per-operation dispatch made the
+    # function cost 103 us for G = 32, K = 1024 on one thread; in NumPy 48 us.
+    host = _validate.host_float64(rows)
+    with np.errstate(all="ignore"):  # torch's rules: inf and NaN, no warnings; they are handled
+        half = _half_widths_float64(host[:, :6], host[:, 6], t, np)
+    return torch.from_numpy(np.ascontiguousarray(_rounded_up(half, compute, np)))
 
 
-def _half_widths_float64(p: np.ndarray, alpha: np.ndarray, t: float) -> np.ndarray:
-    """cull_half_widths in float64 from the (G, 6) precisions and the (G,) alpha."""
+def _half_widths_float64(p, alpha, t: float, xp):
+    """cull_half_widths in float64 from the (G, 6) precisions and the (G,) alpha, as NumPy
+    arrays (xp = numpy) or tensors (xp = torch): the operations both libraries share."""
     # Sigma = P^-1 from the unit-diagonal R = D P D, D = diag(P)^-1/2: Sigma_ii = (R^-1)_ii / P_ii.
     # R's entries lie in [-1, 1] when P is positive definite, so its cofactors and determinant
     # neither overflow nor underflow (P = 1e160 I made them inf / inf = NaN in float64, and
     # the backends then culled that Gaussian everywhere or nowhere).
     diagonal = p[:, [0, 3, 5]]
     positive_diagonal = (diagonal > 0).all(axis=-1)
-    inv_sqrt = 1.0 / np.sqrt(np.where(diagonal > 0, diagonal, 1.0))
+    inv_sqrt = 1.0 / xp.sqrt(xp.where(diagonal > 0, diagonal, 1.0))
     r01 = p[:, 1] * inv_sqrt[:, 0] * inv_sqrt[:, 1]
     r02 = p[:, 2] * inv_sqrt[:, 0] * inv_sqrt[:, 2]
     r12 = p[:, 4] * inv_sqrt[:, 1] * inv_sqrt[:, 2]
     c00, c11, c22 = 1 - r12 * r12, 1 - r02 * r02, 1 - r01 * r01
     det = c00 - r01 * (r01 - r12 * r02) + r02 * (r01 * r12 - r02)
     positive_definite = positive_diagonal & (c22 > 0) & (det > 0)
-    sigma_diag = np.stack([c00, c11, c22], axis=-1) / det[:, None] * inv_sqrt * inv_sqrt
-    log_ratio = np.maximum(np.log(alpha / t), 0.0)
-    half = np.sqrt(2.0 * log_ratio[:, None] * np.maximum(sigma_diag, 0.0))
+    sigma_diag = xp.stack([c00, c11, c22], axis=-1) / det[:, None] * inv_sqrt * inv_sqrt
+    log_ratio = xp.clip(xp.log(alpha / t), 0.0, None)
+    half = xp.sqrt(2.0 * log_ratio[:, None] * xp.clip(sigma_diag, 0.0, None))
     # Not positive definite, or a half-width that is not a number: no box (never cull on NaN).
-    half = np.where(positive_definite[:, None] & ~np.isnan(half), half, np.inf)
-    return np.where((alpha <= t)[:, None], -1.0, half)
+    half = xp.where(positive_definite[:, None] & ~xp.isnan(half), half, math.inf)
+    return xp.where((alpha <= t)[:, None], -1.0, half)
+
+
+def _rounded_up(half, compute: torch.dtype, xp):
+    """float64 half-widths in the compute dtype, rounded up: a float32 half-width below the
+    exact one would cull a pair worth up to t."""
+    if compute != torch.float32:
+        return half
+    if xp is np:
+        rounded = half.astype(np.float32)
+        return np.where(rounded.astype(np.float64) < half, np.nextafter(rounded, np.float32(np.inf)), rounded)
+    rounded = half.to(torch.float32)
+    up = torch.nextafter(rounded, torch.full_like(rounded, math.inf))
+    return torch.where(rounded.to(torch.float64) < half, up, rounded)
 
 
 def gaussian_phi(points: Tensor, means: Tensor, precisions: Tensor, half_widths: Optional[Tensor] = None) -> Tensor:

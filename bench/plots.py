@@ -109,7 +109,11 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 2
     out = args.out or args.results.parent
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # an existing file (/dev/null), a place that takes no folders (/proc)
+        print(f"error: --out: cannot use {str(out)!r} as the charts' folder ({err.strerror})", file=sys.stderr)
+        return 2
     written = write_family_plots(data["results"], str(data["machine"]["name"]), out, args.results.stem)
     print("wrote " + (", ".join(str(p) for p in written) or "nothing (no family has a speed-up)"), flush=True)
     return 0

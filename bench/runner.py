@@ -117,6 +117,10 @@ def _earlier_rows(path: Path, desc: Dict, full: bool) -> Tuple[List[Dict], Dict[
     except (OSError, ValueError) as err:
         print(f"replacing {path}: unreadable ({err})", flush=True)
         return [], {}
+    results = data.get("results") if isinstance(data, dict) else None
+    if not (isinstance(results, list) and all(isinstance(r, dict) and "family" in r for r in results)):
+        print(f"replacing {path}: not a lucidops results file", flush=True)
+        return [], {}
     machine = data.get("machine", {})
     # The header names one set of versions for every row: rows measured under another torch,
     # CUDA, Triton or lucidops are replaced, not relabelled.
@@ -159,6 +163,9 @@ def bench_device(device: str, families: List[str], full: bool, out: Path, plots:
     md = ""
 
     def save(family: str, family_rows: List[Dict]) -> str:
+        # The family's chart shows its earlier rows: it goes when they do, here, not when the
+        # family starts (a run stopped before its first case kept the rows and lost the chart).
+        out.joinpath(f"{slug}-{family}.png").unlink(missing_ok=True)
         measured[family] = str(desc["date"])
         dates = dict(sorted(measured.items(), key=lambda item: _family_index(item[0])))
         # A family's earlier rows go only once it has started: a run stopped in the first
@@ -174,7 +181,6 @@ def bench_device(device: str, families: List[str], full: bool, out: Path, plots:
     for family in progress:
         progress.set_postfix_str(family)
         started.append(family)
-        out.joinpath(f"{slug}-{family}.png").unlink(missing_ok=True)  # its rows are being replaced
         module = importlib.import_module(f"lucidops.bench.{family}")
         takes_rows = "on_rows" in inspect.signature(module.run).parameters
         per_case = {"on_rows": functools.partial(save, family)} if takes_rows else {}
@@ -193,7 +199,8 @@ def bench_device(device: str, families: List[str], full: bool, out: Path, plots:
 
 
 def run(args: argparse.Namespace) -> int:
-    devices: List[str] = args.device or available_devices()
+    devices: List[str] = list(dict.fromkeys(args.device or available_devices()))  # each once
+    families: List[str] = list(dict.fromkeys(args.families))
     if "cuda" in devices and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no GPU here", file=sys.stderr)
         return 2
@@ -220,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         desc = device_description(device)
         print(f"benchmarking on {desc['name']} ({device}), torch {desc['torch']}, "
               f"{'full' if args.full else 'short (--full for the README sizes)'}", flush=True)
-        bench_device(device, args.families, args.full, out, plots=not args.no_plots)
+        bench_device(device, families, args.full, out, plots=not args.no_plots)
     return 0
 
 

@@ -190,3 +190,106 @@ def test_aot_arch_takes_every_usual_spelling():
     assert [compute_capability(a) for a in ("80", "8.0", "sm_90", "9.0", "SM_86")] == [80, 80, 90, 90, 86]
     with pytest.raises(argparse.ArgumentTypeError, match="8.x"):
         compute_capability("8.x")
+
+
+# ---------------------------------------------------------------- environment, interrupts, repeats
+
+@pytest.mark.parametrize("variable,value", [("LUCIDOPS_DISABLE_EXT", "maybe"), ("LUCIDOPS_BACKEND", "foo")])
+@pytest.mark.parametrize("command", [["bench", "--families", "activations", "--device", "cpu"],
+                                     ["demo", "gpe", "--quick"], ["demo", "unlearn", "--quick"]])
+def test_a_bad_environment_setting_stops_a_command_before_any_work(command, variable, value, tmp_path, capsys,
+                                                                   monkeypatch):
+    """bench and the demos met a bad LUCIDOPS_DISABLE_EXT or LUCIDOPS_BACKEND minutes in (demo
+    gpe after training both PointNets) and stopped with a traceback."""
+    from lucidops.bench import runner
+    from lucidops.demos import gpe, unlearn
+
+    monkeypatch.setenv(variable, value)
+    for module in (runner, gpe, unlearn):
+        monkeypatch.setattr(module, "run", lambda *a, **k: pytest.fail("the command started its work"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and variable in err and "Traceback" not in err, err
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    from lucidops.bench import runner
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run", interrupted)
+    assert cli.main(["bench", "--families", "activations", "--device", "cpu"]) == 130
+    assert capsys.readouterr().err.strip() == "lucidops bench: interrupted"
+
+
+def test_bench_runs_a_family_or_device_named_twice_once(tmp_path, monkeypatch):
+    from lucidops.bench import runner
+
+    calls = []
+    monkeypatch.setattr(runner, "bench_device", lambda device, families, *a, **k: calls.append((device, families)))
+    args = ["bench", "--families", "activations", "conditioning", "activations", "--device", "cpu", "cpu",
+            "--no-plots", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert calls == [("cpu", ["activations", "conditioning"])]
+
+
+def test_a_bench_run_stopped_before_a_family_s_first_rows_keeps_its_chart(tmp_path, monkeypatch):
+    """The family's PNG was deleted when it started, while its earlier rows stayed in the JSON."""
+    from lucidops.bench import activations, runner
+
+    def first_run(device, quick, **kwargs):
+        return [{"family": "activations", "case": "c", "mode": "forward", "impl": "i", "ms": 1.0}]
+
+    monkeypatch.setattr(activations, "run", first_run)
+    monkeypatch.setattr(runner, "write_family_plots", lambda rows, name, out, slug: [], raising=False)
+    runner.bench_device("cpu", ["activations"], False, tmp_path, plots=False)
+    (json_path,) = tmp_path.glob("*.json")
+    chart = tmp_path / f"{json_path.stem}-activations.png"
+    chart.write_bytes(b"earlier chart")
+    before = json_path.read_text()
+
+    def stopped(device, quick, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(activations, "run", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        runner.bench_device("cpu", ["activations"], False, tmp_path, plots=False)
+    assert json_path.read_text() == before and chart.read_bytes() == b"earlier chart"
+    monkeypatch.setattr(activations, "run", first_run)
+    runner.bench_device("cpu", ["activations"], False, tmp_path, plots=False)
+    assert not chart.exists()  # its rows were replaced: the chart of the earlier ones goes
+
+
+def test_bench_replaces_a_results_file_of_another_shape(tmp_path, capsys):
+    from lucidops.bench import runner
+
+    path = tmp_path / "results.json"
+    for text in ("[]", '{"results": 3}', '{"results": [1]}'):
+        path.write_text(text)
+        assert runner._earlier_rows(path, {}, False) == ([], {})
+        assert "not a lucidops results file" in capsys.readouterr().out
+
+
+def test_plots_out_that_cannot_be_a_folder_is_a_one_line_error(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from lucidops.bench import plots
+
+    results = tmp_path / "r.json"
+    results.write_text('{"machine": {"name": "m"}, "results": []}')
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert plots.main([str(results), "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert "--out: cannot use" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [(["--png", ""], "--png: an empty path"),
+                                          (["--out", " "], "--out: an empty path"),
+                                          (["--png", "a.png", "--out", "d"], "--png and --out both")])
+def test_demo_unlearn_png_options_are_refused_as_gpe_refuses_them(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "unlearn", "--quick", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -260,7 +260,7 @@ def test_an_unwritable_default_out_is_named_as_the_default(capsys, monkeypatch, 
     monkeypatch.chdir("/proc")
     assert unlearn.run(_parse(["--quick"])) == 2
     assert "error: the default --out 'demo_unlearn': cannot write in '/proc'" in capsys.readouterr().err
-    for given in ("/proc/x", "demo_unlearn", ""):  # given, even as the default's name or "" (here): the flag
+    for given in ("/proc/x", "demo_unlearn"):  # given, even as the default's name: the flag ("" is refused)
         assert unlearn.run(_parse(["--quick", "--out", given])) == 2
         assert "error: --out: cannot write in '/proc'" in capsys.readouterr().err
 

@@ -8,6 +8,7 @@ beside the other tests (aot_in_background.py). The argument checks at the end co
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -153,6 +154,10 @@ def test_aot_refuses_a_json_path_it_cannot_write_before_compiling(tmp_path, aot_
     for path, reason in cases:
         err = _refused(aot_module.main, ["--arch", "80", "--json", str(path)], capsys)
         assert "--json" in err and reason in err, err
+    # A folder that exists but takes no files: /proc compiled for seconds, then a traceback.
+    if os.path.isdir("/proc"):
+        err = _refused(aot_module.main, ["--arch", "80", "--json", "/proc/aot.json"], capsys)
+        assert "--json" in err and "cannot write in '/proc'" in err, err
 
 
 def test_aot_refuses_a_compute_capability_out_of_range(aot_module, capsys):
@@ -190,6 +195,7 @@ def test_lucidops_aot_takes_the_modules_options(aot_module, monkeypatch, capsys)
     assert "--family" in err and "'nope'" in err, err
     err = _refused(main, ["aot", "--jobs", "-1"], capsys)
     assert "--jobs" in err, err
+    assert "usage: lucidops aot " in err and "lucidops aot: error:" in err, err  # not "__main__.py"
 
 
 def test_every_configuration_has_its_own_name(aot_module):

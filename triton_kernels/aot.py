@@ -267,6 +267,13 @@ def _check_json_path(parser: argparse.ArgumentParser, path: str) -> None:
         parser.error(f"argument --json: the folder {folder!r} does not exist")
     if not os.path.isdir(folder):
         parser.error(f"argument --json: {folder!r} is not a folder")
+    try:  # a folder that exists but takes no files (read-only, /proc): found now, not after compiling
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        parser.error(f"argument --json: cannot write in {folder!r} ({err.strerror})")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        parser.error(f"argument --json: {path!r} is not writable")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -279,8 +286,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write every configuration's resources as JSON")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, prog: Optional[str] = None) -> int:
+    """The command; ``prog`` names it in usage and error lines (``lucidops aot`` from the CLI)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.jobs < 0:

@@ -293,15 +293,35 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     runner.add_arguments(p_bench)
     args = parser.parse_args(argv)
+    problem = _environment_problem(args.command)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, p_build, aot, runner, demos)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130 as a shell reports SIGINT
+        print(f"\nlucidops {args.command}: interrupted", file=sys.stderr)
+        return 130
 
-    if args.command == "info":
-        from lucidops import _ext
 
-        try:  # every extension backend's line would raise it
+def _environment_problem(command: str) -> Optional[str]:
+    """A bad LUCIDOPS_DISABLE_EXT (every command that runs ops), or LUCIDOPS_BACKEND (bench,
+    profile, demo; info reports it in its table), found before any work: bench and the demos
+    met them minutes in, after training the first models."""
+    from lucidops import _ext, backends
+
+    try:
+        if command in ("info", "bench", "profile", "demo"):
             _ext.disabled_by_env()
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        if command in ("bench", "profile", "demo"):
+            backends.forced_backend()
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _run(args, p_build, aot, runner, demos) -> int:
+    if args.command == "info":
         print(info(build=args.build))
         return 0
     if args.command == "bench":
@@ -335,7 +355,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return status
     if args.command == "aot":
         return aot.main(["--arch", *map(str, args.arch), "--family", *args.family, "--jobs", str(args.jobs)]
-                        + (["--json", args.json] if args.json else []))
+                        + (["--json", args.json] if args.json else []), prog="lucidops aot")
     if args.command == "profile":
         return profile_command(args)
     if args.command == "demo":

@@ -438,6 +438,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lucidops demo unlearn: error: {err}", file=sys.stderr)
         return 2
+    # As demo gpe: "" is not a path (it wrote ./demo_unlearn/unlearn.png), and --png with --out
+    # was resolved silently in favour of --png.
+    for flag, value in (("--png", args.png), ("--out", args.out)):
+        if value is not None and not str(value).strip():
+            print(f"lucidops demo unlearn: error: {flag}: an empty path", file=sys.stderr)
+            return 2
+    if args.png is not None and args.out is not None:
+        print("lucidops demo unlearn: error: --png and --out both name where the PNG goes: give one", file=sys.stderr)
+        return 2
     png = args.png or os.path.join(DEFAULT_OUT if args.out is None else args.out, "unlearn.png")
     problems = [_optional.missing(package, purpose)
                 for package, purpose in (("peft", "the demo's LoRA setup"), ("matplotlib", "the demo's PNG"))]

@@ -67,7 +67,7 @@ def cull_half_widths(means: Tensor, precisions: Tensor, weight: Tensor, cull_thr
     # On the CPU the same arithmetic in NumPy: torch's per-operation dispatch made the
     # function cost 103 us for G = 32, K = 1024 on one thread; in NumPy 48 us.
     host = _validate.host_float64(rows)
-    with np.errstate(all="ignore"):  # torch's rules: inf and NaN, no warnings; they are handled
+    with np.errstate(all="ignore"):  # as in torch: inf and NaN without warnings (both are handled)
         half = _half_widths_float64(host[:, :6], host[:, 6], t, np)
     return torch.from_numpy(np.ascontiguousarray(_rounded_up(half, compute, np)))
 

@@ -954,3 +954,25 @@ def test_lora_has_no_cuda_backend_and_its_tests_do_not_ask_for_one():
     for op in ("bounded_lora_linear", "bounded_lora_linear_quant"):
         assert all(p.values[0] != "cuda" for p in backend_device_params(op))
     assert "cuda-cuda" in [p.id for p in backend_device_params("gaussian_mixture")]
+
+
+@pytest.mark.parametrize("setting", [dict(omega=1e39), dict(alpha=4e39)])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_merge_refuses_an_omega_or_scale_past_float32_as_forward_does(setting, quantized):
+    """forward raised by name; merge() and delta_weight() formed omega B A in float32, got inf,
+    and wrote NaN into the base weight."""
+    torch.manual_seed(0)
+    layer = lucidops.nn.BoundedLoRALinear(nn.Linear(8, 6), rank=4, fn="sin", **setting)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    if quantized:
+        layer.quantize_(bits=8, group_size=4)
+    before = layer.base.weight.detach().clone()
+    name = "omega" if "omega" in setting else "scale"
+    for call in (lambda: layer(torch.randn(2, 8)), layer.merge, layer.delta_weight):
+        with pytest.raises(ValueError, match=name):
+            call()
+    assert torch.equal(layer.base.weight, before) and not layer.merged
+    layer.double()  # float64 forms the update in float64: then the value fits
+    if not quantized:
+        assert torch.isfinite(layer.delta_weight()).all()

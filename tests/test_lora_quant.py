@@ -573,3 +573,18 @@ def test_quantized_state_of_another_size_is_refused(rank, in_features):
         dst.load_state_dict(src.state_dict(), strict=False)
     assert dst.quantized is before
     layer(4, 24).load_state_dict(src.state_dict())  # the same size loads
+
+
+@pytest.mark.parametrize("method", ["uniform", "kmeans"])
+def test_numpy_integer_bits_and_group_size_behave_as_python_ints(method):
+    """An np.int8(5) was kept as given: 1 << bits and the byte count overflowed (13 bytes
+    reported instead of 45), and np.uint8(8) raised OverflowError or IndexError."""
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 64, generator=g), torch.randn(32, 4, generator=g)
+    for bits in (5, 8):
+        plain = quantize_adapter(a, b, bits=bits, group_size=16, method=method)
+        for kind in (np.int8, np.uint8, np.int64):
+            given = quantize_adapter(a, b, bits=kind(bits), group_size=kind(16), method=method)
+            assert given.stats == plain.stats
+            assert torch.equal(given.dequantize()[0], plain.dequantize()[0])

@@ -56,7 +56,7 @@ class BoundedLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        _validate.integer(rank, "rank", minimum=1)
+        rank = _validate.integer(rank, "rank", minimum=1)
         if fn not in F.FNS:
             raise ValueError(f"fn must be one of {F.FNS}, got {fn!r}")
         if placement not in F.PLACEMENTS:
@@ -110,12 +110,16 @@ class BoundedLoRALinear(nn.Module):
         if self.placement != "weight":
             raise RuntimeError("placement 'output' has no weight update: its bound acts on the adapter output")
         a, b = self._adapter()
-        omega = self.omega
         compute = opmath_dtype(self.base.weight.dtype)
+        # The ops' float32 range checks: omega or scale past it made merge() write NaN into the
+        # weight where forward raises.
+        omega = F._within_float32(self.omega, "omega", self.base.weight)
+        scale = F._within_float32(self.scale, "scale", self.base.weight)
         if isinstance(a, QuantizedAdapter):
-            a, b, omega = a.dequantize(compute, normalized=True) + (omega * a.phase_multiplier(),)
+            omega = F._folded_omega(omega, a)
+            a, b = a.dequantize(compute, normalized=True)
         with torch.no_grad():
-            return _reference.delta_weight(a, b, self.fn, omega, self.scale).to(compute)
+            return _reference.delta_weight(a, b, self.fn, omega, scale).to(compute)
 
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> "BoundedLoRALinear":

@@ -352,10 +352,11 @@ def quantize_adapter(lora_A: Tensor, lora_B: Tensor, bits: int = 4, group_size: 
     for factor, name in ((lora_A, "lora_A"), (lora_B, "lora_B")):
         if not bool(torch.isfinite(factor.detach()).all()):  # a NaN would spread through its group silently
             raise ValueError(f"{name} must be finite to be quantized, got non-finite values")
-    _validate.integer(bits, "bits", minimum=2, maximum=8)
+    # Python ints from here on: an np.int8(5) kept as given overflowed 1 << bits and the byte count.
+    bits = _validate.integer(bits, "bits", minimum=2, maximum=8)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    _validate.integer(group_size, "group_size", minimum=1)
+    group_size = _validate.integer(group_size, "group_size", minimum=1)
     if omega is not None:
         omega = _validate.real_number(omega, "omega", tensor_ok=True)
     from ..reference.lora import FNS, bounded

@@ -868,3 +868,56 @@ def test_encoder_names_float64_points_inside_an_autocast_region():
         with pytest.raises(TypeError, match="points are torch.float64 but this GaussianPointEncoder is torch.float32"):
             enc(torch.rand(2, 10, 3, dtype=torch.float64))
         assert enc(torch.rand(2, 10, 3).bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("reduce", ["max", "none"])
+def test_cpp_flushes_subnormals_in_float32_only_and_within_the_stated_bound(reduce):
+    """The C++ forward flushes float32 subnormals for speed (README: a channel moves by at most
+    1.2e-38 times the sum of its |weight|); float64 keeps them, as the reference does. It
+    flushed float64 too: weights near 1e300 over a phi of 2.3e-309 gave 0 for 2.3e-9."""
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("needs the C++ extension")
+    for dtype, x0, w in ((torch.float64, 37.7, 1e300), (torch.float32, 13.3, 1e30)):
+        points = torch.tensor([[[x0, 0.0, 0.0]]], dtype=dtype)
+        means = torch.zeros(1, 3, dtype=dtype)
+        prec = torch.tensor([[1.0, 0, 0, 1.0, 0, 1.0]], dtype=dtype)
+        weight = torch.tensor([[w]], dtype=dtype)
+        phi = math.exp(-0.5 * x0 * x0)
+        assert 0 < phi < torch.finfo(dtype).tiny  # a subnormal phi
+        outs = {}
+        for backend in ("reference", "cpp"):
+            with lucidops.use_backend(backend):
+                outs[backend] = gaussian_mixture(points, means, prec, weight, reduce=reduce).double()
+        exact = w * phi
+        if dtype == torch.float64:
+            torch.testing.assert_close(outs["cpp"], outs["reference"], rtol=1e-12, atol=0)
+            assert abs(outs["cpp"].item() / exact - 1) < 1e-6
+        else:
+            assert abs(outs["cpp"].item() - outs["reference"].item()) <= 1.2e-38 * w
+
+
+def test_encoder_cloud_center_takes_numbers_as_tensors_and_numpy_arrays():
+    """A 0-d tensor was refused as "1 number" and a NumPy array of three as "not a real number"."""
+    np = pytest.importorskip("numpy")
+    for given, expected in ((torch.tensor(2.0), (2.0,) * 3), (np.array([1.0, 2, 3]), (1.0, 2.0, 3.0)),
+                            (np.float32(1.5), (1.5,) * 3), (torch.tensor([1.0, 2, 3]), (1.0, 2.0, 3.0))):
+        assert GaussianPointEncoder(4, 4, cloud_center=given).cloud_center == expected
+    for bad in (torch.tensor([1.0, 2.0]), np.array([1, 2])):
+        with pytest.raises(ValueError, match="cloud_center must be a number or 3 numbers, got 2"):
+            GaussianPointEncoder(4, 4, cloud_center=bad)
+
+
+def test_encoder_names_its_factor_when_its_precisions_are_not_finite():
+    """A float16 encoder whose L L^T overflowed float16 said 'precisions must be finite', an
+    argument its caller never passed."""
+    enc = GaussianPointEncoder(4, 4)
+    with torch.no_grad():
+        enc.factor[:, 0] = 300.0  # 300^2 overflows float16
+    enc.half()
+    with pytest.raises(ValueError, match=r"precisions L L\^T overflow torch.float16 .*encoder.float\(\)"):
+        enc(torch.rand(1, 5, 3).half())
+    enc.float()(torch.rand(1, 5, 3))  # float32 holds it
+    with torch.no_grad():
+        enc.factor[1, 2] = math.nan
+    with pytest.raises(ValueError, match="its factor holds NaN or inf"):
+        enc(torch.rand(1, 5, 3))

@@ -30,6 +30,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <type_traits>
 #include <utility>
@@ -669,7 +670,10 @@ void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, 
     });
   }
   for_each_item(items, B * N * G * (K + 20), [&](int64_t begin, int64_t end) {
-    const FlushSubnormals flush;
+    // float32 only: float64 keeps its subnormals, as the reference does (flushing them moved a
+    // channel with weights near 1e300 from 2.3e-9 to 0).
+    std::optional<FlushSubnormals> flush;
+    if constexpr (std::is_same<T, float>::value) flush.emplace();
     std::vector<T> phi(kChannelLanes ? 0 : std::max<int64_t>(G, 1) * Blocking<T>::Tile);
     std::vector<int64_t> active(kChannelLanes ? 0 : std::max<int64_t>(G, 1));
 #ifdef __AVX512F__

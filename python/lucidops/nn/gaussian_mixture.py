@@ -45,8 +45,11 @@ def covariance_from_lower(l_mat: Tensor) -> Tensor:
 
 def _center(value) -> Tuple[float, float, float]:
     """``cloud_center`` as 3 finite floats (one number stands for all three)."""
-    if isinstance(value, Tensor):
-        value = value.detach().cpu().reshape(-1).tolist()
+    if isinstance(value, Tensor) or type(value).__module__ == "numpy":
+        # A tensor or NumPy array of one number (0-d too) or three: a 0-d tensor was counted as
+        # "1 number" and refused, a NumPy array of three "not a real number".
+        flat = value.detach().cpu().reshape(-1).tolist() if isinstance(value, Tensor) else value.reshape(-1).tolist()
+        value = flat if len(flat) != 1 else flat[0]
     items = list(value) if isinstance(value, (list, tuple)) else [value] * 3
     if len(items) != 3:
         raise ValueError(f"cloud_center must be a number or 3 numbers, got {len(items)}")
@@ -148,8 +151,22 @@ class GaussianPointEncoder(nn.Module):
             # region float64 points still meet float32 means (the op's autocast rule).
             raise TypeError(f"points are {points.dtype} but this GaussianPointEncoder is {self.means.dtype}: "
                             f"convert one of them (points.to({self.means.dtype}) or encoder.to({points.dtype}))")
-        return gaussian_mixture(points, self.means, self.precisions(), self.mixer.weight, self.mixer.bias,
-                                reduce=self.reduce, cull_threshold=self._cull_threshold)
+        try:
+            return gaussian_mixture(points, self.means, self.precisions(), self.mixer.weight, self.mixer.bias,
+                                    reduce=self.reduce, cull_threshold=self._cull_threshold)
+        except ValueError as err:
+            if str(err).startswith("precisions must be finite"):  # precisions: not what the caller passed
+                raise ValueError(self._precisions_problem()) from err
+            raise
+
+    def _precisions_problem(self) -> str:
+        """Why precisions() is not finite, in terms of this module (error path only)."""
+        factor = self.factor.detach()
+        if not bool(torch.isfinite(factor).all()):
+            return "GaussianPointEncoder: its factor holds NaN or inf (a diverged training step?)"
+        return (f"GaussianPointEncoder: its precisions L L^T overflow {factor.dtype} (|factor| up to "
+                f"{float(factor.abs().max()):.3g}, {factor.dtype} holds up to {torch.finfo(factor.dtype).max:.3g}): "
+                "run the encoder in float32 (encoder.float())")
 
     def extra_repr(self) -> str:
         return (f"num_gaussians={self.num_gaussians}, out_channels={self.out_channels}, "

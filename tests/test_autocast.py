@@ -114,6 +114,23 @@ def test_half_cloud_meets_float32_parameters_in_a_region():
     assert out.dtype == torch.float32 and torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("model_dtype,region_dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_half_encoder_in_a_region_of_the_other_half_dtype(model_dtype, region_dtype):
+    """A float16 encoder in a bfloat16 region failed inside PyTorch ("Unexpected floating
+    ScalarType in at::autocast::prioritize", from stack in precision_from_factor); it now runs
+    the op in float32, as a half cloud does in any region."""
+    torch.manual_seed(0)
+    encoder = lucidops.nn.GaussianPointEncoder(4, 8).to(model_dtype)
+    reference = lucidops.nn.GaussianPointEncoder(4, 8)
+    reference.load_state_dict({k: v.float() for k, v in encoder.state_dict().items()})
+    cloud = torch.rand(2, 10, 3).to(model_dtype)
+    with torch.autocast("cpu", dtype=region_dtype):
+        out = encoder(cloud)
+    assert out.dtype == torch.float32
+    # The precisions are formed in the half dtype (one rounding of L L^T), then the op runs in float32.
+    torch.testing.assert_close(out, reference(cloud.float()), rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params())
 @pytest.mark.parametrize("placement", ["weight", "output"])
 def test_lora_phase_stays_float32_in_a_region(backend, device, placement):

@@ -27,7 +27,15 @@ def precision_from_factor(factor: Tensor) -> Tensor:
     P is positive definite whenever the diagonal of L is non-zero.
     """
     a, b, d, c, e, f = factor.unbind(-1)
-    return torch.stack([a * a, a * b, a * d, b * b + c * c, b * d + c * e, d * d + e * e + f * f], dim=-1)
+    products = [a * a, a * b, a * d, b * b + c * c, b * d + c * e, d * d + e * e + f * f]
+    # Out of autocast: its rule for stack refuses a half dtype other than its own (a float16
+    # encoder in a bfloat16 region: "Unexpected floating ScalarType in at::autocast::prioritize");
+    # the products are in the factor's dtype either way.
+    device = factor.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return torch.stack(products, dim=-1)  # no region (or a device without autocast: meta)
+    with torch.autocast(device, enabled=False):
+        return torch.stack(products, dim=-1)
 
 
 def covariance_from_lower(l_mat: Tensor) -> Tensor:

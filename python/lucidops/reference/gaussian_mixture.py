@@ -59,14 +59,14 @@ def cull_half_widths(means: Tensor, precisions: Tensor, weight: Tensor, cull_thr
     # (K, G) mixer first made this column max ATen's slow float64 path (40 us to ms per call).
     alpha = (weight.detach().abs().amax(dim=0) if weight.shape[0] > 0
              else weight.new_zeros((G,))).to(torch.float64)
-    rows = torch.cat([precisions.detach().reshape(G, 6).to(torch.float64), alpha[:, None]], 1)
+    p = precisions.detach().reshape(G, 6).to(torch.float64)
     if means.device.type != "cpu":
         # On a GPU: some 35 small kernels, but no synchronisation (and CUDA-graph capturable).
-        half = _half_widths_float64(rows[:, :6], rows[:, 6], t, torch)
+        half = _half_widths_float64(p, alpha, t, torch)
         return _rounded_up(half, compute, torch).contiguous()
     # On the CPU the same arithmetic in NumPy: torch's per-operation dispatch made the
     # function cost 103 us for G = 32, K = 1024 on one thread; in NumPy 48 us.
-    host = _validate.host_float64(rows)
+    host = _validate.host_float64(torch.cat([p, alpha[:, None]], 1))
     with np.errstate(all="ignore"):  # as in torch: inf and NaN without warnings (both are handled)
         half = _half_widths_float64(host[:, :6], host[:, 6], t, np)
     return torch.from_numpy(np.ascontiguousarray(_rounded_up(half, compute, np)))

@@ -233,7 +233,6 @@ def _refuse_partly_tied(model: nn.Module) -> None:
                                  "a natural-gradient group needs an encoder's own means and factor: use "
                                  "lucidops.optim.build_optimizers (or split_parameters), which gives a tied "
                                  "encoder's other parameter to AdamW")
-        for role, p in (("means", enc.means), ("factor", enc.factor)):
             owner[id(p)] = f"{name or '(root)'}.{role}"
 
 

@@ -167,6 +167,16 @@ class GaussianPointEncoder(nn.Module):
                 raise ValueError(self._precisions_problem()) from err
             raise
 
+    def point_features(self, points: Tensor) -> Tensor:
+        """The per-point pre-max features (..., N, K) whatever ``reduce`` is set to, through this
+        module's own call (its hooks run)."""
+        saved = self.reduce
+        self.reduce = "none"
+        try:
+            return self(points)
+        finally:
+            self.reduce = saved
+
     def _precisions_problem(self) -> str:
         """Why precisions() is not finite, in terms of this module (error path only)."""
         factor = self.factor.detach()

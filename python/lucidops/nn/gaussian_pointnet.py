@@ -254,12 +254,7 @@ class GaussianPointNet(nn.Module):
 
     def point_features(self, points: Tensor) -> Tensor:
         """Per-point pre-max features (B, N, K) of the main encoder."""
-        saved = self.encoder.reduce
-        self.encoder.reduce = "none"
-        try:
-            return self.encoder(self.transform_points(points))
-        finally:
-            self.encoder.reduce = saved
+        return self.encoder.point_features(self.transform_points(points))
 
     def forward(self, points: Tensor) -> Tensor:
         """points (B, N, 3) -> logits (B, num_classes)."""

@@ -255,12 +255,7 @@ def encoder_point_features(encoder: GaussianPointEncoder, transformed_points: Te
         raise ValueError("feature_transform must be None: this PointNet's encoder is a distilled "
                          "GaussianPointEncoder, which has no feature transform")
     PointNet._check_points(transformed_points)
-    saved = encoder.reduce
-    encoder.reduce = "none"
-    try:
-        return encoder(transformed_points)
-    finally:
-        encoder.reduce = saved
+    return encoder.point_features(transformed_points)
 
 
 @dataclass

@@ -308,6 +308,16 @@ def test_cli_info_lists_ops_backends_and_versions():
     assert "no CUDA GPU" in out or "cuda: available" in out
 
 
+def test_cli_version_prints_the_package_version(capsys):
+    import lucidops
+    from lucidops import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lucidops {lucidops.__version__}"
+
+
 def test_cli_info_reports_the_forced_backend_and_a_bad_one(monkeypatch):
     from lucidops import cli
 
@@ -480,3 +490,35 @@ def test_raw_lora_op_refuses_unknown_fn_or_placement_on_every_backend(fn, placem
             with pytest.raises(ValueError, match="fn must be one of|placement must be one of"):
                 torch.ops.lucidops.bounded_lora_linear_backward(torch.ones(4, 5), x, w, a, b, fn, placement, 1.0,
                                                                 1.0, True, True, True, True)
+
+
+PUBLIC_MODULES = ("ops", "nn", "models", "patch", "profile", "train", "optim", "quant", "conditioning", "init",
+                  "data")
+
+
+def _public_names(module):
+    return getattr(module, "__all__", [n for n in dir(module) if not n.startswith("_")])
+
+
+def test_every_public_function_class_and_method_has_a_docstring():
+    """What ``help()`` and an editor show: every name the public modules export, and every
+    public method their classes define, says what it does."""
+    import importlib
+    import inspect
+
+    undocumented = []
+    for module_name in PUBLIC_MODULES:
+        module = importlib.import_module(f"lucidops.{module_name}")
+        for name in _public_names(module):
+            obj = getattr(module, name)
+            if inspect.ismodule(obj):
+                continue
+            if not (inspect.getdoc(obj) or "").strip():
+                undocumented.append(f"{module_name}.{name}")
+            if inspect.isclass(obj) and obj.__module__.startswith("lucidops"):
+                for attr, value in vars(obj).items():
+                    if attr.startswith("_") or not callable(value):
+                        continue
+                    if not (inspect.getdoc(value) or "").strip():
+                        undocumented.append(f"{module_name}.{name}.{attr}")
+    assert not undocumented, f"no docstring: {undocumented}"

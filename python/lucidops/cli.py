@@ -20,7 +20,7 @@ import platform
 import sys
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
-from lucidops import _optional
+from lucidops import __version__, _optional
 
 if TYPE_CHECKING:
     from lucidops.profile import ProfileComparison, ProfileReport
@@ -270,6 +270,7 @@ def _add_profile_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="lucidops", description="fused kernels for explicit, well-conditioned networks")
+    parser.add_argument("--version", action="version", version=f"lucidops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="backends available here per op, and why not")
     p_info.add_argument("--build", action="store_true", help="build missing extensions first, to report real status")

@@ -112,6 +112,9 @@ class GaussianPointEncoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Means uniform in the cloud's cube (``cloud_center`` +- ``cloud_range``), factors the
+        identity plus normal(0, ``off_diagonal_init``) below the diagonal, the mixer as a new
+        ``nn.Linear``'s."""
         with torch.no_grad():
             self.means.uniform_(-self.cloud_range, self.cloud_range)
             self.means.add_(torch.tensor(self.cloud_center, dtype=self.means.dtype, device=self.means.device))

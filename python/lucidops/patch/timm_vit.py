@@ -151,6 +151,8 @@ class LeanerReport:
         return timm.create_model(self.model_name, pretrained=False, **{"img_size": self.img_size, **cfg, **kwargs})
 
     def table(self) -> str:
+        """A Markdown table of the original and leaner configurations side by side: width,
+        depth, heads, head dim, MLP ratio, parameters and GFLOPs."""
         o, n = self.original, self.leaner
         rows = [("embed_dim", o["embed_dim"], n["embed_dim"]), ("depth", o["depth"], n["depth"]),
                 ("num_heads", o["num_heads"], n["num_heads"]), ("head_dim", o["head_dim"], n["head_dim"]),

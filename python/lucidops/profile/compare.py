@@ -63,6 +63,7 @@ class ProfileComparison:
         return out
 
     def to_dict(self) -> Dict[str, Any]:
+        """Both reports' ``to_dict()`` and the patched/original ratios, as plain Python values."""
         return {"original": self.original.to_dict(), "patched": self.patched.to_dict(), "ratios": self.ratios()}
 
     def __str__(self) -> str:

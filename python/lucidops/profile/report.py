@@ -89,6 +89,7 @@ class ProfileReport:
     by_module: Dict[str, ModuleStats] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
+        """Every field as plain Python values (ready for ``json.dump``)."""
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:

@@ -77,6 +77,7 @@ def register_op(
 
 
 def registered_ops() -> Dict[str, OpEntry]:
+    """Every registered op by name, with its implementations and preference orders (a copy)."""
     return dict(_OPS)
 
 

@@ -18,7 +18,7 @@ import os
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -209,7 +209,7 @@ def on_device_of(device_type: str, args: Tuple) -> ContextManager:
     return nullcontext()
 
 
-def dispatch(op: str, device_type: str, *args):
+def dispatch(op: str, device_type: str, *args: Any) -> Any:
     """Run ``op`` on the selected backend.
 
     In automatic mode an extension that fails to build is reported once (with its log)

@@ -9,7 +9,7 @@ handles any head count and head dims 4..128 (methods.md section 2).
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Type
+from typing import Optional, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,8 @@ class ManyHeadAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, attn_head_dim: Optional[int] = None,
                  dim_out: Optional[int] = None, qkv_bias: bool = False, qk_norm: bool = False,
                  scale_norm: bool = False, proj_bias: bool = True, gated: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, norm_layer: Optional[Type[nn.Module]] = None, device=None, dtype=None):
+                 proj_drop: float = 0.0, norm_layer: Optional[Type[nn.Module]] = None,
+                 device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         _validate.integer(dim, "dim", minimum=1)

@@ -41,7 +41,7 @@ the factors unrounded, and dA, dB come back in float32.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union, cast
+from typing import TYPE_CHECKING, Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor
@@ -52,6 +52,9 @@ from ..profile import flops as _flops
 from ..reference import lora as _reference
 from . import _functorch, _vmap
 from . import _lora_backends  # noqa: F401  (importing it registers the backends)
+
+if TYPE_CHECKING:  # lucidops.quant imports this module
+    from ..quant.adapters import QuantizedAdapter
 
 FNS = _reference.FNS
 PLACEMENTS = _reference.PLACEMENTS
@@ -471,7 +474,7 @@ def _quantized_weight_linear(x: Tensor, weight: Tensor, adapter, lora_B, bias: O
     return y.reshape(*x.shape[:-1], n_out)
 
 
-def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tensor] = None,
+def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A: Union[Tensor, QuantizedAdapter], lora_B: Optional[Tensor] = None,
                         bias: Optional[Tensor] = None, *, fn: str = "sin", omega: Number = 1.0, scale: Number,
                         placement: str = "weight", adapter_input: Optional[Tensor] = None) -> Tensor:
     """Linear layer with a bounded low-rank adapter, without materialising the update for backward.
@@ -520,7 +523,7 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tens
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def sine_lora_linear(x: Tensor, weight: Tensor, lora_A, lora_B: Optional[Tensor] = None,
+def sine_lora_linear(x: Tensor, weight: Tensor, lora_A: Union[Tensor, QuantizedAdapter], lora_B: Optional[Tensor] = None,
                      bias: Optional[Tensor] = None, *, omega: Number, scale: Number,
                      adapter_input: Optional[Tensor] = None) -> Tensor:
     """Sine LoRA (Ji et al., ICLR 2025): x (weight + scale sin(omega lora_B @ lora_A))^T + bias.

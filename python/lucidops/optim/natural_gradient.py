@@ -30,7 +30,7 @@ bijection); ``damping`` keeps the solve well conditioned when a Gaussian grows v
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Set
+from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple, Union, overload
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +44,8 @@ MODES = ("mahalanobis", "fisher")
 _PACKED = ((0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (2, 2))
 
 
-def elimination_matrix(n: int = 3, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+def elimination_matrix(n: int = 3, dtype: torch.dtype = torch.float64,
+                       device: Optional[Union[str, torch.device]] = None) -> Tensor:
     """E (n(n+1)/2, n^2) with vech(A) = E vec(A), vec column-major (index of A[i, j] is i + n j)."""
     rows = [(i, j) for j in range(n) for i in range(j, n)]
     e = torch.zeros(len(rows), n * n, dtype=dtype, device=device)
@@ -53,7 +54,8 @@ def elimination_matrix(n: int = 3, dtype: torch.dtype = torch.float64, device=No
     return e
 
 
-def commutation_matrix(n: int = 3, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+def commutation_matrix(n: int = 3, dtype: torch.dtype = torch.float64,
+                       device: Optional[Union[str, torch.device]] = None) -> Tensor:
     """K (n^2, n^2) with K vec(A) = vec(A^T), vec column-major."""
     k = torch.zeros(n * n, n * n, dtype=dtype, device=device)
     for i in range(n):
@@ -152,8 +154,8 @@ class GaussianNaturalGradient(torch.optim.Optimizer):
     authors' gradient hooks do.
     """
 
-    def __init__(self, params, lr: float = 0.005, momentum: float = 0.9, mode: str = "mahalanobis",
-                 damping: float = 1e-4):
+    def __init__(self, params: torch.optim.optimizer.ParamsT, lr: float = 0.005, momentum: float = 0.9, mode: str = "mahalanobis",
+                 damping: float = 1e-4) -> None:
         _check_hyperparameters(dict(lr=lr, momentum=momentum, mode=mode, damping=damping), "")
         defaults = dict(lr=float(lr), momentum=float(momentum), mode=mode, damping=float(damping))
         super().__init__(self._as_groups(params), defaults)
@@ -188,8 +190,14 @@ class GaussianNaturalGradient(torch.optim.Optimizer):
             raise ValueError("params is empty")
         return [_checked_group(item) for item in items]
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One SGD-with-momentum step on the preconditioned gradients."""
         loss = None
         if closure is not None:
@@ -317,7 +325,8 @@ def split_parameters(model: nn.Module) -> ParameterSplit:
 
 
 def build_optimizers(model: nn.Module, *, lr: float = 0.005, momentum: float = 0.9, mode: str = "mahalanobis",
-                     damping: float = 1e-4, adamw_lr: float = 1e-3, weight_decay: float = 1e-2):
+                     damping: float = 1e-4, adamw_lr: float = 1e-3, weight_decay: float = 1e-2
+                     ) -> Tuple[Optional[GaussianNaturalGradient], Optional[torch.optim.AdamW]]:
     """(GaussianNaturalGradient or None, AdamW or None) over :func:`split_parameters` of ``model``."""
     split = split_parameters(model)
     natural = (GaussianNaturalGradient(split.natural_gradient, lr=lr, momentum=momentum, mode=mode, damping=damping)

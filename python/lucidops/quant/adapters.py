@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -202,7 +202,7 @@ class QuantizedAdapter:
                              f"and {tuple(self.B.shape)}")
         return (*self.A.kernel_tensors(), *self.B.kernel_tensors())
 
-    def dequantize(self, dtype: Optional[torch.dtype] = None, normalized: bool = False):
+    def dequantize(self, dtype: Optional[torch.dtype] = None, normalized: bool = False) -> Tuple[Tensor, Tensor]:
         """(A, B) reconstructed, in ``dtype`` (default: the original dtypes). With
         ``normalized``, each divided by its 2^exponent: B A is then the product divided by
         :meth:`phase_multiplier`, which the ops fold into omega."""
@@ -223,7 +223,7 @@ class QuantizedAdapter:
         stats = {k: float(v) for k, v in zip(_STAT_KEYS, state["stats"].tolist()) if not math.isnan(v)}
         return cls(part("A"), part("B"), stats)
 
-    def to(self, device) -> "QuantizedAdapter":
+    def to(self, device: Union[str, torch.device]) -> "QuantizedAdapter":
         """A copy with every tensor on ``device``."""
         return self.converted(lambda t: t.to(device))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +33,13 @@ from .loop import (DistillResult, TrainingMode, broadcast_module, build_optimize
                    wrap_ddp)
 
 
-def distill(teacher, student: nn.Module, clouds=None, *, steps: int = 1000, lr: float = 1e-3,
+def distill(teacher: Union[nn.Module, Callable[[Tensor], Tensor]], student: nn.Module, clouds=None, *, steps: int = 1000, lr: float = 1e-3,
             batch_size: int = 32, points_per_cloud: int = 512, optimizer: str = "natural",
             natural_gradient: str = "mahalanobis", gaussian_lr: float = 0.005, momentum: float = 0.9,
             weight_decay: float = 0.01, input_transform: Optional[Callable[..., Tensor]] = None,
             per_cloud: Optional[Sequence[Optional[Tensor]]] = None, spread_penalty: float = 0.0,
-            seed: Optional[int] = None, progress: bool = True, device=None, desc: str = "distill"
+            seed: Optional[int] = None, progress: bool = True, device: Optional[Union[str, torch.device]] = None,
+            desc: str = "distill"
             ) -> DistillResult:
     """Distil ``student`` from ``teacher``'s per-point pre-max activations (L1 loss), in place.
 

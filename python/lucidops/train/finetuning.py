@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, bat
              points_per_cloud: int = 1024, encoder_lr_scale: float = 0.01, gaussian_lr: float = 0.005,
              natural_gradient: str = "mahalanobis", momentum: float = 0.9, weight_decay: float = 0.01,
              schedule: str = "constant", seed: Optional[int] = None, progress: bool = True,
-             device=None) -> DistillResult:
+             device: Optional[Union[str, torch.device]] = None) -> DistillResult:
     """Stage 3: fine-tune ``model`` (points (B, N, 3) -> logits) end to end on labelled clouds.
 
     ``data`` is a dataset of (points (N_i, 3), label) pairs; each step draws ``batch_size``

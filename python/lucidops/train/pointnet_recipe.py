@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Union, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,8 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
                      finetune_steps: int = 0, finetune_lr: float = 1e-3, encoder_lr_scale: float = 0.01,
                      finetune_schedule: str = "constant", cloud_range: Union[str, float] = 1.0,
                      cloud_center: Union[str, float, Sequence[float]] = "auto", seed: Optional[int] = None,
-                     progress: bool = True, device=None, **distill_kwargs: Any) -> PointNetDistillResult:
+                     progress: bool = True, device: Optional[Union[str, torch.device]] = None,
+                     **distill_kwargs: Any) -> PointNetDistillResult:
     """The three-stage recipe: a :class:`DistilledPointNet` from a trained ``teacher`` PointNet.
 
     1. (teacher with an input T-Net) a ``GaussianPointEncoder(tnet_gaussians, 1024)`` is
@@ -217,7 +218,14 @@ class DistilledPointNet(GaussianPointNet):
         nn.Module.__init__(self)
         self._assign(encoder, head, input_tnet)
 
-    def forward(self, points: Tensor, return_transforms: bool = False):
+    @overload
+    def forward(self, points: Tensor, return_transforms: Literal[False] = False) -> Tensor: ...
+
+    @overload
+    def forward(self, points: Tensor, return_transforms: Literal[True]) -> Tuple[Tensor, Optional[Tensor], None]: ...
+
+    def forward(self, points: Tensor, return_transforms: bool = False
+                ) -> Union[Tensor, Tuple[Tensor, Optional[Tensor], None]]:
         """Logits (B, num_classes); with ``return_transforms``, PointNet's (logits, input
         transform or None, None), so that PointNet training code calling a swapped-in model
         this way keeps running (the Gaussian encoder has no feature transform: None, which a

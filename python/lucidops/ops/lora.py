@@ -474,8 +474,9 @@ def _quantized_weight_linear(x: Tensor, weight: Tensor, adapter, lora_B, bias: O
     return y.reshape(*x.shape[:-1], n_out)
 
 
-def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A: Union[Tensor, QuantizedAdapter], lora_B: Optional[Tensor] = None,
-                        bias: Optional[Tensor] = None, *, fn: str = "sin", omega: Number = 1.0, scale: Number,
+def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A: Union[Tensor, QuantizedAdapter],
+                        lora_B: Optional[Tensor] = None, bias: Optional[Tensor] = None, *, fn: str = "sin",
+                        omega: Number = 1.0, scale: Number,
                         placement: str = "weight", adapter_input: Optional[Tensor] = None) -> Tensor:
     """Linear layer with a bounded low-rank adapter, without materialising the update for backward.
 
@@ -523,8 +524,8 @@ def bounded_lora_linear(x: Tensor, weight: Tensor, lora_A: Union[Tensor, Quantiz
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def sine_lora_linear(x: Tensor, weight: Tensor, lora_A: Union[Tensor, QuantizedAdapter], lora_B: Optional[Tensor] = None,
-                     bias: Optional[Tensor] = None, *, omega: Number, scale: Number,
+def sine_lora_linear(x: Tensor, weight: Tensor, lora_A: Union[Tensor, QuantizedAdapter],
+                     lora_B: Optional[Tensor] = None, bias: Optional[Tensor] = None, *, omega: Number, scale: Number,
                      adapter_input: Optional[Tensor] = None) -> Tensor:
     """Sine LoRA (Ji et al., ICLR 2025): x (weight + scale sin(omega lora_B @ lora_A))^T + bias.
 

@@ -154,8 +154,8 @@ class GaussianNaturalGradient(torch.optim.Optimizer):
     authors' gradient hooks do.
     """
 
-    def __init__(self, params: torch.optim.optimizer.ParamsT, lr: float = 0.005, momentum: float = 0.9, mode: str = "mahalanobis",
-                 damping: float = 1e-4) -> None:
+    def __init__(self, params: torch.optim.optimizer.ParamsT, lr: float = 0.005, momentum: float = 0.9,
+                 mode: str = "mahalanobis", damping: float = 1e-4) -> None:
         _check_hyperparameters(dict(lr=lr, momentum=momentum, mode=mode, damping=damping), "")
         defaults = dict(lr=float(lr), momentum=float(momentum), mode=mode, damping=float(damping))
         super().__init__(self._as_groups(params), defaults)

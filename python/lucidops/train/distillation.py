@@ -33,7 +33,8 @@ from .loop import (DistillResult, TrainingMode, broadcast_module, build_optimize
                    wrap_ddp)
 
 
-def distill(teacher: Union[nn.Module, Callable[[Tensor], Tensor]], student: nn.Module, clouds=None, *, steps: int = 1000, lr: float = 1e-3,
+def distill(teacher: Union[nn.Module, Callable[[Tensor], Tensor]], student: nn.Module, clouds=None, *,
+            steps: int = 1000, lr: float = 1e-3,
             batch_size: int = 32, points_per_cloud: int = 512, optimizer: str = "natural",
             natural_gradient: str = "mahalanobis", gaussian_lr: float = 0.005, momentum: float = 0.9,
             weight_decay: float = 0.01, input_transform: Optional[Callable[..., Tensor]] = None,

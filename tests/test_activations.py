@@ -311,3 +311,47 @@ def test_learnable_sigma_in_another_dtype_reads_without_a_warning():
             warnings.simplefilter("error")
             module(x).sum().backward()
         assert module.sigma.grad is not None
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_float32_sinc_gradient_is_accurate_element_by_element_where_the_direct_formula_cancels(backend, device):
+    """u = x / sigma across (0.01, 1): below |u| = 0.5 (u cos u - sin u) / u^2 cancels in float32
+    (relative error ~3 eps / u^2, 7e-5 at u = 0.05), which is why the series takes over there.
+    In test_forward_backward_match_reference these few small elements are lost in the norm of
+    a random tensor (a switch at 0.05 passed it), so each element is checked here."""
+    u = torch.linspace(0.01, 1.0, 991, dtype=torch.float64)
+    x = torch.cat([u, -u]).float().to(device).requires_grad_(True)
+    sigma = torch.tensor(1.0, device=device)
+    with lucidops.use_backend(backend):
+        op("sinc")(x, sigma).backward(torch.ones_like(x))
+    expected = ref.derivative("sinc", x.detach().double().cpu())  # sigma 1: dy/dx = sinc'(u)
+    relative = ((x.grad.double().cpu() - expected) / expected).abs()
+    assert relative.max() < 1e-5, float(x[relative.argmax()])
+
+
+def _ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at each value of float64 ``t`` (its subnormal spacing near 0)."""
+    info = torch.finfo(dtype)
+    exponent = torch.floor(torch.log2(t.abs().clamp_min(info.tiny)))
+    return torch.exp2(exponent - (info.bits - 1 - (5 if dtype == torch.float16 else 8)))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_inputs_are_computed_in_float32_and_rounded_once(backend, device, kind, dtype):
+    """A half x is raised to float32 (sigma's compute dtype) before u = x / sigma: y is then the
+    float32 value rounded once, within one unit in the last place of the float64 reference
+    (plus float32's own rounding). A quotient formed in x's dtype (x / sigma rounded to
+    half) errs by many units wherever u f'(u) is large, yet stays inside the 1e-2 relative
+    norm that test_forward_backward_match_reference allows half inputs."""
+    x = make_input((4000,), dtype, device, torch.Generator().manual_seed(11))
+    sigma = torch.tensor(0.7, device=device)  # not a half-precision number: 0.7 rounds in fp16 and bf16
+    with lucidops.use_backend(backend):
+        y = op(kind)(x, sigma)
+    x64 = x.double().cpu()
+    s64 = sigma.double().cpu()
+    expected = ref.forward(kind, x64, s64)
+    u = x64 / s64
+    slack = 1e-6 * (1 + (u * ref.derivative(kind, u)).abs())  # float32's rounding of u and f
+    assert ((y.double().cpu() - expected).abs() <= _ulp(expected, dtype) + slack).all()

@@ -690,3 +690,72 @@ def test_cpp_is_bitwise_the_same_on_one_and_two_threads(d):
         torch.set_num_threads(before)
     for one, two in zip(*results):
         assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_row_max_in_a_later_key_block_rescales_the_earlier_ones(backend, causal):
+    """Scores that grow with the key index put every row's max in its last visible key block
+    (100 keys: 2 to 4 of the kernels' 32- or 64-key blocks), so the online softmax must rescale
+    what the earlier blocks summed. CASES' random scores at 33 keys rarely move a max into the
+    second block (a kernel that skipped the rescale passed them)."""
+    g = torch.Generator().manual_seed(5)
+    b, h, n, d = 1, 2, 100, 16
+    q = (1 + 0.1 * torch.randn(b, h, n, d, generator=g)).requires_grad_(True)
+    k = (torch.linspace(0, 2, n)[:, None] * (1 + 0.1 * torch.randn(b, h, n, d, generator=g))).requires_grad_(True)
+    v = torch.randn(b, h, n, d, generator=g).requires_grad_(True)
+    grad_out = torch.randn(b, h, n, d, generator=g)
+    with lucidops.use_backend(backend):
+        out = lucidops.ops.attention(q, k, v, causal=causal)
+        out.backward(grad_out)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    expected = ref.attention(*leaves, causal=causal)
+    expected.backward(grad_out.double())
+    assert rel_err(out, expected.detach()) < 1e-5
+    for got, want in zip((q.grad, k.grad, v.grad), leaves):
+        assert rel_err(got, want.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_and_value_of_different_layouts(backend):
+    """k contiguous, v a token-major view (B, N, H, d).transpose(1, 2) with another d: the
+    kernels must read each through its own strides. check_non_contiguous_inputs' q, k, v are
+    views of one qkv tensor, so k and v always share strides there (a launcher passing k's
+    strides for v passed every test)."""
+    g = torch.Generator().manual_seed(6)
+    b, h, nq, nk, d = 2, 3, 9, 11, 8
+    q = torch.randn(b, h, nq, d, generator=g).requires_grad_(True)
+    k = torch.randn(b, h, nk, d, generator=g).requires_grad_(True)
+    v = torch.randn(b, nk, h, d, generator=g).transpose(1, 2).requires_grad_(True)
+    grad_out = torch.randn(b, h, nq, d, generator=g)
+    with lucidops.use_backend(backend):
+        out = lucidops.ops.attention(q, k, v, causal=True)
+        out.backward(grad_out)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    expected = ref.attention(*leaves, causal=True)
+    expected.backward(grad_out.double())
+    assert rel_err(out, expected.detach()) < 1e-5
+    for got, want in zip((q.grad, k.grad, v.grad), leaves):
+        assert rel_err(got, want.grad) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_bfloat16_gradients_err_little_more_than_their_own_rounding(causal):
+    """bfloat16: dS = P (dP - delta) is float32, and the backward multiplies it by k (dq) or q
+    (dk) as a high and a low bfloat16 part (_dot_ds). As one bfloat16 part it loses 8 bits in
+    every term: dq and dk then erred 1.55x as much as the float64 gradients rounded once to
+    bfloat16 (at most 1.12x with both parts over 24 other draws), well inside the 1e-2
+    relative tolerance of CASES, which passed it."""
+    pytest.importorskip("lucidops.triton_kernels.attention")
+    g = torch.Generator().manual_seed(13)
+    b, h, n, d = 1, 4, 64, 16
+    q, k = ((torch.randn(b, h, n, d, generator=g) * 1.5).bfloat16().requires_grad_(True) for _ in range(2))
+    v = torch.randn(b, h, n, d, generator=g).bfloat16().requires_grad_(True)
+    grad_out = torch.randn(b, h, n, d, generator=g).bfloat16()
+    with lucidops.use_backend("triton"):
+        lucidops.ops.attention(q, k, v, causal=causal).backward(grad_out)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref.attention(*leaves, causal=causal).backward(grad_out.double())
+    for name, got, want in (("dq", q.grad, leaves[0].grad), ("dk", k.grad, leaves[1].grad)):
+        ratio = rel_err(got, want) / rel_err(want.bfloat16(), want)
+        assert ratio < 1.25, (name, ratio)

@@ -921,3 +921,18 @@ def test_encoder_names_its_factor_when_its_precisions_are_not_finite():
         enc.factor[1, 2] = math.nan
     with pytest.raises(ValueError, match="its factor holds NaN or inf"):
         enc(torch.rand(1, 5, 3))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_more_clouds_than_the_max_backward_slices(backend, device):
+    """67 clouds: triton's max backward runs 64 programs per channel block, each over the
+    clouds split, split + 64, ... (BACKWARD_SPLITS): past 64 a program takes a second cloud.
+    CASES have at most 6 clouds."""
+    means, prec, weight, bias = make_params(5, 7, torch.float64, device, seed=71)
+    points = make_points((67, 9), torch.float64, device, seed=72)
+    out, grads, grad_out = run_op(backend, points, means, prec, weight, bias, "max")
+    arg = backend_argmax(backend, points, means, prec, weight, bias, None)
+    out64, grads64, _ = ground_truth(points, means, prec, weight, bias, "max", None, grad_out, arg)
+    assert rel_err(out, out64) < TOL[torch.float64]
+    for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
+        assert rel_err(g, g64) < TOL[torch.float64] * 4, name

@@ -976,3 +976,22 @@ def test_merge_refuses_an_omega_or_scale_past_float32_as_forward_does(setting, q
     layer.double()  # float64 forms the update in float64: then the value fits
     if not quantized:
         assert torch.isfinite(layer.delta_weight()).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params("bounded_lora_linear"))
+@pytest.mark.parametrize("r", [16, 32, 64])
+def test_output_placement_on_the_triton_rank_pads(backend, device, r):
+    # Ranks equal to the triton 'output' kernels' pads (OUTPUT_R_PADS): 64 is the largest rank
+    # they take (r <= 64); CASES' ranks 40 and 20 lie inside the pads, never on a boundary (a
+    # pad chosen by r < pad refused rank 64 and passed every other test).
+    x, w, a, b, bias = make((3, 20), 10, r, torch.float32, device, seed=r)
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    grad = torch.randn(3, 10, generator=torch.Generator().manual_seed(r)).to(device)
+    with lucidops.use_backend(backend):
+        y = lucidops.ops.bounded_lora_linear(x, w, a, b, bias, fn="tanh", omega=OMEGA, scale=SCALE, placement="output")
+        y.backward(grad)
+    y_ref, gx, _, _, ga, gb = reference_grads(grad, x, w, a, b, bias, "tanh", "output")
+    tol = TOL[torch.float32]
+    assert rel_err(y, y_ref) < tol and rel_err(x.grad, gx) < tol
+    assert rel_err(a.grad, ga) < tol and rel_err(b.grad, gb) < tol

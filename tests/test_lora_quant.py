@@ -588,3 +588,29 @@ def test_numpy_integer_bits_and_group_size_behave_as_python_ints(method):
             given = quantize_adapter(a, b, bits=kind(bits), group_size=kind(16), method=method)
             assert given.stats == plain.stats
             assert torch.equal(given.dequantize()[0], plain.dequantize()[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_decodes_each_factor_with_its_own_group_size(dtype, no_pytorch_dequant):
+    # A QuantizedAdapter holds one QuantizedTensor per factor, each with its own group_size (a
+    # state stores one per factor; an adapter can be assembled from two quantizations).
+    # quantize_adapter gives both factors the same size, so every other test would pass a
+    # kernel that read A's codes with B's groups. Forward and dx, against PyTorch's dequantization.
+    k, n, r = 37, 11, 5
+    g = torch.Generator().manual_seed(19)
+    a, b = torch.randn(r, k, generator=g), torch.randn(n, r, generator=g)
+    q = QuantizedAdapter(quantize_adapter(a, b, bits=3, group_size=16).A,
+                         quantize_adapter(a, b, bits=3, group_size=7).B).to(TRITON_DEVICE)
+    assert (q.A.group_size, q.B.group_size) == (16, 7)
+    a_hat, b_hat = q.dequantize(torch.float64)
+    x = torch.randn(4, k, generator=g).to(dtype=dtype, device=TRITON_DEVICE).requires_grad_(True)
+    w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to(dtype=dtype, device=TRITON_DEVICE)
+    grad = torch.randn(4, n, generator=g).to(dtype=dtype, device=TRITON_DEVICE)
+    with no_pytorch_dequant(), lucidops.use_backend("triton"):
+        y = lucidops.ops.bounded_lora_linear(x, w, q, None, fn="sin", omega=2.5, scale=0.7)
+        y.backward(grad)
+    x64, w64 = x.detach().double().cpu(), w.double().cpu()
+    weff = w64 + 0.7 * torch.sin(2.5 * (b_hat.cpu() @ a_hat.cpu()))
+    assert rel(y, x64 @ weff.T) < TOL[dtype]
+    assert rel(x.grad, grad.double().cpu() @ weff) < TOL[dtype]

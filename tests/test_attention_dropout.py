@@ -231,3 +231,43 @@ def test_dropout_p_is_checked_under_torch_compile_too():
                                fullgraph=True)
         with pytest.raises(Exception, match=r"dropout_p must be in \[0, 1\)"):
             strict(q)
+
+
+def hash_by_spec(seed: int, bh: int, i: int, j: int) -> int:
+    """The 24-bit hash u of (seed, head, query, key) that kept_by_spec compares with the cut."""
+    head_key = fmix32(seed ^ fmix32((bh * 0x9E3779B9 + 0x7F4A7C15) & MASK32))
+    row_key = fmix32(head_key ^ fmix32((i * 0x9E3779B9 + 0x2545F491) & MASK32))
+    return fmix32(row_key ^ ((j * 0x85EBCA77) & MASK32)) >> 8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_hash_equal_to_the_cut_is_kept(backend, dtype):
+    """kept = u >= threshold: with dropout_p = u / 2^24 for the hash u of one (head, query, key),
+    that probability sits exactly on the cut and must be kept. A random p puts no hash there (one
+    in 2^24 per probability), so a '>' passed every other test; here it drops a probability of
+    the chosen row, an O(1) change of that row's output and gradients."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton kernels take no float64")
+    g = torch.Generator().manual_seed(17)
+    b, h, nq, nk, d = 1, 2, 5, 6, 8
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=dtype) for n in (nq, nk, nk))
+    grad_out = torch.randn(b, h, nq, d, generator=g, dtype=dtype)
+    seed = 1234
+    for bh, i, j in [(0, 0, 0), (1, 3, 5), (0, 4, 2)]:
+        u = hash_by_spec(seed, bh, i, j)
+        p = u / 2 ** 24
+        assert dropout.threshold(p) == u and dropout.keep_mask(torch.tensor(seed), b, h, nq, nk, p)[0, bh, i, j]
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        with lucidops.use_backend(backend):
+            out, lse, lo = torch.ops.lucidops.attention(*leaves, None, False, 0.35, p, torch.tensor(seed))
+            out.backward(grad_out)
+            assert backends.last_used("attention") == backend
+        q64, k64, v64 = (t.double() for t in (q, k, v))
+        out_ref, lse_ref, lo_ref = ref.forward(q64, k64, v64, None, False, 0.35, p, torch.tensor(seed))
+        expected = ref.backward(grad_out.double(), None, q64, k64, v64, out_ref, lo_ref, lse_ref, None, False, 0.35, p,
+                                torch.tensor(seed))
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        assert rel_err(out, out_ref) < tol, (bh, i, j)
+        for leaf, e in zip(leaves, expected):
+            assert rel_err(leaf.grad, e) < tol, (bh, i, j)

@@ -66,7 +66,10 @@ def check_bounded_lora_linear(backend, device, lead, m, k_in, n_out, rank, fn, p
         assert backends.last_used("bounded_lora_linear_backward") == backend
     exact = reference_grads(grad, x, w, a, b, bias, fn, placement, omega=omega)
     got = [y.reshape(-1, n_out), x.grad.reshape(-1, k_in), w.grad, None if bias is None else bias.grad, a.grad, b.grad]
-    tol, atol = 1e-5 * max(1.0, omega / 2), 1e-4 * omega  # the phase's rounding grows with omega
+    # The phase's rounding grows with omega. Float32 itself reaches 1.12x of 1e-5 max(1, omega / 2)
+    # in the 'output' placement's factor gradients (2 of 5500 draws, the float32 reference alike),
+    # so twice that; a wrong index or bound errs by O(1).
+    tol, atol = 2e-5 * max(1.0, omega / 2), 1e-4 * omega
     wanted = [True, True, train_base, train_base and bias is not None, True, True]
     for name, g, e, want in zip(["y", "x", "weight", "bias", "lora_A", "lora_B"], got, exact, wanted):
         if want:

@@ -121,3 +121,47 @@ def test_bad_arguments_raise(ext):
     with pytest.raises(RuntimeError, match="grad_weight"):
         ext.lora_weight_backward(w, a, b, torch.randn(6, 4).T, 0, 1.0, 1.0, True)
     assert math.isfinite(ext.lora_effective_weight(w, a, b, 0, 1.0, 1.0).sum().item())
+
+
+def float32_ulps(got, exact, floor=2.0 ** -8):
+    """|got - exact| in float32 spacings at |exact| (at ``floor`` below it: next to a zero of sin
+    or cos the absolute error of the reduced argument, not the result's spacing, is the measure)."""
+    magnitude = exact.abs().clamp_min(floor).float()
+    spacing = (torch.nextafter(magnitude, torch.tensor(math.inf)) - magnitude).double()
+    return (got.double() - exact).abs() / spacing
+
+
+@pytest.mark.parametrize("fn", ["sin", "tanh"])
+def test_fn_is_within_two_float32_ulps_of_float64(ext, fn):
+    """vec_math's sin/cos and tanh at about an ulp (measured: 1.5 for sin and cos, 1.0 in tanh's
+    series range, 4.1 just past it, where 1 - 2 / (e^2v + 1) cancels), element-wise. A polynomial
+    coefficient off by one digit (sin's r^5, tanh's v^9) erred by 5.4 ulp, within the tolerances
+    above. Without FMA contraction (e.g. -march=x86-64-v2) the vectorised range past 8192, where
+    the three-part pi/2 products stop being exact, errs too: the rows of 8000 to 73520 check it
+    (contracted into FMAs the reduction stays within 1.5 ulp there). Phases exact in float32, scale 1, W = 0:
+    the effective weight is fn itself, the backward step's H fn' itself."""
+    if fn == "sin":
+        # grid k / 1024 up to 255 (every quadrant), then rows of up to 73520 in blocks that lie
+        # wholly inside 8192 < |u| <= 65536 or reach past it
+        factors = [(torch.arange(512.0)[:, None], torch.arange(512.0)[None, :] / 1024),
+                   (8000 + 16 * torch.arange(4096.0)[:, None], torch.arange(1.0, 17)[None, :] / 16)]
+    else:
+        # |v| up to 4 in steps of 2^-14: the series below 0.25, the exp formula above
+        factors = [(torch.tensor([[1.0], [-1.0]]), torch.arange(65536.0)[None, :] / 16384)]
+    for b, a in factors:
+        phase = b.double() @ a.double()
+        assert torch.equal(phase, (b @ a).double()), "test setup: the phase must be exact in float32"
+        w = torch.zeros(b.shape[0], a.shape[1])
+        value = ext.lora_effective_weight(w, a, b, FN_CODE[fn], 1.0, 1.0)
+        step = torch.ones_like(w)
+        ext.lora_weight_backward(w, a, b, step, FN_CODE[fn], 1.0, 1.0, False)
+        if fn == "sin":
+            assert float32_ulps(value, torch.sin(phase)).max() <= 2
+            assert float32_ulps(step, torch.cos(phase)).max() <= 2
+        else:
+            exact = torch.tanh(phase)
+            ulps = float32_ulps(value, exact)
+            series = phase.abs() < 0.25
+            assert ulps[series].max() <= 2 and ulps[~series].max() <= 6
+            # fn' = 1 - tanh^2 of the kernel's own rounded tanh: one or two roundings of values below 1
+            assert (step.double() - (1 - value.double() ** 2)).abs().max() <= 2 ** -24

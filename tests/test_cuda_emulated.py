@@ -22,7 +22,7 @@ from child_python import run_python
 from comparisons import rel_err
 from test_activations import assert_matches_float64_reference, assert_overflowing_quotients_give_zeros, make_input
 from test_cpp_random_shapes import assert_mixture_close
-from test_gaussian_mixture import make_params, make_points
+from test_gaussian_mixture import BOX_FACE_THRESHOLD, box_face_inputs, make_params, make_points
 from test_gaussian_mixture_cuda import (CASES, assert_matches_float64, assert_ties_went_to_point_zero,
                                          float64_truth, tie_inputs)
 
@@ -140,6 +140,16 @@ def test_gaussian_mixture_tile_skipping_is_exact(cuda_ext_emulated, reduce):
     torch.testing.assert_close(out, out64, rtol=1e-13, atol=1e-13)
     for name, g, g64 in zip(["points", "means", "precisions", "weight", "bias"], grads, grads64):
         assert rel_err(g, g64) < 1e-12, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduce", ["max", "none"])
+def test_gaussian_mixture_keeps_points_exactly_on_a_box_face(cuda_ext_emulated, dtype, reduce):
+    """A point on a culling box face is kept (the rule drops |x - mu| > h only), by the tile
+    skip, the per-point test and the backward alike (see test_gaussian_mixture's test)."""
+    tensors = box_face_inputs(dtype)
+    out, arg, grads, grad_out = emulated_forward_backward(tensors, reduce, BOX_FACE_THRESHOLD)
+    assert_mixture_close(tensors, reduce, BOX_FACE_THRESHOLD, out, arg if reduce == "max" else None, grads, grad_out)
 
 
 @pytest.mark.parametrize("n", [5, 65, 300])  # one tile, two tiles, two chunks

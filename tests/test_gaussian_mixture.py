@@ -938,18 +938,16 @@ def test_more_clouds_than_the_max_backward_slices(backend, device):
         assert rel_err(g, g64) < TOL[torch.float64] * 4, name
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("reduce", ["max", "none"])
-def test_points_exactly_on_a_box_face_are_kept(backend, device, dtype, reduce):
-    """The culling rule drops a pair when |x - mu| > h on some axis: a point exactly on a box
-    face is kept, where phi is about t / alpha (no rounding hides it). Each cloud holds 9 points
-    (one past float32's tile of 8) on one face of one Gaussian's box, so every tile's bounding box
-    touches that face: a '>=' in the cpp kernel's per-tile box test (culled_for_box), its
-    per-point test or the backward's dropped a contribution of about t that no random point
-    ever lands on; so did one in the Triton kernels' per-point test (_culled)."""
-    G, K, t = 3, 5, 0.3
-    means = torch.zeros(G, 3, dtype=dtype)  # x - mu = x: the face coordinate is h itself, exactly
+BOX_FACE_THRESHOLD = 0.3
+
+
+def box_face_inputs(dtype):
+    """(points, means, precisions, weight, bias) whose clouds each hold 9 points (one past the
+    float32 C++ tile of 8) exactly on one face of one Gaussian's culling box at
+    BOX_FACE_THRESHOLD, the other two coordinates well inside it: means are 0, so x - mu is
+    the half-width itself."""
+    G, K, t = 3, 5, BOX_FACE_THRESHOLD
+    means = torch.zeros(G, 3, dtype=dtype)
     prec = torch.tensor([[2.0, 0, 0, 3.0, 0, 5.0], [4.0, 0.5, 0, 1.0, 0, 2.0], [1.0, 0, 0.3, 6.0, 0.2, 3.0]],
                         dtype=dtype)
     gen = torch.Generator().manual_seed(101)
@@ -961,7 +959,6 @@ def test_points_exactly_on_a_box_face_are_kept(backend, device, dtype, reduce):
     for g in range(G):
         for axis in range(3):
             for sign in (1.0, -1.0):
-                # 9 points on the face, the other two coordinates well inside the box
                 inner = (torch.rand(9, 3, generator=gen, dtype=torch.float64) - 0.5).to(dtype) * 0.2 * half[g]
                 inner[:, axis] = sign * half[g, axis]
                 clouds.append(inner)
@@ -969,7 +966,21 @@ def test_points_exactly_on_a_box_face_are_kept(backend, device, dtype, reduce):
     phi = ref.gaussian_phi(points, means, prec, half)
     on_face = torch.arange(G).repeat_interleave(6)
     assert (phi[torch.arange(6 * G), :, on_face] > 0).all(), "the reference keeps every face point"
-    points, means, prec, weight, bias = (v.to(device) for v in (points, means, prec, weight, bias))
+    return points, means, prec, weight, bias
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduce", ["max", "none"])
+def test_points_exactly_on_a_box_face_are_kept(backend, device, dtype, reduce):
+    """The culling rule drops a pair when |x - mu| > h on some axis: a point exactly on a box
+    face is kept, where phi is about t / alpha (no rounding hides it). Every tile's bounding box
+    touches the face (box_face_inputs): a '>=' in the cpp kernel's per-tile box test
+    (culled_for_box), its per-point test or the backward's dropped a contribution of about t
+    that no random point ever lands on; so did one in the Triton kernels' per-point test
+    (_culled)."""
+    t = BOX_FACE_THRESHOLD
+    points, means, prec, weight, bias = (v.to(device) for v in box_face_inputs(dtype))
     out, grads, grad_out = run_op(backend, points, means, prec, weight, bias, reduce, t)
     arg = backend_argmax(backend, points, means, prec, weight, bias, t) if reduce == "max" else None
     expected, expected_grads, _ = ground_truth(points, means, prec, weight, bias, reduce, t, grad_out, arg, dtype)

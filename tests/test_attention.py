@@ -759,3 +759,12 @@ def test_triton_bfloat16_gradients_err_little_more_than_their_own_rounding(causa
     for name, got, want in (("dq", q.grad, leaves[0].grad), ("dk", k.grad, leaves[1].grad)):
         ratio = rel_err(got, want) / rel_err(want.bfloat16(), want)
         assert ratio < 1.25, (name, ratio)
+
+
+def test_a_key_padding_mask_on_another_device_is_named():
+    """The mask's device is checked like k's and v's: a (B, Nk) mask elsewhere failed inside a
+    backend (masked_fill), naming no argument."""
+    q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8)
+    mask = torch.ones(2, 7, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="key_padding_mask must be on the same device as q"):
+        lucidops.ops.attention(q, k, k, key_padding_mask=mask)

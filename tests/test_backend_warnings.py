@@ -79,3 +79,26 @@ def test_a_failure_that_status_does_not_record_raises_instead_of_looping(fresh_w
         warnings.simplefilter("ignore")
         with pytest.raises(lucidops.BackendUnavailable, match="failed and is still selected"):
             lucidops.ops.attention(q, q, q)
+
+
+def test_a_forced_backend_failing_in_dispatch_raises_instead_of_falling_back(fresh_warning, monkeypatch):
+    """use_backend("cpp") and the extension fails to load inside dispatch: BackendUnavailable at
+    once, not the automatic mode's "uses the next backend instead" warning first."""
+    entry = backends._OPS["attention"]
+
+    def broken(*args):
+        err = _ext.ExtensionUnavailable("cpu", "the build failed (test)")
+        monkeypatch.delitem(_ext._loaded, "cpu", raising=False)
+        monkeypatch.setitem(_ext._failed, "cpu", err)
+        raise err
+
+    monkeypatch.setitem(entry.impls, "cpp", broken)
+    monkeypatch.setattr(backends, "_last_used", {})
+    q = torch.randn(1, 2, 3, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with lucidops.use_backend("cpp"), pytest.raises(backends.BackendUnavailable, match="forced"):
+            lucidops.ops.attention(q, q, q)
+    assert backends.last_used("attention") is None
+    # Nothing ran on the next backend, so no warning may say it did.
+    assert not [w for w in caught if "uses the next backend" in str(w.message)]

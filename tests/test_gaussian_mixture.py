@@ -987,3 +987,50 @@ def test_points_exactly_on_a_box_face_are_kept(backend, device, dtype, reduce):
     assert rel_err(out, expected) < TOL[dtype]
     for name, g, e in zip(["points", "means", "precisions", "weight", "bias"], grads, expected_grads):
         assert rel_err(g, e) < 4 * TOL[dtype], name
+
+
+def test_point_features_restores_reduce_when_the_call_raises():
+    """point_features sets reduce "none" for its call only: a refused call (float64 points into
+    a float32 encoder) left the encoder returning per-point features from then on."""
+    enc = GaussianPointEncoder(4, 5)
+    with pytest.raises(TypeError, match="points are torch.float64"):
+        enc.point_features(torch.rand(2, 9, 3, dtype=torch.float64))
+    assert enc.reduce == "max"
+    assert enc(torch.rand(2, 9, 3)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("dtype, relative", [(torch.bfloat16, 8 * 2.0 ** -7), (torch.float16, 8 * 2.0 ** -10),
+                                             (torch.float32, 2.0 ** -10), (torch.float64, 8 * 2.0 ** -52)])
+def test_a_negative_eigenvalue_twice_the_rounding_tolerance_is_refused(dtype, relative):
+    """The tolerance is the dtype's rounding (8 eps of the largest eigenvalue, 2^-10 in float32
+    for TF32 products): twice it is an indefinite precision, refused even near the mean (a
+    tolerance 10 times looser let it through)."""
+    points = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]], dtype=dtype)
+    means = torch.zeros(1, 3, dtype=dtype)
+    precisions = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0, -2 * relative]], dtype=dtype)
+    weight = torch.tensor([[1.0]], dtype=dtype)
+    with pytest.raises(ValueError, match="Gaussian\\(s\\) 0 have a negative eigenvalue"):
+        gaussian_mixture(points, means, precisions, weight)
+
+
+@pytest.mark.parametrize("shift", [0.0, 7.5e18])
+def test_points_whose_squared_distance_passes_half_of_float32_are_refused(shift):
+    """The bound keeps a factor 2 of room: at |x - mu| = 1.5e19 (squared 2.25e38, past half of
+    float32's 3.4e38) the reference's reduce "none" backward made the precisions' gradient
+    inf, silently. Refused, also when the distance is split between the points and the means
+    (|x| and |mu| both 7.5e18: it is their sum); at 1.2e19 (1.44e38) every CPU backend runs."""
+    means = torch.full((2, 3), -shift)
+    prec = torch.tensor([[0.1, 0.05, 0.0, 0.1, 0.0, 0.1], [0.1, 0.0, 0.0, 0.1, 0.0, 0.1]])
+    weight = torch.tensor([[1.0, -0.5], [0.5, 2.0]])
+    points = torch.tensor([[[0.1, 0.2, 0.0], [1.5e19, 1.5e19, 1.5e19]]]) - shift
+    with pytest.raises(ValueError, match="points lie up to 1.5e\\+19"):
+        gaussian_mixture(points, means, prec, weight, reduce="none")
+    if shift:
+        return
+    near = points.clone()
+    near[0, 1] = 1.2e19
+    for backend in CPU_BACKENDS:
+        inputs = [t.clone().requires_grad_(True) for t in (near, means, prec, weight)]
+        with backends.use_backend(backend):
+            gaussian_mixture(*inputs, reduce="none").sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in inputs), backend

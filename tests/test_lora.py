@@ -995,3 +995,62 @@ def test_output_placement_on_the_triton_rank_pads(backend, device, r):
     tol = TOL[torch.float32]
     assert rel_err(y, y_ref) < tol and rel_err(x.grad, gx) < tol
     assert rel_err(a.grad, ga) < tol and rel_err(b.grad, gb) < tol
+
+
+@pytest.mark.parametrize("placement", ["weight", "output"])
+def test_each_factor_alone_gets_its_gradient(placement):
+    """Only lora_B (or only lora_A) requiring grad: its gradient is the one it gets when both
+    do. Returning B's gradient under A's flag dropped it silently (B.grad None)."""
+    x, w, a, b, bias = make((6, 12), 7, 3, torch.float32, "cpu")
+    kw = dict(omega=OMEGA, scale=SCALE, placement=placement)
+    both = [a.clone().requires_grad_(True), b.clone().requires_grad_(True)]
+    lucidops.ops.bounded_lora_linear(x, w, *both, bias, **kw).sum().backward()
+    for i in range(2):
+        alone = [t.clone().requires_grad_(j == i) for j, t in enumerate((a, b))]
+        lucidops.ops.bounded_lora_linear(x, w, *alone, bias, **kw).sum().backward()
+        assert alone[i].grad is not None, ("lora_A", "lora_B")[i]
+        torch.testing.assert_close(alone[i].grad, both[i].grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("setting", [dict(omega=1e39), dict(scale=-1e39)])
+def test_omega_or_scale_past_float32_is_refused_for_half_inputs_too(dtype, setting):
+    """The update is formed in float32 for half inputs as for float32 ones: 1e39 would be inf
+    there, and sin(inf) NaN, silently."""
+    x, w, a, b, bias = make((3, 8), 5, 2, dtype, "cpu")
+    kw = {"omega": OMEGA, "scale": SCALE, **setting}
+    with pytest.raises(ValueError, match=f"{next(iter(setting))} = .* overflows float32"):
+        lucidops.ops.bounded_lora_linear(x, w, a, b, bias, **kw)
+
+
+@pytest.mark.parametrize("gain", [-1.0, 0.0, float("inf"), torch.tensor(-2.0)])
+def test_a_gain_that_is_not_positive_and_finite_is_refused_naming_it(gain):
+    """gain divides the scale: a negative one flipped the update's sign silently."""
+    with pytest.raises(ValueError, match="gain must be finite and > 0"):
+        lucidops.nn.SineLoRALinear(_linear(4, 4), rank=2, omega=1.0, gain=gain)
+
+
+def test_a_second_merge_adds_nothing_and_unmerge_still_restores():
+    layer = _trained_layer(20)
+    original = layer.base.weight.detach().clone()
+    x = torch.randn(4, 48)
+    expected = layer(x)
+    layer.merge()
+    layer.merge()  # a no-op: the update is in the weight once
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    assert torch.equal(layer.base.weight, original)
+
+
+def test_a_merged_state_loaded_into_a_merged_layer_unmerges_to_the_loaded_base():
+    """The merged layer's kept copy of its own old base weight must not survive a load: unmerge()
+    after loading a merged state gives the state's base back, not the stale copy."""
+    source = _trained_layer(21)
+    x = torch.randn(5, 48)
+    source_base = source.base(x)
+    source.merge()
+    layer = _trained_layer(22).merge()  # keep_original=True: holds a copy of its own base weight
+    layer.load_state_dict(_saved(source.state_dict()))
+    assert layer.merged
+    layer.unmerge()
+    torch.testing.assert_close(layer.base(x), source_base, rtol=1e-5, atol=1e-5)

@@ -614,3 +614,23 @@ def test_triton_decodes_each_factor_with_its_own_group_size(dtype, no_pytorch_de
     weff = w64 + 0.7 * torch.sin(2.5 * (b_hat.cpu() @ a_hat.cpu()))
     assert rel(y, x64 @ weff.T) < TOL[dtype]
     assert rel(x.grad, grad.double().cpu() @ weff) < TOL[dtype]
+
+
+@pytest.mark.parametrize("bits", [3, 5, 7])
+def test_sizes_in_bytes_round_a_partial_last_byte_up(bits):
+    """21 and 15 codes at an odd bit count end inside a byte: that byte is shipped too."""
+    a, b = adapter(r=3, k=7, n=5)
+    q = quantize_adapter(a, b, bits=bits, group_size=4, method="uniform")
+    expected = sum(math.ceil(numel * bits / 8) + 4 * math.ceil(numel / 4) + 2 for numel in (21, 15))
+    assert q.nbytes == expected == q.stats["bytes"]
+
+
+def test_a_partial_last_group_is_padded_without_widening_its_range():
+    """A factor whose size is not a multiple of group_size: its last group is padded with its
+    own last value. Padded with zeros, a constant 0.75 group spanned [0, 0.75], and its
+    values came back 2e-4 off instead of exact."""
+    a = torch.full((2, 3), 0.75)  # 6 elements in groups of 4: the last group holds 2
+    b = torch.full((5, 2), -0.375)  # 10 elements: the last group holds 2
+    q = quantize_adapter(a, b, bits=4, group_size=4, method="uniform")
+    a_hat, b_hat = q.dequantize()
+    assert torch.equal(a_hat, a) and torch.equal(b_hat, b)

@@ -180,7 +180,7 @@ class QuantizedAdapter:
         return self.A.packed_bytes + self.B.packed_bytes
 
     def device_tensor(self) -> Tensor:
-        """A tensor of the adapter's (A's codes), for device checks: every table lives on its device."""
+        """One of the adapter's tensors (A's codes), for device checks: all its tables share that device."""
         return self.A.codes
 
     def phase_multiplier(self) -> float:

@@ -13,7 +13,7 @@ pytest.importorskip("matplotlib")
 
 from lucidops.demos import unlearn  # noqa: E402
 from lucidops.models.tiny_lm import TinyCausalLM, next_token_accuracy, rule_sequences  # noqa: E402
-from lucidops.train.unlearning import gradient_difference  # noqa: E402
+from lucidops.train.unlearning import gradient_difference, sequence_loss  # noqa: E402
 
 # --------------------------------------------------------------------------- data and model
 
@@ -318,27 +318,47 @@ def test_attention_and_mlp_update_columns_measure_the_same_thing():
     assert summary["update_norm_max"] == 0.2 and summary["attn_update_norm"] == 0.4
 
 
+class _MLPLoraLM(torch.nn.Module):
+    """A tiny causal LM with one LoRA-named factor in its MLP (what gradient_difference tracks)."""
+
+    def __init__(self, vocab=11, dim=8, dropout=0.0):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.Dropout(dropout))
+        self.mlp.lora_A = torch.nn.Parameter(torch.randn(2, dim) * 0.1)
+        self.out = torch.nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.out(self.mlp(h) + h @ self.mlp.lora_A.T @ self.mlp.lora_A)
+
+
+def test_gradient_difference_descends_on_retain_and_ascends_on_forget():
+    """Each step's gradients are those of CE(retain) - forget_weight CE(forget), computed here
+    independently (a flipped sign on the forget term trains the model to remember it)."""
+    torch.manual_seed(0)
+    model = _MLPLoraLM()
+    forget, retain = torch.randint(0, 11, (4, 6)), torch.randint(0, 11, (4, 6))
+    model.zero_grad()
+    (sequence_loss(model, retain) - 0.5 * sequence_loss(model, forget)).backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    seen = {}
+    gradient_difference(model, forget, retain, steps=1, lr=1e-3, forget_weight=0.5, batch_size=4, optimizer="sgd",
+                        progress=False, mlp_patterns=["mlp"],
+                        callback=lambda step, record: seen.update({n: p.grad.clone()
+                                                                   for n, p in model.named_parameters()}))
+    for name, grad in expected.items():
+        torch.testing.assert_close(seen[name], grad, msg=name)
+
+
 def test_gradient_difference_restores_every_modules_mode():
     """Only the root's flag was restored (model.train(was_training)): a dropout or BatchNorm the
     caller had put in eval mode came back in training mode."""
-    from torch import nn
-
-    class LM(nn.Module):
-        def __init__(self, vocab=11, dim=8):
-            super().__init__()
-            self.emb = nn.Embedding(vocab, dim)
-            self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.1))
-            self.mlp.lora_A = nn.Parameter(torch.randn(2, dim) * 0.1)
-            self.out = nn.Linear(dim, vocab)
-
-        def forward(self, ids):
-            h = self.emb(ids)
-            return self.out(self.mlp(h) + h @ self.mlp.lora_A.T @ self.mlp.lora_A)
-
     torch.manual_seed(0)
     ids = torch.randint(0, 11, (4, 6))
     for root_training in (True, False):
-        model = LM().train(root_training)
+        model = _MLPLoraLM(dropout=0.1).train(root_training)
         model.mlp[1].eval()  # the caller froze a dropout
         before = {name: m.training for name, m in model.named_modules()}
         seen = []

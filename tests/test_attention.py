@@ -13,6 +13,7 @@ import lucidops
 from lucidops.reference import attention as ref
 from lucidops.reference import attention_dropout as dropout
 from comparisons import rel_err, within
+from conftest import TRITON_DEVICE, needs_triton
 
 attention_module = importlib.import_module("lucidops.ops.attention")  # the module, not the function
 BACKENDS = ["reference", "aten", "cpp"] + (["triton"] if lucidops.backends.triton_interpreting() else [])
@@ -739,6 +740,7 @@ def test_key_and_value_of_different_layouts(backend):
         assert rel_err(got, want.grad) < 1e-5
 
 
+@needs_triton
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_bfloat16_gradients_err_little_more_than_their_own_rounding(causal):
     """bfloat16: dS = P (dP - delta) is float32, and the backward multiplies it by k (dq) or q
@@ -746,17 +748,20 @@ def test_triton_bfloat16_gradients_err_little_more_than_their_own_rounding(causa
     every term: dq and dk then erred 1.55x as much as the float64 gradients rounded once to
     bfloat16 (at most 1.12x with both parts over 24 other draws), well inside the 1e-2
     relative tolerance of CASES, which passed it."""
-    pytest.importorskip("lucidops.triton_kernels.attention")
     g = torch.Generator().manual_seed(13)
     b, h, n, d = 1, 4, 64, 16
-    q, k = ((torch.randn(b, h, n, d, generator=g) * 1.5).bfloat16().requires_grad_(True) for _ in range(2))
-    v = torch.randn(b, h, n, d, generator=g).bfloat16().requires_grad_(True)
-    grad_out = torch.randn(b, h, n, d, generator=g).bfloat16()
+
+    def bf16_leaf(t):
+        return t.to(TRITON_DEVICE, torch.bfloat16).requires_grad_(True)
+
+    q, k = (bf16_leaf(torch.randn(b, h, n, d, generator=g) * 1.5) for _ in range(2))
+    v = bf16_leaf(torch.randn(b, h, n, d, generator=g))
+    grad_out = torch.randn(b, h, n, d, generator=g).to(TRITON_DEVICE, torch.bfloat16)
     with lucidops.use_backend("triton"):
         lucidops.ops.attention(q, k, v, causal=causal).backward(grad_out)
-    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    ref.attention(*leaves, causal=causal).backward(grad_out.double())
-    for name, got, want in (("dq", q.grad, leaves[0].grad), ("dk", k.grad, leaves[1].grad)):
+    leaves = [t.detach().double().cpu().requires_grad_(True) for t in (q, k, v)]
+    ref.attention(*leaves, causal=causal).backward(grad_out.double().cpu())
+    for name, got, want in (("dq", q.grad.cpu(), leaves[0].grad), ("dk", k.grad.cpu(), leaves[1].grad)):
         ratio = rel_err(got, want) / rel_err(want.bfloat16(), want)
         assert ratio < 1.25, (name, ratio)
 

@@ -693,6 +693,20 @@ def test_cpp_is_bitwise_the_same_on_one_and_two_threads(d):
         assert torch.equal(one, two)
 
 
+def assert_forward_backward_match_float64(backend, q, k, v, grad_out, causal):
+    """float32 leaves q, k, v through the op on ``backend``: output and gradients within 1e-5
+    of the float64 reference."""
+    with lucidops.use_backend(backend):
+        out = lucidops.ops.attention(q, k, v, causal=causal)
+        out.backward(grad_out)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    expected = ref.attention(*leaves, causal=causal)
+    expected.backward(grad_out.double())
+    assert rel_err(out, expected.detach()) < 1e-5
+    for got, want in zip((q.grad, k.grad, v.grad), leaves):
+        assert rel_err(got, want.grad) < 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_row_max_in_a_later_key_block_rescales_the_earlier_ones(backend, causal):
@@ -706,15 +720,7 @@ def test_row_max_in_a_later_key_block_rescales_the_earlier_ones(backend, causal)
     k = (torch.linspace(0, 2, n)[:, None] * (1 + 0.1 * torch.randn(b, h, n, d, generator=g))).requires_grad_(True)
     v = torch.randn(b, h, n, d, generator=g).requires_grad_(True)
     grad_out = torch.randn(b, h, n, d, generator=g)
-    with lucidops.use_backend(backend):
-        out = lucidops.ops.attention(q, k, v, causal=causal)
-        out.backward(grad_out)
-    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    expected = ref.attention(*leaves, causal=causal)
-    expected.backward(grad_out.double())
-    assert rel_err(out, expected.detach()) < 1e-5
-    for got, want in zip((q.grad, k.grad, v.grad), leaves):
-        assert rel_err(got, want.grad) < 1e-5
+    assert_forward_backward_match_float64(backend, q, k, v, grad_out, causal)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -729,15 +735,7 @@ def test_key_and_value_of_different_layouts(backend):
     k = torch.randn(b, h, nk, d, generator=g).requires_grad_(True)
     v = torch.randn(b, nk, h, d, generator=g).transpose(1, 2).requires_grad_(True)
     grad_out = torch.randn(b, h, nq, d, generator=g)
-    with lucidops.use_backend(backend):
-        out = lucidops.ops.attention(q, k, v, causal=True)
-        out.backward(grad_out)
-    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    expected = ref.attention(*leaves, causal=True)
-    expected.backward(grad_out.double())
-    assert rel_err(out, expected.detach()) < 1e-5
-    for got, want in zip((q.grad, k.grad, v.grad), leaves):
-        assert rel_err(got, want.grad) < 1e-5
+    assert_forward_backward_match_float64(backend, q, k, v, grad_out, True)
 
 
 @needs_triton

@@ -69,12 +69,12 @@ def _culled(phi, d0, d1, d2, h0, h1, h2):
 
 
 @triton.jit
-def _axis_rows(table_ptr, offs_g, mask_g):
+def _axis_rows(table_ptr, offs_g, mask_g, other):
     """Rows g = offs_g of a (G, 3) table (the means, or the culling half-widths) as three
-    (1, BLOCK_G) rows, one per axis (0 where masked)."""
-    v0 = tl.load(table_ptr + offs_g * 3 + 0, mask=mask_g, other=0.0)
-    v1 = tl.load(table_ptr + offs_g * 3 + 1, mask=mask_g, other=0.0)
-    v2 = tl.load(table_ptr + offs_g * 3 + 2, mask=mask_g, other=0.0)
+    (1, BLOCK_G) rows, one per axis (``other`` where masked)."""
+    v0 = tl.load(table_ptr + offs_g * 3 + 0, mask=mask_g, other=other)
+    v1 = tl.load(table_ptr + offs_g * 3 + 1, mask=mask_g, other=other)
+    v2 = tl.load(table_ptr + offs_g * 3 + 2, mask=mask_g, other=other)
     return v0[None, :], v1[None, :], v2[None, :]
 
 
@@ -122,12 +122,10 @@ def mixture_forward_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, w_ptr, b_ptr, out_
     for g0 in range(0, G, BLOCK_G):
         offs_g = g0 + tl.arange(0, BLOCK_G)
         mask_g = offs_g < G
-        m0, m1, m2 = _axis_rows(mu_ptr, offs_g, mask_g)
+        m0, m1, m2 = _axis_rows(mu_ptr, offs_g, mask_g, 0.0)
         if CULL:
             # Padding gets -1 half-widths: it reaches no tile and no point.
-            h0 = tl.load(half_ptr + offs_g * 3 + 0, mask=mask_g, other=-1.0)[None, :]
-            h1 = tl.load(half_ptr + offs_g * 3 + 1, mask=mask_g, other=-1.0)[None, :]
-            h2 = tl.load(half_ptr + offs_g * 3 + 2, mask=mask_g, other=-1.0)[None, :]
+            h0, h1, h2 = _axis_rows(half_ptr, offs_g, mask_g, -1.0)
             # The tile-level skip: a block of Gaussians none of whose boxes reaches the tile's
             # bounding box (negative half-widths: alpha_g <= t, padding) is skipped for the tile.
             reach = (h0 >= 0) & (lo0 - m0 <= h0) & (m0 - hi0 <= h0) & (lo1 - m1 <= h1) & (m1 - hi1 <= h1) \
@@ -172,7 +170,7 @@ def mixture_max_backward_kernel(grad_ptr, x_ptr, arg_ptr, mu_ptr, prec_ptr, half
     mask_k = offs_k < K
     offs_g = gb * BLOCK_G + tl.arange(0, BLOCK_G)
     mask_g = offs_g < G
-    m0, m1, m2 = _axis_rows(mu_ptr, offs_g, mask_g)
+    m0, m1, m2 = _axis_rows(mu_ptr, offs_g, mask_g, 0.0)
     p00, p01, p02, p11, p12, p22 = _precisions(prec_ptr, offs_g, mask_g)
     valid = mask_k[:, None] & mask_g[None, :]
     w = tl.load(w_ptr + offs_k[:, None] * G + offs_g[None, :], mask=valid, other=0.0)
@@ -199,7 +197,7 @@ def mixture_max_backward_kernel(grad_ptr, x_ptr, arg_ptr, mu_ptr, prec_ptr, half
         d2 = tl.load(xp + 2, mask=mask_k, other=0.0)[:, None] - m2
         phi = _phi(d0, d1, d2, p00, p01, p02, p11, p12, p22)
         if CULL:
-            h0, h1, h2 = _axis_rows(half_ptr, offs_g, mask_g)
+            h0, h1, h2 = _axis_rows(half_ptr, offs_g, mask_g, 0.0)
             phi = _culled(phi, d0, d1, d2, h0, h1, h2)
         phi = tl.where(valid, phi, 0.0)
         gw += gy[:, None] * phi
@@ -280,7 +278,7 @@ def phi_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, coef_ptr, phi_ptr, gx_ptr, gmp
     mask_g = offs_g < G
     valid = mask_m[:, None] & mask_g[None, :]
     rows = offs_m.to(tl.int64)
-    m0, m1, m2 = _axis_rows(mu_ptr, offs_g, mask_g)
+    m0, m1, m2 = _axis_rows(mu_ptr, offs_g, mask_g, 0.0)
     p00, p01, p02, p11, p12, p22 = _precisions(prec_ptr, offs_g, mask_g)
     d0 = tl.load(x_ptr + rows * 3 + 0, mask=mask_m, other=0.0)[:, None] - m0
     d1 = tl.load(x_ptr + rows * 3 + 1, mask=mask_m, other=0.0)[:, None] - m1
@@ -309,7 +307,7 @@ def phi_kernel(x_ptr, mu_ptr, prec_ptr, half_ptr, coef_ptr, phi_ptr, gx_ptr, gmp
     else:
         phi = _phi(d0, d1, d2, p00, p01, p02, p11, p12, p22)
         if CULL:
-            h0, h1, h2 = _axis_rows(half_ptr, offs_g, mask_g)
+            h0, h1, h2 = _axis_rows(half_ptr, offs_g, mask_g, 0.0)
             phi = _culled(phi, d0, d1, d2, h0, h1, h2)
         tl.store(phi_ptr + tile, phi, mask=valid)
 

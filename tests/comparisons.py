@@ -1,5 +1,7 @@
 """How the tests compare a result with its float64 reference: one rule for every op family."""
 
+import math
+
 import torch
 
 
@@ -31,3 +33,9 @@ def assert_close(name: str, out, expected: torch.Tensor, tol: float, atol: float
     assert out is not None and out.shape == expected.shape, name
     assert within(out, expected, tol, atol), \
         f"{name}: relative {rel_err(out, expected):.2e}, max {max_abs_err(out, expected):.2e}"
+
+
+def spacings(exact, dtype, floor):
+    """The spacing of ``dtype`` at |exact| (at ``floor`` below it), in float64."""
+    magnitude = exact.abs().clamp_min(floor).to(dtype)
+    return (torch.nextafter(magnitude, torch.tensor(math.inf, dtype=dtype)) - magnitude).double()

@@ -8,7 +8,7 @@ import torch
 
 import lucidops
 from lucidops.reference import activations as ref
-from comparisons import rel_err
+from comparisons import rel_err, spacings
 from conftest import backend_device_params
 
 KINDS = ["sinc", "gaussian"]
@@ -327,12 +327,6 @@ def test_float32_sinc_gradient_is_accurate_element_by_element_where_the_direct_f
     expected = ref.derivative("sinc", x.detach().double().cpu())  # sigma 1: dy/dx = sinc'(u)
     relative = ((x.grad.double().cpu() - expected) / expected).abs()
     assert relative.max() < 1e-5, float(x[relative.argmax()])
-
-
-def spacings(exact, dtype, floor):
-    """The spacing of ``dtype`` at |exact| (at ``floor`` below it), in float64."""
-    magnitude = exact.abs().clamp_min(floor).to(dtype)
-    return (torch.nextafter(magnitude, torch.tensor(math.inf, dtype=dtype)) - magnitude).double()
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

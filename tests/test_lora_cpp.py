@@ -12,7 +12,7 @@ import lucidops
 from lucidops import _ext
 from lucidops.ops._lora_backends import FN_CODE
 
-from comparisons import rel_err
+from comparisons import rel_err, spacings
 from test_lora import make, reference_grads
 
 
@@ -126,9 +126,7 @@ def test_bad_arguments_raise(ext):
 def float32_ulps(got, exact, floor=2.0 ** -8):
     """|got - exact| in float32 spacings at |exact| (at ``floor`` below it: next to a zero of sin
     or cos the absolute error of the reduced argument, not the result's spacing, is the measure)."""
-    magnitude = exact.abs().clamp_min(floor).float()
-    spacing = (torch.nextafter(magnitude, torch.tensor(math.inf)) - magnitude).double()
-    return (got.double() - exact).abs() / spacing
+    return (got.double() - exact).abs() / spacings(exact, torch.float32, floor)
 
 
 @pytest.mark.parametrize("fn", ["sin", "tanh"])

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../lucidops.h"
@@ -57,6 +58,7 @@ struct Sinc {
       vec_math::sincos(u[i], &s, &c);
       f[i] = u[i] == 0.0f ? 1.0f : s / u[i];
     }
+    if (!vec_math::any_beyond_sincos_range(u, m)) return;
     for (int64_t i = 0; i < m; ++i) {
       if (!(std::fabs(u[i]) <= vec_math::kSinCosMaxArg)) {
         const double ud = u[i];
@@ -72,6 +74,7 @@ struct Sinc {
       const float x = u[i];
       d[i] = std::fabs(x) < float(kSincSeriesBound) ? sinc_derivative_series(x) : (x * c - s) / (x * x);
     }
+    if (!vec_math::any_beyond_sincos_range(u, m)) return;
     for (int64_t i = 0; i < m; ++i) {
       if (!(std::fabs(u[i]) <= vec_math::kSinCosMaxArg)) {
         d[i] = static_cast<float>(sinc_derivative_direct(static_cast<double>(u[i])));
@@ -125,6 +128,49 @@ void forward_kernel(const scalar_t* x, scalar_t* y, int64_t n, double sigma_valu
   });
 }
 
+// grad_x[i] = grad[i] d[i] / sigma over one tile; returns sum(grad[i] d[i] u[i]) in double:
+// terms of one sign cancelling others (a gradient that changes sign along the tensor) lost up
+// to 5e-4 relative in a float32 tile sum.
+template <typename scalar_t, typename opmath_t>
+double scale_tile(const scalar_t* grad, const opmath_t* d, const opmath_t* u, scalar_t* grad_x, int64_t m,
+                  opmath_t sigma) {
+  double tile_sum = 0.0;
+#pragma omp simd reduction(+ : tile_sum)
+  for (int64_t i = 0; i < m; ++i) {
+    const opmath_t gd = static_cast<opmath_t>(grad[i]) * d[i];
+    grad_x[i] = static_cast<scalar_t>(gd / sigma);
+    tile_sum += static_cast<double>(gd * u[i]);
+  }
+  return tile_sum;
+}
+
+// The same for float32 with explicit vectors: GCC's `omp simd` reduction of widened float
+// products ran near scalar speed (the float32 backward took twice its forward; with this, 1.2x
+// at 16M elements on 2 threads). Each 16-float product widens to two 8-double halves.
+inline double scale_tile(const float* grad, const float* d, const float* u, float* grad_x, int64_t m, float sigma) {
+  using VF = vec_math::Vec<float>;
+  using VD = vec_math::Vec<double>;
+  typedef float half_vector __attribute__((vector_size(32)));
+  VD::type acc = {};
+  int64_t i = 0;
+  for (; i + VF::kLanes <= m; i += VF::kLanes) {
+    const VF::type gd = VF::load(grad + i) * VF::load(d + i);
+    VF::store(grad_x + i, gd / sigma);
+    const VF::type product = gd * VF::load(u + i);
+    half_vector low, high;
+    std::memcpy(&low, &product, sizeof(low));
+    std::memcpy(&high, reinterpret_cast<const char*>(&product) + sizeof(low), sizeof(high));
+    acc += __builtin_convertvector(low, VD::type) + __builtin_convertvector(high, VD::type);
+  }
+  double tile_sum = VD::sum(acc);
+  for (; i < m; ++i) {
+    const float gd = grad[i] * d[i];
+    grad_x[i] = gd / sigma;
+    tile_sum += static_cast<double>(gd * u[i]);
+  }
+  return tile_sum;
+}
+
 // grad_x = grad * f'(u) / sigma;  grad_sigma = sum(grad * f'(u) * (-u / sigma)).
 template <typename scalar_t, typename Kind>
 double backward_kernel(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x, int64_t n,
@@ -142,16 +188,7 @@ double backward_kernel(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x
         const int64_t m = std::min(kTile, end - t);
         for (int64_t i = 0; i < m; ++i) u[i] = quotient(static_cast<opmath_t>(x[t + i]), sigma);
         Kind::derivative(u, d, m);
-        // In double within the tile too: terms of one sign cancelling others (a gradient that
-        // changes sign along the tensor) lost up to 5e-4 relative in a float32 tile sum.
-        double tile_sum = 0.0;
-#pragma omp simd reduction(+ : tile_sum)
-        for (int64_t i = 0; i < m; ++i) {
-          const opmath_t gd = static_cast<opmath_t>(grad[t + i]) * d[i];
-          grad_x[t + i] = static_cast<scalar_t>(gd / sigma);
-          tile_sum += static_cast<double>(gd * u[i]);
-        }
-        chunk_sum += tile_sum;
+        chunk_sum += scale_tile(grad + t, d, u, grad_x + t, m, sigma);
       }
       if (need_sigma_grad) partials[chunk] = chunk_sum;
     }

@@ -54,16 +54,12 @@ void phase_block(const float* a_col0, int64_t k_in, const float* scaled_b, int64
   }
 }
 
-// Whether a phase of the tile lies beyond the vectorised sin/cos range (an int OR, which
-// vectorises where a bool || does not).
+// Whether a phase of the tile lies beyond the vectorised sin/cos range.
 template <int Rows>
 bool beyond_vector_range(const float* phase, int64_t m) {
-  int beyond = 0;
-  for (int i = 0; i < Rows; ++i) {
-#pragma omp simd reduction(| : beyond)
-    for (int64_t j = 0; j < m; ++j) beyond |= !(std::fabs(phase[i * kCols + j]) <= vec_math::kSinCosMaxArg);
-  }
-  return beyond != 0;
+  bool beyond = false;
+  for (int i = 0; i < Rows; ++i) beyond |= vec_math::any_beyond_sincos_range(phase + i * kCols, m);
+  return beyond;
 }
 
 // fn and fn' of one phase. The float versions vectorise (vec_math.h); `libm` evaluates sin

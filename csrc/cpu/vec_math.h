@@ -5,6 +5,7 @@
 // 64-byte vector type for accumulators that must stay in registers.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -14,6 +15,15 @@ namespace vec_math {
 // |u| above this loses accuracy in the three-part pi/2 reduction: callers recompute those
 // lanes with libm in double.
 constexpr float kSinCosMaxArg = 8192.0f;
+
+// Whether any of u[0, m) lies beyond kSinCosMaxArg or is NaN, so that its caller runs its libm
+// fix-up loop only when needed. An int OR, which vectorises where a bool || does not.
+inline bool any_beyond_sincos_range(const float* u, int64_t m) {
+  int beyond = 0;
+#pragma omp simd reduction(| : beyond)
+  for (int64_t i = 0; i < m; ++i) beyond |= !(std::fabs(u[i]) <= kSinCosMaxArg);
+  return beyond != 0;
+}
 
 // Round to nearest (even) by adding and subtracting 1.5 * 2^23; exact for |x| < 2^22.
 // Plain arithmetic vectorises where std::floor / std::nearbyint calls do not.

@@ -9,13 +9,14 @@ handles any head count and head dims 4..128 (methods.md section 2).
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Type, Union
+from typing import Optional, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate
+from .._typing import DeviceLike
 from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, attention
 from ..reference import attention as _reference
 
@@ -93,7 +94,7 @@ class ManyHeadAttention(nn.Module):
                  dim_out: Optional[int] = None, qkv_bias: bool = False, qk_norm: bool = False,
                  scale_norm: bool = False, proj_bias: bool = True, gated: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, norm_layer: Optional[Type[nn.Module]] = None,
-                 device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None) -> None:
+                 device: Optional[DeviceLike] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         _validate.integer(dim, "dim", minimum=1)

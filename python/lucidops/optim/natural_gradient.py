@@ -30,12 +30,13 @@ bijection); ``damping`` keeps the solve well conditioned when a Gaussian grows v
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple, Union, overload
+from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple, overload
 
 import torch
 from torch import Tensor, nn
 
 from .. import _validate
+from .._typing import DeviceLike
 from ..nn.gaussian_mixture import GaussianPointEncoder, covariance_from_lower
 
 MODES = ("mahalanobis", "fisher")
@@ -45,7 +46,7 @@ _PACKED = ((0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (2, 2))
 
 
 def elimination_matrix(n: int = 3, dtype: torch.dtype = torch.float64,
-                       device: Optional[Union[str, torch.device]] = None) -> Tensor:
+                       device: Optional[DeviceLike] = None) -> Tensor:
     """E (n(n+1)/2, n^2) with vech(A) = E vec(A), vec column-major (index of A[i, j] is i + n j)."""
     rows = [(i, j) for j in range(n) for i in range(j, n)]
     e = torch.zeros(len(rows), n * n, dtype=dtype, device=device)
@@ -55,7 +56,7 @@ def elimination_matrix(n: int = 3, dtype: torch.dtype = torch.float64,
 
 
 def commutation_matrix(n: int = 3, dtype: torch.dtype = torch.float64,
-                       device: Optional[Union[str, torch.device]] = None) -> Tensor:
+                       device: Optional[DeviceLike] = None) -> Tensor:
     """K (n^2, n^2) with K vec(A) = vec(A^T), vec column-major."""
     k = torch.zeros(n * n, n * n, dtype=dtype, device=device)
     for i in range(n):

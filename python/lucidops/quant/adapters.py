@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _validate
+from .._typing import DeviceLike
 
 METHODS = ("uniform", "kmeans")
 _FLOAT16_TINIEST = 2.0 ** -24  # the smallest positive (subnormal) float16
@@ -223,7 +224,7 @@ class QuantizedAdapter:
         stats = {k: float(v) for k, v in zip(_STAT_KEYS, state["stats"].tolist()) if not math.isnan(v)}
         return cls(part("A"), part("B"), stats)
 
-    def to(self, device: Union[str, torch.device]) -> "QuantizedAdapter":
+    def to(self, device: DeviceLike) -> "QuantizedAdapter":
         """A copy with every tensor on ``device``."""
         return self.converted(lambda t: t.to(device))
 

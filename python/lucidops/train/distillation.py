@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate
+from .._typing import DeviceLike
 from ..models.pointnet import PointNet
 from ..nn.gaussian_mixture import GaussianPointEncoder
 from ..reference.gaussian_mixture import gaussian_phi
@@ -39,7 +40,7 @@ def distill(teacher: Union[nn.Module, Callable[[Tensor], Tensor]], student: nn.M
             natural_gradient: str = "mahalanobis", gaussian_lr: float = 0.005, momentum: float = 0.9,
             weight_decay: float = 0.01, input_transform: Optional[Callable[..., Tensor]] = None,
             per_cloud: Optional[Sequence[Optional[Tensor]]] = None, spread_penalty: float = 0.0,
-            seed: Optional[int] = None, progress: bool = True, device: Optional[Union[str, torch.device]] = None,
+            seed: Optional[int] = None, progress: bool = True, device: Optional[DeviceLike] = None,
             desc: str = "distill"
             ) -> DistillResult:
     """Distil ``student`` from ``teacher``'s per-point pre-max activations (L1 loss), in place.

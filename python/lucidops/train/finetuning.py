@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate
+from .._typing import DeviceLike
 from ..nn.gaussian_mixture import GaussianPointEncoder
 from .loop import (DistillResult, TrainingMode, build_optimizers, check_common, dist_info,
                    dtype_of, optimizer_step, progress_bar, refuse_float16, resolve_device, wrap_ddp)
@@ -27,7 +28,7 @@ def finetune(model: nn.Module, data, *, steps: int = 1000, lr: float = 1e-3, bat
              points_per_cloud: int = 1024, encoder_lr_scale: float = 0.01, gaussian_lr: float = 0.005,
              natural_gradient: str = "mahalanobis", momentum: float = 0.9, weight_decay: float = 0.01,
              schedule: str = "constant", seed: Optional[int] = None, progress: bool = True,
-             device: Optional[Union[str, torch.device]] = None) -> DistillResult:
+             device: Optional[DeviceLike] = None) -> DistillResult:
     """Stage 3: fine-tune ``model`` (points (B, N, 3) -> logits) end to end on labelled clouds.
 
     ``data`` is a dataset of (points (N_i, 3), label) pairs; each step draws ``batch_size``

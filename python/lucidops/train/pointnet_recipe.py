@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import _validate
 from .._dtypes import opmath_dtype
+from .._typing import DeviceLike
 from ..models.pointnet import PointNet, TNet, feature_transform_regularizer
 from ..nn.gaussian_mixture import GaussianPointEncoder, _center
 from ..nn.gaussian_pointnet import GaussianPointNet, GaussianTNet
@@ -38,7 +39,7 @@ def distill_pointnet(teacher: PointNet, clouds=None, *, num_gaussians: int = 32,
                      finetune_steps: int = 0, finetune_lr: float = 1e-3, encoder_lr_scale: float = 0.01,
                      finetune_schedule: str = "constant", cloud_range: Union[str, float] = 1.0,
                      cloud_center: Union[str, float, Sequence[float]] = "auto", seed: Optional[int] = None,
-                     progress: bool = True, device: Optional[Union[str, torch.device]] = None,
+                     progress: bool = True, device: Optional[DeviceLike] = None,
                      **distill_kwargs: Any) -> PointNetDistillResult:
     """The three-stage recipe: a :class:`DistilledPointNet` from a trained ``teacher`` PointNet.
 

@@ -1,12 +1,13 @@
 """sinc and gaussian: every lucidops backend against eager PyTorch and torch.compile.
 
-Forward, and forward + backward (gradient for x), float32, 16M elements (1M in the
-short run). The eager baselines compute the same functions the usual way:
+Forward, and forward + backward (gradient for x), float32 and bfloat16, 16M elements (1M in
+the short run). The eager baselines compute the same functions the usual way:
 ``torch.sinc(x / (pi sigma))`` and ``torch.exp(-x^2 / (2 sigma^2))``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Dict, List, Optional
 
@@ -18,6 +19,8 @@ from lucidops import backends
 from .timing import measure_interleaved_ms, report_failure
 
 SIGMA = 0.7
+# bfloat16: the training dtype, where the kernels convert tiles themselves.
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 EAGER = {
     "sinc": lambda x: torch.sinc(x / (math.pi * SIGMA)),
@@ -48,11 +51,11 @@ def _candidates(kind: str, device: str) -> Dict[str, Callable]:
 def run(device: str, quick: bool = False) -> List[Dict]:
     n = (1 << 20) if quick else (1 << 24)
     rows = []
-    for kind in ("sinc", "gaussian"):
-        x = (torch.randn(n, device=device) * 3).contiguous()
-        grad = torch.randn(n, device=device)
+    for dtype, kind in itertools.product(DTYPES, ("sinc", "gaussian")):
+        x = (torch.randn(n, device=device) * 3).to(dtype)
+        grad = torch.randn(n, device=device).to(dtype)
         impls = _candidates(kind, device)
-        expected = EAGER[kind](x.double()).float()
+        expected = EAGER[kind](x.double())
         for mode in ("forward", "forward+backward"):
             steps: Dict[str, Callable[[], object]] = {}
             errors: Dict[str, Optional[float]] = {}
@@ -81,7 +84,7 @@ def run(device: str, quick: bool = False) -> List[Dict]:
             # Interleaved, so that the ratios to eager hold on a busy host.
             times = measure_interleaved_ms(steps, device, label=f"{kind} {mode} ")
             for name, ms in times.items():
-                row = dict(family="activations", case=f"{kind} n={n} fp32", mode=mode, impl=name, ms=ms,
+                row = dict(family="activations", case=f"{kind} n={n} {DTYPES[dtype]}", mode=mode, impl=name, ms=ms,
                            rel_err_vs_fp64=errors[name])
                 if "eager" in times:
                     row["speedup_vs_eager"] = times["eager"] / ms

@@ -5,9 +5,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/bit_cast.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -137,14 +137,14 @@ inline void from_opmath(const opmath_t* src, scalar_t* dst, int64_t m) {
 
 inline void to_opmath(const at::BFloat16* src, float* dst, int64_t m) {
 #pragma omp simd
-  for (int64_t i = 0; i < m; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(src[i].x) << 16);
+  for (int64_t i = 0; i < m; ++i) dst[i] = c10::bit_cast<float>(static_cast<uint32_t>(src[i].x) << 16);
 }
 
 // c10's rounding (nearest, ties to even; NaN to 0x7FC0) in a form the compiler vectorises.
 inline void from_opmath(const float* src, at::BFloat16* dst, int64_t m) {
 #pragma omp simd
   for (int64_t i = 0; i < m; ++i) {
-    const uint32_t bits = std::bit_cast<uint32_t>(src[i]);
+    const uint32_t bits = c10::bit_cast<uint32_t>(src[i]);
     const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
     dst[i].x = src[i] != src[i] ? uint16_t{0x7FC0} : rounded;
   }

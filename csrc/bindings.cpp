@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> activation_backward(const at::Tensor& grad_in
   const at::Tensor sigma = opmath_sigma(sigma_in, x);
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   const int64_t blocks = need_sigma_grad ? lucidops::cuda::activation_backward_num_blocks(x.numel()) : 1;
-  at::Tensor partials = at::zeros({blocks}, sigma.options());
+  at::Tensor partials = at::zeros({blocks}, sigma.options().dtype(at::kDouble));
   check_launch(lucidops::cuda::activation_backward(static_cast<int>(kind), dtype_of(x), grad.const_data_ptr(),
                                                    x.const_data_ptr(), sigma.const_data_ptr(), grad_x.mutable_data_ptr(),
                                                    partials.mutable_data_ptr(), need_sigma_grad, x.numel(),

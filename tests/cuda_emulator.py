@@ -219,7 +219,7 @@ class EmulatedCudaExtension:
         ins = [run.input(n, t) for n, t in (("grad", grad.contiguous()), ("x", x.contiguous()),
                                             ("sigma", opmath_sigma))]
         grad_x, grad_x_ptr = run.output("grad_x", x.shape, x.dtype)
-        partials, partials_ptr = run.output("sigma_partials", (blocks,), opmath_sigma.dtype)
+        partials, partials_ptr = run.output("sigma_partials", (blocks,), torch.float64)
         if not need_sigma_grad:
             partials.zero_()  # bindings.cpp starts them at zero; the kernel writes them only when asked
         run.check(self.lib.emu_activation_backward(kind, DTYPE_CODES[x.dtype], *ins, grad_x_ptr, partials_ptr,

@@ -16,11 +16,13 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from lucidops import _ext, backends
+from lucidops.ops.activations import KIND
 from lucidops.reference import gaussian_mixture as ref
 import cuda_emulator
 from child_python import run_python
 from comparisons import rel_err
-from test_activations import assert_matches_float64_reference, assert_overflowing_quotients_give_zeros, make_input
+from test_activations import (CANCELLATION_CASES, assert_matches_float64_reference,
+                              assert_overflowing_quotients_give_zeros, cancelling_sigma_gradient_case, make_input)
 from test_cpp_random_shapes import assert_mixture_close
 from test_gaussian_mixture import BOX_FACE_THRESHOLD, box_face_inputs, make_params, make_points
 from test_gaussian_mixture_cuda import (CASES, assert_matches_float64, assert_ties_went_to_point_zero,
@@ -230,6 +232,15 @@ def test_sinc_sigma_gradient_where_u_squared_overflows(cuda_ext_emulated, dtype,
     u = x.double()
     exact = -(torch.cos(u) - torch.sin(u) / u).sum()
     assert abs(float(grad_sigma.sum()) - float(exact)) < 1e-5 * abs(float(exact))
+
+
+@pytest.mark.parametrize("rows,bound", CANCELLATION_CASES)
+@pytest.mark.parametrize("kind", ["sinc", "gaussian"])
+def test_sigma_gradient_keeps_float64_accuracy_under_cancellation(cuda_ext_emulated, rows, bound, kind):
+    """As test_activations' twin: the block partials are summed in double."""
+    x, grad_out, exact = cancelling_sigma_gradient_case(kind, rows)
+    _, grad_sigma = cuda_ext_emulated.activation_backward(grad_out, x, torch.tensor(1.3), KIND[kind], True)
+    assert abs(grad_sigma.item() - exact) <= bound * abs(exact), (grad_sigma.item(), exact)
 
 
 def test_activation_quotient_overflow_gives_zeros_not_nan(cuda_ext_emulated):

@@ -1,6 +1,7 @@
 // CUDA kernels for sinc(x / sigma) and gaussian(x / sigma) (methods.md section 10):
 // grid-stride elementwise passes; the backward writes one sigma-gradient partial per
-// block, summed on the host side in a fixed order (deterministic).
+// block, summed on the host side in a fixed order (deterministic). The sums are in double
+// whatever the dtype, as in the C++ kernel: terms of both signs cancel over the tensor.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -90,28 +91,28 @@ __global__ void forward_kernel(const T* __restrict__ x, const typename OpMath<T>
 template <int Kind, typename T>
 __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                 const typename OpMath<T>::type* __restrict__ sigma_ptr, T* __restrict__ grad_x,
-                                typename OpMath<T>::type* __restrict__ partials, bool need_sigma_grad, int64_t n) {
+                                double* __restrict__ partials, bool need_sigma_grad, int64_t n) {
   using M = typename OpMath<T>::type;
   const M sigma = *sigma_ptr;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  M local = M(0);
+  double local = 0.0;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const M u = quotient(load(x, i), sigma);
     const M gd = load(grad, i) * derivative<Kind>(u);
     store(grad_x, i, gd / sigma);
-    local += gd * u;
+    local += static_cast<double>(gd * u);
   }
   if (!need_sigma_grad) return;
   // Block reduction: warp shuffles, then one value per warp through shared memory.
-  __shared__ M warp_sums[kThreads / 32];
+  __shared__ double warp_sums[kThreads / 32];
   for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_down_sync(0xffffffffu, local, offset);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) warp_sums[warp] = local;
   __syncthreads();
   if (warp == 0) {
-    local = lane < kThreads / 32 ? warp_sums[lane] : M(0);
+    local = lane < kThreads / 32 ? warp_sums[lane] : 0.0;
     for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_down_sync(0xffffffffu, local, offset);
-    if (lane == 0) partials[blockIdx.x] = -local / sigma;
+    if (lane == 0) partials[blockIdx.x] = -local / static_cast<double>(sigma);
   }
 }
 
@@ -138,7 +139,7 @@ cudaError_t backward_typed(int kind, const void* grad, const void* x, const void
   auto xs = static_cast<const T*>(x);
   auto ss = static_cast<const M*>(sigma);
   auto gx = static_cast<T*>(grad_x);
-  auto ps = static_cast<M*>(partials);
+  auto ps = static_cast<double*>(partials);
   if (kind == 0) backward_kernel<0, T><<<blocks, kThreads, 0, stream>>>(gs, xs, ss, gx, ps, need_sigma_grad, n);
   else backward_kernel<1, T><<<blocks, kThreads, 0, stream>>>(gs, xs, ss, gx, ps, need_sigma_grad, n);
   return cudaGetLastError();

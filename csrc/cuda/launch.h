@@ -12,7 +12,7 @@ namespace cuda {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // Blocks a backward launch uses for n elements: the caller allocates that many
-// sigma-gradient partials (opmath type: double for kFloat64, float otherwise).
+// sigma-gradient partials, double whatever the dtype.
 int activation_backward_num_blocks(int64_t n);
 
 // sigma points to one opmath value on the device.

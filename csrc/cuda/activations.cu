@@ -100,7 +100,7 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
     const M u = quotient(load(x, i), sigma);
     const M gd = load(grad, i) * derivative<Kind>(u);
     store(grad_x, i, gd / sigma);
-    local += static_cast<double>(gd * u);
+    if (need_sigma_grad) local += static_cast<double>(gd * u);  // uniform branch: no double work otherwise
   }
   if (!need_sigma_grad) return;
   // Block reduction: warp shuffles, then one value per warp through shared memory.

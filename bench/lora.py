@@ -157,6 +157,10 @@ def run(device: str, quick: bool = False, on_rows: Optional[Callable[[List[Dict]
     if on_rows is not None:
         on_rows(rows)
     rows += _with_adapter_dropout(device, scale, case, xg, w, a, b, bias, grad)
+    if device == "cpu":
+        if on_rows is not None:
+            on_rows(rows)
+        rows += _bfloat16_training(device, scale, case, xg, w, a, b, bias, grad)
     if dtype in HALF_DTYPES:
         if on_rows is not None:
             on_rows(rows)
@@ -208,6 +212,26 @@ def with_float32_adapters(device: str, scale: float, case: str, xg, w, a, b, bia
                 out = impls[row["impl"]](xg).double()
             row["rel_err_vs_fp64"] = ((out - expected).norm() / expected.norm()).item()
     return rows
+
+
+def _bfloat16_training(device: str, scale: float, case: str, xg, w, a, b, bias, grad) -> List[Dict]:
+    """Forward+backward of the same case in bfloat16 (the CPU case is float32 otherwise): every
+    implementation on bfloat16 x, W, A, B, where the cpp path runs its full-size products in
+    bfloat16 when oneDNN has a bfloat16 GEMM."""
+    x16, w16, bias16, grad16 = (t.detach().to(torch.bfloat16) for t in (xg, w, bias, grad))
+    x16.requires_grad_(True)
+    a16, b16 = (t.detach().to(torch.bfloat16).requires_grad_(True) for t in (a, b))
+
+    def naive(x):
+        return F.linear(x, w16 + scale * torch.sin(OMEGA * (b16 @ a16)), bias16)
+
+    def plain_lora(x):
+        return F.linear(x, w16, bias16) + scale * ((x @ a16.T) @ b16.T)
+
+    impls: Dict[str, Callable] = {"naive": naive, "plain LoRA": plain_lora}
+    impls.update(_lucidops_variants(device, scale, w16, a16, b16, bias16, adapter_input=False))
+    return _time_training(device, case.replace("float32", "bfloat16"), "forward+backward", x16, a16, b16, grad16,
+                          impls, _call)
 
 
 def _lucidops_variants(device: str, scale: float, w, a, b, bias, adapter_input: bool) -> Dict[str, Callable]:

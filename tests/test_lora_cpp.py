@@ -163,3 +163,39 @@ def test_fn_is_within_a_few_float32_ulps_of_float64(ext, fn):
             assert ulps[series].max() <= 2 and ulps[~series].max() <= 6
             # fn' = 1 - tanh^2 of the kernel's own rounded tanh: one or two roundings of values below 1
             assert (step.double() - (1 - value.double() ** 2)).abs().max() <= 2 ** -24
+
+
+def test_bfloat16_products_run_in_bfloat16_only_where_onednn_has_a_bfloat16_gemm(monkeypatch):
+    """The cpp path's full-size products take bfloat16 operands for a bfloat16 x where oneDNN
+    has a bfloat16 GEMM (4x faster forward+backward than float32 there), and float32 otherwise:
+    for float16 (whose CPU GEMM took 160 ms against float32's 44), and for bfloat16 where the
+    GEMM is missing. Both ways match the float64 reference within bfloat16's tolerance, and
+    agree with each other to about one bfloat16 rounding."""
+    from lucidops.ops import _lora_backends as backends_module
+
+    has_bf16_gemm = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    probe = {dtype: torch.empty(0, dtype=dtype) for dtype in (torch.bfloat16, torch.float16, torch.float32)}
+    assert backends_module._product_dtype(probe[torch.bfloat16]) == (torch.bfloat16 if has_bf16_gemm else torch.float32)
+    assert backends_module._product_dtype(probe[torch.float16]) == torch.float32
+    assert backends_module._product_dtype(probe[torch.float32]) == torch.float32
+
+    x, w, a, b, bias = make((96, 70), 50, 4, torch.bfloat16, "cpu", seed=4)
+    grad = torch.randn(96, 50).to(torch.bfloat16)
+
+    def run():
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+        with lucidops.use_backend("cpp"):
+            y = lucidops.ops.sine_lora_linear(leaves[0], w, leaves[1], leaves[2], bias, omega=3.0, scale=0.2)
+        y.backward(grad)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    results = {}
+    for gemm in (True, False):
+        monkeypatch.setattr(backends_module, "_onednn_has_bf16_gemm", lambda gemm=gemm: gemm)
+        assert backends_module._product_dtype(probe[torch.bfloat16]) == (torch.bfloat16 if gemm else torch.float32)
+        results[gemm] = run()
+        y_ref, gx, _, _, ga, gb = reference_grads(grad, x, w, a, b, bias, "sin", "weight", omega=3.0, scale=0.2)
+        for got, expected in zip(results[gemm], (y_ref, gx, ga, gb)):
+            assert rel_err(got, expected) < 1e-2
+    for bf16_products, float32_products in zip(results[True], results[False]):
+        assert rel_err(bf16_products, float32_products.double()) < 8e-3

@@ -151,7 +151,8 @@ def _triton_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x,
 
 _NOTES = {
     "cpp": "placement weight: a C++ pass builds the effective weight W + s fn(omega B A) from the rank-r "
-           "factors (forward, dx) and forms G fn'(omega B A) in place (dA, dB), around ATen matmuls; "
+           "factors (forward, dx) and forms G fn'(omega B A) in place (dA, dB), around ATen matmuls "
+           "(bfloat16 ones for a bfloat16 x where oneDNN has a bfloat16 GEMM, else float32); "
            "placement output: ATen matmuls and in-place elementwise steps; saves only x, weight, A, B",
     "triton": "up to 128 rows the update's tiles are regenerated inside the matmul K-loop (forward, dx) "
               "and the weight-gradient tile is reduced into dA, dB without reaching memory; above, Triton "

@@ -48,7 +48,7 @@ def _onednn_has_bf16_gemm() -> bool:
 
 
 def _product_dtype(x: Tensor) -> torch.dtype:
-    """The dtype of the cpp path's full-size products (x W_eff^T, dY^T X, dY W_eff): bfloat16
+    """The dtype of the cpp path's full-size products (x W^T or x W_eff^T, dY^T X, dY W): bfloat16
     for bfloat16 x where oneDNN has a bfloat16 GEMM (float32 accumulation, as a bfloat16
     nn.Linear; (4096, 1024) x (1024, 1024) took 8.9 ms there against 43.6 ms in float32 on
     2 AVX-512 cores), otherwise the compute dtype (float16 too: its CPU GEMM took 160 ms).
@@ -63,7 +63,7 @@ def _cpp_forward(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, bias: Optional
     W + s fn(omega B A) in one pass (no update temporaries), then one ATen matmul (in
     _product_dtype); nothing is kept for backward. Placement "output" has no full-rank update:
     ATen matmuls and in-place elementwise steps on the (M, N_out) phase, in float32 for half
-    inputs."""
+    inputs but for the base's product x W^T (in _product_dtype)."""
     compute = _reference.opmath_dtype(x.dtype)
     if placement == "weight":
         product = _product_dtype(x)
@@ -75,7 +75,12 @@ def _cpp_forward(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, bias: Optional
         return torch.mm(xp, w_eff.T).to(x.dtype)
     xc = x.to(compute)
     z = torch.mm(torch.mm(xc, a.to(compute).T), b.to(compute).T).mul_(omega)
-    y = _apply_fn_(fn, z).mul_(scale).addmm_(xc, weight.to(compute).T)
+    y = _apply_fn_(fn, z).mul_(scale)
+    product = _product_dtype(x)
+    if product == compute:
+        y.addmm_(xc, weight.to(compute).T)
+    else:  # the base product in bfloat16, added to the float32 adapter term
+        y.add_(torch.mm(x, weight.to(product).T))
     if bias is not None:
         y.add_(bias)
     return y.to(x.dtype)
@@ -113,6 +118,8 @@ def _cpp_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, ne
         grad_bias = grad.sum(0, dtype=compute).to(weight.dtype) if need_bias else empty
     else:
         g, xc = grad.to(compute), x.to(compute)
+        product = _product_dtype(x)
+        gp, xp = (g, xc) if product == compute else (grad.to(product), x.to(product))
         u = torch.mm(xc, ac.T)
         if need_lora or need_x:
             z = torch.mm(u, bc.T).mul_(omega)
@@ -126,9 +133,10 @@ def _cpp_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, ne
                 grad_b = torch.mm(gz.T, u).mul_(omega)
                 grad_a = torch.mm(du.T, xc)
             if need_x:
-                grad_x = torch.mm(g, weight.to(compute)).addmm_(du, ac)
+                # The base's dY W in the products' dtype, the rank-r du A in float32.
+                grad_x = torch.mm(gp, weight.to(product)).to(compute).addmm_(du, ac)
         if need_weight:
-            grad_w = torch.mm(g.T, xc).to(weight.dtype)
+            grad_w = torch.mm(gp.T, xp).to(weight.dtype)
         grad_bias = g.sum(0).to(weight.dtype) if need_bias else empty
     if not need_lora:  # empty, in x's dtype as the other backends and the fake kernel give it
         return grad_x.to(x.dtype), grad_w, grad_bias, empty, empty

@@ -182,20 +182,21 @@ def test_bfloat16_products_run_in_bfloat16_only_where_onednn_has_a_bfloat16_gemm
     x, w, a, b, bias = make((96, 70), 50, 4, torch.bfloat16, "cpu", seed=4)
     grad = torch.randn(96, 50).to(torch.bfloat16)
 
-    def run():
-        leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+    def run(placement):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, a, b)]
         with lucidops.use_backend("cpp"):
-            y = lucidops.ops.sine_lora_linear(leaves[0], w, leaves[1], leaves[2], bias, omega=3.0, scale=0.2)
+            y = lucidops.ops.bounded_lora_linear(*leaves, bias, fn="sin", omega=3.0, scale=0.2, placement=placement)
         y.backward(grad)
         return [y.detach()] + [t.grad for t in leaves]
 
-    results = {}
-    for gemm in (True, False):
-        monkeypatch.setattr(backends_module, "_onednn_has_bf16_gemm", lambda gemm=gemm: gemm)
-        assert backends_module._product_dtype(probe[torch.bfloat16]) == (torch.bfloat16 if gemm else torch.float32)
-        results[gemm] = run()
-        y_ref, gx, _, _, ga, gb = reference_grads(grad, x, w, a, b, bias, "sin", "weight", omega=3.0, scale=0.2)
-        for got, expected in zip(results[gemm], (y_ref, gx, ga, gb)):
-            assert rel_err(got, expected) < 1e-2
-    for bf16_products, float32_products in zip(results[True], results[False]):
-        assert rel_err(bf16_products, float32_products.double()) < 8e-3
+    for placement in ("weight", "output"):
+        results = {}
+        expected = reference_grads(grad, x, w, a, b, bias, "sin", placement, omega=3.0, scale=0.2)
+        for gemm in (True, False):
+            monkeypatch.setattr(backends_module, "_onednn_has_bf16_gemm", lambda gemm=gemm: gemm)
+            assert backends_module._product_dtype(probe[torch.bfloat16]) == (torch.bfloat16 if gemm else torch.float32)
+            results[gemm] = run(placement)
+            for got, exact in zip(results[gemm], [expected[i] for i in (0, 1, 2, 4, 5)]):  # y, dx, dW, dA, dB
+                assert rel_err(got, exact) < 1e-2, placement
+        for bf16_products, float32_products in zip(results[True], results[False]):
+            assert rel_err(bf16_products, float32_products.double()) < 8e-3, placement

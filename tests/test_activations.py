@@ -254,7 +254,6 @@ def test_backward_is_deterministic():
     assert grads[0] == grads[1]
 
 
-@pytest.mark.parametrize("kind", ["sinc", "gaussian"])
 def cancelling_sigma_gradient_case(kind: str, rows: int):
     """(x, grad_out, exact sigma gradient) where the sigma gradient's terms cancel in long runs:
     one row of x repeated ``rows`` times, against a gradient that changes sign along it."""
@@ -296,7 +295,7 @@ def test_cpp_half_kernels_are_the_float32_kernels_rounded_by_torch(kind, dtype):
     float32 kernels' on x and grad raised to float32, y and grad_x rounded by torch's .to(dtype).
     Truncating instead of rounding to nearest even errs by one unit in about half the elements,
     within the 1-ulp tolerances above; here it fails. 70001 elements: whole and partial vectors,
-    tiles and chunks; with infinities, NaN, signed zeros, rounding ties and subnormal halves."""
+    tiles and chunks; with infinities, NaN, signed zeros and subnormal halves."""
     if lucidops.backends.backend_problem("cpp", "cpu") is not None:
         pytest.skip("no C++ extension")
     gen = torch.Generator().manual_seed(5)

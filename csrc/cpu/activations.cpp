@@ -167,6 +167,13 @@ inline void from_opmath(const float* src, at::Half* dst, int64_t m) {
 }
 #endif
 
+// u = x / sigma over a tile, in opmath (quotient's overflow rule), for the forward and backward.
+template <typename scalar_t, typename opmath_t>
+inline void tile_quotients(const scalar_t* x, opmath_t* u, int64_t m, opmath_t sigma) {
+  to_opmath(x, u, m);
+  for (int64_t i = 0; i < m; ++i) u[i] = quotient(u[i], sigma);
+}
+
 template <typename scalar_t, typename Kind>
 void forward_kernel(const scalar_t* x, scalar_t* y, int64_t n, double sigma_value) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -177,8 +184,7 @@ void forward_kernel(const scalar_t* x, scalar_t* y, int64_t n, double sigma_valu
     const int64_t end = std::min(n, chunk_end * kChunk);
     for (int64_t t = chunk_begin * kChunk; t < end; t += kTile) {
       const int64_t m = std::min(kTile, end - t);
-      to_opmath(x + t, u, m);
-      for (int64_t i = 0; i < m; ++i) u[i] = quotient(u[i], sigma);
+      tile_quotients(x + t, u, m, sigma);
       Kind::value(u, f, m);
       from_opmath(f, y + t, m);
     }
@@ -237,18 +243,18 @@ double backward_kernel(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partials(need_sigma_grad ? num_chunks : 0, 0.0);
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    opmath_t u[kTile], d[kTile], g[kTile], gx[kTile];
+    opmath_t u[kTile], d[kTile];
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       const int64_t end = std::min(n, (chunk + 1) * kChunk);
       double chunk_sum = 0.0;
       for (int64_t t = chunk * kChunk; t < end; t += kTile) {
         const int64_t m = std::min(kTile, end - t);
-        to_opmath(x + t, u, m);
-        for (int64_t i = 0; i < m; ++i) u[i] = quotient(u[i], sigma);
+        tile_quotients(x + t, u, m, sigma);
         Kind::derivative(u, d, m);
         if constexpr (std::is_same_v<scalar_t, opmath_t>) {
           chunk_sum += scale_tile(grad + t, d, u, grad_x + t, m, sigma);
         } else {  // half types: through opmath buffers
+          opmath_t g[kTile], gx[kTile];
           to_opmath(grad + t, g, m);
           chunk_sum += scale_tile(g, d, u, gx, m, sigma);
           from_opmath(gx, grad_x + t, m);

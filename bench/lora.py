@@ -222,13 +222,9 @@ def _bfloat16_training(device: str, scale: float, case: str, xg, w, a, b, bias, 
     x16.requires_grad_(True)
     a16, b16 = (t.detach().to(torch.bfloat16).requires_grad_(True) for t in (a, b))
 
-    def naive(x):
-        return F.linear(x, w16 + scale * torch.sin(OMEGA * (b16 @ a16)), bias16)
-
-    def plain_lora(x):
-        return F.linear(x, w16, bias16) + scale * ((x @ a16.T) @ b16.T)
-
-    impls: Dict[str, Callable] = {"naive": naive, "plain LoRA": plain_lora}
+    baselines = _impls(device, scale)  # the float32 case's formulas, bound to the bfloat16 tensors
+    impls: Dict[str, Callable] = {name: functools.partial(baselines[name], w=w16, a=a16, b=b16, bias=bias16)
+                                  for name in ("naive", "plain LoRA")}
     impls.update(_lucidops_variants(device, scale, w16, a16, b16, bias16, adapter_input=False))
     return _time_training(device, case.replace("float32", "bfloat16"), "forward+backward", x16, a16, b16, grad16,
                           impls, _call)

@@ -268,7 +268,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifndef LUCIDOPS_WITH_CUDA
   m.def("gaussian_spatial_order", &impl::gaussian_spatial_order, "culled forward's point order (N,) of points (N, 3)");
   // Attention for many small heads (csrc/cpu/attention.cpp).
-  m.def("attention_forward", &impl::attention_forward, "(out, lse) of q, k, v (B, H, N, d)",
+  m.def("attention_forward", &impl::attention_forward, "(out, lse, out_lo) of q, k, v (B, H, N, d)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("causal"),
         py::arg("scale"), py::arg("dropout_seed") = 0, py::arg("dropout_threshold") = 0,
         py::arg("dropout_scale") = 1.0);

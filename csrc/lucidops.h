@@ -48,15 +48,19 @@ at::Tensor lora_weight_backward(const at::Tensor& weight, const at::Tensor& lora
                                 at::Tensor grad_weight, int64_t fn, double omega, double scale,
                                 bool need_effective_weight);
 
-// Attention for many small heads (csrc/cpu/attention.cpp); float32 or float64, any strides but
-// a unit one along d. q (B, H, Nq, d), k and v (B, H, Nk, d), key_padding_mask bool (B, Nk) or
-// empty. Forward: (out (B, H, Nq, d) laid out as (B, Nq, H, d), lse (B, H, Nq)). Backward,
-// with delta = rowsum(dO O) - dL/dlse: (dq, dk, dv). Dropout (lucidops.reference.attention_dropout):
-// a 32-bit seed, the 24-bit keep threshold (0: no dropout) and the kept probabilities' scale.
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const at::Tensor& key_padding_mask, bool causal, double scale,
-                                                     int64_t dropout_seed, int64_t dropout_threshold,
-                                                     double dropout_scale);
+// Attention for many small heads (csrc/cpu/attention.cpp); float16, bfloat16 (computed in
+// float32), float32 or float64, any strides but a unit one along d. q (B, H, Nq, d), k and v
+// (B, H, Nk, d), key_padding_mask bool (B, Nk) or empty. Forward: (out (B, H, Nq, d) in q's dtype
+// laid out as (B, Nq, H, d), lse (B, H, Nq) in the compute dtype, out_lo: for bfloat16 the
+// output's rounding residual (B, H, Nq, d), else empty). Backward, with lse and
+// delta = rowsum(dO O) - dL/dlse in the compute dtype: (dq, dk, dv) in q's dtype. Dropout
+// (lucidops.reference.attention_dropout): a 32-bit seed, the 24-bit keep threshold (0: no
+// dropout) and the kept probabilities' scale.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v,
+                                                                 const at::Tensor& key_padding_mask, bool causal,
+                                                                 double scale, int64_t dropout_seed,
+                                                                 int64_t dropout_threshold, double dropout_scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
                                                                   const at::Tensor& lse, const at::Tensor& delta,

@@ -153,14 +153,20 @@ def test_gradcheck_and_opcheck_with_a_fixed_seed(backend):
                               (torch.randn_like(out), torch.randn_like(lse), *args[:3], out, lo, lse, *args[3:]))
 
 
-def test_cpu_default_under_dropout_is_cpp_and_aten_refuses():
-    """aten's kernel draws its own mask, which no backward can regenerate: float64 (aten's
-    CPU default) runs cpp under dropout, and forcing aten says why it cannot."""
+def test_cpu_under_dropout_never_falls_back_to_aten_and_aten_refuses(monkeypatch):
+    """aten's kernel draws its own mask, which no backward can regenerate: without the C++
+    extension, aten (the fallback) runs calls without dropout and the reference those with
+    it, and forcing aten says why it cannot."""
     q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    lucidops.ops.attention(q, k, v, dropout_p=0.1)
+    assert backends.last_used("attention") == "cpp"
+    problem = backends.backend_problem
+    monkeypatch.setattr(backends, "backend_problem",
+                        lambda name, device_type: "no C++ extension" if name == "cpp" else problem(name, device_type))
     lucidops.ops.attention(q, k, v)
     assert backends.last_used("attention") == "aten"
     lucidops.ops.attention(q, k, v, dropout_p=0.1)
-    assert backends.last_used("attention") == "cpp"
+    assert backends.last_used("attention") == "reference"
     with lucidops.use_backend("aten"), pytest.raises(backends.BackendUnavailable, match="dropout"):
         lucidops.ops.attention(q, k, v, dropout_p=0.1)
 

@@ -16,10 +16,15 @@
 //
 // Contract (lucidops.reference.attention): top-left causal (key j visible to query i iff
 // j <= i), key_padding_mask True = key takes part, a query with no visible key gets
-// out = 0, lse = -inf and zero gradient. float32 and float64; half inputs run in float32.
+// out = 0, lse = -inf and zero gradient. float32 and float64; float16 and bfloat16 are read
+// and written as they are and computed in float32 (rows convert as they are loaded into the
+// per-thread buffers, results as they are stored), with the same results, bit for bit, as
+// the float32 kernel on inputs converted by torch and outputs rounded by torch. A bfloat16
+// output comes with its rounding residual out_lo (lucidops.reference.attention.low_part).
 // Attention dropout regenerates its mask from (seed, head, query, key) with the hash of
 // lucidops.reference.attention_dropout, bit for bit, in forward and backward.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -29,6 +34,7 @@
 #include <vector>
 
 #include "../lucidops.h"
+#include "half_convert.h"
 #include "parallel.h"
 #include "vec_math.h"
 
@@ -60,7 +66,7 @@ constexpr int64_t kBackwardRows = 8;
 constexpr int64_t kKeyPad = 16;
 
 inline float exp_of(float v) { return vec_math::exp(v); }
-inline double exp_of(double v) { return std::exp(v); }
+inline double exp_of(double v) { return vec_math::exp(v); }
 
 // out[r][j] = sum_c x[r][c] mat_t[c][j] for R rows, keys [0, keys) (a multiple of the lanes).
 // x: R x d; mat_t: d x ld; out: R x ld.
@@ -180,15 +186,16 @@ Rows<T> rows_of(const at::Tensor& t, const char* name) {
   return Rows<T>{t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.size(1)};
 }
 
-// The shapes and raw pointers of one call.
-template <typename T>
+// The shapes and raw pointers of one call: inputs stored as S, computed in T (S itself, or
+// float32 for the half types).
+template <typename T, typename S>
 struct Problem {
   int64_t batch, heads, nq, nk, d;
   bool causal;
   T scale;
-  Rows<T> q;             // (B, H, Nq, d)
-  Rows<T> k;             // (B, H, Nk, d)
-  Rows<T> v;             // (B, H, Nk, d)
+  Rows<S> q;             // (B, H, Nq, d)
+  Rows<S> k;             // (B, H, Nk, d)
+  Rows<S> v;             // (B, H, Nk, d)
   const bool* key_mask;  // (B, Nk) or null
   // Dropout: a probability is kept when its 24-bit hash >= threshold (0: no dropout), then
   // multiplied by keep_scale.
@@ -215,33 +222,59 @@ struct Problem {
   int64_t out_offset(int64_t bh, int64_t i) const { return ((bh / heads * nq + i) * heads + bh % heads) * d; }
 };
 
-// Head bh's keys or values transposed to (d, ld), zeros in the padding keys.
-template <typename T>
-void transpose_head(const Rows<T>& src, int64_t bh, int64_t nk, int64_t d, int64_t ld, T* dst) {
+// d values of a storage row in the compute type.
+template <typename T, typename S>
+inline void load_row(const S* src, int64_t d, T* dst) {
+  if constexpr (std::is_same_v<S, T>) {
+    std::copy(src, src + d, dst);
+  } else {
+    to_opmath(src, dst, d);
+  }
+}
+
+// d computed values stored as S, rounded as torch's `.to` rounds.
+template <typename T, typename S>
+inline void store_row(const T* src, int64_t d, S* dst) {
+  if constexpr (std::is_same_v<S, T>) {
+    std::copy(src, src + d, dst);
+  } else {
+    from_opmath(src, dst, d);
+  }
+}
+
+// Head bh's keys or values transposed to (d, ld), zeros in the padding keys; row: d values
+// of scratch for a half row's conversion.
+template <typename T, typename S>
+void transpose_head(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64_t ld, T* row, T* dst) {
   std::fill(dst, dst + d * ld, T(0));
   for (int64_t j = 0; j < nk; ++j) {
-    const T* row = src.row(bh, j);
-    for (int64_t c = 0; c < d; ++c) dst[c * ld + j] = row[c];
+    const T* values = row;
+    if constexpr (std::is_same_v<S, T>) {
+      values = src.row(bh, j);
+    } else {
+      to_opmath(src.row(bh, j), row, d);
+    }
+    for (int64_t c = 0; c < d; ++c) dst[c * ld + j] = values[c];
   }
 }
 
 // Head bh's keys or values as (ld, dpad) rows, zeros in the padding.
-template <typename T>
-void pad_head_rows(const Rows<T>& src, int64_t bh, int64_t nk, int64_t d, int64_t dpad, int64_t ld, T* dst) {
+template <typename T, typename S>
+void pad_head_rows(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64_t dpad, int64_t ld, T* dst) {
   std::fill(dst, dst + ld * dpad, T(0));
-  for (int64_t j = 0; j < nk; ++j) std::copy(src.row(bh, j), src.row(bh, j) + d, dst + j * dpad);
+  for (int64_t j = 0; j < nk; ++j) load_row(src.row(bh, j), d, dst + j * dpad);
 }
 
 // Per-thread buffers of one head. Scores need K^T (d x ld); the backward's dP = dO V^T needs
 // V^T. The contraction over the keys (P V forward, dS K backward) reads the other operand as
 // padded rows (ld x dpad) when the head dim fills a vector, so its sums stay within lanes,
 // and transposed otherwise. Also a block's rows (R x d), its key rows (R x ld) and the
-// backward's dK^T, dV^T (d x ld).
+// backward's dK^T, dV^T (d x ld); and one row (d) for conversions to and from half types.
 template <typename T>
 struct HeadScratch {
   int64_t d, ld, dpad;
   bool backward, by_rows;
-  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, rows_do, keys_a, keys_b, keys_z, grad_k_t, grad_v_t;
+  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, rows_do, keys_a, keys_b, keys_z, grad_k_t, grad_v_t, row;
 
   HeadScratch(int64_t d_, int64_t ld_, bool backward_)
       : d(d_),
@@ -259,11 +292,13 @@ struct HeadScratch {
         keys_b(block_rows() * ld),
         keys_z(backward ? ld : 0),  // one row's dropout multipliers (the forward uses keys_b)
         grad_k_t(backward ? d * ld : 0),
-        grad_v_t(backward ? d * ld : 0) {}
+        grad_v_t(backward ? d * ld : 0),
+        row(d) {}
 
-  void load(const Problem<T>& pb, int64_t bh) {
-    transpose_head(pb.k, bh, pb.nk, d, ld, k_t.data());
-    if (!v_t.empty()) transpose_head(pb.v, bh, pb.nk, d, ld, v_t.data());
+  template <typename S>
+  void load(const Problem<T, S>& pb, int64_t bh) {
+    transpose_head(pb.k, bh, pb.nk, d, ld, row.data(), k_t.data());
+    if (!v_t.empty()) transpose_head(pb.v, bh, pb.nk, d, ld, row.data(), v_t.data());
     if (by_rows) pad_head_rows(backward ? pb.k : pb.v, bh, pb.nk, d, dpad, ld, contracted.data());
   }
 
@@ -296,8 +331,8 @@ void block_times_keys(const T* x, const T* mat_t, int64_t d, int64_t ld, int64_t
 }
 
 // Masks a score row beyond its visible keys and padding keys: -inf on [0, ld) where hidden.
-template <typename T>
-void hide_keys(const Problem<T>& pb, int64_t b, int64_t end, int64_t ld, T* s) {
+template <typename T, typename S>
+void hide_keys(const Problem<T, S>& pb, int64_t b, int64_t end, int64_t ld, T* s) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   if (pb.key_mask) {
     const bool* mask = pb.key_mask + b * pb.nk;
@@ -308,8 +343,8 @@ void hide_keys(const Problem<T>& pb, int64_t b, int64_t end, int64_t ld, T* s) {
 }
 
 // keep_scale where key j's probability is kept in this row, 0 where dropped; for j in [0, keys).
-template <typename T>
-void dropout_multipliers(const Problem<T>& pb, int64_t bh, int64_t i, int64_t keys, T* z) {
+template <typename T, typename S>
+void dropout_multipliers(const Problem<T, S>& pb, int64_t bh, int64_t i, int64_t keys, T* z) {
   const uint32_t key = pb.row_key(bh, i), cut = pb.threshold;
   const T kept = pb.keep_scale;
 #pragma omp simd
@@ -328,12 +363,13 @@ T row_max(const T* s, int64_t end) {
 // Scores of rows [i0, i0 + R) of head bh into keys_a (R x ld): scale q_i . k_j, -inf where
 // hidden; rows_a gets scale q. Returns how many keys the block spans: the last row's
 // visible end (every row of the block ends at or before it) rounded up to whole vectors.
-template <typename T, int R>
-int64_t block_scores(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs) {
+template <typename T, typename S, int R>
+int64_t block_scores(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs) {
   const int64_t d = pb.d, ld = hs.ld;
   for (int r = 0; r < R; ++r) {
-    const T* q_row = pb.q.row(bh, i0 + r);
-    for (int64_t c = 0; c < d; ++c) hs.rows_a[r * d + c] = q_row[c] * pb.scale;
+    T* scaled = &hs.rows_a[r * d];
+    load_row(pb.q.row(bh, i0 + r), d, scaled);
+    for (int64_t c = 0; c < d; ++c) scaled[c] *= pb.scale;
   }
   const int64_t last_end = pb.visible_end(i0 + R - 1);
   const int64_t keys = (last_end + vec_math::Vec<T>::kLanes - 1) / vec_math::Vec<T>::kLanes * vec_math::Vec<T>::kLanes;
@@ -342,10 +378,33 @@ int64_t block_scores(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T
   return keys;
 }
 
-template <typename T, int R>
-void forward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs, T* out, T* lse) {
+// Where the forward writes: out (S, token-major), lse (T), and for bfloat16 out_lo (bfloat16,
+// (B, H, Nq, d) contiguous), the residual out - out rounded, else null.
+template <typename T, typename S>
+struct ForwardOutputs {
+  S* out;
+  T* lse;
+  S* out_lo;
+};
+
+// Query row i of head bh: y (d values of T, used as scratch) stored to out, and out_lo if any.
+template <typename T, typename S>
+void store_output_row(const Problem<T, S>& pb, const ForwardOutputs<T, S>& to, int64_t bh, int64_t i, T* y,
+                      T* scratch) {
+  S* out_row = to.out + pb.out_offset(bh, i);
+  store_row(y, pb.d, out_row);
+  if (to.out_lo == nullptr) return;
+  to_opmath(out_row, scratch, pb.d);
+  for (int64_t c = 0; c < pb.d; ++c) scratch[c] = y[c] - scratch[c];
+  store_row(scratch, pb.d, to.out_lo + (bh * pb.nq + i) * pb.d);
+}
+
+template <typename T, typename S, int R>
+void forward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs,
+                   const ForwardOutputs<T, S>& to) {
   const int64_t d = pb.d, ld = hs.ld;
-  const int64_t keys = block_scores<T, R>(pb, bh, i0, hs);
+  T* lse = to.lse;
+  const int64_t keys = block_scores<T, S, R>(pb, bh, i0, hs);
   T sums[R];
   bool empty[R];
   for (int r = 0; r < R; ++r) {
@@ -372,8 +431,9 @@ void forward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>&
   }
   hs.template contract<R>(hs.keys_a.data(), keys, hs.rows_b.data());  // P V
   for (int r = 0; r < R; ++r) {
-    T* out_row = out + pb.out_offset(bh, i0 + r);
-    for (int64_t c = 0; c < d; ++c) out_row[c] = empty[r] ? T(0) : hs.rows_b[r * d + c] / sums[r];
+    T* y = &hs.rows_b[r * d];
+    for (int64_t c = 0; c < d; ++c) y[c] = empty[r] ? T(0) : y[c] / sums[r];
+    store_output_row(pb, to, bh, i0 + r, y, hs.row.data());
   }
 }
 
@@ -384,8 +444,8 @@ void forward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>&
 // 64 x Nk x d multiply-adds, twice.
 constexpr int64_t kForwardChunk = 64;
 
-template <typename T>
-void forward_kernel(const Problem<T>& pb, T* out, T* lse) {
+template <typename T, typename S>
+void forward_kernel(const Problem<T, S>& pb, const ForwardOutputs<T, S>& to) {
   const int64_t ld = pb.padded_keys();
   const int64_t chunks = (pb.nq + kForwardChunk - 1) / kForwardChunk;
   // A task's multiply-adds: QK^T and PV for up to kForwardChunk rows.
@@ -401,23 +461,21 @@ void forward_kernel(const Problem<T>& pb, T* out, T* lse) {
       }
       int64_t i0 = task % chunks * kForwardChunk;
       const int64_t row_end = std::min(pb.nq, i0 + kForwardChunk);
-      for (; i0 + kRows <= row_end; i0 += kRows) forward_block<T, kRows>(pb, bh, i0, hs, out, lse);
-      for (; i0 < row_end; ++i0) forward_block<T, 1>(pb, bh, i0, hs, out, lse);
+      for (; i0 + kRows <= row_end; i0 += kRows) forward_block<T, S, kRows>(pb, bh, i0, hs, to);
+      for (; i0 < row_end; ++i0) forward_block<T, S, 1>(pb, bh, i0, hs, to);
     }
   });
 }
 
 // dV = P^T dO, dS = P (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q, with
 // P = exp(s - lse) recomputed and delta = rowsum(dO O) - dL/dlse given.
-template <typename T, int R>
-void backward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs,
-                    const Rows<T>& grad_out, const T* lse, const T* delta, T* grad_q) {
+template <typename T, typename S, int R>
+void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs,
+                    const Rows<S>& grad_out, const T* lse, const T* delta, S* grad_q) {
   const int64_t d = pb.d, ld = hs.ld;
-  const int64_t keys = block_scores<T, R>(pb, bh, i0, hs);  // rows_a = scale q, keys_a = s
-  for (int r = 0; r < R; ++r) {  // dO rows side by side, as rows_times_keys and accumulate_outer read them
-    const T* row = grad_out.row(bh, i0 + r);
-    std::copy(row, row + d, &hs.rows_do[r * d]);
-  }
+  const int64_t keys = block_scores<T, S, R>(pb, bh, i0, hs);  // rows_a = scale q, keys_a = s
+  for (int r = 0; r < R; ++r)  // dO rows side by side, as rows_times_keys and accumulate_outer read them
+    load_row(grad_out.row(bh, i0 + r), d, &hs.rows_do[r * d]);
   const T* do_rows = hs.rows_do.data();
   block_times_keys<T, R>(do_rows, hs.v_t.data(), d, ld, keys, hs.keys_b.data());  // dP = dO V^T
   for (int r = 0; r < R; ++r) {
@@ -448,13 +506,13 @@ void backward_block(const Problem<T>& pb, int64_t bh, int64_t i0, HeadScratch<T>
   accumulate_outer<T, R>(do_rows, hs.keys_a.data(), d, ld, keys, hs.grad_v_t.data());        // dV^T += dO^T P
   accumulate_outer<T, R>(hs.rows_a.data(), hs.keys_b.data(), d, ld, keys, hs.grad_k_t.data());  // dK^T += (s Q)^T dS
   hs.template contract<R>(hs.keys_b.data(), keys, hs.rows_b.data());                           // dS K
-  T* dq_rows = grad_q + (bh * pb.nq + i0) * d;
-  for (int64_t x = 0; x < R * d; ++x) dq_rows[x] = hs.rows_b[x] * pb.scale;
+  for (int64_t x = 0; x < R * d; ++x) hs.rows_b[x] *= pb.scale;
+  store_row(hs.rows_b.data(), R * d, grad_q + (bh * pb.nq + i0) * d);
 }
 
-template <typename T>
-void backward_kernel(const Problem<T>& pb, const Rows<T>& grad_out, const T* lse, const T* delta, T* grad_q, T* grad_k,
-                     T* grad_v) {
+template <typename T, typename S>
+void backward_kernel(const Problem<T, S>& pb, const Rows<S>& grad_out, const T* lse, const T* delta, S* grad_q,
+                     S* grad_k, S* grad_v) {
   const int64_t ld = pb.padded_keys(), d = pb.d, nk = pb.nk;
   // A head's backward: five Nq x Nk x d products.
   at::parallel_for(0, pb.batch * pb.heads, grain_for(10 * pb.nq * nk * d), [&](int64_t bh_begin, int64_t bh_end) {
@@ -465,17 +523,19 @@ void backward_kernel(const Problem<T>& pb, const Rows<T>& grad_out, const T* lse
       std::fill(hs.grad_v_t.begin(), hs.grad_v_t.end(), T(0));
       int64_t i0 = 0;
       for (; i0 + kBackwardRows <= pb.nq; i0 += kBackwardRows)
-        backward_block<T, kBackwardRows>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);
+        backward_block<T, S, kBackwardRows>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);
       for (; i0 + kRows <= pb.nq; i0 += kRows)
-        backward_block<T, kRows>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);
-      for (; i0 < pb.nq; ++i0) backward_block<T, 1>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);
-      T* dk = grad_k + bh * nk * d;
-      T* dv = grad_v + bh * nk * d;
-      for (int64_t j = 0; j < nk; ++j)
-        for (int64_t c = 0; c < d; ++c) {
-          dk[j * d + c] = hs.grad_k_t[c * ld + j];
-          dv[j * d + c] = hs.grad_v_t[c * ld + j];
-        }
+        backward_block<T, S, kRows>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);
+      for (; i0 < pb.nq; ++i0) backward_block<T, S, 1>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);
+      S* dk = grad_k + bh * nk * d;
+      S* dv = grad_v + bh * nk * d;
+      T* row = hs.row.data();
+      for (int64_t j = 0; j < nk; ++j) {
+        for (int64_t c = 0; c < d; ++c) row[c] = hs.grad_k_t[c * ld + j];
+        store_row(row, d, dk + j * d);
+        for (int64_t c = 0; c < d; ++c) row[c] = hs.grad_v_t[c * ld + j];
+        store_row(row, d, dv + j * d);
+      }
     }
   });
 }
@@ -486,8 +546,8 @@ struct Dropout {
   double keep_scale;
 };
 
-template <typename T>
-Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+template <typename T, typename S>
+Problem<T, S> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& key_padding_mask, bool causal, double scale, const Dropout& dropout) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "lucidops cpu attention kernel: q, k and v must be CPU tensors");
@@ -505,32 +565,39 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const bool* mask = masked ? key_padding_mask.const_data_ptr<bool>() : nullptr;
   TORCH_CHECK(dropout.threshold >= 0 && dropout.threshold < (int64_t{1} << (32 - kKeepShift)),
               "lucidops cpu attention kernel: dropout threshold must be in [0, 2^24), got ", dropout.threshold);
-  return Problem<T>{b, h, nq, nk, d, causal, static_cast<T>(scale), rows_of<T>(q, "q"), rows_of<T>(k, "k"),
-                    rows_of<T>(v, "v"), mask, static_cast<uint32_t>(dropout.seed),
-                    static_cast<uint32_t>(dropout.threshold), static_cast<T>(dropout.keep_scale)};
+  return Problem<T, S>{b, h, nq, nk, d, causal, static_cast<T>(scale), rows_of<S>(q, "q"), rows_of<S>(k, "k"),
+                       rows_of<S>(v, "v"), mask, static_cast<uint32_t>(dropout.seed),
+                       static_cast<uint32_t>(dropout.threshold), static_cast<T>(dropout.keep_scale)};
 }
 
-void check_compute_dtype(const at::Tensor& q) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "lucidops cpu attention kernel: float32 or float64 only (half inputs run in float32), got ",
-              q.scalar_type());
+void check_dtype(const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble || q.scalar_type() == at::kHalf ||
+                  q.scalar_type() == at::kBFloat16,
+              "lucidops cpu attention kernel: float16, bfloat16, float32 or float64 only, got ", q.scalar_type());
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const at::Tensor& key_padding_mask, bool causal, double scale,
-                                                     int64_t dropout_seed, int64_t dropout_threshold,
-                                                     double dropout_scale) {
-  check_compute_dtype(q);
-  at::Tensor out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lucidops_attention_forward", [&] {
-    forward_kernel<scalar_t>(make_problem<scalar_t>(q, k, v, key_padding_mask, causal, scale,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v,
+                                                                 const at::Tensor& key_padding_mask, bool causal,
+                                                                 double scale, int64_t dropout_seed,
+                                                                 int64_t dropout_threshold, double dropout_scale) {
+  check_dtype(q);
+  const int64_t b = q.size(0), h = q.size(1), nq = q.size(2), d = q.size(3);
+  at::Tensor out = at::empty({b, nq, h, d}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({b, h, nq}, q.options().dtype(at::toOpMathType(q.scalar_type())));
+  const bool has_low_part = q.scalar_type() == at::kBFloat16;
+  at::Tensor out_lo = has_low_part ? at::empty({b, h, nq, d}, q.options()) : at::empty({0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lucidops_attention_forward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const ForwardOutputs<opmath_t, scalar_t> to{out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<opmath_t>(),
+                                                has_low_part ? out_lo.mutable_data_ptr<scalar_t>() : nullptr};
+    forward_kernel(make_problem<opmath_t, scalar_t>(q, k, v, key_padding_mask, causal, scale,
                                                     Dropout{dropout_seed, dropout_threshold, dropout_scale}),
-                             out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>());
+                   to);
   });
-  return {out, lse};
+  return {out, lse, out_lo};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
@@ -539,23 +606,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
                                                                   const at::Tensor& key_padding_mask, bool causal,
                                                                   double scale, int64_t dropout_seed,
                                                                   int64_t dropout_threshold, double dropout_scale) {
-  check_compute_dtype(q);
+  check_dtype(q);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
               "lucidops cpu attention kernel: grad_out must be of q's shape and dtype");
   const std::vector<int64_t> rows{q.size(0), q.size(1), q.size(2)};
+  // float32 for the half types (their lse, delta and accumulators), else q's dtype.
+  const at::ScalarType compute = at::toOpMathType(q.scalar_type());
   TORCH_CHECK(lse.sizes() == at::IntArrayRef(rows) && delta.sizes() == at::IntArrayRef(rows) &&
-                  lse.scalar_type() == q.scalar_type() && delta.scalar_type() == q.scalar_type() &&
-                  lse.is_contiguous() && delta.is_contiguous(),
-              "lucidops cpu attention kernel: lse and delta must be contiguous (B, H, Nq) of q's dtype");
+                  lse.scalar_type() == compute && delta.scalar_type() == compute && lse.is_contiguous() &&
+                  delta.is_contiguous(),
+              "lucidops cpu attention kernel: lse and delta must be contiguous (B, H, Nq) in ", compute,
+              " (q's compute dtype)");
   at::Tensor grad_q = at::empty(q.sizes(), q.options());
   at::Tensor grad_k = at::empty(k.sizes(), q.options());
   at::Tensor grad_v = at::empty(grad_k.sizes(), q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lucidops_attention_backward", [&] {
-    backward_kernel<scalar_t>(make_problem<scalar_t>(q, k, v, key_padding_mask, causal, scale,
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lucidops_attention_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    backward_kernel(make_problem<opmath_t, scalar_t>(q, k, v, key_padding_mask, causal, scale,
                                                      Dropout{dropout_seed, dropout_threshold, dropout_scale}),
-                              rows_of<scalar_t>(grad_out, "grad_out"), lse.const_data_ptr<scalar_t>(),
-                              delta.const_data_ptr<scalar_t>(), grad_q.mutable_data_ptr<scalar_t>(),
-                              grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());
+                    rows_of<scalar_t>(grad_out, "grad_out"), lse.const_data_ptr<opmath_t>(),
+                    delta.const_data_ptr<opmath_t>(), grad_q.mutable_data_ptr<scalar_t>(),
+                    grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());
   });
   return {grad_q, grad_k, grad_v};
 }

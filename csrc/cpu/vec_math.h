@@ -74,6 +74,45 @@ inline float exp(float v) {
   return underflow ? 0.0f : p * scale;
 }
 
+// The double counterpart. Range: v <= 709 (larger v is clamped there, so exp of +inf is
+// finite; no caller gets there: they take exp of a non-positive value). Below -708.39 it
+// flushes to zero (exp(-708.39) is 1.007 times the smallest normal double). n = round(v log2 e) comes from adding
+// 1.5 * 2^52, whose low mantissa bits then hold n as an integer, and 2^n is built from those
+// bits with 64-bit integer adds and shifts: no double-to-integer conversion, which AVX2 lacks
+// for 64-bit lanes. exp(r) on |r| <= ln2 / 2 by its Taylor series to r^13 (the first omitted
+// term is below 5e-18 relative, a twentieth of an ulp).
+inline double exp(double v) {
+  constexpr double kLog2e = 1.4426950408889634;
+  // ln 2 in two parts; the high part's trailing zero bits make n * kLn2Hi exact for |n| < 2^11.
+  constexpr double kLn2Hi = 6.93147180369123816490e-01;
+  constexpr double kLn2Lo = 1.90821492927058770002e-10;
+  constexpr double kShift = 6755399441055744.0;  // 1.5 * 2^52
+  const bool underflow = v < -708.39;
+  v = v < -708.39 ? -708.39 : (v > 709.0 ? 709.0 : v);
+  const double shifted = v * kLog2e + kShift;
+  const double n = shifted - kShift;
+  const double r = (v - n * kLn2Hi) - n * kLn2Lo;
+  double p = 1.0 / 6227020800.0;  // 1 / 13!
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r * r + r + 1.0;
+  uint64_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  const uint64_t scale_bits = (bits + 1023) << 52;  // (n + 1023) in the exponent field
+  double scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return underflow ? 0.0 : p * scale;
+}
+
 // tanh(v) = 1 - 2 / (exp(2|v|) + 1) with v's sign for |v| >= 0.25 (a few ulp lost to the
 // cancellation near the bound), the odd Taylor series below it (the first omitted term,
 // 1382 v^11 / 155925, is under 1e-8 relative there). exp's clamp at 88.7 gives exactly

@@ -14,12 +14,10 @@ scalar tensor) fixes the dropout mask, which each backend regenerates from it in
 backward (lucidops.reference.attention_dropout); aten, whose kernel draws its own mask, is
 not used then.
 
-Backends: ``cpp`` (the CPU default for float32 and float16 at every head dim and for
-bfloat16 up to 64: lucidops' kernel, csrc/cpu/attention.cpp, adapted in
-ops/_attention_cpp.py), ``aten`` (the CPU default for float64 and for wider bfloat16 heads,
-and the fallback when the C++ extension cannot build: PyTorch's own
-fused flash-attention CPU kernel, the one torch's SDPA runs, adapted to this contract in
-ops/_attention_aten.py; not a lucidops kernel), ``reference`` (lucidops.reference.attention,
+Backends: ``cpp`` (the CPU default for every dtype and head dim: lucidops' kernel,
+csrc/cpu/attention.cpp, adapted in ops/_attention_cpp.py), ``aten`` (the fallback when the
+C++ extension cannot build: PyTorch's own fused flash-attention CPU kernel, the one torch's
+SDPA runs, adapted to this contract in ops/_attention_aten.py; not a lucidops kernel), ``reference`` (lucidops.reference.attention,
 the math) and ``triton`` (the default on CUDA; under TRITON_INTERPRET=1 it also runs CPU
 tensors, slowly, for testing).
 """
@@ -57,38 +55,33 @@ def _triton_backward(*args):
 
 
 _NOTES = {
-    "cpu": "cpp (the default for float32 and float16 at every head dim, bfloat16 up to head dim 64): lucidops' "
-           "kernel, keys in vector lanes and four query rows in registers, heads in parallel. aten (the default "
-           "for float64 and wider bfloat16 heads, and the fallback without the C++ extension): PyTorch's "
-           "own fused flash-attention CPU kernel (what torch's SDPA runs on the CPU), not a lucidops kernel; "
-           "forward and backward, masks, empty rows, NaN rows and the lse gradient adapted to the op; not under "
-           "dropout "
-           "(its kernel draws its own mask), where cpp runs every dtype. reference: the PyTorch math.",
+    "cpu": "cpp (the default, every dtype and head dim; half types read and written as they are, computed in "
+           "float32): lucidops' kernel, keys in vector lanes and four query rows in registers, heads in "
+           "parallel. aten (the fallback without the C++ extension): PyTorch's own fused flash-attention CPU "
+           "kernel (what torch's SDPA runs on the CPU), not a lucidops kernel; forward and backward, masks, "
+           "empty rows, NaN rows and the lse gradient adapted to the op; not under dropout (its kernel draws "
+           "its own mask). reference: the PyTorch math.",
     "cuda": "triton: fused online-softmax forward and (dk, dv) / dq backward, several heads per program for d <= 32; "
             "dropout regenerated in-kernel (a compiled variant).",
 }
 _PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "reference")}
-# The widest head dim at which the cpp kernel is the CPU default, per dtype; wider heads go to
-# aten. Measured (README, Measured results; bench/attention.py): cpp is the faster in float32
-# and float16 from d = 8 to 128; it runs half inputs in float32, and at bfloat16 d = 128
-# PyTorch's kernel, which takes bfloat16 as it is, is as fast or faster; in float64 cpp's exp
-# is libm's scalar one and aten wins.
-CPP_MAX_HEAD_DIM = {torch.float32: 128, torch.float16: 128, torch.bfloat16: 64, torch.float64: 0}
+# On the CPU cpp comes first for every dtype and head dim: measured faster than aten in each
+# (README, Measured results; bench/attention.py). Until 2026-12-06 aten was the default for
+# float64 (cpp's exp was libm's, scalar) and bfloat16 heads over 64 (cpp converted half
+# inputs to float32 in Python first).
 
 
 def _preference_for_call(device_type: str, first: Tensor, *rest) -> Optional[Tuple[str, ...]]:
-    """The CPU order for one call: without aten under dropout (PyTorch's kernel draws its own
-    mask, which lucidops' backward cannot regenerate), aten first where the cpp kernel measured
-    slower; on a GPU, float64 to the reference. ``first`` is q (forward) or grad_out
-    (backward); both ops end with (dropout_p, seed)."""
+    """The order for one call where it differs from _PREFERENCE: on the CPU without aten under
+    dropout (PyTorch's kernel draws its own mask, which lucidops' backward cannot regenerate);
+    on a GPU, float64 to the reference. ``first`` is q (forward) or grad_out (backward); both
+    ops end with (dropout_p, seed)."""
     if device_type != "cpu":
         # The triton kernels take half and single precision; float64 on the GPU is the
         # reference's (the README's promise), not a TypeError from the first choice.
         return ("reference",) if first.dtype == torch.float64 else None
     if rest[-2]:
         return ("cpp", "reference")
-    if first.shape[-1] > CPP_MAX_HEAD_DIM.get(first.dtype, 0):
-        return ("aten", "cpp", "reference")
     return None
 
 

@@ -510,6 +510,25 @@ def test_cli_profile_builds_the_many_head_variant(capsys):
     assert "vit_tiny_patch16_224 (patched)" in out and "5,680,552" in out  # heads do not change the parameters
 
 
+def test_cli_profile_runs_model_and_input_in_the_dtype_asked(capsys, monkeypatch):
+    """--dtype bfloat16: both models and the input in bfloat16, and the tables say so."""
+    seen = []
+    compare = lucidops.profile.compare
+
+    def recording_compare(original, patched, inputs, **kwargs):
+        seen.append((next(original.parameters()).dtype, next(patched.parameters()).dtype, inputs.dtype))
+        return compare(original, patched, inputs, **kwargs)
+
+    monkeypatch.setattr(lucidops.profile, "compare", recording_compare)
+    rc = cli.main(["profile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch", "--repeat", "1",
+                   "--warmup", "0", "--quiet", "--dtype", "bfloat16"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert seen == [(torch.bfloat16,) * 3]
+    assert "vit_tiny_patch16_224 [bfloat16] (patched)" in out and "5,680,552" in out
+    assert lucidops.backends.last_used("attention") == "cpp"  # the patched model ran lucidops' kernel
+
+
 def test_cli_profile_one_point_model(capsys):
     rc = cli.main(["profile", "--model", "pointnet_vanilla", "--points", "16", "--batch", "2", "--repeat", "1",
                    "--warmup", "0", "--quiet", "--backward"])

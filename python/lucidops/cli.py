@@ -218,16 +218,19 @@ def profile_command(args: argparse.Namespace) -> int:
             inputs = torch.randn(args.batch, 3, size, size, generator=gen)
             if args.img_size is not None:
                 _check_runs_at(model, size)
+        dtype = getattr(torch, args.dtype)
+        model.to(dtype)
+        inputs = inputs.to(dtype)
+        name = args.model if dtype == torch.float32 else f"{args.model} [{args.dtype}]"
         options = dict(backward=args.backward, device=args.device, repeat=args.repeat, warmup=args.warmup,
                        depth=1 if args.depth is None else args.depth, progress=progress)
         result: Union[ProfileComparison, ProfileReport]
         if args.patch:
             patched = _patch(copy.deepcopy(model), kind)
             # The chart is drawn after the table is printed: a failed save then loses no result.
-            result = profile.compare(model, patched, inputs, names=(args.model, f"{args.model} (patched)"),
-                                     **options)
+            result = profile.compare(model, patched, inputs, names=(name, f"{name} (patched)"), **options)
         else:
-            result = profile.report(model, inputs, name=args.model, **options)
+            result = profile.report(model, inputs, name=name, **options)
     except ProfileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -260,6 +263,9 @@ def _add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", default=None,
                    help="with --patch: write a bar chart of the ratios here, making its folder (needs matplotlib)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the model's parameters and the input (default float32; bfloat16 is the usual "
+                        "reduced precision for CPU inference)")
     p.add_argument("--repeat", type=int, default=10, help="timed runs; the latency is their median (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     p.add_argument("--depth", type=int, default=None,

@@ -693,41 +693,41 @@ def test_cpp_is_bitwise_the_same_on_one_and_two_threads(d):
         assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("d", [6, 64], ids=["keys-in-lanes", "head-dim-in-lanes"])
-def test_cpp_half_inputs_give_the_float32_kernel_rounded_by_torch(dtype, d):
-    """The cpp kernel reads half q, k, v and grad_out as they are and rounds its outputs itself.
-    Exactly: out, lse, bfloat16's out_lo and dq, dk, dv through the backend (q, k, v strided
-    views of one qkv projection) equal the kernel's float32 results on the inputs raised by
-    torch, out and the gradients rounded by torch's .to(dtype). Truncating, or a conversion
-    off by a shift, errs by about one unit in half the elements: within the half-precision
-    tolerances of the tests above, not here. One head's values are subnormal, and so are its
-    outputs and its dq, dk."""
-    if lucidops.backends.backend_problem("cpp", "cpu") is not None:
-        pytest.skip("no C++ extension")
+def assert_cpp_half_is_the_float32_kernel_rounded(dtype, b, h, nq, nk, d, causal, mask_kind, dropout_p=0.0,
+                                                   subnormal_head=False, seed=21):
+    """The cpp backend on half q, k, v (strided views: q of a (B, Nq, H, d) projection, k and v
+    of one (B, Nk, 2, H, d) projection) and grad_out gives exactly the kernel's float32 results
+    on the inputs raised by torch: the same lse, out and dq, dk, dv rounded by torch's
+    .to(dtype), and for bfloat16 out_lo = the float32 output minus its rounding. With
+    ``subnormal_head`` head 0's values are scaled into the subnormal halves (and its out, dq
+    and dk with them)."""
     from lucidops import _ext
     from lucidops.ops import _attention_cpp
 
-    g = torch.Generator().manual_seed(21)
-    b, h, n = 2, 3, 70  # a forward chunk of 64 rows and a partial one; whole and partial register blocks
-    qkv = (torch.randn(b, n, 3, h, d, generator=g) * 2).to(dtype)
-    qkv[:, :, 2, 0] *= torch.finfo(dtype).tiny / 4  # head 0's values subnormal: so are its out, dq, dk
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    grad_out = torch.randn(b, h, n, d, generator=g).to(dtype)
-    mask = torch.rand(b, n, generator=g) > 0.3
-    mask[:, 0] = True
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, nq, h, d, generator=g) * 2).to(dtype).transpose(1, 2)
+    kv = (torch.randn(b, nk, 2, h, d, generator=g) * 2).to(dtype)
+    if subnormal_head:
+        kv[:, :, 1, 0] *= torch.finfo(dtype).tiny / 4
+    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+    grad_out = torch.randn(b, h, nq, d, generator=g).to(dtype)
+    mask = make_mask(mask_kind, b, nk, g)
     scale = d ** -0.5
+    drop_seed = torch.tensor(seed) if dropout_p else None
 
-    out, lse, out_lo = _attention_cpp.forward(q, k, v, mask, True, scale)
-    dq, dk, dv = _attention_cpp.backward(grad_out, None, q, k, v, out, out_lo, lse, mask, True, scale)
+    out, lse, out_lo = _attention_cpp.forward(q, k, v, mask, causal, scale, dropout_p, drop_seed)
+    dq, dk, dv = _attention_cpp.backward(grad_out, None, q, k, v, out, out_lo, lse, mask, causal, scale, dropout_p,
+                                         drop_seed)
 
     kernel = _ext.load("cpu")
-    out32, lse32, empty = kernel.attention_forward(q.float(), k.float(), v.float(), mask, True, scale)
+    mask_arg = mask if mask is not None else torch.empty(0, dtype=torch.bool)
+    drop = _attention_cpp._dropout_args(dropout_p, drop_seed)
+    out32, lse32, empty = kernel.attention_forward(q.float(), k.float(), v.float(), mask_arg, causal, scale, *drop)
     assert empty.numel() == 0
     whole = out.float() + (out_lo.float() if out_lo.numel() else 0.0)
     delta = (grad_out.float() * whole).sum(-1)
-    grads32 = kernel.attention_backward(grad_out.float(), q.float(), k.float(), v.float(), lse32, delta, mask, True,
-                                        scale)
+    grads32 = kernel.attention_backward(grad_out.float(), q.float(), k.float(), v.float(), lse32, delta, mask_arg,
+                                        causal, scale, *drop)
 
     def assert_bitwise(actual, expected):
         assert actual.dtype == expected.dtype and actual.shape == expected.shape
@@ -742,6 +742,22 @@ def test_cpp_half_inputs_give_the_float32_kernel_rounded_by_torch(dtype, d):
         assert out_lo.numel() == 0
     for actual, expected in zip((dq, dk, dv), grads32):
         assert_bitwise(actual, expected.to(dtype))
+    return out, dq, dk
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [6, 64], ids=["keys-in-lanes", "head-dim-in-lanes"])
+def test_cpp_half_inputs_give_the_float32_kernel_rounded_by_torch(dtype, d):
+    """The cpp kernel reads half q, k, v and grad_out as they are and rounds its outputs itself,
+    bit for bit as torch would (assert_cpp_half_is_the_float32_kernel_rounded). Truncating, or a
+    conversion off by a shift, errs by about one unit in half the elements: within the
+    half-precision tolerances of the tests above, not here. 70 rows: a forward chunk of 64 and a
+    partial one, whole and partial register blocks; one head's values, and so its outputs and
+    its dq, dk, subnormal."""
+    if lucidops.backends.backend_problem("cpp", "cpu") is not None:
+        pytest.skip("no C++ extension")
+    out, dq, dk = assert_cpp_half_is_the_float32_kernel_rounded(dtype, 2, 3, 70, 70, d, True, "random",
+                                                                subnormal_head=True)
     for t in (out, dq, dk):  # not vacuous: mostly nonzero, subnormal halves included
         subnormal = (t != 0) & (t.abs() < torch.finfo(dtype).tiny)
         assert (t == 0).float().mean() < 0.5 and subnormal.float().mean() > 0.05

@@ -15,7 +15,7 @@ import lucidops
 from lucidops import backends
 
 from comparisons import assert_close
-from test_attention import check_against_float64_reference
+from test_attention import assert_cpp_half_is_the_float32_kernel_rounded, check_against_float64_reference
 from test_gaussian_mixture import backend_argmax, ground_truth, make_params, make_points, run_op
 from test_lora import SCALE, make, reference_grads
 
@@ -102,6 +102,16 @@ def test_attention(b, h, nq, nk, d, causal, mask, dtype, dropout_p):
     # below 1e-10 (at 1e-4 for both, a float64 kernel computing in float32 passed).
     atol = 1e-4 if dtype == torch.float32 else 1e-10
     check_against_float64_reference("cpp", (b, h, nq, nk, d, causal, mask, dtype), atol=atol, dropout_p=dropout_p)
+
+
+@EXAMPLES
+@given(b=st.integers(1, 2), h=st.integers(1, 5), nq=AWKWARD, nk=AWKWARD,
+       d=st.one_of(AWKWARD.filter(lambda v: 4 <= v <= 128), st.integers(4, 128)), causal=st.booleans(),
+       mask=st.sampled_from([None, "random", "first_key_off", "batch0_off"]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), dropout_p=st.sampled_from([0.0, 0.0, 0.3]))
+def test_attention_half(b, h, nq, nk, d, causal, mask, dtype, dropout_p):
+    # Half inputs are converted inside the kernel: bit for bit the float32 kernel's results rounded by torch.
+    assert_cpp_half_is_the_float32_kernel_rounded(dtype, b, h, nq, nk, d, causal, mask, dropout_p)
 
 
 @EXAMPLES

@@ -31,10 +31,6 @@ def _reference_backward(grad, x, weight, a, b, fn, placement, omega, scale, need
     return out[0], out[1], out[2], x.new_empty(0), x.new_empty(0)
 
 
-def _apply_fn_(fn: str, z: Tensor) -> Tensor:
-    return z.sin_() if fn == "sin" else z.tanh_()
-
-
 # The fn numbering shared with csrc/lucidops.h (LoraFn).
 FN_CODE = {"sin": 0, "tanh": 1}
 
@@ -62,8 +58,10 @@ def _cpp_forward(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, bias: Optional
     """The cpp path. Placement "weight": the C++ kernel builds the effective weight
     W + s fn(omega B A) in one pass (no update temporaries), then one ATen matmul (in
     _product_dtype); nothing is kept for backward. Placement "output" has no full-rank update:
-    ATen matmuls and in-place elementwise steps on the (M, N_out) phase, in float32 for half
-    inputs but for the base's product x W^T (in _product_dtype)."""
+    the base's product x W^T (in _product_dtype, then in the compute dtype) and U = x A^T by
+    ATen, then the same C++ pass adds s fn(omega U B^T) to it, with the (M, N_out) phase formed
+    tile by tile from the rank-r U and B (the pass's "weight" is the base product, its factors
+    B^T and U)."""
     compute = _reference.opmath_dtype(x.dtype)
     if placement == "weight":
         product = _product_dtype(x)
@@ -74,15 +72,16 @@ def _cpp_forward(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, bias: Optional
             return torch.addmm(bias.to(product), xp, w_eff.T).to(x.dtype)
         return torch.mm(xp, w_eff.T).to(x.dtype)
     xc = x.to(compute)
-    z = torch.mm(torch.mm(xc, a.to(compute).T), b.to(compute).T).mul_(omega)
-    y = _apply_fn_(fn, z).mul_(scale)
+    u = torch.mm(xc, a.to(compute).T)
     product = _product_dtype(x)
     if product == compute:
-        y.addmm_(xc, weight.to(compute).T)
-    else:  # the base product in bfloat16, added to the float32 adapter term
-        y.add_(torch.mm(x, weight.to(product).T))
-    if bias is not None:
-        y.add_(bias)
+        base = torch.mm(xc, weight.to(compute).T) if bias is None else torch.addmm(bias.to(compute), xc,
+                                                                                 weight.to(compute).T)
+    else:  # the base product in bfloat16, raised to the float32 of the adapter term
+        base = torch.mm(x, weight.to(product).T).to(compute)
+        if bias is not None:
+            base.add_(bias)
+    y = _ext.load("cpu").lora_effective_weight(base, b.to(compute).T, u, FN_CODE[fn], omega, scale)
     return y.to(x.dtype)
 
 
@@ -117,27 +116,27 @@ def _cpp_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, ne
             grad_x = torch.mm(gp, w_eff.to(product))
         grad_bias = grad.sum(0, dtype=compute).to(weight.dtype) if need_bias else empty
     else:
-        g, xc = grad.to(compute), x.to(compute)
+        xc = x.to(compute)
         product = _product_dtype(x)
-        gp, xp = (g, xc) if product == compute else (grad.to(product), x.to(product))
-        u = torch.mm(xc, ac.T)
+        gp = grad.to(product)
         if need_lora or need_x:
-            z = torch.mm(u, bc.T).mul_(omega)
-            if fn == "sin":
-                deriv = z.cos_()
-            else:
-                deriv = z.tanh_().pow_(2).neg_().add_(1.0)
-            gz = deriv.mul_(g).mul_(scale)
-            du = torch.mm(gz, bc).mul_(omega)
+            u = torch.mm(xc, ac.T)
+            # H = dY fn'(omega U B^T) in one C++ pass on a copy of dY in the compute dtype (the
+            # phase formed tile by tile from U and B, as in placement "weight"; the pass reads its
+            # "weight" only for an effective weight, not asked for here); s omega is applied to
+            # the rank-r results, not to the M x N_out H.
+            h = grad.to(compute, copy=True).contiguous()
+            _ext.load("cpu").lora_weight_backward(h, bc.T, u, h, FN_CODE[fn], omega, scale, False)
+            du = torch.mm(h, bc).mul_(scale * omega)
             if need_lora:
-                grad_b = torch.mm(gz.T, u).mul_(omega)
+                grad_b = torch.mm(h.T, u).mul_(scale * omega)
                 grad_a = torch.mm(du.T, xc)
             if need_x:
                 # The base's dY W in the products' dtype, the rank-r du A in float32.
                 grad_x = torch.mm(gp, weight.to(product)).to(compute).addmm_(du, ac)
         if need_weight:
-            grad_w = torch.mm(gp.T, xp).to(weight.dtype)
-        grad_bias = g.sum(0).to(weight.dtype) if need_bias else empty
+            grad_w = torch.mm(gp.T, x.to(product)).to(weight.dtype)
+        grad_bias = grad.sum(0, dtype=compute).to(weight.dtype) if need_bias else empty
     if not need_lora:  # empty, in x's dtype as the other backends and the fake kernel give it
         return grad_x.to(x.dtype), grad_w, grad_bias, empty, empty
     return (grad_x.to(x.dtype), grad_w, grad_bias, grad_a.to(a.dtype), grad_b.to(b.dtype))
@@ -161,7 +160,9 @@ _NOTES = {
     "cpp": "placement weight: a C++ pass builds the effective weight W + s fn(omega B A) from the rank-r "
            "factors (forward, dx) and forms G fn'(omega B A) in place (dA, dB), around ATen matmuls "
            "(bfloat16 ones for a bfloat16 x where oneDNN has a bfloat16 GEMM, else float32); "
-           "placement output: ATen matmuls and in-place elementwise steps; saves only x, weight, A, B",
+           "placement output: the same C++ pass adds s fn(omega U B^T) to the base product x W^T and forms "
+           "dY fn'(omega U B^T), the (M, N_out) phase formed tile by tile from U = x A^T and B; saves only x, "
+           "weight, A, B",
     "triton": "up to 128 rows the update's tiles are regenerated inside the matmul K-loop (forward, dx) "
               "and the weight-gradient tile is reduced into dA, dB without reaching memory; above, Triton "
               "kernels build the effective weight once per call in <= 8 MiB column chunks for torch's "

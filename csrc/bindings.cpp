@@ -272,8 +272,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("causal"),
         py::arg("scale"), py::arg("dropout_seed") = 0, py::arg("dropout_threshold") = 0,
         py::arg("dropout_scale") = 1.0);
-  m.def("attention_backward", &impl::attention_backward, "(dq, dk, dv); delta = rowsum(dO O) - dL/dlse",
-        py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lse"), py::arg("delta"),
+  m.def("attention_backward", &impl::attention_backward, "(dq, dk, dv) from the forward's out, out_lo and lse",
+        py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("out_lo"),
+        py::arg("lse"), py::arg("grad_lse"),
         py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"), py::arg("dropout_seed") = 0,
         py::arg("dropout_threshold") = 0, py::arg("dropout_scale") = 1.0);
   // Bounded LoRA, placement "weight" (csrc/cpu/bounded_lora.cpp).

@@ -52,8 +52,9 @@ at::Tensor lora_weight_backward(const at::Tensor& weight, const at::Tensor& lora
 // float32), float32 or float64, any strides but a unit one along d. q (B, H, Nq, d), k and v
 // (B, H, Nk, d), key_padding_mask bool (B, Nk) or empty. Forward: (out (B, H, Nq, d) in q's dtype
 // laid out as (B, Nq, H, d), lse (B, H, Nq) in the compute dtype, out_lo: for bfloat16 the
-// output's rounding residual (B, H, Nq, d), else empty). Backward, with lse and
-// delta = rowsum(dO O) - dL/dlse in the compute dtype: (dq, dk, dv) in q's dtype. Dropout
+// output's rounding residual (B, H, Nq, d), else empty). Backward, from the forward's out,
+// out_lo and lse and grad_lse = dL/dlse (compute dtype, or empty when no loss uses the lse):
+// (dq, dk, dv) in q's dtype. Dropout
 // (lucidops.reference.attention_dropout): a 32-bit seed, the 24-bit keep threshold (0: no
 // dropout) and the kept probabilities' scale.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
@@ -63,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tenso
                                                                  int64_t dropout_threshold, double dropout_scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
-                                                                  const at::Tensor& lse, const at::Tensor& delta,
+                                                                  const at::Tensor& out, const at::Tensor& out_lo,
+                                                                  const at::Tensor& lse, const at::Tensor& grad_lse,
                                                                   const at::Tensor& key_padding_mask, bool causal,
                                                                   double scale, int64_t dropout_seed,
                                                                   int64_t dropout_threshold, double dropout_scale);

@@ -724,10 +724,11 @@ def assert_cpp_half_is_the_float32_kernel_rounded(dtype, b, h, nq, nk, d, causal
     drop = _attention_cpp._dropout_args(dropout_p, drop_seed)
     out32, lse32, empty = kernel.attention_forward(q.float(), k.float(), v.float(), mask_arg, causal, scale, *drop)
     assert empty.numel() == 0
+    # The half backward's delta reads out + out_lo in float32: the float32 kernel gets that sum as its out.
     whole = out.float() + (out_lo.float() if out_lo.numel() else 0.0)
-    delta = (grad_out.float() * whole).sum(-1)
-    grads32 = kernel.attention_backward(grad_out.float(), q.float(), k.float(), v.float(), lse32, delta, mask_arg,
-                                        causal, scale, *drop)
+    no_lse_grad = torch.empty(0)
+    grads32 = kernel.attention_backward(grad_out.float(), q.float(), k.float(), v.float(), whole, empty, lse32,
+                                        no_lse_grad, mask_arg, causal, scale, *drop)
 
     def assert_bitwise(actual, expected):
         assert actual.dtype == expected.dtype and actual.shape == expected.shape

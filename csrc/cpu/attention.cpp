@@ -269,12 +269,14 @@ void pad_head_rows(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64_
 // V^T. The contraction over the keys (P V forward, dS K backward) reads the other operand as
 // padded rows (ld x dpad) when the head dim fills a vector, so its sums stay within lanes,
 // and transposed otherwise. Also a block's rows (R x d), its key rows (R x ld) and the
-// backward's dK^T, dV^T (d x ld); and one row (d) for conversions to and from half types.
+// backward's dK^T, dV^T (d x ld); and rows (d) for conversions to and from half types and the
+// backward's output row (row_lo: its bfloat16 residual).
 template <typename T>
 struct HeadScratch {
   int64_t d, ld, dpad;
   bool backward, by_rows;
-  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, rows_do, keys_a, keys_b, keys_z, grad_k_t, grad_v_t, row;
+  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, rows_do, keys_a, keys_b, keys_z, grad_k_t, grad_v_t, row,
+      row_lo;
 
   HeadScratch(int64_t d_, int64_t ld_, bool backward_)
       : d(d_),
@@ -293,7 +295,8 @@ struct HeadScratch {
         keys_z(backward ? ld : 0),  // one row's dropout multipliers (the forward uses keys_b)
         grad_k_t(backward ? d * ld : 0),
         grad_v_t(backward ? d * ld : 0),
-        row(d) {}
+        row(d),
+        row_lo(backward ? d : 0) {}
 
   template <typename S>
   void load(const Problem<T, S>& pb, int64_t bh) {
@@ -467,15 +470,47 @@ void forward_kernel(const Problem<T, S>& pb, const ForwardOutputs<T, S>& to) {
   });
 }
 
+// What the backward reads besides q, k, v, and where it writes dq: grad_out and out (any
+// strides with a unit one along d), out_lo (bfloat16's residual, (B, H, Nq, d) contiguous, or
+// null), lse and grad_lse ((B, H, Nq) in T; grad_lse null when no loss uses the lse).
+template <typename T, typename S>
+struct BackwardInputs {
+  Rows<S> grad_out, out;
+  const S* out_lo;
+  const T* lse;
+  const T* grad_lse;
+  S* grad_q;
+};
+
+// delta = rowsum(dO (O + O_lo)) - dL/dlse for query row i of head bh, with dO's row given in T:
+// O + O_lo is the output as accurate as the forward computed it (float32 for bfloat16).
+template <typename T, typename S>
+T delta_of_row(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, int64_t bh, int64_t i, const T* do_row,
+                HeadScratch<T>& hs) {
+  const int64_t d = pb.d, row = bh * pb.nq + i;
+  T* o = hs.row.data();
+  load_row(in.out.row(bh, i), d, o);
+  if (in.out_lo != nullptr) {
+    T* lo = hs.row_lo.data();
+    load_row(in.out_lo + row * d, d, lo);
+    for (int64_t c = 0; c < d; ++c) o[c] += lo[c];
+  }
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < d; ++c) sum += do_row[c] * o[c];
+  return in.grad_lse != nullptr ? sum - in.grad_lse[row] : sum;
+}
+
 // dV = P^T dO, dS = P (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q, with
-// P = exp(s - lse) recomputed and delta = rowsum(dO O) - dL/dlse given.
+// P = exp(s - lse) recomputed and delta = rowsum(dO O) - dL/dlse (delta_of_row).
 template <typename T, typename S, int R>
 void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs,
-                    const Rows<S>& grad_out, const T* lse, const T* delta, S* grad_q) {
+                    const BackwardInputs<T, S>& in) {
   const int64_t d = pb.d, ld = hs.ld;
+  const T* lse = in.lse;
   const int64_t keys = block_scores<T, S, R>(pb, bh, i0, hs);  // rows_a = scale q, keys_a = s
   for (int r = 0; r < R; ++r)  // dO rows side by side, as rows_times_keys and accumulate_outer read them
-    load_row(grad_out.row(bh, i0 + r), d, &hs.rows_do[r * d]);
+    load_row(in.grad_out.row(bh, i0 + r), d, &hs.rows_do[r * d]);
   const T* do_rows = hs.rows_do.data();
   block_times_keys<T, R>(do_rows, hs.v_t.data(), d, ld, keys, hs.keys_b.data());  // dP = dO V^T
   for (int r = 0; r < R; ++r) {
@@ -485,7 +520,7 @@ void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratch
     // A row without a visible key has lse = -inf: P = 0 there, so no gradient flows.
     const bool empty = lse[row] == -std::numeric_limits<T>::infinity();
     const T row_lse = empty ? T(0) : lse[row];
-    const T row_delta = delta[row];
+    const T row_delta = delta_of_row(pb, in, bh, i0 + r, do_rows + r * d, hs);
     if (pb.dropout()) {  // dS = P (Z dP - delta); dV takes P Z
       T* z = hs.keys_z.data();
       dropout_multipliers(pb, bh, i0 + r, keys, z);
@@ -507,12 +542,11 @@ void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratch
   accumulate_outer<T, R>(hs.rows_a.data(), hs.keys_b.data(), d, ld, keys, hs.grad_k_t.data());  // dK^T += (s Q)^T dS
   hs.template contract<R>(hs.keys_b.data(), keys, hs.rows_b.data());                           // dS K
   for (int64_t x = 0; x < R * d; ++x) hs.rows_b[x] *= pb.scale;
-  store_row(hs.rows_b.data(), R * d, grad_q + (bh * pb.nq + i0) * d);
+  store_row(hs.rows_b.data(), R * d, in.grad_q + (bh * pb.nq + i0) * d);
 }
 
 template <typename T, typename S>
-void backward_kernel(const Problem<T, S>& pb, const Rows<S>& grad_out, const T* lse, const T* delta, S* grad_q,
-                     S* grad_k, S* grad_v) {
+void backward_kernel(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, S* grad_k, S* grad_v) {
   const int64_t ld = pb.padded_keys(), d = pb.d, nk = pb.nk;
   // A head's backward: five Nq x Nk x d products.
   at::parallel_for(0, pb.batch * pb.heads, grain_for(10 * pb.nq * nk * d), [&](int64_t bh_begin, int64_t bh_end) {
@@ -523,10 +557,9 @@ void backward_kernel(const Problem<T, S>& pb, const Rows<S>& grad_out, const T* 
       std::fill(hs.grad_v_t.begin(), hs.grad_v_t.end(), T(0));
       int64_t i0 = 0;
       for (; i0 + kBackwardRows <= pb.nq; i0 += kBackwardRows)
-        backward_block<T, S, kBackwardRows>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);
-      for (; i0 + kRows <= pb.nq; i0 += kRows)
-        backward_block<T, S, kRows>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);
-      for (; i0 < pb.nq; ++i0) backward_block<T, S, 1>(pb, bh, i0, hs, grad_out, lse, delta, grad_q);
+        backward_block<T, S, kBackwardRows>(pb, bh, i0, hs, in);
+      for (; i0 + kRows <= pb.nq; i0 += kRows) backward_block<T, S, kRows>(pb, bh, i0, hs, in);
+      for (; i0 < pb.nq; ++i0) backward_block<T, S, 1>(pb, bh, i0, hs, in);
       S* dk = grad_k + bh * nk * d;
       S* dv = grad_v + bh * nk * d;
       T* row = hs.row.data();
@@ -602,31 +635,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
-                                                                  const at::Tensor& lse, const at::Tensor& delta,
+                                                                  const at::Tensor& out, const at::Tensor& out_lo,
+                                                                  const at::Tensor& lse, const at::Tensor& grad_lse,
                                                                   const at::Tensor& key_padding_mask, bool causal,
                                                                   double scale, int64_t dropout_seed,
                                                                   int64_t dropout_threshold, double dropout_scale) {
   check_dtype(q);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
-              "lucidops cpu attention kernel: grad_out must be of q's shape and dtype");
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() && out.sizes() == q.sizes() &&
+                  out.scalar_type() == q.scalar_type(),
+              "lucidops cpu attention kernel: grad_out and out must be of q's shape and dtype");
+  const bool has_low_part = out_lo.numel() > 0;
+  TORCH_CHECK(!has_low_part || (out_lo.sizes() == q.sizes() && out_lo.scalar_type() == q.scalar_type() &&
+                                out_lo.is_contiguous()),
+              "lucidops cpu attention kernel: out_lo must be empty or contiguous of q's shape and dtype");
   const std::vector<int64_t> rows{q.size(0), q.size(1), q.size(2)};
-  // float32 for the half types (their lse, delta and accumulators), else q's dtype.
+  // float32 for the half types (their lse and accumulators), else q's dtype.
   const at::ScalarType compute = at::toOpMathType(q.scalar_type());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef(rows) && delta.sizes() == at::IntArrayRef(rows) &&
-                  lse.scalar_type() == compute && delta.scalar_type() == compute && lse.is_contiguous() &&
-                  delta.is_contiguous(),
-              "lucidops cpu attention kernel: lse and delta must be contiguous (B, H, Nq) in ", compute,
-              " (q's compute dtype)");
+  const bool has_grad_lse = grad_lse.numel() > 0;
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(rows) && lse.scalar_type() == compute && lse.is_contiguous() &&
+                  (!has_grad_lse || (grad_lse.sizes() == at::IntArrayRef(rows) &&
+                                     grad_lse.scalar_type() == compute && grad_lse.is_contiguous())),
+              "lucidops cpu attention kernel: lse (and grad_lse, unless empty) must be contiguous (B, H, Nq) in ",
+              compute, " (q's compute dtype)");
   at::Tensor grad_q = at::empty(q.sizes(), q.options());
   at::Tensor grad_k = at::empty(k.sizes(), q.options());
   at::Tensor grad_v = at::empty(grad_k.sizes(), q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lucidops_attention_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    const BackwardInputs<opmath_t, scalar_t> in{
+        rows_of<scalar_t>(grad_out, "grad_out"), rows_of<scalar_t>(out, "out"),
+        has_low_part ? out_lo.const_data_ptr<scalar_t>() : nullptr, lse.const_data_ptr<opmath_t>(),
+        has_grad_lse ? grad_lse.const_data_ptr<opmath_t>() : nullptr, grad_q.mutable_data_ptr<scalar_t>()};
     backward_kernel(make_problem<opmath_t, scalar_t>(q, k, v, key_padding_mask, causal, scale,
                                                      Dropout{dropout_seed, dropout_threshold, dropout_scale}),
-                    rows_of<scalar_t>(grad_out, "grad_out"), lse.const_data_ptr<opmath_t>(),
-                    delta.const_data_ptr<opmath_t>(), grad_q.mutable_data_ptr<scalar_t>(),
-                    grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());
+                    in, grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());
   });
   return {grad_q, grad_k, grad_v};
 }

@@ -6,8 +6,8 @@ for small GEMM calls) and measured faster than PyTorch's kernel up to d = 128 in
 so it is the CPU default (ops/attention.py).
 This module adapts it to the op's contract (lucidops.reference.attention). The kernel reads
 and writes every dtype as it is (half types computed in float32, converted row by row as it
-loads them) and returns out_lo for bfloat16 itself; here the backward's
-delta = rowsum(dO (O + O_lo)) - dL/dlse is formed.
+loads them), returns out_lo for bfloat16 itself and forms the backward's
+delta = rowsum(dO (O + O_lo)) - dL/dlse row by row.
 """
 
 from __future__ import annotations
@@ -64,19 +64,14 @@ def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
              out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor], causal: bool, scale: float,
              dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in the dtype of q (that of k and v), through the C++ kernel (P recomputed
-    from q, k, lse)."""
+    from q, k, lse; delta = rowsum(dO (O + O_lo)) - dL/dlse formed there, row by row)."""
     if _empty_problem(q, k):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     compute = _reference.opmath_dtype(q.dtype)
-    grad_out = _as(grad_out, q.dtype)
-    full_out = _as(out, compute)
-    if out_lo.numel():
-        full_out = full_out + out_lo.to(compute)
-    delta = (_as(grad_out, compute) * full_out).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.to(compute)
     dense = _reference.unit_last_stride
-    return _ext.load("cpu").attention_backward(dense(grad_out), dense(q), dense(k), dense(v),
-                                               _as(lse, compute).contiguous(), delta.contiguous(),
+    lse_grad = q.new_empty((0,), dtype=compute) if grad_lse is None else _as(grad_lse, compute).contiguous()
+    return _ext.load("cpu").attention_backward(dense(_as(grad_out, q.dtype)), dense(q), dense(k), dense(v),
+                                               dense(_as(out, q.dtype)), _as(out_lo, q.dtype).contiguous(),
+                                               _as(lse, compute).contiguous(), lse_grad,
                                                _mask_arg(key_padding_mask, q.device), causal, scale,
                                                *_dropout_args(dropout_p, seed))

@@ -581,7 +581,7 @@ struct Dropout {
 
 template <typename T, typename S>
 Problem<T, S> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& key_padding_mask, bool causal, double scale, const Dropout& dropout) {
+                           const at::Tensor& key_padding_mask, bool causal, double scale, const Dropout& dropout) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "lucidops cpu attention kernel: q, k and v must be CPU tensors");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "lucidops cpu attention kernel: 4-D tensors");

@@ -17,9 +17,9 @@ not used then.
 Backends: ``cpp`` (the CPU default for every dtype and head dim: lucidops' kernel,
 csrc/cpu/attention.cpp, adapted in ops/_attention_cpp.py), ``aten`` (the fallback when the
 C++ extension cannot build: PyTorch's own fused flash-attention CPU kernel, the one torch's
-SDPA runs, adapted to this contract in ops/_attention_aten.py; not a lucidops kernel), ``reference`` (lucidops.reference.attention,
-the math) and ``triton`` (the default on CUDA; under TRITON_INTERPRET=1 it also runs CPU
-tensors, slowly, for testing).
+SDPA runs, adapted to this contract in ops/_attention_aten.py; not a lucidops kernel),
+``reference`` (lucidops.reference.attention, the math) and ``triton`` (the default on CUDA;
+under TRITON_INTERPRET=1 it also runs CPU tensors, slowly, for testing).
 """
 
 from __future__ import annotations

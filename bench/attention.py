@@ -6,7 +6,7 @@ on the ``cpp`` backend (lucidops' kernel, csrc/cpu/attention.cpp), against torch
 the math reference (the ``reference`` backend and plain autograd through it), timed
 interleaved: float32 ViT-like shapes (N = 197) at a fixed width of 192 with head dims
 8..128; N = 1024 with 24 heads of dim 8 (causal and not), 12 of dim 16 and 3 of dim 64;
-and bfloat16, float16 and float64 at N = 197, the cases that set the CPU default per dtype;
+and bfloat16, float16 and float64 at N = 197, the cases behind the CPU default (cpp in every dtype);
 and attention dropout 0.1 (lucidops' fused dropout against SDPA's dropout_p, and against
 lucidops' own kernel without dropout: the fused dropout's cost) at d = 8 and 64.
 Rows carry speedup_vs_best_sdpa and speedup_vs_reference (lucidops[reference] in the same
@@ -210,7 +210,7 @@ def _cases(device: str, quick: bool):
         yield 2, 24, 1024, 8, causal, torch.float32, 0.0
     yield 2, 12, 1024, 16, False, torch.float32, 0.0
     yield 2, 3, 1024, 64, False, torch.float32, 0.0
-    # the other dtypes, which decide the CPU default per dtype (ops/attention.py)
+    # the other dtypes, which check the CPU default (cpp in every dtype, ops/attention.py) against aten
     for dtype, dims in ((torch.bfloat16, (8, 64, 128)), (torch.float16, (64, 128)), (torch.float64, (8, 64))):
         for d in dims:
             yield 8, (192 // d if d < 64 else 3), 197, d, False, dtype, 0.0

@@ -696,9 +696,9 @@ def test_cpp_is_bitwise_the_same_on_one_and_two_threads(d):
 def assert_cpp_half_is_the_float32_kernel_rounded(dtype, b, h, nq, nk, d, causal, mask_kind, dropout_p=0.0,
                                                    subnormal_head=False, seed=21):
     """The cpp backend on half q, k, v (strided views: q of a (B, Nq, H, d) projection, k and v
-    of one (B, Nk, 2, H, d) projection) and grad_out gives exactly the kernel's float32 results
-    on the inputs raised by torch: the same lse, out and dq, dk, dv rounded by torch's
-    .to(dtype), and for bfloat16 out_lo = the float32 output minus its rounding. With
+    of one (B, Nk, 2, H, d) projection), grad_out and an lse gradient gives exactly the kernel's
+    float32 results on the inputs raised by torch: the same lse, out and dq, dk, dv rounded by
+    torch's .to(dtype), and for bfloat16 out_lo = the float32 output minus its rounding. With
     ``subnormal_head`` head 0's values are scaled into the subnormal halves (and its out, dq
     and dk with them)."""
     from lucidops import _ext
@@ -711,13 +711,14 @@ def assert_cpp_half_is_the_float32_kernel_rounded(dtype, b, h, nq, nk, d, causal
         kv[:, :, 1, 0] *= torch.finfo(dtype).tiny / 4
     k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
     grad_out = torch.randn(b, h, nq, d, generator=g).to(dtype)
+    grad_lse = torch.randn(b, h, nq, generator=g)  # a loss that uses the lse too
     mask = make_mask(mask_kind, b, nk, g)
     scale = d ** -0.5
     drop_seed = torch.tensor(seed) if dropout_p else None
 
     out, lse, out_lo = _attention_cpp.forward(q, k, v, mask, causal, scale, dropout_p, drop_seed)
-    dq, dk, dv = _attention_cpp.backward(grad_out, None, q, k, v, out, out_lo, lse, mask, causal, scale, dropout_p,
-                                         drop_seed)
+    dq, dk, dv = _attention_cpp.backward(grad_out, grad_lse, q, k, v, out, out_lo, lse, mask, causal, scale,
+                                         dropout_p, drop_seed)
 
     kernel = _ext.load("cpu")
     mask_arg = mask if mask is not None else torch.empty(0, dtype=torch.bool)
@@ -726,9 +727,8 @@ def assert_cpp_half_is_the_float32_kernel_rounded(dtype, b, h, nq, nk, d, causal
     assert empty.numel() == 0
     # The half backward's delta reads out + out_lo in float32: the float32 kernel gets that sum as its out.
     whole = out.float() + (out_lo.float() if out_lo.numel() else 0.0)
-    no_lse_grad = torch.empty(0)
     grads32 = kernel.attention_backward(grad_out.float(), q.float(), k.float(), v.float(), whole, empty, lse32,
-                                        no_lse_grad, mask_arg, causal, scale, *drop)
+                                        grad_lse, mask_arg, causal, scale, *drop)
 
     def assert_bitwise(actual, expected):
         assert actual.dtype == expected.dtype and actual.shape == expected.shape

@@ -696,11 +696,11 @@ def test_cpp_is_bitwise_the_same_on_one_and_two_threads(d):
 def assert_cpp_half_is_the_float32_kernel_rounded(dtype, b, h, nq, nk, d, causal, mask_kind, dropout_p=0.0,
                                                    subnormal_head=False, seed=21):
     """The cpp backend on half q, k, v (strided views: q of a (B, Nq, H, d) projection, k and v
-    of one (B, Nk, 2, H, d) projection), grad_out and an lse gradient gives exactly the kernel's
-    float32 results on the inputs raised by torch: the same lse, out and dq, dk, dv rounded by
-    torch's .to(dtype), and for bfloat16 out_lo = the float32 output minus its rounding. With
-    ``subnormal_head`` head 0's values are scaled into the subnormal halves (and its out, dq
-    and dk with them)."""
+    of one (B, Nk, 2, H, d) projection), grad_out and an lse gradient gives exactly the
+    kernel's float32 results on the inputs raised by torch: the same lse, out and dq, dk, dv
+    rounded by torch's .to(dtype), and for bfloat16 out_lo = the float32 output minus its
+    rounding. With ``subnormal_head`` head 0's values are scaled into the subnormal halves (and
+    its out, dq and dk with them; no lse gradient then, which would make dq, dk O(1))."""
     from lucidops import _ext
     from lucidops.ops import _attention_cpp
 
@@ -711,7 +711,8 @@ def assert_cpp_half_is_the_float32_kernel_rounded(dtype, b, h, nq, nk, d, causal
         kv[:, :, 1, 0] *= torch.finfo(dtype).tiny / 4
     k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
     grad_out = torch.randn(b, h, nq, d, generator=g).to(dtype)
-    grad_lse = torch.randn(b, h, nq, generator=g)  # a loss that uses the lse too
+    # A loss that uses the lse too; not with subnormal values, whose dq, dk it would make O(1).
+    grad_lse = None if subnormal_head else torch.randn(b, h, nq, generator=g)
     mask = make_mask(mask_kind, b, nk, g)
     scale = d ** -0.5
     drop_seed = torch.tensor(seed) if dropout_p else None
@@ -728,7 +729,8 @@ def assert_cpp_half_is_the_float32_kernel_rounded(dtype, b, h, nq, nk, d, causal
     # The half backward's delta reads out + out_lo in float32: the float32 kernel gets that sum as its out.
     whole = out.float() + (out_lo.float() if out_lo.numel() else 0.0)
     grads32 = kernel.attention_backward(grad_out.float(), q.float(), k.float(), v.float(), whole, empty, lse32,
-                                        grad_lse, mask_arg, causal, scale, *drop)
+                                        torch.empty(0) if grad_lse is None else grad_lse, mask_arg, causal, scale,
+                                        *drop)
 
     def assert_bitwise(actual, expected):
         assert actual.dtype == expected.dtype and actual.shape == expected.shape

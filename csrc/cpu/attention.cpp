@@ -222,26 +222,6 @@ struct Problem {
   int64_t out_offset(int64_t bh, int64_t i) const { return ((bh / heads * nq + i) * heads + bh % heads) * d; }
 };
 
-// d values of a storage row in the compute type.
-template <typename T, typename S>
-inline void load_row(const S* src, int64_t d, T* dst) {
-  if constexpr (std::is_same_v<S, T>) {
-    std::copy(src, src + d, dst);
-  } else {
-    to_opmath(src, dst, d);
-  }
-}
-
-// d computed values stored as S, rounded as torch's `.to` rounds.
-template <typename T, typename S>
-inline void store_row(const T* src, int64_t d, S* dst) {
-  if constexpr (std::is_same_v<S, T>) {
-    std::copy(src, src + d, dst);
-  } else {
-    from_opmath(src, dst, d);
-  }
-}
-
 // Head bh's keys or values transposed to (d, ld), zeros in the padding keys; row: d values
 // of scratch for a half row's conversion.
 template <typename T, typename S>
@@ -262,7 +242,7 @@ void transpose_head(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64
 template <typename T, typename S>
 void pad_head_rows(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64_t dpad, int64_t ld, T* dst) {
   std::fill(dst, dst + ld * dpad, T(0));
-  for (int64_t j = 0; j < nk; ++j) load_row(src.row(bh, j), d, dst + j * dpad);
+  for (int64_t j = 0; j < nk; ++j) to_opmath(src.row(bh, j), dst + j * dpad, d);
 }
 
 // Per-thread buffers of one head. Scores need K^T (d x ld); the backward's dP = dO V^T needs
@@ -371,7 +351,7 @@ int64_t block_scores(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratc
   const int64_t d = pb.d, ld = hs.ld;
   for (int r = 0; r < R; ++r) {
     T* scaled = &hs.rows_a[r * d];
-    load_row(pb.q.row(bh, i0 + r), d, scaled);
+    to_opmath(pb.q.row(bh, i0 + r), scaled, d);
     for (int64_t c = 0; c < d; ++c) scaled[c] *= pb.scale;
   }
   const int64_t last_end = pb.visible_end(i0 + R - 1);
@@ -395,11 +375,11 @@ template <typename T, typename S>
 void store_output_row(const Problem<T, S>& pb, const ForwardOutputs<T, S>& to, int64_t bh, int64_t i, T* y,
                       T* scratch) {
   S* out_row = to.out + pb.out_offset(bh, i);
-  store_row(y, pb.d, out_row);
+  from_opmath(y, out_row, pb.d);
   if (to.out_lo == nullptr) return;
   to_opmath(out_row, scratch, pb.d);
   for (int64_t c = 0; c < pb.d; ++c) scratch[c] = y[c] - scratch[c];
-  store_row(scratch, pb.d, to.out_lo + (bh * pb.nq + i) * pb.d);
+  from_opmath(scratch, to.out_lo + (bh * pb.nq + i) * pb.d, pb.d);
 }
 
 template <typename T, typename S, int R>
@@ -489,10 +469,10 @@ T delta_of_row(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, int64_t 
                 HeadScratch<T>& hs) {
   const int64_t d = pb.d, row = bh * pb.nq + i;
   T* o = hs.row.data();
-  load_row(in.out.row(bh, i), d, o);
+  to_opmath(in.out.row(bh, i), o, d);
   if (in.out_lo != nullptr) {
     T* lo = hs.row_lo.data();
-    load_row(in.out_lo + row * d, d, lo);
+    to_opmath(in.out_lo + row * d, lo, d);
     for (int64_t c = 0; c < d; ++c) o[c] += lo[c];
   }
   T sum = 0;
@@ -510,7 +490,7 @@ void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratch
   const T* lse = in.lse;
   const int64_t keys = block_scores<T, S, R>(pb, bh, i0, hs);  // rows_a = scale q, keys_a = s
   for (int r = 0; r < R; ++r)  // dO rows side by side, as rows_times_keys and accumulate_outer read them
-    load_row(in.grad_out.row(bh, i0 + r), d, &hs.rows_do[r * d]);
+    to_opmath(in.grad_out.row(bh, i0 + r), &hs.rows_do[r * d], d);
   const T* do_rows = hs.rows_do.data();
   block_times_keys<T, R>(do_rows, hs.v_t.data(), d, ld, keys, hs.keys_b.data());  // dP = dO V^T
   for (int r = 0; r < R; ++r) {
@@ -542,7 +522,7 @@ void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratch
   accumulate_outer<T, R>(hs.rows_a.data(), hs.keys_b.data(), d, ld, keys, hs.grad_k_t.data());  // dK^T += (s Q)^T dS
   hs.template contract<R>(hs.keys_b.data(), keys, hs.rows_b.data());                           // dS K
   for (int64_t x = 0; x < R * d; ++x) hs.rows_b[x] *= pb.scale;
-  store_row(hs.rows_b.data(), R * d, in.grad_q + (bh * pb.nq + i0) * d);
+  from_opmath(hs.rows_b.data(), in.grad_q + (bh * pb.nq + i0) * d, R * d);
 }
 
 template <typename T, typename S>
@@ -565,9 +545,9 @@ void backward_kernel(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, S*
       T* row = hs.row.data();
       for (int64_t j = 0; j < nk; ++j) {
         for (int64_t c = 0; c < d; ++c) row[c] = hs.grad_k_t[c * ld + j];
-        store_row(row, d, dk + j * d);
+        from_opmath(row, dk + j * d, d);
         for (int64_t c = 0; c < d; ++c) row[c] = hs.grad_v_t[c * ld + j];
-        store_row(row, d, dv + j * d);
+        from_opmath(row, dv + j * d, d);
       }
     }
   });

@@ -91,10 +91,10 @@ def _cpp_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, ne
     ac, bc = a.to(compute), b.to(compute)
     empty = x.new_empty(0)
     grad_x = grad_w = grad_a = grad_b = empty
+    product = _product_dtype(x)
+    gp = grad.to(product)
     if placement == "weight":
         ext = _ext.load("cpu")
-        product = _product_dtype(x)
-        gp = grad.to(product)
         if need_lora or need_weight:
             gw = torch.mm(gp.T, x.to(product))                     # G = dY^T X
             if need_weight:
@@ -114,11 +114,8 @@ def _cpp_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, ne
             w_eff = ext.lora_effective_weight(weight.to(compute), ac, bc, FN_CODE[fn], omega, scale)
         if need_x:
             grad_x = torch.mm(gp, w_eff.to(product))
-        grad_bias = grad.sum(0, dtype=compute).to(weight.dtype) if need_bias else empty
     else:
         xc = x.to(compute)
-        product = _product_dtype(x)
-        gp = grad.to(product)
         if need_lora or need_x:
             u = torch.mm(xc, ac.T)
             # H = dY fn'(omega U B^T) in one C++ pass on a copy of dY in the compute dtype (the
@@ -136,7 +133,7 @@ def _cpp_backward(grad, x, weight, a, b, fn, placement, omega, scale, need_x, ne
                 grad_x = torch.mm(gp, weight.to(product)).to(compute).addmm_(du, ac)
         if need_weight:
             grad_w = torch.mm(gp.T, x.to(product)).to(weight.dtype)
-        grad_bias = grad.sum(0, dtype=compute).to(weight.dtype) if need_bias else empty
+    grad_bias = grad.sum(0, dtype=compute).to(weight.dtype) if need_bias else empty
     if not need_lora:  # empty, in x's dtype as the other backends and the fake kernel give it
         return grad_x.to(x.dtype), grad_w, grad_bias, empty, empty
     return (grad_x.to(x.dtype), grad_w, grad_bias, grad_a.to(a.dtype), grad_b.to(b.dtype))

@@ -99,7 +99,7 @@ def to_markdown(desc: Dict, rows: List[Dict], measured: Optional[Dict[str, str]]
     return "\n".join(lines) + "\n"
 
 
-_SAME_RUN_KEYS = ("device", "name", "threads", "torch", "cuda", "triton", "lucidops", "python")
+_SAME_RUN_KEYS = ("device", "name", "threads", "vector_isa", "torch", "cuda", "triton", "lucidops", "python")
 
 
 def _family_index(family: str) -> int:

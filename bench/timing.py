@@ -150,6 +150,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def vector_isa() -> Optional[str]:
+    """The widest vector instruction set of this CPU that the C++ kernels are built for
+    (avx512, avx2, avx, sse; neon or sve on ARM), or None when the features are unknown. CPU
+    names do not tell it: "AMD EPYC" covers AVX2-only and AVX-512 generations, and the
+    kernels' speed differs between them several times over."""
+    from lucidops._ext_sources import host_cpu_features
+
+    features = set(host_cpu_features())
+    for isa, flag in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx"), ("sve", "sve"), ("neon", "asimd"),
+                      ("sse", "sse2")):
+        if flag in features:
+            return isa
+    return None
+
+
 def device_description(device: str) -> Dict[str, object]:
     import lucidops
 
@@ -157,6 +172,7 @@ def device_description(device: str) -> Dict[str, object]:
         "device": device,
         "name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
+        "vector_isa": vector_isa() if device == "cpu" else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "lucidops": lucidops.__version__,
@@ -179,5 +195,6 @@ def device_description(device: str) -> Dict[str, object]:
 def device_slug(desc: Dict[str, object]) -> str:
     name = str(desc["name"])
     if desc["device"] == "cpu":
-        name = f"cpu-{name}-{desc['threads']}threads"
+        isa = desc.get("vector_isa")
+        name = f"cpu-{name}{'-' + str(isa) if isa else ''}-{desc['threads']}threads"
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()

@@ -611,3 +611,20 @@ def test_attention_bench_small_head_candidate_computes_the_same_and_restores_the
     assert (dict(tk.FORWARD_CONFIGS), dict(tk.BACKWARD_CONFIGS)) == shipped
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_result_files_name_the_vector_instruction_set(monkeypatch):
+    """Two "AMD EPYC" machines, one with AVX-512 and one without, write different files: the
+    C++ kernels' speed differs several times between them."""
+    from lucidops.bench import timing
+    from lucidops import _ext_sources
+
+    desc = {"device": "cpu", "name": "AMD EPYC", "threads": 2}
+    for flags, isa in ((["avx", "avx2", "avx512f", "fma"], "avx512"), (["avx", "avx2", "fma"], "avx2"),
+                       (["sse2"], "sse"), (["asimd", "fp"], "neon"), (["x86_64:"], None)):
+        monkeypatch.setattr(_ext_sources, "host_cpu_features", lambda flags=flags: flags)
+        assert timing.vector_isa() == isa
+        expected = f"cpu-amd-epyc-{isa}-2threads" if isa else "cpu-amd-epyc-2threads"
+        assert timing.device_slug({**desc, "vector_isa": timing.vector_isa()}) == expected
+    assert timing.device_slug({"device": "cuda", "name": "NVIDIA H100 80GB HBM3", "threads": 2,
+                               "vector_isa": None}) == "nvidia-h100-80gb-hbm3"

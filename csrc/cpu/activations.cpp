@@ -155,11 +155,11 @@ inline double scale_tile(const double* grad, const double* d, const double* u, d
 // The same for float32 (and the half types, through float32 buffers) with explicit vectors:
 // GCC's `omp simd` reduction of widened float products ran near scalar speed (the float32
 // backward took twice its forward; with this, 1.2x at 16M elements on 2 threads). Each
-// 16-float product widens to two 8-double halves.
+// vector of float products widens to two vectors of doubles, one per half.
 inline double scale_tile(const float* grad, const float* d, const float* u, float* grad_x, int64_t m, float sigma) {
   using VF = vec_math::Vec<float>;
   using VD = vec_math::Vec<double>;
-  typedef float half_vector __attribute__((vector_size(32)));
+  typedef float half_vector __attribute__((vector_size(vec_math::kVecBytes / 2)));
   VD::type acc = {};
   int64_t i = 0;
   for (; i + VF::kLanes <= m; i += VF::kLanes) {

@@ -62,7 +62,7 @@ constexpr int64_t kRows = 4;
 // traffic. The other products still run four rows at a time (register blocks), so the
 // arithmetic, and the result, is the same as with four-row blocks.
 constexpr int64_t kBackwardRows = 8;
-// Key counts are padded to a multiple of this (16 floats, 8 doubles: whole vectors).
+// Key counts are padded to a multiple of this: whole vectors on every target (at most 16 lanes).
 constexpr int64_t kKeyPad = 16;
 
 inline float exp_of(float v) { return vec_math::exp(v); }

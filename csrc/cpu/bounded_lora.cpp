@@ -45,7 +45,7 @@ void phase_block(const float* a_col0, int64_t k_in, const float* scaled_b, int64
     }
     for (int i = 0; i < Rows; ++i) Lanes::store(phase + i * kCols + j, u[i]);
   }
-  for (; j < m; ++j) {  // the last columns of a row that is not a multiple of 16
+  for (; j < m; ++j) {  // the last columns of a row that is not a whole number of vectors
     for (int i = 0; i < Rows; ++i) {
       float u = 0.0f;
       for (int64_t r = 0; r < rank; ++r) u += scaled_b[i * rank + r] * a_col0[r * k_in + j];

@@ -13,6 +13,8 @@
 
 #include "cuda/gaussian_mixture.h"
 #include "cuda/launch.h"
+#else
+#include "cpu/vec_math.h"
 #endif
 
 // The build passes the source hash as an identifier (-DLUCIDOPS_SOURCE_HASH=h<hex>).
@@ -254,6 +256,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   namespace impl = lucidops::cpu;
   m.attr("DEVICE") = "cpu";
+  // Bytes per vector register the kernels were compiled for (64: AVX-512, 32: AVX2): the
+  // attention op's CPU default depends on it (ops/attention.py).
+  m.attr("VECTOR_BYTES") = lucidops::vec_math::kVecBytes;
 #endif
   m.def("activation_forward", &impl::activation_forward, "sinc/gaussian forward", py::arg("x"), py::arg("sigma"),
         py::arg("kind"));

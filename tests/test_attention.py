@@ -395,16 +395,39 @@ def test_flop_formulas():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
                          ids=lambda t: str(t)[6:])
-def test_cpu_default_is_cpp_for_every_dtype_and_head_dim(dtype):
-    """cpp measured faster than aten in every dtype up to d = 128 (README, Measured results);
-    before 2026-12-06 float64 and bfloat16 heads over 64 went to aten."""
+@pytest.mark.parametrize("vector_bytes", [64, 32])
+def test_cpu_default_follows_the_extensions_vector_width(dtype, vector_bytes, monkeypatch):
+    """Built for AVX-512, cpp measured faster than aten in every dtype up to d = 128 (README,
+    Measured results; before 2026-12-06 float64 and bfloat16 heads over 64 went to aten).
+    Built for AVX2, aten measured faster for float32 and float64 heads from 16 on, cpp for
+    smaller heads and for half types: forward and backward take the same backend."""
     if lucidops.backends.backend_problem("cpp", "cpu") is not None:
         pytest.skip("no C++ extension")
-    for d in (4, 65, 128):
+    from lucidops.ops import _attention_cpp
+
+    monkeypatch.setattr(_attention_cpp, "_vector_bytes", vector_bytes)
+    for d in (4, 15, 16, 65, 128):
         q = torch.randn(1, 1, 3, d, dtype=dtype, requires_grad=True)
         lucidops.ops.attention(q, q, q).sum().backward()
-        assert lucidops.backends.last_used("attention") == "cpp", d
-        assert lucidops.backends.last_used("attention_backward") == "cpp", d
+        narrow_goes_to_aten = vector_bytes < 64 and dtype in (torch.float32, torch.float64) and d >= 16
+        expected = "aten" if narrow_goes_to_aten else "cpp"
+        assert lucidops.backends.last_used("attention") == expected, d
+        assert lucidops.backends.last_used("attention_backward") == expected, d
+
+
+def test_extension_reports_the_vector_width_it_was_built_for():
+    if lucidops.backends.backend_problem("cpp", "cpu") is not None:
+        pytest.skip("no C++ extension")
+    from lucidops import _ext_sources
+    from lucidops.ops import _attention_cpp
+
+    width = _attention_cpp.vector_bytes()
+    assert width in (16, 32, 64)
+    flags = _ext_sources.spec("cpu").cflags
+    if "-march=native" in flags and "avx512f" in _ext_sources.host_cpu_features():
+        assert width == 64
+    elif "-march=native" in flags and "avx2" in _ext_sources.host_cpu_features():
+        assert width == 32
 
 
 def test_forcing_aten_wins_and_triton_refuses_float64():

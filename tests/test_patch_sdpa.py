@@ -16,6 +16,9 @@ from lucidops.patch import sdpa_calls, sdpa_modules
 from lucidops.reference import attention as attention_reference
 from lucidops.reference import attention_dropout
 
+# lucidops' kernel inside the models on every machine (conftest.cpp_attention_default).
+pytestmark = pytest.mark.usefixtures("cpp_attention_default")
+
 timm = pytest.importorskip("timm")
 
 # name -> (create_model kwargs, input size, the attention class routed, calls per forward)
@@ -50,11 +53,24 @@ def _error(got, truth, floor):
     return ((got.double() - truth).norm() / max(truth.norm().item(), floor)).item()
 
 
+def _one_ulp_apart(x, count):
+    """x and count copies of it with every element moved by about one float32 rounding."""
+    return [x] + [x * (1 + 2e-7 * torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + i)))
+                  for i in range(count)]
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_routed_models_match_the_original(name, monkeypatch):
     model, x = build(name)
-    truth = forward_backward(copy.deepcopy(model).double(), x.double())  # the unpatched model in float64
-    theirs = forward_backward(model, x)
+    # Each input, its unpatched model's float64 result and the original's float32 one. Several
+    # inputs one rounding apart: EVA-02's input gradient at init carries 0.2%-0.4% float32
+    # error of its own, and where in that range a float32 run lands depends on every rounding
+    # (timm's own SDPA: 0.0018 to 0.0036 over eight such inputs; lucidops' cpp kernel
+    # 0.0018 to 0.0039), so one input compares luck, not accuracy.
+    inputs = _one_ulp_apart(x, 3)
+    model64 = copy.deepcopy(model).double()
+    truths = [forward_backward(model64, xi.double()) for xi in inputs]
+    theirs = [forward_backward(model, xi) for xi in inputs]
     _, _, cls, per_forward = MODELS[name]
     assert {type(m).__name__ for _, m in sdpa_modules(model)} == {cls}
     handle = sdpa_calls(model)
@@ -62,21 +78,23 @@ def test_routed_models_match_the_original(name, monkeypatch):
     monkeypatch.setattr(backends, "_last_used", {})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every call is routed: no warning
-        ours = forward_backward(model, x)
-    assert handle.calls == {"lucidops": per_forward}
+        ours = [forward_backward(model, xi) for xi in inputs]
+    assert handle.calls == {"lucidops": per_forward * len(inputs)}
     assert backends._last_used["attention"] == "cpp" and backends._last_used["attention_backward"] == "cpp"
-    # Against float64, the routed model is as accurate as the original in float32 (some of these
-    # models' input gradients carry 0.3% float32 error of their own, e.g. EVA-02's at init).
-    pairs = [("output", ours[0], theirs[0], truth[0]), ("input grad", ours[1], theirs[1], truth[1])]
-    assert ours[2].keys() == theirs[2].keys() == truth[2].keys()
-    pairs += [(key, ours[2][key], theirs[2][key], truth[2][key]) for key in truth[2]]
-    floor = 1e-6 * max(exact.norm().item() for _, _, _, exact in pairs)
-    for what, got, original, exact in pairs:
-        assert _error(got, exact, floor) <= 2 * _error(original, exact, floor) + 1e-5, what
+    # Against float64, the routed model is as accurate as the original in float32: its largest
+    # error over the inputs at most twice the original's largest.
+    assert all(o[2].keys() == t[2].keys() == e[2].keys() for o, t, e in zip(ours, theirs, truths))
+    parts = [("output", lambda r: r[0]), ("input grad", lambda r: r[1])]
+    parts += [(key, lambda r, key=key: r[2][key]) for key in truths[0][2]]
+    floor = 1e-6 * max(part(truth).norm().item() for truth in truths for _, part in parts)
+    for what, part in parts:
+        worst_ours = max(_error(part(o), part(e), floor) for o, e in zip(ours, truths))
+        worst_theirs = max(_error(part(t), part(e), floor) for t, e in zip(theirs, truths))
+        assert worst_ours <= 2 * worst_theirs + 1e-5, what
     handle.revert()
     assert all("forward" not in m.__dict__ for m in model.modules())
     with torch.no_grad():
-        assert torch.equal(model(x), theirs[0])
+        assert torch.equal(model(x), theirs[0][0])
 
 
 def test_modules_that_do_not_take_their_sdpa_path_are_not_patched():

@@ -15,6 +15,9 @@ from lucidops.reference import attention_dropout
 timm = pytest.importorskip("timm")
 from timm.layers.attention import Attention  # noqa: E402
 
+# lucidops' kernel inside the models on every machine (conftest.cpp_attention_default).
+pytestmark = pytest.mark.usefixtures("cpp_attention_default")
+
 
 def tiny_vit(name="vit_tiny_patch16_224", **kwargs):
     torch.manual_seed(0)

@@ -2,8 +2,9 @@
 
 csrc/cpu/attention.cpp puts the keys in vector lanes and four query rows in registers,
 which suits small heads most (2x-4x SDPA at d = 8, where PyTorch's flash CPU kernel pays
-for small GEMM calls) and measured faster than PyTorch's kernel up to d = 128 in every dtype,
-so it is the CPU default (ops/attention.py).
+for small GEMM calls). Built for AVX-512 it measured faster than PyTorch's kernel up to
+d = 128 in every dtype, so it is the CPU default there; built for AVX2 it is the default for
+half types and heads under 16 (ops/attention.py).
 This module adapts it to the op's contract (lucidops.reference.attention). The kernel reads
 and writes every dtype as it is (half types computed in float32, converted row by row as it
 loads them), returns out_lo for bfloat16 itself and forms the backward's
@@ -20,6 +21,20 @@ from torch import Tensor
 from .. import _ext
 from ..reference import attention as _reference
 from ..reference import attention_dropout as _dropout
+
+
+_vector_bytes: Optional[int] = None
+
+
+def vector_bytes() -> int:
+    """Bytes per vector register the C++ kernels were compiled for (64 with AVX-512, 32 with
+    AVX2; 0 when the extension is unavailable): the op's CPU default depends on it."""
+    global _vector_bytes
+    if _vector_bytes is None:
+        if _ext.status("cpu") is not None:
+            return 0
+        _vector_bytes = int(_ext.load("cpu").VECTOR_BYTES)
+    return _vector_bytes
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:

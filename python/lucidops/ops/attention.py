@@ -14,9 +14,11 @@ scalar tensor) fixes the dropout mask, which each backend regenerates from it in
 backward (lucidops.reference.attention_dropout); aten, whose kernel draws its own mask, is
 not used then.
 
-Backends: ``cpp`` (the CPU default for every dtype and head dim: lucidops' kernel,
-csrc/cpu/attention.cpp, adapted in ops/_attention_cpp.py), ``aten`` (the fallback when the
-C++ extension cannot build: PyTorch's own fused flash-attention CPU kernel, the one torch's
+Backends: ``cpp`` (the CPU default: lucidops' kernel, csrc/cpu/attention.cpp, adapted in
+ops/_attention_cpp.py; for every dtype and head dim where the C++ extension is built for
+AVX-512, for half types and heads under 16 where it is built for AVX2 or narrower), ``aten``
+(the fallback when the C++ extension cannot build, and first for float32 and float64 heads of
+16 and more on AVX2 builds: PyTorch's own fused flash-attention CPU kernel, the one torch's
 SDPA runs, adapted to this contract in ops/_attention_aten.py; not a lucidops kernel),
 ``reference`` (lucidops.reference.attention, the math) and ``triton`` (the default on CUDA;
 under TRITON_INTERPRET=1 it also runs CPU tensors, slowly, for testing).
@@ -55,20 +57,29 @@ def _triton_backward(*args):
 
 
 _NOTES = {
-    "cpu": "cpp (the default, every dtype and head dim; half types read and written as they are, computed in "
-           "float32): lucidops' kernel, keys in vector lanes and four query rows in registers, heads in "
-           "parallel. aten (the fallback without the C++ extension): PyTorch's own fused flash-attention CPU "
-           "kernel (what torch's SDPA runs on the CPU), not a lucidops kernel; forward and backward, masks, "
+    "cpu": "cpp (the default, every dtype and head dim, where the extension is built for AVX-512; built for "
+           "AVX2 or narrower, half types and heads under 16 only; half types read and written as they are, "
+           "computed in float32): lucidops' kernel, keys in vector lanes and four query rows in registers, heads "
+           "in parallel. aten (the fallback without the C++ extension, and the default for float32 and float64 "
+           "heads of 16 and more on AVX2 builds, where it measured faster): PyTorch's own fused flash-attention "
+           "CPU kernel (what torch's SDPA runs on the CPU), not a lucidops kernel; forward and backward, masks, "
            "empty rows, NaN rows and the lse gradient adapted to the op; not under dropout (its kernel draws "
            "its own mask). reference: the PyTorch math.",
     "cuda": "triton: fused online-softmax forward and (dk, dv) / dq backward, several heads per program for d <= 32; "
             "dropout regenerated in-kernel (a compiled variant).",
 }
 _PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "reference")}
-# On the CPU cpp comes first for every dtype and head dim: measured faster than aten in each
-# (README, Measured results; bench/attention.py). Until 2026-12-06 aten was the default for
-# float64 (cpp's exp was libm's, scalar) and bfloat16 heads over 64 (cpp converted half
-# inputs to float32 in Python first).
+# On the CPU cpp comes first for every dtype and head dim where the extension is built for
+# AVX-512: measured faster than aten in each (README, Measured results; bench/attention.py).
+# Built for AVX2 (16 vector registers of 8 floats: its register tiles, sized for AVX-512's
+# 32 of 16, hold half as much), cpp measured 0.46x-0.85x aten's time in float32 and float64
+# from d = 16 on (2026-12-07, AMD EPYC Zen 3), and still 1.3x-1.7x SDPA at d = 8 and 3x-4x
+# in half-precision forward+backward: there aten comes first for float32 and float64 heads
+# of _ATEN_FIRST_HEAD_DIM and more. Until 2026-12-06 aten was the default for float64 (cpp's
+# exp was libm's, scalar) and bfloat16 heads over 64 (cpp converted half inputs to float32
+# in Python first).
+_ATEN_FIRST_DTYPES_ON_NARROW_VECTORS = (torch.float32, torch.float64)
+_ATEN_FIRST_HEAD_DIM = 16
 
 
 def _preference_for_call(device_type: str, first: Tensor, *rest) -> Optional[Tuple[str, ...]]:
@@ -82,6 +93,9 @@ def _preference_for_call(device_type: str, first: Tensor, *rest) -> Optional[Tup
         return ("reference",) if first.dtype == torch.float64 else None
     if rest[-2]:
         return ("cpp", "reference")
+    if (first.dtype in _ATEN_FIRST_DTYPES_ON_NARROW_VECTORS and first.shape[-1] >= _ATEN_FIRST_HEAD_DIM
+            and 0 < _attention_cpp.vector_bytes() < 64):
+        return ("aten", "cpp", "reference")
     return None
 
 

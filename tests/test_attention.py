@@ -689,6 +689,19 @@ def test_info_states_the_cpu_backends():
     assert "aten      unavailable: the aten backend runs CPU tensors only" in section
 
 
+@pytest.mark.parametrize("vector_bytes", [64, 32])
+def test_info_states_the_vector_width_and_what_it_changes(vector_bytes, monkeypatch):
+    if lucidops.backends.backend_problem("cpp", "cpu") is not None:
+        pytest.skip("no C++ extension")
+    from lucidops import cli
+    from lucidops.ops import _attention_cpp
+
+    monkeypatch.setattr(_attention_cpp, "_vector_bytes", vector_bytes)
+    text = cli.info()
+    assert f"C++ CPU kernels: built for {vector_bytes}-byte vectors" in text
+    assert ("attention's CPU default is aten for float32 and float64 heads of 16 and more" in text) == (vector_bytes < 64)
+
+
 @pytest.mark.parametrize("d", [12, 20], ids=["keys-in-lanes", "head-dim-in-lanes"])
 def test_cpp_is_bitwise_the_same_on_one_and_two_threads(d):
     """Tasks have fixed rows and one task owns a head's dK and dV: no order depends on threads.

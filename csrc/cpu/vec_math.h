@@ -129,7 +129,7 @@ inline float tanh(float v) {
 
 // The width of Vec: one register of the target's widest vectors. Wider than a register, GCC
 // splits the type's arithmetic through the stack and general registers: with 64 bytes on an
-// AVX2 build the attention kernel ran 10x slower than with 32.
+// AVX2 build the attention op took 32.7 ms at B8 H24 N197 d8 forward, 24.1 ms with 32.
 #if defined(__AVX512F__)
 constexpr int64_t kVecBytes = 64;
 #elif defined(__AVX__)

@@ -228,7 +228,7 @@ def spec(kind: str, root: Optional[str] = None, arch_list: Optional[List[str]] =
         sources = [base / "bindings.cpp"] + sorted(base.glob("cpu/*.cpp"))
         # -fno-trapping-math: without AVX-512's masked operations, GCC will not if-convert a
         # float comparison it thinks might trap, so the branch-free clamps of vec_math::exp
-        # kept every exp loop scalar on AVX2 (attention's softmax ran 2x slower there). Values
+        # kept every exp loop scalar on AVX2 (attention at B8 H24 N197 d8: 24.1 -> 10.5 ms). Values
         # are unchanged: only floating-point exception flags, which nothing reads, may differ.
         cflags = ["-O3", "-fopenmp", "-fno-trapping-math"] + cpu_arch_flags()  # torch picks the C++ standard
         ldflags = ["-fopenmp"]

@@ -48,6 +48,7 @@ def info(build: bool = False) -> str:
     """The text ``lucidops info`` prints."""
     import lucidops  # registers every op
     from lucidops import _ext, backends
+    from lucidops.ops import _attention_cpp
 
     if build:
         for kind in ("cpu", "cuda"):
@@ -60,6 +61,11 @@ def info(build: bool = False) -> str:
         forced = None
         out.append(f"forced backend: invalid, every op call will raise: {err}")
     out.append(f"Triton interpreter: {'on' if backends.triton_interpreting() else 'off'}")
+    width = _attention_cpp.vector_bytes()  # 0: the C++ extension is not available (yet)
+    if width:
+        narrow = "" if width >= 64 else ("; without AVX-512, attention's CPU default is aten for float32 and "
+                                         "float64 heads of 16 and more")
+        out.append(f"C++ CPU kernels: built for {width}-byte vectors{narrow}")
     for name, entry in sorted(backends.registered_ops().items()):
         if name.endswith("_backward"):
             continue

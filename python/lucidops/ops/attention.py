@@ -72,9 +72,10 @@ _PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "referenc
 # On the CPU cpp comes first for every dtype and head dim where the extension is built for
 # AVX-512: measured faster than aten in each (README, Measured results; bench/attention.py).
 # Built for AVX2 (16 vector registers of 8 floats: its register tiles, sized for AVX-512's
-# 32 of 16, hold half as much), cpp measured 0.46x-0.85x aten's time in float32 and float64
-# from d = 16 on (2026-12-07, AMD EPYC Zen 3), and still 1.3x-1.7x SDPA at d = 8 and 3x-4x
-# in half-precision forward+backward: there aten comes first for float32 and float64 heads
+# 32 of 16, hold half as much), cpp ran at 0.43x-0.86x SDPA's speed in float32 from d = 16
+# on and 0.75x-0.83x in float64 at d = 64, where aten ran at 0.79x-1.0x (2026-12-07, AMD
+# EPYC Zen 3, two runs), while it stayed 1.1x-1.4x SDPA's forward at d = 8 and 2.6x-5.4x
+# its half-precision forward+backward: there aten comes first for float32 and float64 heads
 # of _ATEN_FIRST_HEAD_DIM and more. Until 2026-12-06 aten was the default for float64 (cpp's
 # exp was libm's, scalar) and bfloat16 heads over 64 (cpp converted half inputs to float32
 # in Python first).
@@ -84,8 +85,9 @@ _ATEN_FIRST_HEAD_DIM = 16
 
 def _preference_for_call(device_type: str, first: Tensor, *rest) -> Optional[Tuple[str, ...]]:
     """The order for one call where it differs from _PREFERENCE: on the CPU without aten under
-    dropout (PyTorch's kernel draws its own mask, which lucidops' backward cannot regenerate);
-    on a GPU, float64 to the reference. ``first`` is q (forward) or grad_out (backward); both
+    dropout (PyTorch's kernel draws its own mask, which lucidops' backward cannot regenerate),
+    and aten first for float32 and float64 heads of 16 and more where the C++ extension is
+    built without AVX-512; on a GPU, float64 to the reference. ``first`` is q (forward) or grad_out (backward); both
     ops end with (dropout_p, seed)."""
     if device_type != "cpu":
         # The triton kernels take half and single precision; float64 on the GPU is the

@@ -702,6 +702,23 @@ def test_info_states_the_vector_width_and_what_it_changes(vector_bytes, monkeypa
     assert ("attention's CPU default is aten for float32 and float64 heads of 16 and more" in text) == (vector_bytes < 64)
 
 
+def test_info_builds_nothing_to_learn_the_vector_width(monkeypatch):
+    """Plain `lucidops info` reports what is there without spending a minute building the
+    C++ extension: the width is read only from an extension already imported."""
+    from lucidops import _ext, cli
+    from lucidops.ops import _attention_cpp
+
+    monkeypatch.setattr(_attention_cpp, "_vector_bytes", None)
+    monkeypatch.setattr(_ext, "_loaded", {})
+    monkeypatch.setattr(_ext, "status", lambda kind, build_if_needed=False: None)  # buildable, not built
+
+    def no_load(kind):
+        raise AssertionError(f"info loaded (and would build) the {kind} extension")
+
+    monkeypatch.setattr(_ext, "load", no_load)
+    assert "C++ CPU kernels: vector width not known until they are loaded (lucidops info --build)" in cli.info()
+
+
 @pytest.mark.parametrize("d", [12, 20], ids=["keys-in-lanes", "head-dim-in-lanes"])
 def test_cpp_is_bitwise_the_same_on_one_and_two_threads(d):
     """Tasks have fixed rows and one task owns a head's dK and dV: no order depends on threads.

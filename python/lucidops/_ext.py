@@ -412,6 +412,11 @@ def load(kind: str) -> ModuleType:
         return module
 
 
+def is_loaded(kind: str) -> bool:
+    """Whether extension ``kind`` is imported in this process (no build, no import)."""
+    return kind in _loaded
+
+
 def status(kind: str, *, build_if_needed: bool = False) -> Optional[str]:
     """None when extension ``kind`` is usable, else the reason it is not.
 

@@ -61,11 +61,14 @@ def info(build: bool = False) -> str:
         forced = None
         out.append(f"forced backend: invalid, every op call will raise: {err}")
     out.append(f"Triton interpreter: {'on' if backends.triton_interpreting() else 'off'}")
-    width = _attention_cpp.vector_bytes()  # 0: the C++ extension is not available (yet)
+    # Read from the imported extension only: info builds nothing unless asked (--build).
+    width = _attention_cpp.vector_bytes(load=build)
     if width:
         narrow = "" if width >= 64 else ("; without AVX-512, attention's CPU default is aten for float32 and "
                                          "float64 heads of 16 and more")
         out.append(f"C++ CPU kernels: built for {width}-byte vectors{narrow}")
+    else:
+        out.append("C++ CPU kernels: vector width not known until they are loaded (lucidops info --build)")
     for name, entry in sorted(backends.registered_ops().items()):
         if name.endswith("_backward"):
             continue

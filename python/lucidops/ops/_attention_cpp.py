@@ -26,12 +26,14 @@ from ..reference import attention_dropout as _dropout
 _vector_bytes: Optional[int] = None
 
 
-def vector_bytes() -> int:
+def vector_bytes(load: bool = True) -> int:
     """Bytes per vector register the C++ kernels were compiled for (64 with AVX-512, 32 with
-    AVX2; 0 when the extension is unavailable): the op's CPU default depends on it."""
+    AVX2; 0 when the extension is unavailable): the op's CPU default depends on it. With
+    ``load`` False, 0 unless the extension is already imported (a first load may build it,
+    which takes a minute)."""
     global _vector_bytes
     if _vector_bytes is None:
-        if _ext.status("cpu") is not None:
+        if _ext.status("cpu") is not None or not (load or _ext.is_loaded("cpu")):
             return 0
         _vector_bytes = int(_ext.load("cpu").VECTOR_BYTES)
     return _vector_bytes

@@ -9,9 +9,9 @@
 // exists for a whole cloud. With culling, a Gaussian whose box misses the tile's bounding
 // box is skipped for the whole tile (exact: rounding is monotonic, so every point of the
 // tile would fail the per-point test too), and the per-point test zeroes the rest.
-// float32 on AVX-512 (the common case) runs forward_item_f32 instead: the same steps with
-// channels in the lanes and tiles of 8 points, which folds the max vertically and culls
-// per 8 points (see there).
+// float32 on AVX-512 and on AVX2 with FMA (the common cases) runs forward_item_f32 instead:
+// the same steps with channels in the lanes and tiles of 8 or 6 points, which folds the max
+// vertically and culls per 8 or 6 points (see there).
 //
 // Ties: every fold of a maximum keeps the lowest point index among equal values, so the
 // lowest point index attaining the max wins, as in every backend, whatever the visiting
@@ -40,8 +40,10 @@
 #include "parallel.h"
 #include "vec_math.h"
 
-#ifdef __AVX512F__
+// float32 forward with channels in the lanes (forward_item_f32), on AVX-512 or AVX2 with FMA.
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#define LUCIDOPS_CHANNEL_LANES 1
 #endif
 #if defined(__SSE__) || defined(__x86_64__)
 #include <xmmintrin.h>
@@ -413,9 +415,17 @@ void forward_item(const T* pts, const int64_t* order, int64_t n0, int64_t n1, co
   }
 }
 
-// Register tiling of forward_item_f32 (below).
-constexpr int kTilePts = 8;      // points per tile
-constexpr int kBlockCh = 32;     // channels per block: two vectors
+// Register tiling of forward_item_f32 (below): kTilePts points x kBlockCh channels, two vectors
+// of channels per point. AVX-512: 8 x 32, 16 of its 32 registers. AVX2: 6 x 16, 12 of its 16,
+// with two more for the weights and one for the broadcast phi.
+#ifdef __AVX512F__
+constexpr int kTilePts = 8;
+constexpr int kBlockCh = 32;
+#else
+constexpr int kTilePts = 6;
+constexpr int kBlockCh = 16;
+#endif
+constexpr int kPhiLanes = 8;     // phi per Gaussian on 8 lanes: the tile's points, padded with its first
 constexpr int kGroupTiles = 32;  // tiles sharing one pass over the mixer
 
 // The mixer W (K, G) as blocks of `block` channels, zero-padded to whole blocks, for
@@ -429,42 +439,54 @@ std::vector<T> pack_mixer_channel_blocks(const T* weight, int64_t G, int64_t K, 
   return packed;
 }
 
-#ifdef __AVX512F__
-// ---------------------------------------------------------------- float32 forward, AVX-512
-// A second register layout for float32: lanes hold channels, and the register tile is 8
-// points x 32 channels (16 accumulators). The portable forward_item puts points in the lanes
-// (a tile of 32 points x 8 channels); this one wins twice. The max over points is vertical
-// (seven vector maxima and one compare per 16 channels, where lanes-as-points needs a shuffle
-// tree), and culling drops Gaussians per 8 points instead of per 32: on trained Gaussians a
-// tile of 8 reaches 13 of 32 where a tile of 32 reaches 16.5. Tiles are taken in groups that
-// share one pass over the mixer, so each block of its weights is read from L1 by every tile
-// of the group.
+#ifdef LUCIDOPS_CHANNEL_LANES
+// ------------------------------------------------- float32 forward, channels in the lanes
+// A second register layout for float32 on AVX-512 and AVX2: lanes hold channels, and the
+// register tile is kTilePts points x kBlockCh channels. The portable forward_item puts points
+// in the lanes (tiles of 32 or 16 points); this one wins twice. The max over points is vertical
+// (a few vector maxima and one compare per vector of channels, where lanes-as-points needs a
+// horizontal reduction per channel), and culling drops Gaussians per 8 or 6 points instead of
+// per 32 or 16: on trained Gaussians a tile of 8 reaches 13 of 32 where a tile of 32 reaches
+// 16.5. Tiles are taken in groups that share one pass over the mixer, so each block of its
+// weights is read from L1 by every tile of the group.
 
 struct PointTile {
-  int64_t lane_idx[kTilePts];  // each lane's point index in the cloud (padding repeats lane 0)
-  int64_t min_idx;             // the lowest point index of the tile
-  int m;                       // points in the tile
-  int na;                      // Gaussians with a nonzero phi somewhere in the tile
+  int64_t lane_idx[kPhiLanes];  // each lane's point index in the cloud (padding repeats lane 0)
+  int64_t min_idx;              // the lowest point index of the tile
+  int m;                        // points in the tile
+  int na;                       // Gaussians with a nonzero phi somewhere in the tile
 };
 
-// Loads the tile's points and writes phi (na x kTilePts, Gaussian-major) for the Gaussians that
+// Loads the tile's points and writes phi (na x kPhiLanes, Gaussian-major) for the Gaussians that
 // reach the tile: with culling, those whose box meets the tile's bounding box, then (as in
 // forward_item) only those nonzero on some lane.
 inline void prepare_tile(const float* pts, const int64_t* order, int64_t t0, int m, const std::vector<GaussParams<float>>& gps,
                          bool cull, PointTile& tile, float* phi, int32_t* active) {
-  alignas(32) float x0[kTilePts], x1[kTilePts], x2[kTilePts];
+  alignas(32) float x0[kPhiLanes], x1[kPhiLanes], x2[kPhiLanes];
   tile.m = m;
-  tile.min_idx = load_tile<float, kTilePts>(pts, order, t0, m, tile.lane_idx, x0, x1, x2);
+  tile.min_idx = load_tile<float, kPhiLanes>(pts, order, t0, m, tile.lane_idx, x0, x1, x2);
   float lo[3], hi[3];
   if (cull) tile_bounds(x0, x1, x2, m, lo, hi);
   int na = 0;
   for (int32_t g = 0; g < static_cast<int32_t>(gps.size()); ++g) {
     if (cull && culled_for_box(gps[g], lo, hi)) continue;
-    if (tile_phi<float, kTilePts>(gps[g], x0, x1, x2, cull, phi + na * kTilePts)) active[na++] = g;
+    if (tile_phi<float, kPhiLanes>(gps[g], x0, x1, x2, cull, phi + na * kPhiLanes)) active[na++] = g;
   }
   tile.na = na;
 }
 
+// Named registers for the tile's points, not arrays: GCC kept an array of vectors in memory
+// and stored every accumulator on every step of the mix.
+#ifdef __AVX512F__
+#define LUCIDOPS_POINTS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#else
+#define LUCIDOPS_POINTS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#endif
+#define LUCIDOPS_COUNT(p) +1
+static_assert(kTilePts == 0 LUCIDOPS_POINTS(LUCIDOPS_COUNT), "LUCIDOPS_POINTS names every point of a tile");
+#undef LUCIDOPS_COUNT
+
+#ifdef __AVX512F__
 // Which of 16 channels can change their running max (best, best_idx) given the tile's
 // per-channel max mx. A lane equal to a running max can win only where the running arg-max
 // is above the tile's lowest point index: with culling, points that every box misses hold
@@ -500,19 +522,166 @@ __attribute__((always_inline)) inline void fold_hits(const float (&vals)[kTilePt
   _mm512_mask_storeu_epi64(best_idx + 8, static_cast<__mmask8>(update >> 8), idx_hi);
 }
 
+// Mixes one tile into one block of kBlockCh channels (wb: the block's packed weights, bias:
+// its biases) and folds the result into the block's running maxima best / best_idx (reduce
+// max) or writes it to channels k0.. of the tile's rows of out_rows.
+__attribute__((always_inline)) inline void mix_block(const PointTile& tile, const float* phi, const int32_t* active,
+                                                     const float* wb, const float* bias, bool reduce_max, float* best,
+                                                     int64_t* best_idx, float* out_rows, int64_t K, int64_t k0) {
+  const __m512 b0 = _mm512_loadu_ps(bias), b1 = _mm512_loadu_ps(bias + 16);
+#define LUCIDOPS_DECLARE(p) __m512 lo##p = b0, hi##p = b1;
+  LUCIDOPS_POINTS(LUCIDOPS_DECLARE)
+  for (int a = 0; a < tile.na; ++a) {
+    const float* w = wb + active[a] * kBlockCh;
+    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+    const float* f = phi + a * kPhiLanes;
+#define LUCIDOPS_MIX(p)                     \
+  {                                         \
+    const __m512 fp = _mm512_set1_ps(f[p]); \
+    lo##p = _mm512_fmadd_ps(w0, fp, lo##p); \
+    hi##p = _mm512_fmadd_ps(w1, fp, hi##p); \
+  }
+    LUCIDOPS_POINTS(LUCIDOPS_MIX)
+  }
+  if (reduce_max) {
+#define LUCIDOPS_MAX(v) \
+  _mm512_max_ps(_mm512_max_ps(_mm512_max_ps(v##0, v##1), _mm512_max_ps(v##2, v##3)), _mm512_max_ps(_mm512_max_ps(v##4, v##5), _mm512_max_ps(v##6, v##7)))
+#define LUCIDOPS_STORE_LO(p) _mm512_store_ps(vals[p], lo##p);
+#define LUCIDOPS_STORE_HI(p) _mm512_store_ps(vals[p], hi##p);
+    const __m512 mx_lo = LUCIDOPS_MAX(lo), mx_hi = LUCIDOPS_MAX(hi);
+    const __mmask16 hit_lo = reaching_channels(mx_lo, tile, best, best_idx);
+    const __mmask16 hit_hi = reaching_channels(mx_hi, tile, best + 16, best_idx + 16);
+    alignas(64) float vals[kTilePts][16];
+    if (hit_lo) {
+      LUCIDOPS_POINTS(LUCIDOPS_STORE_LO)
+      fold_hits(vals, mx_lo, hit_lo, tile, best, best_idx);
+    }
+    if (hit_hi) {
+      LUCIDOPS_POINTS(LUCIDOPS_STORE_HI)
+      fold_hits(vals, mx_hi, hit_hi, tile, best + 16, best_idx + 16);
+    }
+  } else {
+    const int64_t valid = std::min<int64_t>(kBlockCh, K - k0);
+    const __mmask16 m0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+    const __mmask16 m1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
+    alignas(64) float vals[2][kTilePts][16];
+#define LUCIDOPS_STORE_BOTH(p) _mm512_store_ps(vals[0][p], lo##p); _mm512_store_ps(vals[1][p], hi##p);
+    LUCIDOPS_POINTS(LUCIDOPS_STORE_BOTH)
+    for (int p = 0; p < tile.m; ++p) {
+      float* row = out_rows + tile.lane_idx[p] * K + k0;
+      _mm512_mask_storeu_ps(row, m0, _mm512_load_ps(vals[0][p]));
+      _mm512_mask_storeu_ps(row + 16, m1, _mm512_load_ps(vals[1][p]));
+    }
+  }
+}
+#else  // AVX2 with FMA
+// Which of 8 channels can change their running max (best, best_idx) given the tile's
+// per-channel max mx, as a bit mask: above the running max, or equal to it where the tile's
+// lowest point index is below the running arg-max (see the AVX-512 version). The tie test,
+// on 64-bit indices, runs only when some lane is equal.
+__attribute__((always_inline)) inline int reaching_channels(__m256 mx, const PointTile& tile, const float* best,
+                                                          const int64_t* best_idx) {
+  const __m256 bv = _mm256_loadu_ps(best);
+  const int above = _mm256_movemask_ps(_mm256_cmp_ps(mx, bv, _CMP_GT_OQ));
+  const int equal = _mm256_movemask_ps(_mm256_cmp_ps(mx, bv, _CMP_EQ_OQ));
+  if (equal == 0) return above;
+  const __m256i lowest = _mm256_set1_epi64x(tile.min_idx);
+  auto above_lowest = [&](const int64_t* idx) {  // 4 bits: idx[j] > tile.min_idx
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx));
+    return _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(v, lowest)));
+  };
+  const int tie = above_lowest(best_idx) | above_lowest(best_idx + 4) << 4;
+  return above | (equal & tie);
+}
+
+// The index search for the channels in `hit`, one at a time (after the first tiles few
+// channels reach their max): vals[p] holds the 8 channels at the tile's point p, mx their
+// max over the points. Per channel, the lowest point index attaining mx, and the running max
+// takes it if mx is larger or that index lower.
+inline void fold_hits(const float (&vals)[kTilePts][8], __m256 mx, int hit, const PointTile& tile, float* best,
+                      int64_t* best_idx) {
+  alignas(32) float top[8];
+  _mm256_store_ps(top, mx);
+  for (; hit != 0; hit &= hit - 1) {
+    const int j = __builtin_ctz(static_cast<unsigned>(hit));
+    int64_t idx = std::numeric_limits<int64_t>::max();
+    for (int p = 0; p < kTilePts; ++p)
+      if (vals[p][j] == top[j]) idx = std::min(idx, tile.lane_idx[p]);
+    if (top[j] > best[j] || idx < best_idx[j]) {
+      best[j] = top[j];
+      best_idx[j] = idx;
+    }
+  }
+}
+
+// Mixes one tile into one block of kBlockCh channels (wb: the block's packed weights, bias:
+// its biases) and folds the result into the block's running maxima best / best_idx (reduce
+// max) or writes it to channels k0.. of the tile's rows of out_rows.
+__attribute__((always_inline)) inline void mix_block(const PointTile& tile, const float* phi, const int32_t* active,
+                                                     const float* wb, const float* bias, bool reduce_max, float* best,
+                                                     int64_t* best_idx, float* out_rows, int64_t K, int64_t k0) {
+  const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
+#define LUCIDOPS_DECLARE(p) __m256 lo##p = b0, hi##p = b1;
+  LUCIDOPS_POINTS(LUCIDOPS_DECLARE)
+  for (int a = 0; a < tile.na; ++a) {
+    const float* w = wb + active[a] * kBlockCh;
+    const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+    const float* f = phi + a * kPhiLanes;
+#define LUCIDOPS_MIX(p)                          \
+  {                                              \
+    const __m256 fp = _mm256_broadcast_ss(f + p); \
+    lo##p = _mm256_fmadd_ps(w0, fp, lo##p);      \
+    hi##p = _mm256_fmadd_ps(w1, fp, hi##p);      \
+  }
+    LUCIDOPS_POINTS(LUCIDOPS_MIX)
+  }
+  if (reduce_max) {
+#define LUCIDOPS_MAX(v) \
+  _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(v##0, v##1), _mm256_max_ps(v##2, v##3)), _mm256_max_ps(v##4, v##5))
+#define LUCIDOPS_STORE_LO(p) _mm256_store_ps(vals[p], lo##p);
+#define LUCIDOPS_STORE_HI(p) _mm256_store_ps(vals[p], hi##p);
+    const __m256 mx_lo = LUCIDOPS_MAX(lo), mx_hi = LUCIDOPS_MAX(hi);
+    const int hit_lo = reaching_channels(mx_lo, tile, best, best_idx);
+    const int hit_hi = reaching_channels(mx_hi, tile, best + 8, best_idx + 8);
+    alignas(32) float vals[kTilePts][8];
+    if (hit_lo) {
+      LUCIDOPS_POINTS(LUCIDOPS_STORE_LO)
+      fold_hits(vals, mx_lo, hit_lo, tile, best, best_idx);
+    }
+    if (hit_hi) {
+      LUCIDOPS_POINTS(LUCIDOPS_STORE_HI)
+      fold_hits(vals, mx_hi, hit_hi, tile, best + 8, best_idx + 8);
+    }
+  } else {
+    const int64_t valid = std::min<int64_t>(kBlockCh, K - k0);
+    alignas(32) float vals[kTilePts][kBlockCh];
+#define LUCIDOPS_STORE_BOTH(p) _mm256_store_ps(vals[p], lo##p); _mm256_store_ps(vals[p] + 8, hi##p);
+    LUCIDOPS_POINTS(LUCIDOPS_STORE_BOTH)
+    for (int p = 0; p < tile.m; ++p) std::copy(vals[p], vals[p] + valid, out_rows + tile.lane_idx[p] * K + k0);
+  }
+}
+#endif
+#undef LUCIDOPS_POINTS
+#undef LUCIDOPS_DECLARE
+#undef LUCIDOPS_MIX
+#undef LUCIDOPS_MAX
+#undef LUCIDOPS_STORE_LO
+#undef LUCIDOPS_STORE_HI
+#undef LUCIDOPS_STORE_BOTH
+
 // Scratch of one thread for forward_item_f32.
 struct TileScratch {
-  std::vector<float> phi;        // kGroupTiles x G x kTilePts
+  std::vector<float> phi;        // kGroupTiles x G x kPhiLanes
   std::vector<int32_t> active;   // kGroupTiles x G
   std::vector<float> best;       // running maxima, padded to whole channel blocks
   std::vector<int64_t> best_idx;
   TileScratch(int64_t G, int64_t k_padded)
-      : phi(kGroupTiles * std::max<int64_t>(G, 1) * kTilePts), active(kGroupTiles * std::max<int64_t>(G, 1)),
+      : phi(kGroupTiles * std::max<int64_t>(G, 1) * kPhiLanes), active(kGroupTiles * std::max<int64_t>(G, 1)),
         best(k_padded), best_idx(k_padded) {}
 };
 
-// forward_item for float32 with AVX-512 (same arguments and results; wblocks from
-// pack_mixer_channel_blocks, bias zero-padded to whole blocks).
+// forward_item for float32 with channels in the lanes (same arguments and results; wblocks
+// from pack_mixer_channel_blocks, bias zero-padded to whole blocks).
 void forward_item_f32(const float* pts, const int64_t* order, int64_t n0, int64_t n1,
                       const std::vector<GaussParams<float>>& gps, const float* wblocks, const float* bias_padded,
                       int64_t K, bool cull, bool reduce_max, float* out_max, int64_t* out_idx, float* out_rows,
@@ -533,74 +702,13 @@ void forward_item_f32(const float* pts, const int64_t* order, int64_t n0, int64_
     for (int i = 0; i < gn; ++i) {
       const int64_t t0 = n0 + tile_order[g0 + i] * kTilePts;
       prepare_tile(pts, order, t0, static_cast<int>(std::min<int64_t>(kTilePts, n1 - t0)), gps, cull, group[i],
-                   scratch.phi.data() + i * G * kTilePts, scratch.active.data() + i * G);
+                   scratch.phi.data() + i * G * kPhiLanes, scratch.active.data() + i * G);
     }
     for (int64_t cb = 0; cb < blocks; ++cb) {
-      const float* wb = wblocks + cb * G * kBlockCh;
-      const __m512 b0 = _mm512_loadu_ps(bias_padded + cb * kBlockCh), b1 = _mm512_loadu_ps(bias_padded + cb * kBlockCh + 16);
-      for (int i = 0; i < gn; ++i) {
-        const PointTile& tile = group[i];
-        const float* phi = scratch.phi.data() + i * G * kTilePts;
-        const int32_t* active = scratch.active.data() + i * G;
-        // Sixteen named accumulators, not an array: GCC kept an array of vectors in memory and
-        // stored all sixteen on every step of the mix.
-#define LUCIDOPS_POINTS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
-#define LUCIDOPS_DECLARE(p) __m512 lo##p = b0, hi##p = b1;
-        LUCIDOPS_POINTS(LUCIDOPS_DECLARE)
-        for (int a = 0; a < tile.na; ++a) {
-          const float* w = wb + active[a] * kBlockCh;
-          const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
-          const float* f = phi + a * kTilePts;
-#define LUCIDOPS_MIX(p)                              \
-  {                                                  \
-    const __m512 fp = _mm512_set1_ps(f[p]);          \
-    lo##p = _mm512_fmadd_ps(w0, fp, lo##p);          \
-    hi##p = _mm512_fmadd_ps(w1, fp, hi##p);          \
-  }
-          LUCIDOPS_POINTS(LUCIDOPS_MIX)
-        }
-        if (reduce_max) {
-#define LUCIDOPS_MAX8(v) \
-  _mm512_max_ps(_mm512_max_ps(_mm512_max_ps(v##0, v##1), _mm512_max_ps(v##2, v##3)), _mm512_max_ps(_mm512_max_ps(v##4, v##5), _mm512_max_ps(v##6, v##7)))
-#define LUCIDOPS_STORE(v, p) _mm512_store_ps(vals[p], v##p);
-#define LUCIDOPS_STORE_LO(p) LUCIDOPS_STORE(lo, p)
-#define LUCIDOPS_STORE_HI(p) LUCIDOPS_STORE(hi, p)
-          float* bst = best + cb * kBlockCh;
-          int64_t* bst_idx = best_idx + cb * kBlockCh;
-          const __m512 mx_lo = LUCIDOPS_MAX8(lo), mx_hi = LUCIDOPS_MAX8(hi);
-          const __mmask16 hit_lo = reaching_channels(mx_lo, tile, bst, bst_idx);
-          const __mmask16 hit_hi = reaching_channels(mx_hi, tile, bst + 16, bst_idx + 16);
-          alignas(64) float vals[kTilePts][16];
-          if (hit_lo) {
-            LUCIDOPS_POINTS(LUCIDOPS_STORE_LO)
-            fold_hits(vals, mx_lo, hit_lo, tile, bst, bst_idx);
-          }
-          if (hit_hi) {
-            LUCIDOPS_POINTS(LUCIDOPS_STORE_HI)
-            fold_hits(vals, mx_hi, hit_hi, tile, bst + 16, bst_idx + 16);
-          }
-        } else {
-          const int64_t k0 = cb * kBlockCh, valid = std::min<int64_t>(kBlockCh, K - k0);
-          const __mmask16 m0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
-          const __mmask16 m1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
-          alignas(64) float vals[2][kTilePts][16];
-#define LUCIDOPS_STORE_BOTH(p) _mm512_store_ps(vals[0][p], lo##p); _mm512_store_ps(vals[1][p], hi##p);
-          LUCIDOPS_POINTS(LUCIDOPS_STORE_BOTH)
-          for (int p = 0; p < tile.m; ++p) {
-            float* row = out_rows + tile.lane_idx[p] * K + k0;
-            _mm512_mask_storeu_ps(row, m0, _mm512_load_ps(vals[0][p]));
-            _mm512_mask_storeu_ps(row + 16, m1, _mm512_load_ps(vals[1][p]));
-          }
-        }
-#undef LUCIDOPS_POINTS
-#undef LUCIDOPS_DECLARE
-#undef LUCIDOPS_MIX
-#undef LUCIDOPS_MAX8
-#undef LUCIDOPS_STORE
-#undef LUCIDOPS_STORE_LO
-#undef LUCIDOPS_STORE_HI
-#undef LUCIDOPS_STORE_BOTH
-      }
+      const int64_t k0 = cb * kBlockCh;
+      for (int i = 0; i < gn; ++i)
+        mix_block(group[i], scratch.phi.data() + i * G * kPhiLanes, scratch.active.data() + i * G,
+                  wblocks + cb * G * kBlockCh, bias_padded + k0, reduce_max, best + k0, best_idx + k0, out_rows, K, k0);
     }
   }
   if (reduce_max) {
@@ -644,8 +752,8 @@ template <typename T>
 void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, const T* bias, const T* half,
                   int64_t B, int64_t N, int64_t G, int64_t K, bool cull, bool reduce_max, T* out, int64_t* argmax) {
   const auto gps = unpack(means, prec, half, G);
-  // float32 on AVX-512 takes forward_item_f32 (channels in the lanes), the rest forward_item.
-#ifdef __AVX512F__
+  // float32 on AVX-512 and AVX2 takes forward_item_f32 (channels in the lanes), the rest forward_item.
+#ifdef LUCIDOPS_CHANNEL_LANES
   constexpr bool kChannelLanes = std::is_same<T, float>::value;
 #else
   constexpr bool kChannelLanes = false;
@@ -686,7 +794,7 @@ void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, 
     if constexpr (std::is_same<T, float>::value) flush.emplace();
     std::vector<T> phi(kChannelLanes ? 0 : std::max<int64_t>(G, 1) * Blocking<T>::Tile);
     std::vector<int64_t> active(kChannelLanes ? 0 : std::max<int64_t>(G, 1));
-#ifdef __AVX512F__
+#ifdef LUCIDOPS_CHANNEL_LANES
     TileScratch scratch(kChannelLanes ? G : 0, kChannelLanes ? k_padded : 0);
 #endif
     for (int64_t item = begin; item < end; ++item) {
@@ -703,7 +811,7 @@ void forward_impl(const T* pts, const T* means, const T* prec, const T* weight, 
         rows = out + b * N * K;
       }
       const int64_t* cloud_order = order.empty() || !sorted[b] ? nullptr : order.data() + b * N;
-#ifdef __AVX512F__
+#ifdef LUCIDOPS_CHANNEL_LANES
       if constexpr (kChannelLanes) {
         forward_item_f32(pts + b * N * 3, cloud_order, n0, n1, gps, wt.data(), bias_padded.data(), K, cull, reduce_max,
                          omax, oidx, rows, scratch);

@@ -6,7 +6,8 @@ GCC splits through the stack and general registers where a register holds 32 (at
 score products), and GCC kept every loop calling vec_math::exp or sincos scalar there,
 because without AVX-512's masked operations it will not if-convert a float comparison that
 might trap (-ftrapping-math, its default). These tests compile small loops with the CPU
-extension's own flags for an AVX2 and an AVX-512 target and read GCC's vectoriser report.
+extension's own flags for an AVX2 and an AVX-512 target and read GCC's vectoriser report,
+and check which targets get the Gaussian mixture's float32 forward with channels in the lanes.
 """
 
 from __future__ import annotations
@@ -99,3 +100,24 @@ def test_vec_math_loops_vectorise_with_the_extension_flags(tmp_path, target):
 def test_extension_flags_keep_exceptions_untrapped():
     """The flag the vectorisation above depends on, named so that a change of flags says why."""
     assert "-fno-trapping-math" in _ext_sources.spec("cpu").cflags
+
+
+# Where the Gaussian mixture's float32 forward takes forward_item_f32, channels in the vector
+# lanes: on the Zen 3 EPYC (AVX2) the portable layout culled only 1.39x-1.44x on trained
+# Gaussians, against 1.66x with channels in the lanes (bench/results/*avx2*-gaussian-05*.*).
+CHANNEL_LANES = {"-march=x86-64-v3": True, "-march=x86-64-v4": True, "-march=x86-64": False}
+
+
+@pytest.mark.parametrize("march", sorted(CHANNEL_LANES))
+def test_gaussian_mixture_float32_forward_has_channels_in_lanes_on_avx2_and_avx512(march):
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    includes = [_ext_sources.csrc_root(), *cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    command = ["g++", "-std=c++20", *_cpu_flags(march), "-E", "-dM", *[f"-I{i}" for i in includes],
+               str(_ext_sources.csrc_root() / "cpu" / "gaussian_mixture.cpp")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(command)}\n{done.stderr[-2000:]}"
+    defined = re.search(r"^#define LUCIDOPS_CHANNEL_LANES\b", done.stdout, re.MULTILINE) is not None
+    assert defined == CHANNEL_LANES[march], f"{march}: channels in the lanes {'expected' if CHANNEL_LANES[march] else 'unexpected'}"

@@ -68,20 +68,40 @@ constexpr int64_t kKeyPad = 16;
 inline float exp_of(float v) { return vec_math::exp(v); }
 inline double exp_of(double v) { return vec_math::exp(v); }
 
-// out[r][j] = sum_c x[r][c] mat_t[c][j] for R rows, keys [0, keys) (a multiple of the lanes).
-// x: R x d; mat_t: d x ld; out: R x ld.
+// Key vectors per pass of rows_times_keys. With one, a block's R = 4 accumulators are four
+// chains of dependent FMAs, and at four cycles each two FMA units need eight: on AVX2 two
+// vectors per pass (8 of its 16 registers). AVX-512 keeps one (its vectors hold 16 keys).
+constexpr int kKeyVectors = vec_math::kVecBytes >= 64 ? 1 : 2;
+
+// out[r][j] = sum_c x[r][c] mat_t[c][j] for R rows, keys [0, keys) rounded up to whole passes
+// of kKeyVectors vectors: at most to a multiple of kKeyPad, so within ld (the columns past keys
+// are padding, or keys the caller hides). x: R x d; mat_t: d x ld; out: R x ld.
 template <typename T, int R>
 void rows_times_keys(const T* x, const T* mat_t, int64_t d, int64_t ld, int64_t keys, T* out) {
   using V = vec_math::Vec<T>;
-  for (int64_t j = 0; j < keys; j += V::kLanes) {
-    typename V::type acc[R] = {};
+  constexpr int64_t step = kKeyVectors * V::kLanes;
+  static_assert(kKeyPad % step == 0, "a pass never runs past the padded keys");
+  for (int64_t j = 0; j < keys; j += step) {
+    typename V::type acc[R][kKeyVectors] = {};
     for (int64_t c = 0; c < d; ++c) {
-      const typename V::type m = V::load(mat_t + c * ld + j);
+      typename V::type m[kKeyVectors];
+#pragma GCC unroll 2
+      for (int u = 0; u < kKeyVectors; ++u) {
+        m[u] = V::load(mat_t + c * ld + j + u * V::kLanes);
+        if constexpr (kKeyVectors > 1) m[u] = V::reused(m[u]);  // as in rows_contract_rows_tile
+      }
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r] += x[r * d + c] * m;
+      for (int r = 0; r < R; ++r) {
+        const T xr = x[r * d + c];
+#pragma GCC unroll 2
+        for (int u = 0; u < kKeyVectors; ++u) acc[r][u] += xr * m[u];
+      }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) V::store(out + r * ld + j, acc[r]);
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+      for (int u = 0; u < kKeyVectors; ++u) V::store(out + r * ld + j + u * V::kLanes, acc[r][u]);
+    }
   }
 }
 
@@ -134,6 +154,10 @@ inline void rows_contract_rows_tile(const T* p, const T* rows, int64_t d, int64_
   }
 }
 
+// Four vectors of the head dim per pass of rows_contract_rows where 32 registers hold their 16
+// accumulators (AVX-512); two elsewhere, where 16 accumulators would spill.
+constexpr bool kWideContraction = vec_math::kVecBytes >= 64;
+
 // y[r][c] = sum_j p[r][j] rows[j][c] for R rows over keys [0, keys), with rows in natural
 // (keys, dpad) layout, dpad a whole number of vectors: the head dim in lanes, so nothing
 // needs the horizontal sums of rows_contract_keys (which cost about half as much as the
@@ -143,10 +167,10 @@ template <typename T, int R>
 void rows_contract_rows(const T* p, const T* rows, int64_t d, int64_t dpad, int64_t ld, int64_t keys, T* y) {
   constexpr int64_t lanes = vec_math::Vec<T>::kLanes;
   int64_t c0 = 0;
-  for (; c0 + 4 * lanes <= dpad; c0 += 4 * lanes) rows_contract_rows_tile<T, R, 4>(p, rows, d, dpad, ld, keys, c0, y);
-  if (c0 + 2 * lanes <= dpad) {
+  if constexpr (kWideContraction)
+    for (; c0 + 4 * lanes <= dpad; c0 += 4 * lanes) rows_contract_rows_tile<T, R, 4>(p, rows, d, dpad, ld, keys, c0, y);
+  for (; c0 + 2 * lanes <= dpad; c0 += 2 * lanes) {
     rows_contract_rows_tile<T, R, 2>(p, rows, d, dpad, ld, keys, c0, y);
-    c0 += 2 * lanes;
   }
   if (c0 < dpad) rows_contract_rows_tile<T, R, 1>(p, rows, d, dpad, ld, keys, c0, y);
 }

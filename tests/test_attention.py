@@ -399,17 +399,17 @@ def test_flop_formulas():
 def test_cpu_default_follows_the_extensions_vector_width(dtype, vector_bytes, monkeypatch):
     """Built for AVX-512, cpp measured faster than aten in every dtype up to d = 128 (README,
     Measured results; before 2026-12-06 float64 and bfloat16 heads over 64 went to aten).
-    Built for AVX2, aten measured faster for float32 and float64 heads from 16 on, cpp for
-    smaller heads and for half types: forward and backward take the same backend."""
+    Built for AVX2, aten measured faster for float32 heads from 64 on, cpp for smaller heads,
+    float64 and the half types: forward and backward take the same backend."""
     if lucidops.backends.backend_problem("cpp", "cpu") is not None:
         pytest.skip("no C++ extension")
     from lucidops.ops import _attention_cpp
 
     monkeypatch.setattr(_attention_cpp, "_vector_bytes", vector_bytes)
-    for d in (4, 15, 16, 65, 128):
+    for d in (4, 16, 63, 64, 65, 128):
         q = torch.randn(1, 1, 3, d, dtype=dtype, requires_grad=True)
         lucidops.ops.attention(q, q, q).sum().backward()
-        narrow_goes_to_aten = vector_bytes < 64 and dtype in (torch.float32, torch.float64) and d >= 16
+        narrow_goes_to_aten = vector_bytes < 64 and dtype == torch.float32 and d >= 64
         expected = "aten" if narrow_goes_to_aten else "cpp"
         assert lucidops.backends.last_used("attention") == expected, d
         assert lucidops.backends.last_used("attention_backward") == expected, d
@@ -699,7 +699,7 @@ def test_info_states_the_vector_width_and_what_it_changes(vector_bytes, monkeypa
     monkeypatch.setattr(_attention_cpp, "_vector_bytes", vector_bytes)
     text = cli.info()
     assert f"C++ CPU kernels: built for {vector_bytes}-byte vectors" in text
-    assert ("attention's CPU default is aten for float32 and float64 heads of 16 and more" in text) == (vector_bytes < 64)
+    assert ("attention's CPU default is aten for float32 heads of 64 and more" in text) == (vector_bytes < 64)
 
 
 def test_info_builds_nothing_to_learn_the_vector_width(monkeypatch):

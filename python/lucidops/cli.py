@@ -64,8 +64,8 @@ def info(build: bool = False) -> str:
     # Read from the imported extension only: info builds nothing unless asked (--build).
     width = _attention_cpp.vector_bytes(load=build)
     if width:
-        narrow = "" if width >= 64 else ("; without AVX-512, attention's CPU default is aten for float32 and "
-                                         "float64 heads of 16 and more")
+        narrow = "" if width >= 64 else ("; without AVX-512, attention's CPU default is aten for float32 heads "
+                                         "of 64 and more")
         out.append(f"C++ CPU kernels: built for {width}-byte vectors{narrow}")
     else:
         out.append("C++ CPU kernels: vector width not known until they are loaded (lucidops info --build)")

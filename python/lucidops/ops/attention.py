@@ -16,9 +16,9 @@ not used then.
 
 Backends: ``cpp`` (the CPU default: lucidops' kernel, csrc/cpu/attention.cpp, adapted in
 ops/_attention_cpp.py; for every dtype and head dim where the C++ extension is built for
-AVX-512, for half types and heads under 16 where it is built for AVX2 or narrower), ``aten``
-(the fallback when the C++ extension cannot build, and first for float32 and float64 heads of
-16 and more on AVX2 builds: PyTorch's own fused flash-attention CPU kernel, the one torch's
+AVX-512, for all but float32 heads of 64 and more where it is built for AVX2 or narrower),
+``aten`` (the fallback when the C++ extension cannot build, and first for float32 heads of 64
+and more on AVX2 builds: PyTorch's own fused flash-attention CPU kernel, the one torch's
 SDPA runs, adapted to this contract in ops/_attention_aten.py; not a lucidops kernel),
 ``reference`` (lucidops.reference.attention, the math) and ``triton`` (the default on CUDA;
 under TRITON_INTERPRET=1 it also runs CPU tensors, slowly, for testing).
@@ -58,10 +58,10 @@ def _triton_backward(*args):
 
 _NOTES = {
     "cpu": "cpp (the default, every dtype and head dim, where the extension is built for AVX-512; built for "
-           "AVX2 or narrower, half types and heads under 16 only; half types read and written as they are, "
+           "AVX2 or narrower, all but float32 heads of 64 and more; half types read and written as they are, "
            "computed in float32): lucidops' kernel, keys in vector lanes and four query rows in registers, heads "
-           "in parallel. aten (the fallback without the C++ extension, and the default for float32 and float64 "
-           "heads of 16 and more on AVX2 builds, where it measured faster): PyTorch's own fused flash-attention "
+           "in parallel. aten (the fallback without the C++ extension, and the default for float32 heads of 64 "
+           "and more on AVX2 builds, where it measured faster): PyTorch's own fused flash-attention "
            "CPU kernel (what torch's SDPA runs on the CPU), not a lucidops kernel; forward and backward, masks, "
            "empty rows, NaN rows and the lse gradient adapted to the op; not under dropout (its kernel draws "
            "its own mask). reference: the PyTorch math.",
@@ -71,23 +71,21 @@ _NOTES = {
 _PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "reference")}
 # On the CPU cpp comes first for every dtype and head dim where the extension is built for
 # AVX-512: measured faster than aten in each (README, Measured results; bench/attention.py).
-# Built for AVX2 (16 vector registers of 8 floats: its register tiles, sized for AVX-512's
-# 32 of 16, hold half as much), cpp ran at 0.43x-0.86x SDPA's speed in float32 from d = 16
-# on and 0.75x-0.83x in float64 at d = 64, where aten ran at 0.79x-1.0x (2026-12-07, AMD
-# EPYC Zen 3, two runs), while it stayed 1.1x-1.4x SDPA's forward at d = 8 and 2.6x-5.4x
-# its half-precision forward+backward: there aten comes first for float32 and float64 heads
-# of _ATEN_FIRST_HEAD_DIM and more. Until 2026-12-06 aten was the default for float64 (cpp's
-# exp was libm's, scalar) and bfloat16 heads over 64 (cpp converted half inputs to float32
-# in Python first).
-_ATEN_FIRST_DTYPES_ON_NARROW_VECTORS = (torch.float32, torch.float64)
-_ATEN_FIRST_HEAD_DIM = 16
+# Built for AVX2 (16 vector registers of 8 floats), cpp beats aten in float32 up to d = 32,
+# in float64 and in the half types, but not in float32 from d = 64 on (2026-12-07, AMD EPYC
+# Zen 3: README, Measured results): there aten comes first. (Earlier that day, with register
+# tiles sized for AVX-512 alone, cpp lost from d = 16 on in float32 and float64.) Until
+# 2026-12-06 aten was the default for float64 (cpp's exp was libm's, scalar) and bfloat16
+# heads over 64 (cpp converted half inputs to float32 in Python first).
+_ATEN_FIRST_DTYPES_ON_NARROW_VECTORS = (torch.float32,)
+_ATEN_FIRST_HEAD_DIM = 64
 
 
 def _preference_for_call(device_type: str, first: Tensor, *rest) -> Optional[Tuple[str, ...]]:
     """The order for one call where it differs from _PREFERENCE: on the CPU without aten under
     dropout (PyTorch's kernel draws its own mask, which lucidops' backward cannot regenerate),
-    and aten first for float32 and float64 heads of 16 and more where the C++ extension is
-    built without AVX-512; on a GPU, float64 to the reference. ``first`` is q (forward) or grad_out (backward); both
+    and aten first for float32 heads of 64 and more where the C++ extension is built without
+    AVX-512; on a GPU, float64 to the reference. ``first`` is q (forward) or grad_out (backward); both
     ops end with (dropout_p, seed)."""
     if device_type != "cpu":
         # The triton kernels take half and single precision; float64 on the GPU is the

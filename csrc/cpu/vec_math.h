@@ -153,8 +153,8 @@ struct Vec {
   static void store(T* p, const type& v) { std::memcpy(p, &v, sizeof(v)); }
   // A loaded vector that several multiplies reuse: GCC otherwise folds the load into each
   // multiply as a memory operand, reloading it once per use (measured: a tile that reuses
-  // each vector four times then ran slower than one that does not). x86 only, where a vector
-  // is one register ("v": an SSE/AVX register); elsewhere a no-op.
+  // each vector four times then ran slower than one that does not). On x86 with AVX, where a
+  // vector is one register ("v": an AVX register); elsewhere a no-op.
   static type reused(type v) {
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__AVX__)
     asm("" : "+v"(v));

@@ -81,7 +81,8 @@ class FlushSubnormals {
 // AVX-512's 32; 12 of AVX2's 16, where 32 points x 8 channels (32 accumulators) spilled to
 // the stack (measured on a Zen 3 EPYC, float32, B16 N2048 G32 K1024: 37.9 -> 32.7 ms, culled
 // 22.9 -> 17.3 ms; 24 x 4, 16 x 4 and 8 x 8 fell between. float64, 16 x 8 -> 8 x 6: 74.5 -> 44.3 ms,
-// culled 40.1 -> 26.1 ms).
+// culled 40.1 -> 26.1 ms). float32 takes this kernel only where forward_item_f32 is not built
+// (neither AVX-512 nor AVX2 with FMA); float64 takes it everywhere.
 template <typename T> struct Blocking;
 #ifdef __AVX512F__
 template <> struct Blocking<float> { static constexpr int Tile = 32; static constexpr int KB = 8; };

@@ -126,6 +126,26 @@ def test_forward_backward_match_float64_reference(backend, case, poison_allocato
     check_against_float64_reference(backend, case, "cpu", poison_allocator)
 
 
+# The cpp forward takes 64 query rows per task through chunks of 16 KiB of K or V (64 keys at
+# d = 64 in float32, 32 at d = 128 or in float64, 336 at d = 12, 1024 at d = 4, where P V
+# takes all keys at once): rows past one task and keys past several chunks, partial at both
+# ends, with causal rows whose blocks end in different chunks. CASES stop at 33 keys.
+CPP_CHUNK_CASES = [
+    (1, 2, 150, 200, 64, False, "random", torch.float32),
+    (1, 2, 150, 200, 64, True, None, torch.float32),
+    (1, 1, 70, 97, 128, True, "first_key_off", torch.float32),
+    (1, 1, 70, 97, 64, False, None, torch.float64),
+    (2, 1, 66, 700, 12, False, "random", torch.bfloat16),
+    (1, 1, 9, 1100, 4, False, "random", torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", CPP_CHUNK_CASES, ids=case_id)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_cpp_rows_past_one_task_and_keys_past_one_chunk(case, dropout_p):
+    check_against_float64_reference("cpp", case, dropout_p=dropout_p)
+
+
 def test_reference_matches_torch_sdpa_in_float64():
     """The reference is checked against an independent implementation (torch's SDPA)."""
     g = torch.Generator().manual_seed(0)

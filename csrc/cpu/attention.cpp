@@ -3,16 +3,18 @@
 // PyTorch's CPU flash kernel works in blocks through GEMM calls whose fixed cost dominates
 // when the head dim is small (measured: this kernel is 2x-3x faster at d = 8, and as fast
 // or faster up to d = 128 in float32). Here a head's keys and values are transposed once
-// into (d, padded Nk) buffers, and four query rows at a time go over all their keys with
-// the keys in vector lanes: each K^T or V^T vector loaded feeds four rows' accumulators,
-// which stay in registers across the head dim (rows_times_keys, accumulate_outer).
-// Contractions over the keys put the head dim in lanes when it fills a vector
-// (rows_contract_rows), the keys otherwise (rows_contract_keys). A block's scores,
-// probabilities and score gradients live in L1-sized per-thread buffers. The forward runs
-// heads and chunks of 64 query rows in parallel, the backward heads, one task accumulating
-// a head's dK and dV: the result does not depend on the thread count. q, k, v and grad_out
-// may have any strides with a unit one along d (a model's views of its qkv projection); the
-// output is (B, H, Nq, d) laid out as (B, Nq, H, d), SDPA's layout.
+// into (d, padded Nk) buffers, and four query rows at a time (six in the forward on AVX2)
+// go over their keys with the keys in vector lanes: each K^T or V^T vector loaded feeds
+// every row's accumulators, which stay in registers across the head dim (rows_times_keys,
+// accumulate_outer). Contractions over the keys put the head dim in lanes when it fills a
+// vector (rows_contract_rows), the keys otherwise (rows_contract_keys). The forward takes
+// 64 query rows at a time through L1-sized chunks of keys (forward_task); the backward's
+// blocks of rows keep their scores, probabilities and score gradients in per-thread
+// buffers. The forward runs heads and chunks of 64 query rows in parallel, the backward
+// heads, one task accumulating a head's dK and dV: the result does not depend on the thread
+// count. q, k, v and grad_out may have any strides with a unit one along d (a model's views
+// of its qkv projection); the output is (B, H, Nq, d) laid out as (B, Nq, H, d), SDPA's
+// layout.
 //
 // Contract (lucidops.reference.attention): top-left causal (key j visible to query i iff
 // j <= i), key_padding_mask True = key takes part, a query with no visible key gets
@@ -31,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../lucidops.h"
@@ -57,6 +60,12 @@ inline uint32_t fmix32(uint32_t h) {
 
 // Query rows per register block: each K^T / V^T vector loaded feeds this many rows.
 constexpr int64_t kRows = 4;
+// Query rows per forward register block: AVX2 takes six, whose products then hold 12
+// accumulators (of 16 registers) and feed each vector loaded to 12 FMAs instead of 8
+// (measured 13% faster forward at N = 1024, d = 64). AVX-512 keeps four.
+constexpr int64_t kForwardRows = vec_math::kVecBytes == 32 ? 6 : kRows;
+// The widest register block; wider blocks (the backward's) run kRows rows at a time.
+constexpr int64_t kRegisterRowsMax = std::max(kRows, kForwardRows);
 // Query rows per backward block. The block's dK^T and dV^T updates (accumulate_outer) pass over
 // a d x Nk accumulator that lives in L2, not L1, at N = 1024; eight rows per pass halve that
 // traffic. The other products still run four rows at a time (register blocks), so the
@@ -105,32 +114,39 @@ void rows_times_keys(const T* x, const T* mat_t, int64_t d, int64_t ld, int64_t 
   }
 }
 
-// y[r][c] = sum_j p[r][j] mat_t[c][j] for R rows over keys [0, keys). p: R x ld; y: R x d.
+// y[r][c] += sum_j p[r][j] mat_t[c][j] for R rows over keys [j0, j1), both whole vectors.
+// p: R x ld; y: R x dpad.
 template <typename T, int R>
-void rows_contract_keys(const T* p, const T* mat_t, int64_t d, int64_t ld, int64_t keys, T* y) {
+void rows_contract_keys(const T* p, const T* mat_t, int64_t d, int64_t dpad, int64_t ld, int64_t j0, int64_t j1,
+                        T* y) {
   using V = vec_math::Vec<T>;
   for (int64_t c = 0; c < d; ++c) {
     typename V::type acc[R] = {};
-    for (int64_t j = 0; j < keys; j += V::kLanes) {
+    for (int64_t j = j0; j < j1; j += V::kLanes) {
       const typename V::type m = V::load(mat_t + c * ld + j);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[r] += V::load(p + r * ld + j) * m;
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) y[r * d + c] = V::sum(acc[r]);
+    for (int r = 0; r < R; ++r) y[r * dpad + c] += V::sum(acc[r]);
   }
 }
 
-// y[r][c0 + ..] = sum_j p[r][j] rows[j][c0 + ..] for R rows and C vectors of the head dim:
-// each broadcast of p[r][j] feeds C vectors, which stay in registers when C > 1 (GCC would
-// otherwise fold their loads into every multiply; left to fold when C = 1, where the
-// broadcasts fold instead: forcing it there was slower at d = 16).
+// y[r][c0 + ..] += sum_j p[r][j] rows[j][c0 + ..] for R rows over keys [j0, j1) and C vectors
+// of the head dim: each broadcast of p[r][j] feeds C vectors, which stay in registers when
+// C > 1 (GCC would otherwise fold their loads into every multiply; left to fold when C = 1,
+// where the broadcasts fold instead: forcing it there was slower at d = 16). y: R x dpad.
 template <typename T, int R, int C>
-inline void rows_contract_rows_tile(const T* p, const T* rows, int64_t d, int64_t dpad, int64_t ld, int64_t keys,
+inline void rows_contract_rows_tile(const T* p, const T* rows, int64_t dpad, int64_t ld, int64_t j0, int64_t j1,
                                     int64_t c0, T* y) {
   using V = vec_math::Vec<T>;
-  typename V::type acc[R][C] = {};
-  for (int64_t j = 0; j < keys; ++j) {
+  typename V::type acc[R][C];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int u = 0; u < C; ++u) acc[r][u] = V::load(y + r * dpad + c0 + u * V::kLanes);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
     typename V::type m[C];
 #pragma GCC unroll 4
     for (int u = 0; u < C; ++u) {
@@ -144,13 +160,10 @@ inline void rows_contract_rows_tile(const T* p, const T* rows, int64_t d, int64_
       for (int u = 0; u < C; ++u) acc[r][u] += pr * m[u];
     }
   }
-#pragma GCC unroll 4
-  for (int u = 0; u < C; ++u) {
-    const int64_t c = c0 + u * V::kLanes;
-    const int64_t width = std::min<int64_t>(V::kLanes, d - c);  // the last vector may be partial
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-      for (int64_t l = 0; l < width; ++l) y[r * d + c + l] = acc[r][u][l];
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int u = 0; u < C; ++u) V::store(y + r * dpad + c0 + u * V::kLanes, acc[r][u]);
   }
 }
 
@@ -158,21 +171,20 @@ inline void rows_contract_rows_tile(const T* p, const T* rows, int64_t d, int64_
 // accumulators (AVX-512); two elsewhere, where 16 accumulators would spill.
 constexpr bool kWideContraction = vec_math::kVecBytes >= 64;
 
-// y[r][c] = sum_j p[r][j] rows[j][c] for R rows over keys [0, keys), with rows in natural
+// y[r][c] += sum_j p[r][j] rows[j][c] for R rows over keys [j0, j1), with rows in natural
 // (keys, dpad) layout, dpad a whole number of vectors: the head dim in lanes, so nothing
 // needs the horizontal sums of rows_contract_keys (which cost about half as much as the
 // multiplies themselves at d = 16, N = 197). Up to four vectors of the head dim per pass
-// over the keys (measured 4%-5% faster forward than one at d = 64 and 128). p: R x ld; y: R x d.
+// over the keys (measured 4%-5% faster forward than one at d = 64 and 128). p: R x ld;
+// y: R x dpad.
 template <typename T, int R>
-void rows_contract_rows(const T* p, const T* rows, int64_t d, int64_t dpad, int64_t ld, int64_t keys, T* y) {
+void rows_contract_rows(const T* p, const T* rows, int64_t dpad, int64_t ld, int64_t j0, int64_t j1, T* y) {
   constexpr int64_t lanes = vec_math::Vec<T>::kLanes;
   int64_t c0 = 0;
   if constexpr (kWideContraction)
-    for (; c0 + 4 * lanes <= dpad; c0 += 4 * lanes) rows_contract_rows_tile<T, R, 4>(p, rows, d, dpad, ld, keys, c0, y);
-  for (; c0 + 2 * lanes <= dpad; c0 += 2 * lanes) {
-    rows_contract_rows_tile<T, R, 2>(p, rows, d, dpad, ld, keys, c0, y);
-  }
-  if (c0 < dpad) rows_contract_rows_tile<T, R, 1>(p, rows, d, dpad, ld, keys, c0, y);
+    for (; c0 + 4 * lanes <= dpad; c0 += 4 * lanes) rows_contract_rows_tile<T, R, 4>(p, rows, dpad, ld, j0, j1, c0, y);
+  for (; c0 + 2 * lanes <= dpad; c0 += 2 * lanes) rows_contract_rows_tile<T, R, 2>(p, rows, dpad, ld, j0, j1, c0, y);
+  if (c0 < dpad) rows_contract_rows_tile<T, R, 1>(p, rows, dpad, ld, j0, j1, c0, y);
 }
 
 // acc_t[c][j] += sum_r x[r][c] p[r][j] for keys [0, keys). x: R x d; p: R x ld; acc_t: d x ld.
@@ -269,12 +281,22 @@ void pad_head_rows(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64_
   for (int64_t j = 0; j < nk; ++j) to_opmath(src.row(bh, j), dst + j * dpad, d);
 }
 
+// Query rows per forward task. Tasks are fixed ranges of rows, so a row's register block
+// (and with it its rounding) does not depend on how tasks fall to threads; small enough
+// that a head splits across threads (a ViT's batch-1 inference has as few as 3 heads); large
+// enough that reloading a head's K and V per task (two Nk x d copies) costs little against
+// the task's 64 x Nk x d multiply-adds, twice, and that each chunk of keys (forward_task)
+// serves many register blocks.
+constexpr int64_t kForwardChunk = 64;
+
 // Per-thread buffers of one head. Scores need K^T (d x ld); the backward's dP = dO V^T needs
 // V^T. The contraction over the keys (P V forward, dS K backward) reads the other operand as
 // padded rows (ld x dpad) when the head dim fills a vector, so its sums stay within lanes,
-// and transposed otherwise. Also a block's rows (R x d), its key rows (R x ld) and the
-// backward's dK^T, dV^T (d x ld); and rows (d) for conversions to and from half types and the
-// backward's output row (row_lo: its bfloat16 residual).
+// and transposed otherwise. Also the rows of a forward task or backward block: scaled q
+// (rows x d), their scores and probabilities (rows x ld) and contractions (rows x dpad); the
+// backward's dO rows, dS and dK^T, dV^T (d x ld); one row's dropout multipliers (ld); and
+// rows (d) for conversions to and from half types and the backward's output row (row_lo:
+// its bfloat16 residual).
 template <typename T>
 struct HeadScratch {
   int64_t d, ld, dpad;
@@ -291,12 +313,12 @@ struct HeadScratch {
         k_t(d * ld),
         v_t(backward || !by_rows ? d * ld : 0),
         contracted(by_rows ? ld * dpad : 0),
-        rows_a(block_rows() * d),
-        rows_b(block_rows() * d),
-        rows_do(backward ? block_rows() * d : 0),
-        keys_a(block_rows() * ld),
-        keys_b(block_rows() * ld),
-        keys_z(backward ? ld : 0),  // one row's dropout multipliers (the forward uses keys_b)
+        rows_a(task_rows() * d),
+        rows_b(task_rows() * dpad),
+        rows_do(backward ? task_rows() * d : 0),
+        keys_a(task_rows() * ld),
+        keys_b(backward ? task_rows() * ld : 0),
+        keys_z(ld),
         grad_k_t(backward ? d * ld : 0),
         grad_v_t(backward ? d * ld : 0),
         row(d),
@@ -309,19 +331,20 @@ struct HeadScratch {
     if (by_rows) pad_head_rows(backward ? pb.k : pb.v, bh, pb.nk, d, dpad, ld, contracted.data());
   }
 
-  int64_t block_rows() const { return backward ? kBackwardRows : kRows; }
+  int64_t task_rows() const { return backward ? kBackwardRows : kForwardChunk; }
 
-  // y = P M over keys [0, keys) for R rows of p (R x ld): M is V in the forward, K in the
-  // backward; y: R x d. Blocks wider than a register block run kRows rows at a time.
+  // y += P M over keys [j0, j1) (whole vectors) for R rows of p (R x ld): M is V in the
+  // forward, K in the backward; y: R x dpad. Blocks wider than a register block run kRows
+  // rows at a time.
   template <int R>
-  void contract(const T* p, int64_t keys, T* y) const {
-    if constexpr (R > kRows) {
+  void contract(const T* p, int64_t j0, int64_t j1, T* y) const {
+    if constexpr (R > kRegisterRowsMax) {
       static_assert(R % kRows == 0, "wide blocks are whole register blocks");
-      for (int s = 0; s < R; s += kRows) contract<kRows>(p + s * ld, keys, y + s * d);
+      for (int s = 0; s < R; s += kRows) contract<kRows>(p + s * ld, j0, j1, y + s * dpad);
     } else if (by_rows) {
-      rows_contract_rows<T, R>(p, contracted.data(), d, dpad, ld, keys, y);
+      rows_contract_rows<T, R>(p, contracted.data(), dpad, ld, j0, j1, y);
     } else {
-      rows_contract_keys<T, R>(p, (backward ? k_t : v_t).data(), d, ld, keys, y);
+      rows_contract_keys<T, R>(p, (backward ? k_t : v_t).data(), d, dpad, ld, j0, j1, y);
     }
   }
 };
@@ -329,7 +352,7 @@ struct HeadScratch {
 // rows_times_keys for a block of R rows, kRows at a time (the register block) when R is wider.
 template <typename T, int R>
 void block_times_keys(const T* x, const T* mat_t, int64_t d, int64_t ld, int64_t keys, T* out) {
-  if constexpr (R > kRows) {
+  if constexpr (R > kRegisterRowsMax) {
     static_assert(R % kRows == 0, "wide blocks are whole register blocks");
     for (int s = 0; s < R; s += kRows) rows_times_keys<T, kRows>(x + s * d, mat_t, d, ld, keys, out + s * ld);
   } else {
@@ -367,21 +390,32 @@ T row_max(const T* s, int64_t end) {
   return m;
 }
 
+// scale q_i for rows [i0, i0 + rows) of head bh, side by side in dst (rows x d).
+template <typename T, typename S>
+void scaled_queries(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t rows, T* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* scaled = dst + r * pb.d;
+    to_opmath(pb.q.row(bh, i0 + r), scaled, pb.d);
+    for (int64_t c = 0; c < pb.d; ++c) scaled[c] *= pb.scale;
+  }
+}
+
+// How many keys the block of rows [i0, i0 + R) spans: its last row's visible end (every row
+// of the block ends at or before it) rounded up to whole vectors.
+template <typename T, typename S>
+int64_t block_keys(const Problem<T, S>& pb, int64_t i0, int64_t R) {
+  constexpr int64_t lanes = vec_math::Vec<T>::kLanes;
+  return (pb.visible_end(i0 + R - 1) + lanes - 1) / lanes * lanes;
+}
+
 // Scores of rows [i0, i0 + R) of head bh into keys_a (R x ld): scale q_i . k_j, -inf where
-// hidden; rows_a gets scale q. Returns how many keys the block spans: the last row's
-// visible end (every row of the block ends at or before it) rounded up to whole vectors.
+// hidden; rows_a gets scale q. Returns block_keys.
 template <typename T, typename S, int R>
 int64_t block_scores(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs) {
-  const int64_t d = pb.d, ld = hs.ld;
-  for (int r = 0; r < R; ++r) {
-    T* scaled = &hs.rows_a[r * d];
-    to_opmath(pb.q.row(bh, i0 + r), scaled, d);
-    for (int64_t c = 0; c < d; ++c) scaled[c] *= pb.scale;
-  }
-  const int64_t last_end = pb.visible_end(i0 + R - 1);
-  const int64_t keys = (last_end + vec_math::Vec<T>::kLanes - 1) / vec_math::Vec<T>::kLanes * vec_math::Vec<T>::kLanes;
-  block_times_keys<T, R>(hs.rows_a.data(), hs.k_t.data(), d, ld, keys, hs.keys_a.data());
-  for (int r = 0; r < R; ++r) hide_keys(pb, bh / pb.heads, pb.visible_end(i0 + r), ld, hs.keys_a.data() + r * ld);
+  scaled_queries(pb, bh, i0, R, hs.rows_a.data());
+  const int64_t keys = block_keys(pb, i0, R);
+  block_times_keys<T, R>(hs.rows_a.data(), hs.k_t.data(), pb.d, hs.ld, keys, hs.keys_a.data());
+  for (int r = 0; r < R; ++r) hide_keys(pb, bh / pb.heads, pb.visible_end(i0 + r), hs.ld, hs.keys_a.data() + r * hs.ld);
   return keys;
 }
 
@@ -406,50 +440,93 @@ void store_output_row(const Problem<T, S>& pb, const ForwardOutputs<T, S>& to, i
   from_opmath(scratch, to.out_lo + (bh * pb.nq + i) * pb.d, pb.d);
 }
 
-template <typename T, typename S, int R>
-void forward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs,
-                   const ForwardOutputs<T, S>& to) {
-  const int64_t d = pb.d, ld = hs.ld;
-  T* lse = to.lse;
-  const int64_t keys = block_scores<T, S, R>(pb, bh, i0, hs);
-  T sums[R];
-  bool empty[R];
-  for (int r = 0; r < R; ++r) {
-    T* s = hs.keys_a.data() + r * ld;
-    const T m = row_max(s, keys);  // NaN scores lose every comparison: -inf if all are NaN
-    const T shift = m == -std::numeric_limits<T>::infinity() ? T(0) : m;
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < keys; ++j) {
-      s[j] = exp_of(s[j] - shift);  // hidden keys: exp(-inf) = 0
-      sum += s[j];
-    }
-    // No visible key: every score -inf, sum 0. A row of NaN scores (a NaN query) has sum NaN
-    // and must stay NaN, as in the reference, rather than pass for a row without a key.
-    empty[r] = sum == T(0);
-    sums[r] = sum;
-    lse[bh * pb.nq + i0 + r] = empty[r] ? -std::numeric_limits<T>::infinity() : m + std::log(sum);
-    if (pb.dropout()) {  // after the sum: the softmax normalises over every visible key
-      T* z = hs.keys_b.data() + r * ld;
-      dropout_multipliers(pb, bh, i0 + r, keys, z);
-#pragma omp simd
-      for (int64_t j = 0; j < keys; ++j) s[j] *= z[j];
-    }
-  }
-  hs.template contract<R>(hs.keys_a.data(), keys, hs.rows_b.data());  // P V
-  for (int r = 0; r < R; ++r) {
-    T* y = &hs.rows_b[r * d];
-    for (int64_t c = 0; c < d; ++c) y[c] = empty[r] ? T(0) : y[c] / sums[r];
-    store_output_row(pb, to, bh, i0 + r, y, hs.row.data());
-  }
+// Keys per chunk of a forward task's products: the task's register blocks pass over one chunk
+// of K^T (d x chunk) or V (chunk x dpad) in turn, then the next, so each chunk comes from L2
+// once per task rather than once per block (a head's K and V outgrow L1 from N = 128 at
+// d = 64). 16 KiB of either, half of a 32 KiB L1.
+template <typename T>
+int64_t forward_key_chunk(int64_t d) {
+  constexpr int64_t kChunkBytes = 16 * 1024;
+  return std::max<int64_t>(kKeyPad, kChunkBytes / (d * static_cast<int64_t>(sizeof(T))) / kKeyPad * kKeyPad);
 }
 
-// Query rows per forward task. A multiple of kRows, so a row's block (and with it its
-// rounding) does not depend on how tasks fall to threads; small enough that a head splits
-// across threads (a ViT's batch-1 inference has as few as 3 heads); large enough that
-// reloading a head's K and V per task (two Nk x d copies) costs little against the task's
-// 64 x Nk x d multiply-adds, twice.
-constexpr int64_t kForwardChunk = 64;
+// Calls f(std::integral_constant<int, R>{}, r0) for the register blocks [r0, r0 + R) of a
+// task's rows: kForwardRows at a time, then kRows, then single rows.
+template <typename F>
+void for_each_block(int64_t rows, F&& f) {
+  int64_t r0 = 0;
+  for (; r0 + kForwardRows <= rows; r0 += kForwardRows) f(std::integral_constant<int, kForwardRows>{}, r0);
+  if constexpr (kForwardRows != kRows)
+    for (; r0 + kRows <= rows; r0 += kRows) f(std::integral_constant<int, kRows>{}, r0);
+  for (; r0 < rows; ++r0) f(std::integral_constant<int, 1>{}, r0);
+}
+
+// Softmax of score row i of head bh over its block's keys, in place; its lse stored. Returns
+// the row's sum of exponentials (0 for a row without a visible key).
+template <typename T, typename S>
+T softmax_row(const Problem<T, S>& pb, int64_t bh, int64_t i, int64_t keys, T* s, T* lse, T* dropout_row) {
+  hide_keys(pb, bh / pb.heads, pb.visible_end(i), keys, s);
+  const T m = row_max(s, keys);  // NaN scores lose every comparison: -inf if all are NaN
+  const T shift = m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < keys; ++j) {
+    s[j] = exp_of(s[j] - shift);  // hidden keys: exp(-inf) = 0
+    sum += s[j];
+  }
+  // No visible key: every score -inf, sum 0. A row of NaN scores (a NaN query) has sum NaN
+  // and must stay NaN, as in the reference, rather than pass for a row without a key.
+  lse[bh * pb.nq + i] = sum == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(sum);
+  if (pb.dropout()) {  // after the sum: the softmax normalises over every visible key
+    dropout_multipliers(pb, bh, i, keys, dropout_row);
+#pragma omp simd
+    for (int64_t j = 0; j < keys; ++j) s[j] *= dropout_row[j];
+  }
+  return sum;
+}
+
+// Rows [i0, i0 + rows) of head bh: S = scale Q K^T, P = softmax(S), O = P V / rowsum. Both
+// products go key chunk by key chunk (forward_key_chunk) over all of the task's register
+// blocks; each block spans its own keys (block_keys), so a causal task skips what its
+// blocks hide. Splitting P V at chunks keeps its sums: they run over the keys in order either
+// way, in registers within a chunk and through y between chunks. The keys-in-lanes
+// contraction (head dims below one vector) sums lanes at its end, so it takes one chunk.
+template <typename T, typename S>
+void forward_task(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t rows, HeadScratch<T>& hs,
+                  const ForwardOutputs<T, S>& to) {
+  const int64_t d = pb.d, ld = hs.ld, dpad = hs.dpad, chunk = forward_key_chunk<T>(d);
+  const int64_t task_keys = block_keys(pb, i0, rows);  // the last row's: the widest
+  T* scores = hs.keys_a.data();
+  scaled_queries(pb, bh, i0, rows, hs.rows_a.data());
+  for (int64_t kc = 0; kc < task_keys; kc += chunk)
+    for_each_block(rows, [&](auto block, int64_t r0) {
+      constexpr int R = decltype(block)::value;
+      const int64_t end = std::min(block_keys(pb, i0 + r0, R), kc + chunk);
+      if (end > kc)
+        rows_times_keys<T, R>(hs.rows_a.data() + r0 * d, hs.k_t.data() + kc, d, ld, end - kc, scores + r0 * ld + kc);
+    });
+  T sums[kForwardChunk];
+  for_each_block(rows, [&](auto block, int64_t r0) {
+    constexpr int R = decltype(block)::value;
+    const int64_t keys = block_keys(pb, i0 + r0, R);
+    for (int64_t r = r0; r < r0 + R; ++r)
+      sums[r] = softmax_row(pb, bh, i0 + r, keys, scores + r * ld, to.lse, hs.keys_z.data());
+  });
+  T* y = hs.rows_b.data();
+  std::fill(y, y + rows * dpad, T(0));
+  const int64_t pv_chunk = hs.by_rows ? chunk : std::max<int64_t>(task_keys, 1);
+  for (int64_t kc = 0; kc < task_keys; kc += pv_chunk)
+    for_each_block(rows, [&](auto block, int64_t r0) {
+      constexpr int R = decltype(block)::value;
+      const int64_t end = std::min(block_keys(pb, i0 + r0, R), kc + pv_chunk);
+      if (end > kc) hs.template contract<R>(scores + r0 * ld, kc, end, y + r0 * dpad);  // P V
+    });
+  for (int64_t r = 0; r < rows; ++r) {
+    T* yr = y + r * dpad;
+    for (int64_t c = 0; c < d; ++c) yr[c] = sums[r] == T(0) ? T(0) : yr[c] / sums[r];
+    store_output_row(pb, to, bh, i0 + r, yr, hs.row.data());
+  }
+}
 
 template <typename T, typename S>
 void forward_kernel(const Problem<T, S>& pb, const ForwardOutputs<T, S>& to) {
@@ -466,10 +543,8 @@ void forward_kernel(const Problem<T, S>& pb, const ForwardOutputs<T, S>& to) {
         hs.load(pb, bh);
         loaded = bh;
       }
-      int64_t i0 = task % chunks * kForwardChunk;
-      const int64_t row_end = std::min(pb.nq, i0 + kForwardChunk);
-      for (; i0 + kRows <= row_end; i0 += kRows) forward_block<T, S, kRows>(pb, bh, i0, hs, to);
-      for (; i0 < row_end; ++i0) forward_block<T, S, 1>(pb, bh, i0, hs, to);
+      const int64_t i0 = task % chunks * kForwardChunk;
+      forward_task(pb, bh, i0, std::min(pb.nq, i0 + kForwardChunk) - i0, hs, to);
     }
   });
 }
@@ -544,9 +619,14 @@ void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratch
   }
   accumulate_outer<T, R>(do_rows, hs.keys_a.data(), d, ld, keys, hs.grad_v_t.data());        // dV^T += dO^T P
   accumulate_outer<T, R>(hs.rows_a.data(), hs.keys_b.data(), d, ld, keys, hs.grad_k_t.data());  // dK^T += (s Q)^T dS
-  hs.template contract<R>(hs.keys_b.data(), keys, hs.rows_b.data());                           // dS K
-  for (int64_t x = 0; x < R * d; ++x) hs.rows_b[x] *= pb.scale;
-  from_opmath(hs.rows_b.data(), in.grad_q + (bh * pb.nq + i0) * d, R * d);
+  T* y = hs.rows_b.data();
+  std::fill(y, y + R * hs.dpad, T(0));
+  hs.template contract<R>(hs.keys_b.data(), 0, keys, y);  // dS K
+  for (int r = 0; r < R; ++r) {
+    T* yr = y + r * hs.dpad;
+    for (int64_t c = 0; c < d; ++c) yr[c] *= pb.scale;
+    from_opmath(yr, in.grad_q + (bh * pb.nq + i0 + r) * d, d);
+  }
 }
 
 template <typename T, typename S>

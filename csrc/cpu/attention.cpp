@@ -8,13 +8,13 @@
 // every row's accumulators, which stay in registers across the head dim (rows_times_keys,
 // accumulate_outer). Contractions over the keys put the head dim in lanes when it fills a
 // vector (rows_contract_rows), the keys otherwise (rows_contract_keys). The forward takes
-// 64 query rows at a time through L1-sized chunks of keys (forward_task); the backward's
-// blocks of rows keep their scores, probabilities and score gradients in per-thread
-// buffers. The forward runs heads and chunks of 64 query rows in parallel, the backward
-// heads, one task accumulating a head's dK and dV: the result does not depend on the thread
-// count. q, k, v and grad_out may have any strides with a unit one along d (a model's views
-// of its qkv projection); the output is (B, H, Nq, d) laid out as (B, Nq, H, d), SDPA's
-// layout.
+// 64 query rows at a time through L1-sized chunks of keys (forward_task), the backward a
+// head's rows (backward_head), so each chunk of K and V serves many blocks of rows before
+// the next is loaded. The forward runs heads and chunks of 64 query rows in parallel, the
+// backward heads, one task accumulating a head's dK and dV: the result does not depend on
+// the thread count. q, k, v and grad_out may have any strides with a unit one along d (a
+// model's views of its qkv projection); the output is (B, H, Nq, d) laid out as
+// (B, Nq, H, d), SDPA's layout.
 //
 // Contract (lucidops.reference.attention): top-left causal (key j visible to query i iff
 // j <= i), key_padding_mask True = key takes part, a query with no visible key gets
@@ -66,10 +66,10 @@ constexpr int64_t kRows = 4;
 constexpr int64_t kForwardRows = vec_math::kVecBytes == 32 ? 6 : kRows;
 // The widest register block; wider blocks (the backward's) run kRows rows at a time.
 constexpr int64_t kRegisterRowsMax = std::max(kRows, kForwardRows);
-// Query rows per backward block. The block's dK^T and dV^T updates (accumulate_outer) pass over
-// a d x Nk accumulator that lives in L2, not L1, at N = 1024; eight rows per pass halve that
-// traffic. The other products still run four rows at a time (register blocks), so the
-// arithmetic, and the result, is the same as with four-row blocks.
+// Query rows per backward block. The block's dK^T and dV^T updates (accumulate_outer) load and
+// store their accumulators once per block; eight rows per pass halve that traffic. The other
+// products still run four rows at a time (register blocks), so the arithmetic, and the result,
+// is the same as with four-row blocks. (Six-row blocks on AVX2 measured no different.)
 constexpr int64_t kBackwardRows = 8;
 // Key counts are padded to a multiple of this: whole vectors on every target (at most 16 lanes).
 constexpr int64_t kKeyPad = 16;
@@ -187,6 +187,12 @@ void rows_contract_rows(const T* p, const T* rows, int64_t dpad, int64_t ld, int
   if (c0 < dpad) rows_contract_rows_tile<T, R, 1>(p, rows, dpad, ld, j0, j1, c0, y);
 }
 
+// Head-dim rows per pass of accumulate_outer: each row's update is a chain of R dependent FMAs
+// (four cycles each), so one row at a time left the FMA units waiting (measured: the loop
+// stalled on its store); four chains side by side keep them busy. Each element still sums its
+// R terms in order.
+constexpr int64_t kOuterRows = 4;
+
 // acc_t[c][j] += sum_r x[r][c] p[r][j] for keys [0, keys). x: R x d; p: R x ld; acc_t: d x ld.
 template <typename T, int R>
 void accumulate_outer(const T* x, const T* p, int64_t d, int64_t ld, int64_t keys, T* acc_t) {
@@ -195,7 +201,20 @@ void accumulate_outer(const T* x, const T* p, int64_t d, int64_t ld, int64_t key
     typename V::type pr[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) pr[r] = V::load(p + r * ld + j);
-    for (int64_t c = 0; c < d; ++c) {
+    int64_t c = 0;
+    for (; c + kOuterRows <= d; c += kOuterRows) {
+      typename V::type a[kOuterRows];
+#pragma GCC unroll 4
+      for (int u = 0; u < kOuterRows; ++u) a[u] = V::load(acc_t + (c + u) * ld + j);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+        for (int u = 0; u < kOuterRows; ++u) a[u] += x[r * d + c + u] * pr[r];
+      }
+#pragma GCC unroll 4
+      for (int u = 0; u < kOuterRows; ++u) V::store(acc_t + (c + u) * ld + j, a[u]);
+    }
+    for (; c < d; ++c) {
       typename V::type a = V::load(acc_t + c * ld + j);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) a += x[r * d + c] * pr[r];
@@ -292,19 +311,20 @@ constexpr int64_t kForwardChunk = 64;
 // Per-thread buffers of one head. Scores need K^T (d x ld); the backward's dP = dO V^T needs
 // V^T. The contraction over the keys (P V forward, dS K backward) reads the other operand as
 // padded rows (ld x dpad) when the head dim fills a vector, so its sums stay within lanes,
-// and transposed otherwise. Also the rows of a forward task or backward block: scaled q
-// (rows x d), their scores and probabilities (rows x ld) and contractions (rows x dpad); the
-// backward's dO rows, dS and dK^T, dV^T (d x ld); one row's dropout multipliers (ld); and
-// rows (d) for conversions to and from half types and the backward's output row (row_lo:
+// and transposed otherwise. Also the rows of a forward task or of the backward's head: scaled
+// q (rows x d) and contractions (rows x dpad); the forward's scores and probabilities (rows x
+// ld), the backward's for one block (kBackwardRows x ld, with dS); the backward's dO rows,
+// each row's delta and lse, and dK^T, dV^T (d x ld); one row's dropout multipliers (ld);
+// and rows (d) for conversions to and from half types and the backward's output row (row_lo:
 // its bfloat16 residual).
 template <typename T>
 struct HeadScratch {
   int64_t d, ld, dpad;
   bool backward, by_rows;
-  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, rows_do, keys_a, keys_b, keys_z, grad_k_t, grad_v_t, row,
-      row_lo;
+  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, rows_do, keys_a, keys_b, keys_z, deltas, lses, grad_k_t,
+      grad_v_t, row, row_lo;
 
-  HeadScratch(int64_t d_, int64_t ld_, bool backward_)
+  HeadScratch(int64_t d_, int64_t ld_, bool backward_, int64_t task_rows)
       : d(d_),
         ld(ld_),
         dpad((d_ + vec_math::Vec<T>::kLanes - 1) / vec_math::Vec<T>::kLanes * vec_math::Vec<T>::kLanes),
@@ -313,12 +333,14 @@ struct HeadScratch {
         k_t(d * ld),
         v_t(backward || !by_rows ? d * ld : 0),
         contracted(by_rows ? ld * dpad : 0),
-        rows_a(task_rows() * d),
-        rows_b(task_rows() * dpad),
-        rows_do(backward ? task_rows() * d : 0),
-        keys_a(task_rows() * ld),
-        keys_b(backward ? task_rows() * ld : 0),
+        rows_a(task_rows * d),
+        rows_b(task_rows * dpad),
+        rows_do(backward ? task_rows * d : 0),
+        keys_a((backward ? kBackwardRows : task_rows) * ld),
+        keys_b(backward ? kBackwardRows * ld : 0),
         keys_z(ld),
+        deltas(backward ? task_rows : 0),
+        lses(backward ? task_rows : 0),
         grad_k_t(backward ? d * ld : 0),
         grad_v_t(backward ? d * ld : 0),
         row(d),
@@ -330,8 +352,6 @@ struct HeadScratch {
     if (!v_t.empty()) transpose_head(pb.v, bh, pb.nk, d, ld, row.data(), v_t.data());
     if (by_rows) pad_head_rows(backward ? pb.k : pb.v, bh, pb.nk, d, dpad, ld, contracted.data());
   }
-
-  int64_t task_rows() const { return backward ? kBackwardRows : kForwardChunk; }
 
   // y += P M over keys [j0, j1) (whole vectors) for R rows of p (R x ld): M is V in the
   // forward, K in the backward; y: R x dpad. Blocks wider than a register block run kRows
@@ -360,25 +380,27 @@ void block_times_keys(const T* x, const T* mat_t, int64_t d, int64_t ld, int64_t
   }
 }
 
-// Masks a score row beyond its visible keys and padding keys: -inf on [0, ld) where hidden.
+// Masks a score row of batch element b whose visible keys end at `end` (causal) on keys
+// [j0, j1): -inf where the mask or the end hides them, padding keys included.
 template <typename T, typename S>
-void hide_keys(const Problem<T, S>& pb, int64_t b, int64_t end, int64_t ld, T* s) {
+void hide_keys(const Problem<T, S>& pb, int64_t b, int64_t end, int64_t j0, int64_t j1, T* s) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t shown_end = std::max(j0, std::min(end, j1));
   if (pb.key_mask) {
     const bool* mask = pb.key_mask + b * pb.nk;
 #pragma omp simd
-    for (int64_t j = 0; j < end; ++j) s[j] = mask[j] ? s[j] : neg_inf;
+    for (int64_t j = j0; j < shown_end; ++j) s[j] = mask[j] ? s[j] : neg_inf;
   }
-  std::fill(s + end, s + ld, neg_inf);
+  std::fill(s + shown_end, s + j1, neg_inf);
 }
 
-// keep_scale where key j's probability is kept in this row, 0 where dropped; for j in [0, keys).
+// keep_scale where key j's probability is kept in this row, 0 where dropped; for j in [j0, j1).
 template <typename T, typename S>
-void dropout_multipliers(const Problem<T, S>& pb, int64_t bh, int64_t i, int64_t keys, T* z) {
+void dropout_multipliers(const Problem<T, S>& pb, int64_t bh, int64_t i, int64_t j0, int64_t j1, T* z) {
   const uint32_t key = pb.row_key(bh, i), cut = pb.threshold;
   const T kept = pb.keep_scale;
 #pragma omp simd
-  for (int64_t j = 0; j < keys; ++j)
+  for (int64_t j = j0; j < j1; ++j)
     z[j] = (fmix32(key ^ (static_cast<uint32_t>(j) * kKeyMult)) >> kKeepShift) >= cut ? kept : T(0);
 }
 
@@ -406,17 +428,6 @@ template <typename T, typename S>
 int64_t block_keys(const Problem<T, S>& pb, int64_t i0, int64_t R) {
   constexpr int64_t lanes = vec_math::Vec<T>::kLanes;
   return (pb.visible_end(i0 + R - 1) + lanes - 1) / lanes * lanes;
-}
-
-// Scores of rows [i0, i0 + R) of head bh into keys_a (R x ld): scale q_i . k_j, -inf where
-// hidden; rows_a gets scale q. Returns block_keys.
-template <typename T, typename S, int R>
-int64_t block_scores(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs) {
-  scaled_queries(pb, bh, i0, R, hs.rows_a.data());
-  const int64_t keys = block_keys(pb, i0, R);
-  block_times_keys<T, R>(hs.rows_a.data(), hs.k_t.data(), pb.d, hs.ld, keys, hs.keys_a.data());
-  for (int r = 0; r < R; ++r) hide_keys(pb, bh / pb.heads, pb.visible_end(i0 + r), hs.ld, hs.keys_a.data() + r * hs.ld);
-  return keys;
 }
 
 // Where the forward writes: out (S, token-major), lse (T), and for bfloat16 out_lo (bfloat16,
@@ -450,13 +461,13 @@ int64_t forward_key_chunk(int64_t d) {
   return std::max<int64_t>(kKeyPad, kChunkBytes / (d * static_cast<int64_t>(sizeof(T))) / kKeyPad * kKeyPad);
 }
 
-// Calls f(std::integral_constant<int, R>{}, r0) for the register blocks [r0, r0 + R) of a
-// task's rows: kForwardRows at a time, then kRows, then single rows.
-template <typename F>
+// Calls f(std::integral_constant<int, R>{}, r0) for the blocks [r0, r0 + R) of rows [0, rows):
+// kWide rows at a time, then kRows, then single rows.
+template <int kWide, typename F>
 void for_each_block(int64_t rows, F&& f) {
   int64_t r0 = 0;
-  for (; r0 + kForwardRows <= rows; r0 += kForwardRows) f(std::integral_constant<int, kForwardRows>{}, r0);
-  if constexpr (kForwardRows != kRows)
+  for (; r0 + kWide <= rows; r0 += kWide) f(std::integral_constant<int, kWide>{}, r0);
+  if constexpr (kWide != kRows)
     for (; r0 + kRows <= rows; r0 += kRows) f(std::integral_constant<int, kRows>{}, r0);
   for (; r0 < rows; ++r0) f(std::integral_constant<int, 1>{}, r0);
 }
@@ -465,7 +476,7 @@ void for_each_block(int64_t rows, F&& f) {
 // the row's sum of exponentials (0 for a row without a visible key).
 template <typename T, typename S>
 T softmax_row(const Problem<T, S>& pb, int64_t bh, int64_t i, int64_t keys, T* s, T* lse, T* dropout_row) {
-  hide_keys(pb, bh / pb.heads, pb.visible_end(i), keys, s);
+  hide_keys(pb, bh / pb.heads, pb.visible_end(i), 0, keys, s);
   const T m = row_max(s, keys);  // NaN scores lose every comparison: -inf if all are NaN
   const T shift = m == -std::numeric_limits<T>::infinity() ? T(0) : m;
   T sum = 0;
@@ -478,7 +489,7 @@ T softmax_row(const Problem<T, S>& pb, int64_t bh, int64_t i, int64_t keys, T* s
   // and must stay NaN, as in the reference, rather than pass for a row without a key.
   lse[bh * pb.nq + i] = sum == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(sum);
   if (pb.dropout()) {  // after the sum: the softmax normalises over every visible key
-    dropout_multipliers(pb, bh, i, keys, dropout_row);
+    dropout_multipliers(pb, bh, i, 0, keys, dropout_row);
 #pragma omp simd
     for (int64_t j = 0; j < keys; ++j) s[j] *= dropout_row[j];
   }
@@ -499,14 +510,14 @@ void forward_task(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t rows,
   T* scores = hs.keys_a.data();
   scaled_queries(pb, bh, i0, rows, hs.rows_a.data());
   for (int64_t kc = 0; kc < task_keys; kc += chunk)
-    for_each_block(rows, [&](auto block, int64_t r0) {
+    for_each_block<kForwardRows>(rows, [&](auto block, int64_t r0) {
       constexpr int R = decltype(block)::value;
       const int64_t end = std::min(block_keys(pb, i0 + r0, R), kc + chunk);
       if (end > kc)
         rows_times_keys<T, R>(hs.rows_a.data() + r0 * d, hs.k_t.data() + kc, d, ld, end - kc, scores + r0 * ld + kc);
     });
   T sums[kForwardChunk];
-  for_each_block(rows, [&](auto block, int64_t r0) {
+  for_each_block<kForwardRows>(rows, [&](auto block, int64_t r0) {
     constexpr int R = decltype(block)::value;
     const int64_t keys = block_keys(pb, i0 + r0, R);
     for (int64_t r = r0; r < r0 + R; ++r)
@@ -516,7 +527,7 @@ void forward_task(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t rows,
   std::fill(y, y + rows * dpad, T(0));
   const int64_t pv_chunk = hs.by_rows ? chunk : std::max<int64_t>(task_keys, 1);
   for (int64_t kc = 0; kc < task_keys; kc += pv_chunk)
-    for_each_block(rows, [&](auto block, int64_t r0) {
+    for_each_block<kForwardRows>(rows, [&](auto block, int64_t r0) {
       constexpr int R = decltype(block)::value;
       const int64_t end = std::min(block_keys(pb, i0 + r0, R), kc + pv_chunk);
       if (end > kc) hs.template contract<R>(scores + r0 * ld, kc, end, y + r0 * dpad);  // P V
@@ -535,7 +546,7 @@ void forward_kernel(const Problem<T, S>& pb, const ForwardOutputs<T, S>& to) {
   // A task's multiply-adds: QK^T and PV for up to kForwardChunk rows.
   const int64_t task_work = 4 * std::min(pb.nq, kForwardChunk) * pb.nk * pb.d;
   at::parallel_for(0, pb.batch * pb.heads * chunks, grain_for(task_work), [&](int64_t task_begin, int64_t task_end) {
-    HeadScratch<T> hs(pb.d, ld, false);
+    HeadScratch<T> hs(pb.d, ld, false, kForwardChunk);
     int64_t loaded = -1;  // tasks run head by head: a thread reloads K and V when the head changes
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t bh = task / chunks;
@@ -580,52 +591,88 @@ T delta_of_row(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, int64_t 
   return in.grad_lse != nullptr ? sum - in.grad_lse[row] : sum;
 }
 
-// dV = P^T dO, dS = P (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q, with
-// P = exp(s - lse) recomputed and delta = rowsum(dO O) - dL/dlse (delta_of_row).
+// Keys per chunk of the backward's products: a head's rows go by one chunk of K^T, V^T, dK^T,
+// dV^T (d x chunk each) and K (chunk x dpad) at a time, so those stay in L1 and L2 where the
+// whole head's (five d x Nk buffers, 1.3 MiB at N = 1024, d = 64) passed by every block.
+template <typename T>
+int64_t backward_key_chunk(int64_t d) {
+  constexpr int64_t kChunkBytes = 8 * 1024;
+  return std::max<int64_t>(kKeyPad, kChunkBytes / (d * static_cast<int64_t>(sizeof(T))) / kKeyPad * kKeyPad);
+}
+
+// One block of rows [i0, i0 + R) of head bh on keys [j0, j1): dP = dO V^T, P = exp(s - lse)
+// recomputed, dS = P (dP - delta), then dV^T += dO^T P, dK^T += (scale Q)^T dS and
+// dQ / scale += dS K into the block's rows of rows_b. Scores, P and dS live in keys_a and
+// keys_b at the keys' own columns.
 template <typename T, typename S, int R>
-void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, HeadScratch<T>& hs,
-                    const BackwardInputs<T, S>& in) {
+void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t j0, int64_t j1, HeadScratch<T>& hs) {
   const int64_t d = pb.d, ld = hs.ld;
-  const T* lse = in.lse;
-  const int64_t keys = block_scores<T, S, R>(pb, bh, i0, hs);  // rows_a = scale q, keys_a = s
-  for (int r = 0; r < R; ++r)  // dO rows side by side, as rows_times_keys and accumulate_outer read them
-    to_opmath(in.grad_out.row(bh, i0 + r), &hs.rows_do[r * d], d);
-  const T* do_rows = hs.rows_do.data();
-  block_times_keys<T, R>(do_rows, hs.v_t.data(), d, ld, keys, hs.keys_b.data());  // dP = dO V^T
+  const T* q_rows = hs.rows_a.data() + i0 * d;
+  const T* do_rows = hs.rows_do.data() + i0 * d;
+  T* p = hs.keys_a.data();
+  T* ds = hs.keys_b.data();
+  block_times_keys<T, R>(q_rows, hs.k_t.data() + j0, d, ld, j1 - j0, p + j0);   // s = scale Q K^T
+  block_times_keys<T, R>(do_rows, hs.v_t.data() + j0, d, ld, j1 - j0, ds + j0);  // dP = dO V^T
   for (int r = 0; r < R; ++r) {
-    const int64_t row = bh * pb.nq + i0 + r;
-    T* p = hs.keys_a.data() + r * ld;
-    T* ds = hs.keys_b.data() + r * ld;
-    // A row without a visible key has lse = -inf: P = 0 there, so no gradient flows.
-    const bool empty = lse[row] == -std::numeric_limits<T>::infinity();
-    const T row_lse = empty ? T(0) : lse[row];
-    const T row_delta = delta_of_row(pb, in, bh, i0 + r, do_rows + r * d, hs);
+    T* pr = p + r * ld;
+    T* dsr = ds + r * ld;
+    hide_keys(pb, bh / pb.heads, pb.visible_end(i0 + r), j0, j1, pr);
+    const T row_lse = hs.lses[i0 + r], row_delta = hs.deltas[i0 + r];
     if (pb.dropout()) {  // dS = P (Z dP - delta); dV takes P Z
       T* z = hs.keys_z.data();
-      dropout_multipliers(pb, bh, i0 + r, keys, z);
+      dropout_multipliers(pb, bh, i0 + r, j0, j1, z);
 #pragma omp simd
-      for (int64_t j = 0; j < keys; ++j) {
-        const T pj = exp_of(p[j] - row_lse);
-        ds[j] = pj * (z[j] * ds[j] - row_delta);
-        p[j] = pj * z[j];
+      for (int64_t j = j0; j < j1; ++j) {
+        const T pj = exp_of(pr[j] - row_lse);
+        dsr[j] = pj * (z[j] * dsr[j] - row_delta);
+        pr[j] = pj * z[j];
       }
       continue;
     }
 #pragma omp simd
-    for (int64_t j = 0; j < keys; ++j) {
-      p[j] = exp_of(p[j] - row_lse);
-      ds[j] = p[j] * (ds[j] - row_delta);
+    for (int64_t j = j0; j < j1; ++j) {
+      pr[j] = exp_of(pr[j] - row_lse);
+      dsr[j] = pr[j] * (dsr[j] - row_delta);
     }
   }
-  accumulate_outer<T, R>(do_rows, hs.keys_a.data(), d, ld, keys, hs.grad_v_t.data());        // dV^T += dO^T P
-  accumulate_outer<T, R>(hs.rows_a.data(), hs.keys_b.data(), d, ld, keys, hs.grad_k_t.data());  // dK^T += (s Q)^T dS
-  T* y = hs.rows_b.data();
-  std::fill(y, y + R * hs.dpad, T(0));
-  hs.template contract<R>(hs.keys_b.data(), 0, keys, y);  // dS K
-  for (int r = 0; r < R; ++r) {
-    T* yr = y + r * hs.dpad;
-    for (int64_t c = 0; c < d; ++c) yr[c] *= pb.scale;
-    from_opmath(yr, in.grad_q + (bh * pb.nq + i0 + r) * d, d);
+  accumulate_outer<T, R>(do_rows, p + j0, d, ld, j1 - j0, hs.grad_v_t.data() + j0);  // dV^T += dO^T P
+  accumulate_outer<T, R>(q_rows, ds + j0, d, ld, j1 - j0, hs.grad_k_t.data() + j0);  // dK^T += (s Q)^T dS
+  hs.template contract<R>(ds, j0, j1, hs.rows_b.data() + i0 * hs.dpad);             // dS K
+}
+
+// Head bh: dV = P^T dO, dS = P (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q, with
+// P = exp(s - lse) recomputed and delta = rowsum(dO O) - dL/dlse (delta_of_row). Key chunk by
+// key chunk (backward_key_chunk), every block of rows in turn: each sum still runs over the
+// rows (dK, dV) or keys (dQ, through rows_b between chunks) in order.
+template <typename T, typename S>
+void backward_head(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, int64_t bh, HeadScratch<T>& hs) {
+  const int64_t d = pb.d, nq = pb.nq, dpad = hs.dpad;
+  hs.load(pb, bh);
+  std::fill(hs.grad_k_t.begin(), hs.grad_k_t.end(), T(0));
+  std::fill(hs.grad_v_t.begin(), hs.grad_v_t.end(), T(0));
+  std::fill(hs.rows_b.begin(), hs.rows_b.begin() + nq * dpad, T(0));
+  scaled_queries(pb, bh, 0, nq, hs.rows_a.data());
+  for (int64_t i = 0; i < nq; ++i) {
+    T* do_row = hs.rows_do.data() + i * d;  // side by side, as rows_times_keys and accumulate_outer read them
+    to_opmath(in.grad_out.row(bh, i), do_row, d);
+    hs.deltas[i] = delta_of_row(pb, in, bh, i, do_row, hs);
+    // A row without a visible key has lse = -inf: P = 0 there, so no gradient flows.
+    const T lse = in.lse[bh * nq + i];
+    hs.lses[i] = lse == -std::numeric_limits<T>::infinity() ? T(0) : lse;
+  }
+  const int64_t head_keys = block_keys(pb, 0, nq);  // the last row's: the widest
+  // The keys-in-lanes contraction (head dims below one vector) sums lanes at its end: one chunk.
+  const int64_t chunk = hs.by_rows ? backward_key_chunk<T>(d) : std::max<int64_t>(head_keys, 1);
+  for (int64_t kc = 0; kc < head_keys; kc += chunk)
+    for_each_block<kBackwardRows>(nq, [&](auto block, int64_t i0) {
+      constexpr int R = decltype(block)::value;
+      const int64_t end = std::min(block_keys(pb, i0, R), kc + chunk);
+      if (end > kc) backward_block<T, S, R>(pb, bh, i0, kc, end, hs);
+    });
+  for (int64_t i = 0; i < nq; ++i) {
+    T* y = hs.rows_b.data() + i * dpad;
+    for (int64_t c = 0; c < d; ++c) y[c] *= pb.scale;
+    from_opmath(y, in.grad_q + (bh * nq + i) * d, d);
   }
 }
 
@@ -634,16 +681,9 @@ void backward_kernel(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, S*
   const int64_t ld = pb.padded_keys(), d = pb.d, nk = pb.nk;
   // A head's backward: five Nq x Nk x d products.
   at::parallel_for(0, pb.batch * pb.heads, grain_for(10 * pb.nq * nk * d), [&](int64_t bh_begin, int64_t bh_end) {
-    HeadScratch<T> hs(d, ld, true);
+    HeadScratch<T> hs(d, ld, true, pb.nq);
     for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
-      hs.load(pb, bh);
-      std::fill(hs.grad_k_t.begin(), hs.grad_k_t.end(), T(0));
-      std::fill(hs.grad_v_t.begin(), hs.grad_v_t.end(), T(0));
-      int64_t i0 = 0;
-      for (; i0 + kBackwardRows <= pb.nq; i0 += kBackwardRows)
-        backward_block<T, S, kBackwardRows>(pb, bh, i0, hs, in);
-      for (; i0 + kRows <= pb.nq; i0 += kRows) backward_block<T, S, kRows>(pb, bh, i0, hs, in);
-      for (; i0 < pb.nq; ++i0) backward_block<T, S, 1>(pb, bh, i0, hs, in);
+      backward_head(pb, in, bh, hs);
       S* dk = grad_k + bh * nk * d;
       S* dv = grad_v + bh * nk * d;
       T* row = hs.row.data();

@@ -111,9 +111,9 @@ def poison_allocator():
 @pytest.fixture
 def cpp_attention_default(monkeypatch):
     """The attention op's CPU default as on an AVX-512 build: lucidops' cpp kernel for every
-    dtype and head dim. On an AVX2 build aten comes first for float32 heads of 64 and more
-    (tests/test_attention.py checks that rule); model-level tests take this so that they run
-    lucidops' kernel inside the model whatever the machine."""
+    dtype and head dim. On an AVX2 build aten comes first for float32 heads of 64 and more with
+    1024 keys or more (tests/test_attention.py checks that rule); model-level tests take this
+    so that they run lucidops' kernel inside the model whatever the machine."""
     from lucidops.ops import _attention_cpp
 
     monkeypatch.setattr(_attention_cpp, "_vector_bytes", 64)

@@ -420,20 +420,23 @@ def test_flop_formulas():
 def test_cpu_default_follows_the_extensions_vector_width(dtype, vector_bytes, monkeypatch):
     """Built for AVX-512, cpp measured faster than aten in every dtype up to d = 128 (README,
     Measured results; before 2026-12-06 float64 and bfloat16 heads over 64 went to aten).
-    Built for AVX2, aten measured faster for float32 heads from 64 on, cpp for smaller heads,
-    float64 and the half types: forward and backward take the same backend."""
+    Built for AVX2, aten measured faster for float32 heads from 64 on with 1024 keys or more
+    (before the kernel's chunks of keys, 2026-12-07, at every length), cpp for fewer keys,
+    smaller heads, float64 and the half types: forward and backward take the same backend,
+    decided by the keys (not the queries)."""
     if lucidops.backends.backend_problem("cpp", "cpu") is not None:
         pytest.skip("no C++ extension")
     from lucidops.ops import _attention_cpp
 
     monkeypatch.setattr(_attention_cpp, "_vector_bytes", vector_bytes)
-    for d in (4, 16, 63, 64, 65, 128):
-        q = torch.randn(1, 1, 3, d, dtype=dtype, requires_grad=True)
-        lucidops.ops.attention(q, q, q).sum().backward()
-        narrow_goes_to_aten = vector_bytes < 64 and dtype == torch.float32 and d >= 64
+    for d, nk in itertools.product((4, 16, 63, 64, 65, 128), (3, 1023, 1024)):
+        q = torch.randn(1, 1, 2, d, dtype=dtype, requires_grad=True)
+        k = torch.randn(1, 1, nk, d, dtype=dtype, requires_grad=True)
+        lucidops.ops.attention(q, k, k).sum().backward()
+        narrow_goes_to_aten = vector_bytes < 64 and dtype == torch.float32 and d >= 64 and nk >= 1024
         expected = "aten" if narrow_goes_to_aten else "cpp"
-        assert lucidops.backends.last_used("attention") == expected, d
-        assert lucidops.backends.last_used("attention_backward") == expected, d
+        assert lucidops.backends.last_used("attention") == expected, (d, nk)
+        assert lucidops.backends.last_used("attention_backward") == expected, (d, nk)
 
 
 def test_extension_reports_the_vector_width_it_was_built_for():
@@ -720,7 +723,8 @@ def test_info_states_the_vector_width_and_what_it_changes(vector_bytes, monkeypa
     monkeypatch.setattr(_attention_cpp, "_vector_bytes", vector_bytes)
     text = cli.info()
     assert f"C++ CPU kernels: built for {vector_bytes}-byte vectors" in text
-    assert ("attention's CPU default is aten for float32 heads of 64 and more" in text) == (vector_bytes < 64)
+    narrow = "attention's CPU default is aten for float32 heads of 64 and more with 1024 keys or more"
+    assert (narrow in text) == (vector_bytes < 64)
 
 
 def test_info_builds_nothing_to_learn_the_vector_width(monkeypatch):

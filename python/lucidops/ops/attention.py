@@ -16,16 +16,17 @@ not used then.
 
 Backends: ``cpp`` (the CPU default: lucidops' kernel, csrc/cpu/attention.cpp, adapted in
 ops/_attention_cpp.py; for every dtype and head dim where the C++ extension is built for
-AVX-512, for all but float32 heads of 64 and more where it is built for AVX2 or narrower),
-``aten`` (the fallback when the C++ extension cannot build, and first for float32 heads of 64
-and more on AVX2 builds: PyTorch's own fused flash-attention CPU kernel, the one torch's
-SDPA runs, adapted to this contract in ops/_attention_aten.py; not a lucidops kernel),
+AVX-512, for all but float32 heads of 64 and more with 1024 keys or more where it is built for
+AVX2 or narrower), ``aten`` (the fallback when the C++ extension cannot build, and first for
+those float32 calls on AVX2 builds: PyTorch's own fused flash-attention CPU kernel, the one
+torch's SDPA runs, adapted to this contract in ops/_attention_aten.py; not a lucidops kernel),
 ``reference`` (lucidops.reference.attention, the math) and ``triton`` (the default on CUDA;
 under TRITON_INTERPRET=1 it also runs CPU tensors, slowly, for testing).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, Optional, Tuple, Union, overload
 
@@ -58,13 +59,14 @@ def _triton_backward(*args):
 
 _NOTES = {
     "cpu": "cpp (the default, every dtype and head dim, where the extension is built for AVX-512; built for "
-           "AVX2 or narrower, all but float32 heads of 64 and more; half types read and written as they are, "
-           "computed in float32): lucidops' kernel, keys in vector lanes and four query rows in registers, heads "
-           "in parallel. aten (the fallback without the C++ extension, and the default for float32 heads of 64 "
-           "and more on AVX2 builds, where it measured faster): PyTorch's own fused flash-attention "
-           "CPU kernel (what torch's SDPA runs on the CPU), not a lucidops kernel; forward and backward, masks, "
-           "empty rows, NaN rows and the lse gradient adapted to the op; not under dropout (its kernel draws "
-           "its own mask). reference: the PyTorch math.",
+           "AVX2 or narrower, all but float32 heads of 64 and more with 1024 keys or more; half types read and "
+           "written as they are, computed in float32): lucidops' kernel, keys in vector lanes and four query rows "
+           "(six in the AVX2 forward) in registers, heads in parallel. aten (the fallback without the C++ "
+           "extension, and the default for float32 heads of 64 and more with 1024 keys or more on AVX2 builds, "
+           "where it measured faster): PyTorch's own fused flash-attention CPU kernel (what torch's SDPA runs on "
+           "the CPU), not a lucidops kernel; forward and backward, masks, empty rows, NaN rows and the lse "
+           "gradient adapted to the op; not under dropout (its kernel draws its own mask). reference: the "
+           "PyTorch math.",
     "cuda": "triton: fused online-softmax forward and (dk, dv) / dq backward, several heads per program for d <= 32; "
             "dropout regenerated in-kernel (a compiled variant).",
 }
@@ -72,21 +74,25 @@ _PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "referenc
 # On the CPU cpp comes first for every dtype and head dim where the extension is built for
 # AVX-512: measured faster than aten in each (README, Measured results; bench/attention.py).
 # Built for AVX2 (16 vector registers of 8 floats), cpp beats aten in float32 up to d = 32,
-# in float64 and in the half types, but not in float32 from d = 64 on (2026-12-07, AMD EPYC
-# Zen 3: README, Measured results): there aten comes first. (Earlier that day, with register
-# tiles sized for AVX-512 alone, cpp lost from d = 16 on in float32 and float64.) Until
-# 2026-12-06 aten was the default for float64 (cpp's exp was libm's, scalar) and bfloat16
-# heads over 64 (cpp converted half inputs to float32 in Python first).
+# in float64 and in the half types; in float32 from d = 64 on it is faster forward and about
+# even forward+backward up to 512 keys, and behind with 1024 keys or more (2026-12-07, AMD
+# EPYC Zen 3: README, Measured results): there aten comes first. (Earlier that day cpp lost
+# from d = 16 on, with register tiles sized for AVX-512 alone, then from d = 64 on at every
+# length, before its forward and backward went over chunks of keys.) Until 2026-12-06 aten
+# was the default for float64 (cpp's exp was libm's, scalar) and bfloat16 heads over 64 (cpp
+# converted half inputs to float32 in Python first).
 _ATEN_FIRST_DTYPES_ON_NARROW_VECTORS = (torch.float32,)
 _ATEN_FIRST_HEAD_DIM = 64
+_ATEN_FIRST_KEYS = 1024
 
 
-def _preference_for_call(device_type: str, first: Tensor, *rest) -> Optional[Tuple[str, ...]]:
+def _preference_for_call(keys_index: int, device_type: str, first: Tensor, *rest) -> Optional[Tuple[str, ...]]:
     """The order for one call where it differs from _PREFERENCE: on the CPU without aten under
     dropout (PyTorch's kernel draws its own mask, which lucidops' backward cannot regenerate),
-    and aten first for float32 heads of 64 and more where the C++ extension is built without
-    AVX-512; on a GPU, float64 to the reference. ``first`` is q (forward) or grad_out (backward); both
-    ops end with (dropout_p, seed)."""
+    and aten first for float32 heads of 64 and more with 1024 keys or more where the C++
+    extension is built without AVX-512; on a GPU, float64 to the reference. ``first`` is q
+    (forward) or grad_out (backward), ``rest[keys_index]`` is k; both ops end with
+    (dropout_p, seed)."""
     if device_type != "cpu":
         # The triton kernels take half and single precision; float64 on the GPU is the
         # reference's (the README's promise), not a TypeError from the first choice.
@@ -94,17 +100,19 @@ def _preference_for_call(device_type: str, first: Tensor, *rest) -> Optional[Tup
     if rest[-2]:
         return ("cpp", "reference")
     if (first.dtype in _ATEN_FIRST_DTYPES_ON_NARROW_VECTORS and first.shape[-1] >= _ATEN_FIRST_HEAD_DIM
-            and 0 < _attention_cpp.vector_bytes() < 64):
+            and rest[keys_index].shape[-2] >= _ATEN_FIRST_KEYS and 0 < _attention_cpp.vector_bytes() < 64):
         return ("aten", "cpp", "reference")
     return None
 
 
 backends.register_op("attention", {"reference": _reference.forward, "aten": _attention_aten.forward,
                                    "cpp": _attention_cpp.forward, "triton": _triton_forward},
-                     preference=_PREFERENCE, notes=_NOTES, preference_for_call=_preference_for_call)
+                     preference=_PREFERENCE, notes=_NOTES,
+                     preference_for_call=functools.partial(_preference_for_call, 0))  # (q, k, ...)
 backends.register_op("attention_backward", {"reference": _reference.backward, "aten": _attention_aten.backward,
                                             "cpp": _attention_cpp.backward, "triton": _triton_backward},
-                     preference=_PREFERENCE, notes=_NOTES, preference_for_call=_preference_for_call)
+                     preference=_PREFERENCE, notes=_NOTES,
+                     preference_for_call=functools.partial(_preference_for_call, 2))  # (grad_out, grad_lse, q, k, ...)
 
 
 def _token_major_strides(b: int, h: int, nq: int, d: int) -> Tuple[int, int, int, int]:

@@ -76,6 +76,10 @@ constexpr int64_t kKeyPad = 16;
 
 inline float exp_of(float v) { return vec_math::exp(v); }
 inline double exp_of(double v) { return vec_math::exp(v); }
+// exp of a score minus its row's max (never above 0). The backward's exp(s - lse) keeps
+// exp_of: its lse is an input.
+inline float exp_of_shifted(float v) { return vec_math::exp_nonpositive(v); }
+inline double exp_of_shifted(double v) { return vec_math::exp_nonpositive(v); }
 
 // Key vectors per pass of rows_times_keys. With one, a block's R = 4 accumulators are four
 // chains of dependent FMAs, and at four cycles each two FMA units need eight: on AVX2 two
@@ -482,7 +486,7 @@ T softmax_row(const Problem<T, S>& pb, int64_t bh, int64_t i, int64_t keys, T* s
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < keys; ++j) {
-    s[j] = exp_of(s[j] - shift);  // hidden keys: exp(-inf) = 0
+    s[j] = exp_of_shifted(s[j] - shift);  // hidden keys: exp(-inf) = 0
     sum += s[j];
   }
   // No visible key: every score -inf, sum 0. A row of NaN scores (a NaN query) has sum NaN

@@ -455,14 +455,22 @@ void store_output_row(const Problem<T, S>& pb, const ForwardOutputs<T, S>& to, i
   from_opmath(scratch, to.out_lo + (bh * pb.nq + i) * pb.d, pb.d);
 }
 
-// Keys per chunk of a forward task's products: the task's register blocks pass over one chunk
-// of K^T (d x chunk) or V (chunk x dpad) in turn, then the next, so each chunk comes from L2
-// once per task rather than once per block (a head's K and V outgrow L1 from N = 128 at
-// d = 64). 16 KiB of either, half of a 32 KiB L1.
+// Bytes of a (d x chunk) buffer per chunk of keys. The forward's register blocks pass over one
+// chunk of K^T or V in turn, then the next, so each chunk comes from L2 once per task rather
+// than once per block (a head's K and V outgrow L1 from N = 128 at d = 64): 16 KiB, half of a
+// 32 KiB L1. The backward's head goes by one chunk of K^T, V^T, dK^T, dV^T and K at a time,
+// five buffers where the whole head's (1.3 MiB at N = 1024, d = 64) passed by every block:
+// 8 KiB each.
+constexpr int64_t kForwardChunkBytes = 16 * 1024;
+constexpr int64_t kBackwardChunkBytes = 8 * 1024;
+
+// Keys per chunk: whole passes of kKeyPad keys filling `bytes` at head dim d. With the keys in
+// lanes (head dims below one vector) the contraction over the keys sums lanes at its end, so
+// all `keys` take one chunk there.
 template <typename T>
-int64_t forward_key_chunk(int64_t d) {
-  constexpr int64_t kChunkBytes = 16 * 1024;
-  return std::max<int64_t>(kKeyPad, kChunkBytes / (d * static_cast<int64_t>(sizeof(T))) / kKeyPad * kKeyPad);
+int64_t keys_per_chunk(int64_t d, int64_t bytes, bool by_rows, int64_t keys) {
+  if (!by_rows) return std::max<int64_t>(keys, 1);
+  return std::max<int64_t>(kKeyPad, bytes / (d * static_cast<int64_t>(sizeof(T))) / kKeyPad * kKeyPad);
 }
 
 // Calls f(std::integral_constant<int, R>{}, r0) for the blocks [r0, r0 + R) of rows [0, rows):
@@ -474,6 +482,19 @@ void for_each_block(int64_t rows, F&& f) {
   if constexpr (kWide != kRows)
     for (; r0 + kRows <= rows; r0 += kRows) f(std::integral_constant<int, kRows>{}, r0);
   for (; r0 < rows; ++r0) f(std::integral_constant<int, 1>{}, r0);
+}
+
+// Key chunk by key chunk, calls f(std::integral_constant<int, R>{}, r0, j0, j1) for each block
+// [r0, r0 + R) of rows [i0, i0 + rows) (as for_each_block, r0 relative to i0) on the keys
+// [j0, j1) of the chunk that it spans (block_keys): a causal block skips what it hides.
+template <int kWide, typename T, typename S, typename F>
+void for_each_block_by_chunks(const Problem<T, S>& pb, int64_t i0, int64_t rows, int64_t chunk, F&& f) {
+  const int64_t all_keys = block_keys(pb, i0, rows);  // the last row's: the widest
+  for (int64_t kc = 0; kc < all_keys; kc += chunk)
+    for_each_block<kWide>(rows, [&](auto block, int64_t r0) {
+      const int64_t end = std::min(block_keys(pb, i0 + r0, decltype(block)::value), kc + chunk);
+      if (end > kc) f(block, r0, kc, end);
+    });
 }
 
 // Softmax of score row i of head bh over its block's keys, in place; its lse stored. Returns
@@ -501,7 +522,7 @@ T softmax_row(const Problem<T, S>& pb, int64_t bh, int64_t i, int64_t keys, T* s
 }
 
 // Rows [i0, i0 + rows) of head bh: S = scale Q K^T, P = softmax(S), O = P V / rowsum. Both
-// products go key chunk by key chunk (forward_key_chunk) over all of the task's register
+// products go key chunk by key chunk (keys_per_chunk) over all of the task's register
 // blocks; each block spans its own keys (block_keys), so a causal task skips what its
 // blocks hide. Splitting P V at chunks keeps its sums: they run over the keys in order either
 // way, in registers within a chunk and through y between chunks. The keys-in-lanes
@@ -509,17 +530,16 @@ T softmax_row(const Problem<T, S>& pb, int64_t bh, int64_t i, int64_t keys, T* s
 template <typename T, typename S>
 void forward_task(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t rows, HeadScratch<T>& hs,
                   const ForwardOutputs<T, S>& to) {
-  const int64_t d = pb.d, ld = hs.ld, dpad = hs.dpad, chunk = forward_key_chunk<T>(d);
-  const int64_t task_keys = block_keys(pb, i0, rows);  // the last row's: the widest
+  const int64_t d = pb.d, ld = hs.ld, dpad = hs.dpad;
   T* scores = hs.keys_a.data();
   scaled_queries(pb, bh, i0, rows, hs.rows_a.data());
-  for (int64_t kc = 0; kc < task_keys; kc += chunk)
-    for_each_block<kForwardRows>(rows, [&](auto block, int64_t r0) {
-      constexpr int R = decltype(block)::value;
-      const int64_t end = std::min(block_keys(pb, i0 + r0, R), kc + chunk);
-      if (end > kc)
-        rows_times_keys<T, R>(hs.rows_a.data() + r0 * d, hs.k_t.data() + kc, d, ld, end - kc, scores + r0 * ld + kc);
-    });
+  // Scores are sums over the head dim: any chunk of keys gives the same ones.
+  const int64_t score_chunk = keys_per_chunk<T>(d, kForwardChunkBytes, true, 0);
+  for_each_block_by_chunks<kForwardRows>(pb, i0, rows, score_chunk, [&](auto block, int64_t r0, int64_t j0,
+                                                                        int64_t j1) {
+    constexpr int R = decltype(block)::value;
+    rows_times_keys<T, R>(hs.rows_a.data() + r0 * d, hs.k_t.data() + j0, d, ld, j1 - j0, scores + r0 * ld + j0);
+  });
   T sums[kForwardChunk];
   for_each_block<kForwardRows>(rows, [&](auto block, int64_t r0) {
     constexpr int R = decltype(block)::value;
@@ -529,13 +549,11 @@ void forward_task(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t rows,
   });
   T* y = hs.rows_b.data();
   std::fill(y, y + rows * dpad, T(0));
-  const int64_t pv_chunk = hs.by_rows ? chunk : std::max<int64_t>(task_keys, 1);
-  for (int64_t kc = 0; kc < task_keys; kc += pv_chunk)
-    for_each_block<kForwardRows>(rows, [&](auto block, int64_t r0) {
-      constexpr int R = decltype(block)::value;
-      const int64_t end = std::min(block_keys(pb, i0 + r0, R), kc + pv_chunk);
-      if (end > kc) hs.template contract<R>(scores + r0 * ld, kc, end, y + r0 * dpad);  // P V
-    });
+  const int64_t pv_chunk = keys_per_chunk<T>(d, kForwardChunkBytes, hs.by_rows, block_keys(pb, i0, rows));
+  for_each_block_by_chunks<kForwardRows>(pb, i0, rows, pv_chunk, [&](auto block, int64_t r0, int64_t j0,
+                                                                     int64_t j1) {
+    hs.template contract<decltype(block)::value>(scores + r0 * ld, j0, j1, y + r0 * dpad);  // P V
+  });
   for (int64_t r = 0; r < rows; ++r) {
     T* yr = y + r * dpad;
     for (int64_t c = 0; c < d; ++c) yr[c] = sums[r] == T(0) ? T(0) : yr[c] / sums[r];
@@ -595,15 +613,6 @@ T delta_of_row(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, int64_t 
   return in.grad_lse != nullptr ? sum - in.grad_lse[row] : sum;
 }
 
-// Keys per chunk of the backward's products: a head's rows go by one chunk of K^T, V^T, dK^T,
-// dV^T (d x chunk each) and K (chunk x dpad) at a time, so those stay in L1 and L2 where the
-// whole head's (five d x Nk buffers, 1.3 MiB at N = 1024, d = 64) passed by every block.
-template <typename T>
-int64_t backward_key_chunk(int64_t d) {
-  constexpr int64_t kChunkBytes = 8 * 1024;
-  return std::max<int64_t>(kKeyPad, kChunkBytes / (d * static_cast<int64_t>(sizeof(T))) / kKeyPad * kKeyPad);
-}
-
 // One block of rows [i0, i0 + R) of head bh on keys [j0, j1): dP = dO V^T, P = exp(s - lse)
 // recomputed, dS = P (dP - delta), then dV^T += dO^T P, dK^T += (scale Q)^T dS and
 // dQ / scale += dS K into the block's rows of rows_b. Scores, P and dS live in keys_a and
@@ -646,7 +655,7 @@ void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t j0,
 
 // Head bh: dV = P^T dO, dS = P (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q, with
 // P = exp(s - lse) recomputed and delta = rowsum(dO O) - dL/dlse (delta_of_row). Key chunk by
-// key chunk (backward_key_chunk), every block of rows in turn: each sum still runs over the
+// key chunk (keys_per_chunk), every block of rows in turn: each sum still runs over the
 // rows (dK, dV) or keys (dQ, through rows_b between chunks) in order.
 template <typename T, typename S>
 void backward_head(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, int64_t bh, HeadScratch<T>& hs) {
@@ -664,15 +673,10 @@ void backward_head(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, int6
     const T lse = in.lse[bh * nq + i];
     hs.lses[i] = lse == -std::numeric_limits<T>::infinity() ? T(0) : lse;
   }
-  const int64_t head_keys = block_keys(pb, 0, nq);  // the last row's: the widest
-  // The keys-in-lanes contraction (head dims below one vector) sums lanes at its end: one chunk.
-  const int64_t chunk = hs.by_rows ? backward_key_chunk<T>(d) : std::max<int64_t>(head_keys, 1);
-  for (int64_t kc = 0; kc < head_keys; kc += chunk)
-    for_each_block<kBackwardRows>(nq, [&](auto block, int64_t i0) {
-      constexpr int R = decltype(block)::value;
-      const int64_t end = std::min(block_keys(pb, i0, R), kc + chunk);
-      if (end > kc) backward_block<T, S, R>(pb, bh, i0, kc, end, hs);
-    });
+  const int64_t chunk = keys_per_chunk<T>(d, kBackwardChunkBytes, hs.by_rows, block_keys(pb, 0, nq));
+  for_each_block_by_chunks<kBackwardRows>(pb, 0, nq, chunk, [&](auto block, int64_t i0, int64_t j0, int64_t j1) {
+    backward_block<T, S, decltype(block)::value>(pb, bh, i0, j0, j1, hs);
+  });
   for (int64_t i = 0; i < nq; ++i) {
     T* y = hs.rows_b.data() + i * dpad;
     for (int64_t c = 0; c < d; ++c) y[c] *= pb.scale;

@@ -744,17 +744,20 @@ def test_info_builds_nothing_to_learn_the_vector_width(monkeypatch):
     assert "C++ CPU kernels: vector width not known until they are loaded (lucidops info --build)" in cli.info()
 
 
+@pytest.mark.parametrize("heads, nk", [(3, 50), (1, 300)], ids=["whole-heads", "key-ranges"])
 @pytest.mark.parametrize("d", [12, 20], ids=["keys-in-lanes", "head-dim-in-lanes"])
-def test_cpp_is_bitwise_the_same_on_one_and_two_threads(d):
-    """Tasks have fixed rows and one task owns a head's dK and dV: no order depends on threads.
+def test_cpp_is_bitwise_the_same_on_one_and_two_threads(d, heads, nk):
+    """Tasks have fixed rows, and backward tasks fixed keys (one head each, or with few heads a
+    range of a head's keys, whose partial dQs are added in range order): no order depends on
+    threads.
 
     d = 12 contracts over keys in vector lanes, d = 20 (fills a float vector) with the head
-    dim in lanes: both layouts of the kernel.
+    dim in lanes: both layouts of the kernel. Two heads of 300 keys split into ranges.
     """
     g = torch.Generator().manual_seed(12)
-    q, k, v = (torch.randn(2, 3, n, d, generator=g) for n in (150, 50, 50))  # 3 forward chunks per head
-    mask = torch.rand(2, 50, generator=g) > 0.2
-    grad_out = torch.randn(2, 3, 150, d, generator=g)
+    q, k, v = (torch.randn(2, heads, n, d, generator=g) for n in (150, nk, nk))  # 3 forward chunks per head
+    mask = torch.rand(2, nk, generator=g) > 0.2
+    grad_out = torch.randn(2, heads, 150, d, generator=g)
     before = torch.get_num_threads()
     results = []
     try:

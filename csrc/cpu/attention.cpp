@@ -9,12 +9,12 @@
 // accumulate_outer). Contractions over the keys put the head dim in lanes when it fills a
 // vector (rows_contract_rows), the keys otherwise (rows_contract_keys). The forward takes
 // 64 query rows at a time through L1-sized chunks of keys (forward_task), the backward a
-// head's rows (backward_head), so each chunk of K and V serves many blocks of rows before
+// head's rows (backward_task), so each chunk of K and V serves many blocks of rows before
 // the next is loaded. The forward runs heads and chunks of 64 query rows in parallel, the
-// backward heads, one task accumulating a head's dK and dV: the result does not depend on
-// the thread count. q, k, v and grad_out may have any strides with a unit one along d (a
-// model's views of its qkv projection); the output is (B, H, Nq, d) laid out as
-// (B, Nq, H, d), SDPA's layout.
+// backward heads and ranges of keys, each task owning its keys' dK and dV (backward_kernel).
+// Tasks follow from the shapes alone: the result does not depend on the thread count. q, k,
+// v and grad_out may have any strides with a unit one along d (a model's views of its qkv
+// projection); the output is (B, H, Nq, d) laid out as (B, Nq, H, d), SDPA's layout.
 //
 // Contract (lucidops.reference.attention): top-left causal (key j visible to query i iff
 // j <= i), key_padding_mask True = key takes part, a query with no visible key gets
@@ -180,9 +180,13 @@ constexpr bool kWideContraction = vec_math::kVecBytes >= 64;
 // needs the horizontal sums of rows_contract_keys (which cost about half as much as the
 // multiplies themselves at d = 16, N = 197). Up to four vectors of the head dim per pass
 // over the keys (measured 4%-5% faster forward than one at d = 64 and 128). p: R x ld;
-// y: R x dpad.
+// y: R x dpad. Never inlined: inlined into the forward's task loop, its AVX2 six-row tile
+// (12 accumulators) had been kept in registers until an unrelated change to that loop made
+// GCC spill them to the stack (forward 1.4x slower at d = 64); on its own, the tile has
+// the registers to itself.
 template <typename T, int R>
-void rows_contract_rows(const T* p, const T* rows, int64_t dpad, int64_t ld, int64_t j0, int64_t j1, T* y) {
+__attribute__((noinline)) void rows_contract_rows(const T* p, const T* rows, int64_t dpad, int64_t ld, int64_t j0,
+                                                  int64_t j1, T* y) {
   constexpr int64_t lanes = vec_math::Vec<T>::kLanes;
   int64_t c0 = 0;
   if constexpr (kWideContraction)
@@ -281,12 +285,13 @@ struct Problem {
   int64_t out_offset(int64_t bh, int64_t i) const { return ((bh / heads * nq + i) * heads + bh % heads) * d; }
 };
 
-// Head bh's keys or values transposed to (d, ld), zeros in the padding keys; row: d values
-// of scratch for a half row's conversion.
+// Keys [j0, j1) of head bh's keys or values transposed into columns j0..j1 of dst (d, ld),
+// zeros in the padding keys; row: d values of scratch for a half row's conversion.
 template <typename T, typename S>
-void transpose_head(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64_t ld, T* row, T* dst) {
-  std::fill(dst, dst + d * ld, T(0));
-  for (int64_t j = 0; j < nk; ++j) {
+void transpose_head(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64_t ld, int64_t j0, int64_t j1, T* row,
+                    T* dst) {
+  for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + j0, dst + c * ld + j1, T(0));
+  for (int64_t j = j0; j < std::min(nk, j1); ++j) {
     const T* values = row;
     if constexpr (std::is_same_v<S, T>) {
       values = src.row(bh, j);
@@ -297,11 +302,13 @@ void transpose_head(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64
   }
 }
 
-// Head bh's keys or values as (ld, dpad) rows, zeros in the padding.
+// Keys [j0, j1) of head bh's keys or values as rows j0..j1 of dst (ld, dpad), zeros in the
+// padding.
 template <typename T, typename S>
-void pad_head_rows(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64_t dpad, int64_t ld, T* dst) {
-  std::fill(dst, dst + ld * dpad, T(0));
-  for (int64_t j = 0; j < nk; ++j) to_opmath(src.row(bh, j), dst + j * dpad, d);
+void pad_head_rows(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64_t dpad, int64_t j0, int64_t j1,
+                   T* dst) {
+  std::fill(dst + j0 * dpad, dst + j1 * dpad, T(0));
+  for (int64_t j = j0; j < std::min(nk, j1); ++j) to_opmath(src.row(bh, j), dst + j * dpad, d);
 }
 
 // Query rows per forward task. Tasks are fixed ranges of rows, so a row's register block
@@ -319,14 +326,14 @@ constexpr int64_t kForwardChunk = 64;
 // q (rows x d) and contractions (rows x dpad); the forward's scores and probabilities (rows x
 // ld), the backward's for one block (kBackwardRows x ld, with dS); the backward's dO rows,
 // each row's delta and lse, and dK^T, dV^T (d x ld); one row's dropout multipliers (ld);
-// and rows (d) for conversions to and from half types and the backward's output row (row_lo:
-// its bfloat16 residual).
+// and a row (d; 2 d in the backward, whose delta_of_row also reads a bfloat16 output's
+// residual) for conversions to and from half types.
 template <typename T>
 struct HeadScratch {
   int64_t d, ld, dpad;
   bool backward, by_rows;
   std::vector<T> k_t, v_t, contracted, rows_a, rows_b, rows_do, keys_a, keys_b, keys_z, deltas, lses, grad_k_t,
-      grad_v_t, row, row_lo;
+      grad_v_t, row;
 
   HeadScratch(int64_t d_, int64_t ld_, bool backward_, int64_t task_rows)
       : d(d_),
@@ -347,14 +354,15 @@ struct HeadScratch {
         lses(backward ? task_rows : 0),
         grad_k_t(backward ? d * ld : 0),
         grad_v_t(backward ? d * ld : 0),
-        row(d),
-        row_lo(backward ? d : 0) {}
+        row(backward ? 2 * d : d) {}
 
+  // Head bh's keys [j0, j1) (all of them by default) into the buffers' same columns or rows.
   template <typename S>
-  void load(const Problem<T, S>& pb, int64_t bh) {
-    transpose_head(pb.k, bh, pb.nk, d, ld, row.data(), k_t.data());
-    if (!v_t.empty()) transpose_head(pb.v, bh, pb.nk, d, ld, row.data(), v_t.data());
-    if (by_rows) pad_head_rows(backward ? pb.k : pb.v, bh, pb.nk, d, dpad, ld, contracted.data());
+  void load(const Problem<T, S>& pb, int64_t bh, int64_t j0 = 0, int64_t j1 = -1) {
+    if (j1 < 0) j1 = ld;
+    transpose_head(pb.k, bh, pb.nk, d, ld, j0, j1, row.data(), k_t.data());
+    if (!v_t.empty()) transpose_head(pb.v, bh, pb.nk, d, ld, j0, j1, row.data(), v_t.data());
+    if (by_rows) pad_head_rows(backward ? pb.k : pb.v, bh, pb.nk, d, dpad, j0, j1, contracted.data());
   }
 
   // y += P M over keys [j0, j1) (whole vectors) for R rows of p (R x ld): M is V in the
@@ -484,15 +492,17 @@ void for_each_block(int64_t rows, F&& f) {
   for (; r0 < rows; ++r0) f(std::integral_constant<int, 1>{}, r0);
 }
 
-// Key chunk by key chunk, calls f(std::integral_constant<int, R>{}, r0, j0, j1) for each block
-// [r0, r0 + R) of rows [i0, i0 + rows) (as for_each_block, r0 relative to i0) on the keys
-// [j0, j1) of the chunk that it spans (block_keys): a causal block skips what it hides.
+// Chunk by chunk of the keys [key_begin, key_end), calls f(std::integral_constant<int, R>{},
+// r0, j0, j1) for each block [r0, r0 + R) of rows [i0, i0 + rows) (as for_each_block, r0
+// relative to i0) on the keys [j0, j1) of the chunk that it spans (block_keys): a causal
+// block skips what it hides.
 template <int kWide, typename T, typename S, typename F>
-void for_each_block_by_chunks(const Problem<T, S>& pb, int64_t i0, int64_t rows, int64_t chunk, F&& f) {
-  const int64_t all_keys = block_keys(pb, i0, rows);  // the last row's: the widest
-  for (int64_t kc = 0; kc < all_keys; kc += chunk)
+void for_each_block_by_chunks(const Problem<T, S>& pb, int64_t i0, int64_t rows, int64_t key_begin, int64_t key_end,
+                              int64_t chunk, F&& f) {
+  const int64_t all_keys = std::min(key_end, block_keys(pb, i0, rows));  // the last row's: the widest
+  for (int64_t kc = key_begin; kc < all_keys; kc += chunk)
     for_each_block<kWide>(rows, [&](auto block, int64_t r0) {
-      const int64_t end = std::min(block_keys(pb, i0 + r0, decltype(block)::value), kc + chunk);
+      const int64_t end = std::min({block_keys(pb, i0 + r0, decltype(block)::value), kc + chunk, key_end});
       if (end > kc) f(block, r0, kc, end);
     });
 }
@@ -535,7 +545,7 @@ void forward_task(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t rows,
   scaled_queries(pb, bh, i0, rows, hs.rows_a.data());
   // Scores are sums over the head dim: any chunk of keys gives the same ones.
   const int64_t score_chunk = keys_per_chunk<T>(d, kForwardChunkBytes, true, 0);
-  for_each_block_by_chunks<kForwardRows>(pb, i0, rows, score_chunk, [&](auto block, int64_t r0, int64_t j0,
+  for_each_block_by_chunks<kForwardRows>(pb, i0, rows, 0, ld, score_chunk, [&](auto block, int64_t r0, int64_t j0,
                                                                         int64_t j1) {
     constexpr int R = decltype(block)::value;
     rows_times_keys<T, R>(hs.rows_a.data() + r0 * d, hs.k_t.data() + j0, d, ld, j1 - j0, scores + r0 * ld + j0);
@@ -550,7 +560,7 @@ void forward_task(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t rows,
   T* y = hs.rows_b.data();
   std::fill(y, y + rows * dpad, T(0));
   const int64_t pv_chunk = keys_per_chunk<T>(d, kForwardChunkBytes, hs.by_rows, block_keys(pb, i0, rows));
-  for_each_block_by_chunks<kForwardRows>(pb, i0, rows, pv_chunk, [&](auto block, int64_t r0, int64_t j0,
+  for_each_block_by_chunks<kForwardRows>(pb, i0, rows, 0, ld, pv_chunk, [&](auto block, int64_t r0, int64_t j0,
                                                                      int64_t j1) {
     hs.template contract<decltype(block)::value>(scores + r0 * ld, j0, j1, y + r0 * dpad);  // P V
   });
@@ -598,12 +608,12 @@ struct BackwardInputs {
 // O + O_lo is the output as accurate as the forward computed it (float32 for bfloat16).
 template <typename T, typename S>
 T delta_of_row(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, int64_t bh, int64_t i, const T* do_row,
-                HeadScratch<T>& hs) {
+                T* scratch) {
   const int64_t d = pb.d, row = bh * pb.nq + i;
-  T* o = hs.row.data();
+  T* o = scratch;
   to_opmath(in.out.row(bh, i), o, d);
   if (in.out_lo != nullptr) {
-    T* lo = hs.row_lo.data();
+    T* lo = scratch + d;
     to_opmath(in.out_lo + row * d, lo, d);
     for (int64_t c = 0; c < d; ++c) o[c] += lo[c];
   }
@@ -613,15 +623,42 @@ T delta_of_row(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, int64_t 
   return in.grad_lse != nullptr ? sum - in.grad_lse[row] : sum;
 }
 
+// What a head's backward reads per query row, in T: scale q and dO (nq x d each, side by
+// side, as rows_times_keys and accumulate_outer read them), delta and lse (nq each).
+template <typename T>
+struct BackwardRows {
+  T* q;
+  T* dout;
+  T* deltas;
+  T* lses;
+};
+
+// The BackwardRows of head bh; scratch: 2 d values.
+template <typename T, typename S>
+void prepare_backward_rows(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, int64_t bh,
+                           const BackwardRows<T>& rows, T* scratch) {
+  const int64_t d = pb.d, nq = pb.nq;
+  scaled_queries(pb, bh, 0, nq, rows.q);
+  for (int64_t i = 0; i < nq; ++i) {
+    T* do_row = rows.dout + i * d;
+    to_opmath(in.grad_out.row(bh, i), do_row, d);
+    rows.deltas[i] = delta_of_row(pb, in, bh, i, do_row, scratch);
+    // A row without a visible key has lse = -inf: P = 0 there, so no gradient flows.
+    const T lse = in.lse[bh * nq + i];
+    rows.lses[i] = lse == -std::numeric_limits<T>::infinity() ? T(0) : lse;
+  }
+}
+
 // One block of rows [i0, i0 + R) of head bh on keys [j0, j1): dP = dO V^T, P = exp(s - lse)
 // recomputed, dS = P (dP - delta), then dV^T += dO^T P, dK^T += (scale Q)^T dS and
 // dQ / scale += dS K into the block's rows of rows_b. Scores, P and dS live in keys_a and
 // keys_b at the keys' own columns.
 template <typename T, typename S, int R>
-void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t j0, int64_t j1, HeadScratch<T>& hs) {
+void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t j0, int64_t j1,
+                    const BackwardRows<T>& rows, HeadScratch<T>& hs) {
   const int64_t d = pb.d, ld = hs.ld;
-  const T* q_rows = hs.rows_a.data() + i0 * d;
-  const T* do_rows = hs.rows_do.data() + i0 * d;
+  const T* q_rows = rows.q + i0 * d;
+  const T* do_rows = rows.dout + i0 * d;
   T* p = hs.keys_a.data();
   T* ds = hs.keys_b.data();
   block_times_keys<T, R>(q_rows, hs.k_t.data() + j0, d, ld, j1 - j0, p + j0);   // s = scale Q K^T
@@ -630,7 +667,7 @@ void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t j0,
     T* pr = p + r * ld;
     T* dsr = ds + r * ld;
     hide_keys(pb, bh / pb.heads, pb.visible_end(i0 + r), j0, j1, pr);
-    const T row_lse = hs.lses[i0 + r], row_delta = hs.deltas[i0 + r];
+    const T row_lse = rows.lses[i0 + r], row_delta = rows.deltas[i0 + r];
     if (pb.dropout()) {  // dS = P (Z dP - delta); dV takes P Z
       T* z = hs.keys_z.data();
       dropout_multipliers(pb, bh, i0 + r, j0, j1, z);
@@ -653,54 +690,134 @@ void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t j0,
   hs.template contract<R>(ds, j0, j1, hs.rows_b.data() + i0 * hs.dpad);             // dS K
 }
 
-// Head bh: dV = P^T dO, dS = P (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q, with
-// P = exp(s - lse) recomputed and delta = rowsum(dO O) - dL/dlse (delta_of_row). Key chunk by
-// key chunk (keys_per_chunk), every block of rows in turn: each sum still runs over the
-// rows (dK, dV) or keys (dQ, through rows_b between chunks) in order.
-template <typename T, typename S>
-void backward_head(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, int64_t bh, HeadScratch<T>& hs) {
-  const int64_t d = pb.d, nq = pb.nq, dpad = hs.dpad;
-  hs.load(pb, bh);
-  std::fill(hs.grad_k_t.begin(), hs.grad_k_t.end(), T(0));
-  std::fill(hs.grad_v_t.begin(), hs.grad_v_t.end(), T(0));
-  std::fill(hs.rows_b.begin(), hs.rows_b.begin() + nq * dpad, T(0));
-  scaled_queries(pb, bh, 0, nq, hs.rows_a.data());
-  for (int64_t i = 0; i < nq; ++i) {
-    T* do_row = hs.rows_do.data() + i * d;  // side by side, as rows_times_keys and accumulate_outer read them
-    to_opmath(in.grad_out.row(bh, i), do_row, d);
-    hs.deltas[i] = delta_of_row(pb, in, bh, i, do_row, hs);
-    // A row without a visible key has lse = -inf: P = 0 there, so no gradient flows.
-    const T lse = in.lse[bh * nq + i];
-    hs.lses[i] = lse == -std::numeric_limits<T>::infinity() ? T(0) : lse;
+// Key ranges of a head's backward. One task per (head, range), so that a few heads (a
+// batch-1 ViT has 3 to 12) still spread over the threads: with one task per head, one head
+// ran on one thread (B1 H1 N1024 d64, forward+backward, 2 threads: 14.4 ms against aten's
+// 8.65). Ranges follow from the shapes alone, never from the thread count, so neither do the
+// results: about kBackwardTasks tasks per call when the heads are fewer, ranges of at least
+// kMinRangeKeys keys and at most kMaxKeyRanges ranges. A split is not free: each task reads
+// all of its head's rows and keeps a partial dQ (backward_kernel), which measured 4%-7% slower
+// at B1 H2 and B2 H3, N197 d64, on 2 threads, where the heads alone kept both busy; so calls
+// with kBackwardTasks heads or more are not split.
+constexpr int64_t kBackwardTasks = 16;
+constexpr int64_t kMinRangeKeys = 64;
+constexpr int64_t kMaxKeyRanges = 16;
+
+// How the keys [0, ld) of every head split into ranges (the count described above), each of
+// whole units: chunks of the backward (keys_per_chunk) where the head dim fills a vector, so
+// that a range's chunks are the unsplit head's, kKeyPad passes otherwise. Ranges differ by
+// at most one unit.
+struct KeyRanges {
+  int64_t count, unit, ld;
+  int64_t begin(int64_t r) const {
+    const int64_t units = (ld + unit - 1) / unit;
+    return std::min(ld, r * units / count * unit);
   }
-  const int64_t chunk = keys_per_chunk<T>(d, kBackwardChunkBytes, hs.by_rows, block_keys(pb, 0, nq));
-  for_each_block_by_chunks<kBackwardRows>(pb, 0, nq, chunk, [&](auto block, int64_t i0, int64_t j0, int64_t j1) {
-    backward_block<T, S, decltype(block)::value>(pb, bh, i0, j0, j1, hs);
-  });
-  for (int64_t i = 0; i < nq; ++i) {
-    T* y = hs.rows_b.data() + i * dpad;
-    for (int64_t c = 0; c < d; ++c) y[c] *= pb.scale;
-    from_opmath(y, in.grad_q + (bh * nq + i) * d, d);
-  }
+  int64_t end(int64_t r) const { return r + 1 == count ? ld : begin(r + 1); }
+};
+
+template <typename T>
+KeyRanges backward_key_ranges(int64_t heads_total, int64_t ld, int64_t d) {
+  const int64_t unit = d >= vec_math::Vec<T>::kLanes ? keys_per_chunk<T>(d, kBackwardChunkBytes, true, 0) : kKeyPad;
+  const int64_t units = (ld + unit - 1) / unit;
+  const int64_t wanted = (kBackwardTasks + heads_total - 1) / heads_total;
+  const int64_t count = std::max<int64_t>(1, std::min({wanted, ld / kMinRangeKeys, kMaxKeyRanges, units}));
+  return KeyRanges{count, unit, ld};
 }
 
+// Keys [k0, k1) of head bh: dV = P^T dO, dS = P (dO V^T - delta), dQ = dS K (unscaled, left in
+// rows_b), dK = scale dS^T Q (left in grad_k_t's columns k0..k1, as dV in grad_v_t's), with
+// P = exp(s - lse) recomputed and delta = rowsum(dO O) - dL/dlse (delta_of_row), read from
+// rows (prepare_backward_rows). Key chunk by key chunk (keys_per_chunk), every block of rows
+// in turn: each sum still runs over the rows (dK, dV) or keys (dQ, through rows_b between
+// chunks) in order.
+template <typename T, typename S>
+void backward_task(const Problem<T, S>& pb, int64_t bh, int64_t k0, int64_t k1, const BackwardRows<T>& rows,
+                   HeadScratch<T>& hs) {
+  const int64_t d = pb.d, nq = pb.nq, ld = hs.ld;
+  hs.load(pb, bh, k0, k1);
+  for (int64_t c = 0; c < d; ++c) {
+    std::fill(hs.grad_k_t.begin() + c * ld + k0, hs.grad_k_t.begin() + c * ld + k1, T(0));
+    std::fill(hs.grad_v_t.begin() + c * ld + k0, hs.grad_v_t.begin() + c * ld + k1, T(0));
+  }
+  std::fill(hs.rows_b.begin(), hs.rows_b.begin() + nq * hs.dpad, T(0));
+  const int64_t chunk = keys_per_chunk<T>(d, kBackwardChunkBytes, hs.by_rows, block_keys(pb, 0, nq));
+  for_each_block_by_chunks<kBackwardRows>(pb, 0, nq, k0, k1, chunk, [&](auto block, int64_t i0, int64_t j0,
+                                                                        int64_t j1) {
+    backward_block<T, S, decltype(block)::value>(pb, bh, i0, j0, j1, rows, hs);
+  });
+}
+
+// dQ, dK, dV. Tasks are (head, key range) pairs (backward_key_ranges). A task stores its
+// keys' dK and dV. An unsplit head's task prepares its rows and stores dQ. A split head's
+// rows are prepared once, beforehand, for all of its tasks; dQ sums over every key, so each
+// task keeps its rows' partial dQ over its own keys, and a last pass adds a row's partials
+// in range order (then scales them), whatever thread ran them.
 template <typename T, typename S>
 void backward_kernel(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, S* grad_k, S* grad_v) {
-  const int64_t ld = pb.padded_keys(), d = pb.d, nk = pb.nk;
-  // A head's backward: five Nq x Nk x d products.
-  at::parallel_for(0, pb.batch * pb.heads, grain_for(10 * pb.nq * nk * d), [&](int64_t bh_begin, int64_t bh_end) {
-    HeadScratch<T> hs(d, ld, true, pb.nq);
-    for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
-      backward_head(pb, in, bh, hs);
+  const int64_t ld = pb.padded_keys(), d = pb.d, nq = pb.nq, nk = pb.nk, heads_total = pb.batch * pb.heads;
+  const KeyRanges ranges = backward_key_ranges<T>(heads_total, ld, d);
+  const int64_t nr = ranges.count;
+  const bool split = nr > 1;
+  const int64_t rows_size = 2 * nq * d + 2 * nq;  // one head's BackwardRows
+  std::vector<T> shared_rows(split ? heads_total * rows_size : 0);
+  std::vector<T> partial_dq(split ? heads_total * nr * nq * d : 0);  // (head, range, row, d)
+  const auto rows_at = [&](T* base) {
+    return BackwardRows<T>{base, base + nq * d, base + 2 * nq * d, base + 2 * nq * d + nq};
+  };
+  if (split) {
+    at::parallel_for(0, heads_total, grain_for(4 * nq * d), [&](int64_t bh_begin, int64_t bh_end) {
+      std::vector<T> scratch(2 * d);
+      for (int64_t bh = bh_begin; bh < bh_end; ++bh)
+        prepare_backward_rows(pb, in, bh, rows_at(shared_rows.data() + bh * rows_size), scratch.data());
+    });
+  }
+  // A task's work: five Nq x range x d products.
+  const int64_t task_work = 10 * nq * std::min(ranges.end(0), nk) * d;
+  at::parallel_for(0, heads_total * nr, grain_for(task_work), [&](int64_t task_begin, int64_t task_end) {
+    HeadScratch<T> hs(d, ld, true, nq);
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t bh = task / nr, range = task % nr;
+      const int64_t k0 = ranges.begin(range), k1 = ranges.end(range);
+      BackwardRows<T> rows{hs.rows_a.data(), hs.rows_do.data(), hs.deltas.data(), hs.lses.data()};
+      if (split) {
+        rows = rows_at(shared_rows.data() + bh * rows_size);
+      } else {
+        prepare_backward_rows(pb, in, bh, rows, hs.row.data());
+      }
+      backward_task(pb, bh, k0, k1, rows, hs);
+      for (int64_t i = 0; i < nq; ++i) {
+        T* y = hs.rows_b.data() + i * hs.dpad;
+        if (split) {
+          std::copy(y, y + d, partial_dq.data() + ((bh * nr + range) * nq + i) * d);
+        } else {
+          for (int64_t c = 0; c < d; ++c) y[c] *= pb.scale;
+          from_opmath(y, in.grad_q + (bh * nq + i) * d, d);
+        }
+      }
       S* dk = grad_k + bh * nk * d;
       S* dv = grad_v + bh * nk * d;
       T* row = hs.row.data();
-      for (int64_t j = 0; j < nk; ++j) {
+      for (int64_t j = k0; j < std::min(nk, k1); ++j) {
         for (int64_t c = 0; c < d; ++c) row[c] = hs.grad_k_t[c * ld + j];
         from_opmath(row, dk + j * d, d);
         for (int64_t c = 0; c < d; ++c) row[c] = hs.grad_v_t[c * ld + j];
         from_opmath(row, dv + j * d, d);
       }
+    }
+  });
+  if (!split) return;
+  at::parallel_for(0, heads_total * nq, grain_for(nr * d), [&](int64_t row_begin, int64_t row_end) {
+    std::vector<T> sum(d);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const int64_t bh = r / nq, i = r % nq;
+      std::fill(sum.begin(), sum.end(), T(0));
+      for (int64_t range = 0; range < nr; ++range) {
+        const T* part = partial_dq.data() + ((bh * nr + range) * nq + i) * d;
+        for (int64_t c = 0; c < d; ++c) sum[c] += part[c];
+      }
+      for (int64_t c = 0; c < d; ++c) sum[c] *= pb.scale;
+      from_opmath(sum.data(), in.grad_q + r * d, d);
     }
   });
 }

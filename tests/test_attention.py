@@ -130,7 +130,9 @@ def test_forward_backward_match_float64_reference(backend, case, poison_allocato
 # d = 64 in float32, 32 at d = 128 or in float64, 336 at d = 12, 1024 at d = 4, where P V
 # takes all keys at once), the backward a head's rows through chunks of 8 KiB (about half as
 # many keys; all at d = 4): rows past one task and keys past several chunks, partial at both
-# ends, with causal rows whose blocks end in different chunks. CASES stop at 33 keys.
+# ends, with causal rows whose blocks end in different chunks. CASES stop at 33 keys. With one
+# or two heads of 200 keys or more, the backward splits the keys into ranges (all but the
+# 97-key cases).
 CPP_CHUNK_CASES = [
     (1, 2, 150, 200, 64, False, "random", torch.float32),
     (1, 2, 150, 200, 64, True, None, torch.float32),

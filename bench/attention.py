@@ -6,6 +6,7 @@ on the ``cpp`` backend (lucidops' kernel, csrc/cpu/attention.cpp), against torch
 the math reference (the ``reference`` backend and plain autograd through it), timed
 interleaved: float32 ViT-like shapes (N = 197) at a fixed width of 192 with head dims
 8..128; N = 1024 with 24 heads of dim 8 (causal and not), 12 of dim 16 and 3 of dim 64;
+batch 1 with one head (N = 1024, d = 64) and three (N = 197, d = 64), fewer than the threads;
 and bfloat16, float16 and float64 at N = 197, the cases behind the CPU default (cpp in every dtype);
 and attention dropout 0.1 (lucidops' fused dropout against SDPA's dropout_p, and against
 lucidops' own kernel without dropout: the fused dropout's cost) at d = 8 and 64.
@@ -210,6 +211,9 @@ def _cases(device: str, quick: bool):
         yield 2, 24, 1024, 8, causal, torch.float32, 0.0
     yield 2, 12, 1024, 16, False, torch.float32, 0.0
     yield 2, 3, 1024, 64, False, torch.float32, 0.0
+    # batch 1 with fewer heads than most machines have threads: the cpp backward splits keys
+    yield 1, 1, 1024, 64, False, torch.float32, 0.0
+    yield 1, 3, 197, 64, False, torch.float32, 0.0
     # the other dtypes, which check the CPU default (cpp in every dtype, ops/attention.py) against aten
     for dtype, dims in ((torch.bfloat16, (8, 64, 128)), (torch.float16, (64, 128)), (torch.float64, (8, 64))):
         for d in dims:

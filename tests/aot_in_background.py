@@ -1,10 +1,11 @@
 """The ahead-of-time compile of every Triton configuration, started as soon as pytest has
 collected the test that checks it (test_triton_aot.py).
 
-That compile is about 1100 Triton compilations, six minutes of both cores on a 2-core
-machine, while the rest of the suite keeps about one core busy. So conftest starts it at the
-lowest CPU priority right after collection: it runs on the cycles the other tests leave idle
-and the test, reached near the end, mostly finds it done. It is the same command on the same
+That compile is 1402 Triton compilations, 564 s of both cores on a 2-core machine
+(bench/results/triton-aot-resources.log). So conftest starts it at the lowest CPU priority
+right after collection: it runs on the cycles the other tests leave idle, and the test,
+reached near the end, waits for the rest (10.6 minutes on the AVX2 EPYC of 2026-12-07, whose
+other tests kept both cores busy). It is the same command on the same
 sources, compiled from an empty Triton cache; the test asserts on its output and report.
 When conftest started none (pytest without this conftest), the test starts it itself.
 

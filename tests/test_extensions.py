@@ -46,8 +46,22 @@ LOAD_CPU = """
 """
 
 
-def test_two_processes_building_at_once_both_succeed(tmp_path):
-    env = {"LUCIDOPS_CACHE_DIR": str(tmp_path)}
+@pytest.fixture(scope="module")
+def portable_cpu_build(tmp_path_factory) -> dict:
+    """The environment of an AVX2-only (-march=x86-64-v3) build of the CPU extension in a cache
+    of its own. Two tests share the build: the concurrent-build test makes it from an empty cache
+    and the portable-forward test runs it. A build takes about a minute of both cores, and CI
+    paid for one each."""
+    return {"LUCIDOPS_CPU_ARCH_FLAGS": "-march=x86-64-v3",
+            "LUCIDOPS_CACHE_DIR": str(tmp_path_factory.mktemp("portable-cpu-build"))}
+
+
+def test_two_processes_building_at_once_both_succeed(portable_cpu_build, tmp_path):
+    env = dict(portable_cpu_build)
+    cache = Path(env["LUCIDOPS_CACHE_DIR"])
+    if any(cache.iterdir()):  # the shared build exists already (tests run out of file order): start empty
+        cache = tmp_path
+        env["LUCIDOPS_CACHE_DIR"] = str(cache)
     procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(LOAD_CPU)], env=dict(os.environ, **env),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
@@ -55,7 +69,7 @@ def test_two_processes_building_at_once_both_succeed(tmp_path):
         assert p.returncode == 0, err
         assert "LOADED" in out
     # One cached build, reused by a third process without rebuilding.
-    assert len(list(tmp_path.glob("lucidops_cpu_*"))) == 1
+    assert len(list(cache.glob("lucidops_cpu_*"))) == 1
     third = _run(LOAD_CPU, env)
     assert third.returncode == 0 and "building" not in third.stderr
 
@@ -144,11 +158,11 @@ def test_forced_cpp_backend_with_broken_build_raises_not_falls_back(tmp_path):
     assert "AUTO reference" in proc.stdout
 
 
-def test_cpu_build_without_avx512_runs_the_portable_gaussian_forward(tmp_path):
-    """With AVX-512 compiled in (this machine, CI), float32 gaussian_mixture runs
-    forward_item_f32; a build for AVX2 only (-march=x86-64-v3) runs the portable
-    forward_item instead. Checked here against the float64 reference, dense and culled,
-    both reductions, with a channel where every point ties."""
+def test_cpu_build_without_avx512_runs_the_avx2_gaussian_forward(portable_cpu_build):
+    """float32 gaussian_mixture runs forward_item_f32, whose register tile is 8 points x 32
+    channels with AVX-512 and 6 x 16 without. A build for AVX2 only (-march=x86-64-v3) runs the
+    second on any machine, so an AVX-512 CI machine checks it too: against the float64
+    reference, dense and culled, both reductions, with a channel where every point ties."""
     proc = _run(
         """
         import torch, lucidops
@@ -174,7 +188,7 @@ def test_cpu_build_without_avx512_runs_the_portable_gaussian_forward(tmp_path):
                     assert (arg[:, 3] == 0).all()
         print("WORST", worst)
         """,
-        {"LUCIDOPS_CPU_ARCH_FLAGS": "-march=x86-64-v3", "LUCIDOPS_CACHE_DIR": str(tmp_path)},
+        portable_cpu_build,  # usually built by test_two_processes_building_at_once_both_succeed
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -67,10 +67,12 @@ constexpr int64_t kForwardRows = vec_math::kVecBytes == 32 ? 6 : kRows;
 // The widest register block; wider blocks (the backward's) run kRows rows at a time.
 constexpr int64_t kRegisterRowsMax = std::max(kRows, kForwardRows);
 // Query rows per backward block. The block's dK^T and dV^T updates (accumulate_outer) load and
-// store their accumulators once per block; eight rows per pass halve that traffic. The other
-// products still run four rows at a time (register blocks), so the arithmetic, and the result,
-// is the same as with four-row blocks. (Six-row blocks on AVX2 measured no different.)
-constexpr int64_t kBackwardRows = 8;
+// store their accumulators once per block, so wider blocks cut that traffic: on the AVX2 EPYC,
+// one thread, 32 rows took the backward at B2 H3 N1024 d64 from 72 ms (8 rows) to 61, and
+// 7%-13% off the other cases measured; 64 rows measured slower than 32. The other products
+// still run four rows at a time (register blocks), and accumulate_outer sums each element's
+// rows in order, so the result is the same, bit for bit, as with four-row blocks.
+constexpr int64_t kBackwardRows = 32;
 // Key counts are padded to a multiple of this: whole vectors on every target (at most 16 lanes).
 constexpr int64_t kKeyPad = 16;
 
@@ -195,39 +197,68 @@ __attribute__((noinline)) void rows_contract_rows(const T* p, const T* rows, int
   if (c0 < dpad) rows_contract_rows_tile<T, R, 1>(p, rows, dpad, ld, j0, j1, c0, y);
 }
 
-// Head-dim rows per pass of accumulate_outer: each row's update is a chain of R dependent FMAs
-// (four cycles each), so one row at a time left the FMA units waiting (measured: the loop
-// stalled on its store); four chains side by side keep them busy. Each element still sums its
-// R terms in order.
-constexpr int64_t kOuterRows = 4;
+// acc_t[c + u][j + ..] += sum_r x[r][c + u] p[r][j + ..] for C head-dim rows and J vectors of
+// keys: C x J accumulators held across the R rows, each element summing its R terms in order.
+// Each broadcast of x feeds J vectors and each loaded vector of p feeds C rows.
+template <typename T, int R, int C, int J>
+inline void accumulate_outer_tile(const T* x, const T* p, int64_t d, int64_t ld, int64_t c, int64_t j, T* acc_t) {
+  using V = vec_math::Vec<T>;
+  typename V::type a[C][J];
+#pragma GCC unroll 8
+  for (int u = 0; u < C; ++u) {
+#pragma GCC unroll 2
+    for (int v = 0; v < J; ++v) a[u][v] = V::load(acc_t + (c + u) * ld + j + v * V::kLanes);
+  }
+  // Unrolled whole (R is at most kBackwardRows): with R = 32 left a loop, GCC 12 turned the
+  // single-accumulator tile's FMAs into separate multiplies and adds (other rounding).
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) {
+    typename V::type pr[J];
+#pragma GCC unroll 2
+    for (int v = 0; v < J; ++v) {
+      pr[v] = V::load(p + r * ld + j + v * V::kLanes);
+      if constexpr (C > 1) pr[v] = V::reused(pr[v]);  // one load per row, not one per FMA
+    }
+#pragma GCC unroll 8
+    for (int u = 0; u < C; ++u) {
+      const T xr = x[r * d + c + u];
+#pragma GCC unroll 2
+      for (int v = 0; v < J; ++v) a[u][v] += xr * pr[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < C; ++u) {
+#pragma GCC unroll 2
+    for (int v = 0; v < J; ++v) V::store(acc_t + (c + u) * ld + j + v * V::kLanes, a[u][v]);
+  }
+}
 
-// acc_t[c][j] += sum_r x[r][c] p[r][j] for keys [0, keys). x: R x d; p: R x ld; acc_t: d x ld.
+// Accumulators per register tile of accumulate_outer. Each is a chain of R dependent FMAs,
+// and two FMA units at four cycles' latency need eight chains in flight: with four (four
+// head-dim rows of one key vector, as before) the loop ran at half the FMA rate (perf: its
+// time on the broadcasts that wait for them). Eight, as 4 rows x 2 key vectors, take 11 of
+// AVX2's 16 registers with the two vectors of p and a broadcast.
+constexpr int kOuterChains = 8;
+
+// acc_t[c][j] += sum_r x[r][c] p[r][j] for keys [0, keys), whole vectors. x: R x d; p: R x ld;
+// acc_t: d x ld. Tiles of 4 head-dim rows x 2 key vectors, then 8 x 1 on a last odd vector
+// (the keys past `keys` may be another block's and must not be touched), single rows at the
+// end of the head dim.
 template <typename T, int R>
 void accumulate_outer(const T* x, const T* p, int64_t d, int64_t ld, int64_t keys, T* acc_t) {
-  using V = vec_math::Vec<T>;
-  for (int64_t j = 0; j < keys; j += V::kLanes) {
-    typename V::type pr[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) pr[r] = V::load(p + r * ld + j);
+  constexpr int64_t lanes = vec_math::Vec<T>::kLanes;
+  int64_t j = 0;
+  for (; j + 2 * lanes <= keys; j += 2 * lanes) {
     int64_t c = 0;
-    for (; c + kOuterRows <= d; c += kOuterRows) {
-      typename V::type a[kOuterRows];
-#pragma GCC unroll 4
-      for (int u = 0; u < kOuterRows; ++u) a[u] = V::load(acc_t + (c + u) * ld + j);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-        for (int u = 0; u < kOuterRows; ++u) a[u] += x[r * d + c + u] * pr[r];
-      }
-#pragma GCC unroll 4
-      for (int u = 0; u < kOuterRows; ++u) V::store(acc_t + (c + u) * ld + j, a[u]);
-    }
-    for (; c < d; ++c) {
-      typename V::type a = V::load(acc_t + c * ld + j);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) a += x[r * d + c] * pr[r];
-      V::store(acc_t + c * ld + j, a);
-    }
+    for (; c + kOuterChains / 2 <= d; c += kOuterChains / 2)
+      accumulate_outer_tile<T, R, kOuterChains / 2, 2>(x, p, d, ld, c, j, acc_t);
+    for (; c < d; ++c) accumulate_outer_tile<T, R, 1, 2>(x, p, d, ld, c, j, acc_t);
+  }
+  for (; j < keys; j += lanes) {
+    int64_t c = 0;
+    for (; c + kOuterChains <= d; c += kOuterChains)
+      accumulate_outer_tile<T, R, kOuterChains, 1>(x, p, d, ld, c, j, acc_t);
+    for (; c < d; ++c) accumulate_outer_tile<T, R, 1, 1>(x, p, d, ld, c, j, acc_t);
   }
 }
 

@@ -780,6 +780,13 @@ void backward_task(const Problem<T, S>& pb, int64_t bh, int64_t k0, int64_t k1, 
   });
 }
 
+// dQ's row from y = dQ / scale, summed over every key (y is scaled in place).
+template <typename T, typename S>
+void store_dq_row(const Problem<T, S>& pb, T* y, S* grad_q_row) {
+  for (int64_t c = 0; c < pb.d; ++c) y[c] *= pb.scale;
+  from_opmath(y, grad_q_row, pb.d);
+}
+
 // dQ, dK, dV. Tasks are (head, key range) pairs (backward_key_ranges). A task stores its
 // keys' dK and dV. An unsplit head's task prepares its rows and stores dQ. A split head's
 // rows are prepared once, beforehand, for all of its tasks; dQ sums over every key, so each
@@ -823,8 +830,7 @@ void backward_kernel(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, S*
         if (split) {
           std::copy(y, y + d, partial_dq.data() + ((bh * nr + range) * nq + i) * d);
         } else {
-          for (int64_t c = 0; c < d; ++c) y[c] *= pb.scale;
-          from_opmath(y, in.grad_q + (bh * nq + i) * d, d);
+          store_dq_row(pb, y, in.grad_q + (bh * nq + i) * d);
         }
       }
       S* dk = grad_k + bh * nk * d;
@@ -848,8 +854,7 @@ void backward_kernel(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, S*
         const T* part = partial_dq.data() + ((bh * nr + range) * nq + i) * d;
         for (int64_t c = 0; c < d; ++c) sum[c] += part[c];
       }
-      for (int64_t c = 0; c < d; ++c) sum[c] *= pb.scale;
-      from_opmath(sum.data(), in.grad_q + r * d, d);
+      store_dq_row(pb, sum.data(), in.grad_q + r * d);
     }
   });
 }

@@ -81,7 +81,10 @@ _PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "referenc
 # from d = 16 on, with register tiles sized for AVX-512 alone, then from d = 64 on at every
 # length, before its forward and backward went over chunks of keys.) Until 2026-12-06 aten
 # was the default for float64 (cpp's exp was libm's, scalar) and bfloat16 heads over 64 (cpp
-# converted half inputs to float32 in Python first).
+# converted half inputs to float32 in Python first). Since the backward's 32-row blocks
+# (2026-12-07, evening) cpp is about even with aten at d = 64 and 1024 keys and ahead in
+# forward+backward from 2048 keys, but aten's forward stays about 2% ahead and d = 96 and 128
+# still favour aten, so the rule stands.
 _ATEN_FIRST_DTYPES_ON_NARROW_VECTORS = (torch.float32,)
 _ATEN_FIRST_HEAD_DIM = 64
 _ATEN_FIRST_KEYS = 1024

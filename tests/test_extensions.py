@@ -50,7 +50,7 @@ LOAD_CPU = """
 def portable_cpu_build(tmp_path_factory) -> dict:
     """The environment of an AVX2-only (-march=x86-64-v3) build of the CPU extension in a cache
     of its own. Two tests share the build: the concurrent-build test makes it from an empty cache
-    and the portable-forward test runs it. A build takes about a minute of both cores, and CI
+    and the AVX2 Gaussian forward test runs it. A build takes about a minute of both cores, and CI
     paid for one each."""
     return {"LUCIDOPS_CPU_ARCH_FLAGS": "-march=x86-64-v3",
             "LUCIDOPS_CACHE_DIR": str(tmp_path_factory.mktemp("portable-cpu-build"))}

@@ -69,7 +69,7 @@ constexpr int64_t kRegisterRowsMax = std::max(kRows, kForwardRows);
 // Query rows per backward block. The block's dK^T and dV^T updates (accumulate_outer) load and
 // store their accumulators once per block, so wider blocks cut that traffic: on the AVX2 EPYC,
 // one thread, 32 rows took the backward at B2 H3 N1024 d64 from 72 ms (8 rows) to 61, and
-// 7%-13% off the other cases measured; 64 rows measured slower than 32. The other products
+// 3%-16% off the other cases measured (README); 64 rows measured slower than 32. The other products
 // still run four rows at a time (register blocks), and accumulate_outer sums each element's
 // rows in order, so the result is the same, bit for bit, as with four-row blocks.
 constexpr int64_t kBackwardRows = 32;
@@ -233,11 +233,12 @@ inline void accumulate_outer_tile(const T* x, const T* p, int64_t d, int64_t ld,
   }
 }
 
-// Accumulators per register tile of accumulate_outer. Each is a chain of R dependent FMAs,
-// and two FMA units at four cycles' latency need eight chains in flight: with four (four
-// head-dim rows of one key vector, as before) the loop ran at half the FMA rate (perf: its
-// time on the broadcasts that wait for them). Eight, as 4 rows x 2 key vectors, take 11 of
-// AVX2's 16 registers with the two vectors of p and a broadcast.
+// Accumulators per register tile of accumulate_outer, each a chain of R dependent FMAs (two
+// FMA units at four cycles' latency need eight in flight). As 4 rows x 2 key vectors they take
+// 11 of AVX2's 16 registers with the two vectors of p and a broadcast. The tile before held
+// the vectors of p of every row of the block (8 registers for 8 rows) and 4 accumulators, so
+// blocks could not grow; alone, on data in L1 (one thread, AVX2 EPYC), this one ran 70 GFLOP/s
+// against its 57, though in the kernel with 8-row blocks the two measured the same.
 constexpr int kOuterChains = 8;
 
 // acc_t[c][j] += sum_r x[r][c] p[r][j] for keys [0, keys), whole vectors. x: R x d; p: R x ld;

@@ -354,18 +354,18 @@ constexpr int64_t kForwardChunk = 64;
 // Per-thread buffers of one head. Scores need K^T (d x ld); the backward's dP = dO V^T needs
 // V^T. The contraction over the keys (P V forward, dS K backward) reads the other operand as
 // padded rows (ld x dpad) when the head dim fills a vector, so its sums stay within lanes,
-// and transposed otherwise. Also the rows of a forward task or of the backward's head: scaled
-// q (rows x d) and contractions (rows x dpad); the forward's scores and probabilities (rows x
-// ld), the backward's for one block (kBackwardRows x ld, with dS); the backward's dO rows,
-// each row's delta and lse, and dK^T, dV^T (d x ld); one row's dropout multipliers (ld);
-// and a row (d; 2 d in the backward, whose delta_of_row also reads a bfloat16 output's
-// residual) for conversions to and from half types.
+// and transposed otherwise. Also the contractions of a forward task's or the backward's head's
+// rows (rows x dpad); the forward task's scaled q (rows x d), scores and probabilities (rows x
+// ld); the backward's scores for one block (kBackwardRows x ld, with dS) and dK^T, dV^T (d x
+// ld); one row's dropout multipliers (ld); and a row (d; 2 d in the backward, whose
+// delta_of_row also reads a bfloat16 output's residual) for conversions to and from half
+// types. The backward's per-row inputs are BackwardRows, kept apart from these (a split
+// head's are shared by its tasks).
 template <typename T>
 struct HeadScratch {
   int64_t d, ld, dpad;
   bool backward, by_rows;
-  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, rows_do, keys_a, keys_b, keys_z, deltas, lses, grad_k_t,
-      grad_v_t, row;
+  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, keys_a, keys_b, keys_z, grad_k_t, grad_v_t, row;
 
   HeadScratch(int64_t d_, int64_t ld_, bool backward_, int64_t task_rows)
       : d(d_),
@@ -376,14 +376,11 @@ struct HeadScratch {
         k_t(d * ld),
         v_t(backward || !by_rows ? d * ld : 0),
         contracted(by_rows ? ld * dpad : 0),
-        rows_a(task_rows * d),
+        rows_a(backward ? 0 : task_rows * d),
         rows_b(task_rows * dpad),
-        rows_do(backward ? task_rows * d : 0),
         keys_a((backward ? kBackwardRows : task_rows) * ld),
         keys_b(backward ? kBackwardRows * ld : 0),
         keys_z(ld),
-        deltas(backward ? task_rows : 0),
-        lses(backward ? task_rows : 0),
         grad_k_t(backward ? d * ld : 0),
         grad_v_t(backward ? d * ld : 0),
         row(backward ? 2 * d : d) {}
@@ -664,6 +661,13 @@ struct BackwardRows {
   T* dout;
   T* deltas;
   T* lses;
+
+  // How many values of T one head's rows take, laid out as below.
+  static int64_t size(int64_t nq, int64_t d) { return 2 * nq * d + 2 * nq; }
+  // One head's rows in `size` values from base.
+  static BackwardRows at(T* base, int64_t nq, int64_t d) {
+    return {base, base + nq * d, base + 2 * nq * d, base + 2 * nq * d + nq};
+  }
 };
 
 // The BackwardRows of head bh; scratch: 2 d values.
@@ -741,11 +745,8 @@ constexpr int64_t kMaxKeyRanges = 16;
 // that a range's chunks are the unsplit head's, kKeyPad passes otherwise. Ranges differ by
 // at most one unit.
 struct KeyRanges {
-  int64_t count, unit, ld;
-  int64_t begin(int64_t r) const {
-    const int64_t units = (ld + unit - 1) / unit;
-    return std::min(ld, r * units / count * unit);
-  }
+  int64_t count, unit, units, ld;  // units: whole units covering [0, ld)
+  int64_t begin(int64_t r) const { return std::min(ld, r * units / count * unit); }
   int64_t end(int64_t r) const { return r + 1 == count ? ld : begin(r + 1); }
 };
 
@@ -755,7 +756,7 @@ KeyRanges backward_key_ranges(int64_t heads_total, int64_t ld, int64_t d) {
   const int64_t units = (ld + unit - 1) / unit;
   const int64_t wanted = (kBackwardTasks + heads_total - 1) / heads_total;
   const int64_t count = std::max<int64_t>(1, std::min({wanted, ld / kMinRangeKeys, kMaxKeyRanges, units}));
-  return KeyRanges{count, unit, ld};
+  return KeyRanges{count, unit, units, ld};
 }
 
 // Keys [k0, k1) of head bh: dV = P^T dO, dS = P (dO V^T - delta), dQ = dS K (unscaled, left in
@@ -799,32 +800,28 @@ void backward_kernel(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, S*
   const KeyRanges ranges = backward_key_ranges<T>(heads_total, ld, d);
   const int64_t nr = ranges.count;
   const bool split = nr > 1;
-  const int64_t rows_size = 2 * nq * d + 2 * nq;  // one head's BackwardRows
+  const int64_t rows_size = BackwardRows<T>::size(nq, d);
   std::vector<T> shared_rows(split ? heads_total * rows_size : 0);
   std::vector<T> partial_dq(split ? heads_total * nr * nq * d : 0);  // (head, range, row, d)
-  const auto rows_at = [&](T* base) {
-    return BackwardRows<T>{base, base + nq * d, base + 2 * nq * d, base + 2 * nq * d + nq};
-  };
   if (split) {
     at::parallel_for(0, heads_total, grain_for(4 * nq * d), [&](int64_t bh_begin, int64_t bh_end) {
       std::vector<T> scratch(2 * d);
       for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-        prepare_backward_rows(pb, in, bh, rows_at(shared_rows.data() + bh * rows_size), scratch.data());
+        prepare_backward_rows(pb, in, bh, BackwardRows<T>::at(shared_rows.data() + bh * rows_size, nq, d),
+                              scratch.data());
     });
   }
   // A task's work: five Nq x range x d products.
   const int64_t task_work = 10 * nq * std::min(ranges.end(0), nk) * d;
   at::parallel_for(0, heads_total * nr, grain_for(task_work), [&](int64_t task_begin, int64_t task_end) {
     HeadScratch<T> hs(d, ld, true, nq);
+    std::vector<T> own_rows(split ? 0 : rows_size);  // an unsplit head's task prepares its rows itself
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t bh = task / nr, range = task % nr;
       const int64_t k0 = ranges.begin(range), k1 = ranges.end(range);
-      BackwardRows<T> rows{hs.rows_a.data(), hs.rows_do.data(), hs.deltas.data(), hs.lses.data()};
-      if (split) {
-        rows = rows_at(shared_rows.data() + bh * rows_size);
-      } else {
-        prepare_backward_rows(pb, in, bh, rows, hs.row.data());
-      }
+      const BackwardRows<T> rows =
+          BackwardRows<T>::at(split ? shared_rows.data() + bh * rows_size : own_rows.data(), nq, d);
+      if (!split) prepare_backward_rows(pb, in, bh, rows, hs.row.data());
       backward_task(pb, bh, k0, k1, rows, hs);
       for (int64_t i = 0; i < nq; ++i) {
         T* y = hs.rows_b.data() + i * hs.dpad;

@@ -128,8 +128,8 @@ def test_forward_backward_match_float64_reference(backend, case, poison_allocato
 
 # The cpp forward takes 64 query rows per task through chunks of 16 KiB of K or V (64 keys at
 # d = 64 in float32, 32 at d = 128 or in float64, 336 at d = 12, 1024 at d = 4, where P V
-# takes all keys at once), the backward a head's rows through chunks of 8 KiB (about half as
-# many keys; all at d = 4): rows past one task and keys past several chunks, partial at both
+# takes all keys at once), the backward a head's rows, 32 at a time, through chunks of 16 KiB
+# too (the same keys; all at d = 4): rows past one task and keys past several chunks, partial at both
 # ends, with causal rows whose blocks end in different chunks. CASES stop at 33 keys. With one
 # or two heads of 200 keys or more, the backward splits the keys into ranges (all but the
 # 97-key cases).

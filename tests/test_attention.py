@@ -140,6 +140,14 @@ CPP_CHUNK_CASES = [
     (1, 1, 70, 97, 64, False, None, torch.float64),
     (2, 1, 66, 700, 12, False, "random", torch.bfloat16),
     (1, 1, 9, 1100, 4, False, "random", torch.float32),
+    # At most 8 query rows (a class token, a decoding step) with a head dim of a vector or more:
+    # scores from the keys' rows (the forward reading V's rows in place where it can), in the
+    # backward too, which takes the keys in ranges from 200 keys on.
+    (2, 3, 1, 300, 64, False, "random", torch.float32),
+    (1, 2, 8, 1100, 100, True, None, torch.float32),
+    (2, 1, 5, 97, 20, False, "first_key_off", torch.bfloat16),
+    (1, 2, 3, 250, 16, True, "random", torch.float16),
+    (2, 1, 2, 200, 64, False, None, torch.float64),
 ]
 
 
@@ -210,6 +218,22 @@ def test_output_is_token_major_so_merging_heads_is_a_view(backend, dtype):
     assert merged.data_ptr() == out.data_ptr() and merged._base is not None
     torch.testing.assert_close(merged, ref.attention(q, k, v).transpose(1, 2).reshape(2, 5, 24),
                                rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_a_backends_output_is_copied_into_the_token_major_layout_only_when_its_memory_order_differs():
+    """ATen's kernel returns a contiguous (B, H, Nq, d) output for a contiguous q. The op gives
+    every backend's output the fake kernel's strides: with one head or one query that layout is
+    already token-major in memory (only size-1 dims' strides differ), so it is restrided, not
+    copied; otherwise copied, values unchanged."""
+    token_major = importlib.import_module("lucidops.ops.attention")._token_major
+    for shape, copied in (((2, 1, 5, 8), False), ((2, 3, 1, 8), False), ((1, 1, 1, 4), False),
+                          ((2, 3, 5, 8), True), ((1, 3, 5, 8), True)):
+        out = torch.randn(shape)
+        b, h, nq, d = shape
+        result = token_major(out)
+        assert result.stride() == ref.empty_token_major(b, h, nq, d, like=out).stride(), shape
+        assert (result.data_ptr() != out.data_ptr()) == copied, shape
+        assert torch.equal(result, out), shape
 
 
 def test_triton_packed_heads_give_every_warp_its_own_heads():
@@ -323,6 +347,27 @@ def test_huge_scores_give_gradients_no_larger_than_a_softmax_allows(backend, dty
             torch.testing.assert_close(leaves[2].grad.double(), exact[2].grad, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
+def test_cpp_few_query_rows_backward_recomputes_the_forwards_scores(dtype):
+    """With at most 8 query rows the cpp kernel forms scores from the keys' rows, in another
+    order than with K^T. Its backward must recompute the forward's scores bit for bit: with
+    scores of 1e8, one ulp (8) apart made P = exp(s - lse) up to e^8 (dv past its bound). Key
+    counts past one backward range and odd head dims (a last partial vector)."""
+    big = 1e4 if dtype == torch.float32 else 6e4
+    for nq, nk, d in itertools.product((1, 5, 8), (37, 300, 1100), (8, 12, 64, 100)):
+        g = torch.Generator().manual_seed(nq * 10000 + nk * 10 + d)
+        q, k = ((torch.rand(1, 2, n, d, generator=g) * 2 - 1) * big for n in (nq, nk))
+        v = torch.randn(1, 2, nk, d, generator=g)
+        grad_out = torch.randn(1, 2, nq, d, generator=g)
+        leaves = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+        with lucidops.use_backend("cpp"):
+            lucidops.ops.attention(*leaves).backward(grad_out.to(dtype))
+        for t in leaves:
+            assert torch.isfinite(t.grad).all(), (nq, nk, d)
+        bound = grad_out.abs().sum(dim=2, keepdim=True) * 1.01
+        assert (leaves[2].grad.float().abs() <= bound).all(), (nq, nk, d)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale", [-1.0, 0.0])
 def test_scale_of_zero_or_below_with_causal_mask(backend, scale):
@@ -424,21 +469,22 @@ def test_cpu_default_follows_the_extensions_vector_width(dtype, vector_bytes, mo
     Measured results; before 2026-12-06 float64 and bfloat16 heads over 64 went to aten).
     Built for AVX2, aten measured faster for float32 heads from 64 on with 1024 keys or more
     (before the kernel's chunks of keys, 2026-12-07, at every length), cpp for fewer keys,
-    smaller heads, float64 and the half types: forward and backward take the same backend,
-    decided by the keys (not the queries)."""
+    smaller heads, float64 and the half types, and in a forward of at most 8 queries (scores
+    from the keys' rows): the backward is decided by the keys and the head dim alone."""
     if lucidops.backends.backend_problem("cpp", "cpu") is not None:
         pytest.skip("no C++ extension")
     from lucidops.ops import _attention_cpp
 
     monkeypatch.setattr(_attention_cpp, "_vector_bytes", vector_bytes)
-    for d, nk in itertools.product((4, 16, 63, 64, 65, 128), (3, 1023, 1024)):
-        q = torch.randn(1, 1, 2, d, dtype=dtype, requires_grad=True)
+    for d, nk, nq in itertools.product((4, 16, 63, 64, 65, 128), (3, 1023, 1024), (8, 9)):
+        q = torch.randn(1, 1, nq, d, dtype=dtype, requires_grad=True)
         k = torch.randn(1, 1, nk, d, dtype=dtype, requires_grad=True)
         lucidops.ops.attention(q, k, k).sum().backward()
         narrow_goes_to_aten = vector_bytes < 64 and dtype == torch.float32 and d >= 64 and nk >= 1024
-        expected = "aten" if narrow_goes_to_aten else "cpp"
-        assert lucidops.backends.last_used("attention") == expected, (d, nk)
-        assert lucidops.backends.last_used("attention_backward") == expected, (d, nk)
+        forward = "aten" if narrow_goes_to_aten and nq > 8 else "cpp"
+        assert lucidops.backends.last_used("attention") == forward, (d, nk, nq)
+        assert lucidops.backends.last_used("attention_backward") == ("aten" if narrow_goes_to_aten else "cpp"), (
+            d, nk, nq)
 
 
 def test_extension_reports_the_vector_width_it_was_built_for():

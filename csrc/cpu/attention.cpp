@@ -141,10 +141,11 @@ void rows_contract_keys(const T* p, const T* mat_t, int64_t d, int64_t dpad, int
 // y[r][c0 + ..] += sum_j p[r][j] rows[j][c0 + ..] for R rows over keys [j0, j1) and C vectors
 // of the head dim: each broadcast of p[r][j] feeds C vectors, which stay in registers when
 // C > 1 (GCC would otherwise fold their loads into every multiply; left to fold when C = 1,
-// where the broadcasts fold instead: forcing it there was slower at d = 16). y: R x dpad.
+// where the broadcasts fold instead: forcing it there was slower at d = 16). rows[j] starts
+// j * row_stride values in; y: R x dpad.
 template <typename T, int R, int C>
-inline void rows_contract_rows_tile(const T* p, const T* rows, int64_t dpad, int64_t ld, int64_t j0, int64_t j1,
-                                    int64_t c0, T* y) {
+inline void rows_contract_rows_tile(const T* p, const T* rows, int64_t row_stride, int64_t dpad, int64_t ld,
+                                    int64_t j0, int64_t j1, int64_t c0, T* y) {
   using V = vec_math::Vec<T>;
   typename V::type acc[R][C];
 #pragma GCC unroll 8
@@ -156,7 +157,7 @@ inline void rows_contract_rows_tile(const T* p, const T* rows, int64_t dpad, int
     typename V::type m[C];
 #pragma GCC unroll 4
     for (int u = 0; u < C; ++u) {
-      m[u] = V::load(rows + j * dpad + c0 + u * V::kLanes);
+      m[u] = V::load(rows + j * row_stride + c0 + u * V::kLanes);
       if constexpr (C > 1) m[u] = V::reused(m[u]);
     }
 #pragma GCC unroll 8
@@ -178,7 +179,8 @@ inline void rows_contract_rows_tile(const T* p, const T* rows, int64_t dpad, int
 constexpr bool kWideContraction = vec_math::kVecBytes >= 64;
 
 // y[r][c] += sum_j p[r][j] rows[j][c] for R rows over keys [j0, j1), with rows in natural
-// (keys, dpad) layout, dpad a whole number of vectors: the head dim in lanes, so nothing
+// layout (keys, dpad values each, row_stride apart), dpad a whole number of vectors: the head
+// dim in lanes, so nothing
 // needs the horizontal sums of rows_contract_keys (which cost about half as much as the
 // multiplies themselves at d = 16, N = 197). Up to four vectors of the head dim per pass
 // over the keys (measured 4%-5% faster forward than one at d = 64 and 128). p: R x ld;
@@ -187,14 +189,14 @@ constexpr bool kWideContraction = vec_math::kVecBytes >= 64;
 // GCC spill them to the stack (forward 1.4x slower at d = 64); on its own, the tile has
 // the registers to itself.
 template <typename T, int R>
-__attribute__((noinline)) void rows_contract_rows(const T* p, const T* rows, int64_t dpad, int64_t ld, int64_t j0,
-                                                  int64_t j1, T* y) {
+__attribute__((noinline)) void rows_contract_rows(const T* p, const T* rows, int64_t row_stride, int64_t dpad,
+                                                  int64_t ld, int64_t j0, int64_t j1, T* y) {
   constexpr int64_t lanes = vec_math::Vec<T>::kLanes;
   int64_t c0 = 0;
   if constexpr (kWideContraction)
-    for (; c0 + 4 * lanes <= dpad; c0 += 4 * lanes) rows_contract_rows_tile<T, R, 4>(p, rows, dpad, ld, j0, j1, c0, y);
-  for (; c0 + 2 * lanes <= dpad; c0 += 2 * lanes) rows_contract_rows_tile<T, R, 2>(p, rows, dpad, ld, j0, j1, c0, y);
-  if (c0 < dpad) rows_contract_rows_tile<T, R, 1>(p, rows, dpad, ld, j0, j1, c0, y);
+    for (; c0 + 4 * lanes <= dpad; c0 += 4 * lanes) rows_contract_rows_tile<T, R, 4>(p, rows, row_stride, dpad, ld, j0, j1, c0, y);
+  for (; c0 + 2 * lanes <= dpad; c0 += 2 * lanes) rows_contract_rows_tile<T, R, 2>(p, rows, row_stride, dpad, ld, j0, j1, c0, y);
+  if (c0 < dpad) rows_contract_rows_tile<T, R, 1>(p, rows, row_stride, dpad, ld, j0, j1, c0, y);
 }
 
 // acc_t[c + u][j + ..] += sum_r x[r][c + u] p[r][j + ..] for C head-dim rows and J vectors of
@@ -317,12 +319,77 @@ struct Problem {
   int64_t out_offset(int64_t bh, int64_t i) const { return ((bh / heads * nq + i) * heads + bh % heads) * d; }
 };
 
+// Calls with at most this many query rows per head (a class token attending to its image's
+// tokens, one decoding step against cached keys) form their scores from the keys' own rows
+// (rows_dot_keys), forward and backward: transposing a head's keys into K^T, which
+// rows_times_keys reads, then cost more than the scores it served (forward, 1 query, 300 keys,
+// d = 64: 0.65x the time; 4 and 8 queries 0.96x and 0.92x; AVX2, one thread). The backward
+// recomputes P = exp(s - lse) from the same sums, bit for bit: scores of 1e8 rounded apart by
+// one ulp (8) would make P up to e^8.
+constexpr int64_t kDirectScoreRows = 8;
+
+// Keys per pass of rows_dot_keys for R rows: R x kDirectKeys<R> accumulators, each a chain of
+// FMAs over the head dim, with eight in flight for two FMA units at four cycles' latency.
+template <int R>
+constexpr int kDirectKeys = R >= 8 ? 1 : 8 / R;
+
+// out[r][j] = sum_c x[r][c] k_j[c] for R rows and keys [j0, j1) of head bh, the head dim in
+// lanes: each key's row is read where it is (a half row is converted into `row`, d values),
+// and each vector of it feeds R rows. Its sums run in another order than rows_times_keys',
+// so a row's scores round differently there; which one runs follows from the shapes alone,
+// and each score's sum is the same whatever R and the key range. x: R x d; out: R x ld.
+template <typename T, typename S, int R>
+void rows_dot_keys(const T* x, const Rows<S>& k, int64_t bh, int64_t d, int64_t ld, int64_t j0, int64_t j1, T* row,
+                   T* out) {
+  using V = vec_math::Vec<T>;
+  constexpr int KJ = std::is_same_v<S, T> ? kDirectKeys<R> : 1;  // half rows: one converted at a time
+  const int64_t whole = d / V::kLanes * V::kLanes;
+  const auto dot_pass = [&](int64_t j, auto keys_in_pass) {
+    constexpr int J = decltype(keys_in_pass)::value;
+    const T* kj[J];
+#pragma GCC unroll 8
+    for (int u = 0; u < J; ++u) {
+      if constexpr (std::is_same_v<S, T>) {
+        kj[u] = k.row(bh, j + u);
+      } else {
+        to_opmath(k.row(bh, j + u), row, d);
+        kj[u] = row;
+      }
+    }
+    typename V::type acc[R][J] = {};
+    for (int64_t c = 0; c < whole; c += V::kLanes) {
+      typename V::type m[J];
+#pragma GCC unroll 8
+      for (int u = 0; u < J; ++u) m[u] = V::reused(V::load(kj[u] + c));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const typename V::type xr = V::load(x + r * d + c);
+#pragma GCC unroll 8
+        for (int u = 0; u < J; ++u) acc[r][u] += xr * m[u];
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int u = 0; u < J; ++u) {
+        T sum = V::sum(acc[r][u]);
+        for (int64_t c = whole; c < d; ++c) sum += x[r * d + c] * kj[u][c];
+        out[r * ld + j + u] = sum;
+      }
+    }
+  };
+  int64_t j = j0;
+  for (; j + KJ <= j1; j += KJ) dot_pass(j, std::integral_constant<int, KJ>{});
+  for (; j < j1; ++j) dot_pass(j, std::integral_constant<int, 1>{});
+}
+
 // Keys [j0, j1) of head bh's keys or values transposed into columns j0..j1 of dst (d, ld),
 // zeros in the padding keys; row: d values of scratch for a half row's conversion.
 template <typename T, typename S>
 void transpose_head(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64_t ld, int64_t j0, int64_t j1, T* row,
                     T* dst) {
-  for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + j0, dst + c * ld + j1, T(0));
+  const int64_t padding = std::max(j0, std::min(nk, j1));  // only the padding keys need zeros
+  for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + padding, dst + c * ld + j1, T(0));
   for (int64_t j = j0; j < std::min(nk, j1); ++j) {
     const T* values = row;
     if constexpr (std::is_same_v<S, T>) {
@@ -339,8 +406,12 @@ void transpose_head(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64
 template <typename T, typename S>
 void pad_head_rows(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64_t dpad, int64_t j0, int64_t j1,
                    T* dst) {
-  std::fill(dst + j0 * dpad, dst + j1 * dpad, T(0));
-  for (int64_t j = j0; j < std::min(nk, j1); ++j) to_opmath(src.row(bh, j), dst + j * dpad, d);
+  const int64_t padding = std::max(j0, std::min(nk, j1));  // zeros: the padding keys and lanes only
+  for (int64_t j = j0; j < padding; ++j) {
+    to_opmath(src.row(bh, j), dst + j * dpad, d);
+    std::fill(dst + j * dpad + d, dst + (j + 1) * dpad, T(0));
+  }
+  std::fill(dst + padding * dpad, dst + j1 * dpad, T(0));
 }
 
 // Query rows per forward task. Tasks are fixed ranges of rows, so a row's register block
@@ -351,7 +422,8 @@ void pad_head_rows(const Rows<S>& src, int64_t bh, int64_t nk, int64_t d, int64_
 // serves many register blocks.
 constexpr int64_t kForwardChunk = 64;
 
-// Per-thread buffers of one head. Scores need K^T (d x ld); the backward's dP = dO V^T needs
+// Per-thread buffers of one head. Scores need K^T (d x ld), unless formed from the keys' rows
+// (direct_scores, forward calls with few query rows); the backward's dP = dO V^T needs
 // V^T. The contraction over the keys (P V forward, dS K backward) reads the other operand as
 // padded rows (ld x dpad) when the head dim fills a vector, so its sums stay within lanes,
 // and transposed otherwise. Also the contractions of a forward task's or the backward's head's
@@ -366,16 +438,24 @@ struct HeadScratch {
   int64_t d, ld, dpad;
   bool backward, by_rows;
   std::vector<T> k_t, v_t, contracted, rows_a, rows_b, keys_a, keys_b, keys_z, grad_k_t, grad_v_t, row;
+  // What the contraction over the keys reads when the head dim is in lanes (by_rows): the
+  // loaded head's rows of `contracted`, or of the input itself (rows_in_place), and how many
+  // of its keys it may read.
+  const T* contract_rows = nullptr;
+  int64_t contract_stride = 0, contract_keys = 0;
 
-  HeadScratch(int64_t d_, int64_t ld_, bool backward_, int64_t task_rows)
+  // direct_scores: no K^T (rows_dot_keys). rows_in_place: the forward's P V reads V's rows where
+  // they are (its dtype is T and its head dim whole vectors), never copied into `contracted`.
+  HeadScratch(int64_t d_, int64_t ld_, bool backward_, int64_t task_rows, bool direct_scores = false,
+              bool rows_in_place = false)
       : d(d_),
         ld(ld_),
         dpad((d_ + vec_math::Vec<T>::kLanes - 1) / vec_math::Vec<T>::kLanes * vec_math::Vec<T>::kLanes),
         backward(backward_),
         by_rows(d_ >= vec_math::Vec<T>::kLanes),
-        k_t(d * ld),
+        k_t(direct_scores ? 0 : d * ld),
         v_t(backward || !by_rows ? d * ld : 0),
-        contracted(by_rows ? ld * dpad : 0),
+        contracted(by_rows && !rows_in_place ? ld * dpad : 0),
         rows_a(backward ? 0 : task_rows * d),
         rows_b(task_rows * dpad),
         keys_a((backward ? kBackwardRows : task_rows) * ld),
@@ -389,9 +469,15 @@ struct HeadScratch {
   template <typename S>
   void load(const Problem<T, S>& pb, int64_t bh, int64_t j0 = 0, int64_t j1 = -1) {
     if (j1 < 0) j1 = ld;
-    transpose_head(pb.k, bh, pb.nk, d, ld, j0, j1, row.data(), k_t.data());
+    if (!k_t.empty()) transpose_head(pb.k, bh, pb.nk, d, ld, j0, j1, row.data(), k_t.data());
     if (!v_t.empty()) transpose_head(pb.v, bh, pb.nk, d, ld, j0, j1, row.data(), v_t.data());
-    if (by_rows) pad_head_rows(backward ? pb.k : pb.v, bh, pb.nk, d, dpad, j0, j1, contracted.data());
+    if (!by_rows) return;
+    if (!contracted.empty()) {
+      pad_head_rows(backward ? pb.k : pb.v, bh, pb.nk, d, dpad, j0, j1, contracted.data());
+      contract_rows = contracted.data(), contract_stride = dpad, contract_keys = ld;
+    } else if constexpr (std::is_same_v<S, T>) {
+      contract_rows = pb.v.row(bh, 0), contract_stride = pb.v.stride_n, contract_keys = pb.nk;
+    }
   }
 
   // y += P M over keys [j0, j1) (whole vectors) for R rows of p (R x ld): M is V in the
@@ -403,7 +489,8 @@ struct HeadScratch {
       static_assert(R % kRows == 0, "wide blocks are whole register blocks");
       for (int s = 0; s < R; s += kRows) contract<kRows>(p + s * ld, j0, j1, y + s * dpad);
     } else if (by_rows) {
-      rows_contract_rows<T, R>(p, contracted.data(), dpad, ld, j0, j1, y);
+      // Keys past contract_keys are padding, with p = 0; in place there are no rows for them.
+      rows_contract_rows<T, R>(p, contract_rows, contract_stride, dpad, ld, j0, std::min(j1, contract_keys), y);
     } else {
       rows_contract_keys<T, R>(p, (backward ? k_t : v_t).data(), d, dpad, ld, j0, j1, y);
     }
@@ -573,13 +660,22 @@ void forward_task(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t rows,
   const int64_t d = pb.d, ld = hs.ld, dpad = hs.dpad;
   T* scores = hs.keys_a.data();
   scaled_queries(pb, bh, i0, rows, hs.rows_a.data());
-  // Scores are sums over the head dim: any chunk of keys gives the same ones.
-  const int64_t score_chunk = keys_per_chunk<T>(d, kForwardChunkBytes, true, 0);
-  for_each_block_by_chunks<kForwardRows>(pb, i0, rows, 0, ld, score_chunk, [&](auto block, int64_t r0, int64_t j0,
-                                                                        int64_t j1) {
-    constexpr int R = decltype(block)::value;
-    rows_times_keys<T, R>(hs.rows_a.data() + r0 * d, hs.k_t.data() + j0, d, ld, j1 - j0, scores + r0 * ld + j0);
-  });
+  if (hs.k_t.empty()) {  // direct scores: at most kDirectScoreRows rows
+    for_each_block<kRows>(rows, [&](auto block, int64_t r0) {
+      constexpr int R = decltype(block)::value;
+      // Keys past nk are padding, which softmax_row hides whatever their scores.
+      const int64_t keys = std::min(pb.nk, block_keys(pb, i0 + r0, R));
+      rows_dot_keys<T, S, R>(hs.rows_a.data() + r0 * d, pb.k, bh, d, ld, 0, keys, hs.row.data(), scores + r0 * ld);
+    });
+  } else {
+    // Scores are sums over the head dim: any chunk of keys gives the same ones.
+    const int64_t score_chunk = keys_per_chunk<T>(d, kForwardChunkBytes, true, 0);
+    for_each_block_by_chunks<kForwardRows>(pb, i0, rows, 0, ld, score_chunk, [&](auto block, int64_t r0, int64_t j0,
+                                                                          int64_t j1) {
+      constexpr int R = decltype(block)::value;
+      rows_times_keys<T, R>(hs.rows_a.data() + r0 * d, hs.k_t.data() + j0, d, ld, j1 - j0, scores + r0 * ld + j0);
+    });
+  }
   T sums[kForwardChunk];
   for_each_block<kForwardRows>(rows, [&](auto block, int64_t r0) {
     constexpr int R = decltype(block)::value;
@@ -608,7 +704,13 @@ void forward_kernel(const Problem<T, S>& pb, const ForwardOutputs<T, S>& to) {
   // A task's multiply-adds: QK^T and PV for up to kForwardChunk rows.
   const int64_t task_work = 4 * std::min(pb.nq, kForwardChunk) * pb.nk * pb.d;
   at::parallel_for(0, pb.batch * pb.heads * chunks, grain_for(task_work), [&](int64_t task_begin, int64_t task_end) {
-    HeadScratch<T> hs(pb.d, ld, false, kForwardChunk);
+    // A task's rows at most; direct scores where the contraction reads rows (its head dim fills
+    // a vector): below that, keys are in lanes there too and the transposes are short.
+    const bool direct_scores = pb.nq <= kDirectScoreRows && pb.d >= vec_math::Vec<T>::kLanes;
+    // Read in place, V's rows are read by so few rows that copying them cost as much as the
+    // product (only where no conversion or padding is needed).
+    const bool rows_in_place = direct_scores && std::is_same_v<S, T> && pb.d % vec_math::Vec<T>::kLanes == 0;
+    HeadScratch<T> hs(pb.d, ld, false, std::min(pb.nq, kForwardChunk), direct_scores, rows_in_place);
     int64_t loaded = -1;  // tasks run head by head: a thread reloads K and V when the head changes
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t bh = task / chunks;
@@ -698,7 +800,15 @@ void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t j0,
   const T* do_rows = rows.dout + i0 * d;
   T* p = hs.keys_a.data();
   T* ds = hs.keys_b.data();
-  block_times_keys<T, R>(q_rows, hs.k_t.data() + j0, d, ld, j1 - j0, p + j0);   // s = scale Q K^T
+  if (hs.k_t.empty()) {  // direct scores, as the forward formed them; keys past nk are hidden below
+    static_assert(R <= kRows || R % kRows == 0, "wide blocks are whole register blocks");
+    constexpr int kBlock = R <= kRows ? R : kRows;
+    for (int s = 0; s < R; s += kBlock)
+      rows_dot_keys<T, S, kBlock>(q_rows + s * d, pb.k, bh, d, ld, j0, std::min(j1, pb.nk), hs.row.data(),
+                                  p + s * ld);
+  } else {
+    block_times_keys<T, R>(q_rows, hs.k_t.data() + j0, d, ld, j1 - j0, p + j0);  // s = scale Q K^T
+  }
   block_times_keys<T, R>(do_rows, hs.v_t.data() + j0, d, ld, j1 - j0, ds + j0);  // dP = dO V^T
   for (int r = 0; r < R; ++r) {
     T* pr = p + r * ld;
@@ -814,7 +924,7 @@ void backward_kernel(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, S*
   // A task's work: five Nq x range x d products.
   const int64_t task_work = 10 * nq * std::min(ranges.end(0), nk) * d;
   at::parallel_for(0, heads_total * nr, grain_for(task_work), [&](int64_t task_begin, int64_t task_end) {
-    HeadScratch<T> hs(d, ld, true, nq);
+    HeadScratch<T> hs(d, ld, true, nq, nq <= kDirectScoreRows && d >= vec_math::Vec<T>::kLanes);
     std::vector<T> own_rows(split ? 0 : rows_size);  // an unsplit head's task prepares its rows itself
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t bh = task / nr, range = task % nr;

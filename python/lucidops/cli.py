@@ -65,7 +65,8 @@ def info(build: bool = False) -> str:
     width = _attention_cpp.vector_bytes(load=build)
     if width:
         narrow = "" if width >= 64 else ("; without AVX-512, attention's CPU default is aten for float32 heads "
-                                         "of 64 and more with 1024 keys or more")
+                                         "of 64 and more with 1024 keys or more, outside forwards of 8 queries "
+                                         "or fewer")
         out.append(f"C++ CPU kernels: built for {width}-byte vectors{narrow}")
     else:
         out.append("C++ CPU kernels: vector width not known until they are loaded (lucidops info --build)")

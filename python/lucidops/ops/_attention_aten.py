@@ -156,11 +156,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
         no_key = empty_rows(key_padding_mask, nq, nk, causal)
         assert no_key is not None  # a mask comes only from a key_padding_mask
         torch.where(no_key, lse.new_full((), float("-inf")), lse, out=lse_out)
-    if q_may_hold_nan or k_may_hold_nan:  # in place: out keeps the kernel's (B, Nq, H, d) memory layout
+    if q_may_hold_nan or k_may_hold_nan:  # in place: out keeps the kernel's memory layout
         poisoned = nan_score_rows(q, k, key_padding_mask, causal)
         out.masked_fill_(poisoned[..., None], float("nan"))
         lse_out.masked_fill_(poisoned, float("nan"))
-    return out, lse_out, out_lo  # already (B, Nq, H, d) in memory, the op's output layout
+    # out follows q's memory order (torch 2.14): token-major, the op's layout, for a model's views
+    # of one qkv projection; for a contiguous q contiguous, which the op copies (restrides with
+    # one head or one query).
+    return out, lse_out, out_lo
 
 
 def backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,

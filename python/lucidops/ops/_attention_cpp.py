@@ -4,7 +4,8 @@ csrc/cpu/attention.cpp puts the keys in vector lanes and four query rows in regi
 which suits small heads most (2x-4x SDPA at d = 8, where PyTorch's flash CPU kernel pays
 for small GEMM calls). Built for AVX-512 it measured faster than PyTorch's kernel up to
 d = 128 in every dtype, so it is the CPU default there; built for AVX2 it is the default for
-all but float32 heads of 64 and more with 1024 keys or more (ops/attention.py).
+all but float32 heads of 64 and more with 1024 keys or more, and for forwards of 8 queries or
+fewer, whose scores it forms from the keys' rows (ops/attention.py).
 This module adapts it to the op's contract (lucidops.reference.attention). The kernel reads
 and writes every dtype as it is (half types computed in float32, converted row by row as it
 loads them), returns out_lo for bfloat16 itself and forms the backward's

@@ -17,7 +17,7 @@ not used then.
 Backends: ``cpp`` (the CPU default: lucidops' kernel, csrc/cpu/attention.cpp, adapted in
 ops/_attention_cpp.py; for every dtype and head dim where the C++ extension is built for
 AVX-512, for all but float32 heads of 64 and more with 1024 keys or more where it is built for
-AVX2 or narrower), ``aten`` (the fallback when the C++ extension cannot build, and first for
+AVX2 or narrower, forwards of 8 queries or fewer excepted), ``aten`` (the fallback when the C++ extension cannot build, and first for
 those float32 calls on AVX2 builds: PyTorch's own fused flash-attention CPU kernel, the one
 torch's SDPA runs, adapted to this contract in ops/_attention_aten.py; not a lucidops kernel),
 ``reference`` (lucidops.reference.attention, the math) and ``triton`` (the default on CUDA;
@@ -59,9 +59,11 @@ def _triton_backward(*args):
 
 _NOTES = {
     "cpu": "cpp (the default, every dtype and head dim, where the extension is built for AVX-512; built for "
-           "AVX2 or narrower, all but float32 heads of 64 and more with 1024 keys or more; half types read and "
+           "AVX2 or narrower, all but float32 heads of 64 and more with 1024 keys or more outside forwards of 8 "
+           "queries or fewer; half types read and "
            "written as they are, computed in float32): lucidops' kernel, keys in vector lanes and four query rows "
-           "(six in the AVX2 forward) in registers; in parallel over heads and 64-row tasks (forward) or, under "
+           "(six in the AVX2 forward) in registers, scores straight from the keys' rows for 8 queries or fewer; in "
+           "parallel over heads and 64-row tasks (forward) or, under "
            "16 heads, ranges of keys (backward). aten (the fallback without the C++ "
            "extension, and the default for float32 heads of 64 and more with 1024 keys or more on AVX2 builds, "
            "where it measured faster): PyTorch's own fused flash-attention CPU kernel (what torch's SDPA runs on "
@@ -85,18 +87,24 @@ _PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "referenc
 # (2026-12-07, evening) cpp is about even with aten at d = 64 and 1024 keys and ahead in
 # forward+backward from 2048 keys, but aten's forward stays about 2% ahead and d = 96 and 128
 # still favour aten, so the rule stands.
+# The forward with few query rows (a class token's attention, a decoding step) stays with
+# cpp: with at most csrc/cpu/attention.cpp's kDirectScoreRows rows per head it forms the
+# scores from the keys' rows, and measured faster than aten there (1 query, 1024 keys, d = 64:
+# 277 against 426 us; 4 queries 457 against 633; 8 even; 16 aten ahead). Its backward has no
+# such path and keeps the rule (at d = 128 aten's measured faster).
 _ATEN_FIRST_DTYPES_ON_NARROW_VECTORS = (torch.float32,)
 _ATEN_FIRST_HEAD_DIM = 64
 _ATEN_FIRST_KEYS = 1024
+_CPP_FORWARD_FEW_QUERIES = 8
 
 
 def _preference_for_call(keys_index: int, device_type: str, first: Tensor, *rest) -> Optional[Tuple[str, ...]]:
     """The order for one call where it differs from _PREFERENCE: on the CPU without aten under
     dropout (PyTorch's kernel draws its own mask, which lucidops' backward cannot regenerate),
     and aten first for float32 heads of 64 and more with 1024 keys or more where the C++
-    extension is built without AVX-512; on a GPU, float64 to the reference. ``first`` is q
-    (forward) or grad_out (backward), ``rest[keys_index]`` is k; both ops end with
-    (dropout_p, seed)."""
+    extension is built without AVX-512 (but in a forward of at most _CPP_FORWARD_FEW_QUERIES
+    queries); on a GPU, float64 to the reference. ``first`` is q (forward, keys_index 0) or
+    grad_out (backward), ``rest[keys_index]`` is k; both ops end with (dropout_p, seed)."""
     if device_type != "cpu":
         # The triton kernels take half and single precision; float64 on the GPU is the
         # reference's (the README's promise), not a TypeError from the first choice.
@@ -104,7 +112,8 @@ def _preference_for_call(keys_index: int, device_type: str, first: Tensor, *rest
     if rest[-2]:
         return ("cpp", "reference")
     if (first.dtype in _ATEN_FIRST_DTYPES_ON_NARROW_VECTORS and first.shape[-1] >= _ATEN_FIRST_HEAD_DIM
-            and rest[keys_index].shape[-2] >= _ATEN_FIRST_KEYS and 0 < _attention_cpp.vector_bytes() < 64):
+            and rest[keys_index].shape[-2] >= _ATEN_FIRST_KEYS and 0 < _attention_cpp.vector_bytes() < 64
+            and not (keys_index == 0 and first.shape[-2] <= _CPP_FORWARD_FEW_QUERIES)):
         return ("aten", "cpp", "reference")
     return None
 
@@ -128,9 +137,16 @@ def _token_major_strides(b: int, h: int, nq: int, d: int) -> Tuple[int, int, int
 
 
 def _token_major(out: Tensor) -> Tensor:
-    """``out`` with exactly empty_token_major's strides (the fake kernel's), copied only if not."""
-    if out.stride() == _token_major_strides(*out.shape):
+    """``out`` with exactly empty_token_major's strides (the fake kernel's), copied only if its
+    memory order differs. A backend's contiguous (B, H, Nq, d) output with one head or one query
+    (ATen's kernel gives that layout for a contiguous q) is already in that order: only the
+    strides of its size-1 dims differ, so it is restrided, not copied."""
+    wanted = _token_major_strides(*out.shape)
+    strides = out.stride()
+    if strides == wanted:
         return out
+    if all(have == want for size, have, want in zip(out.shape, strides, wanted) if size > 1):
+        return out.as_strided(out.shape, wanted)
     b, h, nq, d = out.shape
     return empty_token_major(b, h, nq, d, like=out).copy_(out)
 

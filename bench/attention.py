@@ -7,6 +7,7 @@ the math reference (the ``reference`` backend and plain autograd through it), ti
 interleaved: float32 ViT-like shapes (N = 197) at a fixed width of 192 with head dims
 8..128; N = 1024 with 24 heads of dim 8 (causal and not), 12 of dim 16 and 3 of dim 64;
 batch 1 with one head (N = 1024, d = 64) and three (N = 197, d = 64), fewer than the threads;
+one query against 197 keys (a class token's attention) and against 1024 (a decoding step), d = 64;
 and bfloat16, float16 and float64 at N = 197, the cases behind the CPU default (cpp in every dtype);
 and attention dropout 0.1 (lucidops' fused dropout against SDPA's dropout_p, and against
 lucidops' own kernel without dropout: the fused dropout's cost) at d = 8 and 64.
@@ -51,8 +52,8 @@ from .timing import measure_interleaved_ms, measure_ms
 _ops = importlib.import_module("lucidops.ops.attention")
 
 
-def _flops(b: int, h: int, n: int, d: int, causal: bool, mode: str) -> int:
-    pairs = _ops.visible_pairs(n, n, causal)
+def _flops(b: int, h: int, n: int, d: int, causal: bool, mode: str, queries: Optional[int] = None) -> int:
+    pairs = _ops.visible_pairs(n if queries is None else queries, n, causal)
     return b * h * pairs * d * (4 if mode == "forward" else 14)
 
 
@@ -181,7 +182,8 @@ def _matmul_tflops(device: str) -> float:
 
 
 def _cases(device: str, quick: bool):
-    """(B, H, N, d, causal, dtype, dropout_p) of each case. On CUDA the most telling come first (the
+    """(B, H, N, d, causal, dtype, dropout_p), then the query count where it is not N, of each
+    case. On CUDA the most telling come first (the
     issue's two targets, d = 16 and d = 64, at N = 1024 and 4096), so that a run cut short by
     its time budget (``LUCIDOPS_BENCH_BUDGET_S``) has measured those."""
     if device == "cuda":
@@ -214,6 +216,10 @@ def _cases(device: str, quick: bool):
     # batch 1 with fewer heads than most machines have threads: the cpp backward splits keys
     yield 1, 1, 1024, 64, False, torch.float32, 0.0
     yield 1, 3, 197, 64, False, torch.float32, 0.0
+    # one query row per head (the cpp kernel's few-query path): a class token over a ViT's tokens,
+    # and a decoding step over 1024 cached keys (where float32 d = 64 backwards go to aten on AVX2)
+    yield 8, 6, 197, 64, False, torch.float32, 0.0, 1
+    yield 1, 12, 1024, 64, False, torch.float32, 0.0, 1
     # the other dtypes, which check the CPU default (cpp in every dtype, ops/attention.py) against aten
     for dtype, dims in ((torch.bfloat16, (8, 64, 128)), (torch.float16, (64, 128)), (torch.float64, (8, 64))):
         for d in dims:
@@ -274,14 +280,16 @@ def run(device: str, quick: bool = False, on_rows: Optional[Callable[[List[Dict]
     budget = budget_s()
     started = time.perf_counter()
     cases = list(_cases(device, quick))
-    for index, (b, h, n, d, causal, dtype, dropout_p) in enumerate(cases):
+    for index, (b, h, n, d, causal, dtype, dropout_p, *queries) in enumerate(cases):
+        nq = queries[0] if queries else n
         if index and budget is not None and time.perf_counter() - started > budget:  # the first always runs
             print(f"  attention: time budget of {budget:g} s spent; {len(cases) - index} of {len(cases)} cases "
                   "not measured", flush=True)
             break
         g = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, generator=g) for _ in range(3))
+        q, k, v = (torch.randn(b, h, rows, d, device=device, dtype=dtype, generator=g) for rows in (nq, n, n))
         case = f"B{b} H{h} N{n} d{d}{' causal' if causal else ''} {str(dtype)[6:]}"
+        case += f" {nq} {'query' if nq == 1 else 'queries'}" if nq != n else ""
         case += f" dropout {dropout_p:g}" if dropout_p else ""
         # aten's kernel draws its own dropout mask: lucidops runs dropout on cpp / reference only.
         # The lucidops kernel without dropout beside it measures what the fused dropout costs.
@@ -300,7 +308,7 @@ def run(device: str, quick: bool = False, on_rows: Optional[Callable[[List[Dict]
                 times = _time_each_on_cuda(runnable, q, k, v, causal, dropout_p, mode, case)
             baselines = [t for name, t in times.items() if name.startswith("sdpa")]
             for name, ms in times.items():
-                tflops = _flops(b, h, n, d, causal, mode) / ms / 1e9
+                tflops = _flops(b, h, n, d, causal, mode, nq) / ms / 1e9
                 row = dict(family="attention", case=case, mode=mode, impl=name, ms=ms, tflops=tflops)
                 if baselines:
                     row["speedup_vs_best_sdpa"] = min(baselines) / ms

@@ -10,8 +10,10 @@
 // vector (rows_contract_rows), the keys otherwise (rows_contract_keys). The forward takes
 // 64 query rows at a time through L1-sized chunks of keys (forward_task), the backward a
 // head's rows (backward_task), so each chunk of K and V serves many blocks of rows before
-// the next is loaded. The forward runs heads and chunks of 64 query rows in parallel, the
-// backward heads and ranges of keys, each task owning its keys' dK and dV (backward_kernel).
+// the next is loaded. With at most 8 query rows per head (a class token, a decoding step) no
+// K^T is formed: scores come from the keys' rows (rows_dot_keys). The forward runs heads and
+// chunks of 64 query rows in parallel, the backward heads and ranges of keys, each task owning
+// its keys' dK and dV (backward_kernel).
 // Tasks follow from the shapes alone: the result does not depend on the thread count. q, k,
 // v and grad_out may have any strides with a unit one along d (a model's views of its qkv
 // projection); the output is (B, H, Nq, d) laid out as (B, Nq, H, d), SDPA's layout.
@@ -180,9 +182,8 @@ constexpr bool kWideContraction = vec_math::kVecBytes >= 64;
 
 // y[r][c] += sum_j p[r][j] rows[j][c] for R rows over keys [j0, j1), with rows in natural
 // layout (keys, dpad values each, row_stride apart), dpad a whole number of vectors: the head
-// dim in lanes, so nothing
-// needs the horizontal sums of rows_contract_keys (which cost about half as much as the
-// multiplies themselves at d = 16, N = 197). Up to four vectors of the head dim per pass
+// dim in lanes, so nothing needs the horizontal sums of rows_contract_keys (which cost about
+// half as much as the multiplies themselves at d = 16, N = 197). Up to four vectors of the head dim per pass
 // over the keys (measured 4%-5% faster forward than one at d = 64 and 128). p: R x ld;
 // y: R x dpad. Never inlined: inlined into the forward's task loop, its AVX2 six-row tile
 // (12 accumulators) had been kept in registers until an unrelated change to that loop made
@@ -194,8 +195,10 @@ __attribute__((noinline)) void rows_contract_rows(const T* p, const T* rows, int
   constexpr int64_t lanes = vec_math::Vec<T>::kLanes;
   int64_t c0 = 0;
   if constexpr (kWideContraction)
-    for (; c0 + 4 * lanes <= dpad; c0 += 4 * lanes) rows_contract_rows_tile<T, R, 4>(p, rows, row_stride, dpad, ld, j0, j1, c0, y);
-  for (; c0 + 2 * lanes <= dpad; c0 += 2 * lanes) rows_contract_rows_tile<T, R, 2>(p, rows, row_stride, dpad, ld, j0, j1, c0, y);
+    for (; c0 + 4 * lanes <= dpad; c0 += 4 * lanes)
+      rows_contract_rows_tile<T, R, 4>(p, rows, row_stride, dpad, ld, j0, j1, c0, y);
+  for (; c0 + 2 * lanes <= dpad; c0 += 2 * lanes)
+    rows_contract_rows_tile<T, R, 2>(p, rows, row_stride, dpad, ld, j0, j1, c0, y);
   if (c0 < dpad) rows_contract_rows_tile<T, R, 1>(p, rows, row_stride, dpad, ld, j0, j1, c0, y);
 }
 

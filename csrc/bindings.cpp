@@ -259,6 +259,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Bytes per vector register the kernels were compiled for (64: AVX-512, 32: AVX2): the
   // attention op's CPU default depends on it (ops/attention.py).
   m.attr("VECTOR_BYTES") = lucidops::vec_math::kVecBytes;
+  // Query rows per head up to which the attention kernel forms scores from the keys' rows.
+  m.attr("ATTENTION_DIRECT_SCORE_ROWS") = lucidops::cpu::kAttentionDirectScoreRows;
 #endif
   m.def("activation_forward", &impl::activation_forward, "sinc/gaussian forward", py::arg("x"), py::arg("sigma"),
         py::arg("kind"));

@@ -57,6 +57,10 @@ at::Tensor lora_weight_backward(const at::Tensor& weight, const at::Tensor& lora
 // (dq, dk, dv) in q's dtype. Dropout
 // (lucidops.reference.attention_dropout): a 32-bit seed, the 24-bit keep threshold (0: no
 // dropout) and the kept probabilities' scale.
+//
+// Calls with at most this many query rows per head form their scores from the keys' rows (no
+// K^T; attention.cpp, rows_dot_keys); the op's CPU default reads it (ops/attention.py).
+constexpr int64_t kAttentionDirectScoreRows = 8;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& v,
                                                                  const at::Tensor& key_padding_mask, bool causal,

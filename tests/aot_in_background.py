@@ -31,9 +31,12 @@ COMPILE_TEST = "test_triton_aot.py::test_all_kernel_configurations_compile_for_s
 
 def compile_env(folder: Path) -> dict:
     """The environment of a real compile: no interpreter (the test session interprets), and an
-    empty Triton cache of its own, so that each configuration is really compiled."""
+    empty Triton cache of its own, so that each configuration is really compiled. No line
+    tables: they change no instruction, register or byte of shared memory, and leaving them out
+    took 6%-10% off the compile time (16 configurations, twice each, same resources)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(folder / "triton-cache")
+    env["TRITON_DISABLE_LINE_INFO"] = "1"
     return env
 
 

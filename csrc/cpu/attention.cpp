@@ -329,7 +329,7 @@ struct Problem {
 // d = 64: 0.65x the time; 4 and 8 queries 0.96x and 0.92x; AVX2, one thread). The backward
 // recomputes P = exp(s - lse) from the same sums, bit for bit: scores of 1e8 rounded apart by
 // one ulp (8) would make P up to e^8.
-constexpr int64_t kDirectScoreRows = 8;
+constexpr int64_t kDirectScoreRows = kAttentionDirectScoreRows;
 
 // Keys per pass of rows_dot_keys for R rows: R x kDirectKeys<R> accumulators, each a chain of
 // FMAs over the head dim, with eight in flight for two FMA units at four cycles' latency.

@@ -25,6 +25,7 @@ from ..reference import attention_dropout as _dropout
 
 
 _vector_bytes: Optional[int] = None
+_direct_score_rows: Optional[int] = None
 
 
 def vector_bytes(load: bool = True) -> int:
@@ -32,12 +33,23 @@ def vector_bytes(load: bool = True) -> int:
     AVX2; 0 when the extension is unavailable): the op's CPU default depends on it. With
     ``load`` False, 0 unless the extension is already imported (a first load may build it,
     which takes a minute)."""
-    global _vector_bytes
+    global _vector_bytes, _direct_score_rows
     if _vector_bytes is None:
         if _ext.status("cpu") is not None or not (load or _ext.is_loaded("cpu")):
             return 0
-        _vector_bytes = int(_ext.load("cpu").VECTOR_BYTES)
+        module = _ext.load("cpu")
+        _vector_bytes, _direct_score_rows = int(module.VECTOR_BYTES), int(module.ATTENTION_DIRECT_SCORE_ROWS)
     return _vector_bytes
+
+
+def direct_score_rows() -> int:
+    """Query rows per head up to which the kernel forms scores from the keys' rows, with no
+    transposed K (csrc/lucidops.h, kAttentionDirectScoreRows). Read with vector_bytes, which
+    the op's CPU default asks first, so an extension disabled since is not loaded again."""
+    global _direct_score_rows
+    if _direct_score_rows is None:
+        _direct_score_rows = int(_ext.load("cpu").ATTENTION_DIRECT_SCORE_ROWS)
+    return _direct_score_rows
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -89,23 +89,22 @@ _PREFERENCE = {"cpu": ("cpp", "aten", "reference"), "cuda": ("triton", "referenc
 # forward+backward from 2048 keys, but aten's forward stays about 2% ahead and d = 96 and 128
 # still favour aten, so the rule stands.
 # The forward with few query rows (a class token's attention, a decoding step) stays with
-# cpp: with at most csrc/cpu/attention.cpp's kDirectScoreRows rows per head it forms the
-# scores from the keys' rows, and measured faster than aten there (1 query, 1024 keys, d = 64:
+# cpp: with at most _attention_cpp.direct_score_rows() (8) rows per head it forms the scores
+# from the keys' rows, and measured faster than aten there (1 query, 1024 keys, d = 64:
 # 277 against 426 us; 4 queries 457 against 633; 8 even; 16 aten ahead). Its backward, whose
 # scores take the same path, keeps the rule: measured before they did, cpp and aten were even
 # at d = 64 and aten ahead at d = 128 (1 query, 2048 keys: 5.97 against 7.60 ms).
 _ATEN_FIRST_DTYPES_ON_NARROW_VECTORS = (torch.float32,)
 _ATEN_FIRST_HEAD_DIM = 64
 _ATEN_FIRST_KEYS = 1024
-_CPP_FORWARD_FEW_QUERIES = 8
 
 
 def _preference_for_call(keys_index: int, device_type: str, first: Tensor, *rest) -> Optional[Tuple[str, ...]]:
     """The order for one call where it differs from _PREFERENCE: on the CPU without aten under
     dropout (PyTorch's kernel draws its own mask, which lucidops' backward cannot regenerate),
     and aten first for float32 heads of 64 and more with 1024 keys or more where the C++
-    extension is built without AVX-512 (but in a forward of at most _CPP_FORWARD_FEW_QUERIES
-    queries); on a GPU, float64 to the reference. ``first`` is q (forward, keys_index 0) or
+    extension is built without AVX-512 (but in a forward of few queries, at most
+    _attention_cpp.direct_score_rows()); on a GPU, float64 to the reference. ``first`` is q (forward, keys_index 0) or
     grad_out (backward), ``rest[keys_index]`` is k; both ops end with (dropout_p, seed)."""
     if device_type != "cpu":
         # The triton kernels take half and single precision; float64 on the GPU is the
@@ -115,7 +114,7 @@ def _preference_for_call(keys_index: int, device_type: str, first: Tensor, *rest
         return ("cpp", "reference")
     if (first.dtype in _ATEN_FIRST_DTYPES_ON_NARROW_VECTORS and first.shape[-1] >= _ATEN_FIRST_HEAD_DIM
             and rest[keys_index].shape[-2] >= _ATEN_FIRST_KEYS and 0 < _attention_cpp.vector_bytes() < 64
-            and not (keys_index == 0 and first.shape[-2] <= _CPP_FORWARD_FEW_QUERIES)):
+            and not (keys_index == 0 and first.shape[-2] <= _attention_cpp.direct_score_rows())):
         return ("aten", "cpp", "reference")
     return None
 

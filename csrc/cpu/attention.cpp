@@ -335,55 +335,67 @@ constexpr int64_t kDirectScoreRows = kAttentionDirectScoreRows;
 // FMAs over the head dim, with eight in flight for two FMA units at four cycles' latency.
 template <int R>
 constexpr int kDirectKeys = R >= 8 ? 1 : 8 / R;
+constexpr int64_t kDirectKeysMax = kDirectKeys<1>;
 
-// out[r][j] = sum_c x[r][c] k_j[c] for R rows and keys [j0, j1) of head bh, the head dim in
-// lanes: each key's row is read where it is (a half row is converted into `row`, d values),
-// and each vector of it feeds R rows. Its sums run in another order than rows_times_keys',
-// so a row's scores round differently there; which one runs follows from the shapes alone,
-// and each score's sum is the same whatever R and the key range. x: R x d; out: R x ld.
-template <typename T, typename S, int R>
-void rows_dot_keys(const T* x, const Rows<S>& k, int64_t bh, int64_t d, int64_t ld, int64_t j0, int64_t j1, T* row,
-                   T* out) {
+// out[r][u] = sum_c x[r][c] kj[u][c] for R rows and J keys, the head dim in lanes: each vector
+// of a key feeds R rows. Never inlined, so that each (T, R, J) is one instance of code whatever
+// the input dtype: GCC contracts multiplies and adds differently in different instances (a
+// float16 call converting one key per pass, against float32's eight, rounded its scores
+// otherwise than the float32 kernel on the converted inputs). x: R x d; out: R x ld.
+template <typename T, int R, int J>
+__attribute__((noinline)) void dot_keys_pass(const T* x, const T* const* kj, int64_t d, int64_t ld, T* out) {
   using V = vec_math::Vec<T>;
-  constexpr int KJ = std::is_same_v<S, T> ? kDirectKeys<R> : 1;  // half rows: one converted at a time
   const int64_t whole = d / V::kLanes * V::kLanes;
-  const auto dot_pass = [&](int64_t j, auto keys_in_pass) {
+  typename V::type acc[R][J] = {};
+  for (int64_t c = 0; c < whole; c += V::kLanes) {
+    typename V::type m[J];
+#pragma GCC unroll 8
+    for (int u = 0; u < J; ++u) m[u] = V::reused(V::load(kj[u] + c));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const typename V::type xr = V::load(x + r * d + c);
+#pragma GCC unroll 8
+      for (int u = 0; u < J; ++u) acc[r][u] += xr * m[u];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int u = 0; u < J; ++u) {
+      T sum = V::sum(acc[r][u]);
+      for (int64_t c = whole; c < d; ++c) sum = std::fma(x[r * d + c], kj[u][c], sum);
+      out[r * ld + u] = sum;
+    }
+  }
+}
+
+// out[r][j] = sum_c x[r][c] k_j[c] for R rows and keys [j0, j1) of head bh (dot_keys_pass,
+// kDirectKeys<R> keys at a time, then one): each key's row is read where it is (half rows are
+// converted into `rows`, kDirectKeys<R> x d values). Its sums run in another order than
+// rows_times_keys', so a row's scores round differently there; which one runs follows from the
+// shapes alone, and keys are grouped from j0, a multiple of kKeyPad in every call (forward:
+// 0; backward: ranges and chunks of whole kKeyPad), so the backward recomputes the forward's
+// scores exactly. out: R x ld.
+template <typename T, typename S, int R>
+void rows_dot_keys(const T* x, const Rows<S>& k, int64_t bh, int64_t d, int64_t ld, int64_t j0, int64_t j1, T* rows,
+                   T* out) {
+  const auto pass = [&](int64_t j, auto keys_in_pass) {
     constexpr int J = decltype(keys_in_pass)::value;
     const T* kj[J];
-#pragma GCC unroll 8
     for (int u = 0; u < J; ++u) {
       if constexpr (std::is_same_v<S, T>) {
         kj[u] = k.row(bh, j + u);
       } else {
-        to_opmath(k.row(bh, j + u), row, d);
-        kj[u] = row;
+        to_opmath(k.row(bh, j + u), rows + u * d, d);
+        kj[u] = rows + u * d;
       }
     }
-    typename V::type acc[R][J] = {};
-    for (int64_t c = 0; c < whole; c += V::kLanes) {
-      typename V::type m[J];
-#pragma GCC unroll 8
-      for (int u = 0; u < J; ++u) m[u] = V::reused(V::load(kj[u] + c));
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const typename V::type xr = V::load(x + r * d + c);
-#pragma GCC unroll 8
-        for (int u = 0; u < J; ++u) acc[r][u] += xr * m[u];
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-      for (int u = 0; u < J; ++u) {
-        T sum = V::sum(acc[r][u]);
-        for (int64_t c = whole; c < d; ++c) sum += x[r * d + c] * kj[u][c];
-        out[r * ld + j + u] = sum;
-      }
-    }
+    dot_keys_pass<T, R, J>(x, kj, d, ld, out + j);
   };
+  constexpr int KJ = kDirectKeys<R>;
   int64_t j = j0;
-  for (; j + KJ <= j1; j += KJ) dot_pass(j, std::integral_constant<int, KJ>{});
-  for (; j < j1; ++j) dot_pass(j, std::integral_constant<int, 1>{});
+  for (; j + KJ <= j1; j += KJ) pass(j, std::integral_constant<int, KJ>{});
+  for (; j < j1; ++j) pass(j, std::integral_constant<int, 1>{});
 }
 
 // Keys [j0, j1) of head bh's keys or values transposed into columns j0..j1 of dst (d, ld),
@@ -440,7 +452,7 @@ template <typename T>
 struct HeadScratch {
   int64_t d, ld, dpad;
   bool backward, by_rows;
-  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, keys_a, keys_b, keys_z, grad_k_t, grad_v_t, row;
+  std::vector<T> k_t, v_t, contracted, rows_a, rows_b, keys_a, keys_b, keys_z, grad_k_t, grad_v_t, row, key_rows;
   // What the contraction over the keys reads when the head dim is in lanes (by_rows): the
   // loaded head's rows of `contracted`, or of the input itself (rows_in_place), and how many
   // of its keys it may read.
@@ -466,7 +478,8 @@ struct HeadScratch {
         keys_z(ld),
         grad_k_t(backward ? d * ld : 0),
         grad_v_t(backward ? d * ld : 0),
-        row(backward ? 2 * d : d) {}
+        row(backward ? 2 * d : d),
+        key_rows(direct_scores ? kDirectKeysMax * d : 0) {}
 
   // Head bh's keys [j0, j1) (all of them by default) into the buffers' same columns or rows.
   template <typename S>
@@ -668,7 +681,8 @@ void forward_task(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t rows,
       constexpr int R = decltype(block)::value;
       // Keys past nk are padding, which softmax_row hides whatever their scores.
       const int64_t keys = std::min(pb.nk, block_keys(pb, i0 + r0, R));
-      rows_dot_keys<T, S, R>(hs.rows_a.data() + r0 * d, pb.k, bh, d, ld, 0, keys, hs.row.data(), scores + r0 * ld);
+      rows_dot_keys<T, S, R>(hs.rows_a.data() + r0 * d, pb.k, bh, d, ld, 0, keys, hs.key_rows.data(),
+                             scores + r0 * ld);
     });
   } else {
     // Scores are sums over the head dim: any chunk of keys gives the same ones.
@@ -807,7 +821,7 @@ void backward_block(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t j0,
     static_assert(R <= kRows || R % kRows == 0, "wide blocks are whole register blocks");
     constexpr int kBlock = R <= kRows ? R : kRows;
     for (int s = 0; s < R; s += kBlock)
-      rows_dot_keys<T, S, kBlock>(q_rows + s * d, pb.k, bh, d, ld, j0, std::min(j1, pb.nk), hs.row.data(),
+      rows_dot_keys<T, S, kBlock>(q_rows + s * d, pb.k, bh, d, ld, j0, std::min(j1, pb.nk), hs.key_rows.data(),
                                   p + s * ld);
   } else {
     block_times_keys<T, R>(q_rows, hs.k_t.data() + j0, d, ld, j1 - j0, p + j0);  // s = scale Q K^T

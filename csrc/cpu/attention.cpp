@@ -183,8 +183,8 @@ constexpr bool kWideContraction = vec_math::kVecBytes >= 64;
 // y[r][c] += sum_j p[r][j] rows[j][c] for R rows over keys [j0, j1), with rows in natural
 // layout (keys, dpad values each, row_stride apart), dpad a whole number of vectors: the head
 // dim in lanes, so nothing needs the horizontal sums of rows_contract_keys (which cost about
-// half as much as the multiplies themselves at d = 16, N = 197). Up to four vectors of the head dim per pass
-// over the keys (measured 4%-5% faster forward than one at d = 64 and 128). p: R x ld;
+// half as much as the multiplies themselves at d = 16, N = 197). Up to four vectors of the head
+// dim per pass over the keys (measured 4%-5% faster forward than one at d = 64 and 128). p: R x ld;
 // y: R x dpad. Never inlined: inlined into the forward's task loop, its AVX2 six-row tile
 // (12 accumulators) had been kept in registers until an unrelated change to that loop made
 // GCC spill them to the stack (forward 1.4x slower at d = 64); on its own, the tile has
@@ -312,6 +312,10 @@ struct Problem {
     return (whole / kLine) % 2 == 0 ? whole + kLine : whole;
   }
   int64_t visible_end(int64_t i) const { return causal ? std::min(nk, i + 1) : nk; }
+  // Whether scores come from the keys' rows (rows_dot_keys) rather than K^T: few query rows, and
+  // a head dim of a vector or more (below it the contraction reads keys in lanes and the
+  // transposes are short). One answer for forward and backward, which must form the same sums.
+  bool direct_scores() const { return nq <= kAttentionDirectScoreRows && d >= vec_math::Vec<T>::kLanes; }
   bool dropout() const { return threshold != 0; }
   uint32_t row_key(int64_t bh, int64_t i) const {
     const uint32_t head_key = fmix32(seed ^ fmix32(static_cast<uint32_t>(bh) * kGolden + kHeadOffset));
@@ -322,14 +326,14 @@ struct Problem {
   int64_t out_offset(int64_t bh, int64_t i) const { return ((bh / heads * nq + i) * heads + bh % heads) * d; }
 };
 
-// Calls with at most this many query rows per head (a class token attending to its image's
-// tokens, one decoding step against cached keys) form their scores from the keys' own rows
-// (rows_dot_keys), forward and backward: transposing a head's keys into K^T, which
-// rows_times_keys reads, then cost more than the scores it served (forward, 1 query, 300 keys,
-// d = 64: 0.65x the time; 4 and 8 queries 0.96x and 0.92x; AVX2, one thread). The backward
+// Calls with at most kAttentionDirectScoreRows (8) query rows per head (a class token attending
+// to its image's tokens, one decoding step against cached keys; Problem::direct_scores) form
+// their scores from the keys' own rows (rows_dot_keys), forward and backward: transposing a
+// head's keys into K^T, which rows_times_keys reads, then cost more than the scores it served
+// (forward, 1 query, 300 keys, d = 64: 0.65x the time; 4 and 8 queries 0.96x and 0.92x; AVX2,
+// one thread). The backward
 // recomputes P = exp(s - lse) from the same sums, bit for bit: scores of 1e8 rounded apart by
 // one ulp (8) would make P up to e^8.
-constexpr int64_t kDirectScoreRows = kAttentionDirectScoreRows;
 
 // Keys per pass of rows_dot_keys for R rows: R x kDirectKeys<R> accumulators, each a chain of
 // FMAs over the head dim, with eight in flight for two FMA units at four cycles' latency.
@@ -676,7 +680,7 @@ void forward_task(const Problem<T, S>& pb, int64_t bh, int64_t i0, int64_t rows,
   const int64_t d = pb.d, ld = hs.ld, dpad = hs.dpad;
   T* scores = hs.keys_a.data();
   scaled_queries(pb, bh, i0, rows, hs.rows_a.data());
-  if (hs.k_t.empty()) {  // direct scores: at most kDirectScoreRows rows
+  if (hs.k_t.empty()) {  // direct scores (Problem::direct_scores): a few rows
     for_each_block<kRows>(rows, [&](auto block, int64_t r0) {
       constexpr int R = decltype(block)::value;
       // Keys past nk are padding, which softmax_row hides whatever their scores.
@@ -721,9 +725,7 @@ void forward_kernel(const Problem<T, S>& pb, const ForwardOutputs<T, S>& to) {
   // A task's multiply-adds: QK^T and PV for up to kForwardChunk rows.
   const int64_t task_work = 4 * std::min(pb.nq, kForwardChunk) * pb.nk * pb.d;
   at::parallel_for(0, pb.batch * pb.heads * chunks, grain_for(task_work), [&](int64_t task_begin, int64_t task_end) {
-    // A task's rows at most; direct scores where the contraction reads rows (its head dim fills
-    // a vector): below that, keys are in lanes there too and the transposes are short.
-    const bool direct_scores = pb.nq <= kDirectScoreRows && pb.d >= vec_math::Vec<T>::kLanes;
+    const bool direct_scores = pb.direct_scores();
     // Read in place, V's rows are read by so few rows that copying them cost as much as the
     // product (only where no conversion or padding is needed).
     const bool rows_in_place = direct_scores && std::is_same_v<S, T> && pb.d % vec_math::Vec<T>::kLanes == 0;
@@ -941,7 +943,7 @@ void backward_kernel(const Problem<T, S>& pb, const BackwardInputs<T, S>& in, S*
   // A task's work: five Nq x range x d products.
   const int64_t task_work = 10 * nq * std::min(ranges.end(0), nk) * d;
   at::parallel_for(0, heads_total * nr, grain_for(task_work), [&](int64_t task_begin, int64_t task_end) {
-    HeadScratch<T> hs(d, ld, true, nq, nq <= kDirectScoreRows && d >= vec_math::Vec<T>::kLanes);
+    HeadScratch<T> hs(d, ld, true, nq, pb.direct_scores());
     std::vector<T> own_rows(split ? 0 : rows_size);  // an unsplit head's task prepares its rows itself
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t bh = task / nr, range = task % nr;

@@ -42,6 +42,12 @@ def region_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+def in_any_region() -> bool:
+    """Whether an autocast region is enabled for any device type (a cheap first test)."""
+    is_any_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)  # private; torch 2.4 on
+    return True if is_any_enabled is None else bool(is_any_enabled())
+
+
 def _eligible(value: Any) -> bool:
     """Autocast casts floating tensors other than float64."""
     return isinstance(value, Tensor) and value.is_floating_point() and value.dtype != torch.float64
@@ -49,6 +55,8 @@ def _eligible(value: Any) -> bool:
 
 def _cast(values: Tuple[Any, ...], dtype_for: Callable[[Tensor], Optional[torch.dtype]]) -> Tuple[Any, ...]:
     """``values`` with each eligible tensor cast to ``dtype_for(tensor)`` (None: left alone)."""
+    if not in_any_region():
+        return values  # one call instead of a device lookup per tensor, outside every region
     out = []
     for value in values:
         if _eligible(value):

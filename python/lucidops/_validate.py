@@ -170,8 +170,13 @@ def positive_finite_tensor_value(value: Tensor, name: str) -> None:
     values = readable_values(value)
     if values is None:
         return
-    values = values.detach().reshape(-1)
-    bad = values[~(torch.isfinite(values) & (values > 0))]
+    flat = values.detach().reshape(-1)
+    if flat.numel() == 1:  # a scale such as sigma: one read, where the masked select took ~20 us
+        number = float(flat.item())
+        if not 0 < number < math.inf:  # NaN fails too
+            raise ValueError(f"{name} must be finite and > 0, got {number}")
+        return
+    bad = flat[~(torch.isfinite(flat) & (flat > 0))]
     if bad.numel():
         raise ValueError(f"{name} must be finite and > 0, got {float(bad[0])}")
 

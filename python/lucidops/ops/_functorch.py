@@ -5,7 +5,8 @@
 (pytorch/pytorch#168393): ``torch.func.grad`` through any custom op raises. So each op
 gets a twin autograd.Function with the same formula, used only while a torch.func
 transform is active; eager autograd, torch.compile and torch.export keep calling the op
-itself, and see no difference.
+itself, and see no difference. A call nothing records or traces runs the op's body
+directly (ops/_eager.py).
 
 The twins let torch.func generate their vmap rule (``generate_vmap_rule``): under vmap
 they call the ops on batched tensors, and the ops' own vmap rules take over. Forward-mode
@@ -24,6 +25,7 @@ import torch
 from torch.autograd import forward_ad
 
 from .. import _validate, backends
+from . import _eager
 
 
 def transforms_active() -> bool:
@@ -99,10 +101,15 @@ def carries_tangent(args: Tuple[Any, ...]) -> bool:
 
 
 def _either(op: Any, twin: Any) -> Callable[..., Any]:
+    direct = _eager.body(op)
+
     def call(*args: Any) -> Any:
         # The twin raises for forward mode, as under torch.func.jvp; under torch.compile too
         # (outside a dual level the check reads one global, which Dynamo guards on).
-        return twin.apply(*args) if transforms_active() or carries_tangent(args) else op(*args)
+        if transforms_active() or carries_tangent(args):
+            return twin.apply(*args)
+        # The op's own body when nothing records or traces the call (ops/_eager.py).
+        return direct(*args) if _eager.runs_directly(args) else op(*args)
 
     call.__name__ = call.__qualname__ = f"{_op_name(op)}_or_twin"
     return call

@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import _ext, _validate, backends
 from ..profile import flops as _flops
 from ..reference import activations as _reference
-from . import _functorch, _vmap
+from . import _eager, _functorch, _vmap
 
 KIND = {"sinc": 0, "gaussian": 1}
 
@@ -81,7 +81,7 @@ def _define(name: str):
     backends.register_op(name, {b: p[0] for b, p in pairs.items()})
     backends.register_op(f"{name}_backward", {b: p[1] for b, p in pairs.items()})
 
-    @torch.library.custom_op(f"lucidops::{name}", mutates_args=())
+    @_eager.custom_op(f"lucidops::{name}")
     def forward_op(x: Tensor, sigma: Tensor) -> Tensor:
         _check_sigma_at_run_time(sigma)
         return backends.dispatch(name, x.device.type, x, sigma)
@@ -90,7 +90,7 @@ def _define(name: str):
     def _(x: Tensor, sigma: Tensor) -> Tensor:
         return x.new_empty(x.shape)
 
-    @torch.library.custom_op(f"lucidops::{name}_backward", mutates_args=())
+    @_eager.custom_op(f"lucidops::{name}_backward")
     def backward_op(grad: Tensor, x: Tensor, sigma: Tensor, need_sigma_grad: bool) -> Tuple[Tensor, Tensor]:
         return backends.dispatch(f"{name}_backward", x.device.type, grad, x, sigma, need_sigma_grad)
 

@@ -39,7 +39,7 @@ from ..profile import flops as _flops
 from ..reference import attention as _reference
 from ..reference import attention_dropout as _dropout
 from ..reference.attention import empty_token_major  # the op's output layout, shared with the triton backend
-from . import _attention_aten, _attention_cpp, _functorch, _vmap
+from . import _attention_aten, _attention_cpp, _eager, _functorch, _vmap
 
 MIN_HEAD_DIM = 4
 MAX_HEAD_DIM = 128
@@ -166,7 +166,7 @@ def _padding_rows_that_take_no_part(t: Tensor, key_padding_mask: Optional[Tensor
     return t.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
 
 
-@torch.library.custom_op("lucidops::attention", mutates_args=())
+@_eager.custom_op("lucidops::attention")
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
                   scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     v = _padding_rows_that_take_no_part(v, key_padding_mask)  # k's scores are masked: no need
@@ -187,7 +187,7 @@ def _(q, k, v, key_padding_mask, causal, scale, dropout_p=0.0, seed=None):
     return empty_token_major(b, h, nq, d, like=q), q.new_empty((b, h, nq), dtype=_lse_dtype(q.dtype)), out_lo
 
 
-@torch.library.custom_op("lucidops::attention_backward", mutates_args=())
+@_eager.custom_op("lucidops::attention_backward")
 def _attention_backward_op(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                            out: Tensor, out_lo: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
                            causal: bool, scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None

@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import _autocast, _ext, _validate, backends
 from ..profile import flops as _flops
 from ..reference import gaussian_mixture as _reference
-from . import _functorch, _vmap
+from . import _eager, _functorch, _vmap
 
 REDUCTIONS = ("max", "none")
 
@@ -197,7 +197,7 @@ backends.register_op("gaussian_mixture_backward",
 # ---------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("lucidops::gaussian_mixture", mutates_args=())
+@_eager.custom_op("lucidops::gaussian_mixture")
 def _mixture_op(points: Tensor, means: Tensor, precisions: Tensor, weight: Tensor, bias: Optional[Tensor],
                 reduce_max: bool, cull_threshold: Optional[float]) -> Tuple[Tensor, Tensor]:
     return backends.dispatch("gaussian_mixture", points.device.type, points, means, precisions, weight, bias,
@@ -213,7 +213,7 @@ def _(points, means, precisions, weight, bias, reduce_max, cull_threshold):
     return points.new_empty((b, n, k)), points.new_empty((0,), dtype=torch.long)
 
 
-@torch.library.custom_op("lucidops::gaussian_mixture_backward", mutates_args=())
+@_eager.custom_op("lucidops::gaussian_mixture_backward")
 def _mixture_backward_op(grad: Tensor, points: Tensor, means: Tensor, precisions: Tensor, weight: Tensor,
                          argmax: Tensor, reduce_max: bool, cull_threshold: Optional[float]
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

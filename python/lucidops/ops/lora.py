@@ -50,7 +50,7 @@ from .. import _autocast, _validate, backends
 from .._dtypes import HALF_DTYPES, opmath_dtype
 from ..profile import flops as _flops
 from ..reference import lora as _reference
-from . import _functorch, _vmap
+from . import _eager, _functorch, _vmap
 from . import _lora_backends  # noqa: F401  (importing it registers the backends)
 
 if TYPE_CHECKING:  # lucidops.quant imports this module
@@ -120,7 +120,7 @@ def _check_fn_and_placement(fn: str, placement: str) -> None:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
 
 
-@torch.library.custom_op("lucidops::bounded_lora_linear", mutates_args=())
+@_eager.custom_op("lucidops::bounded_lora_linear")
 def _lora_op(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], fn: str,
              placement: str, omega: float, scale: float) -> Tensor:
     _check_fn_and_placement(fn, placement)
@@ -150,7 +150,7 @@ def _unaliased(out, inputs) -> Tuple[Tensor, ...]:
     return tuple(result)
 
 
-@torch.library.custom_op("lucidops::bounded_lora_linear_backward", mutates_args=())
+@_eager.custom_op("lucidops::bounded_lora_linear_backward")
 def _lora_backward_op(grad: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, fn: str,
                       placement: str, omega: float, scale: float, need_x: bool, need_weight: bool, need_bias: bool,
                       need_lora: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -206,7 +206,7 @@ _lora = _functorch.differentiable(_lora_op, _backward, _setup_context)
 _lora_backward = _functorch.first_order_only(_lora_backward_op)
 
 
-@torch.library.custom_op("lucidops::bounded_lora_linear_quant", mutates_args=())
+@_eager.custom_op("lucidops::bounded_lora_linear_quant")
 def _quant_op(x: Tensor, weight: Tensor, a_codes: Tensor, a_t0: Tensor, a_t1: Tensor, b_codes: Tensor, b_t0: Tensor,
               b_t1: Tensor, bias: Optional[Tensor], method: str, group_a: int, group_b: int, fn: str, omega: float,
               scale: float) -> Tensor:
@@ -220,7 +220,7 @@ def _(x, weight, a_codes, a_t0, a_t1, b_codes, b_t0, b_t1, bias, method, group_a
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@torch.library.custom_op("lucidops::bounded_lora_linear_quant_backward", mutates_args=())
+@_eager.custom_op("lucidops::bounded_lora_linear_quant_backward")
 def _quant_backward_op(grad: Tensor, x: Tensor, weight: Tensor, a_codes: Tensor, a_t0: Tensor, a_t1: Tensor,
                        b_codes: Tensor, b_t0: Tensor, b_t1: Tensor, method: str, group_a: int, group_b: int, fn: str,
                        omega: float, scale: float, need_x: bool, need_weight: bool,

@@ -92,6 +92,24 @@ def test_result_is_bitwise_independent_of_threads(ext):
         assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("k_in", [17, 24, 40, 513])
+def test_a_rows_result_does_not_depend_on_the_rows_after_it(ext, k_in):
+    """Rows go in blocks of four; the rows of a last, partial block once rounded otherwise
+    (a block of one row had its own, non-fused multiply-adds), so a weight's row 4 changed
+    with the weight's height. Column counts with a single-vector pass and a scalar tail."""
+    g = torch.Generator().manual_seed(k_in)
+    w, a, b = torch.randn(8, k_in, generator=g), torch.randn(64, k_in, generator=g), torch.randn(8, 64, generator=g)
+    h = torch.randn(8, k_in, generator=g)
+    full = ext.lora_effective_weight(w, a, b, 0, 3.0, 0.7)
+    full_grad = h.clone()
+    ext.lora_weight_backward(w, a, b, full_grad, 1, 3.0, 0.7, False)
+    for rows in (5, 6, 7):
+        assert torch.equal(ext.lora_effective_weight(w[:rows], a, b[:rows], 0, 3.0, 0.7), full[:rows])
+        part_grad = h[:rows].clone()
+        ext.lora_weight_backward(w[:rows], a, b[:rows], part_grad, 1, 3.0, 0.7, False)
+        assert torch.equal(part_grad, full_grad[:rows])
+
+
 @pytest.mark.parametrize("fn", ["sin", "tanh"])
 @pytest.mark.parametrize("train_base", [False, True])
 def test_op_at_sizes_that_span_tiles_and_threads(fn, train_base):

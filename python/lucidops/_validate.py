@@ -171,7 +171,7 @@ def positive_finite_tensor_value(value: Tensor, name: str) -> None:
     if values is None:
         return
     flat = values.detach().reshape(-1)
-    if flat.numel() == 1:  # a scale such as sigma: one read, where the masked select took ~20 us
+    if flat.numel() == 1:  # a scale such as sigma: one read, where the boolean-mask select took most of a small call
         number = float(flat.item())
         if not 0 < number < math.inf:  # NaN fails too
             raise ValueError(f"{name} must be finite and > 0, got {number}")

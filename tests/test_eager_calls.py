@@ -12,6 +12,9 @@ from lucidops import ops
 from lucidops.ops import _eager
 from lucidops.quant import quantize_adapter
 
+from test_gaussian_mixture import make_params, make_points
+from test_lora import make
+
 
 @pytest.fixture
 def dispatched(monkeypatch):
@@ -27,14 +30,6 @@ def dispatched(monkeypatch):
     return names
 
 
-def _precisions(g: int, gen: torch.Generator) -> torch.Tensor:
-    """Upper triangles of random symmetric positive-definite 3x3 precision matrices."""
-    factor = torch.randn(g, 3, 3, generator=gen) * 0.3 + torch.eye(3)
-    full = factor @ factor.transpose(1, 2) + 0.1 * torch.eye(3)
-    rows, cols = torch.triu_indices(3, 3)
-    return full[:, rows, cols].contiguous()
-
-
 def _calls(seed: int):
     """One small call of every op family (each returns a tensor or a tuple of them)."""
     gen = torch.Generator().manual_seed(seed)
@@ -45,9 +40,9 @@ def _calls(seed: int):
     q, k, v = rand(2, 3, 5, 8), rand(2, 3, 7, 8), rand(2, 3, 7, 8)
     mask = torch.rand(2, 7, generator=gen) > 0.3
     mask[:, 0] = True
-    points, means, precisions = rand(2, 9, 3), rand(4, 3) * 0.5, _precisions(4, gen)
-    mixer, mixer_bias = rand(6, 4), rand(6)
-    x, weight, lora_a, lora_b, bias = rand(5, 16), rand(12, 16), rand(4, 16) * 0.2, rand(12, 4) * 0.2, rand(12)
+    points = make_points((2, 9), torch.float32, seed=seed)
+    means, precisions, mixer, mixer_bias = make_params(4, 6, torch.float32, seed=seed)
+    x, weight, lora_a, lora_b, bias = make((5, 16), 12, 4, torch.float32, "cpu", seed=seed)
     quantized = quantize_adapter(lora_a, lora_b, bits=4, group_size=8)
 
     def attention_with_dropout():
